@@ -1,0 +1,201 @@
+"""Image decoding, the model's pre-processing and its inverse (model frame -> original image)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from defectscope.errors import DefectscopeError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+cv2.setNumThreads(1)
+
+
+def _pil_failure(path: Path) -> str:
+    """Ask Pillow why a file cannot be decoded, for a precise error message."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except UnidentifiedImageError:
+        return "not an image file Pillow or OpenCV can read"
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"corrupt or truncated ({exc})"
+    return "OpenCV could not decode it"
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode any common image (gray, RGBA, palette, 16-bit) to an RGB uint8 array HxWx3."""
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise DefectscopeError(f"cannot read image {path}: {exc.strerror or exc}") from exc
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        reason = "empty file" if not data.size else _pil_failure(path)
+        raise DefectscopeError(f"cannot decode image {path}: {reason}; replace or remove the file")
+    if image.dtype != np.uint8:
+        image = _to_uint8(image)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """Scale 16-bit or float images to 8 bits using the dtype's full range."""
+    if image.dtype == np.uint16:
+        return (image >> 8).astype(np.uint8)
+    if np.issubdtype(image.dtype, np.floating):
+        return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    info = np.iinfo(image.dtype)
+    scaled = (image.astype(np.float64) - info.min) / (info.max - info.min) * 255.0
+    return scaled.round().astype(np.uint8)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Decode a mask to a boolean HxW array (any non-zero pixel is defective)."""
+    path = Path(path)
+    image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise DefectscopeError(f"cannot decode mask {path}: {_pil_failure(path)}; replace or remove the file")
+    return image > 0
+
+
+def image_header(path: str | Path) -> tuple[int, int, str]:
+    """Width, height and Pillow mode read from the file header only (no pixel decoding)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            return image.width, image.height, image.mode
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DefectscopeError(
+            f"cannot read image header of {path}: {exc}; replace or remove the file"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Square resize, optional center crop and normalization; travels inside every model file."""
+
+    image_size: int = 256
+    crop: int | None = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16:
+            raise DefectscopeError(f"image size must be at least 16 pixels, got {self.image_size}")
+        if self.crop is not None and not 16 <= self.crop <= self.image_size:
+            raise DefectscopeError(
+                f"crop must be between 16 and the image size {self.image_size}, got {self.crop}"
+            )
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square tensor the model sees."""
+        return self.crop or self.image_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocess:
+        return cls(
+            image_size=int(data["image_size"]),
+            crop=None if data.get("crop") is None else int(data["crop"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+        )
+
+    def resize_crop(self, image: np.ndarray, interpolation: int | None = None) -> np.ndarray:
+        """Resize an HxW[xC] array to the square model frame and center-crop it."""
+        size = self.image_size
+        if interpolation is None:
+            shrinking = image.shape[0] > size or image.shape[1] > size
+            interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        resized = cv2.resize(image, (size, size), interpolation=interpolation)
+        offset = (size - self.input_size) // 2
+        return resized[offset : offset + self.input_size, offset : offset + self.input_size]
+
+    def mask_to_input(self, mask: np.ndarray) -> np.ndarray:
+        """Bring a boolean mask into the model frame (area-resize, then majority vote)."""
+        frame = self.resize_crop(mask.astype(np.float32), cv2.INTER_AREA)
+        return frame >= 0.5
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW -> normalized float32 NCHW."""
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        return (batch.float() - mean) / std
+
+    def to_original(self, maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Map model-frame maps N x s x s back onto an original HxW image.
+
+        The crop is undone by padding with each map's minimum (the border outside the
+        crop is not inspected), then the square frame is stretched to HxW.
+        """
+        pad = (self.image_size - self.input_size) / 2 * maps.shape[-1] / self.input_size
+        if pad > 0:
+            whole = round(maps.shape[-1] * self.image_size / self.input_size)
+            lead = round(pad)
+            trail = whole - maps.shape[-1] - lead
+            floor = maps.amin(dim=(-2, -1), keepdim=True)
+            padded = F.pad(maps - floor, (lead, trail, lead, trail), value=0.0) + floor
+        else:
+            padded = maps
+        return F.interpolate(padded[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+
+
+ImageSource = str | Path | np.ndarray
+
+
+class PreprocessedImages(torch.utils.data.Dataset):
+    """Decodes and resizes images in DataLoader workers; yields uint8 CHW tensors and original sizes."""
+
+    def __init__(self, images: Sequence[ImageSource], preprocess: Preprocess) -> None:
+        self.images = list(images)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        source = self.images[index]
+        image = source if isinstance(source, np.ndarray) else read_image(source)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise DefectscopeError(f"image {index} must be an RGB uint8 array HxWx3, got {image.shape}")
+        frame = self.preprocess.resize_crop(image)
+        return torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1))), torch.tensor(image.shape[:2])
+
+
+def iterate_batches(
+    images: Sequence[ImageSource], preprocess: Preprocess, batch_size: int = 32, workers: int = 2
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (uint8 NCHW batch, original sizes N x 2); decoding runs ahead in a thread pool.
+
+    OpenCV releases the GIL while decoding and resizing, so threads overlap decoding with
+    the model's compute without the start-up cost of worker processes.
+    """
+    dataset = PreprocessedImages(images, preprocess)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending = [pool.submit(dataset.__getitem__, i) for i in range(min(len(dataset), 2 * batch_size))]
+        submitted = len(pending)
+        for start in range(0, len(dataset), batch_size):
+            stop = min(start + batch_size, len(dataset))
+            items = [pending[i - start].result() for i in range(start, stop)]
+            pending = pending[stop - start :]
+            while submitted < min(len(dataset), stop + 2 * batch_size):
+                pending.append(pool.submit(dataset.__getitem__, submitted))
+                submitted += 1
+            yield torch.stack([frame for frame, _ in items]), torch.stack([size for _, size in items])

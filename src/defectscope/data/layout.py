@@ -1,0 +1,196 @@
+"""Folders on disk -> typed Sample records, for MVTec AD and plain-folder layouts."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from defectscope.data.images import IMAGE_SUFFIXES, image_header
+from defectscope.errors import DefectscopeError
+
+GOOD = "good"
+COMBINED_NAMES = frozenset({"combined", "multiple", "mixed", "multi"})
+MASK_FOLDERS = ("ground_truth", "masks")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: where it is, its split, label (0 good, 1 defective), defect folder and mask."""
+
+    path: Path
+    split: str
+    label: int
+    defect: str
+    mask: Path | None = None
+
+
+@dataclass
+class Dataset:
+    """The samples of one product, with the layout they came from and any skipped files."""
+
+    root: Path
+    layout: str
+    samples: list[Sample]
+    warnings: list[str] = field(default_factory=list)
+
+    def split(self, name: str) -> list[Sample]:
+        return [s for s in self.samples if s.split == name]
+
+    @property
+    def train(self) -> list[Sample]:
+        return self.split("train")
+
+    @property
+    def test(self) -> list[Sample]:
+        return self.split("test")
+
+    @property
+    def defect_types(self) -> list[str]:
+        return sorted({s.defect for s in self.samples if s.label == 1})
+
+    @property
+    def has_masks(self) -> bool:
+        """True when every defective test image has a mask (pixel metrics are meaningful)."""
+        defective = [s for s in self.test if s.label == 1]
+        return bool(defective) and all(s.mask is not None for s in defective)
+
+
+def is_combined(defect: str) -> bool:
+    """Whether a defect folder holds several defect kinds at once (MVTec's cable `combined`)."""
+    return defect.lower() in COMBINED_NAMES
+
+
+def _list_images(folder: Path, warnings: list[str]) -> list[Path]:
+    """Image files of a folder, sorted; hidden and non-image files are skipped with a warning."""
+    images = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            warnings.append(f"skipped hidden file {entry}")
+        elif entry.is_dir():
+            warnings.append(f"skipped nested folder {entry} (images must sit directly in {folder})")
+        elif entry.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(entry)
+        else:
+            warnings.append(f"skipped non-image file {entry}")
+    return images
+
+
+def _require_images(folder: Path, warnings: list[str], what: str) -> list[Path]:
+    images = _list_images(folder, warnings)
+    if not images:
+        raise DefectscopeError(
+            f"{what} folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove it"
+        )
+    return images
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _find_mask(mask_dir: Path, image: Path) -> Path | None:
+    """The mask of an image: same stem, with or without a `_mask` suffix, any image extension."""
+    for stem in (f"{image.stem}_mask", image.stem):
+        for suffix in (".png", image.suffix, ".bmp", ".tif", ".tiff", ".jpg"):
+            candidate = mask_dir / f"{stem}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _attach_masks(images: list[Path], mask_dir: Path, defect: str, warnings: list[str]) -> list[Path | None]:
+    """Match each defective image with its mask and check that sizes agree."""
+    if not mask_dir.is_dir():
+        warnings.append(f"no mask folder {mask_dir}: pixel metrics for '{defect}' will be skipped")
+        return [None] * len(images)
+    masks: list[Path | None] = []
+    for image in images:
+        mask = _find_mask(mask_dir, image)
+        if mask is None:
+            raise DefectscopeError(
+                f"no mask for {image} in {mask_dir} (expected {image.stem}_mask.png or {image.stem}.png); "
+                "add the mask or move the image out of the dataset"
+            )
+        image_size = image_header(image)[:2]
+        mask_size = image_header(mask)[:2]
+        if image_size != mask_size:
+            raise DefectscopeError(
+                f"mask {mask} is {mask_size[0]}x{mask_size[1]} but its image {image} is "
+                f"{image_size[0]}x{image_size[1]}; masks must have their image's size"
+            )
+        masks.append(mask)
+    matched = {m.name for m in masks if m is not None}
+    orphans = [p.name for p in _list_images(mask_dir, []) if p.name not in matched]
+    if orphans:
+        warnings.append(f"{len(orphans)} mask(s) in {mask_dir} have no image, e.g. {orphans[0]}")
+    return masks
+
+
+def _defect_samples(folder: Path, split: str, mask_dir: Path, warnings: list[str]) -> list[Sample]:
+    images = _require_images(folder, warnings, f"defect '{folder.name}'")
+    masks = _attach_masks(images, mask_dir, folder.name, warnings)
+    return [Sample(path, split, 1, folder.name, mask) for path, mask in zip(images, masks)]
+
+
+def load_mvtec(root: Path) -> Dataset:
+    """MVTec AD layout: train/good, test/<good|defect>, ground_truth/<defect>/<name>_mask.png."""
+    warnings: list[str] = []
+    train_good = root / "train" / GOOD
+    if not train_good.is_dir():
+        raise DefectscopeError(
+            f"{root} has no train/good folder; an MVTec-style dataset needs <root>/train/good "
+            "with defect-free images (or use the plain-folder layout: <root>/good, <root>/<defect>)"
+        )
+    samples = [Sample(p, "train", 0, GOOD) for p in _require_images(train_good, warnings, "train/good")]
+    test = root / "test"
+    if test.is_dir():
+        for folder in _subfolders(test):
+            if folder.name == GOOD:
+                samples += [Sample(p, "test", 0, GOOD) for p in _require_images(folder, warnings, "test/good")]
+            else:
+                samples += _defect_samples(folder, "test", root / "ground_truth" / folder.name, warnings)
+    else:
+        warnings.append(f"{root} has no test folder: only fitting is possible")
+    return Dataset(root, "mvtec", samples, warnings)
+
+
+def holdout_good(images: list[Path], fraction: float = 0.2) -> set[Path]:
+    """A stable hold-out of good images for testing, chosen by a hash of each file name."""
+    ranked = sorted(images, key=lambda p: (zlib.crc32(p.name.encode()), p.name))
+    count = round(len(ranked) * fraction) if len(ranked) > 1 else 0
+    return set(ranked[:count])
+
+
+def load_folder(root: Path, test_fraction: float = 0.2) -> Dataset:
+    """Plain layout: <root>/good, <root>/<defect type>/, optional <root>/masks/<defect type>/.
+
+    A stable fraction of the good images is held out for testing; the rest train.
+    """
+    warnings: list[str] = []
+    good_dir = root / GOOD
+    if not good_dir.is_dir():
+        raise DefectscopeError(
+            f"{root} has neither train/good (MVTec layout) nor good/ (plain layout); "
+            "put defect-free images in <root>/good and defective ones in <root>/<defect type>"
+        )
+    good = _require_images(good_dir, warnings, "good")
+    held_out = holdout_good(good, test_fraction)
+    samples = [Sample(p, "test" if p in held_out else "train", 0, GOOD) for p in good]
+    for folder in _subfolders(root):
+        if folder.name in (GOOD, *MASK_FOLDERS):
+            continue
+        samples += _defect_samples(folder, "test", root / "masks" / folder.name, warnings)
+    return Dataset(root, "folder", samples, warnings)
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """Read a dataset folder, detecting its layout (MVTec AD or plain folder)."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DefectscopeError(f"dataset path {root} does not exist; check the path")
+    if not root.is_dir():
+        raise DefectscopeError(f"dataset path {root} is a file; give the dataset's folder")
+    if (root / "train").is_dir():
+        return load_mvtec(root)
+    return load_folder(root)

@@ -1,0 +1,225 @@
+"""The Detector contract: fit on good images, predict scores and maps; registry by name."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
+
+from defectscope.backbones import Backbone, load_backbone
+from defectscope.data.images import ImageSource, Preprocess, iterate_batches
+from defectscope.errors import DefectscopeError
+from defectscope.thresholds import Calibration, calibrate
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class DetectorConfig:
+    """Settings shared by every detector; subclasses add their own fields."""
+
+    backbone: str = "efficientnet_lite0"
+    image_size: int = 256
+    crop: int | None = 224
+    seed: int = 0
+    batch_size: int = 32
+    calibration_fraction: float = 0.1
+    threshold_method: str = "sigma"
+    threshold_param: float = 3.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DetectorConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DefectscopeError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+@dataclass
+class Prediction:
+    """Raw scores (N), maps (one HxW array per image, or None for image-level models) and verdicts."""
+
+    scores: np.ndarray
+    maps: list[np.ndarray] | None
+    threshold: float | None = None
+
+    @property
+    def normalized(self) -> np.ndarray:
+        """Scores divided by the threshold: 1.0 is the decision boundary."""
+        if self.threshold is None:
+            raise DefectscopeError("this model has no threshold; fit it with calibration or set one with evaluate")
+        return self.scores / self.threshold
+
+    @property
+    def verdicts(self) -> list[str]:
+        return ["defective" if s >= 1.0 else "good" for s in self.normalized]
+
+
+@dataclass
+class FitReport:
+    """What fitting did: image counts, calibration, seconds."""
+
+    train_images: int
+    calibration_images: int
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Detector(ABC):
+    """Learns good images; subclasses implement embed / fit_features / score_features / tensors."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[DetectorConfig]] = DetectorConfig
+    localizes: ClassVar[bool] = True
+    strides: tuple[int, ...] = (8, 16)
+
+    def __init__(self, config: DetectorConfig | None = None, backbone: Backbone | None = None) -> None:
+        self.config = config or self.config_class()
+        self.backbone = backbone
+        self.calibration: Calibration | None = None
+        self.train_summary: dict[str, Any] = {}
+
+    # -- hooks -----------------------------------------------------------------------------
+    @abstractmethod
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """Normalized images N x 3 x s x s -> per-image features used by fit and score."""
+
+    @abstractmethod
+    def fit_features(self, features: torch.Tensor) -> dict[str, Any]:
+        """Learn from the features of good images; returns details for the fit report."""
+
+    @abstractmethod
+    def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Image scores N (None: the maximum of the finished map) and raw maps N x h x w (None if image-level)."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything learned, as named tensors for the model file."""
+
+    @abstractmethod
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what `tensors` returned."""
+
+    # -- shared machinery --------------------------------------------------------------------
+    @property
+    def preprocess(self) -> Preprocess:
+        backbone = self.require_backbone()
+        return Preprocess(self.config.image_size, self.config.crop, backbone.mean, backbone.std)
+
+    def require_backbone(self) -> Backbone:
+        if self.backbone is None:
+            self.backbone = load_backbone(self.config.backbone, self.strides)
+        return self.backbone
+
+    def _features(self, images: Sequence[ImageSource], progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed all images in batches; returns (features, original sizes N x 2)."""
+        chunks, sizes = [], []
+        preprocess = self.preprocess
+        with torch.inference_mode():
+            for batch, size in iterate_batches(images, preprocess, self.config.batch_size):
+                chunks.append(self.embed(preprocess.normalize(batch)))
+                sizes.append(size)
+                if progress:
+                    progress(len(batch))
+        return torch.cat(chunks), torch.cat(sizes)
+
+    def fit(self, images: Sequence[ImageSource], progress: Progress | None = None) -> FitReport:
+        """Fit on good images; a seeded hold-out of them sets the threshold, then all are learned."""
+        if len(images) < 2:
+            raise DefectscopeError(f"fitting needs at least 2 good images, got {len(images)}")
+        start = time.perf_counter()
+        torch.manual_seed(self.config.seed)
+        features, sizes = self._features(images, progress)
+        count = len(images)
+        held = round(count * self.config.calibration_fraction) if count >= 10 else 0
+        details: dict[str, Any] = {}
+        if held:
+            order = torch.from_numpy(np.random.default_rng(self.config.seed).permutation(count))
+            self.fit_features(features[order[held:]])
+            with torch.inference_mode():
+                scores = self._score_and_map(features[order[:held]])[0].numpy()
+            self.calibration = calibrate(scores, self.config.threshold_method, self.config.threshold_param)
+        with torch.no_grad():
+            details.update(self.fit_features(features))
+        heights, widths = sizes[:, 0], sizes[:, 1]
+        self.train_summary = {
+            "images": count,
+            "calibration_images": held,
+            "height_range": [int(heights.min()), int(heights.max())],
+            "width_range": [int(widths.min()), int(widths.max())],
+        }
+        return FitReport(count, held, time.perf_counter() - start, details)
+
+    def _score_and_map(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image scores and model-frame maps (smoothed) for a batch of features."""
+        scores, grid = self.score_features(features)
+        frame = None if grid is None else self._finish_maps(grid.float())
+        if scores is None:
+            scores = frame.amax(dim=(1, 2))
+        return scores.float(), frame
+
+    def _finish_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """Feature-grid maps -> model-frame maps: bilinear upsampling, then Gaussian smoothing (sigma 4)."""
+        size = self.preprocess.input_size
+        maps = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)
+        return gaussian_blur(maps, kernel_size=33, sigma=4.0)[:, 0]
+
+    def predict(self, images: Sequence[ImageSource], map_size: str | tuple[int, int] = "original",
+                progress: Progress | None = None) -> Prediction:
+        """Score images; maps at each image's original size, the model frame ('input') or (H, W)."""
+        preprocess = self.preprocess
+        scores, maps = [], []
+        with torch.inference_mode():
+            for batch, sizes in iterate_batches(images, preprocess, self.config.batch_size):
+                batch_scores, frame = self._score_and_map(self.embed(preprocess.normalize(batch)))
+                scores.append(batch_scores.numpy())
+                if frame is not None:
+                    maps += self._place_maps(frame, sizes, map_size)
+                if progress:
+                    progress(len(batch))
+        threshold = self.calibration.threshold if self.calibration else None
+        return Prediction(np.concatenate(scores), maps if self.localizes else None, threshold)
+
+    def _place_maps(self, frame: torch.Tensor, sizes: torch.Tensor, map_size: str | tuple[int, int]) -> list[np.ndarray]:
+        if map_size == "input":
+            return list(frame.numpy())
+        if isinstance(map_size, tuple):
+            return list(F.interpolate(frame[:, None], size=map_size, mode="bilinear")[:, 0].numpy())
+        if map_size != "original":
+            raise DefectscopeError(f"map_size must be 'original', 'input' or (height, width), got {map_size!r}")
+        out = []
+        for index, (height, width) in enumerate(sizes.tolist()):
+            out.append(self.preprocess.to_original(frame[index : index + 1], height, width)[0].numpy())
+        return out
+
+
+DETECTORS: dict[str, type[Detector]] = {}
+
+
+def register(cls: type[Detector]) -> type[Detector]:
+    """Class decorator adding a detector to the registry under its `name`."""
+    DETECTORS[cls.name] = cls
+    return cls
+
+
+def detector_class(name: str) -> type[Detector]:
+    if name not in DETECTORS:
+        raise DefectscopeError(f"unknown model '{name}'; choose one of: {', '.join(sorted(DETECTORS))}")
+    return DETECTORS[name]
+
+
+def create_detector(name: str, **settings: Any) -> Detector:
+    """A new detector by registry name, with config fields given as keywords."""
+    cls = detector_class(name)
+    return cls(cls.config_class.from_dict(settings))

@@ -1,0 +1,105 @@
+"""Score a dataset's test split with a fitted detector and compute every metric.
+
+Maps and masks are compared in the model frame (resize, then center crop, as in the PatchCore
+paper and anomalib): masks go through the model's own resize and crop, so figures are
+comparable with published ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from defectscope.data.images import read_mask
+from defectscope.data.layout import GOOD, Dataset
+from defectscope.detectors.base import Detector, Progress
+from defectscope.errors import DefectscopeError
+from defectscope.metrics import aupro, f1_max, image_auroc, per_defect_auroc, pixel_auroc
+
+
+@dataclass
+class Evaluation:
+    """Metrics, one record per test image, and the model-frame maps and masks behind them."""
+
+    metrics: dict
+    records: list[dict]
+    maps: np.ndarray | None
+    masks: np.ndarray | None
+
+
+def _decisions(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    called = scores >= threshold
+    tp = int((called & (labels == 1)).sum())
+    fp = int((called & (labels == 0)).sum())
+    fn = int((~called & (labels == 1)).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "threshold": threshold,
+        "accuracy": float((called == (labels == 1)).mean()),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "false_positives": fp,
+        "false_negatives": fn,
+    }
+
+
+def _pixel_metrics(masks: np.ndarray, maps: np.ndarray) -> dict:
+    return {"pixel_auroc": pixel_auroc(masks, maps), "aupro": aupro(masks, maps)}
+
+
+def evaluate(detector: Detector, dataset: Dataset, progress: Progress | None = None) -> Evaluation:
+    """Predict the test split and compute image, pixel and per-defect metrics."""
+    test = dataset.test
+    if not test:
+        raise DefectscopeError(f"{dataset.root} has no test images to evaluate on")
+    prediction = detector.predict([s.path for s in test], map_size="input", progress=progress)
+    labels = np.array([s.label for s in test])
+    defects = np.array([s.defect for s in test])
+    scores = prediction.scores
+    metrics: dict = {
+        "model": detector.name,
+        "backbone": detector.config.backbone,
+        "frame": {"resize": detector.config.image_size, "crop": detector.config.crop},
+        "images": len(test),
+        "good": int((labels == 0).sum()),
+        "defective": int((labels == 1).sum()),
+        "notes": [],
+    }
+    both = 0 < labels.sum() < len(labels)
+    if both:
+        f1, threshold = f1_max(labels, scores)
+        metrics.update(image_auroc=image_auroc(labels, scores), image_f1_max=f1)
+        metrics["at_f1_threshold"] = _decisions(labels, scores, threshold)
+    else:
+        metrics["notes"].append("image AUROC and F1 need both good and defective test images")
+    if prediction.threshold is not None:
+        metrics["at_model_threshold"] = _decisions(labels, scores, prediction.threshold)
+    per_defect = {d: {"images": int((defects == d).sum())} for d in sorted(set(defects) - {GOOD})}
+    for defect, value in per_defect_auroc(defects, scores).items():
+        per_defect[defect]["image_auroc"] = value
+    maps = masks = None
+    if prediction.maps is None:
+        metrics["notes"].append(f"{detector.name} scores whole images; pixel metrics do not apply")
+    else:
+        maps = np.stack(prediction.maps)
+        if dataset.has_masks:
+            preprocess = detector.preprocess
+            blank = np.zeros(maps.shape[1:], dtype=bool)
+            masks = np.stack([preprocess.mask_to_input(read_mask(s.mask)) if s.mask else blank for s in test])
+            metrics.update(_pixel_metrics(masks, maps))
+            for defect in per_defect:
+                keep = (defects == GOOD) | (defects == defect)
+                per_defect[defect].update(_pixel_metrics(masks[keep], maps[keep]))
+        else:
+            metrics["notes"].append("some defective test images have no mask; pixel metrics skipped")
+    metrics["per_defect"] = per_defect
+    normalized = prediction.normalized if prediction.threshold is not None else [None] * len(test)
+    records = [
+        {"path": str(s.path), "defect": s.defect, "label": s.label, "score": float(score),
+         "normalized": None if norm is None else float(norm)}
+        for s, score, norm in zip(test, scores, normalized)
+    ]
+    return Evaluation(metrics, records, maps, masks)

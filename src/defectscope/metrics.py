@@ -1,0 +1,90 @@
+"""Anomaly-detection metrics as defined in the MVTec AD literature.
+
+- image AUROC: ROC area of image scores, good (0) vs defective (1).
+- pixel AUROC: ROC area over every pixel of every test image, mask as label.
+- AUPRO (Bergmann et al., 2021): per-region overlap (PRO) of each connected ground-truth region
+  (8-connected, per image), averaged over regions, against the false-positive rate of the good
+  pixels; the area under that curve up to FPR 0.3, divided by 0.3 so a perfect map scores 1.
+- F1-max: the best F1 over all image-score thresholds, with that threshold.
+- per-defect AUROC: image AUROC of the good test images against one defect type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+from defectscope.thresholds import f1_optimal
+
+AUPRO_FPR_LIMIT = 0.3
+
+
+def image_auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    return float(roc_auc_score(np.asarray(labels), np.asarray(scores)))
+
+
+def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
+    """ROC area over all pixels; masks are boolean N x H x W, maps float N x H x W."""
+    return float(roc_auc_score(masks.reshape(-1).astype(np.uint8), maps.reshape(-1)))
+
+
+def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (FPR, PRO) at every distinct map value, highest threshold first.
+
+    Each defect pixel carries weight 1 / (regions * its region's area), so the running sum of
+    weights above a threshold is the mean per-region overlap at that threshold.
+    """
+    masks = masks.astype(bool)
+    structure = np.ones((3, 3), dtype=bool)
+    region_ids = np.zeros(masks.shape, dtype=np.int64)
+    regions = 0
+    for index, mask in enumerate(masks):
+        labelled, count = ndimage.label(mask, structure=structure)
+        region_ids[index] = np.where(labelled > 0, labelled + regions, 0)
+        regions += count
+    if regions == 0:
+        raise ValueError("AUPRO needs at least one defect region")
+    negatives = (~masks).sum()
+    if negatives == 0:
+        raise ValueError("AUPRO needs defect-free pixels")
+    ids = region_ids.reshape(-1)
+    areas = np.bincount(ids, minlength=regions + 1).astype(np.float64)
+    weight = np.where(ids > 0, 1.0 / (regions * areas[ids]), 0.0)
+    order = np.argsort(-maps.reshape(-1), kind="stable")
+    values = maps.reshape(-1)[order]
+    fpr = np.cumsum(ids[order] == 0) / negatives
+    pro = np.cumsum(weight[order])
+    last_of_tie = np.r_[values[1:] != values[:-1], True]
+    return np.r_[0.0, fpr[last_of_tie]], np.r_[0.0, pro[last_of_tie]]
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
+    """Normalized area under the PRO curve up to `fpr_limit`."""
+    fpr, pro = pro_curve(masks, maps)
+    cut = np.searchsorted(fpr, fpr_limit, side="right")
+    xs, ys = fpr[:cut], pro[:cut]
+    if cut < len(fpr) and xs[-1] < fpr_limit:
+        x0, x1, y0, y1 = fpr[cut - 1], fpr[cut], pro[cut - 1], pro[cut]
+        xs = np.r_[xs, fpr_limit]
+        ys = np.r_[ys, y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)]
+    return float(np.trapezoid(ys, xs) / fpr_limit)
+
+
+def f1_max(labels: Sequence[int], scores: Sequence[float]) -> tuple[float, float]:
+    """(best image F1, its threshold)."""
+    return f1_optimal(np.asarray(labels), np.asarray(scores))
+
+
+def per_defect_auroc(defects: Sequence[str], scores: Sequence[float], good: str = "good") -> dict[str, float]:
+    """Image AUROC of the good images against each defect type separately."""
+    defects = np.asarray(defects)
+    scores = np.asarray(scores)
+    out = {}
+    for defect in sorted(set(defects) - {good}):
+        keep = (defects == good) | (defects == defect)
+        if (defects == good).any():
+            out[defect] = image_auroc(defects[keep] == defect, scores[keep])
+    return out

@@ -1,0 +1,61 @@
+"""Heatmap overlays, ROC curves and galleries of the worst mistakes, as PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, low: float, high: float, mask: np.ndarray | None = None) -> np.ndarray:
+    """Blend a JET-coloured heatmap (scaled from low to high) over an RGB image; outline the mask in white."""
+    if heatmap.shape != image.shape[:2]:
+        heatmap = cv2.resize(heatmap, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+    scaled = np.clip((heatmap - low) / max(high - low, 1e-12), 0, 1)
+    colour = cv2.cvtColor(cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    blended = cv2.addWeighted(image, 0.55, colour, 0.45, 0)
+    if mask is not None and mask.any():
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(blended, contours, -1, (255, 255, 255), max(1, image.shape[0] // 300))
+    return blended
+
+
+def save_rgb(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+
+
+def roc_png(labels: np.ndarray, scores: np.ndarray, auroc: float, path: Path, title: str) -> None:
+    """Image-level ROC curve with its area in the legend."""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
+    ax.plot(fpr, tpr, lw=2, label=f"AUROC {auroc:.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def gallery_png(tiles: list[tuple[np.ndarray, str]], path: Path, title: str, columns: int = 4) -> None:
+    """A grid of captioned images."""
+    rows = max(1, -(-len(tiles) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, caption) in zip(axes.flat, tiles):
+        ax.imshow(image)
+        ax.set_title(caption, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

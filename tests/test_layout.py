@@ -1,0 +1,129 @@
+"""Dataset layouts, image decoding and every bad input the loader must explain."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from defectscope.data.images import read_image, read_mask
+from defectscope.data.layout import load_dataset
+from defectscope.errors import DefectscopeError
+
+
+def _png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def _mvtec(root: Path, size: int = 32) -> Path:
+    rgb = np.full((size, size, 3), 120, np.uint8)
+    for i in range(3):
+        _png(root / "train" / "good" / f"{i:03d}.png", rgb)
+    _png(root / "test" / "good" / "000.png", rgb)
+    _png(root / "test" / "crack" / "000.png", rgb)
+    _png(root / "ground_truth" / "crack" / "000_mask.png", np.zeros((size, size), np.uint8))
+    return root
+
+
+def test_bottle_samples(bottle: Path) -> None:
+    dataset = load_dataset(bottle)
+    assert dataset.layout == "mvtec"
+    assert len(dataset.train) == 209 and all(s.label == 0 and s.defect == "good" for s in dataset.train)
+    defective = [s for s in dataset.test if s.label == 1]
+    assert len(defective) == 63 and all(s.mask is not None and s.mask.stem == s.path.stem + "_mask" for s in defective)
+    assert dataset.defect_types == ["broken_large", "broken_small", "contamination"]
+
+
+def test_plain_folder_layout(tmp_path: Path) -> None:
+    for i in range(10):
+        _png(tmp_path / "good" / f"g{i}.png", np.zeros((8, 8, 3), np.uint8))
+    _png(tmp_path / "dent" / "d0.png", np.zeros((8, 8, 3), np.uint8))
+    _png(tmp_path / "masks" / "dent" / "d0.png", np.zeros((8, 8), np.uint8))
+    _png(tmp_path / "scratch" / "s0.png", np.zeros((8, 8, 3), np.uint8))
+    dataset = load_dataset(tmp_path)
+    assert dataset.layout == "folder"
+    assert len(dataset.train) == 8 and len([s for s in dataset.test if s.label == 0]) == 2
+    dent = next(s for s in dataset.samples if s.defect == "dent")
+    assert dent.mask == tmp_path / "masks" / "dent" / "d0.png"
+    assert any("scratch" in w and "pixel metrics" in w for w in dataset.warnings)
+    assert load_dataset(tmp_path).samples == dataset.samples  # the hold-out is stable
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (lambda r: shutil.rmtree(r / "train"), "neither train/good"),
+        (lambda r: shutil.rmtree(r / "train" / "good"), "no train/good folder"),
+        (lambda r: [p.unlink() for p in (r / "train" / "good").iterdir()], "holds no images"),
+        (lambda r: (r / "ground_truth" / "crack" / "000_mask.png").unlink(), "no mask for"),
+        (lambda r: _png(r / "ground_truth" / "crack" / "000_mask.png", np.zeros((16, 16), np.uint8)), "masks must have their image's size"),
+        (lambda r: (r / "test" / "crack" / "000.png").write_bytes(b"not an image"), "cannot read image header"),
+    ],
+)
+def test_bad_layouts_are_explained(tmp_path: Path, breakage, message: str) -> None:
+    root = _mvtec(tmp_path / "product")
+    breakage(root)
+    with pytest.raises(DefectscopeError, match=message):
+        load_dataset(root)
+
+
+def test_missing_and_file_paths(tmp_path: Path) -> None:
+    with pytest.raises(DefectscopeError, match="does not exist"):
+        load_dataset(tmp_path / "nope")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(DefectscopeError, match="is a file"):
+        load_dataset(tmp_path / "file.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DefectscopeError, match="neither train/good"):
+        load_dataset(tmp_path / "empty")
+
+
+def test_hidden_and_foreign_files_are_skipped_with_warnings(tmp_path: Path) -> None:
+    root = _mvtec(tmp_path / "product")
+    (root / "train" / "good" / ".DS_Store").write_bytes(b"\0")
+    (root / "train" / "good" / "notes.txt").write_text("hello")
+    dataset = load_dataset(root)
+    assert len(dataset.train) == 3
+    assert any("hidden file" in w for w in dataset.warnings) and any("non-image file" in w for w in dataset.warnings)
+
+
+def test_truncated_and_empty_images_are_explained(tmp_path: Path) -> None:
+    good = _png(tmp_path / "ok.png", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:400])
+    with pytest.raises(DefectscopeError, match="truncated.png.*(corrupt|truncated)"):
+        read_image(truncated)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(DefectscopeError, match="empty file"):
+        read_image(tmp_path / "empty.png")
+    with pytest.raises(DefectscopeError, match="cannot read image"):
+        read_image(tmp_path / "missing.png")
+
+
+def test_image_modes_decode_to_rgb(tmp_path: Path) -> None:
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    cases = {
+        "gray.png": Image.fromarray(gray, "L"),
+        "rgba.png": Image.fromarray(np.dstack([gray, gray, gray, np.full_like(gray, 255)]), "RGBA"),
+        "palette.png": Image.fromarray(np.dstack([gray] * 3), "RGB").convert("P", palette=Image.Palette.ADAPTIVE),
+        "bmp.bmp": Image.fromarray(gray, "L"),
+    }
+    for name, image in cases.items():
+        image.save(tmp_path / name)
+        decoded = read_image(tmp_path / name)
+        assert decoded.shape == (8, 8, 3) and decoded.dtype == np.uint8, name
+        assert np.abs(decoded[..., 0].astype(int) - gray).max() <= 4, name
+    cv2.imwrite(str(tmp_path / "deep.png"), gray.astype(np.uint16) * 257)
+    assert np.array_equal(read_image(tmp_path / "deep.png")[..., 1], gray)
+
+
+def test_mask_decoding(tmp_path: Path) -> None:
+    mask = np.zeros((6, 6), np.uint8)
+    mask[2:4, 1:5] = 255
+    assert read_mask(_png(tmp_path / "m.png", mask)).sum() == 8
