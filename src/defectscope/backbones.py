@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from torchvision.models.feature_extraction import create_feature_extractor
 from torch import nn
 
 from defectscope.efficientnet_lite import EfficientNetLite, fold_batchnorm
@@ -179,7 +180,7 @@ def _torchvision_network(name: str, strides: tuple[int, ...], state: dict) -> tu
     missing = [s for s in strides if s not in nodes]
     if missing:
         raise DefectscopeError(f"backbone '{name}' has no stage at stride(s) {missing}; available: {sorted(nodes)}")
-    extractor = torchvision.models.feature_extraction.create_feature_extractor(
+    extractor = create_feature_extractor(
         model, {nodes[s]: str(s) for s in strides}
     )
     with torch.no_grad():

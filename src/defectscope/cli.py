@@ -269,5 +269,5 @@ def main() -> None:
     try:
         app()
     except DefectscopeError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False)
+        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

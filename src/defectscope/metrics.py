@@ -86,5 +86,5 @@ def per_defect_auroc(defects: Sequence[str], scores: Sequence[float], good: str 
     for defect in sorted(set(defects) - {good}):
         keep = (defects == good) | (defects == defect)
         if (defects == good).any():
-            out[defect] = image_auroc(defects[keep] == defect, scores[keep])
+            out[str(defect)] = image_auroc(defects[keep] == defect, scores[keep])
     return out

@@ -46,6 +46,8 @@ class EmbeddingDetector(Detector):
     def fit_features(self, features: torch.Tensor) -> dict[str, Any]:
         self.learned = {"feature_mean": features.mean(0), "feature_std": features.std(0).clamp_min(1e-6)}
         self.learned.update(self.fit_standardized(self._standardize(features)))
+        # Row-major copies, as a loaded model file has: the GEMM path (and last bits) follow the layout.
+        self.learned = {name: tensor.contiguous() for name, tensor in self.learned.items()}
         return {"feature_dim": features.shape[1]}
 
     def _standardize(self, features: torch.Tensor) -> torch.Tensor:

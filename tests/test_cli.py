@@ -1,0 +1,81 @@
+"""The command line: help, summary, fit/predict/evaluate, demo, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from defectscope.cli import app
+
+runner = CliRunner()
+COMMANDS = ("data", "backbones", "fit", "predict", "evaluate", "info", "demo")
+
+
+def test_help_lists_every_command_and_version() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert all(f" {command} " in result.output for command in COMMANDS)
+    assert "0.1.0" in runner.invoke(app, ["--version"]).output
+
+
+def test_summary_json(demo_root: Path) -> None:
+    result = runner.invoke(app, ["data", "summary", str(demo_root), "--json"])
+    summary = json.loads(result.output)
+    assert summary["defect_classes"]["names"] == ["broken", "contamination", "scratch"]
+    assert summary["splits"]["test"]["per_class"] == {"good": 10, "broken": 8, "contamination": 8, "scratch": 8}
+
+
+def test_summary_table_on_bottle(bottle: Path) -> None:
+    result = runner.invoke(app, ["data", "summary", str(bottle)])
+    assert result.exit_code == 0
+    output = " ".join(result.output.split())
+    for text in ("292 images", "3 defect classes", "broken_large", "292 x 900x900 RGB (3 ch)", "masks: 63"):
+        assert text in output
+
+
+def test_user_errors_exit_2_without_traceback(tmp_path: Path) -> None:
+    process = subprocess.run([sys.executable, "-c", "from defectscope.cli import main; main()", "data", "summary",
+                              str(tmp_path / "missing")], capture_output=True, text=True)
+    assert process.returncode == 2
+    assert "does not exist" in process.stderr and "Traceback" not in process.stderr
+
+
+def test_fit_predict_evaluate(demo_root: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m.dsmodel"
+    fit = runner.invoke(app, ["-q", "fit", str(demo_root), "-o", str(model), "--model", "padim", "--image-size", "128", "--crop", "0"])
+    assert fit.exit_code == 0, fit.output
+    assert json.loads(runner.invoke(app, ["info", str(model)]).output)["detector"] == "padim"
+    predicted = runner.invoke(app, ["-q", "predict", str(model), str(demo_root / "test" / "broken"), "--json",
+                                    "--heatmaps", str(tmp_path / "heat")])
+    rows = [json.loads(line) for line in predicted.output.splitlines()]
+    assert len(rows) == 8 and all(Path(r["heatmap"]).is_file() for r in rows)
+    assert sum(r["verdict"] == "defective" for r in rows) >= 6
+    out = tmp_path / "report"
+    evaluated = runner.invoke(app, ["-q", "evaluate", str(model), str(demo_root), "--out", str(out), "--set-f1-threshold"])
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert set(metrics["per_defect"]) == {"broken", "contamination", "scratch"}
+    assert (out / "roc.png").is_file() and (out / "gallery.png").is_file()
+    info = json.loads(runner.invoke(app, ["info", str(model)]).output)
+    assert info["calibration"]["method"] == "f1" and info["calibration"]["threshold"] == metrics["at_f1_threshold"]["threshold"]
+
+
+def test_fit_rejects_coreset_for_other_models(demo_root: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["fit", str(demo_root), "-o", str(tmp_path / "m"), "--model", "knn", "--coreset", "0.1"])
+    assert result.exit_code != 0 and "--coreset applies to --model patchcore only" in str(result.exception)
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["-q", "demo", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "report.md").read_text()
+    assert "image AUROC" in report and (tmp_path / "report" / "gallery.png").is_file()
+    assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 4
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())["metrics"]
+    assert metrics["image_auroc"] > 0.9

@@ -1,0 +1,33 @@
+"""The pruned greedy coreset picks exactly what the plain farthest-first loop picks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from defectscope.detectors.coreset import coreset_indices, greedy_coreset
+
+
+def _plain_greedy(points: torch.Tensor, count: int, start: int) -> list[int]:
+    distances = (points - points[start]).norm(dim=1)
+    chosen = []
+    for _ in range(count):
+        index = int(distances.argmax())
+        chosen.append(index)
+        distances = torch.minimum(distances, (points - points[index]).norm(dim=1))
+    return chosen
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_plain_greedy(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(20, 12, generator=generator) * 4
+    points = centres[torch.randint(20, (2500,), generator=generator)] + torch.randn(2500, 12, generator=generator)
+    assert greedy_coreset(points, 250, start=seed).tolist() == _plain_greedy(points, 250, seed)
+
+
+def test_ratio_and_determinism() -> None:
+    features = torch.randn(1000, 300, generator=torch.Generator().manual_seed(0))
+    first = coreset_indices(features, 0.1, seed=4)
+    assert len(first) == 100 and len(set(first.tolist())) == 100
+    assert torch.equal(first, coreset_indices(features, 0.1, seed=4))

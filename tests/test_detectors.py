@@ -1,0 +1,109 @@
+"""Every detector separates generated defects; model files round-trip and reject bad files."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from defectscope import artifacts
+from defectscope.artifacts import load_model, save_model, set_threshold
+from defectscope.data.layout import load_dataset
+from defectscope.detectors import DETECTORS, create_detector
+from defectscope.errors import DefectscopeError
+from defectscope.evaluation import evaluate
+from defectscope.thresholds import Calibration
+
+SMALL = {"image_size": 128, "crop": None}
+SETTINGS = {"patchcore": {"coreset_ratio": 0.25}, "padim": {}, "knn": {}, "pca": {}, "ocsvm": {}}
+
+
+@pytest.fixture(scope="module")
+def fitted(demo_root: Path) -> dict:
+    dataset = load_dataset(demo_root)
+    models = {}
+    for name, extra in SETTINGS.items():
+        detector = create_detector(name, **SMALL, **extra)
+        detector.fit([s.path for s in dataset.train])
+        models[name] = detector
+    return {"dataset": dataset, "models": models}
+
+
+def test_registry_is_complete() -> None:
+    assert set(DETECTORS) == set(SETTINGS)
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_detector_separates_generated_defects(fitted: dict, name: str) -> None:
+    metrics = evaluate(fitted["models"][name], fitted["dataset"]).metrics
+    floor = 0.9 if name in ("patchcore", "padim") else 0.6
+    assert metrics["image_auroc"] >= floor, metrics
+    if name in ("patchcore", "padim"):
+        assert metrics["pixel_auroc"] >= 0.9 and metrics["aupro"] >= 0.6, metrics
+    else:
+        assert "pixel_auroc" not in metrics and any("pixel metrics do not apply" in n for n in metrics["notes"])
+
+
+def test_patchcore_threshold_and_maps_at_original_size(fitted: dict) -> None:
+    detector = fitted["models"]["patchcore"]
+    assert detector.calibration is not None and detector.calibration.good_count == 4
+    test = fitted["dataset"].test
+    prediction = detector.predict([test[0].path, test[-1].path])
+    assert [m.shape for m in prediction.maps] == [(128, 128), (128, 128)]
+    assert prediction.verdicts == ["defective" if n >= 1 else "good" for n in prediction.scores / detector.calibration.threshold]
+    assert detector.predict([test[0].path], map_size=(40, 50)).maps[0].shape == (40, 50)
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_model_file_round_trip_gives_identical_scores(fitted: dict, name: str, tmp_path: Path) -> None:
+    detector = fitted["models"][name]
+    paths = [s.path for s in fitted["dataset"].test[::5]]
+    path = save_model(detector, tmp_path / f"{name}.dsmodel")
+    loaded = load_model(path)
+    before, after = detector.predict(paths), loaded.predict(paths)
+    np.testing.assert_array_equal(before.scores, after.scores)
+    assert loaded.calibration == detector.calibration
+    assert b"pickle" not in path.read_bytes()[:200] and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_bad_model_files_are_rejected(fitted: dict, tmp_path: Path) -> None:
+    good = save_model(fitted["models"]["knn"], tmp_path / "knn.dsmodel")
+    data = good.read_bytes()
+    cases = {
+        "truncated": (data[: len(data) // 2], "corrupt or truncated"),
+        "tiny": (data[:5], "too short"),
+        "foreign": (b"PK\x03\x04" + b"\0" * 64, "not a defectscope model file"),
+    }
+    header_size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + header_size])
+    manifest = json.loads(header["__metadata__"]["defectscope"])
+    manifest["format_version"] = artifacts.FORMAT_VERSION + 1
+    header["__metadata__"]["defectscope"] = json.dumps(manifest)
+    newer = json.dumps(header).encode()
+    newer += b" " * (-len(newer) % 8)
+    cases["newer"] = (struct.pack("<Q", len(newer)) + newer + data[8 + header_size :], "newer than this defectscope")
+    for label, (content, message) in cases.items():
+        target = tmp_path / f"{label}.dsmodel"
+        target.write_bytes(content)
+        with pytest.raises(DefectscopeError, match=message):
+            load_model(target)
+    with pytest.raises(DefectscopeError, match="does not exist"):
+        load_model(tmp_path / "absent.dsmodel")
+
+
+def test_set_threshold_rewrites_only_the_threshold(fitted: dict, tmp_path: Path) -> None:
+    path = save_model(fitted["models"]["pca"], tmp_path / "pca.dsmodel")
+    set_threshold(path, Calibration(1.5, "f1", 0.9, 0.0, 0.0, 0))
+    loaded = load_model(path)
+    assert loaded.calibration.threshold == 1.5
+    np.testing.assert_array_equal(loaded.tensors()["components"], fitted["models"]["pca"].tensors()["components"])
+
+
+def test_unknown_model_and_field() -> None:
+    with pytest.raises(DefectscopeError, match="unknown model 'nope'"):
+        create_detector("nope")
+    with pytest.raises(DefectscopeError, match="unknown PatchCoreConfig field"):
+        create_detector("patchcore", coreset=0.1)
