@@ -1,0 +1,105 @@
+"""Benchmark detectors on MVTec-layout categories: accuracy, fit time, inference time, peak memory.
+
+    python benchmarks/mvtec.py --root ../shared/datasets/mvtec_ad --categories bottle --models patchcore padim
+
+Each (category, model) runs in a fresh subprocess so its peak resident memory is its own.
+Inference is timed on the test images with decoding included, at batch 1 and batched; maps are
+produced in the model frame (no upsampling to the original size). Writes JSON and Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from defectscope import __version__, create_detector, evaluate, load_dataset
+from defectscope.data.images import read_image
+
+COLUMNS = (
+    ("category", "category", "{}"), ("model", "model", "{}"), ("image_auroc", "image AUROC", "{:.3f}"),
+    ("pixel_auroc", "pixel AUROC", "{:.3f}"), ("aupro", "AUPRO", "{:.3f}"), ("image_f1_max", "image F1-max", "{:.3f}"),
+    ("fit_s", "fit s", "{:.1f}"), ("ms_batch1", "ms/img batch 1", "{:.0f}"), ("ms_batched", "ms/img batch 32", "{:.0f}"),
+    ("ms_decode", "decode ms/img", "{:.0f}"), ("peak_mb", "peak MB", "{:.0f}"),
+)
+
+
+def measure(root: Path, category: str, model: str, settings: dict) -> dict:
+    """Fit, evaluate and time one model on one category (run inside its own process)."""
+    torch.set_num_threads(2)
+    dataset = load_dataset(root / category)
+    detector = create_detector(model, **settings)
+    start = time.perf_counter()
+    detector.fit([s.path for s in dataset.train])
+    fit_seconds = time.perf_counter() - start
+    metrics = evaluate(detector, dataset).metrics
+    paths = [s.path for s in dataset.test]
+    start = time.perf_counter()
+    detector.predict(paths, map_size="input")
+    batched = (time.perf_counter() - start) / len(paths) * 1000
+    detector.config.batch_size = 1
+    single = paths[:20]
+    start = time.perf_counter()
+    detector.predict(single, map_size="input")
+    batch1 = (time.perf_counter() - start) / len(single) * 1000
+    start = time.perf_counter()
+    for path in single:
+        read_image(path)
+    decode = (time.perf_counter() - start) / len(single) * 1000
+    return {
+        "category": category, "model": model, "settings": settings,
+        **{k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")},
+        "fit_s": fit_seconds, "ms_batch1": batch1, "ms_batched": batched, "ms_decode": decode,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(label for _, label, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = ["n/a" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path("../shared/datasets/mvtec_ad"))
+    parser.add_argument("--categories", nargs="+", default=["bottle"])
+    parser.add_argument("--models", nargs="+", default=["patchcore", "padim", "knn", "pca", "ocsvm"])
+    parser.add_argument("--settings", type=json.loads, default={}, help='JSON config overrides, e.g. \'{"coreset_ratio": 0.01}\'')
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--single", nargs=2, metavar=("CATEGORY", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single:
+        print(json.dumps(measure(args.root, *args.single, args.settings)))
+        return
+    rows = []
+    for category in args.categories:
+        for model in args.models:
+            command = [sys.executable, __file__, "--root", str(args.root), "--settings", json.dumps(args.settings),
+                       "--single", category, model]
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode:
+                sys.exit(f"{category}/{model} failed:\n{result.stderr}")
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+    table = markdown(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"mvtec-{'-'.join(args.categories)}"
+    command = "python benchmarks/mvtec.py " + " ".join(sys.argv[1:])
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "version": __version__, "rows": rows}, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(f"`{command}`\n\n{machine}, defectscope {__version__}\n\n{table}")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
