@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import torch
 
 
@@ -17,3 +18,84 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 
         distances.append((values + (q * q).sum(1, keepdim=True)).clamp_min_(0).sqrt_())
         indices.append(index)
     return torch.cat(distances), torch.cat(indices)
+
+
+class ClusteredBank:
+    """A memory bank grouped by k-means cluster, searched exactly with triangle-inequality pruning.
+
+    A query's distance to any member of cluster c is at least |q - centroid_c| - radius_c. After an
+    exact search of the query's closest cluster gives an upper bound, only clusters whose lower
+    bound is below it can hold the nearest neighbour; on patch features that is a few percent.
+    """
+
+    def __init__(self, bank: torch.Tensor, offsets: torch.Tensor, centroids: torch.Tensor, radius: torch.Tensor) -> None:
+        self.bank, self.offsets, self.centroids, self.radius = bank, offsets, centroids, radius
+        self.bank_sq = (bank * bank).sum(1)
+        self.slack = 1e-3 * float(self.bank_sq.max().sqrt()) if len(bank) else 0.0
+
+    @classmethod
+    def build(cls, bank: torch.Tensor, seed: int, cluster_size: int = 64) -> ClusteredBank:
+        """Cluster the bank with k-means (faiss) and order it by cluster."""
+        bank = bank.float().contiguous()
+        clusters = max(1, len(bank) // cluster_size)
+        if clusters > 1:
+            kmeans = faiss.Kmeans(bank.shape[1], clusters, niter=20, seed=seed, max_points_per_centroid=256)
+            kmeans.train(bank.numpy())
+            _, assignment = nearest(bank, torch.from_numpy(kmeans.centroids))
+            assignment = assignment[:, 0]
+        else:
+            assignment = torch.zeros(len(bank), dtype=torch.long)
+        order = torch.argsort(assignment, stable=True)
+        sizes = torch.bincount(assignment, minlength=clusters)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes, 0)])
+        return cls.from_sorted(bank[order].contiguous(), offsets)
+
+    @classmethod
+    def from_sorted(cls, bank: torch.Tensor, offsets: torch.Tensor) -> ClusteredBank:
+        """Rebuild centroids and radii from a bank already ordered by cluster."""
+        sizes = offsets[1:] - offsets[:-1]
+        owner = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        centroids = torch.zeros(len(sizes), bank.shape[1]).index_add_(0, owner, bank) / sizes.clamp_min(1)[:, None]
+        spread = (bank - centroids[owner]).norm(dim=1)
+        radius = torch.zeros(len(sizes)).scatter_reduce(0, owner, spread, "amax")
+        return cls(bank, offsets, centroids, radius)
+
+    def _scan(self, queries: torch.Tensor, q_sq: torch.Tensor, members: torch.Tensor,
+              best: torch.Tensor, best_index: torch.Tensor) -> None:
+        """Exact search of every cluster c for the queries listed in members[c]; updates best in place."""
+        for cluster, rows in enumerate(members):
+            if len(rows) == 0:
+                continue
+            start, stop = int(self.offsets[cluster]), int(self.offsets[cluster + 1])
+            squared = torch.addmm(self.bank_sq[start:stop], queries[rows], self.bank[start:stop].T, alpha=-2)
+            value, index = squared.min(1)
+            value += q_sq[rows]
+            better = value < best[rows]
+            rows = rows[better]
+            best[rows] = value[better]
+            best_index[rows] = index[better] + start
+
+    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact distance and bank index of each query's nearest neighbour."""
+        if len(queries) < 16 * len(self.centroids) or len(self.centroids) == 1:
+            distances, indices = nearest(queries, self.bank)  # too few queries to repay the per-cluster loop
+            return distances[:, 0], indices[:, 0]
+        queries = queries.float().contiguous()
+        q_sq = (queries * queries).sum(1)
+        centre_distance = torch.cdist(queries, self.centroids)
+        closest = centre_distance.argmin(1)
+        best = torch.full((len(queries),), float("inf"))
+        best_index = torch.zeros(len(queries), dtype=torch.long)
+        clusters = len(self.centroids)
+        order = torch.argsort(closest)
+        bounds = torch.searchsorted(closest[order], torch.arange(clusters + 1))
+        self._scan(queries, q_sq, [order[bounds[c] : bounds[c + 1]] for c in range(clusters)], best, best_index)
+        upper = best.clamp_min(0).sqrt() + self.slack
+        lower = centre_distance - self.radius
+        lower[torch.arange(len(queries)), closest] = float("inf")  # already searched
+        pending = (lower < upper[:, None]).T.contiguous()
+        self._scan(queries, q_sq, [torch.nonzero(row).squeeze(1) for row in pending], best, best_index)
+        return best.clamp_min(0).sqrt(), best_index
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"memory_bank": self.bank, "cluster_offsets": self.offsets}

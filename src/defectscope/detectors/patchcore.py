@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from defectscope.detectors.base import Detector, DetectorConfig, register
 from defectscope.detectors.coreset import coreset_indices
-from defectscope.detectors.nearest import nearest
+from defectscope.detectors.nearest import ClusteredBank, nearest
 from defectscope.errors import DefectscopeError
 
 
@@ -52,7 +52,7 @@ class PatchCore(Detector):
     config_class = PatchCoreConfig
     config: PatchCoreConfig
     strides = (8, 16)
-    bank: torch.Tensor | None = None
+    index: ClusteredBank | None = None
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         maps = self.require_backbone()(batch)
@@ -61,15 +61,15 @@ class PatchCore(Detector):
     def fit_features(self, features: torch.Tensor) -> dict[str, Any]:
         patches = features.reshape(-1, features.shape[-1])
         keep = coreset_indices(patches, self.config.coreset_ratio, self.config.seed, self.config.projection_dim)
-        self.bank = patches[keep].contiguous()
-        return {"patches": len(patches), "memory_bank": len(self.bank), "embedding_dim": patches.shape[1]}
+        self.index = ClusteredBank.build(patches[keep], self.config.seed)
+        return {"patches": len(patches), "memory_bank": len(keep), "embedding_dim": patches.shape[1]}
 
     def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.bank is None:
+        if self.index is None:
             raise DefectscopeError("PatchCore is not fitted; call fit() or load a model file")
         n, h, w, d = features.shape
         patches = features.reshape(n, h * w, d)
-        distances, indices = nearest(patches.reshape(-1, d), self.bank)
+        distances, indices = self.index.search(patches.reshape(-1, d))
         maps = distances.reshape(n, h * w)
         scores, worst = maps.max(1)
         if self.config.reweight:
@@ -78,14 +78,15 @@ class PatchCore(Detector):
 
     def _reweight(self, worst_patches: torch.Tensor, nearest_index: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """The paper's eq. 7: damp the score when the nearest memory patch sits among close neighbours."""
-        k = min(self.config.reweight_neighbours, len(self.bank))
-        _, support = nearest(self.bank[nearest_index], self.bank, k=k)
-        distances = (worst_patches[:, None, :] - self.bank[support]).norm(dim=-1)
+        bank = self.index.bank
+        k = min(self.config.reweight_neighbours, len(bank))
+        _, support = nearest(bank[nearest_index], bank, k=k)
+        distances = (worst_patches[:, None, :] - bank[support]).norm(dim=-1)
         weights = 1 - torch.softmax(distances, dim=1)[:, 0]
         return weights * scores
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"memory_bank": self.bank}
+        return self.index.tensors() if self.index else {}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.bank = tensors["memory_bank"]
+        self.index = ClusteredBank.from_sorted(tensors["memory_bank"], tensors["cluster_offsets"])

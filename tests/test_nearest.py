@@ -1,0 +1,31 @@
+"""The clustered memory bank returns exactly the brute-force nearest neighbours."""
+
+from __future__ import annotations
+
+import torch
+
+from defectscope.detectors.nearest import ClusteredBank, nearest
+
+
+def _clustered_points(count: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(40, 24, generator=generator) * 3
+    return centres[torch.randint(40, (count,), generator=generator)] + torch.randn(count, 24, generator=generator)
+
+
+def test_pruned_search_equals_brute_force() -> None:
+    bank, queries = _clustered_points(3000, 0), _clustered_points(5000, 1)
+    index = ClusteredBank.build(bank, seed=0, cluster_size=50)
+    assert len(index.centroids) == 60 and len(queries) >= 16 * len(index.centroids)  # the pruned path runs
+    distances, positions = index.search(queries)
+    expected, expected_positions = nearest(queries, index.bank)
+    torch.testing.assert_close(distances, expected[:, 0], rtol=1e-5, atol=1e-4)
+    assert (positions == expected_positions[:, 0]).float().mean() > 0.999  # ties aside
+
+
+def test_rebuilt_from_sorted_bank_searches_the_same() -> None:
+    index = ClusteredBank.build(_clustered_points(2000, 2), seed=0, cluster_size=64)
+    saved = index.tensors()
+    again = ClusteredBank.from_sorted(saved["memory_bank"], saved["cluster_offsets"])
+    queries = _clustered_points(2000, 3)
+    assert torch.equal(index.search(queries)[0], again.search(queries)[0])
