@@ -107,3 +107,14 @@ def test_unknown_model_and_field() -> None:
         create_detector("nope")
     with pytest.raises(DefectscopeError, match="unknown PatchCoreConfig field"):
         create_detector("patchcore", coreset=0.1)
+
+
+def test_separable_smoothing_matches_torchvision_blur() -> None:
+    import torch
+    from torchvision.transforms.functional import gaussian_blur
+
+    from defectscope.detectors.base import gaussian_smooth
+
+    maps = torch.rand(2, 64, 80, generator=torch.Generator().manual_seed(0))
+    expected = gaussian_blur(maps[:, None], kernel_size=33, sigma=4.0)[:, 0]
+    torch.testing.assert_close(gaussian_smooth(maps, 4.0), expected, atol=1e-5, rtol=1e-5)

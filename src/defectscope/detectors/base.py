@@ -11,7 +11,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
 from defectscope.backbones import Backbone, load_backbone
 from defectscope.data.images import ImageSource, Preprocess, iterate_batches
@@ -19,6 +18,18 @@ from defectscope.errors import DefectscopeError
 from defectscope.thresholds import Calibration, calibrate
 
 Progress = Callable[[int], None]
+MAP_SIGMA = 4.0
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of N x H x W maps (radius 4 sigma, reflected borders)."""
+    radius = int(4 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel /= kernel.sum()
+    x = F.pad(maps[:, None], (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    return F.conv2d(x, kernel.view(1, 1, -1, 1))[:, 0]
 
 
 @dataclass
@@ -172,8 +183,8 @@ class Detector(ABC):
     def _finish_maps(self, maps: torch.Tensor) -> torch.Tensor:
         """Feature-grid maps -> model-frame maps: bilinear upsampling, then Gaussian smoothing (sigma 4)."""
         size = self.preprocess.input_size
-        maps = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)
-        return gaussian_blur(maps, kernel_size=33, sigma=4.0)[:, 0]
+        maps = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        return gaussian_smooth(maps, MAP_SIGMA)
 
     def predict(self, images: Sequence[ImageSource], map_size: str | tuple[int, int] = "original",
                 progress: Progress | None = None) -> Prediction:
