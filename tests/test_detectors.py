@@ -118,3 +118,24 @@ def test_separable_smoothing_matches_torchvision_blur() -> None:
     maps = torch.rand(2, 64, 80, generator=torch.Generator().manual_seed(0))
     expected = gaussian_blur(maps[:, None], kernel_size=33, sigma=4.0)[:, 0]
     torch.testing.assert_close(gaussian_smooth(maps, 4.0), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_patchcore_holdout_scores_exclude_the_images_own_patches() -> None:
+    import torch
+
+    from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig
+
+    features = torch.randn(6, 4, 4, 8, generator=torch.Generator().manual_seed(0))
+    detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=0.5))
+    detector.fit_features(features)
+    holdout = torch.tensor([1, 3])
+    patches = features.reshape(-1, 8)
+    sources = torch.arange(6).repeat_interleave(16)
+    kept = detector.index.bank[~torch.isin(detector.bank_sources, holdout)]
+    assert len(kept) < len(detector.index.bank)  # the held-out images did contribute patches
+    for row, image in enumerate(holdout.tolist()):
+        own = patches[sources == image]
+        brute = torch.cdist(own, kept).min(1).values.max()
+        assert torch.isclose(detector.holdout_scores(features, holdout)[row], brute, rtol=1e-4)
+    # the fitted bank itself is untouched
+    assert len(detector.index.bank) == 48

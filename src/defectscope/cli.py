@@ -137,12 +137,16 @@ def fit(
     model: Annotated[str, typer.Option(help=f"One of: {', '.join(sorted(DETECTORS))}.")] = "patchcore",
     backbone: Annotated[str, typer.Option(help="Feature extractor (see `defectscope backbones`).")] = "efficientnet_lite0",
     coreset: Annotated[Optional[float], typer.Option(help="PatchCore memory ratio (default 0.1).")] = None,
-    image_size: Annotated[int, typer.Option(help="Square resize before cropping.")] = 256,
-    crop: Annotated[int, typer.Option(help="Center crop side; 0 for no crop.")] = 224,
+    image_size: Annotated[Optional[int], typer.Option(help="Square resize before cropping (default: the model's).")] = None,
+    crop: Annotated[Optional[int], typer.Option(help="Center crop side; 0 for no crop (default: the model's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Fit a detector on the good training images and write a model file."""
-    settings = {"backbone": backbone, "image_size": image_size, "crop": crop or None, "seed": seed}
+    settings: dict = {"backbone": backbone, "seed": seed}
+    if image_size is not None:
+        settings["image_size"] = image_size
+    if crop is not None:
+        settings["crop"] = crop or None
     if coreset is not None:
         if model != "patchcore":
             raise DefectscopeError("--coreset applies to --model patchcore only")

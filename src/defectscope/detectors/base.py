@@ -146,23 +146,21 @@ class Detector(ABC):
         return torch.cat(chunks), torch.cat(sizes)
 
     def fit(self, images: Sequence[ImageSource], progress: Progress | None = None) -> FitReport:
-        """Fit on good images; a seeded hold-out of them sets the threshold, then all are learned."""
+        """Fit on all good images; a seeded hold-out of them, scored unseen, sets the threshold."""
         if len(images) < 2:
             raise DefectscopeError(f"fitting needs at least 2 good images, got {len(images)}")
         start = time.perf_counter()
         torch.manual_seed(self.config.seed)
         features, sizes = self._features(images, progress)
         count = len(images)
-        held = round(count * self.config.calibration_fraction) if count >= 10 else 0
-        details: dict[str, Any] = {}
-        if held:
-            order = torch.from_numpy(np.random.default_rng(self.config.seed).permutation(count))
-            self.fit_features(features[order[held:]])
-            with torch.inference_mode():
-                scores = self._score_and_map(features[order[:held]])[0].numpy()
-            self.calibration = calibrate(scores, self.config.threshold_method, self.config.threshold_param)
         with torch.no_grad():
-            details.update(self.fit_features(features))
+            details = self.fit_features(features)
+        held = round(count * self.config.calibration_fraction) if count >= 10 else 0
+        if held:
+            holdout = torch.from_numpy(np.random.default_rng(self.config.seed).permutation(count)[:held])
+            with torch.inference_mode():
+                scores = self.holdout_scores(features, holdout).numpy()
+            self.calibration = calibrate(scores, self.config.threshold_method, self.config.threshold_param)
         heights, widths = sizes[:, 0], sizes[:, 1]
         self.train_summary = {
             "images": count,
@@ -171,6 +169,19 @@ class Detector(ABC):
             "width_range": [int(widths.min()), int(widths.max())],
         }
         return FitReport(count, held, time.perf_counter() - start, details)
+
+    def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor) -> torch.Tensor:
+        """Scores of the held-out training images from a model that did not learn them.
+
+        By default a temporary model is fitted on the other images; the fitted state is then restored.
+        """
+        fitted = self.tensors()
+        rest = torch.ones(len(features), dtype=torch.bool)
+        rest[holdout] = False
+        self.fit_features(features[rest])
+        scores = self._score_and_map(features[holdout])[0]
+        self.load_tensors(fitted)
+        return scores
 
     def _score_and_map(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Image scores and model-frame maps (smoothed) for a batch of features."""

@@ -30,6 +30,7 @@ class ClusteredBank:
 
     def __init__(self, bank: torch.Tensor, offsets: torch.Tensor, centroids: torch.Tensor, radius: torch.Tensor) -> None:
         self.bank, self.offsets, self.centroids, self.radius = bank, offsets, centroids, radius
+        self.order = torch.arange(len(bank))  # position of each row in the bank given to build()
         self.bank_sq = (bank * bank).sum(1)
         self.slack = 1e-3 * float(self.bank_sq.max().sqrt()) if len(bank) else 0.0
 
@@ -48,7 +49,9 @@ class ClusteredBank:
         order = torch.argsort(assignment, stable=True)
         sizes = torch.bincount(assignment, minlength=clusters)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes, 0)])
-        return cls.from_sorted(bank[order].contiguous(), offsets)
+        index = cls.from_sorted(bank[order].contiguous(), offsets)
+        index.order = order
+        return index
 
     @classmethod
     def from_sorted(cls, bank: torch.Tensor, offsets: torch.Tensor) -> ClusteredBank:

@@ -16,34 +16,37 @@ from defectscope.errors import DefectscopeError
 
 @dataclass
 class PatchCoreConfig(DetectorConfig):
-    """coreset_ratio: memory kept; embedding_dim: channel pooling target (None keeps all)."""
+    """coreset_ratio: memory kept; layer_dim: width each layer's neighbourhood vector is pooled to."""
 
+    image_size: int = 288
+    crop: int | None = 256
     coreset_ratio: float = 0.1
     projection_dim: int = 128
     neighbourhood: int = 3
-    embedding_dim: int | None = None
+    layer_dim: int = 64
     reweight: bool = False
     reweight_neighbours: int = 9
 
 
-def patch_embedding(maps: dict[int, torch.Tensor], neighbourhood: int, embedding_dim: int | None) -> torch.Tensor:
-    """Aggregate each map over a p x p neighbourhood, bring all to the finest grid, concatenate.
+def patch_embedding(maps: dict[int, torch.Tensor], neighbourhood: int, layer_dim: int) -> torch.Tensor:
+    """Locally aware patch features, as in the reference code.
 
-    Returns N x h x w x d (channels last, one row per patch).
+    Each layer's p x p neighbourhood (C * p^2 values per position) is adaptively average-pooled to
+    `layer_dim`, so every layer weighs the same in the distance; deeper layers are then upsampled
+    (bilinear) to the finest grid and all are concatenated. Returns N x h x w x d, one row per patch.
     """
-    finest = min(maps)
-    size = maps[finest].shape[-2:]
+    size = maps[min(maps)].shape[-2:]
     parts = []
     for stride in sorted(maps):
-        x = F.avg_pool2d(maps[stride].float(), neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=False)
+        x = maps[stride].float()
+        n, c, h, w = x.shape
+        patches = F.unfold(x, neighbourhood, padding=neighbourhood // 2)  # N x C*p*p x h*w
+        pooled = F.adaptive_avg_pool1d(patches.transpose(1, 2).reshape(-1, 1, c * neighbourhood**2), layer_dim)
+        x = pooled.reshape(n, h, w, layer_dim).permute(0, 3, 1, 2)
         if x.shape[-2:] != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         parts.append(x)
-    features = torch.cat(parts, 1).permute(0, 2, 3, 1)
-    if embedding_dim is not None and embedding_dim != features.shape[-1]:
-        n, h, w, d = features.shape
-        features = F.adaptive_avg_pool1d(features.reshape(-1, 1, d), embedding_dim).reshape(n, h, w, embedding_dim)
-    return features.contiguous()
+    return torch.cat(parts, 1).permute(0, 2, 3, 1).contiguous()
 
 
 @register
@@ -53,15 +56,17 @@ class PatchCore(Detector):
     config: PatchCoreConfig
     strides = (8, 16)
     index: ClusteredBank | None = None
+    bank_sources: torch.Tensor | None = None  # training image of each memory patch (fit time only)
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         maps = self.require_backbone()(batch)
-        return patch_embedding(maps, self.config.neighbourhood, self.config.embedding_dim)
+        return patch_embedding(maps, self.config.neighbourhood, self.config.layer_dim)
 
     def fit_features(self, features: torch.Tensor) -> dict[str, Any]:
         patches = features.reshape(-1, features.shape[-1])
         keep = coreset_indices(patches, self.config.coreset_ratio, self.config.seed, self.config.projection_dim)
         self.index = ClusteredBank.build(patches[keep], self.config.seed)
+        self.bank_sources = (keep // (features.shape[1] * features.shape[2]))[self.index.order]
         return {"patches": len(patches), "memory_bank": len(keep), "embedding_dim": patches.shape[1]}
 
     def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +80,19 @@ class PatchCore(Detector):
         if self.config.reweight:
             scores = self._reweight(patches[torch.arange(n), worst], indices.reshape(n, h * w)[torch.arange(n), worst], scores)
         return scores, maps.reshape(n, h, w)
+
+    def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor) -> torch.Tensor:
+        """Score held-out images against the memory bank without the patches taken from them.
+
+        One coreset serves both the final model and calibration; removing a held-out image's own
+        patches leaves its neighbourhood less covered, so these scores err on the high side.
+        """
+        fitted = self.index
+        self.index = ClusteredBank.build(fitted.bank[~torch.isin(self.bank_sources, holdout)], self.config.seed)
+        try:
+            return self._score_and_map(features[holdout])[0]
+        finally:
+            self.index = fitted
 
     def _reweight(self, worst_patches: torch.Tensor, nearest_index: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """The paper's eq. 7: damp the score when the nearest memory patch sits among close neighbours."""
