@@ -14,9 +14,10 @@ from defectscope.errors import DefectscopeError
 
 @dataclass
 class PaDiMConfig(DetectorConfig):
-    """feature_dim: size of the random channel subset; regularization: added to each covariance diagonal."""
+    """feature_dim: size of the random channel subset (all channels when the backbone has fewer);
+    regularization: added to each covariance diagonal."""
 
-    feature_dim: int = 100
+    feature_dim: int = 200
     regularization: float = 0.01
 
 
@@ -53,7 +54,10 @@ class PaDiM(Detector):
         centred = (features - self.mean).permute(1, 0, 2)  # positions x N x d
         covariance = centred.transpose(1, 2) @ centred / (n - 1)
         covariance += self.config.regularization * torch.eye(d)
-        self.precision = torch.linalg.inv(covariance)
+        factor, info = torch.linalg.cholesky_ex(covariance)
+        if int(info.max()) > 0:
+            raise DefectscopeError("PaDiM covariance is not positive definite; raise `regularization`")
+        self.precision = torch.cholesky_inverse(factor)
         return {"positions": positions, "feature_dim": d}
 
     def score_features(self, features: torch.Tensor) -> tuple[None, torch.Tensor]:
