@@ -79,3 +79,28 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 4
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())["metrics"]
     assert metrics["image_auroc"] > 0.9
+
+
+def test_torchvision_backbone_with_weights_file(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    import torch
+    import torchvision
+
+    from defectscope import backbones
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
+    monkeypatch.delenv(backbones.WEIGHTS_DIR_ENV, raising=False)
+    weights = tmp_path / "resnet18-mine.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    monkeypatch.setattr(backbones, "published_checkpoint", lambda name: backbones.Checkpoint(weights.name, digest[:8]))
+    model = tmp_path / "r18.dsmodel"
+    fit = runner.invoke(app, ["-q", "fit", str(demo_root), "-o", str(model), "--model", "knn", "--backbone", "resnet18",
+                              "--weights", str(weights), "--image-size", "64", "--crop", "0"])
+    assert fit.exit_code == 0, fit.output
+    assert json.loads(runner.invoke(app, ["info", str(model)]).output)["backbone"]["weights_sha256"] == digest
+    image = str(demo_root / "test" / "good" / "000.png")
+    assert runner.invoke(app, ["-q", "predict", str(model), image, "--json", "--weights", str(weights)]).exit_code == 0
+    missing = runner.invoke(app, ["-q", "predict", str(model), image])
+    assert missing.exit_code != 0 and "no weights for backbone 'resnet18'" in str(missing.exception)

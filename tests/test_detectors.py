@@ -139,3 +139,14 @@ def test_patchcore_holdout_scores_exclude_the_images_own_patches() -> None:
         assert torch.isclose(detector.holdout_scores(features, holdout)[row], brute, rtol=1e-4)
     # the fitted bank itself is untouched
     assert len(detector.index.bank) == 48
+
+
+def test_patchcore_reweighting_damps_scores(fitted: dict) -> None:
+    from defectscope.detectors.patchcore import PatchCore
+
+    plain = fitted["models"]["patchcore"]
+    reweighted = PatchCore(plain.config.__class__(**{**plain.config.to_dict(), "reweight": True}), plain.backbone)
+    reweighted.index = plain.index
+    paths = [s.path for s in fitted["dataset"].test[::4]]
+    raw, damped = plain.predict(paths, map_size="input").scores, reweighted.predict(paths, map_size="input").scores
+    assert np.all(damped > 0) and np.all(damped < raw)

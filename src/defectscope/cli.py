@@ -15,7 +15,7 @@ from rich.table import Table
 
 from defectscope import __version__
 from defectscope.artifacts import load_model, model_info, save_model, set_threshold
-from defectscope.backbones import LITE_FILES, list_backbones
+from defectscope.backbones import LITE_FILES, list_backbones, load_backbone
 from defectscope.data.images import IMAGE_SUFFIXES, read_image
 from defectscope.data.layout import load_dataset
 from defectscope.data.summary import summarize
@@ -120,9 +120,14 @@ def backbones() -> None:
         console.print(f"{name}  [dim]{'(weights ship with defectscope)' if name in LITE_FILES else '(torchvision weights)'}[/]")
 
 
-def _fit(data: Path, model: str, settings: dict, out: Path) -> tuple:
+WeightsOption = Annotated[Optional[Path], typer.Option("--weights", help="Backbone weight file (torchvision backbones offline).")]
+
+
+def _fit(data: Path, model: str, settings: dict, out: Path, weights: Path | None = None, download: bool = False) -> tuple:
     dataset = load_dataset(data)
     detector = create_detector(model, **settings)
+    if weights is not None or download:
+        detector.backbone = load_backbone(detector.config.backbone, detector.strides, weights, download)
     train = [s.path for s in dataset.train]
     with _progress(f"fitting {model}", len(train)) as advance:
         report = detector.fit(train, progress=advance)
@@ -140,6 +145,8 @@ def fit(
     image_size: Annotated[Optional[int], typer.Option(help="Square resize before cropping (default: the model's).")] = None,
     crop: Annotated[Optional[int], typer.Option(help="Center crop side; 0 for no crop (default: the model's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    weights: WeightsOption = None,
+    download: Annotated[bool, typer.Option(help="Download torchvision weights if they are not found locally.")] = False,
 ) -> None:
     """Fit a detector on the good training images and write a model file."""
     settings: dict = {"backbone": backbone, "seed": seed}
@@ -151,7 +158,7 @@ def fit(
         if model != "patchcore":
             raise DefectscopeError("--coreset applies to --model patchcore only")
         settings["coreset_ratio"] = coreset
-    _, detector, report = _fit(data, model, settings, output)
+    _, detector, report = _fit(data, model, settings, output, weights, download)
     threshold = f"{detector.calibration.threshold:.4g}" if detector.calibration else "none (too few images)"
     console.print(f"fitted {model} on {report.train_images} images in {report.seconds:.1f} s "
                   f"({report.calibration_images} held out for the threshold: {threshold}) -> {output}")
@@ -178,9 +185,10 @@ def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
     heatmaps: Annotated[Optional[Path], typer.Option(help="Write a heatmap overlay PNG per image here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
+    weights: WeightsOption = None,
 ) -> None:
     """Score images: raw score, normalized score (1.0 = threshold) and verdict."""
-    detector = load_model(model)
+    detector = load_model(model, weights)
     paths = _expand_inputs(inputs)
     with _progress("scoring", len(paths)) as advance:
         prediction = detector.predict(paths, progress=advance)
@@ -214,9 +222,10 @@ def evaluate(
     data: Annotated[Path, typer.Argument(help="Dataset folder with a test split.")],
     out: Annotated[Optional[Path], typer.Option(help="Write metrics.json/.md, roc.png, gallery.png here.")] = None,
     set_f1_threshold: Annotated[bool, typer.Option("--set-f1-threshold", help="Store the F1-optimal threshold in the model file.")] = False,
+    weights: WeightsOption = None,
 ) -> None:
     """Metrics on the test split: image/pixel AUROC, AUPRO, F1-max, per defect type."""
-    detector = load_model(model)
+    detector = load_model(model, weights)
     dataset = load_dataset(data)
     with _progress("evaluating", len(dataset.test)) as advance:
         evaluation = run_evaluation(detector, dataset, progress=advance)
