@@ -149,4 +149,4 @@ def test_patchcore_reweighting_damps_scores(fitted: dict) -> None:
     reweighted.index = plain.index
     paths = [s.path for s in fitted["dataset"].test[::4]]
     raw, damped = plain.predict(paths, map_size="input").scores, reweighted.predict(paths, map_size="input").scores
-    assert np.all(damped > 0) and np.all(damped < raw)
+    assert np.all(damped > 0) and np.all(damped <= raw) and np.any(damped < raw)  # weight is 1 when neighbours are far
