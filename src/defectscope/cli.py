@@ -266,9 +266,9 @@ def demo(
     with _progress("evaluating", len(dataset.test)) as advance:
         evaluation = run_evaluation(detector, dataset, progress=advance)
     written = write_report(evaluation, detector, out / "report")
-    defective = [s.path for s in dataset.test if s.label == 1][:4]
-    if defective and detector.localizes:
-        predict(model_path, defective, heatmaps=out / "heatmaps", as_json=False)
+    first_of_each = {s.defect: s.path for s in reversed(dataset.test)}  # one image per class, good included
+    if detector.localizes:
+        predict(model_path, [first_of_each[d] for d in sorted(first_of_each)], heatmaps=out / "heatmaps", as_json=False)
     table = metrics_markdown(evaluation.metrics)
     summary = (f"# defectscope demo\n\ndata: {data}\nmodel: {model_path} ({model}, fit {report.seconds:.1f} s "
                f"on {report.train_images} good images)\n\n{table}\nfiles: " + ", ".join(str(p) for p in written) + "\n")
