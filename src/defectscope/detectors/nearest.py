@@ -63,12 +63,10 @@ class ClusteredBank:
         radius = torch.zeros(len(sizes)).scatter_reduce(0, owner, spread, "amax")
         return cls(bank, offsets, centroids, radius)
 
-    def _scan(self, queries: torch.Tensor, q_sq: torch.Tensor, members: torch.Tensor,
+    def _scan(self, queries: torch.Tensor, q_sq: torch.Tensor, work: list[tuple[int, torch.Tensor]],
               best: torch.Tensor, best_index: torch.Tensor) -> None:
-        """Exact search of every cluster c for the queries listed in members[c]; updates best in place."""
-        for cluster, rows in enumerate(members):
-            if len(rows) == 0:
-                continue
+        """Exact search of each (cluster, query rows) pair in `work`; updates best in place."""
+        for cluster, rows in work:
             start, stop = int(self.offsets[cluster]), int(self.offsets[cluster + 1])
             squared = torch.addmm(self.bank_sq[start:stop], queries[rows], self.bank[start:stop].T, alpha=-2)
             value, index = squared.min(1)
@@ -80,8 +78,8 @@ class ClusteredBank:
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact distance and bank index of each query's nearest neighbour."""
-        if len(queries) < 16 * len(self.centroids) or len(self.centroids) == 1:
-            distances, indices = nearest(queries, self.bank)  # too few queries to repay the per-cluster loop
+        if len(self.centroids) == 1:
+            distances, indices = nearest(queries, self.bank)
             return distances[:, 0], indices[:, 0]
         queries = queries.float().contiguous()
         q_sq = (queries * queries).sum(1)
@@ -89,15 +87,16 @@ class ClusteredBank:
         closest = centre_distance.argmin(1)
         best = torch.full((len(queries),), float("inf"))
         best_index = torch.zeros(len(queries), dtype=torch.long)
-        clusters = len(self.centroids)
         order = torch.argsort(closest)
-        bounds = torch.searchsorted(closest[order], torch.arange(clusters + 1))
-        self._scan(queries, q_sq, [order[bounds[c] : bounds[c + 1]] for c in range(clusters)], best, best_index)
+        used, counts = torch.unique_consecutive(closest[order], return_counts=True)
+        groups = torch.split(order, counts.tolist())
+        self._scan(queries, q_sq, list(zip(used.tolist(), groups)), best, best_index)
         upper = best.clamp_min(0).sqrt() + self.slack
         lower = centre_distance - self.radius
         lower[torch.arange(len(queries)), closest] = float("inf")  # already searched
         pending = (lower < upper[:, None]).T.contiguous()
-        self._scan(queries, q_sq, [torch.nonzero(row).squeeze(1) for row in pending], best, best_index)
+        active = torch.nonzero(pending.any(1)).squeeze(1).tolist()
+        self._scan(queries, q_sq, [(c, torch.nonzero(pending[c]).squeeze(1)) for c in active], best, best_index)
         return best.clamp_min(0).sqrt(), best_index
 
     def tensors(self) -> dict[str, torch.Tensor]:
