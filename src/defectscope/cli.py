@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -48,21 +50,14 @@ def main_options(
     state["quiet"] = quiet
 
 
-def _progress(description: str, total: int):
-    """A rich progress bar (disabled with --quiet); use as a context manager yielding an advance callback."""
+@contextmanager
+def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr (off with --quiet), yielding an advance-by-n callback."""
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=Console(stderr=True), disable=state["quiet"], transient=True)
-
-    class _Bar:
-        def __enter__(self):
-            bar.start()
-            task = bar.add_task(description, total=total)
-            return lambda n: bar.advance(task, n)
-
-        def __exit__(self, *exc):
-            bar.stop()
-
-    return _Bar()
+    with bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 @data_app.command("summary")
