@@ -150,3 +150,17 @@ def test_patchcore_reweighting_damps_scores(fitted: dict) -> None:
     paths = [s.path for s in fitted["dataset"].test[::4]]
     raw, damped = plain.predict(paths, map_size="input").scores, reweighted.predict(paths, map_size="input").scores
     assert np.all(damped > 0) and np.all(damped <= raw) and np.any(damped < raw)  # weight is 1 when neighbours are far
+
+
+def test_evaluation_without_masks_skips_pixel_metrics_and_says_so(fitted: dict, demo_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "part"
+    shutil.copytree(demo_root / "train" / "good", root / "good")
+    shutil.copytree(demo_root / "test" / "broken", root / "broken")  # plain layout, no masks folder
+    dataset = load_dataset(root)
+    assert not dataset.has_masks
+    metrics = evaluate(fitted["models"]["patchcore"], dataset).metrics
+    assert "pixel_auroc" not in metrics and "aupro" not in metrics
+    assert any("no mask" in note for note in metrics["notes"])
+    assert metrics["good"] == 8 and metrics["defective"] == 8
