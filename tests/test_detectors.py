@@ -164,3 +164,14 @@ def test_evaluation_without_masks_skips_pixel_metrics_and_says_so(fitted: dict, 
     assert "pixel_auroc" not in metrics and "aupro" not in metrics
     assert any("no mask" in note for note in metrics["notes"])
     assert metrics["good"] == 8 and metrics["defective"] == 8
+
+
+def test_model_files_get_normal_permissions(fitted: dict, tmp_path: Path) -> None:
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = save_model(fitted["models"]["knn"], tmp_path / "knn.dsmodel")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -52,7 +52,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write bytes to path via a temporary file in the same folder and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(handle, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions of a new file
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()

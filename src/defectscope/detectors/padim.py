@@ -57,7 +57,8 @@ class PaDiM(Detector):
         factor, info = torch.linalg.cholesky_ex(covariance)
         if int(info.max()) > 0:
             raise DefectscopeError("PaDiM covariance is not positive definite; raise `regularization`")
-        self.precision = torch.cholesky_inverse(factor)
+        precision = torch.cholesky_inverse(factor)
+        self.precision = (precision + precision.transpose(1, 2)) / 2  # exactly symmetric: stored as one triangle
         return {"positions": positions, "feature_dim": d}
 
     def score_features(self, features: torch.Tensor) -> tuple[None, torch.Tensor]:
@@ -69,7 +70,14 @@ class PaDiM(Detector):
         return None, squared.clamp_min(0).sqrt().reshape(-1, side, side)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"channels": self.channels, "mean": self.mean, "precision": self.precision}
+        rows, cols = torch.triu_indices(*self.precision.shape[1:])
+        return {"channels": self.channels, "mean": self.mean, "precision_upper": self.precision[:, rows, cols]}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.channels, self.mean, self.precision = tensors["channels"], tensors["mean"], tensors["precision"]
+        self.channels, self.mean = tensors["channels"], tensors["mean"]
+        d = self.mean.shape[1]
+        rows, cols = torch.triu_indices(d, d)
+        precision = torch.zeros(len(self.mean), d, d)
+        precision[:, rows, cols] = tensors["precision_upper"]
+        precision[:, cols, rows] = tensors["precision_upper"]
+        self.precision = precision
