@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -133,16 +133,19 @@ class Detector(ABC):
             self.backbone = load_backbone(self.config.backbone, self.strides)
         return self.backbone
 
-    def _features(self, images: Sequence[ImageSource], progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed all images in batches; returns (features, original sizes N x 2)."""
-        chunks, sizes = [], []
+    def _embedded_batches(self, images: Sequence[ImageSource], progress: Progress | None
+                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (features, original sizes N x 2) batch by batch, in inference mode."""
         preprocess = self.preprocess
         with torch.inference_mode():
-            for batch, size in iterate_batches(images, preprocess, self.config.batch_size):
-                chunks.append(self.embed(preprocess.normalize(batch)))
-                sizes.append(size)
+            for batch, sizes in iterate_batches(images, preprocess, self.config.batch_size):
+                yield self.embed(preprocess.normalize(batch)), sizes
                 if progress:
                     progress(len(batch))
+
+    def _features(self, images: Sequence[ImageSource], progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed all images; returns (features, original sizes N x 2)."""
+        chunks, sizes = zip(*self._embedded_batches(images, progress))
         return torch.cat(chunks), torch.cat(sizes)
 
     def fit(self, images: Sequence[ImageSource], progress: Progress | None = None) -> FitReport:
@@ -200,16 +203,14 @@ class Detector(ABC):
     def predict(self, images: Sequence[ImageSource], map_size: str | tuple[int, int] = "original",
                 progress: Progress | None = None) -> Prediction:
         """Score images; maps at each image's original size, the model frame ('input') or (H, W)."""
-        preprocess = self.preprocess
+        if not (map_size in ("original", "input") or isinstance(map_size, tuple)):
+            raise DefectscopeError(f"map_size must be 'original', 'input' or (height, width), got {map_size!r}")
         scores, maps = [], []
-        with torch.inference_mode():
-            for batch, sizes in iterate_batches(images, preprocess, self.config.batch_size):
-                batch_scores, frame = self._score_and_map(self.embed(preprocess.normalize(batch)))
-                scores.append(batch_scores.numpy())
-                if frame is not None:
-                    maps += self._place_maps(frame, sizes, map_size)
-                if progress:
-                    progress(len(batch))
+        for features, sizes in self._embedded_batches(images, progress):
+            batch_scores, frame = self._score_and_map(features)
+            scores.append(batch_scores.numpy())
+            if frame is not None:
+                maps += self._place_maps(frame, sizes, map_size)
         threshold = self.calibration.threshold if self.calibration else None
         return Prediction(np.concatenate(scores), maps if self.localizes else None, threshold)
 
@@ -218,12 +219,9 @@ class Detector(ABC):
             return list(frame.numpy())
         if isinstance(map_size, tuple):
             return list(F.interpolate(frame[:, None], size=map_size, mode="bilinear")[:, 0].numpy())
-        if map_size != "original":
-            raise DefectscopeError(f"map_size must be 'original', 'input' or (height, width), got {map_size!r}")
-        out = []
-        for index, (height, width) in enumerate(sizes.tolist()):
-            out.append(self.preprocess.to_original(frame[index : index + 1], height, width)[0].numpy())
-        return out
+        preprocess = self.preprocess
+        return [preprocess.to_original(frame[i : i + 1], height, width)[0].numpy()
+                for i, (height, width) in enumerate(sizes.tolist())]
 
 
 DETECTORS: dict[str, type[Detector]] = {}

@@ -28,9 +28,11 @@ class ClusteredBank:
     bound is below it can hold the nearest neighbour; on patch features that is a few percent.
     """
 
-    def __init__(self, bank: torch.Tensor, offsets: torch.Tensor, centroids: torch.Tensor, radius: torch.Tensor) -> None:
+    def __init__(self, bank: torch.Tensor, offsets: torch.Tensor, centroids: torch.Tensor, radius: torch.Tensor,
+                 order: torch.Tensor | None = None) -> None:
         self.bank, self.offsets, self.centroids, self.radius = bank, offsets, centroids, radius
-        self.order = torch.arange(len(bank))  # position of each row in the bank given to build()
+        # order[i]: row of the bank given to build() that now sits at row i (identity when loaded)
+        self.order = torch.arange(len(bank)) if order is None else order
         self.bank_sq = (bank * bank).sum(1)
         self.slack = 1e-3 * float(self.bank_sq.max().sqrt()) if len(bank) else 0.0
 
@@ -49,19 +51,17 @@ class ClusteredBank:
         order = torch.argsort(assignment, stable=True)
         sizes = torch.bincount(assignment, minlength=clusters)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes, 0)])
-        index = cls.from_sorted(bank[order].contiguous(), offsets)
-        index.order = order
-        return index
+        return cls.from_sorted(bank[order].contiguous(), offsets, order)
 
     @classmethod
-    def from_sorted(cls, bank: torch.Tensor, offsets: torch.Tensor) -> ClusteredBank:
+    def from_sorted(cls, bank: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor | None = None) -> ClusteredBank:
         """Rebuild centroids and radii from a bank already ordered by cluster."""
         sizes = offsets[1:] - offsets[:-1]
         owner = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
         centroids = torch.zeros(len(sizes), bank.shape[1]).index_add_(0, owner, bank) / sizes.clamp_min(1)[:, None]
         spread = (bank - centroids[owner]).norm(dim=1)
         radius = torch.zeros(len(sizes)).scatter_reduce(0, owner, spread, "amax")
-        return cls(bank, offsets, centroids, radius)
+        return cls(bank, offsets, centroids, radius, order)
 
     def _scan(self, queries: torch.Tensor, q_sq: torch.Tensor, work: list[tuple[int, torch.Tensor]],
               best: torch.Tensor, best_index: torch.Tensor) -> None:
