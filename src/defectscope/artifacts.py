@@ -32,7 +32,7 @@ MAX_HEADER = 100 * 1024 * 1024
 
 def manifest_of(detector: Detector) -> dict[str, Any]:
     """The JSON manifest describing a fitted detector."""
-    backbone = detector.require_backbone()
+    backbone = detector.require_backbone() if detector.uses_backbone else None
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -41,7 +41,8 @@ def manifest_of(detector: Detector) -> dict[str, Any]:
         "detector": detector.name,
         "config": detector.config.to_dict(),
         "preprocess": detector.preprocess.to_dict(),
-        "backbone": {"name": backbone.name, "strides": list(backbone.strides), "weights_sha256": backbone.weights_sha256},
+        "backbone": backbone and {"name": backbone.name, "strides": list(backbone.strides),
+                                  "weights_sha256": backbone.weights_sha256},
         "calibration": detector.calibration.to_dict() if detector.calibration else None,
         "normalization": {"kind": "score / threshold", "decision_point": 1.0},
         "train_summary": detector.train_summary,
@@ -117,8 +118,8 @@ def load_model(path: str | Path, weights: str | Path | None = None) -> Detector:
     cls = detector_class(manifest["detector"])
     config = cls.config_class.from_dict(manifest["config"])
     spec = manifest["backbone"]
-    backbone = load_backbone(spec["name"], tuple(spec["strides"]), weights)
-    if backbone.weights_sha256 != spec["weights_sha256"]:
+    backbone = spec and load_backbone(spec["name"], tuple(spec["strides"]), weights)
+    if backbone and backbone.weights_sha256 != spec["weights_sha256"]:
         raise DefectscopeError(
             f"model {path} was fitted with {spec['name']} weights sha256 {spec['weights_sha256'][:12]}..., "
             f"but the weights found here have {backbone.weights_sha256[:12]}...; supply the original weight file"

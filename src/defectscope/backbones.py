@@ -216,3 +216,25 @@ def load_backbone(name: str, strides: tuple[int, ...] = (8, 16), weights: str | 
     if isinstance(network, EfficientNetLite):
         fold_batchnorm(network)
     return backbone.to(memory_format=torch.channels_last)
+
+
+def freeze_through(backbone: Backbone, stride: int) -> None:
+    """Make the backbone trainable except its stem and stages up to `stride` (0: all trainable)."""
+    network = backbone.network
+    if isinstance(network, EfficientNetLite):
+        last_frozen = network.stage_ends.get(stride, -1) if stride else -2
+
+        def frozen(name: str) -> bool:
+            if name.startswith("_blocks."):
+                return int(name.split(".")[1]) <= last_frozen
+            return name.startswith(("_conv_stem", "_bn0")) and last_frozen > -2
+    elif all(hasattr(network, layer) for layer in RESNET_STAGES.values()):
+        def frozen(name: str) -> bool:
+            stage = [s for s, layer in RESNET_STAGES.items() if name.startswith(layer + ".")]
+            return (stage[0] <= stride) if stage else stride > 0
+    else:
+        raise DefectscopeError(f"partial freezing is supported for EfficientNet-Lite and ResNet backbones, not {backbone.name}")
+    if stride and stride not in (4, 8, 16, 32):
+        raise DefectscopeError(f"freeze must be 0, 4, 8, 16 or 32, got {stride}")
+    for name, param in network.named_parameters():
+        param.requires_grad_(not frozen(name))

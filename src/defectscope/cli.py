@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from defectscope import __version__
-from defectscope.artifacts import load_model, model_info, save_model, set_threshold
+from defectscope.artifacts import load_model, model_info, save_model, set_threshold, write_atomic
 from defectscope.backbones import LITE_FILES, list_backbones, load_backbone
 from defectscope.data.images import IMAGE_SUFFIXES, read_image
 from defectscope.data.layout import load_dataset
@@ -25,6 +25,9 @@ from defectscope.data.synthetic import make_demo_dataset
 from defectscope.detectors import DETECTORS, create_detector
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation import evaluate as run_evaluation
+from defectscope.experiments.config import load_experiment
+from defectscope.experiments.runner import run_experiment
+from defectscope.experiments.table import build_table, csv_text, load_results, markdown
 from defectscope.reports import metrics_markdown, write_report
 from defectscope.thresholds import Calibration
 from defectscope.viz import overlay, save_rgb
@@ -237,6 +240,50 @@ def evaluate(
                                          previous.good_mean if previous else 0.0, previous.good_std if previous else 0.0,
                                          previous.good_count if previous else 0))
         console.print(f"threshold set to {best['threshold']:.4g} in {model}")
+
+
+experiment_app = typer.Typer(no_args_is_help=True, help="Run attempts from a config file and compare them in a table.")
+app.add_typer(experiment_app, name="experiment")
+
+
+def _show_table(folder: Path, metric: str | None) -> None:
+    """Write table.md / table.csv / table.json in the folder and print the table."""
+    meta, results = load_results(folder)
+    table = build_table(meta, results, metric)
+    write_atomic(folder / "table.md", markdown(table).encode())
+    write_atomic(folder / "table.csv", csv_text(table).encode())
+    write_atomic(folder / "table.json", (json.dumps(table, indent=1) + "\n").encode())
+    console.print(markdown(table), highlight=False, soft_wrap=True)  # plain Markdown: readable at any width, pastes as is
+    console.print(f"tables: {folder / 'table.md'}, {folder / 'table.csv'}, {folder / 'table.json'}")
+
+
+@experiment_app.command("run")
+def experiment_run(
+    config: Annotated[Path, typer.Argument(help="Experiment config (.yaml or .toml).")],
+    data: Annotated[Optional[Path], typer.Option(help="Dataset folder (overrides the config's 'data').")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder; default runs/<config name>.")] = None,
+    redo: Annotated[bool, typer.Option(help="Run attempts again even if they finished earlier.")] = False,
+    only: Annotated[Optional[list[str]], typer.Option(help="Run only this attempt (repeatable).")] = None,
+) -> None:
+    """Train and evaluate every attempt, skip finished ones, and print the comparison table."""
+    experiment = load_experiment(config)
+    data = data or (Path(experiment.data) if experiment.data else None)
+    if data is None:
+        raise DefectscopeError(f"config {config} names no 'data'; pass --data FOLDER")
+    out = out or Path("runs") / experiment.name
+    with console.status("starting", spinner="dots") as status:
+        run_experiment(experiment, data, out, redo=redo, only=only, say=console.print,
+                       status=(lambda text: None) if state["quiet"] else status.update)
+    _show_table(out, None)
+
+
+@experiment_app.command("report")
+def experiment_report(
+    folder: Annotated[Path, typer.Argument(help="Experiment output folder.")],
+    metric: Annotated[Optional[str], typer.Option(help="Rank attempts by this metric instead of the config's.")] = None,
+) -> None:
+    """Re-render the comparison table from the attempts' saved results."""
+    _show_table(folder, metric)
 
 
 @app.command("info")

@@ -39,10 +39,7 @@ def roc_png(labels: np.ndarray, scores: np.ndarray, auroc: float, path: Path, ti
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def gallery_png(tiles: list[tuple[np.ndarray, str]], path: Path, title: str, columns: int = 4) -> None:
@@ -55,7 +52,39 @@ def gallery_png(tiles: list[tuple[np.ndarray, str]], path: Path, title: str, col
         ax.imshow(image)
         ax.set_title(caption, fontsize=8)
     fig.suptitle(title)
+    _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def loss_png(histories: list[dict], path: Path, title: str) -> None:
+    """Train (solid) and validation (dashed) loss per epoch; one colour per run (e.g. per fold)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
+    for index, history in enumerate(histories):
+        colour = f"C{index % 10}"
+        label = f"run {index + 1}" if len(histories) > 1 else "train"
+        ax.plot(range(1, len(history["train_loss"]) + 1), history["train_loss"], c=colour, label=label)
+        if history.get("val_loss"):
+            ax.plot(range(1, len(history["val_loss"]) + 1), history["val_loss"], c=colour, ls="--",
+                    label="validation" if len(histories) == 1 else None)
+    ax.set(xlabel="epoch", ylabel="loss", title=title, yscale="log")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def confusion_png(matrix: list[list[int]], classes: list[str], path: Path, title: str) -> None:
+    """Confusion matrix (rows: true class, columns: predicted) with counts in the cells."""
+    counts = np.array(matrix)
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2, 1.1 * len(classes) + 1.5), dpi=110)
+    ax.imshow(counts / counts.sum(1, keepdims=True).clip(min=1), cmap="Blues", vmin=0, vmax=1)
+    for (row, col), value in np.ndenumerate(counts):
+        ax.text(col, row, str(value), ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    _save(fig, path)

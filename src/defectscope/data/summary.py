@@ -61,3 +61,13 @@ def summarize(dataset: Dataset) -> dict:
         },
         "warnings": list(dataset.warnings),
     }
+
+
+def imbalance_line(dataset: dict | None) -> str:
+    """The dataset's class counts and imbalance, for the top of every table."""
+    if not dataset:
+        return ""
+    counts = ", ".join(f"{name} {info['total']}" for name, info in dataset["per_class"].items())
+    imbalance = dataset["imbalance"]
+    return (f"Data: {dataset['root']} ({counts} images); imbalance {imbalance['largest_to_smallest']} "
+            f"({imbalance['largest_class']} / {imbalance['smallest_class']})")

@@ -5,16 +5,17 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from defectscope.backbones import Backbone, load_backbone
+from defectscope.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, load_backbone
 from defectscope.data.images import ImageSource, Preprocess, iterate_batches
 from defectscope.errors import DefectscopeError
+from defectscope.settings import check_field_types
 from defectscope.thresholds import Calibration, calibrate
 
 Progress = Callable[[int], None]
@@ -50,10 +51,7 @@ class DetectorConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> DetectorConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DefectscopeError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_field_types(cls, data)
         return cls(**data)
 
 
@@ -93,6 +91,7 @@ class Detector(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[DetectorConfig]] = DetectorConfig
     localizes: ClassVar[bool] = True
+    uses_backbone: ClassVar[bool] = True
     strides: tuple[int, ...] = (8, 16)
 
     def __init__(self, config: DetectorConfig | None = None, backbone: Backbone | None = None) -> None:
@@ -125,6 +124,8 @@ class Detector(ABC):
     # -- shared machinery --------------------------------------------------------------------
     @property
     def preprocess(self) -> Preprocess:
+        if not self.uses_backbone:
+            return Preprocess(self.config.image_size, self.config.crop, IMAGENET_MEAN, IMAGENET_STD)
         backbone = self.require_backbone()
         return Preprocess(self.config.image_size, self.config.crop, backbone.mean, backbone.std)
 
@@ -158,9 +159,9 @@ class Detector(ABC):
         count = len(images)
         with torch.no_grad():
             details = self.fit_features(features)
-        held = round(count * self.config.calibration_fraction) if count >= 10 else 0
+        holdout = self.holdout_indices(count)
+        held = len(holdout)
         if held:
-            holdout = torch.from_numpy(np.random.default_rng(self.config.seed).permutation(count)[:held])
             with torch.inference_mode():
                 scores = self.holdout_scores(features, holdout).numpy()
             self.calibration = calibrate(scores, self.config.threshold_method, self.config.threshold_param)
@@ -170,8 +171,14 @@ class Detector(ABC):
             "calibration_images": held,
             "height_range": [int(heights.min()), int(heights.max())],
             "width_range": [int(widths.min()), int(widths.max())],
+            "fit": details,
         }
         return FitReport(count, held, time.perf_counter() - start, details)
+
+    def holdout_indices(self, count: int) -> torch.Tensor:
+        """The seeded calibration_fraction of `count` training images held out for calibration (none below 10)."""
+        held = round(count * self.config.calibration_fraction) if count >= 10 else 0
+        return torch.from_numpy(np.random.default_rng(self.config.seed).permutation(count)[:held])
 
     def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor) -> torch.Tensor:
         """Scores of the held-out training images from a model that did not learn them.

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from defectscope.detectors.base import Detector, DetectorConfig, register
 from defectscope.errors import DefectscopeError
 
+POSITION_CHUNK = 256
+
 
 @dataclass
 class PaDiMConfig(DetectorConfig):
@@ -51,14 +53,17 @@ class PaDiM(Detector):
         if n < 2:
             raise DefectscopeError("PaDiM needs at least 2 training images")
         self.mean = features.mean(0)
-        centred = (features - self.mean).permute(1, 0, 2)  # positions x N x d
-        covariance = centred.transpose(1, 2) @ centred / (n - 1)
-        covariance += self.config.regularization * torch.eye(d)
-        factor, info = torch.linalg.cholesky_ex(covariance)
-        if int(info.max()) > 0:
-            raise DefectscopeError("PaDiM covariance is not positive definite; raise `regularization`")
-        precision = torch.cholesky_inverse(factor)
-        self.precision = (precision + precision.transpose(1, 2)) / 2  # exactly symmetric: stored as one triangle
+        self.precision = torch.empty(positions, d, d)
+        ridge = self.config.regularization * torch.eye(d)
+        for start in range(0, positions, POSITION_CHUNK):  # bounded memory: a few hundred positions at a time
+            stop = min(start + POSITION_CHUNK, positions)
+            centred = (features[:, start:stop] - self.mean[start:stop]).transpose(0, 1)  # positions x N x d
+            covariance = centred.transpose(1, 2) @ centred / (n - 1) + ridge
+            factor, info = torch.linalg.cholesky_ex(covariance)
+            if int(info.max()) > 0:
+                raise DefectscopeError("PaDiM covariance is not positive definite; raise `regularization`")
+            precision = torch.cholesky_inverse(factor)
+            self.precision[start:stop] = (precision + precision.transpose(1, 2)) / 2  # exactly symmetric: one triangle is stored
         return {"positions": positions, "feature_dim": d}
 
     def score_features(self, features: torch.Tensor) -> tuple[None, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""Supervised classification of good vs defective (or defect type), judged by cross-validation."""

@@ -1,0 +1,173 @@
+"""Stratified k-fold cross-validation of a supervised classifier; every labelled image is scored while held out.
+
+The labelled pool is the test split (good and defective images). Each fold trains on the other
+folds (optionally cut to `shots` images per defect class) plus, optionally, every good training
+image, and predicts its own images. `CrossValidation.usage` records which images trained and
+which were scored in each fold.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold
+
+from defectscope.backbones import Backbone, load_backbone
+from defectscope.classify.losses import ImbalanceLoss, sample_weights
+from defectscope.classify.model import Classifier, ClassifierConfig, TailClassifier, trunk_maps
+from defectscope.data.images import Preprocess, iterate_batches
+from defectscope.data.layout import GOOD, Dataset, Sample
+from defectscope.efficientnet_lite import EfficientNetLite
+from defectscope.errors import DefectscopeError
+from defectscope.training.augment import augment
+from defectscope.training.engine import train
+
+FoldProgress = Callable[[str], None]
+
+
+@dataclass
+class CrossValidation:
+    """Held-out predictions of every labelled image, and the bookkeeping behind them."""
+
+    classes: list[str]
+    records: list[dict]  # path, fold, true, predicted, probabilities
+    usage: list[dict]  # per fold: trained_on, scored
+    histories: list[dict]
+    fit_seconds: float
+    infer_ms: float
+    train_counts: list[list[int]] = field(default_factory=list)  # per fold, images per class used to train
+
+    def to_dict(self) -> dict:
+        return {"classes": self.classes, "records": self.records, "usage": self.usage, "histories": self.histories,
+                "fit_seconds": self.fit_seconds, "infer_ms": self.infer_ms, "train_counts": self.train_counts}
+
+
+def class_names(dataset: Dataset, task: str) -> list[str]:
+    return [GOOD, "defective"] if task == "binary" else [GOOD, *dataset.defect_types]
+
+
+def label_of(sample: Sample, classes: list[str]) -> int:
+    if sample.label == 0:
+        return 0
+    return 1 if len(classes) == 2 and classes[1] == "defective" else classes.index(sample.defect)
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """Held-out indices of each fold (seeded, stratified by label)."""
+    smallest = np.bincount(labels).min()
+    if smallest < folds:
+        raise DefectscopeError(f"a class has only {smallest} labelled image(s), fewer than folds={folds}; lower 'folds'")
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    return [held for _, held in splitter.split(np.zeros(len(labels)), labels)]
+
+
+def keep_shots(indices: np.ndarray, labels: np.ndarray, shots: int | None, seed: int) -> np.ndarray:
+    """Indices kept for training: all good ones, and at most `shots` of each defect class (seeded)."""
+    if shots is None:
+        return indices
+    rng = np.random.default_rng(seed)
+    kept = [indices[labels[indices] == 0]]
+    for cls in np.unique(labels[indices]):
+        if cls:
+            members = indices[labels[indices] == cls]
+            kept.append(rng.permutation(members)[:shots])
+    return np.sort(np.concatenate(kept))
+
+
+_INPUTS: dict[str, tuple[torch.Tensor, float]] = {}  # the last inputs computed, reused by the next attempt on the same images
+
+
+def _inputs(samples: list[Sample], preprocess: Preprocess, backbone: Backbone, trunk: int | None) -> tuple[torch.Tensor, float]:
+    """Normalized images (N x 3 x s x s), or the frozen trunk's maps at stride `trunk`, and the seconds per image
+    that took (decoding included). The last result is kept for the next call with the same inputs."""
+    key = json.dumps([[str(s.path) for s in samples], preprocess.to_dict(), backbone.name, backbone.weights_sha256, trunk])
+    if key not in _INPUTS:
+        start = time.perf_counter()
+        batches = [preprocess.normalize(b) for b, _ in iterate_batches([s.path for s in samples], preprocess, 32)]
+        images = torch.cat(batches)
+        images = trunk_maps(backbone, trunk, images) if trunk else images
+        _INPUTS.clear()
+        _INPUTS[key] = images, (time.perf_counter() - start) / len(samples)
+    return _INPUTS[key]
+
+
+class FoldModel:
+    """One fold's network, loss and training; on images, or on the frozen trunk's cached maps."""
+
+    def __init__(self, config: ClassifierConfig, classes: int, counts: torch.Tensor, preprocess: Preprocess,
+                 cached: bool) -> None:
+        self.config, self.preprocess = config, preprocess
+        backbone = load_backbone(config.backbone, (32,))
+        if cached:
+            self.network: torch.nn.Module = TailClassifier(backbone, config.freeze, classes, config.dropout)
+        else:
+            self.network = Classifier(backbone, classes, config.dropout, config.freeze)
+        self.criterion = ImbalanceLoss(config.loss, counts, tau=config.tau, gamma=config.gamma, weighting=config.weighting,
+                                       beta=config.beta, contrastive_weight=config.contrastive_weight,
+                                       temperature=config.temperature)
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def loss(self, network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, training: bool) -> torch.Tensor:
+        c = self.config
+        if training and c.augments:
+            x = augment(x, self.generator, hflip=c.hflip, vflip=c.vflip, rotate=c.rotate, color_jitter=c.color_jitter,
+                        mean=self.preprocess.mean, std=self.preprocess.std)
+        logits, projections = network(x)
+        return self.criterion(logits, y, projections, network.prototypes() if c.loss == "bcl" else None)
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        self.network.eval()
+        with torch.no_grad():
+            logits = torch.cat([self.network(chunk)[0] for chunk in x.split(self.config.batch_size)])
+        return torch.softmax(self.criterion.decision_logits(logits), 1)
+
+
+def cross_validate(dataset: Dataset, config: ClassifierConfig, progress: FoldProgress | None = None) -> CrossValidation:
+    """Train and score config.folds models; returns every labelled image's held-out prediction."""
+    classes = class_names(dataset, config.task)
+    pool = dataset.test
+    if not any(s.label for s in pool):
+        raise DefectscopeError(f"{dataset.root} has no labelled defective images; the classifier needs some")
+    labels = np.array([label_of(s, classes) for s in pool])
+    extra = dataset.train if config.add_good_train else []
+    backbone_probe = load_backbone(config.backbone, (32,))
+    preprocess = Preprocess(config.image_size, config.crop, backbone_probe.mean, backbone_probe.std)
+    cached = config.freeze > 0 and not config.augments and isinstance(backbone_probe.network, EfficientNetLite)
+    images, per_image_load = _inputs(pool + extra, preprocess, backbone_probe, config.freeze if cached else None)
+    pool_x, extra_x = images[: len(pool)], images[len(pool) :]
+    records, usage, histories, train_counts = [], [], [], []
+    fit_seconds, infer_seconds = per_image_load * len(extra), per_image_load * len(pool)
+    for fold, held in enumerate(stratified_folds(labels, config.folds, config.seed)):
+        if progress:
+            progress(f"fold {fold + 1}/{config.folds}")
+        rest = np.setdiff1d(np.arange(len(pool)), held)
+        trained = keep_shots(rest, labels, config.shots, config.seed + fold)
+        x = torch.cat([pool_x[trained], extra_x])
+        y = torch.cat([torch.from_numpy(labels[trained]), torch.zeros(len(extra_x), dtype=torch.long)])
+        counts = torch.bincount(y, minlength=len(classes))
+        torch.manual_seed(config.seed + fold)
+        model = FoldModel(config, len(classes), counts, preprocess, cached)
+        start = time.perf_counter()
+        history = train(model.network, model.loss, x, y, config, batch_size=config.batch_size, seed=config.seed + fold,
+                        sample_weights=sample_weights(y, config.sampling))
+        fit_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        probabilities = model.probabilities(pool_x[held])
+        infer_seconds += time.perf_counter() - start
+        truth = torch.from_numpy(labels[held])
+        held_loss = float(-probabilities[torch.arange(len(held)), truth].clamp_min(1e-12).log().mean())  # cross-entropy
+        histories.append({**history.to_dict(), "held_out_loss": held_loss})
+        train_counts.append(counts.tolist())
+        usage.append({"fold": fold, "trained_on": [str(pool[i].path) for i in trained] + [str(s.path) for s in extra],
+                      "scored": [str(pool[i].path) for i in held]})
+        for row, index in enumerate(held):
+            p = probabilities[row]
+            records.append({"path": str(pool[index].path), "fold": fold, "true": int(labels[index]),
+                            "predicted": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]})
+    records.sort(key=lambda r: r["path"])
+    return CrossValidation(classes, records, usage, histories, fit_seconds, infer_seconds / len(pool) * 1000, train_counts)

@@ -1,0 +1,214 @@
+"""Reconstruction detectors: learn to rebuild good images; the rebuild error marks defects.
+
+Registered as `autoencoder`, `augmented_autoencoder` (the same with flips, rotation and jitter
+on by default), `pretrained_autoencoder` (frozen or fine-tuned backbone encoder) and `vae`.
+The calibration hold-out of the good images doubles as the validation set of training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectscope.data.images import ImageSource
+from defectscope.detectors.base import Detector, DetectorConfig, Progress, register
+from defectscope.detectors.networks import ConvAutoencoder, PretrainedAutoencoder, VariationalAutoencoder
+from defectscope.errors import DefectscopeError
+from defectscope.training.augment import augment
+from defectscope.training.engine import EpochProgress, History, TrainSettings, train
+
+ERRORS = ("mse", "ssim")
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-pixel structural similarity (Wang et al. 2004) of N x C x H x W images, averaged over channels."""
+    offsets = torch.arange(window, dtype=torch.float32) - window // 2
+    g = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    g = g / g.sum()
+    channels = x.shape[1]
+    kernel = (g[:, None] * g[None, :]).expand(channels, 1, window, window).contiguous()
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(t, [window // 2] * 4, mode="reflect"), kernel, groups=channels)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2  # the published constants for images in [0, 1]
+    ssim = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return ssim.mean(1)
+
+
+@dataclass
+class ReconstructionConfig(DetectorConfig, TrainSettings):
+    """Detector and training settings; images default to 128 px, uncropped."""
+
+    backbone: str = "none"
+    image_size: int = 128
+    crop: int | None = None
+    error: str = "mse"
+    width: int = 32
+    latent: int = 32
+    freeze_encoder: bool = True
+    beta: float = 1.0
+
+
+class ReconstructionDetector(Detector):
+    """Shared fit / score logic; subclasses build the network and may add loss terms."""
+
+    config: ReconstructionConfig
+    config_class: ClassVar[type[DetectorConfig]] = ReconstructionConfig
+    uses_backbone: ClassVar[bool] = False
+    strides = (16,)
+    epoch_progress: EpochProgress | None = None
+
+    def __init__(self, config: DetectorConfig | None = None, backbone: Any = None) -> None:
+        super().__init__(config, backbone)
+        if self.config.error not in ERRORS:
+            raise DefectscopeError(f"error must be one of {', '.join(ERRORS)}, got {self.config.error!r}")
+        self.config.check_training()
+        if self.preprocess.input_size % 16:
+            raise DefectscopeError(f"{self.name} needs an input size divisible by 16, got {self.preprocess.input_size}")
+        self.network: nn.Module | None = None
+        self.history: History | None = None
+
+    def build(self) -> nn.Module:
+        raise NotImplementedError
+
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction, extra loss term) for a normalized batch."""
+        return self.network(x), x.new_zeros(())
+
+    def error_map(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """Per-pixel reconstruction error, N x H x W."""
+        if self.config.error == "ssim":
+            mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (self.preprocess.mean, self.preprocess.std))
+            return 1 - ssim_map(x * std + mean, (recon * std + mean).clamp(0, 1))
+        return (x - recon).pow(2).mean(1)
+
+    def loss(self, _network: nn.Module, x: torch.Tensor, _targets: torch.Tensor, training: bool) -> torch.Tensor:
+        """Training objective: mean reconstruction error (plus the model's extra term); `self.network` is trained."""
+        if training and self.config.augments:
+            c = self.config
+            x = augment(x, self.generator, hflip=c.hflip, vflip=c.vflip, rotate=c.rotate, color_jitter=c.color_jitter,
+                        mean=self.preprocess.mean, std=self.preprocess.std)
+        recon, extra = self.reconstruct(x)
+        return self.error_map(x, recon).mean() + extra
+
+    def fit_features(self, features: torch.Tensor) -> dict[str, Any]:
+        images = features.clone()  # leave inference mode: training needs ordinary tensors
+        holdout = self.holdout_indices(len(images))
+        rest = torch.ones(len(images), dtype=torch.bool)
+        rest[holdout] = False
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.network = self.build().to(memory_format=torch.channels_last)
+        no_targets = torch.zeros(len(images))
+        self.history = train(
+            self.network, self.loss, images[rest], no_targets[rest], self.config, batch_size=self.config.batch_size,
+            seed=self.config.seed, validation=(images[holdout], no_targets[holdout]), progress=self.epoch_progress,
+        )
+        return {"history": self.history.to_dict(), "train_loss": self.history.train_loss[-1],
+                "validation_loss": self.history.val_loss[-1] if self.history.val_loss else None}
+
+    def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor) -> torch.Tensor:
+        """The held-out images were the validation set: the network never trained on them."""
+        return self._score_and_map(features[holdout])[0]
+
+    def score_features(self, features: torch.Tensor) -> tuple[None, torch.Tensor]:
+        if self.network is None:
+            raise DefectscopeError(f"{self.name} is not fitted; call fit() or load a model file")
+        self.network.eval()
+        return None, self.error_map(features, self.reconstruct(features)[0])
+
+    def mean_loss(self, images: Sequence[ImageSource], progress: Progress | None = None) -> float:
+        """The training objective on other images (e.g. the test split), without augmentation."""
+        total, count = 0.0, 0
+        for batch, _ in self._embedded_batches(images, progress):
+            total += float(self.loss(self.network, batch, batch, False)) * len(batch)
+            count += len(batch)
+        return total / count
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.network is None:
+            return {}
+        return {k: v for k, v in self.network.state_dict().items() if self.stores(k)}
+
+    def stores(self, key: str) -> bool:
+        """Whether a state-dict entry goes into the model file (frozen pretrained weights do not)."""
+        return True
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.network = self.build().to(memory_format=torch.channels_last)
+        missing, unexpected = self.network.load_state_dict(tensors, strict=False)
+        missing = [k for k in missing if self.stores(k)]
+        if missing or unexpected:
+            raise DefectscopeError(f"model tensors do not fit {self.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.network.eval()
+
+
+@register
+class Autoencoder(ReconstructionDetector):
+    name = "autoencoder"
+
+    def build(self) -> nn.Module:
+        return ConvAutoencoder(self.config.width, self.config.latent)
+
+
+@dataclass
+class AugmentedConfig(ReconstructionConfig):
+    hflip: bool = True
+    vflip: bool = True
+    rotate: float = 10.0
+    color_jitter: float = 0.1
+
+
+@register
+class AugmentedAutoencoder(Autoencoder):
+    name = "augmented_autoencoder"
+    config_class = AugmentedConfig
+
+
+@dataclass
+class PretrainedConfig(ReconstructionConfig):
+    backbone: str = "efficientnet_lite0"
+    latent: int = 64
+
+
+@register
+class PretrainedEncoderAutoencoder(ReconstructionDetector):
+    name = "pretrained_autoencoder"
+    config_class = PretrainedConfig
+    uses_backbone = True
+
+    def build(self) -> nn.Module:
+        return PretrainedAutoencoder(self.require_backbone(), self.config.latent, self.config.freeze_encoder)
+
+    def stores(self, key: str) -> bool:
+        return not (self.config.freeze_encoder and key.startswith("encoder."))
+
+
+@dataclass
+class VAEConfig(ReconstructionConfig):
+    latent: int = 128
+
+
+@register
+class VAE(ReconstructionDetector):
+    name = "vae"
+    config_class = VAEConfig
+
+    def build(self) -> nn.Module:
+        return VariationalAutoencoder(self.preprocess.input_size, self.config.width, self.config.latent)
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction and beta x KL divergence per pixel value (so it weighs like the mean error)."""
+        recon, mu, logvar = self.network(x)
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1).mean() / x[0].numel()
+        return recon, self.config.beta * kl

@@ -1,0 +1,1 @@
+"""Experiments: a config file of attempts, trained and evaluated in turn, compared in one table."""

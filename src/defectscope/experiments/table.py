@@ -1,0 +1,94 @@
+"""The comparison table of an experiment's attempts, computed from their result.json files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from defectscope.data.summary import imbalance_line
+from defectscope.errors import DefectscopeError
+from defectscope.experiments.runner import EXPERIMENT, RESULT
+
+HYPER = (("epochs", "epochs"), ("lr", "lr"), ("optimizer", "optimizer"), ("batch_size", "batch"))
+METRIC_COLUMNS = (
+    ("train_loss", "train loss"), ("test_loss", "test loss"), ("accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced acc."), ("macro_f1", "macro F1"), ("tail_recall", "tail recall"),
+    ("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"),
+)
+TRAINED_ONLY = {"epochs", "lr", "optimizer", "train_loss", "test_loss"}
+
+
+def changes(result: dict, baseline: dict) -> dict:
+    """Settings that differ from the baseline attempt (the model and its own settings if the model differs)."""
+    if result["model"] != baseline["model"]:
+        own = {k: v for k, v in result["settings"].items() if baseline["settings"].get(k) != v}
+        return {"model": result["model"], **own}
+    base, own = baseline["config"], result["config"]
+    return {k: own[k] for k in own if base.get(k) != own[k]}
+
+
+def _text(changed: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in changed.items()) or "(baseline)"
+
+
+def _number(value: float | None, spread: dict | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f} ± {spread['std']:.3f}" if spread else f"{value:.3f}"
+
+
+def load_results(folder: Path) -> tuple[dict, list[dict]]:
+    """The experiment record and the finished attempts' results, in config order."""
+    meta_path = folder / EXPERIMENT
+    if not meta_path.is_file():
+        raise DefectscopeError(f"{folder} is not an experiment folder (no {EXPERIMENT}); run 'defectscope experiment run' first")
+    meta = json.loads(meta_path.read_text())
+    results = [json.loads((folder / name / RESULT).read_text()) for name in meta["attempts"] if (folder / name / RESULT).is_file()]
+    if not results:
+        raise DefectscopeError(f"{folder} has no finished attempts yet")
+    return meta, results
+
+
+def build_table(meta: dict, results: list[dict], metric: str | None = None) -> dict:
+    """Rows (one per attempt), column names, and the best attempt by the metric with its changes."""
+    metric = metric or meta["metric"]
+    by_name = {r["attempt"]: r for r in results}
+    baseline = by_name.get(meta["baseline"], results[0])
+    present = [(key, label) for key, label in METRIC_COLUMNS
+               if any(r.get(key) is not None or r["summary"].get(key) is not None for r in results)]
+    columns = ["attempt", "model", "changes vs baseline", *[label for _, label in HYPER], *[label for _, label in present], "fit s", "ms/img"]
+    rows = []
+    for r in results:
+        config, trained = r["config"], "epochs" in r["config"]
+        cells = [r["attempt"], r["model"], _text(changes(r, baseline) if r is not baseline else {})]
+        cells += [str(config.get(key, "")) if trained or key == "batch_size" else "" for key, _ in HYPER]
+        spread = r.get("spread", {})
+        for key, _ in present:
+            value = r.get(key) if key in ("train_loss", "test_loss") else r["summary"].get(key)
+            cells.append(_number(value, spread.get(key)) if value is not None or key not in TRAINED_ONLY else "")
+        cells += [f"{r['fit_s']:.1f}", f"{r['infer_ms']:.1f}"]
+        rows.append(cells)
+    ranked = [r for r in results if r["summary"].get(metric) is not None]
+    best = max(ranked, key=lambda r: r["summary"][metric]) if ranked else None
+    verdict = (f"Best by {metric}: {best['attempt']} ({best['summary'][metric]:.3f}); "
+               f"changes from baseline {baseline['attempt']}: {_text(changes(best, baseline)) if best is not baseline else 'none (it is the baseline)'}"
+               if best else f"no attempt reports {metric}")
+    return {"columns": columns, "rows": rows, "best": best and best["attempt"], "metric": metric, "verdict": verdict,
+            "dataset": meta.get("dataset"), "experiment": meta["name"]}
+
+
+def markdown(table: dict) -> str:
+    lines = [f"# {table['experiment']}", "", imbalance_line(table["dataset"]), "",
+             "| " + " | ".join(table["columns"]) + " |", "|" + "---|" * len(table["columns"])]
+    lines += ["| " + " | ".join(row) + " |" for row in table["rows"]]
+    return "\n".join([*lines, "", table["verdict"], ""])
+
+
+def csv_text(table: dict) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(table["columns"])
+    writer.writerows(table["rows"])
+    return buffer.getvalue()

@@ -1,0 +1,1 @@
+"""Training machinery shared by every trained model: settings, augmentation, the epoch loop."""

@@ -1,0 +1,41 @@
+"""Seeded, per-image augmentation of normalized batches, vectorized over the batch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def augment(batch: torch.Tensor, generator: torch.Generator, *, hflip: bool = False, vflip: bool = False,
+            rotate: float = 0.0, color_jitter: float = 0.0,
+            mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)) -> torch.Tensor:
+    """Random flips, rotation by up to `rotate` degrees and brightness/contrast jitter, drawn per image.
+
+    `batch` is N x 3 x H x W normalized with mean/std; jitter is applied to the [0, 1] image.
+    """
+    n = len(batch)
+    if hflip:
+        flip = torch.rand(n, generator=generator) < 0.5
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    if vflip:
+        flip = torch.rand(n, generator=generator) < 0.5
+        batch = torch.where(flip[:, None, None, None], batch.flip(-2), batch)
+    if rotate:
+        angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(rotate)
+        cos, sin, zero = angle.cos(), angle.sin(), torch.zeros(n)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+        batch = F.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if color_jitter:
+        m = torch.tensor(mean).view(1, -1, 1, 1)
+        s = torch.tensor(std).view(1, -1, 1, 1)
+        image = batch * s + m
+        brightness = 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * color_jitter
+        contrast = 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * color_jitter
+        image = image * brightness
+        grey = image.mean(dim=(1, 2, 3), keepdim=True)
+        image = ((image - grey) * contrast + grey).clamp(0, 1)
+        batch = (image - m) / s
+    return batch
