@@ -26,6 +26,9 @@ from defectscope.detectors import DETECTORS, create_detector
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation import evaluate as run_evaluation
 from defectscope.experiments.config import load_experiment
+from defectscope.export.check import check_export
+from defectscope.export.labels import FORMATS, ExportOptions, export_ground_truth
+from defectscope.export.pseudo import export_pseudo_labels
 from defectscope.experiments.runner import run_experiment
 from defectscope.experiments.table import build_table, csv_text, load_results, markdown
 from defectscope.reports import metrics_markdown, write_report
@@ -284,6 +287,52 @@ def experiment_report(
 ) -> None:
     """Re-render the comparison table from the attempts' saved results."""
     _show_table(folder, metric)
+
+
+export_app = typer.Typer(no_args_is_help=True, help="Detection / segmentation training data from masks or a model's maps.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("labels")
+def export_labels(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (MVTec or plain layout).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    format: Annotated[str, typer.Option("--format", help=f"One of: {', '.join(FORMATS)}.")] = "coco",
+    from_model: Annotated[Optional[Path], typer.Option(help="Label the test images with this model's maps (pseudo-labels).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Map threshold for pseudo-labels (default: the model's).")] = None,
+    min_area: Annotated[int, typer.Option(help="Smallest instance kept, in pixels.")] = 1,
+    tolerance: Annotated[float, typer.Option(help="Polygon simplification, in pixels (0: none).")] = 0.5,
+    rle: Annotated[bool, typer.Option(help="COCO: exact RLE masks instead of polygons.")] = False,
+    val_fraction: Annotated[float, typer.Option(help="Share of images in the val subset (stratified).")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
+    link: Annotated[bool, typer.Option(help="Symlink images instead of copying them.")] = False,
+    include_train_good: Annotated[bool, typer.Option(help="Also export the good training images (empty labels).")] = False,
+) -> None:
+    """Write YOLO, YOLO-seg, COCO or per-instance masks from the ground-truth masks or a model's maps."""
+    dataset = load_dataset(data)
+    options = ExportOptions(format, val_fraction=val_fraction, seed=seed, min_area=min_area, tolerance=tolerance, rle=rle, link=link)
+    if format not in FORMATS:
+        raise DefectscopeError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
+    if from_model:
+        counts = export_pseudo_labels(dataset, load_model(from_model), from_model, out, options, threshold)
+    else:
+        counts = export_ground_truth(dataset, out, options, include_train_good)
+    for subset, count in counts.items():
+        console.print(f"{subset}: {count['images']} images, {count['instances']} instances")
+    console.print(f"wrote {format} labels to {out}")
+
+
+@export_app.command("check")
+def export_check(out: Annotated[Path, typer.Argument(help="Folder written by 'export labels'.")]) -> None:
+    """Parse an export back (COCO via pycocotools) and compare every label with its source mask."""
+    report = check_export(out)
+    iou = "" if report["min_iou"] is None else f"; mask IoU min {report['min_iou']:.4f}, mean {report['mean_iou']:.4f}"
+    console.print(f"{report['format']}: {report['images']} images, {report['instances']} instances checked{iou}")
+    for failure in report["failures"][:20]:
+        console.print(f"[red]FAIL[/] {failure}", highlight=False)
+    if not report["ok"]:
+        raise typer.Exit(1)
+    console.print("ok: every label matches its mask")
 
 
 @app.command("info")

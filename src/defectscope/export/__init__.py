@@ -1,0 +1,1 @@
+"""Detection and segmentation training data from pixel masks (or from a detector's anomaly maps)."""

@@ -1,0 +1,197 @@
+"""Write labelled images as YOLO, YOLO-seg, COCO or per-instance mask datasets; deterministic for a seed.
+
+    out/images/{train,val}/<image>            copies (or symlinks) of the images
+    yolo, yolo-seg: out/labels/{train,val}/<image stem>.txt and out/data.yaml
+    coco:           out/annotations/instances_{train,val}.json
+    masks:          out/masks/<image stem>_<k>.png and out/masks/index.json (one entry per instance, with its box)
+
+Images get unique names `<split>_<class>_<name>` because MVTec reuses file names across folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from defectscope.artifacts import write_atomic
+from defectscope.data.images import image_header, read_mask
+from defectscope.data.layout import Dataset, Sample
+from defectscope.errors import DefectscopeError
+from defectscope.export.instances import Instance, components, polygons, rle
+
+FORMATS = ("yolo", "yolo-seg", "coco", "masks")
+
+
+@dataclass
+class LabelledImage:
+    """An image to export, its unique export name, split, and its instances."""
+
+    source: Path
+    name: str
+    subset: str
+    height: int
+    width: int
+    instances: list[Instance]
+
+
+@dataclass
+class ExportOptions:
+    format: str
+    val_fraction: float = 0.2
+    seed: int = 0
+    min_area: int = 1
+    tolerance: float = 0.5
+    rle: bool = False
+    link: bool = False
+
+
+def check_masks(dataset: Dataset, samples: Sequence[Sample]) -> None:
+    """Every defective image needs a mask, and every file in a mask folder needs its image."""
+    missing = [s.path for s in samples if s.label and s.mask is None]
+    if missing:
+        raise DefectscopeError(f"{len(missing)} defective image(s) have no mask, e.g. {missing[0]}; "
+                               "label export needs a mask for every defective image")
+    used = {s.mask for s in dataset.samples if s.mask}
+    for folder in sorted({m.parent for m in used}):
+        orphans = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p not in used)
+        if orphans:
+            raise DefectscopeError(f"mask {orphans[0]} has no image ({len(orphans)} such file(s) in {folder}); "
+                                   "remove it or add its image")
+
+
+def ground_truth(sample: Sample, categories: list[str], min_area: int) -> list[Instance]:
+    """Instances of a sample's mask; none for good images."""
+    if not sample.label:
+        return []
+    mask = read_mask(sample.mask)
+    return [Instance(categories.index(sample.defect), m, box, area) for m, box, area in components(mask, min_area)]
+
+
+def split_subsets(samples: Sequence[Sample], val_fraction: float, seed: int) -> list[str]:
+    """'train' or 'val' per sample: seeded, stratified by class."""
+    if not 0 < val_fraction < 1:
+        return ["train"] * len(samples)
+    classes = [s.defect for s in samples]
+    index = np.arange(len(samples))
+    counts = {c: classes.count(c) for c in classes}
+    stratify = classes if min(counts.values()) >= 2 else None
+    _, val = train_test_split(index, test_size=val_fraction, random_state=seed, stratify=stratify)
+    held = set(val.tolist())
+    return ["val" if i in held else "train" for i in index]
+
+
+def collect(samples: Sequence[Sample], categories: list[str], options: ExportOptions,
+            label: Callable[[Sample], list[Instance]]) -> list[LabelledImage]:
+    """Labelled images in a stable order, with their subset and instances."""
+    ordered = sorted(samples, key=lambda s: (s.split, s.defect, s.path.name))
+    subsets = split_subsets(ordered, options.val_fraction, options.seed)
+    images = []
+    for sample, subset in zip(ordered, subsets):
+        width, height = image_header(sample.path)[:2]
+        images.append(LabelledImage(sample.path, f"{sample.split}_{sample.defect}_{sample.path.name}", subset,
+                                    height, width, label(sample)))
+    return images
+
+
+def _place_image(source: Path, target: Path, link: bool) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    if link:
+        os.symlink(source.resolve(), target)
+    else:
+        shutil.copyfile(source, target)
+
+
+def _yolo_lines(image: LabelledImage, segmentation: bool, tolerance: float) -> list[str]:
+    lines = []
+    for inst in image.instances:
+        if segmentation:
+            for polygon in polygons(inst.mask, tolerance):
+                xy = np.array(polygon).reshape(-1, 2) / (image.width, image.height)
+                lines.append(f"{inst.category} " + " ".join(f"{v:.6f}" for v in xy.clip(0, 1).ravel()))
+        else:
+            x, y, w, h = inst.box
+            lines.append(f"{inst.category} {(x + w / 2) / image.width:.6f} {(y + h / 2) / image.height:.6f} "
+                         f"{w / image.width:.6f} {h / image.height:.6f}")
+    return lines
+
+
+def _annotation(inst: Instance, image_id: int, annotation_id: int, options: ExportOptions) -> dict:
+    entry = {"id": annotation_id, "image_id": image_id, "category_id": inst.category + 1, "bbox": list(inst.box),
+             "area": inst.area, "iscrowd": 1 if options.rle else 0,
+             "segmentation": rle(inst.mask) if options.rle else polygons(inst.mask, options.tolerance)}
+    if inst.score is not None:
+        entry["score"] = inst.score
+    return entry
+
+
+def coco_document(images: list[LabelledImage], categories: list[str], options: ExportOptions) -> dict:
+    """A COCO instances document (category ids start at 1)."""
+    document = {"info": {"description": "defectscope label export"}, "images": [], "annotations": [],
+                "categories": [{"id": i + 1, "name": name, "supercategory": "defect"} for i, name in enumerate(categories)]}
+    for image_id, image in enumerate(images, 1):
+        document["images"].append({"id": image_id, "file_name": image.name, "height": image.height, "width": image.width})
+        for inst in image.instances:
+            document["annotations"].append(_annotation(inst, image_id, len(document["annotations"]) + 1, options))
+    return document
+
+
+def write_labels(images: list[LabelledImage], categories: list[str], out: Path, options: ExportOptions,
+                 provenance: dict) -> dict:
+    """Write one format; `provenance` (where labels came from) goes into export.json. Returns counts per subset."""
+    if options.format not in FORMATS:
+        raise DefectscopeError(f"unknown format {options.format!r}; choose one of: {', '.join(FORMATS)}")
+    for image in images:
+        _place_image(image.source, out / "images" / image.subset / image.name, options.link)
+    subsets = sorted({i.subset for i in images})
+    if options.format in ("yolo", "yolo-seg"):
+        for image in images:
+            text = "\n".join(_yolo_lines(image, options.format == "yolo-seg", options.tolerance))
+            write_atomic(out / "labels" / image.subset / f"{Path(image.name).stem}.txt", (text + "\n" if text else "").encode())
+        names = "\n".join(f"  {i}: {name}" for i, name in enumerate(categories))
+        folders = "\n".join(f"{s}: images/{s}" for s in subsets)
+        write_atomic(out / "data.yaml", f"path: {out.resolve()}\n{folders}\nnames:\n{names}\n".encode())
+    elif options.format == "coco":
+        for subset in subsets:
+            document = coco_document([i for i in images if i.subset == subset], categories, options)
+            write_atomic(out / "annotations" / f"instances_{subset}.json", json.dumps(document, sort_keys=True).encode())
+    else:
+        index = []
+        for image in images:
+            for k, inst in enumerate(image.instances):
+                name = f"{Path(image.name).stem}_{k}.png"
+                ok, png = cv2.imencode(".png", inst.mask.astype(np.uint8) * 255)
+                write_atomic(out / "masks" / name, png.tobytes())
+                x, y, w, h = inst.box
+                index.append({"image": f"images/{image.subset}/{image.name}", "mask": f"masks/{name}", "subset": image.subset,
+                              "category": categories[inst.category], "box_xyxy": [x, y, x + w, y + h], "area": inst.area,
+                              **({"score": inst.score} if inst.score is not None else {})})
+        write_atomic(out / "masks" / "index.json", json.dumps({"categories": categories, "instances": index}, indent=1).encode())
+    write_atomic(out / "export.json", json.dumps({
+        "format": options.format, **provenance, "categories": categories, "seed": options.seed, "val_fraction": options.val_fraction,
+        "min_area": options.min_area, "tolerance": options.tolerance, "rle": options.rle,
+        "images": [{"name": i.name, "source": str(i.source), "subset": i.subset, "instances": len(i.instances)} for i in images],
+    }, indent=1, sort_keys=True).encode())
+    return {s: {"images": sum(i.subset == s for i in images), "instances": sum(len(i.instances) for i in images if i.subset == s)}
+            for s in subsets}
+
+
+def export_ground_truth(dataset: Dataset, out: Path, options: ExportOptions, include_train_good: bool = False) -> dict:
+    """Export the test split's labelled images (and optionally the good training images) from their masks."""
+    samples = list(dataset.test) + (list(dataset.train) if include_train_good else [])
+    if not samples:
+        raise DefectscopeError(f"{dataset.root} has no labelled images to export")
+    check_masks(dataset, samples)
+    categories = list(dataset.defect_types)
+    images = collect(samples, categories, options, lambda s: ground_truth(s, categories, options.min_area))
+    return write_labels(images, categories, out, options, {"labels": "masks", "dataset": str(dataset.root)})
+

@@ -1,0 +1,107 @@
+"""Pseudo-labels: a detector's anomaly maps, thresholded, as class-agnostic 'defect' instances.
+
+The pixel threshold is the model's calibrated threshold unless one is given (maps and image
+scores share their scale: the image score is the map's maximum, or PatchCore's largest patch
+distance). Each instance's score is its peak map value divided by the threshold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from defectscope.data.images import read_mask
+from defectscope.data.layout import Dataset, Sample
+from defectscope.detectors.base import Detector
+from defectscope.errors import DefectscopeError
+from defectscope.export.instances import Instance, components
+from defectscope.export.labels import ExportOptions, coco_document, collect, ground_truth, write_labels
+
+CATEGORIES = ["defect"]
+
+
+def map_threshold(detector: Detector, threshold: float | None) -> float:
+    if threshold is not None:
+        return threshold
+    if detector.calibration is None:
+        raise DefectscopeError("the model has no threshold; pass --threshold")
+    return detector.calibration.threshold
+
+
+def predicted_instances(detector: Detector, samples: Sequence[Sample], threshold: float, min_area: int
+                        ) -> dict[Path, list[Instance]]:
+    """Instances of each image's map above the threshold, at the image's original size."""
+    if not detector.localizes:
+        raise DefectscopeError(f"{detector.name} scores whole images; pseudo-labels need a model with anomaly maps")
+    maps = detector.predict([s.path for s in samples]).maps
+    result = {}
+    for sample, heat in zip(samples, maps):
+        result[sample.path] = [Instance(0, m, box, area, round(float(heat[m].max() / threshold), 4))
+                               for m, box, area in components(heat >= threshold, min_area)]
+    return result
+
+
+def export_pseudo_labels(dataset: Dataset, detector: Detector, model_path: Path, out: Path, options: ExportOptions,
+                         threshold: float | None = None) -> dict:
+    """Label the test split's images with the detector's maps, in any export format."""
+    threshold = map_threshold(detector, threshold)
+    found = predicted_instances(detector, dataset.test, threshold, options.min_area)
+    images = collect(dataset.test, CATEGORIES, options, lambda s: found[s.path])
+    provenance = {"labels": "model", "model": str(model_path), "threshold": threshold, "dataset": str(dataset.root)}
+    return write_labels(images, CATEGORIES, out, options, provenance)
+
+
+def _quiet_eval(truth: dict, predictions: list[dict], kind: str) -> tuple[float, float]:
+    """COCO AP@[.5:.95] and AP@.5 for 'bbox' or 'segm', with pycocotools' printing silenced."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = truth
+        gt.createIndex()
+        if not predictions:
+            return 0.0, 0.0
+        dt = gt.loadRes(predictions)
+        evaluation = COCOeval(gt, dt, kind)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return float(evaluation.stats[0]), float(evaluation.stats[1])
+
+
+def agreement(dataset: Dataset, detector: Detector, threshold: float | None = None, min_area: int = 1) -> dict:
+    """How well pseudo-labels match the masks on the test split: COCO box/mask AP and mean per-image mask IoU."""
+    threshold = map_threshold(detector, threshold)
+    samples = list(dataset.test)
+    found = predicted_instances(detector, samples, threshold, min_area)
+    options = ExportOptions("coco", val_fraction=0, min_area=min_area, rle=True)
+    truth_images = collect(samples, CATEGORIES, options, lambda s: [
+        Instance(0, i.mask, i.box, i.area) for i in ground_truth(s, CATEGORIES + dataset.defect_types, min_area)])
+    truth = coco_document(truth_images, CATEGORIES, options)
+    for annotation in truth["annotations"]:
+        annotation["iscrowd"] = 0  # RLE is only the exact encoding here, not a crowd region
+    ids = {image.source: n for n, image in enumerate(truth_images, 1)}
+    predicted_images = collect(samples, CATEGORIES, options, lambda s: found[s.path])
+    boxes, masks = [], []
+    for image in predicted_images:
+        for entry in coco_document([image], CATEGORIES, options)["annotations"]:
+            common = {"image_id": ids[image.source], "category_id": 1, "score": entry["score"]}
+            boxes.append({**common, "bbox": entry["bbox"]})
+            masks.append({**common, "segmentation": entry["segmentation"]})
+    box_ap, box_ap50 = _quiet_eval(truth, boxes, "bbox")
+    mask_ap, mask_ap50 = _quiet_eval(truth, masks, "segm")
+    ious = []
+    for sample in samples:
+        if sample.label and sample.mask:
+            truth_mask = read_mask(sample.mask)
+            predicted = np.zeros_like(truth_mask)
+            for instance in found[sample.path]:
+                predicted |= instance.mask
+            ious.append((truth_mask & predicted).sum() / max((truth_mask | predicted).sum(), 1))
+    return {"threshold": threshold, "box_ap": box_ap, "box_ap50": box_ap50, "mask_ap": mask_ap, "mask_ap50": mask_ap50,
+            "mean_mask_iou": float(np.mean(ious)) if ious else None, "predicted_instances": len(boxes),
+            "true_instances": len(truth["annotations"])}
