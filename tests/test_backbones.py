@@ -116,3 +116,19 @@ def test_backbone_chunks_give_the_same_maps() -> None:
         single = [backbone(x[i : i + 1]) for i in range(len(x))]
     for stride in (8, 16):
         torch.testing.assert_close(whole[stride], torch.cat([s[stride] for s in single]), atol=1e-4, rtol=1e-4)
+
+
+def test_freeze_through_trains_only_the_used_stages_after_the_stride() -> None:
+    from defectscope.backbones import freeze_through
+
+    backbone = load_backbone("efficientnet_lite0", (8, 16))
+    freeze_through(backbone, 8)
+    ends = backbone.network.stage_ends
+    trainable = {n for n, p in backbone.network.named_parameters() if p.requires_grad}
+    blocks = {int(n.split(".")[1]) for n in trainable if n.startswith("_blocks.")}
+    assert blocks == set(range(ends[8] + 1, ends[16] + 1))
+    assert not any(n.startswith(("_conv_stem", "_conv_head", "_fc")) for n in trainable)
+    freeze_through(backbone, 0)
+    assert any(p.requires_grad for n, p in backbone.network.named_parameters() if n.startswith("_conv_stem"))
+    with pytest.raises(DefectscopeError, match="freeze must be"):
+        freeze_through(backbone, 12)

@@ -223,11 +223,12 @@ def freeze_through(backbone: Backbone, stride: int) -> None:
     network = backbone.network
     if isinstance(network, EfficientNetLite):
         last_frozen = network.stage_ends.get(stride, -1) if stride else -2
+        last_used = network.stage_ends[max(backbone.strides)]
 
-        def frozen(name: str) -> bool:
+        def frozen(name: str) -> bool:  # also every part past the deepest stride in use: it never runs
             if name.startswith("_blocks."):
-                return int(name.split(".")[1]) <= last_frozen
-            return name.startswith(("_conv_stem", "_bn0")) and last_frozen > -2
+                return not last_frozen < int(name.split(".")[1]) <= last_used
+            return name.startswith(("_conv_stem", "_bn0")) and last_frozen > -2 or name.startswith(("_conv_head", "_bn1", "_fc"))
     elif all(hasattr(network, layer) for layer in RESNET_STAGES.values()):
         def frozen(name: str) -> bool:
             stage = [s for s, layer in RESNET_STAGES.items() if name.startswith(layer + ".")]

@@ -1,0 +1,51 @@
+"""The supervised segmenter: learns masks, round-trips through a model file, k-fold maps are held out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from defectscope.artifacts import load_model, save_model
+from defectscope.data.layout import load_dataset
+from defectscope.detectors import create_detector
+from defectscope.detectors.segmenter import SegmenterConfig, dice_bce, held_out_maps
+from defectscope.errors import DefectscopeError
+from defectscope.metrics import pixel_auroc
+
+SMALL = {"image_size": 128, "crop": None, "epochs": 10, "lr": 3e-3}
+
+
+def test_dice_bce_by_hand() -> None:
+    logits, masks = torch.tensor([[0.0, 2.0]]), torch.tensor([[0.0, 1.0]])
+    p = torch.sigmoid(logits)
+    bce = -(torch.log(1 - p[0, 0]) + torch.log(p[0, 1])) / 2
+    dice = (2 * p[0, 1] + 1) / (p.sum() + 1 + 1)
+    assert float(dice_bce(logits, masks, 1.0)) == pytest.approx(float(bce + 1 - dice), rel=1e-6)
+
+
+def test_segmenter_learns_masks_and_round_trips(demo_root: Path, tmp_path: Path) -> None:
+    dataset = load_dataset(demo_root)
+    segmenter = create_detector("segmenter", **SMALL, hflip=True)
+    with pytest.raises(DefectscopeError, match="learns from defect masks"):
+        segmenter.fit([s.path for s in dataset.train])
+    history = segmenter.fit_masks(list(dataset.test) + list(dataset.train[:8]))
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    assert not any(k.startswith("encoder.network._conv_stem") for k in segmenter.tensors())  # frozen part not stored
+    assert any(k.startswith("encoder.network._blocks") for k in segmenter.tensors())  # fine-tuned stages are
+    paths = [s.path for s in dataset.test[::4]]
+    path = save_model(segmenter, tmp_path / "seg.dsmodel")
+    np.testing.assert_array_equal(load_model(path).predict(paths).scores, segmenter.predict(paths).scores)
+
+
+def test_held_out_maps_separate_defects(demo_root: Path) -> None:
+    dataset = load_dataset(demo_root)
+    config = SegmenterConfig(**SMALL, folds=2, good_train=8, freeze=16)
+    maps, folds = held_out_maps(dataset, config)
+    assert maps.shape == (len(dataset.test), 128, 128) and set(folds) == {0, 1}
+    from defectscope.data.images import read_mask
+
+    masks = np.stack([read_mask(s.mask) if s.mask else np.zeros((128, 128), bool) for s in dataset.test])
+    assert pixel_auroc(masks, maps) > 0.8, pixel_auroc(masks, maps)
