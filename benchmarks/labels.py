@@ -65,7 +65,7 @@ def main() -> None:
     defective = np.array([bool(s.label) for s in test])
     config = SegmenterConfig(epochs=args.epochs, folds=args.folds)
     start = time.perf_counter()
-    segmenter_maps, _ = held_out_maps(dataset, config)
+    segmenter_maps, _, _ = held_out_maps(dataset, config)
     segmenter_seconds = time.perf_counter() - start
     rows = {}
     for name, maps in (("patchcore (good images only)", np.stack(patchcore.predict([s.path for s in test], map_size="input").maps)),

@@ -21,6 +21,7 @@ attempts:
   - {name: ae-sgd, base: ae, optimizer: sgd, lr: 0.01}
   - {name: knn, model: knn, image_size: 64, crop: null}
   - {name: clf, model: classifier, epochs: 2, folds: 2, freeze: 32, image_size: 64}
+  - {name: seg, model: segmenter, epochs: 2, folds: 2, image_size: 64, crop: null, freeze: 16, good_train: 4}
 """
 
 
@@ -68,17 +69,18 @@ def test_runner_skips_redoes_and_tables_from_results(demo_root: Path, tmp_path: 
     out = tmp_path / "run"
     said: list[str] = []
     results = run_experiment(experiment, demo_root, out, say=said.append)
-    assert [r["attempt"] for r in results] == ["ae", "ae-sgd", "knn", "clf"]
+    assert [r["attempt"] for r in results] == ["ae", "ae-sgd", "knn", "clf", "seg"]
+    assert 0 <= results[-1]["summary"]["pixel_auroc"] <= 1 and results[-1]["summary"]["aupro"] is not None
     for name in ("ae", "ae-sgd", "knn"):
         assert (out / name / "model.dsmodel").is_file() and (out / name / "result.json").is_file()
     assert (out / "ae" / "losses.png").is_file() and (out / "clf" / "confusion.png").is_file()
     report = (out / "clf" / "report.md").read_text()
     assert "imbalance 6.25" in report and "| defective |" in report and "Confusion matrix" in report
-    stamps = {name: (out / name / "result.json").stat().st_mtime_ns for name in ("ae", "ae-sgd", "knn", "clf")}
+    stamps = {name: (out / name / "result.json").stat().st_mtime_ns for name in ("ae", "ae-sgd", "knn", "clf", "seg")}
 
     said.clear()
     run_experiment(experiment, demo_root, out, say=said.append)
-    assert sum("skipped" in line for line in said) == 4
+    assert sum("skipped" in line for line in said) == 5
     assert all((out / n / "result.json").stat().st_mtime_ns == t for n, t in stamps.items())
 
     run_experiment(experiment, demo_root, out, redo=True, only=["knn"], say=said.append)
@@ -124,3 +126,13 @@ def test_report_needs_an_experiment_folder(tmp_path: Path) -> None:
 def test_only_unknown_attempt(demo_root: Path, tmp_path: Path) -> None:
     with pytest.raises(DefectscopeError, match="no attempt named zz"):
         run_experiment(load_experiment(_write(tmp_path, CONFIG)), demo_root, tmp_path / "o", only=["zz"])
+
+
+@pytest.mark.parametrize("name", ["attempts-autoencoder", "attempts-classifier", "attempts-longtail"])
+def test_shipped_configs_are_valid(name: str) -> None:
+    experiment = load_experiment(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    assert experiment.data == "../shared/datasets/mvtec_ad/bottle" and len(experiment.attempts) >= 4
+    if name == "attempts-longtail":
+        losses = {a.settings.get("loss") for a in experiment.attempts}
+        assert {"ce", "weighted_ce", "focal", "balanced_softmax", "logit_adjusted", "bcl"} <= losses
+        assert {a.settings.get("shots") for a in experiment.attempts} == {None, 2, 5}

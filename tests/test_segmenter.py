@@ -43,7 +43,7 @@ def test_segmenter_learns_masks_and_round_trips(demo_root: Path, tmp_path: Path)
 def test_held_out_maps_separate_defects(demo_root: Path) -> None:
     dataset = load_dataset(demo_root)
     config = SegmenterConfig(**SMALL, folds=2, good_train=8, freeze=16)
-    maps, folds = held_out_maps(dataset, config)
+    maps, folds, _ = held_out_maps(dataset, config)
     assert maps.shape == (len(dataset.test), 128, 128) and set(folds) == {0, 1}
     from defectscope.data.images import read_mask
 

@@ -7,6 +7,7 @@ probability maps go through the same `predict` pipeline as every detector and be
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -140,11 +141,12 @@ class Segmenter(Detector):
         self.network.eval()
 
 
-def held_out_maps(dataset: Dataset, config: SegmenterConfig, progress: Progress | None = None) -> tuple[np.ndarray, list[int]]:
+def held_out_maps(dataset: Dataset, config: SegmenterConfig, progress: Progress | None = None
+                  ) -> tuple[np.ndarray, list[int], float]:
     """Model-frame probability maps of every test image, each from a fold model that did not train on it.
 
     Training folds hold the other test images plus `good_train` good training images (a seeded choice).
-    Returns the maps (N x s x s, test order) and each image's fold.
+    Returns the maps (N x s x s, test order), each image's fold, and the prediction ms per image.
     """
     pool = list(dataset.test)
     labels = np.array([0 if not s.label else 1 + dataset.defect_types.index(s.defect) for s in pool])
@@ -152,12 +154,15 @@ def held_out_maps(dataset: Dataset, config: SegmenterConfig, progress: Progress 
     goods = [dataset.train[i] for i in sorted(rng.permutation(len(dataset.train))[: config.good_train])]
     maps: list[np.ndarray | None] = [None] * len(pool)
     fold_of = [0] * len(pool)
+    predict_seconds = 0.0
     for fold, held in enumerate(stratified_folds(labels, config.folds, config.seed)):
         segmenter = Segmenter(SegmenterConfig(**{**config.to_dict(), "seed": config.seed + fold}))
         segmenter.fit_masks([pool[i] for i in range(len(pool)) if i not in set(held)] + goods)
+        start = time.perf_counter()
         prediction = segmenter.predict([pool[i].path for i in held], map_size="input")
+        predict_seconds += time.perf_counter() - start
         for row, index in enumerate(held):
             maps[index], fold_of[index] = prediction.maps[row], fold
         if progress:
             progress(len(held))
-    return np.stack(maps), fold_of
+    return np.stack(maps), fold_of, predict_seconds / len(pool) * 1000

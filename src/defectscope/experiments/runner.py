@@ -13,6 +13,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from defectscope import __version__
 from defectscope.artifacts import save_model, write_atomic
 from defectscope.classify.crossval import cross_validate
@@ -21,7 +23,10 @@ from defectscope.classify.report import classification_markdown, classification_
 from defectscope.data.layout import Dataset, load_dataset
 from defectscope.data.summary import summarize
 from defectscope.detectors import create_detector
+from defectscope.data.images import read_mask
 from defectscope.detectors.reconstruction import ReconstructionDetector
+from defectscope.detectors.segmenter import Segmenter, SegmenterConfig, held_out_maps
+from defectscope.metrics import aupro, image_auroc, pixel_auroc
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation import evaluate
 from defectscope.experiments.config import Attempt, Experiment
@@ -84,6 +89,21 @@ def _run_classifier(attempt: Attempt, dataset: Dataset, folder: Path, say: Say) 
     }
 
 
+def _run_segmenter(attempt: Attempt, dataset: Dataset, folder: Path, say: Say) -> dict:
+    segmenter = Segmenter(SegmenterConfig.from_dict(attempt.settings))
+    start = time.perf_counter()
+    maps, folds, infer_ms = held_out_maps(dataset, segmenter.config, progress=lambda n: say(f"scored {n} held-out images"))
+    fit_s = time.perf_counter() - start - infer_ms * len(maps) / 1000
+    preprocess = segmenter.preprocess
+    blank = np.zeros(maps.shape[1:], dtype=bool)
+    masks = np.stack([preprocess.mask_to_input(read_mask(s.mask)) if s.mask else blank for s in dataset.test])
+    labels = np.array([s.label for s in dataset.test])
+    summary = {"image_auroc": image_auroc(labels, maps.max(axis=(1, 2))), "pixel_auroc": pixel_auroc(masks, maps),
+               "aupro": aupro(masks, maps)}
+    return {"fit_s": fit_s, "infer_ms": infer_ms, "metrics": {**summary, "folds": folds}, "summary": summary,
+            "config": segmenter.config.to_dict()}
+
+
 def run_experiment(experiment: Experiment, data: Path, out: Path, *, redo: bool = False, only: list[str] | None = None,
                    say: Say = print, status: Say | None = None) -> list[dict]:
     """Run (or skip) each attempt; returns every attempt's result, finished earlier or now.
@@ -112,7 +132,7 @@ def run_experiment(experiment: Experiment, data: Path, out: Path, *, redo: bool 
             say(f"{attempt.name}: settings changed since the last run; running again")
         say(f"{attempt.name}: {attempt.model} {attempt.settings}")
         folder.mkdir(parents=True, exist_ok=True)
-        run = _run_classifier if attempt.is_classifier else _run_detector
+        run = _run_classifier if attempt.is_classifier else _run_segmenter if attempt.model == "segmenter" else _run_detector
         result = run(attempt, dataset, folder, lambda text, name=attempt.name: status(f"{name}: {text}"))
         say(f"{attempt.name}: done in {result['fit_s']:.0f} s of training; " + ", ".join(
             f"{k} {v:.3f}" for k, v in result["summary"].items() if v is not None))
