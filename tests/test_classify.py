@@ -125,7 +125,7 @@ def test_config_errors_name_the_field() -> None:
 
 @pytest.mark.parametrize("settings", [
     {"task": "type", "freeze": 32, "epochs": 3, "folds": 3, "shots": 2, "loss": "bcl", "sampling": "sqrt"},
-    {"task": "binary", "freeze": 0, "epochs": 1, "folds": 2, "image_size": 64, "hflip": True, "add_good_train": False},
+    {"task": "binary", "freeze": 0, "epochs": 1, "folds": 2, "image_size": 64, "hflip": True, "good_train": 5},
 ])
 def test_cross_validation_never_scores_an_image_it_trained_on(demo_root: Path, settings: dict) -> None:
     dataset = load_dataset(demo_root)
@@ -138,7 +138,8 @@ def test_cross_validation_never_scores_an_image_it_trained_on(demo_root: Path, s
         assert record["path"] in result.usage[record["fold"]]["scored"]
     train_good = {str(s.path) for s in dataset.train}
     for fold in result.usage:
-        assert train_good <= set(fold["trained_on"]) if config.add_good_train else not train_good & set(fold["trained_on"])
+        used = train_good & set(fold["trained_on"])
+        assert used == train_good if config.good_train < 0 else len(used) == config.good_train
     if config.shots:
         assert all(max(counts[1:]) <= config.shots for counts in result.train_counts)
     assert result.classes == (["good", "broken", "contamination", "scratch"] if config.task == "type" else ["good", "defective"])

@@ -1,8 +1,8 @@
 """Stratified k-fold cross-validation of a supervised classifier; every labelled image is scored while held out.
 
 The labelled pool is the test split (good and defective images). Each fold trains on the other
-folds (optionally cut to `shots` images per defect class) plus, optionally, every good training
-image, and predicts its own images. `CrossValidation.usage` records which images trained and
+folds (optionally cut to `shots` images per defect class) plus `good_train` good training images
+(all by default), and predicts its own images. `CrossValidation.usage` records which images trained and
 which were scored in each fold.
 """
 
@@ -134,7 +134,8 @@ def cross_validate(dataset: Dataset, config: ClassifierConfig, progress: FoldPro
     if not any(s.label for s in pool):
         raise DefectscopeError(f"{dataset.root} has no labelled defective images; the classifier needs some")
     labels = np.array([label_of(s, classes) for s in pool])
-    extra = dataset.train if config.add_good_train else []
+    chosen = np.random.default_rng(config.seed).permutation(len(dataset.train))
+    extra = [dataset.train[i] for i in sorted(chosen if config.good_train < 0 else chosen[: config.good_train])]
     backbone_probe = load_backbone(config.backbone, (32,))
     preprocess = Preprocess(config.image_size, config.crop, backbone_probe.mean, backbone_probe.std)
     cached = config.freeze > 0 and not config.augments and isinstance(backbone_probe.network, EfficientNetLite)

@@ -26,6 +26,7 @@ class ClassifierConfig(TrainSettings):
     freeze: stem and stages up to this stride stay fixed (0 fine-tunes everything). With an
     EfficientNet-Lite backbone and no augmentation, the frozen part runs once per image and only
     the later stages are trained on its cached output.
+    good_train: good training images added to every training fold (a seeded choice; -1: all of them).
     shots: keep only this many images of each defect class in every training fold (long-tail study).
     """
 
@@ -39,7 +40,7 @@ class ClassifierConfig(TrainSettings):
     epochs: int = 30
     folds: int = 5
     seed: int = 0
-    add_good_train: bool = True
+    good_train: int = -1
     shots: int | None = None
     loss: str = "ce"
     tau: float = 1.0
@@ -67,6 +68,8 @@ class ClassifierConfig(TrainSettings):
                 raise DefectscopeError(f"field '{name}' must be one of {', '.join(allowed)}, got {value!r}")
         if self.folds < 2:
             raise DefectscopeError(f"field 'folds' must be at least 2, got {self.folds}")
+        if self.good_train < -1:
+            raise DefectscopeError(f"field 'good_train' must be -1 (all), 0 or a count, got {self.good_train}")
         if self.shots is not None and self.shots < 1:
             raise DefectscopeError(f"field 'shots' must be at least 1 (or null for all), got {self.shots}")
 
