@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from defectscope import __version__, create_detector, load_dataset
-from defectscope.data.images import read_mask
+from defectscope.data.images import masks_in_frame
 from defectscope.detectors.segmenter import SegmenterConfig, held_out_maps
 from defectscope.export.pseudo import agreement
 from defectscope.metrics import aupro, pixel_auroc
@@ -59,9 +59,7 @@ def main() -> None:
     start = time.perf_counter()
     pseudo = agreement(dataset, patchcore)
     pseudo["seconds"] = time.perf_counter() - start
-    preprocess = patchcore.preprocess
-    blank = np.zeros((preprocess.input_size,) * 2, dtype=bool)
-    masks = np.stack([preprocess.mask_to_input(read_mask(s.mask)) if s.mask else blank for s in test])
+    masks = masks_in_frame([s.mask for s in test], patchcore.preprocess)
     defective = np.array([bool(s.label) for s in test])
     config = SegmenterConfig(epochs=args.epochs, folds=args.folds)
     start = time.perf_counter()

@@ -84,14 +84,14 @@ def test_bad_settings_are_named() -> None:
 
 def test_augment_is_seeded_per_image_and_keeps_shape() -> None:
     batch = torch.rand(6, 3, 16, 16)
-    options = dict(hflip=True, vflip=True, rotate=15.0, color_jitter=0.2)
-    first = augment(batch, torch.Generator().manual_seed(3), **options)
-    again = augment(batch, torch.Generator().manual_seed(3), **options)
-    other = augment(batch, torch.Generator().manual_seed(4), **options)
+    options = TrainSettings(hflip=True, vflip=True, rotate=15.0, color_jitter=0.2)
+    first = augment(batch, torch.Generator().manual_seed(3), options)
+    again = augment(batch, torch.Generator().manual_seed(3), options)
+    other = augment(batch, torch.Generator().manual_seed(4), options)
     assert first.shape == batch.shape
     torch.testing.assert_close(first, again)
     assert not torch.allclose(first, other)
-    flipped = augment(batch, torch.Generator().manual_seed(0), hflip=True)
+    flipped = augment(batch, torch.Generator().manual_seed(0), TrainSettings(hflip=True))
     for image, out in zip(batch, flipped):
         assert torch.equal(out, image) or torch.equal(out, image.flip(-1))
-    assert torch.equal(augment(batch, torch.Generator()), batch)  # nothing switched on: unchanged
+    assert torch.equal(augment(batch, torch.Generator(), TrainSettings()), batch)  # nothing switched on: unchanged

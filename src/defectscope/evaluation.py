@@ -7,11 +7,12 @@ comparable with published ones.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from defectscope.data.images import read_mask
+from defectscope.data.images import masks_in_frame
 from defectscope.data.layout import GOOD, Dataset
 from defectscope.detectors.base import Detector, Progress
 from defectscope.errors import DefectscopeError
@@ -55,7 +56,9 @@ def evaluate(detector: Detector, dataset: Dataset, progress: Progress | None = N
     test = dataset.test
     if not test:
         raise DefectscopeError(f"{dataset.root} has no test images to evaluate on")
+    start = time.perf_counter()
     prediction = detector.predict([s.path for s in test], map_size="input", progress=progress)
+    predict_ms = (time.perf_counter() - start) / len(test) * 1000
     labels = np.array([s.label for s in test])
     defects = np.array([s.defect for s in test])
     scores = prediction.scores
@@ -66,6 +69,7 @@ def evaluate(detector: Detector, dataset: Dataset, progress: Progress | None = N
         "images": len(test),
         "good": int((labels == 0).sum()),
         "defective": int((labels == 1).sum()),
+        "predict_ms_per_image": predict_ms,
         "notes": [],
     }
     both = 0 < labels.sum() < len(labels)
@@ -86,9 +90,7 @@ def evaluate(detector: Detector, dataset: Dataset, progress: Progress | None = N
     else:
         maps = np.stack(prediction.maps)
         if dataset.has_masks:
-            preprocess = detector.preprocess
-            blank = np.zeros(maps.shape[1:], dtype=bool)
-            masks = np.stack([preprocess.mask_to_input(read_mask(s.mask)) if s.mask else blank for s in test])
+            masks = masks_in_frame([s.mask for s in test], detector.preprocess)
             metrics.update(_pixel_metrics(masks, maps))
             for defect in per_defect:
                 keep = (defects == GOOD) | (defects == defect)

@@ -8,6 +8,7 @@ which were scored in each fold.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from sklearn.model_selection import StratifiedKFold
 from defectscope.backbones import Backbone, load_backbone
 from defectscope.classify.losses import ImbalanceLoss, sample_weights
 from defectscope.classify.model import Classifier, ClassifierConfig, TailClassifier, trunk_maps
-from defectscope.data.images import Preprocess, iterate_batches
+from defectscope.data.images import Preprocess, load_normalized
 from defectscope.data.layout import GOOD, Dataset, Sample
 from defectscope.efficientnet_lite import EfficientNetLite
 from defectscope.errors import DefectscopeError
@@ -88,8 +89,7 @@ def _inputs(samples: list[Sample], preprocess: Preprocess, backbone: Backbone, t
     key = json.dumps([[str(s.path) for s in samples], preprocess.to_dict(), backbone.name, backbone.weights_sha256, trunk])
     if key not in _INPUTS:
         start = time.perf_counter()
-        batches = [preprocess.normalize(b) for b, _ in iterate_batches([s.path for s in samples], preprocess, 32)]
-        images = torch.cat(batches)
+        images = load_normalized([s.path for s in samples], preprocess)
         images = trunk_maps(backbone, trunk, images) if trunk else images
         _INPUTS.clear()
         _INPUTS[key] = images, (time.perf_counter() - start) / len(samples)
@@ -100,9 +100,9 @@ class FoldModel:
     """One fold's network, loss and training; on images, or on the frozen trunk's cached maps."""
 
     def __init__(self, config: ClassifierConfig, classes: int, counts: torch.Tensor, preprocess: Preprocess,
-                 cached: bool) -> None:
+                 cached: bool, pretrained: Backbone) -> None:
         self.config, self.preprocess = config, preprocess
-        backbone = load_backbone(config.backbone, (32,))
+        backbone = copy.deepcopy(pretrained)  # every fold starts from the untouched pretrained weights
         if cached:
             self.network: torch.nn.Module = TailClassifier(backbone, config.freeze, classes, config.dropout)
         else:
@@ -113,12 +113,10 @@ class FoldModel:
         self.generator = torch.Generator().manual_seed(config.seed)
 
     def loss(self, network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, training: bool) -> torch.Tensor:
-        c = self.config
-        if training and c.augments:
-            x = augment(x, self.generator, hflip=c.hflip, vflip=c.vflip, rotate=c.rotate, color_jitter=c.color_jitter,
-                        mean=self.preprocess.mean, std=self.preprocess.std)
+        if training and self.config.augments:
+            x = augment(x, self.generator, self.config, self.preprocess.mean, self.preprocess.std)
         logits, projections = network(x)
-        return self.criterion(logits, y, projections, network.prototypes() if c.loss == "bcl" else None)
+        return self.criterion(logits, y, projections, network.prototypes() if self.config.loss == "bcl" else None)
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         self.network.eval()
@@ -136,10 +134,10 @@ def cross_validate(dataset: Dataset, config: ClassifierConfig, progress: FoldPro
     labels = np.array([label_of(s, classes) for s in pool])
     chosen = np.random.default_rng(config.seed).permutation(len(dataset.train))
     extra = [dataset.train[i] for i in sorted(chosen if config.good_train < 0 else chosen[: config.good_train])]
-    backbone_probe = load_backbone(config.backbone, (32,))
-    preprocess = Preprocess(config.image_size, config.crop, backbone_probe.mean, backbone_probe.std)
-    cached = config.freeze > 0 and not config.augments and isinstance(backbone_probe.network, EfficientNetLite)
-    images, per_image_load = _inputs(pool + extra, preprocess, backbone_probe, config.freeze if cached else None)
+    pretrained = load_backbone(config.backbone, (32,))
+    preprocess = Preprocess(config.image_size, config.crop, pretrained.mean, pretrained.std)
+    cached = config.freeze > 0 and not config.augments and isinstance(pretrained.network, EfficientNetLite)
+    images, per_image_load = _inputs(pool + extra, preprocess, pretrained, config.freeze if cached else None)
     pool_x, extra_x = images[: len(pool)], images[len(pool) :]
     records, usage, histories, train_counts = [], [], [], []
     fit_seconds, infer_seconds = per_image_load * len(extra), per_image_load * len(pool)
@@ -152,7 +150,7 @@ def cross_validate(dataset: Dataset, config: ClassifierConfig, progress: FoldPro
         y = torch.cat([torch.from_numpy(labels[trained]), torch.zeros(len(extra_x), dtype=torch.long)])
         counts = torch.bincount(y, minlength=len(classes))
         torch.manual_seed(config.seed + fold)
-        model = FoldModel(config, len(classes), counts, preprocess, cached)
+        model = FoldModel(config, len(classes), counts, preprocess, cached, pretrained)
         start = time.perf_counter()
         history = train(model.network, model.loss, x, y, config, batch_size=config.batch_size, seed=config.seed + fold,
                         sample_weights=sample_weights(y, config.sampling))

@@ -199,3 +199,14 @@ def iterate_batches(
                 pending.append(pool.submit(dataset.__getitem__, submitted))
                 submitted += 1
             yield torch.stack([frame for frame, _ in items]), torch.stack([size for _, size in items])
+
+
+def load_normalized(images: Sequence[ImageSource], preprocess: Preprocess) -> torch.Tensor:
+    """Every image decoded, resized / cropped and normalized: N x 3 x s x s."""
+    return torch.cat([preprocess.normalize(batch) for batch, _ in iterate_batches(images, preprocess)])
+
+
+def masks_in_frame(masks: Sequence[str | Path | None], preprocess: Preprocess) -> np.ndarray:
+    """Masks brought into the model frame, N x s x s bool; None stands for an empty mask (a good image)."""
+    blank = np.zeros((preprocess.input_size,) * 2, dtype=bool)
+    return np.stack([preprocess.mask_to_input(read_mask(m)) if m else blank for m in masks])

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from defectscope.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, load_backbone
 from defectscope.data.images import ImageSource, Preprocess, iterate_batches
@@ -229,6 +230,22 @@ class Detector(ABC):
         preprocess = self.preprocess
         return [preprocess.to_original(frame[i : i + 1], height, width)[0].numpy()
                 for i, (height, width) in enumerate(sizes.tolist())]
+
+
+def learned_state(network: nn.Module) -> dict[str, torch.Tensor]:
+    """A trained network's state without its frozen parameters (pretrained weights come from the backbone file)."""
+    frozen = {k for k, p in network.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in network.state_dict().items() if k not in frozen}
+
+
+def load_learned_state(network: nn.Module, tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Put `learned_state` back into a freshly built network, whose frozen parts already hold their weights."""
+    frozen = {k for k, p in network.named_parameters() if not p.requires_grad}
+    missing, unexpected = network.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if k not in frozen]
+    if missing or unexpected:
+        raise DefectscopeError(f"model tensors do not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    network.eval()
 
 
 DETECTORS: dict[str, type[Detector]] = {}

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.data.images import ImageSource
-from defectscope.detectors.base import Detector, DetectorConfig, Progress, register
+from defectscope.detectors.base import Detector, DetectorConfig, Progress, learned_state, load_learned_state, register
 from defectscope.detectors.networks import ConvAutoencoder, PretrainedAutoencoder, VariationalAutoencoder
 from defectscope.errors import DefectscopeError
 from defectscope.training.augment import augment
@@ -96,9 +96,7 @@ class ReconstructionDetector(Detector):
     def loss(self, _network: nn.Module, x: torch.Tensor, _targets: torch.Tensor, training: bool) -> torch.Tensor:
         """Training objective: mean reconstruction error (plus the model's extra term); `self.network` is trained."""
         if training and self.config.augments:
-            c = self.config
-            x = augment(x, self.generator, hflip=c.hflip, vflip=c.vflip, rotate=c.rotate, color_jitter=c.color_jitter,
-                        mean=self.preprocess.mean, std=self.preprocess.std)
+            x = augment(x, self.generator, self.config, self.preprocess.mean, self.preprocess.std)
         recon, extra = self.reconstruct(x)
         return self.error_map(x, recon).mean() + extra
 
@@ -136,21 +134,11 @@ class ReconstructionDetector(Detector):
         return total / count
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        if self.network is None:
-            return {}
-        return {k: v for k, v in self.network.state_dict().items() if self.stores(k)}
-
-    def stores(self, key: str) -> bool:
-        """Whether a state-dict entry goes into the model file (frozen pretrained weights do not)."""
-        return True
+        return learned_state(self.network) if self.network is not None else {}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.network = self.build().to(memory_format=torch.channels_last)
-        missing, unexpected = self.network.load_state_dict(tensors, strict=False)
-        missing = [k for k in missing if self.stores(k)]
-        if missing or unexpected:
-            raise DefectscopeError(f"model tensors do not fit {self.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        self.network.eval()
+        load_learned_state(self.network, tensors, self.name)
 
 
 @register
@@ -189,9 +177,6 @@ class PretrainedEncoderAutoencoder(ReconstructionDetector):
 
     def build(self) -> nn.Module:
         return PretrainedAutoencoder(self.require_backbone(), self.config.latent, self.config.freeze_encoder)
-
-    def stores(self, key: str) -> bool:
-        return not (self.config.freeze_encoder and key.startswith("encoder."))
 
 
 @dataclass

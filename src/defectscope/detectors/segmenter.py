@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.backbones import Backbone, freeze_through
-from defectscope.classify.crossval import stratified_folds
-from defectscope.data.images import iterate_batches, read_mask
+from defectscope.classify.crossval import class_names, label_of, stratified_folds
+from defectscope.data.images import load_normalized, masks_in_frame
 from defectscope.data.layout import Dataset, Sample
-from defectscope.detectors.base import Detector, DetectorConfig, Progress, register
+from defectscope.detectors.base import Detector, DetectorConfig, Progress, learned_state, load_learned_state, register
 from defectscope.errors import DefectscopeError
 from defectscope.thresholds import Calibration
 from defectscope.training.augment import augment
@@ -99,18 +99,14 @@ class Segmenter(Detector):
 
     def _loss(self, network: nn.Module, x: torch.Tensor, masks: torch.Tensor, training: bool) -> torch.Tensor:
         if training and self.config.augments:
-            joint = augment(torch.cat([x, masks[:, None]], 1), self.generator, hflip=self.config.hflip,
-                            vflip=self.config.vflip, rotate=self.config.rotate)
+            joint = augment(torch.cat([x, masks[:, None]], 1), self.generator, self.config)
             x, masks = joint[:, :3], (joint[:, 3] > 0.5).float()
         return dice_bce(network(x), masks, self.config.dice_weight)
 
     def fit_masks(self, samples: Sequence[Sample], progress: Progress | None = None) -> dict[str, Any]:
         """Train on images and their masks (good images: empty masks)."""
-        preprocess = self.preprocess
-        images = torch.cat([preprocess.normalize(b) for b, _ in iterate_batches([s.path for s in samples], preprocess)])
-        blank = np.zeros((preprocess.input_size,) * 2, dtype=np.float32)
-        masks = torch.from_numpy(np.stack([preprocess.mask_to_input(read_mask(s.mask)).astype(np.float32) if s.mask else blank
-                                           for s in samples]))
+        images = load_normalized([s.path for s in samples], self.preprocess)
+        masks = torch.from_numpy(masks_in_frame([s.mask for s in samples], self.preprocess)).float()
         torch.manual_seed(self.config.seed)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.network = self.build()
@@ -127,18 +123,11 @@ class Segmenter(Detector):
         return None, torch.sigmoid(self.network(features.contiguous(memory_format=torch.channels_last)))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Everything but the frozen pretrained weights (those come from the backbone file, checked by hash)."""
-        if self.network is None:
-            return {}
-        frozen = {k for k, p in self.network.named_parameters() if not p.requires_grad}
-        return {k: v for k, v in self.network.state_dict().items() if k not in frozen}
+        return learned_state(self.network) if self.network is not None else {}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.network = self.build()
-        missing, unexpected = self.network.load_state_dict(tensors, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("encoder.")]:
-            raise DefectscopeError(f"model tensors do not fit the segmenter: unexpected {unexpected[:3]}")
-        self.network.eval()
+        load_learned_state(self.network, tensors, self.name)
 
 
 def held_out_maps(dataset: Dataset, config: SegmenterConfig, progress: Progress | None = None
@@ -149,7 +138,8 @@ def held_out_maps(dataset: Dataset, config: SegmenterConfig, progress: Progress 
     Returns the maps (N x s x s, test order), each image's fold, and the prediction ms per image.
     """
     pool = list(dataset.test)
-    labels = np.array([0 if not s.label else 1 + dataset.defect_types.index(s.defect) for s in pool])
+    classes = class_names(dataset, "type")
+    labels = np.array([label_of(s, classes) for s in pool])
     rng = np.random.default_rng(config.seed)
     goods = [dataset.train[i] for i in sorted(rng.permutation(len(dataset.train))[: config.good_train])]
     maps: list[np.ndarray | None] = [None] * len(pool)

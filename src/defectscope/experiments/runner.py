@@ -23,7 +23,7 @@ from defectscope.classify.report import classification_markdown, classification_
 from defectscope.data.layout import Dataset, load_dataset
 from defectscope.data.summary import summarize
 from defectscope.detectors import create_detector
-from defectscope.data.images import read_mask
+from defectscope.data.images import masks_in_frame
 from defectscope.detectors.reconstruction import ReconstructionDetector
 from defectscope.detectors.segmenter import Segmenter, SegmenterConfig, held_out_maps
 from defectscope.metrics import aupro, image_auroc, pixel_auroc
@@ -54,16 +54,13 @@ def _run_detector(attempt: Attempt, dataset: Dataset, folder: Path, say: Say) ->
             f"epoch {epoch}/{total} train loss {loss:.4f}" + (f" validation {val:.4f}" if val is not None else ""))
     report = detector.fit([s.path for s in dataset.train])
     save_model(detector, folder / "model.dsmodel")
-    test_paths = [s.path for s in dataset.test]
-    start = time.perf_counter()
-    detector.predict(test_paths, map_size="input")
-    infer_ms = (time.perf_counter() - start) / len(test_paths) * 1000
     metrics = evaluate(detector, dataset).metrics
-    result = {"fit_s": report.seconds, "infer_ms": infer_ms, "metrics": metrics, "config": detector.config.to_dict()}
+    result = {"fit_s": report.seconds, "infer_ms": metrics["predict_ms_per_image"], "metrics": metrics,
+              "config": detector.config.to_dict()}
     if isinstance(detector, ReconstructionDetector):
         history = detector.history.to_dict()
         loss_png([history], folder / "losses.png", f"{attempt.name}: reconstruction loss")
-        result.update(history=history, train_loss=history["train_loss"][-1], test_loss=detector.mean_loss(test_paths))
+        result.update(history=history, train_loss=history["train_loss"][-1], test_loss=detector.mean_loss([s.path for s in dataset.test]))
     decisions = metrics.get("at_model_threshold") or {}
     result["summary"] = {"accuracy": decisions.get("accuracy"), **{k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}}
     return result
@@ -94,9 +91,7 @@ def _run_segmenter(attempt: Attempt, dataset: Dataset, folder: Path, say: Say) -
     start = time.perf_counter()
     maps, folds, infer_ms = held_out_maps(dataset, segmenter.config, progress=lambda n: say(f"scored {n} held-out images"))
     fit_s = time.perf_counter() - start - infer_ms * len(maps) / 1000
-    preprocess = segmenter.preprocess
-    blank = np.zeros(maps.shape[1:], dtype=bool)
-    masks = np.stack([preprocess.mask_to_input(read_mask(s.mask)) if s.mask else blank for s in dataset.test])
+    masks = masks_in_frame([s.mask for s in dataset.test], segmenter.preprocess)
     labels = np.array([s.label for s in dataset.test])
     summary = {"image_auroc": image_auroc(labels, maps.max(axis=(1, 2))), "pixel_auroc": pixel_auroc(masks, maps),
                "aupro": aupro(masks, maps)}

@@ -17,7 +17,7 @@ METRIC_COLUMNS = (
     ("balanced_accuracy", "balanced acc."), ("macro_f1", "macro F1"), ("tail_recall", "tail recall"),
     ("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"),
 )
-TRAINED_ONLY = {"epochs", "lr", "optimizer", "train_loss", "test_loss"}
+LOSSES = ("train_loss", "test_loss")  # top-level in a result; blank (not n/a) for models without a training loop
 
 
 def changes(result: dict, baseline: dict) -> dict:
@@ -66,8 +66,8 @@ def build_table(meta: dict, results: list[dict], metric: str | None = None) -> d
         cells += [str(config.get(key, "")) if trained or key == "batch_size" else "" for key, _ in HYPER]
         spread = r.get("spread", {})
         for key, _ in present:
-            value = r.get(key) if key in ("train_loss", "test_loss") else r["summary"].get(key)
-            cells.append(_number(value, spread.get(key)) if value is not None or key not in TRAINED_ONLY else "")
+            value = r.get(key) if key in LOSSES else r["summary"].get(key)
+            cells.append("" if value is None and key in LOSSES else _number(value, spread.get(key)))
         cells += [f"{r['fit_s']:.1f}", f"{r['infer_ms']:.1f}"]
         rows.append(cells)
     ranked = [r for r in results if r["summary"].get(metric) is not None]

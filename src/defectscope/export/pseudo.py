@@ -21,7 +21,7 @@ from defectscope.data.layout import Dataset, Sample
 from defectscope.detectors.base import Detector
 from defectscope.errors import DefectscopeError
 from defectscope.export.instances import Instance, components
-from defectscope.export.labels import ExportOptions, coco_document, collect, ground_truth, write_labels
+from defectscope.export.labels import ExportOptions, coco_document, collect, write_labels
 
 CATEGORIES = ["defect"]
 
@@ -79,19 +79,16 @@ def agreement(dataset: Dataset, detector: Detector, threshold: float | None = No
     samples = list(dataset.test)
     found = predicted_instances(detector, samples, threshold, min_area)
     options = ExportOptions("coco", val_fraction=0, min_area=min_area, rle=True)
-    truth_images = collect(samples, CATEGORIES, options, lambda s: [
-        Instance(0, i.mask, i.box, i.area) for i in ground_truth(s, CATEGORIES + dataset.defect_types, min_area)])
-    truth = coco_document(truth_images, CATEGORIES, options)
+    truth = coco_document(collect(samples, CATEGORIES, options, lambda s: [
+        Instance(0, m, box, area) for m, box, area in (components(read_mask(s.mask), min_area) if s.label else [])]),
+        CATEGORIES, options)
     for annotation in truth["annotations"]:
         annotation["iscrowd"] = 0  # RLE is only the exact encoding here, not a crowd region
-    ids = {image.source: n for n, image in enumerate(truth_images, 1)}
-    predicted_images = collect(samples, CATEGORIES, options, lambda s: found[s.path])
-    boxes, masks = [], []
-    for image in predicted_images:
-        for entry in coco_document([image], CATEGORIES, options)["annotations"]:
-            common = {"image_id": ids[image.source], "category_id": 1, "score": entry["score"]}
-            boxes.append({**common, "bbox": entry["bbox"]})
-            masks.append({**common, "segmentation": entry["segmentation"]})
+    # same samples, same order: image ids agree with the truth document's
+    predicted = coco_document(collect(samples, CATEGORIES, options, lambda s: found[s.path]), CATEGORIES, options)["annotations"]
+    common = [{"image_id": a["image_id"], "category_id": 1, "score": a["score"]} for a in predicted]
+    boxes = [{**c, "bbox": a["bbox"]} for c, a in zip(common, predicted)]
+    masks = [{**c, "segmentation": a["segmentation"]} for c, a in zip(common, predicted)]
     box_ap, box_ap50 = _quiet_eval(truth, boxes, "bbox")
     mask_ap, mask_ap50 = _quiet_eval(truth, masks, "segm")
     ious = []

@@ -7,15 +7,17 @@ import math
 import torch
 import torch.nn.functional as F
 
+from defectscope.training.engine import TrainSettings
 
-def augment(batch: torch.Tensor, generator: torch.Generator, *, hflip: bool = False, vflip: bool = False,
-            rotate: float = 0.0, color_jitter: float = 0.0,
+
+def augment(batch: torch.Tensor, generator: torch.Generator, settings: TrainSettings,
             mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)) -> torch.Tensor:
-    """Random flips, rotation by up to `rotate` degrees and brightness/contrast jitter, drawn per image.
+    """The settings' random flips, rotation by up to `rotate` degrees and brightness/contrast jitter, drawn per image.
 
-    `batch` is N x 3 x H x W normalized with mean/std; jitter is applied to the [0, 1] image.
+    `batch` is N x C x H x W normalized with mean/std; jitter (3 channels only) is applied to the [0, 1] image.
     """
     n = len(batch)
+    hflip, vflip, rotate, color_jitter = settings.hflip, settings.vflip, settings.rotate, settings.color_jitter
     if hflip:
         flip = torch.rand(n, generator=generator) < 0.5
         batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
