@@ -8,7 +8,6 @@ which were scored in each fold.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Callable
@@ -100,9 +99,9 @@ class FoldModel:
     """One fold's network, loss and training; on images, or on the frozen trunk's cached maps."""
 
     def __init__(self, config: ClassifierConfig, classes: int, counts: torch.Tensor, preprocess: Preprocess,
-                 cached: bool, pretrained: Backbone) -> None:
+                 cached: bool) -> None:
         self.config, self.preprocess = config, preprocess
-        backbone = copy.deepcopy(pretrained)  # every fold starts from the untouched pretrained weights
+        backbone = load_backbone(config.backbone, (32,))  # building it draws from the seeded RNG, like the head after it
         if cached:
             self.network: torch.nn.Module = TailClassifier(backbone, config.freeze, classes, config.dropout)
         else:
@@ -150,7 +149,7 @@ def cross_validate(dataset: Dataset, config: ClassifierConfig, progress: FoldPro
         y = torch.cat([torch.from_numpy(labels[trained]), torch.zeros(len(extra_x), dtype=torch.long)])
         counts = torch.bincount(y, minlength=len(classes))
         torch.manual_seed(config.seed + fold)
-        model = FoldModel(config, len(classes), counts, preprocess, cached, pretrained)
+        model = FoldModel(config, len(classes), counts, preprocess, cached)
         start = time.perf_counter()
         history = train(model.network, model.loss, x, y, config, batch_size=config.batch_size, seed=config.seed + fold,
                         sample_weights=sample_weights(y, config.sampling))
