@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,14 +25,12 @@ MAP_SIGMA = 4.0
 
 
 def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of N x H x W maps (radius 4 sigma, reflected borders)."""
-    radius = int(4 * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel /= kernel.sum()
-    x = F.pad(maps[:, None], (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    return F.conv2d(x, kernel.view(1, 1, -1, 1))[:, 0]
+    """Separable Gaussian blur of N x H x W maps (radius 4 sigma, reflected borders), with OpenCV's SIMD filter."""
+    size = 2 * int(4 * sigma + 0.5) + 1
+    kernel = cv2.getGaussianKernel(size, sigma, cv2.CV_32F)
+    frames = maps.float().contiguous().numpy()
+    smoothed = [cv2.sepFilter2D(frame, -1, kernel, kernel, borderType=cv2.BORDER_REFLECT_101) for frame in frames]
+    return torch.from_numpy(np.stack(smoothed)) if smoothed else maps.float()
 
 
 @dataclass

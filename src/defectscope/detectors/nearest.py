@@ -63,18 +63,12 @@ class ClusteredBank:
         radius = torch.zeros(len(sizes)).scatter_reduce(0, owner, spread, "amax")
         return cls(bank, offsets, centroids, radius, order)
 
-    def _scan(self, queries: torch.Tensor, q_sq: torch.Tensor, work: list[tuple[int, torch.Tensor]],
-              best: torch.Tensor, best_index: torch.Tensor) -> None:
-        """Exact search of each (cluster, query rows) pair in `work`; updates best in place."""
-        for cluster, rows in work:
-            start, stop = int(self.offsets[cluster]), int(self.offsets[cluster + 1])
-            squared = torch.addmm(self.bank_sq[start:stop], queries[rows], self.bank[start:stop].T, alpha=-2)
-            value, index = squared.min(1)
-            value += q_sq[rows]
-            better = value < best[rows]
-            rows = rows[better]
-            best[rows] = value[better]
-            best_index[rows] = index[better] + start
+    def _nearest_in(self, cluster: int, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query: min over the cluster's rows of |x|^2 - 2 q.x (add |q|^2 for the distance) and that row."""
+        start, stop = int(self.offsets[cluster]), int(self.offsets[cluster + 1])
+        partial = torch.addmm(self.bank_sq[start:stop], queries, self.bank[start:stop].T, alpha=-2)
+        value, index = partial.min(1)
+        return value, index + start
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact distance and bank index of each query's nearest neighbour."""
@@ -83,21 +77,35 @@ class ClusteredBank:
             return distances[:, 0], indices[:, 0]
         queries = queries.float().contiguous()
         q_sq = (queries * queries).sum(1)
-        centre_distance = torch.cdist(queries, self.centroids)
+        centre_sq = torch.addmm((self.centroids * self.centroids).sum(1), queries, self.centroids.T, alpha=-2)
+        centre_distance = centre_sq.add_(q_sq[:, None]).clamp_min_(0).sqrt_()  # a GEMM: several times faster than cdist
         closest = centre_distance.argmin(1)
-        best = torch.full((len(queries),), float("inf"))
-        best_index = torch.zeros(len(queries), dtype=torch.long)
+        # Pass 1: every query against its closest cluster; sorted by that cluster, each group is one slice.
         order = torch.argsort(closest)
         used, counts = torch.unique_consecutive(closest[order], return_counts=True)
-        groups = torch.split(order, counts.tolist())
-        self._scan(queries, q_sq, list(zip(used.tolist(), groups)), best, best_index)
+        ordered = queries[order]
+        starts = (torch.cumsum(counts, 0) - counts).tolist()
+        found = [self._nearest_in(c, ordered[a : a + n]) for c, a, n in zip(used.tolist(), starts, counts.tolist())]
+        best = torch.empty(len(queries))
+        best_index = torch.empty(len(queries), dtype=torch.long)
+        best[order] = torch.cat([v for v, _ in found]) + q_sq[order]
+        best_index[order] = torch.cat([i for _, i in found])
+        # Pass 2: every other cluster whose lower bound |q - c| - radius beats the pass-1 distance.
         upper = best.clamp_min(0).sqrt() + self.slack
-        lower = centre_distance - self.radius
+        lower = centre_distance.sub_(self.radius)
         lower[torch.arange(len(queries)), closest] = float("inf")  # already searched
-        pending = (lower < upper[:, None]).T.contiguous()
-        active = torch.nonzero(pending.any(1)).squeeze(1).tolist()
-        self._scan(queries, q_sq, [(c, torch.nonzero(pending[c]).squeeze(1)) for c in active], best, best_index)
-        return best.clamp_min(0).sqrt(), best_index
+        clusters, rows = torch.nonzero((lower < upper[:, None]).T, as_tuple=True)  # grouped by cluster
+        if not len(rows):
+            return best.clamp_min(0).sqrt(), best_index
+        used, counts = torch.unique_consecutive(clusters, return_counts=True)
+        groups = torch.split(rows, counts.tolist())
+        found = [self._nearest_in(c, queries[group]) for c, group in zip(used.tolist(), groups)]
+        values = torch.cat([v for v, _ in found]) + q_sq[rows]
+        indices = torch.cat([i for _, i in found])
+        improved = best.scatter_reduce(0, rows, values, "amin")
+        winner = (values == improved[rows]) & (values < best[rows])
+        best_index.scatter_reduce_(0, rows[winner], indices[winner], "amin", include_self=False)  # ties: lowest row
+        return improved.clamp_min(0).sqrt(), best_index
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"memory_bank": self.bank, "cluster_offsets": self.offsets}
