@@ -149,6 +149,53 @@ def test_patchcore_holdout_scores_exclude_the_images_own_patches() -> None:
     assert len(detector.index.bank) == 48
 
 
+def _padim_fitted_on_random_features():
+    import torch
+
+    from defectscope.detectors.padim import PaDiM, PaDiMConfig
+
+    features = torch.randn(12, 256, 6, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.5, 3, 6)  # 16 x 16 grid, two fitting chunks
+    detector = PaDiM(PaDiMConfig(image_size=40, crop=None))
+    detector.fit_features(features)
+    return detector, features
+
+
+def test_padim_scores_are_mahalanobis_distances() -> None:
+    import torch
+
+    detector, features = _padim_fitted_on_random_features()
+    queries = torch.randn(3, 256, 6, generator=torch.Generator().manual_seed(1))
+    _, grid = detector.score_features(queries)
+    data = features.double()
+    delta = queries.double() - data.mean(0)
+    centred = (data - data.mean(0)).transpose(0, 1)
+    covariance = centred.mT @ centred / (len(data) - 1) + detector.config.regularization * torch.eye(6)
+    expected = torch.einsum("npd,pde,npe->np", delta, torch.linalg.inv(covariance), delta).sqrt()
+    # precisions are kept in float16: about three significant digits
+    torch.testing.assert_close(grid.reshape(3, -1).double(), expected, rtol=2e-3, atol=1e-3)
+
+
+def test_padim_holdout_scores_equal_a_model_refitted_without_them() -> None:
+    import torch
+
+    from defectscope.detectors.base import Detector
+
+    detector, features = _padim_fitted_on_random_features()
+    holdout = torch.tensor([2, 7, 9])
+    chunked = detector.holdout_scores(features, holdout)
+    refitted = Detector.holdout_scores(detector, features, holdout)  # generic path: a second full model
+    torch.testing.assert_close(chunked, refitted)
+
+
+def test_padim_rejects_a_regularization_float16_cannot_hold() -> None:
+    import torch
+
+    from defectscope.detectors.padim import PaDiM, PaDiMConfig
+
+    with pytest.raises(DefectscopeError, match="regularization must be at least"):
+        PaDiM(PaDiMConfig(regularization=1e-6)).fit_features(torch.randn(4, 9, 3))
+
+
 def test_patchcore_reweighting_damps_scores(fitted: dict) -> None:
     from defectscope.detectors.patchcore import PatchCore
 

@@ -21,6 +21,7 @@ def test_pruned_search_equals_brute_force() -> None:
     expected, expected_positions = nearest(queries, index.bank)
     torch.testing.assert_close(distances, expected[:, 0], rtol=1e-5, atol=1e-4)
     assert (positions == expected_positions[:, 0]).float().mean() > 0.999  # ties aside
+    torch.testing.assert_close((queries - index.bank[positions]).norm(dim=1), distances, rtol=1e-5, atol=1e-4)
 
 
 def test_rebuilt_from_sorted_bank_searches_the_same() -> None:

@@ -145,9 +145,15 @@ class Detector(ABC):
                     progress(len(batch))
 
     def _features(self, images: Sequence[ImageSource], progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed all images; returns (features, original sizes N x 2)."""
-        chunks, sizes = zip(*self._embedded_batches(images, progress))
-        return torch.cat(chunks), torch.cat(sizes)
+        """Embed all images; returns (features, original sizes N x 2), filled batch by batch into one tensor."""
+        features, sizes, filled = None, torch.empty(len(images), 2, dtype=torch.long), 0
+        for batch, batch_sizes in self._embedded_batches(images, progress):
+            if features is None:
+                features = torch.empty((len(images), *batch.shape[1:]), dtype=batch.dtype)
+            features[filled : filled + len(batch)] = batch
+            sizes[filled : filled + len(batch)] = batch_sizes
+            filled += len(batch)
+        return features, sizes
 
     def fit(self, images: Sequence[ImageSource], progress: Progress | None = None) -> FitReport:
         """Fit on all good images; a seeded hold-out of them, scored unseen, sets the threshold."""
@@ -195,7 +201,10 @@ class Detector(ABC):
 
     def _score_and_map(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Image scores and model-frame maps (smoothed) for a batch of features."""
-        scores, grid = self.score_features(features)
+        return self._finish(*self.score_features(features))
+
+    def _finish(self, scores: torch.Tensor | None, grid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What score_features returned -> image scores and model-frame maps."""
         frame = None if grid is None else self._finish_maps(grid.float())
         if scores is None:
             scores = frame.amax(dim=(1, 2))
