@@ -149,7 +149,7 @@ def test_patchcore_holdout_scores_exclude_the_images_own_patches() -> None:
     assert len(detector.index.bank) == 48
 
 
-def _padim_fitted_on_random_features():
+def _padim_fitted_on_random_features() -> tuple:
     import torch
 
     from defectscope.detectors.padim import PaDiM, PaDiMConfig

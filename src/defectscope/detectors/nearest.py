@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import faiss
 import torch
 
@@ -63,12 +65,16 @@ class ClusteredBank:
         radius = torch.zeros(len(sizes)).scatter_reduce(0, owner, spread, "amax")
         return cls(bank, offsets, centroids, radius, order)
 
-    def _nearest_in(self, cluster: int, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per query: min over the cluster's rows of |x|^2 - 2 q.x (add |q|^2 for the distance) and that row."""
-        start, stop = int(self.offsets[cluster]), int(self.offsets[cluster + 1])
-        partial = torch.addmm(self.bank_sq[start:stop], queries, self.bank[start:stop].T, alpha=-2)
-        value, index = partial.min(1)
-        return value, index + start
+    def _scan(self, groups: Iterable[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each (cluster, queries) group, per query: the min over the cluster's rows of |x|^2 - 2 q.x
+        (add |q|^2 for the squared distance) and the row giving it; all groups concatenated."""
+        values, indices = [], []
+        for cluster, queries in groups:
+            start, stop = int(self.offsets[cluster]), int(self.offsets[cluster + 1])
+            value, index = torch.addmm(self.bank_sq[start:stop], queries, self.bank[start:stop].T, alpha=-2).min(1)
+            values.append(value)
+            indices.append(index + start)
+        return torch.cat(values), torch.cat(indices)
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact distance and bank index of each query's nearest neighbour."""
@@ -83,13 +89,11 @@ class ClusteredBank:
         # Pass 1: every query against its closest cluster; sorted by that cluster, each group is one slice.
         order = torch.argsort(closest)
         used, counts = torch.unique_consecutive(closest[order], return_counts=True)
-        ordered = queries[order]
-        starts = (torch.cumsum(counts, 0) - counts).tolist()
-        found = [self._nearest_in(c, ordered[a : a + n]) for c, a, n in zip(used.tolist(), starts, counts.tolist())]
+        values, indices = self._scan(zip(used.tolist(), queries[order].split(counts.tolist())))
         best = torch.empty(len(queries))
         best_index = torch.empty(len(queries), dtype=torch.long)
-        best[order] = torch.cat([v for v, _ in found]) + q_sq[order]
-        best_index[order] = torch.cat([i for _, i in found])
+        best[order] = values + q_sq[order]
+        best_index[order] = indices
         # Pass 2: every other cluster whose lower bound |q - c| - radius beats the pass-1 distance.
         upper = best.clamp_min(0).sqrt() + self.slack
         lower = centre_distance.sub_(self.radius)
@@ -98,10 +102,8 @@ class ClusteredBank:
         if not len(rows):
             return best.clamp_min(0).sqrt(), best_index
         used, counts = torch.unique_consecutive(clusters, return_counts=True)
-        groups = torch.split(rows, counts.tolist())
-        found = [self._nearest_in(c, queries[group]) for c, group in zip(used.tolist(), groups)]
-        values = torch.cat([v for v, _ in found]) + q_sq[rows]
-        indices = torch.cat([i for _, i in found])
+        values, indices = self._scan((c, queries[group]) for c, group in zip(used.tolist(), rows.split(counts.tolist())))
+        values += q_sq[rows]
         improved = best.scatter_reduce(0, rows, values, "amin")
         winner = (values == improved[rows]) & (values < best[rows])
         best_index.scatter_reduce_(0, rows[winner], indices[winner], "amin", include_self=False)  # ties: lowest row

@@ -77,7 +77,7 @@ class PaDiM(Detector):
 
     def _gaussians(self, features: torch.Tensor, rows: torch.Tensor | None = None
                    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-        """(positions, mean, precision) of the Gaussians learned from `rows` (default all), a few hundred positions at a time."""
+        """(positions, mean, precision) of the Gaussians learned from `rows` (default all), POSITION_CHUNK positions at a time."""
         n, positions, d = features.shape if rows is None else (len(rows), *features.shape[1:])
         if n < 2:
             raise DefectscopeError("PaDiM needs at least 2 training images")
