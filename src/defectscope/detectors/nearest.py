@@ -57,10 +57,11 @@ class ClusteredBank:
 
     @classmethod
     def from_sorted(cls, bank: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor | None = None) -> ClusteredBank:
-        """Rebuild centroids and radii from a bank already ordered by cluster."""
+        """Rebuild centroids and radii from a bank already ordered by cluster (empty clusters are dropped)."""
+        offsets = torch.unique_consecutive(offsets)
         sizes = offsets[1:] - offsets[:-1]
         owner = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
-        centroids = torch.zeros(len(sizes), bank.shape[1]).index_add_(0, owner, bank) / sizes.clamp_min(1)[:, None]
+        centroids = torch.zeros(len(sizes), bank.shape[1]).index_add_(0, owner, bank) / sizes[:, None]
         spread = (bank - centroids[owner]).norm(dim=1)
         radius = torch.zeros(len(sizes)).scatter_reduce(0, owner, spread, "amax")
         return cls(bank, offsets, centroids, radius, order)
