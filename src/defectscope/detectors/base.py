@@ -192,9 +192,7 @@ class Detector(ABC):
         By default a temporary model is fitted on the other images; the fitted state is then restored.
         """
         fitted = self.tensors()
-        rest = torch.ones(len(features), dtype=torch.bool)
-        rest[holdout] = False
-        self.fit_features(features[rest])
+        self.fit_features(features[rows_outside(len(features), holdout)])
         scores = self._score_and_map(features[holdout])[0]
         self.load_tensors(fitted)
         return scores
@@ -238,6 +236,13 @@ class Detector(ABC):
         preprocess = self.preprocess
         return [preprocess.to_original(frame[i : i + 1], height, width)[0].numpy()
                 for i, (height, width) in enumerate(sizes.tolist())]
+
+
+def rows_outside(count: int, held: torch.Tensor) -> torch.Tensor:
+    """Boolean mask over `count` rows: True for every row not in `held`."""
+    mask = torch.ones(count, dtype=torch.bool)
+    mask[held] = False
+    return mask
 
 
 def learned_state(network: nn.Module) -> dict[str, torch.Tensor]:

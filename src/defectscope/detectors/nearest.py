@@ -36,6 +36,7 @@ class ClusteredBank:
         # order[i]: row of the bank given to build() that now sits at row i (identity when loaded)
         self.order = torch.arange(len(bank)) if order is None else order
         self.bank_sq = (bank * bank).sum(1)
+        self.centroid_sq = (centroids * centroids).sum(1)
         self.slack = 1e-3 * float(self.bank_sq.max().sqrt()) if len(bank) else 0.0
 
     @classmethod
@@ -84,7 +85,7 @@ class ClusteredBank:
             return distances[:, 0], indices[:, 0]
         queries = queries.float().contiguous()
         q_sq = (queries * queries).sum(1)
-        centre_sq = torch.addmm((self.centroids * self.centroids).sum(1), queries, self.centroids.T, alpha=-2)
+        centre_sq = torch.addmm(self.centroid_sq, queries, self.centroids.T, alpha=-2)
         centre_distance = centre_sq.add_(q_sq[:, None]).clamp_min_(0).sqrt_()  # a GEMM: several times faster than cdist
         closest = centre_distance.argmin(1)
         # Pass 1: every query against its closest cluster; sorted by that cluster, each group is one slice.

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from defectscope.detectors.base import Detector, DetectorConfig, register
+from defectscope.detectors.base import Detector, DetectorConfig, register, rows_outside
 from defectscope.errors import DefectscopeError
 
 POSITION_CHUNK = 128  # positions fitted at once: bounds the temporaries of fitting
@@ -27,8 +27,8 @@ def _mahalanobis_squared(features: torch.Tensor, mean: torch.Tensor, precision: 
     squared = torch.empty(delta.shape[:2])
     widened = torch.empty(min(SCORE_CHUNK, len(precision)), *precision.shape[1:])
     for start in range(0, len(precision), SCORE_CHUNK):
-        where = slice(start, start + SCORE_CHUNK)
-        block = widened[: len(precision[where])].copy_(precision[where])
+        where = slice(start, min(start + SCORE_CHUNK, len(precision)))
+        block = widened[: where.stop - start].copy_(precision[where])
         squared[where] = (torch.bmm(delta[where], block) * delta[where]).sum(-1)
     return squared.T
 
@@ -106,11 +106,9 @@ class PaDiM(Detector):
 
     def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor) -> torch.Tensor:
         """Held-out images scored by Gaussians of the other images, built and used chunk by chunk (no second model)."""
-        rest = torch.ones(len(features), dtype=torch.bool)
-        rest[holdout] = False
-        held = features[holdout]
+        held, rest = features[holdout], torch.nonzero(rows_outside(len(features), holdout)).squeeze(1)
         squared = torch.empty(held.shape[:2])
-        for where, mean, precision in self._gaussians(features, torch.nonzero(rest).squeeze(1)):
+        for where, mean, precision in self._gaussians(features, rest):
             squared[:, where] = _mahalanobis_squared(held[:, where], mean, precision.half())
         return self._finish(None, _grid(squared))[0]
 

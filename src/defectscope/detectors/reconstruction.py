@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.data.images import ImageSource
-from defectscope.detectors.base import Detector, DetectorConfig, Progress, learned_state, load_learned_state, register
+from defectscope.detectors.base import (Detector, DetectorConfig, Progress, learned_state, load_learned_state, register,
+                                       rows_outside)
 from defectscope.detectors.networks import ConvAutoencoder, PretrainedAutoencoder, VariationalAutoencoder
 from defectscope.errors import DefectscopeError
 from defectscope.training.augment import augment
@@ -103,8 +104,7 @@ class ReconstructionDetector(Detector):
     def fit_features(self, features: torch.Tensor) -> dict[str, Any]:
         images = features.clone()  # leave inference mode: training needs ordinary tensors
         holdout = self.holdout_indices(len(images))
-        rest = torch.ones(len(images), dtype=torch.bool)
-        rest[holdout] = False
+        rest = rows_outside(len(images), holdout)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.network = self.build().to(memory_format=torch.channels_last)
         no_targets = torch.zeros(len(images))
