@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defectscope import __version__, create_detector, load_dataset
+from defectscope import __version__, load_dataset
 from defectscope.data.images import masks_in_frame
 from defectscope.detectors.segmenter import SegmenterConfig, held_out_maps
 from defectscope.export.pseudo import agreement
-from defectscope.metrics import aupro, pixel_auroc
+from defectscope.metrics import pixel_metrics
+from defectscope.pipeline import fit_detector
 
 
 def best_dice(masks: np.ndarray, maps: np.ndarray, defective: np.ndarray) -> dict:
@@ -54,8 +55,7 @@ def main() -> None:
     torch.set_num_threads(2)
     dataset = load_dataset(args.data)
     test = dataset.test
-    patchcore = create_detector("patchcore")
-    patchcore.fit([s.path for s in dataset.train])
+    patchcore, _ = fit_detector(dataset, "patchcore", {})
     start = time.perf_counter()
     pseudo = agreement(dataset, patchcore)
     pseudo["seconds"] = time.perf_counter() - start
@@ -68,7 +68,7 @@ def main() -> None:
     rows = {}
     for name, maps in (("patchcore (good images only)", np.stack(patchcore.predict([s.path for s in test], map_size="input").maps)),
                        (f"segmenter ({args.folds}-fold, masks)", segmenter_maps)):
-        rows[name] = {"pixel_auroc": pixel_auroc(masks, maps), "aupro": aupro(masks, maps), **best_dice(masks, maps, defective)}
+        rows[name] = {**pixel_metrics(masks, maps), **best_dice(masks, maps, defective)}
     rows[f"segmenter ({args.folds}-fold, masks)"]["seconds"] = segmenter_seconds
     category = args.data.name
     result = {"category": category, "library_version": __version__, "pseudo_labels": pseudo, "maps": rows,

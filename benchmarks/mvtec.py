@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from defectscope import __version__, create_detector, evaluate, load_dataset
+from defectscope import __version__, load_dataset
 from defectscope.data.images import read_image
+from defectscope.pipeline import evaluate_model, fit_detector
 
 COLUMNS = (
     ("category", "category", "{}"), ("model", "model", "{}"), ("image_auroc", "image AUROC", "{:.3f}"),
@@ -35,11 +36,10 @@ def measure(root: Path, category: str, model: str, settings: dict) -> dict:
     """Fit, evaluate and time one model on one category (run inside its own process)."""
     torch.set_num_threads(2)
     dataset = load_dataset(root / category)
-    detector = create_detector(model, **settings)
     start = time.perf_counter()
-    detector.fit([s.path for s in dataset.train])
+    detector, _ = fit_detector(dataset, model, settings)
     fit_seconds = time.perf_counter() - start
-    metrics = evaluate(detector, dataset).metrics
+    metrics = evaluate_model(detector, dataset)[0].metrics
     paths = [s.path for s in dataset.test]
     start = time.perf_counter()
     detector.predict(paths, map_size="input")

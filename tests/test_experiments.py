@@ -36,8 +36,8 @@ def test_inheritance_and_toml(tmp_path: Path) -> None:
     sgd = experiment.attempts[1]
     assert sgd.model == "autoencoder" and sgd.settings == {"epochs": 2, "lr": 0.01, "image_size": 64, "optimizer": "sgd"}
     assert experiment.baseline == "ae"
-    toml = _write(tmp_path, '[[attempts]]\nname = "a"\nmodel = "knn"\n\n[[attempts]]\nname = "b"\nbase = "a"\nimage_size = 128\n', "t.toml")
-    assert [a.settings for a in load_experiment(toml).attempts] == [{}, {"image_size": 128}]
+    toml = _write(tmp_path, '[[attempts]]\nname = "a"\nmodel = "knn"\n\n[[attempts]]\nname = "b"\nbase = "a"\nimage_size = 256\n', "t.toml")
+    assert [a.settings for a in load_experiment(toml).attempts] == [{}, {"image_size": 256}]
 
 
 @pytest.mark.parametrize("attempts,message", [

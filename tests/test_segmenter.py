@@ -10,10 +10,11 @@ import torch
 
 from defectscope.artifacts import load_model, save_model
 from defectscope.data.layout import load_dataset
-from defectscope.detectors import create_detector
+from defectscope.detectors import Detector, create_detector, good_only_models
 from defectscope.detectors.segmenter import SegmenterConfig, dice_bce, held_out_maps
 from defectscope.errors import DefectscopeError
 from defectscope.metrics import pixel_auroc
+from defectscope.pipeline import fit_detector
 
 SMALL = {"image_size": 128, "crop": None, "epochs": 10, "lr": 3e-3}
 
@@ -29,8 +30,9 @@ def test_dice_bce_by_hand() -> None:
 def test_segmenter_learns_masks_and_round_trips(demo_root: Path, tmp_path: Path) -> None:
     dataset = load_dataset(demo_root)
     segmenter = create_detector("segmenter", **SMALL, hflip=True)
-    with pytest.raises(DefectscopeError, match="learns from defect masks"):
-        segmenter.fit([s.path for s in dataset.train])
+    assert not isinstance(segmenter, Detector) and "segmenter" not in good_only_models()  # it learns from masks
+    with pytest.raises(DefectscopeError, match="cannot be fitted on good images alone"):
+        fit_detector(dataset, "segmenter", SMALL)
     history = segmenter.fit_masks(list(dataset.test) + list(dataset.train[:8]))
     assert history["train_loss"][-1] < history["train_loss"][0]
     assert not any(k.startswith("encoder.network._conv_stem") for k in segmenter.tensors())  # frozen part not stored

@@ -2,35 +2,38 @@
 
 The manifest holds the format version, detector name and config, pre-processing, backbone name and
 weight hash, threshold, score normalization, a training-set summary and the library version.
+A file is checked whole before anything is built from it; every defect is one clear error.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import struct
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors_bytes
 from safetensors.torch import save as save_tensors_bytes
 
-from defectscope import __version__
+from defectscope._version import __version__
 from defectscope.backbones import load_backbone
-from defectscope.detectors.base import Detector, detector_class
+from defectscope.detectors.base import MapModel, detector_class, require_finite
 from defectscope.errors import DefectscopeError
+from defectscope.files import check_output_file, json_text, write_atomic
 from defectscope.thresholds import Calibration
 
 FORMAT = "defectscope-model"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "defectscope"
 MAX_HEADER = 100 * 1024 * 1024
+SUFFIX = ".dsmodel"
 
 
-def manifest_of(detector: Detector) -> dict[str, Any]:
+def manifest_of(detector: MapModel) -> dict[str, Any]:
     """The JSON manifest describing a fitted detector."""
     backbone = detector.require_backbone() if detector.uses_backbone else None
     return {
@@ -49,37 +52,50 @@ def manifest_of(detector: Detector) -> dict[str, Any]:
     }
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to path via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.fchmod(handle, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions of a new file
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+def _file_bytes(tensors: dict[str, torch.Tensor], manifest: dict) -> bytes:
+    return save_tensors_bytes(tensors, metadata={MANIFEST_KEY: json_text(manifest, indent=None)})
 
 
-def save_model(detector: Detector, path: str | Path) -> Path:
-    """Save a fitted detector as a single self-describing model file."""
+def _check_calibration(calibration: Calibration | None, what: str) -> None:
+    if calibration is not None and not (math.isfinite(calibration.threshold) and calibration.threshold > 0):
+        raise DefectscopeError(f"{what} has threshold {calibration.threshold}, not a positive finite number")
+
+
+def save_model(detector: MapModel, path: str | Path, force: bool = False) -> Path:
+    """Save a fitted detector as a single self-describing model file.
+
+    Refuses a model with non-finite tensors or threshold, and replaces an existing file only if it
+    is a model file (anything else needs `force`).
+    """
+    path = Path(path)
     tensors = {k: v.contiguous() for k, v in detector.tensors().items() if v is not None}
     if not tensors:
         raise DefectscopeError("the detector is not fitted; fit it before saving")
-    manifest = json.dumps(manifest_of(detector), sort_keys=True)
-    path = Path(path)
-    write_atomic(path, save_tensors_bytes(tensors, metadata={MANIFEST_KEY: manifest}))
+    require_finite(tensors, f"{detector.name} has learned")
+    _check_calibration(detector.calibration, f"{detector.name}'s calibration")
+    check_model_output(path, force)
+    write_atomic(path, _file_bytes(tensors, manifest_of(detector)))
     return path
 
 
+def check_model_output(path: Path, force: bool = False) -> None:
+    """Raise unless `path` can take a model file: new, or an existing model file, or anything with `force`."""
+    check_output_file(path, force, is_ours=_is_model_file)
+
+
+def _is_model_file(path: Path) -> bool:
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            header = stream.read(size) if 0 < size <= MAX_HEADER else b""
+        return json.loads(json.loads(header)["__metadata__"][MANIFEST_KEY]).get("format") == FORMAT
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def read_manifest(data: bytes, path: Path) -> dict[str, Any]:
-    """Parse and check the manifest in a model file's safetensors header."""
+    """Parse and check the manifest in a model file's safetensors header, and that the file is complete."""
     if len(data) < 8:
         raise DefectscopeError(f"{path} is not a defectscope model file (too short: {len(data)} bytes)")
     (header_size,) = struct.unpack("<Q", data[:8])
@@ -90,38 +106,71 @@ def read_manifest(data: bytes, path: Path) -> dict[str, Any]:
         manifest = json.loads(header["__metadata__"][MANIFEST_KEY])
     except (ValueError, KeyError, TypeError) as exc:
         raise DefectscopeError(f"{path} is not a defectscope model file (no manifest in its header)") from exc
-    if manifest.get("format") != FORMAT:
-        raise DefectscopeError(f"{path} is not a defectscope model file (format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DefectscopeError(f"{path} is not a defectscope model file (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise DefectscopeError(f"{path} is damaged: its format version {version!r} is not a whole number >= 1")
+    if version > FORMAT_VERSION:
         raise DefectscopeError(
             f"{path} has model format version {version}, newer than this defectscope ({__version__}) reads "
             f"(up to {FORMAT_VERSION}); upgrade defectscope"
         )
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)]
+    if max(ends, default=0) != len(data) - 8 - header_size:
+        raise DefectscopeError(f"model file {path} is corrupt or truncated: its tensors need {max(ends, default=0)} bytes, "
+                               f"it holds {len(data) - 8 - header_size}")
     return manifest
 
 
-def load_model(path: str | Path, weights: str | Path | None = None) -> Detector:
-    """Load a model file (never unpickles); checks the backbone weights match the ones it was fitted with."""
-    path = Path(path)
+def _read(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError as exc:
         raise DefectscopeError(f"model file {path} does not exist") from exc
     except IsADirectoryError as exc:
         raise DefectscopeError(f"model path {path} is a folder; give the model file") from exc
+    except OSError as exc:
+        raise DefectscopeError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+
+
+def _section(manifest: dict, key: str, kind: type, path: Path, optional: bool = False) -> Any:
+    value = manifest.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind):
+        raise DefectscopeError(f"model file {path} is damaged: its manifest's '{key}' is missing or not a {kind.__name__}")
+    return value
+
+
+def load_model(path: str | Path, weights: str | Path | None = None) -> MapModel:
+    """Load a model file (never unpickles); checks the backbone weights match the ones it was fitted with."""
+    path = Path(path)
+    data = _read(path)
     manifest = read_manifest(data, path)
     try:
         tensors = load_tensors_bytes(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise DefectscopeError(f"model file {path} is corrupt or truncated: {exc}") from exc
-    cls = detector_class(manifest["detector"])
-    config = cls.config_class.from_dict(manifest["config"])
-    spec = manifest["backbone"]
-    backbone = spec and load_backbone(spec["name"], tuple(spec["strides"]), weights)
-    if backbone and backbone.weights_sha256 != spec["weights_sha256"]:
+    require_finite(tensors, f"model file {path} holds")
+    cls = detector_class(_section(manifest, "detector", str, path))
+    try:
+        config = cls.config_class.from_dict(_section(manifest, "config", dict, path))
+    except DefectscopeError as exc:
+        raise DefectscopeError(f"model file {path} has a bad config: {exc}") from exc
+    spec = _section(manifest, "backbone", dict, path, optional=True)
+    try:
+        calibration = _section(manifest, "calibration", dict, path, optional=True)
+        calibration = Calibration.from_dict(calibration) if calibration is not None else None
+        backbone = spec and load_backbone(spec["name"], tuple(spec["strides"]), weights)
+        expected = spec and spec["weights_sha256"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DefectscopeError(f"model file {path} is damaged: its manifest's backbone or calibration is incomplete ({exc})") from exc
+    _check_calibration(calibration, f"model file {path}")
+    if backbone and backbone.weights_sha256 != expected:
         raise DefectscopeError(
-            f"model {path} was fitted with {spec['name']} weights sha256 {spec['weights_sha256'][:12]}..., "
+            f"model {path} was fitted with {spec['name']} weights sha256 {str(expected)[:12]}..., "
             f"but the weights found here have {backbone.weights_sha256[:12]}...; supply the original weight file"
         )
     detector = cls(config, backbone)
@@ -129,25 +178,29 @@ def load_model(path: str | Path, weights: str | Path | None = None) -> Detector:
         detector.load_tensors(tensors)
     except KeyError as exc:
         raise DefectscopeError(f"model file {path} lacks tensor {exc}; it is damaged or from another tool") from exc
-    detector.calibration = Calibration.from_dict(manifest["calibration"]) if manifest["calibration"] else None
-    detector.train_summary = manifest.get("train_summary", {})
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        raise DefectscopeError(f"model file {path} has tensors that do not fit {cls.name}; it is damaged ({exc})") from exc
+    detector.calibration = calibration
+    summary = manifest.get("train_summary", {})
+    detector.train_summary = summary if isinstance(summary, dict) else {}
     return detector
 
 
-def set_threshold(path: str | Path, calibration: Calibration) -> None:
-    """Rewrite a model file's threshold in place (atomically), keeping everything else."""
+def set_threshold(path: str | Path, calibration: Calibration, out: str | Path | None = None, force: bool = False) -> Path:
+    """Write a model file with a new threshold (to `out`, default in place, atomically), keeping everything else."""
     path = Path(path)
-    data = path.read_bytes()
+    target = Path(out) if out is not None else path
+    data = _read(path)
     manifest = read_manifest(data, path)
+    _check_calibration(calibration, "the new calibration")
+    if target != path:
+        check_model_output(target, force)
     manifest["calibration"] = calibration.to_dict()
-    tensors = load_tensors_bytes(data)
-    write_atomic(path, save_tensors_bytes(tensors, metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)}))
+    write_atomic(target, _file_bytes(load_tensors_bytes(data), manifest))
+    return target
 
 
 def model_info(path: str | Path) -> dict[str, Any]:
-    """The manifest of a model file, without loading its tensors or backbone."""
+    """The manifest of a model file, after checking the file is complete, without building the model."""
     path = Path(path)
-    if not path.is_file():
-        raise DefectscopeError(f"model file {path} does not exist")
-    return read_manifest(path.read_bytes(), path)
-
+    return read_manifest(_read(path), path)

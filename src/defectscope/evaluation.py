@@ -14,9 +14,9 @@ import numpy as np
 
 from defectscope.data.images import masks_in_frame
 from defectscope.data.layout import GOOD, Dataset
-from defectscope.detectors.base import Detector, Progress
+from defectscope.detectors.base import MapModel, Progress
 from defectscope.errors import DefectscopeError
-from defectscope.metrics import aupro, f1_max, image_auroc, per_defect_auroc, pixel_auroc
+from defectscope.metrics import f1_max, image_auroc, per_defect_auroc, pixel_metrics
 
 
 @dataclass
@@ -47,11 +47,7 @@ def _decisions(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict
     }
 
 
-def _pixel_metrics(masks: np.ndarray, maps: np.ndarray) -> dict:
-    return {"pixel_auroc": pixel_auroc(masks, maps), "aupro": aupro(masks, maps)}
-
-
-def evaluate(detector: Detector, dataset: Dataset, progress: Progress | None = None) -> Evaluation:
+def evaluate(detector: MapModel, dataset: Dataset, progress: Progress | None = None) -> Evaluation:
     """Predict the test split and compute image, pixel and per-defect metrics."""
     test = dataset.test
     if not test:
@@ -91,10 +87,10 @@ def evaluate(detector: Detector, dataset: Dataset, progress: Progress | None = N
         maps = np.stack(prediction.maps)
         if dataset.has_masks:
             masks = masks_in_frame([s.mask for s in test], detector.preprocess)
-            metrics.update(_pixel_metrics(masks, maps))
+            metrics.update(pixel_metrics(masks, maps))
             for defect in per_defect:
                 keep = (defects == GOOD) | (defects == defect)
-                per_defect[defect].update(_pixel_metrics(masks[keep], maps[keep]))
+                per_defect[defect].update(pixel_metrics(masks[keep], maps[keep]))
         else:
             metrics["notes"].append("some defective test images have no mask; pixel metrics skipped")
     metrics["per_defect"] = per_defect

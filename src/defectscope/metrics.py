@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-from defectscope.thresholds import f1_optimal
+from defectscope.errors import DefectscopeError
 
 AUPRO_FPR_LIMIT = 0.3
 
@@ -74,8 +74,19 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMI
 
 
 def f1_max(labels: Sequence[int], scores: Sequence[float]) -> tuple[float, float]:
-    """(best image F1, its threshold)."""
-    return f1_optimal(np.asarray(labels), np.asarray(scores))
+    """(best image F1, the threshold reaching it): a score >= threshold is called defective."""
+    labels = np.asarray(labels)
+    if labels.size == 0 or labels.min() == labels.max():
+        raise DefectscopeError("the F1-optimal threshold needs both good and defective labelled images")
+    precision, recall, thresholds = precision_recall_curve(labels, np.asarray(scores))
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    best = int(np.argmax(f1[:-1]))
+    return float(f1[best]), float(thresholds[best])
+
+
+def pixel_metrics(masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:
+    """Pixel AUROC and AUPRO of model-frame maps against masks (N x H x W each)."""
+    return {"pixel_auroc": pixel_auroc(masks, maps), "aupro": aupro(masks, maps)}
 
 
 def per_defect_auroc(defects: Sequence[str], scores: Sequence[float], good: str = "good") -> dict[str, float]:

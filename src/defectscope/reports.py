@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from defectscope.artifacts import write_atomic
 from defectscope.data.images import read_image
-from defectscope.detectors.base import Detector
+from defectscope.detectors.base import MapModel
 from defectscope.evaluation import Evaluation
+from defectscope.files import write_atomic, write_json
 from defectscope.viz import gallery_png, overlay, roc_png
 
 METRIC_COLUMNS = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"), ("image_f1_max", "image F1-max"))
@@ -54,13 +53,13 @@ def _worst(evaluation: Evaluation, threshold: float, count: int) -> list[int]:
     return picked
 
 
-def write_report(evaluation: Evaluation, detector: Detector, out: Path, gallery_size: int = 8) -> list[Path]:
+def write_report(evaluation: Evaluation, detector: MapModel, out: Path, gallery_size: int = 8) -> list[Path]:
     """Write metrics.json, metrics.md, roc.png and gallery.png; returns the written paths."""
     out.mkdir(parents=True, exist_ok=True)
     metrics = evaluation.metrics
     written = [out / "metrics.json", out / "metrics.md"]
     payload = {"metrics": metrics, "images": evaluation.records}
-    write_atomic(written[0], (json.dumps(payload, indent=2) + "\n").encode())
+    write_json(written[0], payload, indent=2)
     write_atomic(written[1], metrics_markdown(metrics).encode())
     labels = np.array([r["label"] for r in evaluation.records])
     scores = np.array([r["score"] for r in evaluation.records])

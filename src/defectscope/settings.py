@@ -1,16 +1,28 @@
-"""Checked construction of settings dataclasses from plain dicts (config files, model manifests)."""
+"""Settings dataclasses built from plain dicts (config files, manifests) and checked in one declared place.
+
+Every settings class derives from `Settings`: `from_dict` rejects unknown fields and wrong types,
+builds the object and calls `check()`, which each class extends (calling `super().check()`) to
+reject values no run could use, naming the field.
+"""
 
 from __future__ import annotations
 
-from dataclasses import fields
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
 
 from defectscope.errors import DefectscopeError
+
+S = TypeVar("S", bound="Settings")
 
 
 def check_field_types(cls: type, data: dict) -> None:
     """Reject unknown fields and values whose type differs from the field's default (an int is a valid float)."""
+    if not isinstance(data, dict):
+        raise DefectscopeError(f"settings must be a mapping of field names to values, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
+    unknown = sorted(str(k) for k in set(data) - set(known))
     if unknown:
         raise DefectscopeError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     for name, value in data.items():
@@ -23,3 +35,61 @@ def check_field_types(cls: type, data: dict) -> None:
             ok = type(value) is type(default)
         if not ok:
             raise DefectscopeError(f"field '{name}' must be {type(default).__name__}, got {value!r}")
+
+
+def require_range(name: str, value: float | None, low: float | None = None, high: float | None = None,
+                  *, low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
+    """Raise unless `value` is a finite number within [low, high] (open ends where asked)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise DefectscopeError(f"field '{name}' must be a finite number, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        span = f"{left}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{right}"
+        raise DefectscopeError(f"field '{name}' must be in {span}, got {value!r}")
+
+
+def require_choice(name: str, value: Any, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise DefectscopeError(f"field '{name}' must be one of {', '.join(allowed)}, got {value!r}")
+
+
+@dataclass
+class Settings:
+    """Base of every settings class: checked construction from a dict, and back."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[S], data: dict) -> S:
+        check_field_types(cls, data)
+        settings = cls(**data)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Reject values no run could use; subclasses extend it and call super().check()."""
+
+
+@dataclass
+class FrameConfig(Settings):
+    """The backbone and the frame it sees (square resize, optional center crop), shared by every model kind."""
+
+    backbone: str = "efficientnet_lite0"
+    image_size: int = 256
+    crop: int | None = 224
+    seed: int = 0
+    batch_size: int = 32
+
+    def check(self) -> None:
+        super().check()
+        require_range("image_size", self.image_size, 16, 8192)
+        require_range("crop", self.crop, 16, self.image_size, optional=True)
+        require_range("batch_size", self.batch_size, 1)
+        require_range("seed", self.seed, 0)

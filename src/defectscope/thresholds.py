@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve
 
 from defectscope.errors import DefectscopeError
+from defectscope.metrics import f1_max
 
-METHODS = ("sigma", "percentile", "f1", "manual")
+GOOD_ONLY_METHODS = ("sigma", "percentile")
+MIN_CALIBRATION_IMAGES = 20  # fewer held-out good images leave the threshold to chance
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Calibration:
     good_mean: float
     good_std: float
     good_count: int
+    warning: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -29,6 +31,15 @@ class Calibration:
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
         return cls(**data)
+
+
+def few_images_warning(count: int, std: float) -> str | None:
+    """A warning when a threshold rests on too few held-out good images (or on no spread at all)."""
+    if count >= MIN_CALIBRATION_IMAGES and std > 0:
+        return None
+    spread = " with zero spread" if std <= 0 else ""
+    return (f"the threshold rests on {count} held-out good image(s){spread}; at least {MIN_CALIBRATION_IMAGES} are "
+            "needed for a stable one: add good training images, or set the threshold with labelled images")
 
 
 def calibrate(good_scores: np.ndarray, method: str = "sigma", param: float = 3.0) -> Calibration:
@@ -44,15 +55,13 @@ def calibrate(good_scores: np.ndarray, method: str = "sigma", param: float = 3.0
         threshold = np.percentile(scores, param)
     else:
         raise DefectscopeError(f"threshold method from good images must be 'sigma' or 'percentile', got '{method}'")
-    return Calibration(float(threshold), method, float(param), float(scores.mean()), float(scores.std()), int(scores.size))
+    std = float(scores.std())
+    return Calibration(float(threshold), method, float(param), float(scores.mean()), std, int(scores.size),
+                       few_images_warning(int(scores.size), std))
 
 
-def f1_optimal(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """(best F1, threshold reaching it): a score >= threshold is called defective."""
-    labels = np.asarray(labels)
-    if labels.min() == labels.max():
-        raise DefectscopeError("the F1-optimal threshold needs both good and defective labelled images")
-    precision, recall, thresholds = precision_recall_curve(labels, scores)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    best = int(np.argmax(f1[:-1]))
-    return float(f1[best]), float(thresholds[best])
+def f1_calibration(labels: np.ndarray, scores: np.ndarray, previous: Calibration | None) -> Calibration:
+    """The F1-optimal threshold on labelled scores, keeping the good-image statistics of the previous calibration."""
+    f1, threshold = f1_max(labels, scores)
+    return Calibration(threshold, "f1", f1, previous.good_mean if previous else 0.0, previous.good_std if previous else 0.0,
+                       previous.good_count if previous else 0)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -11,6 +15,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
+
+from defectscope.data.images import read_image  # noqa: E402
+from defectscope.files import write_atomic  # noqa: E402
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, low: float, high: float, mask: np.ndarray | None = None) -> np.ndarray:
@@ -27,8 +34,48 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, low: float, high: float, mas
 
 
 def save_rgb(path: Path, image: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    """Write an RGB image as PNG, atomically."""
+    ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    write_atomic(path, png.tobytes())
+
+
+def heatmap_names(paths: Sequence[Path]) -> list[str]:
+    """Unique, stable PNG names: each path relative to the inputs' common folder, parts joined by '_'.
+
+    Images in one folder keep that folder's name (good_000.png); names that still collide get a
+    short hash of their full path.
+    """
+    resolved = [Path(os.path.abspath(p)) for p in paths]
+    if not resolved:
+        return []
+    parents = {p.parent for p in resolved}
+    root = Path(os.path.commonpath(list(parents)))
+    if len(parents) == 1:
+        root = root.parent
+    names = ["_".join(p.relative_to(root).with_suffix("").parts) for p in resolved]
+    owners: dict[str, set[Path]] = {}
+    for name, path in zip(names, resolved):
+        owners.setdefault(name, set()).add(path)
+    return [f"{name}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}.png" if len(owners[name]) > 1 else f"{name}.png"
+            for name, path in zip(names, resolved)]
+
+
+def write_heatmaps(paths: Sequence[Path], maps: Sequence[np.ndarray | None], threshold: float | None, folder: Path
+                   ) -> list[Path | None]:
+    """An overlay PNG per image with a map (scaled 0 .. 2x threshold, or to the largest map value); None where none."""
+    present = [m for m in maps if m is not None]
+    high = 2 * threshold if threshold else max((float(m.max()) for m in present), default=1.0)
+    written: list[Path | None] = []
+    for path, name, heat in zip(paths, heatmap_names(paths), maps):
+        if heat is None:
+            written.append(None)
+            continue
+        target = folder / name
+        save_rgb(target, overlay(read_image(path), heat, 0.0, high))
+        written.append(target)
+    return written
 
 
 def roc_png(labels: np.ndarray, scores: np.ndarray, auroc: float, path: Path, title: str) -> None:
@@ -56,10 +103,12 @@ def gallery_png(tiles: list[tuple[np.ndarray, str]], path: Path, title: str, col
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
+    """Render a figure to PNG and write it atomically."""
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    write_atomic(path, buffer.getvalue())
 
 
 def loss_png(histories: list[dict], path: Path, title: str) -> None:

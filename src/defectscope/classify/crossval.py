@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold
 
 from defectscope.backbones import Backbone, load_backbone
 from defectscope.classify.losses import ImbalanceLoss, sample_weights
 from defectscope.classify.model import Classifier, ClassifierConfig, TailClassifier, trunk_maps
 from defectscope.data.images import Preprocess, load_normalized
-from defectscope.data.layout import GOOD, Dataset, Sample
+from defectscope.data.folds import class_names, label_of, pick_good, stratified_folds
+from defectscope.data.layout import Dataset, Sample
 from defectscope.efficientnet_lite import EfficientNetLite
 from defectscope.errors import DefectscopeError
 from defectscope.training.augment import augment
@@ -47,25 +47,6 @@ class CrossValidation:
                 "fit_seconds": self.fit_seconds, "infer_ms": self.infer_ms, "train_counts": self.train_counts}
 
 
-def class_names(dataset: Dataset, task: str) -> list[str]:
-    return [GOOD, "defective"] if task == "binary" else [GOOD, *dataset.defect_types]
-
-
-def label_of(sample: Sample, classes: list[str]) -> int:
-    if sample.label == 0:
-        return 0
-    return 1 if len(classes) == 2 and classes[1] == "defective" else classes.index(sample.defect)
-
-
-def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
-    """Held-out indices of each fold (seeded, stratified by label)."""
-    smallest = np.bincount(labels).min()
-    if smallest < folds:
-        raise DefectscopeError(f"a class has only {smallest} labelled image(s), fewer than folds={folds}; lower 'folds'")
-    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    return [held for _, held in splitter.split(np.zeros(len(labels)), labels)]
-
-
 def keep_shots(indices: np.ndarray, labels: np.ndarray, shots: int | None, seed: int) -> np.ndarray:
     """Indices kept for training: all good ones, and at most `shots` of each defect class (seeded)."""
     if shots is None:
@@ -79,20 +60,27 @@ def keep_shots(indices: np.ndarray, labels: np.ndarray, shots: int | None, seed:
     return np.sort(np.concatenate(kept))
 
 
-_INPUTS: dict[str, tuple[torch.Tensor, float]] = {}  # the last inputs computed, reused by the next attempt on the same images
+class InputCache:
+    """The last network inputs computed, reused by the next cross-validation on the same images and frame.
 
+    One experiment run holds one, so consecutive attempts that differ only in training settings share it.
+    """
 
-def _inputs(samples: list[Sample], preprocess: Preprocess, backbone: Backbone, trunk: int | None) -> tuple[torch.Tensor, float]:
-    """Normalized images (N x 3 x s x s), or the frozen trunk's maps at stride `trunk`, and the seconds per image
-    that took (decoding included). The last result is kept for the next call with the same inputs."""
-    key = json.dumps([[str(s.path) for s in samples], preprocess.to_dict(), backbone.name, backbone.weights_sha256, trunk])
-    if key not in _INPUTS:
-        start = time.perf_counter()
-        images = load_normalized([s.path for s in samples], preprocess)
-        images = trunk_maps(backbone, trunk, images) if trunk else images
-        _INPUTS.clear()
-        _INPUTS[key] = images, (time.perf_counter() - start) / len(samples)
-    return _INPUTS[key]
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.value: tuple[torch.Tensor, float] | None = None
+
+    def inputs(self, samples: list[Sample], preprocess: Preprocess, backbone: Backbone, trunk: int | None
+               ) -> tuple[torch.Tensor, float]:
+        """Normalized images (N x 3 x s x s), or the frozen trunk's maps at stride `trunk`, and the seconds per
+        image that took (decoding included)."""
+        key = json.dumps([[str(s.path) for s in samples], preprocess.to_dict(), backbone.name, backbone.weights_sha256, trunk])
+        if key != self.key or self.value is None:
+            start = time.perf_counter()
+            images = load_normalized([s.path for s in samples], preprocess)
+            images = trunk_maps(backbone, trunk, images) if trunk else images
+            self.key, self.value = key, (images, (time.perf_counter() - start) / len(samples))
+        return self.value
 
 
 class FoldModel:
@@ -124,19 +112,19 @@ class FoldModel:
         return torch.softmax(self.criterion.decision_logits(logits), 1)
 
 
-def cross_validate(dataset: Dataset, config: ClassifierConfig, progress: FoldProgress | None = None) -> CrossValidation:
+def cross_validate(dataset: Dataset, config: ClassifierConfig, progress: FoldProgress | None = None,
+                   cache: InputCache | None = None) -> CrossValidation:
     """Train and score config.folds models; returns every labelled image's held-out prediction."""
     classes = class_names(dataset, config.task)
     pool = dataset.test
     if not any(s.label for s in pool):
         raise DefectscopeError(f"{dataset.root} has no labelled defective images; the classifier needs some")
     labels = np.array([label_of(s, classes) for s in pool])
-    chosen = np.random.default_rng(config.seed).permutation(len(dataset.train))
-    extra = [dataset.train[i] for i in sorted(chosen if config.good_train < 0 else chosen[: config.good_train])]
+    extra = pick_good(dataset.train, config.good_train, config.seed)
     pretrained = load_backbone(config.backbone, (32,))
     preprocess = Preprocess(config.image_size, config.crop, pretrained.mean, pretrained.std)
     cached = config.freeze > 0 and not config.augments and isinstance(pretrained.network, EfficientNetLite)
-    images, per_image_load = _inputs(pool + extra, preprocess, pretrained, config.freeze if cached else None)
+    images, per_image_load = (cache or InputCache()).inputs(pool + extra, preprocess, pretrained, config.freeze if cached else None)
     pool_x, extra_x = images[: len(pool)], images[len(pool) :]
     records, usage, histories, train_counts = [], [], [], []
     fit_seconds, infer_seconds = per_image_load * len(extra), per_image_load * len(pool)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from defectscope.backbones import Backbone, freeze_through
 from defectscope.efficientnet_lite import EfficientNetLite
 from defectscope.classify.losses import LOSSES
 from defectscope.errors import DefectscopeError
-from defectscope.settings import check_field_types
+from defectscope.settings import FrameConfig, require_choice, require_range
 from defectscope.training.engine import TrainSettings
 
 TASKS = ("binary", "type")
@@ -20,7 +20,7 @@ SAMPLING = ("none", "balanced", "sqrt")
 
 
 @dataclass
-class ClassifierConfig(TrainSettings):
+class ClassifierConfig(FrameConfig, TrainSettings):
     """Backbone, task, cross-validation, loss and training settings of a supervised classifier.
 
     freeze: stem and stages up to this stride stay fixed (0 fine-tunes everything). With an
@@ -30,16 +30,13 @@ class ClassifierConfig(TrainSettings):
     shots: keep only this many images of each defect class in every training fold (long-tail study).
     """
 
-    backbone: str = "efficientnet_lite0"
     image_size: int = 128
     crop: int | None = None
     task: str = "binary"
     freeze: int = 16
     dropout: float = 0.2
-    batch_size: int = 32
     epochs: int = 30
     folds: int = 5
-    seed: int = 0
     good_train: int = -1
     shots: int | None = None
     loss: str = "ce"
@@ -51,27 +48,23 @@ class ClassifierConfig(TrainSettings):
     temperature: float = 0.1
     sampling: str = "none"
 
-    @classmethod
-    def from_dict(cls, data: dict) -> ClassifierConfig:
-        check_field_types(cls, data)
-        config = cls(**data)
-        config.check()
-        return config
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def check(self) -> None:
-        self.check_training()
+        super().check()
         for name, value, allowed in (("task", self.task, TASKS), ("loss", self.loss, LOSSES), ("sampling", self.sampling, SAMPLING)):
-            if value not in allowed:
-                raise DefectscopeError(f"field '{name}' must be one of {', '.join(allowed)}, got {value!r}")
+            require_choice(name, value, allowed)
         if self.folds < 2:
             raise DefectscopeError(f"field 'folds' must be at least 2, got {self.folds}")
         if self.good_train < -1:
             raise DefectscopeError(f"field 'good_train' must be -1 (all), 0 or a count, got {self.good_train}")
         if self.shots is not None and self.shots < 1:
             raise DefectscopeError(f"field 'shots' must be at least 1 (or null for all), got {self.shots}")
+        require_range("freeze", self.freeze, 0)
+        require_range("dropout", self.dropout, 0, 1, high_open=True)
+        for name in ("tau", "gamma", "contrastive_weight"):
+            require_range(name, getattr(self, name), 0)
+        require_range("beta", self.beta, 0, 1, high_open=True)
+        require_range("temperature", self.temperature, 0, low_open=True)
+        require_choice("weighting", self.weighting, ("inverse", "effective"))
 
 
 def pooled(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,12 @@
-"""Image decoding, the model's pre-processing and its inverse (model frame -> original image)."""
+"""Image decoding, the model's pre-processing and its inverse (model frame -> original image).
+
+Every decode first reads the file header and refuses images above the pixel limit
+(`DEFECTSCOPE_MAX_PIXELS`, default 50 megapixels), so a small file cannot claim gigabytes.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -16,8 +21,26 @@ from PIL import Image, UnidentifiedImageError
 from defectscope.errors import DefectscopeError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+MAX_PIXELS_ENV = "DEFECTSCOPE_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 50_000_000  # a 50-megapixel camera frame (8192 x 6104); MVTec's largest images are 1 MP
 
 cv2.setNumThreads(1)
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # failures become our errors, not [ WARN ] lines
+Image.MAX_IMAGE_PIXELS = None  # the limit is ours (checked from the header below), not Pillow's warning
+
+
+def max_pixels() -> int:
+    """The pixel limit per image: `DEFECTSCOPE_MAX_PIXELS` if set, else DEFAULT_MAX_PIXELS."""
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if value is None:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise DefectscopeError(f"{MAX_PIXELS_ENV} must be a whole number of pixels >= 1, got {value!r}")
+    return limit
 
 
 def _pil_failure(path: Path) -> str:
@@ -35,6 +58,7 @@ def _pil_failure(path: Path) -> str:
 def read_image(path: str | Path) -> np.ndarray:
     """Decode any common image (gray, RGBA, palette, 16-bit) to an RGB uint8 array HxWx3."""
     path = Path(path)
+    image_header(path)  # size limit before any pixel is decoded
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
@@ -66,6 +90,7 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 def read_mask(path: str | Path) -> np.ndarray:
     """Decode a mask to a boolean HxW array (any non-zero pixel is defective)."""
     path = Path(path)
+    image_header(path)
     image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise DefectscopeError(f"cannot decode mask {path}: {_pil_failure(path)}; replace or remove the file")
@@ -73,15 +98,42 @@ def read_mask(path: str | Path) -> np.ndarray:
 
 
 def image_header(path: str | Path) -> tuple[int, int, str]:
-    """Width, height and Pillow mode read from the file header only (no pixel decoding)."""
+    """Width, height and Pillow mode read from the file header only (no pixel decoding); checks the pixel limit."""
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size == 0:
+            raise DefectscopeError(f"cannot decode image {path}: empty file; replace or remove the file")
         with Image.open(path) as image:
-            return image.width, image.height, image.mode
+            width, height, mode = image.width, image.height, image.mode
+    except FileNotFoundError as exc:
+        raise DefectscopeError(f"image {path} does not exist") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DefectscopeError(
-            f"cannot read image header of {path}: {exc}; replace or remove the file"
-        ) from exc
+        reason = "not an image file" if isinstance(exc, UnidentifiedImageError) else str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+        raise DefectscopeError(f"cannot read image header of {path}: {reason}; replace or remove the file") from exc
+    limit = max_pixels()
+    if width * height > limit:
+        raise DefectscopeError(f"image {path} is {width}x{height} = {width * height:,} pixels, above the limit of {limit:,}; "
+                               f"shrink it, or raise {MAX_PIXELS_ENV}")
+    if width < 1 or height < 1:
+        raise DefectscopeError(f"image {path} has no pixels ({width}x{height})")
+    return width, height, mode
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files and folders (searched recursively, hidden files skipped) -> image paths in a stable order."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(item).parts))
+            if not found:
+                raise DefectscopeError(f"folder {item} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths += found
+        elif item.exists() or item.is_symlink():
+            paths.append(item)
+        else:
+            raise DefectscopeError(f"{item} does not exist")
+    return paths
 
 
 @dataclass(frozen=True)
@@ -180,25 +232,40 @@ class PreprocessedImages(torch.utils.data.Dataset):
 
 
 def iterate_batches(
-    images: Sequence[ImageSource], preprocess: Preprocess, batch_size: int = 32, workers: int = 2
+    images: Sequence[ImageSource], preprocess: Preprocess, batch_size: int = 32, workers: int = 2,
+    errors: list[str | None] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (uint8 NCHW batch, original sizes N x 2); decoding runs ahead in a thread pool.
 
     OpenCV releases the GIL while decoding and resizing, so threads overlap decoding with
-    the model's compute without the start-up cost of worker processes.
+    the model's compute without the start-up cost of worker processes. An unreadable image
+    stops the iteration, or, given an `errors` list, becomes a blank frame of size 0 x 0 and
+    its reason is appended there (None for every readable image, in input order).
     """
     dataset = PreprocessedImages(images, preprocess)
+    blank = torch.zeros(3, preprocess.input_size, preprocess.input_size, dtype=torch.uint8)
+
+    def load(index: int) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+        try:
+            return (*dataset[index], None)
+        except DefectscopeError as exc:
+            if errors is None:
+                raise
+            return blank, torch.zeros(2, dtype=torch.long), str(exc)
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending = [pool.submit(dataset.__getitem__, i) for i in range(min(len(dataset), 2 * batch_size))]
+        pending = [pool.submit(load, i) for i in range(min(len(dataset), 2 * batch_size))]
         submitted = len(pending)
         for start in range(0, len(dataset), batch_size):
             stop = min(start + batch_size, len(dataset))
             items = [pending[i - start].result() for i in range(start, stop)]
             pending = pending[stop - start :]
             while submitted < min(len(dataset), stop + 2 * batch_size):
-                pending.append(pool.submit(dataset.__getitem__, submitted))
+                pending.append(pool.submit(load, submitted))
                 submitted += 1
-            yield torch.stack([frame for frame, _ in items]), torch.stack([size for _, size in items])
+            if errors is not None:
+                errors += [error for _, _, error in items]
+            yield torch.stack([frame for frame, _, _ in items]), torch.stack([size for _, size, _ in items])
 
 
 def load_normalized(images: Sequence[ImageSource], preprocess: Preprocess) -> torch.Tensor:

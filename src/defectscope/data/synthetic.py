@@ -7,6 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from defectscope.files import claim_folder
+
 DEFECTS = ("scratch", "contamination", "broken")
 
 
@@ -90,8 +92,11 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 def make_demo_dataset(
     root: str | Path, size: int = 128, train: int = 40, test_good: int = 10, per_defect: int = 8, seed: int = 0
 ) -> Path:
-    """Write a small MVTec-layout dataset with masks under root and return root."""
-    root = Path(root)
+    """Write a small MVTec-layout dataset with masks under root and return root.
+
+    Root must be new, empty, or a demo dataset written earlier: existing images are never replaced otherwise.
+    """
+    root = claim_folder(Path(root), what="demo dataset")
     rng = np.random.default_rng(seed)
     for i in range(train):
         _write(root / "train" / "good" / f"{i:03d}.png", _to_uint8(_good_part(rng, size)[0]))

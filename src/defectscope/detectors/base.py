@@ -1,4 +1,8 @@
-"""The Detector contract: fit on good images, predict scores and maps; registry by name."""
+"""Map models (predict scores and maps; registry by name) and the good-only `Detector` that fits on good images.
+
+`MapModel` holds everything a fitted model does at prediction time. Its kinds differ in how they
+learn: `Detector` (this module) from good images alone, `Segmenter` (segmenter.py) from masks.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ from torch import nn
 from defectscope.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, load_backbone
 from defectscope.data.images import ImageSource, Preprocess, iterate_batches
 from defectscope.errors import DefectscopeError
-from defectscope.settings import check_field_types
-from defectscope.thresholds import Calibration, calibrate
+from defectscope.settings import FrameConfig, require_choice, require_range
+from defectscope.thresholds import GOOD_ONLY_METHODS, Calibration, calibrate
+from defectscope.training.engine import EpochProgress, History
 
 Progress = Callable[[int], None]
 MAP_SIGMA = 4.0
@@ -34,34 +39,34 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 @dataclass
-class DetectorConfig:
-    """Settings shared by every detector; subclasses add their own fields."""
+class DetectorConfig(FrameConfig):
+    """Frame and threshold settings shared by every map model; subclasses add their own fields."""
 
-    backbone: str = "efficientnet_lite0"
-    image_size: int = 256
-    crop: int | None = 224
-    seed: int = 0
-    batch_size: int = 32
     calibration_fraction: float = 0.1
     threshold_method: str = "sigma"
     threshold_param: float = 3.0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> DetectorConfig:
-        check_field_types(cls, data)
-        return cls(**data)
+    def check(self) -> None:
+        super().check()
+        require_range("calibration_fraction", self.calibration_fraction, 0, 1, low_open=True, high_open=True)
+        require_choice("threshold_method", self.threshold_method, GOOD_ONLY_METHODS)
+        if self.threshold_method == "percentile":
+            require_range("threshold_param", self.threshold_param, 0, 100, low_open=True)
+        else:
+            require_range("threshold_param", self.threshold_param, 0)
 
 
 @dataclass
 class Prediction:
-    """Raw scores (N), maps (one HxW array per image, or None for image-level models) and verdicts."""
+    """Raw scores (N), maps (one HxW array per image, or None for image-level models) and verdicts.
+
+    An image that could not be scored has score NaN, map None and its reason in `errors`.
+    """
 
     scores: np.ndarray
-    maps: list[np.ndarray] | None
+    maps: list[np.ndarray | None] | None
     threshold: float | None = None
+    errors: list[str | None] | None = None
 
     @property
     def normalized(self) -> np.ndarray:
@@ -72,7 +77,8 @@ class Prediction:
 
     @property
     def verdicts(self) -> list[str]:
-        return ["defective" if s >= 1.0 else "good" for s in self.normalized]
+        """'defective', 'good', or 'error' for any score that is not a finite number (never 'good')."""
+        return ["error" if not np.isfinite(s) else "defective" if s >= 1.0 else "good" for s in self.normalized]
 
 
 @dataclass
@@ -85,17 +91,21 @@ class FitReport:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-class Detector(ABC):
-    """Learns good images; subclasses implement embed / fit_features / score_features / tensors."""
+class MapModel(ABC):
+    """A fitted model that scores images and (if it `localizes`) maps them; subclasses learn in their own way."""
 
     name: ClassVar[str]
+    kind: ClassVar[str]  # how the model learns: "good_only" or "masks"; experiments dispatch on it
     config_class: ClassVar[type[DetectorConfig]] = DetectorConfig
     localizes: ClassVar[bool] = True
     uses_backbone: ClassVar[bool] = True
     strides: tuple[int, ...] = (8, 16)
+    epoch_progress: EpochProgress | None = None  # trained models report each epoch here
+    history: History | None = None  # trained models: the loss history of the last fit
 
     def __init__(self, config: DetectorConfig | None = None, backbone: Backbone | None = None) -> None:
         self.config = config or self.config_class()
+        self.config.check()
         self.backbone = backbone
         self.calibration: Calibration | None = None
         self.train_summary: dict[str, Any] = {}
@@ -104,10 +114,6 @@ class Detector(ABC):
     @abstractmethod
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalized images N x 3 x s x s -> per-image features used by fit and score."""
-
-    @abstractmethod
-    def fit_features(self, features: torch.Tensor) -> dict[str, Any]:
-        """Learn from the features of good images; returns details for the fit report."""
 
     @abstractmethod
     def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -120,6 +126,10 @@ class Detector(ABC):
     @abstractmethod
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what `tensors` returned."""
+
+    def mean_loss(self, images: Sequence[ImageSource]) -> float | None:
+        """The training objective on other images, for models trained by a loss; None for the others."""
+        return None
 
     # -- shared machinery --------------------------------------------------------------------
     @property
@@ -134,15 +144,76 @@ class Detector(ABC):
             self.backbone = load_backbone(self.config.backbone, self.strides)
         return self.backbone
 
-    def _embedded_batches(self, images: Sequence[ImageSource], progress: Progress | None
+    def _embedded_batches(self, images: Sequence[ImageSource], progress: Progress | None, errors: list | None = None
                           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (features, original sizes N x 2) batch by batch, in inference mode."""
+        """Yield (features, original sizes N x 2) batch by batch, in inference mode.
+
+        With an `errors` list, unreadable images are recorded there (their size is 0 x 0) instead of stopping.
+        """
         preprocess = self.preprocess
         with torch.inference_mode():
-            for batch, sizes in iterate_batches(images, preprocess, self.config.batch_size):
+            for batch, sizes in iterate_batches(images, preprocess, self.config.batch_size, errors=errors):
                 yield self.embed(preprocess.normalize(batch)), sizes
                 if progress:
                     progress(len(batch))
+
+    def _score_and_map(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image scores and model-frame maps (smoothed) for a batch of features."""
+        return self._finish(*self.score_features(features))
+
+    def _finish(self, scores: torch.Tensor | None, grid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What score_features returned -> image scores and model-frame maps."""
+        frame = None if grid is None else self._finish_maps(grid.float())
+        if scores is None:
+            scores = frame.amax(dim=(1, 2))
+        return scores.float(), frame
+
+    def _finish_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """Feature-grid maps -> model-frame maps: bilinear upsampling, then Gaussian smoothing (sigma 4)."""
+        size = self.preprocess.input_size
+        maps = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        return gaussian_smooth(maps, MAP_SIGMA)
+
+    def predict(self, images: Sequence[ImageSource], map_size: str | tuple[int, int] = "original",
+                progress: Progress | None = None, keep_going: bool = False) -> Prediction:
+        """Score images; maps at each image's original size, the model frame ('input') or (H, W).
+
+        An unreadable image stops the call, or with `keep_going` gets score NaN, map None and its reason.
+        """
+        if not (map_size in ("original", "input") or isinstance(map_size, tuple)):
+            raise DefectscopeError(f"map_size must be 'original', 'input' or (height, width), got {map_size!r}")
+        errors: list[str | None] | None = [] if keep_going else None
+        scores, maps = [], []
+        for features, sizes in self._embedded_batches(images, progress, errors):
+            batch_scores, frame = self._score_and_map(features)
+            failed = sizes[:, 0] == 0
+            scores.append(batch_scores.numpy().astype(np.float32))
+            scores[-1][failed.numpy()] = np.nan
+            if frame is not None:
+                placed = self._place_maps(frame[~failed], sizes[~failed], map_size)[::-1] if not failed.all() else []
+                maps += [None if bad else placed.pop() for bad in failed.tolist()]
+        threshold = self.calibration.threshold if self.calibration else None
+        joined = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+        return Prediction(joined, maps if self.localizes else None, threshold, errors)
+
+    def _place_maps(self, frame: torch.Tensor, sizes: torch.Tensor, map_size: str | tuple[int, int]) -> list[np.ndarray]:
+        if map_size == "input":
+            return list(frame.numpy())
+        if isinstance(map_size, tuple):
+            return list(F.interpolate(frame[:, None], size=map_size, mode="bilinear")[:, 0].numpy())
+        preprocess = self.preprocess
+        return [preprocess.to_original(frame[i : i + 1], height, width)[0].numpy()
+                for i, (height, width) in enumerate(sizes.tolist())]
+
+
+class Detector(MapModel):
+    """Learns from good images only: `fit` embeds them, learns, and calibrates the threshold on a held-out part."""
+
+    kind = "good_only"
+
+    @abstractmethod
+    def fit_features(self, features: torch.Tensor) -> dict[str, Any]:
+        """Learn from the features of good images; returns details for the fit report."""
 
     def _features(self, images: Sequence[ImageSource], progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed all images; returns (features, original sizes N x 2), filled batch by batch into one tensor."""
@@ -165,11 +236,13 @@ class Detector(ABC):
         count = len(images)
         with torch.no_grad():
             details = self.fit_features(features)
+        require_finite(self.tensors(), f"{self.name} learned")
         holdout = self.holdout_indices(count)
         held = len(holdout)
         if held:
             with torch.inference_mode():
                 scores = self.holdout_scores(features, holdout).numpy()
+            require_finite({"held-out scores": torch.from_numpy(scores)}, f"{self.name} calibration gave")
             self.calibration = calibrate(scores, self.config.threshold_method, self.config.threshold_param)
         heights, widths = sizes[:, 0], sizes[:, 1]
         self.train_summary = {
@@ -197,45 +270,13 @@ class Detector(ABC):
         self.load_tensors(fitted)
         return scores
 
-    def _score_and_map(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Image scores and model-frame maps (smoothed) for a batch of features."""
-        return self._finish(*self.score_features(features))
 
-    def _finish(self, scores: torch.Tensor | None, grid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What score_features returned -> image scores and model-frame maps."""
-        frame = None if grid is None else self._finish_maps(grid.float())
-        if scores is None:
-            scores = frame.amax(dim=(1, 2))
-        return scores.float(), frame
-
-    def _finish_maps(self, maps: torch.Tensor) -> torch.Tensor:
-        """Feature-grid maps -> model-frame maps: bilinear upsampling, then Gaussian smoothing (sigma 4)."""
-        size = self.preprocess.input_size
-        maps = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-        return gaussian_smooth(maps, MAP_SIGMA)
-
-    def predict(self, images: Sequence[ImageSource], map_size: str | tuple[int, int] = "original",
-                progress: Progress | None = None) -> Prediction:
-        """Score images; maps at each image's original size, the model frame ('input') or (H, W)."""
-        if not (map_size in ("original", "input") or isinstance(map_size, tuple)):
-            raise DefectscopeError(f"map_size must be 'original', 'input' or (height, width), got {map_size!r}")
-        scores, maps = [], []
-        for features, sizes in self._embedded_batches(images, progress):
-            batch_scores, frame = self._score_and_map(features)
-            scores.append(batch_scores.numpy())
-            if frame is not None:
-                maps += self._place_maps(frame, sizes, map_size)
-        threshold = self.calibration.threshold if self.calibration else None
-        return Prediction(np.concatenate(scores), maps if self.localizes else None, threshold)
-
-    def _place_maps(self, frame: torch.Tensor, sizes: torch.Tensor, map_size: str | tuple[int, int]) -> list[np.ndarray]:
-        if map_size == "input":
-            return list(frame.numpy())
-        if isinstance(map_size, tuple):
-            return list(F.interpolate(frame[:, None], size=map_size, mode="bilinear")[:, 0].numpy())
-        preprocess = self.preprocess
-        return [preprocess.to_original(frame[i : i + 1], height, width)[0].numpy()
-                for i, (height, width) in enumerate(sizes.tolist())]
+def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raise if any floating-point tensor holds NaN or infinity (e.g. training diverged)."""
+    bad = [name for name, t in tensors.items() if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise DefectscopeError(f"{what} values that are not finite numbers ({', '.join(bad[:3])}): training diverged; "
+                               "lower the learning rate or check the images; nothing was written")
 
 
 def rows_outside(count: int, held: torch.Tensor) -> torch.Tensor:
@@ -261,22 +302,27 @@ def load_learned_state(network: nn.Module, tensors: dict[str, torch.Tensor], nam
     network.eval()
 
 
-DETECTORS: dict[str, type[Detector]] = {}
+DETECTORS: dict[str, type[MapModel]] = {}  # every map model by name, whatever it learns from
 
 
-def register(cls: type[Detector]) -> type[Detector]:
-    """Class decorator adding a detector to the registry under its `name`."""
+def register(cls: type[MapModel]) -> type[MapModel]:
+    """Class decorator adding a map model to the registry under its `name`."""
     DETECTORS[cls.name] = cls
     return cls
 
 
-def detector_class(name: str) -> type[Detector]:
+def detector_class(name: str) -> type[MapModel]:
     if name not in DETECTORS:
         raise DefectscopeError(f"unknown model '{name}'; choose one of: {', '.join(sorted(DETECTORS))}")
     return DETECTORS[name]
 
 
-def create_detector(name: str, **settings: Any) -> Detector:
-    """A new detector by registry name, with config fields given as keywords."""
+def good_only_models() -> list[str]:
+    """Names of the models `fit` can learn from good images alone."""
+    return sorted(name for name, cls in DETECTORS.items() if issubclass(cls, Detector))
+
+
+def create_detector(name: str, **settings: Any) -> MapModel:
+    """A new map model by registry name, with config fields given as keywords (checked)."""
     cls = detector_class(name)
     return cls(cls.config_class.from_dict(settings))

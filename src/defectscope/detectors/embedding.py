@@ -14,6 +14,7 @@ from sklearn.svm import OneClassSVM
 from defectscope.detectors.base import Detector, DetectorConfig, register
 from defectscope.detectors.nearest import nearest
 from defectscope.errors import DefectscopeError
+from defectscope.settings import require_range
 
 
 @dataclass
@@ -24,6 +25,13 @@ class EmbeddingConfig(DetectorConfig):
     variance: float = 0.95
     nu: float = 0.1
     gamma: float = 0.0
+
+    def check(self) -> None:
+        super().check()
+        require_range("neighbours", self.neighbours, 1)
+        require_range("variance", self.variance, 0, 1, low_open=True, high_open=True)
+        require_range("nu", self.nu, 0, 1, low_open=True)
+        require_range("gamma", self.gamma, 0)
 
 
 class EmbeddingDetector(Detector):

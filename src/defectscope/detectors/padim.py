@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from defectscope.detectors.base import Detector, DetectorConfig, register, rows_outside
 from defectscope.errors import DefectscopeError
+from defectscope.settings import require_range
 
 POSITION_CHUNK = 128  # positions fitted at once: bounds the temporaries of fitting
 SCORE_CHUNK = 64  # positions scored at once
@@ -49,6 +50,12 @@ class PaDiMConfig(DetectorConfig):
     feature_dim: int = 200
     regularization: float = 0.1
 
+    def check(self) -> None:
+        super().check()
+        require_range("feature_dim", self.feature_dim, 1)
+        if not self.regularization >= MIN_REGULARIZATION:
+            raise DefectscopeError(f"PaDiM regularization must be at least {MIN_REGULARIZATION:g}, got {self.regularization:g}")
+
 
 @register
 class PaDiM(Detector):
@@ -81,8 +88,6 @@ class PaDiM(Detector):
         n, positions, d = features.shape if rows is None else (len(rows), *features.shape[1:])
         if n < 2:
             raise DefectscopeError("PaDiM needs at least 2 training images")
-        if not self.config.regularization >= MIN_REGULARIZATION:
-            raise DefectscopeError(f"PaDiM regularization must be at least {MIN_REGULARIZATION:g}, got {self.config.regularization:g}")
         ridge = self.config.regularization * torch.eye(d)
         for start in range(0, positions, POSITION_CHUNK):  # bounded memory
             where = slice(start, min(start + POSITION_CHUNK, positions))

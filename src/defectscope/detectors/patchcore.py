@@ -12,6 +12,7 @@ from defectscope.detectors.base import Detector, DetectorConfig, register
 from defectscope.detectors.coreset import coreset_indices
 from defectscope.detectors.nearest import ClusteredBank, nearest
 from defectscope.errors import DefectscopeError
+from defectscope.settings import require_range
 
 
 @dataclass
@@ -26,6 +27,15 @@ class PatchCoreConfig(DetectorConfig):
     layer_dim: int = 64
     reweight: bool = False
     reweight_neighbours: int = 9
+
+    def check(self) -> None:
+        super().check()
+        require_range("coreset_ratio", self.coreset_ratio, 0, 1, low_open=True)
+        require_range("projection_dim", self.projection_dim, 1)
+        if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
+            raise DefectscopeError(f"field 'neighbourhood' must be an odd number >= 1, got {self.neighbourhood}")
+        require_range("layer_dim", self.layer_dim, 1)
+        require_range("reweight_neighbours", self.reweight_neighbours, 1)
 
 
 def patch_embedding(maps: dict[int, torch.Tensor], neighbourhood: int, layer_dim: int) -> torch.Tensor:

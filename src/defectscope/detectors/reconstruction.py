@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.data.images import ImageSource
-from defectscope.detectors.base import (Detector, DetectorConfig, Progress, learned_state, load_learned_state, register,
+from defectscope.detectors.base import (Detector, DetectorConfig, learned_state, load_learned_state, register,
                                        rows_outside)
 from defectscope.detectors.networks import ConvAutoencoder, PretrainedAutoencoder, VariationalAutoencoder
 from defectscope.errors import DefectscopeError
+from defectscope.settings import require_choice, require_range
 from defectscope.training.augment import augment
-from defectscope.training.engine import EpochProgress, History, TrainSettings, train
+from defectscope.training.engine import TrainSettings, train
 
 ERRORS = ("mse", "ssim")
 
@@ -57,6 +58,15 @@ class ReconstructionConfig(DetectorConfig, TrainSettings):
     freeze_encoder: bool = True
     beta: float = 1.0
 
+    def check(self) -> None:
+        super().check()
+        require_choice("error", self.error, ERRORS)
+        require_range("width", self.width, 1)
+        require_range("latent", self.latent, 1)
+        require_range("beta", self.beta, 0)
+        if (self.crop or self.image_size) % 16:
+            raise DefectscopeError(f"reconstruction models need an input size divisible by 16, got {self.crop or self.image_size}")
+
 
 class ReconstructionDetector(Detector):
     """Shared fit / score logic; subclasses build the network and may add loss terms."""
@@ -65,17 +75,10 @@ class ReconstructionDetector(Detector):
     config_class: ClassVar[type[DetectorConfig]] = ReconstructionConfig
     uses_backbone: ClassVar[bool] = False
     strides = (16,)
-    epoch_progress: EpochProgress | None = None
 
     def __init__(self, config: DetectorConfig | None = None, backbone: Any = None) -> None:
         super().__init__(config, backbone)
-        if self.config.error not in ERRORS:
-            raise DefectscopeError(f"error must be one of {', '.join(ERRORS)}, got {self.config.error!r}")
-        self.config.check_training()
-        if self.preprocess.input_size % 16:
-            raise DefectscopeError(f"{self.name} needs an input size divisible by 16, got {self.preprocess.input_size}")
         self.network: nn.Module | None = None
-        self.history: History | None = None
 
     def build(self) -> nn.Module:
         raise NotImplementedError
@@ -125,10 +128,10 @@ class ReconstructionDetector(Detector):
         self.network.eval()
         return None, self.error_map(features, self.reconstruct(features)[0])
 
-    def mean_loss(self, images: Sequence[ImageSource], progress: Progress | None = None) -> float:
+    def mean_loss(self, images: Sequence[ImageSource]) -> float:
         """The training objective on other images (e.g. the test split), without augmentation."""
         total, count = 0.0, 0
-        for batch, _ in self._embedded_batches(images, progress):
+        for batch, _ in self._embedded_batches(images, None):
             total += float(self.loss(self.network, batch, batch, False)) * len(batch)
             count += len(batch)
         return total / count

@@ -1,7 +1,7 @@
 """A supervised defect segmenter: pretrained backbone encoder + light FPN decoder, Dice + BCE loss.
 
-It learns from masks (`fit_masks`), not from good images alone, so `fit` refuses; its
-probability maps go through the same `predict` pipeline as every detector and become heatmaps.
+It is a map model of the "masks" kind: it learns from masks (`fit_masks`), not from good images
+alone; its probability maps go through the same `predict` pipeline as every detector.
 `held_out_maps` scores every test image with a model of a fold that did not train on it.
 """
 
@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.backbones import Backbone, freeze_through
-from defectscope.classify.crossval import class_names, label_of, stratified_folds
+from defectscope.data.folds import class_names, label_of, pick_good, stratified_folds
 from defectscope.data.images import load_normalized, masks_in_frame
 from defectscope.data.layout import Dataset, Sample
-from defectscope.detectors.base import Detector, DetectorConfig, Progress, learned_state, load_learned_state, register
+from defectscope.detectors.base import DetectorConfig, MapModel, Progress, learned_state, load_learned_state, register
 from defectscope.errors import DefectscopeError
+from defectscope.settings import require_range
 from defectscope.thresholds import Calibration
 from defectscope.training.augment import augment
 from defectscope.training.engine import TrainSettings, train
@@ -68,20 +69,25 @@ class SegmenterConfig(DetectorConfig, TrainSettings):
     good_train: int = 40
     folds: int = 5
 
+    def check(self) -> None:
+        super().check()
+        if self.color_jitter:
+            raise DefectscopeError("the segmenter augments with flips and rotation only; set color_jitter to 0")
+        require_range("freeze", self.freeze, 0)
+        require_range("channels", self.channels, 1)
+        require_range("dice_weight", self.dice_weight, 0)
+        require_range("good_train", self.good_train, -1)
+        require_range("folds", self.folds, 2)
+
 
 @register
-class Segmenter(Detector):
+class Segmenter(MapModel):
     name = "segmenter"
+    kind = "masks"
     config_class = SegmenterConfig
     config: SegmenterConfig
     strides = (4, 8, 16)
     network: FPNSegmenter | None = None
-
-    def __init__(self, config: DetectorConfig | None = None, backbone: Backbone | None = None) -> None:
-        super().__init__(config, backbone)
-        self.config.check_training()
-        if self.config.color_jitter:
-            raise DefectscopeError("the segmenter augments with flips and rotation only; set color_jitter to 0")
 
     def build(self) -> FPNSegmenter:
         backbone = self.require_backbone()
@@ -90,12 +96,6 @@ class Segmenter(Detector):
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         return batch
-
-    def fit(self, images: Sequence, progress: Progress | None = None) -> Any:
-        raise DefectscopeError("the segmenter learns from defect masks, not good images alone; use fit_masks(samples)")
-
-    def fit_features(self, features: torch.Tensor) -> dict[str, Any]:
-        raise DefectscopeError("the segmenter learns from defect masks; use fit_masks(samples)")
 
     def _loss(self, network: nn.Module, x: torch.Tensor, masks: torch.Tensor, training: bool) -> torch.Tensor:
         if training and self.config.augments:
@@ -140,8 +140,7 @@ def held_out_maps(dataset: Dataset, config: SegmenterConfig, progress: Progress 
     pool = list(dataset.test)
     classes = class_names(dataset, "type")
     labels = np.array([label_of(s, classes) for s in pool])
-    rng = np.random.default_rng(config.seed)
-    goods = [dataset.train[i] for i in sorted(rng.permutation(len(dataset.train))[: config.good_train])]
+    goods = pick_good(dataset.train, config.good_train, config.seed)
     maps: list[np.ndarray | None] = [None] * len(pool)
     fold_of = [0] * len(pool)
     predict_seconds = 0.0

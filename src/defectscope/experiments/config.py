@@ -19,17 +19,26 @@ from typing import Any
 
 import yaml
 
-from defectscope.classify.model import ClassifierConfig
-from defectscope.detectors import detector_class
 from defectscope.errors import DefectscopeError
+from defectscope.experiments.kinds import attempt_config
 
-CLASSIFIER = "classifier"
 RESERVED = {"name", "model", "base", "description"}
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "accuracy", "balanced_accuracy", "macro_f1", "tail_recall")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # experiment and attempt names become folder names
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 class _Loader(yaml.SafeLoader):
-    """Safe YAML that also reads 1e-3 (no dot) as a float, as TOML and JSON do."""
+    """Safe YAML that also reads 1e-3 (no dot) as a float, as TOML and JSON do, and refuses aliases.
+
+    Aliases (*name) are the one way a few hundred bytes of YAML expand to gigabytes ("billion laughs").
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in defectscope configs", mark)
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
@@ -46,10 +55,6 @@ class Attempt:
     settings: dict[str, Any]
     description: str = ""
 
-    @property
-    def is_classifier(self) -> bool:
-        return self.model == CLASSIFIER
-
 
 @dataclass
 class Experiment:
@@ -62,8 +67,13 @@ class Experiment:
 
 def _read(path: Path) -> dict:
     if not path.is_file():
-        raise DefectscopeError(f"config file {path} does not exist")
-    text = path.read_text()
+        raise DefectscopeError(f"config file {path} does not exist" if not path.exists() else f"config {path} is not a file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise DefectscopeError(f"config {path} is larger than {MAX_CONFIG_BYTES // 1024} KB; a config lists attempts, not data")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DefectscopeError(f"cannot read config {path}: {exc}") from exc
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -78,26 +88,30 @@ def _read(path: Path) -> dict:
     return data
 
 
-def check_settings(model: str, settings: dict) -> None:
-    """Raise if the model is unknown or a setting is unknown or has a bad value."""
-    if model == CLASSIFIER:
-        ClassifierConfig.from_dict(settings)
-    else:
-        detector_class(model)(detector_class(model).config_class.from_dict(settings))
+def check_name(name: object, what: str) -> str:
+    """A name that is safe as one folder name (letters, digits, '.', '_', '-'; no path separators)."""
+    if not isinstance(name, str) or not SAFE_NAME.match(name):
+        raise DefectscopeError(f"{what} name {name!r} must be 1-100 letters, digits, '.', '_' or '-', starting with a "
+                               "letter or digit (it becomes a folder name)")
+    return name
 
 
-def _resolve(name: str, raw: dict[str, dict], chain: tuple[str, ...] = ()) -> dict:
-    entry = raw[name]
-    if name in chain:
-        raise DefectscopeError(f"attempt '{name}': 'base' chain loops ({' -> '.join((*chain, name))})")
-    base = entry.get("base")
-    if base is None:
-        return dict(entry)
-    if base not in raw:
-        raise DefectscopeError(f"attempt '{name}': field 'base' names unknown attempt '{base}'")
-    merged = _resolve(base, raw, (*chain, name))
-    merged.pop("description", None)
-    return {**merged, **entry}
+def _resolve_all(raw: dict[str, dict]) -> dict[str, dict]:
+    """Each attempt's fields with its `base` chain applied (bases first, own fields win), without recursion."""
+    resolved: dict[str, dict] = {}
+    for name in raw:
+        chain = [name]
+        while (base := raw[chain[-1]].get("base")) is not None and base not in resolved:
+            if not isinstance(base, str) or base not in raw:
+                raise DefectscopeError(f"attempt '{chain[-1]}': field 'base' names unknown attempt {base!r}")
+            if base in chain:
+                raise DefectscopeError(f"attempt '{base}': 'base' chain loops ({' -> '.join((*chain, base))})")
+            chain.append(base)
+        for item in reversed(chain):
+            entry, base = raw[item], raw[item].get("base")
+            merged = {} if base is None else {k: v for k, v in resolved[base].items() if k != "description"}
+            resolved[item] = {**merged, **entry}
+    return resolved
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -114,17 +128,19 @@ def load_experiment(path: str | Path) -> Experiment:
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise DefectscopeError(f"config {path}: attempt #{index + 1} needs a 'name'")
+        check_name(entry["name"], f"config {path}: attempt")
         if entry["name"] in raw:
             raise DefectscopeError(f"config {path}: two attempts are named '{entry['name']}'")
         raw[entry["name"]] = entry
     attempts = []
-    for name in raw:
-        merged = _resolve(name, raw)
+    for name, merged in _resolve_all(raw).items():
         if "model" not in merged:
             raise DefectscopeError(f"attempt '{name}': missing field 'model'")
         settings = {k: v for k, v in merged.items() if k not in RESERVED}
         try:
-            check_settings(merged["model"], settings)
+            if not isinstance(merged["model"], str):
+                raise DefectscopeError(f"field 'model' must be a model name, got {merged['model']!r}")
+            attempt_config(merged["model"], settings)
         except DefectscopeError as exc:
             raise DefectscopeError(f"attempt '{name}': {exc}") from exc
         attempts.append(Attempt(name, merged["model"], settings, str(merged.get("description", ""))))
@@ -134,4 +150,8 @@ def load_experiment(path: str | Path) -> Experiment:
     baseline = data.get("baseline", attempts[0].name)
     if baseline not in raw:
         raise DefectscopeError(f"config {path}: baseline '{baseline}' is not an attempt")
-    return Experiment(str(data.get("name", path.stem)), data.get("data"), metric, baseline, attempts)
+    default = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip(".-_") or "experiment"
+    name = check_name(data.get("name", default), f"config {path}: experiment")
+    if data.get("data") is not None and not isinstance(data["data"], str):
+        raise DefectscopeError(f"config {path}: 'data' must be a folder path, got {data['data']!r}")
+    return Experiment(name, data.get("data"), metric, baseline, attempts)

@@ -10,6 +10,7 @@ from pathlib import Path
 from defectscope.data.summary import imbalance_line
 from defectscope.errors import DefectscopeError
 from defectscope.experiments.runner import EXPERIMENT, RESULT
+from defectscope.files import write_atomic, write_json
 
 HYPER = (("epochs", "epochs"), ("lr", "lr"), ("optimizer", "optimizer"), ("batch_size", "batch"))
 METRIC_COLUMNS = (
@@ -44,8 +45,11 @@ def load_results(folder: Path) -> tuple[dict, list[dict]]:
     meta_path = folder / EXPERIMENT
     if not meta_path.is_file():
         raise DefectscopeError(f"{folder} is not an experiment folder (no {EXPERIMENT}); run 'defectscope experiment run' first")
-    meta = json.loads(meta_path.read_text())
-    results = [json.loads((folder / name / RESULT).read_text()) for name in meta["attempts"] if (folder / name / RESULT).is_file()]
+    try:
+        meta = json.loads(meta_path.read_text())
+        results = [json.loads((folder / name / RESULT).read_text()) for name in meta["attempts"] if (folder / name / RESULT).is_file()]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DefectscopeError(f"{folder} holds a damaged experiment record ({exc}); run the experiment again") from exc
     if not results:
         raise DefectscopeError(f"{folder} has no finished attempts yet")
     return meta, results
@@ -92,3 +96,13 @@ def csv_text(table: dict) -> str:
     writer.writerow(table["columns"])
     writer.writerows(table["rows"])
     return buffer.getvalue()
+
+
+def write_table(folder: Path, metric: str | None = None) -> tuple[dict, list[Path]]:
+    """Build the table from the folder's results and write table.md / table.csv / table.json there."""
+    table = build_table(*load_results(folder), metric)
+    paths = [folder / "table.md", folder / "table.csv", folder / "table.json"]
+    write_atomic(paths[0], markdown(table).encode())
+    write_atomic(paths[1], csv_text(table).encode())
+    write_json(paths[2], table)
+    return table, paths

@@ -15,6 +15,7 @@ from defectscope.data.images import image_header, read_mask
 from defectscope.data.layout import load_dataset
 from defectscope.errors import DefectscopeError
 from defectscope.export.instances import components, rasterize
+from defectscope.files import MARKER
 
 POLYGON_IOU = 0.95
 
@@ -37,13 +38,42 @@ def _mask_index(manifest: dict) -> dict[str, Path | None]:
     return {str(s.path): s.mask for s in load_dataset(manifest["dataset"]).samples}
 
 
+def _listing_failures(out: Path, manifest: dict, index: list[dict]) -> list[str]:
+    """Leaks between subsets, and files in the export that its manifest (or mask index) does not list."""
+    failures = []
+    records = manifest["images"]
+    for key in ("name", "source"):
+        subsets: dict[str, set[str]] = {}
+        for record in records:
+            subsets.setdefault(record[key], set()).add(record["subset"])
+        failures += [f"leak: {value} is in both {' and '.join(sorted(s))}" for value, s in subsets.items() if len(s) > 1]
+    listed = {f"images/{r['subset']}/{r['name']}" for r in records}
+    fmt = manifest["format"]
+    if fmt in ("yolo", "yolo-seg"):
+        listed |= {f"labels/{r['subset']}/{Path(r['name']).stem}.txt" for r in records} | {"data.yaml"}
+    elif fmt == "coco":
+        listed |= {f"annotations/instances_{subset}.json" for subset in {r["subset"] for r in records}}
+    else:
+        listed |= {entry["mask"] for entry in index} | {"masks/index.json"}
+    present = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() or p.is_symlink()}
+    extra = sorted(present - listed - {"export.json", MARKER})
+    failures += [f"unlisted file {name}: not part of this export (left by another run?)" for name in extra]
+    failures += [f"missing file {name}" for name in sorted(listed - present - {"data.yaml"})]
+    return failures
+
+
 def check_export(out: str | Path) -> dict:
-    """Compare every exported label with its source mask; returns counts, the lowest IoU and any failures."""
+    """Compare every exported label with its source mask, and the files with the manifest; returns counts, the
+    lowest IoU and any failures."""
     out = Path(out)
     manifest_path = out / "export.json"
     if not manifest_path.is_file():
         raise DefectscopeError(f"{out} is not a label export (no export.json)")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        manifest["images"], manifest["format"], manifest["min_area"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DefectscopeError(f"{manifest_path} is damaged ({exc}); export again") from exc
     if manifest.get("labels") != "masks":
         raise DefectscopeError(f"{out} holds pseudo-labels ({manifest.get('labels')}); only exports of ground-truth masks can be checked")
     mask_of = _mask_index(manifest)
@@ -51,12 +81,16 @@ def check_export(out: str | Path) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco = {s: COCO(str(out / "annotations" / f"instances_{s}.json")) for s in subsets} if manifest["format"] == "coco" else {}
     index = json.loads((out / "masks" / "index.json").read_text())["instances"] if manifest["format"] == "masks" else []
-    failures, ious, checked = [], [], 0
+    failures, ious, checked = _listing_failures(out, manifest, index), [], 0
     fmt = manifest["format"]
     exact = fmt == "masks" or (fmt == "coco" and manifest["rle"])
     for record in manifest["images"]:
         truth = _truth(record, manifest, mask_of)
-        found = _read_back(out, fmt, record, coco, index)
+        try:
+            found = _read_back(out, fmt, record, coco, index)
+        except (OSError, ValueError, StopIteration) as exc:
+            failures.append(f"{record['name']}: cannot read its labels back ({exc})")
+            continue
         if len(found) != len(truth):
             failures.append(f"{record['name']}: {len(found)} labels for {len(truth)} mask components")
             continue

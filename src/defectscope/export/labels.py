@@ -6,6 +6,8 @@
     masks:          out/masks/<image stem>_<k>.png and out/masks/index.json (one entry per instance, with its box)
 
 Images get unique names `<split>_<class>_<name>` because MVTec reuses file names across folders.
+An export is written whole: into a temporary folder beside `out`, then moved into place, so a
+re-export never mixes files of two runs; `out` must be new, empty or an earlier export (else `force`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +24,12 @@ import cv2
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from defectscope.artifacts import write_atomic
 from defectscope.data.images import image_header, read_mask
 from defectscope.data.layout import Dataset, Sample
 from defectscope.errors import DefectscopeError
 from defectscope.export.instances import Instance, components, polygons, rle
+from defectscope.files import check_creatable, claim_folder, inside, is_our_folder, write_atomic, write_json
+from defectscope.settings import require_range
 
 FORMATS = ("yolo", "yolo-seg", "coco", "masks")
 
@@ -52,6 +56,13 @@ class ExportOptions:
     rle: bool = False
     link: bool = False
 
+    def check(self) -> None:
+        if self.format not in FORMATS:
+            raise DefectscopeError(f"unknown format {self.format!r}; choose one of: {', '.join(FORMATS)}")
+        require_range("val_fraction", self.val_fraction, 0, 1, high_open=True)
+        require_range("min_area", self.min_area, 1)
+        require_range("tolerance", self.tolerance, 0)
+
 
 def check_masks(dataset: Dataset, samples: Sequence[Sample]) -> None:
     """Every defective image needs a mask, and every file in a mask folder needs its image."""
@@ -77,13 +88,16 @@ def ground_truth(sample: Sample, categories: list[str], min_area: int) -> list[I
 
 def split_subsets(samples: Sequence[Sample], val_fraction: float, seed: int) -> list[str]:
     """'train' or 'val' per sample: seeded, stratified by class."""
-    if not 0 < val_fraction < 1:
+    index = np.arange(len(samples))
+    if not 0 < val_fraction < 1 or round(len(samples) * val_fraction) < 1 or len(samples) < 2:
         return ["train"] * len(samples)
     classes = [s.defect for s in samples]
-    index = np.arange(len(samples))
     counts = {c: classes.count(c) for c in classes}
     stratify = classes if min(counts.values()) >= 2 else None
-    _, val = train_test_split(index, test_size=val_fraction, random_state=seed, stratify=stratify)
+    try:
+        _, val = train_test_split(index, test_size=val_fraction, random_state=seed, stratify=stratify)
+    except ValueError:  # too few images to give every class a share of val: split without stratifying
+        _, val = train_test_split(index, test_size=val_fraction, random_state=seed)
     held = set(val.tolist())
     return ["val" if i in held else "train" for i in index]
 
@@ -145,11 +159,46 @@ def coco_document(images: list[LabelledImage], categories: list[str], options: E
     return document
 
 
+def check_export_target(out: Path, dataset: Dataset, force: bool) -> None:
+    """Refuse before any work: an export inside the dataset (or around it), a file, or a foreign non-empty folder."""
+    if inside(out, dataset.root) or inside(dataset.root, out):
+        raise DefectscopeError(f"export folder {out} and dataset {dataset.root} must not contain each other; "
+                               "write the export somewhere else")
+    check_creatable(out)
+    if out.exists() or out.is_symlink():
+        if out.is_symlink() or not out.is_dir():
+            raise DefectscopeError(f"export output {out} exists and is not a folder; give a folder")
+        if any(out.iterdir()) and not is_our_folder(out) and not force:
+            raise DefectscopeError(f"export folder {out} is not empty and was not written by defectscope; choose a new "
+                                   "or empty folder (or pass --force to replace its contents)")
+
+
+def write_whole(out: Path, write: Callable[[Path], dict]) -> dict:
+    """Run `write(staging)` into a new folder beside `out`, then put it in place of `out` (whose old contents go)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        claim_folder(staging, what="label export")
+        counts = write(staging)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, old / "replaced")
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return counts
+
+
 def write_labels(images: list[LabelledImage], categories: list[str], out: Path, options: ExportOptions,
-                 provenance: dict) -> dict:
-    """Write one format; `provenance` (where labels came from) goes into export.json. Returns counts per subset."""
-    if options.format not in FORMATS:
-        raise DefectscopeError(f"unknown format {options.format!r}; choose one of: {', '.join(FORMATS)}")
+                 provenance: dict, final: Path | None = None) -> dict:
+    """Write one format into `out` (whose final place is `final`, named in data.yaml); `provenance` (where labels
+    came from) goes into export.json. Returns counts per subset."""
+    options.check()
+    final = final or out
     for image in images:
         _place_image(image.source, out / "images" / image.subset / image.name, options.link)
     subsets = sorted({i.subset for i in images})
@@ -159,11 +208,11 @@ def write_labels(images: list[LabelledImage], categories: list[str], out: Path, 
             write_atomic(out / "labels" / image.subset / f"{Path(image.name).stem}.txt", (text + "\n" if text else "").encode())
         names = "\n".join(f"  {i}: {name}" for i, name in enumerate(categories))
         folders = "\n".join(f"{s}: images/{s}" for s in subsets)
-        write_atomic(out / "data.yaml", f"path: {out.resolve()}\n{folders}\nnames:\n{names}\n".encode())
+        write_atomic(out / "data.yaml", f"path: {final.resolve()}\n{folders}\nnames:\n{names}\n".encode())
     elif options.format == "coco":
         for subset in subsets:
             document = coco_document([i for i in images if i.subset == subset], categories, options)
-            write_atomic(out / "annotations" / f"instances_{subset}.json", json.dumps(document, sort_keys=True).encode())
+            write_json(out / "annotations" / f"instances_{subset}.json", document, indent=None)
     else:
         index = []
         for image in images:
@@ -175,23 +224,28 @@ def write_labels(images: list[LabelledImage], categories: list[str], out: Path, 
                 index.append({"image": f"images/{image.subset}/{image.name}", "mask": f"masks/{name}", "subset": image.subset,
                               "category": categories[inst.category], "box_xyxy": [x, y, x + w, y + h], "area": inst.area,
                               **({"score": inst.score} if inst.score is not None else {})})
-        write_atomic(out / "masks" / "index.json", json.dumps({"categories": categories, "instances": index}, indent=1).encode())
-    write_atomic(out / "export.json", json.dumps({
+        write_json(out / "masks" / "index.json", {"categories": categories, "instances": index})
+    write_json(out / "export.json", {
         "format": options.format, **provenance, "categories": categories, "seed": options.seed, "val_fraction": options.val_fraction,
         "min_area": options.min_area, "tolerance": options.tolerance, "rle": options.rle,
         "images": [{"name": i.name, "source": str(i.source), "subset": i.subset, "instances": len(i.instances)} for i in images],
-    }, indent=1, sort_keys=True).encode())
+    })
     return {s: {"images": sum(i.subset == s for i in images), "instances": sum(len(i.instances) for i in images if i.subset == s)}
             for s in subsets}
 
 
-def export_ground_truth(dataset: Dataset, out: Path, options: ExportOptions, include_train_good: bool = False) -> dict:
+def export_ground_truth(dataset: Dataset, out: Path, options: ExportOptions, include_train_good: bool = False,
+                        force: bool = False) -> dict:
     """Export the test split's labelled images (and optionally the good training images) from their masks."""
+    options.check()
+    out = Path(out)
+    check_export_target(out, dataset, force)
     samples = list(dataset.test) + (list(dataset.train) if include_train_good else [])
     if not samples:
         raise DefectscopeError(f"{dataset.root} has no labelled images to export")
     check_masks(dataset, samples)
     categories = list(dataset.defect_types)
     images = collect(samples, categories, options, lambda s: ground_truth(s, categories, options.min_area))
-    return write_labels(images, categories, out, options, {"labels": "masks", "dataset": str(dataset.root)})
+    provenance = {"labels": "masks", "dataset": str(dataset.root)}
+    return write_whole(out, lambda staging: write_labels(images, categories, staging, options, provenance, out))
 

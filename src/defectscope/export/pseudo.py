@@ -18,23 +18,25 @@ from pycocotools.cocoeval import COCOeval
 
 from defectscope.data.images import read_mask
 from defectscope.data.layout import Dataset, Sample
-from defectscope.detectors.base import Detector
+from defectscope.detectors.base import MapModel
 from defectscope.errors import DefectscopeError
 from defectscope.export.instances import Instance, components
-from defectscope.export.labels import ExportOptions, coco_document, collect, write_labels
+from defectscope.export.labels import ExportOptions, check_export_target, coco_document, collect, write_labels, write_whole
 
 CATEGORIES = ["defect"]
 
 
-def map_threshold(detector: Detector, threshold: float | None) -> float:
+def map_threshold(detector: MapModel, threshold: float | None) -> float:
     if threshold is not None:
+        if not (np.isfinite(threshold) and threshold > 0):
+            raise DefectscopeError(f"--threshold must be a positive number, got {threshold}")
         return threshold
     if detector.calibration is None:
         raise DefectscopeError("the model has no threshold; pass --threshold")
     return detector.calibration.threshold
 
 
-def predicted_instances(detector: Detector, samples: Sequence[Sample], threshold: float, min_area: int
+def predicted_instances(detector: MapModel, samples: Sequence[Sample], threshold: float, min_area: int
                         ) -> dict[Path, list[Instance]]:
     """Instances of each image's map above the threshold, at the image's original size."""
     if not detector.localizes:
@@ -47,14 +49,17 @@ def predicted_instances(detector: Detector, samples: Sequence[Sample], threshold
     return result
 
 
-def export_pseudo_labels(dataset: Dataset, detector: Detector, model_path: Path, out: Path, options: ExportOptions,
-                         threshold: float | None = None) -> dict:
+def export_pseudo_labels(dataset: Dataset, detector: MapModel, model_path: Path, out: Path, options: ExportOptions,
+                         threshold: float | None = None, force: bool = False) -> dict:
     """Label the test split's images with the detector's maps, in any export format."""
+    options.check()
+    out = Path(out)
+    check_export_target(out, dataset, force)
     threshold = map_threshold(detector, threshold)
     found = predicted_instances(detector, dataset.test, threshold, options.min_area)
     images = collect(dataset.test, CATEGORIES, options, lambda s: found[s.path])
     provenance = {"labels": "model", "model": str(model_path), "threshold": threshold, "dataset": str(dataset.root)}
-    return write_labels(images, CATEGORIES, out, options, provenance)
+    return write_whole(out, lambda staging: write_labels(images, CATEGORIES, staging, options, provenance, out))
 
 
 def _quiet_eval(truth: dict, predictions: list[dict], kind: str) -> tuple[float, float]:
@@ -73,7 +78,7 @@ def _quiet_eval(truth: dict, predictions: list[dict], kind: str) -> tuple[float,
     return float(evaluation.stats[0]), float(evaluation.stats[1])
 
 
-def agreement(dataset: Dataset, detector: Detector, threshold: float | None = None, min_area: int = 1) -> dict:
+def agreement(dataset: Dataset, detector: MapModel, threshold: float | None = None, min_area: int = 1) -> dict:
     """How well pseudo-labels match the masks on the test split: COCO box/mask AP and mean per-image mask IoU."""
     threshold = map_threshold(detector, threshold)
     samples = list(dataset.test)

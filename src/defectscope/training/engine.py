@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from defectscope.errors import DefectscopeError
+from defectscope.settings import Settings, require_range
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
@@ -20,7 +21,7 @@ EpochProgress = Callable[[int, int, float, float | None], None]
 
 
 @dataclass
-class TrainSettings:
+class TrainSettings(Settings):
     """Hyperparameters of one training run (mixed into every trained model's config)."""
 
     epochs: int = 50
@@ -35,18 +36,18 @@ class TrainSettings:
     rotate: float = 0.0
     color_jitter: float = 0.0
 
-    def check_training(self) -> None:
-        """Reject values no run could use, naming the field."""
+    def check(self) -> None:
+        super().check()
         if self.optimizer not in OPTIMIZERS:
             raise DefectscopeError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise DefectscopeError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise DefectscopeError(f"epochs must be a whole number >= 1, got {self.epochs!r}")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise DefectscopeError(f"lr must be a positive number, got {self.lr!r}")
-        if self.patience < 0 or self.weight_decay < 0 or self.rotate < 0 or self.color_jitter < 0:
-            raise DefectscopeError("patience, weight_decay, rotate and color_jitter must not be negative")
+        require_range("lr", self.lr, 0, low_open=True)
+        require_range("momentum", self.momentum, 0, 1)
+        for name in ("patience", "weight_decay", "rotate", "color_jitter"):
+            require_range(name, getattr(self, name), 0)
 
     @property
     def augments(self) -> bool:
@@ -103,7 +104,7 @@ def train(model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torc
     with replacement of as many rows. With validation data and `patience` > 0, training stops after
     that many epochs without a lower validation loss and the best weights are restored.
     """
-    settings.check_training()
+    settings.check()
     if len(inputs) == 0:
         raise DefectscopeError("no training examples")
     if inputs.dim() == 4:  # images: channels-last convolutions are about twice as fast on the CPU

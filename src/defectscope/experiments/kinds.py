@@ -1,0 +1,133 @@
+"""Model kinds of the experiment runner: for each, its config class and how one attempt runs and reports.
+
+A new kind of model is added here, in `KINDS`, and nowhere else: the config loader validates every
+attempt through `attempt_config`, and the runner calls `attempt_kind(model).run`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defectscope.artifacts import save_model
+from defectscope.classify.crossval import InputCache, cross_validate
+from defectscope.classify.model import ClassifierConfig
+from defectscope.classify.report import classification_markdown, classification_metrics
+from defectscope.data.images import masks_in_frame
+from defectscope.data.layout import Dataset
+from defectscope.data.summary import summarize
+from defectscope.detectors import DETECTORS, detector_class
+from defectscope.detectors.segmenter import Segmenter, SegmenterConfig, held_out_maps
+from defectscope.errors import DefectscopeError
+from defectscope.files import write_atomic, write_json
+from defectscope.metrics import image_auroc, pixel_metrics
+from defectscope.pipeline import evaluate_model, fit_detector
+from defectscope.settings import Settings
+from defectscope.viz import confusion_png, loss_png
+
+CLASSIFIER = "classifier"
+Say = Callable[[str], None]
+
+
+@dataclass
+class AttemptRun:
+    """What one attempt runs with: its name, model, checked config, data, folder and message sinks."""
+
+    name: str
+    model: str
+    config: Settings
+    dataset: Dataset
+    folder: Path
+    say: Say
+    inputs: InputCache
+
+
+def run_detector(run: AttemptRun) -> dict[str, Any]:
+    """Good-only detector: fit, save the model file, evaluate on the test split."""
+    epochs = lambda epoch, total, loss, val: run.say(  # noqa: E731
+        f"epoch {epoch}/{total} train loss {loss:.4f}" + (f" validation {val:.4f}" if val is not None else ""))
+    detector, report = fit_detector(run.dataset, run.model, run.config.to_dict(), epoch_progress=epochs)
+    save_model(detector, run.folder / "model.dsmodel", force=True)
+    metrics = evaluate_model(detector, run.dataset)[0].metrics
+    result = {"fit_s": report.seconds, "infer_ms": metrics["predict_ms_per_image"], "metrics": metrics,
+              "config": detector.config.to_dict()}
+    if detector.history is not None:
+        history = detector.history.to_dict()
+        loss_png([history], run.folder / "losses.png", f"{run.name}: reconstruction loss")
+        result.update(history=history, train_loss=history["train_loss"][-1],
+                      test_loss=detector.mean_loss([s.path for s in run.dataset.test]))
+    decisions = metrics.get("at_model_threshold") or {}
+    result["summary"] = {"accuracy": decisions.get("accuracy"), **{k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}}
+    return result
+
+
+def run_classifier(run: AttemptRun) -> dict[str, Any]:
+    """Supervised classifier: k-fold held-out predictions, per-class report and confusion matrix."""
+    config = run.config
+    validation = cross_validate(run.dataset, config, progress=run.say, cache=run.inputs)
+    write_json(run.folder / "predictions.json", validation.to_dict())
+    metrics = classification_metrics(validation.records, validation.classes)
+    loss_png(validation.histories, run.folder / "losses.png", f"{run.name}: training loss per fold")
+    confusion_png(metrics["confusion"], validation.classes, run.folder / "confusion.png", f"{run.name} (held-out)")
+    report = classification_markdown(f"{run.name}: held-out predictions, {config.folds}-fold", metrics,
+                                     validation.classes, summarize(run.dataset))
+    write_atomic(run.folder / "report.md", report.encode())
+    histories = validation.histories
+    summary = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "image_auroc", "tail_recall")}
+    return {
+        "fit_s": validation.fit_seconds, "infer_ms": validation.infer_ms, "metrics": metrics, "summary": summary,
+        "spread": metrics["folds"], "classes": validation.classes, "config": config.to_dict(),
+        "train_loss": sum(h["train_loss"][-1] for h in histories) / len(histories),
+        "test_loss": sum(h["held_out_loss"] for h in histories) / len(histories),
+    }
+
+
+def run_segmenter(run: AttemptRun) -> dict[str, Any]:
+    """Mask-supervised segmenter: k-fold held-out maps, image and pixel metrics."""
+    config: SegmenterConfig = run.config
+    start = time.perf_counter()
+    maps, folds, infer_ms = held_out_maps(run.dataset, config, progress=lambda n: run.say(f"scored {n} held-out images"))
+    fit_s = time.perf_counter() - start - infer_ms * len(maps) / 1000
+    masks = masks_in_frame([s.mask for s in run.dataset.test], Segmenter(config).preprocess)
+    labels = np.array([s.label for s in run.dataset.test])
+    summary = {"image_auroc": image_auroc(labels, maps.max(axis=(1, 2))), **pixel_metrics(masks, maps)}
+    return {"fit_s": fit_s, "infer_ms": infer_ms, "metrics": {**summary, "folds": folds}, "summary": summary,
+            "config": config.to_dict()}
+
+
+@dataclass(frozen=True)
+class AttemptKind:
+    """A model kind: the config class of a model name, and how an attempt of it runs."""
+
+    config_class: Callable[[str], type[Settings]]
+    run: Callable[[AttemptRun], dict[str, Any]]
+
+
+def _map_model_config(model: str) -> type[Settings]:
+    return detector_class(model).config_class
+
+
+KINDS: dict[str, AttemptKind] = {
+    "good_only": AttemptKind(_map_model_config, run_detector),
+    "masks": AttemptKind(_map_model_config, run_segmenter),
+    CLASSIFIER: AttemptKind(lambda _model: ClassifierConfig, run_classifier),
+}
+
+
+def attempt_kind(model: str) -> AttemptKind:
+    """The kind of a model name: the classifier, or a registered map model's `kind`."""
+    if model == CLASSIFIER:
+        return KINDS[CLASSIFIER]
+    if model not in DETECTORS:
+        raise DefectscopeError(f"unknown model '{model}'; choose one of: {', '.join(sorted([*DETECTORS, CLASSIFIER]))}")
+    return KINDS[DETECTORS[model].kind]
+
+
+def attempt_config(model: str, settings: dict[str, Any]) -> Settings:
+    """The checked config of an attempt (raises naming the field)."""
+    return attempt_kind(model).config_class(model).from_dict(settings)

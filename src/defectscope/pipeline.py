@@ -1,0 +1,159 @@
+"""The one path every caller takes: fit -> save, load -> predict -> write outputs, evaluate -> report, demo.
+
+The CLI, the benchmarks and future services call these functions and only parse, call and render.
+Outputs are checked before any work: a model file replaces only a model file, an output folder is
+new, empty or one defectscope made (`files.claim_folder`), unless the caller passes `force`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defectscope.artifacts import check_model_output, save_model, set_threshold
+from defectscope.backbones import load_backbone
+from defectscope.data.images import expand_inputs
+from defectscope.data.layout import Dataset, load_dataset
+from defectscope.data.synthetic import make_demo_dataset
+from defectscope.detectors.base import Detector, FitReport, MapModel, Prediction, Progress, create_detector, good_only_models
+from defectscope.errors import DefectscopeError
+from defectscope.evaluation import Evaluation, evaluate
+from defectscope.files import claim_folder, write_atomic
+from defectscope.reports import metrics_markdown, write_report
+from defectscope.thresholds import Calibration, f1_calibration
+from defectscope.training.engine import EpochProgress
+from defectscope.viz import write_heatmaps
+
+# A progress factory: given a description and a total, a context manager yielding an advance-by-n callback.
+ProgressBar = Callable[[str, int], AbstractContextManager[Progress]]
+
+
+@contextmanager
+def no_progress(_description: str, _total: int) -> Iterator[Progress]:
+    yield lambda _n: None
+
+
+@dataclass
+class Fitted:
+    """A fitted detector with the dataset it learned from, its fit report and the model file written."""
+
+    dataset: Dataset
+    detector: Detector
+    report: FitReport
+    path: Path | None
+
+
+def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights: Path | None = None,
+                 download: bool = False, bar: ProgressBar = no_progress,
+                 epoch_progress: EpochProgress | None = None) -> tuple[Detector, FitReport]:
+    """Build a good-only detector from checked settings and fit it on the dataset's good training images."""
+    if model not in good_only_models():
+        raise DefectscopeError(f"'{model}' cannot be fitted on good images alone; choose one of: {', '.join(good_only_models())}")
+    detector = create_detector(model, **settings)
+    detector.epoch_progress = epoch_progress
+    if weights is not None or download:
+        detector.backbone = load_backbone(detector.config.backbone, detector.strides, weights, download)
+    train = [s.path for s in dataset.train]
+    with bar(f"fitting {model}", len(train)) as advance:
+        report = detector.fit(train, progress=advance)
+    return detector, report
+
+
+def fit_model(data: Path, model: str, settings: dict[str, Any], out: Path, *, weights: Path | None = None,
+              download: bool = False, force: bool = False, bar: ProgressBar = no_progress) -> Fitted:
+    """Check the output, load the dataset, fit, and save the model file (nothing is written if fitting fails)."""
+    check_model_output(out, force)
+    dataset = load_dataset(data)
+    detector, report = fit_detector(dataset, model, settings, weights, download, bar)
+    save_model(detector, out, force)
+    return Fitted(dataset, detector, report, out)
+
+
+def prediction_rows(paths: Sequence[Path], prediction: Prediction) -> list[dict[str, Any]]:
+    """One JSON-ready record per image: path, score, normalized score, verdict, and the reason of an error."""
+    errors = prediction.errors or [None] * len(paths)
+    normalized = prediction.normalized if prediction.threshold else [None] * len(paths)
+    verdicts = prediction.verdicts if prediction.threshold else ["unknown (no threshold)"] * len(paths)
+    rows = []
+    for path, score, norm, verdict, error in zip(paths, prediction.scores, normalized, verdicts, errors):
+        finite = bool(np.isfinite(score))
+        row = {"path": str(path), "score": float(score) if finite else None,
+               "normalized": float(norm) if finite and norm is not None else None,
+               "verdict": "error" if error or not finite else verdict}
+        if row["verdict"] == "error":
+            row["error"] = error or "the model produced a score that is not a finite number"
+        rows.append(row)
+    return rows
+
+
+def predict_images(detector: MapModel, inputs: Sequence[Path], heatmaps: Path | None = None, force: bool = False,
+                   bar: ProgressBar = no_progress) -> list[dict[str, Any]]:
+    """Score images and folders of images; unreadable ones get verdict 'error'; heatmap overlays on request."""
+    if heatmaps is not None:
+        if not detector.localizes:
+            raise DefectscopeError(f"{detector.name} scores whole images and makes no maps; drop --heatmaps")
+        claim_folder(heatmaps, force, "heatmaps")
+    paths = expand_inputs(inputs)
+    with bar("scoring", len(paths)) as advance:
+        prediction = detector.predict(paths, progress=advance, keep_going=True)
+    rows = prediction_rows(paths, prediction)
+    if heatmaps is not None:
+        written = write_heatmaps(paths, prediction.maps, prediction.threshold, heatmaps)
+        for row, target in zip(rows, written):
+            if target is not None:
+                row["heatmap"] = str(target)
+    return rows
+
+
+def evaluate_model(detector: MapModel, dataset: Dataset, out: Path | None = None, force: bool = False,
+                   bar: ProgressBar = no_progress) -> tuple[Evaluation, list[Path]]:
+    """Every metric on the dataset's test split; with `out`, the report files (metrics, ROC, gallery)."""
+    if out is not None:
+        claim_folder(out, force, "evaluation report")
+    with bar("evaluating", len(dataset.test)) as advance:
+        evaluation = evaluate(detector, dataset, progress=advance)
+    return evaluation, (write_report(evaluation, detector, out) if out is not None else [])
+
+
+def store_f1_threshold(model_path: Path, detector: MapModel, evaluation: Evaluation) -> Calibration:
+    """Write the F1-optimal threshold of an evaluation into the model file (atomically)."""
+    labels = np.array([r["label"] for r in evaluation.records])
+    scores = np.array([r["score"] for r in evaluation.records])
+    calibration = f1_calibration(labels, scores, detector.calibration)
+    set_threshold(model_path, calibration)
+    return calibration
+
+
+@dataclass
+class DemoResult:
+    data: Path
+    fitted: Fitted
+    evaluation: Evaluation
+    written: list[Path]
+    report: Path
+
+
+def run_demo(out: Path, data: Path | None = None, model: str = "patchcore", force: bool = False,
+             bar: ProgressBar = no_progress, say: Callable[[str], None] = lambda _text: None) -> DemoResult:
+    """The main job end to end: (demo data,) fit, evaluate, heatmaps of one image per class, a short report."""
+    claim_folder(out, force, "demo output")
+    if data is None:
+        data = make_demo_dataset(out / "data", size=256)
+        say(f"generated demo dataset in {data}")
+    fitted = fit_model(data, model, {}, out / f"{model}.dsmodel", bar=bar)
+    say(f"fitted {model} on {fitted.report.train_images} images in {fitted.report.seconds:.1f} s -> {fitted.path}")
+    evaluation, written = evaluate_model(fitted.detector, fitted.dataset, out / "report", bar=bar)
+    first_of_each = {s.defect: s.path for s in reversed(fitted.dataset.test)}  # one image per class, good included
+    if fitted.detector.localizes:
+        predict_images(fitted.detector, [first_of_each[d] for d in sorted(first_of_each)], heatmaps=out / "heatmaps", bar=bar)
+    summary = (f"# defectscope demo\n\ndata: {data}\nmodel: {fitted.path} ({model}, fit {fitted.report.seconds:.1f} s "
+               f"on {fitted.report.train_images} good images)\n\n{metrics_markdown(evaluation.metrics)}\nfiles: "
+               + ", ".join(str(p) for p in written) + "\n")
+    write_atomic(out / "report.md", summary.encode())
+    return DemoResult(data, fitted, evaluation, written, out / "report.md")
+
