@@ -106,7 +106,7 @@ def image_header(path: str | Path) -> tuple[int, int, str]:
         with Image.open(path) as image:
             width, height, mode = image.width, image.height, image.mode
     except FileNotFoundError as exc:
-        raise DefectscopeError(f"image {path} does not exist") from exc
+        raise DefectscopeError(f"cannot read image {path}: it does not exist") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = "not an image file" if isinstance(exc, UnidentifiedImageError) else str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
         raise DefectscopeError(f"cannot read image header of {path}: {reason}; replace or remove the file") from exc
