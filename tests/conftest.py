@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,33 @@ def bottle() -> Path:
     if not (BOTTLE / "train" / "good").is_dir():
         pytest.skip(f"MVTec AD bottle not found at {BOTTLE}")
     return BOTTLE
+
+
+class CliResult:
+    """What one in-process run of the `defectscope` entry point did."""
+
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """Run `defectscope ARGS...` through its real entry point (exit codes, one-line errors) and capture its output."""
+    from defectscope.cli import main, state
+
+    def run(*args: object) -> CliResult:
+        monkeypatch.setattr("sys.argv", ["defectscope", *map(str, args)])
+        state.update(quiet=False, debug=False)
+        capsys.readouterr()
+        handler = signal.getsignal(signal.SIGTERM)
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run

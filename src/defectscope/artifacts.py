@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors_bytes
@@ -176,10 +177,13 @@ def load_model(path: str | Path, weights: str | Path | None = None) -> MapModel:
     detector = cls(config, backbone)
     try:
         detector.load_tensors(tensors)
+        side = detector.preprocess.input_size
+        detector.predict([np.zeros((side, side, 3), np.uint8)], map_size="input")  # a model that loads can predict
     except KeyError as exc:
         raise DefectscopeError(f"model file {path} lacks tensor {exc}; it is damaged or from another tool") from exc
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-        raise DefectscopeError(f"model file {path} has tensors that do not fit {cls.name}; it is damaged ({exc})") from exc
+        raise DefectscopeError(f"model file {path} has tensors that do not fit {cls.name}; it is damaged "
+                               f"({' '.join(str(exc).split())[:200]})") from exc
     detector.calibration = calibration
     summary = manifest.get("train_summary", {})
     detector.train_summary = summary if isinstance(summary, dict) else {}

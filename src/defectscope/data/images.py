@@ -124,7 +124,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())
                            and not any(part.startswith(".") for part in p.relative_to(item).parts))
             if not found:
                 raise DefectscopeError(f"folder {item} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -88,7 +88,7 @@ def check_export(out: str | Path) -> dict:
         truth = _truth(record, manifest, mask_of)
         try:
             found = _read_back(out, fmt, record, coco, index)
-        except (OSError, ValueError, StopIteration) as exc:
+        except (DefectscopeError, OSError, ValueError, StopIteration) as exc:
             failures.append(f"{record['name']}: cannot read its labels back ({exc})")
             continue
         if len(found) != len(truth):

@@ -1,0 +1,471 @@
+"""Hostile and broken input, generated on the fly: every case fails closed with one clear line, loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save as save_tensors_bytes
+
+from defectscope import artifacts
+from defectscope.artifacts import load_model, model_info, save_model
+from defectscope.data.images import read_image
+from defectscope.data.layout import load_dataset
+from defectscope.data.synthetic import make_demo_dataset
+from defectscope.detectors import create_detector
+from defectscope.detectors.base import Prediction
+from defectscope.errors import DefectscopeError
+from defectscope.experiments.config import load_experiment
+from defectscope.experiments.runner import run_experiment
+from defectscope.files import MARKER, write_atomic
+
+SMALL = {"image_size": 64, "crop": None}
+
+
+def user_copy(source: Path, target: Path) -> Path:
+    """A copy of a generated dataset as a user's own folder (without the mark of a folder defectscope made)."""
+    shutil.copytree(source, target)
+    (target / MARKER).unlink()
+    return target
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below a folder with its bytes: to prove nothing was written or changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(result, *fragments: str) -> None:
+    """Exit code 2, one line on stderr naming what is wrong, no traceback."""
+    assert result.code == 2, (result.code, result.out, result.err)
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    assert "Traceback" not in result.err + result.out
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG of a few dozen bytes whose header claims width x height pixels (no pixel data)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b""))
+    return path
+
+
+def rewrite_manifest(source: Path, target: Path, edit, tensors: dict | None = None) -> Path:
+    """A copy of a model file with its manifest edited (and optionally other tensors)."""
+    data = source.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + size])
+    manifest = json.loads(header["__metadata__"]["defectscope"])
+    edit(manifest)
+    if tensors is None:
+        from safetensors.torch import load
+        tensors = load(data)
+    target.write_bytes(save_tensors_bytes(tensors, metadata={"defectscope": json.dumps(manifest)}))
+    return target
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("bad") / "part", size=64, train=12, test_good=4, per_defect=3, seed=5)
+
+
+@pytest.fixture(scope="module")
+def knn_model(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    detector = create_detector("knn", **SMALL)
+    detector.fit([s.path for s in load_dataset(data).train])
+    return save_model(detector, tmp_path_factory.mktemp("models") / "knn.dsmodel")
+
+
+@pytest.fixture(scope="module")
+def padim_model(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    detector = create_detector("padim", **SMALL)
+    detector.fit([s.path for s in load_dataset(data).train])
+    return save_model(detector, tmp_path_factory.mktemp("models") / "padim.dsmodel")
+
+
+# 1. NaN fails closed ---------------------------------------------------------------------------
+
+def test_diverged_training_writes_no_model(data: Path, tmp_path: Path, cli) -> None:
+    out = tmp_path / "ae.dsmodel"
+    detector = create_detector("autoencoder", **SMALL, epochs=2, lr=1.0e6)
+    with pytest.raises(DefectscopeError, match="not finite"):
+        detector.fit([s.path for s in load_dataset(data).train])
+    config = tmp_path / "diverge.yaml"
+    config.write_text("name: diverge\nattempts:\n  - {name: ae, model: autoencoder, epochs: 2, lr: 1.0e+6, image_size: 64}\n")
+    with pytest.raises(DefectscopeError, match="not finite"):
+        run_experiment(load_experiment(config), data, tmp_path / "runs")
+    assert not (tmp_path / "runs" / "ae").exists() and not out.exists()
+
+
+def test_non_finite_scores_get_verdict_error_and_strict_json(knn_model: Path, data: Path, tmp_path: Path, cli) -> None:
+    assert Prediction(np.array([np.nan, np.inf, 0.5, 2.0]), None, 1.0).verdicts == ["error", "error", "good", "defective"]
+    overflowing = load_model(knn_model)
+    overflowing.learned["bank"] = torch.full_like(overflowing.learned["bank"], 3e38)  # finite, but distances overflow
+    path = save_model(overflowing, tmp_path / "overflow.dsmodel")
+    result = cli("-q", "predict", path, data / "test" / "good", "--json")
+    assert result.code == 3
+    rows = [json.loads(line) for line in result.out.splitlines()]  # strict parser: a bare NaN would fail here
+    assert rows and all(r["verdict"] == "error" and r["score"] is None and "finite" in r["error"] for r in rows)
+    assert "NaN" not in result.out and "Infinity" not in result.out
+
+
+def test_model_files_with_non_finite_values_are_refused(knn_model: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load
+    tensors = load(knn_model.read_bytes())
+    tensors["bank"][0, 0] = float("nan")
+    nan_tensor = rewrite_manifest(knn_model, tmp_path / "nan.dsmodel", lambda m: None, tensors)
+    with pytest.raises(DefectscopeError, match="not finite"):
+        load_model(nan_tensor)
+
+    def nan_threshold(manifest: dict) -> None:
+        manifest["calibration"]["threshold"] = float("nan")
+    with pytest.raises(DefectscopeError, match="threshold"):
+        load_model(rewrite_manifest(knn_model, tmp_path / "nan-threshold.dsmodel", nan_threshold))
+    detector = load_model(knn_model)
+    detector.learned["bank"][0, 0] = float("inf")
+    with pytest.raises(DefectscopeError, match="not finite"):
+        save_model(detector, tmp_path / "inf.dsmodel")
+    assert not (tmp_path / "inf.dsmodel").exists()
+
+
+# 2, 3. Commands overwrite nothing that is not theirs, and check outputs before any work -------
+
+def test_demo_data_never_replaces_a_dataset(data: Path, tmp_path: Path, cli) -> None:
+    copy = user_copy(data, tmp_path / "mine")
+    before = snapshot(copy)
+    one_line_error(cli("data", "demo", copy), "not empty")
+    assert snapshot(copy) == before
+    assert cli("data", "demo", tmp_path / "new", "--size", "32").code == 0
+    assert cli("data", "demo", tmp_path / "new", "--size", "32").code == 0  # its own demo folder: may be rewritten
+
+
+def test_fit_refuses_bad_outputs_before_fitting(data: Path, tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    from defectscope.detectors.base import Detector
+
+    def no_fit(*_args, **_kwargs):
+        raise AssertionError("fit ran before the output was checked")
+    monkeypatch.setattr(Detector, "fit", no_fit)
+    copy = user_copy(data, tmp_path / "mine")
+    image = copy / "train" / "good" / "000.png"
+    before = image.read_bytes()
+    one_line_error(cli("fit", copy, "-o", image, "--model", "knn"), "000.png", "--force")
+    assert image.read_bytes() == before
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    one_line_error(cli("fit", copy, "-o", afile / "m.dsmodel", "--model", "knn"), "is a file")
+    one_line_error(cli("fit", copy, "-o", tmp_path, "--model", "knn"), "is a folder")
+    one_line_error(cli("fit", copy, "-o", tmp_path / "m.dsmodel", "--model", "segmenter"), "cannot be fitted on good images alone")
+
+
+def test_fit_replaces_a_model_file_but_not_other_files(data: Path, knn_model: Path, tmp_path: Path, cli) -> None:
+    target = tmp_path / "m.dsmodel"
+    shutil.copy(knn_model, target)
+    result = cli("-q", "fit", data, "-o", target, "--model", "knn", "--image-size", "64", "--crop", "0")
+    assert result.code == 0 and str(target) in result.out.replace("\n", "")
+    assert str(target) in result.out.splitlines()[0]  # the path is printed whole, on the line it belongs to
+
+
+def test_output_folders_must_be_new_empty_or_ours(knn_model: Path, padim_model: Path, data: Path, tmp_path: Path, cli) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    one_line_error(cli("evaluate", knn_model, data, "--out", mine), "not empty")
+    one_line_error(cli("predict", padim_model, data / "test" / "good", "--heatmaps", mine), "not empty")
+    assert snapshot(mine) == {"notes.txt": b"keep"}
+    assert cli("-q", "evaluate", knn_model, data, "--out", tmp_path / "report").code == 0
+    assert (tmp_path / "report" / MARKER).is_file()
+    assert cli("-q", "evaluate", knn_model, data, "--out", tmp_path / "report").code == 0  # ours: rewritten
+    assert cli("-q", "evaluate", knn_model, data, "--out", mine, "--force").code == 0
+    assert (mine / "notes.txt").read_text() == "keep"
+
+
+# 4. Names from config files never leave the output root --------------------------------------
+
+@pytest.mark.parametrize("text,fragment", [
+    ("name: ok\nattempts:\n  - {name: ../../x, model: knn}\n", "'../../x'"),
+    ("name: /tmp/x\nattempts:\n  - {name: a, model: knn}\n", "'/tmp/x'"),
+    ("name: ok\nattempts:\n  - {name: 'a/b', model: knn}\n", "'a/b'"),
+    ("name: ..\nattempts:\n  - {name: a, model: knn}\n", "'..'"),
+])
+def test_traversal_names_are_refused(tmp_path: Path, cli, text: str, fragment: str) -> None:
+    config = tmp_path / "evil.yaml"
+    config.write_text(text)
+    before = snapshot(tmp_path)
+    one_line_error(cli("experiment", "run", config, "--data", tmp_path, "--out", tmp_path / "out"), fragment, "folder name")
+    assert snapshot(tmp_path) == before
+
+
+# 5. Tiny inputs cannot claim unbounded memory -------------------------------------------------
+
+def test_yaml_alias_bomb_is_refused(tmp_path: Path, cli) -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [f"a{i}: &a{i} [*a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}]" for i in range(1, 9)]
+    config = tmp_path / "laughs.yaml"
+    config.write_text("\n".join(lines) + "\nattempts:\n  - {name: a, model: knn}\n")
+    assert config.stat().st_size < 1000
+    one_line_error(cli("experiment", "run", config, "--data", tmp_path), "aliases", "not allowed")
+
+
+def test_pixel_limit_from_the_header(tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    bomb = png_header_only(tmp_path / "bomb.png", 50000, 50000)
+    assert bomb.stat().st_size < 100
+    with pytest.raises(DefectscopeError, match=r"bomb\.png is 50000x50000 .* above the limit"):
+        read_image(bomb)
+    dataset = tmp_path / "set"
+    (dataset / "good").mkdir(parents=True)
+    for i in range(3):
+        cv2.imwrite(str(dataset / "good" / f"{i}.png"), np.full((8, 8, 3), i, np.uint8))
+    shutil.copy(bomb, dataset / "good" / "big.png")
+    one_line_error(cli("data", "summary", dataset), "big.png", "above the limit")  # summary and fit agree
+    one_line_error(cli("fit", dataset, "-o", tmp_path / "m.dsmodel", "--model", "knn"), "big.png", "above the limit")
+    monkeypatch.setenv("DEFECTSCOPE_MAX_PIXELS", "50")
+    with pytest.raises(DefectscopeError, match="above the limit of 50"):
+        read_image(dataset / "good" / "0.png")
+
+
+# 6. One bad image does not stop a batch --------------------------------------------------------
+
+def test_every_readable_image_is_scored(knn_model: Path, data: Path, tmp_path: Path, cli) -> None:
+    good = data / "test" / "good" / "000.png"
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:300])
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    result = cli("-q", "predict", knn_model, good, broken, text, data / "test" / "broken" / "000.png", "--json")
+    assert result.code == 3 and "2 of 4 image(s) could not be scored" in result.err
+    rows = [json.loads(line) for line in result.out.splitlines()]
+    assert [r["verdict"] == "error" for r in rows] == [False, True, True, False]
+    assert "truncated" in rows[1]["error"] or "corrupt" in rows[1]["error"]
+    assert rows[0]["score"] is not None and rows[3]["score"] is not None
+    table = cli("-q", "predict", knn_model, good, broken)
+    assert table.code == 3 and "broken.png" in table.out and "error" in table.out
+
+
+def test_odd_images_and_names_are_scored(knn_model: Path, tmp_path: Path, cli) -> None:
+    odd = tmp_path / "odd ü\nname"
+    odd.mkdir()
+    cv2.imwrite(str(odd / "gray16.png"), (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))
+    cv2.imwrite(str(odd / "one.png"), np.zeros((1, 1, 3), np.uint8))
+    cv2.imwrite(str(odd / "rgba.png"), np.zeros((20, 30, 4), np.uint8))
+    from PIL import Image
+    Image.new("P", (16, 16)).save(odd / "palette.png")
+    Image.new("LA", (16, 16)).save(odd / "gray-alpha.png")
+    Image.new("CMYK", (16, 16)).save(odd / "cmyk.jpg")
+    shutil.copy(odd / "one.png", odd / "png-named.jpg")  # content, not the suffix, decides
+    (odd / "loop.png").symlink_to(odd / "loop.png")
+    (odd / "sub").mkdir()
+    (odd / "sub" / "up").symlink_to(odd, target_is_directory=True)  # a folder loop
+    result = cli("-q", "predict", knn_model, odd, "--json")
+    rows = {Path(r["path"]).name: r for r in map(json.loads, result.out.splitlines())}
+    assert result.code == 3 and rows["loop.png"]["verdict"] == "error"
+    for name in ("gray16.png", "one.png", "rgba.png", "palette.png", "gray-alpha.png", "cmyk.jpg", "png-named.jpg"):
+        assert rows[name]["verdict"] in ("good", "defective"), rows[name]
+    assert any("\n" in r["path"] for r in rows.values())
+
+
+# 7. Exports never mix runs or damage their input ------------------------------------------------
+
+def test_exports_are_written_whole_and_checked_for_leaks(data: Path, tmp_path: Path, cli) -> None:
+    out = tmp_path / "labels"
+    assert cli("-q", "export", "labels", data, "--format", "yolo", "-o", out, "--seed", "1").code == 0
+    assert cli("-q", "export", "labels", data, "--format", "yolo", "-o", out, "--seed", "2").code == 0
+    assert cli("export", "check", out).code == 0  # no stale files of the first run
+    manifest = json.loads((out / "export.json").read_text())
+    listed = {f"images/{r['subset']}/{r['name']}" for r in manifest["images"]}
+    present = {p.relative_to(out).as_posix() for p in (out / "images").rglob("*") if p.is_file()}
+    assert present == listed and not list(tmp_path.glob(".labels.*"))
+    stray = out / "images" / "val" / manifest["images"][0]["name"]
+    shutil.copy(data / "test" / "good" / "000.png", stray if not stray.exists() else out / "images" / "val" / "extra.png")
+    report = cli("export", "check", out)
+    assert report.code == 1 and ("unlisted file" in report.err or "leak" in report.err)
+    manifest["images"].append({**manifest["images"][0], "subset": "val" if manifest["images"][0]["subset"] == "train" else "train"})
+    (out / "export.json").write_text(json.dumps(manifest))
+    assert "leak:" in cli("export", "check", out).err
+
+
+def test_exports_refuse_foreign_folders_and_the_dataset(data: Path, tmp_path: Path, cli) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "data.yaml").write_text("my own")
+    one_line_error(cli("export", "labels", data, "--format", "yolo", "-o", mine), "not empty", "--force")
+    assert (mine / "data.yaml").read_text() == "my own"
+    copy = user_copy(data, tmp_path / "copy")
+    before = snapshot(copy)
+    one_line_error(cli("export", "labels", copy, "-o", copy / "labels"), "must not contain each other")
+    assert snapshot(copy) == before and load_dataset(copy)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    one_line_error(cli("export", "labels", data, "-o", afile), "not a folder")
+    one_line_error(cli("export", "labels", data, "-o", tmp_path / "x", "--val-fraction", "1.5"), "val_fraction")
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_of_a_tiny_plain_dataset(tmp_path: Path, cli) -> None:
+    root = tmp_path / "tiny"
+    for folder, count in (("good", 3), ("dent", 1)):
+        (root / folder).mkdir(parents=True)
+        for i in range(count):
+            cv2.imwrite(str(root / folder / f"{i}.png"), np.full((16, 16, 3), 40 * i, np.uint8))
+    (root / "masks" / "dent").mkdir(parents=True)
+    cv2.imwrite(str(root / "masks" / "dent" / "0.png"), np.pad(np.full((4, 4), 255, np.uint8), 6))
+    result = cli("-q", "export", "labels", root, "--format", "coco", "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    assert cli("export", "check", tmp_path / "out").code == 0
+
+
+# 8. Heatmaps never overwrite each other -----------------------------------------------------------
+
+def test_heatmap_names_are_unique_and_point_to_their_image(padim_model: Path, knn_model: Path, data: Path, tmp_path: Path, cli) -> None:
+    for folder, source in (("a", "broken"), ("b", "contamination")):
+        (tmp_path / folder / "good").mkdir(parents=True)
+        shutil.copy(data / "test" / source / "000.png", tmp_path / folder / "good" / "000.png")
+    result = cli("-q", "predict", padim_model, tmp_path / "a" / "good" / "000.png", tmp_path / "b" / "good" / "000.png",
+                 "--json", "--heatmaps", tmp_path / "hm")
+    rows = [json.loads(line) for line in result.out.splitlines()]
+    assert result.code == 0 and len({r["heatmap"] for r in rows}) == 2
+    assert {Path(r["heatmap"]).name for r in rows} == {"a_good_000.png", "b_good_000.png"}
+    for row in rows:
+        assert Path(row["heatmap"]).name.startswith(Path(row["path"]).parts[-3])
+    one_line_error(cli("predict", knn_model, data / "test" / "good", "--heatmaps", tmp_path / "hm2"), "makes no maps")
+    assert not (tmp_path / "hm2").exists()
+
+
+# 9. Damaged models and configs are one clear line -----------------------------------------------
+
+@pytest.mark.parametrize("case,fragment", [
+    ("no config", "'config' is missing"),
+    ("partial calibration", "calibration is incomplete"),
+    ("missing tensor", "lacks tensor"),
+    ("wrong tensor", "do not fit"),
+    ("version string", "not a whole number"),
+    ("truncated", "truncated"),
+    ("random bytes", "not a defectscope model file"),
+])
+def test_damaged_model_files(knn_model: Path, tmp_path: Path, cli, case: str, fragment: str) -> None:
+    from safetensors.torch import load
+    target = tmp_path / "damaged.dsmodel"
+    tensors = load(knn_model.read_bytes())
+    if case == "no config":
+        rewrite_manifest(knn_model, target, lambda m: m.pop("config"))
+    elif case == "partial calibration":
+        rewrite_manifest(knn_model, target, lambda m: m["calibration"].pop("good_std"))
+    elif case == "missing tensor":
+        rewrite_manifest(knn_model, target, lambda m: None, {k: v for k, v in tensors.items() if k != "bank"})
+    elif case == "wrong tensor":
+        rewrite_manifest(knn_model, target, lambda m: None, {**tensors, "bank": torch.zeros(3)})
+    elif case == "version string":
+        rewrite_manifest(knn_model, target, lambda m: m.update(format_version="1.0"))
+    elif case == "truncated":
+        target.write_bytes(knn_model.read_bytes()[:-100])
+    else:
+        target.write_bytes(np.random.default_rng(0).bytes(5000))
+    one_line_error(cli("predict", target, knn_model), fragment)
+    if case in ("truncated", "random bytes", "version string"):
+        one_line_error(cli("info", target), fragment)
+
+
+def test_pickled_model_never_runs_its_code(tmp_path: Path, cli) -> None:
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    evil = tmp_path / "evil.dsmodel"
+    evil.write_bytes(pickle.dumps(Payload()))
+    torch.save({"x": Payload()}, tmp_path / "evil.pt")
+    for path in (evil, tmp_path / "evil.pt"):
+        one_line_error(cli("predict", path, path), "not a defectscope model file")
+        one_line_error(cli("info", path), "not a defectscope model file")
+    assert not marker.exists()
+
+
+def test_info_on_a_folder(tmp_path: Path, cli) -> None:
+    one_line_error(cli("info", tmp_path), "is a folder")
+
+
+@pytest.mark.parametrize("attempt,fragment", [
+    ("{name: a, model: knn, neighbours: -1}", "field 'neighbours' must be in [1, inf]"),
+    ("{name: a, model: patchcore, coreset_ratio: 2}", "field 'coreset_ratio' must be in (0, 1]"),
+    ("{name: a, model: padim, image_size: 64}", "field 'crop' must be in [16, 64]"),
+    ("{name: a, model: patchcore, threshold_method: magic}", "field 'threshold_method' must be one of"),
+    ("{name: a, model: pca, calibration_fraction: 1.5}", "field 'calibration_fraction'"),
+    ("{name: a, model: autoencoder, lr: .nan}", "field 'lr' must be a finite number"),
+    ("{name: a, model: classifier, dropout: 1.0}", "field 'dropout'"),
+])
+def test_config_values_are_checked_before_anything_runs(tmp_path: Path, cli, attempt: str, fragment: str) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"attempts:\n  - {attempt}\n")
+    one_line_error(cli("experiment", "run", config, "--data", tmp_path / "nowhere"), "attempt 'a'", fragment)
+
+
+def test_deep_inheritance_and_loops(tmp_path: Path) -> None:
+    chain = ["  - {name: a0, model: knn}"] + [f"  - {{name: a{i}, base: a{i - 1}}}" for i in range(1, 1500)]
+    config = tmp_path / "deep.yaml"
+    config.write_text("attempts:\n" + "\n".join(chain) + "\n")
+    experiment = load_experiment(config)
+    assert len(experiment.attempts) == 1500 and experiment.attempts[-1].model == "knn"
+    config.write_text("attempts:\n  - {name: a, base: b, model: knn}\n  - {name: b, base: a}\n")
+    with pytest.raises(DefectscopeError, match="chain loops"):
+        load_experiment(config)
+
+
+# 10. A threshold on too few images says so --------------------------------------------------------
+
+def test_weak_calibration_is_announced(tmp_path: Path, cli) -> None:
+    data = make_demo_dataset(tmp_path / "ten", size=64, train=10, test_good=2, per_defect=1, seed=1)
+    result = cli("-q", "fit", data, "-o", tmp_path / "m.dsmodel", "--model", "knn", "--image-size", "64", "--crop", "0")
+    assert result.code == 0 and "warning:" in result.err and "at least 20" in result.err
+    calibration = model_info(tmp_path / "m.dsmodel")["calibration"]
+    assert calibration["good_count"] == 1 and "at least 20" in calibration["warning"]
+
+
+# 11. Leftovers, library noise -------------------------------------------------------------------
+
+def test_interrupted_writes_leave_nothing_behind(tmp_path: Path) -> None:
+    target = tmp_path / "model.dsmodel"
+    (tmp_path / f".{target.name}.abc123.tmp").write_bytes(b"half a model")  # an earlier write killed mid-way
+    write_atomic(target, b"whole")
+    assert target.read_bytes() == b"whole" and sorted(p.name for p in tmp_path.iterdir()) == ["model.dsmodel"]
+
+
+def test_sigterm_during_a_fit_leaves_no_temporary_file(data: Path, tmp_path: Path) -> None:
+    script = (
+        "import os, signal, sys\n"
+        "from defectscope import files\n"
+        "original = files.os.replace\n"
+        "def slow_replace(a, b):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    original(a, b)\n"
+        "files.os.replace = slow_replace\n"
+        "from defectscope.cli import main\n"
+        f"sys.argv = ['defectscope', '-q', 'fit', {str(data)!r}, '-o', {str(tmp_path / 'm.dsmodel')!r}, '--model', 'knn',"
+        " '--image-size', '64', '--crop', '0']\n"
+        "main()\n"
+    )
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert process.returncode == 128 + 15, process.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_decoder_warnings_do_not_leak(tmp_path: Path) -> None:
+    ok, jpeg = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    (tmp_path / "cut.jpg").write_bytes(jpeg.tobytes()[: len(jpeg) // 2])
+    (tmp_path / "cut.png").write_bytes(cv2.imencode(".png", np.zeros((64, 64), np.uint8))[1].tobytes()[:60])
+    script = ("from defectscope.data.images import read_image\n"
+              f"for name in ('cut.jpg', 'cut.png'):\n"
+              f"    try: read_image({str(tmp_path)!r} + '/' + name)\n"
+              "    except Exception as e: print(type(e).__name__)\n")
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "[ WARN" not in process.stderr and "libpng" not in process.stderr, process.stderr
