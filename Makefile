@@ -17,4 +17,4 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
-	$(VENV)/bin/python benchmarks/mvtec.py --root ../shared/datasets/mvtec_ad --categories bottle
+	$(VENV)/bin/python benchmarks/mvtec.py --root ../shared/datasets/mvtec_ad --categories bottle ../mvtec_3d_ad_rgb/tire --generate rotated-parts

@@ -1,10 +1,16 @@
-"""Benchmark detectors on MVTec-layout categories: accuracy, fit time, inference time, peak memory.
+"""Benchmark detectors on MVTec-layout categories: accuracy, the operating point, fit time, inference time, memory.
 
-    python benchmarks/mvtec.py --root ../shared/datasets/mvtec_ad --categories bottle --models patchcore padim
+    python benchmarks/mvtec.py --root ../shared/datasets/mvtec_ad --categories bottle ../mvtec_3d_ad_rgb/tire
+    python benchmarks/mvtec.py --generate rotated-parts --models patchcore padim
 
-Each (category, model) runs in a fresh subprocess so its peak resident memory is its own.
-Inference is timed on the test images with decoding included, at batch 1 and batched; maps are
-produced in the model frame (no upsampling to the original size). Writes JSON and Markdown.
+A category is a folder name under --root (or a path relative to it); --generate adds the seeded
+demo category (textured round parts at random rotations on a plain background, 200 good training
+images) written to a temporary folder. Each (category, model) runs in a fresh subprocess so its
+peak resident memory is its own. Inference is timed on the test images with decoding included, at
+batch 1 and batched; maps are produced in the model frame. At the model's own threshold (from
+good images only): the false-alarm rate on the good test images, the recall on the defective ones,
+and the calibration bias (mean cross-fitted good score minus mean good test score, in units of the
+good test scores' standard deviation). Writes JSON and Markdown.
 """
 
 from __future__ import annotations
@@ -15,31 +21,40 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from defectscope import __version__, load_dataset
 from defectscope.data.images import read_image
+from defectscope.data.synthetic import make_demo_dataset
 from defectscope.pipeline import evaluate_model, fit_detector
 
 COLUMNS = (
     ("category", "category", "{}"), ("model", "model", "{}"), ("image_auroc", "image AUROC", "{:.3f}"),
     ("pixel_auroc", "pixel AUROC", "{:.3f}"), ("aupro", "AUPRO", "{:.3f}"), ("image_f1_max", "image F1-max", "{:.3f}"),
-    ("fit_s", "fit s", "{:.1f}"), ("ms_batch1", "ms/img batch 1", "{:.0f}"), ("ms_batched", "ms/img batch 32", "{:.0f}"),
+    ("stated_far", "stated FAR", "{:.1%}"), ("test_far", "FAR on good test", "{:.1%}"), ("recall", "recall", "{:.3f}"),
+    ("bias", "calibration bias (sd)", "{:+.2f}"), ("fit_s", "fit s", "{:.1f}"), ("ms_batch1", "ms/img batch 1", "{:.0f}"), ("ms_batched", "ms/img batch 32", "{:.0f}"),
     ("ms_decode", "decode ms/img", "{:.0f}"), ("peak_mb", "peak MB", "{:.0f}"),
 )
 
 
-def measure(root: Path, category: str, model: str, settings: dict) -> dict:
-    """Fit, evaluate and time one model on one category (run inside its own process)."""
+def measure(folder: Path, model: str, settings: dict) -> dict:
+    """Fit, evaluate and time one model on one category folder (run inside its own process)."""
     torch.set_num_threads(2)
-    dataset = load_dataset(root / category)
+    dataset = load_dataset(folder)
     start = time.perf_counter()
     detector, _ = fit_detector(dataset, model, settings)
     fit_seconds = time.perf_counter() - start
-    metrics = evaluate_model(detector, dataset)[0].metrics
+    evaluation = evaluate_model(detector, dataset)[0]
+    metrics = evaluation.metrics
+    labels = np.array([r["label"] for r in evaluation.records])
+    good = np.array([r["score"] for r in evaluation.records])[labels == 0]
+    calibration_scores = detector.calibration_scores.numpy()
+    decisions = metrics.get("at_model_threshold", {})
     paths = [s.path for s in dataset.test]
     start = time.perf_counter()
     detector.predict(paths, map_size="input")
@@ -54,8 +69,12 @@ def measure(root: Path, category: str, model: str, settings: dict) -> dict:
         read_image(path)
     decode = (time.perf_counter() - start) / len(single) * 1000
     return {
-        "category": category, "model": model, "settings": settings,
+        "category": folder.name, "model": model, "settings": settings,
         **{k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")},
+        "threshold": decisions.get("threshold"), "stated_far": decisions.get("stated_false_alarm_rate"),
+        "stated_interval": decisions.get("stated_interval"), "test_far": decisions.get("false_alarm_rate"),
+        "recall": decisions.get("recall"), "calibration_images": len(calibration_scores),
+        "bias": float((calibration_scores.mean() - good.mean()) / good.std()) if len(good) > 1 else None,
         "fit_s": fit_seconds, "ms_batch1": batch1, "ms_batched": batched, "ms_decode": decode,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -72,28 +91,33 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("../shared/datasets/mvtec_ad"))
-    parser.add_argument("--categories", nargs="+", default=["bottle"])
+    parser.add_argument("--categories", nargs="*", default=["bottle"])
+    parser.add_argument("--generate", metavar="NAME", help="Also benchmark the generated demo category under this name.")
     parser.add_argument("--models", nargs="+", default=["patchcore", "padim", "knn", "pca", "ocsvm"])
     parser.add_argument("--settings", type=json.loads, default={}, help='JSON config overrides, e.g. \'{"coreset_ratio": 0.01}\'')
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--single", nargs=2, metavar=("CATEGORY", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--single", nargs=2, metavar=("FOLDER", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
-        print(json.dumps(measure(args.root, *args.single, args.settings)))
+        print(json.dumps(measure(Path(args.single[0]), args.single[1], args.settings)))
         return
+    folders = [args.root / category for category in args.categories]
+    scratch = tempfile.TemporaryDirectory()
+    if args.generate:
+        folders.append(make_demo_dataset(Path(scratch.name) / args.generate, size=256, train=200, test_good=50,
+                                         per_defect=20, seed=0))
     rows = []
-    for category in args.categories:
+    for folder in folders:
         for model in args.models:
-            command = [sys.executable, __file__, "--root", str(args.root), "--settings", json.dumps(args.settings),
-                       "--single", category, model]
+            command = [sys.executable, __file__, "--settings", json.dumps(args.settings), "--single", str(folder), model]
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode:
-                sys.exit(f"{category}/{model} failed:\n{result.stderr}")
+                sys.exit(f"{folder.name}/{model} failed:\n{result.stderr}")
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     table = markdown(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"mvtec-{'-'.join(args.categories)}"
+    stem = f"mvtec-{'-'.join(folder.name for folder in folders)}"
     command = "python benchmarks/mvtec.py " + " ".join(sys.argv[1:])
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "version": __version__, "rows": rows}, indent=2) + "\n")

@@ -400,7 +400,8 @@ def test_info_on_a_folder(tmp_path: Path, cli) -> None:
     ("{name: a, model: patchcore, coreset_ratio: 2}", "field 'coreset_ratio' must be in (0, 1]"),
     ("{name: a, model: padim, image_size: 64}", "field 'crop' must be in [16, 64]"),
     ("{name: a, model: patchcore, threshold_method: magic}", "field 'threshold_method' must be one of"),
-    ("{name: a, model: pca, calibration_fraction: 1.5}", "field 'calibration_fraction'"),
+    ("{name: a, model: pca, calibration_folds: 1}", "field 'calibration_folds' must be in [2, inf]"),
+    ("{name: a, model: knn, threshold_param: 1.5}", "field 'threshold_param' must be in (0, 1)"),
     ("{name: a, model: autoencoder, lr: .nan}", "field 'lr' must be a finite number"),
     ("{name: a, model: classifier, dropout: 1.0}", "field 'dropout'"),
 ])
@@ -428,7 +429,7 @@ def test_weak_calibration_is_announced(tmp_path: Path, cli) -> None:
     result = cli("-q", "fit", data, "-o", tmp_path / "m.dsmodel", "--model", "knn", "--image-size", "64", "--crop", "0")
     assert result.code == 0 and "warning:" in result.err and "at least 20" in result.err
     calibration = model_info(tmp_path / "m.dsmodel")["calibration"]
-    assert calibration["good_count"] == 1 and "at least 20" in calibration["warning"]
+    assert calibration["good_count"] == 10 and "at least 20" in calibration["warning"]
 
 
 # 11. Leftovers, library noise -------------------------------------------------------------------

@@ -24,7 +24,7 @@ NAMES = st.one_of(st.sampled_from(["a", "b", "base-1", "x.y", "../up", "/abs", "
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 500), st.floats(allow_nan=True, allow_infinity=True),
                    st.text(max_size=6), st.lists(st.integers(), max_size=3))
 FIELDS = st.sampled_from(["image_size", "crop", "coreset_ratio", "neighbours", "epochs", "lr", "seed", "batch_size",
-                          "threshold_method", "threshold_param", "calibration_fraction", "regularization", "folds",
+                          "threshold_method", "threshold_param", "calibration_folds", "regularization", "folds",
                           "loss", "optimizer", "colour"])
 ATTEMPT = st.fixed_dictionaries(
     {"name": NAMES},

@@ -31,7 +31,8 @@ FORMAT = "defectscope-model"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "defectscope"
 MAX_HEADER = 100 * 1024 * 1024
-SUFFIX = ".dsmodel"
+CALIBRATION_SCORES = "calibration.scores"  # the cross-fitted good scores, kept to restate the threshold later
+LEGACY_CONFIG_FIELDS = ("calibration_fraction",)  # written by earlier versions; no longer used
 
 
 def manifest_of(detector: MapModel) -> dict[str, Any]:
@@ -72,6 +73,8 @@ def save_model(detector: MapModel, path: str | Path, force: bool = False) -> Pat
     tensors = {k: v.contiguous() for k, v in detector.tensors().items() if v is not None}
     if not tensors:
         raise DefectscopeError("the detector is not fitted; fit it before saving")
+    if detector.calibration_scores is not None:
+        tensors[CALIBRATION_SCORES] = detector.calibration_scores.float().contiguous()
     require_finite(tensors, f"{detector.name} has learned")
     _check_calibration(detector.calibration, f"{detector.name}'s calibration")
     check_model_output(path, force)
@@ -155,9 +158,11 @@ def load_model(path: str | Path, weights: str | Path | None = None) -> MapModel:
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise DefectscopeError(f"model file {path} is corrupt or truncated: {exc}") from exc
     require_finite(tensors, f"model file {path} holds")
+    calibration_scores = tensors.pop(CALIBRATION_SCORES, None)
     cls = detector_class(_section(manifest, "detector", str, path))
     try:
-        config = cls.config_class.from_dict(_section(manifest, "config", dict, path))
+        settings = {k: v for k, v in _section(manifest, "config", dict, path).items() if k not in LEGACY_CONFIG_FIELDS}
+        config = cls.config_class.from_dict(settings)
     except DefectscopeError as exc:
         raise DefectscopeError(f"model file {path} has a bad config: {exc}") from exc
     spec = _section(manifest, "backbone", dict, path, optional=True)
@@ -185,6 +190,7 @@ def load_model(path: str | Path, weights: str | Path | None = None) -> MapModel:
         raise DefectscopeError(f"model file {path} has tensors that do not fit {cls.name}; it is damaged "
                                f"({' '.join(str(exc).split())[:200]})") from exc
     detector.calibration = calibration
+    detector.calibration_scores = calibration_scores
     summary = manifest.get("train_summary", {})
     detector.train_summary = summary if isinstance(summary, dict) else {}
     return detector

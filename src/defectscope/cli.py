@@ -36,7 +36,7 @@ from defectscope.export.check import check_export
 from defectscope.export.labels import FORMATS, ExportOptions, export_ground_truth
 from defectscope.export.pseudo import export_pseudo_labels
 from defectscope.files import json_text
-from defectscope.pipeline import evaluate_model, fit_model, predict_images, run_demo, store_f1_threshold
+from defectscope.pipeline import evaluate_model, fit_model, predict_images, recalibrate, run_demo, store_f1_threshold
 from defectscope.reports import metrics_markdown
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial visual inspection: learn good parts, find defects.")
@@ -156,12 +156,15 @@ def fit(
     image_size: Annotated[Optional[int], typer.Option(help="Square resize before cropping (default: the model's).")] = None,
     crop: Annotated[Optional[int], typer.Option(help="Center crop side; 0 for no crop (default: the model's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    false_alarm_rate: Annotated[Optional[float], typer.Option(help="Share of good parts the threshold may flag (default 0.01).")] = None,
     weights: WeightsOption = None,
     download: Annotated[bool, typer.Option(help="Download torchvision weights if they are not found locally.")] = False,
     force: ForceOption = False,
 ) -> None:
     """Fit a detector on the good training images and write a model file."""
     settings: dict = {"backbone": backbone, "seed": seed}
+    if false_alarm_rate is not None:
+        settings.update(threshold_method="false_alarm_rate", threshold_param=false_alarm_rate)
     if image_size is not None:
         settings["image_size"] = image_size
     if crop is not None:
@@ -172,11 +175,10 @@ def fit(
         settings["coreset_ratio"] = coreset
     fitted = fit_model(data, model, settings, output, weights=weights, download=download, force=force, bar=_progress)
     calibration, report = fitted.detector.calibration, fitted.report
-    threshold = f"{calibration.threshold:.4g}" if calibration else "none (too few images)"
-    say(f"fitted {model} on {report.train_images} images in {report.seconds:.1f} s "
-        f"({report.calibration_images} held out for the threshold: {threshold}) -> {output}")
-    if calibration is None or calibration.warning:
-        warn(calibration.warning if calibration else "no threshold: fitting needs at least 10 good images to hold some out")
+    say(f"fitted {model} on {report.train_images} images in {report.seconds:.1f} s -> {output}")
+    say(f"{calibration.describe()}, from {report.calibration_images} cross-fitted good scores")
+    if calibration.warning:
+        warn(calibration.warning)
 
 
 @app.command("predict")
@@ -189,7 +191,8 @@ def predict(
     force: ForceOption = False,
 ) -> None:
     """Score images: raw score, normalized score (1.0 = threshold) and verdict; exit 3 if any could not be scored."""
-    rows = predict_images(load_model(model, weights), inputs, heatmaps=heatmaps, force=force, bar=_progress)
+    detector = load_model(model, weights)
+    rows = predict_images(detector, inputs, heatmaps=heatmaps, force=force, bar=_progress)
     if as_json:
         for row in rows:
             print(json_text(row, indent=None))
@@ -204,6 +207,8 @@ def predict(
             verdict = Text(row["verdict"], style=colour) + Text(f": {row['error']}" if "error" in row else "")
             table.add_row(Text(row["path"]), score, norm, verdict)
         console.print(table)
+        if detector.calibration is not None:
+            say(detector.calibration.describe())
     failed = sum(row["verdict"] == "error" for row in rows)
     if failed:
         warn(f"{failed} of {len(rows)} image(s) could not be scored (verdict 'error')")
@@ -228,6 +233,26 @@ def evaluate(
     if set_f1_threshold:
         calibration = store_f1_threshold(model, detector, evaluation)
         say(f"threshold set to {calibration.threshold:.4g} in {model}")
+
+
+@app.command("calibrate")
+def calibrate(
+    model: Annotated[Path, typer.Argument(help="Model file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (may be MODEL itself).")],
+    false_alarm_rate: Annotated[Optional[float], typer.Option(help="Threshold for this share of good parts flagged, from the model's cross-fitted good scores.")] = None,
+    good: Annotated[Optional[list[Path]], typer.Option(help="Good images or folders (repeatable).")] = None,
+    defective: Annotated[Optional[list[Path]], typer.Option(help="Defective images or folders (repeatable).")] = None,
+    target_recall: Annotated[Optional[float], typer.Option(help="With labelled images: catch at least this share of defective ones.")] = None,
+    f1: Annotated[bool, typer.Option("--f1", help="With labelled images: the threshold of the best F1.")] = False,
+    weights: WeightsOption = None,
+    force: ForceOption = False,
+) -> None:
+    """Set a model's threshold for a stated false-alarm rate, or from a few labelled images, and say how sure it is."""
+    calibration = recalibrate(model, output, false_alarm_rate=false_alarm_rate, good=good or (), defective=defective or (),
+                              target_recall=target_recall, f1=f1, weights=weights, force=force, bar=_progress)
+    say(f"{calibration.describe()} -> {output}")
+    if calibration.warning:
+        warn(calibration.warning)
 
 
 experiment_app = typer.Typer(no_args_is_help=True, help="Run attempts from a config file and compare them in a table.")

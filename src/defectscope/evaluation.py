@@ -44,6 +44,7 @@ def _decisions(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "false_positives": fp,
         "false_negatives": fn,
+        "false_alarm_rate": fp / int((labels == 0).sum()) if (labels == 0).any() else None,
     }
 
 
@@ -77,6 +78,10 @@ def evaluate(detector: MapModel, dataset: Dataset, progress: Progress | None = N
         metrics["notes"].append("image AUROC and F1 need both good and defective test images")
     if prediction.threshold is not None:
         metrics["at_model_threshold"] = _decisions(labels, scores, prediction.threshold)
+        calibration = detector.calibration
+        if calibration is not None and calibration.false_alarm_rate is not None:
+            metrics["at_model_threshold"].update(stated_false_alarm_rate=calibration.false_alarm_rate,
+                                                 stated_interval=list(calibration.false_alarm_interval or ()))
     per_defect = {d: {"images": int((defects == d).sum())} for d in sorted(set(defects) - {GOOD})}
     for defect, value in per_defect_auroc(defects, scores).items():
         per_defect[defect]["image_auroc"] = value

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.artifacts import check_model_output, save_model, set_threshold
+from defectscope.artifacts import check_model_output, load_model, save_model, set_threshold
 from defectscope.backbones import load_backbone
 from defectscope.data.images import expand_inputs
 from defectscope.data.layout import Dataset, load_dataset
@@ -25,7 +25,8 @@ from defectscope.errors import DefectscopeError
 from defectscope.evaluation import Evaluation, evaluate
 from defectscope.files import claim_folder, write_atomic
 from defectscope.reports import metrics_markdown, write_report
-from defectscope.thresholds import Calibration, f1_calibration
+from defectscope.thresholds import (Calibration, calibrate, f1_calibration, labelled_calibration,
+                                    recall_threshold)
 from defectscope.training.engine import EpochProgress
 from defectscope.viz import write_heatmaps
 
@@ -126,6 +127,40 @@ def store_f1_threshold(model_path: Path, detector: MapModel, evaluation: Evaluat
     scores = np.array([r["score"] for r in evaluation.records])
     calibration = f1_calibration(labels, scores, detector.calibration)
     set_threshold(model_path, calibration)
+    return calibration
+
+
+def recalibrate(model_path: Path, out: Path, *, false_alarm_rate: float | None = None,
+                good: Sequence[Path] = (), defective: Sequence[Path] = (), target_recall: float | None = None,
+                f1: bool = False, weights: Path | None = None, force: bool = False,
+                bar: ProgressBar = no_progress) -> Calibration:
+    """Write a copy of a model with a new threshold: a stated false-alarm rate (from the model's own cross-fitted
+    good scores), or, from labelled images, a target recall or the best F1 - with the uncertainty they leave."""
+    labelled = bool(good or defective)
+    if (false_alarm_rate is not None) == labelled or (labelled and (target_recall is None) == (not f1)):
+        raise DefectscopeError("give either --false-alarm-rate, or --good and --defective images with one of "
+                               "--target-recall or --f1")
+    if out != model_path:
+        check_model_output(out, force)
+    detector = load_model(model_path, weights)
+    if false_alarm_rate is not None:
+        if detector.calibration_scores is None:
+            raise DefectscopeError(f"{model_path} holds no cross-fitted good scores (fitted by an older version); "
+                                   "fit it again, or calibrate with labelled images")
+        calibration = calibrate(detector.calibration_scores.numpy(), "false_alarm_rate", false_alarm_rate)
+    else:
+        good_paths, bad_paths = expand_inputs(good), expand_inputs(defective)
+        with bar("scoring labelled images", len(good_paths) + len(bad_paths)) as advance:
+            scores = detector.predict([*good_paths, *bad_paths], map_size="input", progress=advance).scores
+        good_scores, bad_scores = scores[: len(good_paths)], scores[len(good_paths) :]
+        if f1:
+            labels = np.r_[np.zeros(len(good_scores)), np.ones(len(bad_scores))]
+            calibration = f1_calibration(labels, np.r_[good_scores, bad_scores], detector.calibration)
+        else:
+            threshold = recall_threshold(bad_scores, target_recall)
+            calibration = labelled_calibration(good_scores, bad_scores, threshold, "recall", target_recall,
+                                               detector.calibration)
+    set_threshold(model_path, calibration, out, force=True)
     return calibration
 
 

@@ -34,6 +34,10 @@ def metrics_markdown(metrics: dict) -> str:
                 f"recall {d['recall']:.3f}, F1 {d['f1']:.3f}, {d['false_positives']} false positive(s), "
                 f"{d['false_negatives']} false negative(s)"
             )
+            if d.get("false_alarm_rate") is not None and d.get("stated_false_alarm_rate") is not None:
+                low, high = d["stated_interval"]
+                lines.append(f"false-alarm rate on the good test images {d['false_alarm_rate']:.1%}; stated when fitted "
+                             f"{d['stated_false_alarm_rate']:.1%} (95% interval {low:.1%} to {high:.1%})")
     lines += [f"\nnote: {n}" for n in metrics["notes"]]
     return "\n".join(lines) + "\n"
 

@@ -1,21 +1,39 @@
-"""Decision thresholds: from good images only (percentile or mean + k*std), or F1-optimal with labels."""
+"""Decision thresholds: from good images only (a stated false-alarm rate, percentile, mean + k*std), or from labels.
+
+Good-only thresholds come from cross-fitted scores: every training image scored by a model that
+never saw it, so the scores look like those of new good parts. The false-alarm-rate threshold is
+the conformal quantile of those n scores: the k-th smallest with k = ceil((n + 1)(1 - rate)). For
+exchangeable scores a new good part then scores at or above it with probability (n + 1 - k) / (n + 1)
+<= rate, and that probability, over calibration sets, follows Beta(n + 1 - k, k): its quantiles are
+the stated interval. Rates below 1 / (n + 1) need a tail model: a generalized Pareto distribution
+fitted to the largest scores, with a bootstrap interval.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy import stats
 
 from defectscope.errors import DefectscopeError
 from defectscope.metrics import f1_max
 
-GOOD_ONLY_METHODS = ("sigma", "percentile")
-MIN_CALIBRATION_IMAGES = 20  # fewer held-out good images leave the threshold to chance
+GOOD_ONLY_METHODS = ("false_alarm_rate", "sigma", "percentile")
+DEFAULT_FALSE_ALARM_RATE = 0.01
+MIN_CALIBRATION_IMAGES = 20  # fewer good calibration scores leave the threshold to chance
+TAIL_MIN_SCORES = 20  # a fitted tail needs at least this many scores
+INTERVAL = 0.95
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """A threshold on raw scores, how it was chosen, and the good-score statistics behind it."""
+    """A threshold on raw scores, how it was chosen, the good-score statistics behind it, and what it promises.
+
+    false_alarm_rate: expected share of new good parts called defective; false_alarm_interval: its
+    95% interval; recall / recall_interval: the same for defective parts when labels chose the threshold.
+    """
 
     threshold: float
     method: str
@@ -24,44 +42,150 @@ class Calibration:
     good_std: float
     good_count: int
     warning: str | None = None
+    false_alarm_rate: float | None = None
+    false_alarm_interval: tuple[float, float] | None = None
+    recall: float | None = None
+    recall_interval: tuple[float, float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
+        data = dict(data)
+        for key in ("false_alarm_interval", "recall_interval"):
+            if data.get(key) is not None:
+                data[key] = tuple(float(v) for v in data[key])
         return cls(**data)
+
+    def describe(self) -> str:
+        """One line: the threshold and the false-alarm rate (and recall) it stands for."""
+        text = f"threshold {self.threshold:.4g} ({self.method} {self.param:g})"
+        if self.false_alarm_rate is not None:
+            low, high = self.false_alarm_interval or (math.nan, math.nan)
+            text += f"; expected false-alarm rate {self.false_alarm_rate:.2%} (95% interval {low:.2%} to {high:.2%})"
+        if self.recall is not None:
+            low, high = self.recall_interval or (math.nan, math.nan)
+            text += f"; recall {self.recall:.1%} (95% interval {low:.1%} to {high:.1%})"
+        return text
 
 
 def few_images_warning(count: int, std: float) -> str | None:
-    """A warning when a threshold rests on too few held-out good images (or on no spread at all)."""
+    """A warning when a threshold rests on too few good calibration scores (or on no spread at all)."""
     if count >= MIN_CALIBRATION_IMAGES and std > 0:
         return None
     spread = " with zero spread" if std <= 0 else ""
-    return (f"the threshold rests on {count} held-out good image(s){spread}; at least {MIN_CALIBRATION_IMAGES} are "
+    return (f"the threshold rests on {count} good calibration score(s){spread}; at least {MIN_CALIBRATION_IMAGES} are "
             "needed for a stable one: add good training images, or set the threshold with labelled images")
 
 
-def calibrate(good_scores: np.ndarray, method: str = "sigma", param: float = 3.0) -> Calibration:
-    """Threshold from held-out good scores: mean + param*std ('sigma') or the param-th percentile."""
+def beta_interval(a: float, b: float) -> tuple[float, float]:
+    """The central INTERVAL of Beta(a, b)."""
+    tail = (1 - INTERVAL) / 2
+    return float(stats.beta.ppf(tail, a, b)), float(stats.beta.ppf(1 - tail, a, b))
+
+
+def exceedance(scores: np.ndarray, threshold: float) -> tuple[float, tuple[float, float]]:
+    """Share of new good parts expected at or above a threshold that did not come from these scores (Jeffreys)."""
+    hits = int((scores >= threshold).sum())
+    n = len(scores)
+    return (hits + 0.5) / (n + 1), beta_interval(hits + 0.5, n - hits + 0.5)
+
+
+def _tail_fit(scores: np.ndarray) -> tuple[float, float, float, float]:
+    """(exceedance level u, share of scores above it, GPD shape, GPD scale) fitted to the largest scores."""
+    ordered = np.sort(scores)
+    top = max(TAIL_MIN_SCORES // 2, len(ordered) // 5)
+    level = float(ordered[-top - 1])
+    shape, _, scale = stats.genpareto.fit(ordered[-top:] - level, floc=0)
+    return level, top / len(ordered), float(shape), float(scale)
+
+
+def _tail_threshold(scores: np.ndarray, rate: float, seed: int = 0) -> tuple[float, float, tuple[float, float]]:
+    """Threshold for a rate below 1/(n+1) from a generalized Pareto tail, with a bootstrap interval of its rate."""
+    level, share, shape, scale = _tail_fit(scores)
+    threshold = level + float(stats.genpareto.ppf(1 - rate / share, shape, scale=scale))
+    rng = np.random.default_rng(seed)
+    rates = []
+    for _ in range(200):
+        b_level, b_share, b_shape, b_scale = _tail_fit(rng.choice(scores, len(scores)))
+        rates.append(b_share * float(stats.genpareto.sf(max(threshold - b_level, 0.0), b_shape, scale=b_scale)))
+    tail = (1 - INTERVAL) / 2
+    return threshold, rate, (float(np.quantile(rates, tail)), float(np.quantile(rates, 1 - tail)))
+
+
+def false_alarm_threshold(scores: np.ndarray, rate: float) -> tuple[float, float, tuple[float, float], str | None]:
+    """(threshold, expected false-alarm rate, its interval, a warning or None) for a stated rate."""
+    n = len(scores)
+    rank = math.ceil((n + 1) * (1 - rate))
+    if rank <= n:
+        threshold = float(np.sort(scores)[rank - 1])
+        return threshold, (n + 1 - rank) / (n + 1), beta_interval(n + 1 - rank, rank), None
+    if n >= TAIL_MIN_SCORES:
+        return (*_tail_threshold(scores, rate), None)
+    threshold = float(scores.max())
+    return threshold, 1 / (n + 1), beta_interval(1, n), (
+        f"a false-alarm rate of {rate:g} needs more than {math.ceil(1 / rate) - 1} good calibration scores "
+        f"(or {TAIL_MIN_SCORES} for a fitted tail); with {n} the threshold is the largest of them (rate about {1 / (n + 1):.2g})")
+
+
+def calibrate(good_scores: np.ndarray, method: str = "false_alarm_rate", param: float = DEFAULT_FALSE_ALARM_RATE) -> Calibration:
+    """Threshold from unseen good scores: a stated false-alarm rate, the param-th percentile, or mean + param*std."""
     scores = np.asarray(good_scores, dtype=np.float64)
     if scores.size == 0:
-        raise DefectscopeError("no held-out good images to calibrate a threshold on")
-    if method == "sigma":
-        threshold = scores.mean() + param * scores.std()
-    elif method == "percentile":
-        if not 0 < param <= 100:
-            raise DefectscopeError(f"percentile must be in (0, 100], got {param}")
-        threshold = np.percentile(scores, param)
+        raise DefectscopeError("no good calibration scores to set a threshold on")
+    warning = None
+    if method == "false_alarm_rate":
+        if not 0 < param < 1:
+            raise DefectscopeError(f"false-alarm rate must be in (0, 1), got {param}")
+        threshold, rate, interval, warning = false_alarm_threshold(scores, param)
+    elif method in ("sigma", "percentile"):
+        if method == "sigma":
+            threshold = scores.mean() + param * scores.std()
+        else:
+            if not 0 < param <= 100:
+                raise DefectscopeError(f"percentile must be in (0, 100], got {param}")
+            threshold = np.percentile(scores, param)
+        rate, interval = exceedance(scores, threshold)
     else:
-        raise DefectscopeError(f"threshold method from good images must be 'sigma' or 'percentile', got '{method}'")
+        raise DefectscopeError(f"threshold method from good images must be one of {', '.join(GOOD_ONLY_METHODS)}, got '{method}'")
     std = float(scores.std())
+    warnings = [w for w in (few_images_warning(int(scores.size), std), warning) if w]
     return Calibration(float(threshold), method, float(param), float(scores.mean()), std, int(scores.size),
-                       few_images_warning(int(scores.size), std))
+                       "; ".join(warnings) or None, float(rate), tuple(interval))
 
 
 def f1_calibration(labels: np.ndarray, scores: np.ndarray, previous: Calibration | None) -> Calibration:
     """The F1-optimal threshold on labelled scores, keeping the good-image statistics of the previous calibration."""
     f1, threshold = f1_max(labels, scores)
-    return Calibration(threshold, "f1", f1, previous.good_mean if previous else 0.0, previous.good_std if previous else 0.0,
-                       previous.good_count if previous else 0)
+    return labelled_calibration(np.asarray(scores)[np.asarray(labels) == 0], np.asarray(scores)[np.asarray(labels) == 1],
+                                threshold, "f1", f1, previous)
+
+
+def recall_threshold(defective_scores: np.ndarray, target: float) -> float:
+    """The highest threshold that still calls at least `target` of these defective scores defective."""
+    if not 0 < target <= 1:
+        raise DefectscopeError(f"target recall must be in (0, 1], got {target}")
+    ordered = np.sort(np.asarray(defective_scores, dtype=np.float64))
+    return float(ordered[len(ordered) - math.ceil(target * len(ordered))])
+
+
+def labelled_calibration(good_scores: np.ndarray, defective_scores: np.ndarray, threshold: float, method: str,
+                         param: float, previous: Calibration | None) -> Calibration:
+    """A threshold chosen with labelled images, with the false-alarm rate and recall it gives and their
+    95% intervals (Jeffreys) - wide when few images were labelled, and they say so."""
+    good, bad = np.asarray(good_scores, np.float64), np.asarray(defective_scores, np.float64)
+    if len(good) == 0 or len(bad) == 0:
+        raise DefectscopeError("choosing a threshold with labels needs good and defective images")
+    false_alarms, caught = int((good >= threshold).sum()), int((bad >= threshold).sum())
+    warning = None
+    if min(len(good), len(bad)) < MIN_CALIBRATION_IMAGES:
+        warning = (f"chosen on {len(good)} good and {len(bad)} defective image(s): the intervals show how uncertain "
+                   f"the rates are; label at least {MIN_CALIBRATION_IMAGES} of each to narrow them")
+    return Calibration(
+        float(threshold), method, float(param),
+        previous.good_mean if previous else float(good.mean()), previous.good_std if previous else float(good.std()),
+        previous.good_count if previous else len(good), warning,
+        false_alarms / len(good), beta_interval(false_alarms + 0.5, len(good) - false_alarms + 0.5),
+        caught / len(bad), beta_interval(caught + 0.5, len(bad) - caught + 0.5),
+    )

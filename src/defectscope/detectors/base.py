@@ -22,7 +22,7 @@ from defectscope.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, load_ba
 from defectscope.data.images import ImageSource, Preprocess, iterate_batches
 from defectscope.errors import DefectscopeError
 from defectscope.settings import FrameConfig, require_choice, require_range
-from defectscope.thresholds import GOOD_ONLY_METHODS, Calibration, calibrate
+from defectscope.thresholds import DEFAULT_FALSE_ALARM_RATE, GOOD_ONLY_METHODS, Calibration, calibrate
 from defectscope.training.engine import EpochProgress, History
 
 Progress = Callable[[int], None]
@@ -42,15 +42,17 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 class DetectorConfig(FrameConfig):
     """Frame and threshold settings shared by every map model; subclasses add their own fields."""
 
-    calibration_fraction: float = 0.1
-    threshold_method: str = "sigma"
-    threshold_param: float = 3.0
+    calibration_folds: int = 10  # cross-fitting: each good image is scored by a model fitted without its fold
+    threshold_method: str = "false_alarm_rate"
+    threshold_param: float = DEFAULT_FALSE_ALARM_RATE  # the rate; or k of mean + k*std ('sigma'); or a percentile
 
     def check(self) -> None:
         super().check()
-        require_range("calibration_fraction", self.calibration_fraction, 0, 1, low_open=True, high_open=True)
+        require_range("calibration_folds", self.calibration_folds, 2)
         require_choice("threshold_method", self.threshold_method, GOOD_ONLY_METHODS)
-        if self.threshold_method == "percentile":
+        if self.threshold_method == "false_alarm_rate":
+            require_range("threshold_param", self.threshold_param, 0, 1, low_open=True, high_open=True)
+        elif self.threshold_method == "percentile":
             require_range("threshold_param", self.threshold_param, 0, 100, low_open=True)
         else:
             require_range("threshold_param", self.threshold_param, 0)
@@ -102,6 +104,7 @@ class MapModel(ABC):
     strides: tuple[int, ...] = (8, 16)
     epoch_progress: EpochProgress | None = None  # trained models report each epoch here
     history: History | None = None  # trained models: the loss history of the last fit
+    calibration_scores: torch.Tensor | None = None  # good images' scores from models that never saw them
 
     def __init__(self, config: DetectorConfig | None = None, backbone: Backbone | None = None) -> None:
         self.config = config or self.config_class()
@@ -227,37 +230,46 @@ class Detector(MapModel):
         return features, sizes
 
     def fit(self, images: Sequence[ImageSource], progress: Progress | None = None) -> FitReport:
-        """Fit on all good images; a seeded hold-out of them, scored unseen, sets the threshold."""
+        """Fit on all good images, then set the threshold from cross-fitted scores (each from a model that never saw it)."""
         if len(images) < 2:
             raise DefectscopeError(f"fitting needs at least 2 good images, got {len(images)}")
         start = time.perf_counter()
         torch.manual_seed(self.config.seed)
         features, sizes = self._features(images, progress)
         count = len(images)
+        embedded = time.perf_counter()
         with torch.no_grad():
             details = self.fit_features(features)
         require_finite(self.tensors(), f"{self.name} learned")
-        holdout = self.holdout_indices(count)
-        held = len(holdout)
-        if held:
-            with torch.inference_mode():
-                scores = self.holdout_scores(features, holdout).numpy()
-            require_finite({"held-out scores": torch.from_numpy(scores)}, f"{self.name} calibration gave")
-            self.calibration = calibrate(scores, self.config.threshold_method, self.config.threshold_param)
+        learned = time.perf_counter()
+        with torch.inference_mode():
+            scored, scores = self.crossfit_scores(features)
+        details["seconds"] = {"embed": embedded - start, "learn": learned - embedded, "calibrate": time.perf_counter() - learned}
+        require_finite({"calibration scores": scores}, f"{self.name} calibration gave")
+        self.calibration_scores = scores
+        self.calibration = calibrate(scores.numpy(), self.config.threshold_method, self.config.threshold_param)
         heights, widths = sizes[:, 0], sizes[:, 1]
         self.train_summary = {
             "images": count,
-            "calibration_images": held,
+            "calibration_images": len(scored),
+            "calibration_folds": len(self.calibration_folds(count)),
             "height_range": [int(heights.min()), int(heights.max())],
             "width_range": [int(widths.min()), int(widths.max())],
             "fit": details,
         }
-        return FitReport(count, held, time.perf_counter() - start, details)
+        return FitReport(count, len(scored), time.perf_counter() - start, details)
 
-    def holdout_indices(self, count: int) -> torch.Tensor:
-        """The seeded calibration_fraction of `count` training images held out for calibration (none below 10)."""
-        held = round(count * self.config.calibration_fraction) if count >= 10 else 0
-        return torch.from_numpy(np.random.default_rng(self.config.seed).permutation(count)[:held])
+    def calibration_folds(self, count: int) -> list[torch.Tensor]:
+        """The seeded folds of `count` training images for cross-fitting (leave-one-out below calibration_folds)."""
+        order = torch.from_numpy(np.random.default_rng(self.config.seed).permutation(count))
+        folds = min(self.config.calibration_folds, count)
+        return [order[k::folds].sort().values for k in range(folds)]
+
+    def crossfit_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images scored, their scores): every fold's images scored by a model fitted on the other folds."""
+        folds = self.calibration_folds(len(features))
+        scores = [self.holdout_scores(features, held) for held in folds]
+        return torch.cat(folds), torch.cat(scores).float()
 
     def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor) -> torch.Tensor:
         """Scores of the held-out training images from a model that did not learn them.

@@ -67,6 +67,13 @@ class ClusteredBank:
         radius = torch.zeros(len(sizes)).scatter_reduce(0, owner, spread, "amax")
         return cls(bank, offsets, centroids, radius, order)
 
+    def subset(self, keep: torch.Tensor) -> ClusteredBank:
+        """The rows where `keep` is True, in the same clusters (no new k-means): still an exact index."""
+        owner = torch.repeat_interleave(torch.arange(len(self.offsets) - 1), self.offsets[1:] - self.offsets[:-1])
+        sizes = torch.bincount(owner[keep], minlength=len(self.offsets) - 1)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes, 0)])
+        return ClusteredBank.from_sorted(self.bank[keep].contiguous(), offsets, self.order[keep])
+
     def _scan(self, groups: Iterable[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """For each (cluster, queries) group, per query: the min over the cluster's rows of |x|^2 - 2 q.x
         (add |q|^2 for the squared distance) and the row giving it; all groups concatenated."""

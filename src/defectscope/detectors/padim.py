@@ -117,6 +117,43 @@ class PaDiM(Detector):
             squared[:, where] = _mahalanobis_squared(held[:, where], mean, precision.half())
         return self._finish(None, _grid(squared))[0]
 
+    def crossfit_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every fold scored exactly by the other folds' Gaussians, without refitting them.
+
+        The other folds' scatter is the whole scatter T minus a rank-(fold size + 1) term V Vᵀ, so with
+        M = T / (rest - 1) + ridge = L Lᵀ (one Cholesky factor per chunk and distinct fold size) the
+        Woodbury identity gives each held-out distance from Y = L⁻¹ X (one triangular solve for all
+        images) and a small (fold size + 1)-square system per position.
+        """
+        folds = self.calibration_folds(len(features))
+        n, positions, d = features.shape
+        squared = torch.empty(n, positions)
+        ridge = self.config.regularization * torch.eye(d)
+        for start in range(0, positions, POSITION_CHUNK):
+            where = slice(start, min(start + POSITION_CHUNK, positions))
+            centred = (features[:, where] - features[:, where].mean(0)).transpose(0, 1).contiguous()  # positions x N x d
+            scatter = centred.mT @ centred
+            whitened = {}
+            for rest in sorted({n - len(held) for held in folds}):
+                factor, info = torch.linalg.cholesky_ex(scatter / (rest - 1) + ridge)
+                if int(info.max()) > 0:
+                    raise DefectscopeError("PaDiM covariance is not positive definite; raise `regularization`")
+                whitened[rest] = torch.linalg.solve_triangular(factor, centred.mT, upper=False)  # positions x d x N
+            for held in folds:
+                rest, size = n - len(held), len(held)
+                y_all = whitened[rest]
+                own = y_all[:, :, held]
+                own_mean = own.mean(2, keepdim=True)
+                rest_mean = (y_all.sum(2, keepdim=True) - own.sum(2, keepdim=True)) / rest
+                low_rank = torch.cat([own - own_mean, (rest * size / n) ** 0.5 * (rest_mean - own_mean)], 2).double()
+                queries = (own - rest_mean).double()
+                small = (rest - 1) * torch.eye(size + 1, dtype=torch.float64) - low_rank.mT @ low_rank
+                correction = torch.linalg.solve_triangular(torch.linalg.cholesky(small), low_rank.mT @ queries, upper=False)
+                squared[held, where] = ((queries * queries).sum(1) + (correction * correction).sum(1)).float().T
+        scores = self._finish(None, _grid(squared))[0]
+        order = torch.cat(folds)
+        return order, scores[order]
+
     def score_features(self, features: torch.Tensor) -> tuple[None, torch.Tensor]:
         if self.precision is None:
             raise DefectscopeError("PaDiM is not fitted; call fit() or load a model file")

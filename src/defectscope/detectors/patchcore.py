@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +19,15 @@ from defectscope.settings import require_range
 
 @dataclass
 class PatchCoreConfig(DetectorConfig):
-    """coreset_ratio: memory kept; layer_dim: width each layer's neighbourhood vector is pooled to."""
+    """coreset_ratio: memory kept; layer_dim: width each layer's neighbourhood vector is pooled to;
+    shard_images: the coreset is chosen per shard of at most this many images (shards nest in the
+    calibration folds), so its cost grows linearly with the number of images, and every fold's
+    calibration scores come from the other folds' memory without any refit."""
 
     image_size: int = 288
     crop: int | None = 256
     coreset_ratio: float = 0.1
+    shard_images: int = 32
     projection_dim: int = 128
     neighbourhood: int = 3
     layer_dim: int = 64
@@ -36,6 +42,7 @@ class PatchCoreConfig(DetectorConfig):
             raise DefectscopeError(f"field 'neighbourhood' must be an odd number >= 1, got {self.neighbourhood}")
         require_range("layer_dim", self.layer_dim, 1)
         require_range("reweight_neighbours", self.reweight_neighbours, 1)
+        require_range("shard_images", self.shard_images, 1)
 
 
 def patch_embedding(maps: dict[int, torch.Tensor], neighbourhood: int, layer_dim: int) -> torch.Tensor:
@@ -72,12 +79,30 @@ class PatchCore(Detector):
         maps = self.require_backbone()(batch)
         return patch_embedding(maps, self.config.neighbourhood, self.config.layer_dim)
 
+    def shards(self, count: int) -> list[torch.Tensor]:
+        """Image indices of each coreset shard: every calibration fold split into shards of at most shard_images."""
+        shards = []
+        for fold in self.calibration_folds(count):
+            pieces = math.ceil(len(fold) / self.config.shard_images)
+            shards += [fold[i::pieces] for i in range(pieces)]
+        return shards
+
     def fit_features(self, features: torch.Tensor) -> dict[str, Any]:
-        patches = features.reshape(-1, features.shape[-1])
-        keep = coreset_indices(patches, self.config.coreset_ratio, self.config.seed, self.config.projection_dim)
-        self.index = ClusteredBank.build(patches[keep], self.config.seed)
-        self.bank_sources = (keep // (features.shape[1] * features.shape[2]))[self.index.order]
-        return {"patches": len(patches), "memory_bank": len(keep), "embedding_dim": patches.shape[1]}
+        """Greedy coreset of each shard's patches; the memory bank is their union (a composable coreset)."""
+        n, h, w, d = features.shape
+        per_image = h * w
+        start = time.perf_counter()
+        kept = []
+        for number, shard in enumerate(self.shards(n)):
+            local = coreset_indices(features[shard].reshape(-1, d), self.config.coreset_ratio, self.config.seed + number,
+                                    self.config.projection_dim)
+            kept.append(shard[local // per_image] * per_image + local % per_image)
+        keep = torch.cat(kept)
+        selected = time.perf_counter()
+        self.index = ClusteredBank.build(features.reshape(-1, d)[keep], self.config.seed)
+        self.bank_sources = (keep // per_image)[self.index.order]
+        return {"patches": n * per_image, "memory_bank": len(keep), "embedding_dim": d, "shards": len(kept),
+                "coreset_s": selected - start, "index_s": time.perf_counter() - selected}
 
     def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.index is None:
@@ -94,11 +119,11 @@ class PatchCore(Detector):
     def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor) -> torch.Tensor:
         """Score held-out images against the memory bank without the patches taken from them.
 
-        One coreset serves both the final model and calibration; removing a held-out image's own
-        patches leaves its neighbourhood less covered, so these scores err on the high side.
+        For a whole calibration fold this is exactly a model fitted without the fold: its shards'
+        coresets never saw the fold's images. The bank is a (K-1)/K part of the final one.
         """
         fitted = self.index
-        self.index = ClusteredBank.build(fitted.bank[~torch.isin(self.bank_sources, holdout)], self.config.seed)
+        self.index = fitted.subset(~torch.isin(self.bank_sources, holdout))
         try:
             return self._score_and_map(features[holdout])[0]
         finally:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +26,7 @@ from defectscope.training.augment import augment
 from defectscope.training.engine import TrainSettings, train
 
 ERRORS = ("mse", "ssim")
+VALIDATION_FRACTION = 0.1  # of the good images: validation set of training and calibration scores
 
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -106,7 +108,7 @@ class ReconstructionDetector(Detector):
 
     def fit_features(self, features: torch.Tensor) -> dict[str, Any]:
         images = features.clone()  # leave inference mode: training needs ordinary tensors
-        holdout = self.holdout_indices(len(images))
+        holdout = self.calibration_folds(len(images))[0]
         rest = rows_outside(len(images), holdout)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.network = self.build().to(memory_format=torch.channels_last)
@@ -117,6 +119,14 @@ class ReconstructionDetector(Detector):
         )
         return {"history": self.history.to_dict(), "train_loss": self.history.train_loss[-1],
                 "validation_loss": self.history.val_loss[-1] if self.history.val_loss else None}
+
+    def calibration_folds(self, count: int) -> list[torch.Tensor]:
+        """One fold: the seeded validation share of the images, which the network never trains on.
+
+        Training a network per fold would multiply the fit time; these images are unseen in the same sense.
+        """
+        held = max(1, round(count * VALIDATION_FRACTION))
+        return [torch.from_numpy(np.random.default_rng(self.config.seed).permutation(count)[:held]).sort().values]
 
     def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor) -> torch.Tensor:
         """The held-out images were the validation set: the network never trained on them."""

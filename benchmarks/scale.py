@@ -1,0 +1,122 @@
+"""How PatchCore's fit grows with the number of training images, on bottle repeated with flips and rotations.
+
+    python benchmarks/scale.py --data ../shared/datasets/mvtec_ad/bottle --factors 1 2 4 8
+
+The good training images are repeated with the 8 symmetries of the square (identity, flips, 90°
+rotations; written once as PNG files to a temporary folder) to 1x, 2x, 4x and 8x their count. Each
+size is fitted with default settings in its own process (so peak memory is its own) and evaluated on
+the real test set. Fit seconds are split into embedding (decoding and backbone, overlapped in a
+thread pool; decoding alone is timed separately per image), coreset, index (k-means of the memory
+bank) and calibration (cross-fitted scores). Writes benchmarks/results/scale.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from defectscope import __version__, load_dataset
+from defectscope.data.images import read_image
+from defectscope.data.layout import Dataset
+from defectscope.pipeline import evaluate_model, fit_detector
+
+SYMMETRIES = (
+    lambda im: im, lambda im: im[:, ::-1], lambda im: im[::-1], lambda im: np.rot90(im, 1),
+    lambda im: np.rot90(im, 2), lambda im: np.rot90(im, 3), lambda im: np.rot90(im[:, ::-1], 1),
+    lambda im: np.rot90(im[:, ::-1], 3),
+)
+COLUMNS = (
+    ("factor", "x", "{}"), ("train_images", "train images", "{}"), ("fit_s", "fit s", "{:.1f}"),
+    ("embed_s", "embed s", "{:.1f}"), ("decode_s", "of which decode s", "{:.1f}"), ("coreset_s", "coreset s", "{:.1f}"),
+    ("index_s", "index s", "{:.1f}"), ("calibrate_s", "calibration s", "{:.1f}"), ("memory_bank", "memory rows", "{}"),
+    ("peak_mb", "peak MB", "{:.0f}"), ("image_auroc", "image AUROC", "{:.3f}"), ("pixel_auroc", "pixel AUROC", "{:.3f}"),
+    ("aupro", "AUPRO", "{:.3f}"), ("ms_batched", "ms/img batched", "{:.0f}"),
+)
+
+
+def write_variants(data: Path, folder: Path, factor: int) -> list[Path]:
+    """The training images under the first `factor` symmetries, as PNG files in `folder` (identity: the originals)."""
+    originals = [s.path for s in load_dataset(data).train]
+    paths = list(originals)
+    for number in range(1, factor):
+        for source in originals:
+            target = folder / f"s{number}_{source.name}"
+            if not target.exists():
+                image = np.ascontiguousarray(SYMMETRIES[number](cv2.imread(str(source), cv2.IMREAD_UNCHANGED)))
+                cv2.imwrite(str(target), image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            paths.append(target)
+    return paths
+
+
+def measure(data: Path, train: list[Path]) -> dict:
+    """Fit PatchCore on `train`, evaluate on the real test split, and time each part (inside its own process)."""
+    torch.set_num_threads(2)
+    real = load_dataset(data)
+    dataset = Dataset(real.root, real.layout, [*[s for s in real.test], *[type(real.train[0])(p, "train", 0, "good") for p in train]])
+    start = time.perf_counter()
+    detector, report = fit_detector(dataset, "patchcore", {})
+    fit_s = time.perf_counter() - start
+    metrics = evaluate_model(detector, dataset)[0].metrics
+    sample = train[:: max(1, len(train) // 40)]
+    start = time.perf_counter()
+    for path in sample:
+        read_image(path)
+    decode_s = (time.perf_counter() - start) / len(sample) * len(train)
+    seconds = report.details["seconds"]
+    return {
+        "train_images": len(train), "fit_s": fit_s, "embed_s": seconds["embed"], "decode_s": decode_s,
+        "coreset_s": report.details["coreset_s"], "index_s": report.details["index_s"], "calibrate_s": seconds["calibrate"],
+        "memory_bank": report.details["memory_bank"], "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **{k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")},
+        "ms_batched": metrics["predict_ms_per_image"],
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(label for _, label, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join("n/a" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/datasets/mvtec_ad/bottle"))
+    parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4, 8], choices=range(1, 9))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--single", nargs=2, metavar=("FOLDER", "FACTOR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single:
+        print(json.dumps({"factor": int(args.single[1]), **measure(args.data, write_variants(args.data, Path(args.single[0]), int(args.single[1])))}))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        write_variants(args.data, Path(folder), max(args.factors))
+        for factor in args.factors:
+            command = [sys.executable, __file__, "--data", str(args.data), "--single", folder, str(factor)]
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode:
+                sys.exit(f"factor {factor} failed:\n{result.stderr}")
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+    table = markdown(rows)
+    command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
+    machine = f"{platform.processor() or platform.machine()}, 2 threads, torch {torch.__version__}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps({"command": command, "machine": machine, "version": __version__, "rows": rows}, indent=2) + "\n")
+    (args.out / "scale.md").write_text(f"`{command}`\n\n{machine}, defectscope {__version__}\n\n{table}")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

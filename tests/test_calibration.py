@@ -1,0 +1,187 @@
+"""The operating point: cross-fitted good scores (never from a model that saw the image), a stated false-alarm
+rate with its interval, and thresholds chosen from a few labelled images."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from defectscope.artifacts import load_model, model_info, save_model
+from defectscope.data.layout import load_dataset
+from defectscope.detectors import create_detector
+from defectscope.detectors.base import Detector
+from defectscope.detectors.coreset import coreset_indices
+from defectscope.detectors.nearest import ClusteredBank
+from defectscope.detectors.padim import PaDiM, PaDiMConfig
+from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig
+from defectscope.errors import DefectscopeError
+from defectscope.thresholds import calibrate, labelled_calibration, recall_threshold
+
+
+def test_false_alarm_threshold_is_the_conformal_quantile() -> None:
+    scores = np.random.default_rng(0).permutation(np.arange(1.0, 100.0))  # n = 99
+    calibration = calibrate(scores, "false_alarm_rate", 0.05)
+    rank = math.ceil(100 * 0.95)  # 95: the 95th smallest of 99 scores
+    assert rank == 95 and calibration.threshold == 95.0
+    assert calibration.false_alarm_rate == pytest.approx(5 / 100)
+    low, high = calibration.false_alarm_interval
+    assert low == pytest.approx(stats.beta.ppf(0.025, 5, 95)) and high == pytest.approx(stats.beta.ppf(0.975, 5, 95))
+    assert calibration.good_count == 99 and calibration.warning is None
+
+
+def test_rates_below_one_over_n_use_a_fitted_tail() -> None:
+    scores = np.random.default_rng(1).exponential(1.0, 400)
+    calibration = calibrate(scores, "false_alarm_rate", 0.0005)
+    assert scores.max() < calibration.threshold  # beyond every observed score
+    assert calibration.threshold == pytest.approx(-math.log(0.0005), rel=0.35)  # the true exponential quantile, 7.6
+    low, high = calibration.false_alarm_interval
+    assert low < 0.0005 < high
+    few = calibrate(scores[:12], "false_alarm_rate", 0.001)
+    assert few.threshold == scores[:12].max() and "needs more than" in few.warning
+
+
+def test_sigma_and_percentile_still_state_their_rate() -> None:
+    scores = np.arange(100.0)
+    calibration = calibrate(scores, "percentile", 90)
+    hits = int((scores >= calibration.threshold).sum())
+    assert calibration.false_alarm_rate == pytest.approx((hits + 0.5) / 101)
+    assert calibrate(scores, "sigma", 3.0).false_alarm_rate < 0.01
+
+
+def test_labelled_threshold_says_how_sure_it_is() -> None:
+    good, bad = np.arange(10.0), np.arange(5.0, 15.0)
+    threshold = recall_threshold(bad, 0.9)
+    assert threshold == 6.0 and (bad >= threshold).mean() >= 0.9
+    calibration = labelled_calibration(good, bad, threshold, "recall", 0.9, None)
+    assert calibration.recall == 0.9 and calibration.false_alarm_rate == 0.4
+    low, high = calibration.recall_interval
+    assert low < 0.9 < high and high - low > 0.3  # ten labelled defects leave a wide interval
+    assert "label at least 20" in calibration.warning
+
+
+def test_patchcore_shards_nest_in_folds_and_see_only_their_images() -> None:
+    features = torch.randn(23, 4, 4, 8, generator=torch.Generator().manual_seed(0))
+    detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=0.25, shard_images=2, calibration_folds=5))
+    detector.fit_features(features)
+    folds = [set(f.tolist()) for f in detector.calibration_folds(23)]
+    assert sorted(i for f in folds for i in f) == list(range(23))
+    shards = detector.shards(23)
+    for shard in shards:  # each shard lies inside one fold
+        assert sum(set(shard.tolist()) <= fold for fold in folds) == 1
+    bank_rows = detector.index.bank[torch.argsort(detector.index.order)]  # back in the order the shards produced
+    start = 0
+    for number, shard in enumerate(shards):  # each shard's memory is the coreset of its own patches alone
+        own = features[shard].reshape(-1, 8)
+        expected = own[coreset_indices(own, 0.25, number, detector.config.projection_dim)]
+        torch.testing.assert_close(bank_rows[start : start + len(expected)], expected)
+        start += len(expected)
+    scored, scores = detector.crossfit_scores(features)
+    assert sorted(scored.tolist()) == list(range(23))
+    for fold in detector.calibration_folds(23):  # scored against memory from the other folds only
+        memory = detector.index.bank[~torch.isin(detector.bank_sources, fold)]
+        assert not torch.isin(detector.bank_sources[~torch.isin(detector.bank_sources, fold)], fold).any()
+        for image in fold.tolist():
+            brute = torch.cdist(features[image].reshape(-1, 8), memory).min(1).values.max()
+            got = scores[(scored == image).nonzero()[0, 0]]
+            assert torch.isclose(got, detector._finish(brute[None], None)[0][0], rtol=1e-4)
+
+
+def test_generic_crossfit_equals_models_refitted_without_each_fold() -> None:
+    features = torch.randn(17, 12, generator=torch.Generator().manual_seed(2))
+    detector = create_detector("knn", image_size=32, crop=None, calibration_folds=4)
+    detector.fit_features(features)
+    scored, scores = detector.crossfit_scores(features)
+    for fold in detector.calibration_folds(17):
+        fresh = create_detector("knn", image_size=32, crop=None)
+        rest = torch.ones(17, dtype=torch.bool)
+        rest[fold] = False
+        fresh.fit_features(features[rest])
+        expected = fresh.score_features(features[fold])[0]
+        got = torch.stack([scores[(scored == i).nonzero()[0, 0]] for i in fold.tolist()])
+        torch.testing.assert_close(got, expected)
+    assert len(detector.learned["bank"]) == 17  # the final model is restored
+
+
+def test_padim_crossfit_equals_gaussians_refitted_without_each_fold() -> None:
+    features = torch.randn(23, 256, 6, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.5, 3, 6) + 2
+    detector = PaDiM(PaDiMConfig(image_size=40, crop=None, calibration_folds=4))
+    detector.fit_features(features)
+    fast_order, fast = detector.crossfit_scores(features)
+    slow_order, slow = Detector.crossfit_scores(detector, features)  # generic path: refit per fold
+    assert torch.equal(fast_order, slow_order)
+    torch.testing.assert_close(fast, slow, rtol=1e-3, atol=1e-3)  # the refit keeps precisions in float16
+
+
+def test_clustered_bank_subset_stays_exact() -> None:
+    bank = torch.randn(600, 16, generator=torch.Generator().manual_seed(3))
+    index = ClusteredBank.build(bank, 0, cluster_size=32)
+    keep = torch.rand(600, generator=torch.Generator().manual_seed(4)) > 0.3
+    subset = index.subset(keep)
+    queries = torch.randn(50, 16, generator=torch.Generator().manual_seed(5))
+    distances, rows = subset.search(queries)
+    brute = torch.cdist(queries, index.bank[keep]).min(1).values
+    torch.testing.assert_close(distances, brute, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(subset.bank[rows], index.bank[keep][torch.cdist(queries, index.bank[keep]).argmin(1)])
+
+
+@pytest.fixture(scope="module")
+def fitted_model(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    detector = create_detector("patchcore", image_size=128, crop=None, coreset_ratio=0.25, threshold_param=0.05)
+    detector.fit([s.path for s in load_dataset(demo_root).train])
+    return save_model(detector, tmp_path_factory.mktemp("cal") / "pc.dsmodel")
+
+
+def test_manifest_carries_the_rate_and_the_scores(fitted_model: Path) -> None:
+    calibration = model_info(fitted_model)["calibration"]
+    assert calibration["method"] == "false_alarm_rate" and calibration["param"] == 0.05
+    assert calibration["good_count"] == 40 and calibration["false_alarm_rate"] <= 0.05
+    low, high = calibration["false_alarm_interval"]
+    assert 0 < low < calibration["false_alarm_rate"] < high < 1
+    scores = load_model(fitted_model).calibration_scores
+    assert len(scores) == 40
+    assert calibration["threshold"] == float(np.sort(scores.numpy())[math.ceil(41 * 0.95) - 1])
+
+
+def test_calibrate_command_restates_the_rate_and_uses_labels(fitted_model: Path, demo_root: Path, tmp_path: Path, cli) -> None:
+    restated = tmp_path / "one-percent.dsmodel"
+    result = cli("-q", "calibrate", fitted_model, "-o", restated, "--false-alarm-rate", "0.1")
+    assert result.code == 0 and "expected false-alarm rate" in result.out
+    scores = load_model(fitted_model).calibration_scores.numpy()
+    assert model_info(restated)["calibration"]["threshold"] == float(np.sort(scores)[math.ceil(41 * 0.9) - 1])
+    labelled = tmp_path / "recall.dsmodel"
+    result = cli("-q", "calibrate", fitted_model, "-o", labelled, "--good", demo_root / "test" / "good",
+                 "--defective", demo_root / "test" / "scratch", "--target-recall", "0.9")
+    assert result.code == 0 and "recall" in result.out and "label at least 20" in result.err
+    calibration = model_info(labelled)["calibration"]
+    assert calibration["method"] == "recall" and calibration["recall"] >= 0.9 and calibration["recall_interval"][0] < 0.9
+    bad = cli("calibrate", fitted_model, "-o", tmp_path / "x.dsmodel", "--target-recall", "0.9")
+    assert bad.code == 2 and "give either --false-alarm-rate" in bad.err
+
+
+def test_predict_and_evaluate_report_the_stated_rate(fitted_model: Path, demo_root: Path, cli) -> None:
+    predicted = cli("-q", "predict", fitted_model, demo_root / "test" / "good" / "000.png")
+    assert "expected false-alarm rate" in predicted.out
+    evaluated = cli("-q", "evaluate", fitted_model, demo_root)
+    assert "false-alarm rate on the good test images" in evaluated.out and "stated when fitted" in evaluated.out
+
+
+def test_models_of_earlier_versions_still_load(fitted_model: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load, save
+    data = fitted_model.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    manifest = json.loads(json.loads(data[8 : 8 + size])["__metadata__"]["defectscope"])
+    manifest["config"]["calibration_fraction"] = 0.1
+    tensors = {k: v for k, v in load(data).items() if k != "calibration.scores"}
+    old = tmp_path / "old.dsmodel"
+    old.write_bytes(save(tensors, metadata={"defectscope": json.dumps(manifest)}))
+    loaded = load_model(old)
+    assert loaded.calibration_scores is None
+    with pytest.raises(DefectscopeError, match="older version"):
+        from defectscope.pipeline import recalibrate
+        recalibrate(old, tmp_path / "new.dsmodel", false_alarm_rate=0.05)
