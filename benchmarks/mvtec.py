@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,16 +25,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defectscope import __version__, load_dataset
+from defectscope import load_dataset
 from defectscope.data.images import read_image
 from defectscope.data.synthetic import make_demo_dataset
 from defectscope.pipeline import evaluate_model, fit_detector
+from defectscope.thresholds import calibrate
+
+from isolated import run_isolated, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
 
 COLUMNS = (
     ("category", "category", "{}"), ("model", "model", "{}"), ("image_auroc", "image AUROC", "{:.3f}"),
     ("pixel_auroc", "pixel AUROC", "{:.3f}"), ("aupro", "AUPRO", "{:.3f}"), ("image_f1_max", "image F1-max", "{:.3f}"),
     ("stated_far", "stated FAR", "{:.1%}"), ("test_far", "FAR on good test", "{:.1%}"), ("recall", "recall", "{:.3f}"),
-    ("bias", "calibration bias (sd)", "{:+.2f}"), ("fit_s", "fit s", "{:.1f}"), ("ms_batch1", "ms/img batch 1", "{:.0f}"), ("ms_batched", "ms/img batch 32", "{:.0f}"),
+    ("test_far_5", "FAR on good test at 5%", "{:.1%}"), ("recall_5", "recall at 5%", "{:.3f}"),
+    ("bias", "calibration bias (sd)", "{:+.2f}"), ("bias_se", "± (1 se)", "{:.2f}"), ("fit_s", "fit s", "{:.1f}"), ("ms_batch1", "ms/img batch 1", "{:.0f}"), ("ms_batched", "ms/img batch 32", "{:.0f}"),
     ("ms_decode", "decode ms/img", "{:.0f}"), ("peak_mb", "peak MB", "{:.0f}"),
 )
 
@@ -55,6 +56,8 @@ def measure(folder: Path, model: str, settings: dict) -> dict:
     good = np.array([r["score"] for r in evaluation.records])[labels == 0]
     calibration_scores = detector.calibration_scores.numpy()
     decisions = metrics.get("at_model_threshold", {})
+    scores = np.array([r["score"] for r in evaluation.records])
+    five = calibrate(calibration_scores, "false_alarm_rate", 0.05).threshold  # the same model, restated at 5%
     paths = [s.path for s in dataset.test]
     start = time.perf_counter()
     detector.predict(paths, map_size="input")
@@ -74,7 +77,9 @@ def measure(folder: Path, model: str, settings: dict) -> dict:
         "threshold": decisions.get("threshold"), "stated_far": decisions.get("stated_false_alarm_rate"),
         "stated_interval": decisions.get("stated_interval"), "test_far": decisions.get("false_alarm_rate"),
         "recall": decisions.get("recall"), "calibration_images": len(calibration_scores),
+        "test_far_5": float((good >= five).mean()), "recall_5": float((scores[labels == 1] >= five).mean()),
         "bias": float((calibration_scores.mean() - good.mean()) / good.std()) if len(good) > 1 else None,
+        "bias_se": float(np.sqrt(1 / len(good) + calibration_scores.var() / good.var() / len(calibration_scores))),
         "fit_s": fit_seconds, "ms_batch1": batch1, "ms_batched": batched, "ms_decode": decode,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -109,19 +114,11 @@ def main() -> None:
     rows = []
     for folder in folders:
         for model in args.models:
-            command = [sys.executable, __file__, "--settings", json.dumps(args.settings), "--single", str(folder), model]
-            result = subprocess.run(command, capture_output=True, text=True, check=False)
-            if result.returncode:
-                sys.exit(f"{folder.name}/{model} failed:\n{result.stderr}")
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            arguments = ["--settings", json.dumps(args.settings), "--single", str(folder), model]
+            rows.append(run_isolated(__file__, arguments, f"{folder.name}/{model}"))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     table = markdown(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"mvtec-{'-'.join(folder.name for folder in folders)}"
-    command = "python benchmarks/mvtec.py " + " ".join(sys.argv[1:])
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "version": __version__, "rows": rows}, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(f"`{command}`\n\n{machine}, defectscope {__version__}\n\n{table}")
+    write_results(args.out, f"mvtec-{'-'.join(folder.name for folder in folders)}", rows, table)
     print(table)
 
 

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,10 +23,12 @@ import cv2
 import numpy as np
 import torch
 
-from defectscope import __version__, load_dataset
+from defectscope import load_dataset
 from defectscope.data.images import read_image
-from defectscope.data.layout import Dataset
+from defectscope.data.layout import Dataset, Sample
 from defectscope.pipeline import evaluate_model, fit_detector
+
+from isolated import run_isolated, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
 
 SYMMETRIES = (
     lambda im: im, lambda im: im[:, ::-1], lambda im: im[::-1], lambda im: np.rot90(im, 1),
@@ -63,7 +62,7 @@ def measure(data: Path, train: list[Path]) -> dict:
     """Fit PatchCore on `train`, evaluate on the real test split, and time each part (inside its own process)."""
     torch.set_num_threads(2)
     real = load_dataset(data)
-    dataset = Dataset(real.root, real.layout, [*[s for s in real.test], *[type(real.train[0])(p, "train", 0, "good") for p in train]])
+    dataset = Dataset(real.root, real.layout, [*real.test, *[Sample(path, "train", 0, "good") for path in train]])
     start = time.perf_counter()
     detector, report = fit_detector(dataset, "patchcore", {})
     fit_s = time.perf_counter() - start
@@ -103,18 +102,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         write_variants(args.data, Path(folder), max(args.factors))
         for factor in args.factors:
-            command = [sys.executable, __file__, "--data", str(args.data), "--single", folder, str(factor)]
-            result = subprocess.run(command, capture_output=True, text=True, check=False)
-            if result.returncode:
-                sys.exit(f"factor {factor} failed:\n{result.stderr}")
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            rows.append(run_isolated(__file__, ["--data", str(args.data), "--single", folder, str(factor)], f"factor {factor}"))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     table = markdown(rows)
-    command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
-    machine = f"{platform.processor() or platform.machine()}, 2 threads, torch {torch.__version__}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps({"command": command, "machine": machine, "version": __version__, "rows": rows}, indent=2) + "\n")
-    (args.out / "scale.md").write_text(f"`{command}`\n\n{machine}, defectscope {__version__}\n\n{table}")
+    write_results(args.out, "scale", rows, table)
     print(table)
 
 

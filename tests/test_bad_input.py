@@ -18,7 +18,6 @@ import pytest
 import torch
 from safetensors.torch import save as save_tensors_bytes
 
-from defectscope import artifacts
 from defectscope.artifacts import load_model, model_info, save_model
 from defectscope.data.images import read_image
 from defectscope.data.layout import load_dataset

@@ -6,7 +6,6 @@ stderr, `--debug` shows the traceback); 3 `predict` could not score some images 
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from collections.abc import Callable, Iterator

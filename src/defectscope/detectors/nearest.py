@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import faiss
 import torch
 
+KMEANS_SAMPLE = 32768  # rows k-means trains on at most
+
 
 def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Euclidean distances and indices of the k nearest bank rows for each query (exact, chunked GEMM)."""
@@ -41,11 +43,17 @@ class ClusteredBank:
 
     @classmethod
     def build(cls, bank: torch.Tensor, seed: int, cluster_size: int = 64) -> ClusteredBank:
-        """Cluster the bank with k-means (faiss) and order it by cluster."""
+        """Cluster the bank with k-means (faiss) and order it by cluster.
+
+        k-means trains on at most KMEANS_SAMPLE rows (a seeded sample chosen by faiss), so building
+        stays linear in the bank size; every row is then assigned to its nearest centroid.
+        """
         bank = bank.float().contiguous()
         clusters = max(1, len(bank) // cluster_size)
         if clusters > 1:
-            kmeans = faiss.Kmeans(bank.shape[1], clusters, niter=20, seed=seed, max_points_per_centroid=256)
+            per_centroid = max(1, min(256, KMEANS_SAMPLE // clusters))
+            kmeans = faiss.Kmeans(bank.shape[1], clusters, niter=20, seed=seed, max_points_per_centroid=per_centroid,
+                                  min_points_per_centroid=1)
             kmeans.train(bank.numpy())
             _, assignment = nearest(bank, torch.from_numpy(kmeans.centroids))
             assignment = assignment[:, 0]

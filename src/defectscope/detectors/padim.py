@@ -109,50 +109,44 @@ class PaDiM(Detector):
             self.mean[where], self.precision[where] = mean, precision
         return {"positions": positions, "feature_dim": d}
 
-    def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor) -> torch.Tensor:
-        """Held-out images scored by Gaussians of the other images, built and used chunk by chunk (no second model)."""
-        held, rest = features[holdout], torch.nonzero(rows_outside(len(features), holdout)).squeeze(1)
+    def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor, scored: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """Images `scored` (default: the held-out ones) scored by Gaussians of the images outside `holdout`, built and
+        used chunk by chunk (no second model)."""
+        held = features[holdout if scored is None else scored]
+        rest = torch.nonzero(rows_outside(len(features), holdout)).squeeze(1)
         squared = torch.empty(held.shape[:2])
         for where, mean, precision in self._gaussians(features, rest):
             squared[:, where] = _mahalanobis_squared(held[:, where], mean, precision.half())
         return self._finish(None, _grid(squared))[0]
 
-    def crossfit_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every fold scored exactly by the other folds' Gaussians, without refitting them.
+    def calibration_folds(self, count: int) -> list[torch.Tensor]:
+        """Leave one out: with d-dimensional Gaussians fitted on about d images, every image held out counts."""
+        return list(torch.arange(count)[:, None])
 
-        The other folds' scatter is the whole scatter T minus a rank-(fold size + 1) term V Vᵀ, so with
-        M = T / (rest - 1) + ridge = L Lᵀ (one Cholesky factor per chunk and distinct fold size) the
-        Woodbury identity gives each held-out distance from Y = L⁻¹ X (one triangular solve for all
-        images) and a small (fold size + 1)-square system per position.
+    def crossfit_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image scored exactly by the Gaussians of all the others, in closed form.
+
+        Leaving image i out turns the scatter T into T - n/(n-1) u uᵀ (u = x_i - mean), so with
+        M = T/(n-2) + ridge = L Lᵀ (one Cholesky factor per chunk of positions) and s = |L⁻¹u|², the
+        held-out squared distance is (n/(n-1))² s / (1 - n s / ((n-1)(n-2))) (Sherman-Morrison).
         """
-        folds = self.calibration_folds(len(features))
         n, positions, d = features.shape
+        if n < 3:
+            raise DefectscopeError(f"PaDiM needs at least 3 training images to calibrate, got {n}")
         squared = torch.empty(n, positions)
         ridge = self.config.regularization * torch.eye(d)
+        downdate = n / ((n - 1) * (n - 2))
         for start in range(0, positions, POSITION_CHUNK):
             where = slice(start, min(start + POSITION_CHUNK, positions))
             centred = (features[:, where] - features[:, where].mean(0)).transpose(0, 1).contiguous()  # positions x N x d
-            scatter = centred.mT @ centred
-            whitened = {}
-            for rest in sorted({n - len(held) for held in folds}):
-                factor, info = torch.linalg.cholesky_ex(scatter / (rest - 1) + ridge)
-                if int(info.max()) > 0:
-                    raise DefectscopeError("PaDiM covariance is not positive definite; raise `regularization`")
-                whitened[rest] = torch.linalg.solve_triangular(factor, centred.mT, upper=False)  # positions x d x N
-            for held in folds:
-                rest, size = n - len(held), len(held)
-                y_all = whitened[rest]
-                own = y_all[:, :, held]
-                own_mean = own.mean(2, keepdim=True)
-                rest_mean = (y_all.sum(2, keepdim=True) - own.sum(2, keepdim=True)) / rest
-                low_rank = torch.cat([own - own_mean, (rest * size / n) ** 0.5 * (rest_mean - own_mean)], 2).double()
-                queries = (own - rest_mean).double()
-                small = (rest - 1) * torch.eye(size + 1, dtype=torch.float64) - low_rank.mT @ low_rank
-                correction = torch.linalg.solve_triangular(torch.linalg.cholesky(small), low_rank.mT @ queries, upper=False)
-                squared[held, where] = ((queries * queries).sum(1) + (correction * correction).sum(1)).float().T
-        scores = self._finish(None, _grid(squared))[0]
-        order = torch.cat(folds)
-        return order, scores[order]
+            factor, info = torch.linalg.cholesky_ex(centred.mT @ centred / (n - 2) + ridge)
+            if int(info.max()) > 0:
+                raise DefectscopeError("PaDiM covariance is not positive definite; raise `regularization`")
+            whitened = torch.linalg.solve_triangular(factor, centred.mT, upper=False)
+            leverage = (whitened * whitened).sum(1)  # positions x N
+            squared[:, where] = ((n / (n - 1)) ** 2 * leverage / (1 - downdate * leverage)).T
+        return torch.arange(n), self._finish(None, _grid(squared))[0]
 
     def score_features(self, features: torch.Tensor) -> tuple[None, torch.Tensor]:
         if self.precision is None:

@@ -27,7 +27,7 @@ class PatchCoreConfig(DetectorConfig):
     image_size: int = 288
     crop: int | None = 256
     coreset_ratio: float = 0.1
-    shard_images: int = 32
+    shard_images: int = 16
     projection_dim: int = 128
     neighbourhood: int = 3
     layer_dim: int = 64
@@ -116,7 +116,8 @@ class PatchCore(Detector):
             scores = self._reweight(patches[torch.arange(n), worst], indices.reshape(n, h * w)[torch.arange(n), worst], scores)
         return scores, maps.reshape(n, h, w)
 
-    def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor) -> torch.Tensor:
+    def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor, scored: torch.Tensor | None = None
+                       ) -> torch.Tensor:
         """Score held-out images against the memory bank without the patches taken from them.
 
         For a whole calibration fold this is exactly a model fitted without the fold: its shards'
@@ -125,7 +126,7 @@ class PatchCore(Detector):
         fitted = self.index
         self.index = fitted.subset(~torch.isin(self.bank_sources, holdout))
         try:
-            return self._score_and_map(features[holdout])[0]
+            return self._score_and_map(features[holdout if scored is None else scored])[0]
         finally:
             self.index = fitted
 

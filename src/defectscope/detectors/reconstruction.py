@@ -128,9 +128,10 @@ class ReconstructionDetector(Detector):
         held = max(1, round(count * VALIDATION_FRACTION))
         return [torch.from_numpy(np.random.default_rng(self.config.seed).permutation(count)[:held]).sort().values]
 
-    def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor) -> torch.Tensor:
+    def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor, scored: torch.Tensor | None = None
+                       ) -> torch.Tensor:
         """The held-out images were the validation set: the network never trained on them."""
-        return self._score_and_map(features[holdout])[0]
+        return self._score_and_map(features[holdout if scored is None else scored])[0]
 
     def score_features(self, features: torch.Tensor) -> tuple[None, torch.Tensor]:
         if self.network is None:

@@ -12,7 +12,6 @@ re-export never mixes files of two runs; `out` must be new, empty or an earlier 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile

@@ -1,0 +1,30 @@
+"""Shared by the benchmark scripts: one measurement per fresh process, results written as JSON and Markdown."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from defectscope import __version__
+
+
+def run_isolated(script: str, arguments: list[str], label: str) -> dict:
+    """Run `script` with `arguments` in a new Python process (its peak memory is its own); its last line is JSON."""
+    result = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, check=False)
+    if result.returncode:
+        sys.exit(f"{label} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def write_results(out: Path, stem: str, rows: list[dict], table: str) -> None:
+    """benchmarks/results/<stem>.json (rows, command, machine, version) and <stem>.md (the table)."""
+    command = f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "version": __version__, "rows": rows}, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(f"`{command}`\n\n{machine}, defectscope {__version__}\n\n{table}")
