@@ -207,6 +207,16 @@ def test_traversal_names_are_refused(tmp_path: Path, cli, text: str, fragment: s
     assert snapshot(tmp_path) == before
 
 
+def test_a_forced_experiment_never_deletes_a_foreign_folder(data: Path, tmp_path: Path, cli) -> None:
+    out = tmp_path / "mine"
+    (out / "knn").mkdir(parents=True)
+    (out / "knn" / "notes.txt").write_text("keep")
+    config = tmp_path / "c.yaml"
+    config.write_text("name: c\nattempts:\n  - {name: knn, model: knn, image_size: 64, crop: null}\n")
+    one_line_error(cli("-q", "experiment", "run", config, "--data", data, "--out", out, "--force"), "was not written by defectscope")
+    assert (out / "knn" / "notes.txt").read_text() == "keep"
+
+
 # 5. Tiny inputs cannot claim unbounded memory -------------------------------------------------
 
 def test_yaml_alias_bomb_is_refused(tmp_path: Path, cli) -> None:

@@ -20,7 +20,7 @@ from defectscope.data.summary import summarize
 from defectscope.errors import DefectscopeError
 from defectscope.experiments.config import Attempt, Experiment
 from defectscope.experiments.kinds import AttemptRun, Say, attempt_config, attempt_kind
-from defectscope.files import claim_folder, inside, write_json
+from defectscope.files import claim_folder, inside, is_our_folder, write_json
 
 RESULT = "result.json"
 EXPERIMENT = "experiment.json"
@@ -72,9 +72,12 @@ def run_experiment(experiment: Experiment, data: Path, out: Path, *, redo: bool 
         if previous and previous["fingerprint"] != stamp:
             say(f"{attempt.name}: settings changed since the last run; running again")
         say(f"{attempt.name}: {attempt.model} {attempt.settings}")
-        if folder.exists():
-            shutil.rmtree(folder)  # inside our marked folder: a stale attempt's files must not mix with the new run
-        folder.mkdir(parents=True)
+        if folder.exists() or folder.is_symlink():  # a stale attempt's files must not mix with the new run
+            if folder.is_symlink() or not is_our_folder(folder):
+                raise DefectscopeError(f"{folder} exists and was not written by defectscope; move it away or choose "
+                                       "another --out")
+            shutil.rmtree(folder)
+        claim_folder(folder, what="experiment attempt")
         run = AttemptRun(attempt.name, attempt.model, attempt_config(attempt.model, attempt.settings), dataset, folder,
                          lambda text, name=attempt.name: status(f"{name}: {text}"), inputs)
         try:
