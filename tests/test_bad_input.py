@@ -119,6 +119,7 @@ def test_non_finite_scores_get_verdict_error_and_strict_json(knn_model: Path, da
     rows = [json.loads(line) for line in result.out.splitlines()]  # strict parser: a bare NaN would fail here
     assert rows and all(r["verdict"] == "error" and r["score"] is None and "finite" in r["error"] for r in rows)
     assert "NaN" not in result.out and "Infinity" not in result.out
+    one_line_error(cli("evaluate", path, data), "not a finite number")
 
 
 def test_model_files_with_non_finite_values_are_refused(knn_model: Path, tmp_path: Path) -> None:
@@ -230,8 +231,13 @@ def test_yaml_alias_bomb_is_refused(tmp_path: Path, cli) -> None:
 def test_pixel_limit_from_the_header(tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
     bomb = png_header_only(tmp_path / "bomb.png", 50000, 50000)
     assert bomb.stat().st_size < 100
-    with pytest.raises(DefectscopeError, match=r"bomb\.png is 50000x50000 .* above the limit"):
+    with pytest.raises(DefectscopeError, match=r"bomb\.png is above the limit of 50,000,000 pixels"):
         read_image(bomb)
+    medium = png_header_only(tmp_path / "medium.png", 10000, 8000)  # 80 MP: below Pillow's own limit, above ours
+    with pytest.raises(DefectscopeError, match=r"medium\.png is 10000x8000 = 80,000,000 pixels, above the limit"):
+        read_image(medium)
+    from PIL import Image
+    assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's protection stays on for the rest of the process
     dataset = tmp_path / "set"
     (dataset / "good").mkdir(parents=True)
     for i in range(3):

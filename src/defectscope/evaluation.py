@@ -59,6 +59,10 @@ def evaluate(detector: MapModel, dataset: Dataset, progress: Progress | None = N
     labels = np.array([s.label for s in test])
     defects = np.array([s.defect for s in test])
     scores = prediction.scores
+    broken = np.flatnonzero(~np.isfinite(scores))
+    if len(broken):
+        raise DefectscopeError(f"the model gave {len(broken)} test image(s) a score that is not a finite number, e.g. "
+                               f"{test[broken[0]].path}; it cannot be evaluated (refit it)")
     metrics: dict = {
         "model": detector.name,
         "backbone": detector.config.backbone,

@@ -7,6 +7,7 @@ Every decode first reads the file header and refuses images above the pixel limi
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -26,7 +27,6 @@ DEFAULT_MAX_PIXELS = 50_000_000  # a 50-megapixel camera frame (8192 x 6104); MV
 
 cv2.setNumThreads(1)
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # failures become our errors, not [ WARN ] lines
-Image.MAX_IMAGE_PIXELS = None  # the limit is ours (checked from the header below), not Pillow's warning
 
 
 def max_pixels() -> int:
@@ -103,8 +103,12 @@ def image_header(path: str | Path) -> tuple[int, int, str]:
     try:
         if path.is_file() and path.stat().st_size == 0:
             raise DefectscopeError(f"cannot decode image {path}: empty file; replace or remove the file")
-        with Image.open(path) as image:
-            width, height, mode = image.width, image.height, image.mode
+        with warnings.catch_warnings():  # the limit below is ours; Pillow's bomb warning would only repeat it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height, mode = image.width, image.height, image.mode
+    except Image.DecompressionBombError as exc:
+        raise DefectscopeError(f"image {path} is above the limit of {max_pixels():,} pixels ({exc})") from exc
     except FileNotFoundError as exc:
         raise DefectscopeError(f"cannot read image {path}: it does not exist") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
