@@ -317,7 +317,6 @@ def export_labels(
 ) -> None:
     """Write YOLO, YOLO-seg, COCO or per-instance masks from the ground-truth masks or a model's maps."""
     options = ExportOptions(format, val_fraction=val_fraction, seed=seed, min_area=min_area, tolerance=tolerance, rle=rle, link=link)
-    options.check()
     dataset = load_dataset(data)
     if from_model:
         counts = export_pseudo_labels(dataset, load_model(from_model), from_model, out, options, threshold, force=force)

@@ -6,6 +6,7 @@ Every decode first reads the file header and refuses images above the pixel limi
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -58,14 +59,11 @@ def _pil_failure(path: Path) -> str:
 def read_image(path: str | Path) -> np.ndarray:
     """Decode any common image (gray, RGBA, palette, 16-bit) to an RGB uint8 array HxWx3."""
     path = Path(path)
-    image_header(path)  # size limit before any pixel is decoded
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        raise DefectscopeError(f"cannot read image {path}: {exc.strerror or exc}") from exc
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    data = _read_bytes(path)
+    image_header(path, data)  # size limit before any pixel is decoded
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None:
-        reason = "empty file" if not data.size else _pil_failure(path)
+        reason = _pil_failure(path)
         raise DefectscopeError(f"cannot decode image {path}: {reason}; replace or remove the file")
     if image.dtype != np.uint8:
         image = _to_uint8(image)
@@ -90,22 +88,36 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 def read_mask(path: str | Path) -> np.ndarray:
     """Decode a mask to a boolean HxW array (any non-zero pixel is defective)."""
     path = Path(path)
-    image_header(path)
-    image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    data = _read_bytes(path)
+    image_header(path, data)
+    image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise DefectscopeError(f"cannot decode mask {path}: {_pil_failure(path)}; replace or remove the file")
     return image > 0
 
 
-def image_header(path: str | Path) -> tuple[int, int, str]:
-    """Width, height and Pillow mode read from the file header only (no pixel decoding); checks the pixel limit."""
+def _read_bytes(path: Path) -> np.ndarray:
+    """A file's bytes, read once for the header check and the decoder."""
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError as exc:
+        raise DefectscopeError(f"cannot read image {path}: it does not exist") from exc
+    except OSError as exc:
+        raise DefectscopeError(f"cannot read image {path}: {exc.strerror or exc}") from exc
+
+
+def image_header(path: str | Path, data: np.ndarray | None = None) -> tuple[int, int, str]:
+    """Width, height and Pillow mode read from the file header only (no pixel decoding); checks the pixel limit.
+
+    `data`, the file's bytes when the caller has already read them, spares a second read.
+    """
     path = Path(path)
     try:
-        if path.is_file() and path.stat().st_size == 0:
+        if (data is not None and not data.size) or (data is None and path.is_file() and path.stat().st_size == 0):
             raise DefectscopeError(f"cannot decode image {path}: empty file; replace or remove the file")
         with warnings.catch_warnings():  # the limit below is ours; Pillow's bomb warning would only repeat it
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path if data is None else io.BytesIO(data)) as image:
                 width, height, mode = image.width, image.height, image.mode
     except Image.DecompressionBombError as exc:
         raise DefectscopeError(f"image {path} is above the limit of {max_pixels():,} pixels ({exc})") from exc

@@ -55,7 +55,8 @@ class ExportOptions:
     rle: bool = False
     link: bool = False
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
+        """Checked when built, so every export path fails the same way before any work."""
         if self.format not in FORMATS:
             raise DefectscopeError(f"unknown format {self.format!r}; choose one of: {', '.join(FORMATS)}")
         require_range("val_fraction", self.val_fraction, 0, 1, high_open=True)
@@ -196,7 +197,6 @@ def write_labels(images: list[LabelledImage], categories: list[str], out: Path, 
                  provenance: dict, final: Path | None = None) -> dict:
     """Write one format into `out` (whose final place is `final`, named in data.yaml); `provenance` (where labels
     came from) goes into export.json. Returns counts per subset."""
-    options.check()
     final = final or out
     for image in images:
         _place_image(image.source, out / "images" / image.subset / image.name, options.link)
@@ -236,7 +236,6 @@ def write_labels(images: list[LabelledImage], categories: list[str], out: Path, 
 def export_ground_truth(dataset: Dataset, out: Path, options: ExportOptions, include_train_good: bool = False,
                         force: bool = False) -> dict:
     """Export the test split's labelled images (and optionally the good training images) from their masks."""
-    options.check()
     out = Path(out)
     check_export_target(out, dataset, force)
     samples = list(dataset.test) + (list(dataset.train) if include_train_good else [])

@@ -52,7 +52,6 @@ def predicted_instances(detector: MapModel, samples: Sequence[Sample], threshold
 def export_pseudo_labels(dataset: Dataset, detector: MapModel, model_path: Path, out: Path, options: ExportOptions,
                          threshold: float | None = None, force: bool = False) -> dict:
     """Label the test split's images with the detector's maps, in any export format."""
-    options.check()
     out = Path(out)
     check_export_target(out, dataset, force)
     threshold = map_threshold(detector, threshold)
