@@ -109,7 +109,8 @@ def test_diverged_training_writes_no_model(data: Path, tmp_path: Path, cli) -> N
     assert not (tmp_path / "runs" / "ae").exists() and not out.exists()
 
 
-def test_non_finite_scores_get_verdict_error_and_strict_json(knn_model: Path, data: Path, tmp_path: Path, cli) -> None:
+def test_non_finite_scores_get_verdict_error_and_strict_json(knn_model: Path, padim_model: Path, data: Path, tmp_path: Path,
+                                                             cli) -> None:
     assert Prediction(np.array([np.nan, np.inf, 0.5, 2.0]), None, 1.0).verdicts == ["error", "error", "good", "defective"]
     overflowing = load_model(knn_model)
     overflowing.learned["bank"] = torch.full_like(overflowing.learned["bank"], 3e38)  # finite, but distances overflow
@@ -120,6 +121,11 @@ def test_non_finite_scores_get_verdict_error_and_strict_json(knn_model: Path, da
     assert rows and all(r["verdict"] == "error" and r["score"] is None and "finite" in r["error"] for r in rows)
     assert "NaN" not in result.out and "Infinity" not in result.out
     one_line_error(cli("evaluate", path, data), "not a finite number")
+    padim = load_model(padim_model)
+    padim.mean[0, 0] = 3e38  # finite, but the map overflows
+    broken_maps = save_model(padim, tmp_path / "overflow-padim.dsmodel")
+    one_line_error(cli("export", "labels", data, "--from-model", broken_maps, "-o", tmp_path / "labels"), "not finite")
+    assert not (tmp_path / "labels").exists()
 
 
 def test_model_files_with_non_finite_values_are_refused(knn_model: Path, tmp_path: Path) -> None:

@@ -44,6 +44,9 @@ def predicted_instances(detector: MapModel, samples: Sequence[Sample], threshold
     maps = detector.predict([s.path for s in samples]).maps
     result = {}
     for sample, heat in zip(samples, maps):
+        if not np.isfinite(heat).all():  # a NaN pixel is never below the threshold: no silent "no defect" label
+            raise DefectscopeError(f"the model's map of {sample.path} holds values that are not finite numbers; "
+                                   "no labels were written")
         result[sample.path] = [Instance(0, m, box, area, round(float(heat[m].max() / threshold), 4))
                                for m, box, area in components(heat >= threshold, min_area)]
     return result
