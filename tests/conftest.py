@@ -22,6 +22,20 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def served_folder(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding part.dsmodel: a small PatchCore fitted on the demo dataset, for the service's tests."""
+    from defectscope import load_dataset
+    from defectscope.artifacts import save_model
+    from defectscope.detectors.base import create_detector
+
+    folder = tmp_path_factory.mktemp("served")
+    detector = create_detector("patchcore", image_size=128, crop=None, coreset_ratio=0.25)
+    detector.fit([s.path for s in load_dataset(demo_root).train])
+    save_model(detector, folder / "part.dsmodel")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def bottle() -> Path:
     if not (BOTTLE / "train" / "good").is_dir():
         pytest.skip(f"MVTec AD bottle not found at {BOTTLE}")

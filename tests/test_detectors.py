@@ -262,3 +262,21 @@ def test_reconstruction_settings_are_checked() -> None:
         create_detector("autoencoder", image_size=120)
     with pytest.raises(DefectscopeError, match="field 'epochs' must be int"):
         create_detector("vae", epochs="ten")
+
+
+@pytest.mark.parametrize("name", ["patchcore", "padim"])
+def test_non_square_products_keep_their_aspect_through_fit_and_model_files(demo_root: Path, tmp_path: Path, name: str) -> None:
+    from defectscope.data.images import read_image
+
+    wide = [read_image(s.path)[16:112] for s in load_dataset(demo_root).train[:12]]  # 96 x 128: 3:4
+    detector = create_detector(name, image_size=64, crop=None)
+    detector.fit(wide)
+    assert detector.preprocess.input_shape == (64, 80)  # short side 64, long side 64 * 4/3 rounded to 16 px
+    prediction = detector.predict(wide[:2])
+    assert prediction.maps[0].shape == (96, 128)
+    loaded = load_model(save_model(detector, tmp_path / "wide.dsmodel"))
+    assert loaded.preprocess == detector.preprocess
+    np.testing.assert_allclose(loaded.predict(wide[:2]).scores, prediction.scores, rtol=1e-5)
+    square = create_detector(name, image_size=64, crop=None, keep_aspect=False)
+    square.fit(wide)
+    assert square.preprocess.input_shape == (64, 64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from defectscope.data.images import Preprocess, iterate_batches
+from defectscope.data.images import Preprocess, frame_aspect, iterate_batches
 
 
 def test_resize_crop_and_inverse_mapping_line_up() -> None:
@@ -44,3 +44,46 @@ def test_batches_keep_order_and_sizes() -> None:
     values = torch.cat([b[:, 0, 0, 0] for b, _ in batches]).tolist()
     assert values == list(range(7))
     assert torch.cat([s for _, s in batches])[:, 0].tolist() == [20 + i for i in range(7)]
+
+
+def test_frame_keeps_the_learned_aspect_ratio() -> None:
+    assert frame_aspect([(400, 300)] * 3 + [(300, 300)]) == 400 / 300
+    assert frame_aspect([(100, 1000)]) == 1 / 4  # capped at 4:1
+    pre = Preprocess(image_size=288, crop=256, aspect=400 / 300)
+    assert pre.frame_shape == (384, 288) and pre.input_shape == (352, 256)
+    wide = Preprocess(image_size=288, crop=None, aspect=300 / 400)
+    assert wide.frame_shape == wide.input_shape == (288, 384)
+    assert Preprocess(image_size=64, crop=48).frame_shape == (64, 64)  # square products are unchanged
+    assert Preprocess.from_dict(pre.to_dict()) == pre
+    assert Preprocess.from_dict({"image_size": 64, "crop": None, "mean": (0, 0, 0), "std": (1, 1, 1)}).aspect == 1.0
+
+
+def test_aspect_frame_maps_back_onto_the_original_exactly() -> None:
+    """Without a crop the frame is a pure rescale: a map (and a mask) returns onto the original pixel grid."""
+    pre = Preprocess(image_size=48, crop=None, aspect=400 / 300)
+    assert pre.input_shape == (64, 48)  # 6.25 original pixels per frame pixel on both axes
+    rows, cols = np.mgrid[0:400, 0:300].astype(np.float32)
+    ramp = rows / 400 + 2 * cols / 300  # any linear map survives the round trip up to border interpolation
+    back = pre.to_original(torch.from_numpy(pre.resize_crop(ramp))[None], 400, 300)[0].numpy()
+    assert np.abs(back - ramp)[10:-10, 10:-10].max() < 1e-3
+    mask = np.zeros((400, 300), bool)
+    mask[125:200, 150:225] = True  # edges on the frame's pixel grid
+    frame_mask = pre.mask_to_input(mask)
+    assert frame_mask.sum() == 12 * 12 and frame_mask[20:32, 24:36].all()
+    returned = pre.to_original(torch.from_numpy(frame_mask.astype(np.float32))[None], 400, 300)[0].numpy() >= 0.5
+    ys, xs = np.nonzero(returned)
+    assert (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1) == (125, 200, 150, 225)  # the same box, pixel for pixel
+    assert (returned != mask).sum() <= 4 * 3  # bilinear upsampling only rounds the four corners
+
+
+def test_aspect_frame_with_crop_puts_a_defect_where_it_was() -> None:
+    pre = Preprocess(image_size=64, crop=48, aspect=400 / 300)
+    original = np.zeros((400, 300), np.float32)
+    original[180:240, 100:160] = 1.0
+    frame = pre.resize_crop(original)
+    assert frame.shape == pre.input_shape == (64, 48)
+    back = pre.to_original(torch.from_numpy(frame)[None], 400, 300)[0].numpy() > 0.5
+    overlap = (back & (original > 0)).sum() / (back | (original > 0)).sum()
+    assert overlap > 0.9
+    ys, xs = np.nonzero(back)
+    assert abs(ys.mean() - 209.5) < 2 and abs(xs.mean() - 129.5) < 2

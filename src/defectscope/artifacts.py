@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from safetensors.torch import save as save_tensors_bytes
 
 from defectscope._version import __version__
 from defectscope.backbones import load_backbone
+from defectscope.data.images import Preprocess
 from defectscope.detectors.base import MapModel, detector_class, require_finite
 from defectscope.errors import DefectscopeError
 from defectscope.files import check_output_file, json_text, write_atomic
@@ -42,7 +43,7 @@ def manifest_of(detector: MapModel) -> dict[str, Any]:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "detector": detector.name,
         "config": detector.config.to_dict(),
         "preprocess": detector.preprocess.to_dict(),
@@ -169,10 +170,11 @@ def load_model(path: str | Path, weights: str | Path | None = None) -> MapModel:
     try:
         calibration = _section(manifest, "calibration", dict, path, optional=True)
         calibration = Calibration.from_dict(calibration) if calibration is not None else None
+        aspect = Preprocess.from_dict(_section(manifest, "preprocess", dict, path)).aspect
         backbone = spec and load_backbone(spec["name"], tuple(spec["strides"]), weights)
         expected = spec and spec["weights_sha256"]
     except (KeyError, TypeError, ValueError) as exc:
-        raise DefectscopeError(f"model file {path} is damaged: its manifest's backbone or calibration is incomplete ({exc})") from exc
+        raise DefectscopeError(f"model file {path} is damaged: its manifest's frame, backbone or calibration is incomplete ({exc})") from exc
     _check_calibration(calibration, f"model file {path}")
     if backbone and backbone.weights_sha256 != expected:
         raise DefectscopeError(
@@ -180,10 +182,10 @@ def load_model(path: str | Path, weights: str | Path | None = None) -> MapModel:
             f"but the weights found here have {backbone.weights_sha256[:12]}...; supply the original weight file"
         )
     detector = cls(config, backbone)
+    detector.aspect = aspect
     try:
         detector.load_tensors(tensors)
-        side = detector.preprocess.input_size
-        detector.predict([np.zeros((side, side, 3), np.uint8)], map_size="input")  # a model that loads can predict
+        detector.predict([np.zeros((*detector.preprocess.input_shape, 3), np.uint8)], map_size="input")  # a model that loads can predict
     except KeyError as exc:
         raise DefectscopeError(f"model file {path} lacks tensor {exc}; it is damaged or from another tool") from exc
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:

@@ -11,12 +11,18 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -35,8 +41,17 @@ from defectscope.export.check import check_export
 from defectscope.export.labels import FORMATS, ExportOptions, export_ground_truth
 from defectscope.export.pseudo import export_pseudo_labels
 from defectscope.files import json_text
-from defectscope.pipeline import evaluate_model, fit_model, predict_images, recalibrate, run_demo, store_f1_threshold
+from defectscope.pipeline import (
+    evaluate_model,
+    fit_model,
+    predict_images,
+    recalibrate,
+    run_demo,
+    store_f1_threshold,
+    update_model,
+)
 from defectscope.reports import metrics_markdown
+from defectscope.service.config import TOKEN_ENV
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial visual inspection: learn good parts, find defects.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets and make demo data.")
@@ -85,7 +100,7 @@ def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
 
 
 ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing file or write into a folder defectscope did not create.")]
-WeightsOption = Annotated[Optional[Path], typer.Option("--weights", help="Backbone weight file (torchvision backbones offline).")]
+WeightsOption = Annotated[Path | None, typer.Option("--weights", help="Backbone weight file (torchvision backbones offline).")]
 
 
 @data_app.command("summary")
@@ -151,11 +166,11 @@ def fit(
     output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write.")],
     model: Annotated[str, typer.Option(help=f"One of: {', '.join(good_only_models())}.")] = "patchcore",
     backbone: Annotated[str, typer.Option(help="Feature extractor (see `defectscope backbones`).")] = "efficientnet_lite0",
-    coreset: Annotated[Optional[float], typer.Option(help="PatchCore memory ratio (default 0.1).")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Square resize before cropping (default: the model's).")] = None,
-    crop: Annotated[Optional[int], typer.Option(help="Center crop side; 0 for no crop (default: the model's).")] = None,
+    coreset: Annotated[float | None, typer.Option(help="PatchCore memory ratio (default 0.1).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Short side of the frame before cropping (default: the model's).")] = None,
+    crop: Annotated[int | None, typer.Option(help="Center crop side; 0 for no crop (default: the model's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    false_alarm_rate: Annotated[Optional[float], typer.Option(help="Share of good parts the threshold may flag (default 0.01).")] = None,
+    false_alarm_rate: Annotated[float | None, typer.Option(help="Share of good parts the threshold may flag (default 0.01).")] = None,
     weights: WeightsOption = None,
     download: Annotated[bool, typer.Option(help="Download torchvision weights if they are not found locally.")] = False,
     force: ForceOption = False,
@@ -184,7 +199,7 @@ def fit(
 def predict(
     model: Annotated[Path, typer.Argument(help="Model file from `defectscope fit`.")],
     inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
-    heatmaps: Annotated[Optional[Path], typer.Option(help="Write a heatmap overlay PNG per image into this folder.")] = None,
+    heatmaps: Annotated[Path | None, typer.Option(help="Write a heatmap overlay PNG per image into this folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
     weights: WeightsOption = None,
     force: ForceOption = False,
@@ -218,7 +233,7 @@ def predict(
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Model file.")],
     data: Annotated[Path, typer.Argument(help="Dataset folder with a test split.")],
-    out: Annotated[Optional[Path], typer.Option(help="Write metrics.json/.md, roc.png, gallery.png into this folder.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write metrics.json/.md, roc.png, gallery.png into this folder.")] = None,
     set_f1_threshold: Annotated[bool, typer.Option("--set-f1-threshold", help="Store the F1-optimal threshold in the model file.")] = False,
     weights: WeightsOption = None,
     force: ForceOption = False,
@@ -238,10 +253,10 @@ def evaluate(
 def calibrate(
     model: Annotated[Path, typer.Argument(help="Model file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (may be MODEL itself).")],
-    false_alarm_rate: Annotated[Optional[float], typer.Option(help="Threshold for this share of good parts flagged, from the model's cross-fitted good scores.")] = None,
-    good: Annotated[Optional[list[Path]], typer.Option(help="Good images or folders (repeatable).")] = None,
-    defective: Annotated[Optional[list[Path]], typer.Option(help="Defective images or folders (repeatable).")] = None,
-    target_recall: Annotated[Optional[float], typer.Option(help="With labelled images: catch at least this share of defective ones.")] = None,
+    false_alarm_rate: Annotated[float | None, typer.Option(help="Threshold for this share of good parts flagged, from the model's cross-fitted good scores.")] = None,
+    good: Annotated[list[Path] | None, typer.Option(help="Good images or folders (repeatable).")] = None,
+    defective: Annotated[list[Path] | None, typer.Option(help="Defective images or folders (repeatable).")] = None,
+    target_recall: Annotated[float | None, typer.Option(help="With labelled images: catch at least this share of defective ones.")] = None,
     f1: Annotated[bool, typer.Option("--f1", help="With labelled images: the threshold of the best F1.")] = False,
     weights: WeightsOption = None,
     force: ForceOption = False,
@@ -252,6 +267,46 @@ def calibrate(
     say(f"{calibration.describe()} -> {output}")
     if calibration.warning:
         warn(calibration.warning)
+
+
+@app.command("update")
+def update(
+    model: Annotated[Path, typer.Argument(help="Model file.")],
+    good: Annotated[list[Path], typer.Option(help="Good images or folders to learn (repeatable), e.g. false alarms.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (may be MODEL itself).")],
+    weights: WeightsOption = None,
+    force: ForceOption = False,
+) -> None:
+    """Teach a model more good images without a full refit (PatchCore), and restate its threshold."""
+    details = update_model(model, good, output, weights=weights, force=force, bar=_progress)
+    say(f"learned {details['images']} good image(s), {details['patches_added']} memory patches added -> {output}")
+
+
+@app.command("serve")
+def serve(
+    models: Annotated[list[Path], typer.Argument(help="Model files, or folders: every .dsmodel in them.")],
+    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the service on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    token: Annotated[str | None, typer.Option(envvar=TOKEN_ENV, help=f"Require 'Authorization: Bearer TOKEN' on /v1 and /metrics (or set {TOKEN_ENV}).")] = None,
+    labelled: Annotated[Path | None, typer.Option(help="Dataset folder whose test split feeds the threshold and review pages.")] = None,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to share a batch (0: off).")] = 5.0,
+    max_batch: Annotated[int, typer.Option(help="Most images per model call (1: no batching).")] = 32,
+    max_queue: Annotated[int, typer.Option(help="Images waiting per model before requests get 503.")] = 256,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest image file accepted.")] = 20.0,
+) -> None:
+    """Serve models over HTTP: the inspection API, metrics, and the web page."""
+    import uvicorn
+
+    from defectscope.service.app import create_app
+    from defectscope.service.config import ServiceConfig
+    from defectscope.service.models import load_served
+
+    config = ServiceConfig.from_dict({"batch_wait_ms": batch_wait_ms, "max_batch": max_batch, "max_queue": max_queue,
+                                      "max_upload_mb": max_upload_mb,
+                                      "token": token})
+    served = load_served(models, config.max_batch, config.batch_wait_ms, config.max_queue, labelled)
+    say(f"serving {', '.join(served)} on http://{host}:{port}/ (API docs at /docs)")
+    uvicorn.run(create_app(served, config, labelled), host=host, port=port, log_level="warning")
 
 
 experiment_app = typer.Typer(no_args_is_help=True, help="Run attempts from a config file and compare them in a table.")
@@ -268,10 +323,10 @@ def _show_table(folder: Path, metric: str | None) -> None:
 @experiment_app.command("run")
 def experiment_run(
     config: Annotated[Path, typer.Argument(help="Experiment config (.yaml or .toml).")],
-    data: Annotated[Optional[Path], typer.Option(help="Dataset folder (overrides the config's 'data').")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder; default runs/<config name>.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset folder (overrides the config's 'data').")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder; default runs/<config name>.")] = None,
     redo: Annotated[bool, typer.Option(help="Run attempts again even if they finished earlier.")] = False,
-    only: Annotated[Optional[list[str]], typer.Option(help="Run only this attempt (repeatable).")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Run only this attempt (repeatable).")] = None,
     force: ForceOption = False,
 ) -> None:
     """Train and evaluate every attempt, skip finished ones, and print the comparison table."""
@@ -289,7 +344,7 @@ def experiment_run(
 @experiment_app.command("report")
 def experiment_report(
     folder: Annotated[Path, typer.Argument(help="Experiment output folder.")],
-    metric: Annotated[Optional[str], typer.Option(help="Rank attempts by this metric instead of the config's.")] = None,
+    metric: Annotated[str | None, typer.Option(help="Rank attempts by this metric instead of the config's.")] = None,
 ) -> None:
     """Re-render the comparison table from the attempts' saved results."""
     _show_table(folder, metric)
@@ -304,8 +359,8 @@ def export_labels(
     data: Annotated[Path, typer.Argument(help="Dataset folder (MVTec or plain layout).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (new, empty, or an earlier export).")],
     format: Annotated[str, typer.Option("--format", help=f"One of: {', '.join(FORMATS)}.")] = "coco",
-    from_model: Annotated[Optional[Path], typer.Option(help="Label the test images with this model's maps (pseudo-labels).")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Map threshold for pseudo-labels (default: the model's).")] = None,
+    from_model: Annotated[Path | None, typer.Option(help="Label the test images with this model's maps (pseudo-labels).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Map threshold for pseudo-labels (default: the model's).")] = None,
     min_area: Annotated[int, typer.Option(help="Smallest instance kept, in pixels.")] = 1,
     tolerance: Annotated[float, typer.Option(help="Polygon simplification, in pixels (0: none).")] = 0.5,
     rle: Annotated[bool, typer.Option(help="COCO: exact RLE masks instead of polygons.")] = False,
@@ -348,7 +403,7 @@ def info(model: Annotated[Path, typer.Argument(help="Model file.")]) -> None:
 
 @app.command("demo")
 def demo(
-    data: Annotated[Optional[Path], typer.Option(help="Dataset folder; default: generate the demo dataset.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset folder; default: generate the demo dataset.")] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo-output"),
     model: Annotated[str, typer.Option(help=f"Detector to fit: {', '.join(good_only_models())}.")] = "patchcore",
     force: ForceOption = False,

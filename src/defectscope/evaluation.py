@@ -66,7 +66,7 @@ def evaluate(detector: MapModel, dataset: Dataset, progress: Progress | None = N
     metrics: dict = {
         "model": detector.name,
         "backbone": detector.config.backbone,
-        "frame": {"resize": detector.config.image_size, "crop": detector.config.crop},
+        "frame": {"resize": list(detector.preprocess.frame_shape), "input": list(detector.preprocess.input_shape)},
         "images": len(test),
         "good": int((labels == 0).sum()),
         "defective": int((labels == 1).sum()),

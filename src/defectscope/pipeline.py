@@ -15,18 +15,36 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.artifacts import check_model_output, load_model, save_model, set_threshold
-from defectscope.backbones import load_backbone
+from defectscope.artifacts import (
+    check_model_output,
+    load_model,
+    save_model,
+    set_threshold,
+)
+from defectscope.backbones import file_sha256, load_backbone
 from defectscope.data.images import expand_inputs
 from defectscope.data.layout import Dataset, load_dataset
 from defectscope.data.synthetic import make_demo_dataset
-from defectscope.detectors.base import Detector, FitReport, MapModel, Prediction, Progress, create_detector, good_only_models
+from defectscope.detectors.base import (
+    Detector,
+    FitReport,
+    MapModel,
+    Prediction,
+    Progress,
+    create_detector,
+    good_only_models,
+)
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation import Evaluation, evaluate
 from defectscope.files import claim_folder, write_atomic
 from defectscope.reports import metrics_markdown, write_report
-from defectscope.thresholds import (Calibration, calibrate, f1_calibration, labelled_calibration,
-                                    recall_threshold)
+from defectscope.thresholds import (
+    Calibration,
+    calibrate,
+    f1_calibration,
+    labelled_calibration,
+    recall_threshold,
+)
 from defectscope.training.engine import EpochProgress
 from defectscope.viz import write_heatmaps
 
@@ -162,6 +180,22 @@ def recalibrate(model_path: Path, out: Path, *, false_alarm_rate: float | None =
                                                detector.calibration)
     set_threshold(model_path, calibration, out, force=True)
     return calibration
+
+
+def update_model(model_path: Path, good: Sequence[Path], out: Path, *, weights: Path | None = None, force: bool = False,
+                 bar: ProgressBar = no_progress) -> dict[str, Any]:
+    """Teach a model more good images without a refit and write it to `out`; the new file names its parent and the images."""
+    if out != model_path:
+        check_model_output(out, force)
+    paths = expand_inputs(good)
+    detector = load_model(model_path, weights)
+    with bar("learning good images", len(paths)) as advance:
+        details = detector.teach(paths, progress=advance)
+    details["parent_sha256"] = file_sha256(Path(model_path))
+    details["taught_images"] = [str(p) for p in paths]
+    detector.train_summary.setdefault("taught", []).append(details)
+    save_model(detector, out, force=True)
+    return details
 
 
 @dataclass

@@ -12,20 +12,34 @@ import cv2
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import roc_curve
 
-from defectscope.data.images import read_image  # noqa: E402
-from defectscope.files import write_atomic  # noqa: E402
+from defectscope.data.images import read_image
+from defectscope.errors import DefectscopeError
+from defectscope.files import write_atomic
+
+
+def heat_colours(heatmap: np.ndarray, low: float, high: float) -> np.ndarray:
+    """A heatmap as a JET-coloured RGB image, scaled from low (blue) to high (red)."""
+    scaled = np.clip((heatmap - low) / max(high - low, 1e-12), 0, 1)
+    return cv2.cvtColor(cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """An RGB uint8 image encoded as PNG."""
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise DefectscopeError("could not encode a PNG image")
+    return encoded.tobytes()
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, low: float, high: float, mask: np.ndarray | None = None) -> np.ndarray:
     """Blend a JET-coloured heatmap (scaled from low to high) over an RGB image; outline the mask in white."""
     if heatmap.shape != image.shape[:2]:
         heatmap = cv2.resize(heatmap, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
-    scaled = np.clip((heatmap - low) / max(high - low, 1e-12), 0, 1)
-    colour = cv2.cvtColor(cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    colour = heat_colours(heatmap, low, high)
     blended = cv2.addWeighted(image, 0.55, colour, 0.45, 0)
     if mask is not None and mask.any():
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

@@ -26,6 +26,12 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".
 MAX_PIXELS_ENV = "DEFECTSCOPE_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 50_000_000  # a 50-megapixel camera frame (8192 x 6104); MVTec's largest images are 1 MP
 
+ImageSource = str | Path | np.ndarray
+
+
+class ImageTooLarge(DefectscopeError):
+    """An image above the pixel limit (refused from its header, before decoding)."""
+
 cv2.setNumThreads(1)
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # failures become our errors, not [ WARN ] lines
 
@@ -44,10 +50,10 @@ def max_pixels() -> int:
     return limit
 
 
-def _pil_failure(path: Path) -> str:
-    """Ask Pillow why a file cannot be decoded, for a precise error message."""
+def _pil_failure(data: np.ndarray) -> str:
+    """Ask Pillow why an image file's bytes cannot be decoded, for a precise error message."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
             image.load()
     except UnidentifiedImageError:
         return "not an image file Pillow or OpenCV can read"
@@ -59,11 +65,16 @@ def _pil_failure(path: Path) -> str:
 def read_image(path: str | Path) -> np.ndarray:
     """Decode any common image (gray, RGBA, palette, 16-bit) to an RGB uint8 array HxWx3."""
     path = Path(path)
-    data = _read_bytes(path)
+    return decode_image(_read_bytes(path), path)
+
+
+def decode_image(data: np.ndarray, path: str | Path) -> np.ndarray:
+    """Decode an image file's bytes (uint8 array) to RGB uint8 HxWx3; `path` names it in errors."""
+    path = Path(path)
     image_header(path, data)  # size limit before any pixel is decoded
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None:
-        reason = _pil_failure(path)
+        reason = _pil_failure(data)
         raise DefectscopeError(f"cannot decode image {path}: {reason}; replace or remove the file")
     if image.dtype != np.uint8:
         image = _to_uint8(image)
@@ -120,7 +131,7 @@ def image_header(path: str | Path, data: np.ndarray | None = None) -> tuple[int,
             with Image.open(path if data is None else io.BytesIO(data)) as image:
                 width, height, mode = image.width, image.height, image.mode
     except Image.DecompressionBombError as exc:
-        raise DefectscopeError(f"image {path} is above the limit of {max_pixels():,} pixels ({exc})") from exc
+        raise ImageTooLarge(f"image {path} is above the limit of {max_pixels():,} pixels ({exc})") from exc
     except FileNotFoundError as exc:
         raise DefectscopeError(f"cannot read image {path}: it does not exist") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -128,11 +139,19 @@ def image_header(path: str | Path, data: np.ndarray | None = None) -> tuple[int,
         raise DefectscopeError(f"cannot read image header of {path}: {reason}; replace or remove the file") from exc
     limit = max_pixels()
     if width * height > limit:
-        raise DefectscopeError(f"image {path} is {width}x{height} = {width * height:,} pixels, above the limit of {limit:,}; "
+        raise ImageTooLarge(f"image {path} is {width}x{height} = {width * height:,} pixels, above the limit of {limit:,}; "
                                f"shrink it, or raise {MAX_PIXELS_ENV}")
     if width < 1 or height < 1:
         raise DefectscopeError(f"image {path} has no pixels ({width}x{height})")
     return width, height, mode
+
+
+def image_size(source: ImageSource) -> tuple[int, int]:
+    """(height, width) of an image file (from its header) or array."""
+    if isinstance(source, np.ndarray):
+        return source.shape[0], source.shape[1]
+    width, height, _ = image_header(source)
+    return height, width
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -152,14 +171,32 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
+FRAME_MULTIPLE = 16  # the long side of a non-square frame is a multiple of the coarsest feature stride
+MAX_ASPECT = 4.0  # frames are at most 4:1; longer images are squashed to that
+
+
+def frame_aspect(sizes: Sequence[tuple[int, int]]) -> float:
+    """The frame aspect (height / width) learned from (height, width) image sizes: their median, capped at 4:1."""
+    ratios = np.array([h / w for h, w in sizes if h > 0 and w > 0], dtype=np.float64)
+    if not len(ratios):
+        return 1.0
+    return float(np.clip(np.median(ratios), 1 / MAX_ASPECT, MAX_ASPECT))
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Square resize, optional center crop and normalization; travels inside every model file."""
+    """Resize to the frame, optional center crop and normalization; travels inside every model file.
+
+    `image_size` is the frame's short side; the long side follows `aspect` (height / width, learned
+    from the training images), so a 300x400 product is not squashed. `crop` is the short side after
+    the center crop; the long side loses the same margin.
+    """
 
     image_size: int = 256
     crop: int | None = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    aspect: float = 1.0
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
@@ -168,11 +205,22 @@ class Preprocess:
             raise DefectscopeError(
                 f"crop must be between 16 and the image size {self.image_size}, got {self.crop}"
             )
+        if not 1 / MAX_ASPECT <= self.aspect <= MAX_ASPECT:
+            raise DefectscopeError(f"frame aspect must be between 1/{MAX_ASPECT:g} and {MAX_ASPECT:g}, got {self.aspect}")
 
     @property
-    def input_size(self) -> int:
-        """Side of the square tensor the model sees."""
-        return self.crop or self.image_size
+    def frame_shape(self) -> tuple[int, int]:
+        """(height, width) of the resized image, before the crop."""
+        short = self.image_size
+        long = max(short, round(short * max(self.aspect, 1 / self.aspect) / FRAME_MULTIPLE) * FRAME_MULTIPLE)
+        return (long, short) if self.aspect > 1 else (short, long)
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(height, width) of the tensor the model sees."""
+        margin = self.image_size - (self.crop or self.image_size)
+        height, width = self.frame_shape
+        return height - margin, width - margin
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,17 +232,22 @@ class Preprocess:
             crop=None if data.get("crop") is None else int(data["crop"]),
             mean=tuple(data["mean"]),
             std=tuple(data["std"]),
+            aspect=float(data.get("aspect", 1.0)),
         )
 
     def resize_crop(self, image: np.ndarray, interpolation: int | None = None) -> np.ndarray:
-        """Resize an HxW[xC] array to the square model frame and center-crop it."""
-        size = self.image_size
+        """Resize an HxW[xC] array to the model frame and center-crop it."""
+        height, width = self.frame_shape
         if interpolation is None:
-            shrinking = image.shape[0] > size or image.shape[1] > size
+            shrinking = image.shape[0] > height or image.shape[1] > width
             interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-        resized = cv2.resize(image, (size, size), interpolation=interpolation)
-        offset = (size - self.input_size) // 2
-        return resized[offset : offset + self.input_size, offset : offset + self.input_size]
+        resized = cv2.resize(image, (width, height), interpolation=interpolation)
+        (top, left), (rows, cols) = self._crop_offsets(), self.input_shape
+        return resized[top : top + rows, left : left + cols]
+
+    def _crop_offsets(self) -> tuple[int, int]:
+        (height, width), (rows, cols) = self.frame_shape, self.input_shape
+        return (height - rows) // 2, (width - cols) // 2
 
     def mask_to_input(self, mask: np.ndarray) -> np.ndarray:
         """Bring a boolean mask into the model frame (area-resize, then majority vote)."""
@@ -208,24 +261,22 @@ class Preprocess:
         return (batch.float() - mean) / std
 
     def to_original(self, maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Map model-frame maps N x s x s back onto an original HxW image.
+        """Map model-frame maps N x h x w back onto an original HxW image.
 
         The crop is undone by padding with each map's minimum (the border outside the
-        crop is not inspected), then the square frame is stretched to HxW.
+        crop is not inspected), then the frame is resized to HxW.
         """
-        pad = (self.image_size - self.input_size) / 2 * maps.shape[-1] / self.input_size
-        if pad > 0:
-            whole = round(maps.shape[-1] * self.image_size / self.input_size)
-            lead = round(pad)
-            trail = whole - maps.shape[-1] - lead
+        (frame_h, frame_w), (rows, cols) = self.frame_shape, self.input_shape
+        (top, left), (map_h, map_w) = self._crop_offsets(), maps.shape[-2:]
+        scale_h, scale_w = map_h / rows, map_w / cols
+        lead_h, lead_w = round(top * scale_h), round(left * scale_w)
+        trail_h = round(frame_h * scale_h) - map_h - lead_h
+        trail_w = round(frame_w * scale_w) - map_w - lead_w
+        if lead_h or lead_w or trail_h or trail_w:
             floor = maps.amin(dim=(-2, -1), keepdim=True)
-            padded = F.pad(maps - floor, (lead, trail, lead, trail), value=0.0) + floor
-        else:
-            padded = maps
-        return F.interpolate(padded[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+            maps = F.pad(maps - floor, (lead_w, trail_w, lead_h, trail_h), value=0.0) + floor
+        return F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
 
-
-ImageSource = str | Path | np.ndarray
 
 
 class PreprocessedImages(torch.utils.data.Dataset):
@@ -259,7 +310,7 @@ def iterate_batches(
     its reason is appended there (None for every readable image, in input order).
     """
     dataset = PreprocessedImages(images, preprocess)
-    blank = torch.zeros(3, preprocess.input_size, preprocess.input_size, dtype=torch.uint8)
+    blank = torch.zeros(3, *preprocess.input_shape, dtype=torch.uint8)
 
     def load(index: int) -> tuple[torch.Tensor, torch.Tensor, str | None]:
         try:
@@ -285,11 +336,11 @@ def iterate_batches(
 
 
 def load_normalized(images: Sequence[ImageSource], preprocess: Preprocess) -> torch.Tensor:
-    """Every image decoded, resized / cropped and normalized: N x 3 x s x s."""
+    """Every image decoded, resized / cropped and normalized: N x 3 x h x w."""
     return torch.cat([preprocess.normalize(batch) for batch, _ in iterate_batches(images, preprocess)])
 
 
 def masks_in_frame(masks: Sequence[str | Path | None], preprocess: Preprocess) -> np.ndarray:
-    """Masks brought into the model frame, N x s x s bool; None stands for an empty mask (a good image)."""
-    blank = np.zeros((preprocess.input_size,) * 2, dtype=bool)
+    """Masks brought into the model frame, N x h x w bool; None stands for an empty mask (a good image)."""
+    blank = np.zeros(preprocess.input_shape, dtype=bool)
     return np.stack([preprocess.mask_to_input(read_mask(m)) if m else blank for m in masks])

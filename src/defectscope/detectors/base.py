@@ -10,7 +10,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import cv2
@@ -20,10 +20,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, load_backbone
-from defectscope.data.images import ImageSource, Preprocess, iterate_batches
+from defectscope.data.images import (
+    ImageSource,
+    Preprocess,
+    frame_aspect,
+    image_size,
+    iterate_batches,
+)
 from defectscope.errors import DefectscopeError
 from defectscope.settings import FrameConfig, require_choice, require_range
-from defectscope.thresholds import DEFAULT_FALSE_ALARM_RATE, GOOD_ONLY_METHODS, Calibration, calibrate
+from defectscope.thresholds import (
+    DEFAULT_FALSE_ALARM_RATE,
+    GOOD_ONLY_METHODS,
+    Calibration,
+    calibrate,
+)
 from defectscope.training.engine import EpochProgress, History
 
 Progress = Callable[[int], None]
@@ -44,6 +55,7 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 class DetectorConfig(FrameConfig):
     """Frame and threshold settings shared by every map model; subclasses add their own fields."""
 
+    keep_aspect: bool = True  # the frame takes the training images' aspect ratio instead of squashing them square
     calibration_folds: int = 20  # cross-fitting: each good image is scored by a model fitted without its fold
     threshold_method: str = "false_alarm_rate"
     threshold_param: float = DEFAULT_FALSE_ALARM_RATE  # the rate; or k of mean + k*std ('sigma'); or a percentile
@@ -114,6 +126,7 @@ class MapModel(ABC):
         self.backbone = backbone
         self.calibration: Calibration | None = None
         self.train_summary: dict[str, Any] = {}
+        self.aspect = 1.0  # frame height / width, learned from the training images when config.keep_aspect
 
     # -- hooks -----------------------------------------------------------------------------
     @abstractmethod
@@ -139,10 +152,12 @@ class MapModel(ABC):
     # -- shared machinery --------------------------------------------------------------------
     @property
     def preprocess(self) -> Preprocess:
-        if not self.uses_backbone:
-            return Preprocess(self.config.image_size, self.config.crop, IMAGENET_MEAN, IMAGENET_STD)
-        backbone = self.require_backbone()
-        return Preprocess(self.config.image_size, self.config.crop, backbone.mean, backbone.std)
+        mean, std = (self.require_backbone().mean, self.require_backbone().std) if self.uses_backbone else (IMAGENET_MEAN, IMAGENET_STD)
+        return Preprocess(self.config.image_size, self.config.crop, mean, std, self.aspect)
+
+    def learn_aspect(self, images: Sequence[ImageSource]) -> None:
+        """Take the frame's aspect from the training images' sizes (headers only), if config.keep_aspect."""
+        self.aspect = frame_aspect([image_size(image) for image in images]) if self.config.keep_aspect else 1.0
 
     def require_backbone(self) -> Backbone:
         if self.backbone is None:
@@ -175,8 +190,7 @@ class MapModel(ABC):
 
     def _finish_maps(self, maps: torch.Tensor) -> torch.Tensor:
         """Feature-grid maps -> model-frame maps: bilinear upsampling, then Gaussian smoothing (sigma 4)."""
-        size = self.preprocess.input_size
-        maps = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        maps = F.interpolate(maps[:, None], size=self.preprocess.input_shape, mode="bilinear", align_corners=False)[:, 0]
         return gaussian_smooth(maps, MAP_SIGMA)
 
     def predict(self, images: Sequence[ImageSource], map_size: str | tuple[int, int] = "original",
@@ -237,6 +251,7 @@ class Detector(MapModel):
             raise DefectscopeError(f"fitting needs at least 2 good images, got {len(images)}")
         start = time.perf_counter()
         torch.manual_seed(self.config.seed)
+        self.learn_aspect(images)
         features, sizes = self._features(images, progress)
         count = len(images)
         embedded = time.perf_counter()
@@ -260,6 +275,33 @@ class Detector(MapModel):
             "fit": details,
         }
         return FitReport(count, len(scored), time.perf_counter() - start, details)
+
+    def teach(self, images: Sequence[ImageSource], progress: Progress | None = None) -> dict[str, Any]:
+        """Learn more good images without a refit, and recalibrate; models that cannot, say so."""
+        raise DefectscopeError(f"{self.name} cannot learn new good images without a refit: fit it again with those "
+                               "images added to the training folder")
+
+    def taught_calibration(self, taught_scores: torch.Tensor) -> Calibration:
+        """The threshold restated with taught images' held-out scores added to the cross-fitted good scores.
+
+        It never rises: teaching must not let through a defect that was caught. Old good scores stay
+        valid upper bounds (the model only gained memory); if held-out taught images still score above
+        the kept threshold, the calibration warns that more images like them are needed.
+        """
+        if self.calibration_scores is None:
+            raise DefectscopeError(f"this {self.name} model holds no cross-fitted good scores (fitted by an older "
+                                   "version); fit it again")
+        self.calibration_scores = torch.cat([self.calibration_scores, taught_scores.float()])
+        known = self.calibration and self.calibration.method in GOOD_ONLY_METHODS
+        method, param = ((self.calibration.method, self.calibration.param) if known
+                         else (self.config.threshold_method, self.config.threshold_param))
+        restated = calibrate(self.calibration_scores.numpy(), method, param)
+        if self.calibration is None or restated.threshold <= self.calibration.threshold:
+            return restated
+        above = int((taught_scores > self.calibration.threshold).sum())
+        warning = (f"{above} of {len(taught_scores)} taught images still score above the threshold when held out; "
+                   "teach more images like them") if above else None
+        return replace(self.calibration, warning=warning)
 
     def calibration_folds(self, count: int) -> list[torch.Tensor]:
         """The seeded folds of `count` training images for cross-fitting (leave-one-out below calibration_folds)."""

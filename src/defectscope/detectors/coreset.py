@@ -36,11 +36,15 @@ def _assign_blocks(points: torch.Tensor, blocks: int, generator: torch.Generator
     return anchors, assignment
 
 
-def greedy_coreset(points: torch.Tensor, count: int, start: int = 0, blocks: int | None = None) -> torch.Tensor:
+def greedy_coreset(points: torch.Tensor, count: int, start: int = 0, blocks: int | None = None,
+                   covered: torch.Tensor | None = None, stop_within: float = 0.0) -> torch.Tensor:
     """Indices of `count` points chosen greedily (farthest-first), starting from point `start`.
 
     `start` seeds the distances but is not itself returned, as in the reference implementation.
-    The loop runs in NumPy: its per-call overhead is far below torch's on these small arrays.
+    With `covered` (each point's distance to an existing coreset) the selection extends that
+    coreset instead: the first pick is the point it covers worst, and selection stops early once
+    every point lies within `stop_within` of the coreset. The loop runs in NumPy: its
+    per-call overhead is far below torch's on these small arrays.
     """
     total = len(points)
     if not 0 < count <= total:
@@ -63,7 +67,16 @@ def greedy_coreset(points: torch.Tensor, count: int, start: int = 0, blocks: int
     block_max = np.where(sizes > 0, np.inf, -np.inf).astype(np.float32)
     position = int(np.flatnonzero(order == start)[0])
     chosen = np.empty(count, dtype=np.int64)
-    for step in range(count):
+    first = 0
+    if covered is not None:
+        min_dist = covered.float().numpy()[order].copy()
+        filled = sizes > 0
+        block_max[filled] = np.maximum.reduceat(min_dist, offsets[filled])
+        position = int(np.argmax(min_dist))
+        if min_dist[position] <= stop_within:
+            return torch.zeros(0, dtype=torch.long)
+        chosen[0], first = order[position], 1
+    for step in range(first, count):
         centre = xs[position]
         centre_sq = point_sq[position]
         reach = np.sqrt(np.maximum(anchor_sq - 2 * (anchors @ centre) + centre_sq, 0)) - radius
@@ -77,6 +90,8 @@ def greedy_coreset(points: torch.Tensor, count: int, start: int = 0, blocks: int
         block_max[active] = np.maximum.reduceat(updated, firsts)
         best = int(np.argmax(block_max))
         position = int(offsets[best] + np.argmax(min_dist[offsets[best] : offsets[best] + sizes[best]]))
+        if covered is not None and min_dist[position] <= stop_within:
+            return torch.from_numpy(chosen[:step])
         chosen[step] = order[position]
     return torch.from_numpy(chosen)
 

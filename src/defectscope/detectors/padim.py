@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +36,16 @@ def _mahalanobis_squared(features: torch.Tensor, mean: torch.Tensor, precision: 
     return squared.T
 
 
-def _grid(squared: torch.Tensor) -> torch.Tensor:
-    """N x positions squared distances -> N x side x side distance maps."""
-    side = int(round(squared.shape[1] ** 0.5))
-    return squared.clamp_min(0).sqrt().reshape(-1, side, side)
+def grid_shape(positions: int, frame: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of a feature grid with `positions` cells and the frame's aspect ratio (h x w = positions)."""
+    guess = max(1, round(math.sqrt(positions * frame[1] / frame[0])))
+    width = min((w for w in range(1, positions + 1) if positions % w == 0), key=lambda w: abs(w - guess))
+    return positions // width, width
+
+
+def _grid(squared: torch.Tensor, frame: tuple[int, int]) -> torch.Tensor:
+    """N x positions squared distances -> N x h x w distance maps."""
+    return squared.clamp_min(0).sqrt().reshape(-1, *grid_shape(squared.shape[1], frame))
 
 
 @dataclass
@@ -118,7 +126,7 @@ class PaDiM(Detector):
         squared = torch.empty(held.shape[:2])
         for where, mean, precision in self._gaussians(features, rest):
             squared[:, where] = _mahalanobis_squared(held[:, where], mean, precision.half())
-        return self._finish(None, _grid(squared))[0]
+        return self._finish(None, _grid(squared, self.preprocess.input_shape))[0]
 
     def calibration_folds(self, count: int) -> list[torch.Tensor]:
         """Leave one out: with d-dimensional Gaussians fitted on about d images, every image held out counts."""
@@ -146,12 +154,12 @@ class PaDiM(Detector):
             whitened = torch.linalg.solve_triangular(factor, centred.mT, upper=False)
             leverage = (whitened * whitened).sum(1)  # positions x N
             squared[:, where] = ((n / (n - 1)) ** 2 * leverage / (1 - downdate * leverage)).T
-        return torch.arange(n), self._finish(None, _grid(squared))[0]
+        return torch.arange(n), self._finish(None, _grid(squared, self.preprocess.input_shape))[0]
 
     def score_features(self, features: torch.Tensor) -> tuple[None, torch.Tensor]:
         if self.precision is None:
             raise DefectscopeError("PaDiM is not fitted; call fit() or load a model file")
-        return None, _grid(_mahalanobis_squared(features, self.mean, self.precision))
+        return None, _grid(_mahalanobis_squared(features, self.mean, self.precision), self.preprocess.input_shape)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         rows, cols = torch.triu_indices(*self.precision.shape[1:])

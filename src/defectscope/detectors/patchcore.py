@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from defectscope.detectors.base import Detector, DetectorConfig, register
-from defectscope.detectors.coreset import coreset_indices
+from defectscope.data.images import ImageSource
+from defectscope.detectors.base import (
+    Detector,
+    DetectorConfig,
+    Progress,
+    register,
+    rows_outside,
+)
+from defectscope.detectors.coreset import coreset_indices, greedy_coreset
 from defectscope.detectors.nearest import ClusteredBank, nearest
 from defectscope.errors import DefectscopeError
 from defectscope.settings import require_range
@@ -129,6 +137,47 @@ class PatchCore(Detector):
             return self._score_and_map(features[holdout if scored is None else scored])[0]
         finally:
             self.index = fitted
+
+    def teach(self, images: Sequence[ImageSource], progress: Progress | None = None) -> dict[str, Any]:
+        """Add the patches of new good images that the memory bank does not yet cover, then recalibrate.
+
+        A greedy coreset step against the existing bank adds new patches, farthest first, until every
+        new patch lies within the coverage a good image already has (the median cross-fitted good
+        score: a typical good image's worst patch distance), so ordinary patches add nothing. For the threshold, each calibration fold of the taught images
+        is scored by the bank extended from the other folds only (cross-fitting, as at fit time).
+        """
+        if self.index is None:
+            raise DefectscopeError("PatchCore is not fitted; call fit() or load a model file")
+        if not images:
+            raise DefectscopeError("give at least one good image to learn")
+        if self.calibration_scores is None:
+            raise DefectscopeError("this PatchCore model holds no cross-fitted good scores (fitted by an older version); "
+                                   "fit it again")
+        features, _ = self._features(images, progress)
+        n, h, w, d = features.shape
+        patches = features.reshape(n, h * w, d)
+        fitted = self.index
+        with torch.inference_mode():
+            covered = fitted.search(patches.reshape(-1, d))[0].reshape(n, h * w)
+            held_out = []
+            for fold in self.calibration_folds(n):
+                rest = rows_outside(n, fold)
+                extra = self._uncovered(patches[rest], covered[rest])
+                ends = torch.tensor([len(fitted.bank) + len(extra)])  # the new patches as one more cluster: still exact
+                self.index = ClusteredBank.from_sorted(torch.cat([fitted.bank, extra]), torch.cat([fitted.offsets, ends]))
+                held_out.append(self._score_and_map(features[fold])[0])
+        added = self._uncovered(patches, covered)
+        self.index = ClusteredBank.build(torch.cat([fitted.bank, added]), self.config.seed)
+        self.calibration = self.taught_calibration(torch.cat(held_out))
+        return {"images": n, "patches_added": len(added), "memory_bank": len(self.index.bank)}
+
+    def _uncovered(self, patches: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+        """The N x P patches to add, farthest-first from the bank (`covered`: distances to it), until all are covered."""
+        flat = patches.reshape(-1, patches.shape[-1])
+        if not len(flat):
+            return flat
+        radius = float(self.calibration_scores.median())
+        return flat[greedy_coreset(flat, len(flat), covered=covered.reshape(-1), stop_within=radius)]
 
     def _reweight(self, worst_patches: torch.Tensor, nearest_index: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """The paper's eq. 7: damp the score when the nearest memory patch sits among close neighbours."""

@@ -17,9 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.data.images import ImageSource
-from defectscope.detectors.base import (Detector, DetectorConfig, learned_state, load_learned_state, register,
-                                       rows_outside)
-from defectscope.detectors.networks import ConvAutoencoder, PretrainedAutoencoder, VariationalAutoencoder
+from defectscope.detectors.base import (
+    Detector,
+    DetectorConfig,
+    learned_state,
+    load_learned_state,
+    register,
+    rows_outside,
+)
+from defectscope.detectors.networks import (
+    ConvAutoencoder,
+    PretrainedAutoencoder,
+    VariationalAutoencoder,
+)
 from defectscope.errors import DefectscopeError
 from defectscope.settings import require_choice, require_range
 from defectscope.training.augment import augment
@@ -54,6 +64,7 @@ class ReconstructionConfig(DetectorConfig, TrainSettings):
     backbone: str = "none"
     image_size: int = 128
     crop: int | None = None
+    keep_aspect: bool = False
     error: str = "mse"
     width: int = 32
     latent: int = 32
@@ -66,6 +77,8 @@ class ReconstructionConfig(DetectorConfig, TrainSettings):
         require_range("width", self.width, 1)
         require_range("latent", self.latent, 1)
         require_range("beta", self.beta, 0)
+        if self.keep_aspect:
+            raise DefectscopeError("reconstruction models need a square frame: set keep_aspect to false")
         if (self.crop or self.image_size) % 16:
             raise DefectscopeError(f"reconstruction models need an input size divisible by 16, got {self.crop or self.image_size}")
 
@@ -204,7 +217,7 @@ class VAE(ReconstructionDetector):
     config_class = VAEConfig
 
     def build(self) -> nn.Module:
-        return VariationalAutoencoder(self.preprocess.input_size, self.config.width, self.config.latent)
+        return VariationalAutoencoder(self.preprocess.input_shape[0], self.config.width, self.config.latent)
 
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction and beta x KL divergence per pixel value (so it weighs like the mean error)."""

@@ -21,7 +21,14 @@ from defectscope.backbones import Backbone, freeze_through
 from defectscope.data.folds import class_names, label_of, pick_good, stratified_folds
 from defectscope.data.images import load_normalized, masks_in_frame
 from defectscope.data.layout import Dataset, Sample
-from defectscope.detectors.base import DetectorConfig, MapModel, Progress, learned_state, load_learned_state, register
+from defectscope.detectors.base import (
+    DetectorConfig,
+    MapModel,
+    Progress,
+    learned_state,
+    load_learned_state,
+    register,
+)
 from defectscope.errors import DefectscopeError
 from defectscope.settings import require_range
 from defectscope.thresholds import Calibration
@@ -105,6 +112,7 @@ class Segmenter(MapModel):
 
     def fit_masks(self, samples: Sequence[Sample], progress: Progress | None = None) -> dict[str, Any]:
         """Train on images and their masks (good images: empty masks)."""
+        self.learn_aspect([s.path for s in samples])
         images = load_normalized([s.path for s in samples], self.preprocess)
         masks = torch.from_numpy(masks_in_frame([s.mask for s in samples], self.preprocess)).float()
         torch.manual_seed(self.config.seed)

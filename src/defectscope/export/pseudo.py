@@ -21,7 +21,14 @@ from defectscope.data.layout import Dataset, Sample
 from defectscope.detectors.base import MapModel
 from defectscope.errors import DefectscopeError
 from defectscope.export.instances import Instance, components
-from defectscope.export.labels import ExportOptions, check_export_target, coco_document, collect, write_labels, write_whole
+from defectscope.export.labels import (
+    ExportOptions,
+    check_export_target,
+    coco_document,
+    collect,
+    write_labels,
+    write_whole,
+)
 
 CATEGORIES = ["defect"]
 
@@ -42,14 +49,15 @@ def predicted_instances(detector: MapModel, samples: Sequence[Sample], threshold
     if not detector.localizes:
         raise DefectscopeError(f"{detector.name} scores whole images; pseudo-labels need a model with anomaly maps")
     maps = detector.predict([s.path for s in samples]).maps
-    result = {}
-    for sample, heat in zip(samples, maps):
-        if not np.isfinite(heat).all():  # a NaN pixel is never below the threshold: no silent "no defect" label
-            raise DefectscopeError(f"the model's map of {sample.path} holds values that are not finite numbers; "
-                                   "no labels were written")
-        result[sample.path] = [Instance(0, m, box, area, round(float(heat[m].max() / threshold), 4))
-                               for m, box, area in components(heat >= threshold, min_area)]
-    return result
+    return {sample.path: map_instances(heat, threshold, min_area, sample.path) for sample, heat in zip(samples, maps)}
+
+
+def map_instances(heat: np.ndarray, threshold: float, min_area: int, name: object) -> list[Instance]:
+    """The regions of one anomaly map at or above the threshold; each scored by its peak / threshold."""
+    if not np.isfinite(heat).all():  # a NaN pixel is never below the threshold: no silent "no defect" region
+        raise DefectscopeError(f"the model's map of {name} holds values that are not finite numbers; no regions were made")
+    return [Instance(0, m, box, area, round(float(heat[m].max() / threshold), 4))
+            for m, box, area in components(heat >= threshold, min_area)]
 
 
 def export_pseudo_labels(dataset: Dataset, detector: MapModel, model_path: Path, out: Path, options: ExportOptions,

@@ -1,0 +1,162 @@
+"""Load test of `defectscope serve` on 127.0.0.1: throughput, latency and server memory, with and without batching.
+
+    python benchmarks/serve.py --data ../shared/datasets/mvtec_ad/bottle
+
+Fits PatchCore on the category (or takes --model), measures the library's own batched images/s,
+then starts the server in a subprocess for each setting and sends the category's test images from
+1, 4 and 16 concurrent clients: a fixed number of requests per run, each run stopped after --limit
+seconds at most. Ends with a soak at 16 clients sampling the server's resident memory. Writes
+benchmarks/results/serve.json and serve.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from isolated import write_results
+
+from defectscope import load_dataset
+from defectscope.artifacts import load_model, save_model
+from defectscope.pipeline import fit_detector
+
+SETTINGS = {"dynamic batching (5 ms)": ["--batch-wait-ms", "5"], "no batching": ["--max-batch", "1"]}
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(model: Path, port: int, extra: list[str]) -> subprocess.Popen:
+    command = [str(Path(sys.executable).with_name("defectscope")), "--quiet", "serve", str(model), "--port", str(port), *extra]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.kill()
+    sys.exit(f"server did not start: {server.stderr.read().decode()[-2000:]}")
+
+
+async def load(url: str, images: list[tuple[str, bytes]], clients: int, requests: int, limit: float) -> dict:
+    """`requests` single-image inspections from `clients` concurrent clients; stops after `limit` seconds."""
+    latencies: list[float] = []
+    errors = 0
+    counter = iter(range(requests))
+    deadline = time.monotonic() + limit
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        for index in counter:
+            if time.monotonic() > deadline:
+                return
+            name, data = images[index % len(images)]
+            start = time.perf_counter()
+            try:
+                response = await http.post(url, files={"files": (name, data, "image/png")})
+                ok = response.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            latencies.append(time.perf_counter() - start)
+            errors += not ok
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=60) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    elapsed = time.perf_counter() - start
+    done = np.array(latencies) * 1000
+    return {"requests": len(done), "errors": errors, "images_per_s": (len(done) - errors) / elapsed,
+            "p50_ms": float(np.percentile(done, 50)), "p95_ms": float(np.percentile(done, 95)),
+            "p99_ms": float(np.percentile(done, 99))}
+
+
+async def soak(url: str, images: list[tuple[str, bytes]], pid: int, seconds: float) -> list[float]:
+    """16 clients for `seconds`, sampling the server's resident memory every 5 s."""
+    samples = [rss_mb(pid)]
+    task = asyncio.create_task(load(url, images, 16, 10**9, seconds))
+    while not task.done():
+        await asyncio.sleep(5)
+        samples.append(rss_mb(pid))
+    result = await task
+    return samples, result
+
+
+def library_rate(model: Path, paths: list[Path]) -> float:
+    torch.set_num_threads(2)
+    detector = load_model(model)
+    detector.predict(paths[:4])
+    start = time.perf_counter()
+    detector.predict(paths)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/datasets/mvtec_ad/bottle"))
+    parser.add_argument("--model", type=Path, help="A model file; default: fit PatchCore on --data.")
+    parser.add_argument("--requests", type=int, default=160, help="Requests per run.")
+    parser.add_argument("--limit", type=float, default=120, help="Seconds a run may take at most.")
+    parser.add_argument("--soak", type=float, default=120, help="Seconds of the memory soak (0: none).")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    dataset = load_dataset(args.data)
+    paths = [s.path for s in dataset.test]
+    scratch = tempfile.TemporaryDirectory()
+    model = args.model
+    if model is None:
+        model = save_model(fit_detector(dataset, "patchcore", {})[0], Path(scratch.name) / "bench.dsmodel")
+    reference = library_rate(model, paths)
+    images = [(p.name, p.read_bytes()) for p in paths]
+    rows, memory = [], {}
+    for label, extra in SETTINGS.items():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = start_server(model, port, extra)
+        url = f"http://127.0.0.1:{port}/v1/models/{model.name.removesuffix('.dsmodel')}/inspect"
+        try:
+            for clients in (1, 4, 16):
+                result = asyncio.run(load(url, images, clients, args.requests, args.limit))
+                rows.append({"setting": label, "clients": clients, **result,
+                             "share_of_library": result["images_per_s"] / reference, "server_peak_mb": rss_mb(server.pid, "VmHWM")})
+                print(rows[-1], flush=True)
+            if label.startswith("dynamic") and args.soak:
+                samples, result = asyncio.run(soak(url, images, server.pid, args.soak))
+                memory = {"seconds": args.soak, "rss_mb": samples, "requests": result["requests"], "errors": result["errors"]}
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    header = ("| setting | clients | requests | errors | images/s | share of library batched | p50 ms | p95 ms | p99 ms "
+              "| server peak MB |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    table = header + "".join(
+        f"| {r['setting']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['images_per_s']:.1f} | "
+        f"{r['share_of_library']:.0%} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['server_peak_mb']:.0f} |\n"
+        for r in rows)
+    table += f"\nLibrary batched (`predict` on all {len(paths)} test images, decode included): {reference:.1f} images/s.\n"
+    if memory:
+        rss = memory["rss_mb"]
+        table += (f"\nSoak, 16 clients for {memory['seconds']:.0f} s ({memory['requests']} requests, {memory['errors']} errors): "
+                  f"server RSS {rss[0]:.0f} MB at start, {rss[1]:.0f} MB after 5 s, {max(rss):.0f} MB peak, {rss[-1]:.0f} MB at the end.\n")
+    write_results(args.out, "serve", rows + [{"soak": memory, "library_images_per_s": reference}], table)
+    print(table)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()

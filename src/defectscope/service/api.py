@@ -1,0 +1,212 @@
+"""The REST API (/v1): models, inspection, labelled scores, threshold and teaching; every handler is thin."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from defectscope.artifacts import check_model_output, set_threshold
+from defectscope.data.images import read_image
+from defectscope.errors import DefectscopeError
+from defectscope.experiments.config import SAFE_NAME
+from defectscope.export.instances import polygons
+from defectscope.export.pseudo import map_instances
+from defectscope.pipeline import update_model
+from defectscope.service.batching import QueueFull
+from defectscope.service.models import MODEL_SUFFIX, ServedModel, serve_model
+from defectscope.service.schemas import (
+    ImageResult,
+    InspectResponse,
+    LabelledScores,
+    ModelList,
+    ModelSummary,
+    ModelWritten,
+    Problem,
+    Region,
+    TeachRequest,
+    ThresholdRequest,
+)
+from defectscope.service.uploads import decode, read_upload, sniff
+from defectscope.thresholds import labelled_calibration
+from defectscope.viz import heat_colours, png_bytes
+
+ERRORS = {code: {"model": Problem} for code in (400, 401, 404, 409, 413, 415, 503)}
+router = APIRouter(prefix="/v1", responses=ERRORS)
+
+
+def served(request: Request, name: str) -> ServedModel:
+    model = request.app.state.models.get(name)
+    if model is None:
+        raise HTTPException(404, f"no model named {name!r}; GET /v1/models lists them")
+    return model
+
+
+@router.get("/models", response_model=ModelList)
+def list_models(request: Request) -> ModelList:
+    return ModelList(models=[ModelSummary(**m.summary()) for m in request.app.state.models.values()])
+
+
+@router.get("/models/{name}")
+def manifest(request: Request, name: str) -> dict:
+    """The model file's manifest: detector, config, frame, backbone, calibration, training set."""
+    return served(request, name).manifest
+
+
+@router.post("/models/{name}/inspect", response_model=InspectResponse)
+async def inspect(request: Request, name: str, files: Annotated[list[UploadFile], File(description="images", min_length=1)],
+                  heatmap: Annotated[bool, Query(description="add each map as a PNG")] = False,
+                  regions: Annotated[bool, Query(description="add the regions above the threshold")] = False,
+                  min_area: Annotated[int, Query(ge=1, le=1_000_000)] = 16) -> InspectResponse:
+    """Score one or more images: score, normalized score, verdict; on request the heatmap and defect regions."""
+    model, config = served(request, name), request.app.state.config
+    if len(files) > config.max_files:
+        raise HTTPException(413, f"{len(files)} files in one request; the limit is {config.max_files}")
+    if (heatmap or regions) and not model.detector.localizes:
+        raise HTTPException(400, f"model {name} scores whole images and makes no maps")
+    images, names, total = [], [], 0
+    for upload in files:
+        data = await read_upload(upload, config.max_upload_bytes)
+        total += len(data)
+        if total > config.max_request_bytes:
+            raise HTTPException(413, f"the request's files exceed {config.max_request_bytes:,} bytes together")
+        label = Path(upload.filename or f"image{len(names)}").name
+        sniff(data, label)
+        images.append(await run_in_threadpool(decode, data, label))
+        names.append(label)
+    try:
+        prediction = await model.batcher.predict(images)
+    except QueueFull as exc:
+        raise HTTPException(503, f"model {name} is busy ({exc}); retry shortly", headers={"Retry-After": "1"}) from exc
+    threshold = prediction.threshold
+    results = await run_in_threadpool(_results, names, images, prediction, threshold, heatmap, regions, min_area)
+    for result in results:
+        request.app.state.telemetry.images.labels(name, result.verdict).inc()
+    return InspectResponse(model=name, threshold=threshold, results=results)
+
+
+def _results(names: list[str], images: list[np.ndarray], prediction, threshold: float | None, heatmap: bool,
+             regions: bool, min_area: int) -> list[ImageResult]:
+    """One result per image; an image that failed is 'error' with its reason, never 'good'."""
+    verdicts = prediction.verdicts if threshold else ["unknown (no threshold)"] * len(names)
+    errors = prediction.errors or [None] * len(names)
+    results = []
+    for i, name in enumerate(names):
+        score = float(prediction.scores[i])
+        heat = prediction.maps[i] if prediction.maps is not None else None
+        finite = bool(np.isfinite(score)) and errors[i] is None
+        result = ImageResult(name=name, height=images[i].shape[0], width=images[i].shape[1],
+                             score=score if finite else None,
+                             normalized=score / threshold if finite and threshold else None,
+                             verdict=verdicts[i] if finite else "error",
+                             error=None if finite else errors[i] or "the model produced a score that is not a finite number")
+        if finite and heat is not None and heatmap:
+            high = 2 * threshold if threshold else float(heat.max())
+            result.heatmap_png = base64.b64encode(png_bytes(heat_colours(heat, 0.0, high))).decode()
+        if finite and heat is not None and regions and threshold:
+            result.regions = [Region(box=list(inst.box), polygons=polygons(inst.mask), area=inst.area, score=inst.score)
+                              for inst in map_instances(heat, threshold, min_area, name)]
+        results.append(result)
+    return results
+
+
+def labelled_of(model: ServedModel) -> list[dict]:
+    if model.labelled is None:
+        raise HTTPException(404, f"model {model.name} has no labelled scores; start the service with --labelled DATASET")
+    return model.labelled.records
+
+
+@router.get("/models/{name}/labelled", response_model=LabelledScores)
+def labelled_scores(request: Request, name: str) -> LabelledScores:
+    """Scores of the labelled test images, for the threshold and review pages."""
+    model = served(request, name)
+    labelled_of(model)
+    threshold = model.detector.calibration.threshold if model.detector.calibration else None
+    return LabelledScores(model=name, threshold=threshold, images=model.labelled.public())
+
+
+def _record(model: ServedModel, image_id: int) -> dict:
+    records = labelled_of(model)
+    if not 0 <= image_id < len(records):
+        raise HTTPException(404, f"no labelled image {image_id}; ids run from 0 to {len(records) - 1}")
+    return records[image_id]
+
+
+@router.get("/models/{name}/labelled/{image_id}/image", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}})
+async def labelled_image(request: Request, name: str, image_id: int) -> Response:
+    record = _record(served(request, name), image_id)
+    return Response(await run_in_threadpool(lambda: png_bytes(read_image(record["path"]))), media_type="image/png")
+
+
+@router.get("/models/{name}/labelled/{image_id}/heatmap", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}})
+async def labelled_heatmap(request: Request, name: str, image_id: int) -> Response:
+    model = served(request, name)
+    if not model.detector.localizes:
+        raise HTTPException(400, f"model {name} scores whole images and makes no maps")
+    record = _record(model, image_id)
+    image = await run_in_threadpool(read_image, record["path"])
+    prediction = await model.batcher.predict([image])
+    threshold = prediction.threshold or float(prediction.maps[0].max())
+    return Response(png_bytes(heat_colours(prediction.maps[0], 0.0, 2 * threshold)), media_type="image/png")
+
+
+def _new_model_path(model: ServedModel, name: str, overwrite: bool) -> Path:
+    """Where a new model is written: beside the served one, by a checked name; existing files only with `overwrite`."""
+    if not SAFE_NAME.match(name) or name.endswith(MODEL_SUFFIX):
+        raise HTTPException(400, f"model name {name!r} must be letters, digits, '.', '_' or '-' (no suffix)")
+    target = model.path.parent / f"{name}{MODEL_SUFFIX}"
+    if target.exists() and not overwrite:
+        raise HTTPException(409, f"a model named {name} exists; confirm to replace it")
+    try:
+        check_model_output(target, force=False)
+    except DefectscopeError as exc:
+        raise HTTPException(409, str(exc)) from exc
+    return target
+
+
+def _register(request: Request, path: Path, name: str) -> ServedModel:
+    """Load a newly written model file and serve it (replacing a model of the same name)."""
+    config, models = request.app.state.config, request.app.state.models
+    new = serve_model(path, name, config.max_batch, config.batch_wait_ms, config.max_queue, request.app.state.labelled)
+    old = models.get(name)
+    models[name] = new
+    if old is not None:
+        old.batcher.close()
+    return new
+
+
+@router.post("/models/{name}/threshold", response_model=ModelWritten, status_code=201)
+async def save_threshold(request: Request, name: str, body: ThresholdRequest) -> ModelWritten:
+    """Write a copy of the model with this threshold (atomically) and serve it under the new name."""
+    model = served(request, name)
+    records = labelled_of(model)
+    target = _new_model_path(model, body.name, body.overwrite)
+    scores = np.array([r["score"] for r in records])
+    labels = np.array([r["label"] for r in records])
+    calibration = labelled_calibration(scores[labels == 0], scores[labels == 1], body.threshold, "manual", body.threshold,
+                                       model.detector.calibration)
+    await run_in_threadpool(set_threshold, model.path, calibration, target, True)
+    new = await run_in_threadpool(_register, request, target, body.name)
+    return ModelWritten(model=ModelSummary(**new.summary()), calibration=calibration.to_dict())
+
+
+@router.post("/models/{name}/teach", response_model=ModelWritten, status_code=201)
+async def teach(request: Request, name: str, body: TeachRequest) -> ModelWritten:
+    """Learn labelled images as good without a refit (`defectscope update`), write and serve the new model."""
+    model = served(request, name)
+    paths = [Path(_record(model, i)["path"]) for i in dict.fromkeys(body.images)]
+    target = _new_model_path(model, body.name, body.overwrite)
+    try:
+        details = await run_in_threadpool(update_model, model.path, paths, target, force=True)
+    except DefectscopeError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    new = await run_in_threadpool(_register, request, target, body.name)
+    return ModelWritten(model=ModelSummary(**new.summary()), calibration=new.detector.calibration.to_dict(),
+                        details={k: v for k, v in details.items() if k != "taught_images"})

@@ -1,0 +1,88 @@
+"""The FastAPI app: API routes, pages, token check, metrics, and errors as one-line JSON."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from defectscope._version import __version__
+from defectscope.errors import DefectscopeError
+from defectscope.service.api import router
+from defectscope.service.config import ServiceConfig
+from defectscope.service.models import ServedModel
+from defectscope.service.schemas import Health
+from defectscope.service.telemetry import Telemetry
+
+STATIC = Path(__file__).with_name("static")
+PROTECTED = ("/v1/", "/metrics")
+
+
+def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = None, labelled: Path | None = None) -> FastAPI:
+    """An app serving these loaded models; `labelled` is the dataset folder new models are scored on."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        for model in models.values():
+            model.batcher.close()
+
+    app = FastAPI(title="defectscope", version=__version__, lifespan=lifespan,
+                  description="Inspect parts: scores, verdicts, heatmaps and defect regions from defectscope models.")
+    app.state.models, app.state.config, app.state.labelled = models, config or ServiceConfig(), labelled
+    app.state.telemetry = telemetry = Telemetry()
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.middleware("http")
+    async def guard_and_measure(request: Request, call_next):
+        token, path = app.state.config.token, request.url.path
+        route = request.scope.get("route")
+        start = time.perf_counter()
+        if token and path.startswith(PROTECTED) and not _authorized(request, token):
+            response = JSONResponse({"detail": "missing or wrong token: send 'Authorization: Bearer <token>'"}, 401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+        else:
+            response = await call_next(request)
+        route = getattr(request.scope.get("route", route), "path", "unmatched")
+        telemetry.requests.labels(route, str(response.status_code)).inc()
+        telemetry.latency.labels(route).observe(time.perf_counter() - start)
+        if response.status_code >= 400:
+            telemetry.errors.labels(str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(DefectscopeError)
+    async def library_error(_request: Request, exc: DefectscopeError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, _exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "internal error; the server log has the details"}, 500)
+
+    @app.get("/health", response_model=Health, tags=["service"])
+    def health() -> Health:
+        return Health(status="ok", models=len(app.state.models), version=__version__)
+
+    @app.get("/metrics", response_class=Response, tags=["service"], responses={200: {"content": {"text/plain": {}}}})
+    def metrics() -> Response:
+        for name, model in app.state.models.items():
+            telemetry.queue.labels(name).set(model.batcher.pending)
+            telemetry.batches.labels(name).set(model.batcher.batches)
+        return Response(generate_latest(telemetry.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    return app
+
+
+def _authorized(request: Request, token: str) -> bool:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())

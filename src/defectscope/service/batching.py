@@ -1,0 +1,101 @@
+"""Dynamic batching: concurrent requests to one model are gathered into one model call.
+
+The first waiting image opens a batch; images arriving within `wait_ms` (up to `max_batch`) join
+it. Inference runs in one worker thread per model, off the event loop. At most `max_queue`
+images wait; more is refused at once (the caller answers 503), so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from defectscope.detectors.base import MapModel, Prediction
+
+
+class QueueFull(Exception):
+    """More images are waiting for this model than the service allows."""
+
+
+@dataclass
+class _Job:
+    images: list[np.ndarray]
+    future: asyncio.Future
+
+
+class Batcher:
+    """Gathers images for one model and runs them through `predict` in batches."""
+
+    def __init__(self, detector: MapModel, max_batch: int = 32, wait_ms: float = 5.0, max_queue: int = 256) -> None:
+        self.detector, self.max_batch, self.wait, self.max_queue = detector, max_batch, wait_ms / 1000, max_queue
+        self.pending = 0  # images queued or being scored
+        self.batches = 0  # model calls made
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"defectscope-{detector.name}")
+
+    async def predict(self, images: list[np.ndarray]) -> Prediction:
+        """Scores and original-size maps of these images, scored together with whatever else is waiting."""
+        if self.pending + len(images) > self.max_queue:
+            raise QueueFull(f"{self.pending} images are waiting; the limit is {self.max_queue}")
+        if self._worker is None or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._run())
+        self.pending += len(images)
+        job = _Job(images, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(job)
+        try:
+            return await job.future
+        finally:
+            self.pending -= len(images)
+
+    async def _gather(self) -> list[_Job]:
+        """The next batch: the first job, then whatever arrives within the wait, up to max_batch images."""
+        loop = asyncio.get_running_loop()
+        jobs = [await self._queue.get()]
+        count, deadline = len(jobs[0].images), loop.time() + self.wait
+        while count < self.max_batch:
+            try:
+                remaining = deadline - loop.time()
+                job = self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self._queue.get(), remaining)
+            except (TimeoutError, asyncio.QueueEmpty):
+                break
+            jobs.append(job)
+            count += len(job.images)
+        return jobs
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._gather()
+            images = [image for job in jobs for image in job.images]
+            try:
+                prediction = await loop.run_in_executor(self._executor, self._predict, images)
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error, none hangs
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            self.batches += 1
+            start = 0
+            for job in jobs:
+                stop = start + len(job.images)
+                if not job.future.done():
+                    job.future.set_result(_slice(prediction, start, stop))
+                start = stop
+
+    def _predict(self, images: list[np.ndarray]) -> Prediction:
+        return self.detector.predict(images, map_size="original", keep_going=True)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _slice(prediction: Prediction, start: int, stop: int) -> Prediction:
+    return Prediction(prediction.scores[start:stop], None if prediction.maps is None else prediction.maps[start:stop],
+                      prediction.threshold, None if prediction.errors is None else prediction.errors[start:stop])

@@ -1,0 +1,38 @@
+"""The service's settings, checked in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from defectscope.settings import Settings, require_range
+
+TOKEN_ENV = "DEFECTSCOPE_TOKEN"
+
+
+@dataclass
+class ServiceConfig(Settings):
+    """Limits and batching. Every upload, request, decode and queue is bounded."""
+
+    batch_wait_ms: float = 5.0  # how long the first image of a batch waits for others (0: no dynamic batching)
+    max_batch: int = 32  # images per model call
+    max_queue: int = 256  # images waiting per model; beyond it requests get 503 with Retry-After
+    max_upload_mb: float = 20.0  # per image file
+    max_request_mb: float = 100.0  # per request, all files together
+    max_files: int = 64  # images per request
+    token: str | None = None  # when set, /v1 and /metrics need "Authorization: Bearer <token>"
+
+    def check(self) -> None:
+        require_range("batch_wait_ms", self.batch_wait_ms, 0, 1000)
+        require_range("max_batch", self.max_batch, 1, 1024)
+        require_range("max_queue", self.max_queue, 1)
+        require_range("max_upload_mb", self.max_upload_mb, 0, 1024, low_open=True)
+        require_range("max_request_mb", self.max_request_mb, 0, 4096, low_open=True)
+        require_range("max_files", self.max_files, 1, 10_000)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 1024 * 1024)

@@ -1,0 +1,91 @@
+"""Pydantic models of every request and response body (they make the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Problem(BaseModel):
+    """Every error answer: one sentence saying what was wrong."""
+
+    detail: str
+
+
+class Health(BaseModel):
+    status: str
+    models: int
+    version: str
+
+
+class ModelSummary(BaseModel):
+    name: str
+    detector: str
+    sha256: str
+    threshold: float | None
+    localizes: bool
+    labelled_images: int
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary]
+
+
+class Region(BaseModel):
+    """A connected region of the map at or above the threshold, in original image pixels."""
+
+    box: list[int] = Field(description="x, y, width, height")
+    polygons: list[list[float]] = Field(description="outer outlines as flat x1, y1, x2, y2, ... lists")
+    area: int
+    score: float = Field(description="peak map value / threshold")
+
+
+class ImageResult(BaseModel):
+    name: str
+    width: int | None = None
+    height: int | None = None
+    score: float | None = Field(description="raw anomaly score; null when the image could not be scored")
+    normalized: float | None = Field(description="score / threshold: 1.0 is the decision point")
+    verdict: str = Field(description="good, defective, error, or unknown (no threshold)")
+    error: str | None = None
+    heatmap_png: str | None = Field(None, description="base64 PNG of the anomaly map (JET, 0 .. 2 x threshold)")
+    regions: list[Region] | None = None
+
+
+class InspectResponse(BaseModel):
+    model: str
+    threshold: float | None
+    results: list[ImageResult]
+
+
+class LabelledImage(BaseModel):
+    id: int
+    name: str
+    defect: str
+    label: int
+    score: float
+
+
+class LabelledScores(BaseModel):
+    model: str
+    threshold: float | None
+    images: list[LabelledImage]
+
+
+class ThresholdRequest(BaseModel):
+    threshold: float = Field(gt=0, allow_inf_nan=False)
+    name: str = Field(description="name of the new model (letters, digits, '.', '_', '-')")
+    overwrite: bool = Field(False, description="replace an existing model of that name")
+
+
+class TeachRequest(BaseModel):
+    images: list[int] = Field(min_length=1, description="ids of labelled images to learn as good")
+    name: str
+    overwrite: bool = False
+
+
+class ModelWritten(BaseModel):
+    model: ModelSummary
+    calibration: dict[str, Any]
+    details: dict[str, Any] = {}

@@ -1,0 +1,262 @@
+// defectscope page: plain JavaScript over the /v1 API; every asset is served by the app itself.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const state = { model: null, labelled: null, threshold: null, review: new Set() };
+
+function headers() {
+  const token = sessionStorage.getItem("token") || "";
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: { ...headers(), ...(options.headers || {}) } });
+  if (!response.ok) {
+    let detail = response.statusText;
+    try { detail = (await response.json()).detail; } catch (_) { /* not JSON */ }
+    const error = new Error(detail);
+    error.status = response.status;
+    throw error;
+  }
+  return response;
+}
+
+const esc = (text) => String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+
+function say(text) { $("status").textContent = text || ""; }
+
+async function blobUrl(path) { return URL.createObjectURL(await (await api(path)).blob()); }
+
+function tab(name) {
+  document.querySelectorAll("nav button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
+  document.querySelectorAll(".tab").forEach((s) => s.classList.toggle("active", s.id === name));
+  if (name === "threshold") loadThreshold();
+  if (name === "card") loadCard();
+  if (name === "review") loadReview();
+}
+
+async function loadModels() {
+  try {
+    const { models } = await (await api("/v1/models")).json();
+    $("model").innerHTML = models.map((m) => `<option value="${esc(m.name)}">${esc(m.name)} (${esc(m.detector)})</option>`).join("");
+    state.model = models.length ? models[0].name : null;
+    say(models.length ? "" : "no models are served");
+  } catch (error) { say(error.message); }
+}
+
+// -- Inspect ----------------------------------------------------------------------------
+async function inspect(files) {
+  if (!files.length || !state.model) return;
+  const form = new FormData();
+  for (const file of files) form.append("files", file);
+  say("scoring " + files.length + " image(s)...");
+  try {
+    const body = await (await api(`/v1/models/${state.model}/inspect?heatmap=true&regions=true`, { method: "POST", body: form })).json();
+    const urls = new Map([...files].map((f) => [f.name, URL.createObjectURL(f)]));
+    const results = body.results.map((r) => ({ ...r, url: urls.get(r.name) }));
+    results.sort((a, b) => (b.score ?? Infinity) - (a.score ?? Infinity));
+    $("gallery").innerHTML = "";
+    results.forEach((r, i) => {
+      const tile = document.createElement("div");
+      tile.className = "tile";
+      tile.dataset.index = i;
+      const kind = r.verdict.split(" ")[0];
+      tile.innerHTML = `<img src="${r.url}" alt="${esc(r.name)}"><span class="badge ${esc(kind)}">${esc(r.verdict)}</span>
+        <div>${esc(r.name)}</div><div>score ${r.score === null ? "-" : r.score.toFixed(3)}</div>`;
+      tile.onclick = () => showDetail(r);
+      $("gallery").appendChild(tile);
+    });
+    say("");
+    if (results.length) showDetail(results[0]);
+  } catch (error) { say(error.message); }
+}
+
+function showDetail(result) {
+  $("detail").hidden = false;
+  $("detail-image").src = result.url;
+  $("detail-heat").src = result.heatmap_png ? "data:image/png;base64," + result.heatmap_png : "";
+  $("detail-heat").hidden = !result.heatmap_png;
+  const svg = $("detail-regions");
+  svg.setAttribute("viewBox", `0 0 ${result.width || 1} ${result.height || 1}`);
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.innerHTML = (result.regions || []).flatMap((region) => region.polygons.map((flat) => {
+    const points = [];
+    for (let i = 0; i < flat.length; i += 2) points.push(flat[i] + "," + flat[i + 1]);
+    return `<polygon points="${points.join(" ")}"></polygon>`;
+  })).join("");
+  $("detail-text").textContent = `${result.name}: ${result.verdict}` +
+    (result.score === null ? ` (${result.error})` : `, score ${result.score.toFixed(4)}, normalized ${result.normalized?.toFixed(3)}, ` +
+     `${(result.regions || []).length} region(s)`);
+}
+
+// -- Threshold --------------------------------------------------------------------------
+async function loadLabelled() {
+  const body = await (await api(`/v1/models/${state.model}/labelled`)).json();
+  state.labelled = body.images;
+  state.threshold = body.threshold;
+  return body;
+}
+
+function counts(threshold) {
+  let tp = 0, fp = 0, tn = 0, fn = 0;
+  for (const image of state.labelled) {
+    const flagged = image.score >= threshold;
+    if (image.label === 1) flagged ? tp++ : fn++; else flagged ? fp++ : tn++;
+  }
+  return { tp, fp, tn, fn, precision: tp + fp ? tp / (tp + fp) : 1, recall: tp + fn ? tp / (tp + fn) : 0 };
+}
+
+function showCounts() {
+  const threshold = Number($("slider").value);
+  const c = counts(threshold);
+  $("threshold-value").textContent = threshold.toPrecision(5);
+  for (const key of ["tp", "fp", "tn", "fn"]) $(key).textContent = c[key];
+  $("fp-count").textContent = c.fp;
+  $("fn-count").textContent = c.fn;
+  $("precision").textContent = c.precision.toFixed(3);
+  $("recall").textContent = c.recall.toFixed(3);
+  drawHistogram(threshold);
+}
+
+function drawHistogram(threshold) {
+  const canvas = $("histogram"), g = canvas.getContext("2d"), scores = state.labelled.map((i) => i.score);
+  const low = Math.min(...scores), high = Math.max(...scores), bins = 30, width = canvas.width, height = canvas.height;
+  const span = high - low || 1, good = new Array(bins).fill(0), bad = new Array(bins).fill(0);
+  for (const image of state.labelled) {
+    const bin = Math.min(bins - 1, Math.floor((image.score - low) / span * bins));
+    (image.label === 1 ? bad : good)[bin]++;
+  }
+  const top = Math.max(1, ...good, ...bad);
+  g.clearRect(0, 0, width, height);
+  const w = width / bins;
+  for (let b = 0; b < bins; b++) {
+    g.fillStyle = "rgba(46,125,50,.6)"; g.fillRect(b * w, height - good[b] / top * (height - 10), w / 2, good[b] / top * (height - 10));
+    g.fillStyle = "rgba(198,40,40,.6)"; g.fillRect(b * w + w / 2, height - bad[b] / top * (height - 10), w / 2, bad[b] / top * (height - 10));
+  }
+  const x = (threshold - low) / span * width;
+  g.strokeStyle = "#1d232a"; g.beginPath(); g.moveTo(x, 0); g.lineTo(x, height); g.stroke();
+}
+
+function drawRoc() {
+  const canvas = $("roc"), g = canvas.getContext("2d"), size = canvas.width;
+  const sorted = [...state.labelled].sort((a, b) => b.score - a.score);
+  const positives = sorted.filter((i) => i.label === 1).length || 1, negatives = sorted.length - positives || 1;
+  g.clearRect(0, 0, size, size);
+  g.strokeStyle = "#9aa5b1"; g.beginPath(); g.moveTo(0, size); g.lineTo(size, 0); g.stroke();
+  g.strokeStyle = "#4da3ff"; g.lineWidth = 2; g.beginPath(); g.moveTo(0, size);
+  let tp = 0, fp = 0;
+  for (const image of sorted) { image.label === 1 ? tp++ : fp++; g.lineTo(fp / negatives * size, size - tp / positives * size); }
+  g.stroke(); g.lineWidth = 1;
+}
+
+async function loadThreshold() {
+  try {
+    await loadLabelled();
+  } catch (error) {
+    $("threshold-empty").hidden = error.status !== 404;
+    $("threshold-body").hidden = error.status === 404;
+    if (error.status !== 404) say(error.message);
+    return;
+  }
+  $("threshold-empty").hidden = true;
+  $("threshold-body").hidden = false;
+  const scores = state.labelled.map((i) => i.score);
+  const slider = $("slider");
+  slider.min = Math.min(...scores);
+  slider.max = Math.max(...scores) * 1.01;
+  slider.value = state.threshold ?? slider.min;
+  drawRoc();
+  showCounts();
+}
+
+async function saveThreshold(overwrite = false) {
+  const name = $("threshold-name").value.trim();
+  if (!name) { say("name the new model first"); return; }
+  try {
+    const body = await (await api(`/v1/models/${state.model}/threshold`, {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ threshold: Number($("slider").value), name, overwrite }),
+    })).json();
+    say(`saved ${body.model.name} with threshold ${body.model.threshold.toPrecision(5)}`);
+    await loadModels();
+  } catch (error) {
+    if (error.status === 409 && !overwrite && confirm(`${error.message}. Replace it?`)) return saveThreshold(true);
+    say(error.message);
+  }
+}
+
+// -- Model card -------------------------------------------------------------------------
+async function loadCard() {
+  try {
+    const manifest = await (await api(`/v1/models/${state.model}`)).json();
+    const calibration = manifest.calibration || {};
+    const summary = manifest.train_summary || {};
+    const rows = {
+      detector: manifest.detector, backbone: manifest.backbone ? manifest.backbone.name : "none",
+      frame: manifest.preprocess ? `${manifest.preprocess.image_size} px short side, crop ${manifest.preprocess.crop ?? "none"}, aspect ${(manifest.preprocess.aspect ?? 1).toFixed(3)}` : "",
+      threshold: calibration.threshold, method: `${calibration.method} ${calibration.param}`,
+      "false-alarm rate": calibration.false_alarm_rate == null ? null : `${(100 * calibration.false_alarm_rate).toFixed(2)}%` +
+        (calibration.false_alarm_interval ? ` (95% interval ${(100 * calibration.false_alarm_interval[0]).toFixed(2)}% to ${(100 * calibration.false_alarm_interval[1]).toFixed(2)}%)` : ""),
+      recall: calibration.recall == null ? null : calibration.recall.toFixed(3),
+      "calibration images": calibration.good_count, "training images": summary.images,
+      "taught images": (summary.taught || []).reduce((n, t) => n + t.images, 0), created: manifest.created,
+    };
+    $("card-summary").innerHTML = Object.entries(rows).map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(v ?? "-")}</dd>`).join("");
+    $("manifest").textContent = JSON.stringify(manifest, null, 2);
+  } catch (error) { say(error.message); }
+}
+
+// -- Review and teach -------------------------------------------------------------------
+async function loadReview() {
+  try { await loadLabelled(); } catch (error) { say(error.message); return; }
+  const threshold = state.threshold;
+  const picked = state.labelled.filter((i) => (i.label === 0 && i.score >= threshold) || Math.abs(i.score / threshold - 1) < 0.15);
+  picked.sort((a, b) => b.score - a.score);
+  state.review.clear();
+  $("review-list").innerHTML = picked.length ? "" : "No false alarms and nothing near the threshold.";
+  for (const image of picked) {
+    const tile = document.createElement("div");
+    tile.className = "tile review";
+    tile.innerHTML = `<div class="pair"><img alt="image ${image.id}"><img alt="heatmap ${image.id}"></div>
+      <div>${esc(image.name)} (${esc(image.defect)})</div><div>score ${image.score.toFixed(3)}</div>
+      <label><input type="checkbox" data-id="${image.id}"> mark as good</label>`;
+    tile.querySelector("input").onchange = (e) => e.target.checked ? state.review.add(image.id) : state.review.delete(image.id);
+    $("review-list").appendChild(tile);
+    const [original, heat] = tile.querySelectorAll("img");
+    blobUrl(`/v1/models/${state.model}/labelled/${image.id}/image`).then((u) => { original.src = u; });
+    blobUrl(`/v1/models/${state.model}/labelled/${image.id}/heatmap`).then((u) => { heat.src = u; });
+  }
+}
+
+async function teach(overwrite = false) {
+  const name = $("teach-name").value.trim();
+  if (!name || !state.review.size) { say("mark images as good and name the new model"); return; }
+  say("learning " + state.review.size + " image(s)...");
+  try {
+    const body = await (await api(`/v1/models/${state.model}/teach`, {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ images: [...state.review], name, overwrite }),
+    })).json();
+    $("teach-result").textContent = `${body.model.name}: ${body.details.patches_added} memory patches added, threshold ${body.model.threshold.toPrecision(5)}`;
+    say("");
+    await loadModels();
+  } catch (error) {
+    if (error.status === 409 && !overwrite && confirm(`${error.message}. Replace it?`)) return teach(true);
+    say(error.message);
+  }
+}
+
+// -- wiring -----------------------------------------------------------------------------
+document.querySelectorAll("nav button").forEach((b) => { b.onclick = () => tab(b.dataset.tab); });
+$("model").onchange = () => { state.model = $("model").value; tab(document.querySelector("nav .active").dataset.tab); };
+$("token").value = sessionStorage.getItem("token") || "";
+$("token").onchange = () => { sessionStorage.setItem("token", $("token").value); loadModels(); };
+$("files").onchange = () => inspect([...$("files").files]);
+$("drop").ondragover = (e) => { e.preventDefault(); $("drop").classList.add("over"); };
+$("drop").ondragleave = () => $("drop").classList.remove("over");
+$("drop").ondrop = (e) => { e.preventDefault(); $("drop").classList.remove("over"); inspect([...e.dataTransfer.files]); };
+$("opacity").oninput = () => { $("detail-heat").style.opacity = $("opacity").value; };
+$("slider").oninput = showCounts;
+$("save-threshold").onclick = () => saveThreshold();
+$("teach").onclick = () => teach();
+$("detail-heat").style.opacity = $("opacity").value;
+loadModels();

@@ -1,0 +1,115 @@
+"""The web page in a real browser (Playwright driving the system Chromium, headless).
+
+Runs wherever a Chromium is installed (Debian: apt-get install chromium); CI installs it and sets
+DEFECTSCOPE_REQUIRE_BROWSER=1 so that a missing browser fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from defectscope import load_dataset
+from defectscope.service.app import create_app
+from defectscope.service.config import ServiceConfig
+from defectscope.service.models import load_served
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+if CHROMIUM is None and os.environ.get("DEFECTSCOPE_REQUIRE_BROWSER") != "1":
+    pytest.skip("no Chromium installed (apt-get install chromium) - the browser tests need one", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(demo_root: Path, served_folder: Path):
+    app = create_app(load_served([served_folder], labelled=demo_root), ServiceConfig(), demo_root)
+    port = _free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert uv.started, "the server did not start"
+    yield {"url": f"http://127.0.0.1:{port}", "app": app}
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    assert CHROMIUM, "DEFECTSCOPE_REQUIRE_BROWSER=1 but no Chromium is installed"
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(server["url"] + "/")
+        page.wait_for_selector("#model option", state="attached")
+        yield page
+        browser.close()
+
+
+def _not_blank(path: Path) -> None:
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    assert pixels.std() > 5, f"{path} looks blank"
+
+
+def test_inspect_shows_verdicts_and_the_heatmap(page, demo_root: Path, tmp_path: Path) -> None:
+    dataset = load_dataset(demo_root)
+    files = [str(s.path) for s in dataset.test if s.label == 1][:2] + [str(s.path) for s in dataset.test if s.label == 0][:1]
+    page.set_input_files("#files", files)
+    page.wait_for_selector("#gallery .tile >> nth=2")
+    badges = page.locator("#gallery .badge").all_inner_texts()
+    assert len(badges) == 3 and "defective" in badges
+    assert page.locator("#detail-heat").get_attribute("src").startswith("data:image/png;base64,")
+    page.locator("#opacity").fill("0.9")
+    assert page.locator("#detail-heat").evaluate("e => e.style.opacity") == "0.9"
+    page.screenshot(path=tmp_path / "inspect.png", full_page=True)
+    _not_blank(tmp_path / "inspect.png")
+
+
+def test_threshold_slider_counts_match_python(page, server, tmp_path: Path) -> None:
+    page.click("nav button[data-tab=threshold]")
+    page.wait_for_selector("#tp:not(:empty)")
+    records = server["app"].state.models["part"].labelled.records
+    scores = np.array([r["score"] for r in records])
+    labels = np.array([r["label"] for r in records])
+    threshold = float(np.sort(scores)[20])
+    page.locator("#slider").evaluate("(e, v) => { e.value = v; e.dispatchEvent(new Event('input')); }", threshold)
+    shown = float(page.locator("#slider").input_value())  # the browser may round the slider value
+    flagged = scores >= shown
+    expected = {"tp": (flagged & (labels == 1)).sum(), "fp": (flagged & (labels == 0)).sum(),
+                "fn": (~flagged & (labels == 1)).sum(), "tn": (~flagged & (labels == 0)).sum()}
+    for key, value in expected.items():
+        assert int(page.locator(f"#{key}").inner_text()) == int(value), key
+    assert float(page.locator("#recall").inner_text()) == pytest.approx(expected["tp"] / (labels == 1).sum(), abs=1e-3)
+    page.screenshot(path=tmp_path / "threshold.png", full_page=True)
+    _not_blank(tmp_path / "threshold.png")
+
+
+def test_model_card_and_review_pages_render(page, tmp_path: Path) -> None:
+    page.click("nav button[data-tab=card]")
+    page.wait_for_selector("#card-summary dt")
+    assert "patchcore" in page.locator("#card-summary").inner_text()
+    page.screenshot(path=tmp_path / "card.png", full_page=True)
+    _not_blank(tmp_path / "card.png")
+    page.click("nav button[data-tab=review]")
+    page.wait_for_selector("#review-list .tile")
+    page.wait_for_function("[...document.querySelectorAll('#review-list img')].every(i => i.complete && i.naturalWidth > 0)")
+    assert page.locator("#review-list input[type=checkbox]").count() == page.locator("#review-list .tile").count()
+    page.screenshot(path=tmp_path / "review.png", full_page=True)
+    _not_blank(tmp_path / "review.png")

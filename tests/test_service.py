@@ -1,0 +1,232 @@
+"""The inspection service: every endpoint, every error code, dynamic batching, and the OpenAPI contract."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from defectscope import load_dataset
+from defectscope.artifacts import load_model
+from defectscope.data.images import read_image
+from defectscope.service.app import create_app
+from defectscope.service.batching import Batcher
+from defectscope.service.config import ServiceConfig
+from defectscope.service.models import load_served
+
+
+@pytest.fixture(scope="module")
+def model_folder(served_folder: Path) -> Path:
+    return served_folder
+
+
+def make_client(folder: Path, labelled: Path | None = None, **config) -> TestClient:
+    settings = ServiceConfig.from_dict(config)
+    served = load_served([folder], settings.max_batch, settings.batch_wait_ms, settings.max_queue, labelled)
+    return TestClient(create_app(served, settings, labelled))
+
+
+@pytest.fixture(scope="module")
+def client(model_folder: Path, demo_root: Path) -> TestClient:
+    with make_client(model_folder, demo_root) as client:
+        yield client
+
+
+def upload(*paths: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
+
+
+def samples(demo_root: Path, label: int, count: int) -> list[Path]:
+    return [s.path for s in load_dataset(demo_root).test if s.label == label][:count]
+
+
+def test_health_models_and_manifest(client: TestClient) -> None:
+    assert client.get("/health").json()["status"] == "ok"
+    models = client.get("/v1/models").json()["models"]
+    assert [m["name"] for m in models] == ["part"] and models[0]["detector"] == "patchcore"
+    assert models[0]["labelled_images"] == 34
+    manifest = client.get("/v1/models/part").json()
+    assert manifest["detector"] == "patchcore" and manifest["calibration"]["threshold"] == models[0]["threshold"]
+    missing = client.get("/v1/models/nope")
+    assert missing.status_code == 404 and "no model named" in missing.json()["detail"]
+
+
+def test_inspect_matches_the_library_with_heatmaps_and_regions(client: TestClient, model_folder: Path, demo_root: Path) -> None:
+    paths = samples(demo_root, 0, 2) + samples(demo_root, 1, 3)
+    body = client.post("/v1/models/part/inspect?heatmap=true&regions=true", files=upload(*paths)).json()
+    expected = load_model(model_folder / "part.dsmodel").predict(paths)
+    scores = np.array([r["score"] for r in body["results"]])
+    np.testing.assert_allclose(scores, expected.scores, rtol=1e-5)
+    assert [r["verdict"] for r in body["results"]] == expected.verdicts
+    assert [r["name"] for r in body["results"]] == [p.name for p in paths]
+    for result, path in zip(body["results"], paths):
+        heat = Image.open(io.BytesIO(base64.b64decode(result["heatmap_png"])))
+        assert heat.size == Image.open(path).size
+        assert result["normalized"] == pytest.approx(result["score"] / body["threshold"])
+        for region in result["regions"]:
+            x, y, w, h = region["box"]
+            assert 0 <= x and 0 <= y and x + w <= heat.size[0] and y + h <= heat.size[1] and region["score"] >= 1.0
+    flagged = [r for r in body["results"] if r["verdict"] == "defective"]
+    assert flagged and all(r["regions"] for r in flagged)
+
+
+def test_bad_uploads_get_clear_json_errors(client: TestClient, demo_root: Path, tmp_path: Path, monkeypatch) -> None:
+    text = tmp_path / "looks.png"
+    text.write_text("this is not an image")
+    response = client.post("/v1/models/part/inspect", files=upload(text))
+    assert response.status_code == 415 and "looks.png" in response.json()["detail"]
+    good = samples(demo_root, 0, 1)[0]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:200])  # a PNG header, then nothing
+    response = client.post("/v1/models/part/inspect", files=upload(broken))
+    assert response.status_code == 400 and "broken.png" in response.json()["detail"]
+    monkeypatch.setenv("DEFECTSCOPE_MAX_PIXELS", "1000")
+    response = client.post("/v1/models/part/inspect", files=upload(good))
+    assert response.status_code == 413 and "pixels" in response.json()["detail"]
+    monkeypatch.delenv("DEFECTSCOPE_MAX_PIXELS")
+    assert client.post("/v1/models/part/inspect").status_code == 422
+    assert client.post("/v1/models/nope/inspect", files=upload(good)).status_code == 404
+
+
+def test_size_and_count_limits(model_folder: Path, demo_root: Path) -> None:
+    good = samples(demo_root, 0, 3)
+    with make_client(model_folder, max_upload_mb=0.001, max_files=2) as small:
+        too_big = small.post("/v1/models/part/inspect", files=upload(good[0]))
+        assert too_big.status_code == 413 and "larger than" in too_big.json()["detail"]
+    with make_client(model_folder, max_files=2) as few:
+        assert few.post("/v1/models/part/inspect", files=upload(*good)).status_code == 413
+
+
+def test_full_queue_answers_503_with_retry_after(model_folder: Path, demo_root: Path) -> None:
+    with make_client(model_folder, max_queue=1) as client:
+        response = client.post("/v1/models/part/inspect", files=upload(*samples(demo_root, 0, 2)))
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert client.post("/v1/models/part/inspect", files=upload(*samples(demo_root, 0, 1))).status_code == 200
+
+
+def test_token_guards_the_api_and_metrics(model_folder: Path) -> None:
+    with make_client(model_folder, token="s3cret") as client:
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
+
+
+def test_metrics_count_requests_images_and_errors(client: TestClient, demo_root: Path) -> None:
+    client.post("/v1/models/part/inspect", files=upload(*samples(demo_root, 1, 2)))
+    client.get("/v1/models/nope")
+    text = client.get("/metrics").text
+    assert 'defectscope_requests_total{route="/v1/models/{name}/inspect",status="200"}' in text
+    assert 'defectscope_images_scored_total{model="part",verdict="defective"}' in text
+    assert 'defectscope_errors_total{status="404"}' in text
+    assert "defectscope_request_seconds_bucket" in text and 'defectscope_queue_depth{model="part"} 0.0' in text
+
+
+def test_concurrent_requests_share_batches(model_folder: Path, demo_root: Path) -> None:
+    detector = load_model(model_folder / "part.dsmodel")
+    images = [read_image(p) for p in samples(demo_root, 0, 4) + samples(demo_root, 1, 4)]
+    batcher = Batcher(detector, max_batch=32, wait_ms=200, max_queue=64)
+
+    async def together() -> list:
+        return await asyncio.gather(*(batcher.predict([image]) for image in images))
+
+    results = asyncio.run(together())
+    batcher.close()
+    assert batcher.batches == 1  # eight requests, one model call
+    alone = detector.predict(images)
+    np.testing.assert_allclose([r.scores[0] for r in results], alone.scores, rtol=1e-5)
+    np.testing.assert_allclose(results[5].maps[0], alone.maps[5], rtol=1e-4, atol=1e-5)
+
+
+def test_labelled_scores_images_and_heatmaps(client: TestClient) -> None:
+    labelled = client.get("/v1/models/part/labelled").json()
+    assert len(labelled["images"]) == 34 and {i["label"] for i in labelled["images"]} == {0, 1}
+    assert "path" not in labelled["images"][0]  # server paths never leave the server
+    image = client.get("/v1/models/part/labelled/0/image")
+    heat = client.get("/v1/models/part/labelled/0/heatmap")
+    assert image.headers["content-type"] == heat.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(image.content)).size == Image.open(io.BytesIO(heat.content)).size
+    assert client.get("/v1/models/part/labelled/999/image").status_code == 404
+
+
+def test_save_threshold_writes_and_serves_a_new_model(model_folder: Path, demo_root: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    shutil.copytree(model_folder, folder)
+    with make_client(folder, demo_root) as client:
+        labelled = client.get("/v1/models/part/labelled").json()
+        threshold = sorted(i["score"] for i in labelled["images"])[10]
+        response = client.post("/v1/models/part/threshold", json={"threshold": threshold, "name": "strict"})
+        assert response.status_code == 201, response.text
+        assert load_model(folder / "strict.dsmodel").calibration.threshold == pytest.approx(threshold)
+        assert "strict" in [m["name"] for m in client.get("/v1/models").json()["models"]]
+        again = client.post("/v1/models/part/threshold", json={"threshold": threshold * 2, "name": "strict"})
+        assert again.status_code == 409 and load_model(folder / "strict.dsmodel").calibration.threshold == pytest.approx(threshold)
+        confirmed = client.post("/v1/models/part/threshold", json={"threshold": threshold * 2, "name": "strict", "overwrite": True})
+        assert confirmed.status_code == 201
+        assert load_model(folder / "strict.dsmodel").calibration.threshold == pytest.approx(threshold * 2)
+        (folder / "notes.dsmodel").write_text("someone's notes")
+        refused = client.post("/v1/models/part/threshold", json={"threshold": threshold, "name": "notes", "overwrite": True})
+        assert refused.status_code == 409 and (folder / "notes.dsmodel").read_text() == "someone's notes"
+        for bad in ("../escape", "a/b", ""):
+            assert client.post("/v1/models/part/threshold", json={"threshold": 1.0, "name": bad}).status_code == 400
+        assert not (tmp_path / "escape.dsmodel").exists()
+        assert client.post("/v1/models/part/threshold", json={"threshold": -1, "name": "x"}).status_code == 422
+
+
+def test_teach_learns_labelled_images_into_a_new_model(model_folder: Path, demo_root: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    shutil.copytree(model_folder, folder)
+    with make_client(folder, demo_root) as client:
+        goods = [i["id"] for i in client.get("/v1/models/part/labelled").json()["images"] if i["label"] == 0][:2]
+        response = client.post("/v1/models/part/teach", json={"images": goods, "name": "taught"})
+        assert response.status_code == 201, response.text
+        assert response.json()["details"]["images"] == 2
+        taught = load_model(folder / "taught.dsmodel")
+        assert taught.train_summary["taught"][0]["parent_sha256"] == client.get("/v1/models").json()["models"][0]["sha256"]
+        assert client.post("/v1/models/part/teach", json={"images": [9999], "name": "x"}).status_code == 404
+
+
+def test_no_endpoint_takes_a_file_system_path(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    names = {p["name"] for ops in schema["paths"].values() for op in ops.values() for p in op.get("parameters", [])}
+    bodies = {name for component in schema["components"]["schemas"].values() for name in component.get("properties", {})}
+    assert not (names | bodies) & {"path", "paths", "file_path", "folder", "directory", "out", "output"}
+
+
+def test_serve_command_starts_on_localhost_and_refuses_bad_input(model_folder: Path, tmp_path: Path, cli) -> None:
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [str(Path(sys.executable).with_name("defectscope")), "serve", str(model_folder), "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, health = time.monotonic() + 60, None
+        while time.monotonic() < deadline and health is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert health == {"status": "ok", "models": 1, "version": health["version"]}
+    finally:
+        server.terminate()
+        out, _ = server.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/" in out
+    missing = cli("serve", tmp_path / "nothing.dsmodel")
+    assert missing.code == 2 and "does not exist" in missing.err
+    (tmp_path / "empty").mkdir()
+    assert cli("serve", tmp_path / "empty").code == 2

@@ -1,0 +1,37 @@
+"""The service's OpenAPI document matches what it answers (schemathesis, a bounded number of examples)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+
+from defectscope.service.app import create_app
+from defectscope.service.config import ServiceConfig
+from defectscope.service.models import load_served
+
+
+@pytest.fixture(scope="module")
+def served_app(demo_root: Path, served_folder: Path, tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("schema-models")  # a copy: the threshold and teach calls write model files
+    shutil.copy(served_folder / "part.dsmodel", folder)
+    return create_app(load_served([folder], labelled=demo_root), ServiceConfig(), demo_root)
+
+
+def test_every_answer_matches_the_schema(served_app) -> None:
+    schema = schemathesis.openapi.from_asgi("/openapi.json", served_app)
+    checked = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=8, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def check(case) -> None:
+            case.call_and_validate()
+
+        check()
+        checked.append(operation.label)
+    assert len(checked) == 10, checked  # health, metrics and the eight /v1 operations

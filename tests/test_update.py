@@ -1,0 +1,72 @@
+"""Teaching a fitted model new good images without a refit (`defectscope update`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import pytest
+
+from defectscope import load_dataset
+from defectscope.artifacts import load_model, model_info, save_model
+from defectscope.detectors.base import create_detector
+
+SMALL = {"image_size": 128, "crop": None, "coreset_ratio": 0.25}
+
+
+def _with_new_fixture(source: Path, target: Path) -> Path:
+    """A good part photographed with a new, harmless fixture in the corner (a bar the model never saw)."""
+    image = cv2.imread(str(source))
+    image[6:22, 8:56] = (230, 90, 30)  # BGR: a blue bar; no defect of the demo part is blue
+    cv2.imwrite(str(target), image)
+    return target
+
+
+@pytest.fixture(scope="module")
+def taught(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    dataset = load_dataset(demo_root)
+    folder = tmp_path_factory.mktemp("update")
+    detector = create_detector("patchcore", **SMALL)
+    detector.fit([s.path for s in dataset.train])
+    model = save_model(detector, folder / "parent.dsmodel")
+    goods = [s.path for s in dataset.test if s.label == 0]
+    variants = [_with_new_fixture(p, folder / f"variant{i}.png") for i, p in enumerate(goods[:5])]
+    return {"dataset": dataset, "model": model, "detector": detector, "variants": variants, "folder": folder}
+
+
+def test_taught_false_alarms_pass_and_defects_stay_flagged(taught: dict, cli) -> None:
+    detector, variants = taught["detector"], taught["variants"]
+    defective = [s.path for s in taught["dataset"].test if s.label == 1]
+    before = detector.predict(variants + defective, map_size="input")
+    assert (before.scores[: len(variants)] > before.threshold).all()  # the new fixture is a false alarm today
+    flagged = before.scores[len(variants) :] > before.threshold
+    assert flagged.mean() > 0.7
+    out = taught["folder"] / "child.dsmodel"
+    result = cli("update", taught["model"], "--good", variants[0], "--good", variants[1], "--good", variants[2], "-o", out)
+    assert result.code == 0, result.err
+    child = load_model(out)
+    after = child.predict(variants + defective, map_size="input")
+    assert (after.scores[:3] < after.threshold).all()  # the taught images
+    assert (after.scores[3:5] < after.threshold).all()  # and parts like them that it never saw
+    assert (after.scores[len(variants) :][flagged] > after.threshold).all()  # every defect flagged before still is
+    lineage = model_info(out)["train_summary"]["taught"][-1]
+    assert lineage["images"] == 3 and lineage["taught_images"] == [str(v) for v in variants[:3]]
+    assert len(lineage["parent_sha256"]) == 64 and lineage["patches_added"] > 0
+    assert child.calibration_scores.numel() == detector.calibration_scores.numel() + 3
+
+
+def test_models_that_need_a_refit_say_so(demo_root: Path, tmp_path: Path, cli) -> None:
+    dataset = load_dataset(demo_root)
+    detector = create_detector("knn", **{k: v for k, v in SMALL.items() if k != "coreset_ratio"})
+    detector.fit([s.path for s in dataset.train])
+    model = save_model(detector, tmp_path / "knn.dsmodel")
+    result = cli("update", model, "--good", dataset.test[0].path, "-o", tmp_path / "new.dsmodel")
+    assert result.code == 2 and "without a refit" in result.err
+    assert not (tmp_path / "new.dsmodel").exists()
+
+
+def test_update_refuses_to_overwrite_a_file_that_is_not_a_model(taught: dict, cli) -> None:
+    precious = taught["folder"] / "notes.dsmodel"
+    precious.write_text("not a model")
+    result = cli("update", taught["model"], "--good", taught["variants"][0], "-o", precious)
+    assert result.code == 2 and precious.read_text() == "not a model"
