@@ -102,6 +102,18 @@ def test_size_and_count_limits(model_folder: Path, demo_root: Path) -> None:
         assert too_big.status_code == 413 and "larger than" in too_big.json()["detail"]
     with make_client(model_folder, max_files=2) as few:
         assert few.post("/v1/models/part/inspect", files=upload(*good)).status_code == 413
+    with make_client(model_folder, max_request_mb=0.01) as strict:  # refused from Content-Length, before parsing
+        big = strict.post("/v1/models/part/inspect", files=[("files", ("big.png", b"0" * 3_000_000, "image/png"))])
+        assert big.status_code == 413 and "request body" in big.json()["detail"]
+
+        def chunks():  # no Content-Length: refused as soon as the stream passes the limit
+            yield b'--x\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+            for _ in range(40):
+                yield b"0" * 100_000
+
+        streamed = strict.post("/v1/models/part/inspect", content=chunks(),
+                               headers={"Content-Type": "multipart/form-data; boundary=x"})
+        assert streamed.status_code == 413
 
 
 def test_full_queue_answers_503_with_retry_after(model_folder: Path, demo_root: Path) -> None:
@@ -144,6 +156,22 @@ def test_concurrent_requests_share_batches(model_folder: Path, demo_root: Path) 
     alone = detector.predict(images)
     np.testing.assert_allclose([r.scores[0] for r in results], alone.scores, rtol=1e-5)
     np.testing.assert_allclose(results[5].maps[0], alone.maps[5], rtol=1e-4, atol=1e-5)
+
+
+def test_closing_a_batcher_answers_every_waiting_request(model_folder: Path, demo_root: Path) -> None:
+    from defectscope.service.batching import QueueFull
+
+    batcher = Batcher(load_model(model_folder / "part.dsmodel"), max_batch=32, wait_ms=500, max_queue=64)
+    image = read_image(samples(demo_root, 0, 1)[0])
+
+    async def close_while_waiting() -> list:
+        waiting = [asyncio.ensure_future(batcher.predict([image])) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        batcher.close()
+        return await asyncio.gather(*waiting, return_exceptions=True)
+
+    outcomes = asyncio.run(asyncio.wait_for(close_while_waiting(), 30))
+    assert len(outcomes) == 3 and all(isinstance(o, QueueFull) for o in outcomes)
 
 
 def test_labelled_scores_images_and_heatmaps(client: TestClient) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
+import torch
 
 from defectscope import load_dataset
 from defectscope.artifacts import load_model, model_info, save_model
@@ -55,13 +57,31 @@ def test_taught_false_alarms_pass_and_defects_stay_flagged(taught: dict, cli) ->
     assert child.calibration_scores.numel() == detector.calibration_scores.numel() + 3
 
 
+def test_padim_with_covariances_updates_like_a_refit(taught: dict, tmp_path: Path) -> None:
+    dataset, variants = taught["dataset"], taught["variants"]
+    train = [s.path for s in dataset.train]
+    settings = {"image_size": 128, "crop": None, "keep_covariance": True}
+    updated = create_detector("padim", **settings)
+    updated.fit(train)
+    before = updated.predict(variants, map_size="input")
+    assert (before.scores > before.threshold).all()  # the new fixture is a false alarm
+    updated = load_model(save_model(updated, tmp_path / "padim.dsmodel"))  # the covariances travel in the file
+    updated.teach(variants[:3])
+    refit = create_detector("padim", **settings)
+    refit.fit(train + variants[:3])
+    torch.testing.assert_close(updated.mean, refit.mean, rtol=1e-4, atol=1e-4)
+    after, again = updated.predict(variants, map_size="input"), refit.predict(variants, map_size="input")
+    np.testing.assert_allclose(after.scores, again.scores, rtol=0.01)  # float16 factors: a refit up to rounding
+    assert (after.scores < before.scores).all() and after.threshold <= before.threshold
+
+
 def test_models_that_need_a_refit_say_so(demo_root: Path, tmp_path: Path, cli) -> None:
     dataset = load_dataset(demo_root)
-    detector = create_detector("knn", **{k: v for k, v in SMALL.items() if k != "coreset_ratio"})
+    detector = create_detector("padim", **{k: v for k, v in SMALL.items() if k != "coreset_ratio"})
     detector.fit([s.path for s in dataset.train])
-    model = save_model(detector, tmp_path / "knn.dsmodel")
+    model = save_model(detector, tmp_path / "padim.dsmodel")
     result = cli("update", model, "--good", dataset.test[0].path, "-o", tmp_path / "new.dsmodel")
-    assert result.code == 2 and "without a refit" in result.err
+    assert result.code == 2 and "without a refit" in result.err and "keep_covariance" in result.err
     assert not (tmp_path / "new.dsmodel").exists()
 
 

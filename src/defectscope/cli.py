@@ -279,7 +279,8 @@ def update(
 ) -> None:
     """Teach a model more good images without a full refit (PatchCore), and restate its threshold."""
     details = update_model(model, good, output, weights=weights, force=force, bar=_progress)
-    say(f"learned {details['images']} good image(s), {details['patches_added']} memory patches added -> {output}")
+    learned = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in details.items() if isinstance(v, int))
+    say(f"learned {learned} -> {output}")
 
 
 @app.command("serve")

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import math
-
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from defectscope.detectors.base import Detector, DetectorConfig, register, rows_outside
+from defectscope.data.images import ImageSource
+from defectscope.detectors.base import (
+    Detector,
+    DetectorConfig,
+    Progress,
+    register,
+    rows_outside,
+)
 from defectscope.errors import DefectscopeError
 from defectscope.settings import require_range
 
@@ -53,10 +59,13 @@ class PaDiMConfig(DetectorConfig):
     """feature_dim: size of the random channel subset (all channels when the backbone has fewer);
     regularization: added to each covariance diagonal. The paper uses 0.01 on ResNet features; the
     EfficientNet-Lite features here have a median channel variance near 3, and 0.1 scores better
-    (bottle: image AUROC 0.998 -> 0.999, AUPRO 0.924 -> 0.931)."""
+    (bottle: image AUROC 0.998 -> 0.999, AUPRO 0.924 -> 0.931); keep_covariance: also store each
+    position's covariance (its Cholesky factor, float16: the model file doubles) so that `update` can
+    learn new good images without a refit."""
 
     feature_dim: int = 200
     regularization: float = 0.1
+    keep_covariance: bool = False
 
     def check(self) -> None:
         super().check()
@@ -74,6 +83,7 @@ class PaDiM(Detector):
     channels: torch.Tensor | None = None
     mean: torch.Tensor | None = None
     precision: torch.Tensor | None = None
+    covariance_factor: torch.Tensor | None = None  # lower Cholesky factors of the covariances, with keep_covariance
 
     def _channel_subset(self) -> torch.Tensor:
         if self.channels is None:
@@ -91,8 +101,8 @@ class PaDiM(Detector):
         return stacked[:, self._channel_subset()].flatten(2).transpose(1, 2).contiguous()  # N x positions x d
 
     def _gaussians(self, features: torch.Tensor, rows: torch.Tensor | None = None
-                   ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-        """(positions, mean, precision) of the Gaussians learned from `rows` (default all), POSITION_CHUNK positions at a time."""
+                   ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(positions, mean, precision, covariance factor) of the Gaussians learned from `rows` (default all), POSITION_CHUNK positions at a time."""
         n, positions, d = features.shape if rows is None else (len(rows), *features.shape[1:])
         if n < 2:
             raise DefectscopeError("PaDiM needs at least 2 training images")
@@ -108,13 +118,16 @@ class PaDiM(Detector):
             factor, info = torch.linalg.cholesky_ex(covariance)
             if int(info.max()) > 0:
                 raise DefectscopeError("PaDiM covariance is not positive definite; raise `regularization`")
-            yield where, mean, torch.cholesky_inverse(factor)  # exactly symmetric (one triangle mirrored): one is stored
+            yield where, mean, torch.cholesky_inverse(factor), factor  # the inverse is exactly symmetric: one triangle is stored
 
     def fit_features(self, features: torch.Tensor) -> dict[str, Any]:
         _, positions, d = features.shape
         self.mean, self.precision = torch.empty(positions, d), torch.empty(positions, d, d, dtype=torch.float16)
-        for where, mean, precision in self._gaussians(features):
+        self.covariance_factor = torch.empty(positions, d, d, dtype=torch.float16) if self.config.keep_covariance else None
+        for where, mean, precision, factor in self._gaussians(features):
             self.mean[where], self.precision[where] = mean, precision
+            if self.covariance_factor is not None:
+                self.covariance_factor[where] = factor
         return {"positions": positions, "feature_dim": d}
 
     def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor, scored: torch.Tensor | None = None
@@ -124,7 +137,7 @@ class PaDiM(Detector):
         held = features[holdout if scored is None else scored]
         rest = torch.nonzero(rows_outside(len(features), holdout)).squeeze(1)
         squared = torch.empty(held.shape[:2])
-        for where, mean, precision in self._gaussians(features, rest):
+        for where, mean, precision, _ in self._gaussians(features, rest):
             squared[:, where] = _mahalanobis_squared(held[:, where], mean, precision.half())
         return self._finish(None, _grid(squared, self.preprocess.input_shape))[0]
 
@@ -156,6 +169,42 @@ class PaDiM(Detector):
             squared[:, where] = ((n / (n - 1)) ** 2 * leverage / (1 - downdate * leverage)).T
         return torch.arange(n), self._finish(None, _grid(squared, self.preprocess.input_shape))[0]
 
+    def teach(self, images: Sequence[ImageSource], progress: Progress | None = None) -> dict[str, Any]:
+        """Merge new good images into every position's Gaussian (pairwise update of mean and scatter), then recalibrate.
+
+        Needs the covariances (fit with keep_covariance); the taught images' held-out scores are their
+        scores before the update.
+        """
+        if self.precision is None:
+            raise DefectscopeError("PaDiM is not fitted; call fit() or load a model file")
+        if self.covariance_factor is None:
+            raise DefectscopeError("this PaDiM model keeps no covariances, so it cannot learn new good images without a "
+                                   "refit: fit it again (with keep_covariance: true to allow updates)")
+        count = int(self.train_summary.get("images", 0)) + sum(int(t.get("images", 0)) for t in self.train_summary.get("taught", []))
+        if count < 2:
+            raise DefectscopeError("this PaDiM model does not record how many images it learned; fit it again")
+        features, _ = self._features(images, progress)
+        with torch.inference_mode():
+            before = self._score_and_map(features)[0]
+        added, positions, d = features.shape
+        total = count + added
+        ridge = self.config.regularization * torch.eye(d)
+        for start in range(0, positions, POSITION_CHUNK):
+            where = slice(start, min(start + POSITION_CHUNK, positions))
+            stored = self.covariance_factor[where].float()
+            part = features[:, where].transpose(0, 1)  # positions x added x d
+            new_mean = part.mean(1)
+            centred, shift = part - new_mean[:, None], (new_mean - self.mean[where])[:, :, None]
+            scatter = (stored @ stored.mT - ridge) * (count - 1) + centred.mT @ centred + shift @ shift.mT * (count * added / total)
+            factor, info = torch.linalg.cholesky_ex(scatter / (total - 1) + ridge)
+            if int(info.max()) > 0:
+                raise DefectscopeError("PaDiM covariance is not positive definite after the update; raise `regularization`")
+            self.mean[where] += (new_mean - self.mean[where]) * (added / total)
+            self.precision[where] = torch.cholesky_inverse(factor).half()
+            self.covariance_factor[where] = factor.half()
+        self.calibration = self.taught_calibration(before)
+        return {"images": added, "gaussians_updated": positions}
+
     def score_features(self, features: torch.Tensor) -> tuple[None, torch.Tensor]:
         if self.precision is None:
             raise DefectscopeError("PaDiM is not fitted; call fit() or load a model file")
@@ -163,7 +212,10 @@ class PaDiM(Detector):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         rows, cols = torch.triu_indices(*self.precision.shape[1:])
-        return {"channels": self.channels, "mean": self.mean, "precision_upper": self.precision[:, rows, cols]}
+        tensors = {"channels": self.channels, "mean": self.mean, "precision_upper": self.precision[:, rows, cols]}
+        if self.covariance_factor is not None:
+            tensors["covariance_lower"] = self.covariance_factor[:, cols, rows]
+        return tensors
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.channels, self.mean = tensors["channels"], tensors["mean"]
@@ -173,3 +225,7 @@ class PaDiM(Detector):
         precision[:, rows, cols] = tensors["precision_upper"]
         precision[:, cols, rows] = tensors["precision_upper"]
         self.precision = precision
+        self.covariance_factor = None
+        if "covariance_lower" in tensors:
+            self.covariance_factor = torch.zeros(len(self.mean), d, d, dtype=torch.float16)
+            self.covariance_factor[:, cols, rows] = tensors["covariance_lower"]

@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
+import torch
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from defectscope.artifacts import check_model_output, set_threshold
 from defectscope.data.images import read_image
+from defectscope.detectors.base import Prediction
 from defectscope.errors import DefectscopeError
 from defectscope.experiments.config import SAFE_NAME
 from defectscope.export.instances import polygons
@@ -84,21 +86,28 @@ async def inspect(request: Request, name: str, files: Annotated[list[UploadFile]
     except QueueFull as exc:
         raise HTTPException(503, f"model {name} is busy ({exc}); retry shortly", headers={"Retry-After": "1"}) from exc
     threshold = prediction.threshold
-    results = await run_in_threadpool(_results, names, images, prediction, threshold, heatmap, regions, min_area)
+    results = await run_in_threadpool(_results, model, names, images, prediction, heatmap, regions, min_area)
     for result in results:
         request.app.state.telemetry.images.labels(name, result.verdict).inc()
     return InspectResponse(model=name, threshold=threshold, results=results)
 
 
-def _results(names: list[str], images: list[np.ndarray], prediction, threshold: float | None, heatmap: bool,
+def original_map(model: ServedModel, frame_map: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """A model-frame map placed on the original image's pixels."""
+    return model.detector.preprocess.to_original(torch.from_numpy(frame_map)[None], *image.shape[:2])[0].numpy()
+
+
+def _results(model: ServedModel, names: list[str], images: list[np.ndarray], prediction: Prediction, heatmap: bool,
              regions: bool, min_area: int) -> list[ImageResult]:
     """One result per image; an image that failed is 'error' with its reason, never 'good'."""
+    threshold = prediction.threshold
     verdicts = prediction.verdicts if threshold else ["unknown (no threshold)"] * len(names)
     errors = prediction.errors or [None] * len(names)
     results = []
     for i, name in enumerate(names):
         score = float(prediction.scores[i])
-        heat = prediction.maps[i] if prediction.maps is not None else None
+        heat = prediction.maps[i] if prediction.maps is not None and (heatmap or regions) else None
+        heat = None if heat is None else original_map(model, heat, images[i])
         finite = bool(np.isfinite(score)) and errors[i] is None
         result = ImageResult(name=name, height=images[i].shape[0], width=images[i].shape[1],
                              score=score if finite else None,
@@ -153,8 +162,9 @@ async def labelled_heatmap(request: Request, name: str, image_id: int) -> Respon
     record = _record(model, image_id)
     image = await run_in_threadpool(read_image, record["path"])
     prediction = await model.batcher.predict([image])
-    threshold = prediction.threshold or float(prediction.maps[0].max())
-    return Response(png_bytes(heat_colours(prediction.maps[0], 0.0, 2 * threshold)), media_type="image/png")
+    heat = original_map(model, prediction.maps[0], image)
+    threshold = prediction.threshold or float(heat.max())
+    return Response(png_bytes(heat_colours(heat, 0.0, 2 * threshold)), media_type="image/png")
 
 
 def _new_model_path(model: ServedModel, name: str, overwrite: bool) -> Path:
@@ -171,12 +181,12 @@ def _new_model_path(model: ServedModel, name: str, overwrite: bool) -> Path:
     return target
 
 
-def _register(request: Request, path: Path, name: str) -> ServedModel:
-    """Load a newly written model file and serve it (replacing a model of the same name)."""
+async def _register(request: Request, path: Path, name: str) -> ServedModel:
+    """Load a newly written model file (off the event loop) and serve it, replacing a model of the same name."""
     config, models = request.app.state.config, request.app.state.models
-    new = serve_model(path, name, config.max_batch, config.batch_wait_ms, config.max_queue, request.app.state.labelled)
-    old = models.get(name)
-    models[name] = new
+    new = await run_in_threadpool(serve_model, path, name, config.max_batch, config.batch_wait_ms, config.max_queue,
+                                  request.app.state.labelled)
+    old, models[name] = models.get(name), new  # swapped on the event loop: no request sees a half-built model
     if old is not None:
         old.batcher.close()
     return new
@@ -193,7 +203,7 @@ async def save_threshold(request: Request, name: str, body: ThresholdRequest) ->
     calibration = labelled_calibration(scores[labels == 0], scores[labels == 1], body.threshold, "manual", body.threshold,
                                        model.detector.calibration)
     await run_in_threadpool(set_threshold, model.path, calibration, target, True)
-    new = await run_in_threadpool(_register, request, target, body.name)
+    new = await _register(request, target, body.name)
     return ModelWritten(model=ModelSummary(**new.summary()), calibration=calibration.to_dict())
 
 
@@ -207,6 +217,6 @@ async def teach(request: Request, name: str, body: TeachRequest) -> ModelWritten
         details = await run_in_threadpool(update_model, model.path, paths, target, force=True)
     except DefectscopeError as exc:
         raise HTTPException(400, str(exc)) from exc
-    new = await run_in_threadpool(_register, request, target, body.name)
+    new = await _register(request, target, body.name)
     return ModelWritten(model=ModelSummary(**new.summary()), calibration=new.detector.calibration.to_dict(),
                         details={k: v for k, v in details.items() if k != "taught_images"})

@@ -22,6 +22,50 @@ from defectscope.service.telemetry import Telemetry
 
 STATIC = Path(__file__).with_name("static")
 PROTECTED = ("/v1/", "/metrics")
+MULTIPART_SLACK = 1024 * 1024  # headers and boundaries a request may carry beyond its files
+
+
+class BodyTooLarge(Exception):
+    """The request body grew beyond the service's limit while it was being received."""
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a body above `limit` bytes from its Content-Length, or as soon as it grows past it."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            return await _too_large(self.limit)(scope, receive, send)
+        received, refused = 0, False
+
+        async def limited_receive():
+            nonlocal received, refused
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                refused = True
+                raise BodyTooLarge
+            return message
+
+        async def guarded_send(message) -> None:  # once refused, whatever the app answers becomes the 413
+            if not refused:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await _too_large(self.limit)(scope, receive, send)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except BodyTooLarge:
+            await _too_large(self.limit)(scope, receive, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse({"detail": f"the request body is larger than {limit:,} bytes"}, 413)
 
 
 def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = None, labelled: Path | None = None) -> FastAPI:
@@ -38,6 +82,7 @@ def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = No
     app.state.models, app.state.config, app.state.labelled = models, config or ServiceConfig(), labelled
     app.state.telemetry = telemetry = Telemetry()
     app.include_router(router)
+    app.add_middleware(BodyLimit, limit=app.state.config.max_request_bytes + MULTIPART_SLACK)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.middleware("http")

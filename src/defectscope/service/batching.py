@@ -38,7 +38,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"defectscope-{detector.name}")
 
     async def predict(self, images: list[np.ndarray]) -> Prediction:
-        """Scores and original-size maps of these images, scored together with whatever else is waiting."""
+        """Scores and model-frame maps of these images, scored together with whatever else is waiting."""
         if self.pending + len(images) > self.max_queue:
             raise QueueFull(f"{self.pending} images are waiting; the limit is {self.max_queue}")
         if self._worker is None or self._worker.done():
@@ -52,10 +52,11 @@ class Batcher:
         finally:
             self.pending -= len(images)
 
-    async def _gather(self) -> list[_Job]:
-        """The next batch: the first job, then whatever arrives within the wait, up to max_batch images."""
+    async def _gather(self, jobs: list[_Job]) -> None:
+        """Fill `jobs` with the next batch: the first job, then whatever arrives within the wait, up to max_batch images."""
         loop = asyncio.get_running_loop()
-        jobs = [await self._queue.get()]
+        jobs.clear()
+        jobs.append(await self._queue.get())
         count, deadline = len(jobs[0].images), loop.time() + self.wait
         while count < self.max_batch:
             try:
@@ -65,12 +66,23 @@ class Batcher:
                 break
             jobs.append(job)
             count += len(job.images)
-        return jobs
 
     async def _run(self) -> None:
+        jobs: list[_Job] = []
+        try:
+            await self._serve(jobs)
+        finally:  # closed (model replaced or shutdown): nobody waits forever; callers answer 503 and retry
+            while not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(QueueFull("the model was replaced or the service is stopping"))
+
+    async def _serve(self, jobs: list[_Job]) -> None:
+        """Gather and score batches until cancelled; `jobs` holds the batch in progress."""
         loop = asyncio.get_running_loop()
         while True:
-            jobs = await self._gather()
+            await self._gather(jobs)
             images = [image for job in jobs for image in job.images]
             try:
                 prediction = await loop.run_in_executor(self._executor, self._predict, images)
@@ -88,7 +100,7 @@ class Batcher:
                 start = stop
 
     def _predict(self, images: list[np.ndarray]) -> Prediction:
-        return self.detector.predict(images, map_size="original", keep_going=True)
+        return self.detector.predict(images, map_size="input", keep_going=True)  # callers map back only when asked
 
     def close(self) -> None:
         if self._worker is not None:

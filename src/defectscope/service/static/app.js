@@ -236,7 +236,8 @@ async function teach(overwrite = false) {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ images: [...state.review], name, overwrite }),
     })).json();
-    $("teach-result").textContent = `${body.model.name}: ${body.details.patches_added} memory patches added, threshold ${body.model.threshold.toPrecision(5)}`;
+    const learned = Object.entries(body.details).filter(([, v]) => Number.isInteger(v)).map(([k, v]) => `${k.replaceAll("_", " ")} ${v}`);
+    $("teach-result").textContent = `${body.model.name}: ${learned.join(", ")}; threshold ${body.model.threshold.toPrecision(5)}`;
     say("");
     await loadModels();
   } catch (error) {
