@@ -281,6 +281,8 @@ def update(
     details = update_model(model, good, output, weights=weights, force=force, bar=_progress)
     learned = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in details.items() if isinstance(v, int))
     say(f"learned {learned} -> {output}")
+    if details["warning"]:
+        warn(details["warning"])
 
 
 @app.command("serve")

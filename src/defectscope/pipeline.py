@@ -193,6 +193,7 @@ def update_model(model_path: Path, good: Sequence[Path], out: Path, *, weights: 
         details = detector.teach(paths, progress=advance)
     details["parent_sha256"] = file_sha256(Path(model_path))
     details["taught_images"] = [str(p) for p in paths]
+    details["warning"] = detector.calibration.warning if detector.calibration else None
     detector.train_summary.setdefault("taught", []).append(details)
     save_model(detector, out, force=True)
     return details

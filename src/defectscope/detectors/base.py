@@ -152,7 +152,8 @@ class MapModel(ABC):
     # -- shared machinery --------------------------------------------------------------------
     @property
     def preprocess(self) -> Preprocess:
-        mean, std = (self.require_backbone().mean, self.require_backbone().std) if self.uses_backbone else (IMAGENET_MEAN, IMAGENET_STD)
+        backbone = self.require_backbone() if self.uses_backbone else None
+        mean, std = (backbone.mean, backbone.std) if backbone else (IMAGENET_MEAN, IMAGENET_STD)
         return Preprocess(self.config.image_size, self.config.crop, mean, std, self.aspect)
 
     def learn_aspect(self, images: Sequence[ImageSource]) -> None:
