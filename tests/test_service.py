@@ -203,8 +203,8 @@ def test_save_threshold_writes_and_serves_a_new_model(model_folder: Path, demo_r
         (folder / "notes.dsmodel").write_text("someone's notes")
         refused = client.post("/v1/models/part/threshold", json={"threshold": threshold, "name": "notes", "overwrite": True})
         assert refused.status_code == 409 and (folder / "notes.dsmodel").read_text() == "someone's notes"
-        for bad in ("../escape", "a/b", ""):
-            assert client.post("/v1/models/part/threshold", json={"threshold": 1.0, "name": bad}).status_code == 400
+        for bad in ("../escape", "a/b", "", ".hidden"):
+            assert client.post("/v1/models/part/threshold", json={"threshold": 1.0, "name": bad}).status_code == 422
         assert not (tmp_path / "escape.dsmodel").exists()
         assert client.post("/v1/models/part/threshold", json={"threshold": -1, "name": "x"}).status_code == 422
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import schemathesis
+from schemathesis.checks import positive_data_acceptance
 from hypothesis import HealthCheck, given, settings
 
 from defectscope.service.app import create_app
@@ -30,7 +31,12 @@ def test_every_answer_matches_the_schema(served_app) -> None:
         @given(case=operation.as_strategy())
         @settings(max_examples=8, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         def check(case) -> None:
-            case.call_and_validate()
+            if case.path_parameters and "name" in case.path_parameters:
+                case.path_parameters["name"] = "part"  # the served model: its answers, not only 404s, are checked
+            # Any bytes are schema-valid "binary" files, but the service sniffs them and refuses non-images (415):
+            # for uploads, "valid by the schema" does not imply "accepted", so that one check is left out there.
+            uploads = operation.label.endswith("/inspect")
+            case.call_and_validate(excluded_checks=[positive_data_acceptance] if uploads else None)
 
         check()
         checked.append(operation.label)

@@ -30,7 +30,7 @@ class Evaluation:
 
 
 def _decisions(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
-    called = scores >= threshold
+    called = np.asarray(scores, np.float64) >= threshold  # float64: any finite threshold compares without overflow
     tp = int((called & (labels == 1)).sum())
     fp = int((called & (labels == 0)).sum())
     fn = int((~called & (labels == 1)).sum())

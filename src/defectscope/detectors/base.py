@@ -89,12 +89,14 @@ class Prediction:
         """Scores divided by the threshold: 1.0 is the decision boundary."""
         if self.threshold is None:
             raise DefectscopeError("this model has no threshold; fit it with calibration or set one with evaluate")
-        return self.scores / self.threshold
+        return self.scores.astype(np.float64) / self.threshold
 
     @property
     def verdicts(self) -> list[str]:
         """'defective', 'good', or 'error' for any score that is not a finite number (never 'good')."""
-        return ["error" if not np.isfinite(s) else "defective" if s >= 1.0 else "good" for s in self.normalized]
+        if self.threshold is None:
+            raise DefectscopeError("this model has no threshold; fit it with calibration or set one with evaluate")
+        return ["error" if not np.isfinite(s) else "defective" if s >= self.threshold else "good" for s in self.scores.tolist()]
 
 
 @dataclass

@@ -169,8 +169,8 @@ async def labelled_heatmap(request: Request, name: str, image_id: int) -> Respon
 
 def _new_model_path(model: ServedModel, name: str, overwrite: bool) -> Path:
     """Where a new model is written: beside the served one, by a checked name; existing files only with `overwrite`."""
-    if not SAFE_NAME.match(name) or name.endswith(MODEL_SUFFIX):
-        raise HTTPException(400, f"model name {name!r} must be letters, digits, '.', '_' or '-' (no suffix)")
+    if not SAFE_NAME.match(name):  # the request schema checks it too; this guard stays beside the file write
+        raise HTTPException(400, f"model name {name!r} must be letters, digits, '.', '_' or '-'")
     target = model.path.parent / f"{name}{MODEL_SUFFIX}"
     if target.exists() and not overwrite:
         raise HTTPException(409, f"a model named {name} exists; confirm to replace it")

@@ -6,6 +6,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from defectscope.experiments.config import SAFE_NAME
+
+MODEL_NAME = Field(pattern=SAFE_NAME.pattern, description="name of the new model: letters, digits, '.', '_', '-'")
+
 
 class Problem(BaseModel):
     """Every error answer: one sentence saying what was wrong."""
@@ -75,13 +79,13 @@ class LabelledScores(BaseModel):
 
 class ThresholdRequest(BaseModel):
     threshold: float = Field(gt=0, allow_inf_nan=False)
-    name: str = Field(description="name of the new model (letters, digits, '.', '_', '-')")
+    name: str = MODEL_NAME
     overwrite: bool = Field(False, description="replace an existing model of that name")
 
 
 class TeachRequest(BaseModel):
     images: list[int] = Field(min_length=1, description="ids of labelled images to learn as good")
-    name: str
+    name: str = MODEL_NAME
     overwrite: bool = False
 
 
