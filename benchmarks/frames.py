@@ -49,7 +49,6 @@ def main() -> None:
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     table = markdown(rows)
     write_results(args.out, "frames", rows, table)
-    print(table)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ def run_isolated(script: str, arguments: list[str], label: str) -> dict:
 
 
 def write_results(out: Path, stem: str, rows: list[dict], table: str) -> None:
-    """benchmarks/results/<stem>.json (rows, command, machine, version) and <stem>.md (the table)."""
+    """benchmarks/results/<stem>.json (rows, command, machine, version) and <stem>.md (the table); prints the table."""
     command = f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "version": __version__, "rows": rows}, indent=2) + "\n")
     (out / f"{stem}.md").write_text(f"`{command}`\n\n{machine}, defectscope {__version__}\n\n{table}")
+    print(table)

@@ -106,7 +106,6 @@ def main() -> None:
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     table = markdown(rows)
     write_results(args.out, "scale", rows, table)
-    print(table)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,6 @@ def main() -> None:
         table += (f"\nSoak, 16 clients for {memory['seconds']:.0f} s ({memory['requests']} requests, {memory['errors']} errors): "
                   f"server RSS {rss[0]:.0f} MB at start, {rss[1]:.0f} MB after 5 s, {max(rss):.0f} MB peak, {rss[-1]:.0f} MB at the end.\n")
     write_results(args.out, "serve", rows + [{"soak": memory, "library_images_per_s": reference}], table)
-    print(table)
 
 
 if __name__ == "__main__":
