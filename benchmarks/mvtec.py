@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from defectscope import load_dataset
-from defectscope.data.images import read_image
+from defectscope.data.decode import read_image
 from defectscope.data.synthetic import make_demo_dataset
 from defectscope.pipeline import evaluate_model, fit_detector
 from defectscope.thresholds import calibrate

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from defectscope import load_dataset
-from defectscope.data.images import read_image
+from defectscope.data.decode import read_image
 from defectscope.data.layout import Dataset, Sample
 from defectscope.pipeline import evaluate_model, fit_detector
 

@@ -15,7 +15,8 @@ import torchvision
 
 from defectscope import backbones
 from defectscope.backbones import Checkpoint, load_backbone, published_checkpoint
-from defectscope.data.images import Preprocess
+from defectscope.data.frame import Preprocess
+from defectscope.data.images import normalize
 from defectscope.efficientnet_lite import SameConv2d
 from defectscope.errors import DefectscopeError
 
@@ -25,7 +26,7 @@ ESPRESSO = 967
 
 def _top_class(backbone: backbones.Backbone, image: np.ndarray) -> int:
     pre = Preprocess(256, 224, backbone.mean, backbone.std)
-    x = pre.normalize(torch.from_numpy(np.ascontiguousarray(pre.resize_crop(image).transpose(2, 0, 1)))[None])
+    x = normalize(torch.from_numpy(np.ascontiguousarray(pre.resize_crop(image).transpose(2, 0, 1)))[None], pre)
     with torch.no_grad():
         return int(backbone.network(x.contiguous(memory_format=torch.channels_last)).argmax())
 

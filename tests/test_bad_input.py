@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import save as save_tensors_bytes
 
 from defectscope.artifacts import load_model, model_info, save_model
-from defectscope.data.images import read_image
+from defectscope.data.decode import read_image
 from defectscope.data.layout import load_dataset
 from defectscope.data.synthetic import make_demo_dataset
 from defectscope.detectors import create_detector
-from defectscope.detectors.base import Prediction
+from defectscope.prediction import Prediction
 from defectscope.errors import DefectscopeError
 from defectscope.experiments.config import load_experiment
 from defectscope.experiments.runner import run_experiment
@@ -485,7 +485,7 @@ def test_decoder_warnings_do_not_leak(tmp_path: Path) -> None:
     ok, jpeg = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     (tmp_path / "cut.jpg").write_bytes(jpeg.tobytes()[: len(jpeg) // 2])
     (tmp_path / "cut.png").write_bytes(cv2.imencode(".png", np.zeros((64, 64), np.uint8))[1].tobytes()[:60])
-    script = ("from defectscope.data.images import read_image\n"
+    script = ("from defectscope.data.decode import read_image\n"
               f"for name in ('cut.jpg', 'cut.png'):\n"
               f"    try: read_image({str(tmp_path)!r} + '/' + name)\n"
               "    except Exception as e: print(type(e).__name__)\n")

@@ -121,11 +121,11 @@ def test_separable_smoothing_matches_torchvision_blur() -> None:
     import torch
     from torchvision.transforms.functional import gaussian_blur
 
-    from defectscope.detectors.base import gaussian_smooth
+    from defectscope.maps import gaussian_smooth
 
     maps = torch.rand(2, 64, 80, generator=torch.Generator().manual_seed(0))
     expected = gaussian_blur(maps[:, None], kernel_size=33, sigma=4.0)[:, 0]
-    torch.testing.assert_close(gaussian_smooth(maps, 4.0), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(gaussian_smooth(maps.numpy(), 4.0)), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_patchcore_holdout_scores_exclude_the_images_own_patches() -> None:
@@ -266,7 +266,7 @@ def test_reconstruction_settings_are_checked() -> None:
 
 @pytest.mark.parametrize("name", ["patchcore", "padim"])
 def test_non_square_products_keep_their_aspect_through_fit_and_model_files(demo_root: Path, tmp_path: Path, name: str) -> None:
-    from defectscope.data.images import read_image
+    from defectscope.data.decode import read_image
 
     wide = [read_image(s.path)[16:112] for s in load_dataset(demo_root).train[:12]]  # 96 x 128: 3:4
     detector = create_detector(name, image_size=64, crop=None)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from defectscope.data.images import Preprocess, frame_aspect, iterate_batches
+from defectscope.data.frame import Preprocess, frame_aspect
+from defectscope.data.batches import iterate_batches
 
 
 def test_resize_crop_and_inverse_mapping_line_up() -> None:
@@ -14,7 +14,7 @@ def test_resize_crop_and_inverse_mapping_line_up() -> None:
     original[40:50, 50:70] = 1.0  # a blob well inside the crop
     frame = pre.resize_crop(original)
     assert frame.shape == (48, 48)
-    back = pre.to_original(torch.from_numpy(frame)[None], 90, 120)[0].numpy()
+    back = pre.to_original(frame, 90, 120)
     assert back.shape == (90, 120)
     assert back[45, 60] > 0.5 and back[10, 10] == 0.0
     recovered = back > 0.5
@@ -24,9 +24,9 @@ def test_resize_crop_and_inverse_mapping_line_up() -> None:
 
 def test_border_outside_crop_is_filled_with_map_minimum() -> None:
     pre = Preprocess(image_size=64, crop=32)
-    maps = torch.full((1, 32, 32), 5.0)
-    maps[0, 10, 10] = 9.0
-    back = pre.to_original(maps, 64, 64)[0]
+    frame_map = np.full((32, 32), 5.0, np.float32)
+    frame_map[10, 10] = 9.0
+    back = pre.to_original(frame_map, 64, 64)
     assert float(back[0, 0]) == 5.0 and float(back.max()) > 5.0
 
 
@@ -41,9 +41,9 @@ def test_batches_keep_order_and_sizes() -> None:
     images = [np.full((20 + i, 30, 3), i, np.uint8) for i in range(7)]
     batches = list(iterate_batches(images, Preprocess(image_size=16, crop=None), batch_size=3, workers=2))
     assert [len(b) for b, _ in batches] == [3, 3, 1]
-    values = torch.cat([b[:, 0, 0, 0] for b, _ in batches]).tolist()
+    values = np.concatenate([b[:, 0, 0, 0] for b, _ in batches]).tolist()
     assert values == list(range(7))
-    assert torch.cat([s for _, s in batches])[:, 0].tolist() == [20 + i for i in range(7)]
+    assert np.concatenate([s for _, s in batches])[:, 0].tolist() == [20 + i for i in range(7)]
 
 
 def test_frame_keeps_the_learned_aspect_ratio() -> None:
@@ -64,13 +64,13 @@ def test_aspect_frame_maps_back_onto_the_original_exactly() -> None:
     assert pre.input_shape == (64, 48)  # 6.25 original pixels per frame pixel on both axes
     rows, cols = np.mgrid[0:400, 0:300].astype(np.float32)
     ramp = rows / 400 + 2 * cols / 300  # any linear map survives the round trip up to border interpolation
-    back = pre.to_original(torch.from_numpy(pre.resize_crop(ramp))[None], 400, 300)[0].numpy()
+    back = pre.to_original(pre.resize_crop(ramp), 400, 300)
     assert np.abs(back - ramp)[10:-10, 10:-10].max() < 1e-3
     mask = np.zeros((400, 300), bool)
     mask[125:200, 150:225] = True  # edges on the frame's pixel grid
     frame_mask = pre.mask_to_input(mask)
     assert frame_mask.sum() == 12 * 12 and frame_mask[20:32, 24:36].all()
-    returned = pre.to_original(torch.from_numpy(frame_mask.astype(np.float32))[None], 400, 300)[0].numpy() >= 0.5
+    returned = pre.to_original(frame_mask.astype(np.float32), 400, 300) >= 0.5
     ys, xs = np.nonzero(returned)
     assert (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1) == (125, 200, 150, 225)  # the same box, pixel for pixel
     assert (returned != mask).sum() <= 4 * 3  # bilinear upsampling only rounds the four corners
@@ -82,7 +82,7 @@ def test_aspect_frame_with_crop_puts_a_defect_where_it_was() -> None:
     original[180:240, 100:160] = 1.0
     frame = pre.resize_crop(original)
     assert frame.shape == pre.input_shape == (64, 48)
-    back = pre.to_original(torch.from_numpy(frame)[None], 400, 300)[0].numpy() > 0.5
+    back = pre.to_original(frame, 400, 300) > 0.5
     overlap = (back & (original > 0)).sum() / (back | (original > 0)).sum()
     assert overlap > 0.9
     ys, xs = np.nonzero(back)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defectscope.data.images import read_image, read_mask
+from defectscope.data.decode import read_image, read_mask
 from defectscope.data.layout import load_dataset
 from defectscope.errors import DefectscopeError
 

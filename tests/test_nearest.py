@@ -24,17 +24,17 @@ def test_pruned_search_equals_brute_force() -> None:
     torch.testing.assert_close((queries - index.bank[positions]).norm(dim=1), distances, rtol=1e-5, atol=1e-4)
 
 
-def test_rebuilt_from_sorted_bank_searches_the_same() -> None:
+def test_rebuilt_from_saved_tensors_searches_the_same() -> None:
     index = ClusteredBank.build(_clustered_points(2000, 2), seed=0, cluster_size=64)
     saved = index.tensors()
-    again = ClusteredBank.from_sorted(saved["memory_bank"], saved["cluster_offsets"])
+    again = ClusteredBank(saved["memory_bank"], saved["cluster_offsets"])
     queries = _clustered_points(2000, 3)
     assert torch.equal(index.search(queries)[0], again.search(queries)[0])
 
 
 def test_empty_clusters_are_dropped() -> None:
     bank = _clustered_points(300, 4)
-    index = ClusteredBank.from_sorted(bank, torch.tensor([0, 100, 100, 200, 300, 300]))  # clusters 1 and 4 empty
+    index = ClusteredBank(bank, torch.tensor([0, 100, 100, 200, 300, 300]))  # clusters 1 and 4 empty
     assert len(index.centroids) == 3 and index.tensors()["cluster_offsets"].tolist() == [0, 100, 200, 300]
     queries = torch.cat([_clustered_points(500, 5), torch.zeros(5, 24)])  # zero queries sit on an empty cluster's old centre
     distances, positions = index.search(queries)

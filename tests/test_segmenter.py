@@ -47,7 +47,7 @@ def test_held_out_maps_separate_defects(demo_root: Path) -> None:
     config = SegmenterConfig(**SMALL, folds=2, good_train=8, freeze=16)
     maps, folds, _ = held_out_maps(dataset, config)
     assert maps.shape == (len(dataset.test), 128, 128) and set(folds) == {0, 1}
-    from defectscope.data.images import read_mask
+    from defectscope.data.decode import read_mask
 
     masks = np.stack([read_mask(s.mask) if s.mask else np.zeros((128, 128), bool) for s in dataset.test])
     assert pixel_auroc(masks, maps) > 0.8, pixel_auroc(masks, maps)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from defectscope import load_dataset
 from defectscope.artifacts import load_model
-from defectscope.data.images import read_image
+from defectscope.data.decode import read_image
 from defectscope.service.app import create_app
 from defectscope.service.batching import Batcher
 from defectscope.service.config import ServiceConfig

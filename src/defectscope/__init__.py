@@ -1,20 +1,30 @@
-"""defectscope: learn good parts from photos, then score, localize and classify defects."""
+"""defectscope: learn good parts from photos, then score, localize and classify defects.
+
+Names are imported on first use (PEP 562), so `import defectscope.runtime` does not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from defectscope._version import __version__
-from defectscope.artifacts import load_model, model_info, save_model
-from defectscope.backbones import list_backbones, load_backbone
-from defectscope.data.images import Preprocess, read_image
-from defectscope.data.layout import Dataset, Sample, load_dataset
-from defectscope.data.summary import summarize
-from defectscope.data.synthetic import make_demo_dataset
-from defectscope.detectors import DETECTORS, Detector, MapModel, Prediction, create_detector
-from defectscope.errors import DefectscopeError
-from defectscope.evaluation import evaluate
-from defectscope.pipeline import evaluate_model, fit_model, predict_images
 
-__all__ = [
-    "DETECTORS", "Dataset", "DefectscopeError", "Detector", "MapModel", "Prediction", "Preprocess", "Sample",
-    "__version__", "create_detector", "evaluate", "evaluate_model", "fit_model", "list_backbones", "load_backbone",
-    "load_dataset", "load_model", "make_demo_dataset", "model_info", "predict_images", "read_image", "save_model",
-    "summarize",
-]
+_WHERE = {
+    "load_model": "artifacts", "model_info": "artifacts", "save_model": "artifacts",
+    "list_backbones": "backbones", "load_backbone": "backbones",
+    "Preprocess": "data.frame", "read_image": "data.decode",
+    "Dataset": "data.layout", "Sample": "data.layout", "load_dataset": "data.layout",
+    "summarize": "data.summary", "make_demo_dataset": "data.synthetic",
+    "DETECTORS": "detectors", "Detector": "detectors", "MapModel": "detectors", "create_detector": "detectors",
+    "Prediction": "prediction", "DefectscopeError": "errors", "evaluate": "evaluation",
+    "evaluate_model": "pipeline", "fit_model": "pipeline", "predict_images": "pipeline",
+}
+
+__all__ = ["__version__", *sorted(_WHERE)]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'defectscope' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"defectscope.{_WHERE[name]}"), name)

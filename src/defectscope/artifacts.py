@@ -7,9 +7,7 @@ A file is checked whole before anything is built from it; every defect is one cl
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,16 +20,15 @@ from safetensors.torch import save as save_tensors_bytes
 
 from defectscope._version import __version__
 from defectscope.backbones import load_backbone
-from defectscope.data.images import Preprocess
+from defectscope.data.frame import Preprocess
 from defectscope.detectors.base import MapModel, detector_class, require_finite
 from defectscope.errors import DefectscopeError
 from defectscope.files import check_output_file, json_text, write_atomic
+from defectscope.manifests import MANIFEST_KEY, is_manifest_file, read_header_manifest
 from defectscope.thresholds import Calibration
 
 FORMAT = "defectscope-model"
 FORMAT_VERSION = 1
-MANIFEST_KEY = "defectscope"
-MAX_HEADER = 100 * 1024 * 1024
 CALIBRATION_SCORES = "calibration.scores"  # the cross-fitted good scores, kept to restate the threshold later
 LEGACY_CONFIG_FIELDS = ("calibration_fraction",)  # written by earlier versions; no longer used
 
@@ -89,44 +86,12 @@ def check_model_output(path: Path, force: bool = False) -> None:
 
 
 def _is_model_file(path: Path) -> bool:
-    try:
-        with path.open("rb") as stream:
-            head = stream.read(8)
-            size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-            header = stream.read(size) if 0 < size <= MAX_HEADER else b""
-        return json.loads(json.loads(header)["__metadata__"][MANIFEST_KEY]).get("format") == FORMAT
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+    return is_manifest_file(path, FORMAT)
 
 
 def read_manifest(data: bytes, path: Path) -> dict[str, Any]:
     """Parse and check the manifest in a model file's safetensors header, and that the file is complete."""
-    if len(data) < 8:
-        raise DefectscopeError(f"{path} is not a defectscope model file (too short: {len(data)} bytes)")
-    (header_size,) = struct.unpack("<Q", data[:8])
-    if header_size > min(MAX_HEADER, len(data) - 8):
-        raise DefectscopeError(f"{path} is not a defectscope model file, or it is truncated (bad header length)")
-    try:
-        header = json.loads(data[8 : 8 + header_size])
-        manifest = json.loads(header["__metadata__"][MANIFEST_KEY])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DefectscopeError(f"{path} is not a defectscope model file (no manifest in its header)") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DefectscopeError(f"{path} is not a defectscope model file (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise DefectscopeError(f"{path} is damaged: its format version {version!r} is not a whole number >= 1")
-    if version > FORMAT_VERSION:
-        raise DefectscopeError(
-            f"{path} has model format version {version}, newer than this defectscope ({__version__}) reads "
-            f"(up to {FORMAT_VERSION}); upgrade defectscope"
-        )
-    ends = [entry["data_offsets"][1] for key, entry in header.items()
-            if key != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)]
-    if max(ends, default=0) != len(data) - 8 - header_size:
-        raise DefectscopeError(f"model file {path} is corrupt or truncated: its tensors need {max(ends, default=0)} bytes, "
-                               f"it holds {len(data) - 8 - header_size}")
-    return manifest
+    return read_header_manifest(data, path, FORMAT, FORMAT_VERSION, "defectscope model file")
 
 
 def _read(path: Path) -> bytes:

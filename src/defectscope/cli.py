@@ -32,6 +32,7 @@ from defectscope.backbones import LITE_FILES, list_backbones
 from defectscope.data.layout import load_dataset
 from defectscope.data.summary import summarize
 from defectscope.data.synthetic import make_demo_dataset
+from defectscope.deployment import export_model
 from defectscope.detectors import good_only_models
 from defectscope.errors import DefectscopeError
 from defectscope.experiments.config import load_experiment
@@ -44,6 +45,7 @@ from defectscope.files import json_text
 from defectscope.pipeline import (
     evaluate_model,
     fit_model,
+    load_predictor,
     predict_images,
     recalibrate,
     run_demo,
@@ -197,7 +199,7 @@ def fit(
 
 @app.command("predict")
 def predict(
-    model: Annotated[Path, typer.Argument(help="Model file from `defectscope fit`.")],
+    model: Annotated[Path, typer.Argument(help="Model file from `defectscope fit`, or a .dsdeploy file from `export model`.")],
     inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
     heatmaps: Annotated[Path | None, typer.Option(help="Write a heatmap overlay PNG per image into this folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
@@ -205,7 +207,7 @@ def predict(
     force: ForceOption = False,
 ) -> None:
     """Score images: raw score, normalized score (1.0 = threshold) and verdict; exit 3 if any could not be scored."""
-    detector = load_model(model, weights)
+    detector = load_predictor(model, weights)
     rows = predict_images(detector, inputs, heatmaps=heatmaps, force=force, bar=_progress)
     if as_json:
         for row in rows:
@@ -383,6 +385,18 @@ def export_labels(
     for subset, count in counts.items():
         say(f"{subset}: {count['images']} images, {count['instances']} instances")
     say(f"wrote {format} labels to {out}")
+
+
+@export_app.command("model")
+def export_model_command(
+    model: Annotated[Path, typer.Argument(help="Model file from `defectscope fit`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Deployment file to write (.dsdeploy); the graph goes beside it.")],
+    file_format: Annotated[str, typer.Option("--format", help="onnx (onnxruntime) or openvino (OpenVINO IR).")] = "onnx",
+    force: ForceOption = False,
+) -> None:
+    """Export a model for the torch-free runtime, checked against the PyTorch model before anything is written."""
+    written = export_model(model, out, file_format, force=force)
+    say(f"wrote {', '.join(str(path) for path in written)}; run it with: python -m defectscope.runtime {written[0]} IMAGES...")
 
 
 @export_app.command("check")

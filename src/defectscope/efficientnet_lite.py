@@ -44,6 +44,10 @@ class SameConv2d(nn.Conv2d):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             padding.append((total + 1) // 2)
             kernel_pad[2 - 2 * axis] = total % 2
+        if torch.onnx.is_in_onnx_export():  # exporters need a constant kernel shape: pad the input instead
+            before = [p - kernel_pad[2 - 2 * axis] for axis, p in enumerate(padding)]
+            x = F.pad(x, (before[1], padding[1], before[0], padding[0]))
+            return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         weight = F.pad(self.weight, kernel_pad) if any(kernel_pad) else self.weight
         return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
 

@@ -22,14 +22,13 @@ from defectscope.artifacts import (
     set_threshold,
 )
 from defectscope.backbones import file_sha256, load_backbone
-from defectscope.data.images import expand_inputs
+from defectscope.data.decode import expand_inputs
 from defectscope.data.layout import Dataset, load_dataset
 from defectscope.data.synthetic import make_demo_dataset
 from defectscope.detectors.base import (
     Detector,
     FitReport,
     MapModel,
-    Prediction,
     Progress,
     create_detector,
     good_only_models,
@@ -37,6 +36,8 @@ from defectscope.detectors.base import (
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation import Evaluation, evaluate
 from defectscope.files import claim_folder, write_atomic
+from defectscope.prediction import prediction_rows
+from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel, is_deployment
 from defectscope.reports import metrics_markdown, write_report
 from defectscope.thresholds import (
     Calibration,
@@ -93,24 +94,13 @@ def fit_model(data: Path, model: str, settings: dict[str, Any], out: Path, *, we
     return Fitted(dataset, detector, report, out)
 
 
-def prediction_rows(paths: Sequence[Path], prediction: Prediction) -> list[dict[str, Any]]:
-    """One JSON-ready record per image: path, score, normalized score, verdict, and the reason of an error."""
-    errors = prediction.errors or [None] * len(paths)
-    normalized = prediction.normalized if prediction.threshold else [None] * len(paths)
-    verdicts = prediction.verdicts if prediction.threshold else ["unknown (no threshold)"] * len(paths)
-    rows = []
-    for path, score, norm, verdict, error in zip(paths, prediction.scores, normalized, verdicts, errors):
-        finite = bool(np.isfinite(score))
-        row = {"path": str(path), "score": float(score) if finite else None,
-               "normalized": float(norm) if finite and norm is not None else None,
-               "verdict": "error" if error or not finite else verdict}
-        if row["verdict"] == "error":
-            row["error"] = error or "the model produced a score that is not a finite number"
-        rows.append(row)
-    return rows
+def load_predictor(path: Path, weights: Path | None = None) -> MapModel | DeployedModel:
+    """A model file, or an exported model (a .dsdeploy file) run by the torch-free runtime."""
+    deployed = Path(path).suffix == DEPLOYMENT_SUFFIX or is_deployment(path)
+    return DeployedModel(path) if deployed else load_model(path, weights)
 
 
-def predict_images(detector: MapModel, inputs: Sequence[Path], heatmaps: Path | None = None, force: bool = False,
+def predict_images(detector: MapModel | DeployedModel, inputs: Sequence[Path], heatmaps: Path | None = None, force: bool = False,
                    bar: ProgressBar = no_progress) -> list[dict[str, Any]]:
     """Score images and folders of images; unreadable ones get verdict 'error'; heatmap overlays on request."""
     if heatmaps is not None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectscope.data.images import read_image
+from defectscope.data.decode import read_image
 from defectscope.detectors.base import MapModel
 from defectscope.evaluation import Evaluation
 from defectscope.files import write_atomic, write_json

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from defectscope.data.images import read_image
+from defectscope.data.decode import read_image
 from defectscope.errors import DefectscopeError
 from defectscope.files import write_atomic
 

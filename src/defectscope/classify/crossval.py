@@ -19,7 +19,8 @@ import torch
 from defectscope.backbones import Backbone, load_backbone
 from defectscope.classify.losses import ImbalanceLoss, sample_weights
 from defectscope.classify.model import Classifier, ClassifierConfig, TailClassifier, trunk_maps
-from defectscope.data.images import Preprocess, load_normalized
+from defectscope.data.frame import Preprocess
+from defectscope.data.images import load_normalized
 from defectscope.data.folds import class_names, label_of, pick_good, stratified_folds
 from defectscope.data.layout import Dataset, Sample
 from defectscope.efficientnet_lite import EfficientNetLite

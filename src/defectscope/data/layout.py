@@ -6,7 +6,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from defectscope.data.images import IMAGE_SUFFIXES, image_header
+from defectscope.data.decode import IMAGE_SUFFIXES, image_header
 from defectscope.errors import DefectscopeError
 
 GOOD = "good"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from defectscope.data.images import image_header
+from defectscope.data.decode import image_header
 from defectscope.data.layout import GOOD, Dataset, is_combined
 
 MODE_CHANNELS = {"1": 1, "L": 1, "P": 1, "I": 1, "F": 1, "I;16": 1, "I;16B": 1, "LA": 2, "RGB": 3, "YCbCr": 3, "RGBA": 4, "CMYK": 4}

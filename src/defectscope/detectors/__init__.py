@@ -1,8 +1,8 @@
 """Map models; importing this package registers all of them."""
 
 from defectscope.detectors import embedding, padim, patchcore, reconstruction, segmenter  # noqa: F401  (registration)
-from defectscope.detectors.base import (DETECTORS, Detector, DetectorConfig, MapModel, Prediction, create_detector,
+from defectscope.detectors.base import (DETECTORS, Detector, DetectorConfig, MapModel, create_detector,
                                        detector_class, good_only_models)
 
-__all__ = ["DETECTORS", "Detector", "DetectorConfig", "MapModel", "Prediction", "create_detector", "detector_class",
+__all__ = ["DETECTORS", "Detector", "DetectorConfig", "MapModel", "create_detector", "detector_class",
            "good_only_models"]

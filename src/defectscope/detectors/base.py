@@ -13,21 +13,18 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from defectscope.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, load_backbone
-from defectscope.data.images import (
-    ImageSource,
-    Preprocess,
-    frame_aspect,
-    image_size,
-    iterate_batches,
-)
+from defectscope.data.decode import ImageSource, image_size
+from defectscope.data.frame import Preprocess, frame_aspect
+from defectscope.data.batches import iterate_batches
+from defectscope.data.images import normalize
 from defectscope.errors import DefectscopeError
+from defectscope.maps import finish_maps
+from defectscope.prediction import Prediction, predict_frames
 from defectscope.settings import FrameConfig, require_choice, require_range
 from defectscope.thresholds import (
     DEFAULT_FALSE_ALARM_RATE,
@@ -38,17 +35,7 @@ from defectscope.thresholds import (
 from defectscope.training.engine import EpochProgress, History
 
 Progress = Callable[[int], None]
-MAP_SIGMA = 4.0
 CALIBRATION_LIMIT = 500  # cross-fitted good scores kept at most
-
-
-def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of N x H x W maps (radius 4 sigma, reflected borders), with OpenCV's SIMD filter."""
-    size = 2 * int(4 * sigma + 0.5) + 1
-    kernel = cv2.getGaussianKernel(size, sigma, cv2.CV_32F)
-    frames = maps.float().contiguous().numpy()
-    smoothed = [cv2.sepFilter2D(frame, -1, kernel, kernel, borderType=cv2.BORDER_REFLECT_101) for frame in frames]
-    return torch.from_numpy(np.stack(smoothed)) if smoothed else maps.float()
 
 
 @dataclass
@@ -70,33 +57,6 @@ class DetectorConfig(FrameConfig):
             require_range("threshold_param", self.threshold_param, 0, 100, low_open=True)
         else:
             require_range("threshold_param", self.threshold_param, 0)
-
-
-@dataclass
-class Prediction:
-    """Raw scores (N), maps (one HxW array per image, or None for image-level models) and verdicts.
-
-    An image that could not be scored has score NaN, map None and its reason in `errors`.
-    """
-
-    scores: np.ndarray
-    maps: list[np.ndarray | None] | None
-    threshold: float | None = None
-    errors: list[str | None] | None = None
-
-    @property
-    def normalized(self) -> np.ndarray:
-        """Scores divided by the threshold: 1.0 is the decision boundary."""
-        if self.threshold is None:
-            raise DefectscopeError("this model has no threshold; fit it with calibration or set one with evaluate")
-        return self.scores.astype(np.float64) / self.threshold
-
-    @property
-    def verdicts(self) -> list[str]:
-        """'defective', 'good', or 'error' for any score that is not a finite number (never 'good')."""
-        if self.threshold is None:
-            raise DefectscopeError("this model has no threshold; fit it with calibration or set one with evaluate")
-        return ["error" if not np.isfinite(s) else "defective" if s >= self.threshold else "good" for s in self.scores.tolist()]
 
 
 @dataclass
@@ -147,6 +107,19 @@ class MapModel(ABC):
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what `tensors` returned."""
 
+    def export_head(self) -> str:
+        """What the exported graph returns after `embed` (`runtime.HEADS`): grid maps, or scores for image-level models."""
+        return "map" if self.localizes else "score"
+
+    def graph_output(self, features: torch.Tensor) -> torch.Tensor:
+        """The exported graph's output for embedded features, traced by `deployment.export_model`."""
+        scores, grid = self.score_features(features)
+        return grid if self.localizes else scores
+
+    def deployment_arrays(self) -> dict[str, np.ndarray]:
+        """Learned arrays the runtime needs beside the graph (none when the graph holds the whole scoring)."""
+        return {}
+
     def mean_loss(self, images: Sequence[ImageSource]) -> float | None:
         """The training objective on other images, for models trained by a loss; None for the others."""
         return None
@@ -167,34 +140,26 @@ class MapModel(ABC):
             self.backbone = load_backbone(self.config.backbone, self.strides)
         return self.backbone
 
-    def _embedded_batches(self, images: Sequence[ImageSource], progress: Progress | None, errors: list | None = None
+    def _embedded_batches(self, images: Sequence[ImageSource], progress: Progress | None
                           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (features, original sizes N x 2) batch by batch, in inference mode.
-
-        With an `errors` list, unreadable images are recorded there (their size is 0 x 0) instead of stopping.
-        """
+        """Yield (features, original sizes N x 2) batch by batch, in inference mode."""
         preprocess = self.preprocess
         with torch.inference_mode():
-            for batch, sizes in iterate_batches(images, preprocess, self.config.batch_size, errors=errors):
-                yield self.embed(preprocess.normalize(batch)), sizes
+            for batch, sizes in iterate_batches(images, preprocess, self.config.batch_size):
+                yield self.embed(normalize(torch.from_numpy(batch), preprocess)), torch.from_numpy(sizes)
                 if progress:
                     progress(len(batch))
 
-    def _score_and_map(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _score_and_map(self, features: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
         """Image scores and model-frame maps (smoothed) for a batch of features."""
         return self._finish(*self.score_features(features))
 
-    def _finish(self, scores: torch.Tensor | None, grid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What score_features returned -> image scores and model-frame maps."""
-        frame = None if grid is None else self._finish_maps(grid.float())
+    def _finish(self, scores: torch.Tensor | None, grid: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray | None]:
+        """What score_features returned -> image scores and model-frame maps (`maps.finish_maps`)."""
+        frame = None if grid is None else finish_maps(grid.float().numpy(), self.preprocess.input_shape)
         if scores is None:
-            scores = frame.amax(dim=(1, 2))
+            scores = torch.from_numpy(frame.max(axis=(1, 2)))
         return scores.float(), frame
-
-    def _finish_maps(self, maps: torch.Tensor) -> torch.Tensor:
-        """Feature-grid maps -> model-frame maps: bilinear upsampling, then Gaussian smoothing (sigma 4)."""
-        maps = F.interpolate(maps[:, None], size=self.preprocess.input_shape, mode="bilinear", align_corners=False)[:, 0]
-        return gaussian_smooth(maps, MAP_SIGMA)
 
     def predict(self, images: Sequence[ImageSource], map_size: str | tuple[int, int] = "original",
                 progress: Progress | None = None, keep_going: bool = False) -> Prediction:
@@ -202,30 +167,15 @@ class MapModel(ABC):
 
         An unreadable image stops the call, or with `keep_going` gets score NaN, map None and its reason.
         """
-        if not (map_size in ("original", "input") or isinstance(map_size, tuple)):
-            raise DefectscopeError(f"map_size must be 'original', 'input' or (height, width), got {map_size!r}")
-        errors: list[str | None] | None = [] if keep_going else None
-        scores, maps = [], []
-        for features, sizes in self._embedded_batches(images, progress, errors):
-            batch_scores, frame = self._score_and_map(features)
-            failed = sizes[:, 0] == 0
-            scores.append(batch_scores.numpy().astype(np.float32))
-            scores[-1][failed.numpy()] = np.nan
-            if frame is not None:
-                placed = self._place_maps(frame[~failed], sizes[~failed], map_size)[::-1] if not failed.all() else []
-                maps += [None if bad else placed.pop() for bad in failed.tolist()]
         threshold = self.calibration.threshold if self.calibration else None
-        joined = np.concatenate(scores) if scores else np.zeros(0, np.float32)
-        return Prediction(joined, maps if self.localizes else None, threshold, errors)
+        with torch.inference_mode():
+            return predict_frames(images, self.preprocess, self.config.batch_size, self.score_frames, threshold,
+                                  self.localizes, map_size, keep_going, progress)
 
-    def _place_maps(self, frame: torch.Tensor, sizes: torch.Tensor, map_size: str | tuple[int, int]) -> list[np.ndarray]:
-        if map_size == "input":
-            return list(frame.numpy())
-        if isinstance(map_size, tuple):
-            return list(F.interpolate(frame[:, None], size=map_size, mode="bilinear")[:, 0].numpy())
-        preprocess = self.preprocess
-        return [preprocess.to_original(frame[i : i + 1], height, width)[0].numpy()
-                for i, (height, width) in enumerate(sizes.tolist())]
+    def score_frames(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 frames N x 3 x h x w -> image scores and model-frame maps (None for image-level models)."""
+        scores, frame = self._score_and_map(self.embed(normalize(torch.from_numpy(batch), self.preprocess)))
+        return scores.numpy(), frame
 
 
 class Detector(MapModel):

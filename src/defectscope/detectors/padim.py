@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from defectscope.data.images import ImageSource
+from defectscope.data.decode import ImageSource
 from defectscope.detectors.base import (
     Detector,
     DetectorConfig,
@@ -30,16 +30,18 @@ def _mahalanobis_squared(features: torch.Tensor, mean: torch.Tensor, precision: 
     """N x positions x d features against per-position Gaussians -> N x positions squared distances.
 
     Precisions are stored in float16 and widened SCORE_CHUNK positions at a time into one reused
-    buffer: half the memory traffic, which bounds scoring at small batches.
+    buffer: half the memory traffic, which bounds scoring at small batches. (An exported graph
+    widens each chunk itself: a traced in-place buffer would not keep its slice shapes.)
     """
     delta = (features - mean).transpose(0, 1)  # positions x N x d
-    squared = torch.empty(delta.shape[:2])
+    exporting = torch.onnx.is_in_onnx_export()
     widened = torch.empty(min(SCORE_CHUNK, len(precision)), *precision.shape[1:])
+    parts = []
     for start in range(0, len(precision), SCORE_CHUNK):
         where = slice(start, min(start + SCORE_CHUNK, len(precision)))
-        block = widened[: where.stop - start].copy_(precision[where])
-        squared[where] = (torch.bmm(delta[where], block) * delta[where]).sum(-1)
-    return squared.T
+        block = precision[where].float() if exporting else widened[: where.stop - start].copy_(precision[where])
+        parts.append((torch.bmm(delta[where], block) * delta[where]).sum(-1))
+    return torch.cat(parts).T
 
 
 def grid_shape(positions: int, frame: tuple[int, int]) -> tuple[int, int]:

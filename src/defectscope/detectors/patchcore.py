@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from defectscope.data.images import ImageSource
+from defectscope.data.decode import ImageSource
 from defectscope.detectors.base import (
     Detector,
     DetectorConfig,
@@ -53,21 +54,35 @@ class PatchCoreConfig(DetectorConfig):
         require_range("shard_images", self.shard_images, 1)
 
 
+def pooling_kernel(channels: int, neighbourhood: int, layer_dim: int) -> torch.Tensor:
+    """The conv kernel (layer_dim x C x p x p) that adaptively average-pools each C*p*p neighbourhood to layer_dim.
+
+    Adaptive pooling of the flattened neighbourhood is linear: output j averages inputs
+    floor(j*L/D) .. ceil((j+1)*L/D) - 1 of the L = C*p*p values, in unfold's (channel, row, column) order.
+    """
+    length = channels * neighbourhood**2
+    j = torch.arange(layer_dim)
+    start, stop = (j * length) // layer_dim, ((j + 1) * length + layer_dim - 1) // layer_dim
+    i = torch.arange(length)[None, :]
+    weights = ((i >= start[:, None]) & (i < stop[:, None])).float()
+    weights /= weights.sum(1, keepdim=True)
+    return weights.reshape(layer_dim, channels, neighbourhood, neighbourhood)
+
+
 def patch_embedding(maps: dict[int, torch.Tensor], neighbourhood: int, layer_dim: int) -> torch.Tensor:
     """Locally aware patch features, as in the reference code.
 
     Each layer's p x p neighbourhood (C * p^2 values per position) is adaptively average-pooled to
-    `layer_dim`, so every layer weighs the same in the distance; deeper layers are then upsampled
-    (bilinear) to the finest grid and all are concatenated. Returns N x h x w x d, one row per patch.
+    `layer_dim` (one convolution, see `pooling_kernel`), so every layer weighs the same in the distance;
+    deeper layers are then upsampled (bilinear) to the finest grid and all are concatenated.
+    Returns N x h x w x d, one row per patch.
     """
     size = maps[min(maps)].shape[-2:]
     parts = []
     for stride in sorted(maps):
         x = maps[stride].float()
-        n, c, h, w = x.shape
-        patches = F.unfold(x, neighbourhood, padding=neighbourhood // 2)  # N x C*p*p x h*w
-        pooled = F.adaptive_avg_pool1d(patches.transpose(1, 2).reshape(-1, 1, c * neighbourhood**2), layer_dim)
-        x = pooled.reshape(n, h, w, layer_dim).permute(0, 3, 1, 2)
+        kernel = pooling_kernel(x.shape[1], neighbourhood, layer_dim).to(memory_format=torch.channels_last)
+        x = F.conv2d(x, kernel, padding=neighbourhood // 2)
         if x.shape[-2:] != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         parts.append(x)
@@ -164,7 +179,7 @@ class PatchCore(Detector):
                 rest = rows_outside(n, fold)
                 extra = self._uncovered(patches[rest], covered[rest])
                 ends = torch.tensor([len(fitted.bank) + len(extra)])  # the new patches as one more cluster: still exact
-                self.index = ClusteredBank.from_sorted(torch.cat([fitted.bank, extra]), torch.cat([fitted.offsets, ends]))
+                self.index = ClusteredBank(torch.cat([fitted.bank, extra]), torch.cat([fitted.offsets, ends]))
                 held_out.append(self._score_and_map(features[fold])[0])
         added = self._uncovered(patches, covered)
         self.index = ClusteredBank.build(torch.cat([fitted.bank, added]), self.config.seed)
@@ -188,8 +203,20 @@ class PatchCore(Detector):
         weights = 1 - torch.softmax(distances, dim=1)[:, 0]
         return weights * scores
 
+    def export_head(self) -> str:
+        """The graph ends at the patch features: the runtime searches the memory bank exactly, as `score_features` does."""
+        if self.config.reweight:
+            raise DefectscopeError("PatchCore with reweight: true cannot be exported; refit with reweight: false")
+        return "nearest"
+
+    def graph_output(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def deployment_arrays(self) -> dict[str, np.ndarray]:
+        return {"memory_bank": self.index.bank.numpy(), "cluster_offsets": self.index.offsets.numpy()}
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return self.index.tensors() if self.index else {}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.index = ClusteredBank.from_sorted(tensors["memory_bank"], tensors["cluster_offsets"])
+        self.index = ClusteredBank(tensors["memory_bank"], tensors["cluster_offsets"])

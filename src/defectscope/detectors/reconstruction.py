@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectscope.data.images import ImageSource
+from defectscope.data.decode import ImageSource
 from defectscope.detectors.base import (
     Detector,
     DetectorConfig,

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from pycocotools.coco import COCO
 
-from defectscope.data.images import image_header, read_mask
+from defectscope.data.decode import image_header, read_mask
 from defectscope.data.layout import load_dataset
 from defectscope.errors import DefectscopeError
 from defectscope.export.instances import components, rasterize

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from defectscope.data.images import image_header, read_mask
+from defectscope.data.decode import image_header, read_mask
 from defectscope.data.layout import Dataset, Sample
 from defectscope.errors import DefectscopeError
 from defectscope.export.instances import Instance, components, polygons, rle

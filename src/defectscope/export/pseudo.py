@@ -16,7 +16,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from defectscope.data.images import read_mask
+from defectscope.data.decode import read_mask
 from defectscope.data.layout import Dataset, Sample
 from defectscope.detectors.base import MapModel
 from defectscope.errors import DefectscopeError

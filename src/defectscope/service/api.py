@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import torch
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from defectscope.artifacts import check_model_output, set_threshold
-from defectscope.data.images import read_image
-from defectscope.detectors.base import Prediction
+from defectscope.data.decode import read_image
+from defectscope.prediction import Prediction
 from defectscope.errors import DefectscopeError
 from defectscope.experiments.config import SAFE_NAME
 from defectscope.export.instances import polygons
@@ -94,7 +93,7 @@ async def inspect(request: Request, name: str, files: Annotated[list[UploadFile]
 
 def original_map(model: ServedModel, frame_map: np.ndarray, image: np.ndarray) -> np.ndarray:
     """A model-frame map placed on the original image's pixels."""
-    return model.detector.preprocess.to_original(torch.from_numpy(frame_map)[None], *image.shape[:2])[0].numpy()
+    return model.detector.preprocess.to_original(frame_map, *image.shape[:2])
 
 
 def _results(model: ServedModel, names: list[str], images: list[np.ndarray], prediction: Prediction, heatmap: bool,

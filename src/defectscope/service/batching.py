@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from defectscope.detectors.base import MapModel, Prediction
+from defectscope.detectors.base import MapModel
+from defectscope.prediction import Prediction
 
 
 class QueueFull(Exception):

@@ -8,7 +8,7 @@ import numpy as np
 from fastapi import HTTPException, UploadFile
 from PIL import Image, UnidentifiedImageError
 
-from defectscope.data.images import ImageTooLarge, decode_image
+from defectscope.data.decode import ImageTooLarge, decode_image
 from defectscope.errors import DefectscopeError
 
 FORMATS = frozenset({"PNG", "JPEG", "BMP", "TIFF", "WEBP"})  # what the decoder reads; sniffed, never taken from the name

@@ -1,0 +1,167 @@
+"""Image decoding with a pixel limit, read from the header before any pixel is decoded.
+
+Every decode first reads the file header and refuses images above the pixel limit
+(`DEFECTSCOPE_MAX_PIXELS`, default 50 megapixels), so a small file cannot claim gigabytes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from defectscope.errors import DefectscopeError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+MAX_PIXELS_ENV = "DEFECTSCOPE_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 50_000_000  # a 50-megapixel camera frame (8192 x 6104); MVTec's largest images are 1 MP
+
+ImageSource = str | Path | np.ndarray
+
+
+class ImageTooLarge(DefectscopeError):
+    """An image above the pixel limit (refused from its header, before decoding)."""
+
+cv2.setNumThreads(1)
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # failures become our errors, not [ WARN ] lines
+
+
+def max_pixels() -> int:
+    """The pixel limit per image: `DEFECTSCOPE_MAX_PIXELS` if set, else DEFAULT_MAX_PIXELS."""
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if value is None:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise DefectscopeError(f"{MAX_PIXELS_ENV} must be a whole number of pixels >= 1, got {value!r}")
+    return limit
+
+
+def _pil_failure(data: np.ndarray) -> str:
+    """Ask Pillow why an image file's bytes cannot be decoded, for a precise error message."""
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
+            image.load()
+    except UnidentifiedImageError:
+        return "not an image file Pillow or OpenCV can read"
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"corrupt or truncated ({exc})"
+    return "OpenCV could not decode it"
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode any common image (gray, RGBA, palette, 16-bit) to an RGB uint8 array HxWx3."""
+    path = Path(path)
+    return decode_image(_read_bytes(path), path)
+
+
+def decode_image(data: np.ndarray, path: str | Path) -> np.ndarray:
+    """Decode an image file's bytes (uint8 array) to RGB uint8 HxWx3; `path` names it in errors."""
+    path = Path(path)
+    image_header(path, data)  # size limit before any pixel is decoded
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        reason = _pil_failure(data)
+        raise DefectscopeError(f"cannot decode image {path}: {reason}; replace or remove the file")
+    if image.dtype != np.uint8:
+        image = _to_uint8(image)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """Scale 16-bit or float images to 8 bits using the dtype's full range."""
+    if image.dtype == np.uint16:
+        return (image >> 8).astype(np.uint8)
+    if np.issubdtype(image.dtype, np.floating):
+        return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    info = np.iinfo(image.dtype)
+    scaled = (image.astype(np.float64) - info.min) / (info.max - info.min) * 255.0
+    return scaled.round().astype(np.uint8)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Decode a mask to a boolean HxW array (any non-zero pixel is defective)."""
+    path = Path(path)
+    data = _read_bytes(path)
+    image_header(path, data)
+    image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise DefectscopeError(f"cannot decode mask {path}: {_pil_failure(path)}; replace or remove the file")
+    return image > 0
+
+
+def _read_bytes(path: Path) -> np.ndarray:
+    """A file's bytes, read once for the header check and the decoder."""
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError as exc:
+        raise DefectscopeError(f"cannot read image {path}: it does not exist") from exc
+    except OSError as exc:
+        raise DefectscopeError(f"cannot read image {path}: {exc.strerror or exc}") from exc
+
+
+def image_header(path: str | Path, data: np.ndarray | None = None) -> tuple[int, int, str]:
+    """Width, height and Pillow mode read from the file header only (no pixel decoding); checks the pixel limit.
+
+    `data`, the file's bytes when the caller has already read them, spares a second read.
+    """
+    path = Path(path)
+    try:
+        if (data is not None and not data.size) or (data is None and path.is_file() and path.stat().st_size == 0):
+            raise DefectscopeError(f"cannot decode image {path}: empty file; replace or remove the file")
+        with warnings.catch_warnings():  # the limit below is ours; Pillow's bomb warning would only repeat it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path if data is None else io.BytesIO(data)) as image:
+                width, height, mode = image.width, image.height, image.mode
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image {path} is above the limit of {max_pixels():,} pixels ({exc})") from exc
+    except FileNotFoundError as exc:
+        raise DefectscopeError(f"cannot read image {path}: it does not exist") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        reason = "not an image file" if isinstance(exc, UnidentifiedImageError) else str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+        raise DefectscopeError(f"cannot read image header of {path}: {reason}; replace or remove the file") from exc
+    limit = max_pixels()
+    if width * height > limit:
+        raise ImageTooLarge(f"image {path} is {width}x{height} = {width * height:,} pixels, above the limit of {limit:,}; "
+                               f"shrink it, or raise {MAX_PIXELS_ENV}")
+    if width < 1 or height < 1:
+        raise DefectscopeError(f"image {path} has no pixels ({width}x{height})")
+    return width, height, mode
+
+
+def image_size(source: ImageSource) -> tuple[int, int]:
+    """(height, width) of an image file (from its header) or array."""
+    if isinstance(source, np.ndarray):
+        return source.shape[0], source.shape[1]
+    width, height, _ = image_header(source)
+    return height, width
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files and folders (searched recursively, hidden files skipped) -> image paths in a stable order."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())
+                           and not any(part.startswith(".") for part in p.relative_to(item).parts))
+            if not found:
+                raise DefectscopeError(f"folder {item} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths += found
+        elif item.exists() or item.is_symlink():
+            paths.append(item)
+        else:
+            raise DefectscopeError(f"{item} does not exist")
+    return paths

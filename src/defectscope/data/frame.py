@@ -1,0 +1,111 @@
+"""The model frame: resize to the frame (keeping the products' aspect), center crop, and the way back."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from defectscope.errors import DefectscopeError
+
+FRAME_MULTIPLE = 16  # the long side of a non-square frame is a multiple of the coarsest feature stride
+MAX_ASPECT = 4.0  # frames are at most 4:1; longer images are squashed to that
+
+
+def frame_aspect(sizes: Sequence[tuple[int, int]]) -> float:
+    """The frame aspect (height / width) learned from (height, width) image sizes: their median, capped at 4:1."""
+    ratios = np.array([h / w for h, w in sizes if h > 0 and w > 0], dtype=np.float64)
+    if not len(ratios):
+        return 1.0
+    return float(np.clip(np.median(ratios), 1 / MAX_ASPECT, MAX_ASPECT))
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize to the frame, optional center crop and normalization; travels inside every model file.
+
+    `image_size` is the frame's short side; the long side follows `aspect` (height / width, learned
+    from the training images), so a 300x400 product is not squashed. `crop` is the short side after
+    the center crop; the long side loses the same margin.
+    """
+
+    image_size: int = 256
+    crop: int | None = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    aspect: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16:
+            raise DefectscopeError(f"image size must be at least 16 pixels, got {self.image_size}")
+        if self.crop is not None and not 16 <= self.crop <= self.image_size:
+            raise DefectscopeError(
+                f"crop must be between 16 and the image size {self.image_size}, got {self.crop}"
+            )
+        if not 1 / MAX_ASPECT <= self.aspect <= MAX_ASPECT:
+            raise DefectscopeError(f"frame aspect must be between 1/{MAX_ASPECT:g} and {MAX_ASPECT:g}, got {self.aspect}")
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """(height, width) of the resized image, before the crop."""
+        short = self.image_size
+        long = max(short, round(short * max(self.aspect, 1 / self.aspect) / FRAME_MULTIPLE) * FRAME_MULTIPLE)
+        return (long, short) if self.aspect > 1 else (short, long)
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(height, width) of the tensor the model sees."""
+        margin = self.image_size - (self.crop or self.image_size)
+        height, width = self.frame_shape
+        return height - margin, width - margin
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocess:
+        return cls(
+            image_size=int(data["image_size"]),
+            crop=None if data.get("crop") is None else int(data["crop"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            aspect=float(data.get("aspect", 1.0)),
+        )
+
+    def resize_crop(self, image: np.ndarray, interpolation: int | None = None) -> np.ndarray:
+        """Resize an HxW[xC] array to the model frame and center-crop it."""
+        height, width = self.frame_shape
+        if interpolation is None:
+            shrinking = image.shape[0] > height or image.shape[1] > width
+            interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        resized = cv2.resize(image, (width, height), interpolation=interpolation)
+        (top, left), (rows, cols) = self._crop_offsets(), self.input_shape
+        return resized[top : top + rows, left : left + cols]
+
+    def _crop_offsets(self) -> tuple[int, int]:
+        (height, width), (rows, cols) = self.frame_shape, self.input_shape
+        return (height - rows) // 2, (width - cols) // 2
+
+    def mask_to_input(self, mask: np.ndarray) -> np.ndarray:
+        """Bring a boolean mask into the model frame (area-resize, then majority vote)."""
+        frame = self.resize_crop(mask.astype(np.float32), cv2.INTER_AREA)
+        return frame >= 0.5
+
+    def to_original(self, frame_map: np.ndarray, height: int, width: int) -> np.ndarray:
+        """Map one model-frame map h x w back onto an original HxW image (bilinear).
+
+        The crop is undone by padding with the map's minimum (the border outside the crop is not
+        inspected), then the frame is resized to HxW.
+        """
+        (frame_h, frame_w), (rows, cols) = self.frame_shape, self.input_shape
+        (top, left), (map_h, map_w) = self._crop_offsets(), frame_map.shape
+        scale_h, scale_w = map_h / rows, map_w / cols
+        lead_h, lead_w = round(top * scale_h), round(left * scale_w)
+        trail_h = round(frame_h * scale_h) - map_h - lead_h
+        trail_w = round(frame_w * scale_w) - map_w - lead_w
+        frame_map = np.asarray(frame_map, dtype=np.float32)
+        if lead_h or lead_w or trail_h or trail_w:
+            frame_map = np.pad(frame_map, ((lead_h, trail_h), (lead_w, trail_w)), constant_values=frame_map.min())
+        return cv2.resize(frame_map, (width, height), interpolation=cv2.INTER_LINEAR)

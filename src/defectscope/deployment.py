@@ -1,0 +1,149 @@
+"""Export a fitted model for the torch-free runtime: the inference graph (ONNX or OpenVINO IR) and its deployment file.
+
+The graph holds normalization, backbone, embedding and the model's scoring where it is a fixed
+computation (PaDiM's Mahalanobis distances, the embedding baselines, reconstruction errors);
+PatchCore's graph ends at the patch features and the runtime searches its memory bank exactly
+(a pruned search has no fixed shape). Every export is checked against the PyTorch model on probe
+images before anything is written.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save as save_arrays
+from torch import nn
+
+from defectscope._version import __version__
+from defectscope.artifacts import load_model, manifest_of
+from defectscope.data.images import normalize
+from defectscope.detectors.base import MapModel
+from defectscope.errors import DefectscopeError
+from defectscope.files import check_output_file, json_text, write_atomic
+from defectscope.manifests import MANIFEST_KEY
+from defectscope.runtime import (
+    DEPLOYMENT_FORMAT,
+    DEPLOYMENT_SUFFIX,
+    DEPLOYMENT_VERSION,
+    ENGINES,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    DeployedModel,
+    file_sha256,
+    is_deployment,
+)
+
+OPSET = 17
+GRAPH_SUFFIXES = {"onnx": (".onnx",), "openvino": (".xml", ".bin")}
+PROBE_IMAGES = 3
+PARITY_RTOL = 1e-4  # exported scores agree with the PyTorch model's within this relative difference
+
+
+class InferenceGraph(nn.Module):
+    """uint8 frames N x 3 x h x w -> normalization, backbone and embedding, then the model's `graph_output`."""
+
+    def __init__(self, model: MapModel) -> None:
+        super().__init__()
+        self.model = model
+        self.backbone = model.backbone  # registered, so its weights become the graph's initializers
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.model.graph_output(self.model.embed(normalize(frames, self.model.preprocess)))
+
+
+def _write_graph(model: MapModel, file_format: str, folder: Path, stem: str) -> list[Path]:
+    """Trace the model into `folder` (ONNX; converted to OpenVINO IR on request); returns the graph files."""
+    graph = InferenceGraph(model).eval()
+    example = torch.zeros(2, 3, *model.preprocess.input_shape, dtype=torch.uint8)
+    onnx_path = folder / f"{stem}.onnx"
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer notes on Python-side shapes: the frame is fixed, only the batch varies
+        torch.onnx.export(graph, (example,), str(onnx_path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=OPSET,
+                          dynamo=False)
+    if file_format == "onnx":
+        return [onnx_path]
+    try:
+        import openvino
+    except ImportError as exc:
+        raise DefectscopeError("exporting to OpenVINO needs openvino: pip install 'defectscope[openvino]'") from exc
+    xml_path = folder / f"{stem}.xml"
+    openvino.save_model(openvino.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
+    return [xml_path, xml_path.with_suffix(".bin")]
+
+
+def _probe_images(model: MapModel) -> list[np.ndarray]:
+    """Seeded probe images at the frame's size: smooth gradients with noise and a bright blob."""
+    rng = np.random.default_rng(0)
+    height, width = model.preprocess.input_shape
+    ramp = np.linspace(0, 200, width, dtype=np.float32)[None, :, None]
+    images = []
+    for k in range(PROBE_IMAGES):
+        image = ramp + rng.normal(0, 8 + 8 * k, (height, width, 3))
+        image[height // 3 : height // 2, width // 3 : width // 2] += 40 * k
+        images.append(np.clip(image, 0, 255).astype(np.uint8))
+    return images
+
+
+def check_parity(model: MapModel, deployed: DeployedModel) -> float:
+    """The largest relative score difference between the PyTorch model and its export on probe images; raises above PARITY_RTOL."""
+    probes = _probe_images(model)
+    expected, got = model.predict(probes, map_size="input"), deployed.predict(probes, map_size="input")
+    difference = float(np.max(np.abs(got.scores - expected.scores) / np.maximum(np.abs(expected.scores), 1e-12)))
+    if not difference <= PARITY_RTOL:
+        raise DefectscopeError(f"the exported graph disagrees with the model (relative score difference {difference:.2g} "
+                               f"> {PARITY_RTOL:g}); nothing was written")
+    return difference
+
+
+def _descriptor(model: MapModel, manifest: dict) -> bytes:
+    """The deployment file: the runtime's arrays, with the manifest in the safetensors header."""
+    arrays = {name: np.ascontiguousarray(array) for name, array in model.deployment_arrays().items()}
+    return save_arrays(arrays, metadata={MANIFEST_KEY: json_text(manifest, indent=None)})
+
+
+def export_model(model_path: str | Path, out: str | Path, file_format: str = "onnx", force: bool = False) -> list[Path]:
+    """Write `out` (a .dsdeploy file) and its graph beside it, after checking the export against the model.
+
+    Returns the files written. Existing files are replaced only when they belong to an earlier
+    export to the same place (anything else needs `force`).
+    """
+    model_path, out = Path(model_path), Path(out)
+    if file_format not in ENGINES:
+        raise DefectscopeError(f"unknown export format {file_format!r}; choose one of: {', '.join(ENGINES)}")
+    if out.suffix != DEPLOYMENT_SUFFIX:
+        raise DefectscopeError(f"the output must be a {DEPLOYMENT_SUFFIX} file (its graph is written beside it), got {out}")
+    check_output_file(out, force, is_ours=is_deployment)
+    ours = out.is_file() and is_deployment(out)
+    targets = [out.with_suffix(suffix) for suffix in GRAPH_SUFFIXES[file_format]]
+    for target in targets:
+        check_output_file(target, force or ours)
+    model = load_model(model_path)
+    head = model.export_head()
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as folder:
+        staged = _write_graph(model, file_format, Path(folder), out.stem)
+        graph = staged[0]
+        manifest = {
+            "format": DEPLOYMENT_FORMAT,
+            "format_version": DEPLOYMENT_VERSION,
+            "library_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "model": manifest_of(model),
+            "source": {"file": model_path.name, "sha256": file_sha256(model_path)},
+            "graph": {"file": graph.name, "sha256": file_sha256(graph), "engine": ENGINES[file_format], "opset": OPSET},
+            "head": head,
+        }
+        staged_descriptor = Path(folder) / out.name
+        staged_descriptor.write_bytes(_descriptor(model, manifest))
+        manifest["parity"] = {"probe_images": PROBE_IMAGES,
+                              "max_relative_score_difference": check_parity(model, DeployedModel(staged_descriptor, 2))}
+        descriptor = _descriptor(model, manifest)
+        for source, target in zip(staged, targets):
+            write_atomic(target, source.read_bytes())
+    write_atomic(out, descriptor)
+    return [out, *targets]

@@ -1,0 +1,54 @@
+"""Self-describing safetensors files: a JSON manifest in the header's metadata, checked before use (no torch)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from defectscope._version import __version__
+from defectscope.errors import DefectscopeError
+
+MANIFEST_KEY = "defectscope"
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def is_manifest_file(path: Path, file_format: str) -> bool:
+    """Whether `path` is a safetensors file whose manifest declares `file_format` (reads the header only)."""
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            header = stream.read(size) if 0 < size <= MAX_HEADER else b""
+        return json.loads(json.loads(header)["__metadata__"][MANIFEST_KEY]).get("format") == file_format
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def read_header_manifest(data: bytes, path: Path, file_format: str, max_version: int, what: str) -> dict[str, Any]:
+    """Parse and check the manifest in a safetensors header (format, version), and that the file is complete."""
+    if len(data) < 8:
+        raise DefectscopeError(f"{path} is not a {what} (too short: {len(data)} bytes)")
+    (header_size,) = struct.unpack("<Q", data[:8])
+    if header_size > min(MAX_HEADER, len(data) - 8):
+        raise DefectscopeError(f"{path} is not a {what}, or it is truncated (bad header length)")
+    try:
+        header = json.loads(data[8 : 8 + header_size])
+        manifest = json.loads(header["__metadata__"][MANIFEST_KEY])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DefectscopeError(f"{path} is not a {what} (no manifest in its header)") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != file_format:
+        raise DefectscopeError(f"{path} is not a {what} (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise DefectscopeError(f"{path} is damaged: its format version {version!r} is not a whole number >= 1")
+    if version > max_version:
+        raise DefectscopeError(f"{path} has format version {version}, newer than this defectscope ({__version__}) reads "
+                               f"(up to {max_version}); upgrade defectscope")
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)]
+    if max(ends, default=0) != len(data) - 8 - header_size:
+        raise DefectscopeError(f"{what} {path} is corrupt or truncated: its tensors need {max(ends, default=0)} bytes, "
+                               f"it holds {len(data) - 8 - header_size}")
+    return manifest

@@ -1,0 +1,99 @@
+"""Predictions: raw scores, maps, the threshold, verdicts that fail closed; the batch loop every predictor shares."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defectscope.data.batches import iterate_batches
+from defectscope.data.decode import ImageSource
+from defectscope.data.frame import Preprocess
+from defectscope.errors import DefectscopeError
+from defectscope.maps import resize_maps
+
+ScoreFrames = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]  # uint8 frames -> (scores, frame maps or None)
+
+
+@dataclass
+class Prediction:
+    """Raw scores (N), maps (one HxW array per image, or None for image-level models) and verdicts.
+
+    An image that could not be scored has score NaN, map None and its reason in `errors`.
+    """
+
+    scores: np.ndarray
+    maps: list[np.ndarray | None] | None
+    threshold: float | None = None
+    errors: list[str | None] | None = None
+
+    @property
+    def normalized(self) -> np.ndarray:
+        """Scores divided by the threshold: 1.0 is the decision boundary."""
+        if self.threshold is None:
+            raise DefectscopeError("this model has no threshold; fit it with calibration or set one with evaluate")
+        with np.errstate(over="ignore"):  # a tiny threshold gives inf: still above 1.0, as it should be
+            return self.scores.astype(np.float64) / self.threshold
+
+    @property
+    def verdicts(self) -> list[str]:
+        """'defective', 'good', or 'error' for any score that is not a finite number (never 'good')."""
+        if self.threshold is None:
+            raise DefectscopeError("this model has no threshold; fit it with calibration or set one with evaluate")
+        return ["error" if not np.isfinite(s) else "defective" if s >= self.threshold else "good" for s in self.scores.tolist()]
+
+
+def place_maps(frame: np.ndarray, sizes: np.ndarray, failed: np.ndarray, preprocess: Preprocess,
+               map_size: str | tuple[int, int]) -> list[np.ndarray | None]:
+    """Model-frame maps N x h x w -> one map per image at `map_size` ('original', 'input' or (H, W)); None where failed."""
+    if map_size == "input":
+        placed = list(frame)
+    elif isinstance(map_size, tuple):
+        placed = list(resize_maps(frame, map_size))
+    else:
+        placed = [None if bad else preprocess.to_original(m, int(h), int(w)) for m, (h, w), bad in zip(frame, sizes, failed)]
+    return [None if bad else m for m, bad in zip(placed, failed)]
+
+
+def predict_frames(images: Sequence[ImageSource], preprocess: Preprocess, batch_size: int, score_frames: ScoreFrames,
+                   threshold: float | None, localizes: bool, map_size: str | tuple[int, int] = "original",
+                   keep_going: bool = False, progress: Callable[[int], None] | None = None) -> Prediction:
+    """Decode and frame images batch by batch, score them with `score_frames`, and place the maps.
+
+    An unreadable image stops the call, or with `keep_going` gets score NaN, map None and its reason.
+    """
+    if not (map_size in ("original", "input") or isinstance(map_size, tuple)):
+        raise DefectscopeError(f"map_size must be 'original', 'input' or (height, width), got {map_size!r}")
+    errors: list[str | None] | None = [] if keep_going else None
+    scores, maps = [], []
+    for batch, sizes in iterate_batches(images, preprocess, batch_size, errors=errors):
+        batch_scores, frame = score_frames(batch)
+        failed = sizes[:, 0] == 0
+        scores.append(np.asarray(batch_scores, dtype=np.float32).reshape(len(batch)).copy())
+        scores[-1][failed] = np.nan
+        if frame is not None:
+            maps += place_maps(frame, sizes, failed, preprocess, map_size)
+        if progress:
+            progress(len(batch))
+    joined = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    return Prediction(joined, maps if localizes else None, threshold, errors)
+
+
+def prediction_rows(paths: Sequence[Path], prediction: Prediction) -> list[dict[str, Any]]:
+    """One JSON-ready record per image: path, score, normalized score, verdict, and the reason of an error."""
+    errors = prediction.errors or [None] * len(paths)
+    normalized = prediction.normalized if prediction.threshold else [None] * len(paths)
+    verdicts = prediction.verdicts if prediction.threshold else ["unknown (no threshold)"] * len(paths)
+    rows = []
+    for path, score, norm, verdict, error in zip(paths, prediction.scores, normalized, verdicts, errors):
+        finite = bool(np.isfinite(score))
+        row = {"path": str(path), "score": float(score) if finite else None,
+               "normalized": float(norm) if finite and norm is not None else None,
+               "verdict": "error" if error or not finite else verdict}
+        if row["verdict"] == "error":
+            row["error"] = error or "the model produced a score that is not a finite number"
+        rows.append(row)
+    return rows

@@ -1,0 +1,186 @@
+"""The torch-free runtime: run an exported model (`defectscope export model`) with onnxruntime or OpenVINO.
+
+An export is two files side by side: the inference graph (`.onnx`, or OpenVINO's `.xml` + `.bin`)
+and a deployment file (`.dsdeploy`: safetensors whose header holds the model's manifest, the frame,
+the threshold and the graph's sha256, plus what the graph leaves to NumPy: PatchCore's memory bank).
+Decoding, framing, the exact nearest-neighbour search and the map finishing are the library's own
+NumPy/OpenCV code, so `predict` returns what the PyTorch model returns. Importing this module does
+not import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_arrays
+
+from defectscope.data.decode import ImageSource, expand_inputs
+from defectscope.data.frame import Preprocess
+from defectscope.errors import DefectscopeError
+from defectscope.files import json_text
+from defectscope.manifests import is_manifest_file, read_header_manifest
+from defectscope.maps import finish_maps
+from defectscope.prediction import Prediction, predict_frames, prediction_rows
+from defectscope.search import ClusterIndex
+
+if TYPE_CHECKING:
+    from defectscope.thresholds import Calibration
+
+DEPLOYMENT_FORMAT = "defectscope-deployment"
+DEPLOYMENT_VERSION = 1
+DEPLOYMENT_SUFFIX = ".dsdeploy"
+INPUT_NAME, OUTPUT_NAME = "image", "output"
+ENGINES = {"onnx": "onnxruntime", "openvino": "openvino"}  # export format -> runtime that runs it
+HEADS = ("map", "score", "nearest")  # graph output: grid maps | image scores | PatchCore patch features
+
+
+class Engine(Protocol):
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 N x 3 x h x w frames -> the graph's output."""
+
+
+class OnnxEngine:
+    """An onnxruntime session on the CPU."""
+
+    def __init__(self, graph: Path, threads: int | None) -> None:
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise DefectscopeError("running an ONNX export needs onnxruntime: pip install 'defectscope[onnx]'") from exc
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+
+class OpenVinoEngine:
+    """An OpenVINO model compiled for the CPU, in float32 (no silent bf16 on CPUs that have it)."""
+
+    def __init__(self, graph: Path, threads: int | None) -> None:
+        try:
+            import openvino
+        except ImportError as exc:
+            raise DefectscopeError("running an OpenVINO export needs openvino: pip install 'defectscope[openvino]'") from exc
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.model = openvino.Core().compile_model(str(graph), "CPU", config)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.model(batch)[OUTPUT_NAME]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_deployment(path: str | Path) -> bool:
+    """Whether `path` is a deployment file written by `defectscope export model` (reads the header only)."""
+    return is_manifest_file(Path(path), DEPLOYMENT_FORMAT)
+
+
+class DeployedModel:
+    """An exported model: `predict` gives the library's `Prediction` (score, verdict, map at the original size)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        self.path = Path(path)
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise DefectscopeError(f"cannot read deployment file {self.path}: {exc.strerror or exc}") from exc
+        self.manifest = read_header_manifest(data, self.path, DEPLOYMENT_FORMAT, DEPLOYMENT_VERSION, "deployment file")
+        try:
+            self.arrays = load_arrays(data)
+        except (SafetensorError, ValueError) as exc:
+            raise DefectscopeError(f"deployment file {self.path} is corrupt: {exc}") from exc
+        try:
+            model, graph = self.manifest["model"], self.manifest["graph"]
+            self.head = self.manifest["head"]
+            self.preprocess = Preprocess.from_dict(model["preprocess"])
+            self.name = str(model["detector"])
+            self.calibration_dict = model.get("calibration")
+            self.threshold = None if self.calibration_dict is None else float(self.calibration_dict["threshold"])
+            graph_path = self.path.parent / Path(graph["file"]).name  # beside this file, never elsewhere
+            expected, engine = graph["sha256"], graph["engine"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DefectscopeError(f"deployment file {self.path} is damaged: its manifest is incomplete ({exc})") from exc
+        if self.head not in HEADS or engine not in ENGINES.values():
+            raise DefectscopeError(f"deployment file {self.path} needs head {self.head!r} / engine {engine!r}, "
+                                   "which this defectscope does not know; upgrade defectscope")
+        if not graph_path.is_file():
+            raise DefectscopeError(f"the graph {graph_path.name} of {self.path} is missing; copy it beside the deployment file")
+        if file_sha256(graph_path) != expected:
+            raise DefectscopeError(f"the graph {graph_path} does not match {self.path} (sha256 differs); export again")
+        self.index = ClusterIndex(self.arrays["memory_bank"], self.arrays["cluster_offsets"]) if self.head == "nearest" else None
+        self.engine: Engine = (OnnxEngine if engine == "onnxruntime" else OpenVinoEngine)(graph_path, threads)
+        self.batch_size = int(model.get("config", {}).get("batch_size", 32))
+
+    @property
+    def localizes(self) -> bool:
+        return self.head != "score"
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The model's calibration (thresholds.Calibration, imported on use: it needs SciPy, the runtime does not)."""
+        from defectscope.thresholds import Calibration
+
+        return None if self.calibration_dict is None else Calibration.from_dict(self.calibration_dict)
+
+    def score_frames(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 frames N x 3 x h x w -> image scores and model-frame maps (None for image-level models)."""
+        output = self.engine.run(batch)
+        if self.head == "score":
+            return output.reshape(len(batch)), None
+        if self.head == "nearest":  # PatchCore: exact search in the memory bank; the score is the worst patch
+            n, h, w, d = output.shape
+            grid = self.index.search(output.reshape(-1, d))[0].reshape(n, h, w)
+            return grid.reshape(n, -1).max(1), finish_maps(grid, self.preprocess.input_shape)
+        frame = finish_maps(output, self.preprocess.input_shape)
+        return frame.max(axis=(1, 2)), frame
+
+    def predict(self, images: Sequence[ImageSource], map_size: str | tuple[int, int] = "original",
+                progress: Callable[[int], None] | None = None, keep_going: bool = False) -> Prediction:
+        """Score images as `MapModel.predict` does; unreadable images stop the call or, with `keep_going`, score NaN."""
+        return predict_frames(images, self.preprocess, self.batch_size, self.score_frames, self.threshold, self.localizes,
+                              map_size, keep_going, progress)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m defectscope.runtime MODEL.dsdeploy IMAGES...`: one JSON line per image.
+
+    Exit 0 when every image was scored, 3 when some could not be (verdict 'error'), 2 on bad input.
+    """
+    parser = argparse.ArgumentParser(prog="python -m defectscope.runtime", description=main.__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path, help="deployment file written by `defectscope export model`")
+    parser.add_argument("inputs", type=Path, nargs="+", help="images or folders of images")
+    parser.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's choice)")
+    args = parser.parse_args(argv)
+    try:
+        model = DeployedModel(args.model, args.threads)
+        paths = expand_inputs(args.inputs)
+        rows = prediction_rows(paths, model.predict(paths, keep_going=True))
+    except DefectscopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for row in rows:
+        print(json_text(row, indent=None))
+    return 3 if any(row["verdict"] == "error" for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

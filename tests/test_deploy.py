@@ -1,0 +1,124 @@
+"""Exported models: the torch-free runtime gives the PyTorch model's scores, maps and verdicts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from defectscope import load_dataset
+from defectscope.artifacts import load_model, save_model
+from defectscope.deployment import export_model
+from defectscope.detectors.base import create_detector
+from defectscope.runtime import DeployedModel
+
+pytest.importorskip("onnxruntime")
+
+NO_TORCH = """
+import importlib.abc, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "scipy", "sklearn"):
+            raise ImportError(f"{name} must not be imported by the runtime")
+sys.meta_path.insert(0, Refuse())
+"""
+
+
+@pytest.fixture(scope="module")
+def test_images(demo_root: Path) -> list[Path]:
+    return [s.path for s in load_dataset(demo_root).test]
+
+
+@pytest.fixture(scope="module")
+def fitted(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Model files of a small PatchCore and PaDiM, and of the k-NN baseline, fitted on the demo data."""
+    folder = tmp_path_factory.mktemp("models")
+    train = [s.path for s in load_dataset(demo_root).train]
+    paths = {}
+    for name, settings in {"patchcore": {"image_size": 128, "crop": 112, "coreset_ratio": 0.25},
+                           "padim": {"image_size": 128, "crop": 112}, "knn": {"image_size": 128, "crop": None}}.items():
+        detector = create_detector(name, **settings)
+        detector.fit(train)
+        paths[name] = save_model(detector, folder / f"{name}.dsmodel")
+    return paths
+
+
+def _assert_same(expected, got) -> None:
+    np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-4)
+    assert got.verdicts == expected.verdicts
+    if expected.maps is None:
+        assert got.maps is None
+        return
+    for want, have in zip(expected.maps, got.maps):
+        assert have.shape == want.shape
+        assert np.abs(have - want).max() <= 1e-3 * (want.max() - want.min())
+
+
+@pytest.mark.parametrize("name, file_format", [("patchcore", "onnx"), ("padim", "onnx"), ("knn", "onnx"),
+                                               ("patchcore", "openvino")])
+def test_export_predicts_what_the_model_predicts(fitted, test_images, tmp_path: Path, name: str, file_format: str) -> None:
+    if file_format == "openvino":
+        pytest.importorskip("openvino")
+    written = export_model(fitted[name], tmp_path / f"{name}.dsdeploy", file_format)
+    assert [p.name for p in written][:2] == [f"{name}.dsdeploy", f"{name}.{'onnx' if file_format == 'onnx' else 'xml'}"]
+    model, deployed = load_model(fitted[name]), DeployedModel(written[0], threads=2)
+    expected = model.predict(test_images)
+    assert 0 < sum(v == "defective" for v in expected.verdicts) < len(test_images)  # both verdicts occur
+    _assert_same(expected, deployed.predict(test_images))
+    batch_of_one = deployed.predict(test_images[:1])  # the batch dimension is dynamic
+    np.testing.assert_allclose(batch_of_one.scores, expected.scores[:1], rtol=1e-4)
+
+
+def test_runtime_runs_without_torch_and_fails_closed(fitted, test_images, tmp_path: Path) -> None:
+    out = export_model(fitted["patchcore"], tmp_path / "part.dsdeploy")[0]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    script = NO_TORCH + "from defectscope.runtime import main\nsys.exit(main(sys.argv[1:]))\n"
+    run = subprocess.run([sys.executable, "-c", script, str(out), str(test_images[0]), str(broken)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3, run.stderr  # one image could not be scored
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    expected = load_model(fitted["patchcore"]).predict(test_images[:1])
+    assert rows[0]["verdict"] == expected.verdicts[0]
+    assert rows[0]["score"] == pytest.approx(float(expected.scores[0]), rel=1e-4)
+    assert rows[1]["verdict"] == "error" and rows[1]["score"] is None
+
+
+def test_graph_that_does_not_match_is_refused(fitted, tmp_path: Path) -> None:
+    out, graph = export_model(fitted["knn"], tmp_path / "knn.dsdeploy")
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    with pytest.raises(Exception, match="does not match"):
+        DeployedModel(out)
+    graph.unlink()
+    with pytest.raises(Exception, match="is missing"):
+        DeployedModel(out)
+
+
+def test_cli_exports_and_predicts_with_the_export(fitted, test_images, tmp_path: Path, cli) -> None:
+    out = tmp_path / "knn.dsdeploy"
+    result = cli("export", "model", fitted["knn"], "-o", out)
+    assert result.code == 0, result.err
+    assert out.is_file() and out.with_suffix(".onnx").is_file()
+    manifest_rows = cli("predict", out, *test_images[:4], "--json")
+    assert manifest_rows.code == 0, manifest_rows.err
+    verdicts = [json.loads(line)["verdict"] for line in manifest_rows.out.splitlines()]
+    assert verdicts == load_model(fitted["knn"]).predict(test_images[:4]).verdicts
+    again = cli("export", "model", fitted["knn"], "-o", out)  # an earlier export of ours is replaced
+    assert again.code == 0, again.err
+
+
+def test_cli_export_refuses_to_replace_foreign_files(fitted, tmp_path: Path, cli) -> None:
+    out = tmp_path / "notes.dsdeploy"
+    out.write_text("my notes")
+    assert cli("export", "model", fitted["knn"], "-o", out).code == 2
+    assert out.read_text() == "my notes"
+    graph = tmp_path / "other.onnx"
+    graph.write_text("not ours")
+    result = cli("export", "model", fitted["knn"], "-o", tmp_path / "other.dsdeploy")
+    assert result.code == 2 and graph.read_text() == "not ours" and not (tmp_path / "other.dsdeploy").exists()
+    assert cli("export", "model", fitted["knn"], "-o", tmp_path / "x.onnx").code == 2  # the output names the deployment file
+    assert cli("export", "model", fitted["knn"], "-o", tmp_path / "y.dsdeploy", "--format", "tflite").code == 2
