@@ -1,6 +1,6 @@
 """Deployment benchmark: PyTorch vs the exported model on onnxruntime and OpenVINO, on a real category.
 
-    python benchmarks/deploy.py --data ../shared/datasets/mvtec_ad/bottle
+    python benchmarks/deploy.py --data ../shared/datasets/mvtec_ad/bottle --generate gray-large uniform-texture
 
 Fits PatchCore and PaDiM (default settings), exports each to ONNX and OpenVINO IR, and builds
 one fresh virtual environment per runtime with only what the runtime needs (defectscope without
@@ -9,6 +9,9 @@ then runs in its own process (the runtimes inside their torch-free environments)
 images, decode included, 2 threads: ms/image at batch 1 and batched, peak memory, and the scores,
 maps and verdicts, which the parent compares with PyTorch's (parity). Install size is the size of
 each environment on disk (PyTorch: the packages defectscope's default install pulls in).
+--generate adds seeded categories of other kinds of image, PatchCore only: `gray-large` (1024x1024
+grayscale PNGs with sensor noise) and `uniform-texture` (600x800 RGB near-uniform rubber with fine
+noise: every patch about equally far from every other, the nearest-neighbour search's worst case).
 """
 
 from __future__ import annotations
@@ -28,25 +31,46 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_PACKAGES = {"onnxruntime": ["onnxruntime"], "openvino": ["openvino"]}
-COMMON_PACKAGES = ["numpy", "opencv-python-headless", "pillow", "safetensors"]
+COMMON_PACKAGES = ["numpy", "opencv-python-headless", "pillow", "safetensors", "threadpoolctl"]
 FORMATS = {"onnxruntime": "onnx", "openvino": "openvino"}
-COLUMNS = (("model", "model", "{}"), ("engine", "engine", "{}"), ("ms_batch1", "ms/img batch 1", "{:.1f}"),
+GENERATED_TRAIN, GENERATED_TEST = 60, 40
+COLUMNS = (("data", "data", "{}"), ("model", "model", "{}"), ("engine", "engine", "{}"), ("ms_batch1", "ms/img batch 1", "{:.1f}"),
            ("ms_batched", "ms/img batch 32", "{:.1f}"), ("speedup_batch1", "batch-1 speed-up vs PyTorch", "{:.2f}x"),
-           ("peak_mb", "peak MB", "{:.0f}"), ("model_mb", "model files MB", "{:.1f}"), ("install_mb", "install MB", "{:.0f}"),
+           ("ms_decode", "decode ms/img", "{:.1f}"), ("peak_mb", "peak MB", "{:.0f}"), ("model_mb", "model files MB", "{:.1f}"), ("install_mb", "install MB", "{:.0f}"),
            ("max_score_rel", "max score rel. diff", "{:.1e}"), ("max_map_diff", "max map diff / range", "{:.1e}"),
            ("verdicts_same", "same verdicts", "{}"))
+
+
+def generate(kind: str, root: Path) -> Path:
+    """A seeded category of GENERATED_TRAIN good training and GENERATED_TEST good test images of one kind."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:1024, 0:1024]
+    dome = 90 + 40 * np.exp(-((yy - 512) ** 2 + (xx - 512) ** 2) / (2 * 260**2))
+    for split, count in (("train", GENERATED_TRAIN), ("test", GENERATED_TEST)):
+        folder = root / kind / split / "good"
+        folder.mkdir(parents=True)
+        for i in range(count):
+            if kind == "gray-large":
+                image = dome + rng.normal(0, 6, dome.shape)
+                cv2.circle(image, (512 + int(rng.integers(-8, 8)), 512), 300, 150, 6)
+            else:
+                grain = cv2.GaussianBlur(rng.normal(0, 1, (600, 800, 3)), (0, 0), 1.2)
+                image = 60 + 6 * grain + rng.normal(0, 2, (600, 800, 3))
+            cv2.imwrite(str(folder / f"{i:03d}.png"), np.clip(image, 0, 255).astype(np.uint8))
+    return root / kind
 
 
 def measure(model_path: Path, engine: str, data: Path, out: Path) -> dict:
     """Time one engine on the test images (run inside its own process); scores, maps and verdicts go to `out`."""
     paths = sorted(str(p) for p in (data / "test").rglob("*.png"))
     if engine == "pytorch":
+        import defectscope.artifacts  # noqa: I001  (before torch: the package sets torch's thread policy)
         import torch
 
-        from defectscope.artifacts import load_model
-
         torch.set_num_threads(2)
-        model = load_model(model_path)
+        model = defectscope.artifacts.load_model(model_path)
         set_batch = lambda size: setattr(model.config, "batch_size", size)  # noqa: E731
     else:
         from defectscope.runtime import DeployedModel
@@ -64,7 +88,13 @@ def measure(model_path: Path, engine: str, data: Path, out: Path) -> dict:
     model.predict(single, map_size="input")
     batch1 = (time.perf_counter() - start) / len(single) * 1000
     np.savez(out, scores=prediction.scores, maps=np.stack(prediction.maps), verdicts=np.array(prediction.verdicts))
-    return {"ms_batched": batched, "ms_batch1": batch1, "images": len(paths),
+    from defectscope.data.decode import read_image
+
+    start = time.perf_counter()
+    for path in single:
+        read_image(path)
+    decode = (time.perf_counter() - start) / len(single) * 1000
+    return {"ms_batched": batched, "ms_batch1": batch1, "ms_decode": decode, "images": len(paths),
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "torch_loaded": "torch" in sys.modules}
 
@@ -87,6 +117,7 @@ def _size_mb(folder: Path) -> float:
 def torch_install_mb() -> float:
     """Size of the packages a default `pip install defectscope` brings (from their installed file lists)."""
     from importlib.metadata import distribution
+
     from packaging.requirements import Requirement
 
     seen, todo, total = set(), ["defectscope"], 0
@@ -132,6 +163,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/mvtec_ad/bottle"))
     parser.add_argument("--models", nargs="+", default=["patchcore", "padim"])
     parser.add_argument("--engines", nargs="+", default=["onnxruntime", "openvino"])
+    parser.add_argument("--generate", nargs="*", default=[], choices=["gray-large", "uniform-texture"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--single", nargs=2, metavar=("MODEL", "ENGINE"), help=argparse.SUPPRESS)
     parser.add_argument("--npz", type=Path, help=argparse.SUPPRESS)
@@ -151,22 +183,25 @@ def main() -> None:
     try:
         environments = {engine: runtime_environment(engine, scratch) for engine in args.engines}
         rows = []
-        for model in args.models:
-            model_path = scratch / f"{model}.dsmodel"
-            fit_model(args.data, model, {}, model_path)
-            reference = scratch / f"{model}-pytorch.npz"
-            row = {"model": model, "engine": "pytorch", **run(sys.executable, model_path, "pytorch", args.data, reference),
+        plan = [(args.data, model) for model in args.models]
+        plan += [(generate(kind, scratch / "data"), "patchcore") for kind in args.generate]
+        for data, model in plan:
+            model_path = scratch / f"{data.name}-{model}.dsmodel"
+            fit_model(data, model, {}, model_path)
+            reference = scratch / f"{data.name}-{model}-pytorch.npz"
+            row = {"data": data.name, "model": model, "engine": "pytorch",
+                   **run(sys.executable, model_path, "pytorch", data, reference),
                    "model_mb": model_path.stat().st_size / 2**20, "install_mb": torch_install_mb()}
             rows.append(row)
             for engine in args.engines:
-                exported = export_model(model_path, scratch / f"{model}-{engine}.dsdeploy", FORMATS[engine])
+                exported = export_model(model_path, scratch / f"{data.name}-{model}-{engine}.dsdeploy", FORMATS[engine])
                 python, install_mb = environments[engine]
-                npz = scratch / f"{model}-{engine}.npz"
-                measured = run(python, exported[0], engine, args.data, npz)
-                rows.append({"model": model, "engine": engine, **measured, **parity(reference, npz),
+                npz = scratch / f"{data.name}-{model}-{engine}.npz"
+                measured = run(python, exported[0], engine, data, npz)
+                rows.append({"data": data.name, "model": model, "engine": engine, **measured, **parity(reference, npz),
                              "speedup_batch1": row["ms_batch1"] / measured["ms_batch1"],
                              "model_mb": sum(p.stat().st_size for p in exported) / 2**20, "install_mb": install_mb})
-            print(markdown(rows), flush=True)
+            print(markdown(rows[-1 - len(args.engines):]), flush=True)
         write_results(args.out, f"deploy-{args.data.name}", rows, markdown(rows))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

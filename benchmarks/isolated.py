@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from defectscope import __version__
 
 def run_isolated(script: str, arguments: list[str], label: str) -> dict:
     """Run `script` with `arguments` in a new Python process (its peak memory is its own); its last line is JSON."""
-    result = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, check=False)
+    # Scripts import torch before defectscope; give them the thread policy the package sets for the CLI and the API.
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    result = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, check=False, env=env)
     if result.returncode:
         sys.exit(f"{label} failed:\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])

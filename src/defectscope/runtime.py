@@ -38,7 +38,8 @@ DEPLOYMENT_VERSION = 1
 DEPLOYMENT_SUFFIX = ".dsdeploy"
 INPUT_NAME, OUTPUT_NAME = "image", "output"
 ENGINES = {"onnx": "onnxruntime", "openvino": "openvino"}  # export format -> runtime that runs it
-HEADS = ("map", "score", "nearest")  # graph output: grid maps | image scores | PatchCore patch features
+HEADS = ("map", "score", "nearest")
+  # graph output: grid maps | image scores | PatchCore patch features
 
 
 class Engine(Protocol):
@@ -58,6 +59,7 @@ class OnnxEngine:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads would spin against decoding
         self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
     def run(self, batch: np.ndarray) -> np.ndarray:
