@@ -9,9 +9,7 @@ then runs in its own process (the runtimes inside their torch-free environments)
 images, decode included, 2 threads: ms/image at batch 1 and batched, peak memory, and the scores,
 maps and verdicts, which the parent compares with PyTorch's (parity). Install size is the size of
 each environment on disk (PyTorch: the packages defectscope's default install pulls in).
---generate adds seeded categories of other kinds of image, PatchCore only: `gray-large` (1024x1024
-grayscale PNGs with sensor noise) and `uniform-texture` (600x800 RGB near-uniform rubber with fine
-noise: every patch about equally far from every other, the nearest-neighbour search's worst case).
+--generate adds seeded categories of other kinds of image (benchmarks/generated.py), PatchCore only.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -28,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from generated import KINDS, write_category  # noqa: I001  (benchmarks/generated.py, beside this script)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_PACKAGES = {"onnxruntime": ["onnxruntime"], "openvino": ["openvino"]}
@@ -39,27 +38,6 @@ COLUMNS = (("data", "data", "{}"), ("model", "model", "{}"), ("engine", "engine"
            ("ms_decode", "decode ms/img", "{:.1f}"), ("peak_mb", "peak MB", "{:.0f}"), ("model_mb", "model files MB", "{:.1f}"), ("install_mb", "install MB", "{:.0f}"),
            ("max_score_rel", "max score rel. diff", "{:.1e}"), ("max_map_diff", "max map diff / range", "{:.1e}"),
            ("verdicts_same", "same verdicts", "{}"))
-
-
-def generate(kind: str, root: Path) -> Path:
-    """A seeded category of GENERATED_TRAIN good training and GENERATED_TEST good test images of one kind."""
-    import cv2
-
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:1024, 0:1024]
-    dome = 90 + 40 * np.exp(-((yy - 512) ** 2 + (xx - 512) ** 2) / (2 * 260**2))
-    for split, count in (("train", GENERATED_TRAIN), ("test", GENERATED_TEST)):
-        folder = root / kind / split / "good"
-        folder.mkdir(parents=True)
-        for i in range(count):
-            if kind == "gray-large":
-                image = dome + rng.normal(0, 6, dome.shape)
-                cv2.circle(image, (512 + int(rng.integers(-8, 8)), 512), 300, 150, 6)
-            else:
-                grain = cv2.GaussianBlur(rng.normal(0, 1, (600, 800, 3)), (0, 0), 1.2)
-                image = 60 + 6 * grain + rng.normal(0, 2, (600, 800, 3))
-            cv2.imwrite(str(folder / f"{i:03d}.png"), np.clip(image, 0, 255).astype(np.uint8))
-    return root / kind
 
 
 def measure(model_path: Path, engine: str, data: Path, out: Path) -> dict:
@@ -95,8 +73,27 @@ def measure(model_path: Path, engine: str, data: Path, out: Path) -> dict:
         read_image(path)
     decode = (time.perf_counter() - start) / len(single) * 1000
     return {"ms_batched": batched, "ms_batch1": batch1, "ms_decode": decode, "images": len(paths),
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "torch_loaded": "torch" in sys.modules}
+            "peak_mb": peak_mb(), "torch_loaded": "torch" in sys.modules}
+
+
+def peak_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss it does not count the parent's before exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def prepare(data: Path, model: str, folder: Path, engines: list[str]) -> dict:
+    """Fit the model and export it for each engine (run in its own process, so the parent stays idle and small)."""
+    from defectscope.deployment import export_model
+    from defectscope.pipeline import fit_model
+
+    model_path = folder / f"{data.name}-{model}.dsmodel"
+    fit_model(data, model, {}, model_path)
+    exports = {engine: [str(p) for p in export_model(model_path, folder / f"{data.name}-{model}-{engine}.dsdeploy",
+                                                      FORMATS[engine])] for engine in engines}
+    return {"model": str(model_path), "exports": exports}
 
 
 def runtime_environment(engine: str, folder: Path) -> tuple[Path, float]:
@@ -135,11 +132,12 @@ def torch_install_mb() -> float:
     return total / 2**20
 
 
-def run(python: Path | str, model_path: Path, engine: str, data: Path, out: Path) -> dict:
-    result = subprocess.run([str(python), __file__, "--single", str(model_path), engine, "--data", str(data), "--npz", str(out)],
-                            capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": ""})
+def run(python: Path | str, *arguments: str) -> dict:
+    """This script in a new process (a runtime's own environment, or this one); its last line is JSON."""
+    result = subprocess.run([str(python), __file__, *arguments], capture_output=True, text=True, check=False,
+                            env={**os.environ, "PYTHONPATH": ""})
     if result.returncode:
-        sys.exit(f"{model_path.name} on {engine} failed:\n{result.stderr}")
+        sys.exit(f"{' '.join(arguments)} failed:\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -163,45 +161,49 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/mvtec_ad/bottle"))
     parser.add_argument("--models", nargs="+", default=["patchcore", "padim"])
     parser.add_argument("--engines", nargs="+", default=["onnxruntime", "openvino"])
-    parser.add_argument("--generate", nargs="*", default=[], choices=["gray-large", "uniform-texture"])
+    parser.add_argument("--generate", nargs="*", default=[], choices=KINDS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--single", nargs=2, metavar=("MODEL", "ENGINE"), help=argparse.SUPPRESS)
     parser.add_argument("--npz", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", nargs=3, metavar=("DATA", "MODEL", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
         print(json.dumps(measure(Path(args.single[0]), args.single[1], args.data, args.npz)))
         return
-    sys.path.insert(0, str(Path(__file__).parent))
-    from isolated import write_results
-
-    from defectscope.data.layout import load_dataset
-    from defectscope.deployment import export_model
-    from defectscope.pipeline import fit_model
-
-    load_dataset(args.data)  # bad data stops here, before any environment is built
+    if args.prepare:
+        print(json.dumps(prepare(Path(args.prepare[0]), args.prepare[1], Path(args.prepare[2]), args.engines)))
+        return
+    if not (args.data / "train" / "good").is_dir():
+        sys.exit(f"{args.data} is not a category folder (no train/good)")
     scratch = Path(tempfile.mkdtemp(prefix="deploy-bench-"))
     try:
         environments = {engine: runtime_environment(engine, scratch) for engine in args.engines}
         rows = []
         plan = [(args.data, model) for model in args.models]
-        plan += [(generate(kind, scratch / "data"), "patchcore") for kind in args.generate]
+        plan += [(write_category(kind, scratch / "data", GENERATED_TRAIN, GENERATED_TEST), "patchcore")
+                 for kind in args.generate]
         for data, model in plan:
-            model_path = scratch / f"{data.name}-{model}.dsmodel"
-            fit_model(data, model, {}, model_path)
+            prepared = run(sys.executable, "--prepare", str(data), model, str(scratch), "--engines", *args.engines)
+            model_path = Path(prepared["model"])
             reference = scratch / f"{data.name}-{model}-pytorch.npz"
             row = {"data": data.name, "model": model, "engine": "pytorch",
-                   **run(sys.executable, model_path, "pytorch", data, reference),
+                   **run(sys.executable, "--single", str(model_path), "pytorch", "--data", str(data), "--npz", str(reference)),
                    "model_mb": model_path.stat().st_size / 2**20, "install_mb": torch_install_mb()}
             rows.append(row)
             for engine in args.engines:
-                exported = export_model(model_path, scratch / f"{data.name}-{model}-{engine}.dsdeploy", FORMATS[engine])
+                exported = [Path(p) for p in prepared["exports"][engine]]
                 python, install_mb = environments[engine]
                 npz = scratch / f"{data.name}-{model}-{engine}.npz"
-                measured = run(python, exported[0], engine, data, npz)
+                measured = run(python, "--single", str(exported[0]), engine, "--data", str(data), "--npz", str(npz))
                 rows.append({"data": data.name, "model": model, "engine": engine, **measured, **parity(reference, npz),
                              "speedup_batch1": row["ms_batch1"] / measured["ms_batch1"],
                              "model_mb": sum(p.stat().st_size for p in exported) / 2**20, "install_mb": install_mb})
             print(markdown(rows[-1 - len(args.engines):]), flush=True)
+        sys.path.insert(0, str(Path(__file__).parent))
+        from isolated import (
+            write_results,  # imports torch: only now, after every measurement
+        )
+
         write_results(args.out, f"deploy-{args.data.name}", rows, markdown(rows))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

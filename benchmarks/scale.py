@@ -1,6 +1,7 @@
 """How PatchCore's fit grows with the number of training images, on bottle repeated with flips and rotations.
 
     python benchmarks/scale.py --data ../shared/datasets/mvtec_ad/bottle --factors 1 2 4 8
+    python benchmarks/scale.py --generate uniform-texture --factors 1 2 4 8
 
 The good training images are repeated with the 8 symmetries of the square (identity, flips, 90°
 rotations; written once as PNG files to a temporary folder) to 1x, 2x, 4x and 8x their count. Each
@@ -8,6 +9,9 @@ size is fitted with default settings in its own process (so peak memory is its o
 the real test set. Fit seconds are split into embedding (decoding and backbone, overlapped in a
 thread pool; decoding alone is timed separately per image), coreset, index (k-means of the memory
 bank) and calibration (cross-fitted scores). Writes benchmarks/results/scale.{json,md}.
+With --generate uniform-texture the training images are 209 x factor generated near-uniform
+images with fine noise (benchmarks/generated.py: every patch about equally far from every other,
+where pruning cannot help) and there is no test set: fit cost and memory only (scale-<kind>.*).
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from defectscope.data.decode import read_image
 from defectscope.data.layout import Dataset, Sample
 from defectscope.pipeline import evaluate_model, fit_detector
 
+from generated import KINDS, write_category  # noqa: E402  (benchmarks/generated.py, beside this script)
 from isolated import run_isolated, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
+
+BASE_IMAGES = 209  # generated training images per factor: as many as bottle's
 
 SYMMETRIES = (
     lambda im: im, lambda im: im[:, ::-1], lambda im: im[::-1], lambda im: np.rot90(im, 1),
@@ -59,14 +66,15 @@ def write_variants(data: Path, folder: Path, factor: int) -> list[Path]:
 
 
 def measure(data: Path, train: list[Path]) -> dict:
-    """Fit PatchCore on `train`, evaluate on the real test split, and time each part (inside its own process)."""
+    """Fit PatchCore on `train`, evaluate on the test split if it holds defects, and time each part (in its own process)."""
     torch.set_num_threads(2)
     real = load_dataset(data)
     dataset = Dataset(real.root, real.layout, [*real.test, *[Sample(path, "train", 0, "good") for path in train]])
     start = time.perf_counter()
     detector, report = fit_detector(dataset, "patchcore", {})
     fit_s = time.perf_counter() - start
-    metrics = evaluate_model(detector, dataset)[0].metrics
+    defects = any(s.label for s in real.test)
+    metrics = evaluate_model(detector, dataset)[0].metrics if defects else {}
     sample = train[:: max(1, len(train) // 40)]
     start = time.perf_counter()
     for path in sample:
@@ -78,7 +86,7 @@ def measure(data: Path, train: list[Path]) -> dict:
         "coreset_s": report.details["coreset_s"], "index_s": report.details["index_s"], "calibrate_s": seconds["calibrate"],
         "memory_bank": report.details["memory_bank"], "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         **{k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")},
-        "ms_batched": metrics["predict_ms_per_image"],
+        "ms_batched": metrics.get("predict_ms_per_image"),
     }
 
 
@@ -93,19 +101,28 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/mvtec_ad/bottle"))
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4, 8], choices=range(1, 9))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--generate", choices=KINDS, help="Train on this generated kind of image instead of --data.")
     parser.add_argument("--single", nargs=2, metavar=("FOLDER", "FACTOR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
-        print(json.dumps({"factor": int(args.single[1]), **measure(args.data, write_variants(args.data, Path(args.single[0]), int(args.single[1])))}))
+        folder, factor = Path(args.single[0]), int(args.single[1])
+        train = (sorted((args.data / "train" / "good").glob("*.png"))[: BASE_IMAGES * factor] if args.generate
+                 else write_variants(args.data, folder, factor))
+        print(json.dumps({"factor": factor, **measure(args.data, train)}))
         return
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        write_variants(args.data, Path(folder), max(args.factors))
+        data = args.data
+        if args.generate:
+            data = write_category(args.generate, Path(folder), BASE_IMAGES * max(args.factors), 2)
+        else:
+            write_variants(data, Path(folder), max(args.factors))
         for factor in args.factors:
-            rows.append(run_isolated(__file__, ["--data", str(args.data), "--single", folder, str(factor)], f"factor {factor}"))
+            arguments = ["--data", str(data), "--single", folder, str(factor), *(["--generate", args.generate] if args.generate else [])]
+            rows.append(run_isolated(__file__, arguments, f"factor {factor}"))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     table = markdown(rows)
-    write_results(args.out, "scale", rows, table)
+    write_results(args.out, f"scale-{args.generate}" if args.generate else "scale", rows, table)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,19 @@ def test_padim_rejects_a_regularization_float16_cannot_hold() -> None:
         PaDiM(PaDiMConfig(regularization=1e-6)).fit_features(torch.randn(4, 9, 3))
 
 
+def test_patchcore_memory_stops_growing_at_its_limit() -> None:
+    import torch
+
+    from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig
+
+    features = torch.randn(40, 8, 8, 16, generator=torch.Generator().manual_seed(1))  # 2560 patches: 10% would be 256
+    unlimited = PatchCore(PatchCoreConfig(image_size=32, crop=None, calibration_folds=4))
+    assert unlimited.fit_features(features)["memory_bank"] == 256
+    limited = PatchCore(PatchCoreConfig(image_size=32, crop=None, calibration_folds=4, memory_limit=100))
+    details = limited.fit_features(features)
+    assert details["memory_bank"] == len(limited.index.bank) == 100 and details["coreset_ratio"] == 100 / 2560
+
+
 def test_patchcore_reweighting_damps_scores(fitted: dict) -> None:
     from defectscope.detectors.patchcore import PatchCore
 

@@ -53,6 +53,8 @@ from defectscope.pipeline import (
     update_model,
 )
 from defectscope.reports import metrics_markdown
+from defectscope.scale.fit_many import fit_many
+from defectscope.scale.scoring import score_to_parquet
 from defectscope.service.config import TOKEN_ENV
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial visual inspection: learn good parts, find defects.")
@@ -175,6 +177,8 @@ def fit(
     false_alarm_rate: Annotated[float | None, typer.Option(help="Share of good parts the threshold may flag (default 0.01).")] = None,
     weights: WeightsOption = None,
     download: Annotated[bool, typer.Option(help="Download torchvision weights if they are not found locally.")] = False,
+    ray: Annotated[str | None, typer.Option("--ray", help="PatchCore: run the coreset shards as tasks on this Ray "
+                                                          "cluster ('local': this machine).")] = None,
     force: ForceOption = False,
 ) -> None:
     """Fit a detector on the good training images and write a model file."""
@@ -189,7 +193,8 @@ def fit(
         if model != "patchcore":
             raise DefectscopeError("--coreset applies to --model patchcore only")
         settings["coreset_ratio"] = coreset
-    fitted = fit_model(data, model, settings, output, weights=weights, download=download, force=force, bar=_progress)
+    fitted = fit_model(data, model, settings, output, weights=weights, download=download, force=force, bar=_progress,
+                       ray_address=ray)
     calibration, report = fitted.detector.calibration, fitted.report
     say(f"fitted {model} on {report.train_images} images in {report.seconds:.1f} s -> {output}")
     say(f"{calibration.describe()}, from {report.calibration_images} cross-fitted good scores")
@@ -316,6 +321,49 @@ def serve(
 
 experiment_app = typer.Typer(no_args_is_help=True, help="Run attempts from a config file and compare them in a table.")
 app.add_typer(experiment_app, name="experiment")
+
+
+RayOption = Annotated[str | None, typer.Option("--ray", help="Ray cluster address, or 'local' for a Ray instance on this "
+                                                  "machine; without it everything runs in this process.")]
+
+
+@app.command("fit-many")
+def fit_many_command(
+    plan: Annotated[Path, typer.Argument(help="Plan file (YAML/TOML): products with data folder, model, settings, output.")],
+    ray: RayOption = None,
+    retries: Annotated[int, typer.Option(min=0, help="Retries of a failed fit before it is reported.")] = 2,
+) -> None:
+    """Fit one model per product of a plan; products whose model file is up to date are skipped; exit 3 if any failed."""
+    rows = fit_many(plan, ray, retries)
+    table = Table()
+    for column in ("product", "model", "status", "seconds", "model file"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        status = Text(row["status"], style="red" if row["status"] == "failed" else "green")
+        if "error" in row:
+            status += Text(f": {row['error']}")
+        table.add_row(row["name"], row["model"], status, f"{row.get('seconds', 0):.1f}", row["out"])
+    console.print(table)
+    failed = sum(row["status"] == "failed" for row in rows)
+    if failed:
+        warn(f"{failed} of {len(rows)} product(s) failed after {retries} retries")
+        raise typer.Exit(SOME_FAILED)
+
+
+@app.command("score")
+def score(
+    model: Annotated[Path, typer.Argument(help="Model file, or a .dsdeploy file from `export model`.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Images, folders, or .txt files listing one image per line.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet dataset folder (new, or an interrupted run to resume).")],
+    ray: RayOption = None,
+    workers: Annotated[int, typer.Option(min=1, help="Ray Data actors, each holding the model once.")] = 2,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPUs per Ray actor (default: this process's threads).")] = None,
+    force: ForceOption = False,
+) -> None:
+    """Score many images into Parquet (path, score, normalized, verdict, error); an interrupted run resumes."""
+    summary = score_to_parquet(model, inputs, out, ray, workers, force, threads=threads)
+    say(f"{summary['images']} images in {summary['chunks']} part file(s) under {out}: {summary['scored_now']} scored now, "
+        f"{summary['resumed_chunks']} part(s) kept from an earlier run")
 
 
 def _show_table(folder: Path, metric: str | None) -> None:

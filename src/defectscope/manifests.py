@@ -14,16 +14,23 @@ MANIFEST_KEY = "defectscope"
 MAX_HEADER = 100 * 1024 * 1024
 
 
-def is_manifest_file(path: Path, file_format: str) -> bool:
-    """Whether `path` is a safetensors file whose manifest declares `file_format` (reads the header only)."""
+def peek_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest of a safetensors file with one, read from its header only; None for anything else."""
     try:
         with path.open("rb") as stream:
             head = stream.read(8)
             size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
             header = stream.read(size) if 0 < size <= MAX_HEADER else b""
-        return json.loads(json.loads(header)["__metadata__"][MANIFEST_KEY]).get("format") == file_format
+        manifest = json.loads(json.loads(header)["__metadata__"][MANIFEST_KEY])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def is_manifest_file(path: Path, file_format: str) -> bool:
+    """Whether `path` is a safetensors file whose manifest declares `file_format` (reads the header only)."""
+    manifest = peek_manifest(path)
+    return manifest is not None and manifest.get("format") == file_format
 
 
 def read_header_manifest(data: bytes, path: Path, file_format: str, max_version: int, what: str) -> dict[str, Any]:

@@ -33,12 +33,14 @@ from defectscope.detectors.base import (
     create_detector,
     good_only_models,
 )
+from defectscope.detectors.patchcore import PatchCore
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation import Evaluation, evaluate
 from defectscope.files import claim_folder, write_atomic
 from defectscope.prediction import prediction_rows
-from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel, is_deployment
 from defectscope.reports import metrics_markdown, write_report
+from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel, is_deployment
+from defectscope.scale.jobs import map_on_ray
 from defectscope.thresholds import (
     Calibration,
     calibrate,
@@ -70,12 +72,19 @@ class Fitted:
 
 def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights: Path | None = None,
                  download: bool = False, bar: ProgressBar = no_progress,
-                 epoch_progress: EpochProgress | None = None) -> tuple[Detector, FitReport]:
-    """Build a good-only detector from checked settings and fit it on the dataset's good training images."""
+                 epoch_progress: EpochProgress | None = None, ray_address: str | None = None) -> tuple[Detector, FitReport]:
+    """Build a good-only detector from checked settings and fit it on the dataset's good training images.
+
+    With `ray_address`, PatchCore's shard coresets run as Ray tasks (the same bank as here, bit for bit).
+    """
     if model not in good_only_models():
         raise DefectscopeError(f"'{model}' cannot be fitted on good images alone; choose one of: {', '.join(good_only_models())}")
     detector = create_detector(model, **settings)
     detector.epoch_progress = epoch_progress
+    if ray_address is not None:
+        if not isinstance(detector, PatchCore):
+            raise DefectscopeError(f"--ray spreads PatchCore's coreset shards; {model} fits in this process")
+        detector.map_shards = map_on_ray(ray_address)
     if weights is not None or download:
         detector.backbone = load_backbone(detector.config.backbone, detector.strides, weights, download)
     train = [s.path for s in dataset.train]
@@ -85,19 +94,25 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
 
 
 def fit_model(data: Path, model: str, settings: dict[str, Any], out: Path, *, weights: Path | None = None,
-              download: bool = False, force: bool = False, bar: ProgressBar = no_progress) -> Fitted:
-    """Check the output, load the dataset, fit, and save the model file (nothing is written if fitting fails)."""
+              download: bool = False, force: bool = False, bar: ProgressBar = no_progress,
+              fingerprint: str | None = None, ray_address: str | None = None) -> Fitted:
+    """Check the output, load the dataset, fit, and save the model file (nothing is written if fitting fails).
+
+    `fingerprint` (of the data and settings, see `scale.plan`) is recorded in the training summary.
+    """
     check_model_output(out, force)
     dataset = load_dataset(data)
-    detector, report = fit_detector(dataset, model, settings, weights, download, bar)
+    detector, report = fit_detector(dataset, model, settings, weights, download, bar, ray_address=ray_address)
+    if fingerprint is not None:
+        detector.train_summary["fingerprint"] = fingerprint
     save_model(detector, out, force)
     return Fitted(dataset, detector, report, out)
 
 
-def load_predictor(path: Path, weights: Path | None = None) -> MapModel | DeployedModel:
-    """A model file, or an exported model (a .dsdeploy file) run by the torch-free runtime."""
+def load_predictor(path: Path, weights: Path | None = None, threads: int | None = None) -> MapModel | DeployedModel:
+    """A model file, or an exported model (a .dsdeploy file) run by the torch-free runtime on `threads` threads."""
     deployed = Path(path).suffix == DEPLOYMENT_SUFFIX or is_deployment(path)
-    return DeployedModel(path) if deployed else load_model(path, weights)
+    return DeployedModel(path, threads) if deployed else load_model(path, weights)
 
 
 def predict_images(detector: MapModel | DeployedModel, inputs: Sequence[Path], heatmaps: Path | None = None, force: bool = False,

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from defectscope.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, load_backbone
+from defectscope.data.batches import iterate_batches
 from defectscope.data.decode import ImageSource, image_size
 from defectscope.data.frame import Preprocess, frame_aspect
-from defectscope.data.batches import iterate_batches
 from defectscope.data.images import normalize
 from defectscope.errors import DefectscopeError
 from defectscope.maps import finish_maps

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +31,13 @@ class PatchCoreConfig(DetectorConfig):
     """coreset_ratio: memory kept; layer_dim: width each layer's neighbourhood vector is pooled to;
     shard_images: the coreset is chosen per shard of at most this many images (shards nest in the
     calibration folds), so its cost grows linearly with the number of images, and every fold's
-    calibration scores come from the other folds' memory without any refit."""
+    calibration scores come from the other folds' memory without any refit; memory_limit: most memory
+    rows kept (beyond it the ratio shrinks), so memory and search cost stop growing with the training set."""
 
     image_size: int = 288
     crop: int | None = 256
     coreset_ratio: float = 0.1
+    memory_limit: int = 50_000
     shard_images: int = 16
     projection_dim: int = 128
     neighbourhood: int = 3
@@ -52,6 +54,7 @@ class PatchCoreConfig(DetectorConfig):
         require_range("layer_dim", self.layer_dim, 1)
         require_range("reweight_neighbours", self.reweight_neighbours, 1)
         require_range("shard_images", self.shard_images, 1)
+        require_range("memory_limit", self.memory_limit, 1)
 
 
 def pooling_kernel(channels: int, neighbourhood: int, layer_dim: int) -> torch.Tensor:
@@ -89,6 +92,16 @@ def patch_embedding(maps: dict[int, torch.Tensor], neighbourhood: int, layer_dim
     return torch.cat(parts, 1).permute(0, 2, 3, 1).contiguous()
 
 
+ShardMap = Callable[[Callable[[Any], Any], list], list]  # (function, jobs) -> results in order: a loop, or Ray tasks
+
+
+def shard_coreset(job: tuple[torch.Tensor, float, int, int, int]) -> torch.Tensor:
+    """One shard's coreset (patch indices) on a given number of threads: the same bits wherever it runs."""
+    patches, ratio, seed, projection_dim, threads = job
+    torch.set_num_threads(threads)
+    return coreset_indices(patches, ratio, seed, projection_dim)
+
+
 @register
 class PatchCore(Detector):
     name = "patchcore"
@@ -97,6 +110,7 @@ class PatchCore(Detector):
     strides = (8, 16)
     index: ClusteredBank | None = None
     bank_sources: torch.Tensor | None = None  # training image of each memory patch (fit time only)
+    map_shards: ShardMap | None = None  # runs the shard coresets (default: one after the other, here)
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         maps = self.require_backbone()(batch)
@@ -115,16 +129,17 @@ class PatchCore(Detector):
         n, h, w, d = features.shape
         per_image = h * w
         start = time.perf_counter()
-        kept = []
-        for number, shard in enumerate(self.shards(n)):
-            local = coreset_indices(features[shard].reshape(-1, d), self.config.coreset_ratio, self.config.seed + number,
-                                    self.config.projection_dim)
-            kept.append(shard[local // per_image] * per_image + local % per_image)
+        shards, threads = self.shards(n), torch.get_num_threads()
+        ratio = min(self.config.coreset_ratio, self.config.memory_limit / (n * per_image))
+        jobs = [(features[shard].reshape(-1, d), ratio, self.config.seed + number,
+                 self.config.projection_dim, threads) for number, shard in enumerate(shards)]
+        chosen = (self.map_shards or (lambda function, items: [function(item) for item in items]))(shard_coreset, jobs)
+        kept = [shard[local // per_image] * per_image + local % per_image for shard, local in zip(shards, chosen)]
         keep = torch.cat(kept)
         selected = time.perf_counter()
         self.index = ClusteredBank.build(features.reshape(-1, d)[keep], self.config.seed)
         self.bank_sources = (keep // per_image)[self.index.order]
-        return {"patches": n * per_image, "memory_bank": len(keep), "embedding_dim": d, "shards": len(kept),
+        return {"patches": n * per_image, "memory_bank": len(keep), "coreset_ratio": ratio, "embedding_dim": d, "shards": len(kept),
                 "coreset_s": selected - start, "index_s": time.perf_counter() - selected}
 
     def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

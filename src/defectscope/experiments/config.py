@@ -65,7 +65,8 @@ class Experiment:
     attempts: list[Attempt]
 
 
-def _read(path: Path) -> dict:
+def read_mapping(path: Path, what: str = "an 'attempts' list") -> dict:
+    """A YAML (no aliases) or TOML config file that must hold a mapping (`what` names its expected content)."""
     if not path.is_file():
         raise DefectscopeError(f"config file {path} does not exist" if not path.exists() else f"config {path} is not a file")
     if path.stat().st_size > MAX_CONFIG_BYTES:
@@ -84,7 +85,7 @@ def _read(path: Path) -> dict:
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise DefectscopeError(f"config {path} is not valid {path.suffix[1:].upper()}: {exc}") from exc
     if not isinstance(data, dict):
-        raise DefectscopeError(f"config {path} must be a mapping with an 'attempts' list")
+        raise DefectscopeError(f"config {path} must be a mapping with {what}")
     return data
 
 
@@ -117,7 +118,7 @@ def _resolve_all(raw: dict[str, dict]) -> dict[str, dict]:
 def load_experiment(path: str | Path) -> Experiment:
     """Read, resolve inheritance and validate every attempt; errors name the attempt and field."""
     path = Path(path)
-    data = _read(path)
+    data = read_mapping(path)
     entries = data.get("attempts")
     if not isinstance(entries, list) or not entries:
         raise DefectscopeError(f"config {path}: 'attempts' must be a non-empty list")

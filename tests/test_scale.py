@@ -1,0 +1,142 @@
+"""fit-many and score: in this process and on a local Ray instance, with the same results; failures and resumption."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from defectscope import load_dataset
+from defectscope.artifacts import load_model
+from defectscope.errors import DefectscopeError
+from defectscope.pipeline import fit_model
+from defectscope.scale import scoring
+from defectscope.scale.fit_many import fit_many
+from defectscope.scale.jobs import run_jobs
+from defectscope.scale.plan import load_plan
+from defectscope.scale.scoring import score_to_parquet
+
+pq = pytest.importorskip("pyarrow.parquet")
+SMALL = {"image_size": 64, "crop": None, "calibration_folds": 4}
+
+
+def _plan(folder: Path, products: list[dict], defaults: dict | None = None) -> Path:
+    path = folder / "plan.yaml"
+    path.write_text(yaml.safe_dump({"defaults": defaults or {"model": "patchcore", "settings": SMALL},
+                                    "products": products}))
+    return path
+
+
+def _same_model(a: Path, b: Path) -> bool:
+    first, second = load_model(a).tensors(), load_model(b).tensors()
+    return first.keys() == second.keys() and all(np.array_equal(first[k].numpy(), second[k].numpy()) for k in first)
+
+
+def test_fit_many_fits_reports_failures_and_skips_what_is_up_to_date(demo_root: Path, tmp_path: Path) -> None:
+    plan = _plan(tmp_path, [{"name": "part", "data": str(demo_root)},
+                            {"name": "part-knn", "data": str(demo_root), "model": "knn"},
+                            {"name": "missing", "data": "no-such-folder"}])
+    rows = {row["name"]: row for row in fit_many(plan, retries=1)}
+    assert rows["part"]["status"] == rows["part-knn"]["status"] == "fitted"
+    assert rows["missing"]["status"] == "failed" and "does not exist" in rows["missing"]["error"]
+    direct = fit_model(demo_root, "patchcore", SMALL, tmp_path / "direct.dsmodel").path
+    assert _same_model(tmp_path / "models" / "part.dsmodel", direct)
+    again = {row["name"]: row["status"] for row in fit_many(plan, retries=0)}
+    assert again == {"part": "up to date", "part-knn": "up to date", "missing": "failed"}
+    first = load_dataset(demo_root).train[0].path
+    stat = os.stat(first)
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a training image changed
+    try:
+        assert {row["name"]: row["status"] for row in fit_many(plan, retries=0)}["part"] == "fitted"
+    finally:
+        os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.mark.parametrize("products, message", [
+    ([{"name": "a", "data": "x", "colour": "red"}], "unknown field"),
+    ([{"name": "a", "data": "x"}, {"name": "a", "data": "y"}], "share the name"),
+    ([{"name": "a", "data": "x", "settings": {"coreset_ratio": 2}}], "coreset_ratio"),
+    ([{"name": "../a", "data": "x"}], "product name"),
+    ([{"name": "a", "data": "x", "model": "segmenter"}], "cannot be fitted on good images"),
+])
+def test_bad_plans_are_refused_before_anything_runs(tmp_path: Path, products: list, message: str, cli) -> None:
+    plan = _plan(tmp_path, products)
+    with pytest.raises(DefectscopeError, match=message):
+        load_plan(plan)
+    result = cli("fit-many", plan)
+    assert result.code == 2 and message.split()[0] in result.err and not (tmp_path / "models").exists()
+
+
+def test_score_resumes_an_interrupted_run_without_gaps_or_repeats(served_folder: Path, demo_root: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    model = served_folder / "part.dsmodel"
+    images = [s.path for s in load_dataset(demo_root).test]
+    listing = tmp_path / "images.txt"
+    listing.write_text("# test images\n" + "\n".join(str(p) for p in images) + "\n")
+    out = tmp_path / "scores"
+    write = scoring.write_chunk
+
+    def interrupted(model, folder, chunk, paths):
+        if chunk == 2:
+            raise KeyboardInterrupt  # the run is stopped while scoring the third chunk
+        return write(model, folder, chunk, paths)
+
+    monkeypatch.setattr(scoring, "write_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        score_to_parquet(model, [listing], out, chunk_images=8)
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-000000.parquet", "part-000001.parquet"]
+    monkeypatch.setattr(scoring, "write_chunk", write)
+    summary = score_to_parquet(model, [listing], out, chunk_images=8)
+    assert summary["resumed_chunks"] == 2 and summary["scored_now"] == len(images) - 16
+    table = pq.read_table(out).to_pydict()
+    assert sorted(table["path"]) == sorted(map(str, images))  # every image exactly once
+    expected = load_model(model).predict(images)
+    by_path = dict(zip(table["path"], zip(table["score"], table["verdict"])))
+    np.testing.assert_allclose([by_path[str(p)][0] for p in images], expected.scores, rtol=1e-6)
+    assert [by_path[str(p)][1] for p in images] == expected.verdicts
+    with pytest.raises(DefectscopeError, match="another scoring job"):
+        score_to_parquet(model, images[:3], out)
+    assert score_to_parquet(model, images[:3], out, force=True)["scored_now"] == 3
+    assert pq.read_table(out).num_rows == 3
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_gives_the_in_process_results(local_ray, demo_root: Path, served_folder: Path, tmp_path: Path) -> None:
+    plan = _plan(tmp_path, [{"name": "part", "data": str(demo_root)}, {"name": "missing", "data": "nowhere"}])
+    rows = {row["name"]: row for row in fit_many(plan, ray_address="local", retries=1)}
+    assert rows["part"]["status"] == "fitted" and rows["missing"]["status"] == "failed"
+    direct = fit_model(demo_root, "patchcore", SMALL, tmp_path / "direct.dsmodel").path
+    assert _same_model(tmp_path / "models" / "part.dsmodel", direct)
+    sharded = fit_model(demo_root, "patchcore", SMALL, tmp_path / "sharded.dsmodel", ray_address="local").path
+    assert _same_model(sharded, direct)  # the coreset shards ran as Ray tasks
+    images = [s.path for s in load_dataset(demo_root).test]
+    model = served_folder / "part.dsmodel"
+    score_to_parquet(model, images, tmp_path / "local", chunk_images=8)
+    score_to_parquet(model, images, tmp_path / "on-ray", ray_address="local", chunk_images=8)
+    local = pq.read_table(tmp_path / "local").sort_by("path").to_pydict()
+    on_ray = pq.read_table(tmp_path / "on-ray").sort_by("path").to_pydict()
+    assert local == on_ray
+
+
+def test_a_job_whose_worker_dies_is_retried_and_counted_once(local_ray, tmp_path: Path) -> None:
+    died = tmp_path / "died"
+
+    def job(item: int) -> int:
+        if item == 1 and not died.exists():
+            died.write_text("once")
+            os._exit(1)  # the worker process dies in the middle of the job
+        (tmp_path / f"done-{item}-{os.getpid()}").write_text("")
+        return item * 10
+
+    assert run_jobs(job, [0, 1, 2], ray_address="local", retries=1) == [(0, None), (10, None), (20, None)]
+    assert died.exists() and sorted(p.name.split("-")[1] for p in tmp_path.glob("done-*")) == ["0", "1", "2"]
