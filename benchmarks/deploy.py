@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from generated import KINDS, write_category  # noqa: I001  (benchmarks/generated.py, beside this script)
+from isolated import markdown_table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_PACKAGES = {"onnxruntime": ["onnxruntime"], "openvino": ["openvino"]}
@@ -150,10 +151,7 @@ def parity(reference: Path, other: Path) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(label for _, label, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        lines.append("| " + " | ".join("n/a" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows, COLUMNS)
 
 
 def main() -> None:
@@ -199,11 +197,6 @@ def main() -> None:
                              "speedup_batch1": row["ms_batch1"] / measured["ms_batch1"],
                              "model_mb": sum(p.stat().st_size for p in exported) / 2**20, "install_mb": install_mb})
             print(markdown(rows[-1 - len(args.engines):]), flush=True)
-        sys.path.insert(0, str(Path(__file__).parent))
-        from isolated import (
-            write_results,  # imports torch: only now, after every measurement
-        )
-
         write_results(args.out, f"deploy-{args.data.name}", rows, markdown(rows))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from defectscope import __version__
 
 
@@ -24,8 +22,18 @@ def run_isolated(script: str, arguments: list[str], label: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def markdown_table(rows: list[dict], columns: tuple[tuple[str, str, str], ...]) -> str:
+    """A Markdown table of `rows` with (key, label, format) columns; 'n/a' where a value is missing."""
+    lines = ["| " + " | ".join(label for _, label, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join("n/a" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_results(out: Path, stem: str, rows: list[dict], table: str) -> None:
     """benchmarks/results/<stem>.json (rows, command, machine, version) and <stem>.md (the table); prints the table."""
+    import torch  # only here: the torch-free runtime's benchmark processes import this module too
+
     command = f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     out.mkdir(parents=True, exist_ok=True)

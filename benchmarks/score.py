@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from isolated import markdown_table, run_isolated, write_results  # noqa: I001  (benchmarks/isolated.py, beside this script)
 
 CONFIGS = {"in-process": (None, 1, None), "ray, 1 worker x 2 threads": ("local", 1, 2),
            "ray, 2 workers x 1 thread": ("local", 2, 1)}
@@ -85,10 +86,7 @@ def measure(model: Path, listing: Path, out: Path, config: str) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(label for _, label, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        lines.append("| " + " | ".join("n/a" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows, COLUMNS)
 
 
 def main() -> None:
@@ -103,9 +101,6 @@ def main() -> None:
         model, listing, out, config = args.single
         print(json.dumps(measure(Path(model), Path(listing), Path(out), config)))
         return
-    sys.path.insert(0, str(Path(__file__).parent))
-    from isolated import run_isolated, write_results
-
     from defectscope.pipeline import fit_model
 
     scratch = Path(tempfile.mkdtemp(prefix="score-bench-"))

@@ -230,9 +230,13 @@ def predict(
         console.print(table)
         if detector.calibration is not None:
             say(detector.calibration.describe())
-    failed = sum(row["verdict"] == "error" for row in rows)
+    _exit_if_failed(sum(row["verdict"] == "error" for row in rows), len(rows), "image(s) could not be scored (verdict 'error')")
+
+
+def _exit_if_failed(failed: int, total: int, what: str) -> None:
+    """Warn and exit SOME_FAILED when some items failed (the others were done)."""
     if failed:
-        warn(f"{failed} of {len(rows)} image(s) could not be scored (verdict 'error')")
+        warn(f"{failed} of {total} {what}")
         raise typer.Exit(SOME_FAILED)
 
 
@@ -344,10 +348,7 @@ def fit_many_command(
             status += Text(f": {row['error']}")
         table.add_row(row["name"], row["model"], status, f"{row.get('seconds', 0):.1f}", row["out"])
     console.print(table)
-    failed = sum(row["status"] == "failed" for row in rows)
-    if failed:
-        warn(f"{failed} of {len(rows)} product(s) failed after {retries} retries")
-        raise typer.Exit(SOME_FAILED)
+    _exit_if_failed(sum(row["status"] == "failed" for row in rows), len(rows), f"product(s) failed after {retries} retries")
 
 
 @app.command("score")
@@ -403,7 +404,7 @@ def experiment_report(
     _show_table(folder, metric)
 
 
-export_app = typer.Typer(no_args_is_help=True, help="Detection / segmentation training data from masks or a model's maps.")
+export_app = typer.Typer(no_args_is_help=True, help="Training data from masks or a model's maps (labels); a model for the torch-free runtime (model).")
 app.add_typer(export_app, name="export")
 
 
