@@ -6,11 +6,9 @@ is used only if its sha256 starts with that prefix. Nothing falls back to random
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from defectscope.efficientnet_lite import EfficientNetLite, fold_batchnorm
 from defectscope.errors import DefectscopeError
+from defectscope.files import file_sha256
 
 WEIGHTS_DIR_ENV = "DEFECTSCOPE_WEIGHTS_DIR"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,19 +52,6 @@ def list_backbones() -> list[str]:
     return [*LITE_FILES, *tv]
 
 
-@lru_cache(maxsize=16)
-def _sha256(path: Path, size: int, mtime: float) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, cached per (path, size, mtime)."""
-    stat = path.stat()
-    return _sha256(path.resolve(), stat.st_size, stat.st_mtime)
 
 
 def published_checkpoint(name: str) -> Checkpoint:

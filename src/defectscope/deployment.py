@@ -24,7 +24,7 @@ from defectscope.artifacts import load_model, manifest_of
 from defectscope.data.images import normalize
 from defectscope.detectors.base import MapModel
 from defectscope.errors import DefectscopeError
-from defectscope.files import check_output_file, json_text, write_atomic
+from defectscope.files import check_output_file, file_sha256, json_text, write_atomic
 from defectscope.manifests import MANIFEST_KEY
 from defectscope.runtime import (
     DEPLOYMENT_FORMAT,
@@ -34,7 +34,6 @@ from defectscope.runtime import (
     INPUT_NAME,
     OUTPUT_NAME,
     DeployedModel,
-    file_sha256,
     is_deployment,
 )
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from defectscope.artifacts import (
     check_model_output,
@@ -21,7 +22,7 @@ from defectscope.artifacts import (
     save_model,
     set_threshold,
 )
-from defectscope.backbones import file_sha256, load_backbone
+from defectscope.backbones import load_backbone
 from defectscope.data.decode import expand_inputs
 from defectscope.data.layout import Dataset, load_dataset
 from defectscope.data.synthetic import make_demo_dataset
@@ -36,7 +37,7 @@ from defectscope.detectors.base import (
 from defectscope.detectors.patchcore import PatchCore
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation import Evaluation, evaluate
-from defectscope.files import claim_folder, write_atomic
+from defectscope.files import claim_folder, file_sha256, write_atomic
 from defectscope.prediction import prediction_rows
 from defectscope.reports import metrics_markdown, write_report
 from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel, is_deployment
@@ -84,7 +85,7 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
     if ray_address is not None:
         if not isinstance(detector, PatchCore):
             raise DefectscopeError(f"--ray spreads PatchCore's coreset shards; {model} fits in this process")
-        detector.map_shards = map_on_ray(ray_address)
+        detector.map_shards = map_on_ray(ray_address, torch.get_num_threads())
     if weights is not None or download:
         detector.backbone = load_backbone(detector.config.backbone, detector.strides, weights, download)
     train = [s.path for s in dataset.train]

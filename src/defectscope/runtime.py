@@ -11,7 +11,6 @@ not import torch.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from safetensors.numpy import load as load_arrays
 from defectscope.data.decode import ImageSource, expand_inputs
 from defectscope.data.frame import Preprocess
 from defectscope.errors import DefectscopeError
-from defectscope.files import json_text
+from defectscope.files import file_sha256, json_text
 from defectscope.manifests import is_manifest_file, read_header_manifest
 from defectscope.maps import finish_maps
 from defectscope.prediction import Prediction, predict_frames, prediction_rows
@@ -81,14 +80,6 @@ class OpenVinoEngine:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.model(batch)[OUTPUT_NAME]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_deployment(path: str | Path) -> bool:

@@ -57,10 +57,11 @@ def _reason(exc: BaseException) -> str:
     return text[-1] if isinstance(exc, DefectscopeError) and text else f"{type(exc).__name__}: {' '.join(text)[:300]}"
 
 
-def map_on_ray(ray_address: str) -> Callable[[Callable[[Any], Any], list], list]:
-    """A map that runs each job as a Ray task and returns the results in order; any failure (after retries) raises."""
+def map_on_ray(ray_address: str, cpus: int) -> Callable[[Callable[[Any], Any], list], list]:
+    """A map that runs each job as a Ray task holding `cpus` CPUs and returns the results in order; any failure
+    (after retries) raises."""
     def mapped(function: Callable[[Any], Any], items: list) -> list:
-        outcomes = run_jobs(function, items, ray_address)
+        outcomes = run_jobs(function, items, ray_address, cpus=cpus)
         failed = [error for _, error in outcomes if error is not None]
         if failed:
             raise DefectscopeError(f"{len(failed)} of {len(items)} Ray jobs failed; the first: {failed[0]}")

@@ -18,9 +18,8 @@ from typing import Any
 
 from defectscope.data.decode import expand_inputs
 from defectscope.errors import DefectscopeError
-from defectscope.files import claim_folder, json_text, write_atomic
+from defectscope.files import claim_folder, file_sha256, json_text, write_atomic
 from defectscope.prediction import prediction_rows
-from defectscope.runtime import file_sha256
 from defectscope.scale.jobs import connect_ray
 
 CHUNK_IMAGES = 256  # images per part file: one predict call, bounded memory
@@ -85,6 +84,13 @@ def _inputs(inputs: Sequence[Path]) -> list[str]:
     return [str(path) for path in expand_inputs(listed)]
 
 
+def _read_job(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # unreadable: treated as another job
+
+
 def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_address: str | None = None,
                      workers: int = 2, force: bool = False, chunk_images: int = CHUNK_IMAGES,
                      threads: int | None = None) -> dict[str, Any]:
@@ -101,7 +107,7 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
            "images_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(), "chunk_images": chunk_images}
     out = Path(out)
     existing = out / JOB_FILE
-    if existing.is_file() and json.loads(existing.read_text()) != job:
+    if existing.is_file() and _read_job(existing) != job:
         if not force:
             raise DefectscopeError(f"{out} holds results of another scoring job (other model or images); "
                                    "choose a new folder, or pass --force to start this job there")

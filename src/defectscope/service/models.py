@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from defectscope.artifacts import load_model, model_info
-from defectscope.backbones import file_sha256
+from defectscope.files import file_sha256
 from defectscope.data.layout import load_dataset
 from defectscope.detectors.base import MapModel
 from defectscope.errors import DefectscopeError
