@@ -1,4 +1,4 @@
-"""Compare PatchCore frame and memory candidates on several categories in one table (accuracy and cost).
+"""Compare PatchCore frame, patch-grid and memory candidates on several categories in one table (accuracy and cost).
 
     python benchmarks/frames.py --root ../shared/datasets/mvtec_ad --categories bottle ../mvtec_3d_ad_rgb/tire
 
@@ -15,10 +15,12 @@ from pathlib import Path
 from isolated import run_isolated, write_results
 
 CANDIDATES = {
-    "square 288/256, coreset 10%": {"keep_aspect": False, "coreset_ratio": 0.1},
-    "aspect 288/256, coreset 10%": {"keep_aspect": True, "coreset_ratio": 0.1},
-    "aspect 288/256, coreset 2%": {"keep_aspect": True, "coreset_ratio": 0.02},
-    "aspect 352/320, coreset 2%": {"keep_aspect": True, "coreset_ratio": 0.02, "image_size": 352, "crop": 320},
+    "288/256, patch stride 8, coreset 10% (before)": {"image_size": 288, "crop": 256, "patch_stride": 8},
+    "288/256, patch stride 16, coreset 10%": {"image_size": 288, "crop": 256},
+    "352/320, patch stride 8, coreset 2%": {"patch_stride": 8, "coreset_ratio": 0.02},
+    "352/320, patch stride 16, coreset 10% (default)": {},
+    "352/320, patch stride 16, coreset 5%": {"coreset_ratio": 0.05},
+    "416/384, patch stride 16, coreset 10%": {"image_size": 416, "crop": 384},
 }
 COLUMNS = (("candidate", "{}"), ("category", "{}"), ("image_auroc", "{:.3f}"), ("pixel_auroc", "{:.3f}"), ("aupro", "{:.3f}"),
            ("recall", "{:.3f}"), ("fit_s", "{:.1f}"), ("ms_batch1", "{:.0f}"), ("ms_batched", "{:.0f}"), ("peak_mb", "{:.0f}"))

@@ -1,4 +1,4 @@
-"""Shared fixtures: a small generated dataset, the real bottle category when present."""
+"""Shared fixtures: a small generated dataset, the real bottle and tire categories when present."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch
 
 from defectscope.data.synthetic import make_demo_dataset
 
-BOTTLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mvtec_ad" / "bottle"
+DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+BOTTLE = DATASETS / "mvtec_ad" / "bottle"
+TIRE = DATASETS / "mvtec_3d_ad_rgb" / "tire"
 
 torch.set_num_threads(2)
 
@@ -37,9 +39,18 @@ def served_folder(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="session")
 def bottle() -> Path:
-    if not (BOTTLE / "train" / "good").is_dir():
-        pytest.skip(f"MVTec AD bottle not found at {BOTTLE}")
-    return BOTTLE
+    return _category(BOTTLE)
+
+
+@pytest.fixture(scope="session")
+def tire() -> Path:
+    return _category(TIRE)
+
+
+def _category(root: Path) -> Path:
+    if not (root / "train" / "good").is_dir():
+        pytest.skip(f"{root.name} not found at {root}")
+    return root
 
 
 class CliResult:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from defectscope import artifacts
 from defectscope.artifacts import load_model, save_model, set_threshold
@@ -18,8 +19,8 @@ from defectscope.evaluation import evaluate
 from defectscope.thresholds import Calibration
 
 SMALL = {"image_size": 128, "crop": None}
-SETTINGS = {
-    "patchcore": {"coreset_ratio": 0.25}, "padim": {}, "knn": {}, "pca": {}, "ocsvm": {},
+SETTINGS = {  # patchcore: a 128-px frame, where 8-px patches are what the default 16 px are at 352 px
+    "patchcore": {"coreset_ratio": 0.25, "patch_stride": 8}, "padim": {}, "knn": {}, "pca": {}, "ocsvm": {},
     "autoencoder": {"epochs": 25}, "augmented_autoencoder": {"epochs": 25}, "pretrained_autoencoder": {"epochs": 25},
     "vae": {"epochs": 25},
 }
@@ -293,3 +294,34 @@ def test_non_square_products_keep_their_aspect_through_fit_and_model_files(demo_
     square = create_detector(name, image_size=64, crop=None, keep_aspect=False)
     square.fit(wide)
     assert square.preprocess.input_shape == (64, 64)
+
+
+def test_patch_stride_averages_the_finest_cells_in_windows() -> None:
+    from defectscope.detectors.patchcore import patch_embedding
+
+    generator = torch.Generator().manual_seed(0)
+    maps = {8: torch.randn(2, 6, 5, 7, generator=generator), 16: torch.randn(2, 10, 3, 4, generator=generator)}
+    fine = patch_embedding(maps, 3, 8)
+    coarse = patch_embedding(maps, 3, 8, patch_stride=16)
+    assert fine.shape == (2, 5, 7, 16) and coarse.shape == (2, 3, 4, 16)
+    torch.testing.assert_close(coarse[:, 0, 0], fine[:, 0:2, 0:2].mean((1, 2)))
+    torch.testing.assert_close(coarse[:, 1, 2], fine[:, 2:4, 4:6].mean((1, 2)))
+    torch.testing.assert_close(coarse[:, 2, 3], fine[:, 4, 6])  # the corner window holds one cell
+    with pytest.raises(DefectscopeError, match="patch_stride"):
+        create_detector("patchcore", patch_stride=12)
+
+
+@pytest.mark.parametrize("patch_stride", [8, 16])
+def test_patchcore_map_peak_lands_on_the_defect_in_a_cropped_non_square_frame(patch_stride: int) -> None:
+    rng = np.random.default_rng(0)
+    good = [np.repeat(rng.integers(90, 110, (96, 128, 1), dtype=np.uint8), 3, axis=2) for _ in range(8)]
+    defective = good[0].copy()
+    defective[52:68, 24:40] = 255  # centre (60, 32) of a 96 x 128 image
+    detector = create_detector("patchcore", image_size=128, crop=112, patch_stride=patch_stride, calibration_folds=4)
+    detector.fit(good)
+    assert detector.preprocess.input_shape == (112, 160)
+    prediction = detector.predict([defective, good[1]])
+    peak = np.unravel_index(np.argmax(prediction.maps[0]), prediction.maps[0].shape)
+    assert prediction.maps[0].shape == (96, 128)
+    assert abs(peak[0] - 60) <= 6 and abs(peak[1] - 32) <= 6, peak
+    assert prediction.scores[0] > 2 * prediction.scores[1]

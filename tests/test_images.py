@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from defectscope.data.frame import Preprocess, frame_aspect
@@ -87,3 +89,24 @@ def test_aspect_frame_with_crop_puts_a_defect_where_it_was() -> None:
     assert overlap > 0.9
     ys, xs = np.nonzero(back)
     assert abs(ys.mean() - 209.5) < 2 and abs(xs.mean() - 129.5) < 2
+
+
+def test_tire_masks_survive_the_default_patchcore_frame(tire: Path) -> None:
+    """Real masks (thin cuts included) go into the default aspect frame and back onto each 400 x 300 image."""
+    from defectscope.data.decode import read_mask
+    from defectscope.data.layout import load_dataset
+    from defectscope.detectors import create_detector
+
+    dataset = load_dataset(tire)
+    detector = create_detector("patchcore")
+    detector.learn_aspect([s.path for s in dataset.train])
+    pre = detector.preprocess
+    assert pre.input_shape == (432, 320)
+    inside = np.zeros((400, 300), bool)
+    inside[14:-14, 14:-14] = True  # the crop keeps all but 16 frame pixels (13.6 original pixels) on each side
+    for sample in [s for s in dataset.test if s.mask is not None][::4]:
+        mask = read_mask(sample.mask) & inside
+        if not mask.any():
+            continue
+        back = pre.to_original(pre.mask_to_input(mask).astype(np.float32), *mask.shape) >= 0.5
+        assert (back & mask).sum() / (back | mask).sum() > 0.8, sample.path

@@ -40,6 +40,14 @@ def test_bottle_samples(bottle: Path) -> None:
     assert dataset.defect_types == ["broken_large", "broken_small", "contamination"]
 
 
+def test_tire_samples(tire: Path) -> None:
+    dataset = load_dataset(tire)
+    assert len(dataset.train) == 210 and len(dataset.test) == 112
+    defective = [s for s in dataset.test if s.label == 1]
+    assert len(defective) == 87 and all(s.mask is not None for s in defective)
+    assert dataset.defect_types == ["combined", "contamination", "cut", "hole"]
+
+
 def test_plain_folder_layout(tmp_path: Path) -> None:
     for i in range(10):
         _png(tmp_path / "good" / f"g{i}.png", np.zeros((8, 8, 3), np.uint8))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from defectscope.metrics import aupro, f1_max, image_auroc, per_defect_auroc, pixel_auroc, pro_curve
+from defectscope.metrics import aupro, f1_max, image_auroc, per_defect_auroc, pixel_auroc, pixel_metrics, pro_curve
 from defectscope.thresholds import calibrate
 
 
@@ -35,6 +35,18 @@ def test_perfect_and_inverted_maps() -> None:
     assert aupro(masks, (~masks).astype(float)) == pytest.approx(0.0)
     maps = rng.random((3, 16, 16))
     assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))
+
+
+def test_pixel_metrics_from_one_sort_match_sklearn_and_aupro_with_ties() -> None:
+    rng = np.random.default_rng(1)
+    masks = rng.random((4, 12, 10)) > 0.8
+    maps = np.round(rng.random((4, 12, 10)) + 0.3 * masks, 1).astype(np.float32)  # coarse values: many ties
+    metrics = pixel_metrics(masks, maps)
+    assert metrics["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert metrics["aupro"] == pytest.approx(aupro(masks, maps), abs=1e-12)
+    assert pixel_metrics(masks, maps, pro=False) == {"pixel_auroc": metrics["pixel_auroc"]}
+    with pytest.raises(ValueError, match="both defect and defect-free"):
+        pixel_metrics(np.zeros_like(masks), maps)
 
 
 def test_image_metrics_match_sklearn() -> None:

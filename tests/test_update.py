@@ -13,7 +13,7 @@ from defectscope import load_dataset
 from defectscope.artifacts import load_model, model_info, save_model
 from defectscope.detectors.base import create_detector
 
-SMALL = {"image_size": 128, "crop": None, "coreset_ratio": 0.25}
+SMALL = {"image_size": 128, "crop": None, "coreset_ratio": 0.25, "patch_stride": 8}  # 8-px patches in a 128-px frame
 
 
 def _with_new_fixture(source: Path, target: Path) -> Path:
@@ -77,7 +77,7 @@ def test_padim_with_covariances_updates_like_a_refit(taught: dict, tmp_path: Pat
 
 def test_models_that_need_a_refit_say_so(demo_root: Path, tmp_path: Path, cli) -> None:
     dataset = load_dataset(demo_root)
-    detector = create_detector("padim", **{k: v for k, v in SMALL.items() if k != "coreset_ratio"})
+    detector = create_detector("padim", **{k: SMALL[k] for k in ("image_size", "crop")})
     detector.fit([s.path for s in dataset.train])
     model = save_model(detector, tmp_path / "padim.dsmodel")
     result = cli("update", model, "--good", dataset.test[0].path, "-o", tmp_path / "new.dsmodel")

@@ -28,18 +28,13 @@ def image_auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
 
 def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     """ROC area over all pixels; masks are boolean N x H x W, maps float N x H x W."""
-    return float(roc_auc_score(masks.reshape(-1).astype(np.uint8), maps.reshape(-1)))
+    return pixel_metrics(masks, maps, pro=False)["pixel_auroc"]
 
 
-def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact (FPR, PRO) at every distinct map value, highest threshold first.
-
-    Each defect pixel carries weight 1 / (regions * its region's area), so the running sum of
-    weights above a threshold is the mean per-region overlap at that threshold.
-    """
-    masks = masks.astype(bool)
+def region_weights(masks: np.ndarray) -> np.ndarray:
+    """Per-pixel weight 1 / (regions * area of its region) for defect pixels (8-connected regions per image), 0 elsewhere."""
     structure = np.ones((3, 3), dtype=bool)
-    region_ids = np.zeros(masks.shape, dtype=np.int64)
+    region_ids = np.zeros(masks.shape, dtype=np.int32)
     regions = 0
     for index, mask in enumerate(masks):
         labelled, count = ndimage.label(mask, structure=structure)
@@ -47,23 +42,50 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarr
         regions += count
     if regions == 0:
         raise ValueError("AUPRO needs at least one defect region")
-    negatives = (~masks).sum()
-    if negatives == 0:
-        raise ValueError("AUPRO needs defect-free pixels")
-    ids = region_ids.reshape(-1)
-    areas = np.bincount(ids, minlength=regions + 1).astype(np.float64)
-    weight = np.where(ids > 0, 1.0 / (regions * areas[ids]), 0.0)
+    areas = np.bincount(region_ids.reshape(-1), minlength=regions + 1).astype(np.float64)
+    per_region = np.r_[0.0, 1.0 / (regions * areas[1:])]
+    return per_region[region_ids.reshape(-1)]
+
+
+def ranked_curves(masks: np.ndarray, maps: np.ndarray, pro: bool = True) -> dict[str, np.ndarray]:
+    """Exact FPR, TPR and (with `pro`) PRO at every distinct map value, highest threshold first, from one sort.
+
+    PRO: each defect pixel carries weight 1 / (regions * its region's area), so the running sum of
+    weights above a threshold is the mean per-region overlap at that threshold.
+    """
+    masks = masks.astype(bool).reshape(-1)
+    positives = int(masks.sum())
+    negatives = masks.size - positives
+    if negatives == 0 or positives == 0:
+        raise ValueError("pixel metrics need both defect and defect-free pixels")
+    weights = region_weights(masks.reshape(maps.shape)) if pro else None
     order = np.argsort(-maps.reshape(-1), kind="stable")
     values = maps.reshape(-1)[order]
-    fpr = np.cumsum(ids[order] == 0) / negatives
-    pro = np.cumsum(weight[order])
-    last_of_tie = np.r_[values[1:] != values[:-1], True]
-    return np.r_[0.0, fpr[last_of_tie]], np.r_[0.0, pro[last_of_tie]]
+    ends = np.flatnonzero(np.r_[values[1:] != values[:-1], True])
+    del values
+    defect = masks[order]
+    curves = {"fpr": np.r_[0.0, np.cumsum(~defect, dtype=np.int64)[ends] / negatives],
+              "tpr": np.r_[0.0, np.cumsum(defect, dtype=np.int64)[ends] / positives]}
+    if pro:
+        sorted_weights = weights[order]
+        del weights, order
+        curves["pro"] = np.r_[0.0, np.cumsum(sorted_weights, out=sorted_weights)[ends]]
+    return curves
+
+
+def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (FPR, PRO) at every distinct map value, highest threshold first."""
+    curves = ranked_curves(masks, maps)
+    return curves["fpr"], curves["pro"]
 
 
 def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
     """Normalized area under the PRO curve up to `fpr_limit`."""
-    fpr, pro = pro_curve(masks, maps)
+    return area_under_pro(*pro_curve(masks, maps), fpr_limit)
+
+
+def area_under_pro(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
+    """Area under a PRO curve up to `fpr_limit` (interpolated at the limit), divided by `fpr_limit`."""
     cut = np.searchsorted(fpr, fpr_limit, side="right")
     xs, ys = fpr[:cut], pro[:cut]
     if cut < len(fpr) and xs[-1] < fpr_limit:
@@ -84,9 +106,13 @@ def f1_max(labels: Sequence[int], scores: Sequence[float]) -> tuple[float, float
     return float(f1[best]), float(thresholds[best])
 
 
-def pixel_metrics(masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:
-    """Pixel AUROC and AUPRO of model-frame maps against masks (N x H x W each)."""
-    return {"pixel_auroc": pixel_auroc(masks, maps), "aupro": aupro(masks, maps)}
+def pixel_metrics(masks: np.ndarray, maps: np.ndarray, pro: bool = True) -> dict[str, float]:
+    """Pixel AUROC and (with `pro`) AUPRO of model-frame maps against masks (N x H x W each), from one sort of the pixels."""
+    curves = ranked_curves(masks, maps, pro)
+    metrics = {"pixel_auroc": float(np.trapezoid(curves["tpr"], curves["fpr"]))}
+    if pro:
+        metrics["aupro"] = area_under_pro(curves["fpr"], curves["pro"])
+    return metrics
 
 
 def per_defect_auroc(defects: Sequence[str], scores: Sequence[float], good: str = "good") -> dict[str, float]:

@@ -26,16 +26,24 @@ from defectscope.errors import DefectscopeError
 from defectscope.settings import require_range
 
 
+PATCH_STRIDES = (8, 16, 32)  # the finest feature stride (8) times 1, 2 or 4
+
+
 @dataclass
 class PatchCoreConfig(DetectorConfig):
-    """coreset_ratio: memory kept; layer_dim: width each layer's neighbourhood vector is pooled to;
+    """image_size 352 / crop 320: thin defects (cuts, scratches) need the backbone to see the image
+    larger than its ImageNet scale; patch_stride 16: each memory patch averages 2x2 cells of the
+    stride-8 features, which keeps localization (pixel AUROC, AUPRO) while cutting patches 4x, so
+    the coreset and search cost of the higher resolution fall below the old 288-pixel frame's.
+    coreset_ratio: memory kept; layer_dim: width each layer's neighbourhood vector is pooled to;
     shard_images: the coreset is chosen per shard of at most this many images (shards nest in the
     calibration folds), so its cost grows linearly with the number of images, and every fold's
     calibration scores come from the other folds' memory without any refit; memory_limit: most memory
     rows kept (beyond it the ratio shrinks), so memory and search cost stop growing with the training set."""
 
-    image_size: int = 288
-    crop: int | None = 256
+    image_size: int = 352
+    crop: int | None = 320
+    patch_stride: int = 16
     coreset_ratio: float = 0.1
     memory_limit: int = 50_000
     shard_images: int = 16
@@ -55,6 +63,9 @@ class PatchCoreConfig(DetectorConfig):
         require_range("reweight_neighbours", self.reweight_neighbours, 1)
         require_range("shard_images", self.shard_images, 1)
         require_range("memory_limit", self.memory_limit, 1)
+        if self.patch_stride not in PATCH_STRIDES:
+            raise DefectscopeError(f"field 'patch_stride' must be one of {', '.join(map(str, PATCH_STRIDES))}, "
+                                   f"got {self.patch_stride}")
 
 
 def pooling_kernel(channels: int, neighbourhood: int, layer_dim: int) -> torch.Tensor:
@@ -72,13 +83,15 @@ def pooling_kernel(channels: int, neighbourhood: int, layer_dim: int) -> torch.T
     return weights.reshape(layer_dim, channels, neighbourhood, neighbourhood)
 
 
-def patch_embedding(maps: dict[int, torch.Tensor], neighbourhood: int, layer_dim: int) -> torch.Tensor:
-    """Locally aware patch features, as in the reference code.
+def patch_embedding(maps: dict[int, torch.Tensor], neighbourhood: int, layer_dim: int, patch_stride: int | None = None
+                    ) -> torch.Tensor:
+    """Locally aware patch features, as in the reference code, on a grid of `patch_stride` (default: the finest stride).
 
     Each layer's p x p neighbourhood (C * p^2 values per position) is adaptively average-pooled to
     `layer_dim` (one convolution, see `pooling_kernel`), so every layer weighs the same in the distance;
-    deeper layers are then upsampled (bilinear) to the finest grid and all are concatenated.
-    Returns N x h x w x d, one row per patch.
+    deeper layers are then upsampled (bilinear) to the finest grid and all are concatenated. A coarser
+    `patch_stride` averages the finest grid's cells in non-overlapping windows (a partial window at
+    the edge averages the cells it has). Returns N x h x w x d, one row per patch.
     """
     size = maps[min(maps)].shape[-2:]
     parts = []
@@ -89,7 +102,11 @@ def patch_embedding(maps: dict[int, torch.Tensor], neighbourhood: int, layer_dim
         if x.shape[-2:] != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         parts.append(x)
-    return torch.cat(parts, 1).permute(0, 2, 3, 1).contiguous()
+    features = torch.cat(parts, 1)
+    window = (patch_stride or min(maps)) // min(maps)
+    if window > 1:
+        features = F.avg_pool2d(features, window, ceil_mode=True)
+    return features.permute(0, 2, 3, 1).contiguous()
 
 
 ShardMap = Callable[[Callable[[Any], Any], list], list]  # (function, jobs) -> results in order: a loop, or Ray tasks
@@ -114,7 +131,7 @@ class PatchCore(Detector):
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         maps = self.require_backbone()(batch)
-        return patch_embedding(maps, self.config.neighbourhood, self.config.layer_dim)
+        return patch_embedding(maps, self.config.neighbourhood, self.config.layer_dim, self.config.patch_stride)
 
     def shards(self, count: int) -> list[torch.Tensor]:
         """Image indices of each coreset shard: every calibration fold split into shards of at most shard_images."""

@@ -65,7 +65,7 @@ def dice_bce(logits: torch.Tensor, masks: torch.Tensor, dice_weight: float) -> t
 
 @dataclass
 class SegmenterConfig(DetectorConfig, TrainSettings):
-    """Frame as PatchCore's default (288 / crop 256); stages after stride `freeze` are fine-tuned."""
+    """Frame 288 / crop 256; stages after stride `freeze` are fine-tuned."""
 
     image_size: int = 288
     crop: int | None = 256
