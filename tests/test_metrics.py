@@ -47,6 +47,9 @@ def test_pixel_metrics_from_one_sort_match_sklearn_and_aupro_with_ties() -> None
     assert pixel_metrics(masks, maps, pro=False) == {"pixel_auroc": metrics["pixel_auroc"]}
     with pytest.raises(ValueError, match="both defect and defect-free"):
         pixel_metrics(np.zeros_like(masks), maps)
+    maps[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="not finite"):
+        pixel_metrics(masks, maps)
 
 
 def test_image_metrics_match_sklearn() -> None:

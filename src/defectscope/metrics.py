@@ -58,6 +58,8 @@ def ranked_curves(masks: np.ndarray, maps: np.ndarray, pro: bool = True) -> dict
     negatives = masks.size - positives
     if negatives == 0 or positives == 0:
         raise ValueError("pixel metrics need both defect and defect-free pixels")
+    if not np.isfinite(maps).all():
+        raise ValueError("maps hold values that are not finite numbers")
     weights = region_weights(masks.reshape(maps.shape)) if pro else None
     order = np.argsort(-maps.reshape(-1), kind="stable")
     values = maps.reshape(-1)[order]
