@@ -4,7 +4,7 @@
 
 Fits PatchCore and PaDiM (default settings), exports each to ONNX and OpenVINO IR, and builds
 one fresh virtual environment per runtime with only what the runtime needs (defectscope without
-its dependencies, the engine, NumPy, OpenCV, Pillow, safetensors: no torch). Every (model, engine)
+its dependencies, the engine, NumPy, Pillow, safetensors: no torch, no OpenCV, no pip). Every (model, engine)
 then runs in its own process (the runtimes inside their torch-free environments) on the test
 images, decode included, 2 threads: ms/image at batch 1 and batched, peak memory, and the scores,
 maps and verdicts, which the parent compares with PyTorch's (parity). Install size is the size of
@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from generated import KINDS, write_category  # noqa: I001  (benchmarks/generated.py, beside this script)
-from isolated import markdown_table, write_results
+from isolated import markdown_table, write_results  # noqa: I001  (benchmarks/isolated.py, beside this script)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_PACKAGES = {"onnxruntime": ["onnxruntime"], "openvino": ["openvino"]}
-COMMON_PACKAGES = ["numpy", "opencv-python-headless", "pillow", "safetensors", "threadpoolctl"]
+COMMON_PACKAGES = ["numpy", "pillow", "safetensors"]
 FORMATS = {"onnxruntime": "onnx", "openvino": "openvino"}
 GENERATED_TRAIN, GENERATED_TEST = 60, 40
 COLUMNS = (("data", "data", "{}"), ("model", "model", "{}"), ("engine", "engine", "{}"), ("ms_batch1", "ms/img batch 1", "{:.1f}"),
@@ -98,11 +97,12 @@ def prepare(data: Path, model: str, folder: Path, engines: list[str]) -> dict:
 
 
 def runtime_environment(engine: str, folder: Path) -> tuple[Path, float]:
-    """A new venv with defectscope (no dependencies) and only the runtime's packages; its python and size in MB."""
+    """A new venv (without pip: this pip installs into it) with defectscope (no dependencies) and only the
+    runtime's packages; its python and size in MB."""
     venv = folder / f"venv-{engine}"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "--no-deps", str(ROOT)], check=True)
     subprocess.run([*pip, *RUNTIME_PACKAGES[engine], *COMMON_PACKAGES], check=True)
     return python, _size_mb(venv)
@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/mvtec_ad/bottle"))
     parser.add_argument("--models", nargs="+", default=["patchcore", "padim"])
     parser.add_argument("--engines", nargs="+", default=["onnxruntime", "openvino"])
-    parser.add_argument("--generate", nargs="*", default=[], choices=KINDS)
+    parser.add_argument("--generate", nargs="*", default=[], metavar="KIND", help="kinds of benchmarks/generated.py")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--single", nargs=2, metavar=("MODEL", "ENGINE"), help=argparse.SUPPRESS)
     parser.add_argument("--npz", type=Path, help=argparse.SUPPRESS)
@@ -171,6 +171,10 @@ def main() -> None:
     if args.prepare:
         print(json.dumps(prepare(Path(args.prepare[0]), args.prepare[1], Path(args.prepare[2]), args.engines)))
         return
+    from generated import KINDS, write_category  # here: the runtimes' environments (the branches above) have no OpenCV
+
+    if set(args.generate) - set(KINDS):
+        parser.error(f"--generate takes kinds among {', '.join(KINDS)}")
     if not (args.data / "train" / "good").is_dir():
         sys.exit(f"{args.data} is not a category folder (no train/good)")
     scratch = Path(tempfile.mkdtemp(prefix="deploy-bench-"))

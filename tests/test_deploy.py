@@ -22,7 +22,7 @@ NO_TORCH = """
 import importlib.abc, sys
 class Refuse(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "scipy", "sklearn"):
+        if name.split(".")[0] in ("torch", "torchvision", "scipy", "sklearn", "cv2"):
             raise ImportError(f"{name} must not be imported by the runtime")
 sys.meta_path.insert(0, Refuse())
 """
@@ -74,6 +74,7 @@ def test_export_predicts_what_the_model_predicts(fitted, test_images, tmp_path: 
 
 
 def test_runtime_runs_without_torch_and_fails_closed(fitted, test_images, tmp_path: Path) -> None:
+    """The slim install (no torch, no OpenCV: Pillow decodes) scores as the library does and fails closed."""
     out = export_model(fitted["patchcore"], tmp_path / "part.dsdeploy")[0]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -86,6 +87,22 @@ def test_runtime_runs_without_torch_and_fails_closed(fitted, test_images, tmp_pa
     assert rows[0]["verdict"] == expected.verdicts[0]
     assert rows[0]["score"] == pytest.approx(float(expected.scores[0]), rel=1e-4)
     assert rows[1]["verdict"] == "error" and rows[1]["score"] is None
+
+
+def test_patchcore_graph_runs_in_bounded_batches(fitted, test_images, tmp_path: Path, monkeypatch) -> None:
+    """The graph's patch x bank distance matrix is bounded: large batches run in parts, with the same result."""
+    from defectscope.detectors import patchcore
+
+    model = load_model(fitted["patchcore"])
+    patches = (112 // 16) ** 2
+    monkeypatch.setattr(patchcore, "GRAPH_DISTANCE_CELLS", 3 * patches * len(model.index.bank))
+    deployed = DeployedModel(export_model(fitted["patchcore"], tmp_path / "part.dsdeploy")[0], threads=2)
+    assert deployed.batch_limit == 3
+    runs = []
+    engine_run = deployed.engine.run
+    deployed.engine.run = lambda batch: runs.append(len(batch)) or engine_run(batch)
+    _assert_same(model.predict(test_images[:8]), deployed.predict(test_images[:8]))
+    assert runs == [3, 3, 2]
 
 
 def test_graph_that_does_not_match_is_refused(fitted, tmp_path: Path) -> None:

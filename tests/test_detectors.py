@@ -118,15 +118,28 @@ def test_unknown_model_and_field() -> None:
         create_detector("patchcore", coreset=0.1)
 
 
-def test_separable_smoothing_matches_torchvision_blur() -> None:
+def test_finished_maps_match_torch_upsampling_and_torchvision_blur() -> None:
     import torch
+    import torch.nn.functional as F
     from torchvision.transforms.functional import gaussian_blur
 
-    from defectscope.maps import gaussian_smooth
+    from defectscope.detectors.base import finish_maps
 
-    maps = torch.rand(2, 64, 80, generator=torch.Generator().manual_seed(0))
-    expected = gaussian_blur(maps[:, None], kernel_size=33, sigma=4.0)[:, 0]
-    torch.testing.assert_close(torch.from_numpy(gaussian_smooth(maps.numpy(), 4.0)), expected, atol=1e-5, rtol=1e-5)
+    grid = torch.rand(2, 10, 13, generator=torch.Generator().manual_seed(0))
+    upsampled = F.interpolate(grid[:, None], size=(64, 80), mode="bilinear", align_corners=False)
+    expected = gaussian_blur(upsampled, kernel_size=33, sigma=4.0)[:, 0]
+    torch.testing.assert_close(finish_maps(grid, (64, 80)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_map_resizing_without_opencv_gives_opencvs_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    from defectscope import maps
+
+    frames = np.random.default_rng(0).random((2, 40, 52), dtype=np.float32)
+    for size in ((100, 130), (21, 17), (40, 52)):
+        with_opencv = maps.resize_maps(frames, size)
+        monkeypatch.setattr(maps, "cv2", None)
+        np.testing.assert_allclose(maps.resize_maps(frames, size), with_opencv, atol=1e-6)
+        monkeypatch.undo()
 
 
 def test_patchcore_holdout_scores_exclude_the_images_own_patches() -> None:

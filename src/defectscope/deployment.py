@@ -1,10 +1,9 @@
 """Export a fitted model for the torch-free runtime: the inference graph (ONNX or OpenVINO IR) and its deployment file.
 
-The graph holds normalization, backbone, embedding and the model's scoring where it is a fixed
-computation (PaDiM's Mahalanobis distances, the embedding baselines, reconstruction errors);
-PatchCore's graph ends at the patch features and the runtime searches its memory bank exactly
-(a pruned search has no fixed shape). Every export is checked against the PyTorch model on probe
-images before anything is written.
+The graph holds normalization, backbone, embedding and the model's scoring (PaDiM's Mahalanobis
+distances, PatchCore's exact nearest-neighbour distances as one GEMM against its memory bank, the
+embedding baselines, reconstruction errors); the runtime finishes the maps in NumPy. Every export
+is checked against the PyTorch model on probe images before anything is written.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from torch import nn
 from defectscope._version import __version__
 from defectscope.artifacts import load_model, manifest_of
 from defectscope.data.images import normalize
-from defectscope.detectors.base import MapModel
+from defectscope.detectors.base import MapModel, finish_scores
 from defectscope.errors import DefectscopeError
 from defectscope.files import check_output_file, file_sha256, json_text, write_atomic
 from defectscope.manifests import MANIFEST_KEY
@@ -32,7 +31,7 @@ from defectscope.runtime import (
     DEPLOYMENT_VERSION,
     ENGINES,
     INPUT_NAME,
-    OUTPUT_NAME,
+    OUTPUT_NAMES,
     DeployedModel,
     is_deployment,
 )
@@ -44,15 +43,19 @@ PARITY_RTOL = 1e-4  # exported scores agree with the PyTorch model's within this
 
 
 class InferenceGraph(nn.Module):
-    """uint8 frames N x 3 x h x w -> normalization, backbone and embedding, then the model's `graph_output`."""
+    """uint8 frames N x 3 x h x w -> normalization, backbone, embedding, the model's `graph_scores` and the
+    map finishing: image scores N, and for localizing models the model-frame maps N x h x w."""
 
     def __init__(self, model: MapModel) -> None:
         super().__init__()
         self.model = model
         self.backbone = model.backbone  # registered, so its weights become the graph's initializers
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return self.model.graph_output(self.model.embed(normalize(frames, self.model.preprocess)))
+    def forward(self, frames: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        preprocess = self.model.preprocess
+        scores, frame = finish_scores(*self.model.graph_scores(self.model.embed(normalize(frames, preprocess))),
+                                      preprocess.input_shape)
+        return scores if frame is None else (scores, frame)
 
 
 def _write_graph(model: MapModel, file_format: str, folder: Path, stem: str) -> list[Path]:
@@ -60,10 +63,11 @@ def _write_graph(model: MapModel, file_format: str, folder: Path, stem: str) -> 
     graph = InferenceGraph(model).eval()
     example = torch.zeros(2, 3, *model.preprocess.input_shape, dtype=torch.uint8)
     onnx_path = folder / f"{stem}.onnx"
+    outputs = list(OUTPUT_NAMES[: 2 if model.localizes else 1])
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer notes on Python-side shapes: the frame is fixed, only the batch varies
-        torch.onnx.export(graph, (example,), str(onnx_path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=OPSET,
+        torch.onnx.export(graph, (example,), str(onnx_path), input_names=[INPUT_NAME], output_names=outputs,
+                          dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]}, opset_version=OPSET,
                           dynamo=False)
     if file_format == "onnx":
         return [onnx_path]
@@ -100,10 +104,9 @@ def check_parity(model: MapModel, deployed: DeployedModel) -> float:
     return difference
 
 
-def _descriptor(model: MapModel, manifest: dict) -> bytes:
-    """The deployment file: the runtime's arrays, with the manifest in the safetensors header."""
-    arrays = {name: np.ascontiguousarray(array) for name, array in model.deployment_arrays().items()}
-    return save_arrays(arrays, metadata={MANIFEST_KEY: json_text(manifest, indent=None)})
+def _descriptor(manifest: dict) -> bytes:
+    """The deployment file: a safetensors file whose header holds the manifest."""
+    return save_arrays({}, metadata={MANIFEST_KEY: json_text(manifest, indent=None)})
 
 
 def export_model(model_path: str | Path, out: str | Path, file_format: str = "onnx", force: bool = False) -> list[Path]:
@@ -123,7 +126,6 @@ def export_model(model_path: str | Path, out: str | Path, file_format: str = "on
     for target in targets:
         check_output_file(target, force or ours)
     model = load_model(model_path)
-    head = model.export_head()
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as folder:
         staged = _write_graph(model, file_format, Path(folder), out.stem)
         graph = staged[0]
@@ -134,14 +136,15 @@ def export_model(model_path: str | Path, out: str | Path, file_format: str = "on
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "model": manifest_of(model),
             "source": {"file": model_path.name, "sha256": file_sha256(model_path)},
-            "graph": {"file": graph.name, "sha256": file_sha256(graph), "engine": ENGINES[file_format], "opset": OPSET},
-            "head": head,
+            "graph": {"file": graph.name, "sha256": file_sha256(graph), "engine": ENGINES[file_format], "opset": OPSET,
+                      "batch_limit": model.graph_batch_limit()},
+            "head": "map" if model.localizes else "score",
         }
         staged_descriptor = Path(folder) / out.name
-        staged_descriptor.write_bytes(_descriptor(model, manifest))
+        staged_descriptor.write_bytes(_descriptor(manifest))
         manifest["parity"] = {"probe_images": PROBE_IMAGES,
                               "max_relative_score_difference": check_parity(model, DeployedModel(staged_descriptor, 2))}
-        descriptor = _descriptor(model, manifest)
+        descriptor = _descriptor(manifest)
         for source, target in zip(staged, targets):
             write_atomic(target, source.read_bytes())
     write_atomic(out, descriptor)

@@ -2,10 +2,10 @@
 
 An export is two files side by side: the inference graph (`.onnx`, or OpenVINO's `.xml` + `.bin`)
 and a deployment file (`.dsdeploy`: safetensors whose header holds the model's manifest, the frame,
-the threshold and the graph's sha256, plus what the graph leaves to NumPy: PatchCore's memory bank).
-Decoding, framing, the exact nearest-neighbour search and the map finishing are the library's own
-NumPy/OpenCV code, so `predict` returns what the PyTorch model returns. Importing this module does
-not import torch.
+the threshold and the graph's sha256). The graph gives image scores and finished model-frame maps;
+decoding, framing and placing the maps are the library's own NumPy/Pillow code, so `predict`
+returns what the PyTorch model returns. Importing this module does
+not import torch; OpenCV is optional (it decodes PNG faster, to the same pixels).
 """
 
 from __future__ import annotations
@@ -25,25 +25,22 @@ from defectscope.data.frame import Preprocess
 from defectscope.errors import DefectscopeError
 from defectscope.files import file_sha256, json_text
 from defectscope.manifests import is_manifest_file, read_header_manifest
-from defectscope.maps import finish_maps
 from defectscope.prediction import Prediction, predict_frames, prediction_rows
-from defectscope.search import ClusterIndex
 
 if TYPE_CHECKING:
     from defectscope.thresholds import Calibration
 
 DEPLOYMENT_FORMAT = "defectscope-deployment"
-DEPLOYMENT_VERSION = 1
+DEPLOYMENT_VERSION = 2
 DEPLOYMENT_SUFFIX = ".dsdeploy"
-INPUT_NAME, OUTPUT_NAME = "image", "output"
+INPUT_NAME, OUTPUT_NAMES = "image", ("score", "map")
 ENGINES = {"onnx": "onnxruntime", "openvino": "openvino"}  # export format -> runtime that runs it
-HEADS = ("map", "score", "nearest")
-  # graph output: grid maps | image scores | PatchCore patch features
+HEADS = ("map", "score")  # graph outputs: image scores and model-frame maps | image scores only
 
 
 class Engine(Protocol):
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 N x 3 x h x w frames -> the graph's output."""
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """uint8 N x 3 x h x w frames -> the graph's outputs, in OUTPUT_NAMES order."""
 
 
 class OnnxEngine:
@@ -61,8 +58,8 @@ class OnnxEngine:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads would spin against decoding
         self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {INPUT_NAME: batch})
 
 
 class OpenVinoEngine:
@@ -78,8 +75,9 @@ class OpenVinoEngine:
             config["INFERENCE_NUM_THREADS"] = threads
         self.model = openvino.Core().compile_model(str(graph), "CPU", config)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        return self.model(batch)[OUTPUT_NAME]
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        results = self.model(batch)
+        return [results[output] for output in self.model.outputs]
 
 
 def is_deployment(path: str | Path) -> bool:
@@ -98,7 +96,7 @@ class DeployedModel:
             raise DefectscopeError(f"cannot read deployment file {self.path}: {exc.strerror or exc}") from exc
         self.manifest = read_header_manifest(data, self.path, DEPLOYMENT_FORMAT, DEPLOYMENT_VERSION, "deployment file")
         try:
-            self.arrays = load_arrays(data)
+            load_arrays(data)  # the layout must be intact: a truncated or altered file is refused
         except (SafetensorError, ValueError) as exc:
             raise DefectscopeError(f"deployment file {self.path} is corrupt: {exc}") from exc
         try:
@@ -109,6 +107,7 @@ class DeployedModel:
             self.calibration_dict = model.get("calibration")
             self.threshold = None if self.calibration_dict is None else float(self.calibration_dict["threshold"])
             graph_path = self.path.parent / Path(graph["file"]).name  # beside this file, never elsewhere
+            self.batch_limit = graph.get("batch_limit") or None
             expected, engine = graph["sha256"], graph["engine"]
         except (KeyError, TypeError, ValueError) as exc:
             raise DefectscopeError(f"deployment file {self.path} is damaged: its manifest is incomplete ({exc})") from exc
@@ -119,7 +118,6 @@ class DeployedModel:
             raise DefectscopeError(f"the graph {graph_path.name} of {self.path} is missing; copy it beside the deployment file")
         if file_sha256(graph_path) != expected:
             raise DefectscopeError(f"the graph {graph_path} does not match {self.path} (sha256 differs); export again")
-        self.index = ClusterIndex(self.arrays["memory_bank"], self.arrays["cluster_offsets"]) if self.head == "nearest" else None
         self.engine: Engine = (OnnxEngine if engine == "onnxruntime" else OpenVinoEngine)(graph_path, threads)
         self.batch_size = int(model.get("config", {}).get("batch_size", 32))
 
@@ -136,15 +134,10 @@ class DeployedModel:
 
     def score_frames(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 frames N x 3 x h x w -> image scores and model-frame maps (None for image-level models)."""
-        output = self.engine.run(batch)
-        if self.head == "score":
-            return output.reshape(len(batch)), None
-        if self.head == "nearest":  # PatchCore: exact search in the memory bank; the score is the worst patch
-            n, h, w, d = output.shape
-            grid = self.index.search(output.reshape(-1, d))[0].reshape(n, h, w)
-            return grid.reshape(n, -1).max(1), finish_maps(grid, self.preprocess.input_shape)
-        frame = finish_maps(output, self.preprocess.input_shape)
-        return frame.max(axis=(1, 2)), frame
+        step = self.batch_limit or len(batch)
+        parts = [self.engine.run(batch[start : start + step]) for start in range(0, len(batch), step)]
+        scores = np.concatenate([part[0] for part in parts]).reshape(len(batch))
+        return scores, np.concatenate([part[1] for part in parts]) if self.head == "map" else None
 
     def predict(self, images: Sequence[ImageSource], map_size: str | tuple[int, int] = "original",
                 progress: Callable[[int], None] | None = None, keep_going: bool = False) -> Prediction:

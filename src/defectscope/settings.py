@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, TypeVar
 
 from defectscope.errors import DefectscopeError
@@ -26,7 +26,8 @@ def check_field_types(cls: type, data: dict) -> None:
     if unknown:
         raise DefectscopeError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     for name, value in data.items():
-        default = known[name].default
+        field = known[name]
+        default = field.default_factory() if field.default is MISSING and field.default_factory is not MISSING else field.default
         if default is None or value is None:
             continue
         if isinstance(default, float):

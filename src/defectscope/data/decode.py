@@ -2,6 +2,8 @@
 
 Every decode first reads the file header and refuses images above the pixel limit
 (`DEFECTSCOPE_MAX_PIXELS`, default 50 megapixels), so a small file cannot claim gigabytes.
+OpenCV decodes when it is installed (faster on PNG); without it (the slim runtime) Pillow
+decodes the same pixels.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from defectscope.errors import DefectscopeError
+
+try:
+    import cv2
+except ImportError:  # the torch-free runtime may be installed without OpenCV
+    cv2 = None
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 MAX_PIXELS_ENV = "DEFECTSCOPE_MAX_PIXELS"
@@ -28,8 +34,9 @@ ImageSource = str | Path | np.ndarray
 class ImageTooLarge(DefectscopeError):
     """An image above the pixel limit (refused from its header, before decoding)."""
 
-cv2.setNumThreads(1)
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # failures become our errors, not [ WARN ] lines
+if cv2 is not None:
+    cv2.setNumThreads(1)
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # failures become our errors, not [ WARN ] lines
 
 
 def max_pixels() -> int:
@@ -68,17 +75,31 @@ def decode_image(data: np.ndarray, path: str | Path) -> np.ndarray:
     """Decode an image file's bytes (uint8 array) to RGB uint8 HxWx3; `path` names it in errors."""
     path = Path(path)
     image_header(path, data)  # size limit before any pixel is decoded
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if cv2 is not None else _pillow_decode(data)
     if image is None:
         reason = _pil_failure(data)
         raise DefectscopeError(f"cannot decode image {path}: {reason}; replace or remove the file")
     if image.dtype != np.uint8:
         image = _to_uint8(image)
     if image.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    if image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if cv2 is None:
+        return image
+    return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+
+
+def _pillow_decode(data: np.ndarray, gray: bool = False) -> np.ndarray | None:
+    """Pillow's decode: 8- and 16-bit gray as one channel, others as RGB (or as 8-bit gray); None when it cannot decode."""
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
+            if image.mode.startswith("I;16"):
+                return np.asarray(image).astype(np.uint16)
+            if image.mode in ("I", "F"):
+                return np.asarray(image)
+            wanted = "L" if gray or image.mode in ("L", "LA", "1") else "RGB"
+            return np.asarray(image if image.mode == wanted else image.convert(wanted))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -97,7 +118,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     path = Path(path)
     data = _read_bytes(path)
     image_header(path, data)
-    image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if cv2 is not None else _pillow_decode(data, gray=True)
     if image is None:
         raise DefectscopeError(f"cannot decode mask {path}: {_pil_failure(path)}; replace or remove the file")
     return image > 0

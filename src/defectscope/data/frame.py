@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import cv2
 import numpy as np
+from PIL import Image
 
 from defectscope.errors import DefectscopeError
+from defectscope.maps import resize_maps
 
 FRAME_MULTIPLE = 16  # the long side of a non-square frame is a multiple of the coarsest feature stride
 MAX_ASPECT = 4.0  # frames are at most 4:1; longer images are squashed to that
@@ -74,13 +75,13 @@ class Preprocess:
             aspect=float(data.get("aspect", 1.0)),
         )
 
-    def resize_crop(self, image: np.ndarray, interpolation: int | None = None) -> np.ndarray:
-        """Resize an HxW[xC] array to the model frame and center-crop it."""
+    def resize_crop(self, image: np.ndarray) -> np.ndarray:
+        """Resize an HxW[x3] uint8 or HxW float32 array to the model frame (Pillow: area average when
+        shrinking, bilinear when enlarging) and center-crop it."""
         height, width = self.frame_shape
-        if interpolation is None:
-            shrinking = image.shape[0] > height or image.shape[1] > width
-            interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-        resized = cv2.resize(image, (width, height), interpolation=interpolation)
+        shrinking = image.shape[0] >= height and image.shape[1] >= width
+        resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+        resized = np.asarray(Image.fromarray(image).resize((width, height), resample))
         (top, left), (rows, cols) = self._crop_offsets(), self.input_shape
         return resized[top : top + rows, left : left + cols]
 
@@ -89,9 +90,16 @@ class Preprocess:
         return (height - rows) // 2, (width - cols) // 2
 
     def mask_to_input(self, mask: np.ndarray) -> np.ndarray:
-        """Bring a boolean mask into the model frame (area-resize, then majority vote)."""
-        frame = self.resize_crop(mask.astype(np.float32), cv2.INTER_AREA)
+        """Bring a boolean mask into the model frame (resized as images are, then majority vote)."""
+        frame = self.resize_crop(mask.astype(np.float32))
         return frame >= 0.5
+
+    def box_to_original(self, box: tuple[float, ...], height: int, width: int) -> tuple[float, float, float, float]:
+        """A box (x0, y0, x1, y1) in model-frame pixels -> on the original HxW image (undo the crop, then the resize)."""
+        (frame_h, frame_w), (top, left) = self.frame_shape, self._crop_offsets()
+        x0, y0, x1, y1 = box
+        sx, sy = width / frame_w, height / frame_h
+        return (x0 + left) * sx, (y0 + top) * sy, (x1 + left) * sx, (y1 + top) * sy
 
     def to_original(self, frame_map: np.ndarray, height: int, width: int) -> np.ndarray:
         """Map one model-frame map h x w back onto an original HxW image (bilinear).
@@ -108,4 +116,4 @@ class Preprocess:
         frame_map = np.asarray(frame_map, dtype=np.float32)
         if lead_h or lead_w or trail_h or trail_w:
             frame_map = np.pad(frame_map, ((lead_h, trail_h), (lead_w, trail_w)), constant_values=frame_map.min())
-        return cv2.resize(frame_map, (width, height), interpolation=cv2.INTER_LINEAR)
+        return resize_maps(frame_map[None], (height, width))[0]

@@ -23,7 +23,7 @@ from defectscope.data.decode import ImageSource, image_size
 from defectscope.data.frame import Preprocess, frame_aspect
 from defectscope.data.images import normalize
 from defectscope.errors import DefectscopeError
-from defectscope.maps import finish_maps
+from defectscope.maps import finishing_matrix
 from defectscope.prediction import Prediction, predict_frames
 from defectscope.settings import FrameConfig, require_choice, require_range
 from defectscope.thresholds import (
@@ -107,18 +107,14 @@ class MapModel(ABC):
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what `tensors` returned."""
 
-    def export_head(self) -> str:
-        """What the exported graph returns after `embed` (`runtime.HEADS`): grid maps, or scores for image-level models."""
-        return "map" if self.localizes else "score"
+    def graph_scores(self, features: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`score_features` as traced into the exported graph (`deployment.export_model`); models whose
+        scoring has no fixed graph override it (or refuse)."""
+        return self.score_features(features)
 
-    def graph_output(self, features: torch.Tensor) -> torch.Tensor:
-        """The exported graph's output for embedded features, traced by `deployment.export_model`."""
-        scores, grid = self.score_features(features)
-        return grid if self.localizes else scores
-
-    def deployment_arrays(self) -> dict[str, np.ndarray]:
-        """Learned arrays the runtime needs beside the graph (none when the graph holds the whole scoring)."""
-        return {}
+    def graph_batch_limit(self) -> int | None:
+        """The most images the exported graph should take per run (None: any batch)."""
+        return None
 
     def mean_loss(self, images: Sequence[ImageSource]) -> float | None:
         """The training objective on other images, for models trained by a loss; None for the others."""
@@ -155,11 +151,9 @@ class MapModel(ABC):
         return self._finish(*self.score_features(features))
 
     def _finish(self, scores: torch.Tensor | None, grid: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray | None]:
-        """What score_features returned -> image scores and model-frame maps (`maps.finish_maps`)."""
-        frame = None if grid is None else finish_maps(grid.float().numpy(), self.preprocess.input_shape)
-        if scores is None:
-            scores = torch.from_numpy(frame.max(axis=(1, 2)))
-        return scores.float(), frame
+        """What score_features returned -> image scores and model-frame maps (`finish_scores`)."""
+        scores, frame = finish_scores(scores, grid, self.preprocess.input_shape)
+        return scores, None if frame is None else frame.numpy()
 
     def predict(self, images: Sequence[ImageSource], map_size: str | tuple[int, int] = "original",
                 progress: Progress | None = None, keep_going: bool = False) -> Prediction:
@@ -301,6 +295,21 @@ def rows_outside(count: int, held: torch.Tensor) -> torch.Tensor:
     mask = torch.ones(count, dtype=torch.bool)
     mask[held] = False
     return mask
+
+
+def finish_maps(grid: torch.Tensor, input_shape: tuple[int, int]) -> torch.Tensor:
+    """Feature-grid maps N x h x w -> model-frame maps: bilinear upsampling, then Gaussian smoothing (sigma 4),
+    as one matrix per axis (rows @ grid @ cols.T): a few small GEMMs, in exported graphs too."""
+    rows = torch.from_numpy(finishing_matrix(input_shape[0], int(grid.shape[1])))  # int(): a constant when traced
+    cols = torch.from_numpy(finishing_matrix(input_shape[1], int(grid.shape[2])))
+    return rows @ grid.float() @ cols.T
+
+
+def finish_scores(scores: torch.Tensor | None, grid: torch.Tensor | None, input_shape: tuple[int, int]
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Image scores (the finished map's maximum where `scores` is None) and finished maps (None for image-level models)."""
+    frame = None if grid is None else finish_maps(grid, input_shape)
+    return (frame.amax(dim=(1, 2)) if scores is None else scores.float()), frame
 
 
 def learned_state(network: nn.Module) -> dict[str, torch.Tensor]:

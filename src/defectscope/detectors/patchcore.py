@@ -8,11 +8,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from defectscope.data.decode import ImageSource
+from defectscope.data.images import normalize
 from defectscope.detectors.base import (
     Detector,
     DetectorConfig,
@@ -27,6 +27,7 @@ from defectscope.settings import require_range
 
 
 PATCH_STRIDES = (8, 16, 32)  # the finest feature stride (8) times 1, 2 or 4
+GRAPH_DISTANCE_CELLS = 1 << 24  # an exported graph's distance matrix: at most 64 MB per run
 
 
 @dataclass
@@ -235,17 +236,24 @@ class PatchCore(Detector):
         weights = 1 - torch.softmax(distances, dim=1)[:, 0]
         return weights * scores
 
-    def export_head(self) -> str:
-        """The graph ends at the patch features: the runtime searches the memory bank exactly, as `score_features` does."""
+    def graph_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact nearest-neighbour distances by brute force, one GEMM against the whole bank and a min (the
+        pruned search has no fixed graph); the score is the largest, as in `score_features`."""
         if self.config.reweight:
             raise DefectscopeError("PatchCore with reweight: true cannot be exported; refit with reweight: false")
-        return "nearest"
+        n, h, w, d = features.shape
+        patches = features.reshape(n, h * w, d)
+        bank = self.index.bank.float()
+        squared = (patches * patches).sum(-1, keepdim=True) - 2 * patches @ bank.T + (bank * bank).sum(1)
+        distances = squared.min(-1).values.clamp_min(0).sqrt()
+        return distances.max(1).values, distances.reshape(n, h, w)
 
-    def graph_output(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-    def deployment_arrays(self) -> dict[str, np.ndarray]:
-        return {"memory_bank": self.index.bank.numpy(), "cluster_offsets": self.index.offsets.numpy()}
+    def graph_batch_limit(self) -> int:
+        """Images per graph run that keep its patch x bank distance matrix under GRAPH_DISTANCE_CELLS."""
+        frame = torch.zeros(1, 3, *self.preprocess.input_shape, dtype=torch.uint8)
+        with torch.inference_mode():
+            patches = self.embed(normalize(frame, self.preprocess)).shape[1:3].numel()
+        return max(1, GRAPH_DISTANCE_CELLS // (patches * len(self.index.bank)))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return self.index.tensors() if self.index else {}
