@@ -6,7 +6,7 @@ Fits PatchCore and PaDiM (default settings), exports each to ONNX and OpenVINO I
 one fresh virtual environment per runtime with only what the runtime needs (defectscope without
 its dependencies, the engine, NumPy, Pillow, safetensors: no torch, no OpenCV, no pip). Every (model, engine)
 then runs in its own process (the runtimes inside their torch-free environments) on the test
-images, decode included, 2 threads: ms/image at batch 1 and batched, peak memory, and the scores,
+images, decode included, 2 threads: ms/image at batch 1 and batched (median of 3 passes), peak memory, and the scores,
 maps and verdicts, which the parent compares with PyTorch's (parity). Install size is the size of
 each environment on disk (PyTorch: the packages defectscope's default install pulls in).
 --generate adds seeded categories of other kinds of image (benchmarks/generated.py), PatchCore only.
@@ -33,6 +33,7 @@ RUNTIME_PACKAGES = {"onnxruntime": ["onnxruntime"], "openvino": ["openvino"]}
 COMMON_PACKAGES = ["numpy", "pillow", "safetensors"]
 FORMATS = {"onnxruntime": "onnx", "openvino": "openvino"}
 GENERATED_TRAIN, GENERATED_TEST = 60, 40
+REPEATS = 3
 COLUMNS = (("data", "data", "{}"), ("model", "model", "{}"), ("engine", "engine", "{}"), ("ms_batch1", "ms/img batch 1", "{:.1f}"),
            ("ms_batched", "ms/img batch 32", "{:.1f}"), ("speedup_batch1", "batch-1 speed-up vs PyTorch", "{:.2f}x"),
            ("ms_decode", "decode ms/img", "{:.1f}"), ("peak_mb", "peak MB", "{:.0f}"), ("model_mb", "model files MB", "{:.1f}"), ("install_mb", "install MB", "{:.0f}"),
@@ -57,14 +58,17 @@ def measure(model_path: Path, engine: str, data: Path, out: Path) -> dict:
         set_batch = lambda size: setattr(model, "batch_size", size)  # noqa: E731
     set_batch(32)
     model.predict(paths[:4], map_size="input")  # warm-up
-    start = time.perf_counter()
-    prediction = model.predict(paths, map_size="input")
-    batched = (time.perf_counter() - start) / len(paths) * 1000
-    set_batch(1)
-    single = paths[:20]
-    start = time.perf_counter()
-    model.predict(single, map_size="input")
-    batch1 = (time.perf_counter() - start) / len(single) * 1000
+    batched, batch1, single = [], [], paths[:20]
+    for _ in range(REPEATS):  # the median of a few passes: this machine's neighbours come and go
+        set_batch(32)
+        start = time.perf_counter()
+        prediction = model.predict(paths, map_size="input")
+        batched.append((time.perf_counter() - start) / len(paths) * 1000)
+        set_batch(1)
+        start = time.perf_counter()
+        model.predict(single, map_size="input")
+        batch1.append((time.perf_counter() - start) / len(single) * 1000)
+    batched, batch1 = float(np.median(batched)), float(np.median(batch1))
     np.savez(out, scores=prediction.scores, maps=np.stack(prediction.maps), verdicts=np.array(prediction.verdicts))
     from defectscope.data.decode import read_image
 

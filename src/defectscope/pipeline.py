@@ -128,7 +128,7 @@ def predict_images(detector: MapModel | DeployedModel, inputs: Sequence[Path], h
         prediction = detector.predict(paths, progress=advance, keep_going=True)
     rows = prediction_rows(paths, prediction)
     if heatmaps is not None:
-        written = write_heatmaps(paths, prediction.maps, prediction.threshold, heatmaps)
+        written = write_heatmaps(paths, prediction.maps, prediction.threshold, heatmaps, prediction.detections)
         for row, target in zip(rows, written):
             if target is not None:
                 row["heatmap"] = str(target)

@@ -19,6 +19,7 @@ from sklearn.metrics import roc_curve
 from defectscope.data.decode import read_image
 from defectscope.errors import DefectscopeError
 from defectscope.files import write_atomic
+from defectscope.prediction import Detection
 
 
 def heat_colours(heatmap: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -76,18 +77,33 @@ def heatmap_names(paths: Sequence[Path]) -> list[str]:
             for name, path in zip(names, resolved)]
 
 
-def write_heatmaps(paths: Sequence[Path], maps: Sequence[np.ndarray | None], threshold: float | None, folder: Path
-                   ) -> list[Path | None]:
-    """An overlay PNG per image with a map (scaled 0 .. 2x threshold, or to the largest map value); None where none."""
+def draw_detections(image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
+    """Outline each detected instance's mask and box in white, labelled with its type and confidence."""
+    thickness = max(1, image.shape[0] // 300)
+    for detection in detections:
+        contours, _ = cv2.findContours(detection.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(image, contours, -1, (255, 255, 255), thickness)
+        x0, y0, x1, y1 = (int(round(v)) for v in detection.box)
+        cv2.rectangle(image, (x0, y0), (x1 - 1, y1 - 1), (255, 255, 255), thickness)
+        cv2.putText(image, f"{detection.type} {detection.confidence:.2f}", (x0, max(y0 - 4 * thickness, 10 * thickness)),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, (255, 255, 255), thickness, cv2.LINE_AA)
+    return image
+
+
+def write_heatmaps(paths: Sequence[Path], maps: Sequence[np.ndarray | None], threshold: float | None, folder: Path,
+                   detections: Sequence[Sequence[Detection]] | None = None) -> list[Path | None]:
+    """An overlay PNG per image with a map (scaled 0 .. 2x threshold, or to the largest map value), with the
+    image's detected instances drawn when given; None where there is no map."""
     present = [m for m in maps if m is not None]
     high = 2 * threshold if threshold else max((float(m.max()) for m in present), default=1.0)
     written: list[Path | None] = []
-    for path, name, heat in zip(paths, heatmap_names(paths), maps):
+    for number, (path, name, heat) in enumerate(zip(paths, heatmap_names(paths), maps)):
         if heat is None:
             written.append(None)
             continue
         target = folder / name
-        save_rgb(target, overlay(read_image(path), heat, 0.0, high))
+        blended = overlay(read_image(path), heat, 0.0, high)
+        save_rgb(target, draw_detections(blended, detections[number]) if detections is not None else blended)
         written.append(target)
     return written
 

@@ -23,7 +23,8 @@ from defectscope.errors import DefectscopeError
 from defectscope.experiments.kinds import attempt_config
 
 RESERVED = {"name", "model", "base", "description"}
-METRICS = ("image_auroc", "pixel_auroc", "aupro", "accuracy", "balanced_accuracy", "macro_f1", "tail_recall")
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "accuracy", "balanced_accuracy", "macro_f1", "tail_recall",
+           "box_ap", "box_ap50", "mask_ap", "mask_ap50")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # experiment and attempt names become folder names
 MAX_CONFIG_BYTES = 1024 * 1024
 

@@ -18,13 +18,26 @@ from defectscope.artifacts import save_model
 from defectscope.classify.crossval import InputCache, cross_validate
 from defectscope.classify.model import ClassifierConfig
 from defectscope.classify.report import classification_markdown, classification_metrics
+from defectscope.data.decode import image_size
+from defectscope.data.folds import pick_good
 from defectscope.data.images import masks_in_frame
 from defectscope.data.layout import Dataset
 from defectscope.data.summary import summarize
 from defectscope.detectors import DETECTORS, detector_class
+from defectscope.detectors.instances import (
+    InstanceConfig,
+    InstanceDetector,
+    held_out_instances,
+)
 from defectscope.detectors.segmenter import Segmenter, SegmenterConfig, held_out_maps
 from defectscope.errors import DefectscopeError
 from defectscope.files import write_atomic, write_json
+from defectscope.instance_metrics import (
+    coco_ap,
+    detected_instance,
+    instance_metrics,
+    true_instances,
+)
 from defectscope.metrics import image_auroc, pixel_metrics
 from defectscope.pipeline import evaluate_model, fit_detector
 from defectscope.settings import Settings
@@ -87,6 +100,38 @@ def run_classifier(run: AttemptRun) -> dict[str, Any]:
     }
 
 
+def run_instances(run: AttemptRun) -> dict[str, Any]:
+    """Instance detector: k-fold held-out instances, COCO AP per defect type, image AUROC; then a model file
+    trained on every labelled image (for predict and pseudo-labels)."""
+    config: InstanceConfig = run.config
+    held = held_out_instances(run.dataset, config, progress=lambda n: run.say(f"predicted {n} held-out images"))
+    types = list(run.dataset.defect_types)
+    predicted = [[detected_instance(d, types) for d in image] for image in held.instances]
+    metrics = instance_metrics(held.samples, predicted, types)
+    labels = np.array([s.label for s in held.samples])
+    truth, shapes, folds = true_instances(held.samples, types), [image_size(s.path) for s in held.samples], np.array(held.folds)
+    per_fold = []
+    for fold in range(config.folds):
+        rows = np.flatnonzero(folds == fold)
+        per_fold.append({"image_auroc": image_auroc(labels[rows], held.scores[rows]),
+                         **coco_ap([truth[i] for i in rows], [predicted[i] for i in rows], [shapes[i] for i in rows])})
+    spread = {key: {"mean": float(np.mean([f[key] for f in per_fold])), "std": float(np.std([f[key] for f in per_fold], ddof=1))}
+              for key in per_fold[0]}
+    summary = {"image_auroc": image_auroc(labels, held.scores), **metrics["overall"]}
+    write_json(run.folder / "predictions.json", {
+        "types": types, "folds": held.folds, "scores": held.scores.tolist(),
+        "images": [{"path": str(s.path), "detections": [{k: v for k, v in d.to_dict().items() if k != "mask"} for d in image]}
+                   for s, image in zip(held.samples, held.instances)]})
+    run.say("training the model file on every labelled image")
+    final = InstanceDetector(config)
+    final.epoch_progress = lambda epoch, total, loss, _: run.say(f"epoch {epoch}/{total} train loss {loss:.4f}")
+    final.fit_masks([*run.dataset.test, *pick_good(run.dataset.train, config.good_train, config.seed)], types)
+    save_model(final, run.folder / "model.dsmodel", force=True)
+    return {"fit_s": held.fit_seconds / config.folds, "infer_ms": held.infer_ms, "summary": summary,
+            "metrics": {**summary, "per_type": metrics, "folds": per_fold}, "spread": spread,
+            "config": final.config.to_dict()}
+
+
 def run_segmenter(run: AttemptRun) -> dict[str, Any]:
     """Mask-supervised segmenter: k-fold held-out maps, image and pixel metrics."""
     config: SegmenterConfig = run.config
@@ -115,6 +160,7 @@ def _map_model_config(model: str) -> type[Settings]:
 KINDS: dict[str, AttemptKind] = {
     "good_only": AttemptKind(_map_model_config, run_detector),
     "masks": AttemptKind(_map_model_config, run_segmenter),
+    "instances": AttemptKind(_map_model_config, run_instances),
     CLASSIFIER: AttemptKind(lambda _model: ClassifierConfig, run_classifier),
 }
 

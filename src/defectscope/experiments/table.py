@@ -17,6 +17,7 @@ METRIC_COLUMNS = (
     ("train_loss", "train loss"), ("test_loss", "test loss"), ("accuracy", "accuracy"),
     ("balanced_accuracy", "balanced acc."), ("macro_f1", "macro F1"), ("tail_recall", "tail recall"),
     ("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"),
+    ("box_ap", "box AP"), ("box_ap50", "box AP50"), ("mask_ap", "mask AP"), ("mask_ap50", "mask AP50"),
 )
 LOSSES = ("train_loss", "test_loss")  # top-level in a result; blank (not n/a) for models without a training loop
 

@@ -33,6 +33,7 @@ class TrainSettings(Settings):
     patience: int = 0
     hflip: bool = False
     vflip: bool = False
+    rot90: bool = False
     rotate: float = 0.0
     color_jitter: float = 0.0
 
@@ -51,7 +52,7 @@ class TrainSettings(Settings):
 
     @property
     def augments(self) -> bool:
-        return bool(self.hflip or self.vflip or self.rotate or self.color_jitter)
+        return bool(self.hflip or self.vflip or self.rot90 or self.rotate or self.color_jitter)
 
 
 @dataclass
