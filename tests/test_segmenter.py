@@ -51,3 +51,23 @@ def test_held_out_maps_separate_defects(demo_root: Path) -> None:
 
     masks = np.stack([read_mask(s.mask) if s.mask else np.zeros((128, 128), bool) for s in dataset.test])
     assert pixel_auroc(masks, maps) > 0.8, pixel_auroc(masks, maps)
+
+
+def test_per_type_segmenter_has_a_channel_per_defect_type_and_types_its_regions(demo_root: Path, tmp_path: Path) -> None:
+    dataset = load_dataset(demo_root)
+    segmenter = create_detector("segmenter", **SMALL, per_type=True)
+    segmenter.fit_masks(list(dataset.test) + list(dataset.train[:8]), dataset.defect_types)
+    assert segmenter.label_types == dataset.defect_types
+    assert segmenter.network.head[-1].out_channels == len(dataset.defect_types)
+    paths = [s.path for s in dataset.test]
+    prediction = segmenter.predict(paths)
+    assert prediction.detections is not None and len(prediction.detections) == len(paths)
+    for image, heat in zip(prediction.detections, prediction.maps):
+        for region in image:
+            assert region.type in dataset.defect_types and region.mask.shape == heat.shape
+            assert 0.5 <= region.confidence <= 1 and region.mask.any()
+    typed = [(s.defect, {r.type for r in image}) for s, image in zip(dataset.test, prediction.detections) if s.label and image]
+    assert typed and sum(defect in found for defect, found in typed) / len(typed) > 0.5  # mostly the right type
+    loaded = load_model(save_model(segmenter, tmp_path / "typed.dsmodel"))
+    assert loaded.label_types == dataset.defect_types
+    np.testing.assert_allclose(loaded.predict(paths[:4]).scores, prediction.scores[:4], rtol=1e-5)

@@ -12,12 +12,14 @@ import contextlib
 import io
 from collections.abc import Sequence
 
+import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from defectscope.data.decode import image_size, read_mask
 from defectscope.data.layout import Sample
 from defectscope.export.instances import Instance, components, rle
+from defectscope.metrics import image_auroc
 from defectscope.prediction import Detection
 
 AGNOSTIC = -1  # the category of a region that carries no defect type
@@ -92,3 +94,16 @@ def instance_metrics(samples: Sequence[Sample], predicted: Sequence[list[Instanc
                                 [[p for p in predicted[i] if p.category in (number, AGNOSTIC)] for i in keep],
                                 [shapes[i] for i in keep])
     return metrics
+
+
+def per_fold(samples: Sequence[Sample], predicted: Sequence[list[Instance]], scores: np.ndarray, folds: Sequence[int],
+             types: list[str]) -> list[dict[str, float]]:
+    """Image AUROC and overall AP of each fold's held-out images (the spread of a k-fold estimate)."""
+    truth, shapes, folds = true_instances(samples, types), [image_size(s.path) for s in samples], np.asarray(folds)
+    labels, scores = np.array([s.label for s in samples]), np.asarray(scores)
+    results = []
+    for fold in sorted(set(folds.tolist())):
+        rows = np.flatnonzero(folds == fold)
+        results.append({"image_auroc": image_auroc(labels[rows], scores[rows]),
+                        **coco_ap([truth[i] for i in rows], [predicted[i] for i in rows], [shapes[i] for i in rows])})
+    return results

@@ -11,6 +11,7 @@ import torch
 from defectscope.data.batches import iterate_batches
 from defectscope.data.decode import ImageSource, read_mask
 from defectscope.data.frame import Preprocess
+from defectscope.data.layout import Sample
 
 
 def normalize(batch: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
@@ -29,3 +30,13 @@ def masks_in_frame(masks: Sequence[str | Path | None], preprocess: Preprocess) -
     """Masks brought into the model frame, N x h x w bool; None stands for an empty mask (a good image)."""
     blank = np.zeros(preprocess.input_shape, dtype=bool)
     return np.stack([preprocess.mask_to_input(read_mask(m)) if m else blank for m in masks])
+
+
+def type_masks(samples: Sequence[Sample], types: Sequence[str], preprocess: Preprocess) -> torch.Tensor:
+    """Each image's mask in the model frame, in the channel of its defect type: uint8 N x K x h x w (good: empty)."""
+    masks = torch.from_numpy(masks_in_frame([s.mask if s.label else None for s in samples], preprocess))
+    channels = torch.zeros((len(samples), len(types), *masks.shape[1:]), dtype=torch.uint8)
+    for row, sample in enumerate(samples):
+        if sample.label:
+            channels[row, list(types).index(sample.defect)] = masks[row]
+    return channels

@@ -112,6 +112,11 @@ class MapModel(ABC):
         scoring has no fixed graph override it (or refuse)."""
         return self.score_features(features)
 
+    @property
+    def label_types(self) -> list[str] | None:
+        """The defect types its predictions carry (models that tell types apart), else None."""
+        return None
+
     def graph_batch_limit(self) -> int | None:
         """The most images the exported graph should take per run (None: any batch)."""
         return None

@@ -25,7 +25,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from defectscope.backbones import Backbone, freeze_through
 from defectscope.data.folds import class_names, label_of, pick_good, stratified_folds
-from defectscope.data.images import load_normalized, masks_in_frame
+from defectscope.data.images import load_normalized, normalize, type_masks
 from defectscope.data.layout import Dataset, Sample
 from defectscope.detectors.base import DetectorConfig, MapModel, Progress, learned_state, load_learned_state, register
 from defectscope.errors import DefectscopeError
@@ -95,14 +95,14 @@ class InstanceConfig(DetectorConfig, TrainSettings):
             raise DefectscopeError(f"field 'types' must be distinct defect type names, got {self.types!r}")
 
 
-def instance_targets(type_masks: torch.Tensor, min_area: int) -> dict[str, torch.Tensor]:
+def instance_targets(channels: torch.Tensor, min_area: int) -> dict[str, torch.Tensor]:
     """K x H x W per-type masks -> Mask R-CNN targets: one instance per connected region, labelled type + 1."""
     masks, labels = [], []
-    for number, mask in enumerate(type_masks.numpy()):
+    for number, mask in enumerate(channels.numpy()):
         for region, _, _ in components(mask, min_area) if mask.any() else []:
             masks.append(region)
             labels.append(number + 1)
-    height, width = type_masks.shape[1:]
+    height, width = channels.shape[1:]
     stacked = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, height, width), dtype=torch.bool)
     boxes = masks_to_boxes(stacked) + torch.tensor([0.0, 0.0, 1.0, 1.0])  # pixel edges: a 1-pixel region is 1 wide
     return {"boxes": boxes, "labels": torch.tensor(labels, dtype=torch.int64), "masks": stacked.to(torch.uint8)}
@@ -134,13 +134,13 @@ class InstanceDetector(MapModel):
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         return batch
 
-    def _loss(self, network: nn.Module, x: torch.Tensor, type_masks: torch.Tensor, training: bool) -> torch.Tensor:
+    def _loss(self, network: nn.Module, x: torch.Tensor, channels: torch.Tensor, training: bool) -> torch.Tensor:
         """Mask R-CNN's summed losses; images and masks are augmented together, so boxes follow the masks."""
-        type_masks = type_masks.float()
+        channels = channels.float()
         if training and self.config.augments:
-            joint = augment(torch.cat([x, type_masks], 1), self.generator, self.config)
-            x, type_masks = joint[:, :3], joint[:, 3:]
-        targets = [instance_targets(m > 0.5, self.config.min_area) for m in type_masks]
+            joint = augment(torch.cat([x, channels], 1), self.generator, self.config)
+            x, channels = joint[:, :3], joint[:, 3:]
+        targets = [instance_targets(m > 0.5, self.config.min_area) for m in channels]
         network.train()  # torchvision's detection models return their losses only in training mode
         return sum(network(list(x.contiguous()), targets).values())
 
@@ -152,15 +152,11 @@ class InstanceDetector(MapModel):
         self.config.types = list(types)
         self.learn_aspect([s.path for s in samples])
         images = load_normalized([s.path for s in samples], self.preprocess)
-        masks = torch.from_numpy(masks_in_frame([s.mask if s.label else None for s in samples], self.preprocess))
-        type_masks = torch.zeros((len(samples), len(types), *masks.shape[1:]), dtype=torch.uint8)
-        for row, sample in enumerate(samples):
-            if sample.label:
-                type_masks[row, self.config.types.index(sample.defect)] = masks[row]
+        targets = type_masks(samples, types, self.preprocess)
         torch.manual_seed(self.config.seed)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.network = self.build()
-        history = train(self.network, self._loss, images, type_masks, self.config, batch_size=self.config.batch_size,
+        history = train(self.network, self._loss, images, targets, self.config, batch_size=self.config.batch_size,
                         seed=self.config.seed, progress=self.epoch_progress)
         self.history = history
         self.calibration = Calibration(0.5, "confidence", 0.5, 0.0, 0.0, 0)
@@ -188,11 +184,13 @@ class InstanceDetector(MapModel):
 
     def score_frames(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[list[Detection]]]:
         """uint8 frames -> scores, finished maps and the instances (see `prediction.predict_frames`)."""
-        from defectscope.data.images import normalize
-
         scores, maps, found = self.detect_frames(normalize(torch.from_numpy(batch), self.preprocess))
         scores, frame = self._finish(scores, maps)
         return scores.numpy(), frame, found
+
+    @property
+    def label_types(self) -> list[str]:
+        return list(self.config.types)
 
     def graph_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise DefectscopeError("the instance detector cannot be exported: its graph has no fixed shape "

@@ -1,7 +1,9 @@
 """A supervised defect segmenter: pretrained backbone encoder + light FPN decoder, Dice + BCE loss.
 
 It is a map model of the "masks" kind: it learns from masks (`fit_masks`), not from good images
-alone; its probability maps go through the same `predict` pipeline as every detector.
+alone; its probability maps go through the same `predict` pipeline as every detector. With
+`per_type` it has one output channel per defect type: the map is their maximum, and `predict` also
+returns each region of probability 0.5 or more with the type whose channel holds most of it.
 `held_out_maps` scores every test image with a model of a fold that did not train on it.
 """
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,7 @@ from torch import nn
 
 from defectscope.backbones import Backbone, freeze_through
 from defectscope.data.folds import class_names, label_of, pick_good, stratified_folds
-from defectscope.data.images import load_normalized, masks_in_frame
+from defectscope.data.images import load_normalized, masks_in_frame, normalize, type_masks
 from defectscope.data.layout import Dataset, Sample
 from defectscope.detectors.base import (
     DetectorConfig,
@@ -30,6 +32,8 @@ from defectscope.detectors.base import (
     register,
 )
 from defectscope.errors import DefectscopeError
+from defectscope.export.instances import components
+from defectscope.prediction import Detection
 from defectscope.settings import require_range
 from defectscope.thresholds import Calibration
 from defectscope.training.augment import augment
@@ -37,14 +41,14 @@ from defectscope.training.engine import TrainSettings, train
 
 
 class FPNSegmenter(nn.Module):
-    """Top-down FPN over the backbone's stride 4/8/16 maps; one logit per input pixel."""
+    """Top-down FPN over the backbone's stride 4/8/16 maps; `outputs` logits per input pixel (N x outputs x H x W)."""
 
-    def __init__(self, backbone: Backbone, channels: int = 64) -> None:
+    def __init__(self, backbone: Backbone, channels: int = 64, outputs: int = 1) -> None:
         super().__init__()
         self.encoder = backbone
         self.lateral = nn.ModuleDict({str(s): nn.Conv2d(backbone.channels[s], channels, 1) for s in backbone.strides})
         self.head = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
-                                  nn.ReLU(inplace=True), nn.Conv2d(channels, 1, 1))
+                                  nn.ReLU(inplace=True), nn.Conv2d(channels, outputs, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         maps = self.encoder(x)
@@ -53,7 +57,7 @@ class FPNSegmenter(nn.Module):
         for stride in strides[1:]:
             y = F.interpolate(y, size=maps[stride].shape[-2:], mode="bilinear", align_corners=False)
             y = y + self.lateral[str(stride)](maps[stride])
-        return F.interpolate(self.head(y), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        return F.interpolate(self.head(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def dice_bce(logits: torch.Tensor, masks: torch.Tensor, dice_weight: float) -> torch.Tensor:
@@ -65,7 +69,7 @@ def dice_bce(logits: torch.Tensor, masks: torch.Tensor, dice_weight: float) -> t
 
 @dataclass
 class SegmenterConfig(DetectorConfig, TrainSettings):
-    """Frame 288 / crop 256; stages after stride `freeze` are fine-tuned."""
+    """Frame 288 / crop 256; stages after stride `freeze` are fine-tuned; `per_type`: one channel per defect type."""
 
     image_size: int = 288
     crop: int | None = 256
@@ -75,6 +79,8 @@ class SegmenterConfig(DetectorConfig, TrainSettings):
     dice_weight: float = 1.0
     good_train: int = 40
     folds: int = 5
+    per_type: bool = False
+    types: list[str] = field(default_factory=list)  # learned with per_type: the defect types, in channel order
 
     def check(self) -> None:
         super().check()
@@ -99,22 +105,30 @@ class Segmenter(MapModel):
     def build(self) -> FPNSegmenter:
         backbone = self.require_backbone()
         freeze_through(backbone, self.config.freeze)
-        return FPNSegmenter(backbone, self.config.channels).to(memory_format=torch.channels_last)
+        outputs = len(self.config.types) if self.config.per_type else 1
+        return FPNSegmenter(backbone, self.config.channels, outputs).to(memory_format=torch.channels_last)
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         return batch
 
     def _loss(self, network: nn.Module, x: torch.Tensor, masks: torch.Tensor, training: bool) -> torch.Tensor:
+        masks = masks.float()
         if training and self.config.augments:
-            joint = augment(torch.cat([x, masks[:, None]], 1), self.generator, self.config)
-            x, masks = joint[:, :3], (joint[:, 3] > 0.5).float()
+            joint = augment(torch.cat([x, masks], 1), self.generator, self.config)
+            x, masks = joint[:, :3], (joint[:, 3:] > 0.5).float()
         return dice_bce(network(x), masks, self.config.dice_weight)
 
-    def fit_masks(self, samples: Sequence[Sample], progress: Progress | None = None) -> dict[str, Any]:
-        """Train on images and their masks (good images: empty masks)."""
+    def fit_masks(self, samples: Sequence[Sample], types: Sequence[str] | None = None, progress: Progress | None = None
+                  ) -> dict[str, Any]:
+        """Train on images and their masks (good images: empty masks); with per_type, one channel per type in `types`
+        (default: the samples' defect types)."""
         self.learn_aspect([s.path for s in samples])
         images = load_normalized([s.path for s in samples], self.preprocess)
-        masks = torch.from_numpy(masks_in_frame([s.mask for s in samples], self.preprocess)).float()
+        if self.config.per_type:
+            self.config.types = list(types if types is not None else sorted({s.defect for s in samples if s.label}))
+            masks = type_masks(samples, self.config.types, self.preprocess)
+        else:
+            masks = torch.from_numpy(masks_in_frame([s.mask for s in samples], self.preprocess))[:, None]
         torch.manual_seed(self.config.seed)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.network = self.build()
@@ -128,7 +142,23 @@ class Segmenter(MapModel):
         if self.network is None:
             raise DefectscopeError("the segmenter is not trained; call fit_masks() or load a model file")
         self.network.eval()
-        return None, torch.sigmoid(self.network(features.contiguous(memory_format=torch.channels_last)))
+        return None, torch.sigmoid(self.network(features.contiguous(memory_format=torch.channels_last))).amax(1)
+
+    @property
+    def label_types(self) -> list[str] | None:
+        return list(self.config.types) if self.config.per_type else None
+
+    def score_frames(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | tuple[np.ndarray, np.ndarray, list]:
+        """uint8 frames -> scores and finished maps; per type, also the typed regions of the raw probabilities."""
+        if not self.config.per_type:
+            return super().score_frames(batch)
+        if self.network is None:
+            raise DefectscopeError("the segmenter is not trained; call fit_masks() or load a model file")
+        self.network.eval()
+        features = normalize(torch.from_numpy(batch), self.preprocess).contiguous(memory_format=torch.channels_last)
+        probabilities = torch.sigmoid(self.network(features))
+        scores, frame = self._finish(None, probabilities.amax(1))
+        return scores.numpy(), frame, [typed_regions(p.numpy(), self.config.types) for p in probabilities]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return learned_state(self.network) if self.network is not None else {}
@@ -136,6 +166,17 @@ class Segmenter(MapModel):
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.network = self.build()
         load_learned_state(self.network, tensors, self.name)
+
+
+def typed_regions(probabilities: np.ndarray, types: list[str]) -> list[Detection]:
+    """Regions where the most likely type's probability (K x H x W) is at least 0.5, each typed by the channel
+    with the largest sum inside it; confidence: the region's peak probability."""
+    peak = probabilities.max(0)
+    found = []
+    for region, (x, y, width, height), _ in components(peak >= 0.5):
+        kind = int(probabilities[:, region].sum(1).argmax())
+        found.append(Detection(types[kind], float(peak[region].max()), (x, y, x + width, y + height), region))
+    return found
 
 
 def held_out_maps(dataset: Dataset, config: SegmenterConfig, progress: Progress | None = None
@@ -154,7 +195,7 @@ def held_out_maps(dataset: Dataset, config: SegmenterConfig, progress: Progress 
     predict_seconds = 0.0
     for fold, held in enumerate(stratified_folds(labels, config.folds, config.seed)):
         segmenter = Segmenter(SegmenterConfig(**{**config.to_dict(), "seed": config.seed + fold}))
-        segmenter.fit_masks([pool[i] for i in range(len(pool)) if i not in set(held)] + goods)
+        segmenter.fit_masks([pool[i] for i in range(len(pool)) if i not in set(held)] + goods, dataset.defect_types)
         start = time.perf_counter()
         prediction = segmenter.predict([pool[i].path for i in held], map_size="input")
         predict_seconds += time.perf_counter() - start

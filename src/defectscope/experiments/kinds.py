@@ -18,7 +18,6 @@ from defectscope.artifacts import save_model
 from defectscope.classify.crossval import InputCache, cross_validate
 from defectscope.classify.model import ClassifierConfig
 from defectscope.classify.report import classification_markdown, classification_metrics
-from defectscope.data.decode import image_size
 from defectscope.data.folds import pick_good
 from defectscope.data.images import masks_in_frame
 from defectscope.data.layout import Dataset
@@ -32,12 +31,7 @@ from defectscope.detectors.instances import (
 from defectscope.detectors.segmenter import Segmenter, SegmenterConfig, held_out_maps
 from defectscope.errors import DefectscopeError
 from defectscope.files import write_atomic, write_json
-from defectscope.instance_metrics import (
-    coco_ap,
-    detected_instance,
-    instance_metrics,
-    true_instances,
-)
+from defectscope.instance_metrics import detected_instance, instance_metrics, per_fold
 from defectscope.metrics import image_auroc, pixel_metrics
 from defectscope.pipeline import evaluate_model, fit_detector
 from defectscope.settings import Settings
@@ -109,14 +103,9 @@ def run_instances(run: AttemptRun) -> dict[str, Any]:
     predicted = [[detected_instance(d, types) for d in image] for image in held.instances]
     metrics = instance_metrics(held.samples, predicted, types)
     labels = np.array([s.label for s in held.samples])
-    truth, shapes, folds = true_instances(held.samples, types), [image_size(s.path) for s in held.samples], np.array(held.folds)
-    per_fold = []
-    for fold in range(config.folds):
-        rows = np.flatnonzero(folds == fold)
-        per_fold.append({"image_auroc": image_auroc(labels[rows], held.scores[rows]),
-                         **coco_ap([truth[i] for i in rows], [predicted[i] for i in rows], [shapes[i] for i in rows])})
-    spread = {key: {"mean": float(np.mean([f[key] for f in per_fold])), "std": float(np.std([f[key] for f in per_fold], ddof=1))}
-              for key in per_fold[0]}
+    per_fold_metrics = per_fold(held.samples, predicted, held.scores, held.folds, types)
+    spread = {key: {"mean": float(np.mean([f[key] for f in per_fold_metrics])),
+                    "std": float(np.std([f[key] for f in per_fold_metrics], ddof=1))} for key in per_fold_metrics[0]}
     summary = {"image_auroc": image_auroc(labels, held.scores), **metrics["overall"]}
     write_json(run.folder / "predictions.json", {
         "types": types, "folds": held.folds, "scores": held.scores.tolist(),
@@ -128,7 +117,7 @@ def run_instances(run: AttemptRun) -> dict[str, Any]:
     final.fit_masks([*run.dataset.test, *pick_good(run.dataset.train, config.good_train, config.seed)], types)
     save_model(final, run.folder / "model.dsmodel", force=True)
     return {"fit_s": held.fit_seconds / config.folds, "infer_ms": held.infer_ms, "summary": summary,
-            "metrics": {**summary, "per_type": metrics, "folds": per_fold}, "spread": spread,
+            "metrics": {**summary, "per_type": metrics, "folds": per_fold_metrics}, "spread": spread,
             "config": final.config.to_dict()}
 
 

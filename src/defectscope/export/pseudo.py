@@ -40,8 +40,8 @@ def map_threshold(detector: MapModel, threshold: float | None) -> float:
 
 
 def label_categories(detector: MapModel) -> list[str]:
-    """The label categories a model's pseudo-labels use: its defect types (instance detectors), else one 'defect'."""
-    return list(detector.config.types) if detector.kind == "instances" else CATEGORIES
+    """The label categories a model's pseudo-labels use: the defect types it tells apart, else one 'defect'."""
+    return detector.label_types or CATEGORIES
 
 
 def predicted_instances(detector: MapModel, samples: Sequence[Sample], threshold: float, min_area: int
