@@ -6,8 +6,8 @@
 For `yolo` and `yolo-seg`: defectscope exports the category's test images from their masks, then
 ultralytics builds YOLOv8n / YOLOv8n-seg from its bundled yaml (no weights, nothing downloaded,
 plots and online features off), trains 1 epoch on the export and runs its validator. Passes when
-ultralytics logs no label warning and the images and instances it reads in each subset equal the
-counts our export reports. Writes benchmarks/results/ultralytics-check.md; exits 1 on a mismatch.
+its label scan (the `labels/*.cache` it writes) finds no missing or corrupt label file and no
+warning, and the images and instances its train and val datasets hold equal our export's counts. Writes benchmarks/results/ultralytics-check.md; exits 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def dataset_counts(dataset) -> dict:
 def check(data: Path, fmt: str, folder: Path, imgsz: int) -> dict:
     """Export `fmt`, train 1 epoch and validate; ultralytics' counts next to ours."""
     from ultralytics import YOLO
+    from ultralytics.data.utils import load_dataset_cache_file
     from ultralytics.utils import LOGGER, SETTINGS
 
     SETTINGS.update({"sync": False})
@@ -66,11 +67,21 @@ def check(data: Path, fmt: str, folder: Path, imgsz: int) -> dict:
                             workers=0, plots=False, verbose=False)
     finally:
         LOGGER.removeHandler(warnings)
-    label_warnings = [line for line in warnings.lines if "label" in line.lower() or "corrupt" in line.lower()]
+    scans = {subset: load_dataset_cache_file(folder / fmt / "labels" / f"{subset}.cache") for subset in ("train", "val")}
+    label_warnings = [line for scan in scans.values() for line in scan["msgs"]]
+    label_warnings += [line for line in warnings.lines if "label" in line.lower() or "corrupt" in line.lower()]
+    for subset, scan in scans.items():
+        found, missing, empty, corrupt, total = scan["results"]
+        seen[subset].update(scan={"found": found, "missing": missing, "empty": empty, "corrupt": corrupt, "total": total})
     return {"format": fmt, "model": MODELS[fmt], "ours": exported, "ultralytics": seen, "label_warnings": label_warnings,
             "warnings": warnings.lines, "seconds": time.perf_counter() - start,
             "box_map50": float(metrics.box.map50), "agrees": not label_warnings and all(
-                seen.get(subset) == exported.get(subset) for subset in ("train", "val"))}
+                _counts(seen[subset]) == exported[subset] and not seen[subset]["scan"]["corrupt"]
+                and not seen[subset]["scan"]["missing"] for subset in ("train", "val"))}
+
+
+def _counts(seen: dict) -> dict:
+    return {"images": seen["images"], "instances": seen["instances"]}
 
 
 def markdown(command: str, rows: list[dict]) -> str:
@@ -79,15 +90,17 @@ def markdown(command: str, rows: list[dict]) -> str:
     lines = [f"`{command}`", "", f"defectscope {__version__}, ultralytics {ultralytics.__version__}, 1 epoch from the "
              "bundled yaml (no pretrained weights), CPU", "",
              "| export | ultralytics model | subset | images (ours / ultralytics) | instances (ours / ultralytics) | "
-             "label warnings | counts equal |", "|---|---|---|---|---|---|---|"]
+             "label files found / missing / empty / corrupt | label warnings | counts equal |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for subset in ("train", "val"):
             ours, theirs = row["ours"][subset], row["ultralytics"].get(subset, {})
-            lines.append(f"| {row['format']} | {row['model']} | {subset} | {ours['images']} / {theirs.get('images', 'n/a')} | "
-                         f"{ours['instances']} / {theirs.get('instances', 'n/a')} | {len(row['label_warnings'])} | "
-                         f"{'yes' if ours == theirs else 'NO'} |")
-    lines += ["", "Validation box mAP50 after one epoch from scratch (not a quality figure; it shows the labels were "
-              "read and scored): " + ", ".join(f"{r['format']} {r['box_map50']:.3f}" for r in rows), ""]
+            scan = theirs["scan"]
+            lines.append(f"| {row['format']} | {row['model']} | {subset} | {ours['images']} / {theirs['images']} | "
+                         f"{ours['instances']} / {theirs['instances']} | {scan['found']} / {scan['missing']} / {scan['empty']} / "
+                         f"{scan['corrupt']} | {len(row['label_warnings'])} | {'yes' if ours == _counts(theirs) else 'NO'} |")
+    lines += ["", "Empty label files are the good images (no instances). Validation box mAP50 after one epoch from "
+              "scratch (not a quality figure; it shows the labels were read and scored): "
+              + ", ".join(f"{r['format']} {r['box_map50']:.4f}" for r in rows), ""]
     other = sorted({line for r in rows for line in r["warnings"]} - {line for r in rows for line in r["label_warnings"]})
     lines += ["Other warnings ultralytics logged: " + ("; ".join(other) if other else "none"), ""]
     return "\n".join(lines)

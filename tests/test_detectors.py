@@ -39,7 +39,8 @@ def fitted(demo_root: Path) -> dict:
 
 
 def test_registry_is_complete() -> None:
-    assert set(DETECTORS) == set(SETTINGS) | {"segmenter"}  # the segmenter learns from masks: tests/test_segmenter.py
+    # the segmenter and the instance detector learn from masks: tests/test_segmenter.py, tests/test_instances.py
+    assert set(DETECTORS) == set(SETTINGS) | {"segmenter", "detector"}
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))

@@ -140,3 +140,19 @@ def test_detector_attempt_writes_typed_metrics_a_model_labels_and_overlays(demo_
     row = json.loads(run.out.splitlines()[0])
     assert "detections" in row and all(set(d) == {"type", "confidence", "box", "area", "mask"} for d in row["detections"])
     assert len(list(heatmaps.glob("*.png"))) == 1
+
+
+def test_a_diverged_detector_is_refused_not_silent(demo_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN weights would find no instance and call every image good: training that ends there raises instead."""
+    from defectscope.detectors import instances
+    from defectscope.training.engine import History
+
+    def diverge(network, *args, **kwargs) -> History:
+        with torch.no_grad():
+            next(p for p in network.parameters() if p.requires_grad).fill_(float("nan"))
+        return History(train_loss=[float("nan")])
+
+    monkeypatch.setattr(instances, "train", diverge)
+    dataset = load_dataset(demo_root)
+    with pytest.raises(DefectscopeError, match="not finite"):
+        InstanceDetector(InstanceConfig(**SMALL)).fit_masks([*dataset.test[:6], *dataset.train[:2]], dataset.defect_types)

@@ -4,8 +4,8 @@ An export is two files side by side: the inference graph (`.onnx`, or OpenVINO's
 and a deployment file (`.dsdeploy`: safetensors whose header holds the model's manifest, the frame,
 the threshold and the graph's sha256). The graph gives image scores and finished model-frame maps;
 decoding, framing and placing the maps are the library's own NumPy/Pillow code, so `predict`
-returns what the PyTorch model returns. Importing this module does
-not import torch; OpenCV is optional (it decodes PNG faster, to the same pixels).
+returns what the PyTorch model returns. Importing this module does not import torch; OpenCV is
+optional (it decodes PNG faster, to the same pixels).
 """
 
 from __future__ import annotations

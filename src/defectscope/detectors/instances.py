@@ -27,7 +27,15 @@ from defectscope.backbones import Backbone, freeze_through
 from defectscope.data.folds import class_names, label_of, pick_good, stratified_folds
 from defectscope.data.images import load_normalized, normalize, type_masks
 from defectscope.data.layout import Dataset, Sample
-from defectscope.detectors.base import DetectorConfig, MapModel, Progress, learned_state, load_learned_state, register
+from defectscope.detectors.base import (
+    DetectorConfig,
+    MapModel,
+    Progress,
+    learned_state,
+    load_learned_state,
+    register,
+    require_finite,
+)
 from defectscope.errors import DefectscopeError
 from defectscope.export.instances import components
 from defectscope.prediction import Detection
@@ -158,6 +166,7 @@ class InstanceDetector(MapModel):
         self.network = self.build()
         history = train(self.network, self._loss, images, targets, self.config, batch_size=self.config.batch_size,
                         seed=self.config.seed, progress=self.epoch_progress)
+        require_finite(learned_state(self.network), "the detector has learned")  # a diverged model would find nothing
         self.history = history
         self.calibration = Calibration(0.5, "confidence", 0.5, 0.0, 0.0, 0)
         self.train_summary = {"images": len(samples), "defective": sum(bool(s.label) for s in samples),
