@@ -128,7 +128,7 @@ def test_only_unknown_attempt(demo_root: Path, tmp_path: Path) -> None:
         run_experiment(load_experiment(_write(tmp_path, CONFIG)), demo_root, tmp_path / "o", only=["zz"])
 
 
-@pytest.mark.parametrize("name", ["attempts-autoencoder", "attempts-classifier", "attempts-longtail"])
+@pytest.mark.parametrize("name", ["attempts-autoencoder", "attempts-classifier", "attempts-longtail", "attempts-supervised"])
 def test_shipped_configs_are_valid(name: str) -> None:
     experiment = load_experiment(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
     assert experiment.data == "../shared/datasets/mvtec_ad/bottle" and len(experiment.attempts) >= 4
