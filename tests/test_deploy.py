@@ -35,15 +35,20 @@ def test_images(demo_root: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def fitted(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Model files of a small PatchCore and PaDiM, and of the k-NN baseline, fitted on the demo data."""
+    """Model files of small models fitted on the demo data: PatchCore, PaDiM, the k-NN baseline, a convolutional
+    autoencoder, and the segmenter (from the test images' masks)."""
     folder = tmp_path_factory.mktemp("models")
-    train = [s.path for s in load_dataset(demo_root).train]
+    dataset = load_dataset(demo_root)
     paths = {}
     for name, settings in {"patchcore": {"image_size": 128, "crop": 112, "coreset_ratio": 0.25},
-                           "padim": {"image_size": 128, "crop": 112}, "knn": {"image_size": 128, "crop": None}}.items():
+                           "padim": {"image_size": 128, "crop": 112}, "knn": {"image_size": 128, "crop": None},
+                           "autoencoder": {"image_size": 64, "crop": None, "epochs": 25}}.items():
         detector = create_detector(name, **settings)
-        detector.fit(train)
+        detector.fit([s.path for s in dataset.train])
         paths[name] = save_model(detector, folder / f"{name}.dsmodel")
+    segmenter = create_detector("segmenter", image_size=128, crop=None, epochs=30, lr=3e-3)
+    segmenter.fit_masks(list(dataset.test))
+    paths["segmenter"] = save_model(segmenter, folder / "segmenter.dsmodel")
     return paths
 
 
@@ -59,7 +64,7 @@ def _assert_same(expected, got) -> None:
 
 
 @pytest.mark.parametrize("name, file_format", [("patchcore", "onnx"), ("padim", "onnx"), ("knn", "onnx"),
-                                               ("patchcore", "openvino")])
+                                               ("autoencoder", "onnx"), ("segmenter", "onnx"), ("patchcore", "openvino")])
 def test_export_predicts_what_the_model_predicts(fitted, test_images, tmp_path: Path, name: str, file_format: str) -> None:
     if file_format == "openvino":
         pytest.importorskip("openvino")

@@ -49,7 +49,8 @@ class InferenceGraph(nn.Module):
     def __init__(self, model: MapModel) -> None:
         super().__init__()
         self.model = model
-        self.backbone = model.backbone  # registered, so its weights become the graph's initializers
+        # the model's networks (backbone, autoencoder, segmenter...), registered so their weights become the graph's initializers
+        self.networks = nn.ModuleList(part for part in vars(model).values() if isinstance(part, nn.Module))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         preprocess = self.model.preprocess
