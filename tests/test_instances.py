@@ -156,3 +156,11 @@ def test_a_diverged_detector_is_refused_not_silent(demo_root: Path, monkeypatch:
     dataset = load_dataset(demo_root)
     with pytest.raises(DefectscopeError, match="not finite"):
         InstanceDetector(InstanceConfig(**SMALL)).fit_masks([*dataset.test[:6], *dataset.train[:2]], dataset.defect_types)
+
+
+def test_non_finite_class_scores_become_errors_not_good(trained, demo_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    detector, _ = trained
+    predictor = detector.network.roi_heads.box_predictor
+    monkeypatch.setattr(predictor.cls_score, "forward", lambda x: torch.full((len(x), predictor.cls_score.out_features), float("nan")))
+    prediction = detector.predict([s.path for s in load_dataset(demo_root).test[:3]])
+    assert np.isnan(prediction.scores).all() and prediction.verdicts == ["error"] * 3

@@ -175,12 +175,22 @@ class InstanceDetector(MapModel):
 
     def detect_frames(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[list[Detection]]]:
         """Normalized frames -> image scores (most confident instance, 0 without one), confidence-weighted
-        instance maps N x h x w, and each image's instances in frame coordinates."""
+        instance maps N x h x w, and each image's instances in frame coordinates.
+
+        Proposals whose class scores are not finite numbers would be dropped silently and leave "no
+        instance": the batch's scores become NaN instead (verdict 'error', never 'good')."""
         if self.network is None:
             raise DefectscopeError("the detector is not trained; call fit_masks() or load a model file")
         self.network.eval()
-        outputs = self.network(list(batch))
+        logits: list[torch.Tensor] = []
+        hook = self.network.roi_heads.box_predictor.register_forward_hook(lambda _, __, out: logits.append(out[0]))
+        try:
+            outputs = self.network(list(batch))
+        finally:
+            hook.remove()
         scores = torch.stack([o["scores"].max() if len(o["scores"]) else torch.zeros(()) for o in outputs])
+        if not all(bool(torch.isfinite(values).all()) for values in logits):
+            scores = torch.full_like(scores, float("nan"))
         maps = torch.stack([(o["scores"][:, None, None] * o["masks"][:, 0]).amax(0) if len(o["scores"])
                             else torch.zeros(batch.shape[-2:]) for o in outputs])
         found = [[Detection(self.config.types[int(label) - 1], float(score), tuple(box.tolist()), mask[0].numpy() >= 0.5)
