@@ -152,7 +152,7 @@ class InstanceDetector(MapModel):
         network.train()  # torchvision's detection models return their losses only in training mode
         return sum(network(list(x.contiguous()), targets).values())
 
-    def fit_masks(self, samples: Sequence[Sample], types: Sequence[str], progress: Progress | None = None) -> dict[str, Any]:
+    def fit_masks(self, samples: Sequence[Sample], types: Sequence[str]) -> dict[str, Any]:
         """Train on images and their masks, one class per defect type in `types` (good images: no instances)."""
         unknown = sorted({s.defect for s in samples if s.label} - set(types))
         if unknown:
