@@ -177,6 +177,24 @@ class MapModel(ABC):
         return scores.numpy(), frame
 
 
+class MaskModel(MapModel):
+    """A map model that learns from masks: its learned state is one trained network, which `build` makes
+    (frozen pretrained parts come from the backbone file, not the model file)."""
+
+    network: nn.Module | None = None
+
+    @abstractmethod
+    def build(self) -> nn.Module:
+        """A fresh network for this config (pretrained parts loaded and frozen as configured)."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return learned_state(self.network) if self.network is not None else {}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.network = self.build()
+        load_learned_state(self.network, tensors, self.name)
+
+
 class Detector(MapModel):
     """Learns from good images only: `fit` embeds them, learns, and calibrates the threshold on a held-out part."""
 

@@ -29,10 +29,9 @@ from defectscope.data.images import load_normalized, normalize, type_masks
 from defectscope.data.layout import Dataset, Sample
 from defectscope.detectors.base import (
     DetectorConfig,
-    MapModel,
+    MaskModel,
     Progress,
     learned_state,
-    load_learned_state,
     register,
     require_finite,
 )
@@ -117,7 +116,7 @@ def instance_targets(channels: torch.Tensor, min_area: int) -> dict[str, torch.T
 
 
 @register
-class InstanceDetector(MapModel):
+class InstanceDetector(MaskModel):
     name = "detector"
     kind = "instances"
     config_class = InstanceConfig
@@ -215,12 +214,6 @@ class InstanceDetector(MapModel):
         raise DefectscopeError("the instance detector cannot be exported: its graph has no fixed shape "
                                "(a varying number of instances per image)")
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return learned_state(self.network) if self.network is not None else {}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.network = self.build()
-        load_learned_state(self.network, tensors, self.name)
 
 
 @dataclass

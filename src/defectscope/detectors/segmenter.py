@@ -21,14 +21,17 @@ from torch import nn
 
 from defectscope.backbones import Backbone, freeze_through
 from defectscope.data.folds import class_names, label_of, pick_good, stratified_folds
-from defectscope.data.images import load_normalized, masks_in_frame, normalize, type_masks
+from defectscope.data.images import (
+    load_normalized,
+    masks_in_frame,
+    normalize,
+    type_masks,
+)
 from defectscope.data.layout import Dataset, Sample
 from defectscope.detectors.base import (
     DetectorConfig,
-    MapModel,
+    MaskModel,
     Progress,
-    learned_state,
-    load_learned_state,
     register,
 )
 from defectscope.errors import DefectscopeError
@@ -94,7 +97,7 @@ class SegmenterConfig(DetectorConfig, TrainSettings):
 
 
 @register
-class Segmenter(MapModel):
+class Segmenter(MaskModel):
     name = "segmenter"
     kind = "masks"
     config_class = SegmenterConfig
@@ -160,12 +163,6 @@ class Segmenter(MapModel):
         scores, frame = self._finish(None, probabilities.amax(1))
         return scores.numpy(), frame, [typed_regions(p.numpy(), self.config.types) for p in probabilities]
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return learned_state(self.network) if self.network is not None else {}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.network = self.build()
-        load_learned_state(self.network, tensors, self.name)
 
 
 def typed_regions(probabilities: np.ndarray, types: list[str]) -> list[Detection]:
