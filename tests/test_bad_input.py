@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -62,8 +63,9 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     return path
 
 
-def rewrite_manifest(source: Path, target: Path, edit, tensors: dict | None = None) -> Path:
-    """A copy of a model file with its manifest edited (and optionally other tensors)."""
+def rewrite_manifest(source: Path, target: Path, edit, tensors: dict | None = None, digest: bool = True) -> Path:
+    """A copy of a model file with its manifest edited (and optionally other tensors); with `digest`, the manifest's
+    digest is written anew, as a tool that knows the format would (without it: a hand edit)."""
     data = source.read_bytes()
     size = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8 : 8 + size])
@@ -72,7 +74,9 @@ def rewrite_manifest(source: Path, target: Path, edit, tensors: dict | None = No
     if tensors is None:
         from safetensors.torch import load
         tensors = load(data)
-    target.write_bytes(save_tensors_bytes(tensors, metadata={"defectscope": json.dumps(manifest)}))
+    text = json.dumps(manifest)
+    metadata = {"defectscope": text, **({"defectscope.sha256": hashlib.sha256(text.encode()).hexdigest()} if digest else {})}
+    target.write_bytes(save_tensors_bytes(tensors, metadata=metadata))
     return target
 
 
@@ -491,3 +495,211 @@ def test_decoder_warnings_do_not_leak(tmp_path: Path) -> None:
               "    except Exception as e: print(type(e).__name__)\n")
     process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "[ WARN" not in process.stderr and "libpng" not in process.stderr, process.stderr
+
+
+# Round 2: the new commands, the runtime ------------------------------------------------------------
+
+def test_export_replaces_only_files_it_wrote(knn_model: Path, tmp_path: Path, cli) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    folder = tmp_path / "d"
+    assert cli("export", "model", knn_model, "-o", folder / "knn.dsdeploy").code == 0
+    (folder / "knn.xml").write_text("<mine/>")
+    (folder / "knn.bin").write_bytes(b"mine")
+    one_line_error(cli("export", "model", knn_model, "-o", folder / "knn.dsdeploy", "--format", "openvino"),
+                   "not written by defectscope")
+    assert (folder / "knn.xml").read_text() == "<mine/>" and (folder / "knn.bin").read_bytes() == b"mine"
+    (folder / "knn.xml").unlink()
+    (folder / "knn.bin").unlink()
+    assert cli("export", "model", knn_model, "-o", folder / "knn.dsdeploy", "--format", "openvino").code == 0
+    assert not (folder / "knn.onnx").exists()  # the earlier export's graph, replaced by this one's
+    source = tmp_path / "m.onnx"
+    source.write_bytes(knn_model.read_bytes())
+    one_line_error(cli("export", "model", source, "-o", tmp_path / "m.dsdeploy"), "overwrite its source model")
+    assert source.read_bytes() == knn_model.read_bytes()
+
+
+def _deployment_header(path: Path) -> tuple[dict, bytes]:
+    data = path.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8 : 8 + size]), data[8 + size :]
+
+
+def test_every_file_of_a_deployment_is_hashed(knn_model: Path, data: Path, tmp_path: Path, cli) -> None:
+    pytest.importorskip("openvino")
+    from defectscope.runtime import DeployedModel, main as runtime_main
+    out = tmp_path / "ov" / "knn.dsdeploy"
+    assert cli("export", "model", knn_model, "-o", out, "--format", "openvino").code == 0
+    weights = out.with_suffix(".bin")
+    original = weights.read_bytes()
+    values = np.frombuffer(original, np.float32).copy()
+    values[-len(values) // 4 :] *= 0.5
+    weights.write_bytes(values.tobytes())
+    with pytest.raises(DefectscopeError, match="does not match"):
+        DeployedModel(out)
+    weights.write_bytes(original[: len(original) // 2])
+    with pytest.raises(DefectscopeError, match="does not match"):
+        DeployedModel(out)
+    weights.unlink()
+    with pytest.raises(DefectscopeError, match="missing"):
+        DeployedModel(out)
+    weights.write_bytes(original)
+    DeployedModel(out)
+    header, rest = _deployment_header(out)
+    edited = header["__metadata__"]["defectscope"].replace('"threshold": ', '"threshold": 1', 1)
+    assert edited != header["__metadata__"]["defectscope"]
+    header["__metadata__"]["defectscope"] = edited
+    text = json.dumps(header).encode()
+    out.write_bytes(struct.pack("<Q", len(text)) + text + rest)
+    with pytest.raises(DefectscopeError, match="altered"):
+        DeployedModel(out)
+    assert runtime_main([str(out), str(data / "test" / "good")]) == 2
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("batch_limit", -1, "batch limit"), ("batch_limit", "x", "batch limit"), ("batch_limit", 0.5, "batch limit"),
+    ("batch_size", 0, "batch size"), ("threshold", "1.5", "threshold"), ("files", "knn.onnx", "graph files"),
+    ("files", [{"file": "../knn.onnx", "sha256": "0"}], "plain"),
+])
+def test_deployment_manifest_fields_are_checked(knn_model: Path, tmp_path: Path, field: str, value, fragment: str) -> None:
+    pytest.importorskip("onnxruntime")
+    from defectscope.deployment import export_model
+    from defectscope.manifests import header_metadata
+    from defectscope.runtime import DeployedModel
+    out = tmp_path / "knn.dsdeploy"
+    export_model(knn_model, out)
+    header, rest = _deployment_header(out)
+    manifest = json.loads(header["__metadata__"]["defectscope"])
+    section = {"batch_limit": manifest["graph"], "files": manifest["graph"], "batch_size": manifest["model"]["config"],
+               "threshold": manifest["model"]["calibration"]}[field]
+    section[field] = value
+    header["__metadata__"] = header_metadata(manifest)  # a well-formed file with a bad value, not a hand edit
+    text = json.dumps(header).encode()
+    out.write_bytes(struct.pack("<Q", len(text)) + text + rest)
+    with pytest.raises(DefectscopeError, match=fragment):
+        DeployedModel(out)
+
+
+def test_deep_manifests_and_bad_threshold_types_are_one_line_errors(knn_model: Path, data: Path, tmp_path: Path, cli) -> None:
+    deep = tmp_path / "deep.dsmodel"
+    header = b'{"__metadata__": {"defectscope": "' + b"[" * 100_000 + b"]" * 100_000 + b'"}}'
+    deep.write_bytes(struct.pack("<Q", len(header)) + header)
+    one_line_error(cli("info", deep), "nested deeper")
+    one_line_error(cli("predict", deep, data / "test" / "good"), "nested deeper")
+    one_line_error(cli("fit", data, "-o", deep, "--model", "knn"), "not written by defectscope")
+    assert deep.stat().st_size == len(header) + 8
+    def string_threshold(manifest: dict) -> None:
+        manifest["calibration"]["threshold"] = "20.5"
+    one_line_error(cli("predict", rewrite_manifest(knn_model, tmp_path / "s.dsmodel", string_threshold), data), "threshold")
+    one_line_error(cli("info", rewrite_manifest(knn_model, tmp_path / "edited.dsmodel", string_threshold, digest=False)),
+                   "altered")
+
+
+def _plan(tmp_path: Path, data: Path, products: str) -> Path:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"defaults: {{model: knn, settings: {{image_size: 64, crop: null}}}}\nproducts:\n{products}")
+    (tmp_path / "sub").mkdir(exist_ok=True)
+    return plan
+
+
+def test_fit_many_compares_resolved_paths(data: Path, tmp_path: Path, cli) -> None:
+    plan = _plan(tmp_path, data, f"  - {{name: a, data: {data}, out: a.dsmodel}}\n"
+                                 f"  - {{name: b, data: {data}, out: sub/../a.dsmodel}}\n")
+    one_line_error(cli("fit-many", plan), "share the out")
+    assert not (tmp_path / "a.dsmodel").exists()
+    plan = _plan(tmp_path, data, f"  - {{name: a, data: {data}, out: {data}/train/a.dsmodel}}\n")
+    one_line_error(cli("fit-many", plan), "inside the data folder")
+
+
+def test_fit_many_checks_an_up_to_date_model_whole(data: Path, tmp_path: Path, cli) -> None:
+    plan = _plan(tmp_path, data, f"  - {{name: one, data: {data}}}\n")
+    assert cli("fit-many", plan).code == 0
+    model = tmp_path / "models" / "one.dsmodel"
+    assert "up to date" in cli("fit-many", plan).out
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    result = cli("fit-many", plan)
+    assert result.code == 0 and "fitted" in result.out
+    load_model(model)
+
+
+def test_calibrate_refuses_images_labelled_both_ways(knn_model: Path, data: Path, tmp_path: Path, cli) -> None:
+    goods = data / "test" / "good"
+    one_line_error(cli("calibrate", knn_model, "--good", goods, "--defective", goods, "--f1", "-o", tmp_path / "c.dsmodel"),
+                   "both as good and as defective")
+    assert not (tmp_path / "c.dsmodel").exists()
+
+
+def test_stated_rates_lie_inside_their_intervals() -> None:
+    from defectscope.thresholds import calibrate, labelled_calibration
+    labelled = labelled_calibration(np.array([1.0]), np.array([3.0, 4.0]), 2.0, "manual", 2.0, None)
+    low, high = labelled.false_alarm_interval
+    assert labelled.false_alarm_rate == 0.0 and low <= 0.0 <= high
+    low, high = labelled.recall_interval
+    assert labelled.recall == 1.0 and low <= 1.0 <= high
+    for scores in (np.full(30, 20.18), 20.18 + np.arange(30) * 1e-9):
+        flat = calibrate(scores, "false_alarm_rate", 0.01)
+        low, high = flat.false_alarm_interval
+        assert "spread" in flat.warning and low <= flat.false_alarm_rate <= high and flat.threshold > scores.max()
+
+
+def test_undefined_precision_and_recall_are_not_zero() -> None:
+    from defectscope.evaluation import _decisions
+    from defectscope.reports import metrics_markdown
+    decisions = _decisions(np.zeros(5), np.array([1.0, 2, 3, 4, 5]), 10.0)
+    assert decisions["precision"] is None and decisions["recall"] is None and decisions["f1"] is None
+    text = metrics_markdown({"images": 5, "per_defect": {}, "notes": [], "at_model_threshold": decisions})
+    assert "precision n/a, recall n/a, F1 n/a" in text
+
+
+def test_score_fails_loudly_and_leaves_no_job_for_a_bad_model(knn_model: Path, data: Path, tmp_path: Path, cli) -> None:
+    pytest.importorskip("pyarrow")
+    broken = tmp_path / "in" / "broken.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    shutil.copy(next((data / "test" / "good").iterdir()), tmp_path / "in" / "fine.png")
+    out = tmp_path / "scores"
+    result = cli("score", knn_model, tmp_path / "in", "--out", out)
+    assert result.code == 3 and "1 of 2 images could not be scored" in result.err
+    listing = tmp_path / "empty.txt"
+    listing.write_text("# nothing here\n")
+    one_line_error(cli("score", knn_model, listing, "--out", tmp_path / "none"), "no images")
+    bad_model = tmp_path / "bad.dsmodel"
+    bad_model.write_bytes(b"not a model")
+    one_line_error(cli("score", bad_model, tmp_path / "in", "--out", tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+    assert cli("score", knn_model, tmp_path / "in", "--out", tmp_path / "refused").code == 3
+
+
+def test_a_folder_in_use_by_a_score_job_is_refused_even_with_force(knn_model: Path, data: Path, tmp_path: Path, cli) -> None:
+    pytest.importorskip("pyarrow")
+    import fcntl
+    out = tmp_path / "scores"
+    assert cli("score", knn_model, data / "test" / "good", "--out", out).code == 0
+    before = snapshot(out)
+    with open(out / ".lock", "w") as held:  # a running job holds this lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        one_line_error(cli("score", knn_model, data / "test", "--out", out, "--force"), "another score job")
+    assert snapshot(out) == before
+
+
+def test_a_fifo_is_refused_without_waiting(knn_model: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "f.png"
+    os.mkfifo(fifo)
+    with pytest.raises(DefectscopeError, match="not a regular file"):
+        read_image(fifo)
+    command = [str(Path(sys.executable).with_name("defectscope")), "predict", str(knn_model), str(fifo), "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)  # hung before: needed SIGKILL
+    assert result.returncode == 3 and "not a regular file" in json.loads(result.stdout.splitlines()[0])["error"]
+
+
+def test_image_files_are_bounded_before_they_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from defectscope.data.decode import max_file_bytes
+    monkeypatch.setenv("DEFECTSCOPE_MAX_PIXELS", "10000")
+    sparse = png_header_only(tmp_path / "x.png", 50, 50)
+    with open(sparse, "r+b") as handle:
+        handle.truncate(max_file_bytes() + 1)  # sparse: no disk used, but reading it whole would take the memory
+    with pytest.raises(DefectscopeError, match="above the limit"):
+        read_image(sparse)
+    bomb = png_header_only(tmp_path / "bomb.png", 1000, 1000)
+    with pytest.raises(DefectscopeError, match="above the limit of 10,000"):
+        read_image(bomb)

@@ -16,7 +16,7 @@ from defectscope.artifacts import load_model, model_info, save_model
 from defectscope.data.layout import load_dataset
 from defectscope.detectors import create_detector
 from defectscope.detectors.base import Detector
-from defectscope.detectors.coreset import coreset_indices
+from defectscope.detectors.coreset import coreset_indices, greedy_coreset
 from defectscope.detectors.nearest import ClusteredBank
 from defectscope.detectors.padim import PaDiM, PaDiMConfig
 from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig
@@ -65,31 +65,51 @@ def test_labelled_threshold_says_how_sure_it_is() -> None:
     assert "label at least 20" in calibration.warning
 
 
-def test_patchcore_shards_nest_in_folds_and_see_only_their_images() -> None:
+def test_patchcore_merges_shard_coresets_and_scores_folds_without_their_rows() -> None:
     features = torch.randn(23, 4, 4, 8, generator=torch.Generator().manual_seed(0))
-    detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=0.25, shard_images=2, calibration_folds=5))
+    detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=0.1, shard_images=2, calibration_folds=5))
     detector.fit_features(features)
     folds = [set(f.tolist()) for f in detector.calibration_folds(23)]
     assert sorted(i for f in folds for i in f) == list(range(23))
     shards = detector.shards(23)
     for shard in shards:  # each shard lies inside one fold
         assert sum(set(shard.tolist()) <= fold for fold in folds) == 1
-    bank_rows = detector.index.bank[torch.argsort(detector.index.order)]  # back in the order the shards produced
+    pool = detector.pool
     start = 0
-    for number, shard in enumerate(shards):  # each shard's memory is the coreset of its own patches alone
+    for number, shard in enumerate(shards):  # the candidates: each shard's coreset of its own patches alone
         own = features[shard].reshape(-1, 8)
-        expected = own[coreset_indices(own, 0.25, number, detector.config.projection_dim)]
-        torch.testing.assert_close(bank_rows[start : start + len(expected)], expected)
+        expected = own[coreset_indices(own, 0.1 * detector.config.coreset_candidates, number, detector.config.projection_dim)]
+        torch.testing.assert_close(pool.features[start : start + len(expected)], expected)
         start += len(expected)
+    assert start == len(pool.features) and len(pool.selected) == round(23 * 16 * 0.1)
+    expected = pool.projected[greedy_coreset(pool.projected, len(pool.selected), int(torch.randint(
+        len(pool.features), (1,), generator=torch.Generator().manual_seed(0))))]  # the reduce: one greedy over all
+    torch.testing.assert_close(pool.projected[pool.selected], expected)
+    assert torch.cdist(pool.projected, expected).min(1).values.max() <= pool.radius + 1e-5
     scored, scores = detector.crossfit_scores(features)
     assert sorted(scored.tolist()) == list(range(23))
     for fold in detector.calibration_folds(23):  # scored against memory from the other folds only
-        memory = detector.index.bank[~torch.isin(detector.bank_sources, fold)]
-        assert not torch.isin(detector.bank_sources[~torch.isin(detector.bank_sources, fold)], fold).any()
+        bank, sources = detector.holdout_bank(fold)
+        assert len(sources) == len(bank.bank) and not torch.isin(sources, fold).any()
+        others = ~torch.isin(pool.sources, fold)  # and it covers the other folds' candidates as the whole bank does
+        assert torch.cdist(pool.projected[others], bank.bank).min(1).values.max() <= pool.radius + 1e-5
         for image in fold.tolist():
-            brute = torch.cdist(features[image].reshape(-1, 8), memory).min(1).values.max()
+            brute = torch.cdist(features[image].reshape(-1, 8), bank.bank).min(1).values.max()
             got = scores[(scored == image).nonzero()[0, 0]]
             assert torch.isclose(got, detector._finish(brute[None], None)[0][0], rtol=1e-4)
+
+
+def test_a_unique_image_is_never_scored_against_itself() -> None:
+    """An image unlike every other: were its own rows in its fold's memory, its held-out score would be near 0."""
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(30, 4, 4, 8, generator=generator) * 0.1
+    features[7] += 50.0
+    detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=0.2, shard_images=4, calibration_folds=5))
+    detector.fit_features(features)
+    assert torch.isin(torch.tensor([7]), detector.bank_sources).all()  # the fitted memory does keep it
+    scored, scores = detector.crossfit_scores(features)
+    unique = scores[(scored == 7).nonzero()[0, 0]]
+    assert unique > 10 * scores[scored != 7].max()
 
 
 def test_generic_crossfit_equals_models_refitted_without_each_fold() -> None:
@@ -177,6 +197,7 @@ def test_models_of_earlier_versions_still_load(fitted_model: Path, tmp_path: Pat
     size = int.from_bytes(data[:8], "little")
     manifest = json.loads(json.loads(data[8 : 8 + size])["__metadata__"]["defectscope"])
     manifest["config"]["calibration_fraction"] = 0.1
+    manifest["format_version"] = 1  # written before manifests carried their digest
     tensors = {k: v for k, v in load(data).items() if k != "calibration.scores"}
     old = tmp_path / "old.dsmodel"
     old.write_bytes(save(tensors, metadata={"defectscope": json.dumps(manifest)}))

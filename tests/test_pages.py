@@ -101,6 +101,19 @@ def test_threshold_slider_counts_match_python(page, server, tmp_path: Path) -> N
     _not_blank(tmp_path / "threshold.png")
 
 
+def test_uploads_with_one_name_keep_their_own_pictures(page, demo_root: Path) -> None:
+    good = demo_root / "test" / "good" / "000.png"
+    defect = next(p for p in sorted((demo_root / "test").glob("*/000.png")) if p.parent.name != "good")
+    page.click("nav button[data-tab=inspect]")
+    page.set_input_files("#files", [str(good), str(defect)])  # both are named 000.png
+    page.wait_for_function("document.querySelectorAll('#gallery .tile').length === 2")
+    shown = page.locator("#gallery .tile").evaluate_all(
+        "tiles => Promise.all(tiles.map(async t => [t.querySelector('div + div').textContent, "
+        "(await (await fetch(t.querySelector('img').src)).blob()).size]))")
+    by_score = sorted((float(text.split()[-1]), size) for text, size in shown)
+    assert [size for _, size in by_score] == [good.stat().st_size, defect.stat().st_size]  # the higher score: the defect
+
+
 def test_model_card_and_review_pages_render(page, tmp_path: Path) -> None:
     page.click("nav button[data-tab=card]")
     page.wait_for_selector("#card-summary dt")
@@ -110,6 +123,11 @@ def test_model_card_and_review_pages_render(page, tmp_path: Path) -> None:
     page.click("nav button[data-tab=review]")
     page.wait_for_selector("#review-list .tile")
     page.wait_for_function("[...document.querySelectorAll('#review-list img')].every(i => i.complete && i.naturalWidth > 0)")
-    assert page.locator("#review-list input[type=checkbox]").count() == page.locator("#review-list .tile").count()
+    tiles, boxes = page.locator("#review-list .tile"), page.locator("#review-list input[type=checkbox]")
+    defects = page.locator("#review-list .labelled-defect")  # a labelled defect is never offered "mark as good"
+    assert defects.count() > 0 and boxes.count() + defects.count() == tiles.count()
+    for i in range(tiles.count()):
+        tile = tiles.nth(i)
+        assert (tile.locator("input[type=checkbox]").count() == 1) != (tile.locator(".labelled-defect").count() == 1)
     page.screenshot(path=tmp_path / "review.png", full_page=True)
     _not_blank(tmp_path / "review.png")

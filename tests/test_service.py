@@ -29,7 +29,7 @@ def model_folder(served_folder: Path) -> Path:
 
 def make_client(folder: Path, labelled: Path | None = None, **config) -> TestClient:
     settings = ServiceConfig.from_dict(config)
-    served = load_served([folder], settings.max_batch, settings.batch_wait_ms, settings.max_queue, labelled)
+    served = load_served([folder], settings, labelled)
     return TestClient(create_app(served, settings, labelled))
 
 
@@ -74,7 +74,9 @@ def test_inspect_matches_the_library_with_heatmaps_and_regions(client: TestClien
             x, y, w, h = region["box"]
             assert 0 <= x and 0 <= y and x + w <= heat.size[0] and y + h <= heat.size[1] and region["score"] >= 1.0
     flagged = [r for r in body["results"] if r["verdict"] == "defective"]
-    assert flagged and all(r["regions"] for r in flagged)
+    # regions come from the smoothed map, the verdict from the largest patch distance: a flagged part whose smoothed
+    # map stays under the threshold shows no region, but a good one never shows any
+    assert any(r["regions"] for r in flagged) and not any(r["regions"] for r in body["results"] if r["verdict"] == "good")
 
 
 def test_bad_uploads_get_clear_json_errors(client: TestClient, demo_root: Path, tmp_path: Path, monkeypatch) -> None:
@@ -258,3 +260,106 @@ def test_serve_command_starts_on_localhost_and_refuses_bad_input(model_folder: P
     assert missing.code == 2 and "does not exist" in missing.err
     (tmp_path / "empty").mkdir()
     assert cli("serve", tmp_path / "empty").code == 2
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (128, 128, 128)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_pixel_budgets_and_a_busy_queue_answer_before_decoding(model_folder: Path, demo_root: Path, monkeypatch) -> None:
+    flat = [("files", (f"flat{i}.png", _png(1500, 1500), "image/png")) for i in range(3)]
+    with make_client(model_folder, max_request_megapixels=4) as client:
+        response = client.post("/v1/models/part/inspect", files=flat)
+        assert response.status_code == 413 and "pixels together" in response.json()["detail"]
+    from test_bad_input import png_header_only  # a 45-byte PNG claiming 50000 x 50000 pixels
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder, make_client(model_folder) as client:
+        header = png_header_only(Path(folder) / "huge.png", 50_000, 50_000).read_bytes()
+        response = client.post("/v1/models/part/inspect", files=[("files", ("huge.png", header, "image/png"))])
+        assert response.status_code == 413 and "limit" in response.json()["detail"]
+    decoded = []
+    monkeypatch.setattr("defectscope.service.api.decode", lambda data, name: decoded.append(name))
+    with make_client(model_folder, max_queue_megapixels=3) as client:
+        with client.app.state.models["part"].batcher.admit(1, 1_000_000):  # another request's images are waiting
+            response = client.post("/v1/models/part/inspect", files=flat[:1])
+        assert response.status_code == 503 and response.headers["retry-after"] == "1" and not decoded
+
+
+def test_a_stalled_body_gets_408() -> None:
+    from defectscope.service.app import BodyLimit
+    sent = []
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def stalled():
+        await asyncio.sleep(3600)
+
+    async def collect(message):
+        sent.append(message)
+
+    scope = {"type": "http", "headers": [(b"content-length", b"100")]}
+    asyncio.run(asyncio.wait_for(BodyLimit(app, 1000, timeout=0.2)(scope, stalled, collect), 10))
+    assert sent[0]["status"] == 408
+
+
+def test_nan_in_a_request_is_a_422_not_a_500(client: TestClient) -> None:
+    response = client.post("/v1/models/part/threshold", content=b'{"threshold": NaN, "name": "x"}',
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+
+
+def test_teaching_refuses_labelled_defects_and_keeps_the_parent(model_folder: Path, demo_root: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    shutil.copytree(model_folder, folder)
+    parent = (folder / "part.dsmodel").read_bytes()
+    with make_client(folder, demo_root) as client:
+        images = client.get("/v1/models/part/labelled").json()["images"]
+        defects = [i["id"] for i in images if i["label"] == 1][:2]
+        refused = client.post("/v1/models/part/teach", json={"images": defects, "name": "taught"})
+        assert refused.status_code == 400 and "labelled defective" in refused.json()["detail"]
+        assert not (folder / "taught.dsmodel").exists()
+        goods = [i["id"] for i in images if i["label"] == 0][:2]
+        response = client.post("/v1/models/part/teach", json={"images": goods, "name": "part", "overwrite": True})
+        assert response.status_code == 201, response.text
+        kept = list((folder / ".defectscope-parents").glob("part-*.dsmodel"))
+        assert len(kept) == 1 and kept[0].read_bytes() == parent
+        manifest = client.get("/v1/models/part").json()
+        assert manifest["train_summary"]["taught"][0]["taught_images"] == [images[i]["name"] for i in goods]
+        assert str(demo_root) not in str(manifest)
+        assert client.post("/v1/models/part/inspect", files=upload(*samples(demo_root, 0, 1))).status_code == 200
+
+
+def test_a_replaced_model_finishes_what_it_admitted(model_folder: Path, demo_root: Path) -> None:
+    from defectscope.service.batching import QueueFull
+
+    batcher = Batcher(load_model(model_folder / "part.dsmodel"), max_batch=32, wait_ms=50, max_queue=64)
+    image = read_image(samples(demo_root, 0, 1)[0])
+
+    async def retire_while_admitted():
+        with batcher.admit(1, image.size):
+            batcher.retire()  # the swap: this request was admitted before it
+            prediction = await batcher.predict([image], admitted=True)
+        try:
+            batcher.admit(1, 1).__enter__()
+        except QueueFull as exc:
+            return prediction, exc
+        return prediction, None
+
+    prediction, refused = asyncio.run(asyncio.wait_for(retire_while_admitted(), 30))
+    assert np.isfinite(prediction.scores).all() and isinstance(refused, QueueFull)
+
+
+def test_same_names_keep_their_own_results_and_docs_work_offline(client: TestClient, demo_root: Path) -> None:
+    good, bad = samples(demo_root, 0, 1)[0], samples(demo_root, 1, 1)[0]
+    files = [("files", ("000.png", good.read_bytes(), "image/png")), ("files", ("000.png", bad.read_bytes(), "image/png"))]
+    results = client.post("/v1/models/part/inspect", files=files).json()["results"]
+    assert [r["index"] for r in results] == [0, 1] and results[0]["score"] < results[1]["score"]
+    docs = client.get("/docs").text
+    assert "/docs-assets/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    from defectscope.cli import is_loopback
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and not is_loopback("0.0.0.0")

@@ -36,7 +36,7 @@ def taught(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"dataset": dataset, "model": model, "detector": detector, "variants": variants, "folder": folder}
 
 
-def test_taught_false_alarms_pass_and_defects_stay_flagged(taught: dict, cli) -> None:
+def test_taught_false_alarms_pass_and_defects_stay_flagged(taught: dict, demo_root: Path, cli) -> None:
     detector, variants = taught["detector"], taught["variants"]
     defective = [s.path for s in taught["dataset"].test if s.label == 1]
     before = detector.predict(variants + defective, map_size="input")
@@ -44,8 +44,12 @@ def test_taught_false_alarms_pass_and_defects_stay_flagged(taught: dict, cli) ->
     flagged = before.scores[len(variants) :] > before.threshold
     assert flagged.mean() > 0.7
     out = taught["folder"] / "child.dsmodel"
-    result = cli("update", taught["model"], "--good", variants[0], "--good", variants[1], "--good", variants[2], "-o", out)
+    taught_images = ["--good", variants[0], "--good", variants[1], "--good", variants[2]]
+    refused = cli("update", taught["model"], *taught_images, "-o", out)  # a new fixture scores far above the threshold
+    assert refused.code == 2 and "--accept-defect-like" in refused.err and not out.exists()
+    result = cli("update", taught["model"], *taught_images, "--accept-defect-like", "--check", demo_root, "-o", out)
     assert result.code == 0, result.err
+    assert "at your request" in result.err
     child = load_model(out)
     after = child.predict(variants + defective, map_size="input")
     assert (after.scores[:3] < after.threshold).all()  # the taught images
@@ -71,7 +75,7 @@ def test_padim_with_covariances_updates_like_a_refit(taught: dict, tmp_path: Pat
     refit.fit(train + variants[:3])
     torch.testing.assert_close(updated.mean, refit.mean, rtol=1e-4, atol=1e-4)
     after, again = updated.predict(variants, map_size="input"), refit.predict(variants, map_size="input")
-    np.testing.assert_allclose(after.scores, again.scores, rtol=0.01)  # float16 factors: a refit up to rounding
+    np.testing.assert_allclose(after.scores, again.scores, rtol=0.02)  # float16 factors: a refit up to their rounding (~1-2%)
     assert (after.scores < before.scores).all() and after.threshold <= before.threshold
 
 
@@ -90,3 +94,42 @@ def test_update_refuses_to_overwrite_a_file_that_is_not_a_model(taught: dict, cl
     precious.write_text("not a model")
     result = cli("update", taught["model"], "--good", taught["variants"][0], "-o", precious)
     assert result.code == 2 and precious.read_text() == "not a model"
+
+
+def _copies(paths: list[Path], folder: Path) -> list[Path]:
+    """Copies of images with one pixel changed: other files (other sha256) that look the same."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for i, path in enumerate(paths):
+        image = cv2.imread(str(path))
+        image[0, 0] = 255 - image[0, 0]
+        cv2.imwrite(str(folder / f"copy{i}.png"), image)
+        copies.append(folder / f"copy{i}.png")
+    return copies
+
+
+def test_update_never_teaches_a_labelled_defect(taught: dict, demo_root: Path, tmp_path: Path, cli) -> None:
+    out = tmp_path / "child.dsmodel"
+    defect_folder = next(p for p in sorted((demo_root / "test").iterdir()) if p.name != "good")
+    result = cli("update", taught["model"], "--good", defect_folder, "--check", demo_root, "-o", out)
+    assert result.code == 2 and "labelled defective" in result.err and not out.exists()
+    result = cli("update", taught["model"], "--good", defect_folder, "--defective", defect_folder, "-o", out)
+    assert result.code == 2 and "labelled defective" in result.err and not out.exists()
+
+
+def test_update_refuses_defect_like_images_and_lost_defects(taught: dict, demo_root: Path, tmp_path: Path, cli) -> None:
+    defective = [s.path for s in taught["dataset"].test if s.label == 1]
+    copies = _copies(defective, tmp_path / "looks-good")  # not labelled: only their scores give them away
+    out = tmp_path / "child.dsmodel"
+    result = cli("update", taught["model"], "--good", tmp_path / "looks-good", "-o", out)
+    assert result.code == 2 and "look defective" in result.err and "--accept-defect-like" in result.err
+    assert not out.exists()
+    result = cli("update", taught["model"], "--good", tmp_path / "looks-good", "--accept-defect-like", "--check", demo_root,
+                 "-o", out)
+    assert result.code == 2 and "would pass as good" in result.err and not out.exists()
+    result = cli("update", taught["model"], "--good", tmp_path / "looks-good", "--accept-defect-like", "--accept-misses",
+                 "--check", demo_root, "-o", out)
+    assert result.code == 0 and "at your request" in result.err and out.is_file()
+    lineage = model_info(out)["train_summary"]["taught"][-1]
+    assert lineage["checked_defects"] == len(defective) and lineage["missed_after"] > 0
+    assert len(copies) == lineage["images"]

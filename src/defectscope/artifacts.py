@@ -23,12 +23,13 @@ from defectscope.backbones import load_backbone
 from defectscope.data.frame import Preprocess
 from defectscope.detectors.base import MapModel, detector_class, require_finite
 from defectscope.errors import DefectscopeError
-from defectscope.files import check_output_file, json_text, write_atomic
-from defectscope.manifests import MANIFEST_KEY, is_manifest_file, read_header_manifest
+from defectscope.files import check_output_file, json_text, read_regular, write_atomic
+from defectscope.manifests import header_metadata, is_manifest_file, read_header_manifest
 from defectscope.thresholds import Calibration
 
 FORMAT = "defectscope-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+DIGEST_SINCE = 2  # model files carry their manifest's digest from format version 2 on
 CALIBRATION_SCORES = "calibration.scores"  # the cross-fitted good scores, kept to restate the threshold later
 LEGACY_CONFIG_FIELDS = ("calibration_fraction",)  # written by earlier versions; no longer used
 
@@ -53,7 +54,7 @@ def manifest_of(detector: MapModel) -> dict[str, Any]:
 
 
 def _file_bytes(tensors: dict[str, torch.Tensor], manifest: dict) -> bytes:
-    return save_tensors_bytes(tensors, metadata={MANIFEST_KEY: json_text(manifest, indent=None)})
+    return save_tensors_bytes(tensors, metadata=header_metadata(manifest))
 
 
 def _check_calibration(calibration: Calibration | None, what: str) -> None:
@@ -91,18 +92,11 @@ def _is_model_file(path: Path) -> bool:
 
 def read_manifest(data: bytes, path: Path) -> dict[str, Any]:
     """Parse and check the manifest in a model file's safetensors header, and that the file is complete."""
-    return read_header_manifest(data, path, FORMAT, FORMAT_VERSION, "defectscope model file")
+    return read_header_manifest(data, path, FORMAT, FORMAT_VERSION, "defectscope model file", DIGEST_SINCE)
 
 
 def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise DefectscopeError(f"model file {path} does not exist") from exc
-    except IsADirectoryError as exc:
-        raise DefectscopeError(f"model path {path} is a folder; give the model file") from exc
-    except OSError as exc:
-        raise DefectscopeError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+    return read_regular(path, "model file")
 
 
 def _section(manifest: dict, key: str, kind: type, path: Path, optional: bool = False) -> Any:
@@ -135,7 +129,14 @@ def load_model(path: str | Path, weights: str | Path | None = None) -> MapModel:
     try:
         calibration = _section(manifest, "calibration", dict, path, optional=True)
         calibration = Calibration.from_dict(calibration) if calibration is not None else None
-        aspect = Preprocess.from_dict(_section(manifest, "preprocess", dict, path)).aspect
+    except DefectscopeError as exc:
+        raise DefectscopeError(f"model file {path} is damaged: its manifest's calibration is incomplete ({exc})") from exc
+    frame = _section(manifest, "preprocess", dict, path)
+    try:
+        aspect = Preprocess.from_dict(frame).aspect
+    except DefectscopeError as exc:
+        raise DefectscopeError(f"model file {path} is damaged: its manifest's frame is wrong ({exc})") from exc
+    try:
         backbone = spec and load_backbone(spec["name"], tuple(spec["strides"]), weights)
         expected = spec and spec["weights_sha256"]
     except (KeyError, TypeError, ValueError) as exc:
@@ -178,6 +179,13 @@ def set_threshold(path: str | Path, calibration: Calibration, out: str | Path | 
 
 
 def model_info(path: str | Path) -> dict[str, Any]:
-    """The manifest of a model file, after checking the file is complete, without building the model."""
+    """The manifest of a model file, after checking the whole file as loading does (complete, manifest digest,
+    finite tensors), without building the model."""
     path = Path(path)
-    return read_manifest(_read(path), path)
+    data = _read(path)
+    manifest = read_manifest(data, path)
+    try:
+        require_finite(load_tensors_bytes(data), f"model file {path} holds")
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise DefectscopeError(f"model file {path} is corrupt or truncated: {exc}") from exc
+    return manifest

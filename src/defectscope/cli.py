@@ -1,7 +1,8 @@
 """The `defectscope` command: a thin Typer layer over the library, rendered with rich.
 
 Exit codes: 0 done; 1 a check failed (`export check`); 2 bad input, nothing done (one line on
-stderr, `--debug` shows the traceback); 3 `predict` could not score some images (verdict `error`).
+stderr, `--debug` shows the traceback); 3 `predict` or `score` could not score some images (verdict `error`),
+or `fit-many` could not fit some products.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from defectscope.export.labels import FORMATS, ExportOptions, export_ground_trut
 from defectscope.export.pseudo import export_pseudo_labels
 from defectscope.files import json_text
 from defectscope.pipeline import (
+    DEFECT_LIKE,
     evaluate_model,
     fit_model,
     load_predictor,
@@ -62,7 +64,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets and make dem
 app.add_typer(data_app, name="data")
 console = Console()
 state = {"quiet": False, "debug": False}
-SOME_FAILED = 3  # predict: some images could not be scored
+SOME_FAILED = 3  # predict, score, fit-many: some items could not be done
 
 
 def say(text: str, markup: bool = False) -> None:
@@ -285,15 +287,36 @@ def update(
     model: Annotated[Path, typer.Argument(help="Model file.")],
     good: Annotated[list[Path], typer.Option(help="Good images or folders to learn (repeatable), e.g. false alarms.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (may be MODEL itself).")],
+    check: Annotated[Path | None, typer.Option(help="Dataset whose labelled defective test images must stay caught (and may not be taught).")] = None,
+    defective: Annotated[list[Path] | None, typer.Option(help="Images known to be defective: never taught, and must stay caught (repeatable).")] = None,
+    accept_defect_like: Annotated[bool, typer.Option(help=f"Teach images scoring >= {DEFECT_LIKE:g}x the threshold too (they look defective).")] = False,
+    accept_misses: Annotated[bool, typer.Option(help="Write the update even if a labelled defect the old model caught would pass.")] = False,
     weights: WeightsOption = None,
     force: ForceOption = False,
 ) -> None:
     """Teach a model more good images without a full refit (PatchCore), and restate its threshold."""
-    details = update_model(model, good, output, weights=weights, force=force, bar=_progress)
+    details = update_model(model, good, output, defective=defective or (), check=check,
+                           accept_defect_like=accept_defect_like, accept_misses=accept_misses, weights=weights,
+                           force=force, bar=_progress)
     learned = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in details.items() if isinstance(v, int))
     say(f"learned {learned} -> {output}")
     if details["warning"]:
         warn(details["warning"])
+
+
+MAX_CONNECTIONS = 512  # open connections beyond this get 503 from uvicorn: stalled clients cannot pile up
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @app.command("serve")
@@ -318,9 +341,13 @@ def serve(
     config = ServiceConfig.from_dict({"batch_wait_ms": batch_wait_ms, "max_batch": max_batch, "max_queue": max_queue,
                                       "max_upload_mb": max_upload_mb,
                                       "token": token})
-    served = load_served(models, config.max_batch, config.batch_wait_ms, config.max_queue, labelled)
+    if not token and not is_loopback(host):
+        warn(f"binding {host} without a token: anyone who reaches this port can inspect, re-threshold and teach; "
+             f"set --token or {TOKEN_ENV}")
+    served = load_served(models, config, labelled)
     say(f"serving {', '.join(served)} on http://{host}:{port}/ (API docs at /docs)")
-    uvicorn.run(create_app(served, config, labelled), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(served, config, labelled), host=host, port=port, log_level="warning",
+                limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
 
 
 experiment_app = typer.Typer(no_args_is_help=True, help="Run attempts from a config file and compare them in a table.")
@@ -365,6 +392,8 @@ def score(
     summary = score_to_parquet(model, inputs, out, ray, workers, force, threads=threads)
     say(f"{summary['images']} images in {summary['chunks']} part file(s) under {out}: {summary['scored_now']} scored now, "
         f"{summary['resumed_chunks']} part(s) kept from an earlier run")
+    _exit_if_failed(summary["failed"], summary["images"], "images could not be scored (verdict 'error', reason in "
+                    "the 'error' column)")
 
 
 def _show_table(folder: Path, metric: str | None) -> None:

@@ -23,8 +23,8 @@ from defectscope.artifacts import load_model, manifest_of
 from defectscope.data.images import normalize
 from defectscope.detectors.base import MapModel, finish_scores
 from defectscope.errors import DefectscopeError
-from defectscope.files import check_output_file, file_sha256, json_text, write_atomic
-from defectscope.manifests import MANIFEST_KEY
+from defectscope.files import check_output_file, file_sha256, write_atomic
+from defectscope.manifests import header_metadata, peek_manifest
 from defectscope.runtime import (
     DEPLOYMENT_FORMAT,
     DEPLOYMENT_SUFFIX,
@@ -33,6 +33,7 @@ from defectscope.runtime import (
     INPUT_NAME,
     OUTPUT_NAMES,
     DeployedModel,
+    graph_files,
     is_deployment,
 )
 
@@ -106,30 +107,45 @@ def check_parity(model: MapModel, deployed: DeployedModel) -> float:
 
 
 def _descriptor(manifest: dict) -> bytes:
-    """The deployment file: a safetensors file whose header holds the manifest."""
-    return save_arrays({}, metadata={MANIFEST_KEY: json_text(manifest, indent=None)})
+    """The deployment file: a safetensors file whose header holds the manifest and its digest."""
+    return save_arrays({}, metadata=header_metadata(manifest))
+
+
+def _our_graph_files(out: Path) -> set[Path]:
+    """The graph files an existing deployment file at `out` lists and that still match the hashes it recorded."""
+    if not (out.is_file() and is_deployment(out)):
+        return set()
+    try:
+        listed = graph_files(peek_manifest(out))
+    except DefectscopeError:
+        return set()
+    return {out.parent / name for name, digest in listed if (out.parent / name).is_file()
+            and file_sha256(out.parent / name) == digest}
 
 
 def export_model(model_path: str | Path, out: str | Path, file_format: str = "onnx", force: bool = False) -> list[Path]:
     """Write `out` (a .dsdeploy file) and its graph beside it, after checking the export against the model.
 
-    Returns the files written. Existing files are replaced only when they belong to an earlier
-    export to the same place (anything else needs `force`).
+    Returns the files written. An existing file is replaced only when the deployment file already at
+    `out` wrote it (its recorded sha256 still matches) or with `force`; the graph files of that earlier
+    export that this one does not write are removed. The source model is never a target.
     """
     model_path, out = Path(model_path), Path(out)
     if file_format not in ENGINES:
         raise DefectscopeError(f"unknown export format {file_format!r}; choose one of: {', '.join(ENGINES)}")
     if out.suffix != DEPLOYMENT_SUFFIX:
         raise DefectscopeError(f"the output must be a {DEPLOYMENT_SUFFIX} file (its graph is written beside it), got {out}")
-    check_output_file(out, force, is_ours=is_deployment)
-    ours = out.is_file() and is_deployment(out)
     targets = [out.with_suffix(suffix) for suffix in GRAPH_SUFFIXES[file_format]]
+    for target in [out, *targets]:
+        if model_path.exists() and target.exists() and target.resolve() == model_path.resolve():
+            raise DefectscopeError(f"the export would overwrite its source model {model_path}; choose another output name")
+    check_output_file(out, force, is_ours=is_deployment)
+    ours = _our_graph_files(out)
     for target in targets:
-        check_output_file(target, force or ours)
+        check_output_file(target, force, is_ours=lambda path: path in ours)
     model = load_model(model_path)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as folder:
         staged = _write_graph(model, file_format, Path(folder), out.stem)
-        graph = staged[0]
         manifest = {
             "format": DEPLOYMENT_FORMAT,
             "format_version": DEPLOYMENT_VERSION,
@@ -137,8 +153,8 @@ def export_model(model_path: str | Path, out: str | Path, file_format: str = "on
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "model": manifest_of(model),
             "source": {"file": model_path.name, "sha256": file_sha256(model_path)},
-            "graph": {"file": graph.name, "sha256": file_sha256(graph), "engine": ENGINES[file_format], "opset": OPSET,
-                      "batch_limit": model.graph_batch_limit()},
+            "graph": {"files": [{"file": path.name, "sha256": file_sha256(path)} for path in staged],
+                      "engine": ENGINES[file_format], "opset": OPSET, "batch_limit": model.graph_batch_limit()},
             "head": "map" if model.localizes else "score",
         }
         staged_descriptor = Path(folder) / out.name
@@ -149,4 +165,6 @@ def export_model(model_path: str | Path, out: str | Path, file_format: str = "on
         for source, target in zip(staged, targets):
             write_atomic(target, source.read_bytes())
     write_atomic(out, descriptor)
+    for stale in ours - {path.resolve() for path in targets} - set(targets):
+        stale.unlink(missing_ok=True)
     return [out, *targets]

@@ -34,14 +34,15 @@ def _decisions(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict
     tp = int((called & (labels == 1)).sum())
     fp = int((called & (labels == 0)).sum())
     fn = int((~called & (labels == 1)).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
+    precision = tp / (tp + fp) if tp + fp else None  # undefined (None, shown n/a) when nothing was called defective
+    recall = tp / (tp + fn) if tp + fn else None  # undefined when there is no defective image
+    f1 = None if precision is None or recall is None else 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {
         "threshold": threshold,
         "accuracy": float((called == (labels == 1)).mean()),
         "precision": precision,
         "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "f1": f1,
         "false_positives": fp,
         "false_negatives": fn,
         "false_alarm_rate": fp / int((labels == 0).sum()) if (labels == 0).any() else None,

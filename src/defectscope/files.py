@@ -6,11 +6,15 @@ import hashlib
 import json
 import math
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from defectscope.errors import DefectscopeError
 
@@ -50,6 +54,43 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def open_regular(path: Path, what: str = "file", max_bytes: int | None = None):
+    """Open a regular file for reading without blocking (a FIFO or device is refused, never waited on); checks its size."""
+    path = Path(path)
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as exc:
+        raise DefectscopeError(f"cannot read {what} {path}: it does not exist") from exc
+    except IsADirectoryError as exc:
+        raise DefectscopeError(f"cannot read {what} {path}: it is a folder") from exc
+    except OSError as exc:
+        raise DefectscopeError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    info = os.fstat(handle)
+    problem = None
+    if stat.S_ISDIR(info.st_mode):
+        problem = "it is a folder"
+    elif not stat.S_ISREG(info.st_mode):
+        problem = "it is not a regular file (a pipe, socket or device)"
+    elif max_bytes is not None and info.st_size > max_bytes:
+        problem = f"it is {info.st_size:,} bytes, above the limit of {max_bytes:,}"
+    if problem:
+        os.close(handle)
+        raise DefectscopeError(f"cannot read {what} {path}: {problem}")
+    return os.fdopen(handle, "rb")
+
+
+def read_regular(path: Path, what: str = "file", max_bytes: int | None = None) -> bytes:
+    """A regular file's bytes (see open_regular), at most `max_bytes` of them."""
+    with open_regular(path, what, max_bytes) as stream:
+        try:
+            data = stream.read() if max_bytes is None else stream.read(max_bytes + 1)
+        except OSError as exc:
+            raise DefectscopeError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    if max_bytes is not None and len(data) > max_bytes:
+        raise DefectscopeError(f"cannot read {what} {path}: it grew above the limit of {max_bytes:,} bytes while read")
+    return data
+
+
 @lru_cache(maxsize=16)
 def _sha256(path: Path, size: int, mtime: float) -> str:
     digest = hashlib.sha256()
@@ -79,6 +120,39 @@ def finite_or_none(data: Any) -> Any:
 def json_text(data: Any, indent: int | None = 1) -> str:
     """Strict JSON: a value that is not a finite number is written as null, never as a bare NaN token."""
     return json.dumps(finite_or_none(data), indent=indent, sort_keys=True, allow_nan=False)
+
+
+MAX_JSON_DEPTH = 32  # manifests and job files nest a few levels; anything deeper is damage, not data
+
+
+def _refuse_constant(token: str) -> float:
+    raise ValueError(f"{token} is not a number JSON allows")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"repeated key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
+def _depth_before_parse(text: str | bytes) -> int:
+    """Bracket nesting depth of JSON text, strings skipped (vectorized; refuses deep input before the recursive parser)."""
+    data = re.sub(rb"\\.", b"__", text.encode() if isinstance(text, str) else bytes(text), flags=re.DOTALL)  # escapes out
+    raw = np.frombuffer(data, np.uint8)
+    outside = np.cumsum(raw == ord('"')) % 2 == 0
+    step = np.isin(raw, (ord("{"), ord("["))).astype(np.int64) - np.isin(raw, (ord("}"), ord("]")))
+    return int(np.max(np.cumsum(step * outside), initial=0))
+
+
+def loads_strict(text: str | bytes, what: str) -> Any:
+    """Parse JSON strictly: no NaN / Infinity tokens, no repeated keys, at most MAX_JSON_DEPTH levels; one clear error."""
+    if _depth_before_parse(text) > MAX_JSON_DEPTH:
+        raise DefectscopeError(f"{what} is not valid: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:
+        raise DefectscopeError(f"{what} is not valid JSON: {exc}") from exc
 
 
 def write_json(path: Path, data: Any, indent: int | None = 1) -> None:

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 import struct
 from pathlib import Path
 from typing import Any
 
 from defectscope._version import __version__
 from defectscope.errors import DefectscopeError
+from defectscope.files import json_text, loads_strict
 
 MANIFEST_KEY = "defectscope"
+DIGEST_KEY = "defectscope.sha256"  # sha256 of the manifest's text: a hand-edited manifest is refused
 MAX_HEADER = 100 * 1024 * 1024
+
+
+def header_metadata(manifest: dict[str, Any]) -> dict[str, str]:
+    """The safetensors header metadata that carries a manifest and its digest."""
+    text = json_text(manifest, indent=None)
+    return {MANIFEST_KEY: text, DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
 
 
 def peek_manifest(path: Path) -> dict[str, Any] | None:
@@ -21,8 +29,8 @@ def peek_manifest(path: Path) -> dict[str, Any] | None:
             head = stream.read(8)
             size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
             header = stream.read(size) if 0 < size <= MAX_HEADER else b""
-        manifest = json.loads(json.loads(header)["__metadata__"][MANIFEST_KEY])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        manifest = loads_strict(loads_strict(header, "header")["__metadata__"][MANIFEST_KEY], "manifest")
+    except (OSError, DefectscopeError, KeyError, TypeError, AttributeError):
         return None
     return manifest if isinstance(manifest, dict) else None
 
@@ -33,17 +41,21 @@ def is_manifest_file(path: Path, file_format: str) -> bool:
     return manifest is not None and manifest.get("format") == file_format
 
 
-def read_header_manifest(data: bytes, path: Path, file_format: str, max_version: int, what: str) -> dict[str, Any]:
-    """Parse and check the manifest in a safetensors header (format, version), and that the file is complete."""
+def read_header_manifest(data: bytes, path: Path, file_format: str, max_version: int, what: str,
+                         digest_since: int) -> dict[str, Any]:
+    """Parse and check the manifest in a safetensors header (format, version, its digest from version
+    `digest_since` on), and that the file is complete."""
     if len(data) < 8:
         raise DefectscopeError(f"{path} is not a {what} (too short: {len(data)} bytes)")
     (header_size,) = struct.unpack("<Q", data[:8])
     if header_size > min(MAX_HEADER, len(data) - 8):
         raise DefectscopeError(f"{path} is not a {what}, or it is truncated (bad header length)")
     try:
-        header = json.loads(data[8 : 8 + header_size])
-        manifest = json.loads(header["__metadata__"][MANIFEST_KEY])
-    except (ValueError, KeyError, TypeError) as exc:
+        header = loads_strict(data[8 : 8 + header_size], f"the header of {path}")
+        text = header["__metadata__"][MANIFEST_KEY]
+        manifest = loads_strict(text, f"the manifest of {path}")
+        digest = header["__metadata__"].get(DIGEST_KEY)
+    except (KeyError, TypeError, AttributeError) as exc:
         raise DefectscopeError(f"{path} is not a {what} (no manifest in its header)") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != file_format:
         raise DefectscopeError(f"{path} is not a {what} (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
@@ -53,6 +65,9 @@ def read_header_manifest(data: bytes, path: Path, file_format: str, max_version:
     if version > max_version:
         raise DefectscopeError(f"{path} has format version {version}, newer than this defectscope ({__version__}) reads "
                                f"(up to {max_version}); upgrade defectscope")
+    if (digest is not None or version >= digest_since) and digest != hashlib.sha256(str(text).encode()).hexdigest():
+        raise DefectscopeError(f"{what} {path} was altered: its manifest does not match the digest written with it; "
+                               "write it again with defectscope (calibrate, export) instead of editing it")
     ends = [entry["data_offsets"][1] for key, entry in header.items()
             if key != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)]
     if max(ends, default=0) != len(data) - 8 - header_size:

@@ -34,6 +34,7 @@ from defectscope.detectors.base import (
     create_detector,
     good_only_models,
 )
+from defectscope.detectors.frame_search import CANDIDATES, FRAME_FIELDS, choose_frame
 from defectscope.detectors.patchcore import PatchCore
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation import Evaluation, evaluate
@@ -81,6 +82,18 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
     if model not in good_only_models():
         raise DefectscopeError(f"'{model}' cannot be fitted on good images alone; choose one of: {', '.join(good_only_models())}")
     detector = create_detector(model, **settings)
+    train = [s.path for s in dataset.train]
+    frame_choice = None
+    if isinstance(detector, PatchCore) and detector.config.frame_search:
+        if any(field in settings for field in FRAME_FIELDS):
+            frame_choice = {"chosen": None, "reason": "pinned by the settings"}
+        else:
+            backbone = (load_backbone(detector.config.backbone, detector.strides, weights, download)
+                        if weights is not None or download else detector.require_backbone())
+            with bar("choosing the frame", len(CANDIDATES)):
+                frame, frame_choice = choose_frame(train, settings, backbone)
+            detector = create_detector(model, **settings, **frame)
+            detector.backbone = backbone
     detector.epoch_progress = epoch_progress
     if ray_address is not None:
         if not isinstance(detector, PatchCore):
@@ -88,9 +101,11 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
         detector.map_shards = map_on_ray(ray_address, torch.get_num_threads())
     if weights is not None or download:
         detector.backbone = load_backbone(detector.config.backbone, detector.strides, weights, download)
-    train = [s.path for s in dataset.train]
     with bar(f"fitting {model}", len(train)) as advance:
         report = detector.fit(train, progress=advance)
+    if frame_choice is not None:
+        detector.train_summary["frame_choice"] = frame_choice
+        report.details["frame_choice"] = frame_choice
     return detector, report
 
 
@@ -174,6 +189,11 @@ def recalibrate(model_path: Path, out: Path, *, false_alarm_rate: float | None =
         calibration = calibrate(detector.calibration_scores.numpy(), "false_alarm_rate", false_alarm_rate)
     else:
         good_paths, bad_paths = expand_inputs(good), expand_inputs(defective)
+        bad_digests = {file_sha256(path) for path in bad_paths}
+        both = [str(path) for path in good_paths if file_sha256(path) in bad_digests]
+        if both:
+            raise DefectscopeError(f"{len(both)} image(s) are given both as good and as defective ({', '.join(both[:3])}"
+                                   f"{', ...' if len(both) > 3 else ''}); each labelled image must be one or the other")
         with bar("scoring labelled images", len(good_paths) + len(bad_paths)) as advance:
             scores = detector.predict([*good_paths, *bad_paths], map_size="input", progress=advance).scores
         good_scores, bad_scores = scores[: len(good_paths)], scores[len(good_paths) :]
@@ -188,18 +208,93 @@ def recalibrate(model_path: Path, out: Path, *, false_alarm_rate: float | None =
     return calibration
 
 
-def update_model(model_path: Path, good: Sequence[Path], out: Path, *, weights: Path | None = None, force: bool = False,
-                 bar: ProgressBar = no_progress) -> dict[str, Any]:
-    """Teach a model more good images without a refit and write it to `out`; the new file names its parent and the images."""
+DEFECT_LIKE = 1.5  # a false alarm worth teaching scores near the threshold; one at 1.5x it looks like a defect
+
+
+def _labelled_defects(defective: Sequence[Path], check: Path | None) -> list[Path]:
+    """Images known to be defective: those given, and the defective test images of the dataset `check`."""
+    known = expand_inputs(defective) if defective else []
+    if check is not None:
+        known += [Path(s.path) for s in load_dataset(check).test if s.label == 1]
+    return known
+
+
+def _teaching_refusals(detector: MapModel, taught: list[Path], defects: list[Path], accept_defect_like: bool,
+                       bar: ProgressBar) -> tuple[list[str], int]:
+    """Why the taught images must not be learned (labelled defective; defect-like scores unless accepted), and how
+    many of them score defect-like."""
+    defect_digests = {file_sha256(path) for path in defects}
+    labelled = [str(path) for path in taught if file_sha256(path) in defect_digests]
+    if labelled:
+        return [f"{len(labelled)} of the images to teach are labelled defective ({', '.join(labelled[:3])}"
+                f"{', ...' if len(labelled) > 3 else ''}); a defect is never taught as good"], 0
+    with bar("scoring the images to teach", len(taught)) as advance:
+        prediction = detector.predict(taught, map_size="input", progress=advance)
+    if prediction.threshold is None:
+        return [], 0
+    normalized = prediction.normalized
+    if not np.isfinite(normalized).all():
+        return ["some images to teach could not be scored (NaN); nothing was taught"], 0
+    far = [f"{path.name} ({value:.2f}x)" for path, value in zip(taught, normalized) if value >= DEFECT_LIKE]
+    if far and not accept_defect_like:
+        return [f"{len(far)} of the images to teach score far above the threshold (>= {DEFECT_LIKE:g}x it: "
+                f"{', '.join(far[:5])}{', ...' if len(far) > 5 else ''}); they look defective, and teaching them would "
+                "let defects like them pass. Check them; if they really are good, pass --accept-defect-like"], len(far)
+    return [], len(far)
+
+
+def _caught(detector: MapModel, images: list[Path], bar: ProgressBar, what: str) -> np.ndarray:
+    """Which images the detector calls defective at its threshold (an unscored image counts as caught)."""
+    if not images or detector.calibration is None:
+        return np.zeros(len(images), bool)
+    with bar(what, len(images)) as advance:
+        prediction = detector.predict(images, map_size="input", progress=advance, keep_going=True)
+    return ~(prediction.normalized < 1.0)
+
+
+def update_model(model_path: Path, good: Sequence[Path], out: Path, *, defective: Sequence[Path] = (),
+                 check: Path | None = None, accept_defect_like: bool = False, accept_misses: bool = False,
+                 weights: Path | None = None, force: bool = False, bar: ProgressBar = no_progress) -> dict[str, Any]:
+    """Teach a model more good images without a refit and write it to `out`; the new file names its parent and the images.
+
+    Nothing is written when an image to teach is labelled defective (`defective`, or the defective test images of
+    the dataset `check`), when one scores defect-like (unless `accept_defect_like`), or when a labelled defect the
+    old model caught would pass the new one (unless `accept_misses`).
+    """
     if out != model_path:
         check_model_output(out, force)
     paths = expand_inputs(good)
+    if not paths:
+        raise DefectscopeError("give at least one good image to teach")
+    defects = _labelled_defects(defective, check)
     detector = load_model(model_path, weights)
+    detector.check_teachable()
+    refusals, defect_like = _teaching_refusals(detector, paths, defects, accept_defect_like, bar)
+    if refusals:
+        raise DefectscopeError(refusals[0] + "; nothing was written")
+    caught_before = _caught(detector, defects, bar, "scoring labelled defects")
     with bar("learning good images", len(paths)) as advance:
         details = detector.teach(paths, progress=advance)
+    missed = caught_before & ~_caught(detector, defects, bar, "checking labelled defects")
+    if missed.any() and not accept_misses:
+        names = [defects[i].name for i in np.flatnonzero(missed)[:5]]
+        raise DefectscopeError(f"after teaching, {int(missed.sum())} labelled defect(s) the model caught would pass as good "
+                               f"({', '.join(names)}{', ...' if missed.sum() > 5 else ''}); nothing was written. Teach "
+                               "other images, or pass --accept-misses to write it anyway")
     details["parent_sha256"] = file_sha256(Path(model_path))
     details["taught_images"] = [str(p) for p in paths]
-    details["warning"] = detector.calibration.warning if detector.calibration else None
+    details["checked_defects"], details["caught_before"] = len(defects), int(caught_before.sum())
+    details["missed_after"] = int(missed.sum())
+    warnings = [detector.calibration.warning] if detector.calibration and detector.calibration.warning else []
+    if defect_like:
+        warnings.append(f"{defect_like} taught image(s) scored >= {DEFECT_LIKE:g}x the threshold and were learned as good "
+                        "at your request: defects that look like them may now pass")
+    if missed.any():
+        warnings.append(f"{int(missed.sum())} labelled defect(s) the old model caught now pass as good, at your request")
+    if not defects:
+        warnings.append("no labelled defects were checked (give --check DATA): nothing shows the update keeps every "
+                        "caught defect caught")
+    details["warning"] = "; ".join(warnings) or None
     detector.train_summary.setdefault("taught", []).append(details)
     save_model(detector, out, force=True)
     return details

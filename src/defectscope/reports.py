@@ -30,8 +30,8 @@ def metrics_markdown(metrics: dict) -> str:
         if key in metrics:
             d = metrics[key]
             lines.append(
-                f"\n{label}: {d['threshold']:.4g} -> accuracy {d['accuracy']:.3f}, precision {d['precision']:.3f}, "
-                f"recall {d['recall']:.3f}, F1 {d['f1']:.3f}, {d['false_positives']} false positive(s), "
+                f"\n{label}: {d['threshold']:.4g} -> accuracy {d['accuracy']:.3f}, precision {_fmt(d['precision'])}, "
+                f"recall {_fmt(d['recall'])}, F1 {_fmt(d['f1'])}, {d['false_positives']} false positive(s), "
                 f"{d['false_negatives']} false negative(s)"
             )
             if d.get("false_alarm_rate") is not None and d.get("stated_false_alarm_rate") is not None:

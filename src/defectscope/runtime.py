@@ -11,6 +11,8 @@ optional (it decodes PNG faster, to the same pixels).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +25,7 @@ from safetensors.numpy import load as load_arrays
 from defectscope.data.decode import ImageSource, expand_inputs
 from defectscope.data.frame import Preprocess
 from defectscope.errors import DefectscopeError
-from defectscope.files import file_sha256, json_text
+from defectscope.files import json_text, read_regular
 from defectscope.manifests import is_manifest_file, read_header_manifest
 from defectscope.prediction import Prediction, predict_frames, prediction_rows
 
@@ -31,7 +33,9 @@ if TYPE_CHECKING:
     from defectscope.thresholds import Calibration
 
 DEPLOYMENT_FORMAT = "defectscope-deployment"
-DEPLOYMENT_VERSION = 2
+DEPLOYMENT_VERSION = 3  # from 3 on, every graph file and the manifest itself are hashed
+MAX_DEPLOYMENT_BYTES = 64 << 20  # the deployment file holds a manifest, not weights
+MAX_GRAPH_BYTES = 8 << 30
 DEPLOYMENT_SUFFIX = ".dsdeploy"
 INPUT_NAME, OUTPUT_NAMES = "image", ("score", "map")
 ENGINES = {"onnx": "onnxruntime", "openvino": "openvino"}  # export format -> runtime that runs it
@@ -43,10 +47,14 @@ class Engine(Protocol):
         """uint8 N x 3 x h x w frames -> the graph's outputs, in OUTPUT_NAMES order."""
 
 
-class OnnxEngine:
-    """An onnxruntime session on the CPU."""
+def _engine_error(engine: str, exc: Exception) -> DefectscopeError:
+    return DefectscopeError(f"{engine} cannot load the graph: {' '.join(str(exc).split())[:300]}; export the model again")
 
-    def __init__(self, graph: Path, threads: int | None) -> None:
+
+class OnnxEngine:
+    """An onnxruntime session on the CPU, built from the graph's verified bytes (no file is read behind them)."""
+
+    def __init__(self, files: list[bytes], threads: int | None) -> None:
         try:
             import onnxruntime
         except ImportError as exc:
@@ -56,16 +64,19 @@ class OnnxEngine:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads would spin against decoding
-        self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(files[0], options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own types (Fail, InvalidGraph, ...)
+            raise _engine_error("onnxruntime", exc) from exc
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         return self.session.run(None, {INPUT_NAME: batch})
 
 
 class OpenVinoEngine:
-    """An OpenVINO model compiled for the CPU, in float32 (no silent bf16 on CPUs that have it)."""
+    """An OpenVINO model compiled for the CPU in float32, read from the verified bytes of its .xml and .bin."""
 
-    def __init__(self, graph: Path, threads: int | None) -> None:
+    def __init__(self, files: list[bytes], threads: int | None) -> None:
         try:
             import openvino
         except ImportError as exc:
@@ -73,11 +84,51 @@ class OpenVinoEngine:
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        self.model = openvino.Core().compile_model(str(graph), "CPU", config)
+        try:
+            core = openvino.Core()
+            weights = openvino.Tensor(np.frombuffer(files[1], np.uint8).copy())
+            self.model = core.compile_model(core.read_model(files[0], weights), "CPU", config)
+        except Exception as exc:  # OpenVINO raises RuntimeError and its own types
+            raise _engine_error("OpenVINO", exc) from exc
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         results = self.model(batch)
         return [results[output] for output in self.model.outputs]
+
+
+ENGINE_FILES = {"onnxruntime": (".onnx",), "openvino": (".xml", ".bin")}  # the files each engine reads, in order
+
+
+def graph_files(manifest: object) -> list[tuple[str, str]]:
+    """(file name, sha256) of every graph file a deployment manifest lists; plain names only, checked."""
+    try:
+        graph = manifest["graph"]  # type: ignore[index]
+        listed = [(entry["file"], entry["sha256"]) for entry in graph["files"]]
+        suffixes = ENGINE_FILES[graph["engine"]]
+    except (KeyError, TypeError) as exc:
+        raise DefectscopeError(f"its manifest does not list its graph files ({exc})") from exc
+    if len(listed) != len(suffixes) or not all(
+            isinstance(name, str) and isinstance(digest, str) and Path(name).name == name and not name.startswith(".")
+            and name.endswith(suffix) for (name, digest), suffix in zip(listed, suffixes)):
+        raise DefectscopeError(f"its manifest's graph files {listed!r:.200} are not plain {' + '.join(suffixes)} file names")
+    return listed
+
+
+def _whole(value: object, what: str, optional: bool = False) -> int | None:
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DefectscopeError(f"its {what} must be a whole number >= 1, got {value!r:.40}")
+    return value
+
+
+def _threshold(calibration: object) -> float | None:
+    if calibration is None:
+        return None
+    value = calibration.get("threshold") if isinstance(calibration, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise DefectscopeError(f"its threshold must be a positive finite number, got {value!r:.40}")
+    return float(value)
 
 
 def is_deployment(path: str | Path) -> bool:
@@ -90,36 +141,48 @@ class DeployedModel:
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         self.path = Path(path)
-        try:
-            data = self.path.read_bytes()
-        except OSError as exc:
-            raise DefectscopeError(f"cannot read deployment file {self.path}: {exc.strerror or exc}") from exc
-        self.manifest = read_header_manifest(data, self.path, DEPLOYMENT_FORMAT, DEPLOYMENT_VERSION, "deployment file")
+        data = read_regular(self.path, "deployment file", MAX_DEPLOYMENT_BYTES)
+        self.manifest = read_header_manifest(data, self.path, DEPLOYMENT_FORMAT, DEPLOYMENT_VERSION, "deployment file",
+                                             DEPLOYMENT_VERSION)
+        if self.manifest["format_version"] < DEPLOYMENT_VERSION:
+            raise DefectscopeError(f"deployment file {self.path} is from an older defectscope whose graph weights were not "
+                                   "hashed; export the model again")
         try:
             load_arrays(data)  # the layout must be intact: a truncated or altered file is refused
         except (SafetensorError, ValueError) as exc:
             raise DefectscopeError(f"deployment file {self.path} is corrupt: {exc}") from exc
         try:
             model, graph = self.manifest["model"], self.manifest["graph"]
-            self.head = self.manifest["head"]
+            self.head, engine = self.manifest["head"], graph["engine"]
+            if self.head not in HEADS or engine not in ENGINES.values():
+                raise DefectscopeError(f"it needs head {self.head!r:.40} / engine {engine!r:.40}, which this defectscope "
+                                       "does not know; upgrade defectscope")
             self.preprocess = Preprocess.from_dict(model["preprocess"])
-            self.name = str(model["detector"])
+            self.name = model["detector"]
+            if not isinstance(self.name, str):
+                raise DefectscopeError("its detector name is not text")
             self.calibration_dict = model.get("calibration")
-            self.threshold = None if self.calibration_dict is None else float(self.calibration_dict["threshold"])
-            graph_path = self.path.parent / Path(graph["file"]).name  # beside this file, never elsewhere
-            self.batch_limit = graph.get("batch_limit") or None
-            expected, engine = graph["sha256"], graph["engine"]
-        except (KeyError, TypeError, ValueError) as exc:
+            self.threshold = _threshold(self.calibration_dict)
+            self.batch_limit = _whole(graph.get("batch_limit"), "graph batch limit", optional=True)
+            self.batch_size = _whole(model.get("config", {}).get("batch_size", 32), "batch size")
+            listed = graph_files(self.manifest)
+        except DefectscopeError as exc:
+            raise DefectscopeError(f"deployment file {self.path} is damaged: {exc}") from exc
+        except (KeyError, TypeError, AttributeError) as exc:
             raise DefectscopeError(f"deployment file {self.path} is damaged: its manifest is incomplete ({exc})") from exc
-        if self.head not in HEADS or engine not in ENGINES.values():
-            raise DefectscopeError(f"deployment file {self.path} needs head {self.head!r} / engine {engine!r}, "
-                                   "which this defectscope does not know; upgrade defectscope")
-        if not graph_path.is_file():
-            raise DefectscopeError(f"the graph {graph_path.name} of {self.path} is missing; copy it beside the deployment file")
-        if file_sha256(graph_path) != expected:
-            raise DefectscopeError(f"the graph {graph_path} does not match {self.path} (sha256 differs); export again")
-        self.engine: Engine = (OnnxEngine if engine == "onnxruntime" else OpenVinoEngine)(graph_path, threads)
-        self.batch_size = int(model.get("config", {}).get("batch_size", 32))
+        self.engine: Engine = (OnnxEngine if engine == "onnxruntime" else OpenVinoEngine)(
+            [self._verified(name, digest) for name, digest in listed], threads)
+
+    def _verified(self, name: str, digest: str) -> bytes:
+        """The bytes of a graph file beside the deployment file, refused unless they hash to what the manifest recorded."""
+        path = self.path.parent / name  # beside this file, never elsewhere
+        if not path.is_file():
+            raise DefectscopeError(f"the graph file {name} of {self.path} is missing; copy it beside the deployment file")
+        data = read_regular(path, "graph file", MAX_GRAPH_BYTES)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise DefectscopeError(f"the graph file {path} does not match {self.path} (sha256 differs: altered, truncated "
+                                   "or from another export); export again")
+        return data
 
     @property
     def localizes(self) -> bool:

@@ -11,6 +11,7 @@ fitted to the largest scores, with a bootstrap interval.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -52,11 +53,18 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
-        data = dict(data)
-        for key in ("false_alarm_interval", "recall_interval"):
-            if data.get(key) is not None:
-                data[key] = tuple(float(v) for v in data[key])
-        return cls(**data)
+        """A calibration from its stored form; every field's type and value checked (DefectscopeError otherwise)."""
+        if not isinstance(data, dict):
+            raise DefectscopeError(f"a calibration must be a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise DefectscopeError(f"calibration has unknown field(s) {', '.join(map(str, unknown))}")
+        values = {}
+        for key, field in cls.__dataclass_fields__.items():
+            if key not in data and field.default is not dataclasses.MISSING:
+                continue
+            values[key] = _checked_field(key, data.get(key), "| None" in str(field.type))
+        return cls(**values)
 
     def describe(self) -> str:
         """One line: the threshold and the false-alarm rate (and recall) it stands for."""
@@ -70,13 +78,55 @@ class Calibration:
         return text
 
 
-def few_images_warning(count: int, std: float) -> str | None:
+def _number(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DefectscopeError(f"calibration field '{key}' must be a finite number, got {value!r:.40}")
+    return float(value)
+
+
+def _checked_field(key: str, value: object, optional: bool) -> object:
+    """One stored calibration field, checked for its type."""
+    if value is None and optional:
+        return None
+    if key in ("method", "warning"):
+        if not isinstance(value, str):
+            raise DefectscopeError(f"calibration field '{key}' must be text, got {value!r:.40}")
+        return value
+    if key == "good_count":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DefectscopeError(f"calibration field 'good_count' must be a whole number >= 0, got {value!r:.40}")
+        return value
+    if key.endswith("_interval"):
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise DefectscopeError(f"calibration field '{key}' must be two numbers, got {value!r:.40}")
+        return tuple(_number(key, v) for v in value)
+    return _number(key, value)
+
+
+def no_spread(scores: np.ndarray) -> bool:
+    """Whether scores are (almost) all the same: no rate can be read from where a threshold falls among them."""
+    return float(np.ptp(scores)) <= 1e-6 * max(float(np.abs(scores).max()), 1e-12)
+
+
+def few_images_warning(count: int, std: float, flat: bool = False) -> str | None:
     """A warning when a threshold rests on too few good calibration scores (or on no spread at all)."""
+    if flat:
+        return (f"the {count} good calibration scores are (almost) all the same ({'zero' if std <= 0 else 'near-zero'} "
+                "spread): the threshold sits just above them and the stated false-alarm rate cannot be checked "
+                "against them; calibrate with varied good images (or labelled ones)")
     if count >= MIN_CALIBRATION_IMAGES and std > 0:
         return None
     spread = " with zero spread" if std <= 0 else ""
     return (f"the threshold rests on {count} good calibration score(s){spread}; at least {MIN_CALIBRATION_IMAGES} are "
             "needed for a stable one: add good training images, or set the threshold with labelled images")
+
+
+def clopper_pearson(hits: int, n: int) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) INTERVAL of a proportion hits / n: it always holds the observed share."""
+    tail = (1 - INTERVAL) / 2
+    low = float(stats.beta.ppf(tail, hits, n - hits + 1)) if hits > 0 else 0.0
+    high = float(stats.beta.ppf(1 - tail, hits + 1, n - hits)) if hits < n else 1.0
+    return low, high
 
 
 def beta_interval(a: float, b: float) -> tuple[float, float]:
@@ -135,10 +185,15 @@ def calibrate(good_scores: np.ndarray, method: str = "false_alarm_rate", param: 
     if scores.size == 0:
         raise DefectscopeError("no good calibration scores to set a threshold on")
     warning = None
+    flat = no_spread(scores)
     if method == "false_alarm_rate":
         if not 0 < param < 1:
             raise DefectscopeError(f"false-alarm rate must be in (0, 1), got {param}")
-        threshold, rate, interval, warning = false_alarm_threshold(scores, param)
+        if flat:  # every quantile and any fitted tail is that one value: stand just above it
+            threshold = float(np.nextafter(scores.max() + 1e-6 * abs(scores.max()), np.inf))
+            rate, interval = exceedance(scores, threshold)
+        else:
+            threshold, rate, interval, warning = false_alarm_threshold(scores, param)
     elif method in ("sigma", "percentile"):
         if method == "sigma":
             threshold = scores.mean() + param * scores.std()
@@ -150,7 +205,7 @@ def calibrate(good_scores: np.ndarray, method: str = "false_alarm_rate", param: 
     else:
         raise DefectscopeError(f"threshold method from good images must be one of {', '.join(GOOD_ONLY_METHODS)}, got '{method}'")
     std = float(scores.std())
-    warnings = [w for w in (few_images_warning(int(scores.size), std), warning) if w]
+    warnings = [w for w in (few_images_warning(int(scores.size), std, flat), warning) if w]
     return Calibration(float(threshold), method, float(param), float(scores.mean()), std, int(scores.size),
                        "; ".join(warnings) or None, float(rate), tuple(interval))
 
@@ -172,8 +227,8 @@ def recall_threshold(defective_scores: np.ndarray, target: float) -> float:
 
 def labelled_calibration(good_scores: np.ndarray, defective_scores: np.ndarray, threshold: float, method: str,
                          param: float, previous: Calibration | None) -> Calibration:
-    """A threshold chosen with labelled images, with the false-alarm rate and recall it gives and their
-    95% intervals (Jeffreys) - wide when few images were labelled, and they say so."""
+    """A threshold chosen with labelled images, with the observed false-alarm rate and recall it gives and their
+    exact 95% intervals - wide when few images were labelled, and they say so."""
     good, bad = np.asarray(good_scores, np.float64), np.asarray(defective_scores, np.float64)
     if len(good) == 0 or len(bad) == 0:
         raise DefectscopeError("choosing a threshold with labels needs good and defective images")
@@ -186,6 +241,6 @@ def labelled_calibration(good_scores: np.ndarray, defective_scores: np.ndarray, 
         float(threshold), method, float(param),
         previous.good_mean if previous else float(good.mean()), previous.good_std if previous else float(good.std()),
         previous.good_count if previous else len(good), warning,
-        false_alarms / len(good), beta_interval(false_alarms + 0.5, len(good) - false_alarms + 0.5),
-        caught / len(bad), beta_interval(caught + 0.5, len(bad) - caught + 0.5),
+        false_alarms / len(good), clopper_pearson(false_alarms, len(good)),
+        caught / len(bad), clopper_pearson(caught, len(bad)),
     )

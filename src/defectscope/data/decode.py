@@ -13,11 +13,13 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from defectscope.errors import DefectscopeError
+from defectscope.files import open_regular
 
 try:
     import cv2
@@ -68,13 +70,17 @@ def _pil_failure(data: np.ndarray) -> str:
 def read_image(path: str | Path) -> np.ndarray:
     """Decode any common image (gray, RGBA, palette, 16-bit) to an RGB uint8 array HxWx3."""
     path = Path(path)
-    return decode_image(_read_bytes(path), path)
+    return decode_image(_read_bytes(path), path, checked=True)
 
 
-def decode_image(data: np.ndarray, path: str | Path) -> np.ndarray:
-    """Decode an image file's bytes (uint8 array) to RGB uint8 HxWx3; `path` names it in errors."""
+def decode_image(data: np.ndarray, path: str | Path, checked: bool = False) -> np.ndarray:
+    """Decode an image file's bytes (uint8 array) to RGB uint8 HxWx3; `path` names it in errors.
+
+    `checked` says the header already passed the pixel limit (read_image checks it before reading the pixels).
+    """
     path = Path(path)
-    image_header(path, data)  # size limit before any pixel is decoded
+    if not checked:
+        image_header(path, data)  # size limit before any pixel is decoded
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if cv2 is not None else _pillow_decode(data)
     if image is None:
         reason = _pil_failure(data)
@@ -117,35 +123,49 @@ def read_mask(path: str | Path) -> np.ndarray:
     """Decode a mask to a boolean HxW array (any non-zero pixel is defective)."""
     path = Path(path)
     data = _read_bytes(path)
-    image_header(path, data)
     image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if cv2 is not None else _pillow_decode(data, gray=True)
     if image is None:
-        raise DefectscopeError(f"cannot decode mask {path}: {_pil_failure(path)}; replace or remove the file")
+        raise DefectscopeError(f"cannot decode mask {path}: {_pil_failure(data)}; replace or remove the file")
     return image > 0
 
 
+def max_file_bytes() -> int:
+    """The largest image file read: 8 bytes per allowed pixel (16-bit RGBA, uncompressed) plus room for metadata."""
+    return max_pixels() * 8 + (64 << 20)
+
+
 def _read_bytes(path: Path) -> np.ndarray:
-    """A file's bytes, read once for the header check and the decoder."""
-    try:
-        return np.fromfile(path, dtype=np.uint8)
-    except FileNotFoundError as exc:
-        raise DefectscopeError(f"cannot read image {path}: it does not exist") from exc
-    except OSError as exc:
-        raise DefectscopeError(f"cannot read image {path}: {exc.strerror or exc}") from exc
+    """A regular file's bytes, after its size and header passed the limits (never a pipe, never unbounded)."""
+    limit = max_file_bytes()
+    with open_regular(path, "image", limit) as stream:
+        image_header(path, stream=stream)
+        stream.seek(0)
+        try:
+            data = stream.read(limit + 1)
+        except OSError as exc:
+            raise DefectscopeError(f"cannot read image {path}: {exc.strerror or exc}") from exc
+    if len(data) > limit:
+        raise DefectscopeError(f"cannot read image {path}: it grew above the limit of {limit:,} bytes while read")
+    return np.frombuffer(data, dtype=np.uint8)
 
 
-def image_header(path: str | Path, data: np.ndarray | None = None) -> tuple[int, int, str]:
+def image_header(path: str | Path, data: np.ndarray | None = None, stream: BinaryIO | None = None) -> tuple[int, int, str]:
     """Width, height and Pillow mode read from the file header only (no pixel decoding); checks the pixel limit.
 
-    `data`, the file's bytes when the caller has already read them, spares a second read.
+    `data` (the file's bytes) or `stream` (the open file), when the caller has them, spares opening it again.
     """
     path = Path(path)
+    if data is None and stream is None:
+        with open_regular(path, "image", max_file_bytes()) as opened:
+            return image_header(path, stream=opened)
     try:
-        if (data is not None and not data.size) or (data is None and path.is_file() and path.stat().st_size == 0):
+        source = io.BytesIO(data) if data is not None else stream
+        if not source.read(1):
             raise DefectscopeError(f"cannot decode image {path}: empty file; replace or remove the file")
+        source.seek(0)
         with warnings.catch_warnings():  # the limit below is ours; Pillow's bomb warning would only repeat it
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path if data is None else io.BytesIO(data)) as image:
+            with Image.open(source) as image:
                 width, height, mode = image.width, image.height, image.mode
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image {path} is above the limit of {max_pixels():,} pixels ({exc})") from exc

@@ -23,6 +23,14 @@ def frame_aspect(sizes: Sequence[tuple[int, int]]) -> float:
     return float(np.clip(np.median(ratios), 1 / MAX_ASPECT, MAX_ASPECT))
 
 
+def _is_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and np.isfinite(value)
+
+
+def _is_whole(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and 1 <= value <= 1 << 14
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Resize to the frame, optional center crop and normalization; travels inside every model file.
@@ -67,13 +75,18 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocess:
-        return cls(
-            image_size=int(data["image_size"]),
-            crop=None if data.get("crop") is None else int(data["crop"]),
-            mean=tuple(data["mean"]),
-            std=tuple(data["std"]),
-            aspect=float(data.get("aspect", 1.0)),
-        )
+        """A frame from its stored form; types and values checked (DefectscopeError otherwise)."""
+        if not isinstance(data, dict) or "image_size" not in data or "mean" not in data or "std" not in data:
+            raise DefectscopeError("a frame needs image_size, mean and std")
+        triples = {key: data[key] for key in ("mean", "std")}
+        if not all(isinstance(v, list | tuple) and len(v) == 3 and all(_is_number(x) and x > -1e6 for x in v) for v in triples.values()) \
+                or not all(x > 0 for x in triples["std"]):
+            raise DefectscopeError("a frame's mean and std must be three finite numbers each (std > 0)")
+        if not _is_whole(data["image_size"]) or not (data.get("crop") is None or _is_whole(data["crop"])) \
+                or not _is_number(data.get("aspect", 1.0)):
+            raise DefectscopeError("a frame's image_size and crop must be whole numbers and its aspect a number")
+        return cls(image_size=data["image_size"], crop=data.get("crop"), mean=tuple(map(float, triples["mean"])),
+                   std=tuple(map(float, triples["std"])), aspect=float(data.get("aspect", 1.0)))
 
     def resize_crop(self, image: np.ndarray) -> np.ndarray:
         """Resize an HxW[x3] uint8 or HxW float32 array to the model frame (Pillow: area average when

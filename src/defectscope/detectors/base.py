@@ -246,10 +246,15 @@ class Detector(MapModel):
         }
         return FitReport(count, len(scored), time.perf_counter() - start, details)
 
-    def teach(self, images: Sequence[ImageSource], progress: Progress | None = None) -> dict[str, Any]:
-        """Learn more good images without a refit, and recalibrate; models that cannot, say so."""
+    def check_teachable(self) -> None:
+        """Raise unless `teach` can run on this fitted model (asked before any image is scored)."""
         raise DefectscopeError(f"{self.name} cannot learn new good images without a refit: fit it again with those "
                                "images added to the training folder")
+
+    def teach(self, images: Sequence[ImageSource], progress: Progress | None = None) -> dict[str, Any]:
+        """Learn more good images without a refit, and recalibrate; models that cannot, say so."""
+        self.check_teachable()
+        raise NotImplementedError(f"{self.name} accepts teaching but does not implement it")
 
     def taught_calibration(self, taught_scores: torch.Tensor) -> Calibration:
         """The threshold restated with taught images' held-out scores added to the cross-fitted good scores.

@@ -171,17 +171,20 @@ class PaDiM(Detector):
             squared[:, where] = ((n / (n - 1)) ** 2 * leverage / (1 - downdate * leverage)).T
         return torch.arange(n), self._finish(None, _grid(squared, self.preprocess.input_shape))[0]
 
+    def check_teachable(self) -> None:
+        if self.precision is None:
+            raise DefectscopeError("PaDiM is not fitted; call fit() or load a model file")
+        if self.covariance_factor is None:
+            raise DefectscopeError("this PaDiM model keeps no covariances, so it cannot learn new good images without a "
+                                   "refit: fit it again (with keep_covariance: true to allow updates)")
+
     def teach(self, images: Sequence[ImageSource], progress: Progress | None = None) -> dict[str, Any]:
         """Merge new good images into every position's Gaussian (pairwise update of mean and scatter), then recalibrate.
 
         Needs the covariances (fit with keep_covariance); the taught images' held-out scores are their
         scores before the update.
         """
-        if self.precision is None:
-            raise DefectscopeError("PaDiM is not fitted; call fit() or load a model file")
-        if self.covariance_factor is None:
-            raise DefectscopeError("this PaDiM model keeps no covariances, so it cannot learn new good images without a "
-                                   "refit: fit it again (with keep_covariance: true to allow updates)")
+        self.check_teachable()
         count = int(self.train_summary.get("images", 0)) + sum(int(t.get("images", 0)) for t in self.train_summary.get("taught", []))
         if count < 2:
             raise DefectscopeError("this PaDiM model does not record how many images it learned; fit it again")

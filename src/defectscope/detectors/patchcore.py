@@ -20,32 +20,36 @@ from defectscope.detectors.base import (
     register,
     rows_outside,
 )
-from defectscope.detectors.coreset import coreset_indices, greedy_coreset
+from defectscope.detectors.coreset import coreset_indices, greedy_coreset, random_projection
 from defectscope.detectors.nearest import ClusteredBank, nearest
 from defectscope.errors import DefectscopeError
 from defectscope.settings import require_range
 
 
+TEACH_COVERAGE = 0.1  # taught patches are added until covered as closely as the best-covered tenth of good images
 PATCH_STRIDES = (8, 16, 32)  # the finest feature stride (8) times 1, 2 or 4
 GRAPH_DISTANCE_CELLS = 1 << 24  # an exported graph's distance matrix: at most 64 MB per run
 
 
 @dataclass
 class PatchCoreConfig(DetectorConfig):
-    """image_size 352 / crop 320: thin defects (cuts, scratches) need the backbone to see the image
-    larger than its ImageNet scale; patch_stride 16: each memory patch averages 2x2 cells of the
-    stride-8 features, which keeps localization (pixel AUROC, AUPRO) while cutting patches 4x, so
-    the coreset and search cost of the higher resolution fall below the old 288-pixel frame's.
+    """image_size / crop / patch_stride: the frame; with frame_search (the default, when none of the three is
+    given) `fit` chooses them per product from good images alone among `frame_search.CANDIDATES`, else
+    352 / 320 with 16-pixel patches (each averaging 2x2 cells of the stride-8 features).
     coreset_ratio: memory kept; layer_dim: width each layer's neighbourhood vector is pooled to;
-    shard_images: the coreset is chosen per shard of at most this many images (shards nest in the
-    calibration folds), so its cost grows linearly with the number of images, and every fold's
-    calibration scores come from the other folds' memory without any refit; memory_limit: most memory
-    rows kept (beyond it the ratio shrinks), so memory and search cost stop growing with the training set."""
+    shard_images: the coreset is chosen by merge and reduce: per shard of at most this many images
+    (shards nest in the calibration folds) each keeps coreset_candidates times the ratio, then one greedy
+    coreset over all candidates picks the bank, so the cost grows linearly with the images while the bank
+    is chosen over all of them; a calibration fold is scored by the bank without its images' rows,
+    refilled from the other folds' candidates. memory_limit: most memory rows kept (beyond it the ratio
+    shrinks), so memory and search cost stop growing with the training set."""
 
     image_size: int = 352
     crop: int | None = 320
     patch_stride: int = 16
+    frame_search: bool = True
     coreset_ratio: float = 0.1
+    coreset_candidates: float = 4.0
     memory_limit: int = 50_000
     shard_images: int = 16
     projection_dim: int = 128
@@ -57,6 +61,7 @@ class PatchCoreConfig(DetectorConfig):
     def check(self) -> None:
         super().check()
         require_range("coreset_ratio", self.coreset_ratio, 0, 1, low_open=True)
+        require_range("coreset_candidates", self.coreset_candidates, 1)
         require_range("projection_dim", self.projection_dim, 1)
         if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
             raise DefectscopeError(f"field 'neighbourhood' must be an odd number >= 1, got {self.neighbourhood}")
@@ -110,6 +115,52 @@ def patch_embedding(maps: dict[int, torch.Tensor], neighbourhood: int, layer_dim
     return features.permute(0, 2, 3, 1).contiguous()
 
 
+@dataclass
+class CandidatePool:
+    """The merged shard coresets (fit time only): features, source image and projected rows of every candidate,
+    which candidates the reduce selected, and each candidate's distance to its nearest selected one."""
+
+    features: torch.Tensor
+    sources: torch.Tensor
+    projected: torch.Tensor
+    selected: torch.Tensor
+    distance: torch.Tensor
+    nearest_source: torch.Tensor
+    radius: float
+
+    @classmethod
+    def reduce(cls, features: torch.Tensor, sources: torch.Tensor, count: int, config: PatchCoreConfig) -> CandidatePool:
+        """Greedy k-center over the candidates (the reduce step) down to `count` rows."""
+        projected = random_projection(features, config.projection_dim, config.seed)
+        count = min(count, len(features))
+        start = int(torch.randint(len(features), (1,), generator=torch.Generator().manual_seed(config.seed)))
+        selected = greedy_coreset(projected, count, start) if count < len(features) else torch.arange(len(features))
+        distance, nearest_row = nearest(projected, projected[selected])
+        distance, nearest_row = distance[:, 0], nearest_row[:, 0]
+        return cls(features, sources, projected, selected, distance, sources[selected][nearest_row],
+                   float(distance.max()))
+
+    def refill(self, holdout: torch.Tensor) -> torch.Tensor:
+        """Candidates of the other images to add once the held-out images' rows are gone: greedy, farthest first,
+        until every other candidate is again within the coverage radius."""
+        others = torch.nonzero(~torch.isin(self.sources, holdout)).flatten()
+        if not len(others):
+            return torch.zeros(0, dtype=torch.long)
+        kept = self.selected[~torch.isin(self.sources[self.selected], holdout)]
+        covered = self.distance[others].clone()
+        lost = torch.isin(self.nearest_source[others], holdout)  # their nearest row came from a held-out image
+        if lost.any():
+            covered[lost] = (nearest(self.projected[others[lost]], self.projected[kept])[0][:, 0] if len(kept)
+                             else torch.full((int(lost.sum()),), float("inf")))
+        # only candidates outside the radius can be picked before the stop: the greedy over them alone is the same
+        uncovered = torch.nonzero(covered > self.radius).flatten()
+        if not len(uncovered):
+            return torch.zeros(0, dtype=torch.long)
+        chosen = greedy_coreset(self.projected[others[uncovered]], len(uncovered), covered=covered[uncovered],
+                                stop_within=self.radius)
+        return others[uncovered[chosen]]
+
+
 ShardMap = Callable[[Callable[[Any], Any], list], list]  # (function, jobs) -> results in order: a loop, or Ray tasks
 
 
@@ -128,6 +179,7 @@ class PatchCore(Detector):
     strides = (8, 16)
     index: ClusteredBank | None = None
     bank_sources: torch.Tensor | None = None  # training image of each memory patch (fit time only)
+    pool: CandidatePool | None = None  # the shard coresets' candidates the bank was reduced from (fit time only)
     map_shards: ShardMap | None = None  # runs the shard coresets (default: one after the other, here)
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
@@ -143,22 +195,28 @@ class PatchCore(Detector):
         return shards
 
     def fit_features(self, features: torch.Tensor) -> dict[str, Any]:
-        """Greedy coreset of each shard's patches; the memory bank is their union (a composable coreset)."""
+        """Merge and reduce: each shard keeps `coreset_candidates` times the final share of its patches (linear cost),
+        then one greedy coreset over all those candidates chooses the memory bank, as a global coreset would."""
         n, h, w, d = features.shape
         per_image = h * w
         start = time.perf_counter()
         shards, threads = self.shards(n), torch.get_num_threads()
         ratio = min(self.config.coreset_ratio, self.config.memory_limit / (n * per_image))
-        jobs = [(features[shard].reshape(-1, d), ratio, self.config.seed + number,
+        jobs = [(features[shard].reshape(-1, d), min(1.0, ratio * self.config.coreset_candidates), self.config.seed + number,
                  self.config.projection_dim, threads) for number, shard in enumerate(shards)]
         chosen = (self.map_shards or (lambda function, items: [function(item) for item in items]))(shard_coreset, jobs)
-        kept = [shard[local // per_image] * per_image + local % per_image for shard, local in zip(shards, chosen)]
-        keep = torch.cat(kept)
+        candidates = torch.cat([shard[local // per_image] * per_image + local % per_image
+                                for shard, local in zip(shards, chosen)])
+        merged = time.perf_counter()
+        self.pool = CandidatePool.reduce(features.reshape(-1, d)[candidates], candidates // per_image,
+                                         max(1, round(n * per_image * ratio)), self.config)
         selected = time.perf_counter()
-        self.index = ClusteredBank.build(features.reshape(-1, d)[keep], self.config.seed)
-        self.bank_sources = (keep // per_image)[self.index.order]
-        return {"patches": n * per_image, "memory_bank": len(keep), "coreset_ratio": ratio, "embedding_dim": d, "shards": len(kept),
-                "coreset_s": selected - start, "index_s": time.perf_counter() - selected}
+        self.index = ClusteredBank.build(self.pool.features[self.pool.selected], self.config.seed)
+        self.bank_sources = self.pool.sources[self.pool.selected][self.index.order]
+        return {"patches": n * per_image, "memory_bank": len(self.pool.selected), "coreset_ratio": ratio,
+                "embedding_dim": d, "shards": len(shards), "candidates": len(candidates),
+                "coverage_radius": self.pool.radius, "shard_coreset_s": merged - start, "reduce_s": selected - merged,
+                "index_s": time.perf_counter() - selected}
 
     def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.index is None:
@@ -174,33 +232,44 @@ class PatchCore(Detector):
 
     def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor, scored: torch.Tensor | None = None
                        ) -> torch.Tensor:
-        """Score held-out images against the memory bank without the patches taken from them.
-
-        For a whole calibration fold this is exactly a model fitted without the fold: its shards'
-        coresets never saw the fold's images. The bank is a (K-1)/K part of the final one.
-        """
+        """Score held-out images against `holdout_bank`: memory chosen without any patch of theirs."""
         fitted = self.index
-        self.index = fitted.subset(~torch.isin(self.bank_sources, holdout))
+        self.index = self.holdout_bank(holdout)[0]
         try:
             return self._score_and_map(features[holdout if scored is None else scored])[0]
         finally:
             self.index = fitted
 
+    def holdout_bank(self, holdout: torch.Tensor) -> tuple[ClusteredBank, torch.Tensor]:
+        """The memory bank without the rows taken from the held-out images, refilled from the other images'
+        candidates until they are covered as the whole bank covers them (the fit's coverage radius): the
+        coreset a fit without those images would choose, up to the greedy's tie-breaks. Every row comes
+        from another image (tested). Returns the bank and each row's source image."""
+        keep = ~torch.isin(self.bank_sources, holdout)
+        kept, extra = self.index.subset(keep), self.pool.refill(holdout)
+        ends = torch.tensor([len(kept.bank) + len(extra)])  # the refill as one more cluster: the search stays exact
+        bank = ClusteredBank(torch.cat([kept.bank, self.pool.features[extra].float()]), torch.cat([kept.offsets, ends]))
+        return bank, torch.cat([self.bank_sources[keep], self.pool.sources[extra]])
+
+    def check_teachable(self) -> None:
+        if self.index is None:
+            raise DefectscopeError("PatchCore is not fitted; call fit() or load a model file")
+        if self.calibration_scores is None:
+            raise DefectscopeError("this PatchCore model holds no cross-fitted good scores (fitted by an older version); "
+                                   "fit it again")
+
     def teach(self, images: Sequence[ImageSource], progress: Progress | None = None) -> dict[str, Any]:
         """Add the patches of new good images that the memory bank does not yet cover, then recalibrate.
 
         A greedy coreset step against the existing bank adds new patches, farthest first, until every
-        new patch lies within the coverage a good image already has (the median cross-fitted good
-        score: a typical good image's worst patch distance), so ordinary patches add nothing. For the threshold, each calibration fold of the taught images
-        is scored by the bank extended from the other folds only (cross-fitting, as at fit time).
+        new patch lies within the coverage the best-covered tenth of good images has (the 10th percentile of
+        the cross-fitted good scores): taught parts then score like ordinary good ones, not at the border,
+        so parts like them that were not taught pass too. For the threshold, each calibration fold of the
+        taught images is scored by the bank extended from the other folds only (cross-fitting, as at fit time).
         """
-        if self.index is None:
-            raise DefectscopeError("PatchCore is not fitted; call fit() or load a model file")
+        self.check_teachable()
         if not images:
             raise DefectscopeError("give at least one good image to learn")
-        if self.calibration_scores is None:
-            raise DefectscopeError("this PatchCore model holds no cross-fitted good scores (fitted by an older version); "
-                                   "fit it again")
         features, _ = self._features(images, progress)
         n, h, w, d = features.shape
         patches = features.reshape(n, h * w, d)
@@ -224,7 +293,7 @@ class PatchCore(Detector):
         flat = patches.reshape(-1, patches.shape[-1])
         if not len(flat):
             return flat
-        radius = float(self.calibration_scores.median())
+        radius = float(self.calibration_scores.quantile(TEACH_COVERAGE))
         return flat[greedy_coreset(flat, len(flat), covered=covered.reshape(-1), stop_within=radius)]
 
     def _reweight(self, worst_patches: torch.Tensor, nearest_index: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,8 @@ def read_mapping(path: Path, what: str = "an 'attempts' list") -> dict:
             raise DefectscopeError(f"config {path} must be .yaml, .yml or .toml")
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise DefectscopeError(f"config {path} is not valid {path.suffix[1:].upper()}: {exc}") from exc
+    except RecursionError as exc:
+        raise DefectscopeError(f"config {path} nests too deeply to be a config") from exc
     if not isinstance(data, dict):
         raise DefectscopeError(f"config {path} must be a mapping with {what}")
     return data

@@ -24,7 +24,6 @@ from defectscope.data.layout import load_dataset
 from defectscope.detectors.base import detector_class, good_only_models
 from defectscope.errors import DefectscopeError
 from defectscope.experiments.config import check_name, read_mapping
-from defectscope.manifests import peek_manifest
 
 PRODUCT_FIELDS = {"name", "data", "model", "settings", "out"}
 DEFAULT_FIELDS = {"model", "settings"}
@@ -80,14 +79,30 @@ def load_plan(path: str | Path) -> list[Product]:
             detector_class(model).config_class.from_dict(settings)
         except DefectscopeError as exc:
             raise DefectscopeError(f"product {name}: {exc}") from exc
-        out = path.parent / entry.get("out", f"models/{name}.dsmodel")
-        products.append(Product(name, path.parent / entry["data"], model, settings, out))
-    for field in ("name", "out"):
-        values = [getattr(p, field) for p in products]
-        repeated = sorted({str(v) for v in values if values.count(v) > 1})
-        if repeated:
-            raise DefectscopeError(f"plan {path}: products share the {field} {', '.join(repeated)}")
+        out = entry.get("out", f"models/{name}.dsmodel")
+        if not isinstance(out, str) or not out.strip():
+            raise DefectscopeError(f"product {name}: 'out' must be a file name")
+        products.append(Product(name, (path.parent / entry["data"]).resolve(), model, settings, (path.parent / out).resolve()))
+    _refuse_shared(products, path)
     return products
+
+
+def _refuse_shared(products: list[Product], path: Path) -> None:
+    """Names and output files (resolved: `a.dsmodel` and `sub/../a.dsmodel` are one file) must be unique, and no
+    product may write its model inside another product's data folder."""
+    for field in ("name", "out"):
+        seen: dict[object, str] = {}
+        for product in products:
+            key = getattr(product, field)
+            if key in seen:
+                raise DefectscopeError(f"plan {path}: products {seen[key]} and {product.name} share the {field} {key}")
+            seen[key] = product.name
+    folders = {product.data: product.name for product in products}
+    for product in products:
+        for folder in [product.out, *product.out.parents]:
+            if folder in folders:
+                raise DefectscopeError(f"plan {path}: product {product.name} would write its model {product.out} inside "
+                                       f"the data folder of product {folders[folder]}")
 
 
 def fingerprint(product: Product) -> str:
@@ -102,7 +117,12 @@ def fingerprint(product: Product) -> str:
 
 
 def recorded_fingerprint(path: Path) -> str | None:
-    """The fingerprint a model file records (from its header only), or None."""
-    manifest = peek_manifest(path)
-    summary = manifest.get("train_summary") if manifest else None
+    """The fingerprint a model file records, or None; the whole file is checked as loading checks it (complete,
+    manifest digest, finite tensors), so a damaged file is never "up to date"."""
+    from defectscope.artifacts import model_info
+
+    try:
+        summary = model_info(path).get("train_summary")
+    except DefectscopeError:
+        return None
     return summary.get("fingerprint") if isinstance(summary, dict) else None

@@ -9,21 +9,25 @@ Read the result with `pyarrow.parquet.read_table(folder)` (or pandas, Polars, Du
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from defectscope.data.decode import expand_inputs
 from defectscope.errors import DefectscopeError
-from defectscope.files import claim_folder, file_sha256, json_text, write_atomic
+from defectscope.files import claim_folder, file_sha256, json_text, loads_strict, read_regular, write_atomic
 from defectscope.prediction import prediction_rows
 from defectscope.scale.jobs import connect_ray
 
 CHUNK_IMAGES = 256  # images per part file: one predict call, bounded memory
 JOB_FILE = "_job.json"  # Parquet readers skip names starting with '_' or '.'
+LOCK_FILE = ".lock"  # held (flock) by the run writing into the folder
 COLUMNS = ("path", "score", "normalized", "verdict", "error")
 
 
@@ -86,9 +90,31 @@ def _inputs(inputs: Sequence[Path]) -> list[str]:
 
 def _read_job(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return loads_strict(read_regular(path, "job file", 1 << 20), str(path))
+    except DefectscopeError:
         return None  # unreadable: treated as another job
+
+
+@contextmanager
+def _job_lock(out: Path) -> Iterator[None]:
+    """An OS lock on the job folder for the whole run: a second writer is refused (even with --force), and the lock
+    goes with the process that held it (a killed run leaves nothing to clean up)."""
+    handle = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise DefectscopeError(f"another score job is writing into {out}; wait for it to finish, or choose another "
+                                   "folder (--force does not take a folder in use)") from exc
+        yield
+    finally:
+        os.close(handle)
+
+
+def _failed_rows(out: Path) -> int:
+    """Rows of the whole dataset (resumed parts too) whose image could not be scored."""
+    verdicts = _pyarrow().parquet.read_table(out, columns=["verdict"]).column("verdict").to_pylist()
+    return sum(verdict == "error" for verdict in verdicts)
 
 
 def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_address: str | None = None,
@@ -96,40 +122,47 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
                      threads: int | None = None) -> dict[str, Any]:
     """Score every image into the Parquet dataset `out`, continuing an interrupted run of the same job.
 
+    The model is loaded (and so checked) before the folder is touched; the folder is locked for the run.
     On Ray, `workers` actors each hold the model and `threads` CPUs (default: this process's torch
-    threads, which gives bit-identical scores to scoring here).
+    threads, which gives bit-identical scores to scoring here). `failed` counts the rows whose image
+    could not be scored.
     """
     from defectscope.pipeline import load_predictor
 
     _pyarrow()
     paths = _inputs(inputs)
+    if not paths:
+        raise DefectscopeError("no images to score: the inputs list none")
+    model = load_predictor(Path(model_path))  # a bad model is refused before anything is written
     job = {"model": str(model_path), "model_sha256": file_sha256(Path(model_path)), "images": len(paths),
            "images_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(), "chunk_images": chunk_images}
     out = Path(out)
     existing = out / JOB_FILE
-    if existing.is_file() and _read_job(existing) != job:
-        if not force:
-            raise DefectscopeError(f"{out} holds results of another scoring job (other model or images); "
-                                   "choose a new folder, or pass --force to start this job there")
-        for stale in out.glob("part-*.parquet"):
-            stale.unlink()
+    if existing.is_file() and _read_job(existing) != job and not force:
+        raise DefectscopeError(f"{out} holds results of another scoring job (other model or images); "
+                               "choose a new folder, or pass --force to start this job there")
     claim_folder(out, force, "score results")
-    write_atomic(existing, (json_text(job) + "\n").encode())
-    chunks = [(i, paths[start : start + chunk_images]) for i, start in enumerate(range(0, len(paths), chunk_images))]
-    todo = [(i, chunk) for i, chunk in chunks if not part_path(out, i).is_file()]
-    if ray_address is None:
-        model = load_predictor(Path(model_path))
-        scored = sum(write_chunk(model, out, i, chunk) for i, chunk in todo)
-    elif todo:
-        import torch
+    with _job_lock(out):
+        if existing.is_file() and _read_job(existing) != job:
+            for stale in out.glob("part-*.parquet"):
+                stale.unlink()
+        write_atomic(existing, (json_text(job) + "\n").encode())
+        chunks = [(i, paths[start : start + chunk_images]) for i, start in enumerate(range(0, len(paths), chunk_images))]
+        todo = [(i, chunk) for i, chunk in chunks if not part_path(out, i).is_file()]
+        if ray_address is None:
+            scored = sum(write_chunk(model, out, i, chunk) for i, chunk in todo)
+        elif todo:
+            import torch
 
-        ray = connect_ray(ray_address)
-        threads = threads or torch.get_num_threads()
-        items = [{"chunk": i, "paths": json.dumps(chunk)} for i, chunk in todo]
-        written = ray.data.from_items(items).map_batches(
-            ChunkWriter, fn_constructor_args=(str(Path(model_path).resolve()), str(out.resolve()), threads),
-            batch_size=1, num_cpus=threads, concurrency=(1, max(1, min(workers, len(todo))))).take_all()
-        scored = sum(int(row["images"]) for row in written)
-    else:
-        scored = 0
-    return {"images": len(paths), "chunks": len(chunks), "resumed_chunks": len(chunks) - len(todo), "scored_now": scored}
+            ray = connect_ray(ray_address)
+            threads = threads or torch.get_num_threads()
+            items = [{"chunk": i, "paths": json.dumps(chunk)} for i, chunk in todo]
+            written = ray.data.from_items(items).map_batches(
+                ChunkWriter, fn_constructor_args=(str(Path(model_path).resolve()), str(out.resolve()), threads),
+                batch_size=1, num_cpus=threads, concurrency=(1, max(1, min(workers, len(todo))))).take_all()
+            scored = sum(int(row["images"]) for row in written)
+        else:
+            scored = 0
+        failed = _failed_rows(out)
+    return {"images": len(paths), "chunks": len(chunks), "resumed_chunks": len(chunks) - len(todo), "scored_now": scored,
+            "failed": failed}

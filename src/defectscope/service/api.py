@@ -15,6 +15,7 @@ from defectscope.artifacts import check_model_output, set_threshold
 from defectscope.data.decode import read_image
 from defectscope.prediction import Prediction
 from defectscope.errors import DefectscopeError
+from defectscope.files import file_sha256, write_atomic
 from defectscope.experiments.config import SAFE_NAME
 from defectscope.export.instances import polygons
 from defectscope.export.pseudo import map_instances
@@ -55,8 +56,18 @@ def list_models(request: Request) -> ModelList:
 
 @router.get("/models/{name}")
 def manifest(request: Request, name: str) -> dict:
-    """The model file's manifest: detector, config, frame, backbone, calibration, training set."""
-    return served(request, name).manifest
+    """The model file's manifest: detector, config, frame, backbone, calibration, training set (taught images by
+    file name only: server paths stay on the server)."""
+    return public_manifest(served(request, name).manifest)
+
+
+def public_manifest(manifest: dict) -> dict:
+    """A manifest without server file-system paths (taught images reduced to their file names)."""
+    summary = dict(manifest.get("train_summary") or {})
+    if isinstance(summary.get("taught"), list):
+        summary["taught"] = [{**entry, "taught_images": [Path(p).name for p in entry.get("taught_images", [])]}
+                             if isinstance(entry, dict) else entry for entry in summary["taught"]]
+    return {**manifest, "train_summary": summary}
 
 
 @router.post("/models/{name}/inspect", response_model=InspectResponse)
@@ -70,18 +81,26 @@ async def inspect(request: Request, name: str, files: Annotated[list[UploadFile]
         raise HTTPException(413, f"{len(files)} files in one request; the limit is {config.max_files}")
     if (heatmap or regions) and not model.detector.localizes:
         raise HTTPException(400, f"model {name} scores whole images and makes no maps")
-    images, names, total = [], [], 0
+    uploads, names, total, pixels = [], [], 0, 0
     for upload in files:
         data = await read_upload(upload, config.max_upload_bytes)
         total += len(data)
         if total > config.max_request_bytes:
             raise HTTPException(413, f"the request's files exceed {config.max_request_bytes:,} bytes together")
         label = Path(upload.filename or f"image{len(names)}").name
-        sniff(data, label)
-        images.append(await run_in_threadpool(decode, data, label))
+        pixels += sniff(data, label)
+        if pixels > config.max_request_pixels:
+            raise HTTPException(413, f"the request's images exceed {config.max_request_pixels:,} pixels together")
+        uploads.append(data)
         names.append(label)
+    if pixels > model.batcher.max_queue_pixels:
+        raise HTTPException(413, f"the request's images hold {pixels:,} pixels, more than this model ever queues "
+                                 f"({model.batcher.max_queue_pixels:,})")
     try:
-        prediction = await model.batcher.predict(images)
+        with model.batcher.admit(len(uploads), pixels):  # room is held before decoding: a busy model answers 503 at once
+            images = [await run_in_threadpool(decode, data, label) for data, label in zip(uploads, names)]
+            del uploads
+            prediction = await model.batcher.predict(images, admitted=True)
     except QueueFull as exc:
         raise HTTPException(503, f"model {name} is busy ({exc}); retry shortly", headers={"Retry-After": "1"}) from exc
     threshold = prediction.threshold
@@ -108,7 +127,7 @@ def _results(model: ServedModel, names: list[str], images: list[np.ndarray], pre
         heat = prediction.maps[i] if prediction.maps is not None and (heatmap or regions) else None
         heat = None if heat is None else original_map(model, heat, images[i])
         finite = bool(np.isfinite(score)) and errors[i] is None
-        result = ImageResult(name=name, height=images[i].shape[0], width=images[i].shape[1],
+        result = ImageResult(index=i, name=name, height=images[i].shape[0], width=images[i].shape[1],
                              score=score if finite else None,
                              normalized=score / threshold if finite and threshold else None,
                              verdict=verdicts[i] if finite else "error",
@@ -183,12 +202,24 @@ def _new_model_path(model: ServedModel, name: str, overwrite: bool) -> Path:
 async def _register(request: Request, path: Path, name: str) -> ServedModel:
     """Load a newly written model file (off the event loop) and serve it, replacing a model of the same name."""
     config, models = request.app.state.config, request.app.state.models
-    new = await run_in_threadpool(serve_model, path, name, config.max_batch, config.batch_wait_ms, config.max_queue,
-                                  request.app.state.labelled)
+    new = await run_in_threadpool(serve_model, path, name, config, request.app.state.labelled)
     old, models[name] = models.get(name), new  # swapped on the event loop: no request sees a half-built model
     if old is not None:
-        old.batcher.close()
+        old.batcher.retire()  # requests already admitted finish on the old model; new ones reach the new
     return new
+
+
+PARENTS = ".defectscope-parents"  # beside the served files: replaced model files, kept (not served: hidden folder)
+
+
+def _keep_parent(target: Path) -> Path | None:
+    """Copy a model file about to be replaced into the parents folder (named by its sha256); returns the copy."""
+    if not target.is_file():
+        return None
+    kept = target.parent / PARENTS / f"{target.stem}-{file_sha256(target)[:12]}{MODEL_SUFFIX}"
+    if not kept.is_file():
+        write_atomic(kept, target.read_bytes())
+    return kept
 
 
 @router.post("/models/{name}/threshold", response_model=ModelWritten, status_code=201)
@@ -201,6 +232,7 @@ async def save_threshold(request: Request, name: str, body: ThresholdRequest) ->
     labels = np.array([r["label"] for r in records])
     calibration = labelled_calibration(scores[labels == 0], scores[labels == 1], body.threshold, "manual", body.threshold,
                                        model.detector.calibration)
+    await run_in_threadpool(_keep_parent, target)
     await run_in_threadpool(set_threshold, model.path, calibration, target, True)
     new = await _register(request, target, body.name)
     return ModelWritten(model=ModelSummary(**new.summary()), calibration=calibration.to_dict())
@@ -210,10 +242,17 @@ async def save_threshold(request: Request, name: str, body: ThresholdRequest) ->
 async def teach(request: Request, name: str, body: TeachRequest) -> ModelWritten:
     """Learn labelled images as good without a refit (`defectscope update`), write and serve the new model."""
     model = served(request, name)
-    paths = [Path(_record(model, i)["path"]) for i in dict.fromkeys(body.images)]
+    records = [_record(model, i) for i in dict.fromkeys(body.images)]
+    defective = [i for i, record in zip(dict.fromkeys(body.images), records) if record["label"] == 1]
+    if defective:
+        raise HTTPException(400, f"images {defective} are labelled defective; a defect is never taught as good")
+    known_defects = [Path(r["path"]) for r in labelled_of(model) if r["label"] == 1]
     target = _new_model_path(model, body.name, body.overwrite)
+    await run_in_threadpool(_keep_parent, target)
     try:
-        details = await run_in_threadpool(update_model, model.path, paths, target, force=True)
+        details = await run_in_threadpool(lambda: update_model(model.path, [Path(r["path"]) for r in records], target,
+                                                               defective=known_defects,
+                                                               accept_defect_like=body.accept_defect_like, force=True))
     except DefectscopeError as exc:
         raise HTTPException(400, str(exc)) from exc
     new = await _register(request, target, body.name)

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import swagger_ui_bundle
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from defectscope._version import __version__
 from defectscope.errors import DefectscopeError
+from defectscope.files import finite_or_none
 from defectscope.service.api import router
 from defectscope.service.config import ServiceConfig
 from defectscope.service.models import ServedModel
@@ -25,15 +31,20 @@ PROTECTED = ("/v1/", "/metrics")
 MULTIPART_SLACK = 1024 * 1024  # headers and boundaries a request may carry beyond its files
 
 
-class BodyTooLarge(Exception):
-    """The request body grew beyond the service's limit while it was being received."""
+class BodyRefused(Exception):
+    """The request body grew beyond the service's limit, or did not arrive in time."""
+
+    def __init__(self, response: JSONResponse) -> None:
+        super().__init__(response.status_code)
+        self.response = response
 
 
 class BodyLimit:
-    """ASGI middleware: refuse a body above `limit` bytes from its Content-Length, or as soon as it grows past it."""
+    """ASGI middleware: refuse a body above `limit` bytes from its Content-Length, or as soon as it grows past it
+    (413), and a body that has not arrived within `timeout` seconds (408: a stalled upload holds nothing for long)."""
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float) -> None:
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -41,27 +52,32 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.limit:
             return await _too_large(self.limit)(scope, receive, send)
-        received, refused = 0, False
+        received, refused, deadline = 0, None, asyncio.get_running_loop().time() + self.timeout
 
         async def limited_receive():
             nonlocal received, refused
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except TimeoutError:
+                refused = JSONResponse({"detail": f"the request body did not arrive within {self.timeout:g} s"}, 408,
+                                       headers={"Connection": "close"})
+                raise BodyRefused(refused) from None
             received += len(message.get("body", b""))
             if received > self.limit:
-                refused = True
-                raise BodyTooLarge
+                refused = _too_large(self.limit)
+                raise BodyRefused(refused)
             return message
 
-        async def guarded_send(message) -> None:  # once refused, whatever the app answers becomes the 413
-            if not refused:
+        async def guarded_send(message) -> None:  # once refused, whatever the app answers becomes the refusal
+            if refused is None:
                 await send(message)
             elif message["type"] == "http.response.start":
-                await _too_large(self.limit)(scope, receive, send)
+                await refused(scope, receive, send)
 
         try:
             await self.app(scope, limited_receive, guarded_send)
-        except BodyTooLarge:
-            await _too_large(self.limit)(scope, receive, send)
+        except BodyRefused as exc:
+            await exc.response(scope, receive, send)
 
 
 def _too_large(limit: int) -> JSONResponse:
@@ -77,13 +93,15 @@ def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = No
         for model in models.values():
             model.batcher.close()
 
-    app = FastAPI(title="defectscope", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="defectscope", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Inspect parts: scores, verdicts, heatmaps and defect regions from defectscope models.")
     app.state.models, app.state.config, app.state.labelled = models, config or ServiceConfig(), labelled
     app.state.telemetry = telemetry = Telemetry()
     app.include_router(router)
-    app.add_middleware(BodyLimit, limit=app.state.config.max_request_bytes + MULTIPART_SLACK)
+    app.add_middleware(BodyLimit, limit=app.state.config.max_request_bytes + MULTIPART_SLACK,
+                       timeout=app.state.config.body_timeout_s)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
 
     @app.middleware("http")
     async def guard_and_measure(request: Request, call_next):
@@ -101,6 +119,18 @@ def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = No
         if response.status_code >= 400:
             telemetry.errors.labels(str(response.status_code)).inc()
         return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": finite_or_none(jsonable_encoder(exc.errors()))}, 422)  # a NaN input is echoed as null
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        """Swagger UI from the assets this app serves itself (no CDN: works offline)."""
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="defectscope API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
     @app.exception_handler(DefectscopeError)
     async def library_error(_request: Request, exc: DefectscopeError) -> JSONResponse:

@@ -8,7 +8,9 @@ images wait; more is refused at once (the caller answers 503), so memory stays b
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,28 +32,49 @@ class _Job:
 class Batcher:
     """Gathers images for one model and runs them through `predict` in batches."""
 
-    def __init__(self, detector: MapModel, max_batch: int = 32, wait_ms: float = 5.0, max_queue: int = 256) -> None:
+    def __init__(self, detector: MapModel, max_batch: int = 32, wait_ms: float = 5.0, max_queue: int = 256,
+                 max_queue_pixels: int = 512_000_000) -> None:
         self.detector, self.max_batch, self.wait, self.max_queue = detector, max_batch, wait_ms / 1000, max_queue
-        self.pending = 0  # images queued or being scored
+        self.max_queue_pixels = max_queue_pixels
+        self.pending = 0  # images admitted: being decoded, queued or being scored
+        self.pending_pixels = 0  # their pixels (from the headers)
         self.batches = 0  # model calls made
+        self._retired = self._closed = False
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"defectscope-{detector.name}")
 
-    async def predict(self, images: list[np.ndarray]) -> Prediction:
-        """Scores and model-frame maps of these images, scored together with whatever else is waiting."""
-        if self.pending + len(images) > self.max_queue:
+    @contextmanager
+    def admit(self, count: int, pixels: int) -> Iterator[None]:
+        """Hold room for `count` images of `pixels` pixels in all (before they are decoded); QueueFull at once if there is none."""
+        if self._closed:
+            raise QueueFull("the model was replaced; the new one serves this name")
+        if self.pending + count > self.max_queue:
             raise QueueFull(f"{self.pending} images are waiting; the limit is {self.max_queue}")
+        if self.pending_pixels + pixels > self.max_queue_pixels:
+            raise QueueFull(f"{self.pending_pixels:,} pixels are waiting; the limit is {self.max_queue_pixels:,}")
+        self.pending, self.pending_pixels = self.pending + count, self.pending_pixels + pixels
+        try:
+            yield
+        finally:
+            self.pending, self.pending_pixels = self.pending - count, self.pending_pixels - pixels
+            if self._retired and not self.pending:
+                self.close()
+
+    async def predict(self, images: list[np.ndarray], admitted: bool = False) -> Prediction:
+        """Scores and model-frame maps of these images, scored together with whatever else is waiting.
+
+        `admitted`: the caller already holds room for them (`admit`); otherwise they are admitted here.
+        """
+        if not admitted:
+            with self.admit(len(images), sum(image.shape[0] * image.shape[1] for image in images)):
+                return await self.predict(images, admitted=True)
         if self._worker is None or self._worker.done():
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._run())
-        self.pending += len(images)
         job = _Job(images, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(job)
-        try:
-            return await job.future
-        finally:
-            self.pending -= len(images)
+        return await job.future
 
     async def _gather(self, jobs: list[_Job]) -> None:
         """Fill `jobs` with the next batch: the first job, then whatever arrives within the wait, up to max_batch images."""
@@ -103,7 +126,14 @@ class Batcher:
     def _predict(self, images: list[np.ndarray]) -> Prediction:
         return self.detector.predict(images, map_size="input", keep_going=True)  # callers map back only when asked
 
+    def retire(self) -> None:
+        """Close once every admitted image has its answer: requests in flight finish on this model."""
+        self._retired = True
+        if not self.pending:
+            self.close()
+
     def close(self) -> None:
+        self._closed = True
         if self._worker is not None:
             self._worker.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -111,4 +141,5 @@ class Batcher:
 
 def _slice(prediction: Prediction, start: int, stop: int) -> Prediction:
     return Prediction(prediction.scores[start:stop], None if prediction.maps is None else prediction.maps[start:stop],
-                      prediction.threshold, None if prediction.errors is None else prediction.errors[start:stop])
+                      prediction.threshold, None if prediction.errors is None else prediction.errors[start:stop],
+                      None if prediction.detections is None else prediction.detections[start:stop])

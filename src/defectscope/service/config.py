@@ -19,6 +19,9 @@ class ServiceConfig(Settings):
     max_upload_mb: float = 20.0  # per image file
     max_request_mb: float = 100.0  # per request, all files together
     max_files: int = 64  # images per request
+    max_request_megapixels: float = 100.0  # pixels per request, all images together (read from their headers)
+    max_queue_megapixels: float = 500.0  # pixels admitted per model (decoding, queued, scoring); beyond it 503
+    body_timeout_s: float = 30.0  # a request body must arrive within this time (stalled uploads get 408)
     token: str | None = None  # when set, /v1 and /metrics need "Authorization: Bearer <token>"
 
     def check(self) -> None:
@@ -28,10 +31,21 @@ class ServiceConfig(Settings):
         require_range("max_upload_mb", self.max_upload_mb, 0, 1024, low_open=True)
         require_range("max_request_mb", self.max_request_mb, 0, 4096, low_open=True)
         require_range("max_files", self.max_files, 1, 10_000)
+        require_range("max_request_megapixels", self.max_request_megapixels, 0, 10_000, low_open=True)
+        require_range("max_queue_megapixels", self.max_queue_megapixels, 0, 100_000, low_open=True)
+        require_range("body_timeout_s", self.body_timeout_s, 0, 3600, low_open=True)
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_request_pixels(self) -> int:
+        return int(self.max_request_megapixels * 1_000_000)
+
+    @property
+    def max_queue_pixels(self) -> int:
+        return int(self.max_queue_megapixels * 1_000_000)
 
     @property
     def max_request_bytes(self) -> int:

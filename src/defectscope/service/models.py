@@ -14,6 +14,7 @@ from defectscope.errors import DefectscopeError
 from defectscope.evaluation import evaluate
 from defectscope.experiments.config import SAFE_NAME
 from defectscope.service.batching import Batcher
+from defectscope.service.config import ServiceConfig
 
 MODEL_SUFFIX = ".dsmodel"
 
@@ -64,26 +65,25 @@ def model_files(sources: list[Path]) -> list[Path]:
     return files
 
 
-def serve_model(path: Path, name: str, max_batch: int, batch_wait_ms: float, max_queue: int,
-                labelled: Path | None = None) -> ServedModel:
+def serve_model(path: Path, name: str, config: ServiceConfig, labelled: Path | None = None) -> ServedModel:
     """Load one model file for serving; with a labelled dataset folder, score its test split once."""
     if not SAFE_NAME.match(name):
         raise DefectscopeError(f"model name '{name}' must be letters, digits, '.', '_' or '-'")
     detector = load_model(path)
-    served = ServedModel(name, path, detector, file_sha256(path), Batcher(detector, max_batch, batch_wait_ms, max_queue),
-                         manifest=model_info(path))
+    batcher = Batcher(detector, config.max_batch, config.batch_wait_ms, config.max_queue, config.max_queue_pixels)
+    served = ServedModel(name, path, detector, file_sha256(path), batcher, manifest=model_info(path))
     if labelled is not None:
         served.labelled = Labelled(evaluate(detector, load_dataset(labelled)).records)
     return served
 
 
-def load_served(sources: list[Path], max_batch: int = 32, batch_wait_ms: float = 5.0, max_queue: int = 256,
-                labelled: Path | None = None) -> dict[str, ServedModel]:
+def load_served(sources: list[Path], config: ServiceConfig | None = None, labelled: Path | None = None
+                ) -> dict[str, ServedModel]:
     """Every model of the sources by name (the file name without .dsmodel); names must be unique."""
     served: dict[str, ServedModel] = {}
     for path in model_files(sources):
         name = path.name.removesuffix(MODEL_SUFFIX)
         if name in served:
             raise DefectscopeError(f"two model files are named {name}: {served[name].path} and {path}")
-        served[name] = serve_model(path, name, max_batch, batch_wait_ms, max_queue, labelled)
+        served[name] = serve_model(path, name, config or ServiceConfig(), labelled)
     return served

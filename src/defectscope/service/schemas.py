@@ -46,6 +46,7 @@ class Region(BaseModel):
 
 
 class ImageResult(BaseModel):
+    index: int = Field(description="position of the file in the request (names may repeat)")
     name: str
     width: int | None = None
     height: int | None = None
@@ -87,6 +88,7 @@ class TeachRequest(BaseModel):
     images: list[int] = Field(min_length=1, description="ids of labelled images to learn as good")
     name: str = MODEL_NAME
     overwrite: bool = False
+    accept_defect_like: bool = Field(False, description="also teach images scoring far above the threshold")
 
 
 class ModelWritten(BaseModel):

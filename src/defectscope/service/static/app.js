@@ -51,8 +51,8 @@ async function inspect(files) {
   say("scoring " + files.length + " image(s)...");
   try {
     const body = await (await api(`/v1/models/${state.model}/inspect?heatmap=true&regions=true`, { method: "POST", body: form })).json();
-    const urls = new Map([...files].map((f) => [f.name, URL.createObjectURL(f)]));
-    const results = body.results.map((r) => ({ ...r, url: urls.get(r.name) }));
+    const urls = [...files].map((f) => URL.createObjectURL(f));  // by upload position: two files may share a name
+    const results = body.results.map((r) => ({ ...r, url: urls[r.index] }));
     results.sort((a, b) => (b.score ?? Infinity) - (a.score ?? Infinity));
     $("gallery").innerHTML = "";
     results.forEach((r, i) => {
@@ -218,8 +218,10 @@ async function loadReview() {
     tile.className = "tile review";
     tile.innerHTML = `<div class="pair"><img alt="image ${image.id}"><img alt="heatmap ${image.id}"></div>
       <div>${esc(image.name)} (${esc(image.defect)})</div><div>score ${image.score.toFixed(3)}</div>
-      <label><input type="checkbox" data-id="${image.id}"> mark as good</label>`;
-    tile.querySelector("input").onchange = (e) => e.target.checked ? state.review.add(image.id) : state.review.delete(image.id);
+      ${image.label === 1 ? '<div class="labelled-defect">labelled defective: cannot be taught as good</div>'
+        : `<label><input type="checkbox" data-id="${image.id}"> mark as good</label>`}`;
+    const box = tile.querySelector("input");
+    if (box) box.onchange = (e) => e.target.checked ? state.review.add(image.id) : state.review.delete(image.id);
     $("review-list").appendChild(tile);
     const [original, heat] = tile.querySelectorAll("img");
     blobUrl(`/v1/models/${state.model}/labelled/${image.id}/image`).then((u) => { original.src = u; });
@@ -227,21 +229,24 @@ async function loadReview() {
   }
 }
 
-async function teach(overwrite = false) {
+async function teach(overwrite = false, acceptDefectLike = false) {
   const name = $("teach-name").value.trim();
   if (!name || !state.review.size) { say("mark images as good and name the new model"); return; }
   say("learning " + state.review.size + " image(s)...");
   try {
     const body = await (await api(`/v1/models/${state.model}/teach`, {
       method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ images: [...state.review], name, overwrite }),
+      body: JSON.stringify({ images: [...state.review], name, overwrite, accept_defect_like: acceptDefectLike }),
     })).json();
     const learned = Object.entries(body.details).filter(([, v]) => Number.isInteger(v)).map(([k, v]) => `${k.replaceAll("_", " ")} ${v}`);
-    $("teach-result").textContent = `${body.model.name}: ${learned.join(", ")}; threshold ${body.model.threshold.toPrecision(5)}`;
+    $("teach-result").textContent = `${body.model.name}: ${learned.join(", ")}; threshold ${body.model.threshold.toPrecision(5)}` +
+      (body.details.warning ? `. Warning: ${body.details.warning}` : "");
     say("");
     await loadModels();
   } catch (error) {
-    if (error.status === 409 && !overwrite && confirm(`${error.message}. Replace it?`)) return teach(true);
+    if (error.status === 409 && !overwrite && confirm(`${error.message}. Replace it?`)) return teach(true, acceptDefectLike);
+    if (error.status === 400 && !acceptDefectLike && error.message.includes("look defective")
+        && confirm(`${error.message}.\n\nTeach them as good anyway?`)) return teach(overwrite, true);
     say(error.message);
   }
 }
