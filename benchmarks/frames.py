@@ -1,56 +1,74 @@
-"""Compare PatchCore frame, patch-grid and memory candidates on several categories in one table (accuracy and cost).
+"""PatchCore's frame candidates, the frame search that chooses among them, and the coreset, on every category.
 
-    python benchmarks/frames.py --root ../shared/datasets/mvtec_ad --categories bottle ../mvtec_3d_ad_rgb/tire
+    python benchmarks/frames.py --root ../shared/datasets --categories mvtec_ad/bottle mvtec_3d_ad_rgb/tire \
+        --generate rotated-parts fine-defects
 
-Each (candidate, category) is measured by benchmarks/mvtec.py in a fresh process. Writes
-benchmarks/results/frames.json and frames.md.
+Rows: each candidate frame pinned (with the coreset ratio the search gives it: equal memory rows per image); the default (the frame chosen per product by the good-only search);
+and the 352/320 s16 frame with one global greedy coreset over all patches (`coreset_candidates` 10 with
+the 10% ratio) beside the default merge-and-reduce coreset. Each (row, category) is measured by
+benchmarks/mvtec.py in a fresh process. Writes benchmarks/results/frames.json and frames.md; with
+--keep-others only the given --candidates are measured again and the other rows are kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import tempfile
 from pathlib import Path
 
-from isolated import run_isolated, write_results
+from generated import write_fine_defects
+from isolated import markdown_table, run_isolated, write_results
 
-CANDIDATES = {
-    "288/256, patch stride 8, coreset 10% (before)": {"image_size": 288, "crop": 256, "patch_stride": 8},
-    "288/256, patch stride 16, coreset 10%": {"image_size": 288, "crop": 256},
-    "352/320, patch stride 8, coreset 2%": {"patch_stride": 8, "coreset_ratio": 0.02},
-    "352/320, patch stride 16, coreset 10% (default)": {},
-    "352/320, patch stride 16, coreset 5%": {"coreset_ratio": 0.05},
-    "416/384, patch stride 16, coreset 10%": {"image_size": 416, "crop": 384},
-}
-COLUMNS = (("candidate", "{}"), ("category", "{}"), ("image_auroc", "{:.3f}"), ("pixel_auroc", "{:.3f}"), ("aupro", "{:.3f}"),
-           ("recall", "{:.3f}"), ("fit_s", "{:.1f}"), ("ms_batch1", "{:.0f}"), ("ms_batched", "{:.0f}"), ("peak_mb", "{:.0f}"))
+from defectscope.data.synthetic import make_demo_dataset
+from defectscope.detectors.frame_search import CANDIDATES as FRAMES
+from defectscope.detectors.frame_search import frame_settings
 
-
-def markdown(rows: list[dict]) -> str:
-    header = "| candidate | category | image AUROC | pixel AUROC | AUPRO | recall at 1% FAR | fit s | ms/img batch 1 | ms/img batch 32 | peak MB |"
-    lines = [header, "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt.format(row[key]) for key, fmt in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+DEFAULT = "default: frame chosen by the search"
+GLOBAL = "352/320 s16, one global greedy coreset"
+CANDIDATES = {DEFAULT: {}, GLOBAL: {**FRAMES["352/320 s16"], "coreset_candidates": 10.0},
+              **{f"{name} (pinned)": frame_settings(name, {}) for name in FRAMES}}
+COLUMNS = (("candidate", "candidate", "{}"), ("category", "category", "{}"), ("frame", "frame", "{}"),
+           ("image_auroc", "image AUROC", "{:.3f}"), ("pixel_auroc", "pixel AUROC", "{:.3f}"), ("aupro", "AUPRO", "{:.3f}"),
+           ("recall", "recall at 1%", "{:.3f}"), ("test_far", "FAR on good test at 1%", "{:.1%}"),
+           ("recall_5", "recall at 5%", "{:.3f}"), ("bias", "calibration bias (sd)", "{:+.2f}"), ("bias_se", "± (1 se)", "{:.2f}"),
+           ("fit_s", "fit s", "{:.1f}"), ("ms_batch1", "ms/img batch 1", "{:.0f}"), ("ms_batched", "ms/img batch 32", "{:.0f}"),
+           ("peak_mb", "peak MB", "{:.0f}"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path("../shared/datasets/mvtec_ad"))
-    parser.add_argument("--categories", nargs="+", default=["bottle", "../mvtec_3d_ad_rgb/tire"])
+    parser.add_argument("--root", type=Path, default=Path("../shared/datasets"))
+    parser.add_argument("--categories", nargs="*", default=["mvtec_ad/bottle", "mvtec_3d_ad_rgb/tire"])
+    parser.add_argument("--generate", nargs="*", default=["rotated-parts", "fine-defects"],
+                        choices=["rotated-parts", "fine-defects"])
     parser.add_argument("--candidates", nargs="+", choices=sorted(CANDIDATES), default=list(CANDIDATES))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--keep-others", action="store_true",
+                        help="re-measure only --candidates; keep the other rows of OUT/frames.json (each row names its run)")
     args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp())
+    folders = [args.root / category for category in args.categories]
+    if "rotated-parts" in args.generate:
+        folders.append(make_demo_dataset(scratch / "rotated-parts", size=256, train=200, test_good=50, per_defect=20, seed=0))
+    if "fine-defects" in args.generate:
+        folders.append(write_fine_defects(scratch))
     script = str(Path(__file__).with_name("mvtec.py"))
     rows = []
     for name in args.candidates:
-        for category in args.categories:
-            folder = args.root / category
+        for folder in folders:
             measured = run_isolated(script, ["--settings", json.dumps(CANDIDATES[name]), "--single", str(folder), "patchcore"],
                                     f"{name}/{folder.name}")
-            rows.append({"candidate": name, "settings": CANDIDATES[name], **measured})
-            print(markdown(rows[-1:]).splitlines()[-1], flush=True)
-    table = markdown(rows)
-    write_results(args.out, "frames", rows, table)
+            rows.append({"candidate": name, **measured, "run": " ".join(sys.argv[1:]) or "(defaults)"})
+            print(markdown_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
+    if args.keep_others:
+        kept = json.loads((args.out / "frames.json").read_text())["rows"]
+        measured = {(row["candidate"], row["category"]) for row in rows}
+        rank = {name: i for i, name in enumerate(CANDIDATES)}
+        rows = sorted([row for row in kept if (row["candidate"], row["category"]) not in measured] + rows,
+                      key=lambda row: rank.get(row["candidate"], len(rank)))  # stable: categories keep their order
+    write_results(args.out, "frames", rows, markdown_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":

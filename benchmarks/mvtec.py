@@ -71,8 +71,11 @@ def measure(folder: Path, model: str, settings: dict) -> dict:
     for path in single:
         read_image(path)
     decode = (time.perf_counter() - start) / len(single) * 1000
+    config = detector.config
+    frame = f"{config.image_size}/{config.crop} s{getattr(config, 'patch_stride', '')}".rstrip(" s")
     return {
-        "category": folder.name, "model": model, "settings": settings,
+        "category": folder.name, "model": model, "settings": settings, "frame": frame,
+        "frame_choice": detector.train_summary.get("frame_choice"),
         **{k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")},
         "threshold": decisions.get("threshold"), "stated_far": decisions.get("stated_false_alarm_rate"),
         "stated_interval": decisions.get("stated_interval"), "test_far": decisions.get("false_alarm_rate"),

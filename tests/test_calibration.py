@@ -91,8 +91,11 @@ def test_patchcore_merges_shard_coresets_and_scores_folds_without_their_rows() -
     for fold in detector.calibration_folds(23):  # scored against memory from the other folds only
         bank, sources = detector.holdout_bank(fold)
         assert len(sources) == len(bank.bank) and not torch.isin(sources, fold).any()
-        others = ~torch.isin(pool.sources, fold)  # and it covers the other folds' candidates as the whole bank does
-        assert torch.cdist(pool.projected[others], bank.bank).min(1).values.max() <= pool.radius + 1e-5
+        removed, extra = int(torch.isin(detector.bank_sources, fold).sum()), pool.refill(fold)
+        assert removed > 0 and 0 < len(extra) <= removed  # up to as many refilled as removed
+        assert len(bank.bank) == len(detector.index.bank) - removed + len(extra)
+        # the refill: other folds' candidates whose nearest row was one of the fold's
+        assert torch.isin(pool.nearest_source[extra], fold).all() and not torch.isin(pool.sources[extra], fold).any()
         for image in fold.tolist():
             brute = torch.cdist(features[image].reshape(-1, 8), bank.bank).min(1).values.max()
             got = scores[(scored == image).nonzero()[0, 0]]
@@ -206,3 +209,31 @@ def test_models_of_earlier_versions_still_load(fitted_model: Path, tmp_path: Pat
     with pytest.raises(DefectscopeError, match="older version"):
         from defectscope.pipeline import recalibrate
         recalibrate(old, tmp_path / "new.dsmodel", false_alarm_rate=0.05)
+
+
+def test_the_frame_search_choice_is_recorded_and_restored(demo_root: Path, tmp_path: Path, cli) -> None:
+    from defectscope.detectors.frame_search import CANDIDATES
+    out = tmp_path / "auto.dsmodel"
+    assert cli("fit", demo_root, "-o", out).code == 0
+    choice = model_info(out)["train_summary"]["frame_choice"]
+    frame = CANDIDATES[choice["chosen"]]
+    assert set(choice["candidates"]) == set(CANDIDATES) and choice["synthetic_images"] > 0
+    assert all(0 <= c["recall_at_1pct"] <= 1 for c in choice["candidates"].values())
+    loaded = load_model(out)  # the chosen frame is the model's config, and the evidence travels with it
+    assert {k: getattr(loaded.config, k) for k in frame} == frame
+    assert loaded.train_summary["frame_choice"] == choice
+    assert choice["chosen"] in cli("info", out).out
+    pinned = tmp_path / "pinned.dsmodel"
+    assert cli("fit", demo_root, "-o", pinned, "--image-size", "160", "--crop", "128").code == 0
+    assert model_info(pinned)["train_summary"]["frame_choice"] == {"chosen": None, "reason": "pinned by the settings"}
+    assert model_info(pinned)["config"]["image_size"] == 160
+
+
+def test_fit_settings_pin_the_frame_and_are_checked(demo_root: Path, tmp_path: Path, cli) -> None:
+    out = tmp_path / "s8.dsmodel"
+    assert cli("fit", demo_root, "-o", out, "--settings", '{"patch_stride": 8, "shard_images": 8}').code == 0
+    assert model_info(out)["config"]["patch_stride"] == 8 and model_info(out)["config"]["shard_images"] == 8
+    assert model_info(out)["train_summary"]["frame_choice"]["reason"] == "pinned by the settings"
+    for bad in ("[1]", "{not json", '{"patch_stride": 12}', '{"nope": 1}'):
+        result = cli("fit", demo_root, "-o", tmp_path / "bad.dsmodel", "--settings", bad)
+        assert result.code == 2 and "Traceback" not in result.err and not (tmp_path / "bad.dsmodel").exists()

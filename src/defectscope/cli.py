@@ -42,7 +42,7 @@ from defectscope.experiments.table import markdown, write_table
 from defectscope.export.check import check_export
 from defectscope.export.labels import FORMATS, ExportOptions, export_ground_truth
 from defectscope.export.pseudo import export_pseudo_labels
-from defectscope.files import json_text
+from defectscope.files import json_text, loads_strict
 from defectscope.pipeline import (
     DEFECT_LIKE,
     evaluate_model,
@@ -166,6 +166,16 @@ def backbones() -> None:
         say(f"{name}  [dim]{'(weights ship with defectscope)' if name in LITE_FILES else '(torchvision weights)'}[/]", markup=True)
 
 
+def parse_settings(text: str | None) -> dict:
+    """`--settings` JSON: a mapping of config fields (checked later, with the model's other settings)."""
+    if text is None:
+        return {}
+    value = loads_strict(text, "--settings")
+    if not isinstance(value, dict):
+        raise DefectscopeError(f"--settings must be a JSON mapping of config fields, got {type(value).__name__}")
+    return value
+
+
 @app.command("fit")
 def fit(
     data: Annotated[Path, typer.Argument(help="Dataset folder; its good training images are used.")],
@@ -175,22 +185,29 @@ def fit(
     coreset: Annotated[float | None, typer.Option(help="PatchCore memory ratio (default 0.1).")] = None,
     image_size: Annotated[int | None, typer.Option(help="Short side of the frame before cropping (default: the model's).")] = None,
     crop: Annotated[int | None, typer.Option(help="Center crop side; 0 for no crop (default: the model's).")] = None,
+    patch_stride: Annotated[int | None, typer.Option(help="PatchCore patch grid in pixels: 8, 16 or 32 (default: chosen).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     false_alarm_rate: Annotated[float | None, typer.Option(help="Share of good parts the threshold may flag (default 0.01).")] = None,
+    settings_json: Annotated[str | None, typer.Option("--settings", help='Any config fields as JSON, e.g. \'{"shard_images": 32}\'.')] = None,
     weights: WeightsOption = None,
     download: Annotated[bool, typer.Option(help="Download torchvision weights if they are not found locally.")] = False,
     ray: Annotated[str | None, typer.Option("--ray", help="PatchCore: run the coreset shards as tasks on this Ray "
                                                           "cluster ('local': this machine).")] = None,
     force: ForceOption = False,
 ) -> None:
-    """Fit a detector on the good training images and write a model file."""
-    settings: dict = {"backbone": backbone, "seed": seed}
+    """Fit a detector on the good training images and write a model file.
+
+    PatchCore chooses its frame (image size, crop, patch stride) from the good images unless one of them is given.
+    """
+    settings: dict = {"backbone": backbone, "seed": seed, **parse_settings(settings_json)}
     if false_alarm_rate is not None:
         settings.update(threshold_method="false_alarm_rate", threshold_param=false_alarm_rate)
     if image_size is not None:
         settings["image_size"] = image_size
     if crop is not None:
         settings["crop"] = crop or None
+    if patch_stride is not None:
+        settings["patch_stride"] = patch_stride
     if coreset is not None:
         if model != "patchcore":
             raise DefectscopeError("--coreset applies to --model patchcore only")
@@ -199,6 +216,11 @@ def fit(
                        ray_address=ray)
     calibration, report = fitted.detector.calibration, fitted.report
     say(f"fitted {model} on {report.train_images} images in {report.seconds:.1f} s -> {output}")
+    choice = fitted.detector.train_summary.get("frame_choice")
+    if choice and choice.get("chosen"):
+        evidence = choice["candidates"][choice["chosen"]]
+        say(f"frame {choice['chosen']} chosen from the good images alone: {evidence['recall_at_1pct']:.0%} of "
+            f"{choice['synthetic_images']} synthetic defects above the held-out good scores' 1% tail ({len(choice['candidates'])} candidates; `info` lists them)")
     say(f"{calibration.describe()}, from {report.calibration_images} cross-fitted good scores")
     if calibration.warning:
         warn(calibration.warning)

@@ -92,7 +92,7 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
                         if weights is not None or download else detector.require_backbone())
             with bar("choosing the frame", len(CANDIDATES)):
                 frame, frame_choice = choose_frame(train, settings, backbone)
-            detector = create_detector(model, **settings, **frame)
+            detector = create_detector(model, **{**settings, **frame})
             detector.backbone = backbone
     detector.epoch_progress = epoch_progress
     if ray_address is not None:

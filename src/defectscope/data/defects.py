@@ -38,7 +38,7 @@ def _centre(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 def _contrast(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A colour well away from the masked pixels' mean: darker on bright surfaces, brighter on dark ones."""
     mean = image[mask].mean(0) if mask.any() else image.reshape(-1, 3).mean(0)
-    shift = rng.uniform(60, 110) * (-1 if mean.mean() > 128 else 1)
+    shift = rng.uniform(30, 90) * (-1 if mean.mean() > 128 else 1)
     return np.clip(mean + shift + rng.normal(0, 10, 3), 0, 255)
 
 

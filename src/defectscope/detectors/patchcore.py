@@ -49,7 +49,7 @@ class PatchCoreConfig(DetectorConfig):
     patch_stride: int = 16
     frame_search: bool = True
     coreset_ratio: float = 0.1
-    coreset_candidates: float = 4.0
+    coreset_candidates: float = 2.0
     memory_limit: int = 50_000
     shard_images: int = 16
     projection_dim: int = 128
@@ -118,13 +118,13 @@ def patch_embedding(maps: dict[int, torch.Tensor], neighbourhood: int, layer_dim
 @dataclass
 class CandidatePool:
     """The merged shard coresets (fit time only): features, source image and projected rows of every candidate,
-    which candidates the reduce selected, and each candidate's distance to its nearest selected one."""
+    which candidates the reduce selected, the source image of each candidate's nearest selected one, and the
+    largest candidate-to-bank distance (the coverage radius)."""
 
     features: torch.Tensor
     sources: torch.Tensor
     projected: torch.Tensor
     selected: torch.Tensor
-    distance: torch.Tensor
     nearest_source: torch.Tensor
     radius: float
 
@@ -136,29 +136,21 @@ class CandidatePool:
         start = int(torch.randint(len(features), (1,), generator=torch.Generator().manual_seed(config.seed)))
         selected = greedy_coreset(projected, count, start) if count < len(features) else torch.arange(len(features))
         distance, nearest_row = nearest(projected, projected[selected])
-        distance, nearest_row = distance[:, 0], nearest_row[:, 0]
-        return cls(features, sources, projected, selected, distance, sources[selected][nearest_row],
-                   float(distance.max()))
+        return cls(features, sources, projected, selected, sources[selected][nearest_row[:, 0]], float(distance.max()))
 
     def refill(self, holdout: torch.Tensor) -> torch.Tensor:
-        """Candidates of the other images to add once the held-out images' rows are gone: greedy, farthest first,
-        until every other candidate is again within the coverage radius."""
+        """Candidates of the other images that take the place of the held-out images' rows: as many as were removed,
+        farthest first among the candidates whose nearest row was removed (the holes), so the bank keeps its size
+        and its density where the held-out images' rows were."""
+        removed = int(torch.isin(self.sources[self.selected], holdout).sum())
         others = torch.nonzero(~torch.isin(self.sources, holdout)).flatten()
-        if not len(others):
+        lost = others[torch.isin(self.nearest_source[others], holdout)]  # their nearest row came from a held-out image
+        if not removed or not len(lost):
             return torch.zeros(0, dtype=torch.long)
         kept = self.selected[~torch.isin(self.sources[self.selected], holdout)]
-        covered = self.distance[others].clone()
-        lost = torch.isin(self.nearest_source[others], holdout)  # their nearest row came from a held-out image
-        if lost.any():
-            covered[lost] = (nearest(self.projected[others[lost]], self.projected[kept])[0][:, 0] if len(kept)
-                             else torch.full((int(lost.sum()),), float("inf")))
-        # only candidates outside the radius can be picked before the stop: the greedy over them alone is the same
-        uncovered = torch.nonzero(covered > self.radius).flatten()
-        if not len(uncovered):
-            return torch.zeros(0, dtype=torch.long)
-        chosen = greedy_coreset(self.projected[others[uncovered]], len(uncovered), covered=covered[uncovered],
-                                stop_within=self.radius)
-        return others[uncovered[chosen]]
+        covered = (nearest(self.projected[lost], self.projected[kept])[0][:, 0] if len(kept)
+                   else torch.full((len(lost),), float("inf")))
+        return lost[greedy_coreset(self.projected[lost], min(removed, len(lost)), covered=covered)]
 
 
 ShardMap = Callable[[Callable[[Any], Any], list], list]  # (function, jobs) -> results in order: a loop, or Ray tasks
@@ -241,10 +233,10 @@ class PatchCore(Detector):
             self.index = fitted
 
     def holdout_bank(self, holdout: torch.Tensor) -> tuple[ClusteredBank, torch.Tensor]:
-        """The memory bank without the rows taken from the held-out images, refilled from the other images'
-        candidates until they are covered as the whole bank covers them (the fit's coverage radius): the
-        coreset a fit without those images would choose, up to the greedy's tie-breaks. Every row comes
-        from another image (tested). Returns the bank and each row's source image."""
+        """The memory bank without the rows taken from the held-out images, refilled with as many of the other
+        images' candidates where those rows were (`CandidatePool.refill`): a bank of the same size chosen
+        without the held-out images. Every row comes from another image (tested). Returns the bank and each
+        row's source image."""
         keep = ~torch.isin(self.bank_sources, holdout)
         kept, extra = self.index.subset(keep), self.pool.refill(holdout)
         ends = torch.tensor([len(kept.bank) + len(extra)])  # the refill as one more cluster: the search stays exact

@@ -185,6 +185,14 @@ async function saveThreshold(overwrite = false) {
 }
 
 // -- Model card -------------------------------------------------------------------------
+function frameChoice(choice) {
+  if (!choice) return null;
+  if (!choice.chosen) return choice.reason;
+  const evidence = choice.candidates[choice.chosen];
+  return `${choice.chosen}: chosen from good images alone, ${(100 * evidence.recall_at_1pct).toFixed(0)}% of ` +
+    `${choice.synthetic_images} synthetic defects above the held-out good scores' 1% tail`;
+}
+
 async function loadCard() {
   try {
     const manifest = await (await api(`/v1/models/${state.model}`)).json();
@@ -193,6 +201,7 @@ async function loadCard() {
     const rows = {
       detector: manifest.detector, backbone: manifest.backbone ? manifest.backbone.name : "none",
       frame: manifest.preprocess ? `${manifest.preprocess.image_size} px short side, crop ${manifest.preprocess.crop ?? "none"}, aspect ${(manifest.preprocess.aspect ?? 1).toFixed(3)}` : "",
+      "frame choice": frameChoice(summary.frame_choice),
       threshold: calibration.threshold, method: `${calibration.method} ${calibration.param}`,
       "false-alarm rate": calibration.false_alarm_rate == null ? null : `${(100 * calibration.false_alarm_rate).toFixed(2)}%` +
         (calibration.false_alarm_interval ? ` (95% interval ${(100 * calibration.false_alarm_interval[0]).toFixed(2)}% to ${(100 * calibration.false_alarm_interval[1]).toFixed(2)}%)` : ""),
