@@ -66,9 +66,17 @@ def main() -> None:
         kept = json.loads((args.out / "frames.json").read_text())["rows"]
         measured = {(row["candidate"], row["category"]) for row in rows}
         rank = {name: i for i, name in enumerate(CANDIDATES)}
-        rows = sorted([row for row in kept if (row["candidate"], row["category"]) not in measured] + rows,
-                      key=lambda row: rank.get(row["candidate"], len(rank)))  # stable: categories keep their order
-    write_results(args.out, "frames", rows, markdown_table(rows, COLUMNS))
+        rows = sorted([{"run": "(an earlier run)", **row} for row in kept if (row["candidate"], row["category"]) not in measured]
+                      + rows, key=lambda row: rank.get(row["candidate"], len(rank)))  # stable: categories keep their order
+    write_results(args.out, "frames", rows, table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    """The Markdown table, and which run measured which rows when they come from more than one."""
+    runs = sorted({row.get("run", "") for row in rows})
+    note = "" if len(runs) < 2 else "Rows come from these runs of this script (`run` in frames.json): " + "; ".join(
+        f"`{run}`" for run in runs) + ".\n\n"
+    return note + markdown_table(rows, COLUMNS)
 
 
 if __name__ == "__main__":
