@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 from generated import write_fine_defects
-from isolated import markdown_table, run_isolated, write_results
+from isolated import keep_other_rows, markdown_table, run_isolated, runs_note, write_results
 
 from defectscope.data.synthetic import make_demo_dataset
 from defectscope.detectors.frame_search import CANDIDATES as FRAMES
@@ -60,23 +59,11 @@ def main() -> None:
         for folder in folders:
             measured = run_isolated(script, ["--settings", json.dumps(CANDIDATES[name]), "--single", str(folder), "patchcore"],
                                     f"{name}/{folder.name}")
-            rows.append({"candidate": name, **measured, "run": " ".join(sys.argv[1:]) or "(defaults)"})
+            rows.append({"candidate": name, **measured})
             print(markdown_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
     if args.keep_others:
-        kept = json.loads((args.out / "frames.json").read_text())["rows"]
-        measured = {(row["candidate"], row["category"]) for row in rows}
-        rank = {name: i for i, name in enumerate(CANDIDATES)}
-        rows = sorted([{"run": "(an earlier run)", **row} for row in kept if (row["candidate"], row["category"]) not in measured]
-                      + rows, key=lambda row: rank.get(row["candidate"], len(rank)))  # stable: categories keep their order
-    write_results(args.out, "frames", rows, table(rows))
-
-
-def table(rows: list[dict]) -> str:
-    """The Markdown table, and which run measured which rows when they come from more than one."""
-    runs = sorted({row.get("run", "") for row in rows})
-    note = "" if len(runs) < 2 else "Rows come from these runs of this script (`run` in frames.json): " + "; ".join(
-        f"`{run}`" for run in runs) + ".\n\n"
-    return note + markdown_table(rows, COLUMNS)
+        rows = keep_other_rows(args.out, "frames", rows, ("candidate", "category"), {"candidate": list(CANDIDATES)})
+    write_results(args.out, "frames", rows, runs_note(rows) + markdown_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":

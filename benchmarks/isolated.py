@@ -40,3 +40,22 @@ def write_results(out: Path, stem: str, rows: list[dict], table: str) -> None:
     (out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "version": __version__, "rows": rows}, indent=2) + "\n")
     (out / f"{stem}.md").write_text(f"`{command}`\n\n{machine}, defectscope {__version__}\n\n{table}")
     print(table)
+
+
+def keep_other_rows(out: Path, stem: str, rows: list[dict], key: tuple[str, ...], order: dict[str, list]) -> list[dict]:
+    """`rows` merged into the rows of an earlier OUT/<stem>.json: earlier rows with the same `key` fields are
+    replaced, the others kept and marked with the run that measured them; sorted by `order` (field -> values)."""
+    run = " ".join(sys.argv[1:]) or "(defaults)"
+    new = [{**row, "run": run} for row in rows]
+    measured = {tuple(row[k] for k in key) for row in new}
+    kept = [{"run": "(an earlier run)", **row} for row in json.loads((out / f"{stem}.json").read_text())["rows"]
+            if tuple(row[k] for k in key) not in measured]
+    ranks = {field: {value: i for i, value in enumerate(values)} for field, values in order.items()}
+    return sorted(kept + new, key=lambda row: tuple(rank.get(row[field], len(rank)) for field, rank in ranks.items()))
+
+
+def runs_note(rows: list[dict]) -> str:
+    """Which runs measured which rows, when they come from more than one."""
+    runs = sorted({row.get("run", "") for row in rows})
+    return "" if len(runs) < 2 else "Rows come from these runs of this script (`run` in the JSON): " + "; ".join(
+        f"`{run}`" for run in runs) + ".\n\n"

@@ -31,7 +31,7 @@ from defectscope.data.synthetic import make_demo_dataset
 from defectscope.pipeline import evaluate_model, fit_detector
 from defectscope.thresholds import calibrate
 
-from isolated import run_isolated, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
+from isolated import keep_other_rows, run_isolated, runs_note, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
 
 COLUMNS = (
     ("category", "category", "{}"), ("model", "model", "{}"), ("image_auroc", "image AUROC", "{:.3f}"),
@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["patchcore", "padim", "knn", "pca", "ocsvm"])
     parser.add_argument("--settings", type=json.loads, default={}, help='JSON config overrides, e.g. \'{"coreset_ratio": 0.01}\'')
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--keep-others", action="store_true",
+                        help="re-measure only these categories and models; keep the other rows of the results file")
     parser.add_argument("--single", nargs=2, metavar=("FOLDER", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
@@ -120,8 +122,11 @@ def main() -> None:
             arguments = ["--settings", json.dumps(args.settings), "--single", str(folder), model]
             rows.append(run_isolated(__file__, arguments, f"{folder.name}/{model}"))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
-    table = markdown(rows)
-    write_results(args.out, f"mvtec-{'-'.join(folder.name for folder in folders)}", rows, table)
+    stem = f"mvtec-{'-'.join(folder.name for folder in folders)}"
+    if args.keep_others:
+        rows = keep_other_rows(args.out, stem, rows, ("category", "model"),
+                               {"category": [folder.name for folder in folders], "model": args.models})
+    write_results(args.out, stem, rows, runs_note(rows) + markdown(rows))
 
 
 if __name__ == "__main__":
