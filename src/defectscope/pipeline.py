@@ -82,14 +82,15 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
     if model not in good_only_models():
         raise DefectscopeError(f"'{model}' cannot be fitted on good images alone; choose one of: {', '.join(good_only_models())}")
     detector = create_detector(model, **settings)
+    if weights is not None or download:
+        detector.backbone = load_backbone(detector.config.backbone, detector.strides, weights, download)
     train = [s.path for s in dataset.train]
     frame_choice = None
     if isinstance(detector, PatchCore) and detector.config.frame_search:
         if any(field in settings for field in FRAME_FIELDS):
             frame_choice = {"chosen": None, "reason": "pinned by the settings"}
         else:
-            backbone = (load_backbone(detector.config.backbone, detector.strides, weights, download)
-                        if weights is not None or download else detector.require_backbone())
+            backbone = detector.require_backbone()
             with bar("choosing the frame", len(CANDIDATES)):
                 frame, frame_choice = choose_frame(train, settings, backbone)
             detector = create_detector(model, **{**settings, **frame})
@@ -99,8 +100,6 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
         if not isinstance(detector, PatchCore):
             raise DefectscopeError(f"--ray spreads PatchCore's coreset shards; {model} fits in this process")
         detector.map_shards = map_on_ray(ray_address, torch.get_num_threads())
-    if weights is not None or download:
-        detector.backbone = load_backbone(detector.config.backbone, detector.strides, weights, download)
     with bar(f"fitting {model}", len(train)) as advance:
         report = detector.fit(train, progress=advance)
     if frame_choice is not None:
@@ -219,28 +218,28 @@ def _labelled_defects(defective: Sequence[Path], check: Path | None) -> list[Pat
     return known
 
 
-def _teaching_refusals(detector: MapModel, taught: list[Path], defects: list[Path], accept_defect_like: bool,
-                       bar: ProgressBar) -> tuple[list[str], int]:
-    """Why the taught images must not be learned (labelled defective; defect-like scores unless accepted), and how
-    many of them score defect-like."""
+def _defect_like(detector: MapModel, taught: list[Path], defects: list[Path], accept_defect_like: bool,
+                 bar: ProgressBar) -> int:
+    """Raise if an image to teach is labelled defective, or scores defect-like (unless accepted); returns how many
+    of them score defect-like."""
     defect_digests = {file_sha256(path) for path in defects}
     labelled = [str(path) for path in taught if file_sha256(path) in defect_digests]
     if labelled:
-        return [f"{len(labelled)} of the images to teach are labelled defective ({', '.join(labelled[:3])}"
-                f"{', ...' if len(labelled) > 3 else ''}); a defect is never taught as good"], 0
+        raise DefectscopeError(f"{len(labelled)} of the images to teach are labelled defective ({', '.join(labelled[:3])}"
+                               f"{', ...' if len(labelled) > 3 else ''}); a defect is never taught as good; nothing was written")
     with bar("scoring the images to teach", len(taught)) as advance:
         prediction = detector.predict(taught, map_size="input", progress=advance)
+    if not np.isfinite(prediction.scores).all():
+        raise DefectscopeError("some images to teach could not be scored (not a finite number); nothing was written")
     if prediction.threshold is None:
-        return [], 0
-    normalized = prediction.normalized
-    if not np.isfinite(normalized).all():
-        return ["some images to teach could not be scored (NaN); nothing was taught"], 0
-    far = [f"{path.name} ({value:.2f}x)" for path, value in zip(taught, normalized) if value >= DEFECT_LIKE]
+        return 0
+    far = [f"{path.name} ({value:.2f}x)" for path, value in zip(taught, prediction.normalized) if value >= DEFECT_LIKE]
     if far and not accept_defect_like:
-        return [f"{len(far)} of the images to teach score far above the threshold (>= {DEFECT_LIKE:g}x it: "
-                f"{', '.join(far[:5])}{', ...' if len(far) > 5 else ''}); they look defective, and teaching them would "
-                "let defects like them pass. Check them; if they really are good, pass --accept-defect-like"], len(far)
-    return [], len(far)
+        raise DefectscopeError(
+            f"{len(far)} of the images to teach score far above the threshold (>= {DEFECT_LIKE:g}x it: {', '.join(far[:5])}"
+            f"{', ...' if len(far) > 5 else ''}); they look defective, and teaching them would let defects like them pass. "
+            "Check them; if they really are good, pass --accept-defect-like; nothing was written")
+    return len(far)
 
 
 def _caught(detector: MapModel, images: list[Path], bar: ProgressBar, what: str) -> np.ndarray:
@@ -269,9 +268,7 @@ def update_model(model_path: Path, good: Sequence[Path], out: Path, *, defective
     defects = _labelled_defects(defective, check)
     detector = load_model(model_path, weights)
     detector.check_teachable()
-    refusals, defect_like = _teaching_refusals(detector, paths, defects, accept_defect_like, bar)
-    if refusals:
-        raise DefectscopeError(refusals[0] + "; nothing was written")
+    defect_like = _defect_like(detector, paths, defects, accept_defect_like, bar)
     caught_before = _caught(detector, defects, bar, "scoring labelled defects")
     with bar("learning good images", len(paths)) as advance:
         details = detector.teach(paths, progress=advance)
