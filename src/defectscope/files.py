@@ -79,9 +79,14 @@ def open_regular(path: Path, what: str = "file", max_bytes: int | None = None):
     return os.fdopen(handle, "rb")
 
 
-def read_regular(path: Path, what: str = "file", max_bytes: int | None = None) -> bytes:
-    """A regular file's bytes (see open_regular), at most `max_bytes` of them."""
+def read_regular(path: Path, what: str = "file", max_bytes: int | None = None,
+                 inspect: Callable[[Any], None] | None = None) -> bytes:
+    """A regular file's bytes (see open_regular), at most `max_bytes` of them; `inspect` sees the open file first
+    (a header check, say) and may raise before anything more is read."""
     with open_regular(path, what, max_bytes) as stream:
+        if inspect is not None:
+            inspect(stream)
+            stream.seek(0)
         try:
             data = stream.read() if max_bytes is None else stream.read(max_bytes + 1)
         except OSError as exc:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from defectscope.errors import DefectscopeError
-from defectscope.files import open_regular
+from defectscope.files import open_regular, read_regular
 
 try:
     import cv2
@@ -136,16 +136,7 @@ def max_file_bytes() -> int:
 
 def _read_bytes(path: Path) -> np.ndarray:
     """A regular file's bytes, after its size and header passed the limits (never a pipe, never unbounded)."""
-    limit = max_file_bytes()
-    with open_regular(path, "image", limit) as stream:
-        image_header(path, stream=stream)
-        stream.seek(0)
-        try:
-            data = stream.read(limit + 1)
-        except OSError as exc:
-            raise DefectscopeError(f"cannot read image {path}: {exc.strerror or exc}") from exc
-    if len(data) > limit:
-        raise DefectscopeError(f"cannot read image {path}: it grew above the limit of {limit:,} bytes while read")
+    data = read_regular(path, "image", max_file_bytes(), inspect=lambda stream: image_header(path, stream=stream))
     return np.frombuffer(data, dtype=np.uint8)
 
 
