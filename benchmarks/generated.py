@@ -7,6 +7,9 @@ about equally far from every other (the worst case of coreset selection and near
 and pits), with masks: a category where the frame decides whether the defects are seen at all. Its
 scratches are anti-aliased arcs drawn here, not the search's own synthetic defects (`data.defects`),
 so a frame search is not judged on the defects it was tuned with.
+`logical-parts` (`write_logical_parts`): a tray holding four different parts in four fixed slots, with
+defects in how they go together: a part missing, two parts swapped, one part too many. Every part of
+a defective tray looks like a part of a good one; only the layout is wrong.
 """
 
 from __future__ import annotations
@@ -92,6 +95,76 @@ def write_fine_defects(root: Path, train: int = 200, test_good: int = 40, per_de
             target.parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(target), np.clip(image, 0, 255).astype(np.uint8))
             if mask is not None:
+                (folder / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(folder / "ground_truth" / defect / f"{i:03d}_mask.png"), mask.astype(np.uint8) * 255)
+    return folder
+
+
+PART_COLOURS = ((200, 60, 50), (50, 90, 200), (60, 170, 70), (220, 190, 40))  # RGB of the four parts
+LOGICAL_DEFECTS = ("missing", "swapped", "extra")
+
+
+def _draw_part(image: np.ndarray, mask: np.ndarray, kind: int, centre: tuple[int, int], radius: int) -> None:
+    """Part `kind` (a disc, a square, a triangle or a ring in its own colour) centred at `centre`, also into `mask`."""
+    colour = PART_COLOURS[kind][::-1]  # OpenCV draws BGR
+    x, y = centre
+    for canvas, value in ((image, colour), (mask, 1)):
+        if kind == 0:
+            cv2.circle(canvas, centre, radius, value, -1, cv2.LINE_AA)
+        elif kind == 1:
+            cv2.rectangle(canvas, (x - radius, y - radius), (x + radius, y + radius), value, -1)
+        elif kind == 2:
+            points = np.array([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], np.int32)
+            cv2.fillPoly(canvas, [points], value, cv2.LINE_AA)
+        else:
+            cv2.circle(canvas, centre, radius, value, max(2, radius // 3), cv2.LINE_AA)
+
+
+def _tray(rng: np.random.Generator, size: int, defect: str) -> tuple[np.ndarray, np.ndarray]:
+    """A tray with parts 0-3 in slots top-left, top-right, bottom-left, bottom-right (a little jitter, light and
+    noise) and `defect` ("good" or one of LOGICAL_DEFECTS: a part gone, two swapped, one more in the middle);
+    returns the BGR image and the defect's mask."""
+    image = np.full((size, size, 3), 185, np.float32) + rng.normal(0, 4) + cv2.GaussianBlur(
+        rng.normal(0, 6, (size, size, 3)).astype(np.float32), (0, 0), 3)
+    slots = [(int(size * fx + rng.normal(0, size * 0.01)), int(size * fy + rng.normal(0, size * 0.01)))
+             for fy in (0.28, 0.72) for fx in (0.28, 0.72)]
+    parts = [0, 1, 2, 3]
+    defect_mask = np.zeros((size, size), np.uint8)
+    gone = int(rng.integers(4)) if defect == "missing" else -1
+    if defect == "swapped":
+        a, b = rng.choice(4, 2, replace=False)
+        parts[a], parts[b] = parts[b], parts[a]
+    radius = size // 9
+    for slot, (centre, kind) in enumerate(zip(slots, parts)):
+        mask = np.zeros((size, size), np.uint8)
+        target = image if slot != gone else np.zeros_like(image)  # a missing part is drawn into its mask only
+        _draw_part(target, mask, kind, centre, radius + int(rng.integers(-2, 3)))
+        if slot == gone or (defect == "swapped" and kind != slot):
+            defect_mask |= mask
+    if defect == "extra":
+        mask = np.zeros((size, size), np.uint8)
+        _draw_part(image, mask, int(rng.integers(4)), (size // 2, size // 2), radius)
+        defect_mask |= mask
+    image += rng.normal(0, 2, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), defect_mask.astype(bool)
+
+
+def write_logical_parts(root: Path, train: int = 200, test_good: int = 40, per_defect: int = 20, size: int = 256,
+                        seed: int = 0) -> Path:
+    """root/logical-parts in MVTec layout (train/good, test/{good,missing,swapped,extra}, ground_truth masks),
+    written once."""
+    folder = root / "logical-parts"
+    rng = np.random.default_rng(seed)
+    plan = [("train", "good", train), ("test", "good", test_good)] + [("test", d, per_defect) for d in LOGICAL_DEFECTS]
+    for split, defect, count in plan:
+        for i in range(count):
+            image, mask = _tray(rng, size, defect)
+            target = folder / split / defect / f"{i:03d}.png"
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(target), image)
+            if defect != "good":
                 (folder / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
                 cv2.imwrite(str(folder / "ground_truth" / defect / f"{i:03d}_mask.png"), mask.astype(np.uint8) * 255)
     return folder

@@ -2,6 +2,7 @@
 
     python benchmarks/mvtec.py --root ../shared/datasets/mvtec_ad --categories bottle ../mvtec_3d_ad_rgb/tire
     python benchmarks/mvtec.py --generate rotated-parts --models patchcore padim
+    python benchmarks/mvtec.py --logical --models patchcore "patchcore global_view=off"
 
 A category is a folder name under --root (or a path relative to it); --generate adds the seeded
 demo category (textured round parts at random rotations on a plain background, 200 good training
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from defectscope import load_dataset
 from defectscope.data.decode import read_image
@@ -31,6 +33,7 @@ from defectscope.data.synthetic import make_demo_dataset
 from defectscope.pipeline import evaluate_model, fit_detector
 from defectscope.thresholds import calibrate
 
+from generated import write_logical_parts  # noqa: E402  (benchmarks/generated.py)
 from isolated import keep_other_rows, run_isolated, runs_note, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
 
 COLUMNS = (
@@ -101,7 +104,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("../shared/datasets/mvtec_ad"))
     parser.add_argument("--categories", nargs="*", default=["bottle"])
     parser.add_argument("--generate", metavar="NAME", help="Also benchmark the generated demo category under this name.")
-    parser.add_argument("--models", nargs="+", default=["patchcore", "padim", "knn", "pca", "ocsvm"])
+    parser.add_argument("--logical", action="store_true", help="Also benchmark the generated logical-parts category.")
+    parser.add_argument("--models", nargs="+", default=["patchcore", "padim", "knn", "pca", "ocsvm"],
+                        help='model names, each optionally with its own settings: "patchcore global_view=on"')
     parser.add_argument("--settings", type=json.loads, default={}, help='JSON config overrides, e.g. \'{"coreset_ratio": 0.01}\'')
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--keep-others", action="store_true",
@@ -109,13 +114,17 @@ def main() -> None:
     parser.add_argument("--single", nargs=2, metavar=("FOLDER", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
-        print(json.dumps(measure(Path(args.single[0]), args.single[1], args.settings)))
+        name, *pairs = args.single[1].split()
+        settings = {**args.settings, **{key: yaml.safe_load(value) for key, value in (p.split("=", 1) for p in pairs)}}
+        print(json.dumps({**measure(Path(args.single[0]), name, settings), "model": args.single[1]}))
         return
     folders = [args.root / category for category in args.categories]
     scratch = tempfile.TemporaryDirectory()
     if args.generate:
         folders.append(make_demo_dataset(Path(scratch.name) / args.generate, size=256, train=200, test_good=50,
                                          per_defect=20, seed=0))
+    if args.logical:
+        folders.append(write_logical_parts(Path(scratch.name)))
     rows = []
     for folder in folders:
         for model in args.models:

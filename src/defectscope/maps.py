@@ -27,7 +27,8 @@ def bilinear_taps(size_out: int, size_in: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 @lru_cache(maxsize=32)
-def _bilinear_matrix(size_out: int, size_in: int) -> np.ndarray:
+def bilinear_matrix(size_out: int, size_in: int) -> np.ndarray:
+    """Bilinear upsampling along one axis as a size_out x size_in matrix (pixel centres aligned, edges clamped)."""
     first, second, weight = bilinear_taps(size_out, size_in)
     matrix = np.zeros((size_out, size_in), np.float64)
     np.add.at(matrix, (np.arange(size_out), first), 1 - weight)
@@ -52,7 +53,7 @@ def _gaussian_matrix(size: int, sigma: float) -> np.ndarray:
 @lru_cache(maxsize=32)
 def finishing_matrix(size_out: int, size_in: int, sigma: float = MAP_SIGMA) -> np.ndarray:
     """Bilinear upsampling followed by the Gaussian blur along one axis, as one size_out x size_in matrix."""
-    return (_gaussian_matrix(size_out, sigma) @ _bilinear_matrix(size_out, size_in)).astype(np.float32)
+    return (_gaussian_matrix(size_out, sigma) @ bilinear_matrix(size_out, size_in)).astype(np.float32)
 
 
 def resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -208,8 +208,9 @@ class Detector(MapModel):
         """Embed all images; returns (features, original sizes N x 2), filled batch by batch into one tensor."""
         features, sizes, filled = None, torch.empty(len(images), 2, dtype=torch.long), 0
         for batch, batch_sizes in self._embedded_batches(images, progress):
-            if features is None:
-                features = torch.empty((len(images), *batch.shape[1:]), dtype=batch.dtype)
+            if features is None:  # a tensor, or a model's own kind of features (with `empty(count)`)
+                features = (torch.empty((len(images), *batch.shape[1:]), dtype=batch.dtype)
+                            if isinstance(batch, torch.Tensor) else batch.empty(len(images)))
             features[filled : filled + len(batch)] = batch
             sizes[filled : filled + len(batch)] = batch_sizes
             filled += len(batch)
@@ -290,12 +291,16 @@ class Detector(MapModel):
         At most CALIBRATION_LIMIT images are scored in all (a seeded share of each fold): enough for any
         stated rate down to about 1/CALIBRATION_LIMIT, and scoring stays linear in the number of images.
         """
-        folds = self.calibration_folds(len(features))
-        per_fold = math.ceil(CALIBRATION_LIMIT / len(folds))
-        generator = torch.Generator().manual_seed(self.config.seed)
-        scored = [held[torch.randperm(len(held), generator=generator)[:per_fold]].sort().values for held in folds]
+        folds, scored = self.crossfit_rows(len(features))
         scores = [self.holdout_scores(features, held, chosen) for held, chosen in zip(folds, scored)]
         return torch.cat(scored), torch.cat(scores).float()
+
+    def crossfit_rows(self, count: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(the calibration folds, the images scored of each: a seeded share, CALIBRATION_LIMIT in all)."""
+        folds = self.calibration_folds(count)
+        per_fold = math.ceil(CALIBRATION_LIMIT / len(folds))
+        generator = torch.Generator().manual_seed(self.config.seed)
+        return folds, [held[torch.randperm(len(held), generator=generator)[:per_fold]].sort().values for held in folds]
 
     def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor, scored: torch.Tensor | None = None
                        ) -> torch.Tensor:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -16,19 +17,24 @@ from defectscope.data.images import normalize
 from defectscope.detectors.base import (
     Detector,
     DetectorConfig,
+    FitReport,
     Progress,
     register,
     rows_outside,
 )
 from defectscope.detectors.coreset import coreset_indices, greedy_coreset, random_projection
+from defectscope.detectors.global_view import Moments, RegionModel, global_scores, map_grid, region_descriptors, standardize
 from defectscope.detectors.nearest import ClusteredBank, nearest
+from defectscope.detectors.selection import Probe, make_probe, noise, separation
 from defectscope.errors import DefectscopeError
-from defectscope.settings import require_range
+from defectscope.maps import bilinear_matrix
+from defectscope.settings import require_choice, require_range
 
 
 TEACH_COVERAGE = 0.1  # taught patches are added until covered as closely as the best-covered tenth of good images
 PATCH_STRIDES = (8, 16, 32)  # the finest feature stride (8) times 1, 2 or 4
 GRAPH_DISTANCE_CELLS = 1 << 24  # an exported graph's distance matrix: at most 64 MB per run
+GLOBAL_VIEW = ("auto", "on", "off")
 
 
 @dataclass
@@ -42,12 +48,16 @@ class PatchCoreConfig(DetectorConfig):
     coreset over all candidates picks the bank, so the cost grows linearly with the images while the bank
     is chosen over all of them; a calibration fold is scored by the bank without its images' rows,
     refilled from the other folds' candidates. memory_limit: most memory rows kept (beyond it the ratio
-    shrinks), so memory and search cost stop growing with the training set."""
+    shrinks), so memory and search cost stop growing with the training set. global_view: the layout of
+    regions beside the patches (`global_view.py`), fused into one score; "auto": `fit` keeps it when it
+    catches more of the probe's synthetic defects than the patch view alone, by more than the noise (see
+    `choose_global_view`); "on" / "off" decide it here. A fitted model's config holds "on" or "off"."""
 
     image_size: int = 352
     crop: int | None = 320
     patch_stride: int = 16
     frame_search: bool = True
+    global_view: str = "auto"
     coreset_ratio: float = 0.1
     coreset_candidates: float = 2.0
     memory_limit: int = 50_000
@@ -69,6 +79,7 @@ class PatchCoreConfig(DetectorConfig):
         require_range("reweight_neighbours", self.reweight_neighbours, 1)
         require_range("shard_images", self.shard_images, 1)
         require_range("memory_limit", self.memory_limit, 1)
+        require_choice("global_view", self.global_view, GLOBAL_VIEW)
         if self.patch_stride not in PATCH_STRIDES:
             raise DefectscopeError(f"field 'patch_stride' must be one of {', '.join(map(str, PATCH_STRIDES))}, "
                                    f"got {self.patch_stride}")
@@ -113,6 +124,34 @@ def patch_embedding(maps: dict[int, torch.Tensor], neighbourhood: int, layer_dim
     if window > 1:
         features = F.avg_pool2d(features, window, ceil_mode=True)
     return features.permute(0, 2, 3, 1).contiguous()
+
+
+@dataclass
+class PatchFeatures:
+    """What PatchCore embeds per image: patch features N x h x w x d and region descriptors N x R x C
+    (the global view's); indexed and filled by image like one tensor."""
+
+    patches: torch.Tensor
+    regions: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, index: Any) -> PatchFeatures:
+        return PatchFeatures(self.patches[index], self.regions[index])
+
+    def __setitem__(self, index: Any, value: PatchFeatures) -> None:
+        self.patches[index], self.regions[index] = value.patches, value.regions
+
+    def empty(self, count: int) -> PatchFeatures:
+        """Room for `count` images of this kind (filled batch by batch)."""
+        return PatchFeatures(self.patches.new_empty((count, *self.patches.shape[1:])),
+                             self.regions.new_empty((count, *self.regions.shape[1:])))
+
+
+def split_features(features: PatchFeatures | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(patch features, region descriptors or None when only patches were given)."""
+    return (features.patches, features.regions) if isinstance(features, PatchFeatures) else (features, None)
 
 
 @dataclass
@@ -173,10 +212,32 @@ class PatchCore(Detector):
     bank_sources: torch.Tensor | None = None  # training image of each memory patch (fit time only)
     pool: CandidatePool | None = None  # the shard coresets' candidates the bank was reduced from (fit time only)
     map_shards: ShardMap | None = None  # runs the shard coresets (default: one after the other, here)
+    moments: Moments | None = None  # the global view's good-image statistics (None: patch view alone)
+    regions: RegionModel | None = None  # derived from `moments`
+    fusion: dict[str, torch.Tensor] | None = None  # the views' cross-fitted good-score location and spread
+    probe: Probe | None = None  # held-out images with synthetic defects while `fit` decides the global view
+    global_choice: dict[str, Any] | None = None  # the evidence for that decision
 
-    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+    def embed(self, batch: torch.Tensor) -> PatchFeatures:
         maps = self.require_backbone()(batch)
-        return patch_embedding(maps, self.config.neighbourhood, self.config.layer_dim, self.config.patch_stride)
+        patches = patch_embedding(maps, self.config.neighbourhood, self.config.layer_dim, self.config.patch_stride)
+        return PatchFeatures(patches, region_descriptors(maps))
+
+    @property
+    def uses_global_view(self) -> bool:
+        """Whether fitting learns the global view ("auto" learns it, then keeps it or not)."""
+        return self.config.global_view != "off"
+
+    def fit(self, images: Sequence[ImageSource], progress: Progress | None = None) -> FitReport:
+        """`Detector.fit`; with global_view "auto", the probe of `selection` (the frame search's) decides the view."""
+        self.probe = make_probe(images, self.config.seed) if self.config.global_view == "auto" else None
+        try:
+            report = super().fit(images, progress)
+        finally:
+            self.probe = None
+        if self.global_choice is not None:
+            self.train_summary["global_view_choice"] = report.details["global_view_choice"] = self.global_choice
+        return report
 
     def shards(self, count: int) -> list[torch.Tensor]:
         """Image indices of each coreset shard: every calibration fold split into shards of at most shard_images."""
@@ -186,9 +247,14 @@ class PatchCore(Detector):
             shards += [fold[i::pieces] for i in range(pieces)]
         return shards
 
-    def fit_features(self, features: torch.Tensor) -> dict[str, Any]:
+    def fit_features(self, features: PatchFeatures | torch.Tensor) -> dict[str, Any]:
         """Merge and reduce: each shard keeps `coreset_candidates` times the final share of its patches (linear cost),
-        then one greedy coreset over all those candidates chooses the memory bank, as a global coreset would."""
+        then one greedy coreset over all those candidates chooses the memory bank, as a global coreset would.
+        With the global view on, each region's good-image statistics are kept too (fused after cross-fitting)."""
+        features, regions = split_features(features)
+        self.fusion = None
+        self.moments = Moments.of(regions) if self.uses_global_view and regions is not None else None
+        self.regions = RegionModel.from_moments(self.moments) if self.moments is not None else None
         n, h, w, d = features.shape
         per_image = h * w
         start = time.perf_counter()
@@ -208,11 +274,12 @@ class PatchCore(Detector):
         return {"patches": n * per_image, "memory_bank": len(self.pool.selected), "coreset_ratio": ratio,
                 "embedding_dim": d, "shards": len(shards), "candidates": len(candidates),
                 "coverage_radius": self.pool.radius, "shard_coreset_s": merged - start, "reduce_s": selected - merged,
-                "index_s": time.perf_counter() - selected}
+                "index_s": time.perf_counter() - selected, "global_view": self.moments is not None}
 
-    def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_features(self, features: PatchFeatures | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.index is None:
             raise DefectscopeError("PatchCore is not fitted; call fit() or load a model file")
+        features, regions = split_features(features)
         n, h, w, d = features.shape
         patches = features.reshape(n, h * w, d)
         distances, indices = self.index.search(patches.reshape(-1, d))
@@ -220,7 +287,79 @@ class PatchCore(Detector):
         scores, worst = maps.max(1)
         if self.config.reweight:
             scores = self._reweight(patches[torch.arange(n), worst], indices.reshape(n, h * w)[torch.arange(n), worst], scores)
-        return scores, maps.reshape(n, h, w)
+        return self._fuse(scores, maps.reshape(n, h, w), regions)
+
+    def _fuse(self, scores: torch.Tensor, maps: torch.Tensor, regions: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One score and one map from both views (the patch view alone until the fusion is fitted).
+
+        The global score is put on the patch score's scale by the cross-fitted good scores of both
+        (location + spread x its z), and the image score is the larger of the two; the map adds, on the
+        feature grid, each map region's excess over its good residuals (z above 0) on the same scale.
+        """
+        if self.fusion is None or regions is None:
+            return scores, maps
+        z = standardize(self.regions.residuals(regions), self.fusion["region_location"], self.fusion["region_spread"])
+        grid = map_grid(z).clamp_min(0)
+        rows = torch.from_numpy(bilinear_matrix(int(maps.shape[1]), int(grid.shape[1])).astype(np.float32))
+        cols = torch.from_numpy(bilinear_matrix(int(maps.shape[2]), int(grid.shape[2])).astype(np.float32))
+        return self._fused(scores, z), maps.float() + self.fusion["patch"][1] * (rows @ grid @ cols.T)
+
+    def _fused(self, scores: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The larger of the patch score and the global score on the patch score's scale."""
+        location, spread = self.fusion["patch"]
+        return torch.maximum(scores.float(), location + spread * global_scores(z))
+
+    def _region_z(self, residuals: torch.Tensor) -> torch.Tensor:
+        return standardize(residuals, self.fusion["region_location"], self.fusion["region_spread"])
+
+    def crossfit_scores(self, features: PatchFeatures | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patch view's cross-fitted scores (see `Detector.crossfit_scores`); with the global view, each fold's
+        region residuals from statistics without the fold too, then the fusion fitted on both, and the fused
+        scores (or, when "auto" decides against the global view, the patch view's)."""
+        folds, scored = self.crossfit_rows(len(features))
+        patch = torch.cat([self.holdout_scores(features, held, chosen) for held, chosen in zip(folds, scored)]).float()
+        self.global_choice = None
+        if self.moments is None:
+            self.config.global_view = "off"
+            return torch.cat(scored), patch
+        regions = split_features(features)[1]
+        residuals = torch.cat([RegionModel.from_moments(self.moments - Moments.of(regions[held])).residuals(regions[chosen])
+                               for held, chosen in zip(folds, scored)])
+        self.fusion = {"patch": torch.stack([patch.mean(), patch.std().clamp_min(1e-6)]),
+                       "region_location": residuals.mean(0), "region_spread": residuals.std(0).clamp_min(1e-6)}
+        fused = self._fused(patch, self._region_z(residuals))
+        if self.config.global_view == "auto":
+            self.global_choice = self.choose_global_view(regions, patch, fused)
+            self.config.global_view = self.global_choice["chosen"]
+            if self.global_choice["chosen"] == "off":
+                self.moments = self.regions = self.fusion = None
+                return torch.cat(scored), patch
+        return torch.cat(scored), fused
+
+    def choose_global_view(self, regions: torch.Tensor, patch: torch.Tensor, fused: torch.Tensor) -> dict[str, Any]:
+        """Keep the global view when the fused score catches more of the probe's synthetic defects above the 1% tail
+        of the cross-fitted good scores than the patch score alone, by more than one standard error (the frame
+        search's rule: what costs more must win by more than the noise). The held-out images' own patches and
+        regions are left out of the models that score their defects."""
+        if self.probe is None:
+            return {"chosen": "off", "reason": "too few training images for the probe"}
+        held = torch.from_numpy(self.probe.held).sort().values
+        probed = self._features(self.probe.defective, None)[0]
+        fitted, fusion = self.index, self.fusion
+        self.index, self.fusion = self.holdout_bank(held)[0], None
+        try:
+            patch_probed = self.score_features(probed)[0].float()
+        finally:
+            self.index, self.fusion = fitted, fusion
+        residuals = RegionModel.from_moments(self.moments - Moments.of(regions[held])).residuals(probed.regions)
+        fused_probed = self._fused(patch_probed, self._region_z(residuals))
+        evidence = {"patch view": separation(patch.numpy(), patch_probed.numpy()),
+                    "patch + global view": separation(fused.numpy(), fused_probed.numpy())}
+        gain = evidence["patch + global view"]["recall_at_1pct"] - evidence["patch view"]["recall_at_1pct"]
+        margin = noise(evidence["patch + global view"]["recall_at_1pct"], len(probed))
+        return {"chosen": "on" if gain > margin else "off", "recall_gain": gain, "noise": margin,
+                "synthetic_images": len(probed), "held_out_images": len(held), "evidence": evidence}
 
     def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor, scored: torch.Tensor | None = None
                        ) -> torch.Tensor:
@@ -263,8 +402,8 @@ class PatchCore(Detector):
         if not images:
             raise DefectscopeError("give at least one good image to learn")
         features, _ = self._features(images, progress)
-        n, h, w, d = features.shape
-        patches = features.reshape(n, h * w, d)
+        n, h, w, d = features.patches.shape
+        patches = features.patches.reshape(n, h * w, d)
         fitted = self.index
         with torch.inference_mode():
             covered = fitted.search(patches.reshape(-1, d))[0].reshape(n, h * w)
@@ -277,6 +416,9 @@ class PatchCore(Detector):
                 held_out.append(self._score_and_map(features[fold])[0])
         added = self._uncovered(patches, covered)
         self.index = ClusteredBank.build(torch.cat([fitted.bank, added]), self.config.seed)
+        if self.moments is not None:  # the taught images' regions join the good statistics, exactly
+            self.moments = self.moments + Moments.of(features.regions)
+            self.regions = RegionModel.from_moments(self.moments)
         self.calibration = self.taught_calibration(torch.cat(held_out))
         return {"images": n, "patches_added": len(added), "memory_bank": len(self.index.bank)}
 
@@ -302,22 +444,37 @@ class PatchCore(Detector):
         pruned search has no fixed graph); the score is the largest, as in `score_features`."""
         if self.config.reweight:
             raise DefectscopeError("PatchCore with reweight: true cannot be exported; refit with reweight: false")
+        features, regions = split_features(features)
         n, h, w, d = features.shape
         patches = features.reshape(n, h * w, d)
         bank = self.index.bank.float()
         squared = (patches * patches).sum(-1, keepdim=True) - 2 * patches @ bank.T + (bank * bank).sum(1)
         distances = squared.min(-1).values.clamp_min(0).sqrt()
-        return distances.max(1).values, distances.reshape(n, h, w)
+        return self._fuse(distances.max(1).values, distances.reshape(n, h, w), regions)
 
     def graph_batch_limit(self) -> int:
         """Images per graph run that keep its patch x bank distance matrix under GRAPH_DISTANCE_CELLS."""
         frame = torch.zeros(1, 3, *self.preprocess.input_shape, dtype=torch.uint8)
         with torch.inference_mode():
-            patches = self.embed(normalize(frame, self.preprocess)).shape[1:3].numel()
+            patches = self.embed(normalize(frame, self.preprocess)).patches.shape[1:3].numel()
         return max(1, GRAPH_DISTANCE_CELLS // (patches * len(self.index.bank)))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return self.index.tensors() if self.index else {}
+        tensors = self.index.tensors() if self.index else {}
+        if self.moments is not None and self.fusion is not None:
+            tensors.update(global_count=self.moments.count, global_sums=self.moments.sums,
+                           global_squares=self.moments.squares, fusion_patch=self.fusion["patch"],
+                           fusion_region_location=self.fusion["region_location"],
+                           fusion_region_spread=self.fusion["region_spread"])
+        return tensors
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.index = ClusteredBank(tensors["memory_bank"], tensors["cluster_offsets"])
+        self.moments = self.regions = self.fusion = None
+        if self.config.global_view == "on":
+            if "global_sums" not in tensors:
+                raise DefectscopeError("this PatchCore model says global_view: on but holds no global view; fit it again")
+            self.moments = Moments(tensors["global_count"], tensors["global_sums"], tensors["global_squares"])
+            self.regions = RegionModel.from_moments(self.moments)
+            self.fusion = {"patch": tensors["fusion_patch"], "region_location": tensors["fusion_region_location"],
+                           "region_spread": tensors["fusion_region_spread"]}

@@ -1,0 +1,69 @@
+"""Evidence from good images alone for choices made per product: held-out good images with synthetic defects
+pasted in (`data.defects`), how well scores separate them, and the one-standard-error rule.
+
+The frame search (`frame_search.py`) and PatchCore's global view (`patchcore.PatchCore.choose_global_view`)
+judge their candidates on the same probe by the same rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from defectscope.data.decode import read_image
+from defectscope.data.defects import KINDS, LOGICAL_KINDS, synthetic_defect
+
+HELD_IMAGES = 16  # good images held out of a probe (at most a third of the training images)
+DEFECTS_PER_KIND = 2  # synthetic defects of each kind per held-out image (16 x 4 x 2 = 128: a recall's se <= 0.044)
+MIN_IMAGES = 12  # fewer training images: no probe, the defaults
+MAX_PIXELS = 4_000_000  # held-out images are shrunk to this before defects are pasted (memory stays bounded)
+TAIL_Z = 2.326  # a normal distribution's 1% upper tail, in standard deviations
+
+
+@dataclass
+class Probe:
+    """Held-out good training images (the seeded order of all images, the first `len(good)` held out; decoded)
+    and synthetic defects pasted into them."""
+
+    order: np.ndarray
+    good: list[np.ndarray]
+    defective: list[np.ndarray]
+
+    @property
+    def held(self) -> np.ndarray:
+        """Indices of the held-out training images."""
+        return self.order[: len(self.good)]
+
+
+def make_probe(images: Sequence[Any], seed: int, kinds: Sequence[str] = KINDS + LOGICAL_KINDS) -> Probe | None:
+    """A seeded share of the training images held out, each with DEFECTS_PER_KIND defects of each of `kinds` (None
+    below MIN_IMAGES). The same seed holds out the same images for every choice."""
+    if len(images) < MIN_IMAGES:
+        return None
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(images))
+    good = []
+    for index in order[: min(HELD_IMAGES, len(images) // 3)]:
+        image = read_image(images[index]) if not isinstance(images[index], np.ndarray) else images[index]
+        scale = min(1.0, (MAX_PIXELS / (image.shape[0] * image.shape[1])) ** 0.5)
+        good.append(image if scale == 1.0 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
+    defective = [synthetic_defect(image, kind, rng, good[(i + 1) % len(good)]).image
+                 for i, image in enumerate(good) for kind in tuple(kinds) * DEFECTS_PER_KIND]
+    return Probe(order, good, defective)
+
+
+def separation(good: np.ndarray, defective: np.ndarray) -> dict[str, float]:
+    """How well scores tell defective from good: recall above the good scores' 1% tail, and the mean margin in sd."""
+    mean, std = float(good.mean()), max(float(good.std()), 1e-12)
+    margins = np.clip((defective - mean) / std, -10, 10)
+    return {"recall_at_1pct": float((margins >= TAIL_Z).mean()), "mean_margin_sd": float(margins.mean())}
+
+
+def noise(recall: float, count: int) -> float:
+    """One standard error of a recall measured on `count` defects (at least one defect's worth)."""
+    return max(math.sqrt(recall * (1 - recall) / count), 1 / count)
