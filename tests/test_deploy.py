@@ -35,15 +35,16 @@ def test_images(demo_root: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def fitted(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Model files of small models fitted on the demo data: PatchCore, PaDiM, the k-NN baseline, a convolutional
-    autoencoder, and the segmenter (from the test images' masks)."""
+    """Model files of small models fitted on the demo data: PatchCore (with and without the global view), PaDiM, the
+    k-NN baseline, a convolutional autoencoder, and the segmenter (from the test images' masks)."""
     folder = tmp_path_factory.mktemp("models")
     dataset = load_dataset(demo_root)
     paths = {}
-    for name, settings in {"patchcore": {"image_size": 128, "crop": 112, "coreset_ratio": 0.25},
+    for name, settings in {"patchcore": {"image_size": 128, "crop": 112, "coreset_ratio": 0.25, "global_view": "off"},
+                           "patchcore-global": {"image_size": 128, "crop": 112, "coreset_ratio": 0.25, "global_view": "on"},
                            "padim": {"image_size": 128, "crop": 112}, "knn": {"image_size": 128, "crop": None},
                            "autoencoder": {"image_size": 64, "crop": None, "epochs": 25}}.items():
-        detector = create_detector(name, **settings)
+        detector = create_detector(name.split("-")[0], **settings)
         detector.fit([s.path for s in dataset.train])
         paths[name] = save_model(detector, folder / f"{name}.dsmodel")
     segmenter = create_detector("segmenter", image_size=128, crop=None, epochs=30, lr=3e-3)
@@ -64,7 +65,8 @@ def _assert_same(expected, got) -> None:
 
 
 @pytest.mark.parametrize("name, file_format", [("patchcore", "onnx"), ("padim", "onnx"), ("knn", "onnx"),
-                                               ("autoencoder", "onnx"), ("segmenter", "onnx"), ("patchcore", "openvino")])
+                                               ("autoencoder", "onnx"), ("segmenter", "onnx"), ("patchcore", "openvino"),
+                                               ("patchcore-global", "onnx"), ("patchcore-global", "openvino")])
 def test_export_predicts_what_the_model_predicts(fitted, test_images, tmp_path: Path, name: str, file_format: str) -> None:
     if file_format == "openvino":
         pytest.importorskip("openvino")

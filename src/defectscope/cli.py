@@ -221,6 +221,10 @@ def fit(
         evidence = choice["candidates"][choice["chosen"]]
         say(f"frame {choice['chosen']} chosen from the good images alone: {evidence['recall_at_1pct']:.0%} of "
             f"{choice['synthetic_images']} synthetic defects above the held-out good scores' 1% tail ({len(choice['candidates'])} candidates; `info` lists them)")
+    view = fitted.detector.train_summary.get("global_view_choice")
+    if view and "evidence" in view:
+        say(f"global view {view['chosen']}: {view['recall_gain']:+.0%} synthetic defects caught, "
+            f"{view['drift_false_alarm_cost']:+.0%} false alarms on drifted good images (`info` has the evidence)")
     say(f"{calibration.describe()}, from {report.calibration_images} cross-fitted good scores")
     if calibration.warning:
         warn(calibration.warning)

@@ -46,7 +46,8 @@ def region_descriptors(maps: dict[int, torch.Tensor]) -> torch.Tensor:
             x = maps[stride].float()
             rows = torch.from_numpy(pooling_matrix(int(x.shape[2]), cells))
             cols = torch.from_numpy(pooling_matrix(int(x.shape[3]), cells))
-            parts.append(torch.einsum("nchw,gh,kw->ngkc", x, rows, cols).flatten(1, 2))
+            pooled = rows @ x @ cols.T  # N x C x cells x cells (plain matmuls: the same in every exported runtime)
+            parts.append(pooled.flatten(2).transpose(1, 2))
         grids.append(torch.cat(parts, 2))
     return torch.cat(grids, 1)
 
@@ -99,9 +100,9 @@ class RegionModel:
 
     def residuals(self, descriptors: torch.Tensor) -> torch.Tensor:
         """N x R x C descriptors -> N x R squared residuals outside each region's principal subspace."""
-        z = (descriptors - self.mean) / self.scale
-        r = torch.einsum("rcd,nrd->nrc", self.residual, z)
-        return (r * r).sum(-1)
+        z = ((descriptors - self.mean) / self.scale).transpose(0, 1)  # R x N x C
+        r = z @ self.residual.transpose(1, 2)
+        return (r * r).sum(-1).transpose(0, 1)
 
 
 def standardize(residuals: torch.Tensor, location: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from defectscope.detectors.base import (
 from defectscope.detectors.coreset import coreset_indices, greedy_coreset, random_projection
 from defectscope.detectors.global_view import Moments, RegionModel, global_scores, map_grid, region_descriptors, standardize
 from defectscope.detectors.nearest import ClusteredBank, nearest
-from defectscope.detectors.selection import Probe, make_probe, noise, separation
+from defectscope.detectors.selection import Probe, false_alarms, make_probe, noise, separation
 from defectscope.errors import DefectscopeError
 from defectscope.maps import bilinear_matrix
 from defectscope.settings import require_choice, require_range
@@ -49,9 +49,9 @@ class PatchCoreConfig(DetectorConfig):
     is chosen over all of them; a calibration fold is scored by the bank without its images' rows,
     refilled from the other folds' candidates. memory_limit: most memory rows kept (beyond it the ratio
     shrinks), so memory and search cost stop growing with the training set. global_view: the layout of
-    regions beside the patches (`global_view.py`), fused into one score; "auto": `fit` keeps it when it
-    catches more of the probe's synthetic defects than the patch view alone, by more than the noise (see
-    `choose_global_view`); "on" / "off" decide it here. A fitted model's config holds "on" or "off"."""
+    regions beside the patches (`global_view.py`), fused into one score; "auto": `fit` keeps it when the probe
+    of held-out good images shows it pays (more synthetic defects caught, no more false alarms under a line's
+    light and camera drift; see `choose_global_view`); "on" / "off" decide it here. A fitted model's config holds "on" or "off"."""
 
     image_size: int = 352
     crop: int | None = 320
@@ -229,8 +229,9 @@ class PatchCore(Detector):
         return self.config.global_view != "off"
 
     def fit(self, images: Sequence[ImageSource], progress: Progress | None = None) -> FitReport:
-        """`Detector.fit`; with global_view "auto", the probe of `selection` (the frame search's) decides the view."""
-        self.probe = make_probe(images, self.config.seed) if self.config.global_view == "auto" else None
+        """`Detector.fit`; with the global view, the probe of `selection` (the frame search's held-out images) states
+        the drift its scale allows for and, with "auto", decides whether it is kept."""
+        self.probe = make_probe(images, self.config.seed) if self.uses_global_view else None
         try:
             report = super().fit(images, progress)
         finally:
@@ -324,42 +325,74 @@ class PatchCore(Detector):
             self.config.global_view = "off"
             return torch.cat(scored), patch
         regions = split_features(features)[1]
-        residuals = torch.cat([RegionModel.from_moments(self.moments - Moments.of(regions[held])).residuals(regions[chosen])
-                               for held, chosen in zip(folds, scored)])
+        residuals = self.crossfit_residuals(regions, folds, scored)
+        drifted = self._drifted() if self.probe is not None else None
+        drift = (self._drift_variance(regions, drifted.regions) if drifted is not None
+                 else torch.zeros(residuals.shape[1]))
         self.fusion = {"patch": torch.stack([patch.mean(), patch.std().clamp_min(1e-6)]),
-                       "region_location": residuals.mean(0), "region_spread": residuals.std(0).clamp_min(1e-6)}
+                       "region_location": residuals.mean(0),
+                       "region_spread": (residuals.var(0) + drift).sqrt().clamp_min(1e-6)}
         fused = self._fused(patch, self._region_z(residuals))
         if self.config.global_view == "auto":
-            self.global_choice = self.choose_global_view(regions, patch, fused)
+            self.global_choice = self.choose_global_view(regions, patch, fused, drifted)
             self.config.global_view = self.global_choice["chosen"]
             if self.global_choice["chosen"] == "off":
                 self.moments = self.regions = self.fusion = None
                 return torch.cat(scored), patch
         return torch.cat(scored), fused
 
-    def choose_global_view(self, regions: torch.Tensor, patch: torch.Tensor, fused: torch.Tensor) -> dict[str, Any]:
-        """Keep the global view when the fused score catches more of the probe's synthetic defects above the 1% tail
-        of the cross-fitted good scores than the patch score alone, by more than one standard error (the frame
-        search's rule: what costs more must win by more than the noise). The held-out images' own patches and
-        regions are left out of the models that score their defects."""
+    def crossfit_residuals(self, regions: torch.Tensor, folds: list[torch.Tensor], scored: list[torch.Tensor]
+                           ) -> torch.Tensor:
+        """Each fold's scored images' region residuals from the statistics of the other folds (the fold's own
+        descriptors subtracted from the moments: exact, no refit)."""
+        return torch.cat([RegionModel.from_moments(self.moments - Moments.of(regions[held])).residuals(regions[chosen])
+                          for held, chosen in zip(folds, scored)])
+
+    def _drifted(self) -> PatchFeatures:
+        """The probe's drifted good images, embedded."""
+        return self._features(self.probe.drifted, None)[0]
+
+    def _drift_variance(self, regions: torch.Tensor, drifted: torch.Tensor) -> torch.Tensor:
+        """Per region: the mean squared change of a held-out image's residual under the stated drift (statistics
+        without the held-out images). Added to the good residuals' variance, it makes the global view's scale allow
+        for the light and camera drift of a line: a region must change more than drift does to count."""
+        held = torch.from_numpy(self.probe.held)
+        model = RegionModel.from_moments(self.moments - Moments.of(regions[held]))
+        before = model.residuals(regions[held]).repeat_interleave(len(drifted) // len(held), 0)
+        return ((model.residuals(drifted) - before) ** 2).mean(0)
+
+    def choose_global_view(self, regions: torch.Tensor, patch: torch.Tensor, fused: torch.Tensor,
+                           drifted: PatchFeatures) -> dict[str, Any]:
+        """Keep the global view when the probe shows it pays, by the frame search's rule (what costs more must win by
+        more than the noise): against the 1% tail of the cross-fitted good scores, the fused score must catch more of
+        the probe's synthetic defects (swapped and missing regions among them) than the patch score alone, by more
+        than one standard error, and must not raise more false alarms on drifted good images (`selection.drifted`:
+        the light and camera drift of a line) by more than one. The held-out images' own patches and regions are
+        left out of the models that score them."""
         if self.probe is None:
             return {"chosen": "off", "reason": "too few training images for the probe"}
         held = torch.from_numpy(self.probe.held).sort().values
-        probed = self._features(self.probe.defective, None)[0]
+        defective = self._features(self.probe.defective, None)[0]
+        probed = PatchFeatures(torch.cat([defective.patches, drifted.patches]), torch.cat([defective.regions, drifted.regions]))
         fitted, fusion = self.index, self.fusion
         self.index, self.fusion = self.holdout_bank(held)[0], None
         try:
-            patch_probed = self.score_features(probed)[0].float()
+            patch_probed = self.score_features(probed)[0].float().numpy()
         finally:
             self.index, self.fusion = fitted, fusion
         residuals = RegionModel.from_moments(self.moments - Moments.of(regions[held])).residuals(probed.regions)
-        fused_probed = self._fused(patch_probed, self._region_z(residuals))
-        evidence = {"patch view": separation(patch.numpy(), patch_probed.numpy()),
-                    "patch + global view": separation(fused.numpy(), fused_probed.numpy())}
-        gain = evidence["patch + global view"]["recall_at_1pct"] - evidence["patch view"]["recall_at_1pct"]
-        margin = noise(evidence["patch + global view"]["recall_at_1pct"], len(probed))
-        return {"chosen": "on" if gain > margin else "off", "recall_gain": gain, "noise": margin,
-                "synthetic_images": len(probed), "held_out_images": len(held), "evidence": evidence}
+        fused_probed = self._fused(torch.from_numpy(patch_probed), self._region_z(residuals)).numpy()
+        count = len(self.probe.defective)
+        evidence = {view: {**separation(good.numpy(), scores[:count]), "drift_false_alarms": false_alarms(good.numpy(), scores[count:])}
+                    for view, good, scores in (("patch view", patch, patch_probed), ("patch + global view", fused, fused_probed))}
+        alone, both = evidence["patch view"], evidence["patch + global view"]
+        gain = both["recall_at_1pct"] - alone["recall_at_1pct"]
+        drift_cost = both["drift_false_alarms"] - alone["drift_false_alarms"]
+        keep = (gain > noise(both["recall_at_1pct"], count)
+                and drift_cost <= noise(alone["drift_false_alarms"], len(self.probe.drifted)))
+        return {"chosen": "on" if keep else "off", "recall_gain": gain, "drift_false_alarm_cost": drift_cost,
+                "synthetic_images": count, "drifted_images": len(self.probe.drifted), "held_out_images": len(held),
+                "evidence": evidence}
 
     def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor, scored: torch.Tensor | None = None
                        ) -> torch.Tensor:

@@ -23,6 +23,8 @@ DEFECTS_PER_KIND = 2  # synthetic defects of each kind per held-out image (16 x 
 MIN_IMAGES = 12  # fewer training images: no probe, the defaults
 MAX_PIXELS = 4_000_000  # held-out images are shrunk to this before defects are pasted (memory stays bounded)
 TAIL_Z = 2.326  # a normal distribution's 1% upper tail, in standard deviations
+DRIFTS_PER_IMAGE = 2  # drifted copies of each held-out good image (16 x 2 = 32)
+DRIFT_GAIN, DRIFT_CONTRAST = 0.05, 0.10  # the drift a line's camera and light see between fits: +-5% brightness, +-10% contrast
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Probe:
     order: np.ndarray
     good: list[np.ndarray]
     defective: list[np.ndarray]
+    drifted: list[np.ndarray]  # good images under drift: still good
 
     @property
     def held(self) -> np.ndarray:
@@ -54,7 +57,17 @@ def make_probe(images: Sequence[Any], seed: int, kinds: Sequence[str] = KINDS + 
         good.append(image if scale == 1.0 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
     defective = [synthetic_defect(image, kind, rng, good[(i + 1) % len(good)]).image
                  for i, image in enumerate(good) for kind in tuple(kinds) * DEFECTS_PER_KIND]
-    return Probe(order, good, defective)
+    drift = np.random.default_rng([seed, 1])  # its own stream: the defects are the same with or without it
+    return Probe(order, good, defective, [drifted(image, drift) for image in good for _ in range(DRIFTS_PER_IMAGE)])
+
+
+def drifted(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A good image as the line may see it later: brightness and contrast changed within the stated drift."""
+    pixels = image.astype(np.float32)
+    mean = pixels.mean()
+    gain = rng.uniform(1 - DRIFT_GAIN, 1 + DRIFT_GAIN)
+    contrast = rng.uniform(1 - DRIFT_CONTRAST, 1 + DRIFT_CONTRAST)
+    return np.clip((mean + (pixels - mean) * contrast) * gain, 0, 255).round().astype(np.uint8)
 
 
 def separation(good: np.ndarray, defective: np.ndarray) -> dict[str, float]:
@@ -62,6 +75,11 @@ def separation(good: np.ndarray, defective: np.ndarray) -> dict[str, float]:
     mean, std = float(good.mean()), max(float(good.std()), 1e-12)
     margins = np.clip((defective - mean) / std, -10, 10)
     return {"recall_at_1pct": float((margins >= TAIL_Z).mean()), "mean_margin_sd": float(margins.mean())}
+
+
+def false_alarms(good: np.ndarray, drifted_good: np.ndarray) -> float:
+    """The share of drifted good images above the good scores' 1% tail."""
+    return separation(good, drifted_good)["recall_at_1pct"]
 
 
 def noise(recall: float, count: int) -> float:

@@ -1,0 +1,128 @@
+"""The global view: region statistics, fold exclusion, one fused score and map, model files, teaching, and
+defects of layout (a generated category) that the patch view alone misses."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from defectscope import load_dataset
+from defectscope.artifacts import load_model, save_model
+from defectscope.detectors.base import create_detector
+from defectscope.detectors.global_view import MAP_GRID, SCORE_GRID, Moments, RegionModel, pooling_matrix, region_descriptors
+from defectscope.detectors.patchcore import PatchFeatures
+from defectscope.metrics import image_auroc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from generated import write_logical_parts  # noqa: E402
+
+
+@pytest.mark.parametrize("size, cells", [(40, 3), (20, 6), (7, 3), (44, 6)])
+def test_region_pooling_is_adaptive_average_pooling(size: int, cells: int) -> None:
+    x = torch.randn(2, 5, size, size + 3)
+    rows, cols = torch.from_numpy(pooling_matrix(size, cells)), torch.from_numpy(pooling_matrix(size + 3, cells))
+    pooled = torch.einsum("nchw,gh,kw->ncgk", x, rows, cols)
+    torch.testing.assert_close(pooled, F.adaptive_avg_pool2d(x, cells), rtol=1e-5, atol=1e-6)
+    described = region_descriptors({8: x, 16: x[:, :, ::2, ::2]})
+    assert described.shape == (2, SCORE_GRID**2 + MAP_GRID**2, 10)
+
+
+def test_a_fold_is_scored_by_statistics_without_its_own_images() -> None:
+    generator = torch.Generator().manual_seed(0)
+    regions = torch.randn(30, 4, 6, generator=generator) @ torch.randn(6, 6, generator=generator)
+    everything = Moments.of(regions)
+    fold = torch.tensor([1, 7, 12])
+    rest = torch.ones(30, dtype=torch.bool)
+    rest[fold] = False
+    without, refitted = RegionModel.from_moments(everything - Moments.of(regions[fold])), RegionModel.from_moments(Moments.of(regions[rest]))
+    torch.testing.assert_close(without.residuals(regions[fold]), refitted.residuals(regions[fold]), rtol=1e-4, atol=1e-4)
+
+    detector = create_detector("patchcore", global_view="on", calibration_folds=5, coreset_ratio=0.5)
+    features = PatchFeatures(torch.randn(30, 3, 3, 8, generator=generator), regions)
+    detector.fit_features(features)
+    folds, scored = detector.crossfit_rows(30)
+    got = detector.crossfit_residuals(regions, folds, scored)
+    expected = []
+    for held, chosen in zip(folds, scored):
+        keep = torch.ones(30, dtype=torch.bool)
+        keep[held] = False
+        expected.append(RegionModel.from_moments(Moments.of(regions[keep])).residuals(regions[chosen]))
+    torch.testing.assert_close(got, torch.cat(expected), rtol=1e-4, atol=1e-4)
+    outlier = regions.clone()
+    outlier[folds[0][0]] += 50  # one image far from the rest: its own fold never learns it, so it stands out
+    detector.fit_features(PatchFeatures(features.patches, outlier))
+    residuals = detector.crossfit_residuals(outlier, folds, scored)
+    first = int((torch.cat(scored) == folds[0][0]).nonzero())
+    assert residuals[first].min() > 10 * residuals.median()
+
+
+@pytest.fixture(scope="module")
+def logical(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_logical_parts(tmp_path_factory.mktemp("logical"), train=60, test_good=12, per_defect=8, size=256)
+
+
+@pytest.fixture(scope="module")
+def views(logical: Path) -> dict:
+    """PatchCore with and without the global view, fitted on the generated trays."""
+    train = [s.path for s in load_dataset(logical).train]
+    fitted = {}
+    for view in ("on", "off"):
+        detector = create_detector("patchcore", image_size=256, crop=None, coreset_ratio=0.25, global_view=view)
+        detector.fit(train)
+        fitted[view] = detector
+    return fitted
+
+
+def test_the_global_view_catches_parts_that_do_not_go_together(views: dict, logical: Path) -> None:
+    test = load_dataset(logical).test
+    labels = [s.label for s in test]
+    paths = [s.path for s in test]
+    fused, alone = views["on"].predict(paths, map_size="input"), views["off"].predict(paths, map_size="input")
+    assert image_auroc(labels, fused.scores) >= 0.98
+    assert image_auroc(labels, alone.scores) <= 0.95  # every part looks normal on its own
+    caught = np.array([v == "defective" for v in fused.verdicts])
+    assert caught[np.array(labels) == 1].mean() >= 0.8 and caught[np.array(labels) == 0].mean() <= 0.2
+    swapped = [i for i, s in enumerate(test) if s.defect == "swapped"]
+    for i in swapped:  # the map lights up where the parts are, not in the empty middle or the margin
+        heat = fused.maps[i]
+        h, w = heat.shape
+        assert heat[: h // 2, : w // 2].max() > heat[h // 2 - 4 : h // 2 + 4, w // 2 - 4 : w // 2 + 4].mean()
+
+
+def test_the_global_view_travels_in_the_model_file_and_learns_taught_images(views: dict, logical: Path,
+                                                                              tmp_path: Path) -> None:
+    detector = views["on"]
+    path = save_model(detector, tmp_path / "m.dsmodel")
+    loaded = load_model(path)
+    paths = [s.path for s in load_dataset(logical).test]
+    want, got = detector.predict(paths), loaded.predict(paths)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5)
+    assert loaded.config.global_view == "on" and loaded.fusion is not None
+    off = load_model(save_model(views["off"], tmp_path / "off.dsmodel"))
+    assert off.moments is None and "global_sums" not in off.tensors()
+    before = float(loaded.moments.count[0])
+    new = [s.path for s in load_dataset(logical).test if s.label == 0][:4]
+    residual_before = loaded.regions.residuals(loaded._features(new, None)[0].regions).mean()
+    loaded.teach(new)
+    assert float(loaded.moments.count[0]) == before + 4
+    assert loaded.regions.residuals(loaded._features(new, None)[0].regions).mean() < residual_before
+
+
+def test_auto_records_its_choice_and_the_evidence(logical: Path, tmp_path: Path) -> None:
+    train = [s.path for s in load_dataset(logical).train]
+    detector = create_detector("patchcore", image_size=256, crop=None, coreset_ratio=0.25)
+    assert detector.config.global_view == "auto"
+    detector.fit(train)
+    choice = detector.train_summary["global_view_choice"]
+    assert choice["chosen"] == detector.config.global_view in ("on", "off")
+    assert set(choice["evidence"]) == {"patch view", "patch + global view"}
+    assert (choice["synthetic_images"], choice["drifted_images"]) == (16 * 6 * 2, 16 * 2)
+    for view in choice["evidence"].values():
+        assert 0 <= view["recall_at_1pct"] <= 1 and 0 <= view["drift_false_alarms"] <= 1
+    loaded = load_model(save_model(detector, tmp_path / "auto.dsmodel"))
+    assert loaded.config.global_view == choice["chosen"] and loaded.train_summary["global_view_choice"] == choice
