@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from defectscope import load_dataset
 from defectscope.data.decode import read_image
@@ -99,6 +98,14 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _value(text: str) -> object:
+    """A setting given on the command line: JSON when it parses (numbers, true, null), else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("../shared/datasets/mvtec_ad"))
@@ -115,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.single:
         name, *pairs = args.single[1].split()
-        settings = {**args.settings, **{key: yaml.safe_load(value) for key, value in (p.split("=", 1) for p in pairs)}}
+        settings = {**args.settings, **{key: _value(value) for key, value in (p.split("=", 1) for p in pairs)}}
         print(json.dumps({**measure(Path(args.single[0]), name, settings), "model": args.single[1]}))
         return
     folders = [args.root / category for category in args.categories]

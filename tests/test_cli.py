@@ -24,6 +24,23 @@ def test_help_lists_every_command_and_version() -> None:
     assert "0.1.0" in runner.invoke(app, ["--version"]).output
 
 
+def test_help_and_info_answer_without_loading_pytorch(served_folder: Path) -> None:
+    """`--help`, an argument typo and `info` load only the command line and the model file's header (not torch)."""
+    probe = ("import sys\nfrom defectscope.cli import main\nsys.argv = ['defectscope'] + sys.argv[1:]\n"
+             "try:\n    main()\nexcept SystemExit as exit:\n    code = exit.code\n"
+             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', code, file=sys.stderr)")
+    for arguments in (["--help"], ["fit", "--no-such-option"], ["info", str(served_folder / "part.dsmodel")]):
+        run = subprocess.run([sys.executable, "-c", probe, *arguments], capture_output=True, text=True, timeout=120)
+        assert run.stderr.strip().splitlines()[-1] in ("NO-TORCH 0", "NO-TORCH 2"), (arguments, run.stderr[-500:])
+
+
+def test_the_command_line_names_every_good_only_model() -> None:
+    from defectscope.detectors import good_only_models
+    from defectscope.names import GOOD_ONLY_MODELS
+
+    assert list(GOOD_ONLY_MODELS) == good_only_models()
+
+
 def test_summary_json(demo_root: Path) -> None:
     result = runner.invoke(app, ["data", "summary", str(demo_root), "--json"])
     summary = json.loads(result.output)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
+from defectscope.errors import InputError
 from defectscope.metrics import aupro, f1_max, image_auroc, per_defect_auroc, pixel_auroc, pixel_metrics, pro_curve
 from defectscope.thresholds import calibrate
 
@@ -45,10 +46,10 @@ def test_pixel_metrics_from_one_sort_match_sklearn_and_aupro_with_ties() -> None
     assert metrics["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
     assert metrics["aupro"] == pytest.approx(aupro(masks, maps), abs=1e-12)
     assert pixel_metrics(masks, maps, pro=False) == {"pixel_auroc": metrics["pixel_auroc"]}
-    with pytest.raises(ValueError, match="both defect and defect-free"):
+    with pytest.raises(InputError, match="both defect and defect-free"):
         pixel_metrics(np.zeros_like(masks), maps)
     maps[0, 0, 0] = np.nan
-    with pytest.raises(ValueError, match="not finite"):
+    with pytest.raises(InputError, match="not finite"):
         pixel_metrics(masks, maps)
 
 

@@ -17,7 +17,7 @@ from defectscope._version import __version__
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _WHERE = {
-    "load_model": "artifacts", "model_info": "artifacts", "save_model": "artifacts",
+    "load_model": "artifacts", "model_info": "model_header", "save_model": "artifacts",
     "list_backbones": "backbones", "load_backbone": "backbones",
     "Preprocess": "data.frame", "read_image": "data.decode",
     "Dataset": "data.layout", "Sample": "data.layout", "load_dataset": "data.layout",

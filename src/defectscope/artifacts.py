@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors_bytes
 from safetensors.torch import save as save_tensors_bytes
 
@@ -23,13 +22,11 @@ from defectscope.backbones import load_backbone
 from defectscope.data.frame import Preprocess
 from defectscope.detectors.base import MapModel, detector_class, require_finite
 from defectscope.errors import DefectscopeError
-from defectscope.files import check_output_file, json_text, read_regular, write_atomic
-from defectscope.manifests import header_metadata, is_manifest_file, read_header_manifest
+from defectscope.files import check_output_file, write_atomic
+from defectscope.manifests import header_metadata, is_manifest_file
+from defectscope.model_header import FORMAT, FORMAT_VERSION, checked_file, model_info  # noqa: F401  (model_info: public here too)
 from defectscope.thresholds import Calibration
 
-FORMAT = "defectscope-model"
-FORMAT_VERSION = 2
-DIGEST_SINCE = 2  # model files carry their manifest's digest from format version 2 on
 CALIBRATION_SCORES = "calibration.scores"  # the cross-fitted good scores, kept to restate the threshold later
 LEGACY_CONFIG_FIELDS = ("calibration_fraction",)  # written by earlier versions; no longer used
 
@@ -90,15 +87,6 @@ def _is_model_file(path: Path) -> bool:
     return is_manifest_file(path, FORMAT)
 
 
-def read_manifest(data: bytes, path: Path) -> dict[str, Any]:
-    """Parse and check the manifest in a model file's safetensors header, and that the file is complete."""
-    return read_header_manifest(data, path, FORMAT, FORMAT_VERSION, "defectscope model file", DIGEST_SINCE)
-
-
-def _read(path: Path) -> bytes:
-    return read_regular(path, "model file")
-
-
 def _section(manifest: dict, key: str, kind: type, path: Path, optional: bool = False) -> Any:
     value = manifest.get(key)
     if value is None and optional:
@@ -111,13 +99,8 @@ def _section(manifest: dict, key: str, kind: type, path: Path, optional: bool = 
 def load_model(path: str | Path, weights: str | Path | None = None) -> MapModel:
     """Load a model file (never unpickles); checks the backbone weights match the ones it was fitted with."""
     path = Path(path)
-    data = _read(path)
-    manifest = read_manifest(data, path)
-    try:
-        tensors = load_tensors_bytes(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise DefectscopeError(f"model file {path} is corrupt or truncated: {exc}") from exc
-    require_finite(tensors, f"model file {path} holds")
+    data, manifest = checked_file(path)
+    tensors = load_tensors_bytes(data)
     calibration_scores = tensors.pop(CALIBRATION_SCORES, None)
     cls = detector_class(_section(manifest, "detector", str, path))
     try:
@@ -168,24 +151,10 @@ def set_threshold(path: str | Path, calibration: Calibration, out: str | Path | 
     """Write a model file with a new threshold (to `out`, default in place, atomically), keeping everything else."""
     path = Path(path)
     target = Path(out) if out is not None else path
-    data = _read(path)
-    manifest = read_manifest(data, path)
+    data, manifest = checked_file(path)
     _check_calibration(calibration, "the new calibration")
     if target != path:
         check_model_output(target, force)
     manifest["calibration"] = calibration.to_dict()
     write_atomic(target, _file_bytes(load_tensors_bytes(data), manifest))
     return target
-
-
-def model_info(path: str | Path) -> dict[str, Any]:
-    """The manifest of a model file, after checking the whole file as loading does (complete, manifest digest,
-    finite tensors), without building the model."""
-    path = Path(path)
-    data = _read(path)
-    manifest = read_manifest(data, path)
-    try:
-        require_finite(load_tensors_bytes(data), f"model file {path} holds")
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise DefectscopeError(f"model file {path} is corrupt or truncated: {exc}") from exc
-    return manifest

@@ -28,36 +28,8 @@ from rich.table import Table
 from rich.text import Text
 
 from defectscope._version import __version__
-from defectscope.artifacts import load_model, model_info
-from defectscope.backbones import LITE_FILES, list_backbones
-from defectscope.data.layout import load_dataset
-from defectscope.data.summary import summarize
-from defectscope.data.synthetic import make_demo_dataset
-from defectscope.deployment import export_model
-from defectscope.detectors import good_only_models
 from defectscope.errors import DefectscopeError
-from defectscope.experiments.config import load_experiment
-from defectscope.experiments.runner import run_experiment
-from defectscope.experiments.table import markdown, write_table
-from defectscope.export.check import check_export
-from defectscope.export.labels import FORMATS, ExportOptions, export_ground_truth
-from defectscope.export.pseudo import export_pseudo_labels
-from defectscope.files import json_text, loads_strict
-from defectscope.pipeline import (
-    DEFECT_LIKE,
-    evaluate_model,
-    fit_model,
-    load_predictor,
-    predict_images,
-    recalibrate,
-    run_demo,
-    store_f1_threshold,
-    update_model,
-)
-from defectscope.reports import metrics_markdown
-from defectscope.scale.fit_many import fit_many
-from defectscope.scale.scoring import score_to_parquet
-from defectscope.service.config import TOKEN_ENV
+from defectscope.names import DEFECT_LIKE, GOOD_ONLY_MODELS, LABEL_FORMATS, TOKEN_ENV
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial visual inspection: learn good parts, find defects.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets and make demo data.")
@@ -115,6 +87,9 @@ def data_summary(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Classes, counts per split and class, image sizes, masks and imbalance of a dataset."""
+    from defectscope.data.layout import load_dataset
+    from defectscope.data.summary import summarize
+    from defectscope.files import json_text
     summary = summarize(load_dataset(path))
     if as_json:
         print(json_text(summary, indent=2))
@@ -153,6 +128,7 @@ def data_demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Write the seeded synthetic demo dataset (MVTec layout, with masks)."""
+    from defectscope.data.synthetic import make_demo_dataset
     if not 16 <= size <= 4096:
         raise DefectscopeError(f"--size must be between 16 and 4096 pixels, got {size}")
     make_demo_dataset(out, size=size, seed=seed)
@@ -162,12 +138,14 @@ def data_demo(
 @app.command("backbones")
 def backbones() -> None:
     """List backbones: offline EfficientNet-Lite first, then torchvision models."""
+    from defectscope.backbones import LITE_FILES, list_backbones
     for name in list_backbones():
         say(f"{name}  [dim]{'(weights ship with defectscope)' if name in LITE_FILES else '(torchvision weights)'}[/]", markup=True)
 
 
 def parse_settings(text: str | None) -> dict:
     """`--settings` JSON: a mapping of config fields (checked later, with the model's other settings)."""
+    from defectscope.files import loads_strict
     if text is None:
         return {}
     value = loads_strict(text, "--settings")
@@ -180,7 +158,7 @@ def parse_settings(text: str | None) -> dict:
 def fit(
     data: Annotated[Path, typer.Argument(help="Dataset folder; its good training images are used.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write.")],
-    model: Annotated[str, typer.Option(help=f"One of: {', '.join(good_only_models())}.")] = "patchcore",
+    model: Annotated[str, typer.Option(help=f"One of: {', '.join(GOOD_ONLY_MODELS)}.")] = "patchcore",
     backbone: Annotated[str, typer.Option(help="Feature extractor (see `defectscope backbones`).")] = "efficientnet_lite0",
     coreset: Annotated[float | None, typer.Option(help="PatchCore memory ratio (default 0.1).")] = None,
     image_size: Annotated[int | None, typer.Option(help="Short side of the frame before cropping (default: the model's).")] = None,
@@ -199,6 +177,7 @@ def fit(
 
     PatchCore chooses its frame (image size, crop, patch stride) from the good images unless one of them is given.
     """
+    from defectscope.pipeline import fit_model
     settings: dict = {"backbone": backbone, "seed": seed, **parse_settings(settings_json)}
     if false_alarm_rate is not None:
         settings.update(threshold_method="false_alarm_rate", threshold_param=false_alarm_rate)
@@ -240,6 +219,8 @@ def predict(
     force: ForceOption = False,
 ) -> None:
     """Score images: raw score, normalized score (1.0 = threshold) and verdict; exit 3 if any could not be scored."""
+    from defectscope.files import json_text
+    from defectscope.pipeline import load_predictor, predict_images
     detector = load_predictor(model, weights)
     rows = predict_images(detector, inputs, heatmaps=heatmaps, force=force, bar=_progress)
     if as_json:
@@ -278,6 +259,10 @@ def evaluate(
     force: ForceOption = False,
 ) -> None:
     """Metrics on the test split: image/pixel AUROC, AUPRO, F1-max, per defect type."""
+    from defectscope.artifacts import load_model
+    from defectscope.data.layout import load_dataset
+    from defectscope.pipeline import evaluate_model, store_f1_threshold
+    from defectscope.reports import metrics_markdown
     detector = load_model(model, weights)
     evaluation, written = evaluate_model(detector, load_dataset(data), out, force=force, bar=_progress)
     say(metrics_markdown(evaluation.metrics))
@@ -301,6 +286,7 @@ def calibrate(
     force: ForceOption = False,
 ) -> None:
     """Set a model's threshold for a stated false-alarm rate, or from a few labelled images, and say how sure it is."""
+    from defectscope.pipeline import recalibrate
     calibration = recalibrate(model, output, false_alarm_rate=false_alarm_rate, good=good or (), defective=defective or (),
                               target_recall=target_recall, f1=f1, weights=weights, force=force, bar=_progress)
     say(f"{calibration.describe()} -> {output}")
@@ -321,6 +307,7 @@ def update(
     force: ForceOption = False,
 ) -> None:
     """Teach a model more good images without a full refit (PatchCore), and restate its threshold."""
+    from defectscope.pipeline import update_model
     details = update_model(model, good, output, defective=defective or (), check=check,
                            accept_defect_like=accept_defect_like, accept_misses=accept_misses, weights=weights,
                            force=force, bar=_progress)
@@ -391,6 +378,7 @@ def fit_many_command(
     retries: Annotated[int, typer.Option(min=0, help="Retries of a failed fit before it is reported.")] = 2,
 ) -> None:
     """Fit one model per product of a plan; products whose model file is up to date are skipped; exit 3 if any failed."""
+    from defectscope.scale.fit_many import fit_many
     rows = fit_many(plan, ray, retries)
     table = Table()
     for column in ("product", "model", "status", "seconds", "model file"):
@@ -415,6 +403,7 @@ def score(
     force: ForceOption = False,
 ) -> None:
     """Score many images into Parquet (path, score, normalized, verdict, error); an interrupted run resumes."""
+    from defectscope.scale.scoring import score_to_parquet
     summary = score_to_parquet(model, inputs, out, ray, workers, force, threads=threads)
     say(f"{summary['images']} images in {summary['chunks']} part file(s) under {out}: {summary['scored_now']} scored now, "
         f"{summary['resumed_chunks']} part(s) kept from an earlier run")
@@ -424,6 +413,7 @@ def score(
 
 def _show_table(folder: Path, metric: str | None) -> None:
     """Write table.md / table.csv / table.json in the folder and print the table."""
+    from defectscope.experiments.table import markdown, write_table
     table, paths = write_table(folder, metric)
     say(markdown(table))  # plain Markdown: readable at any width, pastes as is
     say("tables: " + ", ".join(str(p) for p in paths))
@@ -439,6 +429,8 @@ def experiment_run(
     force: ForceOption = False,
 ) -> None:
     """Train and evaluate every attempt, skip finished ones, and print the comparison table."""
+    from defectscope.experiments.config import load_experiment
+    from defectscope.experiments.runner import run_experiment
     experiment = load_experiment(config)
     data = data or (Path(experiment.data) if experiment.data else None)
     if data is None:
@@ -467,7 +459,7 @@ app.add_typer(export_app, name="export")
 def export_labels(
     data: Annotated[Path, typer.Argument(help="Dataset folder (MVTec or plain layout).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (new, empty, or an earlier export).")],
-    format: Annotated[str, typer.Option("--format", help=f"One of: {', '.join(FORMATS)}.")] = "coco",
+    format: Annotated[str, typer.Option("--format", help=f"One of: {', '.join(LABEL_FORMATS)}.")] = "coco",
     from_model: Annotated[Path | None, typer.Option(help="Label the test images with this model's instances (a detector: typed) or maps (pseudo-labels).")] = None,
     threshold: Annotated[float | None, typer.Option(help="Map threshold (a detector: least confidence) for pseudo-labels (default: the model's).")] = None,
     min_area: Annotated[int, typer.Option(help="Smallest instance kept, in pixels.")] = 1,
@@ -480,6 +472,10 @@ def export_labels(
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty folder defectscope did not create (its contents are deleted).")] = False,
 ) -> None:
     """Write YOLO, YOLO-seg, COCO or per-instance masks from the ground-truth masks or a model's maps."""
+    from defectscope.artifacts import load_model
+    from defectscope.data.layout import load_dataset
+    from defectscope.export.labels import ExportOptions, export_ground_truth
+    from defectscope.export.pseudo import export_pseudo_labels
     options = ExportOptions(format, val_fraction=val_fraction, seed=seed, min_area=min_area, tolerance=tolerance, rle=rle, link=link)
     dataset = load_dataset(data)
     if from_model:
@@ -499,6 +495,7 @@ def export_model_command(
     force: ForceOption = False,
 ) -> None:
     """Export a model for the torch-free runtime, checked against the PyTorch model before anything is written."""
+    from defectscope.deployment import export_model
     written = export_model(model, out, file_format, force=force)
     say(f"wrote {', '.join(str(path) for path in written)}; run it with: python -m defectscope.runtime {written[0]} IMAGES...")
 
@@ -506,6 +503,7 @@ def export_model_command(
 @export_app.command("check")
 def export_check(out: Annotated[Path, typer.Argument(help="Folder written by 'export labels'.")]) -> None:
     """Parse an export back (COCO via pycocotools), compare every label with its source mask, and look for leaks."""
+    from defectscope.export.check import check_export
     report = check_export(out)
     iou = "" if report["min_iou"] is None else f"; mask IoU min {report['min_iou']:.4f}, mean {report['mean_iou']:.4f}"
     say(f"{report['format']}: {report['images']} images, {report['instances']} instances checked{iou}")
@@ -519,6 +517,8 @@ def export_check(out: Annotated[Path, typer.Argument(help="Folder written by 'ex
 @app.command("info")
 def info(model: Annotated[Path, typer.Argument(help="Model file.")]) -> None:
     """Print a model file's manifest (detector, config, backbone, threshold, training set)."""
+    from defectscope.model_header import model_info
+    from defectscope.files import json_text
     print(json_text(model_info(model), indent=2))
 
 
@@ -526,10 +526,12 @@ def info(model: Annotated[Path, typer.Argument(help="Model file.")]) -> None:
 def demo(
     data: Annotated[Path | None, typer.Option(help="Dataset folder; default: generate the demo dataset.")] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo-output"),
-    model: Annotated[str, typer.Option(help=f"Detector to fit: {', '.join(good_only_models())}.")] = "patchcore",
+    model: Annotated[str, typer.Option(help=f"Detector to fit: {', '.join(GOOD_ONLY_MODELS)}.")] = "patchcore",
     force: ForceOption = False,
 ) -> None:
     """The main job end to end: (demo data,) fit, evaluate, heatmaps and a short report."""
+    from defectscope.pipeline import run_demo
+    from defectscope.reports import metrics_markdown
     result = run_demo(out, data, model, force=force, bar=_progress, say=say)
     say(metrics_markdown(result.evaluation.metrics))
     calibration = result.fitted.detector.calibration

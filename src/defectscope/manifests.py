@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from defectscope._version import __version__
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DefectscopeError, ModelFileError
 from defectscope.files import json_text, loads_strict
 
 MANIFEST_KEY = "defectscope"
@@ -46,31 +46,31 @@ def read_header_manifest(data: bytes, path: Path, file_format: str, max_version:
     """Parse and check the manifest in a safetensors header (format, version, its digest from version
     `digest_since` on), and that the file is complete."""
     if len(data) < 8:
-        raise DefectscopeError(f"{path} is not a {what} (too short: {len(data)} bytes)")
+        raise ModelFileError(f"{path} is not a {what} (too short: {len(data)} bytes)")
     (header_size,) = struct.unpack("<Q", data[:8])
     if header_size > min(MAX_HEADER, len(data) - 8):
-        raise DefectscopeError(f"{path} is not a {what}, or it is truncated (bad header length)")
+        raise ModelFileError(f"{path} is not a {what}, or it is truncated (bad header length)")
     try:
         header = loads_strict(data[8 : 8 + header_size], f"the header of {path}")
         text = header["__metadata__"][MANIFEST_KEY]
         manifest = loads_strict(text, f"the manifest of {path}")
         digest = header["__metadata__"].get(DIGEST_KEY)
     except (KeyError, TypeError, AttributeError) as exc:
-        raise DefectscopeError(f"{path} is not a {what} (no manifest in its header)") from exc
+        raise ModelFileError(f"{path} is not a {what} (no manifest in its header)") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != file_format:
-        raise DefectscopeError(f"{path} is not a {what} (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+        raise ModelFileError(f"{path} is not a {what} (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
     version = manifest.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise DefectscopeError(f"{path} is damaged: its format version {version!r} is not a whole number >= 1")
+        raise ModelFileError(f"{path} is damaged: its format version {version!r} is not a whole number >= 1")
     if version > max_version:
-        raise DefectscopeError(f"{path} has format version {version}, newer than this defectscope ({__version__}) reads "
+        raise ModelFileError(f"{path} has format version {version}, newer than this defectscope ({__version__}) reads "
                                f"(up to {max_version}); upgrade defectscope")
     if (digest is not None or version >= digest_since) and digest != hashlib.sha256(str(text).encode()).hexdigest():
-        raise DefectscopeError(f"{what} {path} was altered: its manifest does not match the digest written with it; "
+        raise ModelFileError(f"{what} {path} was altered: its manifest does not match the digest written with it; "
                                "write it again with defectscope (calibrate, export) instead of editing it")
     ends = [entry["data_offsets"][1] for key, entry in header.items()
             if key != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)]
     if max(ends, default=0) != len(data) - 8 - header_size:
-        raise DefectscopeError(f"{what} {path} is corrupt or truncated: its tensors need {max(ends, default=0)} bytes, "
+        raise ModelFileError(f"{what} {path} is corrupt or truncated: its tensors need {max(ends, default=0)} bytes, "
                                f"it holds {len(data) - 8 - header_size}")
     return manifest

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DefectscopeError, InputError
 
 AUPRO_FPR_LIMIT = 0.3
 
@@ -41,7 +41,7 @@ def region_weights(masks: np.ndarray) -> np.ndarray:
         region_ids[index] = np.where(labelled > 0, labelled + regions, 0)
         regions += count
     if regions == 0:
-        raise ValueError("AUPRO needs at least one defect region")
+        raise InputError("AUPRO needs at least one defect region in the masks")
     areas = np.bincount(region_ids.reshape(-1), minlength=regions + 1).astype(np.float64)
     per_region = np.r_[0.0, 1.0 / (regions * areas[1:])]
     return per_region[region_ids.reshape(-1)]
@@ -57,9 +57,9 @@ def ranked_curves(masks: np.ndarray, maps: np.ndarray, pro: bool = True) -> dict
     positives = int(masks.sum())
     negatives = masks.size - positives
     if negatives == 0 or positives == 0:
-        raise ValueError("pixel metrics need both defect and defect-free pixels")
+        raise InputError("pixel metrics need both defect and defect-free pixels in the masks")
     if not np.isfinite(maps).all():
-        raise ValueError("maps hold values that are not finite numbers")
+        raise InputError("maps hold values that are not finite numbers")
     weights = region_weights(masks.reshape(maps.shape)) if pro else None
     order = np.argsort(-maps.reshape(-1), kind="stable")
     values = maps.reshape(-1)[order]

@@ -39,6 +39,7 @@ from defectscope.detectors.patchcore import PatchCore
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation import Evaluation, evaluate
 from defectscope.files import claim_folder, file_sha256, write_atomic
+from defectscope.names import DEFECT_LIKE
 from defectscope.prediction import prediction_rows
 from defectscope.reports import metrics_markdown, write_report
 from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel, is_deployment
@@ -207,7 +208,6 @@ def recalibrate(model_path: Path, out: Path, *, false_alarm_rate: float | None =
     return calibration
 
 
-DEFECT_LIKE = 1.5  # a false alarm worth teaching scores near the threshold; one at 1.5x it looks like a defect
 
 
 def _labelled_defects(defective: Sequence[Path], check: Path | None) -> list[Path]:

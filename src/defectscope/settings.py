@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, TypeVar
 
-from defectscope.errors import DefectscopeError
+from defectscope.errors import SettingsError
 
 S = TypeVar("S", bound="Settings")
 
@@ -20,11 +20,11 @@ S = TypeVar("S", bound="Settings")
 def check_field_types(cls: type, data: dict) -> None:
     """Reject unknown fields and values whose type differs from the field's default (an int is a valid float)."""
     if not isinstance(data, dict):
-        raise DefectscopeError(f"settings must be a mapping of field names to values, got {type(data).__name__}")
+        raise SettingsError(f"settings must be a mapping of field names to values, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(str(k) for k in set(data) - set(known))
     if unknown:
-        raise DefectscopeError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise SettingsError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     for name, value in data.items():
         field = known[name]
         default = field.default_factory() if field.default is MISSING and field.default_factory is not MISSING else field.default
@@ -35,7 +35,7 @@ def check_field_types(cls: type, data: dict) -> None:
         else:
             ok = type(value) is type(default)
         if not ok:
-            raise DefectscopeError(f"field '{name}' must be {type(default).__name__}, got {value!r}")
+            raise SettingsError(f"field '{name}' must be {type(default).__name__}, got {value!r}")
 
 
 def require_range(name: str, value: float | None, low: float | None = None, high: float | None = None,
@@ -44,20 +44,20 @@ def require_range(name: str, value: float | None, low: float | None = None, high
     if value is None and optional:
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise DefectscopeError(f"field '{name}' must be a finite number, got {value!r}")
+        raise SettingsError(f"field '{name}' must be a finite number, got {value!r}")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
         left = "(" if low_open else "["
         right = ")" if high_open else "]"
         span = f"{left}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{right}"
-        raise DefectscopeError(f"field '{name}' must be in {span}, got {value!r}")
+        raise SettingsError(f"field '{name}' must be in {span}, got {value!r}")
 
 
 def require_choice(name: str, value: Any, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
-        raise DefectscopeError(f"field '{name}' must be one of {', '.join(allowed)}, got {value!r}")
+        raise SettingsError(f"field '{name}' must be one of {', '.join(allowed)}, got {value!r}")
 
 
 @dataclass

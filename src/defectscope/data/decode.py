@@ -18,7 +18,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from defectscope.errors import DefectscopeError
+from defectscope.errors import InputError
 from defectscope.files import open_regular, read_regular
 
 try:
@@ -33,7 +33,7 @@ DEFAULT_MAX_PIXELS = 50_000_000  # a 50-megapixel camera frame (8192 x 6104); MV
 ImageSource = str | Path | np.ndarray
 
 
-class ImageTooLarge(DefectscopeError):
+class ImageTooLarge(InputError):
     """An image above the pixel limit (refused from its header, before decoding)."""
 
 if cv2 is not None:
@@ -51,7 +51,7 @@ def max_pixels() -> int:
     except ValueError:
         limit = 0
     if limit < 1:
-        raise DefectscopeError(f"{MAX_PIXELS_ENV} must be a whole number of pixels >= 1, got {value!r}")
+        raise InputError(f"{MAX_PIXELS_ENV} must be a whole number of pixels >= 1, got {value!r}")
     return limit
 
 
@@ -84,7 +84,7 @@ def decode_image(data: np.ndarray, path: str | Path, checked: bool = False) -> n
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if cv2 is not None else _pillow_decode(data)
     if image is None:
         reason = _pil_failure(data)
-        raise DefectscopeError(f"cannot decode image {path}: {reason}; replace or remove the file")
+        raise InputError(f"cannot decode image {path}: {reason}; replace or remove the file")
     if image.dtype != np.uint8:
         image = _to_uint8(image)
     if image.ndim == 2:
@@ -125,7 +125,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     data = _read_bytes(path)
     image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if cv2 is not None else _pillow_decode(data, gray=True)
     if image is None:
-        raise DefectscopeError(f"cannot decode mask {path}: {_pil_failure(data)}; replace or remove the file")
+        raise InputError(f"cannot decode mask {path}: {_pil_failure(data)}; replace or remove the file")
     return image > 0
 
 
@@ -152,7 +152,7 @@ def image_header(path: str | Path, data: np.ndarray | None = None, stream: Binar
     try:
         source = io.BytesIO(data) if data is not None else stream
         if not source.read(1):
-            raise DefectscopeError(f"cannot decode image {path}: empty file; replace or remove the file")
+            raise InputError(f"cannot decode image {path}: empty file; replace or remove the file")
         source.seek(0)
         with warnings.catch_warnings():  # the limit below is ours; Pillow's bomb warning would only repeat it
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -161,16 +161,16 @@ def image_header(path: str | Path, data: np.ndarray | None = None, stream: Binar
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image {path} is above the limit of {max_pixels():,} pixels ({exc})") from exc
     except FileNotFoundError as exc:
-        raise DefectscopeError(f"cannot read image {path}: it does not exist") from exc
+        raise InputError(f"cannot read image {path}: it does not exist") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = "not an image file" if isinstance(exc, UnidentifiedImageError) else str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
-        raise DefectscopeError(f"cannot read image header of {path}: {reason}; replace or remove the file") from exc
+        raise InputError(f"cannot read image header of {path}: {reason}; replace or remove the file") from exc
     limit = max_pixels()
     if width * height > limit:
         raise ImageTooLarge(f"image {path} is {width}x{height} = {width * height:,} pixels, above the limit of {limit:,}; "
                                f"shrink it, or raise {MAX_PIXELS_ENV}")
     if width < 1 or height < 1:
-        raise DefectscopeError(f"image {path} has no pixels ({width}x{height})")
+        raise InputError(f"image {path} has no pixels ({width}x{height})")
     return width, height, mode
 
 
@@ -190,10 +190,10 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
             found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())
                            and not any(part.startswith(".") for part in p.relative_to(item).parts))
             if not found:
-                raise DefectscopeError(f"folder {item} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise InputError(f"folder {item} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             paths += found
         elif item.exists() or item.is_symlink():
             paths.append(item)
         else:
-            raise DefectscopeError(f"{item} does not exist")
+            raise InputError(f"{item} does not exist")
     return paths

@@ -130,17 +130,23 @@ def swap(image: np.ndarray, rng: np.random.Generator) -> Synthetic:
 
 
 def missing(image: np.ndarray, rng: np.random.Generator) -> Synthetic:
-    """A square (10-25% of the short side) gone: filled smoothly from the pixels around it."""
+    """A square (10-25% of the short side) gone: filled smoothly from the pixels around it (a normalized blur of its
+    surroundings, computed at 16 pixels per side of the square and enlarged: the cost does not grow with the image)."""
     side = max(2, int(rng.uniform(0.1, 0.25) * min(image.shape[:2])))
     top, left = _rectangle(rng, image.shape, side)
-    hole = np.zeros(image.shape[:2], np.float32)
-    hole[top : top + side, left : left + side] = 1
-    keep = 1 - hole
-    sigma = side / 2
-    around = cv2.GaussianBlur(image.astype(np.float32) * keep[:, :, None], (0, 0), sigma)
-    weight = cv2.GaussianBlur(keep, (0, 0), sigma)[:, :, None]
-    fill = np.clip(around / np.maximum(weight, 1e-3), 0, 255).astype(np.uint8)
-    out = np.where(hole[:, :, None] > 0, fill, image)
+    y0, y1 = max(0, top - side), min(image.shape[0], top + 2 * side)  # the square and one side around it
+    x0, x1 = max(0, left - side), min(image.shape[1], left + 2 * side)
+    box = image[y0:y1, x0:x1].astype(np.float32)
+    keep = np.ones(box.shape[:2], np.float32)
+    keep[top - y0 : top - y0 + side, left - x0 : left - x0 + side] = 0
+    scale = min(1.0, 16 / side)
+    small = (max(1, round(box.shape[1] * scale)), max(1, round(box.shape[0] * scale)))
+    around = cv2.GaussianBlur(cv2.resize(box * keep[:, :, None], small, interpolation=cv2.INTER_AREA), (0, 0), 8)
+    weight = cv2.GaussianBlur(cv2.resize(keep, small, interpolation=cv2.INTER_AREA), (0, 0), 8)
+    fill = cv2.resize(around / np.maximum(weight, 1e-3)[:, :, None], box.shape[1::-1], interpolation=cv2.INTER_LINEAR)
+    out = image.copy()
+    hole = keep == 0
+    out[y0:y1, x0:x1][hole] = np.clip(fill[hole], 0, 255).astype(np.uint8)
     return Synthetic(out, np.any(out != image, axis=2), "missing")
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from defectscope.data.decode import IMAGE_SUFFIXES, image_header
-from defectscope.errors import DefectscopeError
+from defectscope.errors import InputError
 
 GOOD = "good"
 COMBINED_NAMES = frozenset({"combined", "multiple", "mixed", "multi"})
@@ -79,7 +79,7 @@ def _list_images(folder: Path, warnings: list[str]) -> list[Path]:
 def _require_images(folder: Path, warnings: list[str], what: str) -> list[Path]:
     images = _list_images(folder, warnings)
     if not images:
-        raise DefectscopeError(
+        raise InputError(
             f"{what} folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove it"
         )
     return images
@@ -108,14 +108,14 @@ def _attach_masks(images: list[Path], mask_dir: Path, defect: str, warnings: lis
     for image in images:
         mask = _find_mask(mask_dir, image)
         if mask is None:
-            raise DefectscopeError(
+            raise InputError(
                 f"no mask for {image} in {mask_dir} (expected {image.stem}_mask.png or {image.stem}.png); "
                 "add the mask or move the image out of the dataset"
             )
         image_size = image_header(image)[:2]
         mask_size = image_header(mask)[:2]
         if image_size != mask_size:
-            raise DefectscopeError(
+            raise InputError(
                 f"mask {mask} is {mask_size[0]}x{mask_size[1]} but its image {image} is "
                 f"{image_size[0]}x{image_size[1]}; masks must have their image's size"
             )
@@ -138,7 +138,7 @@ def load_mvtec(root: Path) -> Dataset:
     warnings: list[str] = []
     train_good = root / "train" / GOOD
     if not train_good.is_dir():
-        raise DefectscopeError(
+        raise InputError(
             f"{root} has no train/good folder; an MVTec-style dataset needs <root>/train/good "
             "with defect-free images (or use the plain-folder layout: <root>/good, <root>/<defect>)"
         )
@@ -170,7 +170,7 @@ def load_folder(root: Path, test_fraction: float = 0.2) -> Dataset:
     warnings: list[str] = []
     good_dir = root / GOOD
     if not good_dir.is_dir():
-        raise DefectscopeError(
+        raise InputError(
             f"{root} has neither train/good (MVTec layout) nor good/ (plain layout); "
             "put defect-free images in <root>/good and defective ones in <root>/<defect type>"
         )
@@ -188,9 +188,9 @@ def load_dataset(path: str | Path) -> Dataset:
     """Read a dataset folder, detecting its layout (MVTec AD or plain folder)."""
     root = Path(path).expanduser()
     if not root.exists():
-        raise DefectscopeError(f"dataset path {root} does not exist; check the path")
+        raise InputError(f"dataset path {root} does not exist; check the path")
     if not root.is_dir():
-        raise DefectscopeError(f"dataset path {root} is a file; give the dataset's folder")
+        raise InputError(f"dataset path {root} is a file; give the dataset's folder")
     if (root / "train").is_dir():
         return load_mvtec(root)
     return load_folder(root)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from defectscope.data.decode import ImageSource
+from defectscope.data.defects import KINDS, LOGICAL_KINDS
 from defectscope.data.images import normalize
 from defectscope.detectors.base import (
     Detector,
@@ -231,7 +232,8 @@ class PatchCore(Detector):
     def fit(self, images: Sequence[ImageSource], progress: Progress | None = None) -> FitReport:
         """`Detector.fit`; with the global view, the probe of `selection` (the frame search's held-out images) states
         the drift its scale allows for and, with "auto", decides whether it is kept."""
-        self.probe = make_probe(images, self.config.seed) if self.uses_global_view else None
+        kinds = KINDS + LOGICAL_KINDS if self.config.global_view == "auto" else ()  # "on" needs the drifted images only
+        self.probe = make_probe(images, self.config.seed, kinds) if self.uses_global_view else None
         try:
             report = super().fit(images, progress)
         finally:

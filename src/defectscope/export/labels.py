@@ -28,9 +28,10 @@ from defectscope.data.layout import Dataset, Sample
 from defectscope.errors import DefectscopeError
 from defectscope.export.instances import Instance, components, polygons, rle
 from defectscope.files import check_creatable, claim_folder, inside, is_our_folder, write_atomic, write_json
+from defectscope.names import LABEL_FORMATS
 from defectscope.settings import require_range
 
-FORMATS = ("yolo", "yolo-seg", "coco", "masks")
+FORMATS = LABEL_FORMATS
 
 
 @dataclass

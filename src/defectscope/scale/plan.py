@@ -119,7 +119,7 @@ def fingerprint(product: Product) -> str:
 def recorded_fingerprint(path: Path) -> str | None:
     """The fingerprint a model file records, or None; the whole file is checked as loading checks it (complete,
     manifest digest, finite tensors), so a damaged file is never "up to date"."""
-    from defectscope.artifacts import model_info
+    from defectscope.model_header import model_info
 
     try:
         summary = model_info(path).get("train_summary")

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from defectscope.settings import Settings, require_range
 
-TOKEN_ENV = "DEFECTSCOPE_TOKEN"
 
 
 @dataclass
