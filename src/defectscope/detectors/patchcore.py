@@ -302,7 +302,7 @@ class PatchCore(Detector):
         """
         if self.fusion is None or regions is None:
             return scores, maps
-        z = standardize(self.regions.residuals(regions), self.fusion["region_location"], self.fusion["region_spread"])
+        z = self._region_z(self.regions.residuals(regions))
         grid = map_grid(z).clamp_min(0)
         rows = torch.from_numpy(bilinear_matrix(int(maps.shape[1]), int(grid.shape[1])).astype(np.float32))
         cols = torch.from_numpy(bilinear_matrix(int(maps.shape[2]), int(grid.shape[2])).astype(np.float32))
@@ -314,6 +314,7 @@ class PatchCore(Detector):
         return torch.maximum(scores.float(), location + spread * global_scores(z))
 
     def _region_z(self, residuals: torch.Tensor) -> torch.Tensor:
+        """Region residuals in the fusion's units: standard deviations of the cross-fitted good residuals (and drift)."""
         return standardize(residuals, self.fusion["region_location"], self.fusion["region_spread"])
 
     def crossfit_scores(self, features: PatchFeatures | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
