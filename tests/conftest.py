@@ -38,6 +38,18 @@ def served_folder(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="session")
+def report_folder(demo_root: Path, served_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`evaluate --out` of the served PatchCore on the demo dataset."""
+    from defectscope import load_dataset
+    from defectscope.artifacts import load_model
+    from defectscope.pipeline import evaluate_model
+
+    out = tmp_path_factory.mktemp("evaluated") / "report"
+    evaluate_model(load_model(served_folder / "part.dsmodel"), load_dataset(demo_root), out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def bottle() -> Path:
     return _category(BOTTLE)
 

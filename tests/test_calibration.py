@@ -183,8 +183,18 @@ def test_calibrate_command_restates_the_rate_and_uses_labels(fitted_model: Path,
     assert result.code == 0 and "recall" in result.out and "label at least 20" in result.err
     calibration = model_info(labelled)["calibration"]
     assert calibration["method"] == "recall" and calibration["recall"] >= 0.9 and calibration["recall_interval"][0] < 0.9
+    good_near, defective_near = calibration["gap_interval"]  # it says how close the labelled scores come
+    assert defective_near == calibration["threshold"] > good_near and "sits on a defective score" in result.out
+    roomy = tmp_path / "roomy.dsmodel"
+    result = cli("-q", "calibrate", fitted_model, "-o", roomy, "--good", demo_root / "test" / "good",
+                 "--defective", demo_root / "test" / "scratch", "--target-recall", "0.9", "--margin", "0.5")
+    moved = model_info(roomy)["calibration"]
+    assert result.code == 0 and moved["threshold"] == pytest.approx((good_near + defective_near) / 2)  # halfway
+    assert moved["false_alarm_rate"] == calibration["false_alarm_rate"] and moved["recall"] >= calibration["recall"]
     bad = cli("calibrate", fitted_model, "-o", tmp_path / "x.dsmodel", "--target-recall", "0.9")
     assert bad.code == 2 and "give either --false-alarm-rate" in bad.err
+    stray = cli("calibrate", fitted_model, "-o", tmp_path / "x.dsmodel", "--false-alarm-rate", "0.1", "--margin", "0.5")
+    assert stray.code == 2 and "--margin applies to a threshold chosen with labelled images" in stray.err
 
 
 def test_predict_and_evaluate_report_the_stated_rate(fitted_model: Path, demo_root: Path, cli) -> None:
@@ -214,7 +224,8 @@ def test_models_of_earlier_versions_still_load(fitted_model: Path, tmp_path: Pat
 def test_the_frame_search_choice_is_recorded_and_restored(demo_root: Path, tmp_path: Path, cli) -> None:
     from defectscope.detectors.frame_search import CANDIDATES
     out = tmp_path / "auto.dsmodel"
-    assert cli("fit", demo_root, "-o", out).code == 0
+    fitted = cli("fit", demo_root, "-o", out)
+    assert fitted.code == 0 and "global view " in fitted.out  # both choices are said
     choice = model_info(out)["train_summary"]["frame_choice"]
     frame = CANDIDATES[choice["chosen"]]
     assert set(choice["candidates"]) == set(CANDIDATES) and choice["synthetic_images"] > 0

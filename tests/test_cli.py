@@ -78,7 +78,7 @@ def test_fit_predict_evaluate(demo_root: Path, tmp_path: Path) -> None:
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert set(metrics["per_defect"]) == {"broken", "contamination", "scratch"}
-    assert (out / "roc.png").is_file() and (out / "gallery.png").is_file()
+    assert all((out / name).is_file() for name in ("report.html", "report.md", "predictions.csv", "curves.png", "gallery.png"))
     info = json.loads(runner.invoke(app, ["info", str(model)]).output)
     assert info["calibration"]["method"] == "f1" and info["calibration"]["threshold"] == metrics["at_f1_threshold"]["threshold"]
 
@@ -92,8 +92,9 @@ def test_fit_rejects_coreset_for_other_models(demo_root: Path, tmp_path: Path) -
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     result = runner.invoke(app, ["-q", "demo", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    report = (tmp_path / "report.md").read_text()
-    assert "image AUROC" in report and (tmp_path / "report" / "gallery.png").is_file()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "image AUROC" in report and "data: " in report and (tmp_path / "report" / "report.html").is_file()
+    assert f"report: {tmp_path / 'report' / 'report.html'}" in result.output
     heatmaps = sorted(p.name for p in (tmp_path / "heatmaps").glob("*.png"))
     assert heatmaps == ["broken_000.png", "contamination_000.png", "good_000.png", "scratch_000.png"]
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())["metrics"]

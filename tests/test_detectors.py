@@ -251,6 +251,19 @@ def test_evaluation_without_masks_skips_pixel_metrics_and_says_so(fitted: dict, 
     assert metrics["good"] == 8 and metrics["defective"] == 8
 
 
+def test_a_type_without_masks_leaves_only_itself_out_of_pixel_metrics(fitted: dict, demo_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "part"
+    shutil.copytree(demo_root, root)
+    shutil.rmtree(root / "ground_truth" / "contamination")
+    metrics = evaluate(fitted["models"]["patchcore"], load_dataset(root)).metrics
+    assert "pixel_auroc" in metrics and "aupro" in metrics
+    assert {"pixel_auroc", "aupro"} <= set(metrics["per_defect"]["broken"]) and "aupro" in metrics["per_defect"]["scratch"]
+    assert "pixel_auroc" not in metrics["per_defect"]["contamination"]
+    assert any("no mask for every image of contamination" in note for note in metrics["notes"])
+
+
 def test_model_files_get_normal_permissions(fitted: dict, tmp_path: Path) -> None:
     import os
 

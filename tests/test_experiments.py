@@ -129,9 +129,12 @@ def test_only_unknown_attempt(demo_root: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["attempts-autoencoder", "attempts-classifier", "attempts-longtail", "attempts-supervised"])
-def test_shipped_configs_are_valid(name: str) -> None:
-    experiment = load_experiment(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
-    assert experiment.data == "../shared/datasets/mvtec_ad/bottle" and len(experiment.attempts) >= 4
+def test_shipped_configs_are_valid(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repository = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)  # run from elsewhere: the data is still found relative to the config file
+    experiment = load_experiment(repository / "configs" / f"{name}.yaml")
+    assert Path(experiment.data).resolve() == (repository.parent / "shared" / "datasets" / "mvtec_ad" / "bottle").resolve()
+    assert len(experiment.attempts) >= 4
     if name == "attempts-longtail":
         losses = {a.settings.get("loss") for a in experiment.attempts}
         assert {"ce", "weighted_ce", "focal", "balanced_softmax", "logit_adjusted", "bcl"} <= losses

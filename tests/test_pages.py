@@ -131,3 +131,21 @@ def test_model_card_and_review_pages_render(page, tmp_path: Path) -> None:
         assert (tile.locator("input[type=checkbox]").count() == 1) != (tile.locator(".labelled-defect").count() == 1)
     page.screenshot(path=tmp_path / "review.png", full_page=True)
     _not_blank(tmp_path / "review.png")
+
+
+def test_the_evaluation_report_renders_offline(page, report_folder: Path, tmp_path: Path) -> None:
+    requests: list[str] = []
+    context = page.context.browser.new_context()  # the module's browser (one Playwright per process)
+    report = context.new_page()
+    try:
+        report.on("request", lambda request: requests.append(request.url))
+        report.goto((report_folder / "report.html").as_uri())
+        report.wait_for_load_state("load")
+        images = report.eval_on_selector_all("img", "nodes => nodes.map(n => [n.complete, n.naturalWidth])")
+        headers = report.eval_on_selector_all("th", "nodes => nodes.map(n => n.textContent)")
+        report.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+    finally:
+        context.close()
+    assert [url for url in requests if not url.startswith(("file:", "data:"))] == []  # no external request
+    assert len(images) >= 3 and all(complete and width > 0 for complete, width in images)  # every image renders
+    assert {"judged good", "judged defective"} <= set(headers)  # the confusion matrix

@@ -52,6 +52,17 @@ def warn(text: str) -> None:
     _stderr_line("warning: ", "yellow", text)
 
 
+@contextmanager
+def doing(text: str) -> Iterator[None]:
+    """A spinner on stderr saying what a command does before its first progress bar (loading PyTorch and a model
+    takes seconds); it leaves no line behind, so an error stays the only line on stderr."""
+    if state["quiet"]:
+        yield
+        return
+    with Console(stderr=True).status(text, spinner="dots"):
+        yield
+
+
 def _version(value: bool) -> None:
     if value:
         say(f"defectscope {__version__}")
@@ -177,7 +188,8 @@ def fit(
 
     PatchCore chooses its frame (image size, crop, patch stride) from the good images unless one of them is given.
     """
-    from defectscope.pipeline import fit_model
+    with doing("loading the library"):
+        from defectscope.pipeline import fit_model
     settings: dict = {"backbone": backbone, "seed": seed, **parse_settings(settings_json)}
     if false_alarm_rate is not None:
         settings.update(threshold_method="false_alarm_rate", threshold_param=false_alarm_rate)
@@ -202,8 +214,8 @@ def fit(
             f"{choice['synthetic_images']} synthetic defects above the held-out good scores' 1% tail ({len(choice['candidates'])} candidates; `info` lists them)")
     view = fitted.detector.train_summary.get("global_view_choice")
     if view and "evidence" in view:
-        say(f"global view {view['chosen']}: {view['recall_gain']:+.0%} synthetic defects caught, "
-            f"{view['drift_false_alarm_cost']:+.0%} false alarms on drifted good images (`info` has the evidence)")
+        say(f"global view {view['chosen']}: it costs {view['recall_cost']:+.0%} of the synthetic defects caught and "
+            f"{view['false_alarm_cost']:+.0%} false alarms on held-out and drifted good images (`info` has the evidence)")
     say(f"{calibration.describe()}, from {report.calibration_images} cross-fitted good scores")
     if calibration.warning:
         warn(calibration.warning)
@@ -220,8 +232,9 @@ def predict(
 ) -> None:
     """Score images: raw score, normalized score (1.0 = threshold) and verdict; exit 3 if any could not be scored."""
     from defectscope.files import json_text
-    from defectscope.pipeline import load_predictor, predict_images
-    detector = load_predictor(model, weights)
+    with doing(f"loading {model}"):
+        from defectscope.pipeline import load_predictor, predict_images
+        detector = load_predictor(model, weights)
     rows = predict_images(detector, inputs, heatmaps=heatmaps, force=force, bar=_progress)
     if as_json:
         for row in rows:
@@ -253,17 +266,18 @@ def _exit_if_failed(failed: int, total: int, what: str) -> None:
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Model file.")],
     data: Annotated[Path, typer.Argument(help="Dataset folder with a test split.")],
-    out: Annotated[Path | None, typer.Option(help="Write metrics.json/.md, roc.png, gallery.png into this folder.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write report.html/.md, predictions.csv, metrics.json/.md, curves, histogram and overlays into this folder.")] = None,
     set_f1_threshold: Annotated[bool, typer.Option("--set-f1-threshold", help="Store the F1-optimal threshold in the model file.")] = False,
     weights: WeightsOption = None,
     force: ForceOption = False,
 ) -> None:
     """Metrics on the test split: image/pixel AUROC, AUPRO, F1-max, per defect type."""
-    from defectscope.artifacts import load_model
-    from defectscope.data.layout import load_dataset
-    from defectscope.pipeline import evaluate_model, store_f1_threshold
-    from defectscope.reports import metrics_markdown
-    detector = load_model(model, weights)
+    with doing(f"loading {model}"):
+        from defectscope.artifacts import load_model
+        from defectscope.data.layout import load_dataset
+        from defectscope.pipeline import evaluate_model, store_f1_threshold
+        from defectscope.reports import metrics_markdown
+        detector = load_model(model, weights)
     evaluation, written = evaluate_model(detector, load_dataset(data), out, force=force, bar=_progress)
     say(metrics_markdown(evaluation.metrics))
     for path in written:
@@ -282,13 +296,16 @@ def calibrate(
     defective: Annotated[list[Path] | None, typer.Option(help="Defective images or folders (repeatable).")] = None,
     target_recall: Annotated[float | None, typer.Option(help="With labelled images: catch at least this share of defective ones.")] = None,
     f1: Annotated[bool, typer.Option("--f1", help="With labelled images: the threshold of the best F1.")] = False,
+    margin: Annotated[float, typer.Option(help="With labelled images: move the threshold this share (0 to 1) of the way "
+                                               "down from the weakest caught defect to the strongest good part below it.")] = 0.0,
     weights: WeightsOption = None,
     force: ForceOption = False,
 ) -> None:
     """Set a model's threshold for a stated false-alarm rate, or from a few labelled images, and say how sure it is."""
     from defectscope.pipeline import recalibrate
     calibration = recalibrate(model, output, false_alarm_rate=false_alarm_rate, good=good or (), defective=defective or (),
-                              target_recall=target_recall, f1=f1, weights=weights, force=force, bar=_progress)
+                              target_recall=target_recall, f1=f1, margin=margin, weights=weights, force=force,
+                              bar=_progress)
     say(f"{calibration.describe()} -> {output}")
     if calibration.warning:
         warn(calibration.warning)

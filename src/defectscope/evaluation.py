@@ -95,14 +95,19 @@ def evaluate(detector: MapModel, dataset: Dataset, progress: Progress | None = N
         metrics["notes"].append(f"{detector.name} scores whole images; pixel metrics do not apply")
     else:
         maps = np.stack(prediction.maps)
-        if dataset.has_masks:
-            masks = masks_in_frame([s.mask for s in test], detector.preprocess)
-            metrics.update(pixel_metrics(masks, maps))
-            for defect in per_defect:
+        masked = [d for d in per_defect if all(s.mask is not None for s in test if s.defect == d)]
+        unmasked = sorted(set(per_defect) - set(masked))
+        if masked:
+            masks = masks_in_frame([s.mask for s in test], detector.preprocess)  # a missing mask: empty, never scored
+            kept = (defects == GOOD) | np.isin(defects, masked)
+            metrics.update(pixel_metrics(masks[kept], maps[kept]))
+            for defect in masked:
                 keep = (defects == GOOD) | (defects == defect)
                 per_defect[defect].update(pixel_metrics(masks[keep], maps[keep]))
-        else:
-            metrics["notes"].append("some defective test images have no mask; pixel metrics skipped")
+        if unmasked:
+            metrics["notes"].append(f"no mask for every image of {', '.join(unmasked)}: pixel metrics leave "
+                                    f"{'that type' if len(unmasked) == 1 else 'those types'} out"
+                                    + ("" if masked else " (no type has all its masks: no pixel metrics)"))
     metrics["per_defect"] = per_defect
     normalized = prediction.normalized if prediction.threshold is not None else [None] * len(test)
     records = [

@@ -38,10 +38,10 @@ from defectscope.detectors.frame_search import CANDIDATES, FRAME_FIELDS, choose_
 from defectscope.detectors.patchcore import PatchCore
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation import Evaluation, evaluate
-from defectscope.files import claim_folder, file_sha256, write_atomic
+from defectscope.files import claim_folder, file_sha256
 from defectscope.names import DEFECT_LIKE
 from defectscope.prediction import prediction_rows
-from defectscope.reports import metrics_markdown, write_report
+from defectscope.reports import write_report
 from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel, is_deployment
 from defectscope.scale.jobs import map_on_ray
 from defectscope.thresholds import (
@@ -151,13 +151,14 @@ def predict_images(detector: MapModel | DeployedModel, inputs: Sequence[Path], h
 
 
 def evaluate_model(detector: MapModel, dataset: Dataset, out: Path | None = None, force: bool = False,
-                   bar: ProgressBar = no_progress) -> tuple[Evaluation, list[Path]]:
-    """Every metric on the dataset's test split; with `out`, the report files (metrics, ROC, gallery)."""
+                   bar: ProgressBar = no_progress, context: tuple[str, ...] = ()) -> tuple[Evaluation, list[Path]]:
+    """Every metric on the dataset's test split; with `out`, the report (`reports.write_report`; `context`: lines
+    said under its title)."""
     if out is not None:
         claim_folder(out, force, "evaluation report")
     with bar("evaluating", len(dataset.test)) as advance:
         evaluation = evaluate(detector, dataset, progress=advance)
-    return evaluation, (write_report(evaluation, detector, out) if out is not None else [])
+    return evaluation, (write_report(evaluation, detector, out, dataset.root.name, context) if out is not None else [])
 
 
 def store_f1_threshold(model_path: Path, detector: MapModel, evaluation: Evaluation) -> Calibration:
@@ -171,14 +172,17 @@ def store_f1_threshold(model_path: Path, detector: MapModel, evaluation: Evaluat
 
 def recalibrate(model_path: Path, out: Path, *, false_alarm_rate: float | None = None,
                 good: Sequence[Path] = (), defective: Sequence[Path] = (), target_recall: float | None = None,
-                f1: bool = False, weights: Path | None = None, force: bool = False,
+                f1: bool = False, margin: float = 0.0, weights: Path | None = None, force: bool = False,
                 bar: ProgressBar = no_progress) -> Calibration:
     """Write a copy of a model with a new threshold: a stated false-alarm rate (from the model's own cross-fitted
-    good scores), or, from labelled images, a target recall or the best F1 - with the uncertainty they leave."""
+    good scores), or, from labelled images, a target recall or the best F1 (moved down by `margin`, see
+    `labelled_calibration`) - with the uncertainty they leave."""
     labelled = bool(good or defective)
     if (false_alarm_rate is not None) == labelled or (labelled and (target_recall is None) == (not f1)):
         raise DefectscopeError("give either --false-alarm-rate, or --good and --defective images with one of "
                                "--target-recall or --f1")
+    if margin and not labelled:
+        raise DefectscopeError("--margin applies to a threshold chosen with labelled images (--good, --defective)")
     if out != model_path:
         check_model_output(out, force)
     detector = load_model(model_path, weights)
@@ -199,15 +203,13 @@ def recalibrate(model_path: Path, out: Path, *, false_alarm_rate: float | None =
         good_scores, bad_scores = scores[: len(good_paths)], scores[len(good_paths) :]
         if f1:
             labels = np.r_[np.zeros(len(good_scores)), np.ones(len(bad_scores))]
-            calibration = f1_calibration(labels, np.r_[good_scores, bad_scores], detector.calibration)
+            calibration = f1_calibration(labels, np.r_[good_scores, bad_scores], detector.calibration, margin)
         else:
             threshold = recall_threshold(bad_scores, target_recall)
             calibration = labelled_calibration(good_scores, bad_scores, threshold, "recall", target_recall,
-                                               detector.calibration)
+                                               detector.calibration, margin)
     set_threshold(model_path, calibration, out, force=True)
     return calibration
-
-
 
 
 def _labelled_defects(defective: Sequence[Path], check: Path | None) -> list[Path]:
@@ -315,13 +317,11 @@ def run_demo(out: Path, data: Path | None = None, model: str = "patchcore", forc
         say(f"generated demo dataset in {data}")
     fitted = fit_model(data, model, {}, out / f"{model}.dsmodel", bar=bar)
     say(f"fitted {model} on {fitted.report.train_images} images in {fitted.report.seconds:.1f} s -> {fitted.path}")
-    evaluation, written = evaluate_model(fitted.detector, fitted.dataset, out / "report", bar=bar)
+    context = (f"data: {data}", f"model: {fitted.path} ({model}, fitted in {fitted.report.seconds:.1f} s on "
+                                f"{fitted.report.train_images} good images)")
+    evaluation, written = evaluate_model(fitted.detector, fitted.dataset, out / "report", bar=bar, context=context)
     first_of_each = {s.defect: s.path for s in reversed(fitted.dataset.test)}  # one image per class, good included
     if fitted.detector.localizes:
         predict_images(fitted.detector, [first_of_each[d] for d in sorted(first_of_each)], heatmaps=out / "heatmaps", bar=bar)
-    summary = (f"# defectscope demo\n\ndata: {data}\nmodel: {fitted.path} ({model}, fit {fitted.report.seconds:.1f} s "
-               f"on {fitted.report.train_images} good images)\n\n{metrics_markdown(evaluation.metrics)}\nfiles: "
-               + ", ".join(str(p) for p in written) + "\n")
-    write_atomic(out / "report.md", summary.encode())
-    return DemoResult(data, fitted, evaluation, written, out / "report.md")
+    return DemoResult(data, fitted, evaluation, written, out / "report" / "report.html")
 

@@ -1,7 +1,10 @@
-"""Write an evaluation to a folder: metrics JSON and Markdown, ROC curve, gallery of worst mistakes."""
+"""Write an evaluation to a folder: a report a plant engineer can forward (HTML and Markdown), the per-image
+predictions as CSV, metrics JSON and Markdown, curves, a score histogram, overlays of every mistake, a gallery."""
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,9 @@ from defectscope.data.decode import read_image
 from defectscope.detectors.base import MapModel
 from defectscope.evaluation import Evaluation
 from defectscope.files import write_atomic, write_json
-from defectscope.viz import gallery_png, overlay, roc_png
+from defectscope.prediction import Prediction
+from defectscope.report_document import Block, Figure, Heading, Table, Text, html_page, markdown
+from defectscope.viz import curves_png, gallery_png, heatmap_names, histogram_png, overlay, save_rgb
 
 METRIC_COLUMNS = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"), ("image_f1_max", "image F1-max"))
 
@@ -57,23 +62,174 @@ def _worst(evaluation: Evaluation, threshold: float, count: int) -> list[int]:
     return picked
 
 
-def write_report(evaluation: Evaluation, detector: MapModel, out: Path, gallery_size: int = 8) -> list[Path]:
-    """Write metrics.json, metrics.md, roc.png and gallery.png; returns the written paths."""
+GLOSSARY = (
+    ("anomaly score", "how unlike the good training images a part looks; its scale is the model's own (PatchCore: a "
+                      "distance between features, PaDiM: a squared Mahalanobis distance), so read it against the threshold"),
+    ("normalized score", "the score divided by the threshold: 1.0 is the boundary, above it the part is judged defective"),
+    ("threshold", "the score above which a part is judged defective, set from good images only for the stated "
+                  "false-alarm rate (or as `calibrate` set it)"),
+    ("recall", "the share of defective parts judged defective"),
+    ("false-alarm rate", "the share of good parts judged defective; the stated rate is the one promised when the "
+                         "model was calibrated, with its 95% interval"),
+    ("image AUROC", "the chance that a random defective part scores above a random good one (1.0: every defective "
+                    "part above every good one, at some threshold)"),
+    ("pixel AUROC", "the same, pixel by pixel, for the heatmap against the defect masks"),
+    ("AUPRO", "how much of each defect region the heatmap covers, averaged over regions, up to a 30% false-positive "
+              "pixel rate (normalized to 1.0)"),
+    ("F1-max", "the best balance of precision and recall over all thresholds (uses the test labels: a ceiling, not "
+               "the model's operating point)"),
+    ("heatmap", "per pixel, how anomalous that place looks, in score units; colours from blue (low) to red (at and "
+                "above the top of the colour scale given in each caption), the true defect outlined in white"),
+)
+CASE_OVERLAYS = 48  # overlays drawn per list (missed, false alarms); every case is listed in the table and the CSV
+
+
+def colour_scale(maps: np.ndarray, threshold: float) -> tuple[float, float]:
+    """The overlays' colour range: from the maps' 1st percentile to 1.5 x the threshold (or 80% of the largest value)."""
+    return float(np.percentile(maps, 1)), max(threshold * 1.5, float(maps.max()) * 0.8)
+
+
+def prediction_table(records: list[dict], threshold: float) -> list[dict]:
+    """Per test image: path, true class, score, normalized score, verdict at the threshold and whether it is right
+    (a score that is not a finite number is an 'error', never right)."""
+    scored = Prediction(np.array([r["score"] for r in records], np.float64), None, threshold)
+    return [{"path": r["path"], "true_class": r["defect"], "score": r["score"], "normalized_score": float(norm),
+             "verdict": verdict, "correct": verdict == ("defective" if r["label"] == 1 else "good")}
+            for r, norm, verdict in zip(records, scored.normalized, scored.verdicts)]
+
+
+def confusion(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """Counts by true condition (good, defective) and verdict (good, defective, error)."""
+    counts = {truth: {"good": 0, "defective": 0, "error": 0} for truth in ("good", "defective")}
+    for row in rows:
+        counts["good" if row["true_class"] == "good" else "defective"][row["verdict"]] += 1
+    return counts
+
+
+def write_predictions_csv(path: Path, rows: list[dict], heatmaps: dict[str, str]) -> None:
+    """predictions.csv: one row per test image, with the overlay file written for it (if any)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*rows[0], "heatmap"] if rows else ["path"], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "score": f"{row['score']:.6g}", "normalized_score": f"{row['normalized_score']:.4f}",
+                         "correct": "yes" if row["correct"] else "no", "heatmap": heatmaps.get(row["path"], "")})
+    write_atomic(path, buffer.getvalue().encode())
+
+
+def _case_overlays(evaluation: Evaluation, detector: MapModel, threshold: float, indices: list[int], folder: Path,
+                   scale: tuple[float, float]) -> dict[str, Path]:
+    """Overlays (model frame, true defect outlined) for the given test images, by path."""
+    paths = [Path(evaluation.records[i]["path"]) for i in indices]
+    written = {}
+    for i, name in zip(indices, heatmap_names(paths)):
+        image = detector.preprocess.resize_crop(read_image(evaluation.records[i]["path"]))
+        mask = None if evaluation.masks is None else evaluation.masks[i]
+        save_rgb(folder / name, overlay(image, evaluation.maps[i], *scale, mask))
+        written[evaluation.records[i]["path"]] = folder / name
+    return written
+
+
+def _case_blocks(title: str, rows: list[dict], overlays: dict[str, Path]) -> list[Block]:
+    """A list of missed defects or false alarms: a table naming every one, then their overlays."""
+    if not rows:
+        return [Heading(title, 3), Text("none")]
+    table = Table(["image", "true class", "score", "normalized", "verdict"],
+                  [[row["path"], row["true_class"], f"{row['score']:.4g}", f"{row['normalized_score']:.3f}", row["verdict"]]
+                   for row in rows])
+    figures = [Figure(overlays[row["path"]], f"{Path(row['path']).parent.name}/{Path(row['path']).name}: "
+                      f"{row['true_class']}, normalized score {row['normalized_score']:.3f} -> {row['verdict']}", tile=True)
+               for row in rows if row["path"] in overlays]
+    shown = "" if len(figures) == len(rows) else f" (overlays of the first {len(figures)})"
+    return [Heading(f"{title}: {len(rows)}{shown}", 3), table, *figures]
+
+
+def plant_report(evaluation: Evaluation, detector: MapModel, out: Path, name: str, threshold: float,
+                 context: tuple[str, ...] = ()) -> tuple[list[Block], list[dict], dict[str, Path]]:
+    """The report's blocks (`context`: lines said under the title, such as the data and model used), the per-image
+    rows and the overlays written (into out/cases)."""
+    metrics, records = evaluation.metrics, evaluation.records
+    rows = prediction_table(records, threshold)
+    counts = confusion(rows)
+    labels = np.array([r["label"] for r in records])
+    scores = np.array([r["score"] for r in records], np.float64)
+    decisions = metrics.get("at_model_threshold") or metrics.get("at_f1_threshold") or {}
+    missed = sorted((r for r in rows if r["true_class"] != "good" and r["verdict"] != "defective"), key=lambda r: r["score"])
+    alarms = sorted((r for r in rows if r["true_class"] == "good" and r["verdict"] != "good"), key=lambda r: -r["score"])
+    overlays: dict[str, Path] = {}
+    if evaluation.maps is not None:
+        scale = colour_scale(evaluation.maps, threshold)
+        index = {r["path"]: i for i, r in enumerate(records)}
+        chosen = [index[r["path"]] for r in missed[:CASE_OVERLAYS] + alarms[:CASE_OVERLAYS]]
+        overlays = _case_overlays(evaluation, detector, threshold, chosen, out / "cases", scale)
+    good, defective = counts["good"], counts["defective"]
+    stated = decisions.get("stated_false_alarm_rate")
+    stated_text = ("" if stated is None else f" (stated when calibrated: {stated:.1%}, 95% interval "
+                   f"{decisions['stated_interval'][0]:.1%} to {decisions['stated_interval'][1]:.1%})")
+    summary = (f"{len(rows)} test images: {sum(good.values())} good, {sum(defective.values())} defective. At the model's "
+               f"threshold {threshold:.4g}, {defective['defective']} of {sum(defective.values())} defective parts are "
+               f"caught and {good['defective']} of {sum(good.values())} good parts are flagged{stated_text}.")
+    if good["error"] + defective["error"]:
+        summary += f" {good['error'] + defective['error']} image(s) could not be scored (verdict 'error')."
+    per_type = []
+    for defect in sorted({r["true_class"] for r in rows} - {"good"}):
+        of_type = [r for r in rows if r["true_class"] == defect]
+        caught = sum(r["verdict"] == "defective" for r in of_type)
+        per_type.append([defect, str(len(of_type)), str(caught), str(len(of_type) - caught), f"{caught / len(of_type):.3f}",
+                         _fmt(metrics["per_defect"].get(defect, {}).get("image_auroc"))])
+    blocks: list[Block] = [
+        Heading(f"Evaluation of {detector.name} on {name}", 1), *(Text(line) for line in context), Text(summary),
+        Heading("Verdicts at the model's threshold"),
+        Table(["", "judged good", "judged defective", "error"],
+              [[f"truly {truth} ({sum(c.values())})", str(c["good"]), str(c["defective"]), str(c["error"])]
+               for truth, c in counts.items()]),
+        Heading("Recall per defect type at the threshold", 3),
+        Table(["defect type", "images", "caught", "missed", "recall", "image AUROC"], per_type),
+        Heading("Missed defects and false alarms"),
+        *_case_blocks("Missed defects", missed, overlays), *_case_blocks("False alarms", alarms, overlays),
+        Heading("Ranking quality (all thresholds)"),
+        Table(["subset", "images", *(label for _, label in METRIC_COLUMNS)],
+              [["all", str(metrics["images"]), *(_fmt(metrics.get(k)) for k, _ in METRIC_COLUMNS)]]
+              + [[defect, str(row["images"]), *(_fmt(row.get(k)) for k, _ in METRIC_COLUMNS)]
+                 for defect, row in metrics["per_defect"].items()]),
+    ]
+    if labels.min() != labels.max():
+        curves_png(labels, scores, threshold, out / "curves.png", f"{name}: {detector.name}, image level")
+        blocks.append(Figure(out / "curves.png", "ROC and precision-recall curves; the dot is the model's threshold"))
+    histogram_png(labels, scores, threshold, out / "histogram.png", f"{name}: scores of the test images")
+    blocks.append(Figure(out / "histogram.png", "scores of good and defective test images; dashed: the threshold"))
+    if evaluation.maps is not None:
+        blocks.append(Text(f"Overlays are in the model's frame; colours run from blue at {scale[0]:.4g} to red at "
+                           f"{scale[1]:.4g} and above (score units; the threshold is {threshold:.4g})."))
+    blocks += [Heading("What the numbers mean"), Table(["term", "meaning"], [[term, text] for term, text in GLOSSARY])]
+    if metrics["notes"]:
+        blocks += [Heading("Notes", 3), *(Text(note) for note in metrics["notes"])]
+    return blocks, rows, overlays
+
+
+def write_report(evaluation: Evaluation, detector: MapModel, out: Path, name: str = "the test set",
+                 context: tuple[str, ...] = (), gallery_size: int = 8) -> list[Path]:
+    """Write report.html (self-contained), report.md, predictions.csv, metrics.json, metrics.md, the curves, the
+    score histogram, the overlays of the missed defects and false alarms (cases/) and gallery.png; returns the
+    written files (and the cases folder)."""
     out.mkdir(parents=True, exist_ok=True)
     metrics = evaluation.metrics
     written = [out / "metrics.json", out / "metrics.md"]
     payload = {"metrics": metrics, "images": evaluation.records}
     write_json(written[0], payload, indent=2)
     write_atomic(written[1], metrics_markdown(metrics).encode())
-    labels = np.array([r["label"] for r in evaluation.records])
-    scores = np.array([r["score"] for r in evaluation.records])
-    if "image_auroc" in metrics:
-        roc_png(labels, scores, metrics["image_auroc"], out / "roc.png", f"{detector.name} image ROC")
-        written.append(out / "roc.png")
     threshold = (metrics.get("at_model_threshold") or metrics.get("at_f1_threshold") or {}).get("threshold")
-    if evaluation.maps is not None and threshold is not None:
+    if threshold is None:
+        return written
+    blocks, rows, overlays = plant_report(evaluation, detector, out, name, threshold, context)
+    write_predictions_csv(out / "predictions.csv", rows, {path: file.relative_to(out).as_posix() for path, file in overlays.items()})
+    write_atomic(out / "report.md", markdown(blocks, out).encode())
+    write_atomic(out / "report.html", html_page(blocks, f"{detector.name} on {name}").encode())
+    written += [out / "report.html", out / "report.md", out / "predictions.csv", *([out / "cases"] if overlays else [])]
+    written += [block.path for block in blocks if isinstance(block, Figure) and block.path.parent == out]
+    if evaluation.maps is not None:
         preprocess = detector.preprocess
-        low, high = float(np.percentile(evaluation.maps, 1)), max(threshold * 1.5, float(evaluation.maps.max()) * 0.8)
+        low, high = colour_scale(evaluation.maps, threshold)
         tiles = []
         for i in _worst(evaluation, threshold, gallery_size):
             record = evaluation.records[i]

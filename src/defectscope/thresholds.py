@@ -47,6 +47,7 @@ class Calibration:
     false_alarm_interval: tuple[float, float] | None = None
     recall: float | None = None
     recall_interval: tuple[float, float] | None = None
+    gap_interval: tuple[float, float] | None = None  # labelled: the nearest good score below, defective score at/above
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +76,11 @@ class Calibration:
         if self.recall is not None:
             low, high = self.recall_interval or (math.nan, math.nan)
             text += f"; recall {self.recall:.1%} (95% interval {low:.1%} to {high:.1%})"
+        if self.gap_interval is not None:
+            good, defective = (value / self.threshold for value in self.gap_interval)
+            text += f"; nearest labelled scores: good {good:.3f}, defective {defective:.3f} (normalized)"
+            if defective == 1.0:
+                text += ", the threshold sits on a defective score (--margin leaves room)"
         return text
 
 
@@ -210,11 +216,12 @@ def calibrate(good_scores: np.ndarray, method: str = "false_alarm_rate", param: 
                        "; ".join(warnings) or None, float(rate), tuple(interval))
 
 
-def f1_calibration(labels: np.ndarray, scores: np.ndarray, previous: Calibration | None) -> Calibration:
+def f1_calibration(labels: np.ndarray, scores: np.ndarray, previous: Calibration | None, margin: float = 0.0
+                   ) -> Calibration:
     """The F1-optimal threshold on labelled scores, keeping the good-image statistics of the previous calibration."""
     f1, threshold = f1_max(labels, scores)
     return labelled_calibration(np.asarray(scores)[np.asarray(labels) == 0], np.asarray(scores)[np.asarray(labels) == 1],
-                                threshold, "f1", f1, previous)
+                                threshold, "f1", f1, previous, margin)
 
 
 def recall_threshold(defective_scores: np.ndarray, target: float) -> float:
@@ -226,12 +233,20 @@ def recall_threshold(defective_scores: np.ndarray, target: float) -> float:
 
 
 def labelled_calibration(good_scores: np.ndarray, defective_scores: np.ndarray, threshold: float, method: str,
-                         param: float, previous: Calibration | None) -> Calibration:
+                         param: float, previous: Calibration | None, margin: float = 0.0) -> Calibration:
     """A threshold chosen with labelled images, with the observed false-alarm rate and recall it gives and their
-    exact 95% intervals - wide when few images were labelled, and they say so."""
+    exact 95% intervals - wide when few images were labelled, and they say so - and the labelled scores nearest it.
+    `margin` (0 to 1) moves it that share of the way down from the weakest defective score it catches towards the
+    strongest good score below it: room for parts a little weaker than the labelled ones, no new false alarm."""
     good, bad = np.asarray(good_scores, np.float64), np.asarray(defective_scores, np.float64)
     if len(good) == 0 or len(bad) == 0:
         raise DefectscopeError("choosing a threshold with labels needs good and defective images")
+    if not 0 <= margin < 1:
+        raise DefectscopeError(f"margin must be in [0, 1), got {margin}")
+    below, caught_scores = good[good < threshold], bad[bad >= threshold]
+    gap = (float(below.max()), float(caught_scores.min())) if len(below) and len(caught_scores) else None
+    if gap is not None and margin:
+        threshold = gap[1] - margin * (gap[1] - gap[0])
     false_alarms, caught = int((good >= threshold).sum()), int((bad >= threshold).sum())
     warning = None
     if min(len(good), len(bad)) < MIN_CALIBRATION_IMAGES:
@@ -242,5 +257,5 @@ def labelled_calibration(good_scores: np.ndarray, defective_scores: np.ndarray, 
         previous.good_mean if previous else float(good.mean()), previous.good_std if previous else float(good.std()),
         previous.good_count if previous else len(good), warning,
         false_alarms / len(good), clopper_pearson(false_alarms, len(good)),
-        caught / len(bad), clopper_pearson(caught, len(bad)),
+        caught / len(bad), clopper_pearson(caught, len(bad)), gap,
     )

@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from sklearn.metrics import roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from defectscope.data.decode import read_image
 from defectscope.errors import DefectscopeError
@@ -108,14 +108,42 @@ def write_heatmaps(paths: Sequence[Path], maps: Sequence[np.ndarray | None], thr
     return written
 
 
-def roc_png(labels: np.ndarray, scores: np.ndarray, auroc: float, path: Path, title: str) -> None:
-    """Image-level ROC curve with its area in the legend."""
+def curves_png(labels: np.ndarray, scores: np.ndarray, threshold: float, path: Path, title: str) -> None:
+    """Image-level ROC and precision-recall curves side by side, the model's operating point marked on both."""
+    labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
+    called = scores >= threshold
+    recall = float(called[labels == 1].mean())
+    false_alarms = float(called[labels == 0].mean())
+    precision = float(labels[called].mean()) if called.any() else 1.0
     fpr, tpr, _ = roc_curve(labels, scores)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
-    ax.plot(fpr, tpr, lw=2, label=f"AUROC {auroc:.3f}")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right")
+    precisions, recalls, _ = precision_recall_curve(labels, scores)
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(9, 4.2), dpi=110)
+    roc.plot(fpr, tpr, lw=2, label=f"ROC (area {roc_auc_score(labels, scores):.3f})")
+    roc.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="chance")
+    roc.plot([false_alarms], [recall], "o", c="crimson", ms=8, label=f"threshold {threshold:.4g}")
+    roc.set(xlabel="false-alarm rate (good parts flagged)", ylabel="recall (defective parts caught)",
+            title="ROC", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    pr.plot(recalls, precisions, lw=2, label=f"PR (average precision {average_precision_score(labels, scores):.3f})")
+    pr.plot([recall], [precision], "o", c="crimson", ms=8, label=f"threshold {threshold:.4g}")
+    pr.set(xlabel="recall (defective parts caught)", ylabel="precision (flagged parts truly defective)",
+           title="precision-recall", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    for ax in (roc, pr):
+        ax.legend(loc="lower right", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def histogram_png(labels: np.ndarray, scores: np.ndarray, threshold: float, path: Path, title: str) -> None:
+    """Histograms of the good and the defective test images' scores, with the threshold line."""
+    labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
+    bins = np.histogram_bin_edges(np.append(scores, threshold), bins=30)
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, color="tab:green", label=f"good ({int((labels == 0).sum())})")
+    ax.hist(scores[labels == 1], bins=bins, alpha=0.6, color="tab:red", label=f"defective ({int((labels == 1).sum())})")
+    ax.axvline(threshold, color="black", ls="--", lw=1.5, label=f"threshold {threshold:.4g}")
+    ax.set(xlabel="anomaly score", ylabel="test images", title=title)
+    ax.legend(fontsize=8)
     _save(fig, path)
 
 

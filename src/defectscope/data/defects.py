@@ -2,8 +2,7 @@
 
 They stand in for defects when a choice must be made from good images alone (the frame search):
 thin scratches 1-4 px wide, small spots, cut-paste patches from another good image, and blobs of
-smooth noise; and two defects in how the parts go together (LOGICAL_KINDS): two large regions
-swapped, and a large region gone (filled from its surroundings). Sizes are fractions of the image's short side (scratch widths are in pixels of the
+smooth noise. Sizes are fractions of the image's short side (scratch widths are in pixels of the
 original image), placed in the central part of the image, where the product usually is. Pixels
 outside a defect's mask are left exactly as they were.
 """
@@ -16,7 +15,6 @@ import cv2
 import numpy as np
 
 KINDS = ("scratch", "spot", "cut-paste", "blob")
-LOGICAL_KINDS = ("swap", "missing")
 CENTRAL = 0.7  # defects are placed inside the central 70% of each side
 
 
@@ -101,57 +99,8 @@ def blob(image: np.ndarray, rng: np.random.Generator) -> Synthetic:
     return Synthetic(_paint(image, mask, _contrast(image, mask, rng), rng.uniform(0.5, 0.9)), mask, "blob")
 
 
-def _rectangle(rng: np.random.Generator, shape: tuple[int, ...], side: int) -> tuple[int, int]:
-    """(top, left) of a side x side square centred inside the central part of the image (clipped to it)."""
-    x, y = np.round(_centre(rng, shape) - side / 2).astype(int)
-    return int(np.clip(y, 0, shape[0] - side)), int(np.clip(x, 0, shape[1] - side))
-
-
-def swap(image: np.ndarray, rng: np.random.Generator) -> Synthetic:
-    """Two squares (15-30% of the short side) exchanged, their edges feathered over an eighth of a side so that no
-    seam shows: each region looks normal, both are in the wrong place (only a view of the layout can tell)."""
-    side = max(2, int(rng.uniform(0.15, 0.3) * min(image.shape[:2])))
-    first = _rectangle(rng, image.shape, side)
-    for _ in range(20):  # a second square that does not overlap the first
-        second = _rectangle(rng, image.shape, side)
-        if abs(second[0] - first[0]) >= side or abs(second[1] - first[1]) >= side:
-            break
-    else:
-        second = (first[0], (first[1] + side) % max(1, image.shape[1] - side))
-    ramp = np.minimum(np.arange(side) + 1, side - np.arange(side)) / max(1.0, side / 8)
-    alpha = np.clip(np.minimum.outer(ramp, ramp), 0, 1)[:, :, None]  # 1 inside, falling to 0 at the edges
-    out = image.astype(np.float32)
-    (a, b), (c, d) = first, second
-    here, there = image[a : a + side, b : b + side].astype(np.float32), image[c : c + side, d : d + side].astype(np.float32)
-    out[a : a + side, b : b + side] = alpha * there + (1 - alpha) * here
-    out[c : c + side, d : d + side] = alpha * here + (1 - alpha) * there
-    out = np.round(out).astype(np.uint8)
-    return Synthetic(out, np.any(out != image, axis=2), "swap")
-
-
-def missing(image: np.ndarray, rng: np.random.Generator) -> Synthetic:
-    """A square (10-25% of the short side) gone: filled smoothly from the pixels around it (a normalized blur of its
-    surroundings, computed at 16 pixels per side of the square and enlarged: the cost does not grow with the image)."""
-    side = max(2, int(rng.uniform(0.1, 0.25) * min(image.shape[:2])))
-    top, left = _rectangle(rng, image.shape, side)
-    y0, y1 = max(0, top - side), min(image.shape[0], top + 2 * side)  # the square and one side around it
-    x0, x1 = max(0, left - side), min(image.shape[1], left + 2 * side)
-    box = image[y0:y1, x0:x1].astype(np.float32)
-    keep = np.ones(box.shape[:2], np.float32)
-    keep[top - y0 : top - y0 + side, left - x0 : left - x0 + side] = 0
-    scale = min(1.0, 16 / side)
-    small = (max(1, round(box.shape[1] * scale)), max(1, round(box.shape[0] * scale)))
-    around = cv2.GaussianBlur(cv2.resize(box * keep[:, :, None], small, interpolation=cv2.INTER_AREA), (0, 0), 8)
-    weight = cv2.GaussianBlur(cv2.resize(keep, small, interpolation=cv2.INTER_AREA), (0, 0), 8)
-    fill = cv2.resize(around / np.maximum(weight, 1e-3)[:, :, None], box.shape[1::-1], interpolation=cv2.INTER_LINEAR)
-    out = image.copy()
-    hole = keep == 0
-    out[y0:y1, x0:x1][hole] = np.clip(fill[hole], 0, 255).astype(np.uint8)
-    return Synthetic(out, np.any(out != image, axis=2), "missing")
-
-
 def synthetic_defect(image: np.ndarray, kind: str, rng: np.random.Generator, source: np.ndarray | None = None) -> Synthetic:
-    """One defect of `kind` (see KINDS and LOGICAL_KINDS) in a copy of `image`; cut-paste takes its patch from `source` (default: itself)."""
+    """One defect of `kind` (see KINDS) in a copy of `image`; cut-paste takes its patch from `source` (default: itself)."""
     if kind == "scratch":
         return scratch(image, rng)
     if kind == "spot":
@@ -160,8 +109,4 @@ def synthetic_defect(image: np.ndarray, kind: str, rng: np.random.Generator, sou
         return cut_paste(image, image if source is None else source, rng)
     if kind == "blob":
         return blob(image, rng)
-    if kind == "swap":
-        return swap(image, rng)
-    if kind == "missing":
-        return missing(image, rng)
-    raise ValueError(f"unknown synthetic defect {kind!r}; choose one of {', '.join(KINDS + LOGICAL_KINDS)}")
+    raise ValueError(f"unknown synthetic defect {kind!r}; choose one of {', '.join(KINDS)}")

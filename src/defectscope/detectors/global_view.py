@@ -54,11 +54,15 @@ def region_descriptors(maps: dict[int, torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class Moments:
-    """Per region: image count, sums (R x C) and second moments (R x C x C) of the descriptors."""
+    """Per region: image count, sums (R x C) and second moments (R x C x C) of the descriptors; and, once measured,
+    the mean second moment of the change the stated light and camera drift makes to a good image's descriptor (R x C
+    x C), counted as part of every good image's spread: the model then treats drift as normal variation, as if each
+    good image had been seen under every such drift."""
 
     count: torch.Tensor  # one float64 value
     sums: torch.Tensor
     squares: torch.Tensor
+    drift: torch.Tensor | None = None
 
     @classmethod
     def of(cls, descriptors: torch.Tensor) -> Moments:
@@ -66,10 +70,17 @@ class Moments:
         return cls(torch.tensor([float(descriptors.shape[0])], dtype=torch.float64), x.sum(1), x.transpose(1, 2) @ x)
 
     def __add__(self, other: Moments) -> Moments:
-        return Moments(self.count + other.count, self.sums + other.sums, self.squares + other.squares)
+        return Moments(self.count + other.count, self.sums + other.sums, self.squares + other.squares, self.drift)
 
     def __sub__(self, other: Moments) -> Moments:
-        return Moments(self.count - other.count, self.sums - other.sums, self.squares - other.squares)
+        return Moments(self.count - other.count, self.sums - other.sums, self.squares - other.squares, self.drift)
+
+
+def drift_moment(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """N x R x C descriptors of good images and of the same images drifted -> R x C x C: the changes' mean second
+    moment (drifts are drawn both ways, so it is their covariance)."""
+    change = (after.double() - before.double()).transpose(0, 1)  # R x N x C
+    return change.transpose(1, 2) @ change / max(1, change.shape[1])
 
 
 @dataclass
@@ -86,6 +97,8 @@ class RegionModel:
         count = float(moments.count)
         mean = moments.sums / count
         covariance = moments.squares / count - mean[:, :, None] * mean[:, None, :]
+        if moments.drift is not None:
+            covariance = covariance + moments.drift
         scale = covariance.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(STD_FLOOR)
         correlation = covariance / (scale[:, :, None] * scale[:, None, :])
         values, vectors = torch.linalg.eigh(correlation)  # ascending

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from defectscope.data.decode import ImageSource
-from defectscope.data.defects import KINDS, LOGICAL_KINDS
+from defectscope.data.defects import KINDS
 from defectscope.data.images import normalize
 from defectscope.detectors.base import (
     Detector,
@@ -24,12 +24,14 @@ from defectscope.detectors.base import (
     rows_outside,
 )
 from defectscope.detectors.coreset import coreset_indices, greedy_coreset, random_projection
-from defectscope.detectors.global_view import Moments, RegionModel, global_scores, map_grid, region_descriptors, standardize
+from defectscope.detectors.global_view import (Moments, RegionModel, drift_moment, global_scores, map_grid,
+                                               region_descriptors, standardize)
 from defectscope.detectors.nearest import ClusteredBank, nearest
-from defectscope.detectors.selection import Probe, false_alarms, make_probe, noise, separation
+from defectscope.detectors.selection import TAIL_RATE, TAIL_Z, Probe, false_alarms, make_probe, noise, separation
 from defectscope.errors import DefectscopeError
 from defectscope.maps import bilinear_matrix
 from defectscope.settings import require_choice, require_range
+from defectscope.thresholds import calibrate
 
 
 TEACH_COVERAGE = 0.1  # taught patches are added until covered as closely as the best-covered tenth of good images
@@ -138,6 +140,11 @@ class PatchFeatures:
     def __len__(self) -> int:
         return len(self.patches)
 
+    @classmethod
+    def cat(cls, parts: Sequence[PatchFeatures]) -> PatchFeatures:
+        """The images of several, one after the other."""
+        return cls(torch.cat([part.patches for part in parts]), torch.cat([part.regions for part in parts]))
+
     def __getitem__(self, index: Any) -> PatchFeatures:
         return PatchFeatures(self.patches[index], self.regions[index])
 
@@ -232,7 +239,7 @@ class PatchCore(Detector):
     def fit(self, images: Sequence[ImageSource], progress: Progress | None = None) -> FitReport:
         """`Detector.fit`; with the global view, the probe of `selection` (the frame search's held-out images) states
         the drift its scale allows for and, with "auto", decides whether it is kept."""
-        kinds = KINDS + LOGICAL_KINDS if self.config.global_view == "auto" else ()  # "on" needs the drifted images only
+        kinds = KINDS if self.config.global_view == "auto" else ()  # "on" needs the drifted images only
         self.probe = make_probe(images, self.config.seed, kinds) if self.uses_global_view else None
         try:
             report = super().fit(images, progress)
@@ -296,20 +303,24 @@ class PatchCore(Detector):
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """One score and one map from both views (the patch view alone until the fusion is fitted).
 
-        The global score is put on the patch score's scale by the cross-fitted good scores of both
-        (location + spread x its z), and the image score is the larger of the two; the map adds, on the
-        feature grid, each map region's excess over its good residuals (z above 0) on the same scale.
+        The image score is the larger of the patch score and the global score (see `_fused`). On images the patch
+        view alone would pass (below its good scores' 1% tail), the map adds, on the feature grid, each map region's
+        excess over the 1% tail of its good residuals (z above TAIL_Z) on the patch score's scale: where the patch
+        view sees the defect, its own map says where.
         """
         if self.fusion is None or regions is None:
             return scores, maps
         z = self._region_z(self.regions.residuals(regions))
-        grid = map_grid(z).clamp_min(0)
+        grid = (map_grid(z) - TAIL_Z).clamp_min(0)  # only what lies beyond the region's own 1% tail shows
         rows = torch.from_numpy(bilinear_matrix(int(maps.shape[1]), int(grid.shape[1])).astype(np.float32))
         cols = torch.from_numpy(bilinear_matrix(int(maps.shape[2]), int(grid.shape[2])).astype(np.float32))
-        return self._fused(scores, z), maps.float() + self.fusion["patch"][1] * (rows @ grid @ cols.T)
+        fused, (location, spread) = self._fused(scores, z), self.fusion["patch"]
+        unseen = (scores.float() < location + TAIL_Z * spread).float()[:, None, None]  # the patch view alone would pass it
+        return fused, maps.float() + unseen * spread * (rows @ grid @ cols.T)
 
     def _fused(self, scores: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The larger of the patch score and the global score on the patch score's scale."""
+        """The larger of the patch score and the global score on the patch score's scale: a region z above its good
+        residuals counts as a patch score as many standard deviations above the good patch scores' mean."""
         location, spread = self.fusion["patch"]
         return torch.maximum(scores.float(), location + spread * global_scores(z))
 
@@ -328,8 +339,13 @@ class PatchCore(Detector):
             self.config.global_view = "off"
             return torch.cat(scored), patch
         regions = split_features(features)[1]
-        residuals = self.crossfit_residuals(regions, folds, scored)
         drifted = self._drifted() if self.probe is not None else None
+        if drifted is not None:
+            held = torch.from_numpy(self.probe.held)
+            self.moments.drift = drift_moment(regions[held].repeat_interleave(len(drifted.regions) // len(held), 0),
+                                              drifted.regions)
+            self.regions = RegionModel.from_moments(self.moments)
+        residuals = self.crossfit_residuals(regions, folds, scored)
         drift = (self._drift_variance(regions, drifted.regions) if drifted is not None
                  else torch.zeros(residuals.shape[1]))
         self.fusion = {"patch": torch.stack([patch.mean(), patch.std().clamp_min(1e-6)]),
@@ -337,7 +353,7 @@ class PatchCore(Detector):
                        "region_spread": (residuals.var(0) + drift).sqrt().clamp_min(1e-6)}
         fused = self._fused(patch, self._region_z(residuals))
         if self.config.global_view == "auto":
-            self.global_choice = self.choose_global_view(regions, patch, fused, drifted)
+            self.global_choice = self.choose_global_view(features, patch, fused, drifted)
             self.config.global_view = self.global_choice["chosen"]
             if self.global_choice["chosen"] == "off":
                 self.moments = self.regions = self.fusion = None
@@ -364,38 +380,46 @@ class PatchCore(Detector):
         before = model.residuals(regions[held]).repeat_interleave(len(drifted) // len(held), 0)
         return ((model.residuals(drifted) - before) ** 2).mean(0)
 
-    def choose_global_view(self, regions: torch.Tensor, patch: torch.Tensor, fused: torch.Tensor,
+    def choose_global_view(self, features: PatchFeatures, patch: torch.Tensor, fused: torch.Tensor,
                            drifted: PatchFeatures) -> dict[str, Any]:
-        """Keep the global view when the probe shows it pays, by the frame search's rule (what costs more must win by
-        more than the noise): against the 1% tail of the cross-fitted good scores, the fused score must catch more of
-        the probe's synthetic defects (swapped and missing regions among them) than the patch score alone, by more
-        than one standard error, and must not raise more false alarms on drifted good images (`selection.drifted`:
-        the light and camera drift of a line) by more than one. The held-out images' own patches and regions are
-        left out of the models that score them."""
+        """Keep the global view unless the probe shows that it costs, by the frame search's one-standard-error rule.
+
+        No defect pasted into a good image stands for a part that is missing or in the wrong place (the probe's would
+        be caught by the patch view at their seams), so good images cannot show what the global view gains; they can
+        show what it costs. At each score's own 1% threshold on its cross-fitted good scores (as the model states
+        it), the fused score must catch no fewer of the probe's synthetic defects than the patch score alone, and
+        raise no more false alarms on the held-out good images, as they are and drifted (`selection.drifted`: the
+        light and camera drift of a line), each within one standard error. The held-out images' own patches and
+        regions are left out of the models that score them."""
         if self.probe is None:
             return {"chosen": "off", "reason": "too few training images for the probe"}
         held = torch.from_numpy(self.probe.held).sort().values
-        defective = self._features(self.probe.defective, None)[0]
-        probed = PatchFeatures(torch.cat([defective.patches, drifted.patches]), torch.cat([defective.regions, drifted.regions]))
+        probed = PatchFeatures.cat([self._features(self.probe.defective, None)[0], features[held], drifted])
         fitted, fusion = self.index, self.fusion
         self.index, self.fusion = self.holdout_bank(held)[0], None
         try:
-            patch_probed = self.score_features(probed)[0].float().numpy()
+            patch_probed = self.score_features(probed)[0].float()
         finally:
             self.index, self.fusion = fitted, fusion
-        residuals = RegionModel.from_moments(self.moments - Moments.of(regions[held])).residuals(probed.regions)
-        fused_probed = self._fused(torch.from_numpy(patch_probed), self._region_z(residuals)).numpy()
-        count = len(self.probe.defective)
-        evidence = {view: {**separation(good.numpy(), scores[:count]), "drift_false_alarms": false_alarms(good.numpy(), scores[count:])}
-                    for view, good, scores in (("patch view", patch, patch_probed), ("patch + global view", fused, fused_probed))}
-        alone, both = evidence["patch view"], evidence["patch + global view"]
-        gain = both["recall_at_1pct"] - alone["recall_at_1pct"]
-        drift_cost = both["drift_false_alarms"] - alone["drift_false_alarms"]
-        keep = (gain > noise(both["recall_at_1pct"], count)
-                and drift_cost <= noise(alone["drift_false_alarms"], len(self.probe.drifted)))
-        return {"chosen": "on" if keep else "off", "recall_gain": gain, "drift_false_alarm_cost": drift_cost,
-                "synthetic_images": count, "drifted_images": len(self.probe.drifted), "held_out_images": len(held),
-                "evidence": evidence}
+        residuals = RegionModel.from_moments(self.moments - Moments.of(features.regions[held])).residuals(probed.regions)
+        fused_probed = self._fused(patch_probed, self._region_z(residuals))
+        count, goods = len(self.probe.defective), len(probed) - len(self.probe.defective)
+        alone, both = self._probe_evidence(patch, patch_probed, count), self._probe_evidence(fused, fused_probed, count)
+        recall_cost = alone["recall_at_1pct"] - both["recall_at_1pct"]
+        alarm_cost = both["false_alarms"] - alone["false_alarms"]
+        keep = (recall_cost <= noise(alone["recall_at_1pct"], count)
+                and alarm_cost <= noise(alone["false_alarms"], goods))
+        return {"chosen": "on" if keep else "off", "recall_cost": recall_cost, "false_alarm_cost": alarm_cost,
+                "synthetic_images": count, "held_out_images": len(held), "drifted_images": len(self.probe.drifted),
+                "evidence": {"patch view": alone, "patch + global view": both}}
+
+    @staticmethod
+    def _probe_evidence(good: torch.Tensor, probed: torch.Tensor, count: int) -> dict[str, float]:
+        """Recall on the probe's first `count` (synthetic defects) and false alarms on the rest (good), at the 1%
+        threshold calibrated on `good` (cross-fitted good scores)."""
+        good, probed = good.numpy(), probed.numpy()
+        threshold = calibrate(good, "false_alarm_rate", TAIL_RATE).threshold
+        return {**separation(good, probed[:count], threshold), "false_alarms": false_alarms(good, probed[count:], threshold)}
 
     def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor, scored: torch.Tensor | None = None
                        ) -> torch.Tensor:
@@ -500,6 +524,7 @@ class PatchCore(Detector):
         if self.moments is not None and self.fusion is not None:
             tensors.update(global_count=self.moments.count, global_sums=self.moments.sums,
                            global_squares=self.moments.squares, fusion_patch=self.fusion["patch"],
+                           **({"global_drift": self.moments.drift} if self.moments.drift is not None else {}),
                            fusion_region_location=self.fusion["region_location"],
                            fusion_region_spread=self.fusion["region_spread"])
         return tensors
@@ -510,7 +535,8 @@ class PatchCore(Detector):
         if self.config.global_view == "on":
             if "global_sums" not in tensors:
                 raise DefectscopeError("this PatchCore model says global_view: on but holds no global view; fit it again")
-            self.moments = Moments(tensors["global_count"], tensors["global_sums"], tensors["global_squares"])
+            self.moments = Moments(tensors["global_count"], tensors["global_sums"], tensors["global_squares"],
+                                   tensors.get("global_drift"))
             self.regions = RegionModel.from_moments(self.moments)
             self.fusion = {"patch": tensors["fusion_patch"], "region_location": tensors["fusion_region_location"],
                            "region_spread": tensors["fusion_region_spread"]}

@@ -16,12 +16,13 @@ import cv2
 import numpy as np
 
 from defectscope.data.decode import read_image
-from defectscope.data.defects import KINDS, LOGICAL_KINDS, synthetic_defect
+from defectscope.data.defects import KINDS, synthetic_defect
 
 HELD_IMAGES = 16  # good images held out of a probe (at most a third of the training images)
 DEFECTS_PER_KIND = 2  # synthetic defects of each kind per held-out image (16 x 4 x 2 = 128: a recall's se <= 0.044)
 MIN_IMAGES = 12  # fewer training images: no probe, the defaults
 MAX_PIXELS = 4_000_000  # held-out images are shrunk to this before defects are pasted (memory stays bounded)
+TAIL_RATE = 0.01  # the false-alarm rate candidates are judged at
 TAIL_Z = 2.326  # a normal distribution's 1% upper tail, in standard deviations
 DRIFTS_PER_IMAGE = 2  # drifted copies of each held-out good image (16 x 2 = 32)
 DRIFT_GAIN, DRIFT_CONTRAST = 0.05, 0.10  # the drift a line's camera and light see between fits: +-5% brightness, +-10% contrast
@@ -43,7 +44,7 @@ class Probe:
         return self.order[: len(self.good)]
 
 
-def make_probe(images: Sequence[Any], seed: int, kinds: Sequence[str] = KINDS + LOGICAL_KINDS) -> Probe | None:
+def make_probe(images: Sequence[Any], seed: int, kinds: Sequence[str] = KINDS) -> Probe | None:
     """A seeded share of the training images held out, each with DEFECTS_PER_KIND defects of each of `kinds` (None
     below MIN_IMAGES). The same seed holds out the same images for every choice."""
     if len(images) < MIN_IMAGES:
@@ -70,16 +71,18 @@ def drifted(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip((mean + (pixels - mean) * contrast) * gain, 0, 255).round().astype(np.uint8)
 
 
-def separation(good: np.ndarray, defective: np.ndarray) -> dict[str, float]:
-    """How well scores tell defective from good: recall above the good scores' 1% tail, and the mean margin in sd."""
+def separation(good: np.ndarray, defective: np.ndarray, threshold: float | None = None) -> dict[str, float]:
+    """How well scores tell defective from good: recall at `threshold` (default: the good scores' 1% tail under a
+    normal fit, for the few good scores of a frame candidate), and the mean margin in sd of the good scores."""
     mean, std = float(good.mean()), max(float(good.std()), 1e-12)
     margins = np.clip((defective - mean) / std, -10, 10)
-    return {"recall_at_1pct": float((margins >= TAIL_Z).mean()), "mean_margin_sd": float(margins.mean())}
+    cut = mean + TAIL_Z * std if threshold is None else threshold
+    return {"recall_at_1pct": float((defective >= cut).mean()), "mean_margin_sd": float(margins.mean())}
 
 
-def false_alarms(good: np.ndarray, drifted_good: np.ndarray) -> float:
-    """The share of drifted good images above the good scores' 1% tail."""
-    return separation(good, drifted_good)["recall_at_1pct"]
+def false_alarms(good: np.ndarray, other_good: np.ndarray, threshold: float | None = None) -> float:
+    """The share of good images (held out, drifted) at or above `threshold` (default as in `separation`)."""
+    return separation(good, other_good, threshold)["recall_at_1pct"]
 
 
 def noise(recall: float, count: int) -> float:

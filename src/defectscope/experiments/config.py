@@ -1,9 +1,9 @@
 """Experiment config files (YAML or TOML): attempts with a model and hyperparameters, optionally inheriting.
 
     name: attempts-autoencoder
-    data: ../shared/datasets/mvtec_ad/bottle   # relative to the working folder; --data overrides
-    metric: image_auroc                        # picks the best attempt
-    baseline: ae-baseline                      # default: the first attempt
+    data: ../../shared/datasets/mvtec_ad/bottle   # relative to this file; --data overrides
+    metric: image_auroc                           # picks the best attempt
+    baseline: ae-baseline                         # default: the first attempt
     attempts:
       - {name: ae-baseline, model: autoencoder, epochs: 50, lr: 1.0e-3, optimizer: adam}
       - {name: ae-augmented, base: ae-baseline, hflip: true}
@@ -158,4 +158,5 @@ def load_experiment(path: str | Path) -> Experiment:
     name = check_name(data.get("name", default), f"config {path}: experiment")
     if data.get("data") is not None and not isinstance(data["data"], str):
         raise DefectscopeError(f"config {path}: 'data' must be a folder path, got {data['data']!r}")
-    return Experiment(name, data.get("data"), metric, baseline, attempts)
+    folder = None if data.get("data") is None else str(path.parent / data["data"])  # as plans: relative to the file
+    return Experiment(name, folder, metric, baseline, attempts)

@@ -1,0 +1,67 @@
+"""The evaluation report a plant engineer forwards: one self-contained HTML file (and Markdown), every image's
+verdict as CSV at the model's threshold, every mistake named with its overlay."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from defectscope.reports import confusion, prediction_table
+
+COLUMNS = ["path", "true_class", "score", "normalized_score", "verdict", "correct", "heatmap"]
+
+
+def _rows(folder: Path) -> list[dict]:
+    with open(folder / "predictions.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predictions_csv_gives_every_verdict_at_the_models_threshold(report_folder: Path) -> None:
+    metrics = json.loads((report_folder / "metrics.json").read_text())["metrics"]
+    threshold = metrics["at_model_threshold"]["threshold"]
+    rows = _rows(report_folder)
+    assert list(rows[0]) == COLUMNS and len(rows) == metrics["images"]
+    for row in rows:
+        score = float(row["score"])
+        assert row["verdict"] == ("defective" if score >= threshold else "good")
+        assert float(row["normalized_score"]) == round(score / threshold, 4)
+        truth = "good" if row["true_class"] == "good" else "defective"
+        assert row["correct"] == ("yes" if row["verdict"] == truth else "no")
+        assert bool(row["heatmap"]) == (row["correct"] == "no")  # every mistake has its overlay, and only mistakes
+        if row["heatmap"]:
+            assert (report_folder / row["heatmap"]).is_file()
+    decisions = metrics["at_model_threshold"]
+    assert sum(r["correct"] == "no" and r["true_class"] == "good" for r in rows) == decisions["false_positives"]
+    assert sum(r["correct"] == "no" and r["true_class"] != "good" for r in rows) == decisions["false_negatives"]
+
+
+def test_the_report_names_every_mistake_and_holds_its_images(report_folder: Path) -> None:
+    page = (report_folder / "report.html").read_text()
+    rows = _rows(report_folder)
+    assert "Verdicts at the model&#x27;s threshold" in page and "judged defective" in page  # the confusion matrix
+    for row in rows:
+        if row["correct"] == "no":
+            assert row["path"] in page
+    sources = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert sources and all(source.startswith("data:image/png;base64,") for source in sources)  # nothing external
+    assert "recall" in page and "AUPRO" in page and "false-alarm rate" in page  # the glossary
+    markdown = (report_folder / "report.md").read_text()
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
+        assert (report_folder / link).is_file()
+    assert (report_folder / "curves.png").is_file() and (report_folder / "histogram.png").is_file()
+
+
+def test_a_score_that_is_not_a_number_is_an_error_never_right() -> None:
+    records = [{"path": "a.png", "defect": "good", "label": 0, "score": 1.0},
+               {"path": "b.png", "defect": "scratch", "label": 1, "score": float("nan")},
+               {"path": "c.png", "defect": "scratch", "label": 1, "score": 3.0}]
+    rows = prediction_table(records, 2.0)
+    assert [r["verdict"] for r in rows] == ["good", "error", "defective"]
+    assert [r["correct"] for r in rows] == [True, False, True]
+    assert np.isclose(rows[2]["normalized_score"], 1.5)
+    assert confusion(rows) == {"good": {"good": 1, "defective": 0, "error": 0},
+                               "defective": {"good": 0, "defective": 1, "error": 1}}
