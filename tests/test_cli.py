@@ -140,3 +140,23 @@ def test_experiment_run_and_report(demo_root: Path, tmp_path: Path) -> None:
     (out / "table.md").unlink()
     report = runner.invoke(app, ["experiment", "report", str(out), "--metric", "accuracy"])
     assert report.exit_code == 0 and "Best by accuracy:" in report.output and (out / "table.md").is_file()
+
+
+def test_every_output_is_o_and_out() -> None:
+    import typer
+
+    def commands(group, prefix=()):
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from commands(command, (*prefix, name))
+            else:
+                yield (*prefix, name), command
+
+    writers = 0
+    for path, command in commands(typer.main.get_command(app)):
+        for parameter in command.params:
+            names = set(parameter.opts)
+            if names & {"--out", "--output"}:
+                writers += 1
+                assert {"-o", "--out"} <= names, f"{' '.join(path)}: {sorted(names)}"
+    assert writers >= 8

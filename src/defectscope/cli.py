@@ -168,7 +168,7 @@ def parse_settings(text: str | None) -> dict:
 @app.command("fit")
 def fit(
     data: Annotated[Path, typer.Argument(help="Dataset folder; its good training images are used.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write.")],
+    output: Annotated[Path, typer.Option("--output", "--out", "-o", help="Model file to write.")],
     model: Annotated[str, typer.Option(help=f"One of: {', '.join(GOOD_ONLY_MODELS)}.")] = "patchcore",
     backbone: Annotated[str, typer.Option(help="Feature extractor (see `defectscope backbones`).")] = "efficientnet_lite0",
     coreset: Annotated[float | None, typer.Option(help="PatchCore memory ratio (default 0.1).")] = None,
@@ -266,7 +266,7 @@ def _exit_if_failed(failed: int, total: int, what: str) -> None:
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Model file.")],
     data: Annotated[Path, typer.Argument(help="Dataset folder with a test split.")],
-    out: Annotated[Path | None, typer.Option(help="Write report.html/.md, predictions.csv, metrics.json/.md, curves, histogram and overlays into this folder.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write report.html/.md, predictions.csv, metrics.json/.md, curves, histogram and overlays into this folder.")] = None,
     set_f1_threshold: Annotated[bool, typer.Option("--set-f1-threshold", help="Store the F1-optimal threshold in the model file.")] = False,
     weights: WeightsOption = None,
     force: ForceOption = False,
@@ -290,7 +290,7 @@ def evaluate(
 @app.command("calibrate")
 def calibrate(
     model: Annotated[Path, typer.Argument(help="Model file.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (may be MODEL itself).")],
+    output: Annotated[Path, typer.Option("--output", "--out", "-o", help="Model file to write (may be MODEL itself).")],
     false_alarm_rate: Annotated[float | None, typer.Option(help="Threshold for this share of good parts flagged, from the model's cross-fitted good scores.")] = None,
     good: Annotated[list[Path] | None, typer.Option(help="Good images or folders (repeatable).")] = None,
     defective: Annotated[list[Path] | None, typer.Option(help="Defective images or folders (repeatable).")] = None,
@@ -315,7 +315,7 @@ def calibrate(
 def update(
     model: Annotated[Path, typer.Argument(help="Model file.")],
     good: Annotated[list[Path], typer.Option(help="Good images or folders to learn (repeatable), e.g. false alarms.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (may be MODEL itself).")],
+    output: Annotated[Path, typer.Option("--output", "--out", "-o", help="Model file to write (may be MODEL itself).")],
     check: Annotated[Path | None, typer.Option(help="Dataset whose labelled defective test images must stay caught (and may not be taught).")] = None,
     defective: Annotated[list[Path] | None, typer.Option(help="Images known to be defective: never taught, and must stay caught (repeatable).")] = None,
     accept_defect_like: Annotated[bool, typer.Option(help=f"Teach images scoring >= {DEFECT_LIKE:g}x the threshold too (they look defective).")] = False,
@@ -440,7 +440,7 @@ def _show_table(folder: Path, metric: str | None) -> None:
 def experiment_run(
     config: Annotated[Path, typer.Argument(help="Experiment config (.yaml or .toml).")],
     data: Annotated[Path | None, typer.Option(help="Dataset folder (overrides the config's 'data').")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder; default runs/<config name>.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder; default runs/<config name>.")] = None,
     redo: Annotated[bool, typer.Option(help="Run attempts again even if they finished earlier.")] = False,
     only: Annotated[list[str] | None, typer.Option(help="Run only this attempt (repeatable).")] = None,
     force: ForceOption = False,
@@ -542,7 +542,7 @@ def info(model: Annotated[Path, typer.Argument(help="Model file.")]) -> None:
 @app.command("demo")
 def demo(
     data: Annotated[Path | None, typer.Option(help="Dataset folder; default: generate the demo dataset.")] = None,
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo-output"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-output"),
     model: Annotated[str, typer.Option(help=f"Detector to fit: {', '.join(GOOD_ONLY_MODELS)}.")] = "patchcore",
     force: ForceOption = False,
 ) -> None:
