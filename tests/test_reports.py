@@ -42,7 +42,7 @@ def test_predictions_csv_gives_every_verdict_at_the_models_threshold(report_fold
 def test_the_report_names_every_mistake_and_holds_its_images(report_folder: Path) -> None:
     page = (report_folder / "report.html").read_text()
     rows = _rows(report_folder)
-    assert "Verdicts at the model&#x27;s threshold" in page and "judged defective" in page  # the confusion matrix
+    assert "Verdicts at the threshold" in page and "judged defective" in page  # the confusion matrix
     for row in rows:
         if row["correct"] == "no":
             assert row["path"] in page

@@ -117,7 +117,7 @@ def write_predictions_csv(path: Path, rows: list[dict], heatmaps: dict[str, str]
     write_atomic(path, buffer.getvalue().encode())
 
 
-def _case_overlays(evaluation: Evaluation, detector: MapModel, threshold: float, indices: list[int], folder: Path,
+def _case_overlays(evaluation: Evaluation, detector: MapModel, indices: list[int], folder: Path,
                    scale: tuple[float, float]) -> dict[str, Path]:
     """Overlays (model frame, true defect outlined) for the given test images, by path."""
     paths = [Path(evaluation.records[i]["path"]) for i in indices]
@@ -154,6 +154,8 @@ def plant_report(evaluation: Evaluation, detector: MapModel, out: Path, name: st
     labels = np.array([r["label"] for r in records])
     scores = np.array([r["score"] for r in records], np.float64)
     decisions = metrics.get("at_model_threshold") or metrics.get("at_f1_threshold") or {}
+    which = ("the model's threshold" if "at_model_threshold" in metrics
+             else "the F1-optimal threshold (the model has none; chosen on these test labels)")
     missed = sorted((r for r in rows if r["true_class"] != "good" and r["verdict"] != "defective"), key=lambda r: r["score"])
     alarms = sorted((r for r in rows if r["true_class"] == "good" and r["verdict"] != "good"), key=lambda r: -r["score"])
     overlays: dict[str, Path] = {}
@@ -161,13 +163,13 @@ def plant_report(evaluation: Evaluation, detector: MapModel, out: Path, name: st
         scale = colour_scale(evaluation.maps, threshold)
         index = {r["path"]: i for i, r in enumerate(records)}
         chosen = [index[r["path"]] for r in missed[:CASE_OVERLAYS] + alarms[:CASE_OVERLAYS]]
-        overlays = _case_overlays(evaluation, detector, threshold, chosen, out / "cases", scale)
+        overlays = _case_overlays(evaluation, detector, chosen, out / "cases", scale)
     good, defective = counts["good"], counts["defective"]
     stated = decisions.get("stated_false_alarm_rate")
     stated_text = ("" if stated is None else f" (stated when calibrated: {stated:.1%}, 95% interval "
                    f"{decisions['stated_interval'][0]:.1%} to {decisions['stated_interval'][1]:.1%})")
-    summary = (f"{len(rows)} test images: {sum(good.values())} good, {sum(defective.values())} defective. At the model's "
-               f"threshold {threshold:.4g}, {defective['defective']} of {sum(defective.values())} defective parts are "
+    summary = (f"{len(rows)} test images: {sum(good.values())} good, {sum(defective.values())} defective. At {which}, "
+               f"{threshold:.4g}, {defective['defective']} of {sum(defective.values())} defective parts are "
                f"caught and {good['defective']} of {sum(good.values())} good parts are flagged{stated_text}.")
     if good["error"] + defective["error"]:
         summary += f" {good['error'] + defective['error']} image(s) could not be scored (verdict 'error')."
@@ -179,7 +181,7 @@ def plant_report(evaluation: Evaluation, detector: MapModel, out: Path, name: st
                          _fmt(metrics["per_defect"].get(defect, {}).get("image_auroc"))])
     blocks: list[Block] = [
         Heading(f"Evaluation of {detector.name} on {name}", 1), *(Text(line) for line in context), Text(summary),
-        Heading("Verdicts at the model's threshold"),
+        Heading("Verdicts at the threshold"),
         Table(["", "judged good", "judged defective", "error"],
               [[f"truly {truth} ({sum(c.values())})", str(c["good"]), str(c["defective"]), str(c["error"])]
                for truth, c in counts.items()]),
