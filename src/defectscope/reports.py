@@ -67,7 +67,7 @@ GLOSSARY = (
                       "distance between features, PaDiM: a squared Mahalanobis distance), so read it against the threshold"),
     ("normalized score", "the score divided by the threshold: 1.0 is the boundary, above it the part is judged defective"),
     ("threshold", "the score above which a part is judged defective, set from good images only for the stated "
-                  "false-alarm rate (or as `calibrate` set it)"),
+                  "false-alarm rate (or as the calibrate command set it)"),
     ("recall", "the share of defective parts judged defective"),
     ("false-alarm rate", "the share of good parts judged defective; the stated rate is the one promised when the "
                          "model was calibrated, with its 95% interval"),
