@@ -29,16 +29,16 @@ import numpy as np
 import torch
 
 from defectscope import __version__, load_dataset
-from defectscope.data.images import masks_in_frame
 from defectscope.data.decode import image_size
 from defectscope.data.folds import pick_good
+from defectscope.data.images import masks_in_frame
 from defectscope.detectors.instances import InstanceConfig, held_out_instances
 from defectscope.detectors.segmenter import Segmenter, SegmenterConfig, held_out_maps
-from defectscope.export.instances import Instance
 from defectscope.export.pseudo import agreement, map_instances
 from defectscope.instance_metrics import AGNOSTIC, detected_instance, instance_metrics, per_fold
 from defectscope.metrics import image_auroc, pixel_metrics
 from defectscope.pipeline import fit_detector
+from defectscope.regions import Instance
 
 
 def best_dice(masks: np.ndarray, maps: np.ndarray, defective: np.ndarray) -> dict:

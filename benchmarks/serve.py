@@ -1,12 +1,14 @@
-"""Load test of `defectscope serve` on 127.0.0.1: throughput, latency and server memory, with and without batching.
+"""Load test of `defectscope serve` on 127.0.0.1: throughput, latency and server memory, per engine, with and without
+batching.
 
     python benchmarks/serve.py --data ../shared/datasets/mvtec_ad/bottle
 
 Fits PatchCore on the category (or takes --model), measures the library's own batched images/s,
-then starts the server in a subprocess for each setting and sends the category's test images from
-1, 4 and 16 concurrent clients: a fixed number of requests per run, each run stopped after --limit
-seconds at most. Ends with a soak at 16 clients sampling the server's resident memory. Writes
-benchmarks/results/serve.json and serve.md.
+exports the model for each engine of --engines (onnxruntime, OpenVINO), then starts the server in a
+subprocess for each engine and setting and sends the category's test images from 1, 4 and 16
+concurrent clients: a fixed number of requests per run, each run stopped after --limit seconds at
+most. Ends with a soak at 16 clients on the model file, sampling the server's resident memory.
+Writes benchmarks/results/serve.json and serve.md.
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ from isolated import write_results
 
 from defectscope import load_dataset
 from defectscope.artifacts import load_model, save_model
+from defectscope.deployment import export_model
 from defectscope.pipeline import fit_detector
 
-SETTINGS = {"dynamic batching (5 ms)": ["--batch-wait-ms", "5"], "no batching": ["--max-batch", "1"]}
+BATCHING = ["--batch-wait-ms", "5"]
+SETTINGS = {"dynamic batching (5 ms)": BATCHING,  # for the model file; the audit trail is on unless said
+            "dynamic batching (5 ms), no audit trail": [*BATCHING, "--no-audit"], "no batching": ["--max-batch", "1"]}
+ENGINES = {"onnx": "onnxruntime", "openvino": "openvino"}  # export format -> engine
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -113,6 +119,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=160, help="Requests per run.")
     parser.add_argument("--limit", type=float, default=120, help="Seconds a run may take at most.")
     parser.add_argument("--soak", type=float, default=120, help="Seconds of the memory soak (0: none).")
+    parser.add_argument("--engines", default="onnx,openvino", help="Export formats to serve beside the model file "
+                        "(comma-separated; empty: the model file only).")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     dataset = load_dataset(args.data)
@@ -123,32 +131,43 @@ def main() -> None:
         model = save_model(fit_detector(dataset, "patchcore", {})[0], Path(scratch.name) / "bench.dsmodel")
     reference = library_rate(model, paths)
     images = [(p.name, p.read_bytes()) for p in paths]
+    runs = [("torch", label, model, extra) for label, extra in SETTINGS.items()]
+    for file_format in filter(None, args.engines.split(",")):
+        exported = export_model(model, Path(scratch.name) / f"{model.stem}-{file_format}.dsdeploy", file_format)[0]
+        runs.insert(len(runs) - 1, (ENGINES[file_format], "dynamic batching (5 ms)", exported, BATCHING))
     rows, memory = [], {}
-    for label, extra in SETTINGS.items():
+    for engine, label, served, extra in runs:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = start_server(model, port, extra)
-        url = f"http://127.0.0.1:{port}/v1/models/{model.name.removesuffix('.dsmodel')}/inspect"
+        server = start_server(served, port, extra)
+        url = f"http://127.0.0.1:{port}/v1/models/{served.stem}/inspect"
         try:
             for clients in (1, 4, 16):
                 result = asyncio.run(load(url, images, clients, args.requests, args.limit))
-                rows.append({"setting": label, "clients": clients, **result,
+                rows.append({"engine": engine, "setting": label, "clients": clients, **result,
                              "share_of_library": result["images_per_s"] / reference, "server_peak_mb": rss_mb(server.pid, "VmHWM")})
                 print(rows[-1], flush=True)
-            if label.startswith("dynamic") and args.soak:
+            if engine == "torch" and label.startswith("dynamic") and args.soak:
                 samples, result = asyncio.run(soak(url, images, server.pid, args.soak))
                 memory = {"seconds": args.soak, "rss_mb": samples, "requests": result["requests"], "errors": result["errors"]}
         finally:
             server.terminate()
             server.wait(timeout=30)
-    header = ("| setting | clients | requests | errors | images/s | share of library batched | p50 ms | p95 ms | p99 ms "
-              "| server peak MB |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    header = ("| engine | setting | clients | requests | errors | images/s | share of library batched | p50 ms | p95 ms "
+              "| p99 ms | server peak MB |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     table = header + "".join(
-        f"| {r['setting']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['images_per_s']:.1f} | "
+        f"| {r['engine']} | {r['setting']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['images_per_s']:.1f} | "
         f"{r['share_of_library']:.0%} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['server_peak_mb']:.0f} |\n"
         for r in rows)
-    table += f"\nLibrary batched (`predict` on all {len(paths)} test images, decode included): {reference:.1f} images/s.\n"
+    p99 = {r["engine"]: r["p99_ms"] for r in rows if r["clients"] == 16 and r["setting"] == "dynamic batching (5 ms)"}
+    table += "".join(f"\np99 at 16 clients, {engine} against the model file: {p99['torch'] / value:.2f}x lower.\n"
+                     for engine, value in p99.items() if engine != "torch")
+    rate = {r["setting"]: r["images_per_s"] for r in rows if r["clients"] == 16 and r["engine"] == "torch"}
+    without, with_audit = rate["dynamic batching (5 ms), no audit trail"], rate["dynamic batching (5 ms)"]
+    table += (f"\nThe audit trail at 16 clients: {with_audit:.1f} images/s with it, {without:.1f} without: it changes the "
+              f"time per image by {without / with_audit - 1:+.1%}.\n")
+    table += f"\nLibrary batched (the model file's `predict` on all {len(paths)} test images, decode included): {reference:.1f} images/s.\n"
     if memory:
         rss = memory["rss_mb"]
         table += (f"\nSoak, 16 clients for {memory['seconds']:.0f} s ({memory['requests']} requests, {memory['errors']} errors): "

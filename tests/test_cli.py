@@ -24,6 +24,15 @@ def test_help_lists_every_command_and_version() -> None:
     assert "0.1.0" in runner.invoke(app, ["--version"]).output
 
 
+def test_help_shows_flags_as_flags_and_every_default() -> None:
+    wide = {"COLUMNS": "200"}
+    shown = runner.invoke(app, ["predict", "--help"], env=wide).output
+    assert "predict [OPTIONS] MODEL INPUTS..." in shown and "<bool>" not in shown and "{" not in shown
+    fitting = " ".join(runner.invoke(app, ["fit", "--help"], env=wide).output.split())
+    for default in ("[default: patchcore]", "[default: (0.1)]", "[default: (0.01)]", "[default: (chosen per product)]"):
+        assert default in fitting, default
+
+
 def test_help_and_info_answer_without_loading_pytorch(served_folder: Path) -> None:
     """`--help`, an argument typo and `info` load only the command line and the model file's header (not torch)."""
     probe = ("import sys\nfrom defectscope.cli import main\nsys.argv = ['defectscope'] + sys.argv[1:]\n"
@@ -34,11 +43,12 @@ def test_help_and_info_answer_without_loading_pytorch(served_folder: Path) -> No
         assert run.stderr.strip().splitlines()[-1] in ("NO-TORCH 0", "NO-TORCH 2"), (arguments, run.stderr[-500:])
 
 
-def test_the_command_line_names_every_good_only_model() -> None:
-    from defectscope.detectors import good_only_models
-    from defectscope.names import GOOD_ONLY_MODELS
+def test_the_command_line_names_every_model() -> None:
+    from defectscope.detectors import DETECTORS, good_only_models
+    from defectscope.names import GOOD_ONLY_MODELS, MASK_MODELS
 
     assert list(GOOD_ONLY_MODELS) == good_only_models()
+    assert sorted(MASK_MODELS) == sorted(name for name, cls in DETECTORS.items() if cls.kind != "good_only")
 
 
 def test_summary_json(demo_root: Path) -> None:
@@ -74,18 +84,52 @@ def test_fit_predict_evaluate(demo_root: Path, tmp_path: Path) -> None:
     assert len(rows) == 8 and all(Path(r["heatmap"]).is_file() for r in rows)
     assert sum(r["verdict"] == "defective" for r in rows) >= 6
     out = tmp_path / "report"
-    evaluated = runner.invoke(app, ["-q", "evaluate", str(model), str(demo_root), "--out", str(out), "--set-f1-threshold"])
+    before = model.read_bytes()
+    evaluated = runner.invoke(app, ["-q", "evaluate", str(model), str(demo_root), "--out", str(out)])
     assert evaluated.exit_code == 0, evaluated.output
+    assert model.read_bytes() == before  # evaluate only reads; `calibrate` is the one way to set a threshold
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert set(metrics["per_defect"]) == {"broken", "contamination", "scratch"}
     assert all((out / name).is_file() for name in ("report.html", "report.md", "predictions.csv", "curves.png", "gallery.png"))
+    defective = [arg for kind in ("broken", "contamination", "scratch") for arg in ("--defective", str(demo_root / "test" / kind))]
+    calibrated = runner.invoke(app, ["-q", "calibrate", str(model), "-o", str(model), "--f1", "--good",
+                                     str(demo_root / "test" / "good"), *defective])
+    assert calibrated.exit_code == 0, calibrated.output
     info = json.loads(runner.invoke(app, ["info", str(model)]).output)
-    assert info["calibration"]["method"] == "f1" and info["calibration"]["threshold"] == metrics["at_f1_threshold"]["threshold"]
+    assert info["calibration"]["method"] == "f1"
+
+
+def test_fit_reaches_every_config_field_by_set_and_config(demo_root: Path, tmp_path: Path, cli) -> None:
+    fields = tmp_path / "fields.yaml"
+    fields.write_text("image_size: 96\ncrop: null\nfeature_dim: 50\nkeep_covariance: true\n")
+    model = tmp_path / "m.dsmodel"
+    fit = runner.invoke(app, ["-q", "fit", str(demo_root), "-o", str(model), "--model", "padim", "--config", str(fields),
+                              "--set", "feature_dim=40", "--set", "regularization=0.5"])
+    assert fit.exit_code == 0, fit.output
+    config = json.loads(runner.invoke(app, ["info", str(model)]).output)["config"]
+    assert (config["image_size"], config["crop"], config["feature_dim"], config["regularization"], config["keep_covariance"]) \
+        == (96, None, 40, 0.5, True)  # --set wins over the file
+    for wrong, message in ((["--set", "feature_dimension=40"], "feature_dimension"), (["--set", "feature_dim"], "KEY=VALUE"),
+                           (["--set", "feature_dim=many"], "feature_dim")):
+        refused = cli("fit", demo_root, "-o", tmp_path / "x.dsmodel", "--model", "padim", *wrong)
+        assert refused.code == 2 and message in refused.err and not (tmp_path / "x.dsmodel").exists()
+
+
+def test_fit_trains_a_mask_model_where_masks_exist(demo_root: Path, tmp_path: Path) -> None:
+    model = tmp_path / "seg.dsmodel"
+    fit = runner.invoke(app, ["fit", str(demo_root), "-o", str(model), "--model", "segmenter", "--image-size", "64",
+                              "--crop", "0", "--set", "epochs=2", "--set", "good_train=8"])
+    assert fit.exit_code == 0, fit.output
+    assert "on 42 labelled images" in fit.output and "defects of the test split" in fit.output  # 34 test + 8 good
+    info = json.loads(runner.invoke(app, ["info", str(model)]).output)
+    assert info["detector"] == "segmenter" and info["train_summary"]["images"] == 42
+    predicted = runner.invoke(app, ["-q", "predict", str(model), str(demo_root / "test" / "broken"), "--json"])
+    assert predicted.exit_code == 0 and len(predicted.output.splitlines()) == 8
 
 
 def test_fit_rejects_coreset_for_other_models(demo_root: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["fit", str(demo_root), "-o", str(tmp_path / "m"), "--model", "knn", "--coreset", "0.1"])
-    assert result.exit_code != 0 and "--coreset applies to --model patchcore only" in str(result.exception)
+    assert result.exit_code != 0 and "--coreset-ratio applies to --model patchcore only" in str(result.exception)
 
 
 @pytest.mark.slow

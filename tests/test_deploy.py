@@ -14,6 +14,7 @@ from defectscope import load_dataset
 from defectscope.artifacts import load_model, save_model
 from defectscope.deployment import export_model
 from defectscope.detectors.base import create_detector
+from defectscope.predictor import check_predictor
 from defectscope.runtime import DeployedModel
 
 pytest.importorskip("onnxruntime")
@@ -76,6 +77,7 @@ def test_export_predicts_what_the_model_predicts(fitted, test_images, tmp_path: 
     expected = model.predict(test_images)
     assert 0 < sum(v == "defective" for v in expected.verdicts) < len(test_images)  # both verdicts occur
     _assert_same(expected, deployed.predict(test_images))
+    check_predictor(deployed, test_images[:3])
     batch_of_one = deployed.predict(test_images[:1])  # the batch dimension is dynamic
     np.testing.assert_allclose(batch_of_one.scores, expected.scores[:1], rtol=1e-4)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from defectscope.data.layout import load_dataset
 from defectscope.detectors import DETECTORS, create_detector
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation import evaluate
+from defectscope.predictor import ContractBroken, check_predictor
 from defectscope.thresholds import Calibration
 
 SMALL = {"image_size": 128, "crop": None}
@@ -55,6 +58,25 @@ def test_detector_separates_generated_defects(fitted: dict, name: str) -> None:
         assert metrics["pixel_auroc"] >= 0.6, metrics
     else:
         assert "pixel_auroc" not in metrics and any("pixel metrics do not apply" in n for n in metrics["notes"])
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_every_detector_keeps_the_predictor_contract(fitted: dict, name: str) -> None:
+    check_predictor(fitted["models"][name], [s.path for s in fitted["dataset"].test[::6]])
+
+
+def test_the_contract_check_names_a_breach(fitted: dict) -> None:
+    detector = fitted["models"]["knn"]
+    images = [s.path for s in fitted["dataset"].test[:3]]
+    broken = copy.copy(detector)
+    broken.score_frames = lambda batch: type(detector).score_frames(detector, batch).scores  # the old bare tuple/array
+    with pytest.raises(ContractBroken, match="not Scored"):
+        check_predictor(broken, images)
+    hopeful = copy.copy(detector)
+    hopeful.predict = lambda paths, **kw: replace(detector.predict(paths, **kw), scores=np.nan_to_num(
+        detector.predict(paths, **kw).scores))  # an unreadable image scored 0.0: "good"
+    with pytest.raises(ContractBroken, match="unreadable image"):
+        check_predictor(hopeful, images)
 
 
 def test_patchcore_threshold_and_maps_at_original_size(fitted: dict) -> None:

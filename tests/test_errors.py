@@ -9,7 +9,8 @@ import pytest
 
 from defectscope.data.layout import load_dataset
 from defectscope.detectors.base import create_detector
-from defectscope.errors import DefectscopeError, InputError, ModelFileError, SettingsError
+from defectscope.artifacts import save_model
+from defectscope.errors import DefectscopeError, InputError, ModelFileError, NotFittedError, SettingsError
 from defectscope.metrics import pixel_metrics
 from defectscope.model_header import model_info
 
@@ -26,4 +27,26 @@ def test_each_kind_of_mistake_raises_its_own_error(tmp_path: Path) -> None:
         model_info(tmp_path / "m.dsmodel")
     with pytest.raises(InputError, match="defect-free"):  # once a ValueError that escaped the command line's handler
         pixel_metrics(np.ones((1, 4, 4), bool), np.zeros((1, 4, 4), np.float32))
-    assert all(issubclass(kind, DefectscopeError) for kind in (InputError, SettingsError, ModelFileError))
+    assert all(issubclass(kind, DefectscopeError) for kind in (InputError, SettingsError, ModelFileError, NotFittedError))
+
+
+@pytest.mark.parametrize("name", ["patchcore", "padim", "knn", "autoencoder", "segmenter"])
+def test_an_unfitted_model_says_so(name: str, tmp_path: Path) -> None:
+    model = create_detector(name, image_size=64, crop=None)
+    with pytest.raises(NotFittedError, match="not fitted; call fit"):
+        model.score_frames(np.zeros((1, 3, 64, 64), np.uint8))
+    with pytest.raises(NotFittedError, match="not fitted"):
+        save_model(model, tmp_path / "m.dsmodel")
+    assert not (tmp_path / "m.dsmodel").exists()
+
+
+def test_a_setting_a_model_does_not_use_is_refused_not_ignored() -> None:
+    with pytest.raises(SettingsError, match="'threshold_method' does not apply to SegmenterConfig"):
+        create_detector("segmenter", threshold_method="sigma")
+    with pytest.raises(SettingsError, match="'calibration_folds' does not apply to ReconstructionConfig"):
+        create_detector("autoencoder", calibration_folds=5)
+    with pytest.raises(SettingsError, match="'threshold_param' does not apply to InstanceConfig"):
+        create_detector("detector", threshold_param=0.05)
+    segmenter = create_detector("segmenter", epochs=3)
+    assert type(segmenter.config).from_dict(segmenter.config.to_dict()) == segmenter.config  # defaults round-trip
+    assert create_detector("patchcore", calibration_folds=5).config.calibration_folds == 5  # where it applies

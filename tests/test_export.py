@@ -15,9 +15,9 @@ from defectscope.data.layout import load_dataset
 from defectscope.detectors import create_detector
 from defectscope.errors import DefectscopeError
 from defectscope.export.check import check_export
-from defectscope.export.instances import components, polygons, rasterize, rle
 from defectscope.export.labels import ExportOptions, export_ground_truth
 from defectscope.export.pseudo import agreement, export_pseudo_labels
+from defectscope.regions import components, polygons, rasterize, rle
 
 
 def test_components_use_8_connectivity_and_min_area() -> None:

@@ -14,6 +14,7 @@ from defectscope.artifacts import load_model, save_model
 from defectscope.detectors.instances import InstanceConfig, InstanceDetector, held_out_instances, instance_targets
 from defectscope.errors import DefectscopeError
 from defectscope.prediction import Detection, prediction_rows
+from defectscope.predictor import check_predictor
 from defectscope.training.augment import augment
 
 SMALL = {"image_size": 96, "crop": None, "epochs": 3, "good_train": 4, "min_score": 0.0, "channels": 32}
@@ -43,6 +44,7 @@ def test_detector_predicts_typed_instances_and_survives_its_model_file(trained, 
             assert d.mask.shape == image_map.shape == (128, 128) and d.mask.dtype == bool
     scores = [max((d.confidence for d in image), default=0.0) for image in prediction.detections]
     np.testing.assert_allclose(prediction.scores, scores, rtol=1e-6)  # an image scores its most confident instance
+    check_predictor(detector, images[:3])
     loaded = load_model(path)
     assert loaded.config.types == dataset.defect_types
     again = loaded.predict(images)

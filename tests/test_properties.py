@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 
 from defectscope.data.layout import load_dataset
 from defectscope.errors import DefectscopeError
-from defectscope.experiments.config import SAFE_NAME, load_experiment
+from defectscope.experiments.config import load_experiment
 from defectscope.experiments.kinds import attempt_config
 from defectscope.export.check import check_export
 from defectscope.export.labels import FORMATS, ExportOptions, export_ground_truth
+from defectscope.names import SAFE_NAME
 
 NAMES = st.one_of(st.sampled_from(["a", "b", "base-1", "x.y", "../up", "/abs", "", "a/b", ".hidden", "ü"]),
                   st.text(max_size=8))

@@ -15,7 +15,7 @@ from defectscope.errors import DefectscopeError
 from defectscope.pipeline import fit_model
 from defectscope.scale import scoring
 from defectscope.scale.fit_many import fit_many
-from defectscope.scale.jobs import run_jobs
+from defectscope.jobs import run_jobs
 from defectscope.scale.plan import load_plan
 from defectscope.scale.scoring import score_to_parquet
 

@@ -7,14 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from defectscope.artifacts import load_model, save_model
 from defectscope.data.layout import load_dataset
 from defectscope.detectors import Detector, create_detector, good_only_models
 from defectscope.detectors.segmenter import SegmenterConfig, dice_bce, held_out_maps
-from defectscope.errors import DefectscopeError
 from defectscope.metrics import pixel_auroc
-from defectscope.pipeline import fit_detector
+from defectscope.predictor import check_predictor
+from defectscope.service.app import create_app
+from defectscope.service.models import load_served
 
 SMALL = {"image_size": 128, "crop": None, "epochs": 10, "lr": 3e-3}
 
@@ -31,8 +33,6 @@ def test_segmenter_learns_masks_and_round_trips(demo_root: Path, tmp_path: Path)
     dataset = load_dataset(demo_root)
     segmenter = create_detector("segmenter", **SMALL, hflip=True)
     assert not isinstance(segmenter, Detector) and "segmenter" not in good_only_models()  # it learns from masks
-    with pytest.raises(DefectscopeError, match="cannot be fitted on good images alone"):
-        fit_detector(dataset, "segmenter", SMALL)
     history = segmenter.fit_masks(list(dataset.test) + list(dataset.train[:8]))
     assert history["train_loss"][-1] < history["train_loss"][0]
     assert not any(k.startswith("encoder.network._conv_stem") for k in segmenter.tensors())  # frozen part not stored
@@ -71,3 +71,11 @@ def test_per_type_segmenter_has_a_channel_per_defect_type_and_types_its_regions(
     loaded = load_model(save_model(segmenter, tmp_path / "typed.dsmodel"))
     assert loaded.label_types == dataset.defect_types
     np.testing.assert_allclose(loaded.predict(paths[:4]).scores, prediction.scores[:4], rtol=1e-5)
+    check_predictor(loaded, paths[:3])
+    with TestClient(create_app(load_served([tmp_path / "typed.dsmodel"]))) as client:  # the service keeps the types
+        flagged = [p for p, image in zip(paths, prediction.detections) if image][:3]
+        body = client.post("/v1/models/typed/inspect", files=[("files", (p.name, p.read_bytes(), "image/png"))
+                                                               for p in flagged]).json()
+    expected = segmenter.predict(flagged).detections
+    assert [[(d["type"], d["box"]) for d in r["detections"]] for r in body["results"]] == \
+        [[(d.type, [round(v, 2) for v in d.box]) for d in image] for image in expected]

@@ -14,12 +14,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from defectscope import load_dataset
-from defectscope.artifacts import load_model
+from defectscope.artifacts import load_model, set_threshold
 from defectscope.data.decode import read_image
 from defectscope.service.app import create_app
 from defectscope.service.batching import Batcher
 from defectscope.service.config import ServiceConfig
 from defectscope.service.models import load_served
+from defectscope.thresholds import Calibration
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +232,10 @@ def test_no_endpoint_takes_a_file_system_path(client: TestClient) -> None:
     assert not (names | bodies) & {"path", "paths", "file_path", "folder", "directory", "out", "output"}
 
 
-def test_serve_command_starts_on_localhost_and_refuses_bad_input(model_folder: Path, tmp_path: Path, cli) -> None:
+def test_serve_command_starts_on_localhost_and_refuses_bad_input(model_folder: Path, demo_root: Path, tmp_path: Path,
+                                                                 cli) -> None:
+    """It serves on 127.0.0.1, an answered verdict is in the audit trail even after kill -9, and bad input is refused."""
+    import signal
     import socket
     import subprocess
     import sys
@@ -239,11 +243,17 @@ def test_serve_command_starts_on_localhost_and_refuses_bad_input(model_folder: P
 
     import httpx
 
+    from defectscope.files import file_sha256
+    from defectscope.line.audit import AuditLog
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [str(Path(sys.executable).with_name("defectscope")), "serve", str(model_folder), "--port", str(port)]
+    audit = tmp_path / "audit.sqlite"
+    command = [str(Path(sys.executable).with_name("defectscope")), "serve", str(model_folder), "--port", str(port),
+               "--audit", str(audit)]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    image = samples(demo_root, 1, 1)[0]
     try:
         deadline, health = time.monotonic() + 60, None
         while time.monotonic() < deadline and health is None:
@@ -252,10 +262,17 @@ def test_serve_command_starts_on_localhost_and_refuses_bad_input(model_folder: P
             except httpx.HTTPError:
                 time.sleep(0.2)
         assert health == {"status": "ok", "models": 1, "version": health["version"]}
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/models/part/inspect", files=upload(image), timeout=60).json()
     finally:
-        server.terminate()
+        server.send_signal(signal.SIGKILL)
         out, _ = server.communicate(timeout=30)
-    assert f"http://127.0.0.1:{port}/" in out
+    assert f"http://127.0.0.1:{port}/" in out and str(audit) in out
+    record = AuditLog(audit).query()[0]  # written before the answer: kill -9 loses nothing answered
+    assert record["id"] == answer["results"][0]["audit_id"] and record["verdict"] == answer["results"][0]["verdict"]
+    assert record["model_sha256"] == answer["model_sha256"] == file_sha256(model_folder / "part.dsmodel")
+    assert record["image_sha256"] == file_sha256(image) and record["role"] == "engineer" and record["source"] == "upload"
+    exposed = cli("serve", model_folder, "--host", "0.0.0.0", "--no-audit")
+    assert exposed.code == 2 and "--insecure" in exposed.err  # beyond loopback without a token: refused
     missing = cli("serve", tmp_path / "nothing.dsmodel")
     assert missing.code == 2 and "does not exist" in missing.err
     (tmp_path / "empty").mkdir()
@@ -363,3 +380,72 @@ def test_same_names_keep_their_own_results_and_docs_work_offline(client: TestCli
     assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
     from defectscope.cli import is_loopback
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
+
+
+def test_an_exported_model_is_served_like_its_model_file(model_folder: Path, demo_root: Path, tmp_path: Path) -> None:
+    from defectscope.deployment import export_model
+
+    line = tmp_path / "line"
+    line.mkdir()
+    export_model(model_folder / "part.dsmodel", line / "part-onnx.dsdeploy", "onnx")
+    export_model(model_folder / "part.dsmodel", line / "part-openvino.dsdeploy", "openvino")
+    paths = samples(demo_root, 0, 2) + samples(demo_root, 1, 3)
+    expected = load_model(model_folder / "part.dsmodel").predict(paths)
+    with make_client(line, demo_root) as client:
+        models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+        assert {name: m["engine"] for name, m in models.items()} == {"part-onnx": "onnxruntime", "part-openvino": "openvino"}
+        for name in models:
+            body = client.post(f"/v1/models/{name}/inspect?heatmap=true", files=upload(*paths)).json()
+            np.testing.assert_allclose([r["score"] for r in body["results"]], expected.scores, rtol=1e-4)
+            assert [r["verdict"] for r in body["results"]] == expected.verdicts
+            for result, path in zip(body["results"], paths):
+                assert Image.open(io.BytesIO(base64.b64decode(result["heatmap_png"]))).size == Image.open(path).size
+            assert len(client.get(f"/v1/models/{name}/labelled").json()["images"]) == 34
+            assert client.get(f"/v1/models/{name}").json()["graph"]["engine"] == models[name]["engine"]
+            for action, body in (("threshold", {"threshold": 1.0, "name": "moved"}), ("teach", {"images": [0], "name": "taught"})):
+                refused = client.post(f"/v1/models/{name}/{action}", json=body)
+                assert refused.status_code == 400 and "exported model" in refused.json()["detail"]
+    assert sorted(p.suffix for p in line.iterdir()) == [".bin", ".dsdeploy", ".dsdeploy", ".onnx", ".xml"]
+
+
+
+def test_roles_guard_every_write_and_every_verdict_is_audited(model_folder: Path, demo_root: Path, tmp_path: Path) -> None:
+    from defectscope.files import file_sha256
+    from defectscope.line.audit import AuditLog
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(model_folder / "part.dsmodel", folder / "part.dsmodel")
+    settings = ServiceConfig.from_dict({"token": "engineer-secret", "operator_token": "operator-secret"})
+    audit = AuditLog(tmp_path / "audit.sqlite")
+    app = create_app(load_served([folder], settings, demo_root), settings, demo_root, audit)
+    engineer, operator = ({"Authorization": f"Bearer {token}"} for token in ("engineer-secret", "operator-secret"))
+    writes = [("/v1/models/part/threshold", {"threshold": 1.0, "name": "moved"}),
+              ("/v1/models/part/teach", {"images": [0], "name": "taught"}), ("/v1/models/part/reload", None)]
+    with TestClient(app) as client:
+        assert client.get("/v1/whoami", headers=operator).json() == {"role": "operator"}
+        assert client.get("/v1/whoami", headers=engineer).json() == {"role": "engineer"}
+        for path, body in writes:
+            assert client.post(path, json=body).status_code == 401
+            refused = client.post(path, json=body, headers=operator)
+            assert refused.status_code == 403 and "engineer" in refused.json()["detail"]
+        paths = samples(demo_root, 0, 2) + samples(demo_root, 1, 2)
+        answer = client.post("/v1/models/part/inspect", files=upload(*paths), headers=operator).json()
+        assert answer["model_sha256"] == file_sha256(folder / "part.dsmodel") and answer["model_version"] == answer["model_sha256"][:12]
+        page = client.get("/v1/audit", headers=operator, params={"limit": 3}).json()
+        assert [r["id"] for r in page["records"]] == sorted((r["audit_id"] for r in answer["results"]), reverse=True)[:3]
+        for record in client.get("/v1/audit", headers=operator).json()["records"]:
+            result = answer["results"][[r["audit_id"] for r in answer["results"]].index(record["id"])]
+            assert (record["verdict"], record["score"], record["role"], record["image_name"]) == \
+                (result["verdict"], result["score"], "operator", result["name"])
+            assert record["image_sha256"] == file_sha256(paths[result["index"]])
+        defective = client.get("/v1/audit", headers=engineer, params={"verdict": "defective"}).json()["records"]
+        assert {r["verdict"] for r in defective} <= {"defective"} and len(defective) == sum(
+            r["verdict"] == "defective" for r in answer["results"])
+        # a model file replaced on disk is served after a reload, by the engineer
+        set_threshold(folder / "part.dsmodel", Calibration(123.0, "manual", 123.0, 0.0, 0.0, 0))
+        reloaded = client.post("/v1/models/part/reload", headers=engineer)
+        assert reloaded.status_code == 200 and reloaded.json()["threshold"] == 123.0
+        assert reloaded.json()["sha256"] == file_sha256(folder / "part.dsmodel") != answer["model_sha256"]
+        again = client.post("/v1/models/part/inspect", files=upload(paths[0]), headers=engineer).json()
+        assert again["threshold"] == 123.0 and again["model_sha256"] == reloaded.json()["sha256"]

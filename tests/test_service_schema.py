@@ -10,6 +10,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 
+from defectscope.line.audit import AuditLog
 from defectscope.service.app import create_app
 from defectscope.service.config import ServiceConfig
 from defectscope.service.models import load_served
@@ -19,7 +20,8 @@ from defectscope.service.models import load_served
 def served_app(demo_root: Path, served_folder: Path, tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("schema-models")  # a copy: the threshold and teach calls write model files
     shutil.copy(served_folder / "part.dsmodel", folder)
-    return create_app(load_served([folder], labelled=demo_root), ServiceConfig(), demo_root)
+    audit = AuditLog(folder / "audit.sqlite")  # every inspect call is audited; /v1/audit pages through the records
+    return create_app(load_served([folder], labelled=demo_root), ServiceConfig(), demo_root, audit)
 
 
 def test_every_answer_matches_the_schema(served_app) -> None:
@@ -41,4 +43,4 @@ def test_every_answer_matches_the_schema(served_app) -> None:
 
         check()
         checked.append(operation.label)
-    assert len(checked) == 10, checked  # health, metrics and the eight /v1 operations
+    assert len(checked) == 13, checked  # health, metrics and the eleven /v1 operations

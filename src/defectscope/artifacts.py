@@ -21,7 +21,7 @@ from defectscope._version import __version__
 from defectscope.backbones import load_backbone
 from defectscope.data.frame import Preprocess
 from defectscope.detectors.base import MapModel, detector_class, require_finite
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DefectscopeError, check_fitted
 from defectscope.files import check_output_file, write_atomic
 from defectscope.manifests import header_metadata, is_manifest_file
 from defectscope.model_header import FORMAT, FORMAT_VERSION, checked_file, model_info  # noqa: F401  (model_info: public here too)
@@ -67,8 +67,7 @@ def save_model(detector: MapModel, path: str | Path, force: bool = False) -> Pat
     """
     path = Path(path)
     tensors = {k: v.contiguous() for k, v in detector.tensors().items() if v is not None}
-    if not tensors:
-        raise DefectscopeError("the detector is not fitted; fit it before saving")
+    check_fitted(tensors, detector.name)
     if detector.calibration_scores is not None:
         tensors[CALIBRATION_SCORES] = detector.calibration_scores.float().contiguous()
     require_finite(tensors, f"{detector.name} has learned")

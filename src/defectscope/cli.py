@@ -29,7 +29,7 @@ from rich.text import Text
 
 from defectscope._version import __version__
 from defectscope.errors import DefectscopeError
-from defectscope.names import DEFECT_LIKE, GOOD_ONLY_MODELS, LABEL_FORMATS, TOKEN_ENV
+from defectscope.names import DEFECT_LIKE, GOOD_ONLY_MODELS, LABEL_FORMATS, MASK_MODELS, OPERATOR_TOKEN_ENV, TOKEN_ENV
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial visual inspection: learn good parts, find defects.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets and make demo data.")
@@ -90,6 +90,10 @@ def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
 
 ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing file or write into a folder defectscope did not create.")]
 WeightsOption = Annotated[Path | None, typer.Option("--weights", help="Backbone weight file (torchvision backbones offline).")]
+JsonlOption = Annotated[bool, typer.Option("--jsonl", help="Print each verdict as a JSON line on stdout.")]
+WebhookOption = Annotated[str | None, typer.Option("--webhook", help="POST each verdict as JSON to this URL (retried).")]
+MqttOption = Annotated[str | None, typer.Option("--mqtt", help="Publish each verdict to this MQTT broker, HOST or HOST:PORT (QoS 1).")]
+MqttTopicOption = Annotated[str, typer.Option("--mqtt-topic", help="The MQTT topic.")]
 
 
 @data_app.command("summary")
@@ -165,32 +169,53 @@ def parse_settings(text: str | None) -> dict:
     return value
 
 
+def gather_settings(config: Path | None, settings_json: str | None, assignments: list[str] | None) -> dict:
+    """Config fields from `--config FILE`, then `--settings` JSON, then each `--set KEY=VALUE` (later ones win); a
+    value is read as JSON when it is JSON (numbers, true, null, "text"), else as text. Checked by the config class."""
+    from defectscope.config_files import read_mapping
+    from defectscope.files import loads_strict
+
+    settings = read_mapping(config, "config fields") if config is not None else {}
+    settings.update(parse_settings(settings_json))
+    for assignment in assignments or []:
+        key, equals, text = assignment.partition("=")
+        if not equals or not key.strip():
+            raise DefectscopeError(f"--set takes KEY=VALUE, e.g. --set coreset_ratio=0.2; got {assignment!r}")
+        try:
+            settings[key.strip()] = loads_strict(text, f"--set {key}")
+        except DefectscopeError:
+            settings[key.strip()] = text
+    return settings
+
+
 @app.command("fit")
 def fit(
     data: Annotated[Path, typer.Argument(help="Dataset folder; its good training images are used.")],
     output: Annotated[Path, typer.Option("--output", "--out", "-o", help="Model file to write.")],
-    model: Annotated[str, typer.Option(help=f"One of: {', '.join(GOOD_ONLY_MODELS)}.")] = "patchcore",
+    model: Annotated[str, typer.Option(help=f"One of: {', '.join(GOOD_ONLY_MODELS)}; where masks exist also {', '.join(MASK_MODELS)}.")] = "patchcore",
     backbone: Annotated[str, typer.Option(help="Feature extractor (see `defectscope backbones`).")] = "efficientnet_lite0",
-    coreset: Annotated[float | None, typer.Option(help="PatchCore memory ratio (default 0.1).")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Short side of the frame before cropping (default: the model's).")] = None,
-    crop: Annotated[int | None, typer.Option(help="Center crop side; 0 for no crop (default: the model's).")] = None,
-    patch_stride: Annotated[int | None, typer.Option(help="PatchCore patch grid in pixels: 8, 16 or 32 (default: chosen).")] = None,
+    coreset: Annotated[float | None, typer.Option("--coreset-ratio", "--coreset", show_default="0.1", help="PatchCore: share of the patches kept in memory.")] = None,
+    image_size: Annotated[int | None, typer.Option(show_default="chosen per product (PatchCore), else the model's", help="Short side of the frame before cropping.")] = None,
+    crop: Annotated[int | None, typer.Option(show_default="chosen per product (PatchCore), else the model's", help="Center crop side; 0 for no crop.")] = None,
+    patch_stride: Annotated[int | None, typer.Option(show_default="chosen per product", help="PatchCore patch grid in pixels: 8, 16 or 32.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    false_alarm_rate: Annotated[float | None, typer.Option(help="Share of good parts the threshold may flag (default 0.01).")] = None,
+    false_alarm_rate: Annotated[float | None, typer.Option(show_default="0.01", help="Share of good parts the threshold may flag.")] = None,
     settings_json: Annotated[str | None, typer.Option("--settings", help='Any config fields as JSON, e.g. \'{"shard_images": 32}\'.')] = None,
+    assignments: Annotated[list[str] | None, typer.Option("--set", help="One config field as KEY=VALUE, e.g. --set shard_images=32 (repeatable; wins over --config and --settings).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="A YAML or TOML file of config fields (the names of the Python API).")] = None,
     weights: WeightsOption = None,
     download: Annotated[bool, typer.Option(help="Download torchvision weights if they are not found locally.")] = False,
     ray: Annotated[str | None, typer.Option("--ray", help="PatchCore: run the coreset shards as tasks on this Ray "
                                                           "cluster ('local': this machine).")] = None,
     force: ForceOption = False,
 ) -> None:
-    """Fit a detector on the good training images and write a model file.
+    """Fit a detector on the good training images (a mask model: on the labelled images) and write a model file.
 
     PatchCore chooses its frame (image size, crop, patch stride) from the good images unless one of them is given.
     """
     with doing("loading the library"):
         from defectscope.pipeline import fit_model
-    settings: dict = {"backbone": backbone, "seed": seed, **parse_settings(settings_json)}
+    settings: dict = {"backbone": backbone, "seed": seed, **gather_settings(config, settings_json, assignments)}
     if false_alarm_rate is not None:
         settings.update(threshold_method="false_alarm_rate", threshold_param=false_alarm_rate)
     if image_size is not None:
@@ -201,11 +226,16 @@ def fit(
         settings["patch_stride"] = patch_stride
     if coreset is not None:
         if model != "patchcore":
-            raise DefectscopeError("--coreset applies to --model patchcore only")
+            raise DefectscopeError("--coreset-ratio applies to --model patchcore only")
         settings["coreset_ratio"] = coreset
     fitted = fit_model(data, model, settings, output, weights=weights, download=download, force=force, bar=_progress,
                        ray_address=ray)
     calibration, report = fitted.detector.calibration, fitted.report
+    if fitted.detector.kind != "good_only":
+        say(f"trained {model} on {report.train_images} labelled images in {report.seconds:.1f} s -> {output}")
+        warn("it learned the defects of the test split and their masks: judge it with `defectscope experiment run` "
+             "(k-fold, every image scored by a model that did not learn it), not `evaluate` on this dataset")
+        return
     say(f"fitted {model} on {report.train_images} images in {report.seconds:.1f} s -> {output}")
     choice = fitted.detector.train_summary.get("frame_choice")
     if choice and choice.get("chosen"):
@@ -233,7 +263,8 @@ def predict(
     """Score images: raw score, normalized score (1.0 = threshold) and verdict; exit 3 if any could not be scored."""
     from defectscope.files import json_text
     with doing(f"loading {model}"):
-        from defectscope.pipeline import load_predictor, predict_images
+        from defectscope.pipeline import predict_images
+        from defectscope.predictor import load_predictor
         detector = load_predictor(model, weights)
     rows = predict_images(detector, inputs, heatmaps=heatmaps, force=force, bar=_progress)
     if as_json:
@@ -264,27 +295,23 @@ def _exit_if_failed(failed: int, total: int, what: str) -> None:
 
 @app.command("evaluate")
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="Model file.")],
+    model: Annotated[Path, typer.Argument(help="Model file from `defectscope fit`, or a .dsdeploy file from `export model`.")],
     data: Annotated[Path, typer.Argument(help="Dataset folder with a test split.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write report.html/.md, predictions.csv, metrics.json/.md, curves, histogram and overlays into this folder.")] = None,
-    set_f1_threshold: Annotated[bool, typer.Option("--set-f1-threshold", help="Store the F1-optimal threshold in the model file.")] = False,
     weights: WeightsOption = None,
     force: ForceOption = False,
 ) -> None:
-    """Metrics on the test split: image/pixel AUROC, AUPRO, F1-max, per defect type."""
+    """Metrics on the test split: image/pixel AUROC, AUPRO, F1-max, per defect type (it reads; `calibrate` sets thresholds)."""
     with doing(f"loading {model}"):
-        from defectscope.artifacts import load_model
         from defectscope.data.layout import load_dataset
-        from defectscope.pipeline import evaluate_model, store_f1_threshold
+        from defectscope.pipeline import evaluate_model
+        from defectscope.predictor import load_predictor
         from defectscope.reports import metrics_markdown
-        detector = load_model(model, weights)
+        detector = load_predictor(model, weights)
     evaluation, written = evaluate_model(detector, load_dataset(data), out, force=force, bar=_progress)
     say(metrics_markdown(evaluation.metrics))
     for path in written:
         say(f"wrote {path}")
-    if set_f1_threshold:
-        calibration = store_f1_threshold(model, detector, evaluation)
-        say(f"threshold set to {calibration.threshold:.4g} in {model}")
 
 
 @app.command("calibrate")
@@ -351,33 +378,114 @@ def is_loopback(host: str) -> bool:
 
 @app.command("serve")
 def serve(
-    models: Annotated[list[Path], typer.Argument(help="Model files, or folders: every .dsmodel in them.")],
+    models: Annotated[list[Path], typer.Argument(help="Model files or exported models (.dsdeploy), or folders: every .dsmodel and .dsdeploy in them.")],
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the service on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    token: Annotated[str | None, typer.Option(envvar=TOKEN_ENV, help=f"Require 'Authorization: Bearer TOKEN' on /v1 and /metrics (or set {TOKEN_ENV}).")] = None,
+    token: Annotated[str | None, typer.Option(envvar=TOKEN_ENV, help=f"The engineer's token (inspect, read, threshold, teach, reload); with a token /v1 and /metrics need 'Authorization: Bearer TOKEN' (or set {TOKEN_ENV}).")] = None,
+    operator_token: Annotated[str | None, typer.Option(envvar=OPERATOR_TOKEN_ENV, help=f"The operator's token: inspect and read only (or set {OPERATOR_TOKEN_ENV}).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow binding beyond loopback without a token (anyone who reaches the port may write).")] = False,
+    audit: Annotated[Path | None, typer.Option(show_default="defectscope-audit.sqlite beside the first model", help="Audit database (SQLite) of every verdict.")] = None,
+    no_audit: Annotated[bool, typer.Option("--no-audit", help="Keep no audit trail.")] = False,
+    jsonl: JsonlOption = False,
+    webhook: WebhookOption = None,
+    mqtt: MqttOption = None,
+    mqtt_topic: MqttTopicOption = "defectscope/verdicts",
     labelled: Annotated[Path | None, typer.Option(help="Dataset folder whose test split feeds the threshold and review pages.")] = None,
     batch_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to share a batch (0: off).")] = 5.0,
     max_batch: Annotated[int, typer.Option(help="Most images per model call (1: no batching).")] = 32,
     max_queue: Annotated[int, typer.Option(help="Images waiting per model before requests get 503.")] = 256,
     max_upload_mb: Annotated[float, typer.Option(help="Largest image file accepted.")] = 20.0,
+    engine_threads: Annotated[int | None, typer.Option(show_default="the engine's choice", help="Threads of each exported model's engine.")] = None,
 ) -> None:
     """Serve models over HTTP: the inspection API, metrics, and the web page."""
-    import uvicorn
-
-    from defectscope.service.app import create_app
     from defectscope.service.config import ServiceConfig
-    from defectscope.service.models import load_served
 
     config = ServiceConfig.from_dict({"batch_wait_ms": batch_wait_ms, "max_batch": max_batch, "max_queue": max_queue,
-                                      "max_upload_mb": max_upload_mb,
-                                      "token": token})
-    if not token and not is_loopback(host):
-        warn(f"binding {host} without a token: anyone who reaches this port can inspect, re-threshold and teach; "
-             f"set --token or {TOKEN_ENV}")
-    served = load_served(models, config, labelled)
-    say(f"serving {', '.join(served)} on http://{host}:{port}/ (API docs at /docs)")
-    uvicorn.run(create_app(served, config, labelled), host=host, port=port, log_level="warning",
+                                      "max_upload_mb": max_upload_mb, "engine_threads": engine_threads,
+                                      "token": token, "operator_token": operator_token})
+    if not (token or operator_token) and not is_loopback(host):
+        if not insecure:
+            raise DefectscopeError(f"binding {host} without a token would let anyone who reaches this port re-threshold "
+                                   f"and teach; set --token (and --operator-token), or pass --insecure")
+        warn(f"binding {host} without a token (--insecure): anyone who reaches this port can inspect, re-threshold and teach")
+    if audit is not None and no_audit:
+        raise DefectscopeError("give --audit DB or --no-audit, not both")
+    with doing(f"loading the models{f' and scoring the test split of {labelled} with each' if labelled else ''}"):
+        import uvicorn
+
+        from defectscope.line.audit import AuditLog
+        from defectscope.line.dispatch import dispatcher
+        from defectscope.service.app import create_app
+        from defectscope.service.models import load_served
+        served = load_served(models, config, labelled)
+    first = next(iter(served.values())).path
+    log = None if no_audit else AuditLog(audit or first.parent / "defectscope-audit.sqlite")
+    dispatch = dispatcher(jsonl, webhook, mqtt, mqtt_topic, report=warn) if (jsonl or webhook or mqtt) else None
+    say(f"serving {', '.join(f'{name} ({model.engine})' for name, model in served.items())} on http://{host}:{port}/ "
+        f"(API docs at /docs){f'; audit trail: {log.path}' if log else ''}")
+    uvicorn.run(create_app(served, config, labelled, log, dispatch), host=host, port=port, log_level="warning",
                 limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
+
+
+audit_app = typer.Typer(no_args_is_help=True, help="The audit trail of verdicts (serve --audit, watch --audit).")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("export")
+def audit_export(
+    database: Annotated[Path, typer.Argument(help="Audit database (SQLite) written by serve or watch.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")],
+    force: ForceOption = False,
+) -> None:
+    """Every audited verdict into one Parquet file (time, model and sha256, threshold, image sha256, verdict, role)."""
+    from defectscope.files import check_output_file
+    from defectscope.line.audit import export_parquet
+
+    check_output_file(out, force)
+    say(f"wrote {export_parquet(database, out)} verdicts to {out}")
+
+
+@app.command("watch")
+def watch(
+    model: Annotated[Path, typer.Argument(help="Model file, or a .dsdeploy export.")],
+    inbox: Annotated[Path, typer.Argument(help="The hot folder the camera writes into.")],
+    good_dir: Annotated[Path, typer.Option(help="Where images judged good go.")],
+    defective_dir: Annotated[Path, typer.Option(help="Where images judged defective go.")],
+    error_dir: Annotated[Path, typer.Option(help="Where images that could not be scored go.")],
+    audit: Annotated[Path | None, typer.Option(show_default="defectscope-audit.sqlite beside the hot folder", help="Audit database (SQLite): every verdict, and the journal that makes a restart safe.")] = None,
+    jsonl: JsonlOption = False,
+    webhook: WebhookOption = None,
+    mqtt: MqttOption = None,
+    mqtt_topic: MqttTopicOption = "defectscope/verdicts",
+    settle: Annotated[float, typer.Option(min=0.0, help="Seconds a file's size and time must stay unchanged before it is taken.")] = 0.5,
+    limit: Annotated[int | None, typer.Option(min=0, show_default="run until stopped", help="Stop after judging this many images (0: only finish what a stopped run left).")] = None,
+) -> None:
+    """Judge every image dropped into a hot folder: score it, move it to the folder of its verdict, audit and dispatch it,
+    each exactly once across restarts. Stop with Ctrl-C or SIGTERM."""
+    with doing(f"loading {model}"):
+        from defectscope.files import file_sha256
+        from defectscope.line.audit import AuditLog
+        from defectscope.line.dispatch import dispatcher
+        from defectscope.line.hotfolder import Folders, HotFolder, ModelIdentity
+        from defectscope.predictor import load_predictor
+        predictor = load_predictor(model)
+    note = (lambda text: _stderr_line("", "", text)) if jsonl else say  # with --jsonl, stdout holds verdicts only
+    digest = file_sha256(model)
+    folders = Folders(inbox, good_dir, defective_dir, error_dir)
+    log = AuditLog(audit or inbox.resolve().parent / "defectscope-audit.sqlite")
+    dispatch = dispatcher(jsonl, webhook, mqtt, mqtt_topic, report=warn)
+    line = HotFolder(predictor, ModelIdentity(model.name.rsplit(".", 1)[0], digest[:12], digest), folders, log, dispatch,
+                     settle=settle, say=note)
+    if limit != 0:
+        note(f"watching {inbox} with {model.name}: good -> {good_dir}, defective -> {defective_dir}, error -> {error_dir}")
+    try:
+        judged = line.run(limit=limit)
+    finally:
+        dispatch.close()
+        log.close()
+    note(f"judged {judged} image(s)")
+    if dispatch.failed:
+        warn(f"{dispatch.failed} verdict message(s) were not delivered; they are sent again at the next start")
 
 
 experiment_app = typer.Typer(no_args_is_help=True, help="Run attempts from a config file and compare them in a table.")
@@ -416,7 +524,7 @@ def score(
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet dataset folder (new, or an interrupted run to resume).")],
     ray: RayOption = None,
     workers: Annotated[int, typer.Option(min=1, help="Ray Data actors, each holding the model once.")] = 2,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPUs per Ray actor (default: this process's threads).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, show_default="this process's threads", help="CPUs per Ray actor.")] = None,
     force: ForceOption = False,
 ) -> None:
     """Score many images into Parquet (path, score, normalized, verdict, error); an interrupted run resumes."""
@@ -478,7 +586,7 @@ def export_labels(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (new, empty, or an earlier export).")],
     format: Annotated[str, typer.Option("--format", help=f"One of: {', '.join(LABEL_FORMATS)}.")] = "coco",
     from_model: Annotated[Path | None, typer.Option(help="Label the test images with this model's instances (a detector: typed) or maps (pseudo-labels).")] = None,
-    threshold: Annotated[float | None, typer.Option(help="Map threshold (a detector: least confidence) for pseudo-labels (default: the model's).")] = None,
+    threshold: Annotated[float | None, typer.Option(show_default="the model's", help="Map threshold (a detector: least confidence) for pseudo-labels.")] = None,
     min_area: Annotated[int, typer.Option(help="Smallest instance kept, in pixels.")] = 1,
     tolerance: Annotated[float, typer.Option(help="Polygon simplification, in pixels (0: none).")] = 0.5,
     rle: Annotated[bool, typer.Option(help="COCO: exact RLE masks instead of polygons.")] = False,

@@ -15,3 +15,13 @@ class SettingsError(DefectscopeError):
 
 class ModelFileError(DefectscopeError):
     """A model or deployment file that is damaged, incomplete, or written by an incompatible version."""
+
+
+class NotFittedError(DefectscopeError):
+    """A model used (scored, saved, exported) before it learned anything."""
+
+
+def check_fitted(learned: object, name: str, how: str = "fit()") -> None:
+    """Raise NotFittedError unless `learned` (what the model learns: a bank, a network, its statistics) is there."""
+    if learned is None or learned is False or (isinstance(learned, dict) and not learned):
+        raise NotFittedError(f"{name} is not fitted; call {how} or load a model file")

@@ -14,9 +14,10 @@ import numpy as np
 
 from defectscope.data.images import masks_in_frame
 from defectscope.data.layout import GOOD, Dataset
-from defectscope.detectors.base import MapModel, Progress
+from defectscope.detectors.base import Progress
 from defectscope.errors import DefectscopeError
 from defectscope.metrics import f1_max, image_auroc, per_defect_auroc, pixel_metrics
+from defectscope.predictor import Predictor
 
 
 @dataclass
@@ -49,7 +50,7 @@ def _decisions(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict
     }
 
 
-def evaluate(detector: MapModel, dataset: Dataset, progress: Progress | None = None) -> Evaluation:
+def evaluate(detector: Predictor, dataset: Dataset, progress: Progress | None = None) -> Evaluation:
     """Predict the test split and compute image, pixel and per-defect metrics."""
     test = dataset.test
     if not test:
@@ -66,7 +67,7 @@ def evaluate(detector: MapModel, dataset: Dataset, progress: Progress | None = N
                                f"{test[broken[0]].path}; it cannot be evaluated (refit it)")
     metrics: dict = {
         "model": detector.name,
-        "backbone": detector.config.backbone,
+        "backbone": detector.backbone_name,
         "frame": {"resize": list(detector.preprocess.frame_shape), "input": list(detector.preprocess.input_shape)},
         "images": len(test),
         "good": int((labels == 0).sum()),

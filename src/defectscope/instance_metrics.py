@@ -18,9 +18,9 @@ from pycocotools.cocoeval import COCOeval
 
 from defectscope.data.decode import image_size, read_mask
 from defectscope.data.layout import Sample
-from defectscope.export.instances import Instance, components, rle
 from defectscope.metrics import image_auroc
 from defectscope.prediction import Detection
+from defectscope.regions import Instance, components, rle
 
 AGNOSTIC = -1  # the category of a region that carries no defect type
 AP_KEYS = ("box_ap", "box_ap50", "mask_ap", "mask_ap50")

@@ -1,10 +1,26 @@
-"""Names and bounds the command line shows before it loads the library (which imports PyTorch): kept here,
-imported by the modules that use them, so `defectscope --help` answers at once."""
+"""Names and bounds the command line shows before it loads the library (which imports PyTorch), and the rule for
+names that become file or folder names: kept here, imported by the modules that use them, so `defectscope --help`
+answers at once and the service does not load the experiment machinery for a name check."""
 
 from __future__ import annotations
 
+import re
+
+from defectscope.errors import DefectscopeError
+
 GOOD_ONLY_MODELS = ("augmented_autoencoder", "autoencoder", "knn", "ocsvm", "padim", "patchcore", "pca",
                     "pretrained_autoencoder", "vae")  # the registry's good-only models (a test keeps them equal)
+MASK_MODELS = ("detector", "segmenter")  # the registry's models that learn from masks (the same test keeps them equal)
 LABEL_FORMATS = ("yolo", "yolo-seg", "coco", "masks")
-TOKEN_ENV = "DEFECTSCOPE_TOKEN"
+TOKEN_ENV = "DEFECTSCOPE_TOKEN"  # the service's engineer token
+OPERATOR_TOKEN_ENV = "DEFECTSCOPE_OPERATOR_TOKEN"
 DEFECT_LIKE = 1.5  # a false alarm worth teaching scores near the threshold; one at 1.5x it looks like a defect
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # names that become file or folder names
+
+
+def check_name(name: object, what: str) -> str:
+    """A name that is safe as one folder name (letters, digits, '.', '_', '-'; no path separators)."""
+    if not isinstance(name, str) or not SAFE_NAME.match(name):
+        raise DefectscopeError(f"{what} name {name!r} must be 1-100 letters, digits, '.', '_' or '-', starting with a "
+                               "letter or digit (it becomes a folder name)")
+    return name

@@ -7,6 +7,7 @@ new, empty or one defectscope made (`files.claim_folder`), unless the caller pas
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from defectscope.artifacts import (
 )
 from defectscope.backbones import load_backbone
 from defectscope.data.decode import expand_inputs
-from defectscope.data.layout import Dataset, load_dataset
+from defectscope.data.folds import pick_good
+from defectscope.data.layout import Dataset, Sample, load_dataset
 from defectscope.data.synthetic import make_demo_dataset
 from defectscope.detectors.base import (
     Detector,
@@ -32,18 +34,17 @@ from defectscope.detectors.base import (
     MapModel,
     Progress,
     create_detector,
-    good_only_models,
 )
 from defectscope.detectors.frame_search import CANDIDATES, FRAME_FIELDS, choose_frame
 from defectscope.detectors.patchcore import PatchCore
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DefectscopeError, InputError
 from defectscope.evaluation import Evaluation, evaluate
 from defectscope.files import claim_folder, file_sha256
+from defectscope.jobs import map_on_ray
 from defectscope.names import DEFECT_LIKE
 from defectscope.prediction import prediction_rows
+from defectscope.predictor import Predictor
 from defectscope.reports import write_report
-from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel, is_deployment
-from defectscope.scale.jobs import map_on_ray
 from defectscope.thresholds import (
     Calibration,
     calibrate,
@@ -65,26 +66,42 @@ def no_progress(_description: str, _total: int) -> Iterator[Progress]:
 
 @dataclass
 class Fitted:
-    """A fitted detector with the dataset it learned from, its fit report and the model file written."""
+    """A fitted model with the dataset it learned from, its fit report and the model file written."""
 
     dataset: Dataset
-    detector: Detector
+    detector: MapModel
     report: FitReport
     path: Path | None
 
 
+def mask_training_set(dataset: Dataset, config: Any) -> list[Sample]:
+    """What a mask model learns from: every labelled test image (defects with their masks) and `good_train` good
+    training images (a seeded choice)."""
+    if not any(s.label and s.mask is not None for s in dataset.test):
+        raise InputError(f"{dataset.root} has no defective test images with masks; a mask model learns from them")
+    return [*dataset.test, *pick_good(dataset.train, config.good_train, config.seed)]
+
+
 def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights: Path | None = None,
                  download: bool = False, bar: ProgressBar = no_progress,
-                 epoch_progress: EpochProgress | None = None, ray_address: str | None = None) -> tuple[Detector, FitReport]:
-    """Build a good-only detector from checked settings and fit it on the dataset's good training images.
+                 epoch_progress: EpochProgress | None = None, ray_address: str | None = None) -> tuple[MapModel, FitReport]:
+    """Build a model from checked settings and fit it: a good-only detector on the good training images, a mask model
+    (segmenter, instance detector) on the labelled images and their masks (`mask_training_set`).
 
     With `ray_address`, PatchCore's shard coresets run as Ray tasks (the same bank as here, bit for bit).
     """
-    if model not in good_only_models():
-        raise DefectscopeError(f"'{model}' cannot be fitted on good images alone; choose one of: {', '.join(good_only_models())}")
     detector = create_detector(model, **settings)
     if weights is not None or download:
         detector.backbone = load_backbone(detector.config.backbone, detector.strides, weights, download)
+    if ray_address is not None and not isinstance(detector, PatchCore):
+        raise DefectscopeError(f"--ray spreads PatchCore's coreset shards; {model} fits in this process")
+    detector.epoch_progress = epoch_progress
+    if not isinstance(detector, Detector):
+        samples = mask_training_set(dataset, detector.config)
+        start = time.perf_counter()
+        with bar(f"training {model} on {len(samples)} labelled images", len(samples)):
+            history = detector.fit_masks(samples, dataset.defect_types)
+        return detector, FitReport(len(samples), 0, time.perf_counter() - start, {"history": history})
     train = [s.path for s in dataset.train]
     frame_choice = None
     if isinstance(detector, PatchCore) and detector.config.frame_search:
@@ -96,10 +113,8 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
                 frame, frame_choice = choose_frame(train, settings, backbone)
             detector = create_detector(model, **{**settings, **frame})
             detector.backbone = backbone
-    detector.epoch_progress = epoch_progress
+            detector.epoch_progress = epoch_progress
     if ray_address is not None:
-        if not isinstance(detector, PatchCore):
-            raise DefectscopeError(f"--ray spreads PatchCore's coreset shards; {model} fits in this process")
         detector.map_shards = map_on_ray(ray_address, torch.get_num_threads())
     with bar(f"fitting {model}", len(train)) as advance:
         report = detector.fit(train, progress=advance)
@@ -125,13 +140,7 @@ def fit_model(data: Path, model: str, settings: dict[str, Any], out: Path, *, we
     return Fitted(dataset, detector, report, out)
 
 
-def load_predictor(path: Path, weights: Path | None = None, threads: int | None = None) -> MapModel | DeployedModel:
-    """A model file, or an exported model (a .dsdeploy file) run by the torch-free runtime on `threads` threads."""
-    deployed = Path(path).suffix == DEPLOYMENT_SUFFIX or is_deployment(path)
-    return DeployedModel(path, threads) if deployed else load_model(path, weights)
-
-
-def predict_images(detector: MapModel | DeployedModel, inputs: Sequence[Path], heatmaps: Path | None = None, force: bool = False,
+def predict_images(detector: Predictor, inputs: Sequence[Path], heatmaps: Path | None = None, force: bool = False,
                    bar: ProgressBar = no_progress) -> list[dict[str, Any]]:
     """Score images and folders of images; unreadable ones get verdict 'error'; heatmap overlays on request."""
     if heatmaps is not None:
@@ -143,14 +152,14 @@ def predict_images(detector: MapModel | DeployedModel, inputs: Sequence[Path], h
         prediction = detector.predict(paths, progress=advance, keep_going=True)
     rows = prediction_rows(paths, prediction)
     if heatmaps is not None:
-        written = write_heatmaps(paths, prediction.maps, prediction.threshold, heatmaps, prediction.detections)
+        written = write_heatmaps(paths, prediction, detector.preprocess, heatmaps)
         for row, target in zip(rows, written):
             if target is not None:
                 row["heatmap"] = str(target)
     return rows
 
 
-def evaluate_model(detector: MapModel, dataset: Dataset, out: Path | None = None, force: bool = False,
+def evaluate_model(detector: Predictor, dataset: Dataset, out: Path | None = None, force: bool = False,
                    bar: ProgressBar = no_progress, context: tuple[str, ...] = ()) -> tuple[Evaluation, list[Path]]:
     """Every metric on the dataset's test split; with `out`, the report (`reports.write_report`; `context`: lines
     said under its title)."""
@@ -159,15 +168,6 @@ def evaluate_model(detector: MapModel, dataset: Dataset, out: Path | None = None
     with bar("evaluating", len(dataset.test)) as advance:
         evaluation = evaluate(detector, dataset, progress=advance)
     return evaluation, (write_report(evaluation, detector, out, dataset.root.name, context) if out is not None else [])
-
-
-def store_f1_threshold(model_path: Path, detector: MapModel, evaluation: Evaluation) -> Calibration:
-    """Write the F1-optimal threshold of an evaluation into the model file (atomically)."""
-    labels = np.array([r["label"] for r in evaluation.records])
-    scores = np.array([r["score"] for r in evaluation.records])
-    calibration = f1_calibration(labels, scores, detector.calibration)
-    set_threshold(model_path, calibration)
-    return calibration
 
 
 def recalibrate(model_path: Path, out: Path, *, false_alarm_rate: float | None = None,

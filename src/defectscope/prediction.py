@@ -15,10 +15,6 @@ from defectscope.data.frame import Preprocess
 from defectscope.errors import DefectscopeError
 from defectscope.maps import resize_maps
 
-# uint8 frames -> (scores, frame maps or None), and from instance detectors each frame's Detections
-ScoreFrames = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None] | tuple[np.ndarray, np.ndarray, list[list["Detection"]]]]
-
-
 @dataclass
 class Detection:
     """One defect instance a detector found: its type, confidence, box (x0, y0, x1, y1, pixel edges) and mask."""
@@ -35,6 +31,19 @@ class Detection:
         runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
         return {"type": self.type, "confidence": round(self.confidence, 6), "box": [round(v, 2) for v in self.box],
                 "area": int(flat.sum()), "mask": {"size": list(self.mask.shape), "counts": [0, *runs] if flat[:1].any() else runs}}
+
+
+@dataclass
+class Scored:
+    """What a predictor's `score_frames` gives for a batch of frames: image scores (N), finished model-frame maps
+    (N x h x w, None for image-level models) and, from models that find instances, each frame's Detections."""
+
+    scores: np.ndarray
+    maps: np.ndarray | None
+    detections: list[list[Detection]] | None = None
+
+
+ScoreFrames = Callable[[np.ndarray], Scored]  # uint8 frames N x 3 x h x w -> Scored
 
 
 @dataclass
@@ -104,21 +113,22 @@ def predict_frames(images: Sequence[ImageSource], preprocess: Preprocess, batch_
     if not (map_size in ("original", "input") or isinstance(map_size, tuple)):
         raise DefectscopeError(f"map_size must be 'original', 'input' or (height, width), got {map_size!r}")
     errors: list[str | None] | None = [] if keep_going else None
-    scores, maps, detections, found = [], [], [], []
+    scores, maps, detections, finds = [], [], [], False
     for batch, sizes in iterate_batches(images, preprocess, batch_size, errors=errors):
-        batch_scores, frame, *found = score_frames(batch)
+        scored = score_frames(batch)
         failed = sizes[:, 0] == 0
-        scores.append(np.asarray(batch_scores, dtype=np.float32).reshape(len(batch)).copy())
+        scores.append(np.asarray(scored.scores, dtype=np.float32).reshape(len(batch)).copy())
         scores[-1][failed] = np.nan
-        if frame is not None:
-            maps += place_maps(frame, sizes, failed, preprocess, map_size)
-        if found:
+        if scored.maps is not None:
+            maps += place_maps(scored.maps, sizes, failed, preprocess, map_size)
+        if scored.detections is not None:
+            finds = True
             detections += [[] if bad else place_detections(image, (int(h), int(w)), preprocess, map_size)
-                           for image, (h, w), bad in zip(found[0], sizes, failed)]
+                           for image, (h, w), bad in zip(scored.detections, sizes, failed)]
         if progress:
             progress(len(batch))
     joined = np.concatenate(scores) if scores else np.zeros(0, np.float32)
-    return Prediction(joined, maps if localizes else None, threshold, errors, detections if found else None)
+    return Prediction(joined, maps if localizes else None, threshold, errors, detections if finds else None)
 
 
 def prediction_rows(paths: Sequence[Path], prediction: Prediction) -> list[dict[str, Any]]:

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from defectscope.data.decode import read_image
-from defectscope.detectors.base import MapModel
 from defectscope.evaluation import Evaluation
 from defectscope.files import write_atomic, write_json
 from defectscope.prediction import Prediction
+from defectscope.predictor import Predictor
 from defectscope.report_document import Block, Figure, Heading, Table, Text, html_page, markdown
-from defectscope.viz import curves_png, gallery_png, heatmap_names, histogram_png, overlay, save_rgb
+from defectscope.viz import curves_png, gallery_png, heatmap_names, histogram_png, overlay, readable_overlay, save_rgb
 
 METRIC_COLUMNS = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"), ("image_f1_max", "image F1-max"))
 
@@ -78,15 +78,11 @@ GLOSSARY = (
               "pixel rate (normalized to 1.0)"),
     ("F1-max", "the best balance of precision and recall over all thresholds (uses the test labels: a ceiling, not "
                "the model's operating point)"),
-    ("heatmap", "per pixel, how anomalous that place looks, in score units; colours from blue (low) to red (at and "
-                "above the top of the colour scale given in each caption), the true defect outlined in white"),
+    ("heatmap", "per pixel, how anomalous that place looks, in score units; colours from blue (0) to red (twice the "
+                "threshold and above), more opaque where higher, the true defect outlined in white; a hatched border "
+                "(on images with a crop) is outside what the model inspects"),
 )
 CASE_OVERLAYS = 48  # overlays drawn per list (missed, false alarms); every case is listed in the table and the CSV
-
-
-def colour_scale(maps: np.ndarray, threshold: float) -> tuple[float, float]:
-    """The overlays' colour range: from the maps' 1st percentile to 1.5 x the threshold (or 80% of the largest value)."""
-    return float(np.percentile(maps, 1)), max(threshold * 1.5, float(maps.max()) * 0.8)
 
 
 def prediction_table(records: list[dict], threshold: float) -> list[dict]:
@@ -117,16 +113,18 @@ def write_predictions_csv(path: Path, rows: list[dict], heatmaps: dict[str, str]
     write_atomic(path, buffer.getvalue().encode())
 
 
-def _case_overlays(evaluation: Evaluation, detector: MapModel, indices: list[int], folder: Path,
-                   scale: tuple[float, float]) -> dict[str, Path]:
-    """Overlays (model frame, true defect outlined) for the given test images, by path."""
+def _case_overlays(evaluation: Evaluation, detector: Predictor, indices: list[int], folder: Path,
+                   threshold: float) -> dict[str, Path]:
+    """Readable overlays (model frame, true defect outlined, verdict and colour bar) of the given test images, by path."""
     paths = [Path(evaluation.records[i]["path"]) for i in indices]
     written = {}
     for i, name in zip(indices, heatmap_names(paths)):
-        image = detector.preprocess.resize_crop(read_image(evaluation.records[i]["path"]))
+        record = evaluation.records[i]
+        image = detector.preprocess.resize_crop(read_image(record["path"]))
         mask = None if evaluation.masks is None else evaluation.masks[i]
-        save_rgb(folder / name, overlay(image, evaluation.maps[i], *scale, mask))
-        written[evaluation.records[i]["path"]] = folder / name
+        label = f"{Path(record['path']).parent.name}/{Path(record['path']).name}"
+        save_rgb(folder / name, readable_overlay(image, evaluation.maps[i], record["score"], threshold, None, mask, label))
+        written[record["path"]] = folder / name
     return written
 
 
@@ -144,7 +142,7 @@ def _case_blocks(title: str, rows: list[dict], overlays: dict[str, Path]) -> lis
     return [Heading(f"{title}: {len(rows)}{shown}", 3), table, *figures]
 
 
-def plant_report(evaluation: Evaluation, detector: MapModel, out: Path, name: str, threshold: float,
+def plant_report(evaluation: Evaluation, detector: Predictor, out: Path, name: str, threshold: float,
                  context: tuple[str, ...] = ()) -> tuple[list[Block], list[dict], dict[str, Path]]:
     """The report's blocks (`context`: lines said under the title, such as the data and model used), the per-image
     rows and the overlays written (into out/cases)."""
@@ -160,10 +158,9 @@ def plant_report(evaluation: Evaluation, detector: MapModel, out: Path, name: st
     alarms = sorted((r for r in rows if r["true_class"] == "good" and r["verdict"] != "good"), key=lambda r: -r["score"])
     overlays: dict[str, Path] = {}
     if evaluation.maps is not None:
-        scale = colour_scale(evaluation.maps, threshold)
         index = {r["path"]: i for i, r in enumerate(records)}
         chosen = [index[r["path"]] for r in missed[:CASE_OVERLAYS] + alarms[:CASE_OVERLAYS]]
-        overlays = _case_overlays(evaluation, detector, chosen, out / "cases", scale)
+        overlays = _case_overlays(evaluation, detector, chosen, out / "cases", threshold)
     good, defective = counts["good"], counts["defective"]
     stated = decisions.get("stated_false_alarm_rate")
     stated_text = ("" if stated is None else f" (stated when calibrated: {stated:.1%}, 95% interval "
@@ -201,15 +198,16 @@ def plant_report(evaluation: Evaluation, detector: MapModel, out: Path, name: st
     histogram_png(labels, scores, threshold, out / "histogram.png", f"{name}: scores of the test images")
     blocks.append(Figure(out / "histogram.png", "scores of good and defective test images; dashed: the threshold"))
     if evaluation.maps is not None:
-        blocks.append(Text(f"Overlays are in the model's frame; colours run from blue at {scale[0]:.4g} to red at "
-                           f"{scale[1]:.4g} and above (score units; the threshold is {threshold:.4g})."))
+        blocks.append(Text(f"Overlays are in the model's frame; colours run from blue at 0 to red at twice the threshold "
+                           f"({2 * threshold:.4g}) and above, more opaque where higher; the bar beside each marks the "
+                           "threshold (1.0x)."))
     blocks += [Heading("What the numbers mean"), Table(["term", "meaning"], [[term, text] for term, text in GLOSSARY])]
     if metrics["notes"]:
         blocks += [Heading("Notes", 3), *(Text(note) for note in metrics["notes"])]
     return blocks, rows, overlays
 
 
-def write_report(evaluation: Evaluation, detector: MapModel, out: Path, name: str = "the test set",
+def write_report(evaluation: Evaluation, detector: Predictor, out: Path, name: str = "the test set",
                  context: tuple[str, ...] = (), gallery_size: int = 8) -> list[Path]:
     """Write report.html (self-contained), report.md, predictions.csv, metrics.json, metrics.md, the curves, the
     score histogram, the overlays of the missed defects and false alarms (cases/) and gallery.png; returns the
@@ -231,7 +229,6 @@ def write_report(evaluation: Evaluation, detector: MapModel, out: Path, name: st
     written += [block.path for block in blocks if isinstance(block, Figure) and block.path.parent == out]
     if evaluation.maps is not None:
         preprocess = detector.preprocess
-        low, high = colour_scale(evaluation.maps, threshold)
         tiles = []
         for i in _worst(evaluation, threshold, gallery_size):
             record = evaluation.records[i]
@@ -239,7 +236,7 @@ def write_report(evaluation: Evaluation, detector: MapModel, out: Path, name: st
             mask = None if evaluation.masks is None else evaluation.masks[i]
             verdict = "defective" if record["score"] >= threshold else "good"
             caption = f"{Path(record['path']).parent.name}/{Path(record['path']).name}\nscore {record['score']:.3g} -> {verdict}"
-            tiles.append((overlay(image, evaluation.maps[i], low, high, mask), caption))
+            tiles.append((overlay(image, evaluation.maps[i], 0.0, 2 * threshold, mask), caption))
         gallery_png(tiles, out / "gallery.png", f"hardest cases at threshold {threshold:.3g} (white: true defect)")
         written.append(out / "gallery.png")
     return written

@@ -27,7 +27,7 @@ from defectscope.data.frame import Preprocess
 from defectscope.errors import DefectscopeError
 from defectscope.files import json_text, read_regular
 from defectscope.manifests import is_manifest_file, read_header_manifest
-from defectscope.prediction import Prediction, predict_frames, prediction_rows
+from defectscope.prediction import Prediction, Scored, predict_frames, prediction_rows
 
 if TYPE_CHECKING:
     from defectscope.thresholds import Calibration
@@ -189,18 +189,27 @@ class DeployedModel:
         return self.head != "score"
 
     @property
+    def label_types(self) -> None:
+        """None: an exported graph gives scores and maps, never typed detections."""
+        return None
+
+    @property
+    def backbone_name(self) -> str:
+        return str(self.manifest["model"]["config"].get("backbone", "unknown"))
+
+    @property
     def calibration(self) -> Calibration | None:
         """The model's calibration (thresholds.Calibration, imported on use: it needs SciPy, the runtime does not)."""
         from defectscope.thresholds import Calibration
 
         return None if self.calibration_dict is None else Calibration.from_dict(self.calibration_dict)
 
-    def score_frames(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def score_frames(self, batch: np.ndarray) -> Scored:
         """uint8 frames N x 3 x h x w -> image scores and model-frame maps (None for image-level models)."""
         step = self.batch_limit or len(batch)
         parts = [self.engine.run(batch[start : start + step]) for start in range(0, len(batch), step)]
         scores = np.concatenate([part[0] for part in parts]).reshape(len(batch))
-        return scores, np.concatenate([part[1] for part in parts]) if self.head == "map" else None
+        return Scored(scores, np.concatenate([part[1] for part in parts]) if self.head == "map" else None)
 
     def predict(self, images: Sequence[ImageSource], map_size: str | tuple[int, int] = "original",
                 progress: Callable[[int], None] | None = None, keep_going: bool = False) -> Prediction:

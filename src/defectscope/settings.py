@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from defectscope.errors import SettingsError
 
@@ -62,7 +62,13 @@ def require_choice(name: str, value: Any, allowed: Iterable[str]) -> None:
 
 @dataclass
 class Settings:
-    """Base of every settings class: checked construction from a dict, and back."""
+    """Base of every settings class: checked construction from a dict, and back.
+
+    `inapplicable` names inherited fields a class does not use, with the reason: setting one to anything but its
+    default is refused, never silently ignored.
+    """
+
+    inapplicable: ClassVar[dict[str, str]] = {}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +82,10 @@ class Settings:
 
     def check(self) -> None:
         """Reject values no run could use; subclasses extend it and call super().check()."""
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, reason in self.inapplicable.items():
+            if getattr(self, name) != defaults[name]:
+                raise SettingsError(f"field '{name}' does not apply to {type(self).__name__}: {reason}")
 
 
 @dataclass

@@ -17,9 +17,10 @@ import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from defectscope.data.decode import read_image
+from defectscope.data.frame import Preprocess
 from defectscope.errors import DefectscopeError
 from defectscope.files import write_atomic
-from defectscope.prediction import Detection
+from defectscope.prediction import Detection, Prediction
 
 
 def heat_colours(heatmap: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -36,16 +37,91 @@ def png_bytes(image: np.ndarray) -> bytes:
     return encoded.tobytes()
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, low: float, high: float, mask: np.ndarray | None = None) -> np.ndarray:
-    """Blend a JET-coloured heatmap (scaled from low to high) over an RGB image; outline the mask in white."""
+def overlay(image: np.ndarray, heatmap: np.ndarray, low: float, high: float, mask: np.ndarray | None = None,
+            inspected: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Blend a JET-coloured heatmap (scaled from low to high) over an RGB image, more opaque where the map is higher
+    (the part stays visible where it is low); outline the mask in white; dim and hatch what lies outside the
+    `inspected` box (top, left, bottom, right: the model's crop), which the model never saw."""
     if heatmap.shape != image.shape[:2]:
         heatmap = cv2.resize(heatmap, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
-    colour = heat_colours(heatmap, low, high)
-    blended = cv2.addWeighted(image, 0.55, colour, 0.45, 0)
+    strength = np.clip((heatmap - low) / max(high - low, 1e-12), 0, 1)[..., None]
+    alpha = 0.15 + 0.6 * strength
+    blended = (image * (1 - alpha) + heat_colours(heatmap, low, high) * alpha).astype(np.uint8)
+    if inspected is not None:
+        blended = hatch_outside(blended, inspected)
     if mask is not None and mask.any():
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(blended, contours, -1, (255, 255, 255), max(1, image.shape[0] // 300))
     return blended
+
+
+def hatch_outside(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The image with everything outside `box` (top, left, bottom, right) dimmed to grey and hatched."""
+    top, left, bottom, right = box
+    outside = np.ones(image.shape[:2], bool)
+    outside[max(top, 0) : bottom, max(left, 0) : right] = False
+    if not outside.any():
+        return image
+    rows, columns = np.indices(image.shape[:2])
+    stripes = (rows + columns) // max(2, image.shape[0] // 120) % 4 == 0
+    hatched = image.copy()
+    hatched[outside] = (image[outside] * 0.3 + 100).astype(np.uint8)
+    hatched[outside & stripes] = 215
+    return hatched
+
+
+def _text(image: np.ndarray, text: str, origin: tuple[int, int], unit: int, colour: tuple[int, int, int]) -> None:
+    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.42 * unit, colour, unit, cv2.LINE_AA)
+
+
+def with_scale(image: np.ndarray, caption: str, caption_colour: tuple[int, int, int], high: float,
+               threshold: float | None, note: str | None = None) -> np.ndarray:
+    """An overlay framed for reading: a caption band above (the verdict and normalized score), a colour bar at the
+    right from 0 to `high` with the threshold marked, and an optional note (what the hatching means) below."""
+    height, width = image.shape[:2]
+    unit = max(1, round(height / 400))
+    band, bar, labels = 22 * unit, max(10, width // 30), 54 * unit
+    canvas = np.full((height + band * (2 if note else 1), width + bar + labels + 8 * unit, 3), 255, np.uint8)
+    canvas[band : band + height, :width] = image
+    ramp = np.linspace(high, 0.0, height, dtype=np.float32)[:, None].repeat(bar, 1)
+    left = width + 4 * unit
+    canvas[band : band + height, left : left + bar] = heat_colours(ramp, 0.0, high)
+    black = (30, 30, 30)
+    _text(canvas, caption, (4 * unit, 16 * unit), unit, caption_colour)
+    ticks = [(high, f"{high:.3g}"), (0.0, "0")]
+    if threshold:
+        ticks = [(high, f"{high / threshold:.3g}x"), (threshold, "1.0x thr"), (0.0, "0")]
+    for value, label in ticks:
+        row = band + round((1 - value / high) * (height - 1))
+        cv2.line(canvas, (left - 2 * unit, row), (left + bar + 2 * unit, row), black, unit)
+        _text(canvas, label, (left + bar + 4 * unit, min(max(row + 5 * unit, band + 10 * unit), band + height)), unit, black)
+    if note:
+        _text(canvas, note, (4 * unit, band + height + 16 * unit), unit, black)
+    return canvas
+
+
+VERDICT_COLOURS = {"defective": (200, 30, 30), "good": (20, 130, 40), "error": (120, 120, 120), "unknown": (120, 120, 120)}
+
+
+def readable_overlay(image: np.ndarray, heatmap: np.ndarray, score: float, threshold: float | None,
+                     inspected: tuple[int, int, int, int] | None, mask: np.ndarray | None = None,
+                     name: str | None = None, detections: Sequence[Detection] = ()) -> np.ndarray:
+    """The overlay a person reads: map scaled 0 .. 2x the threshold (or to its largest value without one), the part
+    visible, the uninspected margin hatched, detected instances outlined, the verdict, normalized score and colour
+    bar beside it."""
+    high = 2 * threshold if threshold else max(float(heatmap.max()), 1e-12)
+    blended = draw_detections(overlay(image, heatmap, 0.0, high, mask, inspected), detections)
+    if threshold:
+        verdict = "error" if not np.isfinite(score) else "defective" if score >= threshold else "good"
+        caption = f"{verdict}  normalized {score / threshold:.2f}"
+    else:
+        verdict, caption = "unknown", f"score {score:.4g} (no threshold)"
+    if name:
+        caption = f"{name}: {caption}"
+    top, left, bottom, right = inspected or (0, 0, *image.shape[:2])
+    margin = top > 0 or left > 0 or bottom < image.shape[0] or right < image.shape[1]
+    return with_scale(blended, caption, VERDICT_COLOURS[verdict], high, threshold,
+                      "hatched: outside the inspected frame" if margin else None)
 
 
 def save_rgb(path: Path, image: np.ndarray) -> None:
@@ -90,21 +166,20 @@ def draw_detections(image: np.ndarray, detections: Sequence[Detection]) -> np.nd
     return image
 
 
-def write_heatmaps(paths: Sequence[Path], maps: Sequence[np.ndarray | None], threshold: float | None, folder: Path,
-                   detections: Sequence[Sequence[Detection]] | None = None) -> list[Path | None]:
-    """An overlay PNG per image with a map (scaled 0 .. 2x threshold, or to the largest map value), with the
-    image's detected instances drawn when given; None where there is no map."""
-    present = [m for m in maps if m is not None]
-    high = 2 * threshold if threshold else max((float(m.max()) for m in present), default=1.0)
+def write_heatmaps(paths: Sequence[Path], prediction: Prediction, preprocess: Preprocess, folder: Path) -> list[Path | None]:
+    """A readable overlay PNG per image with a map (`readable_overlay`: 0 .. 2x threshold, verdict, colour bar, the
+    uninspected margin hatched), with the image's detected instances drawn when given; None where there is no map."""
     written: list[Path | None] = []
+    maps = prediction.maps or [None] * len(paths)
     for number, (path, name, heat) in enumerate(zip(paths, heatmap_names(paths), maps)):
         if heat is None:
             written.append(None)
             continue
-        target = folder / name
-        blended = overlay(read_image(path), heat, 0.0, high)
-        save_rgb(target, draw_detections(blended, detections[number]) if detections is not None else blended)
-        written.append(target)
+        image = read_image(path)
+        found = prediction.detections[number] if prediction.detections is not None else ()
+        save_rgb(folder / name, readable_overlay(image, heat, float(prediction.scores[number]), prediction.threshold,
+                                                 preprocess.inspected_box(*image.shape[:2]), detections=found))
+        written.append(folder / name)
     return written
 
 

@@ -107,6 +107,12 @@ class Preprocess:
         frame = self.resize_crop(mask.astype(np.float32))
         return frame >= 0.5
 
+    def inspected_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """The part of an original HxW image the model sees: (top, left, bottom, right) in its pixels (the crop)."""
+        rows, cols = self.input_shape
+        x0, y0, x1, y1 = self.box_to_original((0, 0, cols, rows), height, width)
+        return round(y0), round(x0), round(y1), round(x1)
+
     def box_to_original(self, box: tuple[float, ...], height: int, width: int) -> tuple[float, float, float, float]:
         """A box (x0, y0, x1, y1) in model-frame pixels -> on the original HxW image (undo the crop, then the resize)."""
         (frame_h, frame_w), (top, left) = self.frame_shape, self._crop_offsets()

@@ -24,7 +24,7 @@ from defectscope.data.frame import Preprocess, frame_aspect
 from defectscope.data.images import normalize
 from defectscope.errors import DefectscopeError
 from defectscope.maps import finishing_matrix
-from defectscope.prediction import Prediction, predict_frames
+from defectscope.prediction import Prediction, Scored, predict_frames
 from defectscope.settings import FrameConfig, require_choice, require_range
 from defectscope.thresholds import (
     DEFAULT_FALSE_ALARM_RATE,
@@ -132,6 +132,10 @@ class MapModel(ABC):
         mean, std = (backbone.mean, backbone.std) if backbone else (IMAGENET_MEAN, IMAGENET_STD)
         return Preprocess(self.config.image_size, self.config.crop, mean, std, self.aspect)
 
+    @property
+    def backbone_name(self) -> str:
+        return self.config.backbone
+
     def learn_aspect(self, images: Sequence[ImageSource]) -> None:
         """Take the frame's aspect from the training images' sizes (headers only), if config.keep_aspect."""
         self.aspect = frame_aspect([image_size(image) for image in images]) if self.config.keep_aspect else 1.0
@@ -171,10 +175,11 @@ class MapModel(ABC):
             return predict_frames(images, self.preprocess, self.config.batch_size, self.score_frames, threshold,
                                   self.localizes, map_size, keep_going, progress)
 
-    def score_frames(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    @torch.inference_mode()
+    def score_frames(self, batch: np.ndarray) -> Scored:
         """uint8 frames N x 3 x h x w -> image scores and model-frame maps (None for image-level models)."""
         scores, frame = self._score_and_map(self.embed(normalize(torch.from_numpy(batch), self.preprocess)))
-        return scores.numpy(), frame
+        return Scored(scores.numpy(), frame)
 
 
 class MaskModel(MapModel):

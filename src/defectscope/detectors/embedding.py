@@ -13,7 +13,7 @@ from sklearn.svm import OneClassSVM
 
 from defectscope.detectors.base import Detector, DetectorConfig, register
 from defectscope.detectors.nearest import nearest
-from defectscope.errors import DefectscopeError
+from defectscope.errors import check_fitted
 from defectscope.settings import require_range
 
 
@@ -62,8 +62,7 @@ class EmbeddingDetector(Detector):
         return (features - self.learned["feature_mean"]) / self.learned["feature_std"]
 
     def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, None]:
-        if not self.learned:
-            raise DefectscopeError(f"{self.name} is not fitted; call fit() or load a model file")
+        check_fitted(self.learned, self.name)
         return self.score_standardized(self._standardize(features)), None
 
     @abstractmethod

@@ -35,9 +35,9 @@ from defectscope.detectors.base import (
     register,
     require_finite,
 )
-from defectscope.errors import DefectscopeError
-from defectscope.export.instances import components
-from defectscope.prediction import Detection
+from defectscope.errors import DefectscopeError, check_fitted
+from defectscope.prediction import Detection, Scored
+from defectscope.regions import components
 from defectscope.settings import require_range
 from defectscope.thresholds import Calibration
 from defectscope.training.augment import augment
@@ -67,6 +67,9 @@ class InstanceConfig(DetectorConfig, TrainSettings):
     min_score: instances below this confidence are dropped; min_area: smallest labelled region learned
     (frame pixels); good_train: good training images added to every training set as negatives.
     """
+
+    inapplicable = {name: "a mask model states its threshold as a probability (0.5); move it with `defectscope calibrate`"
+                    for name in ("calibration_folds", "threshold_method", "threshold_param")}
 
     image_size: int = 288
     crop: int | None = 256
@@ -178,8 +181,7 @@ class InstanceDetector(MaskModel):
 
         Proposals whose class scores are not finite numbers would be dropped silently and leave "no
         instance": the batch's scores become NaN instead (verdict 'error', never 'good')."""
-        if self.network is None:
-            raise DefectscopeError("the detector is not trained; call fit_masks() or load a model file")
+        check_fitted(self.network, "the instance detector", "fit_masks()")
         self.network.eval()
         logits: list[torch.Tensor] = []
         hook = self.network.roi_heads.box_predictor.register_forward_hook(lambda _, __, out: logits.append(out[0]))
@@ -200,11 +202,12 @@ class InstanceDetector(MaskModel):
         scores, maps, _ = self.detect_frames(features)
         return scores, maps
 
-    def score_frames(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[list[Detection]]]:
+    @torch.inference_mode()
+    def score_frames(self, batch: np.ndarray) -> Scored:
         """uint8 frames -> scores, finished maps and the instances (see `prediction.predict_frames`)."""
         scores, maps, found = self.detect_frames(normalize(torch.from_numpy(batch), self.preprocess))
         scores, frame = self._finish(scores, maps)
-        return scores.numpy(), frame, found
+        return Scored(scores.numpy(), frame, found)
 
     @property
     def label_types(self) -> list[str]:

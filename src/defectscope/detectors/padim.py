@@ -18,7 +18,7 @@ from defectscope.detectors.base import (
     register,
     rows_outside,
 )
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DefectscopeError, check_fitted
 from defectscope.settings import require_range
 
 POSITION_CHUNK = 128  # positions fitted at once: bounds the temporaries of fitting
@@ -172,8 +172,7 @@ class PaDiM(Detector):
         return torch.arange(n), self._finish(None, _grid(squared, self.preprocess.input_shape))[0]
 
     def check_teachable(self) -> None:
-        if self.precision is None:
-            raise DefectscopeError("PaDiM is not fitted; call fit() or load a model file")
+        check_fitted(self.precision, "PaDiM")
         if self.covariance_factor is None:
             raise DefectscopeError("this PaDiM model keeps no covariances, so it cannot learn new good images without a "
                                    "refit: fit it again (with keep_covariance: true to allow updates)")
@@ -211,11 +210,12 @@ class PaDiM(Detector):
         return {"images": added, "gaussians_updated": positions}
 
     def score_features(self, features: torch.Tensor) -> tuple[None, torch.Tensor]:
-        if self.precision is None:
-            raise DefectscopeError("PaDiM is not fitted; call fit() or load a model file")
+        check_fitted(self.precision, "PaDiM")
         return None, _grid(_mahalanobis_squared(features, self.mean, self.precision), self.preprocess.input_shape)
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        if self.precision is None:
+            return {}
         rows, cols = torch.triu_indices(*self.precision.shape[1:])
         tensors = {"channels": self.channels, "mean": self.mean, "precision_upper": self.precision[:, rows, cols]}
         if self.covariance_factor is not None:

@@ -28,7 +28,7 @@ from defectscope.detectors.global_view import (Moments, RegionModel, drift_momen
                                                region_descriptors, standardize)
 from defectscope.detectors.nearest import ClusteredBank, nearest
 from defectscope.detectors.selection import TAIL_RATE, TAIL_Z, Probe, false_alarms, make_probe, noise, separation
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DefectscopeError, check_fitted
 from defectscope.maps import bilinear_matrix
 from defectscope.settings import require_choice, require_range
 from defectscope.thresholds import calibrate
@@ -287,8 +287,7 @@ class PatchCore(Detector):
                 "index_s": time.perf_counter() - selected, "global_view": self.moments is not None}
 
     def score_features(self, features: PatchFeatures | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.index is None:
-            raise DefectscopeError("PatchCore is not fitted; call fit() or load a model file")
+        check_fitted(self.index, "PatchCore")
         features, regions = split_features(features)
         n, h, w, d = features.shape
         patches = features.reshape(n, h * w, d)
@@ -443,8 +442,7 @@ class PatchCore(Detector):
         return bank, torch.cat([self.bank_sources[keep], self.pool.sources[extra]])
 
     def check_teachable(self) -> None:
-        if self.index is None:
-            raise DefectscopeError("PatchCore is not fitted; call fit() or load a model file")
+        check_fitted(self.index, "PatchCore")
         if self.calibration_scores is None:
             raise DefectscopeError("this PatchCore model holds no cross-fitted good scores (fitted by an older version); "
                                    "fit it again")

@@ -30,7 +30,7 @@ from defectscope.detectors.networks import (
     PretrainedAutoencoder,
     VariationalAutoencoder,
 )
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DefectscopeError, check_fitted
 from defectscope.settings import require_choice, require_range
 from defectscope.training.augment import augment
 from defectscope.training.engine import TrainSettings, train
@@ -60,6 +60,9 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 
 @dataclass
 class ReconstructionConfig(DetectorConfig, TrainSettings):
     """Detector and training settings; images default to 128 px, uncropped."""
+
+    inapplicable = {"calibration_folds": "a reconstruction model calibrates on the one validation share its network "
+                                         "never trains on (training a network per fold would multiply the fit time)"}
 
     backbone: str = "none"
     image_size: int = 128
@@ -147,8 +150,7 @@ class ReconstructionDetector(Detector):
         return self._score_and_map(features[holdout if scored is None else scored])[0]
 
     def score_features(self, features: torch.Tensor) -> tuple[None, torch.Tensor]:
-        if self.network is None:
-            raise DefectscopeError(f"{self.name} is not fitted; call fit() or load a model file")
+        check_fitted(self.network, self.name)
         self.network.eval()
         return None, self.error_map(features, self.reconstruct(features)[0])
 

@@ -34,9 +34,9 @@ from defectscope.detectors.base import (
     Progress,
     register,
 )
-from defectscope.errors import DefectscopeError
-from defectscope.export.instances import components
-from defectscope.prediction import Detection
+from defectscope.errors import DefectscopeError, check_fitted
+from defectscope.prediction import Detection, Scored
+from defectscope.regions import components
 from defectscope.settings import require_range
 from defectscope.thresholds import Calibration
 from defectscope.training.augment import augment
@@ -73,6 +73,9 @@ def dice_bce(logits: torch.Tensor, masks: torch.Tensor, dice_weight: float) -> t
 @dataclass
 class SegmenterConfig(DetectorConfig, TrainSettings):
     """Frame 288 / crop 256; stages after stride `freeze` are fine-tuned; `per_type`: one channel per defect type."""
+
+    inapplicable = {name: "a mask model states its threshold as a probability (0.5); move it with `defectscope calibrate`"
+                    for name in ("calibration_folds", "threshold_method", "threshold_param")}
 
     image_size: int = 288
     crop: int | None = 256
@@ -142,8 +145,7 @@ class Segmenter(MaskModel):
         return history.to_dict()
 
     def score_features(self, features: torch.Tensor) -> tuple[None, torch.Tensor]:
-        if self.network is None:
-            raise DefectscopeError("the segmenter is not trained; call fit_masks() or load a model file")
+        check_fitted(self.network, "the segmenter", "fit_masks()")
         self.network.eval()
         return None, torch.sigmoid(self.network(features.contiguous(memory_format=torch.channels_last))).amax(1)
 
@@ -151,17 +153,17 @@ class Segmenter(MaskModel):
     def label_types(self) -> list[str] | None:
         return list(self.config.types) if self.config.per_type else None
 
-    def score_frames(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | tuple[np.ndarray, np.ndarray, list]:
+    @torch.inference_mode()
+    def score_frames(self, batch: np.ndarray) -> Scored:
         """uint8 frames -> scores and finished maps; per type, also the typed regions of the raw probabilities."""
         if not self.config.per_type:
             return super().score_frames(batch)
-        if self.network is None:
-            raise DefectscopeError("the segmenter is not trained; call fit_masks() or load a model file")
+        check_fitted(self.network, "the segmenter", "fit_masks()")
         self.network.eval()
         features = normalize(torch.from_numpy(batch), self.preprocess).contiguous(memory_format=torch.channels_last)
         probabilities = torch.sigmoid(self.network(features))
         scores, frame = self._finish(None, probabilities.amax(1))
-        return scores.numpy(), frame, [typed_regions(p.numpy(), self.config.types) for p in probabilities]
+        return Scored(scores.numpy(), frame, [typed_regions(p.numpy(), self.config.types) for p in probabilities])
 
 
 

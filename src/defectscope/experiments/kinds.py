@@ -18,16 +18,12 @@ from defectscope.artifacts import save_model
 from defectscope.classify.crossval import InputCache, cross_validate
 from defectscope.classify.model import ClassifierConfig
 from defectscope.classify.report import classification_markdown, classification_metrics
-from defectscope.data.folds import pick_good
 from defectscope.data.images import masks_in_frame
 from defectscope.data.layout import Dataset
 from defectscope.data.summary import summarize
 from defectscope.detectors import DETECTORS, detector_class
-from defectscope.detectors.instances import (
-    InstanceConfig,
-    InstanceDetector,
-    held_out_instances,
-)
+from defectscope.detectors.base import MapModel
+from defectscope.detectors.instances import InstanceConfig, held_out_instances
 from defectscope.detectors.segmenter import Segmenter, SegmenterConfig, held_out_maps
 from defectscope.errors import DefectscopeError
 from defectscope.files import write_atomic, write_json
@@ -111,14 +107,20 @@ def run_instances(run: AttemptRun) -> dict[str, Any]:
         "types": types, "folds": held.folds, "scores": held.scores.tolist(),
         "images": [{"path": str(s.path), "detections": [{k: v for k, v in d.to_dict().items() if k != "mask"} for d in image]}
                    for s, image in zip(held.samples, held.instances)]})
-    run.say("training the model file on every labelled image")
-    final = InstanceDetector(config)
-    final.epoch_progress = lambda epoch, total, loss, _: run.say(f"epoch {epoch}/{total} train loss {loss:.4f}")
-    final.fit_masks([*run.dataset.test, *pick_good(run.dataset.train, config.good_train, config.seed)], types)
-    save_model(final, run.folder / "model.dsmodel", force=True)
+    final = _final_model(run)
     return {"fit_s": held.fit_seconds / config.folds, "infer_ms": held.infer_ms, "summary": summary,
             "metrics": {**summary, "per_type": metrics, "folds": per_fold_metrics}, "spread": spread,
             "config": final.config.to_dict()}
+
+
+def _final_model(run: AttemptRun) -> MapModel:
+    """A mask model's model file, trained on every labelled image through the pipeline (for predict, serve and
+    pseudo-labels); the attempt is judged by its k-fold held-out predictions, never by this model."""
+    run.say("training the model file on every labelled image")
+    epochs = lambda epoch, total, loss, _: run.say(f"epoch {epoch}/{total} train loss {loss:.4f}")  # noqa: E731
+    final = fit_detector(run.dataset, run.model, run.config.to_dict(), epoch_progress=epochs)[0]
+    save_model(final, run.folder / "model.dsmodel", force=True)
+    return final
 
 
 def run_segmenter(run: AttemptRun) -> dict[str, Any]:
@@ -130,6 +132,7 @@ def run_segmenter(run: AttemptRun) -> dict[str, Any]:
     masks = masks_in_frame([s.mask for s in run.dataset.test], Segmenter(config).preprocess)
     labels = np.array([s.label for s in run.dataset.test])
     summary = {"image_auroc": image_auroc(labels, maps.max(axis=(1, 2))), **pixel_metrics(masks, maps)}
+    _final_model(run)
     return {"fit_s": fit_s, "infer_ms": infer_ms, "metrics": {**summary, "folds": folds}, "summary": summary,
             "config": config.to_dict()}
 

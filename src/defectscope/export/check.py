@@ -14,8 +14,8 @@ from pycocotools.coco import COCO
 from defectscope.data.decode import image_header, read_mask
 from defectscope.data.layout import load_dataset
 from defectscope.errors import DefectscopeError
-from defectscope.export.instances import components, rasterize
 from defectscope.files import MARKER
+from defectscope.regions import components, rasterize
 
 POLYGON_IOU = 0.95
 

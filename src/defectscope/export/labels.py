@@ -26,9 +26,9 @@ from sklearn.model_selection import train_test_split
 from defectscope.data.decode import image_header, read_mask
 from defectscope.data.layout import Dataset, Sample
 from defectscope.errors import DefectscopeError
-from defectscope.export.instances import Instance, components, polygons, rle
 from defectscope.files import check_creatable, claim_folder, inside, is_our_folder, write_atomic, write_json
 from defectscope.names import LABEL_FORMATS
+from defectscope.regions import Instance, components, polygons, rle
 from defectscope.settings import require_range
 
 FORMATS = LABEL_FORMATS

@@ -14,9 +14,7 @@ import numpy as np
 
 from defectscope.data.decode import image_size, read_mask
 from defectscope.data.layout import Dataset, Sample
-from defectscope.detectors.base import MapModel
 from defectscope.errors import DefectscopeError
-from defectscope.export.instances import Instance, components
 from defectscope.export.labels import (
     ExportOptions,
     check_export_target,
@@ -25,11 +23,13 @@ from defectscope.export.labels import (
     write_whole,
 )
 from defectscope.instance_metrics import coco_ap, detected_instance, true_instances
+from defectscope.predictor import Predictor
+from defectscope.regions import Instance, components
 
 CATEGORIES = ["defect"]
 
 
-def map_threshold(detector: MapModel, threshold: float | None) -> float:
+def map_threshold(detector: Predictor, threshold: float | None) -> float:
     if threshold is not None:
         if not (np.isfinite(threshold) and threshold > 0):
             raise DefectscopeError(f"--threshold must be a positive number, got {threshold}")
@@ -39,12 +39,12 @@ def map_threshold(detector: MapModel, threshold: float | None) -> float:
     return detector.calibration.threshold
 
 
-def label_categories(detector: MapModel) -> list[str]:
+def label_categories(detector: Predictor) -> list[str]:
     """The label categories a model's pseudo-labels use: the defect types it tells apart, else one 'defect'."""
     return detector.label_types or CATEGORIES
 
 
-def predicted_instances(detector: MapModel, samples: Sequence[Sample], threshold: float, min_area: int
+def predicted_instances(detector: Predictor, samples: Sequence[Sample], threshold: float, min_area: int
                         ) -> dict[Path, list[Instance]]:
     """Each image's instances at its original size: an instance detector's own (confidence at or above the
     threshold), or the regions of the map above the threshold."""
@@ -66,7 +66,7 @@ def map_instances(heat: np.ndarray, threshold: float, min_area: int, name: objec
             for m, box, area in components(heat >= threshold, min_area)]
 
 
-def export_pseudo_labels(dataset: Dataset, detector: MapModel, model_path: Path, out: Path, options: ExportOptions,
+def export_pseudo_labels(dataset: Dataset, detector: Predictor, model_path: Path, out: Path, options: ExportOptions,
                          threshold: float | None = None, force: bool = False) -> dict:
     """Label the test split's images with the detector's maps, in any export format."""
     out = Path(out)
@@ -79,7 +79,7 @@ def export_pseudo_labels(dataset: Dataset, detector: MapModel, model_path: Path,
     return write_whole(out, lambda staging: write_labels(images, categories, staging, options, provenance, out))
 
 
-def agreement(dataset: Dataset, detector: MapModel, threshold: float | None = None, min_area: int = 1) -> dict:
+def agreement(dataset: Dataset, detector: Predictor, threshold: float | None = None, min_area: int = 1) -> dict:
     """How well pseudo-labels match the masks on the test split: COCO box/mask AP and mean per-image mask IoU."""
     threshold = map_threshold(detector, threshold)
     samples = list(dataset.test)

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from defectscope.jobs import run_jobs
 from defectscope.pipeline import fit_model
-from defectscope.scale.jobs import run_jobs
 from defectscope.scale.plan import Product, fingerprint, load_plan, recorded_fingerprint
 
 

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from defectscope._version import __version__
+from defectscope.config_files import read_mapping
 from defectscope.data.layout import load_dataset
 from defectscope.detectors.base import detector_class, good_only_models
 from defectscope.errors import DefectscopeError
-from defectscope.experiments.config import check_name, read_mapping
+from defectscope.names import check_name
 
 PRODUCT_FIELDS = {"name", "data", "model", "settings", "out"}
 DEFAULT_FIELDS = {"model", "settings"}

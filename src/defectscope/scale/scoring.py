@@ -22,8 +22,8 @@ from typing import Any
 from defectscope.data.decode import expand_inputs
 from defectscope.errors import DefectscopeError
 from defectscope.files import claim_folder, file_sha256, json_text, loads_strict, read_regular, write_atomic
+from defectscope.jobs import connect_ray
 from defectscope.prediction import prediction_rows
-from defectscope.scale.jobs import connect_ray
 
 CHUNK_IMAGES = 256  # images per part file: one predict call, bounded memory
 JOB_FILE = "_job.json"  # Parquet readers skip names starting with '_' or '.'
@@ -31,7 +31,8 @@ LOCK_FILE = ".lock"  # held (flock) by the run writing into the folder
 COLUMNS = ("path", "score", "normalized", "verdict", "error")
 
 
-def _pyarrow() -> Any:
+def pyarrow_modules() -> Any:
+    """pyarrow with its parquet module loaded, or one clear error naming the extra to install."""
     try:
         import pyarrow
         import pyarrow.parquet
@@ -46,7 +47,7 @@ def part_path(out: Path, chunk: int) -> Path:
 
 def write_chunk(model: Any, out: Path, chunk: int, paths: Sequence[str]) -> int:
     """Score one chunk and write its part file atomically; returns the number of images."""
-    pyarrow = _pyarrow()
+    pyarrow = pyarrow_modules()
     rows = prediction_rows([Path(p) for p in paths], model.predict(list(paths), map_size="input", keep_going=True))
     table = pyarrow.table({column: [row.get(column) for row in rows] for column in COLUMNS},
                           schema=pyarrow.schema([("path", pyarrow.string()), ("score", pyarrow.float64()),
@@ -65,7 +66,7 @@ class ChunkWriter:
     def __init__(self, model_path: str, out: str, threads: int) -> None:
         import torch
 
-        from defectscope.pipeline import load_predictor
+        from defectscope.predictor import load_predictor
 
         torch.set_num_threads(threads)
         self.model, self.out = load_predictor(Path(model_path), threads=threads), Path(out)
@@ -113,7 +114,7 @@ def _job_lock(out: Path) -> Iterator[None]:
 
 def _failed_rows(out: Path) -> int:
     """Rows of the whole dataset (resumed parts too) whose image could not be scored."""
-    verdicts = _pyarrow().parquet.read_table(out, columns=["verdict"]).column("verdict").to_pylist()
+    verdicts = pyarrow_modules().parquet.read_table(out, columns=["verdict"]).column("verdict").to_pylist()
     return sum(verdict == "error" for verdict in verdicts)
 
 
@@ -127,9 +128,9 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
     threads, which gives bit-identical scores to scoring here). `failed` counts the rows whose image
     could not be scored.
     """
-    from defectscope.pipeline import load_predictor
+    from defectscope.predictor import load_predictor
 
-    _pyarrow()
+    pyarrow_modules()
     paths = _inputs(inputs)
     if not paths:
         raise DefectscopeError("no images to score: the inputs list none")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -13,16 +15,19 @@ from fastapi.responses import Response
 
 from defectscope.artifacts import check_model_output, set_threshold
 from defectscope.data.decode import read_image
-from defectscope.prediction import Prediction
 from defectscope.errors import DefectscopeError
-from defectscope.files import file_sha256, write_atomic
-from defectscope.experiments.config import SAFE_NAME
-from defectscope.export.instances import polygons
 from defectscope.export.pseudo import map_instances
+from defectscope.files import file_sha256, write_atomic
+from defectscope.line.audit import MAX_PAGE, Verdict, now
+from defectscope.names import SAFE_NAME
 from defectscope.pipeline import update_model
+from defectscope.prediction import Prediction, place_detections, prediction_rows
+from defectscope.regions import polygons
 from defectscope.service.batching import QueueFull
 from defectscope.service.models import MODEL_SUFFIX, ServedModel, serve_model
 from defectscope.service.schemas import (
+    AuditPage,
+    AuditRecord,
     ImageResult,
     InspectResponse,
     LabelledScores,
@@ -33,12 +38,13 @@ from defectscope.service.schemas import (
     Region,
     TeachRequest,
     ThresholdRequest,
+    Whoami,
 )
 from defectscope.service.uploads import decode, read_upload, sniff
 from defectscope.thresholds import labelled_calibration
 from defectscope.viz import heat_colours, png_bytes
 
-ERRORS = {code: {"model": Problem} for code in (400, 401, 404, 409, 413, 415, 503)}
+ERRORS = {code: {"model": Problem} for code in (400, 401, 403, 404, 409, 413, 415, 503)}
 router = APIRouter(prefix="/v1", responses=ERRORS)
 
 
@@ -47,6 +53,42 @@ def served(request: Request, name: str) -> ServedModel:
     if model is None:
         raise HTTPException(404, f"no model named {name!r}; GET /v1/models lists them")
     return model
+
+
+def require_engineer(request: Request) -> None:
+    """Writes (threshold, teach, reload) are the engineer's; an operator may inspect and read."""
+    if request.state.role != "engineer":
+        raise HTTPException(403, f"the {request.state.role} role may inspect and read; this needs the engineer's token")
+
+
+def served_file(request: Request, name: str) -> ServedModel:
+    """A served model that new models can be written from (a model file, not an export), by an engineer."""
+    require_engineer(request)
+    model = served(request, name)
+    if not model.writable:
+        raise HTTPException(400, f"model {name} is an exported model ({model.engine}); set thresholds and teach on its "
+                                 "model file, then export it again")
+    return model
+
+
+@router.get("/whoami", response_model=Whoami)
+def whoami(request: Request) -> Whoami:
+    """The caller's role, from its token (the page hides what the role may not do)."""
+    return Whoami(role=request.state.role)
+
+
+@router.get("/audit", response_model=AuditPage)
+def audit_records(request: Request, model: str | None = None, verdict: str | None = None,
+                  since: Annotated[str | None, Query(description="ISO 8601, inclusive")] = None,
+                  until: Annotated[str | None, Query(description="ISO 8601, exclusive")] = None,
+                  limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+                  offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0) -> AuditPage:
+    """Audited verdicts, newest first, filtered by model, verdict and time range, a page at a time."""
+    audit = request.app.state.audit
+    if audit is None:
+        raise HTTPException(404, "this service keeps no audit trail; start it without --no-audit")
+    records = audit.query(model=model, verdict=verdict, since=since, until=until, limit=limit, offset=offset)
+    return AuditPage(records=[AuditRecord(**r) for r in records], limit=limit, offset=offset)
 
 
 @router.get("/models", response_model=ModelList)
@@ -82,6 +124,7 @@ async def inspect(request: Request, name: str, files: Annotated[list[UploadFile]
     if (heatmap or regions) and not model.detector.localizes:
         raise HTTPException(400, f"model {name} scores whole images and makes no maps")
     uploads, names, total, pixels = [], [], 0, 0
+    role = request.state.role
     for upload in files:
         data = await read_upload(upload, config.max_upload_bytes)
         total += len(data)
@@ -96,6 +139,7 @@ async def inspect(request: Request, name: str, files: Annotated[list[UploadFile]
     if pixels > model.batcher.max_queue_pixels:
         raise HTTPException(413, f"the request's images hold {pixels:,} pixels, more than this model ever queues "
                                  f"({model.batcher.max_queue_pixels:,})")
+    digests = [hashlib.sha256(data).hexdigest() for data in uploads]
     try:
         with model.batcher.admit(len(uploads), pixels):  # room is held before decoding: a busy model answers 503 at once
             images = [await run_in_threadpool(decode, data, label) for data, label in zip(uploads, names)]
@@ -107,7 +151,28 @@ async def inspect(request: Request, name: str, files: Annotated[list[UploadFile]
     results = await run_in_threadpool(_results, model, names, images, prediction, heatmap, regions, min_area)
     for result in results:
         request.app.state.telemetry.images.labels(name, result.verdict).inc()
-    return InspectResponse(model=name, threshold=threshold, results=results)
+    await _audit(request, model, results, digests, role)
+    return InspectResponse(model=name, model_version=model.version, model_sha256=model.sha256, threshold=threshold,
+                           results=results)
+
+
+async def _audit(request: Request, model: ServedModel, results: list[ImageResult], digests: list[str], role: str) -> None:
+    """Record every verdict of a request in the audit trail (one durable transaction) and dispatch each."""
+    audit, dispatch = request.app.state.audit, request.app.state.dispatch
+    if audit is None and dispatch is None:
+        return
+    calibration = model.detector.calibration
+    verdicts = [Verdict(time=now(), model=model.name, model_version=model.version, model_sha256=model.sha256,
+                        threshold=calibration.threshold if calibration else None,
+                        stated_rate=calibration.false_alarm_rate if calibration else None, image_sha256=digest, image_name=r.name,
+                        width=r.width, height=r.height, source="upload", score=r.score, normalized=r.normalized,
+                        verdict=r.verdict, regions=None if r.regions is None else len(r.regions), role=role)
+                for r, digest in zip(results, digests)]
+    ids = await run_in_threadpool(audit.record, verdicts) if audit is not None else [None] * len(verdicts)
+    for result, record_id, verdict in zip(results, ids, verdicts):
+        result.audit_id = record_id
+        if dispatch is not None:
+            dispatch.send({"id": record_id, **asdict(verdict)})
 
 
 def original_map(model: ServedModel, frame_map: np.ndarray, image: np.ndarray) -> np.ndarray:
@@ -117,27 +182,25 @@ def original_map(model: ServedModel, frame_map: np.ndarray, image: np.ndarray) -
 
 def _results(model: ServedModel, names: list[str], images: list[np.ndarray], prediction: Prediction, heatmap: bool,
              regions: bool, min_area: int) -> list[ImageResult]:
-    """One result per image; an image that failed is 'error' with its reason, never 'good'."""
-    threshold = prediction.threshold
-    verdicts = prediction.verdicts if threshold else ["unknown (no threshold)"] * len(names)
-    errors = prediction.errors or [None] * len(names)
+    """One result per image from the shared rows (`prediction_rows`: an image that failed is 'error', never 'good'),
+    detections on the original pixels; on request the heatmap and the regions above the threshold."""
+    if prediction.detections is not None:
+        prediction = replace(prediction, detections=[
+            place_detections(found, image.shape[:2], model.detector.preprocess, "original")
+            for found, image in zip(prediction.detections, images)])
     results = []
-    for i, name in enumerate(names):
-        score = float(prediction.scores[i])
-        heat = prediction.maps[i] if prediction.maps is not None and (heatmap or regions) else None
-        heat = None if heat is None else original_map(model, heat, images[i])
-        finite = bool(np.isfinite(score)) and errors[i] is None
-        result = ImageResult(index=i, name=name, height=images[i].shape[0], width=images[i].shape[1],
-                             score=score if finite else None,
-                             normalized=score / threshold if finite and threshold else None,
-                             verdict=verdicts[i] if finite else "error",
-                             error=None if finite else errors[i] or "the model produced a score that is not a finite number")
-        if finite and heat is not None and heatmap:
-            high = 2 * threshold if threshold else float(heat.max())
+    for i, (row, image) in enumerate(zip(prediction_rows(names, prediction), images)):
+        result = ImageResult(index=i, name=names[i], height=image.shape[0], width=image.shape[1], score=row["score"],
+                             normalized=row["normalized"], verdict=row["verdict"], error=row.get("error"),
+                             detections=row.get("detections"))
+        wanted = row["score"] is not None and prediction.maps is not None and (heatmap or regions)
+        heat = original_map(model, prediction.maps[i], image) if wanted else None
+        if heat is not None and heatmap:
+            high = 2 * prediction.threshold if prediction.threshold else float(heat.max())
             result.heatmap_png = base64.b64encode(png_bytes(heat_colours(heat, 0.0, high))).decode()
-        if finite and heat is not None and regions and threshold:
+        if heat is not None and regions and prediction.threshold:
             result.regions = [Region(box=list(inst.box), polygons=polygons(inst.mask), area=inst.area, score=inst.score)
-                              for inst in map_instances(heat, threshold, min_area, name)]
+                              for inst in map_instances(heat, prediction.threshold, min_area, names[i])]
         results.append(result)
     return results
 
@@ -225,7 +288,7 @@ def _keep_parent(target: Path) -> Path | None:
 @router.post("/models/{name}/threshold", response_model=ModelWritten, status_code=201)
 async def save_threshold(request: Request, name: str, body: ThresholdRequest) -> ModelWritten:
     """Write a copy of the model with this threshold (atomically) and serve it under the new name."""
-    model = served(request, name)
+    model = served_file(request, name)
     records = labelled_of(model)
     target = _new_model_path(model, body.name, body.overwrite)
     scores = np.array([r["score"] for r in records])
@@ -241,7 +304,7 @@ async def save_threshold(request: Request, name: str, body: ThresholdRequest) ->
 @router.post("/models/{name}/teach", response_model=ModelWritten, status_code=201)
 async def teach(request: Request, name: str, body: TeachRequest) -> ModelWritten:
     """Learn labelled images as good without a refit (`defectscope update`), write and serve the new model."""
-    model = served(request, name)
+    model = served_file(request, name)
     records = [_record(model, i) for i in dict.fromkeys(body.images)]
     defective = [i for i, record in zip(dict.fromkeys(body.images), records) if record["label"] == 1]
     if defective:
@@ -258,3 +321,16 @@ async def teach(request: Request, name: str, body: TeachRequest) -> ModelWritten
     new = await _register(request, target, body.name)
     return ModelWritten(model=ModelSummary(**new.summary()), calibration=new.detector.calibration.to_dict(),
                         details={k: v for k, v in details.items() if k != "taught_images"})
+
+
+@router.post("/models/{name}/reload", response_model=ModelSummary)
+async def reload(request: Request, name: str) -> ModelSummary:
+    """Load the served file again (it was replaced on disk, e.g. by `defectscope update -o` or `calibrate -o`) and
+    serve it: requests already admitted finish on the old one."""
+    require_engineer(request)
+    model = served(request, name)
+    try:
+        new = await _register(request, model.path, name)
+    except DefectscopeError as exc:
+        raise HTTPException(400, f"{model.path} cannot be served: {exc}; the served model is unchanged") from exc
+    return ModelSummary(**new.summary())

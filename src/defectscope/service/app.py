@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from defectscope._version import __version__
 from defectscope.errors import DefectscopeError
 from defectscope.files import finite_or_none
+from defectscope.line.audit import AuditLog
+from defectscope.line.dispatch import Dispatcher
 from defectscope.service.api import router
 from defectscope.service.config import ServiceConfig
 from defectscope.service.models import ServedModel
@@ -84,18 +85,25 @@ def _too_large(limit: int) -> JSONResponse:
     return JSONResponse({"detail": f"the request body is larger than {limit:,} bytes"}, 413)
 
 
-def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = None, labelled: Path | None = None) -> FastAPI:
-    """An app serving these loaded models; `labelled` is the dataset folder new models are scored on."""
+def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = None, labelled: Path | None = None,
+               audit: AuditLog | None = None, dispatch: Dispatcher | None = None) -> FastAPI:
+    """An app serving these loaded models; `labelled` is the dataset folder new models are scored on; every verdict
+    goes to the `audit` trail and the `dispatch` targets when given."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
         for model in models.values():
             model.batcher.close()
+        if dispatch is not None:
+            dispatch.close()
+        if audit is not None:
+            audit.close()
 
     app = FastAPI(title="defectscope", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Inspect parts: scores, verdicts, heatmaps and defect regions from defectscope models.")
     app.state.models, app.state.config, app.state.labelled = models, config or ServiceConfig(), labelled
+    app.state.audit, app.state.dispatch = audit, dispatch
     app.state.telemetry = telemetry = Telemetry()
     app.include_router(router)
     app.add_middleware(BodyLimit, limit=app.state.config.max_request_bytes + MULTIPART_SLACK,
@@ -105,10 +113,11 @@ def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = No
 
     @app.middleware("http")
     async def guard_and_measure(request: Request, call_next):
-        token, path = app.state.config.token, request.url.path
+        path = request.url.path
         route = request.scope.get("route")
         start = time.perf_counter()
-        if token and path.startswith(PROTECTED) and not _authorized(request, token):
+        request.state.role = app.state.config.role_of(_bearer(request))
+        if request.state.role is None and path.startswith(PROTECTED):
             response = JSONResponse({"detail": "missing or wrong token: send 'Authorization: Bearer <token>'"}, 401,
                                     headers={"WWW-Authenticate": "Bearer"})
         else:
@@ -158,6 +167,6 @@ def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = No
     return app
 
 
-def _authorized(request: Request, token: str) -> bool:
+def _bearer(request: Request) -> str | None:
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())
+    return given if scheme.lower() == "bearer" else None

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from defectscope.detectors.base import MapModel
 from defectscope.prediction import Prediction
+from defectscope.predictor import Predictor
 
 
 class QueueFull(Exception):
@@ -32,7 +32,7 @@ class _Job:
 class Batcher:
     """Gathers images for one model and runs them through `predict` in batches."""
 
-    def __init__(self, detector: MapModel, max_batch: int = 32, wait_ms: float = 5.0, max_queue: int = 256,
+    def __init__(self, detector: Predictor, max_batch: int = 32, wait_ms: float = 5.0, max_queue: int = 256,
                  max_queue_pixels: int = 512_000_000) -> None:
         self.detector, self.max_batch, self.wait, self.max_queue = detector, max_batch, wait_ms / 1000, max_queue
         self.max_queue_pixels = max_queue_pixels

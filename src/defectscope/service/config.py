@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 
+from defectscope.errors import SettingsError
 from defectscope.settings import Settings, require_range
 
 
@@ -21,7 +23,19 @@ class ServiceConfig(Settings):
     max_request_megapixels: float = 100.0  # pixels per request, all images together (read from their headers)
     max_queue_megapixels: float = 500.0  # pixels admitted per model (decoding, queued, scoring); beyond it 503
     body_timeout_s: float = 30.0  # a request body must arrive within this time (stalled uploads get 408)
-    token: str | None = None  # when set, /v1 and /metrics need "Authorization: Bearer <token>"
+    engine_threads: int | None = None  # threads of an exported model's engine (None: the engine's own choice)
+    token: str | None = None  # the engineer's token: inspect, read, threshold, teach, reload
+    operator_token: str | None = None  # the operator's token: inspect and read only
+    # with either token set, /v1 and /metrics need "Authorization: Bearer <token>"; with none, every caller is an engineer
+
+    def role_of(self, given: str | None) -> str | None:
+        """The role a bearer token grants ('engineer', 'operator'), or None (a wrong or missing token)."""
+        if self.token is None and self.operator_token is None:
+            return "engineer"
+        for role, expected in (("engineer", self.token), ("operator", self.operator_token)):
+            if expected and given is not None and hmac.compare_digest(given.encode(), expected.encode()):
+                return role
+        return None
 
     def check(self) -> None:
         require_range("batch_wait_ms", self.batch_wait_ms, 0, 1000)
@@ -33,6 +47,9 @@ class ServiceConfig(Settings):
         require_range("max_request_megapixels", self.max_request_megapixels, 0, 10_000, low_open=True)
         require_range("max_queue_megapixels", self.max_queue_megapixels, 0, 100_000, low_open=True)
         require_range("body_timeout_s", self.body_timeout_s, 0, 3600, low_open=True)
+        require_range("engine_threads", self.engine_threads, 1, 256, optional=True)
+        if self.token and self.token == self.operator_token:
+            raise SettingsError("the engineer's and the operator's tokens must differ")
 
     @property
     def max_upload_bytes(self) -> int:

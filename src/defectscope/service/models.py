@@ -1,4 +1,5 @@
-"""The models a service serves: loaded once from files or folders, each with its batcher and labelled scores."""
+"""The models a service serves: model files and exported models, loaded once from files or folders, each with its
+batcher and labelled scores."""
 
 from __future__ import annotations
 
@@ -6,17 +7,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from defectscope.artifacts import load_model, model_info
-from defectscope.files import file_sha256
 from defectscope.data.layout import load_dataset
-from defectscope.detectors.base import MapModel
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation import evaluate
-from defectscope.experiments.config import SAFE_NAME
+from defectscope.files import file_sha256
+from defectscope.model_header import model_info
+from defectscope.names import SAFE_NAME
+from defectscope.predictor import Predictor, load_predictor
+from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel
 from defectscope.service.batching import Batcher
 from defectscope.service.config import ServiceConfig
 
 MODEL_SUFFIX = ".dsmodel"
+SERVED_SUFFIXES = (MODEL_SUFFIX, DEPLOYMENT_SUFFIX)  # model files, and exported models (onnxruntime or OpenVINO)
 
 
 @dataclass
@@ -32,31 +35,47 @@ class Labelled:
 
 @dataclass
 class ServedModel:
-    """One loaded model file and what the service keeps beside it."""
+    """One loaded model (model file or exported model) and what the service keeps beside it."""
 
     name: str
     path: Path
-    detector: MapModel
+    detector: Predictor
     sha256: str
     batcher: Batcher
     labelled: Labelled | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def engine(self) -> str:
+        """What runs it: 'torch' for a model file, else the exported graph's engine."""
+        return self.detector.manifest["graph"]["engine"] if isinstance(self.detector, DeployedModel) else "torch"
+
+    @property
+    def version(self) -> str:
+        """The served file's version: the first 12 hex digits of its sha256 (the audit trail records the whole)."""
+        return self.sha256[:12]
+
+    @property
+    def writable(self) -> bool:
+        """Whether new models can be written from it (threshold, teaching): model files only, not exports."""
+        return not isinstance(self.detector, DeployedModel)
+
     def summary(self) -> dict[str, Any]:
         calibration = self.detector.calibration
-        return {"name": self.name, "detector": self.detector.name, "sha256": self.sha256,
+        return {"name": self.name, "detector": self.detector.name, "sha256": self.sha256, "version": self.version,
+                "engine": self.engine,
                 "threshold": calibration.threshold if calibration else None,
                 "localizes": self.detector.localizes, "labelled_images": len(self.labelled.records) if self.labelled else 0}
 
 
 def model_files(sources: list[Path]) -> list[Path]:
-    """Model files given directly, and every *.dsmodel in the folders given."""
+    """Model files given directly, and every *.dsmodel and *.dsdeploy in the folders given."""
     files: list[Path] = []
     for source in sources:
         if source.is_dir():
-            found = sorted(source.glob(f"*{MODEL_SUFFIX}"))
+            found = sorted(path for suffix in SERVED_SUFFIXES for path in source.glob(f"*{suffix}"))
             if not found:
-                raise DefectscopeError(f"folder {source} holds no {MODEL_SUFFIX} model files")
+                raise DefectscopeError(f"folder {source} holds no {MODEL_SUFFIX} model files nor {DEPLOYMENT_SUFFIX} exports")
             files += found
         elif source.is_file():
             files.append(source)
@@ -66,12 +85,13 @@ def model_files(sources: list[Path]) -> list[Path]:
 
 
 def serve_model(path: Path, name: str, config: ServiceConfig, labelled: Path | None = None) -> ServedModel:
-    """Load one model file for serving; with a labelled dataset folder, score its test split once."""
+    """Load one model file or exported model for serving; with a labelled dataset folder, score its test split once."""
     if not SAFE_NAME.match(name):
         raise DefectscopeError(f"model name '{name}' must be letters, digits, '.', '_' or '-'")
-    detector = load_model(path)
+    detector = load_predictor(path, threads=config.engine_threads)
     batcher = Batcher(detector, config.max_batch, config.batch_wait_ms, config.max_queue, config.max_queue_pixels)
-    served = ServedModel(name, path, detector, file_sha256(path), batcher, manifest=model_info(path))
+    manifest = detector.manifest if isinstance(detector, DeployedModel) else model_info(path)
+    served = ServedModel(name, path, detector, file_sha256(path), batcher, manifest=manifest)
     if labelled is not None:
         served.labelled = Labelled(evaluate(detector, load_dataset(labelled)).records)
     return served
@@ -79,10 +99,10 @@ def serve_model(path: Path, name: str, config: ServiceConfig, labelled: Path | N
 
 def load_served(sources: list[Path], config: ServiceConfig | None = None, labelled: Path | None = None
                 ) -> dict[str, ServedModel]:
-    """Every model of the sources by name (the file name without .dsmodel); names must be unique."""
+    """Every model of the sources by name (the file name without .dsmodel or .dsdeploy); names must be unique."""
     served: dict[str, ServedModel] = {}
     for path in model_files(sources):
-        name = path.name.removesuffix(MODEL_SUFFIX)
+        name = path.name.removesuffix(path.suffix) if path.suffix in SERVED_SUFFIXES else path.name
         if name in served:
             raise DefectscopeError(f"two model files are named {name}: {served[name].path} and {path}")
         served[name] = serve_model(path, name, config or ServiceConfig(), labelled)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_type_hints
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
-from defectscope.experiments.config import SAFE_NAME
+from defectscope.line.audit import Verdict
+from defectscope.names import SAFE_NAME
 
 MODEL_NAME = Field(pattern=SAFE_NAME.pattern, description="name of the new model: letters, digits, '.', '_', '-'")
 
@@ -27,6 +28,8 @@ class ModelSummary(BaseModel):
     name: str
     detector: str
     sha256: str
+    version: str = Field(description="the first 12 hex digits of the file's sha256")
+    engine: str = Field(description="what runs it: torch (model file), onnxruntime or openvino (exported model)")
     threshold: float | None
     localizes: bool
     labelled_images: int
@@ -45,6 +48,16 @@ class Region(BaseModel):
     score: float = Field(description="peak map value / threshold")
 
 
+class Instance(BaseModel):
+    """A defect instance found by a model that tells instances apart, in original image pixels."""
+
+    type: str
+    confidence: float
+    box: list[float] = Field(description="x0, y0, x1, y1 (pixel edges)")
+    area: int
+    mask: dict[str, Any] = Field(description="COCO uncompressed RLE: size [height, width] and column-major counts")
+
+
 class ImageResult(BaseModel):
     index: int = Field(description="position of the file in the request (names may repeat)")
     name: str
@@ -56,12 +69,30 @@ class ImageResult(BaseModel):
     error: str | None = None
     heatmap_png: str | None = Field(None, description="base64 PNG of the anomaly map (JET, 0 .. 2 x threshold)")
     regions: list[Region] | None = None
+    detections: list[Instance] | None = Field(None, description="typed instances, from models that find them")
+    audit_id: int | None = Field(None, description="the verdict's record in the audit trail (when the service keeps one)")
 
 
 class InspectResponse(BaseModel):
     model: str
+    model_version: str = Field(description="the served file's version: the first 12 hex digits of its sha256")
+    model_sha256: str
     threshold: float | None
     results: list[ImageResult]
+
+
+AuditRecord = create_model("AuditRecord", __doc__="One audited verdict (the fields of `line.audit.Verdict`).",
+                           id=(int, ...), **{name: (kind, ...) for name, kind in get_type_hints(Verdict).items()})
+
+
+class AuditPage(BaseModel):
+    records: list[AuditRecord]
+    limit: int
+    offset: int
+
+
+class Whoami(BaseModel):
+    role: str = Field(description="engineer (inspect, read, threshold, teach, reload) or operator (inspect, read)")
 
 
 class LabelledImage(BaseModel):

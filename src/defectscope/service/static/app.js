@@ -40,6 +40,8 @@ async function loadModels() {
     $("model").innerHTML = models.map((m) => `<option value="${esc(m.name)}">${esc(m.name)} (${esc(m.detector)})</option>`).join("");
     state.model = models.length ? models[0].name : null;
     say(models.length ? "" : "no models are served");
+    const { role } = await (await api("/v1/whoami")).json();
+    document.querySelectorAll(".engineer").forEach((element) => { element.hidden = role !== "engineer"; });
   } catch (error) { say(error.message); }
 }
 

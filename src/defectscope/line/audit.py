@@ -1,0 +1,177 @@
+"""The audit trail: every verdict with its model, threshold, image and caller, in an embedded SQLite database.
+
+The database runs in WAL mode with full synchronous commits, one transaction per request or image, so
+a record that was answered is on disk: killing the process (even `kill -9`) loses none. Readers never
+block the writer. Export to Parquet with `defectscope audit export`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from defectscope.errors import InputError
+
+SCHEMA_VERSION = 1
+MAX_PAGE = 1000  # records per query at most
+
+
+@dataclass
+class Verdict:
+    """One audited verdict: what was decided about which image, by which model, when and for whom."""
+
+    time: str  # ISO 8601, UTC
+    model: str
+    model_version: str
+    model_sha256: str
+    threshold: float | None
+    stated_rate: float | None
+    image_sha256: str
+    image_name: str
+    width: int | None
+    height: int | None
+    source: str  # "upload", "hot folder"
+    score: float | None
+    normalized: float | None
+    verdict: str
+    regions: int | None
+    role: str
+    kept: str | None = None  # where a retained copy of the image is, if any
+
+
+COLUMNS = [f.name for f in fields(Verdict)]
+TYPES = {"threshold": "REAL", "stated_rate": "REAL", "width": "INTEGER", "height": "INTEGER", "score": "REAL",
+         "normalized": "REAL", "regions": "INTEGER"}
+
+
+def now() -> str:
+    """The current time as the audit trail writes it (UTC, ISO 8601, microseconds)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+class AuditLog:
+    """An append-only verdict log in SQLite; safe to use from several threads of one process."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise InputError(f"the audit database {self.path} is a folder; give a file path")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            columns = ", ".join(f"{name} {TYPES.get(name, 'TEXT')}" for name in COLUMNS)
+            self._db.execute(f"CREATE TABLE IF NOT EXISTS verdicts (id INTEGER PRIMARY KEY, {columns})")
+            self._db.execute("CREATE INDEX IF NOT EXISTS verdicts_by_time ON verdicts (time)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS moves (verdict_id INTEGER PRIMARY KEY REFERENCES verdicts(id), "
+                             "inbox_name TEXT, destination TEXT, moved INTEGER DEFAULT 0, delivered INTEGER DEFAULT 0)")
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise InputError(f"{self.path} is not a defectscope audit database: {exc}") from exc
+        self._lock = threading.Lock()
+
+    def record(self, verdicts: Sequence[Verdict], moves: Sequence[tuple[str, str]] | None = None) -> list[int]:
+        """Append verdicts in one durable transaction; returns their record ids. `moves` (the hot folder): each
+        verdict's (inbox file name, destination), journaled in the same transaction until `finish_move`."""
+        placeholders = ", ".join("?" for _ in COLUMNS)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                ids = [self._db.execute(f"INSERT INTO verdicts ({', '.join(COLUMNS)}) VALUES ({placeholders})",
+                                        [getattr(v, name) for name in COLUMNS]).lastrowid for v in verdicts]
+                for record_id, (name, destination) in zip(ids, moves or []):
+                    self._db.execute("INSERT INTO moves (verdict_id, inbox_name, destination) VALUES (?, ?, ?)",
+                                     (record_id, name, destination))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return ids
+
+    def _write(self, sql: str, values: tuple) -> None:
+        with self._lock:
+            self._db.execute(sql, values)  # autocommit: one durable statement
+
+    def finish_move(self, record_id: int, destination: str) -> None:
+        """The image of a journaled verdict is in its destination folder (and the record says where)."""
+        self._write("UPDATE moves SET moved = 1, destination = ? WHERE verdict_id = ?", (destination, record_id))
+        self._write("UPDATE verdicts SET kept = ? WHERE id = ?", (destination, record_id))
+
+    def delivered(self, record_id: int) -> None:
+        """Every dispatch target acknowledged this verdict's message."""
+        self._write("UPDATE moves SET delivered = 1 WHERE verdict_id = ?", (record_id,))
+
+    def _journal(self, condition: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT v.id, {', '.join('v.' + c for c in COLUMNS)}, m.inbox_name, m.destination "
+                                    f"FROM verdicts v JOIN moves m ON m.verdict_id = v.id WHERE {condition} "
+                                    "ORDER BY v.id").fetchall()
+        return [dict(zip(["id", *COLUMNS, "inbox_name", "destination"], row)) for row in rows]
+
+    def unfinished_moves(self) -> list[dict[str, Any]]:
+        """Journaled verdicts whose image was not yet moved (a run stopped between the record and the move)."""
+        return self._journal("m.moved = 0")
+
+    def undelivered(self) -> list[dict[str, Any]]:
+        """Moved images whose verdict message no target acknowledged yet."""
+        return self._journal("m.moved = 1 AND m.delivered = 0")
+
+    def get(self, record_id: int) -> dict[str, Any]:
+        with self._lock:
+            row = self._db.execute(f"SELECT id, {', '.join(COLUMNS)} FROM verdicts WHERE id = ?", (record_id,)).fetchone()
+        if row is None:
+            raise InputError(f"no audit record {record_id}")
+        return dict(zip(["id", *COLUMNS], row))
+
+    def query(self, model: str | None = None, verdict: str | None = None, since: str | None = None,
+              until: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Records matching every filter given (time range: ISO 8601, `since` inclusive), newest first, paged."""
+        if not 1 <= limit <= MAX_PAGE or offset < 0:
+            raise InputError(f"limit must be 1 to {MAX_PAGE} and offset at least 0")
+        filters = [("model = ?", model), ("verdict = ?", verdict), ("time >= ?", since), ("time < ?", until)]
+        where = [clause for clause, value in filters if value is not None]
+        values = [value for _, value in filters if value is not None]
+        sql = (f"SELECT id, {', '.join(COLUMNS)} FROM verdicts {'WHERE ' + ' AND '.join(where) if where else ''} "
+               "ORDER BY id DESC LIMIT ? OFFSET ?")
+        with self._lock:
+            rows = self._db.execute(sql, [*values, limit, offset]).fetchall()
+        return [dict(zip(["id", *COLUMNS], row)) for row in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def export_parquet(database: Path, out: Path) -> int:
+    """Every record of an audit database into one Parquet file (written atomically); returns the record count."""
+    import io
+
+    from defectscope.files import write_atomic
+    from defectscope.scale.scoring import pyarrow_modules
+
+    if not database.is_file():
+        raise InputError(f"audit database {database} does not exist")
+    log = AuditLog(database)
+    try:
+        with log._lock:
+            cursor = log._db.execute(f"SELECT id, {', '.join(COLUMNS)} FROM verdicts ORDER BY id")
+            names = [d[0] for d in cursor.description]
+            rows = cursor.fetchall()
+    finally:
+        log.close()
+    pyarrow = pyarrow_modules()
+    table = pyarrow.table({name: [row[i] for row in rows] for i, name in enumerate(names)})
+    buffer = io.BytesIO()
+    pyarrow.parquet.write_table(table, buffer)
+    write_atomic(out, buffer.getvalue())
+    return len(rows)

@@ -1,0 +1,179 @@
+"""The hot folder: images a camera drops into a folder are scored, moved to the folder of their verdict, audited and
+dispatched, each exactly once, across restarts.
+
+A file is taken only once it is complete: its size and modification time unchanged for `settle`
+seconds (a camera writing in pieces), and never while it has a temporary name (hidden, `.tmp`,
+`.part`: a camera that writes then renames). Each image's verdict and its destination are recorded in
+the audit database in one transaction before the file is moved; after a restart a recorded image still
+in the inbox is moved to its recorded folder without being scored again, and a verdict whose message
+was not acknowledged is sent again (receivers see the audit id, so a repeat is recognisable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from defectscope.data.decode import IMAGE_SUFFIXES
+from defectscope.errors import InputError
+from defectscope.line.audit import AuditLog, Verdict, now
+from defectscope.line.dispatch import Dispatcher
+from defectscope.predictor import Predictor
+
+TEMPORARY = (".tmp", ".part", ".partial", ".crdownload")
+BATCH = 16  # images scored together at most
+
+
+@dataclass
+class Folders:
+    """Where images come from and where each verdict sends them."""
+
+    inbox: Path
+    good: Path
+    defective: Path
+    error: Path
+
+    def check(self) -> None:
+        if not self.inbox.is_dir():
+            raise InputError(f"the hot folder {self.inbox} does not exist")
+        outs = [self.good, self.defective, self.error]
+        if len({p.resolve() for p in [self.inbox, *outs]}) != 4:
+            raise InputError("the hot folder and the good, defective and error folders must be four different folders")
+        for folder in outs:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def of(self, verdict: str) -> Path:
+        return {"good": self.good, "defective": self.defective}.get(verdict, self.error)
+
+
+@dataclass
+class ModelIdentity:
+    """How the audit trail names the model that judged."""
+
+    name: str
+    version: str
+    sha256: str
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def place(source: Path, folder: Path, digest: str) -> Path:
+    """Move a file into `folder` so that it appears there whole (a temporary name, then a rename); a different file of
+    the same name already there is kept, and this one gets its sha256 prefix in its name."""
+    target = folder / source.name
+    if target.exists() and sha256_of(target) != digest:
+        target = folder / f"{source.stem}-{digest[:8]}{source.suffix}"
+    staged = folder / f".{target.name}.{os.getpid()}.moving"
+    shutil.move(source, staged)  # a rename on one file system; copy and delete across two
+    os.replace(staged, target)
+    return target
+
+
+@dataclass
+class HotFolder:
+    """Watches `folders.inbox` and judges every complete image in it with `predictor`."""
+
+    predictor: Predictor
+    model: ModelIdentity
+    folders: Folders
+    audit: AuditLog
+    dispatch: Dispatcher
+    settle: float = 0.5
+    poll: float = 0.2
+    say: Callable[[str], None] = lambda _text: None
+    _seen: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.folders.check()
+
+    def recover(self) -> int:
+        """Finish what a previous run recorded but did not complete: moves, then messages. Returns the images moved."""
+        moved = 0
+        for record in self.audit.unfinished_moves():
+            source = self.folders.inbox / record["inbox_name"]
+            if source.is_file() and sha256_of(source) == record["image_sha256"]:
+                self.audit.finish_move(record["id"], str(place(source, Path(record["destination"]).parent,
+                                                               record["image_sha256"])))
+                moved += 1
+            else:  # moved before the stop; the inbox no longer holds it
+                self.audit.finish_move(record["id"], record["destination"])
+        for record in self.audit.undelivered():
+            self._send(record)
+        return moved
+
+    def ready(self) -> list[Path]:
+        """Complete images in the inbox: not temporary, size and time unchanged for `settle` seconds."""
+        clock, ready, current = time.monotonic(), [], {}
+        for entry in os.scandir(self.folders.inbox):
+            name = entry.name
+            if name.startswith(".") or name.lower().endswith(TEMPORARY) or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                stat = entry.stat()
+            except FileNotFoundError:
+                continue
+            if not entry.is_file() or stat.st_size == 0:
+                continue
+            size, mtime = stat.st_size, stat.st_mtime_ns
+            previous = self._seen.get(name)
+            since = previous[2] if previous and previous[:2] == (size, mtime) else clock
+            current[name] = (size, mtime, since)
+            if clock - since >= self.settle:
+                ready.append(self.folders.inbox / name)
+        self._seen = current
+        return sorted(ready)[:BATCH]
+
+    def judge(self, paths: list[Path]) -> int:
+        """Score, record (verdict and destination in one transaction), move and dispatch these images."""
+        digests = [sha256_of(path) for path in paths]
+        prediction = self.predictor.predict(paths, keep_going=True)
+        calibration = self.predictor.calibration
+        verdicts = prediction.verdicts if prediction.threshold else ["error"] * len(paths)
+        records, destinations = [], []
+        for i, (path, digest) in enumerate(zip(paths, digests)):
+            score = float(prediction.scores[i])
+            finite = score == score and verdicts[i] != "error"
+            records.append(Verdict(
+                time=now(), model=self.model.name, model_version=self.model.version, model_sha256=self.model.sha256,
+                threshold=prediction.threshold, stated_rate=calibration.false_alarm_rate if calibration else None,
+                image_sha256=digest, image_name=path.name, width=None, height=None, source="hot folder",
+                score=score if finite else None, normalized=score / prediction.threshold if finite else None,
+                verdict=verdicts[i] if finite else "error", regions=None, role="hot folder"))
+            destinations.append(str(self.folders.of(records[-1].verdict) / path.name))
+        ids = self.audit.record(records, moves=list(zip([p.name for p in paths], destinations)))
+        for record_id, path, digest in zip(ids, paths, digests):
+            self.audit.finish_move(record_id, str(place(path, self.folders.of(records[ids.index(record_id)].verdict),
+                                                        digest)))
+        for record_id in ids:
+            self._send(self.audit.get(record_id))
+        return len(paths)
+
+    def _send(self, record: dict) -> None:
+        self.dispatch.send(record, on_sent=lambda: self.audit.delivered(record["id"]))
+
+    def run(self, stop: threading.Event | None = None, limit: int | None = None) -> int:
+        """Watch until `stop` is set (or `limit` images were judged); returns the images judged."""
+        stop = stop or threading.Event()
+        recovered = self.recover()
+        if recovered:
+            self.say(f"finished {recovered} image(s) a previous run had judged but not moved")
+        judged = 0
+        while not stop.is_set() and (limit is None or judged < limit):
+            batch = self.ready()
+            if batch:
+                judged += self.judge(batch)
+            else:
+                stop.wait(self.poll)
+        return judged

@@ -1,0 +1,68 @@
+"""The package's layering: no folder (or top-level module) imports one that imports it back, directly or around."""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import defectscope
+
+PACKAGE = Path(defectscope.__file__).parent
+
+
+def unit(module: str) -> str:
+    """defectscope.detectors.base -> 'detectors'; defectscope.pipeline -> 'pipeline' (its folder, or itself)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def unit_imports() -> dict[str, dict[str, str]]:
+    """unit -> {imported unit: an importing statement as 'module -> module'}; lazy imports inside functions count."""
+    graph: dict[str, dict[str, str]] = defaultdict(dict)
+    for path in PACKAGE.rglob("*.py"):
+        module = ".".join(("defectscope", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name.startswith("defectscope.") and unit(name) != unit(module):
+                    graph[unit(module)].setdefault(unit(name), f"{module} -> {name}")
+    return graph
+
+
+def cycle(graph: dict[str, dict[str, str]]) -> list[str] | None:
+    """One cycle of the graph as its edges, or None (depth-first search)."""
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        path.append(node)
+        for target in graph.get(node, {}):
+            if state.get(target) == "open":
+                loop = path[path.index(target):] + [target]
+                return [graph[a][b] for a, b in zip(loop, loop[1:])]
+            if target not in state and (found := visit(target)):
+                return found
+        state[node] = "done"
+        path.pop()
+        return None
+
+    return next((found for node in list(graph) if node not in state and (found := visit(node))), None)
+
+
+def test_no_folder_imports_one_that_imports_it_back() -> None:
+    graph = unit_imports()
+    assert {"detectors", "pipeline", "scale", "service"} <= set(graph)  # the walk found the package
+    assert cycle(graph) is None, cycle(graph)
+
+
+def test_the_cycle_finder_finds_a_loop_around_three() -> None:
+    graph = {"a": {"b": "a.x -> b.y"}, "b": {"c": "b.y -> c"}, "c": {"a": "c -> a.x"}, "d": {"a": "d -> a"}}
+    assert cycle(graph) == ["a.x -> b.y", "b.y -> c", "c -> a.x"]
+    assert cycle({"a": {"b": "a -> b"}, "b": {}}) is None
