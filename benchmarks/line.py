@@ -2,8 +2,9 @@
 
     python benchmarks/line.py --data ../shared/datasets/mvtec_ad/bottle
 
-Fits PatchCore on the category (or takes --model: a model file or a .dsdeploy export), starts a
-Mosquitto broker on 127.0.0.1 and `defectscope watch` with MQTT dispatch, then drops --images
+Fits PatchCore on the category (or takes --model), exports it for each of --engines, and for the
+model file and each export starts a Mosquitto broker on 127.0.0.1 and `defectscope watch` with MQTT
+dispatch, then drops --images
 copies of the category's test images into the hot folder at --rate images per second (each written
 under a temporary name, then renamed, as a camera does). Midway it kills the watcher with SIGKILL and
 starts it again. At the end every image must be in exactly one verdict folder with one audit record
@@ -32,6 +33,7 @@ from isolated import markdown_table, write_results
 
 from defectscope import load_dataset
 from defectscope.artifacts import save_model
+from defectscope.deployment import export_model
 from defectscope.line.audit import AuditLog
 from defectscope.pipeline import fit_detector
 
@@ -60,21 +62,10 @@ def start_broker(folder: Path) -> tuple[subprocess.Popen, int]:
     sys.exit("mosquitto did not start")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("../shared/datasets/mvtec_ad/bottle"))
-    parser.add_argument("--model", type=Path, help="A model file or .dsdeploy export; default: fit PatchCore on --data.")
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--rate", type=float, default=10.0, help="Images dropped per second.")
-    parser.add_argument("--drain", type=float, default=180, help="Seconds to wait for the last messages at most.")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp())
-    dataset = load_dataset(args.data)
-    model = args.model or save_model(fit_detector(dataset, "patchcore", {})[0], scratch / "bench.dsmodel")
-    sources = [s.path for s in dataset.test]
+def run_line(model: Path, sources: list[Path], args: argparse.Namespace, scratch: Path) -> dict:
+    """One hot-folder run of `model`: drop, kill -9 midway, restart, drain; the counts and latencies."""
     folders = {name: scratch / name for name in ("in", "good", "defective", "error")}
-    folders["in"].mkdir()
+    folders["in"].mkdir(parents=True)
     broker, port = start_broker(scratch)
     received: dict[str, list[float]] = {}
     subscribed = threading.Event()
@@ -95,9 +86,10 @@ def main() -> None:
     dropped: dict[str, float] = {}
     start, killed_at = time.monotonic(), None
     for i in range(args.images):
-        name = f"{i:05d}-{sources[i % len(sources)].parent.name}-{sources[i % len(sources)].name}"
+        source = sources[i % len(sources)]
+        name = f"{i:05d}-{source.parent.name}-{source.name}"
         time.sleep(max(0.0, start + i / args.rate - time.monotonic()))
-        shutil.copy(sources[i % len(sources)], folders["in"] / f"{name}.tmp")
+        shutil.copy(source, folders["in"] / f"{name}.tmp")
         os.replace(folders["in"] / f"{name}.tmp", folders["in"] / name)
         dropped[name] = time.monotonic()
         if i == args.images // 2:
@@ -119,29 +111,51 @@ def main() -> None:
     log, names = AuditLog(scratch / "audit.sqlite"), []
     while page := log.query(limit=1000, offset=len(names)):
         names += [r["image_name"] for r in page]
+    counts = {name: names.count(name) for name in dropped}
     latency = np.array([received[name][0] - dropped[name] for name in dropped if name in received]) * 1000
-    row = {
-        "images": len(dropped), "rate": args.rate, "killed_after": killed_at,
+    return {
+        "model": model.name, "images": len(dropped), "rate": args.rate, "killed_after": killed_at,
         "in_one_verdict_folder": sum(len(placed.get(n, [])) == 1 and placed[n][0] != "in" for n in dropped),
         "left_in_inbox": sum("in" in placed.get(n, []) for n in dropped),
-        "audit_records": len(names), "images_with_one_record": sum(names.count(n) == 1 for n in dropped),
+        "audit_records": len(names), "images_with_one_record": sum(c == 1 for c in counts.values()),
         "images_with_a_message": sum(n in received for n in dropped),
         "repeated_messages": sum(len(v) - 1 for v in received.values()),
         "p50_ms": float(np.percentile(latency, 50)), "p95_ms": float(np.percentile(latency, 95)),
         "p99_ms": float(np.percentile(latency, 99)), "max_ms": float(latency.max()),
-        "model": model.name,
     }
-    print(row, flush=True)
-    table = markdown_table([row], (
-        ("images", "images dropped", "{}"), ("rate", "per s", "{:g}"), ("killed_after", "kill -9 after image", "{}"),
-        ("in_one_verdict_folder", "in exactly one verdict folder", "{}"), ("left_in_inbox", "left in the inbox", "{}"),
-        ("audit_records", "audit records", "{}"), ("images_with_one_record", "images with one record", "{}"),
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/datasets/mvtec_ad/bottle"))
+    parser.add_argument("--model", type=Path, help="A model file; default: fit PatchCore on --data.")
+    parser.add_argument("--engines", default="openvino", help="Export formats run beside the model file (comma-separated).")
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=10.0, help="Images dropped per second.")
+    parser.add_argument("--drain", type=float, default=180, help="Seconds to wait for the last messages at most.")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp())
+    dataset = load_dataset(args.data)
+    model = args.model or save_model(fit_detector(dataset, "patchcore", {})[0], scratch / "bench.dsmodel")
+    models = [model] + [export_model(model, scratch / f"bench-{engine}.dsdeploy", engine)[0]
+                        for engine in filter(None, args.engines.split(","))]
+    rows = []
+    for number, served in enumerate(models):
+        rows.append(run_line(served, [s.path for s in dataset.test], args, scratch / f"run{number}"))
+        print(rows[-1], flush=True)
+    table = markdown_table(rows, (
+        ("model", "model", "{}"), ("images", "images dropped", "{}"), ("rate", "per s", "{:g}"),
+        ("killed_after", "kill -9 after image", "{}"), ("in_one_verdict_folder", "in exactly one verdict folder", "{}"),
+        ("left_in_inbox", "left in the inbox", "{}"), ("audit_records", "audit records", "{}"),
+        ("images_with_one_record", "images with one record", "{}"),
         ("images_with_a_message", "images with an MQTT message", "{}"), ("repeated_messages", "repeated messages", "{}"),
         ("p50_ms", "drop to message p50 ms", "{:.0f}"), ("p95_ms", "p95 ms", "{:.0f}"), ("p99_ms", "p99 ms", "{:.0f}"),
         ("max_ms", "max ms", "{:.0f}")))
-    table += (f"\nModel: {model.name}. The watcher was killed with SIGKILL after image {killed_at} was dropped and "
-              "started again at once; latency counts the first message of each image.\n")
-    write_results(args.out, "line", [row], table)
+    table += ("\nPatchCore fitted on the category with its defaults (the model file, then its exports). Each run kills the "
+              "watcher with SIGKILL after the middle image was dropped and starts it again at once; latency counts "
+              "the first message of each image, from the rename into the hot folder.\n")
+    write_results(args.out, "line", rows, table)
     shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -376,3 +376,23 @@ def test_patchcore_map_peak_lands_on_the_defect_in_a_cropped_non_square_frame(pa
     assert prediction.maps[0].shape == (96, 128)
     assert abs(peak[0] - 60) <= 6 and abs(peak[1] - 32) <= 6, peak
     assert prediction.scores[0] > 2 * prediction.scores[1]
+
+
+def test_fit_shows_each_phase_and_fills_each_bar(demo_root: Path) -> None:
+    from contextlib import contextmanager
+
+    from defectscope.pipeline import fit_detector
+
+    bars: list[dict] = []
+
+    @contextmanager
+    def bar(name: str, total: int | None):
+        shown = {"name": name, "total": total, "done": 0}
+        bars.append(shown)
+        yield lambda steps: shown.__setitem__("done", shown["done"] + steps)
+
+    settings = {"image_size": 128, "crop": None, "coreset_ratio": 0.25, "calibration_folds": 4, "global_view": "off"}
+    fit_detector(load_dataset(demo_root), "patchcore", settings, bar=bar)
+    assert [b["name"].split(":")[0].split(" ")[0] for b in bars] == ["fitting", "learning", "coreset", "calibrating"]
+    assert bars[0]["name"] == "fitting patchcore: embedding 40 images" and bars[3]["name"] == "calibrating on 4 cross-fitted folds"
+    assert all(b["done"] == b["total"] for b in bars if b["total"] is not None) and bars[2]["total"] > 1

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import os
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from defectscope import load_dataset
 from defectscope.artifacts import load_model
 from defectscope.errors import DefectscopeError
 from defectscope.pipeline import fit_model
 from defectscope.scale import scoring
-from defectscope.scale.fit_many import fit_many
+from defectscope.scale.fit_many import fit_many, fit_product
 from defectscope.jobs import run_jobs
-from defectscope.scale.plan import load_plan
+from defectscope.scale.plan import fingerprint, load_plan, recorded_fingerprint
 from defectscope.scale.scoring import score_to_parquet
 
 pq = pytest.importorskip("pyarrow.parquet")
@@ -47,12 +50,34 @@ def test_fit_many_fits_reports_failures_and_skips_what_is_up_to_date(demo_root: 
     again = {row["name"]: row["status"] for row in fit_many(plan, retries=0)}
     assert again == {"part": "up to date", "part-knn": "up to date", "missing": "failed"}
     first = load_dataset(demo_root).train[0].path
-    stat = os.stat(first)
-    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a training image changed
+    stat, original = os.stat(first), first.read_bytes()
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched, same content: up to date
     try:
+        assert {row["name"]: row["status"] for row in fit_many(plan, retries=0)}["part"] == "up to date"
+        image = np.asarray(Image.open(first)).copy()
+        image[0, 0] ^= 1  # one pixel edited, the file's time kept
+        Image.fromarray(image).save(first)
+        os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         assert {row["name"]: row["status"] for row in fit_many(plan, retries=0)}["part"] == "fitted"
     finally:
+        first.write_bytes(original)
         os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_fit_job_returns_its_model_and_the_driver_writes_it(demo_root: Path, tmp_path: Path) -> None:
+    """No shared file system: the job fits in its own scratch folder and sends the bytes back; a copy of the data
+    elsewhere (other times) has the same fingerprint, so a copy on another node is not a reason to refit."""
+    plan = _plan(tmp_path, [{"name": "part", "data": str(demo_root)}])
+    product = load_plan(plan)[0]
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_root, copy, copy_function=shutil.copyfile)  # new modification times
+    assert fingerprint(product) == fingerprint(replace(product, data=copy))
+    result = fit_product((product, 2, fingerprint(product)))
+    assert not product.out.exists() and result["model"][:8] != b""  # nothing written where the job ran
+    product.out.parent.mkdir(parents=True)
+    product.out.write_bytes(result["model"])
+    assert recorded_fingerprint(product.out) == fingerprint(product)
+    assert {row["name"]: row["status"] for row in fit_many(plan, retries=0)} == {"part": "up to date"}
 
 
 @pytest.mark.parametrize("products, message", [
@@ -97,6 +122,9 @@ def test_score_resumes_an_interrupted_run_without_gaps_or_repeats(served_folder:
     by_path = dict(zip(table["path"], zip(table["score"], table["verdict"])))
     np.testing.assert_allclose([by_path[str(p)][0] for p in images], expected.scores, rtol=1e-6)
     assert [by_path[str(p)][1] for p in images] == expected.verdicts
+    spelled = Path(os.path.relpath(model, tmp_path))  # the same model, its path spelled another way
+    monkeypatch.chdir(tmp_path)
+    assert score_to_parquet(spelled, [listing], out, chunk_images=8)["resumed_chunks"] == summary["chunks"]
     with pytest.raises(DefectscopeError, match="another scoring job"):
         score_to_parquet(model, images[:3], out)
     assert score_to_parquet(model, images[:3], out, force=True)["scored_now"] == 3
@@ -140,3 +168,24 @@ def test_a_job_whose_worker_dies_is_retried_and_counted_once(local_ray, tmp_path
 
     assert run_jobs(job, [0, 1, 2], ray_address="local", retries=1) == [(0, None), (10, None), (20, None)]
     assert died.exists() and sorted(p.name.split("-")[1] for p in tmp_path.glob("done-*")) == ["0", "1", "2"]
+
+
+
+def test_score_scores_failed_rows_again_on_resume(served_folder: Path, demo_root: Path, tmp_path: Path, cli) -> None:
+    images = [s.path for s in load_dataset(demo_root).test[:6]]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in images:
+        shutil.copy(path, folder / path.name.replace(".png", f"-{path.parent.name}.png"))
+    broken = sorted(folder.iterdir())[2]
+    original = broken.read_bytes()
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "scores"
+    first = cli("score", served_folder / "part.dsmodel", folder, "--out", out)
+    assert first.code == 3  # some rows failed
+    assert pq.read_table(out).to_pydict()["verdict"].count("error") == 1
+    broken.write_bytes(original)  # fixed: the resume scores that chunk again
+    again = cli("score", served_folder / "part.dsmodel", folder, "--out", out)
+    assert again.code == 0, again.err
+    table = pq.read_table(out).to_pydict()
+    assert "error" not in table["verdict"] and sorted(table["path"]) == sorted(str(p) for p in folder.iterdir())

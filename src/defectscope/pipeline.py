@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from defectscope.detectors.base import (
     Detector,
     FitReport,
     MapModel,
+    PhaseStart,
     Progress,
     create_detector,
 )
@@ -56,12 +57,23 @@ from defectscope.training.engine import EpochProgress
 from defectscope.viz import write_heatmaps
 
 # A progress factory: given a description and a total, a context manager yielding an advance-by-n callback.
-ProgressBar = Callable[[str, int], AbstractContextManager[Progress]]
+ProgressBar = Callable[[str, int | None], AbstractContextManager[Progress]]  # a named bar of `total` steps (None: unknown)
 
 
 @contextmanager
 def no_progress(_description: str, _total: int) -> Iterator[Progress]:
     yield lambda _n: None
+
+
+@contextmanager
+def phases(bar: ProgressBar) -> Iterator[PhaseStart]:
+    """Successive progress bars for the phases of one job: starting a phase ends the bar of the one before."""
+    with ExitStack() as stack:
+        def start(name: str, total: int | None = None) -> Progress:
+            stack.close()
+            return stack.enter_context(bar(name, total))
+
+        yield start
 
 
 @dataclass
@@ -109,15 +121,17 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
             frame_choice = {"chosen": None, "reason": "pinned by the settings"}
         else:
             backbone = detector.require_backbone()
-            with bar("choosing the frame", len(CANDIDATES)):
-                frame, frame_choice = choose_frame(train, settings, backbone)
+            with bar(f"choosing the frame among {len(CANDIDATES)} candidates", len(CANDIDATES)) as advance:
+                frame, frame_choice = choose_frame(train, settings, backbone, advance)
             detector = create_detector(model, **{**settings, **frame})
             detector.backbone = backbone
             detector.epoch_progress = epoch_progress
     if ray_address is not None:
         detector.map_shards = map_on_ray(ray_address, torch.get_num_threads())
-    with bar(f"fitting {model}", len(train)) as advance:
-        report = detector.fit(train, progress=advance)
+    with phases(bar) as start:
+        detector.phases = start
+        report = detector.fit(train, progress=start(f"fitting {model}: embedding {len(train)} images", len(train)))
+    detector.phases = None
     if frame_choice is not None:
         detector.train_summary["frame_choice"] = frame_choice
         report.details["frame_choice"] = frame_choice

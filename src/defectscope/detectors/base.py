@@ -35,6 +35,7 @@ from defectscope.thresholds import (
 from defectscope.training.engine import EpochProgress, History
 
 Progress = Callable[[int], None]
+PhaseStart = Callable[[str, int | None], Progress]  # starts a named phase of `total` steps (None: unknown), gives its advance
 CALIBRATION_LIMIT = 500  # cross-fitted good scores kept at most
 
 
@@ -79,6 +80,7 @@ class MapModel(ABC):
     uses_backbone: ClassVar[bool] = True
     strides: tuple[int, ...] = (8, 16)
     epoch_progress: EpochProgress | None = None  # trained models report each epoch here
+    phases: PhaseStart | None = None  # fit reports its phases (learning, coreset, calibration) here
     history: History | None = None  # trained models: the loss history of the last fit
     calibration_scores: torch.Tensor | None = None  # good images' scores from models that never saw them
 
@@ -126,6 +128,10 @@ class MapModel(ABC):
         return None
 
     # -- shared machinery --------------------------------------------------------------------
+    def phase(self, name: str, total: int | None = None) -> Progress:
+        """Start a named phase of the fit (a new progress bar where one is shown); returns its advance callback."""
+        return self.phases(name, total) if self.phases is not None else (lambda _steps: None)
+
     @property
     def preprocess(self) -> Preprocess:
         backbone = self.require_backbone() if self.uses_backbone else None
@@ -231,6 +237,7 @@ class Detector(MapModel):
         features, sizes = self._features(images, progress)
         count = len(images)
         embedded = time.perf_counter()
+        self.phase(f"learning from {count} images")
         with torch.no_grad():
             details = self.fit_features(features)
         require_finite(self.tensors(), f"{self.name} learned")
@@ -297,8 +304,15 @@ class Detector(MapModel):
         stated rate down to about 1/CALIBRATION_LIMIT, and scoring stays linear in the number of images.
         """
         folds, scored = self.crossfit_rows(len(features))
-        scores = [self.holdout_scores(features, held, chosen) for held, chosen in zip(folds, scored)]
-        return torch.cat(scored), torch.cat(scores).float()
+        return torch.cat(scored), self.fold_scores(features, folds, scored)
+
+    def fold_scores(self, features: torch.Tensor, folds: list[torch.Tensor], scored: list[torch.Tensor]) -> torch.Tensor:
+        """The cross-fitted scores, fold after fold (`holdout_scores`), as the calibration phase."""
+        advance, scores = self.phase(f"calibrating on {len(folds)} cross-fitted folds", len(folds)), []
+        for held, chosen in zip(folds, scored):
+            scores.append(self.holdout_scores(features, held, chosen))
+            advance(1)
+        return torch.cat(scores).float()
 
     def crossfit_rows(self, count: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(the calibration folds, the images scored of each: a seeded share, CALIBRATION_LIMIT in all)."""

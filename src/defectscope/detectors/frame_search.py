@@ -12,7 +12,7 @@ measurement's noise. No defective image and no test label is used.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from defectscope.backbones import Backbone
@@ -55,10 +55,10 @@ def _cheapest_near_best(evidence: dict[str, dict[str, float]], count: int) -> st
     return min(near, key=lambda name: (patches_per_image(name), -evidence[name]["mean_margin_sd"]))
 
 
-def choose_frame(images: Sequence[Any], settings: dict[str, Any], backbone: Backbone | None = None
-                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+def choose_frame(images: Sequence[Any], settings: dict[str, Any], backbone: Backbone | None = None,
+                 progress: Callable[[int], None] = lambda _steps: None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the chosen candidate's settings: frame fields and coreset ratio, the evidence for the choice) from good
-    training images alone."""
+    training images alone; `progress` advances by one per candidate."""
     probe = make_probe(images, int(settings.get("seed", 0)), KINDS)  # the frame is judged on surface defects
     if probe is None:
         return {}, {"chosen": None, "reason": f"{len(images)} training images; the search needs more"}
@@ -74,6 +74,7 @@ def choose_frame(images: Sequence[Any], settings: dict[str, Any], backbone: Back
         detector.fit_features(detector._features(fit, None)[0])
         scores = detector.predict(probe.good + probe.defective, map_size="input").scores
         evidence[name] = {**separation(scores[:held], scores[held:]), "seconds": time.perf_counter() - start}
+        progress(1)
     chosen = _cheapest_near_best(evidence, len(probe.defective))
     return frame_settings(chosen, settings), {
         "chosen": chosen, "rule": RULE, "fit_images": len(fit), "held_out_images": held,

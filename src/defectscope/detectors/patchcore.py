@@ -272,13 +272,22 @@ class PatchCore(Detector):
         ratio = min(self.config.coreset_ratio, self.config.memory_limit / (n * per_image))
         jobs = [(features[shard].reshape(-1, d), min(1.0, ratio * self.config.coreset_candidates), self.config.seed + number,
                  self.config.projection_dim, threads) for number, shard in enumerate(shards)]
-        chosen = (self.map_shards or (lambda function, items: [function(item) for item in items]))(shard_coreset, jobs)
+        advance = self.phase(f"coreset: {len(shards)} shards, then one over their candidates", len(shards) + 1)
+        if self.map_shards is not None:
+            chosen = self.map_shards(shard_coreset, jobs)
+            advance(len(shards))
+        else:
+            chosen = []
+            for job in jobs:
+                chosen.append(shard_coreset(job))
+                advance(1)
         candidates = torch.cat([shard[local // per_image] * per_image + local % per_image
                                 for shard, local in zip(shards, chosen)])
         merged = time.perf_counter()
         self.pool = CandidatePool.reduce(features.reshape(-1, d)[candidates], candidates // per_image,
                                          max(1, round(n * per_image * ratio)), self.config)
         selected = time.perf_counter()
+        advance(1)
         self.index = ClusteredBank.build(self.pool.features[self.pool.selected], self.config.seed)
         self.bank_sources = self.pool.sources[self.pool.selected][self.index.order]
         return {"patches": n * per_image, "memory_bank": len(self.pool.selected), "coreset_ratio": ratio,
@@ -332,12 +341,13 @@ class PatchCore(Detector):
         region residuals from statistics without the fold too, then the fusion fitted on both, and the fused
         scores (or, when "auto" decides against the global view, the patch view's)."""
         folds, scored = self.crossfit_rows(len(features))
-        patch = torch.cat([self.holdout_scores(features, held, chosen) for held, chosen in zip(folds, scored)]).float()
+        patch = self.fold_scores(features, folds, scored)
         self.global_choice = None
         if self.moments is None:
             self.config.global_view = "off"
             return torch.cat(scored), patch
         regions = split_features(features)[1]
+        self.phase("global view: held-out, drifted and synthetic-defect images")
         drifted = self._drifted() if self.probe is not None else None
         if drifted is not None:
             held = torch.from_numpy(self.probe.held)

@@ -1,32 +1,45 @@
-"""`fit-many`: one fit per product of a plan, skipping products whose model file is up to date."""
+"""`fit-many`: one fit per product of a plan, skipping products whose model file is up to date.
+
+The driver resolves every path, checks every product (a missing folder fails at once, without retries),
+fingerprints each product's training images by content and skips those whose model file records the
+same fingerprint. A job fits in a scratch folder of whichever process or Ray node runs it and returns
+the model file's bytes; the driver writes them to the product's `out`, atomically. So no node's working
+directory or local disk matters for the result, and a model fitted on Ray is the file this process would
+write.
+"""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from defectscope.artifacts import check_model_output
+from defectscope.errors import DefectscopeError
+from defectscope.files import write_atomic
 from defectscope.jobs import run_jobs
 from defectscope.pipeline import fit_model
 from defectscope.scale.plan import Product, fingerprint, load_plan, recorded_fingerprint
 
 
-def fit_product(job: tuple[Product, int]) -> dict[str, Any]:
-    """Fit one product on `threads` threads unless its model file already records the same data and settings.
+def fit_product(job: tuple[Product, int, str]) -> dict[str, Any]:
+    """Fit one product on `threads` threads in a scratch folder; returns the model file's bytes with the report.
 
     The thread count is part of the job: convolution results depend on it in their last bits, so a
     Ray worker fits exactly what this process would.
     """
-    product, threads = job
+    product, threads, current = job
     torch.set_num_threads(threads)
-    current = fingerprint(product)
-    if product.out.is_file() and recorded_fingerprint(product.out) == current:
-        return {"status": "up to date", "seconds": 0.0}
     start = time.perf_counter()
-    fitted = fit_model(product.data, product.model, product.settings, product.out, fingerprint=current)
-    return {"status": "fitted", "seconds": time.perf_counter() - start, "images": fitted.report.train_images}
+    with tempfile.TemporaryDirectory(prefix="defectscope-fit-") as scratch:
+        target = Path(scratch) / "model.dsmodel"
+        fitted = fit_model(product.data, product.model, product.settings, target, fingerprint=current)
+        model = target.read_bytes()
+    return {"status": "fitted", "seconds": time.perf_counter() - start, "images": fitted.report.train_images,
+            "model": model}
 
 
 def fit_many(plan: str | Path, ray_address: str | None = None, retries: int = 2, threads: int | None = None
@@ -35,9 +48,25 @@ def fit_many(plan: str | Path, ray_address: str | None = None, retries: int = 2,
     process's torch threads); one row per product, failures reported, not raised."""
     products = load_plan(plan)
     threads = threads or torch.get_num_threads()
-    jobs = [(product, threads) for product in products]
-    rows = []
-    for product, (result, error) in zip(products, run_jobs(fit_product, jobs, ray_address, retries, cpus=threads)):
+    rows: dict[str, dict[str, Any]] = {}
+    jobs = []
+    for product in products:
         row = {"name": product.name, "model": product.model, "out": str(product.out)}
-        rows.append({**row, **result} if error is None else {**row, "status": "failed", "error": error})
-    return rows
+        try:
+            current = fingerprint(product)
+            if product.out.is_file() and recorded_fingerprint(product.out) == current:
+                rows[product.name] = {**row, "status": "up to date", "seconds": 0.0}
+                continue
+            check_model_output(product.out, force=False)
+        except DefectscopeError as exc:  # the same on every try: reported now, never retried
+            rows[product.name] = {**row, "status": "failed", "error": str(exc)}
+            continue
+        jobs.append((product, threads, current))
+    for (product, _, _), (result, error) in zip(jobs, run_jobs(fit_product, jobs, ray_address, retries, cpus=threads)):
+        row = {"name": product.name, "model": product.model, "out": str(product.out)}
+        if error is None:
+            write_atomic(product.out, result.pop("model"))
+            rows[product.name] = {**row, **result}
+        else:
+            rows[product.name] = {**row, "status": "failed", "error": error}
+    return [rows[product.name] for product in products]

@@ -24,6 +24,7 @@ from defectscope.config_files import read_mapping
 from defectscope.data.layout import load_dataset
 from defectscope.detectors.base import detector_class, good_only_models
 from defectscope.errors import DefectscopeError
+from defectscope.files import file_sha256
 from defectscope.names import check_name
 
 PRODUCT_FIELDS = {"name", "data", "model", "settings", "out"}
@@ -107,12 +108,11 @@ def _refuse_shared(products: list[Product], path: Path) -> None:
 
 
 def fingerprint(product: Product) -> str:
-    """sha256 of what a fit depends on: the training images (path, size, mtime), model, settings, library version."""
+    """sha256 of what a fit depends on: the training images (name within the data folder and sha256 of the content:
+    a copy elsewhere, with other times, is the same data; an edit that keeps size and time is not), model, settings,
+    library version."""
     dataset = load_dataset(product.data)
-    images = []
-    for sample in dataset.train:
-        stat = Path(sample.path).stat()
-        images.append([os.path.relpath(sample.path, product.data), stat.st_size, stat.st_mtime_ns])
+    images = [[os.path.relpath(sample.path, product.data), file_sha256(Path(sample.path))] for sample in dataset.train]
     content = {"model": product.model, "settings": product.settings, "library": __version__, "train": images}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 

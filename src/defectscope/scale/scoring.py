@@ -2,8 +2,9 @@
 
 The images are split into fixed chunks; chunk i becomes the file `part-<i>.parquet`, written
 atomically once the whole chunk is scored. A part file therefore exists only for a complete
-chunk, so an interrupted run resumes with the chunks that have none: no image is missing or
-scored twice. `_job.json` pins the model and the image list; a different job refuses the folder.
+chunk, so an interrupted run resumes with the chunks that have none (and scores again the chunks
+holding an 'error' row): no image is missing or scored twice. `_job.json` pins the model (by its
+sha256) and the image list (resolved on the driver); a different job refuses the folder.
 Read the result with `pyarrow.parquet.read_table(folder)` (or pandas, Polars, DuckDB, Spark).
 """
 
@@ -86,14 +87,28 @@ def _inputs(inputs: Sequence[Path]) -> list[str]:
             listed += [item.parent / line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         else:
             listed.append(item)
-    return [str(path) for path in expand_inputs(listed)]
+    return [os.path.abspath(path) for path in expand_inputs(listed)]  # resolved here, on the driver
 
 
-def _read_job(path: Path) -> dict | None:
+IDENTITY = ("model_sha256", "images", "images_sha256", "chunk_images")  # what makes two runs one job
+
+
+def _same_job(path: Path, job: dict) -> bool:
+    """Whether the job file at `path` is this job: the same model (by content, however its path is spelled), the same
+    images in the same chunks."""
     try:
-        return loads_strict(read_regular(path, "job file", 1 << 20), str(path))
+        recorded = loads_strict(read_regular(path, "job file", 1 << 20), str(path))
     except DefectscopeError:
-        return None  # unreadable: treated as another job
+        return False  # unreadable: another job
+    return isinstance(recorded, dict) and all(recorded.get(key) == job[key] for key in IDENTITY)
+
+
+def _done(part: Path) -> bool:
+    """A chunk is done when its part file exists and holds no 'error' row (those are scored again on resume)."""
+    if not part.is_file():
+        return False
+    verdicts = pyarrow_modules().parquet.read_table(part, columns=["verdict"]).column("verdict").to_pylist()
+    return "error" not in verdicts
 
 
 @contextmanager
@@ -135,21 +150,21 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
     if not paths:
         raise DefectscopeError("no images to score: the inputs list none")
     model = load_predictor(Path(model_path))  # a bad model is refused before anything is written
-    job = {"model": str(model_path), "model_sha256": file_sha256(Path(model_path)), "images": len(paths),
+    job = {"model": os.path.abspath(model_path), "model_sha256": file_sha256(Path(model_path)), "images": len(paths),
            "images_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(), "chunk_images": chunk_images}
     out = Path(out)
     existing = out / JOB_FILE
-    if existing.is_file() and _read_job(existing) != job and not force:
+    if existing.is_file() and not _same_job(existing, job) and not force:
         raise DefectscopeError(f"{out} holds results of another scoring job (other model or images); "
                                "choose a new folder, or pass --force to start this job there")
     claim_folder(out, force, "score results")
     with _job_lock(out):
-        if existing.is_file() and _read_job(existing) != job:
+        if existing.is_file() and not _same_job(existing, job):
             for stale in out.glob("part-*.parquet"):
                 stale.unlink()
         write_atomic(existing, (json_text(job) + "\n").encode())
         chunks = [(i, paths[start : start + chunk_images]) for i, start in enumerate(range(0, len(paths), chunk_images))]
-        todo = [(i, chunk) for i, chunk in chunks if not part_path(out, i).is_file()]
+        todo = [(i, chunk) for i, chunk in chunks if not _done(part_path(out, i))]
         if ray_address is None:
             scored = sum(write_chunk(model, out, i, chunk) for i, chunk in todo)
         elif todo:
