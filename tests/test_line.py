@@ -121,6 +121,7 @@ def test_the_hot_folder_judges_each_image_once_and_waits_for_a_file_being_writte
         if record["image_name"] in expected:
             assert record["verdict"] == expected[record["image_name"]] == where[record["image_name"]][0]
             assert record["image_sha256"] == dropped[record["image_name"]] and record["source"] == "hot folder"
+            assert record["width"] == record["height"] == 128  # the demo images' size, from their headers
 
 
 def test_a_restart_finishes_a_judged_image_without_judging_it_again(model, demo_root: Path, tmp_path: Path,

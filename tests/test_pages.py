@@ -149,3 +149,27 @@ def test_the_evaluation_report_renders_offline(page, report_folder: Path, tmp_pa
     assert [url for url in requests if not url.startswith(("file:", "data:"))] == []  # no external request
     assert len(images) >= 3 and all(complete and width > 0 for complete, width in images)  # every image renders
     assert {"judged good", "judged defective"} <= set(headers)  # the confusion matrix
+
+
+def test_the_page_hides_what_an_operator_may_not_do(page, server) -> None:
+    app = server["app"]
+    open_config = app.state.config
+    app.state.config = ServiceConfig.from_dict({"token": "engineer-secret", "operator_token": "operator-secret"})
+    context = page.context.browser.new_context()  # the module's browser (one Playwright per process)
+    shown = {}
+    try:
+        for token in ("operator-secret", "engineer-secret"):
+            view = context.new_page()
+            view.goto(server["url"] + "/")
+            view.evaluate(f"sessionStorage.setItem('token', '{token}')")
+            view.reload()
+            view.wait_for_selector("#model option", state="attached")
+            view.click("nav button[data-tab=threshold]")
+            view.wait_for_function("document.querySelector('#save-threshold').closest('.engineer').hidden !== undefined")
+            view.wait_for_timeout(300)
+            shown[token] = (view.is_visible("#save-threshold"), view.is_visible("#slider"))
+            view.close()
+    finally:
+        context.close()
+        app.state.config = open_config
+    assert shown == {"operator-secret": (False, True), "engineer-secret": (True, True)}

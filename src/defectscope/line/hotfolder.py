@@ -12,6 +12,7 @@ was not acknowledged is sent again (receivers see the audit id, so a repeat is r
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import threading
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from defectscope.data.decode import IMAGE_SUFFIXES
+from defectscope.data.decode import IMAGE_SUFFIXES, image_size
 from defectscope.errors import InputError
 from defectscope.line.audit import AuditLog, Verdict, now
 from defectscope.line.dispatch import Dispatcher
@@ -141,21 +142,21 @@ class HotFolder:
         prediction = self.predictor.predict(paths, keep_going=True)
         calibration = self.predictor.calibration
         verdicts = prediction.verdicts if prediction.threshold else ["error"] * len(paths)
-        records, destinations = [], []
+        records = []
         for i, (path, digest) in enumerate(zip(paths, digests)):
             score = float(prediction.scores[i])
-            finite = score == score and verdicts[i] != "error"
+            judged = math.isfinite(score) and verdicts[i] != "error"  # an error is never filed as good
+            height, width = image_size(path) if judged else (None, None)
             records.append(Verdict(
                 time=now(), model=self.model.name, model_version=self.model.version, model_sha256=self.model.sha256,
                 threshold=prediction.threshold, stated_rate=calibration.false_alarm_rate if calibration else None,
-                image_sha256=digest, image_name=path.name, width=None, height=None, source="hot folder",
-                score=score if finite else None, normalized=score / prediction.threshold if finite else None,
-                verdict=verdicts[i] if finite else "error", regions=None, role="hot folder"))
-            destinations.append(str(self.folders.of(records[-1].verdict) / path.name))
-        ids = self.audit.record(records, moves=list(zip([p.name for p in paths], destinations)))
-        for record_id, path, digest in zip(ids, paths, digests):
-            self.audit.finish_move(record_id, str(place(path, self.folders.of(records[ids.index(record_id)].verdict),
-                                                        digest)))
+                image_sha256=digest, image_name=path.name, width=width, height=height, source="hot folder",
+                score=score if judged else None, normalized=score / prediction.threshold if judged else None,
+                verdict=verdicts[i] if judged else "error", regions=None, role="hot folder"))
+        moves = [(path.name, str(self.folders.of(record.verdict) / path.name)) for path, record in zip(paths, records)]
+        ids = self.audit.record(records, moves=moves)
+        for record_id, path, digest, record in zip(ids, paths, digests, records):
+            self.audit.finish_move(record_id, str(place(path, self.folders.of(record.verdict), digest)))
         for record_id in ids:
             self._send(self.audit.get(record_id))
         return len(paths)

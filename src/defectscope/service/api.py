@@ -164,10 +164,10 @@ async def _audit(request: Request, model: ServedModel, results: list[ImageResult
     calibration = model.detector.calibration
     verdicts = [Verdict(time=now(), model=model.name, model_version=model.version, model_sha256=model.sha256,
                         threshold=calibration.threshold if calibration else None,
-                        stated_rate=calibration.false_alarm_rate if calibration else None, image_sha256=digest, image_name=r.name,
-                        width=r.width, height=r.height, source="upload", score=r.score, normalized=r.normalized,
-                        verdict=r.verdict, regions=None if r.regions is None else len(r.regions), role=role)
-                for r, digest in zip(results, digests)]
+                        stated_rate=calibration.false_alarm_rate if calibration else None, image_sha256=digest,
+                        image_name=r.name, width=r.width, height=r.height, source="upload", score=r.score,
+                        normalized=r.normalized, verdict=r.verdict, regions=None if r.regions is None else len(r.regions),
+                        role=role) for r, digest in zip(results, digests)]
     ids = await run_in_threadpool(audit.record, verdicts) if audit is not None else [None] * len(verdicts)
     for result, record_id, verdict in zip(results, ids, verdicts):
         result.audit_id = record_id
