@@ -265,3 +265,14 @@ def test_json_lines_are_written_at_once(tmp_path: Path) -> None:
     with (tmp_path / "out.jsonl").open("w") as stream:
         Dispatcher([JsonLines(stream)]).send({"id": 1, "verdict": "good"})
         assert (tmp_path / "out.jsonl").read_text() == '{"id": 1, "verdict": "good"}\n'
+
+
+def test_an_audit_database_that_cannot_be_used_is_one_clear_error(tmp_path: Path) -> None:
+    from defectscope.errors import InputError
+
+    (tmp_path / "notes.sqlite").write_text("my notes, not a database " * 100)
+    with pytest.raises(InputError, match="is not a defectscope audit database"):
+        AuditLog(tmp_path / "notes.sqlite")
+    assert (tmp_path / "notes.sqlite").read_text().startswith("my notes")  # nothing of it was changed
+    with pytest.raises(InputError, match="cannot open the audit database"):  # not even root creates files there
+        AuditLog(Path("/proc/self/audit.sqlite"))

@@ -72,6 +72,9 @@ class AuditLog:
             self._db.execute("CREATE TABLE IF NOT EXISTS moves (verdict_id INTEGER PRIMARY KEY REFERENCES verdicts(id), "
                              "inbox_name TEXT, destination TEXT, moved INTEGER DEFAULT 0, delivered INTEGER DEFAULT 0)")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.OperationalError as exc:  # a folder we may not write, a locked or read-only file
+            raise InputError(f"cannot open the audit database {self.path}: {exc}; choose another with --audit, or "
+                             "keep none with --no-audit") from exc
         except sqlite3.DatabaseError as exc:
             raise InputError(f"{self.path} is not a defectscope audit database: {exc}") from exc
         self._lock = threading.Lock()
