@@ -274,5 +274,16 @@ def test_an_audit_database_that_cannot_be_used_is_one_clear_error(tmp_path: Path
     with pytest.raises(InputError, match="is not a defectscope audit database"):
         AuditLog(tmp_path / "notes.sqlite")
     assert (tmp_path / "notes.sqlite").read_text().startswith("my notes")  # nothing of it was changed
+    import sqlite3
+
+    theirs = tmp_path / "theirs.sqlite"
+    with sqlite3.connect(theirs) as database:
+        database.execute("CREATE TABLE parts (serial TEXT)")
+    before = theirs.read_bytes()
+    with pytest.raises(InputError, match="did not write"):
+        AuditLog(theirs)
+    assert theirs.read_bytes() == before  # another program's database is never altered
+    AuditLog(tmp_path / "ours.sqlite").close()
+    assert AuditLog(tmp_path / "ours.sqlite").count() == 0  # ours opens again
     with pytest.raises(InputError, match="cannot open the audit database"):  # not even root creates files there
         AuditLog(Path("/proc/self/audit.sqlite"))

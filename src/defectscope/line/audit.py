@@ -64,6 +64,12 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            tables = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+            if tables and self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                self._db.close()
+                raise InputError(f"{self.path} is a database defectscope did not write; it is left as it is (choose "
+                                 "another file with --audit)")
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")  # before any table: ours from the start
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             columns = ", ".join(f"{name} {TYPES.get(name, 'TEXT')}" for name in COLUMNS)
@@ -71,7 +77,6 @@ class AuditLog:
             self._db.execute("CREATE INDEX IF NOT EXISTS verdicts_by_time ON verdicts (time)")
             self._db.execute("CREATE TABLE IF NOT EXISTS moves (verdict_id INTEGER PRIMARY KEY REFERENCES verdicts(id), "
                              "inbox_name TEXT, destination TEXT, moved INTEGER DEFAULT 0, delivered INTEGER DEFAULT 0)")
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.OperationalError as exc:  # a folder we may not write, a locked or read-only file
             raise InputError(f"cannot open the audit database {self.path}: {exc}; choose another with --audit, or "
                              "keep none with --no-audit") from exc
