@@ -96,13 +96,18 @@ def read_regular(path: Path, what: str = "file", max_bytes: int | None = None,
     return data
 
 
-@lru_cache(maxsize=16)
-def _sha256(path: Path, size: int, mtime: float) -> str:
+def content_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read now (no cache: for files that may be replaced in place, such as a hot folder's)."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with Path(path).open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@lru_cache(maxsize=16)
+def _sha256(path: Path, size: int, mtime: float) -> str:
+    return content_sha256(path)
 
 
 def file_sha256(path: Path) -> str:

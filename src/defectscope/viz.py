@@ -112,7 +112,7 @@ def readable_overlay(image: np.ndarray, heatmap: np.ndarray, score: float, thres
     high = 2 * threshold if threshold else max(float(heatmap.max()), 1e-12)
     blended = draw_detections(overlay(image, heatmap, 0.0, high, mask, inspected), detections)
     if threshold:
-        verdict = "error" if not np.isfinite(score) else "defective" if score >= threshold else "good"
+        verdict = Prediction(np.array([score]), None, threshold).verdicts[0]  # the one rule: never 'good' on NaN
         caption = f"{verdict}  normalized {score / threshold:.2f}"
     else:
         verdict, caption = "unknown", f"score {score:.4g} (no threshold)"

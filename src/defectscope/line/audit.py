@@ -151,6 +151,12 @@ class AuditLog:
             rows = self._db.execute(sql, [*values, limit, offset]).fetchall()
         return [dict(zip(["id", *COLUMNS], row)) for row in rows]
 
+    def all(self) -> list[dict[str, Any]]:
+        """Every record, oldest first."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT id, {', '.join(COLUMNS)} FROM verdicts ORDER BY id").fetchall()
+        return [dict(zip(["id", *COLUMNS], row)) for row in rows]
+
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0])
@@ -171,14 +177,11 @@ def export_parquet(database: Path, out: Path) -> int:
         raise InputError(f"audit database {database} does not exist")
     log = AuditLog(database)
     try:
-        with log._lock:
-            cursor = log._db.execute(f"SELECT id, {', '.join(COLUMNS)} FROM verdicts ORDER BY id")
-            names = [d[0] for d in cursor.description]
-            rows = cursor.fetchall()
+        rows = log.all()
     finally:
         log.close()
     pyarrow = pyarrow_modules()
-    table = pyarrow.table({name: [row[i] for row in rows] for i, name in enumerate(names)})
+    table = pyarrow.table({name: [row[name] for row in rows] for name in ["id", *COLUMNS]})
     buffer = io.BytesIO()
     pyarrow.parquet.write_table(table, buffer)
     write_atomic(out, buffer.getvalue())

@@ -11,7 +11,6 @@ was not acknowledged is sent again (receivers see the audit id, so a repeat is r
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from defectscope.data.decode import IMAGE_SUFFIXES, image_size
 from defectscope.errors import InputError
+from defectscope.files import content_sha256
 from defectscope.line.audit import AuditLog, Verdict, now
 from defectscope.line.dispatch import Dispatcher
 from defectscope.predictor import Predictor
@@ -62,19 +62,11 @@ class ModelIdentity:
     sha256: str
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def place(source: Path, folder: Path, digest: str) -> Path:
     """Move a file into `folder` so that it appears there whole (a temporary name, then a rename); a different file of
     the same name already there is kept, and this one gets its sha256 prefix in its name."""
     target = folder / source.name
-    if target.exists() and sha256_of(target) != digest:
+    if target.exists() and content_sha256(target) != digest:
         target = folder / f"{source.stem}-{digest[:8]}{source.suffix}"
     staged = folder / f".{target.name}.{os.getpid()}.moving"
     shutil.move(source, staged)  # a rename on one file system; copy and delete across two
@@ -104,7 +96,7 @@ class HotFolder:
         moved = 0
         for record in self.audit.unfinished_moves():
             source = self.folders.inbox / record["inbox_name"]
-            if source.is_file() and sha256_of(source) == record["image_sha256"]:
+            if source.is_file() and content_sha256(source) == record["image_sha256"]:
                 self.audit.finish_move(record["id"], str(place(source, Path(record["destination"]).parent,
                                                                record["image_sha256"])))
                 moved += 1
@@ -138,7 +130,7 @@ class HotFolder:
 
     def judge(self, paths: list[Path]) -> int:
         """Score, record (verdict and destination in one transaction), move and dispatch these images."""
-        digests = [sha256_of(path) for path in paths]
+        digests = [content_sha256(path) for path in paths]
         prediction = self.predictor.predict(paths, keep_going=True)
         calibration = self.predictor.calibration
         verdicts = prediction.verdicts if prediction.threshold else ["error"] * len(paths)
