@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 from defectscope import __version__
+from defectscope.process import worker_environment
 
 
 def run_isolated(script: str, arguments: list[str], label: str) -> dict:
     """Run `script` with `arguments` in a new Python process (its peak memory is its own); its last line is JSON."""
-    # Scripts import torch before defectscope; give them the thread policy the package sets for the CLI and the API.
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env = {**os.environ, **worker_environment()["env_vars"]}  # the thread policy the CLI sets, before torch loads
     result = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, check=False, env=env)
     if result.returncode:
         sys.exit(f"{label} failed:\n{result.stderr}")

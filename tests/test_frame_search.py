@@ -1,8 +1,19 @@
-"""The frame search's rule: a costlier frame must beat the cheapest by more than the measurement's noise."""
+"""The frame search: its rule (a costlier frame must beat the cheapest by more than the measurement's noise), one
+embedding per resize and crop, and its probe handed to the global view's choice."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+import torch
+
+from defectscope import load_dataset
+from defectscope.detectors.base import create_detector
 from defectscope.detectors.frame_search import CANDIDATES, _cheapest_near_best, frame_settings, patches_per_image
+from defectscope.detectors.patchcore import PatchFeatures, patch_embedding
+from defectscope.detectors.selection import MIN_IMAGES
+from defectscope.pipeline import fit_detector
 
 
 def _evidence(recalls: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -22,3 +33,31 @@ def test_every_candidate_keeps_the_same_memory_per_image() -> None:
     rows = {name: frame_settings(name, {})["coreset_ratio"] * patches_per_image(name) for name in CANDIDATES}
     assert max(rows.values()) - min(rows.values()) < 1e-6 and abs(rows["352/320 s16"] - 40) < 1e-6
     assert frame_settings("352/320 s8", {"coreset_ratio": 0.2})["coreset_ratio"] == 0.05
+
+
+def test_a_coarser_patch_grid_is_the_finer_one_averaged() -> None:
+    generator = torch.Generator().manual_seed(0)
+    maps = {8: torch.randn(2, 5, 11, 9, generator=generator), 16: torch.randn(2, 7, 6, 5, generator=generator)}
+    regions = torch.zeros(2, 1, 1)
+    fine = PatchFeatures(patch_embedding(maps, 3, 8, 8), regions)
+    for stride in (16, 32):
+        torch.testing.assert_close(fine.coarsened(stride // 8).patches, patch_embedding(maps, 3, 8, stride))
+    assert fine.coarsened(1) is fine
+
+
+def test_the_global_view_is_judged_on_the_frame_searchs_probe_as_on_its_own(demo_root: Path) -> None:
+    dataset = load_dataset(demo_root)
+    dataset.samples = dataset.train[:MIN_IMAGES + 2]  # the fewest images a probe is made of: a quick search
+    searched, _ = fit_detector(dataset, "patchcore", {}, None, False)
+    chosen = searched.train_summary["frame_choice"]["chosen"]
+    alone = create_detector("patchcore", **CANDIDATES[chosen], coreset_ratio=searched.config.coreset_ratio)
+    alone.backbone = searched.backbone
+    embedded = []
+    original = alone._features
+    alone._features = lambda images, progress: embedded.append(len(images)) or original(images, progress)
+    alone.fit([sample.path for sample in dataset.train])
+    with_search, on_its_own = searched.train_summary["global_view_choice"], alone.train_summary["global_view_choice"]
+    assert with_search["chosen"] == on_its_own["chosen"]
+    for view, evidence in on_its_own["evidence"].items():
+        assert with_search["evidence"][view] == pytest.approx(evidence, abs=1e-6)
+    assert with_search["synthetic_images"] in embedded  # fitting alone embeds the synthetic defects; the search had them

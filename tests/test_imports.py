@@ -1,8 +1,12 @@
-"""The package's layering: no folder (or top-level module) imports one that imports it back, directly or around."""
+"""The package's layering (no folder or top-level module imports one that imports it back, directly or around) and
+imports without process-wide side effects."""
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -66,3 +70,22 @@ def test_the_cycle_finder_finds_a_loop_around_three() -> None:
     graph = {"a": {"b": "a.x -> b.y"}, "b": {"c": "b.y -> c"}, "c": {"a": "c -> a.x"}, "d": {"a": "d -> a"}}
     assert cycle(graph) == ["a.x -> b.y", "b.y -> c", "c -> a.x"]
     assert cycle({"a": {"b": "a -> b"}, "b": {}}) is None
+
+
+def test_importing_the_package_changes_nothing_process_wide() -> None:
+    probe = ("import os, cv2, defectscope, defectscope.data.decode, defectscope.pipeline, defectscope.cli\n"
+             "print(os.environ.get('OMP_WAIT_POLICY'), cv2.getNumThreads() == before, cv2.utils.logging.getLogLevel())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = subprocess.run([sys.executable, "-c", "import cv2; before = cv2.getNumThreads()\n" + probe],
+                         capture_output=True, text=True, env=env, timeout=120)
+    level = subprocess.run([sys.executable, "-c", "import cv2; print(cv2.utils.logging.getLogLevel())"],
+                           capture_output=True, text=True, env=env, timeout=60).stdout.split()
+    assert run.stdout.split() == ["None", "True", *level], run.stderr
+
+
+def test_the_cli_and_rays_workers_get_the_thread_policy(monkeypatch, cli) -> None:
+    from defectscope.process import worker_environment
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert cli("--version").code == 0 and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a value the user set wins, in the workers too
+    assert worker_environment() == {"env_vars": {"OMP_WAIT_POLICY": "ACTIVE"}}

@@ -6,15 +6,9 @@ Names are imported on first use (PEP 562), so `import defectscope.runtime` does 
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
 
 from defectscope._version import __version__
-
-# OpenMP threads that sleep when idle instead of spinning: torch's spinning workers otherwise take
-# the cores of the image decoders and of the NumPy search between backbone passes (bottle, PatchCore,
-# batch 1: 86 -> 60 ms/image; fit 11.5 -> 10.3 s). Read when torch loads; a value set by the user wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _WHERE = {
     "load_model": "artifacts", "model_info": "model_header", "save_model": "artifacts",

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from defectscope.errors import DefectscopeError
+from defectscope.process import worker_environment
 
 LOCAL = "local"  # --ray local: start a Ray instance on this machine
 
@@ -17,7 +18,8 @@ def connect_ray(address: str) -> Any:
     except ImportError as exc:
         raise DefectscopeError("running on Ray needs Ray: pip install 'defectscope[ray]'") from exc
     if not ray.is_initialized():
-        ray.init(address=None if address == LOCAL else address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=None if address == LOCAL else address, include_dashboard=False, log_to_driver=False,
+                 runtime_env=worker_environment())
     return ray
 
 

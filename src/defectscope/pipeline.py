@@ -122,9 +122,12 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
         else:
             backbone = detector.require_backbone()
             with bar(f"choosing the frame among {len(CANDIDATES)} candidates", len(CANDIDATES)) as advance:
-                frame, frame_choice = choose_frame(train, settings, backbone, advance)
-            detector = create_detector(model, **{**settings, **frame})
+                choice = choose_frame(train, settings, backbone, advance)
+            frame_choice = choice.evidence
+            detector = create_detector(model, **{**settings, **choice.settings})
             detector.backbone = backbone
+            if choice.probe is not None:
+                detector.use_probe(choice.probe, choice.defective, choice.preprocess)
             detector.epoch_progress = epoch_progress
     if ray_address is not None:
         detector.map_shards = map_on_ray(ray_address, torch.get_num_threads())

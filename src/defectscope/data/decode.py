@@ -12,6 +12,7 @@ import io
 import os
 import warnings
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,9 +37,13 @@ ImageSource = str | Path | np.ndarray
 class ImageTooLarge(InputError):
     """An image above the pixel limit (refused from its header, before decoding)."""
 
-if cv2 is not None:
+@lru_cache(maxsize=1)
+def _opencv_for_decoding() -> None:
+    """Set OpenCV up for decoding, on the first decode (not on import): one thread per call, since decoders already
+    run one per worker thread (a pool of its own would take the cores twice); errors only in its log, since a
+    failure becomes our error with the file's name, not a [ WARN ] line."""
     cv2.setNumThreads(1)
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # failures become our errors, not [ WARN ] lines
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 def max_pixels() -> int:
@@ -81,7 +86,7 @@ def decode_image(data: np.ndarray, path: str | Path, checked: bool = False) -> n
     path = Path(path)
     if not checked:
         image_header(path, data)  # size limit before any pixel is decoded
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if cv2 is not None else _pillow_decode(data)
+    image = _opencv_decode(data, cv2.IMREAD_UNCHANGED) if cv2 is not None else _pillow_decode(data)
     if image is None:
         reason = _pil_failure(data)
         raise InputError(f"cannot decode image {path}: {reason}; replace or remove the file")
@@ -92,6 +97,11 @@ def decode_image(data: np.ndarray, path: str | Path, checked: bool = False) -> n
     if cv2 is None:
         return image
     return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+
+
+def _opencv_decode(data: np.ndarray, flags: int) -> np.ndarray | None:
+    _opencv_for_decoding()
+    return cv2.imdecode(data, flags)
 
 
 def _pillow_decode(data: np.ndarray, gray: bool = False) -> np.ndarray | None:
@@ -123,7 +133,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     """Decode a mask to a boolean HxW array (any non-zero pixel is defective)."""
     path = Path(path)
     data = _read_bytes(path)
-    image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if cv2 is not None else _pillow_decode(data, gray=True)
+    image = _opencv_decode(data, cv2.IMREAD_GRAYSCALE) if cv2 is not None else _pillow_decode(data, gray=True)
     if image is None:
         raise InputError(f"cannot decode mask {path}: {_pil_failure(data)}; replace or remove the file")
     return image > 0

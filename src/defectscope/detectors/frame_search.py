@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from defectscope.backbones import Backbone
-from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig
+from defectscope.data.frame import Preprocess
+from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig, PatchFeatures
 from defectscope.data.defects import KINDS
-from defectscope.detectors.selection import make_probe, noise, separation
+from defectscope.detectors.selection import Probe, make_probe, noise, separation
 
 CANDIDATES = {  # name -> the frame fields it sets; every other setting is the user's
     "288/256 s8": {"image_size": 288, "crop": 256, "patch_stride": 8},
@@ -55,27 +57,62 @@ def _cheapest_near_best(evidence: dict[str, dict[str, float]], count: int) -> st
     return min(near, key=lambda name: (patches_per_image(name), -evidence[name]["mean_margin_sd"]))
 
 
+@dataclass
+class FrameChoice:
+    """The frame search's outcome: the chosen candidate's settings (frame fields, coreset ratio; empty when there was
+    no probe), the evidence, and the probe with its synthetic-defect images embedded at the chosen frame, which the
+    global view's choice judges on too (one probe, embedded once)."""
+
+    settings: dict[str, Any]
+    evidence: dict[str, Any]
+    probe: Probe | None = None
+    defective: PatchFeatures | None = None
+    preprocess: Preprocess | None = None  # the frame `defective` was embedded in
+
+
 def choose_frame(images: Sequence[Any], settings: dict[str, Any], backbone: Backbone | None = None,
-                 progress: Callable[[int], None] = lambda _steps: None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the chosen candidate's settings: frame fields and coreset ratio, the evidence for the choice) from good
-    training images alone; `progress` advances by one per candidate."""
+                 progress: Callable[[int], None] = lambda _steps: None) -> FrameChoice:
+    """The frame chosen from good training images alone; `progress` advances by one per candidate. Candidates that
+    share a resize and crop share one embedding: the coarser patch grid is the finer one averaged (as `embed` does)."""
     probe = make_probe(images, int(settings.get("seed", 0)), KINDS)  # the frame is judged on surface defects
     if probe is None:
-        return {}, {"chosen": None, "reason": f"{len(images)} training images; the search needs more"}
+        return FrameChoice({}, {"chosen": None, "reason": f"{len(images)} training images; the search needs more"})
     held = len(probe.good)
     fit = [images[i] for i in probe.order[held : held + FIT_IMAGES]]
-    evidence = {}
+    evidence, embedded = {}, {}
     for name in CANDIDATES:
         start = time.perf_counter()
         detector = PatchCore(PatchCoreConfig.from_dict({**settings, **frame_settings(name, settings),
                                                         "frame_search": False, "global_view": "off"}), backbone)
         backbone = detector.require_backbone()
-        detector.learn_aspect(fit)
-        detector.fit_features(detector._features(fit, None)[0])
-        scores = detector.predict(probe.good + probe.defective, map_size="input").scores
+        detector.learn_aspect(images)  # the frame the final model will have
+        frame = _frame_key(name)
+        if frame not in embedded:
+            embedded[frame] = _embed_finest(detector, fit, probe.good + probe.defective)
+        finest, *parts, _ = embedded[frame]
+        fit_features, probed = (part.coarsened(detector.config.patch_stride // finest) for part in parts)
+        detector.fit_features(fit_features)
+        scores = detector.score_features(probed)[0].float().numpy()
         evidence[name] = {**separation(scores[:held], scores[held:]), "seconds": time.perf_counter() - start}
         progress(1)
     chosen = _cheapest_near_best(evidence, len(probe.defective))
-    return frame_settings(chosen, settings), {
+    finest, _, probed, preprocess = embedded[_frame_key(chosen)]
+    return FrameChoice(frame_settings(chosen, settings), {
         "chosen": chosen, "rule": RULE, "fit_images": len(fit), "held_out_images": held,
-        "synthetic_images": len(probe.defective), "candidates": evidence}
+        "synthetic_images": len(probe.defective), "candidates": evidence},
+        probe, probed[held:].coarsened(CANDIDATES[chosen]["patch_stride"] // finest), preprocess)
+
+
+def _frame_key(name: str) -> tuple[int, int]:
+    return CANDIDATES[name]["image_size"], CANDIDATES[name]["crop"]
+
+
+def _embed_finest(detector: PatchCore, fit: Sequence[Any], probed: Sequence[Any]
+                  ) -> tuple[int, PatchFeatures, PatchFeatures, Preprocess]:
+    """(the patch stride, the fit and the probe images embedded at it, the frame): the finest patch grid among the
+    candidates with the detector's resize and crop."""
+    frame = detector.config.image_size, detector.config.crop
+    finest = min(CANDIDATES[name]["patch_stride"] for name in CANDIDATES if _frame_key(name) == frame)
+    embedder = PatchCore(replace(detector.config, patch_stride=finest), detector.require_backbone())
+    embedder.aspect = detector.aspect
+    return finest, embedder._features(fit, None)[0], embedder._features(probed, None)[0], embedder.preprocess

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from defectscope.data.decode import ImageSource
+from defectscope.data.frame import Preprocess
 from defectscope.data.defects import KINDS
 from defectscope.data.images import normalize
 from defectscope.detectors.base import (
@@ -151,6 +152,14 @@ class PatchFeatures:
     def __setitem__(self, index: Any, value: PatchFeatures) -> None:
         self.patches[index], self.regions[index] = value.patches, value.regions
 
+    def coarsened(self, window: int) -> PatchFeatures:
+        """The patch grid averaged in non-overlapping `window` x `window` cells, as `patch_embedding` averages the
+        finest grid into a coarser patch stride (the same numbers)."""
+        if window == 1:
+            return self
+        patches = F.avg_pool2d(self.patches.permute(0, 3, 1, 2), window, ceil_mode=True)
+        return PatchFeatures(patches.permute(0, 2, 3, 1).contiguous(), self.regions)
+
     def empty(self, count: int) -> PatchFeatures:
         """Room for `count` images of this kind (filled batch by batch)."""
         return PatchFeatures(self.patches.new_empty((count, *self.patches.shape[1:])),
@@ -224,6 +233,7 @@ class PatchCore(Detector):
     regions: RegionModel | None = None  # derived from `moments`
     fusion: dict[str, torch.Tensor] | None = None  # the views' cross-fitted good-score location and spread
     probe: Probe | None = None  # held-out images with synthetic defects while `fit` decides the global view
+    searched: tuple[Probe, PatchFeatures | None, Preprocess | None] | None = None  # the frame search's (`use_probe`)
     global_choice: dict[str, Any] | None = None  # the evidence for that decision
 
     def embed(self, batch: torch.Tensor) -> PatchFeatures:
@@ -240,14 +250,28 @@ class PatchCore(Detector):
         """`Detector.fit`; with the global view, the probe of `selection` (the frame search's held-out images) states
         the drift its scale allows for and, with "auto", decides whether it is kept."""
         kinds = KINDS if self.config.global_view == "auto" else ()  # "on" needs the drifted images only
-        self.probe = make_probe(images, self.config.seed, kinds) if self.uses_global_view else None
+        searched = self.searched[0] if self.searched is not None else None
+        self.probe = (searched or make_probe(images, self.config.seed, kinds)) if self.uses_global_view else None
         try:
             report = super().fit(images, progress)
         finally:
-            self.probe = None
+            self.probe = self.searched = None
         if self.global_choice is not None:
             self.train_summary["global_view_choice"] = report.details["global_view_choice"] = self.global_choice
         return report
+
+    def use_probe(self, probe: Probe, defective: PatchFeatures | None = None, preprocess: Preprocess | None = None
+                  ) -> None:
+        """Let the next `fit` (on the same images, with the same seed) judge the global view on the frame search's
+        probe instead of making its own; its synthetic-defect images' features are used when they were embedded in
+        the frame this model learns (`preprocess`), else they are embedded again."""
+        self.searched = probe, defective, preprocess
+
+    def _probe_defective(self) -> PatchFeatures:
+        """The probe's synthetic-defect images embedded in this model's frame (the frame search's, when it has them)."""
+        if self.searched is not None and self.searched[1] is not None and self.searched[2] == self.preprocess:
+            return self.searched[1]
+        return self._features(self.probe.defective, None)[0]
 
     def shards(self, count: int) -> list[torch.Tensor]:
         """Image indices of each coreset shard: every calibration fold split into shards of at most shard_images."""
@@ -403,7 +427,7 @@ class PatchCore(Detector):
         if self.probe is None:
             return {"chosen": "off", "reason": "too few training images for the probe"}
         held = torch.from_numpy(self.probe.held).sort().values
-        probed = PatchFeatures.cat([self._features(self.probe.defective, None)[0], features[held], drifted])
+        probed = PatchFeatures.cat([self._probe_defective(), features[held], drifted])
         fitted, fusion = self.index, self.fusion
         self.index, self.fusion = self.holdout_bank(held)[0], None
         try:
