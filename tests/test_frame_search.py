@@ -48,8 +48,10 @@ def test_a_coarser_patch_grid_is_the_finer_one_averaged() -> None:
 def test_the_global_view_is_judged_on_the_frame_searchs_probe_as_on_its_own(demo_root: Path) -> None:
     dataset = load_dataset(demo_root)
     dataset.samples = dataset.train[:MIN_IMAGES + 2]  # the fewest images a probe is made of: a quick search
-    searched, _ = fit_detector(dataset, "patchcore", {}, None, False)
+    searched, report = fit_detector(dataset, "patchcore", {}, None, False)
     chosen = searched.train_summary["frame_choice"]["chosen"]
+    searching = sum(candidate["seconds"] for candidate in searched.train_summary["frame_choice"]["candidates"].values())
+    assert report.seconds > searching  # the fit's time, as `fit` prints it, includes the search
     alone = create_detector("patchcore", **CANDIDATES[chosen], coreset_ratio=searched.config.coreset_ratio)
     alone.backbone = searched.backbone
     embedded = []

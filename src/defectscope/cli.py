@@ -194,7 +194,7 @@ def fit(
     data: Annotated[Path, typer.Argument(help="Dataset folder; its good training images are used.")],
     output: Annotated[Path, typer.Option("--output", "--out", "-o", help="Model file to write.")],
     model: Annotated[str, typer.Option(help=f"One of: {', '.join(GOOD_ONLY_MODELS)}; where masks exist also {', '.join(MASK_MODELS)}.")] = "patchcore",
-    backbone: Annotated[str, typer.Option(help="Feature extractor (see `defectscope backbones`).")] = "efficientnet_lite0",
+    backbone: Annotated[str | None, typer.Option(show_default="the model's: efficientnet_lite1 for patchcore, else efficientnet_lite0", help="Feature extractor (see `defectscope backbones`).")] = None,
     coreset: Annotated[float | None, typer.Option("--coreset-ratio", "--coreset", show_default="0.1", help="PatchCore: share of the patches kept in memory.")] = None,
     image_size: Annotated[int | None, typer.Option(show_default="chosen per product (PatchCore), else the model's", help="Short side of the frame before cropping.")] = None,
     crop: Annotated[int | None, typer.Option(show_default="chosen per product (PatchCore), else the model's", help="Center crop side; 0 for no crop.")] = None,
@@ -216,7 +216,8 @@ def fit(
     """
     with doing("loading the library"):
         from defectscope.pipeline import fit_model
-    settings: dict = {"backbone": backbone, "seed": seed, **gather_settings(config, settings_json, assignments)}
+    settings: dict = {**({"backbone": backbone} if backbone else {}), "seed": seed,
+                      **gather_settings(config, settings_json, assignments)}
     if false_alarm_rate is not None:
         settings.update(threshold_method="false_alarm_rate", threshold_param=false_alarm_rate)
     if image_size is not None:

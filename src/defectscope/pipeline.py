@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +115,7 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
             history = detector.fit_masks(samples, dataset.defect_types)
         return detector, FitReport(len(samples), 0, time.perf_counter() - start, {"history": history})
     train = [s.path for s in dataset.train]
-    frame_choice = None
+    frame_choice, began = None, time.perf_counter()
     if isinstance(detector, PatchCore) and detector.config.frame_search:
         if any(field in settings for field in FRAME_FIELDS):
             frame_choice = {"chosen": None, "reason": "pinned by the settings"}
@@ -138,7 +138,7 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
     if frame_choice is not None:
         detector.train_summary["frame_choice"] = frame_choice
         report.details["frame_choice"] = frame_choice
-    return detector, report
+    return detector, replace(report, seconds=time.perf_counter() - began)  # the frame search included
 
 
 def fit_model(data: Path, model: str, settings: dict[str, Any], out: Path, *, weights: Path | None = None,
