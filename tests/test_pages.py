@@ -36,8 +36,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(demo_root: Path, served_folder: Path):
-    app = create_app(load_served([served_folder], labelled=demo_root), ServiceConfig(), demo_root)
+def server(demo_root: Path, served_folder: Path, tmp_path_factory: pytest.TempPathFactory):
+    from defectscope.line.audit import AuditLog
+    from defectscope.line.retention import ImageKeeper
+
+    kept = tmp_path_factory.mktemp("kept")
+    app = create_app(load_served([served_folder], labelled=demo_root), ServiceConfig(), demo_root,
+                     AuditLog(kept / "audit.sqlite"), keeper=ImageKeeper(kept / "images", frozenset({"defective"}), 1 << 30))
     port = _free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -114,10 +119,27 @@ def test_uploads_with_one_name_keep_their_own_pictures(page, demo_root: Path) ->
     assert [size for _, size in by_score] == [good.stat().st_size, defect.stat().st_size]  # the higher score: the defect
 
 
+def test_the_history_tab_lists_audited_verdicts_with_kept_images(page, tmp_path: Path) -> None:
+    page.click("nav button[data-tab=history]")  # the inspect tests above sent defective and good images
+    page.wait_for_selector("#history-table tbody tr")
+    rows = page.locator("#history-table tbody tr").all_inner_texts()
+    assert any("defective" in row for row in rows) and any("good" in row for row in rows)
+    page.wait_for_function("[...document.querySelectorAll('#history-table img.kept')].some(i => i.naturalWidth > 0)")
+    kept_rows = page.locator("#history-table tbody tr:has(img.kept)").all_inner_texts()
+    assert kept_rows and all("defective" in row for row in kept_rows)  # only the chosen verdict's images are kept
+    page.select_option("#history-verdict", "good")
+    page.wait_for_function("[...document.querySelectorAll('#history-table tbody tr')].every(r => r.className === 'good')")
+    page.screenshot(path=tmp_path / "history.png", full_page=True)
+    _not_blank(tmp_path / "history.png")
+    page.select_option("#history-verdict", "")
+
+
 def test_model_card_and_review_pages_render(page, tmp_path: Path) -> None:
     page.click("nav button[data-tab=card]")
     page.wait_for_selector("#card-summary dt")
     assert "patchcore" in page.locator("#card-summary").inner_text()
+    page.wait_for_selector("#versions tbody tr.active")  # the version history, the served file active
+    assert "served" in page.locator("#versions tbody tr.active").inner_text()
     page.screenshot(path=tmp_path / "card.png", full_page=True)
     _not_blank(tmp_path / "card.png")
     page.click("nav button[data-tab=review]")
@@ -168,8 +190,11 @@ def test_the_page_hides_what_an_operator_may_not_do(page, server) -> None:
             view.wait_for_function("document.querySelector('#save-threshold').closest('.engineer').hidden !== undefined")
             view.wait_for_timeout(300)
             shown[token] = (view.is_visible("#save-threshold"), view.is_visible("#slider"))
+            view.click("nav button[data-tab=card]")
+            view.wait_for_selector("#versions tbody tr.active")
+            shown[token] += (view.is_visible("#rollback"),)  # promote and roll back are the engineer's too
             view.close()
     finally:
         context.close()
         app.state.config = open_config
-    assert shown == {"operator-secret": (False, True), "engineer-secret": (True, True)}
+    assert shown == {"operator-secret": (False, True, False), "engineer-secret": (True, True, True)}

@@ -342,8 +342,11 @@ def test_teaching_refuses_labelled_defects_and_keeps_the_parent(model_folder: Pa
         goods = [i["id"] for i in images if i["label"] == 0][:2]
         response = client.post("/v1/models/part/teach", json={"images": goods, "name": "part", "overwrite": True})
         assert response.status_code == 201, response.text
-        kept = list((folder / ".defectscope-parents").glob("part-*.dsmodel"))
-        assert len(kept) == 1 and kept[0].read_bytes() == parent
+        history = client.get("/v1/models/part/versions").json()  # the parent is kept as a version, ready for a rollback
+        first, taught = history["versions"]
+        assert (first["action"], taught["action"], taught["parent"], history["active"]) == (
+            "served", "teach", first["version"], taught["version"])
+        assert (folder / ".defectscope-versions" / "part" / f"{first['version']}.dsmodel").read_bytes() == parent
         manifest = client.get("/v1/models/part").json()
         assert manifest["train_summary"]["taught"][0]["taught_images"] == [images[i]["name"] for i in goods]
         assert str(demo_root) not in str(manifest)
@@ -421,7 +424,8 @@ def test_roles_guard_every_write_and_every_verdict_is_audited(model_folder: Path
     app = create_app(load_served([folder], settings, demo_root), settings, demo_root, audit)
     engineer, operator = ({"Authorization": f"Bearer {token}"} for token in ("engineer-secret", "operator-secret"))
     writes = [("/v1/models/part/threshold", {"threshold": 1.0, "name": "moved"}),
-              ("/v1/models/part/teach", {"images": [0], "name": "taught"}), ("/v1/models/part/reload", None)]
+              ("/v1/models/part/teach", {"images": [0], "name": "taught"}), ("/v1/models/part/reload", None),
+              ("/v1/models/part/promote", {"version": "0" * 12}), ("/v1/models/part/rollback", None)]
     with TestClient(app) as client:
         assert client.get("/v1/whoami", headers=operator).json() == {"role": "operator"}
         assert client.get("/v1/whoami", headers=engineer).json() == {"role": "engineer"}

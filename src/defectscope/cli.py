@@ -388,6 +388,9 @@ def serve(
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow binding beyond loopback without a token (anyone who reaches the port may write).")] = False,
     audit: Annotated[Path | None, typer.Option(show_default="defectscope-audit.sqlite beside the first model", help="Audit database (SQLite) of every verdict.")] = None,
     no_audit: Annotated[bool, typer.Option("--no-audit", help="Keep no audit trail.")] = False,
+    keep_images: Annotated[Path | None, typer.Option(help="Keep the images of --keep-verdicts here (VERDICT/SHA256.SUFFIX), for review beside the audit trail.")] = None,
+    keep_verdicts: Annotated[str, typer.Option(help="Comma-separated verdicts whose images --keep-images keeps: good, defective, error, unknown.")] = "defective,error",
+    keep_images_mb: Annotated[float, typer.Option(help="Most megabytes the kept images take; the oldest go first.")] = 1024.0,
     jsonl: JsonlOption = False,
     webhook: WebhookOption = None,
     mqtt: MqttOption = None,
@@ -412,6 +415,8 @@ def serve(
         warn(f"binding {host} without a token (--insecure): anyone who reaches this port can inspect, re-threshold and teach")
     if audit is not None and no_audit:
         raise DefectscopeError("give --audit DB or --no-audit, not both")
+    if keep_images is not None and no_audit:
+        raise DefectscopeError("kept images are found again through the audit trail: drop --no-audit or --keep-images")
     with doing(f"loading the models{f' and scoring the test split of {labelled} with each' if labelled else ''}"):
         import uvicorn
 
@@ -422,10 +427,16 @@ def serve(
         served = load_served(models, config, labelled)
     first = next(iter(served.values())).path
     log = None if no_audit else AuditLog(audit or first.parent / "defectscope-audit.sqlite")
+    keeper = None
+    if keep_images is not None:
+        from defectscope.line.retention import ImageKeeper
+        keeper = ImageKeeper(keep_images, frozenset(v.strip() for v in keep_verdicts.split(",") if v.strip()),
+                             int(keep_images_mb * 1024 * 1024))
     dispatch = dispatcher(jsonl, webhook, mqtt, mqtt_topic, report=warn) if (jsonl or webhook or mqtt) else None
     say(f"serving {', '.join(f'{name} ({model.engine})' for name, model in served.items())} on http://{host}:{port}/ "
-        f"(API docs at /docs){f'; audit trail: {log.path}' if log else ''}")
-    uvicorn.run(create_app(served, config, labelled, log, dispatch), host=host, port=port, log_level="warning",
+        f"(API docs at /docs){f'; audit trail: {log.path}' if log else ''}"
+        f"{f'; keeping {keep_verdicts} images in {keep_images}' if keeper else ''}")
+    uvicorn.run(create_app(served, config, labelled, log, dispatch, keeper), host=host, port=port, log_level="warning",
                 limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
 
 
@@ -647,6 +658,44 @@ def info(model: Annotated[Path, typer.Argument(help="Model file.")]) -> None:
     from defectscope.model_header import model_info
     from defectscope.files import json_text
     print(json_text(model_info(model), indent=2))
+
+
+@app.command("versions")
+def versions(model: Annotated[Path, typer.Argument(help="Model file (.dsmodel) whose versions are kept beside it.")]) -> None:
+    """List a model file's versions (newest last): version, parent, what made it; the active one is marked."""
+    from defectscope.versions import VersionStore
+    store, name = VersionStore.of(model)
+    history = store.history(name)
+    if not history["versions"]:
+        say(f"no versions of {name} kept yet: serving it, a threshold or teach through the service, promote and "
+            "rollback keep them")
+        return
+    for entry in history["versions"]:
+        mark = "*" if entry["version"] == history["active"] else " "
+        print(f"{mark} {entry['version']}  parent {entry['parent'] or '-':<26} {entry['action']:<10} {entry['time']}")
+
+
+@app.command("promote")
+def promote(
+    model: Annotated[Path, typer.Argument(help="The served model file (.dsmodel).")],
+    version: Annotated[str, typer.Argument(help="The version to make active (see `defectscope versions`).")],
+) -> None:
+    """Make a kept version the active one: its bytes replace the model file atomically (a running service: POST
+    /v1/models/NAME/promote, or reload after this)."""
+    from defectscope.versions import VersionStore
+    store, name = VersionStore.of(model)
+    store.adopt(name, "found")  # the file as it is now is kept first, so nothing is lost by promoting
+    store.promote(name, version)
+    say(f"{name}: version {version} is active -> {model}")
+
+
+@app.command("rollback")
+def rollback(model: Annotated[Path, typer.Argument(help="The served model file (.dsmodel).")]) -> None:
+    """Make the version that was active before the current one active again."""
+    from defectscope.versions import VersionStore
+    store, name = VersionStore.of(model)
+    store.adopt(name, "found")
+    say(f"{name}: rolled back to version {store.rollback(name)} -> {model}")
 
 
 @app.command("demo")

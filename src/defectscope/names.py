@@ -15,6 +15,7 @@ LABEL_FORMATS = ("yolo", "yolo-seg", "coco", "masks")
 TOKEN_ENV = "DEFECTSCOPE_TOKEN"  # the service's engineer token
 OPERATOR_TOKEN_ENV = "DEFECTSCOPE_OPERATOR_TOKEN"
 DEFECT_LIKE = 1.5  # a false alarm worth teaching scores near the threshold; one at 1.5x it looks like a defect
+MODEL_SUFFIX = ".dsmodel"  # a model file
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # names that become file or folder names
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import mimetypes
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated
@@ -15,16 +17,15 @@ from fastapi.responses import Response
 
 from defectscope.artifacts import check_model_output, set_threshold
 from defectscope.data.decode import read_image
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DefectscopeError, InputError
 from defectscope.export.pseudo import map_instances
-from defectscope.files import file_sha256, write_atomic
 from defectscope.line.audit import MAX_PAGE, Verdict, now
-from defectscope.names import SAFE_NAME
+from defectscope.names import MODEL_SUFFIX, SAFE_NAME
 from defectscope.pipeline import update_model
 from defectscope.prediction import Prediction, place_detections, prediction_rows
 from defectscope.regions import polygons
 from defectscope.service.batching import QueueFull
-from defectscope.service.models import MODEL_SUFFIX, ServedModel, serve_model
+from defectscope.service.models import ServedModel, serve_model
 from defectscope.service.schemas import (
     AuditPage,
     AuditRecord,
@@ -35,13 +36,16 @@ from defectscope.service.schemas import (
     ModelSummary,
     ModelWritten,
     Problem,
+    PromoteRequest,
     Region,
     TeachRequest,
     ThresholdRequest,
+    VersionList,
     Whoami,
 )
 from defectscope.service.uploads import decode, read_upload, sniff
 from defectscope.thresholds import labelled_calibration
+from defectscope.versions import NoEarlierVersion, UnknownVersion, VersionStore
 from defectscope.viz import heat_colours, png_bytes
 
 ERRORS = {code: {"model": Problem} for code in (400, 401, 403, 404, 409, 413, 415, 503)}
@@ -88,7 +92,26 @@ def audit_records(request: Request, model: str | None = None, verdict: str | Non
     if audit is None:
         raise HTTPException(404, "this service keeps no audit trail; start it without --no-audit")
     records = audit.query(model=model, verdict=verdict, since=since, until=until, limit=limit, offset=offset)
-    return AuditPage(records=[AuditRecord(**r) for r in records], limit=limit, offset=offset)
+    keeper = request.app.state.keeper
+    kept = [r["id"] for r in records if keeper is not None and keeper.find(r["image_sha256"], r["verdict"])]
+    return AuditPage(records=[AuditRecord(**r) for r in records], limit=limit, offset=offset, kept=kept)
+
+
+@router.get("/audit/{record_id}/image", response_class=Response, responses={200: {"content": {"image/*": {}}}})
+def audited_image(request: Request, record_id: int) -> Response:
+    """The image of an audited verdict, when the service kept it (`serve --keep-images`)."""
+    audit, keeper = request.app.state.audit, request.app.state.keeper
+    if audit is None:
+        raise HTTPException(404, "this service keeps no audit trail; start it without --no-audit")
+    try:
+        record = audit.get(record_id)
+    except InputError as exc:
+        raise HTTPException(404, str(exc)) from exc
+    kept = keeper.find(record["image_sha256"], record["verdict"]) if keeper is not None else None
+    if kept is None:
+        raise HTTPException(404, f"the image of audit record {record_id} is not kept (serve --keep-images DIR keeps "
+                                 "images by verdict)")
+    return Response(kept.read_bytes(), media_type=mimetypes.guess_type(kept.name)[0] or "application/octet-stream")
 
 
 @router.get("/models", response_model=ModelList)
@@ -143,7 +166,8 @@ async def inspect(request: Request, name: str, files: Annotated[list[UploadFile]
     try:
         with model.batcher.admit(len(uploads), pixels):  # room is held before decoding: a busy model answers 503 at once
             images = [await run_in_threadpool(decode, data, label) for data, label in zip(uploads, names)]
-            del uploads
+            if request.app.state.keeper is None:
+                del uploads  # the bytes are needed no longer (kept images are written after the verdict)
             prediction = await model.batcher.predict(images, admitted=True)
     except QueueFull as exc:
         raise HTTPException(503, f"model {name} is busy ({exc}); retry shortly", headers={"Retry-After": "1"}) from exc
@@ -152,6 +176,10 @@ async def inspect(request: Request, name: str, files: Annotated[list[UploadFile]
     for result in results:
         request.app.state.telemetry.images.labels(name, result.verdict).inc()
     await _audit(request, model, results, digests, role)
+    keeper = request.app.state.keeper
+    if keeper is not None:
+        await run_in_threadpool(lambda: [keeper.keep(data, digest, result.verdict, result.name)
+                                         for data, digest, result in zip(uploads, digests, results)])
     return InspectResponse(model=name, model_version=model.version, model_sha256=model.sha256, threshold=threshold,
                            results=results)
 
@@ -272,17 +300,12 @@ async def _register(request: Request, path: Path, name: str) -> ServedModel:
     return new
 
 
-PARENTS = ".defectscope-parents"  # beside the served files: replaced model files, kept (not served: hidden folder)
-
-
-def _keep_parent(target: Path) -> Path | None:
-    """Copy a model file about to be replaced into the parents folder (named by its sha256); returns the copy."""
-    if not target.is_file():
-        return None
-    kept = target.parent / PARENTS / f"{target.stem}-{file_sha256(target)[:12]}{MODEL_SUFFIX}"
-    if not kept.is_file():
-        write_atomic(kept, target.read_bytes())
-    return kept
+async def _written(request: Request, model: ServedModel, target: Path, name: str, action: str) -> ServedModel:
+    """Record a model file just written from `model` as a version of `name` (its parent: the version it was made from)
+    and serve it; the replaced file stays in the store, ready for a rollback."""
+    parent = model.version if name == model.name else f"{model.name}@{model.version}"
+    await run_in_threadpool(VersionStore.of(target)[0].adopt, name, action, parent)
+    return await _register(request, target, name)
 
 
 @router.post("/models/{name}/threshold", response_model=ModelWritten, status_code=201)
@@ -295,9 +318,8 @@ async def save_threshold(request: Request, name: str, body: ThresholdRequest) ->
     labels = np.array([r["label"] for r in records])
     calibration = labelled_calibration(scores[labels == 0], scores[labels == 1], body.threshold, "manual", body.threshold,
                                        model.detector.calibration)
-    await run_in_threadpool(_keep_parent, target)
     await run_in_threadpool(set_threshold, model.path, calibration, target, True)
-    new = await _register(request, target, body.name)
+    new = await _written(request, model, target, body.name, "threshold")
     return ModelWritten(model=ModelSummary(**new.summary()), calibration=calibration.to_dict())
 
 
@@ -311,14 +333,13 @@ async def teach(request: Request, name: str, body: TeachRequest) -> ModelWritten
         raise HTTPException(400, f"images {defective} are labelled defective; a defect is never taught as good")
     known_defects = [Path(r["path"]) for r in labelled_of(model) if r["label"] == 1]
     target = _new_model_path(model, body.name, body.overwrite)
-    await run_in_threadpool(_keep_parent, target)
     try:
         details = await run_in_threadpool(lambda: update_model(model.path, [Path(r["path"]) for r in records], target,
                                                                defective=known_defects,
                                                                accept_defect_like=body.accept_defect_like, force=True))
     except DefectscopeError as exc:
         raise HTTPException(400, str(exc)) from exc
-    new = await _register(request, target, body.name)
+    new = await _written(request, model, target, body.name, "teach")
     return ModelWritten(model=ModelSummary(**new.summary()), calibration=new.detector.calibration.to_dict(),
                         details={k: v for k, v in details.items() if k != "taught_images"})
 
@@ -326,11 +347,54 @@ async def teach(request: Request, name: str, body: TeachRequest) -> ModelWritten
 @router.post("/models/{name}/reload", response_model=ModelSummary)
 async def reload(request: Request, name: str) -> ModelSummary:
     """Load the served file again (it was replaced on disk, e.g. by `defectscope update -o` or `calibrate -o`) and
-    serve it: requests already admitted finish on the old one."""
+    serve it: requests already admitted finish on the old one. A replaced model file becomes a new version."""
     require_engineer(request)
     model = served(request, name)
     try:
+        if model.writable:
+            await run_in_threadpool(model.versions.adopt, name, "reload")
         new = await _register(request, model.path, name)
     except DefectscopeError as exc:
         raise HTTPException(400, f"{model.path} cannot be served: {exc}; the served model is unchanged") from exc
     return ModelSummary(**new.summary())
+
+
+def versioned(request: Request, name: str) -> ServedModel:
+    """A served model file, whose versions are kept (exports are made from model files and have none)."""
+    model = served(request, name)
+    if not model.writable:
+        raise HTTPException(400, f"model {name} is an exported model ({model.engine}); versions are kept for model files")
+    return model
+
+
+@router.get("/models/{name}/versions", response_model=VersionList)
+async def versions(request: Request, name: str) -> VersionList:
+    """Every version of the model, the active one, and each activation (the model card's history)."""
+    model = versioned(request, name)
+    return VersionList(model=name, **await run_in_threadpool(model.versions.history, name))
+
+
+@router.post("/models/{name}/promote", response_model=ModelSummary)
+async def promote(request: Request, name: str, body: PromoteRequest) -> ModelSummary:
+    """Make a version active: its file replaces the served one atomically; admitted requests finish on the old."""
+    require_engineer(request)
+    return await _activated(request, name, lambda store: store.promote(name, body.version))
+
+
+@router.post("/models/{name}/rollback", response_model=ModelSummary)
+async def rollback(request: Request, name: str) -> ModelSummary:
+    """Make the version active before the current one active again."""
+    require_engineer(request)
+    return await _activated(request, name, lambda store: store.rollback(name))
+
+
+async def _activated(request: Request, name: str, change: Callable[[VersionStore], object]) -> ModelSummary:
+    """Apply a promote or rollback to the store (the served file is replaced atomically), then serve the result."""
+    model = versioned(request, name)
+    try:
+        await run_in_threadpool(change, model.versions)
+    except UnknownVersion as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except NoEarlierVersion as exc:
+        raise HTTPException(409, str(exc)) from exc
+    return ModelSummary(**(await _register(request, model.path, name)).summary())

@@ -21,6 +21,7 @@ from defectscope.errors import DefectscopeError
 from defectscope.files import finite_or_none
 from defectscope.line.audit import AuditLog
 from defectscope.line.dispatch import Dispatcher
+from defectscope.line.retention import ImageKeeper
 from defectscope.service.api import router
 from defectscope.service.config import ServiceConfig
 from defectscope.service.models import ServedModel
@@ -86,9 +87,10 @@ def _too_large(limit: int) -> JSONResponse:
 
 
 def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = None, labelled: Path | None = None,
-               audit: AuditLog | None = None, dispatch: Dispatcher | None = None) -> FastAPI:
+               audit: AuditLog | None = None, dispatch: Dispatcher | None = None, keeper: ImageKeeper | None = None
+               ) -> FastAPI:
     """An app serving these loaded models; `labelled` is the dataset folder new models are scored on; every verdict
-    goes to the `audit` trail and the `dispatch` targets when given."""
+    goes to the `audit` trail and the `dispatch` targets when given, and the `keeper` keeps the images it chooses."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -103,7 +105,7 @@ def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = No
     app = FastAPI(title="defectscope", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Inspect parts: scores, verdicts, heatmaps and defect regions from defectscope models.")
     app.state.models, app.state.config, app.state.labelled = models, config or ServiceConfig(), labelled
-    app.state.audit, app.state.dispatch = audit, dispatch
+    app.state.audit, app.state.dispatch, app.state.keeper = audit, dispatch, keeper
     app.state.telemetry = telemetry = Telemetry()
     app.include_router(router)
     app.add_middleware(BodyLimit, limit=app.state.config.max_request_bytes + MULTIPART_SLACK,

@@ -12,13 +12,13 @@ from defectscope.errors import DefectscopeError
 from defectscope.evaluation import evaluate
 from defectscope.files import file_sha256
 from defectscope.model_header import model_info
-from defectscope.names import SAFE_NAME
+from defectscope.names import MODEL_SUFFIX, SAFE_NAME
 from defectscope.predictor import Predictor, load_predictor
 from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel
 from defectscope.service.batching import Batcher
 from defectscope.service.config import ServiceConfig
+from defectscope.versions import VersionStore, version_of
 
-MODEL_SUFFIX = ".dsmodel"
 SERVED_SUFFIXES = (MODEL_SUFFIX, DEPLOYMENT_SUFFIX)  # model files, and exported models (onnxruntime or OpenVINO)
 
 
@@ -53,7 +53,12 @@ class ServedModel:
     @property
     def version(self) -> str:
         """The served file's version: the first 12 hex digits of its sha256 (the audit trail records the whole)."""
-        return self.sha256[:12]
+        return version_of(self.sha256)
+
+    @property
+    def versions(self) -> VersionStore:
+        """The store of this model file's versions, beside it (model files only: exports are made from them)."""
+        return VersionStore.of(self.path)[0]
 
     @property
     def writable(self) -> bool:
@@ -106,4 +111,10 @@ def load_served(sources: list[Path], config: ServiceConfig | None = None, labell
         if name in served:
             raise DefectscopeError(f"two model files are named {name}: {served[name].path} and {path}")
         served[name] = serve_model(path, name, config or ServiceConfig(), labelled)
+        if path.suffix == MODEL_SUFFIX:
+            try:  # the file as served now is a version: the first, or one that replaced the active one on disk
+                served[name].versions.adopt(name)
+            except OSError as exc:
+                raise DefectscopeError(f"cannot keep the versions of {path} beside it ({exc.strerror or exc}); serve "
+                                       "model files from a folder the service may write") from exc
     return served

@@ -89,10 +89,37 @@ class AuditPage(BaseModel):
     records: list[AuditRecord]
     limit: int
     offset: int
+    kept: list[int] = Field([], description="ids of the records whose image is kept (GET /v1/audit/{id}/image)")
 
 
 class Whoami(BaseModel):
-    role: str = Field(description="engineer (inspect, read, threshold, teach, reload) or operator (inspect, read)")
+    role: str = Field(description="engineer (inspect, read, threshold, teach, reload, promote, rollback) or operator "
+                                  "(inspect, read)")
+
+
+class ModelVersion(BaseModel):
+    version: str = Field(description="the first 12 hex digits of the file's sha256")
+    sha256: str
+    parent: str | None = Field(description="the version it was made from ('NAME@version' when from another model)")
+    action: str = Field(description="what made it: served, threshold, teach, reload")
+    time: str
+
+
+class Activation(BaseModel):
+    version: str
+    action: str = Field(description="served, threshold, teach, reload, promote or rollback")
+    time: str
+
+
+class VersionList(BaseModel):
+    model: str
+    active: str | None
+    versions: list[ModelVersion]
+    activations: list[Activation]
+
+
+class PromoteRequest(BaseModel):
+    version: str = Field(pattern=r"^[0-9a-f]{12}$", description="a version of this model (GET .../versions)")
 
 
 class LabelledImage(BaseModel):

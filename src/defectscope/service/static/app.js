@@ -32,6 +32,7 @@ function tab(name) {
   if (name === "threshold") loadThreshold();
   if (name === "card") loadCard();
   if (name === "review") loadReview();
+  if (name === "history") loadHistory();
 }
 
 async function loadModels() {
@@ -214,7 +215,61 @@ async function loadCard() {
     };
     $("card-summary").innerHTML = Object.entries(rows).map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(v ?? "-")}</dd>`).join("");
     $("manifest").textContent = JSON.stringify(manifest, null, 2);
+    await loadVersions();
   } catch (error) { say(error.message); }
+}
+
+async function loadVersions() {
+  const body = $("versions").querySelector("tbody");
+  body.innerHTML = "";
+  let history;
+  try { history = await (await api(`/v1/models/${state.model}/versions`)).json(); } catch (error) {
+    $("versions-note").textContent = error.message;  // an exported model keeps no versions
+    return;
+  }
+  $("versions-note").textContent = `${history.versions.length} version(s); the active one is marked`;
+  body.innerHTML = history.versions.slice().reverse().map((v) => {
+    const active = v.version === history.active;
+    const action = active ? "<b>active</b>" : `<button class="engineer promote" data-version="${esc(v.version)}">promote</button>`;
+    return `<tr class="${active ? "active" : ""}"><td><code>${esc(v.version)}</code></td><td>${esc(v.parent || "-")}</td>` +
+      `<td>${esc(v.action)}</td><td>${esc(v.time.replace("T", " ").slice(0, 19))}</td><td>${action}</td></tr>`;
+  }).join("");
+  const engineer = !$("rollback").closest(".engineer").hidden;
+  body.querySelectorAll(".promote").forEach((button) => {
+    button.hidden = !engineer;
+    button.onclick = () => changeVersion("promote", { version: button.dataset.version });
+  });
+}
+
+async function changeVersion(action, body) {
+  try {
+    const options = { method: "POST" };
+    if (body) Object.assign(options, { body: JSON.stringify(body), headers: { "Content-Type": "application/json" } });
+    const model = await (await api(`/v1/models/${state.model}/${action}`, options)).json();
+    say(`${state.model}: version ${model.version} is active`);
+    await loadCard();
+  } catch (error) { say(error.message); }
+}
+
+// -- History ----------------------------------------------------------------------------
+const HISTORY_ROWS = 50;
+
+async function loadHistory() {
+  const params = new URLSearchParams({ limit: HISTORY_ROWS });
+  if ($("history-verdict").value) params.set("verdict", $("history-verdict").value);
+  if ($("history-model").checked && state.model) params.set("model", state.model);
+  const body = $("history-table").querySelector("tbody");
+  try {
+    const page = await (await api(`/v1/audit?${params}`)).json();
+    const kept = new Set(page.kept);
+    $("history-note").textContent = `the last ${page.records.length} verdicts${kept.size ? `, ${kept.size} with the image kept` : ""}`;
+    body.innerHTML = page.records.map((r) => `<tr class="${esc(r.verdict)}"><td>${esc(r.time.replace("T", " ").slice(0, 19))}</td>` +
+      `<td>${esc(r.model)}</td><td><code>${esc(r.model_version)}</code></td><td>${esc(r.image_name)}</td>` +
+      `<td>${r.score == null ? "-" : r.score.toFixed(3)}</td><td>${r.normalized == null ? "-" : r.normalized.toFixed(3)}</td>` +
+      `<td><span class="badge ${esc(r.verdict)}">${esc(r.verdict)}</span></td><td>${esc(r.role)}</td>` +
+      `<td>${kept.has(r.id) ? `<img class="kept" data-id="${r.id}" alt="kept image">` : "-"}</td></tr>`).join("");
+    for (const img of body.querySelectorAll("img.kept")) img.src = await blobUrl(`/v1/audit/${img.dataset.id}/image`);
+  } catch (error) { body.innerHTML = ""; $("history-note").textContent = error.message; }
 }
 
 // -- Review and teach -------------------------------------------------------------------
@@ -276,5 +331,9 @@ $("opacity").oninput = () => { $("detail-heat").style.opacity = $("opacity").val
 $("slider").oninput = showCounts;
 $("save-threshold").onclick = () => saveThreshold();
 $("teach").onclick = () => teach();
+$("rollback").onclick = () => changeVersion("rollback");
+$("history-refresh").onclick = loadHistory;
+$("history-verdict").onchange = loadHistory;
+$("history-model").onchange = loadHistory;
 $("detail-heat").style.opacity = $("opacity").value;
 loadModels();

@@ -1,0 +1,64 @@
+"""Images kept for later review: those of the chosen verdicts, one file per content, under a size cap (the oldest go
+first), found again by the sha256 the audit trail records."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from defectscope.data.decode import IMAGE_SUFFIXES
+from defectscope.errors import InputError
+from defectscope.files import write_atomic
+
+VERDICTS = ("good", "defective", "error", "unknown")
+
+
+@dataclass
+class ImageKeeper:
+    """Keeps images under `folder`/VERDICT/SHA256.SUFFIX for the `verdicts` chosen, at most `max_bytes` together."""
+
+    folder: Path
+    verdicts: frozenset[str]
+    max_bytes: int
+    _kept: OrderedDict[Path, int] = field(default_factory=OrderedDict, repr=False)  # oldest first, with sizes
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.verdicts) - set(VERDICTS)
+        if unknown or not self.verdicts:
+            raise InputError(f"keep images of the verdicts {', '.join(VERDICTS)}; got {', '.join(sorted(unknown)) or 'none'}")
+        if self.max_bytes <= 0:
+            raise InputError("the kept images' size cap must be above 0")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        files = [path for path in self.folder.glob("*/*") if path.is_file() and not path.name.startswith(".")]
+        for path in sorted(files, key=lambda p: p.stat().st_mtime_ns):  # what an earlier run kept counts too
+            self._kept[path] = path.stat().st_size
+        self._prune()  # a smaller cap than the last run's holds at once
+
+    def keep(self, data: bytes, digest: str, verdict: str, name: str) -> Path | None:
+        """Keep an image of a chosen verdict (once per content); returns where, or None when not kept."""
+        if verdict not in self.verdicts or len(data) > self.max_bytes:
+            return None
+        suffix = Path(name).suffix.lower()
+        target = self.folder / verdict / f"{digest}{suffix if suffix in IMAGE_SUFFIXES else '.img'}"
+        with self._lock:
+            if target not in self._kept:
+                write_atomic(target, data)
+                self._kept[target] = len(data)
+            self._prune()
+        return target
+
+    def find(self, digest: str, verdict: str) -> Path | None:
+        """The kept image of this content and verdict, if it is (still) kept."""
+        with self._lock:
+            return next((path for path in self._kept if path.parent.name == verdict and path.stem == digest), None)
+
+    def _prune(self) -> None:
+        """Remove the oldest kept images until the rest fit under the cap."""
+        total = sum(self._kept.values())
+        while total > self.max_bytes and self._kept:
+            path, size = self._kept.popitem(last=False)
+            path.unlink(missing_ok=True)
+            total -= size

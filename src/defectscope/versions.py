@@ -1,0 +1,137 @@
+"""Model versions: every model file a served name has held, kept by content with its parent; one of them active.
+
+The store lives beside the served files, in a hidden folder (never served itself): for each name, each version's
+file (`<version>.dsmodel`, the version being its sha256's first 12 hex digits) and `history.json` (the versions in
+the order they were recorded, and every activation). The served file `NAME.dsmodel` always holds the active
+version's bytes; promoting writes them there atomically, and rolling back promotes the version active before.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from functools import lru_cache
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from defectscope.errors import DefectscopeError, InputError
+from defectscope.files import file_sha256, write_atomic
+from defectscope.line.audit import now
+from defectscope.names import MODEL_SUFFIX, SAFE_NAME
+
+STORE = ".defectscope-versions"
+VERSION_DIGITS = 12
+
+
+class UnknownVersion(InputError):
+    """A version the model does not have."""
+
+
+class NoEarlierVersion(InputError):
+    """A rollback with no version active before the current one."""
+
+
+def version_of(sha256: str) -> str:
+    """A model file's version: its sha256's first VERSION_DIGITS hex digits."""
+    return sha256[:VERSION_DIGITS]
+
+
+@dataclass
+class VersionStore:
+    """The versions of the model files served from `folder` (thread-safe within one process)."""
+
+    folder: Path
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def of(cls, model_file: Path) -> tuple[VersionStore, str]:
+        """The store beside a model file (one per folder in a process, so its lock is shared), and the model's name."""
+        if model_file.suffix != MODEL_SUFFIX:
+            raise InputError(f"{model_file} is not a {MODEL_SUFFIX} model file; versions are kept for model files")
+        return _store(Path(model_file).parent.resolve()), model_file.name.removesuffix(MODEL_SUFFIX)
+
+    def served_file(self, name: str) -> Path:
+        return self.folder / f"{name}{MODEL_SUFFIX}"
+
+    def history(self, name: str) -> dict[str, Any]:
+        """{"active": version or None, "versions": [{version, sha256, parent, action, time}], "activations": [...]}."""
+        path = self._folder(name) / "history.json"
+        if not path.is_file():
+            return {"active": None, "versions": [], "activations": []}
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DefectscopeError(f"the version history {path} cannot be read ({exc}); restore it from a backup") from exc
+
+    def record(self, name: str, source: Path, action: str, parent: str | None = None) -> dict[str, Any]:
+        """Keep `source` as a version of `name` (once per content) with its parent and what made it; returns its entry."""
+        with self._lock:
+            return self._record(name, source, action, parent)
+
+    def adopt(self, name: str, action: str = "served", parent: str | None = None) -> dict[str, Any]:
+        """Record the served file as it is now and make it active (the first time a name is served, or after it was
+        replaced: its parent is then the version active before, or `parent`, e.g. 'other@version')."""
+        with self._lock:
+            history = self.history(name)
+            entry = self._record(name, self.served_file(name), action, parent or history["active"])
+            if history["active"] != entry["version"]:
+                self._activate(name, entry["version"], action)
+            return entry
+
+    def promote(self, name: str, version: str, action: str = "promote") -> Path:
+        """Make `version` the active one: its bytes replace the served file (atomically). Returns the served file."""
+        with self._lock:
+            return self._activate(name, version, action)
+
+    def rollback(self, name: str) -> str:
+        """Promote the version that was active before the current one; returns it."""
+        with self._lock:
+            history = self.history(name)
+            earlier = [v for v in reversed(history["activations"][:-1]) if v["version"] != history["active"]]
+            if not earlier:
+                raise NoEarlierVersion(f"model {name} has no earlier active version to roll back to")
+            self._activate(name, earlier[0]["version"], "rollback")
+            return earlier[0]["version"]
+
+    def _folder(self, name: str) -> Path:
+        """The name's folder in the store (a checked name: it becomes a folder name)."""
+        if not SAFE_NAME.match(name):
+            raise InputError(f"model name {name!r} must be letters, digits, '.', '_' or '-'")
+        return self.folder / STORE / name
+
+    def _record(self, name: str, source: Path, action: str, parent: str | None) -> dict[str, Any]:
+        digest = file_sha256(source)
+        history, version = self.history(name), version_of(digest)
+        known = next((entry for entry in history["versions"] if entry["version"] == version), None)
+        if known is not None:
+            return known
+        kept = self._folder(name) / f"{version}{MODEL_SUFFIX}"
+        if not kept.is_file():
+            write_atomic(kept, source.read_bytes())
+        entry = {"version": version, "sha256": digest, "parent": parent, "action": action, "time": now()}
+        history["versions"].append(entry)
+        self._write(name, history)
+        return entry
+
+    def _activate(self, name: str, version: str, action: str) -> Path:
+        history = self.history(name)
+        if not any(entry["version"] == version for entry in history["versions"]):
+            known = ", ".join(entry["version"] for entry in history["versions"]) or "none"
+            raise UnknownVersion(f"model {name} has no version {version!r} (known: {known})")
+        kept = self._folder(name) / f"{version}{MODEL_SUFFIX}"
+        served = self.served_file(name)
+        if not served.is_file() or version_of(file_sha256(served)) != version:
+            write_atomic(served, kept.read_bytes())
+        history["active"] = version
+        history["activations"].append({"version": version, "action": action, "time": now()})
+        self._write(name, history)
+        return served
+
+    def _write(self, name: str, history: dict[str, Any]) -> None:
+        write_atomic(self._folder(name) / "history.json", json.dumps(history, indent=1).encode())
+
+
+@lru_cache(maxsize=None)
+def _store(folder: Path) -> VersionStore:
+    return VersionStore(folder)

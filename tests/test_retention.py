@@ -1,0 +1,72 @@
+"""Images kept for review: only the chosen verdicts, once per content, under a size cap (oldest first), found again
+through the audit trail, also by the service."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from defectscope.errors import InputError
+from defectscope.line.retention import ImageKeeper
+
+
+def test_only_chosen_verdicts_are_kept_once_under_the_cap(tmp_path: Path) -> None:
+    keeper = ImageKeeper(tmp_path / "kept", frozenset({"defective", "error"}), max_bytes=250)
+    images = [bytes([i]) * 100 for i in range(4)]
+    digests = [hashlib.sha256(data).hexdigest() for data in images]
+    assert keeper.keep(images[0], digests[0], "good", "a.png") is None
+    first = keeper.keep(images[1], digests[1], "defective", "b.PNG")
+    assert first == tmp_path / "kept" / "defective" / f"{digests[1]}.png" and first.read_bytes() == images[1]
+    assert keeper.keep(images[1], digests[1], "defective", "again.png") == first  # one file per content
+    os.utime(first, ns=(1, 1))  # the oldest
+    keeper.keep(images[2], digests[2], "error", "c.bmp")
+    keeper.keep(images[3], digests[3], "defective", "d.exe")  # 300 bytes kept: the oldest goes
+    assert not first.exists() and keeper.find(digests[1], "defective") is None
+    assert keeper.find(digests[3], "defective").suffix == ".img" and keeper.find(digests[2], "error").is_file()
+    assert keeper.find(digests[3], "good") is None
+    again = ImageKeeper(tmp_path / "kept", frozenset({"defective"}), max_bytes=150)  # a restart counts what is there
+    assert again.find(digests[2], "error") is None and again.find(digests[3], "defective") is not None
+    with pytest.raises(InputError, match="verdicts"):
+        ImageKeeper(tmp_path / "k2", frozenset({"scrap"}), 100)
+
+
+def test_the_service_keeps_defective_images_and_serves_them_by_audit_id(served_folder: Path, demo_root: Path,
+                                                                       tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from defectscope import load_dataset
+    from defectscope.line.audit import AuditLog
+    from defectscope.service.app import create_app
+    from defectscope.service.config import ServiceConfig
+    from defectscope.service.models import load_served
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(served_folder / "part.dsmodel", folder / "part.dsmodel")
+    keeper = ImageKeeper(tmp_path / "kept", frozenset({"defective"}), 1 << 30)
+    app = create_app(load_served([folder]), ServiceConfig(), None, AuditLog(tmp_path / "audit.sqlite"), keeper=keeper)
+    test = load_dataset(demo_root).test
+    paths = [s.path for s in test if s.label == 1][:2] + [s.path for s in test if s.label == 0][:1]
+    with TestClient(app) as client:
+        results = client.post("/v1/models/part/inspect", files=[("files", (p.name, p.read_bytes(), "image/png"))
+                                                                 for p in paths]).json()["results"]
+        page = client.get("/v1/audit").json()
+        defective = [r for r in results if r["verdict"] == "defective"]
+        assert defective and sorted(page["kept"]) == sorted(r["audit_id"] for r in defective)
+        for result in results:
+            image = client.get(f"/v1/audit/{result['audit_id']}/image")
+            if result["verdict"] == "defective":
+                assert image.status_code == 200 and image.content == paths[result["index"]].read_bytes()
+                assert image.headers["content-type"] == "image/png"
+            else:
+                assert image.status_code == 404 and "not kept" in image.json()["detail"]
+        assert client.get("/v1/audit/999999/image").status_code == 404
+
+
+def test_serve_refuses_kept_images_without_an_audit_trail(served_folder: Path, tmp_path: Path, cli) -> None:
+    refused = cli("serve", served_folder / "part.dsmodel", "--no-audit", "--keep-images", tmp_path / "kept")
+    assert refused.code == 2 and "audit trail" in refused.err and not (tmp_path / "kept").exists()

@@ -1,0 +1,118 @@
+"""Model versions: kept by content with their parents, promoted and rolled back atomically (also under load), from
+the service and the command line."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from defectscope.files import file_sha256
+from defectscope.versions import STORE, NoEarlierVersion, UnknownVersion, VersionStore, version_of
+
+
+def test_versions_are_kept_by_content_and_rolled_back_in_order(tmp_path: Path) -> None:
+    served = tmp_path / "part.dsmodel"
+    served.write_bytes(b"first")
+    store, name = VersionStore.of(served)
+    first = store.adopt(name)
+    assert store.adopt(name) == first and len(store.history(name)["versions"]) == 1  # unchanged: nothing new
+    served.write_bytes(b"second")  # replaced on disk (e.g. `update -o` before a reload)
+    second = store.adopt(name, "reload")
+    assert (second["parent"], store.history(name)["active"]) == (first["version"], second["version"])
+    store.promote(name, first["version"])
+    assert served.read_bytes() == b"first"
+    assert store.rollback(name) == second["version"] and served.read_bytes() == b"second"
+    assert store.rollback(name) == first["version"] and served.read_bytes() == b"first"
+    assert [a["action"] for a in store.history(name)["activations"]] == ["served", "reload", "promote", "rollback",
+                                                                         "rollback"]
+    kept = tmp_path / STORE / name / f"{second['version']}.dsmodel"
+    assert kept.read_bytes() == b"second" and second["version"] == version_of(file_sha256(kept))
+    with pytest.raises(UnknownVersion, match="no version"):
+        store.promote(name, "0" * 12)
+    lone = tmp_path / "lone.dsmodel"
+    lone.write_bytes(b"only")
+    with pytest.raises(NoEarlierVersion):
+        VersionStore.of(lone)[0].rollback("lone")
+    assert lone.read_bytes() == b"only"
+
+
+def test_the_command_line_lists_promotes_and_rolls_back(tmp_path: Path, cli) -> None:
+    served = tmp_path / "part.dsmodel"
+    served.write_bytes(b"first")
+    assert "no versions" in cli("versions", served).out
+    store, _ = VersionStore.of(served)
+    first = store.adopt("part")["version"]
+    served.write_bytes(b"second")  # a new file in place, not yet kept: promote keeps it before replacing it
+    assert cli("promote", served, first).code == 0 and served.read_bytes() == b"first"
+    listed = cli("versions", served).out.splitlines()
+    assert len(listed) == 2 and listed[0].startswith(f"* {first}") and listed[1].split()[2] == first  # the parent
+    assert cli("rollback", served).code == 0 and served.read_bytes() == b"second"
+    refused = cli("promote", served, "f" * 12)
+    assert refused.code == 2 and "no version" in refused.err and served.read_bytes() == b"second"
+    assert cli("versions", tmp_path / "m.dsdeploy").code == 2
+
+
+def test_promote_and_rollback_under_load_drop_no_request(served_folder: Path, demo_root: Path, tmp_path: Path) -> None:
+    import uvicorn
+
+    from defectscope import load_dataset
+    from defectscope.service.app import create_app
+    from defectscope.service.config import ServiceConfig
+    from defectscope.service.models import load_served
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(served_folder / "part.dsmodel", folder / "part.dsmodel")
+    app = create_app(load_served([folder], ServiceConfig(), demo_root), ServiceConfig(), demo_root)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1/models/part"
+    image = next(s.path for s in load_dataset(demo_root).test if s.label == 0).read_bytes()
+    try:
+        with httpx.Client(timeout=60) as client:
+            good = [i["id"] for i in client.get(f"{url}/labelled").json()["images"] if i["label"] == 0][:2]
+            taught = client.post(f"{url}/teach", json={"images": good, "name": "part", "overwrite": True})
+            assert taught.status_code == 201, taught.text
+        versions = [v["version"] for v in httpx.get(f"{url}/versions").json()["versions"]]
+        answers: list[tuple[int, str]] = []
+        failures: list[Exception] = []
+        stop = threading.Event()
+
+        def inspect() -> None:  # one client of 16: requests until the swaps are done
+            try:
+                with httpx.Client(timeout=60) as client:
+                    while not stop.is_set():
+                        response = client.post(f"{url}/inspect", files=[("files", ("a.png", image, "image/png"))])
+                        answers.append((response.status_code, response.json().get("model_version", "")))
+            except Exception as exc:  # a dropped connection or a timeout: counted, not lost with the thread
+                failures.append(exc)
+
+        clients = [threading.Thread(target=inspect) for _ in range(16)]
+        for thread in clients:
+            thread.start()
+        swaps = []
+        with httpx.Client(timeout=60) as client:
+            for _ in range(3):
+                swaps.append(client.post(f"{url}/rollback").status_code)
+                swaps.append(client.post(f"{url}/promote", json={"version": versions[1]}).status_code)
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=120)
+    finally:
+        server.should_exit = True
+    assert swaps == [200] * 6 and not failures
+    assert answers and {code for code, _ in answers} == {200}
+    assert {version for _, version in answers} == set(versions)  # both were served while the swaps went on
+    assert version_of(file_sha256(folder / "part.dsmodel")) == versions[1]
