@@ -17,10 +17,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from generated import write_fine_defects
+from generated import write_generated
 from isolated import keep_other_rows, markdown_table, run_isolated, runs_note, write_results
 
-from defectscope.data.synthetic import make_demo_dataset
 from defectscope.detectors.frame_search import CANDIDATES as FRAMES
 from defectscope.detectors.frame_search import frame_settings
 
@@ -49,10 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp())
     folders = [args.root / category for category in args.categories]
-    if "rotated-parts" in args.generate:
-        folders.append(make_demo_dataset(scratch / "rotated-parts", size=256, train=200, test_good=50, per_defect=20, seed=0))
-    if "fine-defects" in args.generate:
-        folders.append(write_fine_defects(scratch))
+    folders += [write_generated(name, scratch) for name in args.generate]
     script = str(Path(__file__).with_name("mvtec.py"))
     rows = []
     for name in args.candidates:

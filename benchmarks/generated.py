@@ -168,3 +168,18 @@ def write_logical_parts(root: Path, train: int = 200, test_good: int = 40, per_d
                 (folder / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
                 cv2.imwrite(str(folder / "ground_truth" / defect / f"{i:03d}_mask.png"), mask.astype(np.uint8) * 255)
     return folder
+
+
+CATEGORIES = ("rotated-parts", "fine-defects", "logical-parts")  # the generated categories the benchmarks take by name
+
+
+def write_generated(name: str, root: Path) -> Path:
+    """The generated category `name` (one of CATEGORIES) under root, as every benchmark measures it."""
+    if name == "rotated-parts":
+        from defectscope.data.synthetic import make_demo_dataset  # the demo category: rotated round parts
+        return make_demo_dataset(root / name, size=256, train=200, test_good=50, per_defect=20, seed=0)
+    if name == "fine-defects":
+        return write_fine_defects(root)
+    if name == "logical-parts":
+        return write_logical_parts(root)
+    raise ValueError(f"unknown generated category {name!r}; choose one of {', '.join(CATEGORIES)}")

@@ -4,9 +4,10 @@
     python benchmarks/mvtec.py --generate rotated-parts --models patchcore padim
     python benchmarks/mvtec.py --logical --models patchcore "patchcore global_view=off"
 
-A category is a folder name under --root (or a path relative to it); --generate adds the seeded
-demo category (textured round parts at random rotations on a plain background, 200 good training
-images) written to a temporary folder. Each (category, model) runs in a fresh subprocess so its
+A category is a folder name under --root (or a path relative to it); --generate adds generated
+categories by name (`benchmarks/generated.py`: rotated-parts, the seeded demo category of textured
+round parts at random rotations, 200 good training images; fine-defects; logical-parts), written to a
+temporary folder. Each (category, model) runs in a fresh subprocess so its
 peak resident memory is its own. Inference is timed on the test images with decoding included, at
 batch 1 and batched; maps are produced in the model frame. At the model's own threshold (from
 good images only): the false-alarm rate on the good test images, the recall on the defective ones,
@@ -28,11 +29,10 @@ import torch
 
 from defectscope import load_dataset
 from defectscope.data.decode import read_image
-from defectscope.data.synthetic import make_demo_dataset
 from defectscope.pipeline import evaluate_model, fit_detector
 from defectscope.thresholds import calibrate
 
-from generated import write_logical_parts  # noqa: E402  (benchmarks/generated.py)
+from generated import CATEGORIES, write_generated  # noqa: E402  (benchmarks/generated.py)
 from isolated import keep_other_rows, run_isolated, runs_note, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
 
 COLUMNS = (
@@ -110,8 +110,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("../shared/datasets/mvtec_ad"))
     parser.add_argument("--categories", nargs="*", default=["bottle"])
-    parser.add_argument("--generate", metavar="NAME", help="Also benchmark the generated demo category under this name.")
-    parser.add_argument("--logical", action="store_true", help="Also benchmark the generated logical-parts category.")
+    parser.add_argument("--generate", nargs="*", default=[], choices=CATEGORIES,
+                        help="Also benchmark these generated categories (benchmarks/generated.py).")
+    parser.add_argument("--logical", action="store_true", help="The same as --generate logical-parts.")
     parser.add_argument("--models", nargs="+", default=["patchcore", "padim", "knn", "pca", "ocsvm"],
                         help='model names, each optionally with its own settings: "patchcore global_view=on"')
     parser.add_argument("--settings", type=json.loads, default={}, help='JSON config overrides, e.g. \'{"coreset_ratio": 0.01}\'')
@@ -127,11 +128,8 @@ def main() -> None:
         return
     folders = [args.root / category for category in args.categories]
     scratch = tempfile.TemporaryDirectory()
-    if args.generate:
-        folders.append(make_demo_dataset(Path(scratch.name) / args.generate, size=256, train=200, test_good=50,
-                                         per_defect=20, seed=0))
-    if args.logical:
-        folders.append(write_logical_parts(Path(scratch.name)))
+    generate = [*args.generate, *(["logical-parts"] if args.logical and "logical-parts" not in args.generate else [])]
+    folders += [write_generated(name, Path(scratch.name)) for name in generate]
     rows = []
     for folder in folders:
         for model in args.models:

@@ -22,3 +22,15 @@ def test_benchmark_runs_on_a_generated_category(demo_root: Path, tmp_path: Path)
         assert row["fit_s"] > 0 and row["ms_batched"] > 0 and row["ms_batch1"] > 0 and row["peak_mb"] > 100
     table = (tmp_path / f"mvtec-{demo_root.name}.md").read_text()
     assert "| part | padim |" in table and "| part | knn |" in table and "| n/a |" in table
+
+
+def test_a_generated_category_is_named_by_what_it_is(tmp_path: Path) -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    from generated import write_generated
+
+    unknown = subprocess.run([sys.executable, str(SCRIPT), "--generate", "fine-defect", "--out", str(tmp_path)],
+                             capture_output=True, text=True)
+    assert unknown.returncode == 2 and "invalid choice" in unknown.stderr  # no silent stand-in under a wrong name
+    logical = write_generated("logical-parts", tmp_path)
+    assert logical.name == "logical-parts" and {p.name for p in (logical / "test").iterdir()} == {
+        "good", "missing", "swapped", "extra"}

@@ -194,7 +194,7 @@ def fit(
     data: Annotated[Path, typer.Argument(help="Dataset folder; its good training images are used.")],
     output: Annotated[Path, typer.Option("--output", "--out", "-o", help="Model file to write.")],
     model: Annotated[str, typer.Option(help=f"One of: {', '.join(GOOD_ONLY_MODELS)}; where masks exist also {', '.join(MASK_MODELS)}.")] = "patchcore",
-    backbone: Annotated[str | None, typer.Option(show_default="the model's: efficientnet_lite1 for patchcore, else efficientnet_lite0", help="Feature extractor (see `defectscope backbones`).")] = None,
+    backbone: Annotated[str | None, typer.Option(show_default="the model's: efficientnet_lite0", help="Feature extractor (see `defectscope backbones`).")] = None,
     coreset: Annotated[float | None, typer.Option("--coreset-ratio", "--coreset", show_default="0.1", help="PatchCore: share of the patches kept in memory.")] = None,
     image_size: Annotated[int | None, typer.Option(show_default="chosen per product (PatchCore), else the model's", help="Short side of the frame before cropping.")] = None,
     crop: Annotated[int | None, typer.Option(show_default="chosen per product (PatchCore), else the model's", help="Center crop side; 0 for no crop.")] = None,

@@ -43,10 +43,7 @@ GLOBAL_VIEW = ("auto", "on", "off")
 
 @dataclass
 class PatchCoreConfig(DetectorConfig):
-    """backbone: EfficientNet-Lite1, a stronger ImageNet model than Lite0 (76.7 vs 75.1% top-1) with the same channels at
-    strides 8 and 16, so the patches, the memory and the search cost the same; only its network pass costs more (about
-    6-9 ms per image on 2 cores at 320-384 px).
-    image_size / crop / patch_stride: the frame; with frame_search (the default, when none of the three is
+    """image_size / crop / patch_stride: the frame; with frame_search (the default, when none of the three is
     given) `fit` chooses them per product from good images alone among `frame_search.CANDIDATES`, else
     352 / 320 with 16-pixel patches (each averaging 2x2 cells of the stride-8 features).
     coreset_ratio: memory kept; layer_dim: width each layer's neighbourhood vector is pooled to;
@@ -60,7 +57,6 @@ class PatchCoreConfig(DetectorConfig):
     of held-out good images shows it pays (more synthetic defects caught, no more false alarms under a line's
     light and camera drift; see `choose_global_view`); "on" / "off" decide it here. A fitted model's config holds "on" or "off"."""
 
-    backbone: str = "efficientnet_lite1"
     image_size: int = 352
     crop: int | None = 320
     patch_stride: int = 16
