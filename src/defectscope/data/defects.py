@@ -16,8 +16,6 @@ import numpy as np
 
 KINDS = ("scratch", "spot", "cut-paste", "blob")
 CENTRAL = 0.7  # defects are placed inside the central 70% of each side
-BLOB_ROUGHNESS = 0.4  # how far (in radii per unit of noise) a blob's edge strays from a circle
-BLOB_REACH = 1 + BLOB_ROUGHNESS * 1.5  # a blob's edge, in radii: the noise is clipped at -1.5 sd, so it ends there
 
 
 @dataclass(frozen=True)
@@ -90,20 +88,14 @@ def cut_paste(image: np.ndarray, source: np.ndarray, rng: np.random.Generator) -
 
 
 def blob(image: np.ndarray, rng: np.random.Generator) -> Synthetic:
-    """An irregular region of smooth noise (3-8% of the short side), tinted towards a contrasting colour; the noise is
-    drawn only in the box of BLOB_REACH radii around the centre, which the region cannot leave."""
-    height, width = image.shape[:2]
-    radius = rng.uniform(0.03, 0.08) * min(height, width)
+    """An irregular region of smooth noise (3-8% of the short side), tinted towards a contrasting colour."""
+    short = min(image.shape[:2])
+    radius = rng.uniform(0.03, 0.08) * short
+    yy, xx = np.mgrid[0 : image.shape[0], 0 : image.shape[1]].astype(np.float32)
     cx, cy = _centre(rng, image.shape)
-    reach = int(np.ceil(BLOB_REACH * radius))
-    top, left = max(0, int(cy) - reach), max(0, int(cx) - reach)
-    bottom, right = min(height, int(cy) + reach + 1), min(width, int(cx) + reach + 1)
-    yy, xx = np.mgrid[top:bottom, left:right].astype(np.float32)
-    noise = cv2.GaussianBlur(rng.standard_normal((bottom - top, right - left)).astype(np.float32), (0, 0),
-                             max(1.0, radius / 3))
+    noise = cv2.GaussianBlur(rng.standard_normal(image.shape[:2]).astype(np.float32), (0, 0), max(1.0, radius / 3))
     noise /= noise.std() + 1e-6
-    mask = np.zeros((height, width), bool)
-    mask[top:bottom, left:right] = (np.hypot(xx - cx, yy - cy) / radius + BLOB_ROUGHNESS * np.maximum(noise, -1.5)) < 1.0
+    mask = (np.hypot(xx - cx, yy - cy) / radius + 0.4 * noise) < 1.0
     return Synthetic(_paint(image, mask, _contrast(image, mask, rng), rng.uniform(0.5, 0.9)), mask, "blob")
 
 
