@@ -34,6 +34,20 @@ def test_only_chosen_verdicts_are_kept_once_under_the_cap(tmp_path: Path) -> Non
         ImageKeeper(tmp_path / "k2", frozenset({"scrap"}), 100)
 
 
+def test_a_folder_with_other_files_loses_none_of_them(tmp_path: Path) -> None:
+    theirs = [tmp_path / "photos" / "defective" / "holiday.png", tmp_path / "photos" / "good" / ("a" * 64 + ".txt")]
+    for path in theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 500)
+    keeper = ImageKeeper(tmp_path / "photos", frozenset({"defective"}), max_bytes=150)  # far below what is there
+    data = b"y" * 100
+    keeper.keep(data, hashlib.sha256(data).hexdigest(), "defective", "new.png")
+    other = b"z" * 100
+    keeper.keep(other, hashlib.sha256(other).hexdigest(), "defective", "newer.png")  # the cap prunes our own only
+    assert all(path.read_bytes() == b"x" * 500 for path in theirs)
+    assert keeper.find(hashlib.sha256(data).hexdigest(), "defective") is None
+
+
 def test_the_service_keeps_defective_images_and_serves_them_by_audit_id(served_folder: Path, demo_root: Path,
                                                                        tmp_path: Path) -> None:
     from fastapi.testclient import TestClient

@@ -3,6 +3,7 @@ the service and the command line."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import socket
 import threading
@@ -35,6 +36,11 @@ def test_versions_are_kept_by_content_and_rolled_back_in_order(tmp_path: Path) -
     assert kept.read_bytes() == b"second" and second["version"] == version_of(file_sha256(kept))
     with pytest.raises(UnknownVersion, match="no version"):
         store.promote(name, "0" * 12)
+    served.write_bytes(b"third")  # put there by hand, never recorded: a promote keeps it before replacing it
+    store.promote(name, second["version"])
+    third = version_of(hashlib.sha256(b"third").hexdigest())
+    assert (tmp_path / STORE / name / f"{third}.dsmodel").read_bytes() == b"third"
+    assert served.read_bytes() == b"second"
     lone = tmp_path / "lone.dsmodel"
     lone.write_bytes(b"only")
     with pytest.raises(NoEarlierVersion):

@@ -121,6 +121,9 @@ class VersionStore:
             raise UnknownVersion(f"model {name} has no version {version!r} (known: {known})")
         kept = self._folder(name) / f"{version}{MODEL_SUFFIX}"
         served = self.served_file(name)
+        if served.is_file() and version_of(file_sha256(served)) != version:
+            self._record(name, served, "found", history["active"])  # a file put there since: kept before it is replaced
+            history = self.history(name)
         if not served.is_file() or version_of(file_sha256(served)) != version:
             write_atomic(served, kept.read_bytes())
         history["active"] = version

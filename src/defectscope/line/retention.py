@@ -3,6 +3,7 @@ first), found again by the sha256 the audit trail records."""
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ class ImageKeeper:
         if self.max_bytes <= 0:
             raise InputError("the kept images' size cap must be above 0")
         self.folder.mkdir(parents=True, exist_ok=True)
-        files = [path for path in self.folder.glob("*/*") if path.is_file() and not path.name.startswith(".")]
+        files = [path for path in self.folder.glob("*/*") if path.is_file() and _ours(path)]  # never another's file
         for path in sorted(files, key=lambda p: p.stat().st_mtime_ns):  # what an earlier run kept counts too
             self._kept[path] = path.stat().st_size
         self._prune()  # a smaller cap than the last run's holds at once
@@ -62,3 +63,9 @@ class ImageKeeper:
             path, size = self._kept.popitem(last=False)
             path.unlink(missing_ok=True)
             total -= size
+
+
+def _ours(path: Path) -> bool:
+    """Whether a file is one an ImageKeeper writes: VERDICT/<64 hex digits>.<image suffix or .img>."""
+    return (path.parent.name in VERDICTS and re.fullmatch(r"[0-9a-f]{64}", path.stem) is not None
+            and path.suffix in {*IMAGE_SUFFIXES, ".img"})
