@@ -175,11 +175,11 @@ async def inspect(request: Request, name: str, files: Annotated[list[UploadFile]
     results = await run_in_threadpool(_results, model, names, images, prediction, heatmap, regions, min_area)
     for result in results:
         request.app.state.telemetry.images.labels(name, result.verdict).inc()
-    await _audit(request, model, results, digests, role)
     keeper = request.app.state.keeper
-    if keeper is not None:
+    if keeper is not None:  # before the audit: a request that fails here is neither answered nor audited
         await run_in_threadpool(lambda: [keeper.keep(data, digest, result.verdict, result.name)
                                          for data, digest, result in zip(uploads, digests, results)])
+    await _audit(request, model, results, digests, role)
     return InspectResponse(model=name, model_version=model.version, model_sha256=model.sha256, threshold=threshold,
                            results=results)
 
