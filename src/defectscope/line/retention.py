@@ -24,6 +24,7 @@ class ImageKeeper:
     verdicts: frozenset[str]
     max_bytes: int
     _kept: OrderedDict[Path, int] = field(default_factory=OrderedDict, repr=False)  # oldest first, with sizes
+    _bytes: int = field(default=0, repr=False)  # their total
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -36,6 +37,7 @@ class ImageKeeper:
         files = [path for path in self.folder.glob("*/*") if path.is_file() and _ours(path)]  # never another's file
         for path in sorted(files, key=lambda p: p.stat().st_mtime_ns):  # what an earlier run kept counts too
             self._kept[path] = path.stat().st_size
+            self._bytes += self._kept[path]
         self._prune()  # a smaller cap than the last run's holds at once
 
     def keep(self, data: bytes, digest: str, verdict: str, name: str) -> Path | None:
@@ -48,21 +50,23 @@ class ImageKeeper:
             if target not in self._kept:
                 write_atomic(target, data)
                 self._kept[target] = len(data)
+                self._bytes += len(data)
             self._prune()
         return target
 
     def find(self, digest: str, verdict: str) -> Path | None:
         """The kept image of this content and verdict, if it is (still) kept."""
+        folder = self.folder / verdict
         with self._lock:
-            return next((path for path in self._kept if path.parent.name == verdict and path.stem == digest), None)
+            return next((folder / f"{digest}{suffix}" for suffix in (*IMAGE_SUFFIXES, ".img")
+                         if folder / f"{digest}{suffix}" in self._kept), None)
 
     def _prune(self) -> None:
         """Remove the oldest kept images until the rest fit under the cap."""
-        total = sum(self._kept.values())
-        while total > self.max_bytes and self._kept:
+        while self._bytes > self.max_bytes and self._kept:
             path, size = self._kept.popitem(last=False)
             path.unlink(missing_ok=True)
-            total -= size
+            self._bytes -= size
 
 
 def _ours(path: Path) -> bool:
