@@ -43,12 +43,44 @@ def test_help_and_info_answer_without_loading_pytorch(served_folder: Path) -> No
         assert run.stderr.strip().splitlines()[-1] in ("NO-TORCH 0", "NO-TORCH 2"), (arguments, run.stderr[-500:])
 
 
+def test_a_model_file_predicts_without_scikit_learn_scipy_stats_or_torchvision(served_folder: Path, demo_root: Path
+                                                                               ) -> None:
+    """A PatchCore file loaded to predict (as `watch` and `serve` do after a restart) imports only what it runs: the
+    other models' modules and the fit-time libraries (about 2 s of imports) are left out."""
+    probe = ("import importlib.abc, sys\nclass Refuse(importlib.abc.MetaPathFinder):\n"
+             "    def find_spec(self, name, path, target=None):\n"
+             "        if name.split('.')[0] in ('sklearn', 'torchvision') or name == 'scipy.stats':\n"
+             "            raise ImportError(name + ' must not be imported to predict')\n"
+             "sys.meta_path.insert(0, Refuse())\n"
+             "from pathlib import Path\nfrom defectscope.predictor import load_predictor\n"
+             "model = load_predictor(Path(sys.argv[1]))\n"
+             "print(model.predict([sys.argv[2]]).verdicts[0], model.calibration.describe())\n")
+    image = next((demo_root / "test" / "good").iterdir())
+    run = subprocess.run([sys.executable, "-c", probe, str(served_folder / "part.dsmodel"), str(image)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-800:]
+    assert run.stdout.split()[0] in ("good", "defective") and "threshold" in run.stdout
+
+
+def test_the_registry_names_the_module_of_every_model() -> None:
+    """`MODULES` (which module to import for a model name) agrees with what each module registers."""
+    import importlib
+    import pkgutil
+
+    import defectscope.detectors
+    from defectscope.detectors.base import DETECTORS, MODULES
+
+    for module in pkgutil.iter_modules(defectscope.detectors.__path__):
+        importlib.import_module(f"defectscope.detectors.{module.name}")
+    assert {name: cls.__module__.rsplit(".", 1)[1] for name, cls in DETECTORS.items()} == MODULES
+
+
 def test_the_command_line_names_every_model() -> None:
-    from defectscope.detectors import DETECTORS, good_only_models
+    from defectscope.detectors import all_detectors, good_only_models
     from defectscope.names import GOOD_ONLY_MODELS, MASK_MODELS
 
     assert list(GOOD_ONLY_MODELS) == good_only_models()
-    assert sorted(MASK_MODELS) == sorted(name for name, cls in DETECTORS.items() if cls.kind != "good_only")
+    assert sorted(MASK_MODELS) == sorted(name for name, cls in all_detectors().items() if cls.kind != "good_only")
 
 
 def test_summary_json(demo_root: Path) -> None:

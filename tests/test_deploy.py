@@ -98,6 +98,20 @@ def test_runtime_runs_without_torch_and_fails_closed(fitted, test_images, tmp_pa
     assert rows[1]["verdict"] == "error" and rows[1]["score"] is None
 
 
+def test_an_export_keeps_the_predictor_contract_without_torch_or_scipy(fitted, test_images, tmp_path: Path) -> None:
+    """What the hot folder and the service use of an export (`load_predictor`, `predict`, `calibration`) runs on the
+    slim install: a restarted line is ready in well under a second."""
+    out = export_model(fitted["patchcore"], tmp_path / "part.dsdeploy")[0]
+    script = NO_TORCH + ("from pathlib import Path\nfrom defectscope.predictor import load_predictor\n"
+                         "model = load_predictor(Path(sys.argv[1]))\n"
+                         "print(model.predict([sys.argv[2]]).verdicts[0], model.calibration.describe())\n")
+    run = subprocess.run([sys.executable, "-c", script, str(out), str(test_images[0])], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-800:]
+    assert run.stdout.split()[0] == load_model(fitted["patchcore"]).predict(test_images[:1]).verdicts[0]
+    assert "expected false-alarm rate" in run.stdout
+
+
 def test_patchcore_graph_runs_in_bounded_batches(fitted, test_images, tmp_path: Path, monkeypatch) -> None:
     """The graph's patch x bank distance matrix is bounded: large batches run in parts, with the same result."""
     from defectscope.detectors import patchcore

@@ -15,11 +15,11 @@ import torch
 from defectscope import artifacts
 from defectscope.artifacts import load_model, save_model, set_threshold
 from defectscope.data.layout import load_dataset
-from defectscope.detectors import DETECTORS, create_detector
+from defectscope.detectors import all_detectors, create_detector
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation import evaluate
 from defectscope.predictor import ContractBroken, check_predictor
-from defectscope.thresholds import Calibration
+from defectscope.calibration import Calibration
 
 SMALL = {"image_size": 128, "crop": None}
 SETTINGS = {  # patchcore: a 128-px frame, where 8-px patches are what the default 16 px are at 352 px
@@ -43,7 +43,7 @@ def fitted(demo_root: Path) -> dict:
 
 def test_registry_is_complete() -> None:
     # the segmenter and the instance detector learn from masks: tests/test_segmenter.py, tests/test_instances.py
-    assert set(DETECTORS) == set(SETTINGS) | {"segmenter", "detector"}
+    assert set(all_detectors()) == set(SETTINGS) | {"segmenter", "detector"}
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))

@@ -20,7 +20,7 @@ from defectscope.service.app import create_app
 from defectscope.service.batching import Batcher
 from defectscope.service.config import ServiceConfig
 from defectscope.service.models import load_served
-from defectscope.thresholds import Calibration
+from defectscope.calibration import Calibration
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ _WHERE = {
     "Preprocess": "data.frame", "read_image": "data.decode",
     "Dataset": "data.layout", "Sample": "data.layout", "load_dataset": "data.layout",
     "summarize": "data.summary", "make_demo_dataset": "data.synthetic",
-    "DETECTORS": "detectors", "Detector": "detectors", "MapModel": "detectors", "create_detector": "detectors",
+    "all_detectors": "detectors", "Detector": "detectors", "MapModel": "detectors", "create_detector": "detectors",
     "Prediction": "prediction", "DefectscopeError": "errors", "evaluate": "evaluation",
     "evaluate_model": "pipeline", "fit_model": "pipeline", "predict_images": "pipeline",
 }

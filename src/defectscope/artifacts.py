@@ -25,7 +25,7 @@ from defectscope.errors import DefectscopeError, check_fitted
 from defectscope.files import check_output_file, write_atomic
 from defectscope.manifests import header_metadata, is_manifest_file
 from defectscope.model_header import FORMAT, FORMAT_VERSION, checked_file, model_info  # noqa: F401  (model_info: public here too)
-from defectscope.thresholds import Calibration
+from defectscope.calibration import Calibration
 
 CALIBRATION_SCORES = "calibration.scores"  # the cross-fitted good scores, kept to restate the threshold later
 LEGACY_CONFIG_FIELDS = ("calibration_fraction",)  # written by earlier versions; no longer used

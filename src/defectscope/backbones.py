@@ -10,11 +10,10 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor
 
 from defectscope.efficientnet_lite import EfficientNetLite, fold_batchnorm
 from defectscope.errors import DefectscopeError
@@ -46,9 +45,17 @@ class Checkpoint:
         return cls(file_name, Path(file_name).stem.rsplit("-", 1)[-1])
 
 
+def _classifiers() -> ModuleType:
+    """torchvision's classification models, imported on first use: the offline Lite backbones need none of
+    torchvision, whose import takes about a second (it loads torch's compiler)."""
+    import torchvision.models
+
+    return torchvision.models
+
+
 def list_backbones() -> list[str]:
     """Backbones with offline weights first, then torchvision classification models."""
-    tv = sorted(torchvision.models.list_models(module=torchvision.models))
+    tv = sorted(_classifiers().list_models(module=_classifiers()))
     return [*LITE_FILES, *tv]
 
 
@@ -59,7 +66,7 @@ def published_checkpoint(name: str) -> Checkpoint:
     if name in LITE_FILES:
         return Checkpoint.from_file_name(LITE_FILES[name][1])
     try:
-        weights = torchvision.models.get_model_weights(name).DEFAULT
+        weights = _classifiers().get_model_weights(name).DEFAULT
     except (ValueError, KeyError) as exc:
         raise DefectscopeError(
             f"unknown backbone '{name}'; choose one of: {', '.join(list_backbones()[:12])}, ..."
@@ -110,7 +117,7 @@ def resolve_weights(name: str, weights: str | Path | None = None, download: bool
     if download and name not in LITE_FILES:
         target = dirs[-1] / expected.file_name
         target.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(torchvision.models.get_model_weights(name).DEFAULT.url, str(target))
+        torch.hub.download_url_to_file(_classifiers().get_model_weights(name).DEFAULT.url, str(target))
         return target, verify_checkpoint(target, expected)
     places = "\n  ".join(str(d) for d in dirs)
     raise DefectscopeError(
@@ -165,7 +172,9 @@ def _stride_nodes(model: nn.Module) -> dict[int, str]:
 
 
 def _torchvision_network(name: str, strides: tuple[int, ...], state: dict) -> tuple[nn.Module, dict[int, int]]:
-    model = torchvision.models.get_model(name, weights=None)
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = _classifiers().get_model(name, weights=None)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -16,7 +16,7 @@ from defectscope.prediction import Prediction, Scored, prediction_rows
 from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel, is_deployment
 
 if TYPE_CHECKING:
-    from defectscope.thresholds import Calibration
+    from defectscope.calibration import Calibration
 
 
 @runtime_checkable

@@ -16,21 +16,19 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_arrays
 
+from defectscope.calibration import Calibration
 from defectscope.data.decode import ImageSource, expand_inputs
 from defectscope.data.frame import Preprocess
 from defectscope.errors import DefectscopeError
 from defectscope.files import json_text, read_regular
 from defectscope.manifests import is_manifest_file, read_header_manifest
 from defectscope.prediction import Prediction, Scored, predict_frames, prediction_rows
-
-if TYPE_CHECKING:
-    from defectscope.thresholds import Calibration
 
 DEPLOYMENT_FORMAT = "defectscope-deployment"
 DEPLOYMENT_VERSION = 3  # from 3 on, every graph file and the manifest itself are hashed
@@ -199,9 +197,7 @@ class DeployedModel:
 
     @property
     def calibration(self) -> Calibration | None:
-        """The model's calibration (thresholds.Calibration, imported on use: it needs SciPy, the runtime does not)."""
-        from defectscope.thresholds import Calibration
-
+        """The model's calibration, checked."""
         return None if self.calibration_dict is None else Calibration.from_dict(self.calibration_dict)
 
     def score_frames(self, batch: np.ndarray) -> Scored:

@@ -7,13 +7,26 @@ this one implementation, so their distances agree to the last GEMM rounding.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
+from functools import cache
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 SINGLE_THREAD_QUERIES = 8192  # up to this many queries (8 images of 32x32 patches) BLAS uses one thread
 DENSE_FRACTION = 0.3  # when the candidate clusters hold more of the bank than this, scan it all in large GEMMs
 DENSE_CELLS = 1 << 23  # query x bank distances computed at once by the dense scan (32 MB)
+
+
+@cache
+def _blas() -> ThreadpoolController:
+    """The loaded BLAS libraries, found once: finding them scans the process's libraries (4 ms a call)."""
+    return ThreadpoolController().select(user_api="blas")
+
+
+def _blas_threads(queries: int) -> AbstractContextManager:
+    """One BLAS thread for a few images' queries (small GEMMs), the library's default for more."""
+    return _blas().limit(limits=1) if queries <= SINGLE_THREAD_QUERIES else nullcontext()
 
 
 class ClusterIndex:
@@ -52,7 +65,7 @@ class ClusterIndex:
         would spin against the backbone's and the decoders' (bottle, batch 1: 78 -> 65 ms/image).
         """
         values, indices = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
-        with threadpool_limits(limits=1 if queries <= SINGLE_THREAD_QUERIES else None, user_api="blas"):
+        with _blas_threads(queries):
             for cluster, group in groups:
                 start = int(self.offsets[cluster])
                 partial = group @ self.augmented[start : int(self.offsets[cluster + 1])].T

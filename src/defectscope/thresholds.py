@@ -11,15 +11,13 @@ fitted to the largest scores, with a bootstrap interval.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from types import ModuleType
 
 import numpy as np
-from scipy import stats
 
+from defectscope.calibration import Calibration
 from defectscope.errors import DefectscopeError
-from defectscope.metrics import f1_max
 
 GOOD_ONLY_METHODS = ("false_alarm_rate", "sigma", "percentile")
 DEFAULT_FALSE_ALARM_RATE = 0.01
@@ -28,85 +26,11 @@ TAIL_MIN_SCORES = 20  # a fitted tail needs at least this many scores
 INTERVAL = 0.95
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """A threshold on raw scores, how it was chosen, the good-score statistics behind it, and what it promises.
+def _stats() -> ModuleType:
+    """scipy.stats, imported when a threshold is computed: it takes 0.7 s, and a model loaded to predict needs none."""
+    from scipy import stats
 
-    false_alarm_rate: expected share of new good parts called defective; false_alarm_interval: its
-    95% interval; recall / recall_interval: the same for defective parts when labels chose the threshold.
-    """
-
-    threshold: float
-    method: str
-    param: float
-    good_mean: float
-    good_std: float
-    good_count: int
-    warning: str | None = None
-    false_alarm_rate: float | None = None
-    false_alarm_interval: tuple[float, float] | None = None
-    recall: float | None = None
-    recall_interval: tuple[float, float] | None = None
-    gap_interval: tuple[float, float] | None = None  # labelled: the nearest good score below, defective score at/above
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Calibration:
-        """A calibration from its stored form; every field's type and value checked (DefectscopeError otherwise)."""
-        if not isinstance(data, dict):
-            raise DefectscopeError(f"a calibration must be a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise DefectscopeError(f"calibration has unknown field(s) {', '.join(map(str, unknown))}")
-        values = {}
-        for key, field in cls.__dataclass_fields__.items():
-            if key not in data and field.default is not dataclasses.MISSING:
-                continue
-            values[key] = _checked_field(key, data.get(key), "| None" in str(field.type))
-        return cls(**values)
-
-    def describe(self) -> str:
-        """One line: the threshold and the false-alarm rate (and recall) it stands for."""
-        text = f"threshold {self.threshold:.4g} ({self.method} {self.param:g})"
-        if self.false_alarm_rate is not None:
-            low, high = self.false_alarm_interval or (math.nan, math.nan)
-            text += f"; expected false-alarm rate {self.false_alarm_rate:.2%} (95% interval {low:.2%} to {high:.2%})"
-        if self.recall is not None:
-            low, high = self.recall_interval or (math.nan, math.nan)
-            text += f"; recall {self.recall:.1%} (95% interval {low:.1%} to {high:.1%})"
-        if self.gap_interval is not None:
-            good, defective = (value / self.threshold for value in self.gap_interval)
-            text += f"; nearest labelled scores: good {good:.3f}, defective {defective:.3f} (normalized)"
-            if defective == 1.0:
-                text += ", the threshold sits on a defective score (--margin leaves room)"
-        return text
-
-
-def _number(key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DefectscopeError(f"calibration field '{key}' must be a finite number, got {value!r:.40}")
-    return float(value)
-
-
-def _checked_field(key: str, value: object, optional: bool) -> object:
-    """One stored calibration field, checked for its type."""
-    if value is None and optional:
-        return None
-    if key in ("method", "warning"):
-        if not isinstance(value, str):
-            raise DefectscopeError(f"calibration field '{key}' must be text, got {value!r:.40}")
-        return value
-    if key == "good_count":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise DefectscopeError(f"calibration field 'good_count' must be a whole number >= 0, got {value!r:.40}")
-        return value
-    if key.endswith("_interval"):
-        if not isinstance(value, (list, tuple)) or len(value) != 2:
-            raise DefectscopeError(f"calibration field '{key}' must be two numbers, got {value!r:.40}")
-        return tuple(_number(key, v) for v in value)
-    return _number(key, value)
+    return stats
 
 
 def no_spread(scores: np.ndarray) -> bool:
@@ -130,15 +54,15 @@ def few_images_warning(count: int, std: float, flat: bool = False) -> str | None
 def clopper_pearson(hits: int, n: int) -> tuple[float, float]:
     """The exact (Clopper-Pearson) INTERVAL of a proportion hits / n: it always holds the observed share."""
     tail = (1 - INTERVAL) / 2
-    low = float(stats.beta.ppf(tail, hits, n - hits + 1)) if hits > 0 else 0.0
-    high = float(stats.beta.ppf(1 - tail, hits + 1, n - hits)) if hits < n else 1.0
+    low = float(_stats().beta.ppf(tail, hits, n - hits + 1)) if hits > 0 else 0.0
+    high = float(_stats().beta.ppf(1 - tail, hits + 1, n - hits)) if hits < n else 1.0
     return low, high
 
 
 def beta_interval(a: float, b: float) -> tuple[float, float]:
     """The central INTERVAL of Beta(a, b)."""
     tail = (1 - INTERVAL) / 2
-    return float(stats.beta.ppf(tail, a, b)), float(stats.beta.ppf(1 - tail, a, b))
+    return float(_stats().beta.ppf(tail, a, b)), float(_stats().beta.ppf(1 - tail, a, b))
 
 
 def exceedance(scores: np.ndarray, threshold: float) -> tuple[float, tuple[float, float]]:
@@ -153,19 +77,19 @@ def _tail_fit(scores: np.ndarray) -> tuple[float, float, float, float]:
     ordered = np.sort(scores)
     top = max(TAIL_MIN_SCORES // 2, len(ordered) // 5)
     level = float(ordered[-top - 1])
-    shape, _, scale = stats.genpareto.fit(ordered[-top:] - level, floc=0)
+    shape, _, scale = _stats().genpareto.fit(ordered[-top:] - level, floc=0)
     return level, top / len(ordered), float(shape), float(scale)
 
 
 def _tail_threshold(scores: np.ndarray, rate: float, seed: int = 0) -> tuple[float, float, tuple[float, float]]:
     """Threshold for a rate below 1/(n+1) from a generalized Pareto tail, with a bootstrap interval of its rate."""
     level, share, shape, scale = _tail_fit(scores)
-    threshold = level + float(stats.genpareto.ppf(1 - rate / share, shape, scale=scale))
+    threshold = level + float(_stats().genpareto.ppf(1 - rate / share, shape, scale=scale))
     rng = np.random.default_rng(seed)
     rates = []
     for _ in range(200):
         b_level, b_share, b_shape, b_scale = _tail_fit(rng.choice(scores, len(scores)))
-        rates.append(b_share * float(stats.genpareto.sf(max(threshold - b_level, 0.0), b_shape, scale=b_scale)))
+        rates.append(b_share * float(_stats().genpareto.sf(max(threshold - b_level, 0.0), b_shape, scale=b_scale)))
     tail = (1 - INTERVAL) / 2
     return threshold, rate, (float(np.quantile(rates, tail)), float(np.quantile(rates, 1 - tail)))
 
@@ -219,6 +143,8 @@ def calibrate(good_scores: np.ndarray, method: str = "false_alarm_rate", param: 
 def f1_calibration(labels: np.ndarray, scores: np.ndarray, previous: Calibration | None, margin: float = 0.0
                    ) -> Calibration:
     """The F1-optimal threshold on labelled scores, keeping the good-image statistics of the previous calibration."""
+    from defectscope.metrics import f1_max  # scikit-learn: only when labels set the threshold
+
     f1, threshold = f1_max(labels, scores)
     return labelled_calibration(np.asarray(scores)[np.asarray(labels) == 0], np.asarray(scores)[np.asarray(labels) == 1],
                                 threshold, "f1", f1, previous, margin)

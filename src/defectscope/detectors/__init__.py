@@ -1,8 +1,7 @@
-"""Map models; importing this package registers all of them."""
+"""Map models by registry name; a model's module is imported when it is first asked for (`detector_class`)."""
 
-from defectscope.detectors import embedding, instances, padim, patchcore, reconstruction, segmenter  # noqa: F401  (registration)
-from defectscope.detectors.base import (DETECTORS, Detector, DetectorConfig, MapModel, create_detector,
+from defectscope.detectors.base import (Detector, DetectorConfig, MapModel, all_detectors, create_detector,
                                        detector_class, good_only_models)
 
-__all__ = ["DETECTORS", "Detector", "DetectorConfig", "MapModel", "create_detector", "detector_class",
+__all__ = ["Detector", "DetectorConfig", "MapModel", "all_detectors", "create_detector", "detector_class",
            "good_only_models"]

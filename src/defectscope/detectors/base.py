@@ -6,6 +6,7 @@ learn: `Detector` (this module) from good images alone, `Segmenter` (segmenter.p
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 from abc import ABC, abstractmethod
@@ -380,7 +381,13 @@ def load_learned_state(network: nn.Module, tensors: dict[str, torch.Tensor], nam
     network.eval()
 
 
-DETECTORS: dict[str, type[MapModel]] = {}  # every map model by name, whatever it learns from
+DETECTORS: dict[str, type[MapModel]] = {}  # every map model imported so far, by name
+# The module (in this package) defining each map model: imported when the model is first asked for, so that loading a
+# PatchCore file never imports what only other models need (scikit-learn, torchvision's detection models).
+MODULES = {"patchcore": "patchcore", "padim": "padim", "knn": "embedding", "pca": "embedding", "ocsvm": "embedding",
+           "autoencoder": "reconstruction", "augmented_autoencoder": "reconstruction",
+           "pretrained_autoencoder": "reconstruction", "vae": "reconstruction", "segmenter": "segmenter",
+           "detector": "instances"}
 
 
 def register(cls: type[MapModel]) -> type[MapModel]:
@@ -390,14 +397,21 @@ def register(cls: type[MapModel]) -> type[MapModel]:
 
 
 def detector_class(name: str) -> type[MapModel]:
-    if name not in DETECTORS:
-        raise DefectscopeError(f"unknown model '{name}'; choose one of: {', '.join(sorted(DETECTORS))}")
+    """The map model of this registry name (its module imported on first use)."""
+    if name not in MODULES:
+        raise DefectscopeError(f"unknown model '{name}'; choose one of: {', '.join(sorted(MODULES))}")
+    importlib.import_module(f"{__package__}.{MODULES[name]}")
     return DETECTORS[name]
+
+
+def all_detectors() -> dict[str, type[MapModel]]:
+    """Every map model by name (all their modules imported)."""
+    return {name: detector_class(name) for name in sorted(MODULES)}
 
 
 def good_only_models() -> list[str]:
     """Names of the models `fit` can learn from good images alone."""
-    return sorted(name for name, cls in DETECTORS.items() if issubclass(cls, Detector))
+    return sorted(name for name, cls in all_detectors().items() if issubclass(cls, Detector))
 
 
 def create_detector(name: str, **settings: Any) -> MapModel:

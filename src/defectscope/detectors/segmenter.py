@@ -38,7 +38,7 @@ from defectscope.errors import DefectscopeError, check_fitted
 from defectscope.prediction import Detection, Scored
 from defectscope.regions import components
 from defectscope.settings import require_range
-from defectscope.thresholds import Calibration
+from defectscope.calibration import Calibration
 from defectscope.training.augment import augment
 from defectscope.training.engine import TrainSettings, train
 

@@ -21,7 +21,7 @@ from defectscope.classify.report import classification_markdown, classification_
 from defectscope.data.images import masks_in_frame
 from defectscope.data.layout import Dataset
 from defectscope.data.summary import summarize
-from defectscope.detectors import DETECTORS, detector_class
+from defectscope.detectors.base import MODULES, detector_class
 from defectscope.detectors.base import MapModel
 from defectscope.detectors.instances import InstanceConfig, held_out_instances
 from defectscope.detectors.segmenter import Segmenter, SegmenterConfig, held_out_maps
@@ -161,9 +161,9 @@ def attempt_kind(model: str) -> AttemptKind:
     """The kind of a model name: the classifier, or a registered map model's `kind`."""
     if model == CLASSIFIER:
         return KINDS[CLASSIFIER]
-    if model not in DETECTORS:
-        raise DefectscopeError(f"unknown model '{model}'; choose one of: {', '.join(sorted([*DETECTORS, CLASSIFIER]))}")
-    return KINDS[DETECTORS[model].kind]
+    if model not in MODULES:
+        raise DefectscopeError(f"unknown model '{model}'; choose one of: {', '.join(sorted([*MODULES, CLASSIFIER]))}")
+    return KINDS[detector_class(model).kind]
 
 
 def attempt_config(model: str, settings: dict[str, Any]) -> Settings:
