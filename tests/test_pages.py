@@ -125,6 +125,8 @@ def test_the_history_tab_lists_audited_verdicts_with_kept_images(page, tmp_path:
     rows = page.locator("#history-table tbody tr").all_inner_texts()
     assert any("defective" in row for row in rows) and any("good" in row for row in rows)
     page.wait_for_function("[...document.querySelectorAll('#history-table img.kept')].some(i => i.naturalWidth > 0)")
+    page.wait_for_function(  # the heatmap behind the verdict, laid over the kept image
+        "[...document.querySelectorAll('#history-table img.heat')].some(i => !i.hidden && i.naturalWidth > 0)")
     kept_rows = page.locator("#history-table tbody tr:has(img.kept)").all_inner_texts()
     assert kept_rows and all("defective" in row for row in kept_rows)  # only the chosen verdict's images are kept
     page.select_option("#history-verdict", "good")

@@ -3,13 +3,18 @@ through the audit trail, also by the service."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
+from defectscope.artifacts import load_model, set_threshold
 from defectscope.errors import InputError
 from defectscope.line.retention import ImageKeeper
 
@@ -50,6 +55,8 @@ def test_a_folder_with_other_files_loses_none_of_them(tmp_path: Path) -> None:
 
 def test_the_service_keeps_defective_images_and_serves_them_by_audit_id(served_folder: Path, demo_root: Path,
                                                                        tmp_path: Path) -> None:
+    """A kept image comes back by audit id with the heatmap behind its verdict (the inspect's own), while the version
+    that judged it is served; once another version is served, its map is refused rather than passed off."""
     from fastapi.testclient import TestClient
 
     from defectscope import load_dataset
@@ -66,7 +73,7 @@ def test_the_service_keeps_defective_images_and_serves_them_by_audit_id(served_f
     test = load_dataset(demo_root).test
     paths = [s.path for s in test if s.label == 1][:2] + [s.path for s in test if s.label == 0][:1]
     with TestClient(app) as client:
-        results = client.post("/v1/models/part/inspect", files=[("files", (p.name, p.read_bytes(), "image/png"))
+        results = client.post("/v1/models/part/inspect?heatmap=true", files=[("files", (p.name, p.read_bytes(), "image/png"))
                                                                  for p in paths]).json()["results"]
         page = client.get("/v1/audit").json()
         defective = [r for r in results if r["verdict"] == "defective"]
@@ -76,9 +83,22 @@ def test_the_service_keeps_defective_images_and_serves_them_by_audit_id(served_f
             if result["verdict"] == "defective":
                 assert image.status_code == 200 and image.content == paths[result["index"]].read_bytes()
                 assert image.headers["content-type"] == "image/png"
+                heat = client.get(f"/v1/audit/{result['audit_id']}/heatmap")
+                assert heat.status_code == 200 and heat.headers["content-type"] == "image/png"
+                assert np.array_equal(png_pixels(heat.content), png_pixels(base64.b64decode(result["heatmap_png"])))
             else:
                 assert image.status_code == 404 and "not kept" in image.json()["detail"]
+                assert client.get(f"/v1/audit/{result['audit_id']}/heatmap").status_code == 404
         assert client.get("/v1/audit/999999/image").status_code == 404
+        calibration = load_model(folder / "part.dsmodel").calibration
+        set_threshold(folder / "part.dsmodel", replace(calibration, threshold=calibration.threshold * 1.5), force=True)
+        assert client.post("/v1/models/part/reload").status_code == 200  # another version of part is served now
+        refused = client.get(f"/v1/audit/{defective[0]['audit_id']}/heatmap")
+        assert refused.status_code == 409 and "was judged by version" in refused.json()["detail"]
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
 
 
 def test_serve_refuses_kept_images_without_an_audit_trail(served_folder: Path, tmp_path: Path, cli) -> None:

@@ -97,9 +97,8 @@ def audit_records(request: Request, model: str | None = None, verdict: str | Non
     return AuditPage(records=[AuditRecord(**r) for r in records], limit=limit, offset=offset, kept=kept)
 
 
-@router.get("/audit/{record_id}/image", response_class=Response, responses={200: {"content": {"image/*": {}}}})
-def audited_image(request: Request, record_id: int) -> Response:
-    """The image of an audited verdict, when the service kept it (`serve --keep-images`)."""
+def _kept(request: Request, record_id: int) -> tuple[dict, Path]:
+    """An audited verdict and its kept image (404 when there is no audit trail, no such record or no kept image)."""
     audit, keeper = request.app.state.audit, request.app.state.keeper
     if audit is None:
         raise HTTPException(404, "this service keeps no audit trail; start it without --no-audit")
@@ -111,7 +110,39 @@ def audited_image(request: Request, record_id: int) -> Response:
     if kept is None:
         raise HTTPException(404, f"the image of audit record {record_id} is not kept (serve --keep-images DIR keeps "
                                  "images by verdict)")
+    return record, kept
+
+
+@router.get("/audit/{record_id}/image", response_class=Response, responses={200: {"content": {"image/*": {}}}})
+def audited_image(request: Request, record_id: int) -> Response:
+    """The image of an audited verdict, when the service kept it (`serve --keep-images`)."""
+    kept = _kept(request, record_id)[1]
     return Response(kept.read_bytes(), media_type=mimetypes.guess_type(kept.name)[0] or "application/octet-stream")
+
+
+@router.get("/audit/{record_id}/heatmap", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+async def audited_heatmap(request: Request, record_id: int) -> Response:
+    """The heatmap behind an audited verdict, for a kept image: the image scored again by the very model file that
+    judged it (the same sha256), which gives the same map; 409 when that version is no longer the one served."""
+    record, kept = _kept(request, record_id)
+    if record["score"] is None:
+        raise HTTPException(404, f"audit record {record_id} has no heatmap: its image could not be scored")
+    model = served(request, record["model"])
+    if model.sha256 != record["model_sha256"]:
+        raise HTTPException(409, f"audit record {record_id} was judged by version {record['model_version']} of model "
+                                 f"{record['model']}; version {model.version} is served now, and its map would not be "
+                                 "the one behind this verdict")
+    return await _heatmap_png(model, await run_in_threadpool(read_image, kept))
+
+
+async def _heatmap_png(model: ServedModel, image: np.ndarray) -> Response:
+    """One image's heatmap on its own pixels, coloured from 0 to twice the threshold (as the page's legend says)."""
+    if not model.detector.localizes:
+        raise HTTPException(400, f"model {model.name} scores whole images and makes no maps")
+    prediction = await model.batcher.predict([image])
+    heat = original_map(model, prediction.maps[0], image)
+    threshold = prediction.threshold or float(heat.max())
+    return Response(png_bytes(heat_colours(heat, 0.0, 2 * threshold)), media_type="image/png")
 
 
 @router.get("/models", response_model=ModelList)
@@ -266,14 +297,8 @@ async def labelled_image(request: Request, name: str, image_id: int) -> Response
             responses={200: {"content": {"image/png": {}}}})
 async def labelled_heatmap(request: Request, name: str, image_id: int) -> Response:
     model = served(request, name)
-    if not model.detector.localizes:
-        raise HTTPException(400, f"model {name} scores whole images and makes no maps")
     record = _record(model, image_id)
-    image = await run_in_threadpool(read_image, record["path"])
-    prediction = await model.batcher.predict([image])
-    heat = original_map(model, prediction.maps[0], image)
-    threshold = prediction.threshold or float(heat.max())
-    return Response(png_bytes(heat_colours(heat, 0.0, 2 * threshold)), media_type="image/png")
+    return await _heatmap_png(model, await run_in_threadpool(read_image, record["path"]))
 
 
 def _new_model_path(model: ServedModel, name: str, overwrite: bool) -> Path:

@@ -267,8 +267,14 @@ async function loadHistory() {
       `<td>${esc(r.model)}</td><td><code>${esc(r.model_version)}</code></td><td>${esc(r.image_name)}</td>` +
       `<td>${r.score == null ? "-" : r.score.toFixed(3)}</td><td>${r.normalized == null ? "-" : r.normalized.toFixed(3)}</td>` +
       `<td><span class="badge ${esc(r.verdict)}">${esc(r.verdict)}</span></td><td>${esc(r.role)}</td>` +
-      `<td>${kept.has(r.id) ? `<img class="kept" data-id="${r.id}" alt="kept image">` : "-"}</td></tr>`).join("");
-    for (const img of body.querySelectorAll("img.kept")) img.src = await blobUrl(`/v1/audit/${img.dataset.id}/image`);
+      `<td>${kept.has(r.id) ? `<span class="overlaid"><img class="kept" data-id="${r.id}" alt="kept image">` +
+        `<img class="heat" alt="heatmap" hidden></span>` : "-"}</td></tr>`).join("");
+    for (const img of body.querySelectorAll("img.kept")) {
+      img.src = await blobUrl(`/v1/audit/${img.dataset.id}/image`);
+      const heat = img.nextElementSibling;  // the map behind the verdict, over the image; why not, when it cannot be had
+      blobUrl(`/v1/audit/${img.dataset.id}/heatmap`).then((u) => { heat.src = u; heat.hidden = false; },
+                                                         (error) => { img.title = `no heatmap: ${error.message}`; });
+    }
   } catch (error) { body.innerHTML = ""; $("history-note").textContent = error.message; }
 }
 
