@@ -13,7 +13,8 @@ from defectscope.data.batches import iterate_batches
 from defectscope.data.decode import ImageSource
 from defectscope.data.frame import Preprocess
 from defectscope.prediction import Prediction, Scored, prediction_rows
-from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel, is_deployment
+from defectscope.files import read_regular
+from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel, graph_files, is_deployment
 
 if TYPE_CHECKING:
     from defectscope.calibration import Calibration
@@ -60,6 +61,15 @@ def load_predictor(path: Path, weights: Path | None = None, threads: int | None 
     from defectscope.artifacts import load_model  # torch: imported only for model files
 
     return load_model(path, weights)
+
+
+def model_files(path: Path, predictor: Predictor) -> dict[str, bytes]:
+    """The files of a loaded model by name: the model file, and an export's graph files beside it; written into any
+    folder, they load as the same model (how a model travels to a machine that cannot read `path`)."""
+    path = Path(path)
+    names = [path.name] + ([name for name, _ in graph_files(predictor.manifest)] if isinstance(predictor, DeployedModel)
+                           else [])
+    return {name: read_regular(path.parent / name, "model file") for name in names}
 
 
 class ContractBroken(AssertionError):

@@ -12,6 +12,7 @@ import io
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
@@ -19,7 +20,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from defectscope.errors import InputError
+from defectscope.errors import DefectscopeError, InputError
 from defectscope.files import open_regular, read_regular
 
 try:
@@ -31,7 +32,31 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".
 MAX_PIXELS_ENV = "DEFECTSCOPE_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 50_000_000  # a 50-megapixel camera frame (8192 x 6104); MVTec's largest images are 1 MP
 
-ImageSource = str | Path | np.ndarray
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes, read where the file is (or why they could not be), to be decoded wherever it is scored:
+    the same pixels, and the same error, as `read_image` on the file."""
+
+    path: str
+    data: bytes | None
+    error: str | None = None
+
+    @classmethod
+    def read(cls, path: str | Path) -> EncodedImage:
+        try:
+            return cls(str(path), _read_bytes(Path(path)).tobytes())
+        except DefectscopeError as exc:
+            return cls(str(path), None, str(exc))
+
+    def decode(self) -> np.ndarray:
+        if self.data is None:
+            raise InputError(self.error or f"cannot read image {self.path}")
+        return decode_image(np.frombuffer(self.data, dtype=np.uint8), self.path, checked=True)
+
+
+ImageSource = str | Path | np.ndarray | EncodedImage
 
 
 class ImageTooLarge(InputError):

@@ -1,10 +1,13 @@
-"""`score`: batch scoring into a Parquet dataset, resumable, in this process or with Ray Data.
+"""`score`: batch scoring into a Parquet dataset, resumable, in this process or on Ray actors.
 
 The images are split into fixed chunks; chunk i becomes the file `part-<i>.parquet`, written
 atomically once the whole chunk is scored. A part file therefore exists only for a complete
 chunk, so an interrupted run resumes with the chunks that have none (and scores again the chunks
 holding an 'error' row): no image is missing or scored twice. `_job.json` pins the model (by its
 sha256) and the image list (resolved on the driver); a different job refuses the folder.
+On Ray the driver alone touches files: it reads each chunk's images and sends their bytes, and writes
+each part the actors send back; the model travels once through the object store. No node needs a
+shared filesystem, the driver's working directory or its paths.
 Read the result with `pyarrow.parquet.read_table(folder)` (or pandas, Polars, DuckDB, Spark).
 """
 
@@ -13,20 +16,24 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import io
-import json
 import os
+import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from defectscope.data.decode import expand_inputs
+from defectscope.data.decode import EncodedImage, ImageSource, expand_inputs
 from defectscope.errors import DefectscopeError
 from defectscope.files import claim_folder, file_sha256, json_text, loads_strict, read_regular, write_atomic
 from defectscope.jobs import connect_ray
 from defectscope.prediction import prediction_rows
 
 CHUNK_IMAGES = 256  # images per part file: one predict call, bounded memory
+IN_FLIGHT = 2  # chunks out per Ray actor: one scored while the next travels
+RETRIES = 3  # restarts of a Ray actor (a lost node), each sending its chunks again
+RESEND_DELAY = 1.0  # seconds before a lost chunk is sent again (its actor is being started again)
 JOB_FILE = "_job.json"  # Parquet readers skip names starting with '_' or '.'
 LOCK_FILE = ".lock"  # held (flock) by the run writing into the folder
 COLUMNS = ("path", "score", "normalized", "verdict", "error")
@@ -46,36 +53,83 @@ def part_path(out: Path, chunk: int) -> Path:
     return out / f"part-{chunk:06d}.parquet"
 
 
-def write_chunk(model: Any, out: Path, chunk: int, paths: Sequence[str]) -> int:
-    """Score one chunk and write its part file atomically; returns the number of images."""
+def chunk_table(model: Any, paths: Sequence[str], images: Sequence[ImageSource]) -> bytes:
+    """One chunk scored: its rows (named by `paths`) as a Parquet file's bytes."""
     pyarrow = pyarrow_modules()
-    rows = prediction_rows([Path(p) for p in paths], model.predict(list(paths), map_size="input", keep_going=True))
+    rows = prediction_rows([Path(p) for p in paths], model.predict(list(images), map_size="input", keep_going=True))
     table = pyarrow.table({column: [row.get(column) for row in rows] for column in COLUMNS},
                           schema=pyarrow.schema([("path", pyarrow.string()), ("score", pyarrow.float64()),
                                                  ("normalized", pyarrow.float64()), ("verdict", pyarrow.string()),
                                                  ("error", pyarrow.string())]))
     buffer = io.BytesIO()
     pyarrow.parquet.write_table(table, buffer)
-    write_atomic(part_path(out, chunk), buffer.getvalue())
-    return len(rows)
+    return buffer.getvalue()
 
 
-class ChunkWriter:
-    """A Ray Data actor: loads the model once, then scores and writes the chunks it is given on `threads` threads
-    (the driver's count: convolution results depend on it in their last bits)."""
+def write_chunk(model: Any, out: Path, chunk: int, paths: Sequence[str]) -> int:
+    """Score one chunk here and write its part file atomically; returns the number of images."""
+    write_atomic(part_path(out, chunk), chunk_table(model, paths, paths))
+    return len(paths)
 
-    def __init__(self, model_path: str, out: str, threads: int) -> None:
+
+class ChunkScorer:
+    """A Ray actor: rebuilds the model from its files' bytes in a scratch folder of its own, then scores the chunks it
+    is sent (images as bytes) on `threads` threads (the driver's count: convolution results depend on it in their
+    last bits). It reads and writes nothing the driver has: the parts go back to the driver."""
+
+    def __init__(self, files: dict[str, bytes], name: str, threads: int) -> None:
         import torch
 
         from defectscope.predictor import load_predictor
 
         torch.set_num_threads(threads)
-        self.model, self.out = load_predictor(Path(model_path), threads=threads), Path(out)
+        self.scratch = tempfile.TemporaryDirectory(prefix="defectscope-score-")  # removed with the actor
+        for file_name, data in files.items():
+            (Path(self.scratch.name) / file_name).write_bytes(data)
+        self.model = load_predictor(Path(self.scratch.name) / name, threads=threads)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        images = [write_chunk(self.model, self.out, int(chunk), json.loads(paths))
-                  for chunk, paths in zip(batch["chunk"], batch["paths"])]
-        return {"chunk": batch["chunk"], "images": images}
+    def score(self, chunk: int, images: list[EncodedImage]) -> tuple[int, bytes]:
+        return chunk, chunk_table(self.model, [image.path for image in images], images)
+
+
+def _score_on_ray(ray_address: str, model: Any, model_path: Path, out: Path, todo: list[tuple[int, list[str]]],
+                  workers: int, threads: int) -> int:
+    """Score the chunks `todo` on Ray actors; returns the images scored. The driver reads each chunk's images and
+    writes each part that comes back, so no node needs this machine's files. At most IN_FLIGHT chunks per actor
+    are out at once (bounded memory); an actor whose node is lost is started again and its chunks are sent again."""
+    from defectscope.predictor import model_files
+
+    ray = connect_ray(ray_address)
+    files = ray.put(model_files(model_path, model))  # the model travels once, through the object store
+    scorer = ray.remote(ChunkScorer).options(num_cpus=threads, max_restarts=RETRIES, max_task_retries=RETRIES)
+    room = int(ray.cluster_resources().get("CPU", 0) // threads)  # actors the cluster can run at once now
+    actors = [scorer.remote(files, model_path.name, threads) for _ in range(max(1, min(workers, len(todo), room)))]
+    pending, out_now, scored = iter(todo), {}, 0
+    lost: dict[int, int] = {}  # chunk -> times its actor was lost while it was out
+
+    def send(actor: Any, job: tuple[int, list[str]] | None) -> None:
+        if job is not None:
+            chunk, paths = job
+            out_now[actor.score.remote(chunk, [EncodedImage.read(path) for path in paths])] = (actor, job)
+
+    for actor in actors * IN_FLIGHT:
+        send(actor, next(pending, None))
+    while out_now:
+        (ref,), _ = ray.wait(list(out_now), num_returns=1)
+        actor, job = out_now.pop(ref)
+        try:
+            chunk, table = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:  # its node or process was lost: Ray starts it again
+            lost[job[0]] = lost.get(job[0], 0) + 1
+            if lost[job[0]] > RETRIES:
+                raise DefectscopeError(f"chunk {job[0]} was lost {RETRIES + 1} times with its Ray actor: {exc}") from exc
+            time.sleep(RESEND_DELAY)
+            send(actor, job)  # the part is written only from a chunk that came back: never twice
+            continue
+        write_atomic(part_path(out, chunk), table)
+        scored += len(job[1])
+        send(actor, next(pending, None))
+    return scored
 
 
 def _inputs(inputs: Sequence[Path]) -> list[str]:
@@ -139,9 +193,9 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
     """Score every image into the Parquet dataset `out`, continuing an interrupted run of the same job.
 
     The model is loaded (and so checked) before the folder is touched; the folder is locked for the run.
-    On Ray, `workers` actors each hold the model and `threads` CPUs (default: this process's torch
-    threads, which gives bit-identical scores to scoring here). `failed` counts the rows whose image
-    could not be scored.
+    On Ray, up to `workers` actors (as many as the cluster's CPUs hold at the start) each hold the model
+    and `threads` CPUs (default: this process's torch threads, which gives bit-identical scores to
+    scoring here). `failed` counts the rows whose image could not be scored.
     """
     from defectscope.predictor import load_predictor
 
@@ -170,13 +224,8 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
         elif todo:
             import torch
 
-            ray = connect_ray(ray_address)
-            threads = threads or torch.get_num_threads()
-            items = [{"chunk": i, "paths": json.dumps(chunk)} for i, chunk in todo]
-            written = ray.data.from_items(items).map_batches(
-                ChunkWriter, fn_constructor_args=(str(Path(model_path).resolve()), str(out.resolve()), threads),
-                batch_size=1, num_cpus=threads, concurrency=(1, max(1, min(workers, len(todo))))).take_all()
-            scored = sum(int(row["images"]) for row in written)
+            scored = _score_on_ray(ray_address, model, Path(model_path), out, todo, workers,
+                                   threads or torch.get_num_threads())
         else:
             scored = 0
         failed = _failed_rows(out)

@@ -1,0 +1,90 @@
+"""`score` on a Ray cluster of several nodes that cannot read the driver's files: results on the driver, identical to
+scoring in this process, with nothing lost or repeated when a node is killed midway."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from defectscope import load_dataset
+from defectscope.scale.scoring import score_to_parquet
+
+pq = pytest.importorskip("pyarrow.parquet")
+ray = pytest.importorskip("ray")
+
+# Installed in every Ray worker: opening anything under the driver's folders fails, as on a node without them.
+REFUSE = """
+import os, sys
+
+def install():
+    hidden = tuple(os.environ["DRIVER_ONLY"].split(os.pathsep))
+
+    def refuse(event, args):
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            if os.path.abspath(os.fsdecode(args[0])).startswith(hidden):
+                raise PermissionError(f"{args[0]} is on the driver only")
+
+    sys.addaudithook(refuse)
+"""
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, demo_root: Path, served_folder: Path):
+    """A head without CPUs and two 1-CPU worker nodes (so the work runs on the workers), whose processes may not open
+    anything under the demo data or the served model's folder."""
+    from ray.cluster_utils import Cluster
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "refuse_driver_files.py").write_text(REFUSE)
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [nodes.add_node(num_cpus=1) for _ in range(2)]
+    hidden = [str(demo_root.resolve()), str(served_folder.resolve())]
+    ray.init(address=nodes.address, log_to_driver=False, runtime_env={
+        "env_vars": {"PYTHONPATH": str(hook), "DRIVER_ONLY": ":".join(hidden), "OMP_WAIT_POLICY": "PASSIVE"},
+        "worker_process_setup_hook": "refuse_driver_files.install"})
+    yield nodes, workers
+    ray.shutdown()
+    nodes.shutdown()
+
+
+def test_score_on_a_cluster_without_the_drivers_files_survives_a_lost_node(cluster, demo_root: Path,
+                                                                            served_folder: Path, tmp_path: Path) -> None:
+    nodes, workers = cluster
+    model = served_folder / "part.dsmodel"
+    images = [s.path for s in load_dataset(demo_root).test]
+
+    def read(path: str) -> bytes:
+        return Path(path).read_bytes()
+
+    with pytest.raises(ray.exceptions.RayTaskError, match="on the driver only"):  # the workers cannot read them
+        ray.get(ray.remote(read).options(num_cpus=1).remote(str(images[0])))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the actors' count: convolution results depend on it in their last bits
+    try:
+        local = score_to_parquet(model, images, tmp_path / "local", chunk_images=3)
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "on-cluster"
+    finished: dict = {}
+    run = threading.Thread(target=lambda: finished.update(
+        score_to_parquet(model, images, out, ray_address="auto", workers=2, chunk_images=3, threads=1)))
+    run.start()
+    deadline = time.monotonic() + 300
+    while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    parts_before = len(list(out.glob("part-*.parquet")))
+    nodes.remove_node(workers[0], allow_graceful=False)  # a worker node is lost midway: its actor starts elsewhere
+    nodes.add_node(num_cpus=1)
+    run.join(timeout=600)
+    assert not run.is_alive() and finished["failed"] == 0, finished
+    assert 0 < parts_before < local["chunks"]  # the node was lost while chunks were still out
+    assert finished["chunks"] == local["chunks"]
+    expected = pq.read_table(tmp_path / "local").sort_by("path").to_pydict()
+    table = pq.read_table(out).sort_by("path").to_pydict()
+    assert table["path"] == sorted(map(str, images))  # every image exactly once
+    assert table == expected  # the same rows as in this process (same threads: the same bits)
