@@ -1,5 +1,5 @@
-"""`score` on a Ray cluster of several nodes that cannot read the driver's files: results on the driver, identical to
-scoring in this process, with nothing lost or repeated when a node is killed midway."""
+"""`fit-many` and `score` on a Ray cluster of several nodes that cannot read the driver's files: results on the driver,
+identical to this process's, with nothing lost or repeated when a node is killed midway."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from defectscope import load_dataset
+from defectscope.artifacts import load_model
+from defectscope.pipeline import fit_model
+from defectscope.scale.fit_many import fit_many
 from defectscope.scale.scoring import score_to_parquet
 
 pq = pytest.importorskip("pyarrow.parquet")
@@ -32,14 +36,13 @@ def install():
 """
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, demo_root: Path, served_folder: Path):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, served_folder: Path):
     """A head without CPUs and two 1-CPU worker nodes (so the work runs on the workers), whose processes may not open
     anything under the demo data or the served model's folder."""
     from ray.cluster_utils import Cluster
 
-    hook = tmp_path / "hook"
-    hook.mkdir()
+    hook = tmp_path_factory.mktemp("hook")
     (hook / "refuse_driver_files.py").write_text(REFUSE)
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     workers = [nodes.add_node(num_cpus=1) for _ in range(2)]
@@ -50,6 +53,24 @@ def cluster(tmp_path: Path, demo_root: Path, served_folder: Path):
     yield nodes, workers
     ray.shutdown()
     nodes.shutdown()
+
+
+def test_fit_many_on_a_cluster_without_the_drivers_files(cluster, demo_root: Path, tmp_path: Path) -> None:
+    """The training images travel with the job; the model file comes back and is the one this process fits."""
+    settings = {"image_size": 64, "crop": None, "calibration_folds": 4}
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"defaults": {"model": "patchcore", "settings": settings},
+                                    "products": [{"name": "part", "data": str(demo_root)}]}))
+    rows = fit_many(plan, ray_address="auto", retries=0, threads=1)
+    assert rows[0]["status"] == "fitted", rows
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        direct = load_model(fit_model(demo_root, "patchcore", settings, tmp_path / "direct.dsmodel").path).tensors()
+    finally:
+        torch.set_num_threads(threads)
+    shipped = load_model(tmp_path / "models" / "part.dsmodel").tensors()
+    assert shipped.keys() == direct.keys() and all(torch.equal(shipped[k], direct[k]) for k in direct)
 
 
 def test_score_on_a_cluster_without_the_drivers_files_survives_a_lost_node(cluster, demo_root: Path,

@@ -17,7 +17,7 @@ from defectscope.artifacts import load_model
 from defectscope.errors import DefectscopeError
 from defectscope.pipeline import fit_model
 from defectscope.scale import scoring
-from defectscope.scale.fit_many import fit_many, fit_product
+from defectscope.scale.fit_many import FitJob, fit_many, fit_product
 from defectscope.jobs import run_jobs
 from defectscope.scale.plan import fingerprint, load_plan, recorded_fingerprint
 from defectscope.scale.scoring import score_to_parquet
@@ -72,7 +72,7 @@ def test_a_fit_job_returns_its_model_and_the_driver_writes_it(demo_root: Path, t
     copy = tmp_path / "copy"
     shutil.copytree(demo_root, copy, copy_function=shutil.copyfile)  # new modification times
     assert fingerprint(product) == fingerprint(replace(product, data=copy))
-    result = fit_product((product, 2, fingerprint(product)))
+    result = fit_product(FitJob(product, 2, fingerprint(product)))
     assert not product.out.exists() and result["model"][:8] != b""  # nothing written where the job ran
     product.out.parent.mkdir(parents=True)
     product.out.write_bytes(result["model"])

@@ -24,23 +24,38 @@ def connect_ray(address: str) -> Any:
 
 
 def run_jobs(function: Callable[[Any], Any], items: Sequence[Any], ray_address: str | None = None,
-             retries: int = 2, cpus: int = 1) -> list[tuple[Any, str | None]]:
+             retries: int = 2, cpus: int = 1, ship: Callable[[Any], Any] | None = None) -> list[tuple[Any, str | None]]:
     """(result, None) or (None, error) per item, in order; each job is tried up to 1 + `retries` times.
 
     On Ray each job holds `cpus` CPUs and is also retried when its worker dies (the process exits or
-    the node is lost).
+    the node is lost). `ship` turns an item into what travels to the worker (its files' bytes, say)
+    just before it is sent, and at most twice as many jobs as the cluster's CPUs hold are out at once,
+    so what travels stays bounded.
     """
     if ray_address is None:
         return [_local(function, item, retries) for item in items]
     ray = connect_ray(ray_address)
     remote = ray.remote(function).options(max_retries=retries, retry_exceptions=True, num_cpus=cpus)
-    outcomes = []
-    for ref in [remote.remote(item) for item in items]:
+    limit = max(1, 2 * int(ray.cluster_resources().get("CPU", 0) // cpus))
+    outcomes: list[tuple[Any, str | None]] = [(None, None)] * len(items)
+    waiting, out = iter(enumerate(items)), {}
+
+    def send() -> None:
+        job = next(waiting, None)
+        if job is not None:
+            out[remote.remote(ship(job[1]) if ship is not None else job[1])] = job[0]
+
+    for _ in range(limit):
+        send()
+    while out:
+        (ref,), _ = ray.wait(list(out), num_returns=1)
+        index = out.pop(ref)
         try:
-            outcomes.append((ray.get(ref), None))
+            outcomes[index] = (ray.get(ref), None)
         except ray.exceptions.RayError as exc:
             cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
-            outcomes.append((None, _reason(cause)))
+            outcomes[index] = (None, _reason(cause))
+        send()
     return outcomes
 
 

@@ -24,7 +24,7 @@ from defectscope.artifacts import (
     set_threshold,
 )
 from defectscope.backbones import load_backbone
-from defectscope.data.decode import expand_inputs
+from defectscope.data.decode import ImageSource, expand_inputs
 from defectscope.data.folds import pick_good
 from defectscope.data.layout import Dataset, Sample, load_dataset
 from defectscope.data.synthetic import make_demo_dataset
@@ -96,11 +96,13 @@ def mask_training_set(dataset: Dataset, config: Any) -> list[Sample]:
 
 def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights: Path | None = None,
                  download: bool = False, bar: ProgressBar = no_progress,
-                 epoch_progress: EpochProgress | None = None, ray_address: str | None = None) -> tuple[MapModel, FitReport]:
+                 epoch_progress: EpochProgress | None = None, ray_address: str | None = None,
+                 images: Sequence[ImageSource] | None = None) -> tuple[MapModel, FitReport]:
     """Build a model from checked settings and fit it: a good-only detector on the good training images, a mask model
     (segmenter, instance detector) on the labelled images and their masks (`mask_training_set`).
 
     With `ray_address`, PatchCore's shard coresets run as Ray tasks (the same bank as here, bit for bit).
+    `images` are the training images in `dataset.train`'s order when they come as bytes (read on another machine).
     """
     detector = create_detector(model, **settings)
     if weights is not None or download:
@@ -114,7 +116,7 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
         with bar(f"training {model} on {len(samples)} labelled images", len(samples)):
             history = detector.fit_masks(samples, dataset.defect_types)
         return detector, FitReport(len(samples), 0, time.perf_counter() - start, {"history": history})
-    train = [s.path for s in dataset.train]
+    train = list(images) if images is not None else [s.path for s in dataset.train]
     frame_choice, began = None, time.perf_counter()
     if isinstance(detector, PatchCore) and detector.config.frame_search:
         if any(field in settings for field in FRAME_FIELDS):
@@ -141,16 +143,20 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
     return detector, replace(report, seconds=time.perf_counter() - began)  # the frame search included
 
 
-def fit_model(data: Path, model: str, settings: dict[str, Any], out: Path, *, weights: Path | None = None,
+def fit_model(data: Path | Dataset, model: str, settings: dict[str, Any], out: Path, *, weights: Path | None = None,
               download: bool = False, force: bool = False, bar: ProgressBar = no_progress,
-              fingerprint: str | None = None, ray_address: str | None = None) -> Fitted:
-    """Check the output, load the dataset, fit, and save the model file (nothing is written if fitting fails).
+              fingerprint: str | None = None, ray_address: str | None = None,
+              images: Sequence[ImageSource] | None = None) -> Fitted:
+    """Check the output, load the dataset (or take it loaded), fit, and save the model file (nothing is written if
+    fitting fails).
 
-    `fingerprint` (of the data and settings, see `scale.plan`) is recorded in the training summary.
+    `fingerprint` (of the data and settings, see `scale.plan`) is recorded in the training summary; `images`: see
+    `fit_detector`.
     """
     check_model_output(out, force)
-    dataset = load_dataset(data)
-    detector, report = fit_detector(dataset, model, settings, weights, download, bar, ray_address=ray_address)
+    dataset = data if isinstance(data, Dataset) else load_dataset(data)
+    detector, report = fit_detector(dataset, model, settings, weights, download, bar, ray_address=ray_address,
+                                    images=images)
     if fingerprint is not None:
         detector.train_summary["fingerprint"] = fingerprint
     save_model(detector, out, force)

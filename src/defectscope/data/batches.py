@@ -7,15 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from defectscope.data.decode import EncodedImage, ImageSource, read_image
+from defectscope.data.decode import ImageSource, load_image
 from defectscope.data.frame import Preprocess
 from defectscope.errors import DefectscopeError
 
 
 def framed_image(source: ImageSource, preprocess: Preprocess, index: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
     """One image decoded (or taken as an RGB uint8 array), resized and cropped: (3 x h x w uint8, original (H, W))."""
-    image = (source if isinstance(source, np.ndarray) else source.decode() if isinstance(source, EncodedImage)
-             else read_image(source))
+    image = load_image(source)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise DefectscopeError(f"image {index} must be an RGB uint8 array HxWx3, got {image.shape}")
     frame = preprocess.resize_crop(image)

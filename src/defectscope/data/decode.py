@@ -209,11 +209,23 @@ def image_header(path: str | Path, data: np.ndarray | None = None, stream: Binar
     return width, height, mode
 
 
+def load_image(source: ImageSource) -> np.ndarray:
+    """An image as RGB uint8 HxWx3: an array as it is, a file or its bytes decoded."""
+    if isinstance(source, np.ndarray):
+        return source
+    return source.decode() if isinstance(source, EncodedImage) else read_image(source)
+
+
 def image_size(source: ImageSource) -> tuple[int, int]:
-    """(height, width) of an image file (from its header) or array."""
+    """(height, width) of an image file or its bytes (from the header) or of an array."""
     if isinstance(source, np.ndarray):
         return source.shape[0], source.shape[1]
-    width, height, _ = image_header(source)
+    if isinstance(source, EncodedImage):
+        if source.data is None:
+            raise InputError(source.error or f"cannot read image {source.path}")
+        width, height, _ = image_header(source.path, np.frombuffer(source.data, dtype=np.uint8))
+    else:
+        width, height, _ = image_header(source)
     return height, width
 
 

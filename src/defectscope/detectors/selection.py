@@ -15,7 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from defectscope.data.decode import read_image
+from defectscope.data.decode import load_image
 from defectscope.data.defects import KINDS, synthetic_defect
 
 HELD_IMAGES = 16  # good images held out of a probe (at most a third of the training images)
@@ -53,7 +53,7 @@ def make_probe(images: Sequence[Any], seed: int, kinds: Sequence[str] = KINDS) -
     order = rng.permutation(len(images))
     good = []
     for index in order[: min(HELD_IMAGES, len(images) // 3)]:
-        image = read_image(images[index]) if not isinstance(images[index], np.ndarray) else images[index]
+        image = load_image(images[index])
         scale = min(1.0, (MAX_PIXELS / (image.shape[0] * image.shape[1])) ** 0.5)
         good.append(image if scale == 1.0 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
     defective = [synthetic_defect(image, kind, rng, good[(i + 1) % len(good)]).image

@@ -2,22 +2,26 @@
 
 The driver resolves every path, checks every product (a missing folder fails at once, without retries),
 fingerprints each product's training images by content and skips those whose model file records the
-same fingerprint. A job fits in a scratch folder of whichever process or Ray node runs it and returns
-the model file's bytes; the driver writes them to the product's `out`, atomically. So no node's working
-directory or local disk matters for the result, and a model fitted on Ray is the file this process would
-write.
+same fingerprint. On Ray the driver reads a product's training images just before its job is sent, and
+they travel with it as bytes. A job fits in a scratch folder of whichever process or Ray node runs it
+and returns the model file's bytes; the driver writes them to the product's `out`, atomically. So no
+node needs the data, its working directory or its local disk, and a model fitted on Ray is the file this
+process would write.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from defectscope.artifacts import check_model_output
+from defectscope.data.decode import EncodedImage
+from defectscope.data.layout import Dataset, load_dataset
 from defectscope.errors import DefectscopeError
 from defectscope.files import write_atomic
 from defectscope.jobs import run_jobs
@@ -25,18 +29,36 @@ from defectscope.pipeline import fit_model
 from defectscope.scale.plan import Product, fingerprint, load_plan, recorded_fingerprint
 
 
-def fit_product(job: tuple[Product, int, str]) -> dict[str, Any]:
-    """Fit one product on `threads` threads in a scratch folder; returns the model file's bytes with the report.
+@dataclass(frozen=True)
+class FitJob:
+    """One product to fit on `threads` threads; with `images`, its training images travel with it as bytes (and
+    `dataset` is its layout as read on the driver), so a node that cannot see `product.data` fits the same model."""
+
+    product: Product
+    threads: int
+    fingerprint: str
+    dataset: Dataset | None = None
+    images: list[EncodedImage] | None = None
+
+
+def with_images(job: FitJob) -> FitJob:
+    """The job with its training images read here (on the driver), to travel to a Ray node."""
+    dataset = load_dataset(job.product.data)
+    return replace(job, dataset=dataset, images=[EncodedImage.read(sample.path) for sample in dataset.train])
+
+
+def fit_product(job: FitJob) -> dict[str, Any]:
+    """Fit one product in a scratch folder; returns the model file's bytes with the report.
 
     The thread count is part of the job: convolution results depend on it in their last bits, so a
     Ray worker fits exactly what this process would.
     """
-    product, threads, current = job
-    torch.set_num_threads(threads)
+    torch.set_num_threads(job.threads)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="defectscope-fit-") as scratch:
         target = Path(scratch) / "model.dsmodel"
-        fitted = fit_model(product.data, product.model, product.settings, target, fingerprint=current)
+        fitted = fit_model(job.dataset if job.dataset is not None else job.product.data, job.product.model, job.product.settings, target,
+                           fingerprint=job.fingerprint, images=job.images)
         model = target.read_bytes()
     return {"status": "fitted", "seconds": time.perf_counter() - start, "images": fitted.report.train_images,
             "model": model}
@@ -61,8 +83,9 @@ def fit_many(plan: str | Path, ray_address: str | None = None, retries: int = 2,
         except DefectscopeError as exc:  # the same on every try: reported now, never retried
             rows[product.name] = {**row, "status": "failed", "error": str(exc)}
             continue
-        jobs.append((product, threads, current))
-    for (product, _, _), (result, error) in zip(jobs, run_jobs(fit_product, jobs, ray_address, retries, cpus=threads)):
+        jobs.append(FitJob(product, threads, current))
+    outcomes = run_jobs(fit_product, jobs, ray_address, retries, cpus=threads, ship=with_images)
+    for product, (result, error) in zip((job.product for job in jobs), outcomes):
         row = {"name": product.name, "model": product.model, "out": str(product.out)}
         if error is None:
             write_atomic(product.out, result.pop("model"))
