@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -78,6 +80,15 @@ def test_a_fit_job_returns_its_model_and_the_driver_writes_it(demo_root: Path, t
     product.out.write_bytes(result["model"])
     assert recorded_fingerprint(product.out) == fingerprint(product)
     assert {row["name"]: row["status"] for row in fit_many(plan, retries=0)} == {"part": "up to date"}
+
+
+def test_checking_a_plan_imports_only_the_models_it_names(tmp_path: Path) -> None:
+    """A plan's check costs the same per product: it never loads every model kind (scikit-learn, torchvision)."""
+    plan = _plan(tmp_path, [{"name": f"p{i}", "data": f"data/p{i}"} for i in range(200)])
+    probe = ("import sys\nfrom defectscope.scale.plan import load_plan\n"
+             "print(len(load_plan(sys.argv[1])), [m for m in ('sklearn', 'torchvision') if m in sys.modules])")
+    run = subprocess.run([sys.executable, "-c", probe, str(plan)], capture_output=True, text=True, timeout=120)
+    assert run.stdout.split(maxsplit=1) == ["200", "[]\n"], run.stderr[-500:]
 
 
 @pytest.mark.parametrize("products, message", [

@@ -5,9 +5,9 @@
       - {name: bottle, data: ../datasets/mvtec_ad/bottle}                # out: models/bottle.dsmodel
       - {name: tire, data: ../datasets/tire, settings: {image_size: 320}, out: tire.dsmodel}
 
-Paths are relative to the plan file. A product's fingerprint covers its training images (path,
-size, modification time), model, settings and the library version; a model file that records the
-same fingerprint is up to date.
+Paths are relative to the plan file. A product's fingerprint covers its training images (name within
+the data folder and sha256 of the content), model, settings and the library version; a model file that
+records the same fingerprint is up to date.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any
 from defectscope._version import __version__
 from defectscope.config_files import read_mapping
 from defectscope.data.layout import load_dataset
-from defectscope.detectors.base import detector_class, good_only_models
+from defectscope.detectors.base import detector_class
 from defectscope.errors import DefectscopeError
 from defectscope.files import file_sha256
-from defectscope.names import check_name
+from defectscope.names import GOOD_ONLY_MODELS, check_name
 
 PRODUCT_FIELDS = {"name", "data", "model", "settings", "out"}
 DEFAULT_FIELDS = {"model", "settings"}
@@ -72,9 +72,9 @@ def load_plan(path: str | Path) -> list[Product]:
         if not isinstance(entry.get("data"), str):
             raise DefectscopeError(f"product {name} needs 'data': the folder of its images")
         model = entry.get("model", defaults.get("model", "patchcore"))
-        if model not in good_only_models():
+        if model not in GOOD_ONLY_MODELS:  # a constant: a plan of 10,000 products imports only the models it names
             raise DefectscopeError(f"product {name}: model {model!r} cannot be fitted on good images; "
-                                   f"choose one of: {', '.join(good_only_models())}")
+                                   f"choose one of: {', '.join(GOOD_ONLY_MODELS)}")
         settings = {**_mapping(defaults.get("settings", {}), "defaults 'settings'"),
                     **_mapping(entry.get("settings", {}), f"product {name} 'settings'")}
         try:
