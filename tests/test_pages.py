@@ -102,6 +102,17 @@ def test_threshold_slider_counts_match_python(page, server, tmp_path: Path) -> N
     for key, value in expected.items():
         assert int(page.locator(f"#{key}").inner_text()) == int(value), key
     assert float(page.locator("#recall").inner_text()) == pytest.approx(expected["tp"] / (labels == 1).sum(), abs=1e-3)
+    histogram = page.locator("#histogram text").all_text_contents()  # axes with titles and ticks, and a legend
+    for text in ("anomaly score (labelled images)", "images", "good", "defective", "threshold"):
+        assert text in histogram, (text, histogram)
+    ticks = [float(histogram[i]) for i in range(3)]  # the score axis: lowest, middle, highest score
+    assert ticks == pytest.approx([scores.min(), (scores.min() + scores.max()) / 2, scores.max()], rel=5e-3)
+    assert page.locator("#histogram rect.good").count() and page.locator("#histogram rect.defective").count()
+    assert {"false-alarm rate", "recall"} <= set(page.locator("#roc text").all_text_contents())
+    far, recall = expected["fp"] / (labels == 0).sum(), expected["tp"] / (labels == 1).sum()
+    point = page.locator("#roc circle.operating")  # the slider's threshold on the ROC curve, in plot coordinates
+    cx, cy = float(point.get_attribute("cx")), float(point.get_attribute("cy"))
+    assert (cx - 40) / (240 - 56) == pytest.approx(far, abs=1e-6) and (240 - 34 - cy) / (240 - 56) == pytest.approx(recall, abs=1e-6)
     page.screenshot(path=tmp_path / "threshold.png", full_page=True)
     _not_blank(tmp_path / "threshold.png")
 

@@ -118,37 +118,67 @@ function showCounts() {
   $("precision").textContent = c.precision.toFixed(3);
   $("recall").textContent = c.recall.toFixed(3);
   drawHistogram(threshold);
+  drawRoc();
+}
+
+// Charts are SVG: axes, ticks and legends are text a reader (and a test) can find.
+const CHART = { left: 40, right: 16, top: 22, bottom: 34 };
+
+function svgText(x, y, text, anchor = "middle", extra = "") {
+  return `<text x="${x}" y="${y}" text-anchor="${anchor}" ${extra}>${esc(String(text))}</text>`;
+}
+
+function axes(width, height, xTicks, yTicks, xTitle, yTitle) {
+  const { left, right, top, bottom } = CHART, x1 = width - right, y1 = height - bottom;
+  let out = `<path class="axis" d="M${left},${top} V${y1} H${x1}"/>`;
+  for (const [x, label] of xTicks) out += `<path class="tick" d="M${x},${y1} v4"/>` + svgText(x, y1 + 14, label);
+  for (const [y, label] of yTicks) out += `<path class="tick" d="M${left},${y} h-4"/>` + svgText(left - 6, y + 4, label, "end");
+  out += svgText((left + x1) / 2, height - 4, xTitle, "middle", 'class="title"');
+  out += svgText(12, (top + y1) / 2, yTitle, "middle", `class="title" transform="rotate(-90 12 ${(top + y1) / 2})"`);
+  return out;
 }
 
 function drawHistogram(threshold) {
-  const canvas = $("histogram"), g = canvas.getContext("2d"), scores = state.labelled.map((i) => i.score);
-  const low = Math.min(...scores), high = Math.max(...scores), bins = 30, width = canvas.width, height = canvas.height;
+  const svg = $("histogram"), [width, height] = [420, 220], scores = state.labelled.map((i) => i.score);
+  const low = Math.min(...scores, threshold), high = Math.max(...scores, threshold), bins = 30;
   const span = high - low || 1, good = new Array(bins).fill(0), bad = new Array(bins).fill(0);
   for (const image of state.labelled) {
     const bin = Math.min(bins - 1, Math.floor((image.score - low) / span * bins));
     (image.label === 1 ? bad : good)[bin]++;
   }
-  const top = Math.max(1, ...good, ...bad);
-  g.clearRect(0, 0, width, height);
-  const w = width / bins;
+  const top = Math.max(1, ...good, ...bad), { left, right, top: y0, bottom } = CHART;
+  const plotW = width - left - right, plotH = height - y0 - bottom, w = plotW / bins;
+  const xOf = (score) => left + (score - low) / span * plotW, yOf = (count) => y0 + plotH - count / top * plotH;
+  let body = "";
   for (let b = 0; b < bins; b++) {
-    g.fillStyle = "rgba(46,125,50,.6)"; g.fillRect(b * w, height - good[b] / top * (height - 10), w / 2, good[b] / top * (height - 10));
-    g.fillStyle = "rgba(198,40,40,.6)"; g.fillRect(b * w + w / 2, height - bad[b] / top * (height - 10), w / 2, bad[b] / top * (height - 10));
+    if (good[b]) body += `<rect class="good" x="${left + b * w}" y="${yOf(good[b])}" width="${w / 2}" height="${plotH - yOf(good[b]) + y0}"/>`;
+    if (bad[b]) body += `<rect class="defective" x="${left + b * w + w / 2}" y="${yOf(bad[b])}" width="${w / 2}" height="${plotH - yOf(bad[b]) + y0}"/>`;
   }
-  const x = (threshold - low) / span * width;
-  g.strokeStyle = "#1d232a"; g.beginPath(); g.moveTo(x, 0); g.lineTo(x, height); g.stroke();
+  const x = xOf(threshold);
+  body += `<path class="threshold" d="M${x},${y0} V${y0 + plotH}"/>`;
+  const xTicks = [low, (low + high) / 2, high].map((v) => [xOf(v), v.toPrecision(3)]);
+  const yTicks = [0, Math.ceil(top / 2), top].map((v) => [yOf(v), v]);
+  const legend = `<rect class="good" x="${left + 6}" y="6" width="10" height="10"/>` + svgText(left + 20, 15, "good", "start") +
+    `<rect class="defective" x="${left + 66}" y="6" width="10" height="10"/>` + svgText(left + 80, 15, "defective", "start") +
+    `<path class="threshold" d="M${left + 156},6 v10"/>` + svgText(left + 162, 15, "threshold", "start");
+  svg.innerHTML = axes(width, height, xTicks, yTicks, "anomaly score (labelled images)", "images") + body + legend;
 }
 
 function drawRoc() {
-  const canvas = $("roc"), g = canvas.getContext("2d"), size = canvas.width;
+  const svg = $("roc"), size = 240, { left, right, top, bottom } = CHART;
+  const plotW = size - left - right, plotH = size - top - bottom;
   const sorted = [...state.labelled].sort((a, b) => b.score - a.score);
   const positives = sorted.filter((i) => i.label === 1).length || 1, negatives = sorted.length - positives || 1;
-  g.clearRect(0, 0, size, size);
-  g.strokeStyle = "#9aa5b1"; g.beginPath(); g.moveTo(0, size); g.lineTo(size, 0); g.stroke();
-  g.strokeStyle = "#4da3ff"; g.lineWidth = 2; g.beginPath(); g.moveTo(0, size);
-  let tp = 0, fp = 0;
-  for (const image of sorted) { image.label === 1 ? tp++ : fp++; g.lineTo(fp / negatives * size, size - tp / positives * size); }
-  g.stroke(); g.lineWidth = 1;
+  const px = (far) => left + far * plotW, py = (recall) => top + plotH - recall * plotH;
+  let tp = 0, fp = 0, path = `M${px(0)},${py(0)}`;
+  for (const image of sorted) { image.label === 1 ? tp++ : fp++; path += ` L${px(fp / negatives)},${py(tp / positives)}`; }
+  const c = counts(Number($("slider").value));
+  const point = [px(c.fp / negatives), py(c.tp / positives)];
+  const ticks = [0, 0.5, 1];
+  svg.innerHTML = axes(size, size, ticks.map((v) => [px(v), v]), ticks.map((v) => [py(v), v]), "false-alarm rate", "recall") +
+    `<path class="chance" d="M${px(0)},${py(0)} L${px(1)},${py(1)}"/><path class="roc" d="${path}"/>` +
+    `<circle class="operating" cx="${point[0]}" cy="${point[1]}" r="4"/>` +
+    svgText(left + 4, 15, "ROC; dot: the slider's threshold", "start");
 }
 
 async function loadThreshold() {
@@ -167,7 +197,6 @@ async function loadThreshold() {
   slider.min = Math.min(...scores);
   slider.max = Math.max(...scores) * 1.01;
   slider.value = state.threshold ?? slider.min;
-  drawRoc();
   showCounts();
 }
 
