@@ -167,3 +167,24 @@ def test_masks_read_the_same_without_opencv(tmp_path: Path, monkeypatch) -> None
     for path, expected in zip(paths, with_opencv):
         np.testing.assert_array_equal(decode.read_mask(path), expected)
     assert with_opencv[1].sum() == 200
+
+
+def test_an_image_read_as_bytes_decodes_as_the_file_does(demo_root: Path, tmp_path: Path) -> None:
+    """What travels to a Ray node (`EncodedImage`) gives the pixels, the size and, for a broken or missing file, the
+    very error `read_image` gives on the file."""
+    import pytest
+
+    from defectscope.data.decode import EncodedImage, image_size, load_image, read_image
+    from defectscope.errors import DefectscopeError
+
+    image = next((demo_root / "test" / "good").iterdir())
+    encoded = EncodedImage.read(image)
+    assert np.array_equal(load_image(encoded), read_image(image)) and image_size(encoded) == image_size(image)
+    broken, missing = tmp_path / "broken.png", tmp_path / "missing.png"
+    broken.write_bytes(image.read_bytes()[:200])  # a truncated PNG: its header reads, its pixels do not
+    for path in (broken, missing):
+        with pytest.raises(DefectscopeError) as direct:
+            read_image(path)
+        with pytest.raises(DefectscopeError) as shipped:
+            load_image(EncodedImage.read(path))
+        assert str(shipped.value) == str(direct.value)

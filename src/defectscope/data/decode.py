@@ -33,7 +33,6 @@ MAX_PIXELS_ENV = "DEFECTSCOPE_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 50_000_000  # a 50-megapixel camera frame (8192 x 6104); MVTec's largest images are 1 MP
 
 
-
 @dataclass(frozen=True)
 class EncodedImage:
     """An image file's bytes, read where the file is (or why they could not be), to be decoded wherever it is scored:
@@ -51,9 +50,17 @@ class EncodedImage:
             return cls(str(path), None, str(exc))
 
     def decode(self) -> np.ndarray:
+        return decode_image(self._bytes(), self.path, checked=True)
+
+    def size(self) -> tuple[int, int]:
+        """(height, width), from the header."""
+        width, height, _ = image_header(self.path, self._bytes())
+        return height, width
+
+    def _bytes(self) -> np.ndarray:
         if self.data is None:
             raise InputError(self.error or f"cannot read image {self.path}")
-        return decode_image(np.frombuffer(self.data, dtype=np.uint8), self.path, checked=True)
+        return np.frombuffer(self.data, dtype=np.uint8)
 
 
 ImageSource = str | Path | np.ndarray | EncodedImage
@@ -221,11 +228,8 @@ def image_size(source: ImageSource) -> tuple[int, int]:
     if isinstance(source, np.ndarray):
         return source.shape[0], source.shape[1]
     if isinstance(source, EncodedImage):
-        if source.data is None:
-            raise InputError(source.error or f"cannot read image {source.path}")
-        width, height, _ = image_header(source.path, np.frombuffer(source.data, dtype=np.uint8))
-    else:
-        width, height, _ = image_header(source)
+        return source.size()
+    width, height, _ = image_header(source)
     return height, width
 
 
