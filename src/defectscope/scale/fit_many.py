@@ -57,8 +57,9 @@ def fit_product(job: FitJob) -> dict[str, Any]:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="defectscope-fit-") as scratch:
         target = Path(scratch) / "model.dsmodel"
-        fitted = fit_model(job.dataset if job.dataset is not None else job.product.data, job.product.model, job.product.settings, target,
-                           fingerprint=job.fingerprint, images=job.images)
+        data = job.dataset if job.dataset is not None else job.product.data
+        fitted = fit_model(data, job.product.model, job.product.settings, target, fingerprint=job.fingerprint,
+                           images=job.images)
         model = target.read_bytes()
     return {"status": "fitted", "seconds": time.perf_counter() - start, "images": fitted.report.train_images,
             "model": model}
