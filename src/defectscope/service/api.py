@@ -124,7 +124,7 @@ def audited_image(request: Request, record_id: int) -> Response:
 async def audited_heatmap(request: Request, record_id: int) -> Response:
     """The heatmap behind an audited verdict, for a kept image: the image scored again by the very model file that
     judged it (the same sha256), which gives the same map; 409 when that version is no longer the one served."""
-    record, kept = _kept(request, record_id)
+    record, kept = await run_in_threadpool(_kept, request, record_id)  # a database read: off the event loop
     if record["score"] is None:
         raise HTTPException(404, f"audit record {record_id} has no heatmap: its image could not be scored")
     model = served(request, record["model"])
