@@ -140,10 +140,10 @@ def test_the_history_tab_lists_audited_verdicts_with_kept_images(page, tmp_path:
         "[...document.querySelectorAll('#history-table img.heat')].some(i => !i.hidden && i.naturalWidth > 0)")
     kept_rows = page.locator("#history-table tbody tr:has(img.kept)").all_inner_texts()
     assert kept_rows and all("defective" in row for row in kept_rows)  # only the chosen verdict's images are kept
+    page.screenshot(path=tmp_path / "history.png", full_page=True)  # kept images under their heatmaps
+    _not_blank(tmp_path / "history.png")
     page.select_option("#history-verdict", "good")
     page.wait_for_function("[...document.querySelectorAll('#history-table tbody tr')].every(r => r.className === 'good')")
-    page.screenshot(path=tmp_path / "history.png", full_page=True)
-    _not_blank(tmp_path / "history.png")
     page.select_option("#history-verdict", "")
 
 
