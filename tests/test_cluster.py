@@ -3,6 +3,10 @@ identical to this process's, with nothing lost or repeated when a node is killed
 
 from __future__ import annotations
 
+import os
+import secrets
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +17,7 @@ import yaml
 
 from defectscope import load_dataset
 from defectscope.artifacts import load_model
+from defectscope.jobs import RayCluster
 from defectscope.pipeline import fit_model
 from defectscope.scale.fit_many import fit_many
 from defectscope.scale.scoring import score_to_parquet
@@ -39,7 +44,8 @@ def install():
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, served_folder: Path):
     """A head without CPUs and two 1-CPU worker nodes (so the work runs on the workers), whose processes may not open
-    anything under the demo data or the served model's folder."""
+    anything under the demo data or the served model's folder; connected through a RayCluster whose runtime_env
+    installs that refusal."""
     from ray.cluster_utils import Cluster
 
     hook = tmp_path_factory.mktemp("hook")
@@ -47,12 +53,54 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, served_fo
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     workers = [nodes.add_node(num_cpus=1) for _ in range(2)]
     hidden = [str(demo_root.resolve()), str(served_folder.resolve())]
-    ray.init(address=nodes.address, log_to_driver=False, runtime_env={
-        "env_vars": {"PYTHONPATH": str(hook), "DRIVER_ONLY": ":".join(hidden), "OMP_WAIT_POLICY": "PASSIVE"},
+    where = RayCluster(nodes.address, runtime_env={  # a runtime_env as `--ray-env` gives it
+        "env_vars": {"PYTHONPATH": str(hook), "DRIVER_ONLY": ":".join(hidden)},
         "worker_process_setup_hook": "refuse_driver_files.install"})
-    yield nodes, workers
+    where.connect()
+    yield nodes, workers, where
     ray.shutdown()
     nodes.shutdown()
+
+
+# Run in a new interpreter: Ray reads its authentication mode once per process.
+TOKEN_CHECK = """
+import os, sys
+from pathlib import Path
+import ray
+from ray.cluster_utils import Cluster
+from ray._raylet import AuthenticationTokenLoader
+from defectscope.errors import DefectscopeError
+from defectscope.jobs import RayCluster, run_jobs
+
+
+
+def square(number):
+    return number * number
+
+
+nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+del os.environ["RAY_AUTH_TOKEN"]  # from here on this process knows a token only through the token file
+AuthenticationTokenLoader.instance().reset_cache()
+try:
+    print(run_jobs(square, [3], RayCluster(nodes.address, Path(sys.argv[1]))))
+except DefectscopeError as exc:
+    print(exc)
+ray.shutdown()
+nodes.shutdown()
+"""
+
+
+@pytest.mark.parametrize("token_file, expected", [("right", "[(9, None)]"), ("wrong", "cannot connect to the Ray cluster")])
+def test_a_cluster_that_demands_a_token_gets_the_token_files(tmp_path: Path, token_file: str, expected: str) -> None:
+    """Ray 2.60+ clusters demand a token (`ray start` makes one): the driver passes the one in --ray-token-file."""
+    token = secrets.token_hex(16)
+    (tmp_path / "right").write_text(token)
+    (tmp_path / "wrong").write_text(secrets.token_hex(16))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    result = subprocess.run([sys.executable, "-c", TOKEN_CHECK, str(tmp_path / token_file)], capture_output=True,
+                            text=True, timeout=300, env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert expected in result.stdout.splitlines()[-1], result.stdout
 
 
 def test_fit_many_on_a_cluster_without_the_drivers_files(cluster, demo_root: Path, tmp_path: Path) -> None:
@@ -61,7 +109,7 @@ def test_fit_many_on_a_cluster_without_the_drivers_files(cluster, demo_root: Pat
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump({"defaults": {"model": "patchcore", "settings": settings},
                                     "products": [{"name": "part", "data": str(demo_root)}]}))
-    rows = fit_many(plan, ray_address="auto", retries=0, threads=1)
+    rows = fit_many(plan, ray_address=cluster[2], retries=0, threads=1)
     assert rows[0]["status"] == "fitted", rows
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -75,7 +123,7 @@ def test_fit_many_on_a_cluster_without_the_drivers_files(cluster, demo_root: Pat
 
 def test_score_on_a_cluster_without_the_drivers_files_survives_a_lost_node(cluster, demo_root: Path,
                                                                             served_folder: Path, tmp_path: Path) -> None:
-    nodes, workers = cluster
+    nodes, workers, where = cluster
     model = served_folder / "part.dsmodel"
     images = [s.path for s in load_dataset(demo_root).test]
 
@@ -93,7 +141,7 @@ def test_score_on_a_cluster_without_the_drivers_files_survives_a_lost_node(clust
     out = tmp_path / "on-cluster"
     finished: dict = {}
     run = threading.Thread(target=lambda: finished.update(
-        score_to_parquet(model, images, out, ray_address="auto", workers=2, chunk_images=3, threads=1)))
+        score_to_parquet(model, images, out, ray_address=where, workers=2, chunk_images=3, threads=1)))
     run.start()
     deadline = time.monotonic() + 300
     while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:

@@ -20,7 +20,7 @@ from defectscope.errors import DefectscopeError
 from defectscope.pipeline import fit_model
 from defectscope.scale import scoring
 from defectscope.scale.fit_many import FitJob, fit_many, fit_product
-from defectscope.jobs import run_jobs
+from defectscope.jobs import RayCluster, run_jobs
 from defectscope.scale.plan import fingerprint, load_plan, recorded_fingerprint
 from defectscope.scale.scoring import score_to_parquet
 
@@ -200,3 +200,22 @@ def test_score_scores_failed_rows_again_on_resume(served_folder: Path, demo_root
     assert again.code == 0, again.err
     table = pq.read_table(out).to_pydict()
     assert "error" not in table["verdict"] and sorted(table["path"]) == sorted(str(p) for p in folder.iterdir())
+
+
+def test_ray_options_are_checked_before_anything_runs(served_folder: Path, demo_root: Path, tmp_path: Path,
+                                                      cli) -> None:
+    """A missing token file, or --ray-env without --ray, is one line and exit 2; the runtime_env file's local paths
+    are resolved against its own folder (a node has no notion of the driver's working directory)."""
+    model, out = served_folder / "part.dsmodel", tmp_path / "scores"
+    missing = cli("score", model, demo_root, "--out", out, "--ray", "local", "--ray-token-file", tmp_path / "none")
+    assert missing.code == 2 and "token file" in missing.err
+    alone = cli("score", model, demo_root, "--out", out, "--ray-env", tmp_path / "env.yaml")
+    assert alone.code == 2 and "--ray only" in alone.err
+    assert not out.exists()
+    env = tmp_path / "cluster" / "env.yaml"
+    env.parent.mkdir()
+    env.write_text(yaml.safe_dump({"working_dir": "../code", "py_modules": ["lib", "s3://bucket/pkg.zip"],
+                                   "pip": ["pyarrow"]}))
+    cluster = RayCluster.from_files("10.0.0.5:6379", env_file=env)
+    assert cluster.runtime_env == {"working_dir": str((tmp_path / "code").resolve()), "pip": ["pyarrow"],
+                                   "py_modules": [str((tmp_path / "cluster" / "lib").resolve()), "s3://bucket/pkg.zip"]}

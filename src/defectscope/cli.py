@@ -29,6 +29,7 @@ from rich.text import Text
 
 from defectscope._version import __version__
 from defectscope.errors import DefectscopeError
+from defectscope.jobs import RayCluster
 from defectscope.names import DEFECT_LIKE, GOOD_ONLY_MODELS, LABEL_FORMATS, MASK_MODELS, OPERATOR_TOKEN_ENV, TOKEN_ENV
 from defectscope.process import configure_threads
 
@@ -189,6 +190,23 @@ def gather_settings(config: Path | None, settings_json: str | None, assignments:
     return settings
 
 
+RayOption = Annotated[str | None, typer.Option("--ray", help="Ray cluster address, or 'local' for a Ray instance on this "
+                                                  "machine; without it everything runs in this process.")]
+RayTokenOption = Annotated[Path | None, typer.Option("--ray-token-file", help="File holding the Ray cluster's token "
+                                                      "(`ray get-auth-token` on the head node prints it).")]
+RayEnvOption = Annotated[Path | None, typer.Option("--ray-env", help="YAML/TOML file of Ray runtime_env fields (pip, "
+                                                    "py_modules, working_dir, env_vars) for nodes without the package.")]
+
+
+def _ray_cluster(address: str | None, token_file: Path | None, env_file: Path | None) -> RayCluster | None:
+    """The Ray cluster the options name, or None to run in this process."""
+    if address is None:
+        if token_file is not None or env_file is not None:
+            raise DefectscopeError("--ray-token-file and --ray-env apply with --ray only")
+        return None
+    return RayCluster.from_files(address, token_file, env_file)
+
+
 @app.command("fit")
 def fit(
     data: Annotated[Path, typer.Argument(help="Dataset folder; its good training images are used.")],
@@ -208,6 +226,8 @@ def fit(
     download: Annotated[bool, typer.Option(help="Download torchvision weights if they are not found locally.")] = False,
     ray: Annotated[str | None, typer.Option("--ray", help="PatchCore: run the coreset shards as tasks on this Ray "
                                                           "cluster ('local': this machine).")] = None,
+    ray_token_file: RayTokenOption = None,
+    ray_env: RayEnvOption = None,
     force: ForceOption = False,
 ) -> None:
     """Fit a detector on the good training images (a mask model: on the labelled images) and write a model file.
@@ -231,7 +251,7 @@ def fit(
             raise DefectscopeError("--coreset-ratio applies to --model patchcore only")
         settings["coreset_ratio"] = coreset
     fitted = fit_model(data, model, settings, output, weights=weights, download=download, force=force, bar=_progress,
-                       ray_address=ray)
+                       ray_address=_ray_cluster(ray, ray_token_file, ray_env))
     calibration, report = fitted.detector.calibration, fitted.report
     if fitted.detector.kind != "good_only":
         say(f"trained {model} on {report.train_images} labelled images in {report.seconds:.1f} s -> {output}")
@@ -505,19 +525,17 @@ experiment_app = typer.Typer(no_args_is_help=True, help="Run attempts from a con
 app.add_typer(experiment_app, name="experiment")
 
 
-RayOption = Annotated[str | None, typer.Option("--ray", help="Ray cluster address, or 'local' for a Ray instance on this "
-                                                  "machine; without it everything runs in this process.")]
-
-
 @app.command("fit-many")
 def fit_many_command(
     plan: Annotated[Path, typer.Argument(help="Plan file (YAML/TOML): products with data folder, model, settings, output.")],
     ray: RayOption = None,
+    ray_token_file: RayTokenOption = None,
+    ray_env: RayEnvOption = None,
     retries: Annotated[int, typer.Option(min=0, help="Retries of a failed fit before it is reported.")] = 2,
 ) -> None:
     """Fit one model per product of a plan; products whose model file is up to date are skipped; exit 3 if any failed."""
     from defectscope.scale.fit_many import fit_many
-    rows = fit_many(plan, ray, retries)
+    rows = fit_many(plan, _ray_cluster(ray, ray_token_file, ray_env), retries)
     table = Table()
     for column in ("product", "model", "status", "seconds", "model file"):
         table.add_column(column, overflow="fold")
@@ -536,13 +554,16 @@ def score(
     inputs: Annotated[list[Path], typer.Argument(help="Images, folders, or .txt files listing one image per line.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet dataset folder (new, or an interrupted run to resume).")],
     ray: RayOption = None,
-    workers: Annotated[int, typer.Option(min=1, help="Ray Data actors, each holding the model once.")] = 2,
+    ray_token_file: RayTokenOption = None,
+    ray_env: RayEnvOption = None,
+    workers: Annotated[int, typer.Option(min=1, help="Ray actors, each holding the model once.")] = 2,
     threads: Annotated[int | None, typer.Option(min=1, show_default="this process's threads", help="CPUs per Ray actor.")] = None,
     force: ForceOption = False,
 ) -> None:
     """Score many images into Parquet (path, score, normalized, verdict, error); an interrupted run resumes."""
     from defectscope.scale.scoring import score_to_parquet
-    summary = score_to_parquet(model, inputs, out, ray, workers, force, threads=threads)
+    summary = score_to_parquet(model, inputs, out, _ray_cluster(ray, ray_token_file, ray_env), workers, force,
+                               threads=threads)
     say(f"{summary['images']} images in {summary['chunks']} part file(s) under {out}: {summary['scored_now']} scored now, "
         f"{summary['resumed_chunks']} part(s) kept from an earlier run")
     _exit_if_failed(summary["failed"], summary["images"], "images could not be scored (verdict 'error', reason in "

@@ -2,28 +2,86 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DefectscopeError, InputError, SettingsError
 from defectscope.process import worker_environment
 
 LOCAL = "local"  # --ray local: start a Ray instance on this machine
+TOKEN_PATH_VARIABLE = "RAY_AUTH_TOKEN_PATH"  # where Ray (2.60+, token authentication) reads the cluster's token
+AUTH_MODE_VARIABLE = "RAY_AUTH_MODE"
+ENV_PATH_FIELDS = ("working_dir", "py_modules")  # runtime_env fields naming local paths, resolved on the driver
 
 
-def connect_ray(address: str) -> Any:
-    """Ray, connected to `address` (a running cluster) or, for 'local', to a new instance on this machine."""
-    try:
-        import ray
-    except ImportError as exc:
-        raise DefectscopeError("running on Ray needs Ray: pip install 'defectscope[ray]'") from exc
-    if not ray.is_initialized():
-        ray.init(address=None if address == LOCAL else address, include_dashboard=False, log_to_driver=False,
-                 runtime_env=worker_environment())
-    return ray
+@dataclass(frozen=True)
+class RayCluster:
+    """Where Ray jobs run: a cluster `address` ('local': a new instance on this machine), the file holding the
+    cluster's token (`ray get-auth-token` prints it) and Ray's runtime_env for nodes without the package."""
+
+    address: str = LOCAL
+    token_file: Path | None = None
+    runtime_env: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_files(cls, address: str, token_file: Path | None = None, env_file: Path | None = None) -> RayCluster:
+        """The cluster of the command line: the token file checked, the runtime_env read from a YAML/TOML file,
+        its local paths resolved against that file's folder."""
+        from defectscope.config_files import read_mapping
+
+        if token_file is not None and not (token_file.is_file() and token_file.stat().st_size):
+            raise InputError(f"Ray token file {token_file} does not exist or is empty (`ray get-auth-token` on the "
+                             "head node prints the token)")
+        env = read_mapping(env_file, "Ray runtime_env fields (pip, working_dir, py_modules, env_vars, ...)") \
+            if env_file is not None else {}
+        for name in ENV_PATH_FIELDS:
+            if name in env:
+                env[name] = _resolved(env[name], env_file.parent)
+        return cls(address, token_file.resolve() if token_file else None, env)
+
+    def connect(self) -> Any:
+        """Ray, connected (once per process) with the token and the runtime_env."""
+        try:
+            import ray
+        except ImportError as exc:
+            raise DefectscopeError("running on Ray needs Ray: pip install 'defectscope[ray]'") from exc
+        if ray.is_initialized():
+            return ray
+        if self.token_file is not None:
+            os.environ[TOKEN_PATH_VARIABLE] = str(self.token_file)
+            os.environ.setdefault(AUTH_MODE_VARIABLE, "token")
+        runtime_env = {**self.runtime_env}
+        runtime_env["env_vars"] = {**worker_environment()["env_vars"], **runtime_env.get("env_vars", {})}
+        try:
+            ray.init(address=None if self.address == LOCAL else self.address, include_dashboard=False,
+                     log_to_driver=False, runtime_env=runtime_env)
+        except (ray.exceptions.AuthenticationError, ConnectionError) as exc:
+            raise InputError(f"cannot connect to the Ray cluster at {self.address}: no cluster answers there, or it "
+                             "refused this process's token (pass it with --ray-token-file; `ray get-auth-token` on "
+                             "the head node prints it)") from exc
+        except (TypeError, ValueError) as exc:  # Ray's check of the runtime_env
+            raise SettingsError(f"Ray refused the runtime_env: {' '.join(str(exc).split())[:300]}") from exc
+        return ray
 
 
-def run_jobs(function: Callable[[Any], Any], items: Sequence[Any], ray_address: str | None = None,
+def _resolved(value: Any, folder: Path) -> Any:
+    """A runtime_env path field with its local paths made absolute (URIs such as s3://... kept as written)."""
+    if isinstance(value, list):
+        return [_resolved(item, folder) for item in value]
+    if isinstance(value, str) and "://" not in value:
+        return str((folder / value).resolve())
+    return value
+
+
+def connect_ray(cluster: str | RayCluster) -> Any:
+    """Ray, connected to `cluster` (an address, or a RayCluster with its token and runtime_env)."""
+    return (cluster if isinstance(cluster, RayCluster) else RayCluster(cluster)).connect()
+
+
+def run_jobs(function: Callable[[Any], Any], items: Sequence[Any], ray_address: str | RayCluster | None = None,
              retries: int = 2, cpus: int = 1, ship: Callable[[Any], Any] | None = None) -> list[tuple[Any, str | None]]:
     """(result, None) or (None, error) per item, in order; each job is tried up to 1 + `retries` times.
 
@@ -74,7 +132,7 @@ def _reason(exc: BaseException) -> str:
     return text[-1] if isinstance(exc, DefectscopeError) and text else f"{type(exc).__name__}: {' '.join(text)[:300]}"
 
 
-def map_on_ray(ray_address: str, cpus: int) -> Callable[[Callable[[Any], Any], list], list]:
+def map_on_ray(ray_address: str | RayCluster, cpus: int) -> Callable[[Callable[[Any], Any], list], list]:
     """A map that runs each job as a Ray task holding `cpus` CPUs and returns the results in order; any failure
     (after retries) raises."""
     def mapped(function: Callable[[Any], Any], items: list) -> list:

@@ -41,7 +41,7 @@ from defectscope.detectors.patchcore import PatchCore
 from defectscope.errors import DefectscopeError, InputError
 from defectscope.evaluation import Evaluation, evaluate
 from defectscope.files import claim_folder, file_sha256
-from defectscope.jobs import map_on_ray
+from defectscope.jobs import RayCluster, map_on_ray
 from defectscope.names import DEFECT_LIKE
 from defectscope.prediction import prediction_rows
 from defectscope.predictor import Predictor
@@ -96,7 +96,7 @@ def mask_training_set(dataset: Dataset, config: Any) -> list[Sample]:
 
 def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights: Path | None = None,
                  download: bool = False, bar: ProgressBar = no_progress,
-                 epoch_progress: EpochProgress | None = None, ray_address: str | None = None,
+                 epoch_progress: EpochProgress | None = None, ray_address: str | RayCluster | None = None,
                  images: Sequence[ImageSource] | None = None) -> tuple[MapModel, FitReport]:
     """Build a model from checked settings and fit it: a good-only detector on the good training images, a mask model
     (segmenter, instance detector) on the labelled images and their masks (`mask_training_set`).
@@ -145,7 +145,7 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
 
 def fit_model(data: Path | Dataset, model: str, settings: dict[str, Any], out: Path, *, weights: Path | None = None,
               download: bool = False, force: bool = False, bar: ProgressBar = no_progress,
-              fingerprint: str | None = None, ray_address: str | None = None,
+              fingerprint: str | None = None, ray_address: str | RayCluster | None = None,
               images: Sequence[ImageSource] | None = None) -> Fitted:
     """Check the output, load the dataset (or take it loaded), fit, and save the model file (nothing is written if
     fitting fails).

@@ -24,7 +24,7 @@ from defectscope.data.decode import EncodedImage
 from defectscope.data.layout import Dataset, load_dataset
 from defectscope.errors import DefectscopeError
 from defectscope.files import write_atomic
-from defectscope.jobs import run_jobs
+from defectscope.jobs import RayCluster, run_jobs
 from defectscope.pipeline import fit_model
 from defectscope.scale.plan import Product, fingerprint, load_plan, recorded_fingerprint
 
@@ -65,7 +65,7 @@ def fit_product(job: FitJob) -> dict[str, Any]:
             "model": model}
 
 
-def fit_many(plan: str | Path, ray_address: str | None = None, retries: int = 2, threads: int | None = None
+def fit_many(plan: str | Path, ray_address: str | RayCluster | None = None, retries: int = 2, threads: int | None = None
              ) -> list[dict[str, Any]]:
     """Every product of the plan (as Ray tasks with `ray_address`, each holding `threads` CPUs; default: this
     process's torch threads); one row per product, failures reported, not raised."""

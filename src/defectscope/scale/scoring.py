@@ -27,7 +27,7 @@ from typing import Any
 from defectscope.data.decode import EncodedImage, ImageSource, expand_inputs
 from defectscope.errors import DefectscopeError
 from defectscope.files import claim_folder, file_sha256, json_text, loads_strict, read_regular, write_atomic
-from defectscope.jobs import connect_ray
+from defectscope.jobs import RayCluster, connect_ray
 from defectscope.prediction import prediction_rows
 
 CHUNK_IMAGES = 256  # images per part file: one predict call, bounded memory
@@ -92,7 +92,7 @@ class ChunkScorer:
         return chunk, chunk_table(self.model, [image.path for image in images], images)
 
 
-def _score_on_ray(ray_address: str, model: Any, model_path: Path, out: Path, todo: list[tuple[int, list[str]]],
+def _score_on_ray(ray_address: str | RayCluster, model: Any, model_path: Path, out: Path, todo: list[tuple[int, list[str]]],
                   workers: int, threads: int) -> int:
     """Score the chunks `todo` on Ray actors; returns the images scored. The driver reads each chunk's images and
     writes each part that comes back, so no node needs this machine's files. At most IN_FLIGHT chunks per actor
@@ -187,7 +187,7 @@ def _failed_rows(out: Path) -> int:
     return sum(verdict == "error" for verdict in verdicts)
 
 
-def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_address: str | None = None,
+def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_address: str | RayCluster | None = None,
                      workers: int = 2, force: bool = False, chunk_images: int = CHUNK_IMAGES,
                      threads: int | None = None) -> dict[str, Any]:
     """Score every image into the Parquet dataset `out`, continuing an interrupted run of the same job.
