@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -62,43 +66,57 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, served_fo
     nodes.shutdown()
 
 
-# Run in a new interpreter: Ray reads its authentication mode once per process.
+# A driver as the CLI is one: a new interpreter whose environment knows no token.
 TOKEN_CHECK = """
-import os, sys
+import sys
 from pathlib import Path
-import ray
-from ray.cluster_utils import Cluster
-from ray._raylet import AuthenticationTokenLoader
 from defectscope.errors import DefectscopeError
 from defectscope.jobs import RayCluster, run_jobs
-
 
 
 def square(number):
     return number * number
 
 
-nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-del os.environ["RAY_AUTH_TOKEN"]  # from here on this process knows a token only through the token file
-AuthenticationTokenLoader.instance().reset_cache()
 try:
-    print(run_jobs(square, [3], RayCluster(nodes.address, Path(sys.argv[1]))))
+    print(run_jobs(square, [3], RayCluster(sys.argv[1], Path(sys.argv[2]))))
 except DefectscopeError as exc:
     print(exc)
-ray.shutdown()
-nodes.shutdown()
 """
 
 
-@pytest.mark.parametrize("token_file, expected", [("right", "[(9, None)]"), ("wrong", "cannot connect to the Ray cluster")])
-def test_a_cluster_that_demands_a_token_gets_the_token_files(tmp_path: Path, token_file: str, expected: str) -> None:
-    """Ray 2.60+ clusters demand a token (`ray start` makes one): the driver passes the one in --ray-token-file."""
+@pytest.fixture(scope="module")
+def token_cluster():
+    """A one-node cluster started by `ray start` that demands a token, as Ray 2.60+ does once a token exists; its
+    address, token and environment without Ray's variables. Its processes are killed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="ray-token-"))  # short: Ray's socket paths live under it
     token = secrets.token_hex(16)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    subprocess.run([str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={port}", "--num-cpus=1",
+                    f"--temp-dir={folder}", "--include-dashboard=false", "--disable-usage-stats"], check=True,
+                   capture_output=True, env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, timeout=120)
+    yield f"127.0.0.1:{port}", token, env
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(folder).encode() in cmdline.read_bytes():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("given, expected", [("right", "[(9, None)]"), ("wrong", "cannot connect to the Ray cluster")])
+def test_a_cluster_that_demands_a_token_gets_the_token_files(token_cluster, tmp_path: Path, given: str,
+                                                             expected: str) -> None:
+    """The driver passes the token in --ray-token-file, and only that one; a refused token is one clear line."""
+    address, token, env = token_cluster
     (tmp_path / "right").write_text(token)
     (tmp_path / "wrong").write_text(secrets.token_hex(16))
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    result = subprocess.run([sys.executable, "-c", TOKEN_CHECK, str(tmp_path / token_file)], capture_output=True,
-                            text=True, timeout=300, env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    result = subprocess.run([sys.executable, "-c", TOKEN_CHECK, address, str(tmp_path / given)], capture_output=True,
+                            text=True, timeout=300, env={**env, "HOME": str(tmp_path)})  # no ~/.ray/auth_token
     assert result.returncode == 0, result.stderr[-2000:]
     assert expected in result.stdout.splitlines()[-1], result.stdout
 

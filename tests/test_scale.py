@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -80,6 +81,20 @@ def test_a_fit_job_returns_its_model_and_the_driver_writes_it(demo_root: Path, t
     product.out.write_bytes(result["model"])
     assert recorded_fingerprint(product.out) == fingerprint(product)
     assert {row["name"]: row["status"] for row in fit_many(plan, retries=0)} == {"part": "up to date"}
+
+
+def test_fit_many_threads_is_the_thread_count_of_each_fit(demo_root: Path, tmp_path: Path, cli) -> None:
+    """`fit-many --threads 1` writes what a fit on one thread writes (convolutions round by thread count)."""
+    plan = _plan(tmp_path, [{"name": "part", "data": str(demo_root)}])
+    threads = torch.get_num_threads()
+    assert cli("fit-many", plan, "--threads", "1").code == 0
+    assert torch.get_num_threads() == threads  # the fit's count is the fit's only
+    torch.set_num_threads(1)
+    try:
+        direct = fit_model(demo_root, "patchcore", SMALL, tmp_path / "direct.dsmodel").path
+    finally:
+        torch.set_num_threads(threads)
+    assert _same_model(tmp_path / "models" / "part.dsmodel", direct)
 
 
 def test_checking_a_plan_imports_only_the_models_it_names(tmp_path: Path) -> None:

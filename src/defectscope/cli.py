@@ -532,10 +532,12 @@ def fit_many_command(
     ray_token_file: RayTokenOption = None,
     ray_env: RayEnvOption = None,
     retries: Annotated[int, typer.Option(min=0, help="Retries of a failed fit before it is reported.")] = 2,
+    threads: Annotated[int | None, typer.Option(min=1, show_default="this process's threads", help="Threads of each "
+                                                "fit (on Ray: the CPUs each task holds).")] = None,
 ) -> None:
     """Fit one model per product of a plan; products whose model file is up to date are skipped; exit 3 if any failed."""
     from defectscope.scale.fit_many import fit_many
-    rows = fit_many(plan, _ray_cluster(ray, ray_token_file, ray_env), retries)
+    rows = fit_many(plan, _ray_cluster(ray, ray_token_file, ray_env), retries, threads)
     table = Table()
     for column in ("product", "model", "status", "seconds", "model file"):
         table.add_column(column, overflow="fold")

@@ -44,15 +44,15 @@ class RayCluster:
 
     def connect(self) -> Any:
         """Ray, connected (once per process) with the token and the runtime_env."""
+        if self.token_file is not None:  # before Ray loads: it reads its authentication settings once
+            os.environ[TOKEN_PATH_VARIABLE] = str(self.token_file)
+            os.environ.setdefault(AUTH_MODE_VARIABLE, "token")
         try:
             import ray
         except ImportError as exc:
             raise DefectscopeError("running on Ray needs Ray: pip install 'defectscope[ray]'") from exc
         if ray.is_initialized():
             return ray
-        if self.token_file is not None:
-            os.environ[TOKEN_PATH_VARIABLE] = str(self.token_file)
-            os.environ.setdefault(AUTH_MODE_VARIABLE, "token")
         runtime_env = {**self.runtime_env}
         runtime_env["env_vars"] = {**worker_environment()["env_vars"], **runtime_env.get("env_vars", {})}
         try:

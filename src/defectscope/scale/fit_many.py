@@ -51,16 +51,20 @@ def fit_product(job: FitJob) -> dict[str, Any]:
     """Fit one product in a scratch folder; returns the model file's bytes with the report.
 
     The thread count is part of the job: convolution results depend on it in their last bits, so a
-    Ray worker fits exactly what this process would.
+    Ray worker fits exactly what this process would. The process's own count is restored afterwards.
     """
+    threads = torch.get_num_threads()
     torch.set_num_threads(job.threads)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="defectscope-fit-") as scratch:
-        target = Path(scratch) / "model.dsmodel"
-        data = job.dataset if job.dataset is not None else job.product.data
-        fitted = fit_model(data, job.product.model, job.product.settings, target, fingerprint=job.fingerprint,
-                           images=job.images)
-        model = target.read_bytes()
+    try:
+        with tempfile.TemporaryDirectory(prefix="defectscope-fit-") as scratch:
+            target = Path(scratch) / "model.dsmodel"
+            data = job.dataset if job.dataset is not None else job.product.data
+            fitted = fit_model(data, job.product.model, job.product.settings, target, fingerprint=job.fingerprint,
+                               images=job.images)
+            model = target.read_bytes()
+    finally:
+        torch.set_num_threads(threads)
     return {"status": "fitted", "seconds": time.perf_counter() - start, "images": fitted.report.train_images,
             "model": model}
 
