@@ -38,19 +38,7 @@ import yaml
 from isolated import markdown_table, write_results  # noqa: I001  (benchmarks/isolated.py, beside this script)
 
 PORT = 6390
-REFUSE = """
-import os, sys
-
-def install():
-    hidden = tuple(os.environ["DRIVER_ONLY"].split(os.pathsep))
-
-    def refuse(event, args):
-        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-            if os.path.abspath(os.fsdecode(args[0])).startswith(hidden):
-                raise PermissionError(f"{args[0]} is on the driver only")
-
-    sys.addaudithook(refuse)
-"""
+HOOKS = Path(__file__).parents[1] / "tests"  # refuse_driver_files.py
 COLUMNS = (("step", "step", "{}"), ("configuration", "configuration", "{}"), ("images", "images", "{}"),
            ("seconds", "wall s", "{:.1f}"), ("images_per_s", "images/s", "{:.1f}"), ("lost", "rows lost", "{}"),
            ("repeated", "rows repeated", "{}"), ("differ", "rows or models unlike in-process", "{}"),
@@ -123,11 +111,8 @@ def main() -> None:
                   "--include-dashboard=false")
         nodes = [ray_start(scratch / f"node-{i}", cluster_env, f"--address={address}", "--num-cpus=1")
                  for i in (1, 2)]
-        hook = driver / "hook"
-        hook.mkdir()
-        (hook / "refuse_driver_files.py").write_text(REFUSE)
         (driver / "env.yaml").write_text(yaml.safe_dump({
-            "env_vars": {"PYTHONPATH": str(hook), "DRIVER_ONLY": os.pathsep.join(map(str, [*products, driver]))},
+            "env_vars": {"PYTHONPATH": str(HOOKS), "DRIVER_ONLY": os.pathsep.join(map(str, [*products, driver]))},
             "worker_process_setup_hook": "refuse_driver_files.install"}))
         on_ray = ("--ray", address, "--ray-token-file", "token", "--ray-env", "env.yaml")
 

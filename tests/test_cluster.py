@@ -29,36 +29,21 @@ from defectscope.scale.scoring import score_to_parquet
 pq = pytest.importorskip("pyarrow.parquet")
 ray = pytest.importorskip("ray")
 
-# Installed in every Ray worker: opening anything under the driver's folders fails, as on a node without them.
-REFUSE = """
-import os, sys
-
-def install():
-    hidden = tuple(os.environ["DRIVER_ONLY"].split(os.pathsep))
-
-    def refuse(event, args):
-        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-            if os.path.abspath(os.fsdecode(args[0])).startswith(hidden):
-                raise PermissionError(f"{args[0]} is on the driver only")
-
-    sys.addaudithook(refuse)
-"""
+HOOKS = Path(__file__).parent  # refuse_driver_files.py, installed in every Ray worker of the cluster
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, served_folder: Path):
+def cluster(demo_root: Path, served_folder: Path):
     """A head without CPUs and two 1-CPU worker nodes (so the work runs on the workers), whose processes may not open
     anything under the demo data or the served model's folder; connected through a RayCluster whose runtime_env
     installs that refusal."""
     from ray.cluster_utils import Cluster
 
-    hook = tmp_path_factory.mktemp("hook")
-    (hook / "refuse_driver_files.py").write_text(REFUSE)
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     workers = [nodes.add_node(num_cpus=1) for _ in range(2)]
     hidden = [str(demo_root.resolve()), str(served_folder.resolve())]
     where = RayCluster(nodes.address, runtime_env={  # a runtime_env as `--ray-env` gives it
-        "env_vars": {"PYTHONPATH": str(hook), "DRIVER_ONLY": ":".join(hidden)},
+        "env_vars": {"PYTHONPATH": str(HOOKS), "DRIVER_ONLY": ":".join(hidden)},
         "worker_process_setup_hook": "refuse_driver_files.install"})
     where.connect()
     yield nodes, workers, where
