@@ -20,7 +20,7 @@ from defectscope.artifacts import load_model
 from defectscope.errors import DefectscopeError
 from defectscope.pipeline import fit_model
 from defectscope.scale import scoring
-from defectscope.scale.fit_many import FitJob, fit_many, fit_product
+from defectscope.scale.fit_many import FitJob, fit_many, fit_product, with_images
 from defectscope.jobs import RayCluster, run_jobs
 from defectscope.scale.plan import fingerprint, load_plan, recorded_fingerprint
 from defectscope.scale.scoring import score_to_parquet
@@ -81,6 +81,19 @@ def test_a_fit_job_returns_its_model_and_the_driver_writes_it(demo_root: Path, t
     product.out.write_bytes(result["model"])
     assert recorded_fingerprint(product.out) == fingerprint(product)
     assert {row["name"]: row["status"] for row in fit_many(plan, retries=0)} == {"part": "up to date"}
+
+
+def test_a_shipped_job_records_the_fingerprint_of_the_bytes_it_carries(demo_root: Path, tmp_path: Path) -> None:
+    """An image edited after the up-to-date check travels as it is now, and the model records that content."""
+    data = tmp_path / "part"
+    shutil.copytree(demo_root, data)
+    product = load_plan(_plan(tmp_path, [{"name": "part", "data": str(data)}]))[0]
+    checked = fingerprint(product)
+    first = load_dataset(data).train[0].path
+    first.write_bytes(load_dataset(data).train[1].path.read_bytes())  # edited between the check and the shipping
+    shipped = with_images(FitJob(product, 1, checked))
+    assert shipped.fingerprint != checked
+    assert shipped.fingerprint == fingerprint(product)
 
 
 def test_fit_many_threads_is_the_thread_count_of_each_fit(demo_root: Path, tmp_path: Path, cli) -> None:

@@ -11,6 +11,7 @@ process would write.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ from defectscope.errors import DefectscopeError
 from defectscope.files import write_atomic
 from defectscope.jobs import RayCluster, run_jobs
 from defectscope.pipeline import fit_model
-from defectscope.scale.plan import Product, fingerprint, load_plan, recorded_fingerprint
+from defectscope.scale.plan import Product, fingerprint, fingerprint_of, load_plan, recorded_fingerprint
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,13 @@ class FitJob:
 
 
 def with_images(job: FitJob) -> FitJob:
-    """The job with its training images read here (on the driver), to travel to a Ray node."""
+    """The job with its training images read here (on the driver), to travel to a Ray node, and the fingerprint of
+    those bytes (an image edited since the up-to-date check is fitted, and recorded, as it is now)."""
     dataset = load_dataset(job.product.data)
-    return replace(job, dataset=dataset, images=[EncodedImage.read(sample.path) for sample in dataset.train])
+    images = [EncodedImage.read(sample.path) for sample in dataset.train]
+    digests = [(image.path, hashlib.sha256(image.data).hexdigest() if image.data is not None else "unreadable")
+               for image in images]
+    return replace(job, dataset=dataset, images=images, fingerprint=fingerprint_of(job.product, digests))
 
 
 def fit_product(job: FitJob) -> dict[str, Any]:

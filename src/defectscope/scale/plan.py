@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,12 @@ def fingerprint(product: Product) -> str:
     a copy elsewhere, with other times, is the same data; an edit that keeps size and time is not), model, settings,
     library version."""
     dataset = load_dataset(product.data)
-    images = [[os.path.relpath(sample.path, product.data), file_sha256(Path(sample.path))] for sample in dataset.train]
+    return fingerprint_of(product, [(sample.path, file_sha256(Path(sample.path))) for sample in dataset.train])
+
+
+def fingerprint_of(product: Product, digests: Sequence[tuple[str | Path, str]]) -> str:
+    """The fingerprint of `product` from its training images' (path, sha256 of the content)."""
+    images = [[os.path.relpath(path, product.data), digest] for path, digest in digests]
     content = {"model": product.model, "settings": product.settings, "library": __version__, "train": images}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
