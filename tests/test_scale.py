@@ -210,6 +210,26 @@ def test_a_job_whose_worker_dies_is_retried_and_counted_once(local_ray, tmp_path
 
 
 
+@pytest.mark.parametrize("where", [None, "local"])
+def test_a_failure_on_the_input_is_reported_at_once_others_are_retried(where: str | None, tmp_path: Path,
+                                                                        request: pytest.FixtureRequest) -> None:
+    """A missing folder fails the same way every time: not retried; a passing fault is (here and on Ray)."""
+    if where is not None:
+        request.getfixturevalue("local_ray")
+
+    def job(item: str) -> str:
+        (tmp_path / f"{item}-{len(list(tmp_path.glob(item + '-*')))}").write_text("")
+        if item == "input":
+            raise DefectscopeError("data folder x does not exist")
+        if len(list(tmp_path.glob(item + "-*"))) < 2:
+            raise RuntimeError("a passing fault")
+        return item
+
+    outcomes = run_jobs(job, ["input", "flaky"], ray_address=where, retries=2)
+    assert outcomes == [(None, "data folder x does not exist"), ("flaky", None)]
+    assert len(list(tmp_path.glob("input-*"))) == 1 and len(list(tmp_path.glob("flaky-*"))) == 2
+
+
 def test_score_scores_failed_rows_again_on_resume(served_folder: Path, demo_root: Path, tmp_path: Path, cli) -> None:
     images = [s.path for s in load_dataset(demo_root).test[:6]]
     folder = tmp_path / "images"

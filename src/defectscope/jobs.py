@@ -83,17 +83,19 @@ def connect_ray(cluster: str | RayCluster) -> Any:
 
 def run_jobs(function: Callable[[Any], Any], items: Sequence[Any], ray_address: str | RayCluster | None = None,
              retries: int = 2, cpus: int = 1, ship: Callable[[Any], Any] | None = None) -> list[tuple[Any, str | None]]:
-    """(result, None) or (None, error) per item, in order; each job is tried up to 1 + `retries` times.
+    """(result, None) or (None, error) per item, in order. A job that fails on its input (a DefectscopeError: the same
+    on every try) is reported at once; any other failure is tried again, up to `retries` times.
 
     On Ray each job holds `cpus` CPUs and is also retried when its worker dies (the process exits or
     the node is lost). `ship` turns an item into what travels to the worker (its files' bytes, say)
     just before it is sent, and at most twice as many jobs as the cluster's CPUs hold are out at once,
     so what travels stays bounded.
     """
+    job = _reporting(function)
     if ray_address is None:
-        return [_local(function, item, retries) for item in items]
+        return [_local(job, item, retries) for item in items]
     ray = connect_ray(ray_address)
-    remote = ray.remote(function).options(max_retries=retries, retry_exceptions=True, num_cpus=cpus)
+    remote = ray.remote(job).options(max_retries=retries, retry_exceptions=True, num_cpus=cpus)
     limit = max(1, 2 * int(ray.cluster_resources().get("CPU", 0) // cpus))
     outcomes: list[tuple[Any, str | None]] = [(None, None)] * len(items)
     waiting, out = iter(enumerate(items)), {}
@@ -109,7 +111,7 @@ def run_jobs(function: Callable[[Any], Any], items: Sequence[Any], ray_address: 
         (ref,), _ = ray.wait(list(out), num_returns=1)
         index = out.pop(ref)
         try:
-            outcomes[index] = (ray.get(ref), None)
+            outcomes[index] = ray.get(ref)
         except ray.exceptions.RayError as exc:
             cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
             outcomes[index] = (None, _reason(cause))
@@ -117,10 +119,21 @@ def run_jobs(function: Callable[[Any], Any], items: Sequence[Any], ray_address: 
     return outcomes
 
 
-def _local(function: Callable[[Any], Any], item: Any, retries: int) -> tuple[Any, str | None]:
-    for attempt in range(retries + 1):
+def _reporting(function: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, str | None]]:
+    """`function` returning (result, None), or (None, reason) when it fails on its input: such a failure is not retried."""
+    def job(item: Any) -> tuple[Any, str | None]:
         try:
             return function(item), None
+        except DefectscopeError as exc:
+            return None, _reason(exc)
+
+    return job
+
+
+def _local(job: Callable[[Any], tuple[Any, str | None]], item: Any, retries: int) -> tuple[Any, str | None]:
+    for attempt in range(retries + 1):
+        try:
+            return job(item)
         except Exception as exc:  # noqa: BLE001  (any failure of one job is reported; the others go on)
             if attempt == retries:
                 return None, _reason(exc)
