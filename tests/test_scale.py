@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -108,6 +109,31 @@ def test_fit_many_threads_is_the_thread_count_of_each_fit(demo_root: Path, tmp_p
     finally:
         torch.set_num_threads(threads)
     assert _same_model(tmp_path / "models" / "part.dsmodel", direct)
+
+
+def _recording_bar(bars: list[list]):
+    """A progress bar that records [description, total, steps advanced]."""
+    @contextmanager
+    def bar(description: str, total: int | None):
+        entry = [description, total, 0]
+        bars.append(entry)
+        yield lambda n: entry.__setitem__(2, entry[2] + n)
+
+    return bar
+
+
+def test_fit_many_and_score_report_progress_as_the_work_is_done(demo_root: Path, served_folder: Path,
+                                                                tmp_path: Path) -> None:
+    bars: list[list] = []
+    plan = _plan(tmp_path, [{"name": "part", "data": str(demo_root)}, {"name": "gone", "data": "no-such-folder"}])
+    fit_many(plan, retries=0, bar=_recording_bar(bars))
+    assert [(total, steps) for _, total, steps in bars] == [(2, 2), (1, 1)]  # both checked, the one left fitted
+    assert "checking 2 product(s)" in bars[0][0] and "fitting 1 product(s)" in bars[1][0]
+    bars.clear()
+    images = [s.path for s in load_dataset(demo_root).test[:7]]
+    score_to_parquet(served_folder / "part.dsmodel", images, tmp_path / "scores", chunk_images=3,
+                     bar=_recording_bar(bars))
+    assert bars == [["scoring 7 images into 3 part file(s)", 7, 7]]
 
 
 def test_checking_a_plan_imports_only_the_models_it_names(tmp_path: Path) -> None:

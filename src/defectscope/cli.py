@@ -537,7 +537,7 @@ def fit_many_command(
 ) -> None:
     """Fit one model per product of a plan; products whose model file is up to date are skipped; exit 3 if any failed."""
     from defectscope.scale.fit_many import fit_many
-    rows = fit_many(plan, _ray_cluster(ray, ray_token_file, ray_env), retries, threads)
+    rows = fit_many(plan, _ray_cluster(ray, ray_token_file, ray_env), retries, threads, bar=_progress)
     table = Table()
     for column in ("product", "model", "status", "seconds", "model file"):
         table.add_column(column, overflow="fold")
@@ -565,7 +565,7 @@ def score(
     """Score many images into Parquet (path, score, normalized, verdict, error); an interrupted run resumes."""
     from defectscope.scale.scoring import score_to_parquet
     summary = score_to_parquet(model, inputs, out, _ray_cluster(ray, ray_token_file, ray_env), workers, force,
-                               threads=threads)
+                               threads=threads, bar=_progress)
     say(f"{summary['images']} images in {summary['chunks']} part file(s) under {out}: {summary['scored_now']} scored now, "
         f"{summary['resumed_chunks']} part(s) kept from an earlier run")
     _exit_if_failed(summary["failed"], summary["images"], "images could not be scored (verdict 'error', reason in "

@@ -82,18 +82,23 @@ def connect_ray(cluster: str | RayCluster) -> Any:
 
 
 def run_jobs(function: Callable[[Any], Any], items: Sequence[Any], ray_address: str | RayCluster | None = None,
-             retries: int = 2, cpus: int = 1, ship: Callable[[Any], Any] | None = None) -> list[tuple[Any, str | None]]:
+             retries: int = 2, cpus: int = 1, ship: Callable[[Any], Any] | None = None,
+             done: Callable[[int], None] = lambda _n: None) -> list[tuple[Any, str | None]]:
     """(result, None) or (None, error) per item, in order. A job that fails on its input (a DefectscopeError: the same
     on every try) is reported at once; any other failure is tried again, up to `retries` times.
 
     On Ray each job holds `cpus` CPUs and is also retried when its worker dies (the process exits or
     the node is lost). `ship` turns an item into what travels to the worker (its files' bytes, say)
     just before it is sent, and at most twice as many jobs as the cluster's CPUs hold are out at once,
-    so what travels stays bounded.
+    so what travels stays bounded. `done(1)` is called as each job finishes (a progress bar's advance).
     """
     job = _reporting(function)
     if ray_address is None:
-        return [_local(job, item, retries) for item in items]
+        local = []
+        for item in items:
+            local.append(_local(job, item, retries))
+            done(1)
+        return local
     ray = connect_ray(ray_address)
     remote = ray.remote(job).options(max_retries=retries, retry_exceptions=True, num_cpus=cpus)
     limit = max(1, 2 * int(ray.cluster_resources().get("CPU", 0) // cpus))
@@ -115,6 +120,7 @@ def run_jobs(function: Callable[[Any], Any], items: Sequence[Any], ray_address: 
         except ray.exceptions.RayError as exc:
             cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
             outcomes[index] = (None, _reason(cause))
+        done(1)
         send()
     return outcomes
 

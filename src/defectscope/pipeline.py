@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,17 +53,9 @@ from defectscope.thresholds import (
     labelled_calibration,
     recall_threshold,
 )
+from defectscope.progress import ProgressBar, no_progress
 from defectscope.training.engine import EpochProgress
 from defectscope.viz import write_heatmaps
-
-# A progress factory: given a description and a total, a context manager yielding an advance-by-n callback.
-ProgressBar = Callable[[str, int | None], AbstractContextManager[Progress]]  # a named bar of `total` steps (None: unknown)
-
-
-@contextmanager
-def no_progress(_description: str, _total: int) -> Iterator[Progress]:
-    yield lambda _n: None
-
 
 @contextmanager
 def phases(bar: ProgressBar) -> Iterator[PhaseStart]:

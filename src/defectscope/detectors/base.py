@@ -10,7 +10,7 @@ import importlib
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -33,10 +33,9 @@ from defectscope.thresholds import (
     Calibration,
     calibrate,
 )
+from defectscope.progress import PhaseStart, Progress
 from defectscope.training.engine import EpochProgress, History
 
-Progress = Callable[[int], None]
-PhaseStart = Callable[[str, int | None], Progress]  # starts a named phase of `total` steps (None: unknown), gives its advance
 CALIBRATION_LIMIT = 500  # cross-fitted good scores kept at most
 
 

@@ -27,6 +27,7 @@ from defectscope.errors import DefectscopeError
 from defectscope.files import write_atomic
 from defectscope.jobs import RayCluster, run_jobs
 from defectscope.pipeline import fit_model
+from defectscope.progress import ProgressBar, no_progress
 from defectscope.scale.plan import Product, fingerprint, fingerprint_of, load_plan, recorded_fingerprint
 
 
@@ -74,27 +75,30 @@ def fit_product(job: FitJob) -> dict[str, Any]:
             "model": model}
 
 
-def fit_many(plan: str | Path, ray_address: str | RayCluster | None = None, retries: int = 2, threads: int | None = None
-             ) -> list[dict[str, Any]]:
+def fit_many(plan: str | Path, ray_address: str | RayCluster | None = None, retries: int = 2, threads: int | None = None,
+             bar: ProgressBar = no_progress) -> list[dict[str, Any]]:
     """Every product of the plan (as Ray tasks with `ray_address`, each holding `threads` CPUs; default: this
     process's torch threads); one row per product, failures reported, not raised."""
     products = load_plan(plan)
     threads = threads or torch.get_num_threads()
     rows: dict[str, dict[str, Any]] = {}
     jobs = []
-    for product in products:
-        row = {"name": product.name, "model": product.model, "out": str(product.out)}
-        try:
-            current = fingerprint(product)
-            if product.out.is_file() and recorded_fingerprint(product.out) == current:
-                rows[product.name] = {**row, "status": "up to date", "seconds": 0.0}
+    with bar(f"checking {len(products)} product(s): fingerprints of their training images", len(products)) as advance:
+        for product in products:
+            advance(1)
+            row = {"name": product.name, "model": product.model, "out": str(product.out)}
+            try:
+                current = fingerprint(product)
+                if product.out.is_file() and recorded_fingerprint(product.out) == current:
+                    rows[product.name] = {**row, "status": "up to date", "seconds": 0.0}
+                    continue
+                check_model_output(product.out, force=False)
+            except DefectscopeError as exc:  # the same on every try: reported now, never retried
+                rows[product.name] = {**row, "status": "failed", "error": str(exc)}
                 continue
-            check_model_output(product.out, force=False)
-        except DefectscopeError as exc:  # the same on every try: reported now, never retried
-            rows[product.name] = {**row, "status": "failed", "error": str(exc)}
-            continue
-        jobs.append(FitJob(product, threads, current))
-    outcomes = run_jobs(fit_product, jobs, ray_address, retries, cpus=threads, ship=with_images)
+            jobs.append(FitJob(product, threads, current))
+    with bar(f"fitting {len(jobs)} product(s)", len(jobs)) as advance:
+        outcomes = run_jobs(fit_product, jobs, ray_address, retries, cpus=threads, ship=with_images, done=advance)
     for product, (result, error) in zip((job.product for job in jobs), outcomes):
         row = {"name": product.name, "model": product.model, "out": str(product.out)}
         if error is None:

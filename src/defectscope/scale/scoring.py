@@ -19,7 +19,7 @@ import io
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from defectscope.errors import DefectscopeError
 from defectscope.files import claim_folder, file_sha256, json_text, loads_strict, read_regular, write_atomic
 from defectscope.jobs import RayCluster, connect_ray
 from defectscope.prediction import prediction_rows
+from defectscope.progress import ProgressBar, no_progress
 
 CHUNK_IMAGES = 256  # images per part file: one predict call, bounded memory
 IN_FLIGHT = 2  # chunks out per Ray actor: one scored while the next travels
@@ -93,7 +94,7 @@ class ChunkScorer:
 
 
 def _score_on_ray(ray_address: str | RayCluster, model: Any, model_path: Path, out: Path, todo: list[tuple[int, list[str]]],
-                  workers: int, threads: int) -> int:
+                  workers: int, threads: int, advance: Callable[[int], None]) -> int:
     """Score the chunks `todo` on Ray actors; returns the images scored. The driver reads each chunk's images and
     writes each part that comes back, so no node needs this machine's files. At most IN_FLIGHT chunks per actor
     are out at once (bounded memory); an actor whose node is lost is started again and its chunks are sent again."""
@@ -128,6 +129,7 @@ def _score_on_ray(ray_address: str | RayCluster, model: Any, model_path: Path, o
             continue
         write_atomic(part_path(out, chunk), table)
         scored += len(job[1])
+        advance(len(job[1]))
         send(actor, next(pending, None))
     return scored
 
@@ -189,7 +191,7 @@ def _failed_rows(out: Path) -> int:
 
 def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_address: str | RayCluster | None = None,
                      workers: int = 2, force: bool = False, chunk_images: int = CHUNK_IMAGES,
-                     threads: int | None = None) -> dict[str, Any]:
+                     threads: int | None = None, bar: ProgressBar = no_progress) -> dict[str, Any]:
     """Score every image into the Parquet dataset `out`, continuing an interrupted run of the same job.
 
     The model is loaded (and so checked) before the folder is touched; the folder is locked for the run.
@@ -219,15 +221,20 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
         write_atomic(existing, (json_text(job) + "\n").encode())
         chunks = [(i, paths[start : start + chunk_images]) for i, start in enumerate(range(0, len(paths), chunk_images))]
         todo = [(i, chunk) for i, chunk in chunks if not _done(part_path(out, i))]
-        if ray_address is None:
-            scored = sum(write_chunk(model, out, i, chunk) for i, chunk in todo)
-        elif todo:
-            import torch
+        images = sum(len(chunk) for _, chunk in todo)
+        with bar(f"scoring {images} images into {len(todo)} part file(s)", images) as advance:
+            if ray_address is None:
+                scored = 0
+                for i, chunk in todo:
+                    scored += write_chunk(model, out, i, chunk)
+                    advance(len(chunk))
+            elif todo:
+                import torch
 
-            scored = _score_on_ray(ray_address, model, Path(model_path), out, todo, workers,
-                                   threads or torch.get_num_threads())
-        else:
-            scored = 0
+                scored = _score_on_ray(ray_address, model, Path(model_path), out, todo, workers,
+                                       threads or torch.get_num_threads(), advance)
+            else:
+                scored = 0
         failed = _failed_rows(out)
     return {"images": len(paths), "chunks": len(chunks), "resumed_chunks": len(chunks) - len(todo), "scored_now": scored,
             "failed": failed}
