@@ -248,3 +248,14 @@ def test_fit_settings_pin_the_frame_and_are_checked(demo_root: Path, tmp_path: P
     for bad in ("[1]", "{not json", '{"patch_stride": 12}', '{"nope": 1}'):
         result = cli("fit", demo_root, "-o", tmp_path / "bad.dsmodel", "--settings", bad)
         assert result.code == 2 and "Traceback" not in result.err and not (tmp_path / "bad.dsmodel").exists()
+
+
+def test_a_fitted_tail_never_sets_a_threshold_below_the_largest_score() -> None:
+    """A bounded tail can fit a quantile below the largest calibration score; a rate below 1/(n+1) must still stand
+    above it, so a lower rate never gives a lower threshold than a higher one."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = rng.uniform(20.0, 25.0, 32)  # few scores, a bounded tail (as 32 cross-fitted good scores often are)
+        strict, loose = calibrate(scores, "false_alarm_rate", 0.01), calibrate(scores, "false_alarm_rate", 0.05)
+        assert strict.threshold >= scores.max() and strict.threshold >= loose.threshold
+        assert strict.false_alarm_rate <= 0.01

@@ -85,7 +85,7 @@ def test_the_service_keeps_defective_images_and_serves_them_by_audit_id(served_f
                 assert image.headers["content-type"] == "image/png"
                 heat = client.get(f"/v1/audit/{result['audit_id']}/heatmap")
                 assert heat.status_code == 200 and heat.headers["content-type"] == "image/png"
-                assert np.array_equal(png_pixels(heat.content), png_pixels(base64.b64decode(result["heatmap_png"])))
+                assert same_colours(png_pixels(heat.content), png_pixels(base64.b64decode(result["heatmap_png"])))
             else:
                 assert image.status_code == 404 and "not kept" in image.json()["detail"]
                 assert client.get(f"/v1/audit/{result['audit_id']}/heatmap").status_code == 404
@@ -99,6 +99,13 @@ def test_the_service_keeps_defective_images_and_serves_them_by_audit_id(served_f
 
 def png_pixels(data: bytes) -> np.ndarray:
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def same_colours(first: np.ndarray, second: np.ndarray) -> bool:
+    """Two colourings of one map: an image scored alone and in a batch differ in the last bits of its scores, which
+    moves a few pixels by a step of the colour scale, never more."""
+    step = np.abs(first.astype(int) - second.astype(int))
+    return first.shape == second.shape and step.max() <= 8 and (step.max(axis=-1) > 0).mean() < 0.01
 
 
 def test_serve_refuses_kept_images_without_an_audit_trail(served_folder: Path, tmp_path: Path, cli) -> None:

@@ -82,9 +82,16 @@ def _tail_fit(scores: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def _tail_threshold(scores: np.ndarray, rate: float, seed: int = 0) -> tuple[float, float, tuple[float, float]]:
-    """Threshold for a rate below 1/(n+1) from a generalized Pareto tail, with a bootstrap interval of its rate."""
+    """Threshold for a rate below 1/(n+1) from a generalized Pareto tail, with a bootstrap interval of its rate.
+
+    It stands at least at the largest score: that score alone is an exceedance of about 1/(n+1), above the rate, even
+    where a bounded fitted tail puts the quantile below it (the rate stated is then the tail's rate there).
+    """
     level, share, shape, scale = _tail_fit(scores)
     threshold = level + float(_stats().genpareto.ppf(1 - rate / share, shape, scale=scale))
+    if threshold < scores.max():
+        threshold = float(scores.max())
+        rate = share * float(_stats().genpareto.sf(threshold - level, shape, scale=scale))
     rng = np.random.default_rng(seed)
     rates = []
     for _ in range(200):
