@@ -105,6 +105,13 @@ def test_user_errors_exit_2_without_traceback(tmp_path: Path) -> None:
     assert "does not exist" in process.stderr and "Traceback" not in process.stderr
 
 
+def test_off_a_terminal_the_bars_leave_no_lines(served_folder: Path, demo_root: Path, cli) -> None:
+    """Progress bars draw on a terminal only: stderr captured to a log gets no empty line per bar."""
+    result = cli("predict", served_folder / "part.dsmodel", demo_root / "test" / "broken", "--json")
+    assert result.code == 0 and len(result.out.splitlines()) == 8
+    assert result.err == ""
+
+
 def test_fit_predict_evaluate(demo_root: Path, tmp_path: Path) -> None:
     model = tmp_path / "m.dsmodel"
     fit = runner.invoke(app, ["-q", "fit", str(demo_root), "-o", str(model), "--model", "padim", "--image-size", "128", "--crop", "0"])

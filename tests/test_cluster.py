@@ -76,14 +76,23 @@ def token_cluster():
     address, token and environment without Ray's variables. Its processes are killed afterwards."""
     folder = Path(tempfile.mkdtemp(prefix="ray-token-"))  # short: Ray's socket paths live under it
     token = secrets.token_hex(16)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     subprocess.run([str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={port}", "--num-cpus=1",
                     f"--temp-dir={folder}", "--include-dashboard=false", "--disable-usage-stats"], check=True,
                    capture_output=True, env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, timeout=120)
     yield f"127.0.0.1:{port}", token, env
+    stop_cluster(folder)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop_cluster(folder: Path) -> None:
+    """Kill the processes of a cluster whose command lines name `folder` (as `ray start`'s do), then remove it."""
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             if str(folder).encode() in cmdline.read_bytes():
@@ -160,3 +169,54 @@ def test_score_on_a_cluster_without_the_drivers_files_survives_a_lost_node(clust
     table = pq.read_table(out).sort_by("path").to_pydict()
     assert table["path"] == sorted(map(str, images))  # every image exactly once
     assert table == expected  # the same rows as in this process (same threads: the same bits)
+
+
+# A driver whose job needs the package on the worker (run_jobs's wrapper is defectscope's); argv: address [py_modules].
+PACKAGE_CHECK = """
+import sys
+from defectscope.jobs import RayCluster, run_jobs
+
+
+def origin(_item):
+    import defectscope
+    return defectscope.__file__
+
+
+runtime_env = {"py_modules": sys.argv[2:]} if sys.argv[2:] else {}
+print(run_jobs(origin, [0], RayCluster(sys.argv[1], runtime_env=runtime_env), retries=0))
+"""
+
+
+def test_a_node_without_the_package_gets_it_from_the_runtime_env(tmp_path: Path) -> None:
+    """A worker node whose Python has every library but defectscope runs nothing of ours until --ray-env's py_modules
+    ships the package: then the job runs, with the package unpacked by Ray on that node."""
+    import defectscope
+
+    folder = Path(tempfile.mkdtemp(prefix="ray-bare-"))  # short: Ray's socket paths live under it
+    try:
+        bare = folder / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+        libraries = next(p for p in sys.path if (Path(p) / "ray" / "__init__.py").is_file())
+        # This environment's libraries as a plain folder: its .pth files (the installed defectscope) are not read.
+        (next((bare / "lib").glob("python*/site-packages")) / "libraries.pth").write_text(libraries + "\n")
+        python = str(bare / "bin" / "python")
+        missing = subprocess.run([python, "-c", "import defectscope"], capture_output=True, text=True, timeout=60)
+        assert missing.returncode == 1 and "No module named 'defectscope'" in missing.stderr
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "RAY_AUTH_MODE": "disabled"}
+        address = f"127.0.0.1:{free_port()}"
+        ray_cli = "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()"
+        start = ["start", "--disable-usage-stats"]
+        subprocess.run([sys.executable, "-c", ray_cli, *start, "--head", f"--port={address.split(':')[1]}",
+                        "--num-cpus=0", f"--temp-dir={folder / 'ray'}", "--include-dashboard=false"],
+                       check=True, capture_output=True, env=env, timeout=120, cwd=folder)
+        subprocess.run([python, "-c", ray_cli, *start, f"--address={address}", "--num-cpus=1"], check=True,
+                       capture_output=True, env=env, timeout=120, cwd=folder)
+        package = str(Path(defectscope.__file__).parent)
+        runs = [subprocess.run([sys.executable, "-c", PACKAGE_CHECK, address, *modules], capture_output=True,
+                               text=True, timeout=300, env=env, cwd=tmp_path) for modules in ([], [package])]
+        assert all(run.returncode == 0 for run in runs), [run.stderr[-2000:] for run in runs]
+        without, shipped = (run.stdout.splitlines()[-1] for run in runs)
+        assert without.startswith("[(None, ") and "failed to import on the worker" in without, without
+        assert shipped.startswith("[('") and "runtime_resources" in shipped and package not in shipped, shipped
+    finally:
+        stop_cluster(folder)

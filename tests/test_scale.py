@@ -276,6 +276,17 @@ def test_score_scores_failed_rows_again_on_resume(served_folder: Path, demo_root
     assert "error" not in table["verdict"] and sorted(table["path"]) == sorted(str(p) for p in folder.iterdir())
 
 
+def test_a_private_ray_instance_starts_without_a_word(tmp_path: Path) -> None:
+    """`--ray local` starts Ray in this process; Ray's notes on doing so (its INFO and token lines) stay out of the
+    command's stderr, which holds only what defectscope says."""
+    probe = "from defectscope.jobs import run_jobs\nprint(run_jobs(abs, [-2], 'local'))"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=env)
+    assert run.returncode == 0 and run.stdout.strip() == "[(2, None)]", run.stderr[-2000:]
+    assert run.stderr == ""
+
+
 def test_ray_options_are_checked_before_anything_runs(served_folder: Path, demo_root: Path, tmp_path: Path,
                                                       cli) -> None:
     """A missing token file, or --ray-env without --ray, is one line and exit 2; the runtime_env file's local paths

@@ -62,6 +62,8 @@ def test_the_command_line_lists_promotes_and_rolls_back(tmp_path: Path, cli) -> 
     refused = cli("promote", served, "f" * 12)
     assert refused.code == 2 and "no version" in refused.err and served.read_bytes() == b"second"
     assert cli("versions", tmp_path / "m.dsdeploy").code == 2
+    missing = cli("versions", tmp_path / "other.dsmodel")
+    assert missing.code == 2 and "no model file" in missing.err and not (tmp_path / STORE / "other").exists()
 
 
 def test_promote_and_rollback_under_load_drop_no_request(served_folder: Path, demo_root: Path, tmp_path: Path) -> None:

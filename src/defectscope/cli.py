@@ -82,9 +82,11 @@ def main_options(
 
 @contextmanager
 def _progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr (off with --quiet), yielding an advance-by-n callback."""
+    """A rich progress bar on stderr, yielding an advance-by-n callback; off with --quiet and off a terminal (a log
+    file would get an empty line per bar)."""
+    stderr = Console(stderr=True)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=Console(stderr=True), disable=state["quiet"], transient=True)
+                   console=stderr, disable=state["quiet"] or not stderr.is_terminal, transient=True)
     with bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
@@ -690,8 +692,8 @@ def versions(model: Annotated[Path, typer.Argument(help="Model file (.dsmodel) w
     store, name = VersionStore.of(model)
     history = store.history(name)
     if not history["versions"]:
-        say(f"no versions of {name} kept yet: serving it, a threshold or teach through the service, promote and "
-            "rollback keep them")
+        say(f"no versions of {name} kept yet: a version is kept when the file is served, when the service changes it "
+            "(a threshold, taught images), and by promote and rollback")
         return
     for entry in history["versions"]:
         mark = "*" if entry["version"] == history["active"] else " "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,8 +57,9 @@ class RayCluster:
         runtime_env = {**self.runtime_env}
         runtime_env["env_vars"] = {**worker_environment()["env_vars"], **runtime_env.get("env_vars", {})}
         try:
-            ray.init(address=None if self.address == LOCAL else self.address, include_dashboard=False,
-                     log_to_driver=False, runtime_env=runtime_env)
+            local = self.address == LOCAL  # a private instance: Ray's notes on starting it are noise to the user
+            ray.init(address=None if local else self.address, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR if local else logging.WARNING, runtime_env=runtime_env)
         except (ray.exceptions.AuthenticationError, ConnectionError) as exc:
             raise InputError(f"cannot connect to the Ray cluster at {self.address}: no cluster answers there, or it "
                              "refused this process's token (pass it with --ray-token-file; `ray get-auth-token` on "

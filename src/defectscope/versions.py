@@ -49,6 +49,8 @@ class VersionStore:
         """The store beside a model file (one per folder in a process, so its lock is shared), and the model's name."""
         if model_file.suffix != MODEL_SUFFIX:
             raise InputError(f"{model_file} is not a {MODEL_SUFFIX} model file; versions are kept for model files")
+        if not model_file.is_file():
+            raise InputError(f"no model file at {model_file}")
         return _store(Path(model_file).parent.resolve()), model_file.name.removesuffix(MODEL_SUFFIX)
 
     def served_file(self, name: str) -> Path:
