@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 
 from defectscope.errors import DefectscopeError
 
+TAIL_MIN_SCORES = 20  # a fitted tail needs at least this many scores
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -49,12 +51,21 @@ class Calibration:
             values[key] = _checked_field(key, data.get(key), "| None" in str(field.type))
         return cls(**values)
 
+    @property
+    def from_fitted_tail(self) -> bool:
+        """Whether the stated rate lies beyond the good scores (below 1/(n+1)) and a fitted tail stated it."""
+        n = self.good_count
+        return (self.method == "false_alarm_rate" and n >= TAIL_MIN_SCORES and self.good_std > 0
+                and math.ceil((n + 1) * (1 - self.param)) > n)
+
     def describe(self) -> str:
         """One line: the threshold and the false-alarm rate (and recall) it stands for."""
         text = f"threshold {self.threshold:.4g} ({self.method} {self.param:g})"
         if self.false_alarm_rate is not None:
             low, high = self.false_alarm_interval or (math.nan, math.nan)
             text += f"; expected false-alarm rate {self.false_alarm_rate:.2%} (95% interval {low:.2%} to {high:.2%})"
+            if self.from_fitted_tail:
+                text += f", from a tail fitted to the largest of {self.good_count} good scores"
         if self.recall is not None:
             low, high = self.recall_interval or (math.nan, math.nan)
             text += f"; recall {self.recall:.1%} (95% interval {low:.1%} to {high:.1%})"

@@ -16,13 +16,12 @@ from types import ModuleType
 
 import numpy as np
 
-from defectscope.calibration import Calibration
+from defectscope.calibration import TAIL_MIN_SCORES, Calibration
 from defectscope.errors import DefectscopeError
 
 GOOD_ONLY_METHODS = ("false_alarm_rate", "sigma", "percentile")
 DEFAULT_FALSE_ALARM_RATE = 0.01
 MIN_CALIBRATION_IMAGES = 20  # fewer good calibration scores leave the threshold to chance
-TAIL_MIN_SCORES = 20  # a fitted tail needs at least this many scores
 INTERVAL = 0.95
 
 

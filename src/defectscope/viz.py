@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
@@ -218,6 +219,7 @@ def histogram_png(labels: np.ndarray, scores: np.ndarray, threshold: float, path
     ax.hist(scores[labels == 1], bins=bins, alpha=0.6, color="tab:red", label=f"defective ({int((labels == 1).sum())})")
     ax.axvline(threshold, color="black", ls="--", lw=1.5, label=f"threshold {threshold:.4g}")
     ax.set(xlabel="anomaly score", ylabel="test images", title=title)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # image counts: no half images on the axis
     ax.legend(fontsize=8)
     _save(fig, path)
 
