@@ -22,11 +22,12 @@ from isolated import keep_other_rows, markdown_table, run_isolated, runs_note, w
 
 from defectscope.detectors.frame_search import CANDIDATES as FRAMES
 from defectscope.detectors.frame_search import frame_settings
+from defectscope.detectors.patchcore import PatchCoreConfig
 
 DEFAULT = "default: frame chosen by the search"
 GLOBAL = "352/320 s16, one global greedy coreset"
 CANDIDATES = {DEFAULT: {}, GLOBAL: {**FRAMES["352/320 s16"], "coreset_candidates": 10.0},
-              **{f"{name} (pinned)": frame_settings(name, {}) for name in FRAMES}}
+              **{f"{name} (pinned)": frame_settings(name, PatchCoreConfig()) for name in FRAMES}}
 COLUMNS = (("candidate", "candidate", "{}"), ("category", "category", "{}"), ("frame", "frame", "{}"),
            ("image_auroc", "image AUROC", "{:.3f}"), ("pixel_auroc", "pixel AUROC", "{:.3f}"), ("aupro", "AUPRO", "{:.3f}"),
            ("recall", "recall at 1%", "{:.3f}"), ("test_far", "FAR on good test at 1%", "{:.1%}"),

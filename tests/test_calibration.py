@@ -260,3 +260,27 @@ def test_a_fitted_tail_never_sets_a_threshold_below_the_largest_score() -> None:
         assert strict.threshold >= scores.max() and strict.threshold >= loose.threshold
         assert strict.false_alarm_rate <= 0.01
         assert "from a tail fitted to the largest of 32" in strict.describe() and "tail" not in loose.describe()
+
+
+def test_fit_checks_its_settings_before_reading_the_data(tmp_path: Path, cli) -> None:
+    """The command line types and checks the config first: a refused field is named even when the data is missing."""
+    result = cli("fit", tmp_path / "no-such-data", "-o", tmp_path / "m.dsmodel", "--set", "patch_stride=12")
+    assert result.code == 2 and "patch_stride" in result.err and not (tmp_path / "m.dsmodel").exists()
+
+
+def test_a_config_knows_which_fields_were_given() -> None:
+    """`given` is what pins a choice made per product: the keys of the mapping it was built from, or else the fields
+    set away from their defaults; a model takes only a config of its own class."""
+    from defectscope.detectors import create_detector
+    from defectscope.detectors.patchcore import PatchCoreConfig
+    from defectscope.errors import SettingsError
+
+    assert PatchCoreConfig.from_dict({"seed": 3, "image_size": 352}).given == {"seed", "image_size"}
+    assert PatchCoreConfig(image_size=288, crop=256).given == {"image_size", "crop"}
+    assert create_detector("patchcore", PatchCoreConfig(coreset_ratio=0.2)).config.coreset_ratio == 0.2
+    with pytest.raises(SettingsError, match="PaDiMConfig"):
+        create_detector("padim", PatchCoreConfig())
+    with pytest.raises(SettingsError, match="patch_stride"):
+        create_detector("patchcore", PatchCoreConfig(patch_stride=12))
+    with pytest.raises(SettingsError, match="not both"):
+        create_detector("patchcore", PatchCoreConfig(), seed=1)

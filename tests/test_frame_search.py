@@ -11,8 +11,9 @@ import torch
 from defectscope import load_dataset
 from defectscope.detectors.base import create_detector
 from defectscope.detectors.frame_search import CANDIDATES, _cheapest_near_best, frame_settings, patches_per_image
-from defectscope.detectors.patchcore import PatchFeatures, patch_embedding
+from defectscope.detectors.patchcore import PatchCoreConfig, PatchFeatures, patch_embedding
 from defectscope.detectors.selection import MIN_IMAGES
+from defectscope.experiments.kinds import attempt_config
 from defectscope.pipeline import fit_detector
 
 
@@ -30,9 +31,10 @@ def test_the_cheapest_frame_within_one_standard_error_wins() -> None:
 
 
 def test_every_candidate_keeps_the_same_memory_per_image() -> None:
-    rows = {name: frame_settings(name, {})["coreset_ratio"] * patches_per_image(name) for name in CANDIDATES}
+    rows = {name: frame_settings(name, PatchCoreConfig())["coreset_ratio"] * patches_per_image(name)
+            for name in CANDIDATES}
     assert max(rows.values()) - min(rows.values()) < 1e-6 and abs(rows["352/320 s16"] - 40) < 1e-6
-    assert frame_settings("352/320 s8", {"coreset_ratio": 0.2})["coreset_ratio"] == 0.05
+    assert frame_settings("352/320 s8", PatchCoreConfig(coreset_ratio=0.2))["coreset_ratio"] == 0.05
 
 
 def test_a_coarser_patch_grid_is_the_finer_one_averaged() -> None:
@@ -63,3 +65,15 @@ def test_the_global_view_is_judged_on_the_frame_searchs_probe_as_on_its_own(demo
     for view, evidence in on_its_own["evidence"].items():
         assert with_search["evidence"][view] == pytest.approx(evidence, abs=1e-6)
     assert with_search["synthetic_images"] in embedded  # fitting alone embeds the synthetic defects; the search had them
+
+
+def test_a_typed_config_searches_the_frame_unless_it_was_given_one(demo_root: Path) -> None:
+    """A checked config (an experiment attempt's) reaches the fit as it is: the frame is searched unless the config
+    was given a frame field, as with `fit` (attempts used to pin every field they left at its default)."""
+    dataset = load_dataset(demo_root)
+    dataset.samples = dataset.train[:MIN_IMAGES + 2]  # the fewest images a probe is made of: a quick search
+    searched = fit_detector(dataset, "patchcore", attempt_config("patchcore", {"global_view": "off"}))[0]
+    assert searched.train_summary["frame_choice"]["chosen"] in CANDIDATES
+    pinned = fit_detector(dataset, "patchcore", attempt_config("patchcore", {"image_size": 128, "crop": None}))[0]
+    assert pinned.train_summary["frame_choice"] == {"chosen": None, "reason": "pinned by the settings"}
+    assert (pinned.config.image_size, pinned.config.crop) == (128, None)

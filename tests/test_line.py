@@ -124,6 +124,25 @@ def test_the_hot_folder_judges_each_image_once_and_waits_for_a_file_being_writte
             assert record["width"] == record["height"] == 128  # the demo images' size, from their headers
 
 
+def test_a_file_settled_by_its_own_time_waits_one_scan_not_the_settle_time(model, demo_root: Path,
+                                                                          tmp_path: Path) -> None:
+    """After a restart the images left in the inbox were written long ago: one scan that finds them unchanged
+    is enough. A file modified just now still waits the whole settle time."""
+    line = _line(tmp_path, model, settle=30.0)
+    dropped = _drop(demo_root, line.folders.inbox, 3)
+    for name in dropped:
+        os.utime(line.folders.inbox / name, (time.time() - 60, time.time() - 60))
+    fresh = line.folders.inbox / "fresh.png"
+    fresh.write_bytes((line.folders.inbox / next(iter(dropped))).read_bytes())
+    assert line.ready() == []  # first sight: not yet confirmed
+    time.sleep(line.poll)
+    assert [path.name for path in line.ready()] == sorted(dropped)  # unchanged a scan later; the fresh one waits
+    with (line.folders.inbox / sorted(dropped)[0]).open("ab") as stream:
+        stream.write(b"\0")  # written to again: it starts over
+    time.sleep(line.poll)
+    assert [path.name for path in line.ready()] == sorted(dropped)[1:]
+
+
 def test_a_restart_finishes_a_judged_image_without_judging_it_again(model, demo_root: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     first = _line(tmp_path, model)

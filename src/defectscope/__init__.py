@@ -17,6 +17,7 @@ _WHERE = {
     "Dataset": "data.layout", "Sample": "data.layout", "load_dataset": "data.layout",
     "summarize": "data.summary", "make_demo_dataset": "data.synthetic",
     "all_detectors": "detectors", "Detector": "detectors", "MapModel": "detectors", "create_detector": "detectors",
+    "detector_config": "detectors",
     "Prediction": "prediction", "DefectscopeError": "errors", "evaluate": "evaluation",
     "evaluate_model": "pipeline", "fit_model": "pipeline", "predict_images": "pipeline",
 }

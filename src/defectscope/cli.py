@@ -237,6 +237,7 @@ def fit(
     PatchCore chooses its frame (image size, crop, patch stride) from the good images unless one of them is given.
     """
     with doing("loading the library"):
+        from defectscope.detectors import detector_config
         from defectscope.pipeline import fit_model
     settings: dict = {**({"backbone": backbone} if backbone else {}), "seed": seed,
                       **gather_settings(config, settings_json, assignments)}
@@ -252,7 +253,8 @@ def fit(
         if model != "patchcore":
             raise DefectscopeError("--coreset-ratio applies to --model patchcore only")
         settings["coreset_ratio"] = coreset
-    fitted = fit_model(data, model, settings, output, weights=weights, download=download, force=force, bar=_progress,
+    config = detector_config(model, settings)  # typed and checked here, before any data is read
+    fitted = fit_model(data, model, config, output, weights=weights, download=download, force=force, bar=_progress,
                        ray_address=_ray_cluster(ray, ray_token_file, ray_env))
     calibration, report = fitted.detector.calibration, fitted.report
     if fitted.detector.kind != "good_only":

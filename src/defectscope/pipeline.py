@@ -8,7 +8,7 @@ new, empty or one defectscope made (`files.claim_folder`), unless the caller pas
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +35,7 @@ from defectscope.detectors.base import (
     PhaseStart,
     Progress,
     create_detector,
+    detector_config,
 )
 from defectscope.detectors.frame_search import CANDIDATES, FRAME_FIELDS, choose_frame
 from defectscope.detectors.patchcore import PatchCore
@@ -46,6 +47,7 @@ from defectscope.names import DEFECT_LIKE
 from defectscope.prediction import prediction_rows
 from defectscope.predictor import Predictor
 from defectscope.reports import write_report
+from defectscope.settings import Settings
 from defectscope.thresholds import (
     Calibration,
     calibrate,
@@ -86,17 +88,19 @@ def mask_training_set(dataset: Dataset, config: Any) -> list[Sample]:
     return [*dataset.test, *pick_good(dataset.train, config.good_train, config.seed)]
 
 
-def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights: Path | None = None,
+def fit_detector(dataset: Dataset, model: str, settings: Mapping[str, Any] | Settings, weights: Path | None = None,
                  download: bool = False, bar: ProgressBar = no_progress,
                  epoch_progress: EpochProgress | None = None, ray_address: str | RayCluster | None = None,
                  images: Sequence[ImageSource] | None = None) -> tuple[MapModel, FitReport]:
-    """Build a model from checked settings and fit it: a good-only detector on the good training images, a mask model
-    (segmenter, instance detector) on the labelled images and their masks (`mask_training_set`).
+    """Build a model from its config (or a mapping of config fields) and fit it: a good-only detector on the good
+    training images, a mask model (segmenter, instance detector) on the labelled images and their masks
+    (`mask_training_set`). PatchCore chooses its frame unless the config was given a frame field.
 
     With `ray_address`, PatchCore's shard coresets run as Ray tasks (the same bank as here, bit for bit).
     `images` are the training images in `dataset.train`'s order when they come as bytes (read on another machine).
     """
-    detector = create_detector(model, **settings)
+    config = detector_config(model, settings)
+    detector = create_detector(model, config)
     if weights is not None or download:
         detector.backbone = load_backbone(detector.config.backbone, detector.strides, weights, download)
     if ray_address is not None and not isinstance(detector, PatchCore):
@@ -111,14 +115,14 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
     train = list(images) if images is not None else [s.path for s in dataset.train]
     frame_choice, began = None, time.perf_counter()
     if isinstance(detector, PatchCore) and detector.config.frame_search:
-        if any(field in settings for field in FRAME_FIELDS):
+        if config.given & set(FRAME_FIELDS):
             frame_choice = {"chosen": None, "reason": "pinned by the settings"}
         else:
             backbone = detector.require_backbone()
             with bar(f"choosing the frame among {len(CANDIDATES)} candidates", len(CANDIDATES)) as advance:
-                choice = choose_frame(train, settings, backbone, advance)
+                choice = choose_frame(train, config, backbone, advance)
             frame_choice = choice.evidence
-            detector = create_detector(model, **{**settings, **choice.settings})
+            detector = create_detector(model, replace(config, **choice.settings))
             detector.backbone = backbone
             if choice.probe is not None:
                 detector.use_probe(choice.probe, choice.defective, choice.preprocess)
@@ -135,8 +139,8 @@ def fit_detector(dataset: Dataset, model: str, settings: dict[str, Any], weights
     return detector, replace(report, seconds=time.perf_counter() - began)  # the frame search included
 
 
-def fit_model(data: Path | Dataset, model: str, settings: dict[str, Any], out: Path, *, weights: Path | None = None,
-              download: bool = False, force: bool = False, bar: ProgressBar = no_progress,
+def fit_model(data: Path | Dataset, model: str, settings: Mapping[str, Any] | Settings, out: Path, *,
+              weights: Path | None = None, download: bool = False, force: bool = False, bar: ProgressBar = no_progress,
               fingerprint: str | None = None, ray_address: str | RayCluster | None = None,
               images: Sequence[ImageSource] | None = None) -> Fitted:
     """Check the output, load the dataset (or take it loaded), fit, and save the model file (nothing is written if

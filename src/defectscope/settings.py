@@ -75,10 +75,21 @@ class Settings:
 
     @classmethod
     def from_dict(cls: type[S], data: dict) -> S:
+        """The checked settings; they remember which fields `data` gave (`given`), as against the defaults."""
         check_field_types(cls, data)
         settings = cls(**data)
         settings.check()
+        settings._given = frozenset(data)
         return settings
+
+    @property
+    def given(self) -> frozenset[str]:
+        """The fields the user set, which a choice made per product (PatchCore's frame) leaves as they are: the keys
+        of `from_dict`'s mapping; for settings built otherwise, the fields that differ from their defaults."""
+        given = getattr(self, "_given", None)
+        if given is None:
+            given = frozenset(f.name for f in fields(self) if f.default is not MISSING and getattr(self, f.name) != f.default)
+        return given
 
     def check(self) -> None:
         """Reject values no run could use; subclasses extend it and call super().check()."""

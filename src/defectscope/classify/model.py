@@ -11,7 +11,7 @@ from torch import nn
 from defectscope.backbones import Backbone, freeze_through
 from defectscope.efficientnet_lite import EfficientNetLite
 from defectscope.classify.losses import LOSSES
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DefectscopeError, SettingsError
 from defectscope.settings import FrameConfig, require_choice, require_range
 from defectscope.training.engine import TrainSettings
 
@@ -53,11 +53,11 @@ class ClassifierConfig(FrameConfig, TrainSettings):
         for name, value, allowed in (("task", self.task, TASKS), ("loss", self.loss, LOSSES), ("sampling", self.sampling, SAMPLING)):
             require_choice(name, value, allowed)
         if self.folds < 2:
-            raise DefectscopeError(f"field 'folds' must be at least 2, got {self.folds}")
+            raise SettingsError(f"field 'folds' must be at least 2, got {self.folds}")
         if self.good_train < -1:
-            raise DefectscopeError(f"field 'good_train' must be -1 (all), 0 or a count, got {self.good_train}")
+            raise SettingsError(f"field 'good_train' must be -1 (all), 0 or a count, got {self.good_train}")
         if self.shots is not None and self.shots < 1:
-            raise DefectscopeError(f"field 'shots' must be at least 1 (or null for all), got {self.shots}")
+            raise SettingsError(f"field 'shots' must be at least 1 (or null for all), got {self.shots}")
         require_range("freeze", self.freeze, 0)
         require_range("dropout", self.dropout, 0, 1, high_open=True)
         for name in ("tau", "gamma", "contrastive_weight"):

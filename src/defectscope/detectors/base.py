@@ -10,7 +10,7 @@ import importlib
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -23,10 +23,10 @@ from defectscope.data.batches import iterate_batches
 from defectscope.data.decode import ImageSource, image_size
 from defectscope.data.frame import Preprocess, frame_aspect
 from defectscope.data.images import normalize
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DefectscopeError, SettingsError
 from defectscope.maps import finishing_matrix
 from defectscope.prediction import Prediction, Scored, predict_frames
-from defectscope.settings import FrameConfig, require_choice, require_range
+from defectscope.settings import FrameConfig, Settings, require_choice, require_range
 from defectscope.thresholds import (
     DEFAULT_FALSE_ALARM_RATE,
     GOOD_ONLY_METHODS,
@@ -413,7 +413,19 @@ def good_only_models() -> list[str]:
     return sorted(name for name, cls in all_detectors().items() if issubclass(cls, Detector))
 
 
-def create_detector(name: str, **settings: Any) -> MapModel:
-    """A new map model by registry name, with config fields given as keywords (checked)."""
-    cls = detector_class(name)
-    return cls(cls.config_class.from_dict(settings))
+def detector_config(name: str, settings: Mapping[str, Any] | Settings) -> Settings:
+    """The checked config of model `name`: built from a mapping of its fields, or a config of its class checked again."""
+    config_class = detector_class(name).config_class
+    if not isinstance(settings, Settings):
+        return config_class.from_dict(dict(settings))
+    if type(settings) is not config_class:
+        raise SettingsError(f"{name} takes a {config_class.__name__}, got a {type(settings).__name__}")
+    settings.check()
+    return settings
+
+
+def create_detector(name: str, config: Settings | None = None, **settings: Any) -> MapModel:
+    """A new map model by registry name, from its config or from config fields given as keywords (checked)."""
+    if config is not None and settings:
+        raise SettingsError("give a config or config fields as keywords, not both")
+    return detector_class(name)(detector_config(name, settings if config is None else config))

@@ -33,12 +33,11 @@ REFERENCE_PATCHES = (320 // 16) ** 2  # the patches per image that the coreset r
 FIT_IMAGES = 32  # the search fits on at most 32 good images besides the probe's held-out ones
 
 
-def frame_settings(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+def frame_settings(name: str, config: PatchCoreConfig) -> dict[str, Any]:
     """A candidate's frame fields and its coreset ratio: every candidate keeps the memory rows per image that the
     ratio gives at 352/320 s16, so the memory stays the same size whatever the patch grid."""
     frame, patches = CANDIDATES[name], patches_per_image(name)
-    ratio = float(settings.get("coreset_ratio", PatchCoreConfig.coreset_ratio))
-    return {**frame, "coreset_ratio": min(1.0, ratio * REFERENCE_PATCHES / patches)}
+    return {**frame, "coreset_ratio": min(1.0, config.coreset_ratio * REFERENCE_PATCHES / patches)}
 
 
 def patches_per_image(name: str) -> int:
@@ -70,11 +69,11 @@ class FrameChoice:
     preprocess: Preprocess | None = None  # the frame `defective` was embedded in
 
 
-def choose_frame(images: Sequence[Any], settings: dict[str, Any], backbone: Backbone | None = None,
+def choose_frame(images: Sequence[Any], config: PatchCoreConfig, backbone: Backbone | None = None,
                  progress: Callable[[int], None] = lambda _steps: None) -> FrameChoice:
     """The frame chosen from good training images alone; `progress` advances by one per candidate. Candidates that
     share a resize and crop share one embedding: the coarser patch grid is the finer one averaged (as `embed` does)."""
-    probe = make_probe(images, int(settings.get("seed", 0)), KINDS)  # the frame is judged on surface defects
+    probe = make_probe(images, config.seed, KINDS)  # the frame is judged on surface defects
     if probe is None:
         return FrameChoice({}, {"chosen": None, "reason": f"{len(images)} training images; the search needs more"})
     held = len(probe.good)
@@ -82,8 +81,9 @@ def choose_frame(images: Sequence[Any], settings: dict[str, Any], backbone: Back
     evidence, embedded = {}, {}
     for name in CANDIDATES:
         start = time.perf_counter()
-        detector = PatchCore(PatchCoreConfig.from_dict({**settings, **frame_settings(name, settings),
-                                                        "frame_search": False, "global_view": "off"}), backbone)
+        candidate = replace(config, **frame_settings(name, config), frame_search=False, global_view="off")
+        candidate.check()
+        detector = PatchCore(candidate, backbone)
         backbone = detector.require_backbone()
         detector.learn_aspect(images)  # the frame the final model will have
         frame = _frame_key(name)
@@ -97,7 +97,7 @@ def choose_frame(images: Sequence[Any], settings: dict[str, Any], backbone: Back
         progress(1)
     chosen = _cheapest_near_best(evidence, len(probe.defective))
     finest, _, probed, preprocess = embedded[_frame_key(chosen)]
-    return FrameChoice(frame_settings(chosen, settings), {
+    return FrameChoice(frame_settings(chosen, config), {
         "chosen": chosen, "rule": RULE, "fit_images": len(fit), "held_out_images": held,
         "synthetic_images": len(probe.defective), "candidates": evidence},
         probe, probed[held:].coarsened(CANDIDATES[chosen]["patch_stride"] // finest), preprocess)

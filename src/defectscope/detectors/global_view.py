@@ -101,7 +101,9 @@ class RegionModel:
             covariance = covariance + moments.drift
         scale = covariance.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(STD_FLOOR)
         correlation = covariance / (scale[:, :, None] * scale[:, None, :])
-        values, vectors = torch.linalg.eigh(correlation)  # ascending
+        # NumPy's LAPACK, not torch's: torch runs each small matrix's decomposition on its OpenMP threads, which the
+        # entry points' passive wait policy puts to sleep between calls (45 matrices: 0.46 s against NumPy's 0.07 s).
+        values, vectors = (torch.from_numpy(part) for part in np.linalg.eigh(correlation.numpy()))  # ascending
         values = values.clamp_min(0).flip(-1)
         vectors = vectors.flip(-1)
         share = values.cumsum(-1) / values.sum(-1, keepdim=True).clamp_min(1e-12)

@@ -35,7 +35,7 @@ from defectscope.detectors.base import (
     register,
     require_finite,
 )
-from defectscope.errors import DefectscopeError, check_fitted
+from defectscope.errors import DefectscopeError, SettingsError, check_fitted
 from defectscope.prediction import Detection, Scored
 from defectscope.regions import components
 from defectscope.settings import require_range
@@ -102,7 +102,7 @@ class InstanceConfig(DetectorConfig, TrainSettings):
         require_range("good_train", self.good_train, -1)
         require_range("folds", self.folds, 2)
         if not all(isinstance(t, str) for t in self.types) or len(set(self.types)) != len(self.types):
-            raise DefectscopeError(f"field 'types' must be distinct defect type names, got {self.types!r}")
+            raise SettingsError(f"field 'types' must be distinct defect type names, got {self.types!r}")
 
 
 def instance_targets(channels: torch.Tensor, min_area: int) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from defectscope.detectors.global_view import (Moments, RegionModel, drift_momen
                                                region_descriptors, standardize)
 from defectscope.detectors.nearest import ClusteredBank, nearest
 from defectscope.detectors.selection import TAIL_RATE, TAIL_Z, Probe, false_alarms, make_probe, noise, separation
-from defectscope.errors import DefectscopeError, check_fitted
+from defectscope.errors import DefectscopeError, SettingsError, check_fitted
 from defectscope.maps import bilinear_matrix
 from defectscope.settings import require_choice, require_range
 from defectscope.thresholds import calibrate
@@ -78,14 +78,14 @@ class PatchCoreConfig(DetectorConfig):
         require_range("coreset_candidates", self.coreset_candidates, 1)
         require_range("projection_dim", self.projection_dim, 1)
         if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
-            raise DefectscopeError(f"field 'neighbourhood' must be an odd number >= 1, got {self.neighbourhood}")
+            raise SettingsError(f"field 'neighbourhood' must be an odd number >= 1, got {self.neighbourhood}")
         require_range("layer_dim", self.layer_dim, 1)
         require_range("reweight_neighbours", self.reweight_neighbours, 1)
         require_range("shard_images", self.shard_images, 1)
         require_range("memory_limit", self.memory_limit, 1)
         require_choice("global_view", self.global_view, GLOBAL_VIEW)
         if self.patch_stride not in PATCH_STRIDES:
-            raise DefectscopeError(f"field 'patch_stride' must be one of {', '.join(map(str, PATCH_STRIDES))}, "
+            raise SettingsError(f"field 'patch_stride' must be one of {', '.join(map(str, PATCH_STRIDES))}, "
                                    f"got {self.patch_stride}")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from defectscope.config_files import read_mapping
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DefectscopeError, SettingsError
 from defectscope.experiments.kinds import attempt_config
 from defectscope.names import check_name
 
@@ -86,7 +86,7 @@ def load_experiment(path: str | Path) -> Experiment:
         settings = {k: v for k, v in merged.items() if k not in RESERVED}
         try:
             if not isinstance(merged["model"], str):
-                raise DefectscopeError(f"field 'model' must be a model name, got {merged['model']!r}")
+                raise SettingsError(f"field 'model' must be a model name, got {merged['model']!r}")
             attempt_config(merged["model"], settings)
         except DefectscopeError as exc:
             raise DefectscopeError(f"attempt '{name}': {exc}") from exc

@@ -54,7 +54,7 @@ def run_detector(run: AttemptRun) -> dict[str, Any]:
     """Good-only detector: fit, save the model file, evaluate on the test split."""
     epochs = lambda epoch, total, loss, val: run.say(  # noqa: E731
         f"epoch {epoch}/{total} train loss {loss:.4f}" + (f" validation {val:.4f}" if val is not None else ""))
-    detector, report = fit_detector(run.dataset, run.model, run.config.to_dict(), epoch_progress=epochs)
+    detector, report = fit_detector(run.dataset, run.model, run.config, epoch_progress=epochs)
     save_model(detector, run.folder / "model.dsmodel", force=True)
     metrics = evaluate_model(detector, run.dataset)[0].metrics
     result = {"fit_s": report.seconds, "infer_ms": metrics["predict_ms_per_image"], "metrics": metrics,
@@ -118,7 +118,7 @@ def _final_model(run: AttemptRun) -> MapModel:
     pseudo-labels); the attempt is judged by its k-fold held-out predictions, never by this model."""
     run.say("training the model file on every labelled image")
     epochs = lambda epoch, total, loss, _: run.say(f"epoch {epoch}/{total} train loss {loss:.4f}")  # noqa: E731
-    final = fit_detector(run.dataset, run.model, run.config.to_dict(), epoch_progress=epochs)[0]
+    final = fit_detector(run.dataset, run.model, run.config, epoch_progress=epochs)[0]
     save_model(final, run.folder / "model.dsmodel", force=True)
     return final
 

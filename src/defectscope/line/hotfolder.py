@@ -107,8 +107,10 @@ class HotFolder:
         return moved
 
     def ready(self) -> list[Path]:
-        """Complete images in the inbox: not temporary, size and time unchanged for `settle` seconds."""
-        clock, ready, current = time.monotonic(), [], {}
+        """Complete images in the inbox: not temporary, size and time unchanged for `settle` seconds. A file first
+        seen with a modification time `settle` seconds old (renamed in whole, or left by a stopped run) needs only
+        one more scan that finds it unchanged: it does not wait `settle` again after a restart."""
+        clock, wall, ready, current = time.monotonic(), time.time(), [], {}
         for entry in os.scandir(self.folders.inbox):
             name = entry.name
             if name.startswith(".") or name.lower().endswith(TEMPORARY) or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
@@ -121,7 +123,12 @@ class HotFolder:
                 continue
             size, mtime = stat.st_size, stat.st_mtime_ns
             previous = self._seen.get(name)
-            since = previous[2] if previous and previous[:2] == (size, mtime) else clock
+            if previous is not None and previous[:2] == (size, mtime):
+                since = previous[2]
+            elif previous is None and wall - mtime / 1e9 >= self.settle:
+                since = clock - self.settle + min(self.poll, self.settle)  # settled by its own time: confirm once
+            else:
+                since = clock
             current[name] = (size, mtime, since)
             if clock - since >= self.settle:
                 ready.append(self.folders.inbox / name)

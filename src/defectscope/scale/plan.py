@@ -23,7 +23,7 @@ from typing import Any
 from defectscope._version import __version__
 from defectscope.config_files import read_mapping
 from defectscope.data.layout import load_dataset
-from defectscope.detectors.base import detector_class
+from defectscope.detectors.base import detector_config
 from defectscope.errors import DefectscopeError
 from defectscope.files import file_sha256
 from defectscope.names import GOOD_ONLY_MODELS, check_name
@@ -79,7 +79,7 @@ def load_plan(path: str | Path) -> list[Product]:
         settings = {**_mapping(defaults.get("settings", {}), "defaults 'settings'"),
                     **_mapping(entry.get("settings", {}), f"product {name} 'settings'")}
         try:
-            detector_class(model).config_class.from_dict(settings)
+            detector_config(model, settings)
         except DefectscopeError as exc:
             raise DefectscopeError(f"product {name}: {exc}") from exc
         out = entry.get("out", f"models/{name}.dsmodel")
