@@ -20,6 +20,7 @@ import pytest
 
 from defectscope import load_dataset
 from defectscope.artifacts import load_model
+from defectscope.errors import InputError
 from defectscope.files import file_sha256
 from defectscope.line import hotfolder
 from defectscope.line.audit import AuditLog, Verdict, export_parquet, now
@@ -54,6 +55,10 @@ def test_audit_queries_filter_and_page_and_export_to_parquet(tmp_path: Path) -> 
     assert [r["image_name"] for r in log.query(limit=2, offset=2)] == ["3.png", "2.png"]
     assert [r["image_name"] for r in log.query(verdict="defective")] == ["bad.png"]
     assert log.query(model="part", verdict="defective") == [] and len(log.query(since="2000-01-01")) == 6
+    assert log.get(6)["image_name"] == "bad.png"
+    for missing in (0, 7, 2**63, -(2**63) - 1):  # beyond SQLite's integers too: not found, not a crash
+        with pytest.raises(InputError, match=f"no audit record {missing}"):
+            log.get(missing)
     assert export_parquet(tmp_path / "audit.sqlite", tmp_path / "audit.parquet") == 6
     table = pyarrow_parquet.read_table(tmp_path / "audit.parquet")
     assert table.num_rows == 6 and {"time", "model_sha256", "image_sha256", "verdict", "role"} <= set(table.column_names)
@@ -287,8 +292,6 @@ def test_json_lines_are_written_at_once(tmp_path: Path) -> None:
 
 
 def test_an_audit_database_that_cannot_be_used_is_one_clear_error(tmp_path: Path) -> None:
-    from defectscope.errors import InputError
-
     (tmp_path / "notes.sqlite").write_text("my notes, not a database " * 100)
     with pytest.raises(InputError, match="is not a defectscope audit database"):
         AuditLog(tmp_path / "notes.sqlite")

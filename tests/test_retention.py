@@ -90,6 +90,7 @@ def test_the_service_keeps_defective_images_and_serves_them_by_audit_id(served_f
                 assert image.status_code == 404 and "not kept" in image.json()["detail"]
                 assert client.get(f"/v1/audit/{result['audit_id']}/heatmap").status_code == 404
         assert client.get("/v1/audit/999999/image").status_code == 404
+        assert client.get(f"/v1/audit/{2**63}/image").status_code == 422  # no id of SQLite's: refused by its bound
         calibration = load_model(folder / "part.dsmodel").calibration
         set_threshold(folder / "part.dsmodel", replace(calibration, threshold=calibration.threshold * 1.5), force=True)
         assert client.post("/v1/models/part/reload").status_code == 200  # another version of part is served now

@@ -19,6 +19,7 @@ from defectscope.errors import InputError
 
 SCHEMA_VERSION = 1
 MAX_PAGE = 1000  # records per query at most
+MAX_RECORD_ID = 2**63 - 1  # SQLite's largest integer
 
 
 @dataclass
@@ -131,6 +132,8 @@ class AuditLog:
         return self._journal("m.moved = 1 AND m.delivered = 0")
 
     def get(self, record_id: int) -> dict[str, Any]:
+        if not 1 <= record_id <= MAX_RECORD_ID:  # SQLite cannot even compare a larger integer
+            raise InputError(f"no audit record {record_id}")
         with self._lock:
             row = self._db.execute(f"SELECT id, {', '.join(COLUMNS)} FROM verdicts WHERE id = ?", (record_id,)).fetchone()
         if row is None:

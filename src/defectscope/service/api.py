@@ -12,6 +12,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParameter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
@@ -19,7 +20,7 @@ from defectscope.artifacts import check_model_output, set_threshold
 from defectscope.data.decode import read_image
 from defectscope.errors import DefectscopeError, InputError
 from defectscope.export.pseudo import map_instances
-from defectscope.line.audit import MAX_PAGE, Verdict, now
+from defectscope.line.audit import MAX_PAGE, MAX_RECORD_ID, Verdict, now
 from defectscope.names import MODEL_SUFFIX, SAFE_NAME
 from defectscope.pipeline import update_model
 from defectscope.prediction import Prediction, place_detections, prediction_rows
@@ -97,6 +98,9 @@ def audit_records(request: Request, model: str | None = None, verdict: str | Non
     return AuditPage(records=[AuditRecord(**r) for r in records], limit=limit, offset=offset, kept=kept)
 
 
+RecordId = Annotated[int, PathParameter(ge=1, le=MAX_RECORD_ID, description="an audit record's id")]
+
+
 def _kept(request: Request, record_id: int) -> tuple[dict, Path]:
     """An audited verdict and its kept image (404 when there is no audit trail, no such record or no kept image)."""
     audit, keeper = request.app.state.audit, request.app.state.keeper
@@ -114,14 +118,14 @@ def _kept(request: Request, record_id: int) -> tuple[dict, Path]:
 
 
 @router.get("/audit/{record_id}/image", response_class=Response, responses={200: {"content": {"image/*": {}}}})
-def audited_image(request: Request, record_id: int) -> Response:
+def audited_image(request: Request, record_id: RecordId) -> Response:
     """The image of an audited verdict, when the service kept it (`serve --keep-images`)."""
     kept = _kept(request, record_id)[1]
     return Response(kept.read_bytes(), media_type=mimetypes.guess_type(kept.name)[0] or "application/octet-stream")
 
 
 @router.get("/audit/{record_id}/heatmap", response_class=Response, responses={200: {"content": {"image/png": {}}}})
-async def audited_heatmap(request: Request, record_id: int) -> Response:
+async def audited_heatmap(request: Request, record_id: RecordId) -> Response:
     """The heatmap behind an audited verdict, for a kept image: the image scored again by the very model file that
     judged it (the same sha256), which gives the same map; 409 when that version is no longer the one served."""
     record, kept = await run_in_threadpool(_kept, request, record_id)  # a database read: off the event loop
