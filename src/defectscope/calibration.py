@@ -65,7 +65,7 @@ class Calibration:
             low, high = self.false_alarm_interval or (math.nan, math.nan)
             text += f"; expected false-alarm rate {self.false_alarm_rate:.2%} (95% interval {low:.2%} to {high:.2%})"
             if self.from_fitted_tail:
-                text += f", from a tail fitted to the largest of {self.good_count} good scores"
+                text += ", stated by a tail fitted beyond the largest good score"
         if self.recall is not None:
             low, high = self.recall_interval or (math.nan, math.nan)
             text += f"; recall {self.recall:.1%} (95% interval {low:.1%} to {high:.1%})"
