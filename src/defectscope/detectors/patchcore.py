@@ -86,7 +86,7 @@ class PatchCoreConfig(DetectorConfig):
         require_choice("global_view", self.global_view, GLOBAL_VIEW)
         if self.patch_stride not in PATCH_STRIDES:
             raise SettingsError(f"field 'patch_stride' must be one of {', '.join(map(str, PATCH_STRIDES))}, "
-                                   f"got {self.patch_stride}")
+                                f"got {self.patch_stride}")
 
 
 def pooling_kernel(channels: int, neighbourhood: int, layer_dim: int) -> torch.Tensor:
