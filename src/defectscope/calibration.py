@@ -12,6 +12,12 @@ from defectscope.errors import DefectscopeError
 TAIL_MIN_SCORES = 20  # a fitted tail needs at least this many scores
 
 
+def stated_rank(count: int, rate: float) -> int:
+    """The order statistic (1-based) whose value states `rate` among `count` good scores; above `count`, the rate lies
+    beyond them and needs a fitted tail."""
+    return math.ceil((count + 1) * (1 - rate))
+
+
 @dataclass(frozen=True)
 class Calibration:
     """A threshold on raw scores, how it was chosen, the good-score statistics behind it, and what it promises.
@@ -56,7 +62,7 @@ class Calibration:
         """Whether the stated rate lies beyond the good scores (below 1/(n+1)) and a fitted tail stated it."""
         n = self.good_count
         return (self.method == "false_alarm_rate" and n >= TAIL_MIN_SCORES and self.good_std > 0
-                and math.ceil((n + 1) * (1 - self.param)) > n)
+                and stated_rank(n, self.param) > n)
 
     def describe(self) -> str:
         """One line: the threshold and the false-alarm rate (and recall) it stands for."""

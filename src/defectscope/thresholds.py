@@ -16,7 +16,7 @@ from types import ModuleType
 
 import numpy as np
 
-from defectscope.calibration import TAIL_MIN_SCORES, Calibration
+from defectscope.calibration import TAIL_MIN_SCORES, Calibration, stated_rank
 from defectscope.errors import DefectscopeError
 
 GOOD_ONLY_METHODS = ("false_alarm_rate", "sigma", "percentile")
@@ -103,7 +103,7 @@ def _tail_threshold(scores: np.ndarray, rate: float, seed: int = 0) -> tuple[flo
 def false_alarm_threshold(scores: np.ndarray, rate: float) -> tuple[float, float, tuple[float, float], str | None]:
     """(threshold, expected false-alarm rate, its interval, a warning or None) for a stated rate."""
     n = len(scores)
-    rank = math.ceil((n + 1) * (1 - rate))
+    rank = stated_rank(n, rate)
     if rank <= n:
         threshold = float(np.sort(scores)[rank - 1])
         return threshold, (n + 1 - rank) / (n + 1), beta_interval(n + 1 - rank, rank), None
