@@ -3,11 +3,13 @@ any valid set of masks exports and reads back exactly."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -138,6 +140,14 @@ def _file_with(manifest: dict, tensors: bytes) -> bytes:
 _KNN: dict = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _remove_knn_folder():
+    """The shared model's folder goes when this module's tests are done."""
+    yield
+    if "folder" in _KNN:
+        shutil.rmtree(_KNN["folder"], ignore_errors=True)
+
+
 def _knn_file() -> tuple[dict, bytes]:
     """A small fitted k-NN model file (made once) and its manifest."""
     if not _KNN:
@@ -203,14 +213,14 @@ PLAN_VALUES = st.one_of(JSON, DEEP, st.sampled_from(["knn", "patchcore", "../x",
        st.sampled_from([".yaml", ".toml", "deep"]))
 def test_any_plan_parses_or_fails_with_one_error(content, suffix) -> None:
     from defectscope.scale.plan import load_plan
-    folder = Path(tempfile.mkdtemp())
-    plan = folder / f"plan{suffix if suffix != 'deep' else '.yaml'}"
     text = {".yaml": yaml.safe_dump, ".toml": _toml}.get(suffix, lambda _: "products: " + "[" * 20_000 + "]" * 20_000)
-    plan.write_text(text(content))
-    try:
-        products = load_plan(plan)
-    except DefectscopeError:
-        return
+    with tempfile.TemporaryDirectory() as folder:
+        plan = Path(folder) / f"plan{suffix if suffix != 'deep' else '.yaml'}"
+        plan.write_text(text(content))
+        try:
+            products = load_plan(plan)
+        except DefectscopeError:
+            return
     assert products and all(p.out.is_absolute() and p.data.is_absolute() for p in products)
 
 
