@@ -287,6 +287,21 @@ def test_a_private_ray_instance_starts_without_a_word(tmp_path: Path) -> None:
     assert run.stderr == ""
 
 
+def test_scoring_on_a_private_ray_instance_says_nothing_but_its_summary(served_folder: Path, demo_root: Path,
+                                                                       tmp_path: Path) -> None:
+    """`score --ray local` through the real entry point: stderr stays empty (the scoring actors take no model in
+    their constructor, so Ray's core has no restart warning to print) and the parts hold every image."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    out = tmp_path / "scores"
+    run = subprocess.run([sys.executable, "-c", "from defectscope.cli import main; main()", "score",
+                          str(served_folder / "part.dsmodel"), str(demo_root / "test"), "--out", str(out),
+                          "--ray", "local"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr == ""
+    scored = pq.read_table(sorted(out.glob("part-*.parquet"))).column("path").to_pylist()
+    assert sorted(scored) == sorted(str(p) for p in (demo_root / "test").rglob("*.png"))
+
+
 def test_ray_options_are_checked_before_anything_runs(served_folder: Path, demo_root: Path, tmp_path: Path,
                                                       cli) -> None:
     """A missing token file, or --ray-env without --ray, is one line and exit 2; the runtime_env file's local paths

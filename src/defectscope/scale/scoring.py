@@ -74,23 +74,32 @@ def write_chunk(model: Any, out: Path, chunk: int, paths: Sequence[str]) -> int:
 
 
 class ChunkScorer:
-    """A Ray actor: rebuilds the model from its files' bytes in a scratch folder of its own, then scores the chunks it
-    is sent (images as bytes) on `threads` threads (the driver's count: convolution results depend on it in their
-    last bits). It reads and writes nothing the driver has: the parts go back to the driver."""
+    """A Ray actor: on its first chunk, rebuilds the model from its files' bytes (fetched from the object store) in a
+    scratch folder of its own, then scores the chunks it is sent (images as bytes) on `threads` threads (the driver's
+    count: convolution results depend on it in their last bits). It reads and writes nothing the driver has: the parts
+    go back to the driver. Its constructor takes nothing from the object store, so an actor Ray starts again on
+    another node fetches the model the same way."""
 
-    def __init__(self, files: dict[str, bytes], name: str, threads: int) -> None:
+    def __init__(self, name: str, threads: int) -> None:
+        self.name, self.threads, self.model = name, threads, None
+
+    def score(self, chunk: int, images: list[EncodedImage], files: list[Any]) -> tuple[int, bytes]:
+        """`files`: the model files' object reference, in a list so that Ray hands it over unresolved."""
+        if self.model is None:
+            self.model = self._load(files[0])
+        return chunk, chunk_table(self.model, [image.path for image in images], images)
+
+    def _load(self, files: Any) -> Any:
+        import ray
         import torch
 
         from defectscope.predictor import load_predictor
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(self.threads)
         self.scratch = tempfile.TemporaryDirectory(prefix="defectscope-score-")  # removed with the actor
-        for file_name, data in files.items():
+        for file_name, data in ray.get(files).items():
             (Path(self.scratch.name) / file_name).write_bytes(data)
-        self.model = load_predictor(Path(self.scratch.name) / name, threads=threads)
-
-    def score(self, chunk: int, images: list[EncodedImage]) -> tuple[int, bytes]:
-        return chunk, chunk_table(self.model, [image.path for image in images], images)
+        return load_predictor(Path(self.scratch.name) / self.name, threads=self.threads)
 
 
 def _score_on_ray(ray_address: str | RayCluster, model: Any, model_path: Path, out: Path, todo: list[tuple[int, list[str]]],
@@ -104,14 +113,14 @@ def _score_on_ray(ray_address: str | RayCluster, model: Any, model_path: Path, o
     files = ray.put(model_files(model_path, model))  # the model travels once, through the object store
     scorer = ray.remote(ChunkScorer).options(num_cpus=threads, max_restarts=RETRIES, max_task_retries=RETRIES)
     room = int(ray.cluster_resources().get("CPU", 0) // threads)  # actors the cluster can run at once now
-    actors = [scorer.remote(files, model_path.name, threads) for _ in range(max(1, min(workers, len(todo), room)))]
+    actors = [scorer.remote(model_path.name, threads) for _ in range(max(1, min(workers, len(todo), room)))]
     pending, out_now, scored = iter(todo), {}, 0
     lost: dict[int, int] = {}  # chunk -> times its actor was lost while it was out
 
     def send(actor: Any, job: tuple[int, list[str]] | None) -> None:
         if job is not None:
             chunk, paths = job
-            out_now[actor.score.remote(chunk, [EncodedImage.read(path) for path in paths])] = (actor, job)
+            out_now[actor.score.remote(chunk, [EncodedImage.read(path) for path in paths], [files])] = (actor, job)
 
     for actor in actors * IN_FLIGHT:
         send(actor, next(pending, None))
