@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from defectscope import load_dataset
 from defectscope.artifacts import load_model, save_model
 from defectscope.detectors.base import create_detector
-from defectscope.detectors.global_view import (MAP_GRID, SCORE_GRID, Moments, RegionModel, drift_moment, pooling_matrix,
-                                               region_descriptors)
+from defectscope.detectors.global_view import (MAP_GRID, SCORE_GRID, Moments, RegionModel, drift_moment, eigh,
+                                               pooling_matrix, region_descriptors)
 from defectscope.detectors.patchcore import PatchFeatures
 from defectscope.detectors.selection import noise
 from defectscope.metrics import image_auroc
@@ -32,6 +32,21 @@ def test_region_pooling_is_adaptive_average_pooling(size: int, cells: int) -> No
     torch.testing.assert_close(pooled, F.adaptive_avg_pool2d(x, cells), rtol=1e-5, atol=1e-6)
     described = region_descriptors({8: x, 16: x[:, :, ::2, ::2]})
     assert described.shape == (2, SCORE_GRID**2 + MAP_GRID**2, 10)
+
+
+@pytest.mark.parametrize("count", [1, 2, 45])
+def test_the_decomposition_split_over_threads_is_the_whole_stacks(count: int) -> None:
+    """Each region's eigen-decomposition runs on one thread of a pool: the same values and subspaces as one call on
+    the whole stack, and the caller keeps its thread count."""
+    x = torch.randn(count, 12, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(count))
+    matrices = x @ x.mT / 40
+    threads = torch.get_num_threads()
+    values, vectors = eigh(matrices)
+    expected_values, expected_vectors = torch.linalg.eigh(matrices)
+    assert torch.get_num_threads() == threads
+    torch.testing.assert_close(values, expected_values)
+    torch.testing.assert_close((vectors * expected_vectors).sum(-2).abs(), torch.ones(count, 12, dtype=torch.float64))  # up to sign
+    torch.testing.assert_close(vectors @ torch.diag_embed(values) @ vectors.mT, matrices)
 
 
 def test_a_fold_is_scored_by_statistics_without_its_own_images() -> None:
