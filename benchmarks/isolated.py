@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def write_results(out: Path, stem: str, rows: list[dict], table: str) -> None:
     """benchmarks/results/<stem>.json (rows, command, machine, version) and <stem>.md (the table); prints the table."""
     import torch  # only here: the torch-free runtime's benchmark processes import this module too
 
-    command = f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+    command = shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])  # pastes back as run
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "version": __version__, "rows": rows}, indent=2) + "\n")
@@ -45,7 +46,7 @@ def write_results(out: Path, stem: str, rows: list[dict], table: str) -> None:
 def keep_other_rows(out: Path, stem: str, rows: list[dict], key: tuple[str, ...], order: dict[str, list]) -> list[dict]:
     """`rows` merged into the rows of an earlier OUT/<stem>.json: earlier rows with the same `key` fields are
     replaced, the others kept and marked with the run that measured them; sorted by `order` (field -> values)."""
-    run = " ".join(sys.argv[1:]) or "(defaults)"
+    run = shlex.join(sys.argv[1:]) or "(defaults)"
     new = [{**row, "run": run} for row in rows]
     measured = {tuple(row[k] for k in key) for row in new}
     kept = [{"run": "(an earlier run)", **row} for row in json.loads((out / f"{stem}.json").read_text())["rows"]
