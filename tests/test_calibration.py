@@ -21,7 +21,7 @@ from defectscope.detectors.nearest import ClusteredBank
 from defectscope.detectors.padim import PaDiM, PaDiMConfig
 from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig
 from defectscope.errors import DefectscopeError
-from defectscope.thresholds import calibrate, labelled_calibration, recall_threshold
+from defectscope.thresholds import calibrate, false_alarm_cut, labelled_calibration, recall_threshold
 
 
 def test_false_alarm_threshold_is_the_conformal_quantile() -> None:
@@ -44,6 +44,16 @@ def test_rates_below_one_over_n_use_a_fitted_tail() -> None:
     assert low < 0.0005 < high
     few = calibrate(scores[:12], "false_alarm_rate", 0.001)
     assert few.threshold == scores[:12].max() and "needs more than" in few.warning
+
+
+@pytest.mark.parametrize("count, rate", [(400, 0.01), (400, 0.0005), (60, 0.01), (12, 0.01), (5, 0.2), (60, 0.3)])
+def test_the_threshold_alone_is_the_calibrations(count: int, rate: float) -> None:
+    """`false_alarm_cut` (the global view's choice judges each candidate score at 1% with it) sets the very threshold
+    `calibrate` does, on every path: order statistic, fitted tail (bounded, or clamped at the largest score), too few
+    scores, and scores with no spread."""
+    rng = np.random.default_rng(count)
+    for scores in (rng.exponential(1.0, count), rng.uniform(0, 1, count), np.full(count, 3.0)):
+        assert false_alarm_cut(scores, rate) == calibrate(scores, "false_alarm_rate", rate).threshold
 
 
 def test_sigma_and_percentile_still_state_their_rate() -> None:

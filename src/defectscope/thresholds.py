@@ -80,8 +80,8 @@ def _tail_fit(scores: np.ndarray) -> tuple[float, float, float, float]:
     return level, top / len(ordered), float(shape), float(scale)
 
 
-def _tail_threshold(scores: np.ndarray, rate: float, seed: int = 0) -> tuple[float, float, tuple[float, float]]:
-    """Threshold for a rate below 1/(n+1) from a generalized Pareto tail, with a bootstrap interval of its rate.
+def _tail_quantile(scores: np.ndarray, rate: float) -> tuple[float, float]:
+    """(threshold, the rate it states) for a rate below 1/(n+1), from a generalized Pareto tail.
 
     It stands at least at the largest score: that score alone is an exceedance of about 1/(n+1), above the rate, even
     where a bounded fitted tail puts the quantile below it (the rate stated is then the tail's rate there).
@@ -91,13 +91,34 @@ def _tail_threshold(scores: np.ndarray, rate: float, seed: int = 0) -> tuple[flo
     if threshold < scores.max():
         threshold = float(scores.max())
         rate = share * float(_stats().genpareto.sf(threshold - level, shape, scale=scale))
+    return threshold, rate
+
+
+def _tail_interval(scores: np.ndarray, threshold: float, seed: int = 0) -> tuple[float, float]:
+    """A bootstrap interval (200 refits of the tail) of the rate a tail-fitted threshold states."""
     rng = np.random.default_rng(seed)
     rates = []
     for _ in range(200):
         b_level, b_share, b_shape, b_scale = _tail_fit(rng.choice(scores, len(scores)))
         rates.append(b_share * float(_stats().genpareto.sf(max(threshold - b_level, 0.0), b_shape, scale=b_scale)))
     tail = (1 - INTERVAL) / 2
-    return threshold, rate, (float(np.quantile(rates, tail)), float(np.quantile(rates, 1 - tail)))
+    return float(np.quantile(rates, tail)), float(np.quantile(rates, 1 - tail))
+
+
+def _above_all(scores: np.ndarray) -> float:
+    """Just above scores that are (almost) all the same value."""
+    return float(np.nextafter(scores.max() + 1e-6 * abs(scores.max()), np.inf))
+
+
+def false_alarm_cut(scores: np.ndarray, rate: float) -> float:
+    """The threshold `calibrate` sets for a stated false-alarm rate, without the interval of its rate (for a fitted
+    tail, the interval's bootstrap is nearly all the cost): for choices judged at a rate, many times per fit."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if no_spread(scores):
+        return _above_all(scores)
+    if len(scores) >= TAIL_MIN_SCORES and stated_rank(len(scores), rate) > len(scores):
+        return _tail_quantile(scores, rate)[0]
+    return false_alarm_threshold(scores, rate)[0]  # an order statistic, or the largest score: no interval to spare
 
 
 def false_alarm_threshold(scores: np.ndarray, rate: float) -> tuple[float, float, tuple[float, float], str | None]:
@@ -105,12 +126,11 @@ def false_alarm_threshold(scores: np.ndarray, rate: float) -> tuple[float, float
     n = len(scores)
     rank = stated_rank(n, rate)
     if rank <= n:
-        threshold = float(np.sort(scores)[rank - 1])
-        return threshold, (n + 1 - rank) / (n + 1), beta_interval(n + 1 - rank, rank), None
+        return float(np.sort(scores)[rank - 1]), (n + 1 - rank) / (n + 1), beta_interval(n + 1 - rank, rank), None
     if n >= TAIL_MIN_SCORES:
-        return (*_tail_threshold(scores, rate), None)
-    threshold = float(scores.max())
-    return threshold, 1 / (n + 1), beta_interval(1, n), (
+        threshold, stated = _tail_quantile(scores, rate)
+        return threshold, stated, _tail_interval(scores, threshold), None
+    return float(scores.max()), 1 / (n + 1), beta_interval(1, n), (
         f"a false-alarm rate of {rate:g} needs more than {math.ceil(1 / rate) - 1} good calibration scores "
         f"(or {TAIL_MIN_SCORES} for a fitted tail); with {n} the threshold is the largest of them (rate about {1 / (n + 1):.2g})")
 
@@ -126,7 +146,7 @@ def calibrate(good_scores: np.ndarray, method: str = "false_alarm_rate", param: 
         if not 0 < param < 1:
             raise DefectscopeError(f"false-alarm rate must be in (0, 1), got {param}")
         if flat:  # every quantile and any fitted tail is that one value: stand just above it
-            threshold = float(np.nextafter(scores.max() + 1e-6 * abs(scores.max()), np.inf))
+            threshold = _above_all(scores)
             rate, interval = exceedance(scores, threshold)
         else:
             threshold, rate, interval, warning = false_alarm_threshold(scores, param)

@@ -32,7 +32,7 @@ from defectscope.detectors.selection import TAIL_RATE, TAIL_Z, Probe, false_alar
 from defectscope.errors import DefectscopeError, SettingsError, check_fitted
 from defectscope.maps import bilinear_matrix
 from defectscope.settings import require_choice, require_range
-from defectscope.thresholds import calibrate
+from defectscope.thresholds import false_alarm_cut
 
 
 TEACH_COVERAGE = 0.1  # taught patches are added until covered as closely as the best-covered tenth of good images
@@ -451,7 +451,7 @@ class PatchCore(Detector):
         """Recall on the probe's first `count` (synthetic defects) and false alarms on the rest (good), at the 1%
         threshold calibrated on `good` (cross-fitted good scores)."""
         good, probed = good.numpy(), probed.numpy()
-        threshold = calibrate(good, "false_alarm_rate", TAIL_RATE).threshold
+        threshold = false_alarm_cut(good, TAIL_RATE)
         return {**separation(good, probed[:count], threshold), "false_alarms": false_alarms(good, probed[count:], threshold)}
 
     def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor, scored: torch.Tensor | None = None
