@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -202,6 +203,23 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def test_a_scoring_actor_keeps_no_scratch_folder_once_loaded(local_ray, served_folder: Path, demo_root: Path,
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder a scoring actor unpacks the model into is gone once the model is loaded, so an actor killed with its
+    node (no finalizer runs) leaves nothing behind; it still scores every chunk it is sent."""
+    from defectscope.data.decode import EncodedImage
+    from defectscope.predictor import load_predictor, model_files
+
+    model = served_folder / "part.dsmodel"
+    files = local_ray.put(model_files(model, load_predictor(model)))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    scorer = scoring.ChunkScorer(model.name, torch.get_num_threads())
+    images = [EncodedImage.read(str(s.path)) for s in load_dataset(demo_root).test[:4]]
+    for chunk in range(2):
+        assert scorer.score(chunk, images, [files])[0] == chunk
+    assert list(tmp_path.glob("defectscope-score-*")) == []
 
 
 def test_ray_gives_the_in_process_results(local_ray, demo_root: Path, served_folder: Path, tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ def write_chunk(model: Any, out: Path, chunk: int, paths: Sequence[str]) -> int:
 
 class ChunkScorer:
     """A Ray actor: on its first chunk, rebuilds the model from its files' bytes (fetched from the object store) in a
-    scratch folder of its own, then scores the chunks it is sent (images as bytes) on `threads` threads (the driver's
+    scratch folder of its own, removed once the model is loaded, then scores the chunks it is sent (images as bytes) on `threads` threads (the driver's
     count: convolution results depend on it in their last bits). It reads and writes nothing the driver has: the parts
     go back to the driver. Its constructor takes nothing from the object store, so an actor Ray starts again on
     another node fetches the model the same way."""
@@ -96,10 +96,10 @@ class ChunkScorer:
         from defectscope.predictor import load_predictor
 
         torch.set_num_threads(self.threads)
-        self.scratch = tempfile.TemporaryDirectory(prefix="defectscope-score-")  # removed with the actor
-        for file_name, data in ray.get(files).items():
-            (Path(self.scratch.name) / file_name).write_bytes(data)
-        return load_predictor(Path(self.scratch.name) / self.name, threads=self.threads)
+        with tempfile.TemporaryDirectory(prefix="defectscope-score-") as scratch:  # a loaded model keeps no file open
+            for file_name, data in ray.get(files).items():
+                (Path(scratch) / file_name).write_bytes(data)
+            return load_predictor(Path(scratch) / self.name, threads=self.threads)
 
 
 def _score_on_ray(ray_address: str | RayCluster, model: Any, model_path: Path, out: Path, todo: list[tuple[int, list[str]]],
