@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from defectscope.detectors.coreset import coreset_indices, greedy_coreset
+from defectscope.detectors.coreset import coreset_indices, greedy_coreset, greedy_cover
 
 
 def _plain_greedy(points: torch.Tensor, count: int, start: int) -> list[int]:
@@ -24,6 +24,19 @@ def test_matches_plain_greedy(seed: int) -> None:
     centres = torch.randn(20, 12, generator=generator) * 4
     points = centres[torch.randint(20, (2500,), generator=generator)] + torch.randn(2500, 12, generator=generator)
     assert greedy_coreset(points, 250, start=seed).tolist() == _plain_greedy(points, 250, seed)
+
+
+@pytest.mark.parametrize("count", [1, 40, 1200])
+def test_the_cover_is_each_points_nearest_chosen_point(count: int) -> None:
+    generator = torch.Generator().manual_seed(count)
+    points = torch.randn(2500, 12, generator=generator) * torch.rand(2500, 1, generator=generator) * 5
+    chosen, distance, owner = greedy_cover(points, count, start=7)
+    assert torch.equal(chosen, greedy_coreset(points, count, start=7))
+    exact = torch.cdist(points.double(), points[chosen].double())
+    torch.testing.assert_close(distance.double(), exact.min(1).values, rtol=1e-4, atol=1e-2)
+    assert (owner == exact.argmin(1)).float().mean() > 0.999  # ties aside
+    assert (owner[chosen] == torch.arange(count)).all() and (distance[chosen] < 1e-2).all()
+    assert (owner >= 0).all() and distance[7] > 0  # `start` is not chosen: points covered by it were searched again
 
 
 def test_ratio_and_determinism() -> None:

@@ -39,3 +39,18 @@ def test_empty_clusters_are_dropped() -> None:
     queries = torch.cat([_clustered_points(500, 5), torch.zeros(5, 24)])  # zero queries sit on an empty cluster's old centre
     distances, positions = index.search(queries)
     torch.testing.assert_close(distances, nearest(queries, bank)[0][:, 0], rtol=1e-5, atol=1e-4)
+
+
+def test_many_queries_are_searched_in_bounded_chunks_with_the_same_answer(monkeypatch) -> None:
+    from defectscope import search
+
+    bank, queries = _clustered_points(1500, 6), _clustered_points(2500, 7)
+    index = ClusteredBank.build(bank, seed=0, cluster_size=50)
+    whole = index.search(queries)
+    sizes = []
+    chunk_search = search.ClusterIndex._search
+    monkeypatch.setattr(search, "QUERY_CHUNK", 700)
+    monkeypatch.setattr(search.ClusterIndex, "_search", lambda self, q: sizes.append(len(q)) or chunk_search(self, q))
+    distances, positions = index.search(queries)
+    assert sizes == [700, 700, 700, 400]  # the pass-2 candidate lists never hold more than a chunk's queries
+    assert torch.equal(distances, whole[0]) and torch.equal(positions, whole[1])

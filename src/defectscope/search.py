@@ -16,6 +16,7 @@ from threadpoolctl import ThreadpoolController
 SINGLE_THREAD_QUERIES = 8192  # up to this many queries (8 images of 32x32 patches) BLAS uses one thread
 DENSE_FRACTION = 0.3  # when the candidate clusters hold more of the bank than this, scan it all in large GEMMs
 DENSE_CELLS = 1 << 23  # query x bank distances computed at once by the dense scan (32 MB)
+QUERY_CHUNK = 32768  # queries searched at once (about 40 images of 28 x 28 patches): the search's memory stays bounded
 
 
 @cache
@@ -88,8 +89,16 @@ class ClusterIndex:
         return np.sqrt(np.maximum(best, 0)), best_index
 
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact distance (float32) and bank row (int64) of each query's nearest neighbour."""
+        """Exact distance (float32) and bank row (int64) of each query's nearest neighbour, QUERY_CHUNK queries at a
+        time: the pass-2 candidate lists grow with the queries (800 MB more for 150,000 at once)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if len(queries) <= QUERY_CHUNK:
+            return self._search(queries)
+        parts = [self._search(queries[start : start + QUERY_CHUNK]) for start in range(0, len(queries), QUERY_CHUNK)]
+        return np.concatenate([part[0] for part in parts]), np.concatenate([part[1] for part in parts])
+
+    def _search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`search` on one chunk of queries."""
         q_sq = np.einsum("ij,ij->i", queries, queries)
         augmented = np.empty((len(queries), queries.shape[1] + 1), np.float32)
         np.multiply(queries, -2, out=augmented[:, :-1])

@@ -46,6 +46,33 @@ def greedy_coreset(points: torch.Tensor, count: int, start: int = 0, blocks: int
     every point lies within `stop_within` of the coreset. The loop runs in NumPy: its
     per-call overhead is far below torch's on these small arrays.
     """
+    return _greedy(points, count, start, blocks, covered, stop_within)[0]
+
+
+def greedy_cover(points: torch.Tensor, count: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`greedy_coreset`'s indices, with each point's distance to its nearest chosen point and that point's position
+    among the chosen: the distances the selection computed anyway, so no point x coreset distance matrix is needed."""
+    chosen, distance, owner = _greedy(points, count, start, track=True)
+    seeded = torch.nonzero(owner < 0).flatten()  # still covered best by `start`, which is not chosen
+    if len(seeded):
+        projected = points.float()
+        near_distance, near = _nearest_chosen(projected[seeded], projected[chosen])
+        distance[seeded], owner[seeded] = near_distance, near
+    return chosen, distance, owner
+
+
+def _nearest_chosen(queries: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance to and position of each query's nearest chosen point (few queries: one GEMM)."""
+    squared = (queries * queries).sum(1, keepdim=True) - 2 * queries @ chosen.T + (chosen * chosen).sum(1)
+    values, index = squared.min(1)
+    return values.clamp_min(0).sqrt(), index
+
+
+def _greedy(points: torch.Tensor, count: int, start: int = 0, blocks: int | None = None,
+            covered: torch.Tensor | None = None, stop_within: float = 0.0, track: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The greedy selection (`greedy_coreset`); with `track`, also each point's distance to the nearest chosen point
+    and its position among the chosen (-1: `start` is nearer than any chosen point)."""
     total = len(points)
     if not 0 < count <= total:
         raise DefectscopeError(f"coreset size must be between 1 and {total}, got {count}")
@@ -67,6 +94,7 @@ def greedy_coreset(points: torch.Tensor, count: int, start: int = 0, blocks: int
     block_max = np.where(sizes > 0, np.inf, -np.inf).astype(np.float32)
     position = int(np.flatnonzero(order == start)[0])
     chosen = np.empty(count, dtype=np.int64)
+    owner = np.full(total, -1, np.int64) if track else None
     first = 0
     if covered is not None:
         min_dist = covered.float().numpy()[order].copy()
@@ -85,15 +113,25 @@ def greedy_coreset(points: torch.Tensor, count: int, start: int = 0, blocks: int
         firsts = np.cumsum(lengths) - lengths
         index = np.arange(lengths.sum()) + np.repeat(offsets[active] - firsts, lengths)
         squared = point_sq[index] - 2 * (np.take(xs, index, axis=0) @ centre) + centre_sq
-        updated = np.minimum(min_dist[index], np.sqrt(np.maximum(squared, 0)))
+        distance = np.sqrt(np.maximum(squared, 0))
+        if owner is not None:  # the centre is the point chosen at the step before (or `start`: -1)
+            owner[index[distance < min_dist[index]]] = step - 1
+        updated = np.minimum(min_dist[index], distance)
         min_dist[index] = updated
         block_max[active] = np.maximum.reduceat(updated, firsts)
         best = int(np.argmax(block_max))
         position = int(offsets[best] + np.argmax(min_dist[offsets[best] : offsets[best] + sizes[best]]))
         if covered is not None and min_dist[position] <= stop_within:
-            return torch.from_numpy(chosen[:step])
+            return torch.from_numpy(chosen[:step]), None, None
         chosen[step] = order[position]
-    return torch.from_numpy(chosen)
+    if owner is None:
+        return torch.from_numpy(chosen), None, None
+    distance = np.sqrt(np.maximum(point_sq - 2 * (xs @ xs[position]) + point_sq[position], 0))  # the last chosen point
+    owner[distance < min_dist] = count - 1
+    np.minimum(min_dist, distance, out=min_dist)
+    unsorted = np.empty_like(order)
+    unsorted[order] = np.arange(total)
+    return torch.from_numpy(chosen), torch.from_numpy(min_dist[unsorted]), torch.from_numpy(owner[unsorted])
 
 
 def coreset_indices(features: torch.Tensor, ratio: float, seed: int, projection_dim: int = 128) -> torch.Tensor:

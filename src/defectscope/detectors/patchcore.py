@@ -24,7 +24,7 @@ from defectscope.detectors.base import (
     register,
     rows_outside,
 )
-from defectscope.detectors.coreset import coreset_indices, greedy_coreset, random_projection
+from defectscope.detectors.coreset import coreset_indices, greedy_coreset, greedy_cover, random_projection
 from defectscope.detectors.global_view import (Moments, RegionModel, drift_moment, global_scores, map_grid,
                                                region_descriptors, standardize)
 from defectscope.detectors.nearest import ClusteredBank, nearest
@@ -190,9 +190,11 @@ class CandidatePool:
         projected = random_projection(features, config.projection_dim, config.seed)
         count = min(count, len(features))
         start = int(torch.randint(len(features), (1,), generator=torch.Generator().manual_seed(config.seed)))
-        selected = greedy_coreset(projected, count, start) if count < len(features) else torch.arange(len(features))
-        distance, nearest_row = nearest(projected, projected[selected])
-        return cls(features, sources, projected, selected, sources[selected][nearest_row[:, 0]], float(distance.max()))
+        if count < len(features):
+            selected, distance, nearest_row = greedy_cover(projected, count, start)
+        else:
+            selected, distance, nearest_row = torch.arange(len(features)), torch.zeros(len(features)), torch.arange(len(features))
+        return cls(features, sources, projected, selected, sources[selected][nearest_row], float(distance.max()))
 
     def refill(self, holdout: torch.Tensor) -> torch.Tensor:
         """Candidates of the other images that take the place of the held-out images' rows: as many as were removed,
