@@ -106,6 +106,10 @@ def test_patchcore_merges_shard_coresets_and_scores_folds_without_their_rows() -
         assert len(bank.bank) == len(detector.index.bank) - removed + len(extra)
         # the refill: other folds' candidates whose nearest row was one of the fold's
         assert torch.isin(pool.nearest_source[extra], fold).all() and not torch.isin(pool.sources[extra], fold).any()
+        lost = torch.nonzero(~torch.isin(pool.sources, fold) & torch.isin(pool.nearest_source, fold)).flatten()
+        kept = pool.selected[~torch.isin(pool.sources[pool.selected], fold)]
+        covered = torch.cdist(pool.projected[lost], pool.projected[kept]).min(1).values  # brute force
+        assert torch.equal(extra, lost[greedy_coreset(pool.projected[lost], min(removed, len(lost)), covered=covered)])
         for image in fold.tolist():
             brute = torch.cdist(features[image].reshape(-1, 8), bank.bank).min(1).values.max()
             got = scores[(scored == image).nonzero()[0, 0]]

@@ -44,3 +44,18 @@ def test_ratio_and_determinism() -> None:
     first = coreset_indices(features, 0.1, seed=4)
     assert len(first) == 100 and len(set(first.tolist())) == 100
     assert torch.equal(first, coreset_indices(features, 0.1, seed=4))
+
+
+def test_the_selection_runs_numpys_blas_on_one_thread(monkeypatch) -> None:
+    """Each step multiplies a few thousand rows by one vector: a second BLAS thread makes that several times slower."""
+    from threadpoolctl import threadpool_info
+
+    from defectscope.detectors import coreset
+
+    seen, selection = [], coreset._greedy
+    monkeypatch.setattr(coreset, "_greedy", lambda *args, **kwargs: seen.append(
+        [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]) or selection(*args, **kwargs))
+    points = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
+    greedy_coreset(points, 50)
+    greedy_cover(points, 50)
+    assert len(seen) == 2 and all(threads and set(threads) == {1} for threads in seen)

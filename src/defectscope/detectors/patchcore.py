@@ -174,8 +174,9 @@ def split_features(features: PatchFeatures | torch.Tensor) -> tuple[torch.Tensor
 @dataclass
 class CandidatePool:
     """The merged shard coresets (fit time only): features, source image and projected rows of every candidate,
-    which candidates the reduce selected, the source image of each candidate's nearest selected one, and the
-    largest candidate-to-bank distance (the coverage radius)."""
+    which candidates the reduce selected, the source image of each candidate's nearest selected one, the
+    largest candidate-to-bank distance (the coverage radius), and the selected rows' projections grouped as the
+    memory bank is clustered (`group_like`)."""
 
     features: torch.Tensor
     sources: torch.Tensor
@@ -183,6 +184,7 @@ class CandidatePool:
     selected: torch.Tensor
     nearest_source: torch.Tensor
     radius: float
+    projected_bank: ClusteredBank | None = None
 
     @classmethod
     def reduce(cls, features: torch.Tensor, sources: torch.Tensor, count: int, config: PatchCoreConfig) -> CandidatePool:
@@ -196,6 +198,11 @@ class CandidatePool:
             selected, distance, nearest_row = torch.arange(len(features)), torch.zeros(len(features)), torch.arange(len(features))
         return cls(features, sources, projected, selected, sources[selected][nearest_row], float(distance.max()))
 
+    def group_like(self, bank: ClusteredBank) -> None:
+        """Group the selected rows' projections in the clusters of `bank` (built from the selected rows), so that
+        `refill` finds each candidate's nearest kept row by the pruned exact search, not a candidate x bank GEMM."""
+        self.projected_bank = ClusteredBank(self.projected[self.selected][bank.order], bank.offsets, bank.order)
+
     def refill(self, holdout: torch.Tensor) -> torch.Tensor:
         """Candidates of the other images that take the place of the held-out images' rows: as many as were removed,
         farthest first among the candidates whose nearest row was removed (the holes), so the bank keeps its size
@@ -205,8 +212,8 @@ class CandidatePool:
         lost = others[torch.isin(self.nearest_source[others], holdout)]  # their nearest row came from a held-out image
         if not removed or not len(lost):
             return torch.zeros(0, dtype=torch.long)
-        kept = self.selected[~torch.isin(self.sources[self.selected], holdout)]
-        covered = (nearest(self.projected[lost], self.projected[kept])[0][:, 0] if len(kept)
+        kept = ~torch.isin(self.sources[self.selected][self.projected_bank.order], holdout)
+        covered = (self.projected_bank.subset(kept).search(self.projected[lost])[0] if kept.any()
                    else torch.full((len(lost),), float("inf")))
         return lost[greedy_coreset(self.projected[lost], min(removed, len(lost)), covered=covered)]
 
@@ -316,6 +323,7 @@ class PatchCore(Detector):
         advance(1)
         self.index = ClusteredBank.build(self.pool.features[self.pool.selected], self.config.seed)
         self.bank_sources = self.pool.sources[self.pool.selected][self.index.order]
+        self.pool.group_like(self.index)
         return {"patches": n * per_image, "memory_bank": len(self.pool.selected), "coreset_ratio": ratio,
                 "embedding_dim": d, "shards": len(shards), "candidates": len(candidates),
                 "coverage_radius": self.pool.radius, "shard_coreset_s": merged - start, "reduce_s": selected - merged,
