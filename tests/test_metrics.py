@@ -7,7 +7,8 @@ import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
 from defectscope.errors import InputError
-from defectscope.metrics import aupro, f1_max, image_auroc, per_defect_auroc, pixel_auroc, pixel_metrics, pro_curve
+from defectscope.metrics import (aupro, f1_max, image_auroc, per_defect_auroc, pixel_auroc, pixel_metrics, pro_curve,
+                                 ranked_curves)
 from defectscope.thresholds import calibrate
 
 
@@ -51,6 +52,18 @@ def test_pixel_metrics_from_one_sort_match_sklearn_and_aupro_with_ties() -> None
     maps[0, 0, 0] = np.nan
     with pytest.raises(InputError, match="not finite"):
         pixel_metrics(masks, maps)
+
+
+def test_the_curves_hold_points_for_the_defect_pixels_not_for_every_pixel() -> None:
+    """A test set's maps hold tens of millions of distinct values: a curve point per value would take gigabytes."""
+    rng = np.random.default_rng(2)
+    masks = np.zeros((6, 64, 64), bool)
+    masks[2, 10:13, 20:24] = masks[4, 40:42, 5:9] = True  # 20 defect pixels among 24,576
+    maps = rng.random(masks.shape) + 0.5 * masks
+    curves = ranked_curves(masks, maps)
+    assert len(curves["fpr"]) <= 2 * masks.sum() + 2
+    assert np.trapezoid(curves["tpr"], curves["fpr"]) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert curves["pro"][-1] == pytest.approx(1.0) and (np.diff(curves["fpr"]) >= 0).all()
 
 
 def test_image_metrics_match_sklearn() -> None:

@@ -32,46 +32,54 @@ def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
 
 
 def region_weights(masks: np.ndarray) -> np.ndarray:
-    """Per-pixel weight 1 / (regions * area of its region) for defect pixels (8-connected regions per image), 0 elsewhere."""
+    """The weight 1 / (regions * area of its region) of each defect pixel (8-connected regions per image), in the
+    order of the defect pixels in the flattened masks."""
     structure = np.ones((3, 3), dtype=bool)
-    region_ids = np.zeros(masks.shape, dtype=np.int32)
-    regions = 0
-    for index, mask in enumerate(masks):
+    region_ids, regions = [], 0
+    for mask in masks:
         labelled, count = ndimage.label(mask, structure=structure)
-        region_ids[index] = np.where(labelled > 0, labelled + regions, 0)
+        region_ids.append(labelled[mask] + regions - 1)
         regions += count
     if regions == 0:
         raise InputError("AUPRO needs at least one defect region in the masks")
-    areas = np.bincount(region_ids.reshape(-1), minlength=regions + 1).astype(np.float64)
-    per_region = np.r_[0.0, 1.0 / (regions * areas[1:])]
-    return per_region[region_ids.reshape(-1)]
+    ids = np.concatenate(region_ids)
+    return (1.0 / (regions * np.bincount(ids, minlength=regions)))[ids]
 
 
 def ranked_curves(masks: np.ndarray, maps: np.ndarray, pro: bool = True) -> dict[str, np.ndarray]:
-    """Exact FPR, TPR and (with `pro`) PRO at every distinct map value, highest threshold first, from one sort.
+    """Exact FPR, TPR and (with `pro`) PRO, highest threshold first, from one sort of the pixels.
 
-    PRO: each defect pixel carries weight 1 / (regions * its region's area), so the running sum of
-    weights above a threshold is the mean per-region overlap at that threshold.
+    A threshold at each distinct map value of a defect pixel and just above it: between two of them only good
+    pixels pass, TPR and PRO stay put, and the points the other distinct values would add lie on a straight line
+    (the areas are the same). Each defect pixel carries weight 1 / (regions * its region's area), so the sum of the
+    weights above a threshold is the mean per-region overlap there. Memory: the sort's order and values, and
+    arrays of the defect pixels' size, never a curve point per pixel.
     """
-    masks = masks.astype(bool).reshape(-1)
-    positives = int(masks.sum())
+    masks = masks.astype(bool, copy=False).reshape(-1)
+    positives = int(np.count_nonzero(masks))
     negatives = masks.size - positives
     if negatives == 0 or positives == 0:
         raise InputError("pixel metrics need both defect and defect-free pixels in the masks")
     if not np.isfinite(maps).all():
         raise InputError("maps hold values that are not finite numbers")
-    weights = region_weights(masks.reshape(maps.shape)) if pro else None
-    order = np.argsort(-maps.reshape(-1), kind="stable")
-    values = maps.reshape(-1)[order]
-    ends = np.flatnonzero(np.r_[values[1:] != values[:-1], True])
+    flat = maps.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    values = flat[order]  # ascending
+    defect_at = np.flatnonzero(masks[order])  # sorted positions of the defect pixels
+    levels = np.unique(values[defect_at])[::-1]
+    below = np.empty(2 * len(levels) + 2, np.int64)  # pixels under each threshold: none pass, ..., all pass
+    below[0], below[-1] = masks.size, 0
+    below[1:-1:2] = np.searchsorted(values, levels, side="right")  # just above a level
+    below[2:-1:2] = np.searchsorted(values, levels, side="left")  # at it
     del values
-    defect = masks[order]
-    curves = {"fpr": np.r_[0.0, np.cumsum(~defect, dtype=np.int64)[ends] / negatives],
-              "tpr": np.r_[0.0, np.cumsum(defect, dtype=np.int64)[ends] / positives]}
+    below = below[np.r_[True, np.diff(below) != 0]]  # a level with no good pixel just above it adds no point
+    hits = len(defect_at) - np.searchsorted(defect_at, below)  # defect pixels at or above each threshold
+    passed = masks.size - below
+    curves = {"fpr": (passed - hits) / negatives, "tpr": hits / positives}
     if pro:
-        sorted_weights = weights[order]
-        del weights, order
-        curves["pro"] = np.r_[0.0, np.cumsum(sorted_weights, out=sorted_weights)[ends]]
+        weights = region_weights(masks.reshape(maps.shape))  # in pixel order; ranked below from the highest value
+        pixel_rank = np.searchsorted(np.flatnonzero(masks), order[defect_at[::-1]])
+        curves["pro"] = np.r_[0.0, np.cumsum(weights[pixel_rank])][hits]
     return curves
 
 
