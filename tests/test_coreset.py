@@ -59,3 +59,10 @@ def test_the_selection_runs_numpys_blas_on_one_thread(monkeypatch) -> None:
     greedy_coreset(points, 50)
     greedy_cover(points, 50)
     assert len(seen) == 2 and all(threads and set(threads) == {1} for threads in seen)
+
+
+def test_extending_a_coreset_that_already_covers_every_point_adds_none() -> None:
+    points = torch.randn(300, 8, generator=torch.Generator().manual_seed(3))
+    covered = torch.full((300,), 0.5)
+    assert greedy_coreset(points, 300, covered=covered, stop_within=1.0).tolist() == []
+    assert len(greedy_coreset(points, 300, covered=covered, stop_within=0.1)) > 0

@@ -105,7 +105,7 @@ def _greedy(points: torch.Tensor, count: int, start: int = 0, blocks: int | None
         block_max[filled] = np.maximum.reduceat(min_dist, offsets[filled])
         position = int(np.argmax(min_dist))
         if min_dist[position] <= stop_within:
-            return torch.zeros(0, dtype=torch.long)
+            return torch.zeros(0, dtype=torch.long), None, None
         chosen[0], first = order[position], 1
     for step in range(first, count):
         centre = xs[position]
