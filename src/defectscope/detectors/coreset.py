@@ -13,6 +13,7 @@ import math
 import numpy as np
 import torch
 
+from defectscope.detectors.nearest import nearest
 from defectscope.errors import DefectscopeError
 from defectscope.search import one_blas_thread
 
@@ -59,16 +60,9 @@ def greedy_cover(points: torch.Tensor, count: int, start: int = 0) -> tuple[torc
     seeded = torch.nonzero(owner < 0).flatten()  # still covered best by `start`, which is not chosen
     if len(seeded):
         projected = points.float()
-        near_distance, near = _nearest_chosen(projected[seeded], projected[chosen])
-        distance[seeded], owner[seeded] = near_distance, near
+        near_distance, near = nearest(projected[seeded], projected[chosen])
+        distance[seeded], owner[seeded] = near_distance[:, 0], near[:, 0]
     return chosen, distance, owner
-
-
-def _nearest_chosen(queries: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance to and position of each query's nearest chosen point (few queries: one GEMM)."""
-    squared = (queries * queries).sum(1, keepdim=True) - 2 * queries @ chosen.T + (chosen * chosen).sum(1)
-    values, index = squared.min(1)
-    return values.clamp_min(0).sqrt(), index
 
 
 def _greedy(points: torch.Tensor, count: int, start: int = 0, blocks: int | None = None,
