@@ -6,10 +6,12 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from defectscope.data.frame import Preprocess, frame_aspect
 from defectscope.data.batches import iterate_batches
+from defectscope.errors import InputError
 
 
 def test_resize_crop_and_inverse_mapping_line_up() -> None:
@@ -121,8 +123,19 @@ def _encoded(image: Image.Image, fmt: str, **options: object) -> np.ndarray:
     return np.frombuffer(buffer.getvalue(), np.uint8)
 
 
-def test_pillow_decodes_the_pixels_opencv_decodes(monkeypatch) -> None:
-    """The slim runtime (no OpenCV) sees the same RGB pixels and masks as the library, in every common format."""
+def _with_gamma(png: np.ndarray) -> np.ndarray:
+    """The PNG with a gAMA chunk after its header (which no decoder here applies)."""
+    import struct
+    import zlib
+
+    body = b"gAMA" + struct.pack(">I", 30000)
+    chunk = struct.pack(">I", 4) + body + struct.pack(">I", zlib.crc32(body))
+    data = png.tobytes()
+    return np.frombuffer(data[:33] + chunk + data[33:], np.uint8)
+
+
+def test_every_decoder_gives_the_same_pixels(monkeypatch) -> None:
+    """imagecodecs (PNG), OpenCV and Pillow (the slim runtime) give the same RGB pixels, in every common format."""
     from defectscope.data import decode
 
     rng = np.random.default_rng(0)
@@ -137,6 +150,11 @@ def test_pillow_decodes_the_pixels_opencv_decodes(monkeypatch) -> None:
         "png gray+alpha": _encoded(Image.fromarray(rgba[..., 2:4].copy(), "LA"), "PNG"),
         "png gray 16-bit": _encoded(Image.fromarray(gray16), "PNG"),
         "png palette": _encoded(Image.fromarray(rgb).quantize(16), "PNG"),
+        "png palette 4-bit": _encoded(Image.fromarray(rgb).quantize(16), "PNG", bits=4),
+        "png palette, a transparent entry": _encoded(Image.fromarray(rgb).quantize(16), "PNG", transparency=3),
+        "png rgb, a transparent colour": _encoded(Image.fromarray(rgb), "PNG", transparency=tuple(rgb[0, 0].tolist())),
+        "png gray, a transparent value": _encoded(Image.fromarray(rgb[..., 0]), "PNG", transparency=int(rgb[0, 0, 0])),
+        "png rgb with gamma": _with_gamma(_encoded(Image.fromarray(rgb), "PNG")),
         "png 1-bit": _encoded(Image.fromarray(rgb[..., 0] > 128), "PNG"),
         "jpeg 4:2:0": _encoded(Image.fromarray(rgb), "JPEG", quality=75, subsampling=2),
         "jpeg 4:4:4": _encoded(Image.fromarray(rgb), "JPEG", quality=95, subsampling=0),
@@ -144,13 +162,36 @@ def test_pillow_decodes_the_pixels_opencv_decodes(monkeypatch) -> None:
         "bmp": _encoded(Image.fromarray(rgb), "BMP"),
         "tiff": _encoded(Image.fromarray(rgb), "TIFF"),
     }
-    with_opencv = {name: decode.decode_image(data, name) for name, data in files.items()}
+    assert decode.imagecodecs is not None and decode.cv2 is not None  # both installed with the library
+    decoded = {"imagecodecs": {name: decode.decode_image(data, name) for name, data in files.items()}}
+    monkeypatch.setattr(decode, "imagecodecs", None)
+    decoded["OpenCV"] = {name: decode.decode_image(data, name) for name, data in files.items()}
     monkeypatch.setattr(decode, "cv2", None)
-    for name, data in files.items():
-        decoded = decode.decode_image(data, name)
-        assert decoded.dtype == np.uint8 and decoded.shape == (37, 53, 3), name
-        np.testing.assert_array_equal(decoded, with_opencv[name], err_msg=name)
-    np.testing.assert_array_equal(with_opencv["png gray 16-bit"][..., 0], gray16 >> 8)
+    decoded["Pillow"] = {name: decode.decode_image(data, name) for name, data in files.items()}
+    for decoder, images in decoded.items():
+        for name, image in images.items():
+            assert image.dtype == np.uint8 and image.shape == (37, 53, 3), (decoder, name)
+            np.testing.assert_array_equal(image, decoded["OpenCV"][name], err_msg=f"{decoder}: {name}")
+    np.testing.assert_array_equal(decoded["OpenCV"]["png gray 16-bit"][..., 0], gray16 >> 8)
+    np.testing.assert_array_equal(decoded["imagecodecs"]["png rgb"], rgb)
+
+
+def test_png_files_are_decoded_by_imagecodecs(monkeypatch) -> None:
+    """PNG, the format of most inspection datasets, takes the faster decoder; other formats and broken PNGs do not."""
+    from defectscope.data import decode
+
+    calls = []
+    real = decode.imagecodecs.png_decode
+    monkeypatch.setattr(decode.imagecodecs, "png_decode", lambda data: calls.append(len(data)) or real(data))
+    rgb = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    png, jpeg = _encoded(Image.fromarray(rgb), "PNG"), _encoded(Image.fromarray(rgb), "JPEG")
+    np.testing.assert_array_equal(decode.decode_image(png, "a.png"), rgb)
+    decode.decode_image(jpeg, "a.jpg")
+    assert calls == [len(png)]
+    broken = png.copy()
+    broken[60] ^= 0xFF  # a corrupt pixel stream: every decoder refuses it, and the error names the file
+    with pytest.raises(InputError, match="cannot decode image b.png"):
+        decode.decode_image(broken, "b.png")
 
 
 def test_masks_read_the_same_without_opencv(tmp_path: Path, monkeypatch) -> None:
@@ -172,8 +213,6 @@ def test_masks_read_the_same_without_opencv(tmp_path: Path, monkeypatch) -> None
 def test_an_image_read_as_bytes_decodes_as_the_file_does(demo_root: Path, tmp_path: Path) -> None:
     """What travels to a Ray node (`EncodedImage`) gives the pixels, the size and, for a broken or missing file, the
     very error `read_image` gives on the file."""
-    import pytest
-
     from defectscope.data.decode import EncodedImage, image_size, load_image, read_image
     from defectscope.errors import DefectscopeError
 
