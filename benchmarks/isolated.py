@@ -16,7 +16,7 @@ from defectscope.process import worker_environment
 
 def run_isolated(script: str, arguments: list[str], label: str) -> dict:
     """Run `script` with `arguments` in a new Python process (its peak memory is its own); its last line is JSON."""
-    env = {**os.environ, **worker_environment()["env_vars"]}  # the thread policy the CLI sets, before torch loads
+    env = {**os.environ, **worker_environment()["env_vars"]}  # the thread and allocator policies the CLI sets
     result = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, check=False, env=env)
     if result.returncode:
         sys.exit(f"{label} failed:\n{result.stderr}")

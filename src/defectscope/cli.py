@@ -31,7 +31,7 @@ from defectscope._version import __version__
 from defectscope.errors import DefectscopeError
 from defectscope.jobs import RayCluster
 from defectscope.names import DEFECT_LIKE, GOOD_ONLY_MODELS, LABEL_FORMATS, MASK_MODELS, OPERATOR_TOKEN_ENV, TOKEN_ENV
-from defectscope.process import configure_threads
+from defectscope.process import configure_process
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial visual inspection: learn good parts, find defects.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets and make demo data.")
@@ -750,7 +750,7 @@ def _terminate(signum: int, _frame: object) -> None:
 
 def main() -> None:
     """Entry point: user errors print one line and exit 2, without a traceback (unless --debug)."""
-    configure_threads()  # before any command loads torch
+    configure_process()  # before any command loads torch
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
