@@ -13,11 +13,12 @@ from typing import Any
 THREAD_POLICY = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 # glibc's allocator gives every block above 32 MB a mapping of its own and unmaps it when freed, so each backbone pass
-# had its activations (hundreds of MB a batch) mapped and zero-filled again page by page: juice_bottle's fit spent 25
-# of its 163 CPU seconds in the kernel, 9 million page faults. Blocks from the heap instead, and up to 512 MB of freed
-# heap kept for the next pass: that fit 109 -> 88 s (3 s in the kernel), its peak 2.07 -> 2.42 GB. glibc reads these
-# variables when a process starts (a new process gets them in its environment); a running one gets them by `mallopt`.
-ALLOCATOR_POLICY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
+# had its activations (hundreds of MB a batch) mapped and zero-filled again page by page: juice_bottle's fit spent 26
+# of its 150 CPU seconds in the kernel, 10 million page faults. Blocks from the heap instead, and up to 256 MB of
+# freed heap kept for the next pass (a batch's activations): that fit spends 4 s in the kernel, its peak 2.07 -> 2.20
+# GB (with 512 MB kept: 2.42 GB, no faster). glibc reads these variables when a process starts (a new process gets
+# them in its environment); a running one gets them by `mallopt`.
+ALLOCATOR_POLICY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 MALLOPT_OPTIONS = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}  # glibc's M_MMAP_MAX and M_TRIM_THRESHOLD
 
 
