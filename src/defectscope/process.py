@@ -15,9 +15,9 @@ THREAD_POLICY = {"OMP_WAIT_POLICY": "PASSIVE"}
 # glibc's allocator gives every block above 32 MB a mapping of its own and unmaps it when freed, so each backbone pass
 # had its activations (hundreds of MB a batch) mapped and zero-filled again page by page: juice_bottle's fit spent 26
 # of its 150 CPU seconds in the kernel, 10 million page faults. Blocks from the heap instead, and up to 256 MB of
-# freed heap kept for the next pass (a batch's activations): that fit spends 4 s in the kernel, its peak 2.07 -> 2.20
-# GB (with 512 MB kept: 2.42 GB, no faster). glibc reads these variables when a process starts (a new process gets
-# them in its environment); a running one gets them by `mallopt`.
+# freed heap kept for the next pass (a batch's activations): that fit spends 4 s in the kernel, 13 s less in all; its
+# peak 2.07 -> 2.2-2.6 GB across runs (holes in the heap that a slightly larger block cannot reuse). glibc reads these
+# variables when a process starts (a new process gets them in its environment); a running one gets them by `mallopt`.
 ALLOCATOR_POLICY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 MALLOPT_OPTIONS = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}  # glibc's M_MMAP_MAX and M_TRIM_THRESHOLD
 
