@@ -362,6 +362,18 @@ def test_patch_stride_averages_the_finest_cells_in_windows() -> None:
         create_detector("patchcore", patch_stride=12)
 
 
+def test_images_per_backbone_pass_do_not_change_the_model(demo_root: Path) -> None:
+    """PatchCore passes 16 images at a time (its fit's memory peak); any batch size learns the same model."""
+    images = [s.path for s in load_dataset(demo_root).train][:24]
+    assert create_detector("patchcore").config.batch_size == 16
+    settings = {**SMALL, **SETTINGS["patchcore"], "global_view": "on", "threshold_method": "sigma"}
+    models = [create_detector("patchcore", **settings, batch_size=size) for size in (5, 32)]
+    for model in models:
+        model.fit(images)
+    for model in models[1:]:
+        torch.testing.assert_close(model.index.bank, models[0].index.bank, rtol=1e-5, atol=1e-5)
+        assert model.calibration.threshold == pytest.approx(models[0].calibration.threshold, rel=1e-5)
+
 @pytest.mark.parametrize("patch_stride", [8, 16])
 def test_patchcore_map_peak_lands_on_the_defect_in_a_cropped_non_square_frame(patch_stride: int) -> None:
     rng = np.random.default_rng(0)
