@@ -148,6 +148,28 @@ def test_a_file_settled_by_its_own_time_waits_one_scan_not_the_settle_time(model
     assert [path.name for path in line.ready()] == sorted(dropped)[1:]
 
 
+def test_a_file_renamed_into_the_hot_folder_is_taken_without_settling(model, demo_root: Path, tmp_path: Path) -> None:
+    """A camera that writes under a temporary name and then renames: the rename (inotify) says the file is whole, so
+    it is judged at once; a file written in place at the same moment still waits its settle time."""
+    line, stop, judged = _line(tmp_path, model, settle=30.0), threading.Event(), []
+    watcher = threading.Thread(target=lambda: judged.append(line.run(stop=stop)))
+    watcher.start()
+    while line._arrivals is None:
+        time.sleep(0.01)
+    start = time.monotonic()
+    dropped = _drop(demo_root, line.folders.inbox, 2)
+    (line.folders.inbox / "in-place.png").write_bytes((line.folders.inbox / next(iter(dropped))).read_bytes())
+    while len(line.audit.query()) < 2 and time.monotonic() - start < 20:
+        time.sleep(0.02)
+    elapsed = time.monotonic() - start
+    time.sleep(0.3)
+    stop.set()
+    watcher.join()
+    assert judged == [2] and elapsed < 20  # not the 30 s of settling
+    where = _where(line)
+    assert where["in-place.png"] == ["in"] and all(where[name] != ["in"] for name in dropped)
+
+
 def test_a_restart_finishes_a_judged_image_without_judging_it_again(model, demo_root: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     first = _line(tmp_path, model)

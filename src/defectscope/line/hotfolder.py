@@ -1,9 +1,10 @@
 """The hot folder: images a camera drops into a folder are scored, moved to the folder of their verdict, audited and
 dispatched, each exactly once, across restarts.
 
-A file is taken only once it is complete: its size and modification time unchanged for `settle`
-seconds (a camera writing in pieces), and never while it has a temporary name (hidden, `.tmp`,
-`.part`: a camera that writes then renames). Each image's verdict and its destination are recorded in
+A file is taken only once it is complete: renamed into the inbox (a camera that writes under a
+temporary name, then renames: seen by Linux's inotify, taken at once), or else its size and
+modification time unchanged for `settle` seconds (a camera writing in pieces); never while it has a
+temporary name (hidden, `.tmp`, `.part`). Each image's verdict and its destination are recorded in
 the audit database in one transaction before the file is moved; after a restart a recorded image still
 in the inbox is moved to its recorded folder without being scored again, and a verdict whose message
 was not acknowledged is sent again (receivers see the audit id, so a repeat is recognisable).
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from defectscope.data.decode import IMAGE_SUFFIXES, image_size
 from defectscope.errors import InputError
@@ -74,6 +76,37 @@ def place(source: Path, folder: Path, digest: str) -> Path:
     return target
 
 
+class Arrivals:
+    """The names renamed into a folder, from Linux's inotify: a file that appears by a rename was written whole
+    elsewhere, so it needs no settling. Without inotify (another system, a limit reached) it notes nothing and every
+    file settles; a network file system may not report renames made on another machine, which then settle too."""
+
+    def __init__(self, folder: Path) -> None:
+        self.names: set[str] = set()
+        try:
+            from inotify_simple import INotify, flags
+            self._inotify: Any = INotify()
+            self._inotify.add_watch(folder, flags.MOVED_TO | flags.MODIFY)
+            self._moved, self._modified = flags.MOVED_TO, flags.MODIFY
+        except (ImportError, OSError):  # no inotify here
+            self._inotify = None
+
+    def collect(self, wait: float = 0.0) -> None:
+        """Note the renames reported so far, waiting up to `wait` seconds for one when there is none (else sleep)."""
+        if self._inotify is None:
+            time.sleep(wait)
+            return
+        for event in self._inotify.read(timeout=round(wait * 1000)):
+            if event.mask & self._moved:
+                self.names.add(event.name)
+            elif event.mask & self._modified:  # written to after its rename: it settles like any other
+                self.names.discard(event.name)
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+
+
 @dataclass
 class HotFolder:
     """Watches `folders.inbox` and judges every complete image in it with `predictor`."""
@@ -87,6 +120,7 @@ class HotFolder:
     poll: float = 0.1  # seconds between scans of an idle inbox (a scan of 1,000 names and sizes takes about 2 ms)
     say: Callable[[str], None] = lambda _text: None
     _seen: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    _arrivals: Arrivals | None = None  # while `run` watches
 
     def __post_init__(self) -> None:
         self.folders.check()
@@ -107,9 +141,14 @@ class HotFolder:
         return moved
 
     def ready(self) -> list[Path]:
-        """Complete images in the inbox: not temporary, size and time unchanged for `settle` seconds. A file first
-        seen with a modification time `settle` seconds old (renamed in whole, or left by a stopped run) needs only
-        one more scan that finds it unchanged: it does not wait `settle` again after a restart."""
+        """Complete images in the inbox: not temporary, and renamed into it (while `run` watches) or with size and
+        time unchanged for `settle` seconds. A file first seen with a modification time `settle` seconds old (left by
+        a stopped run) needs only one more scan that finds it unchanged: it does not wait `settle` again after a
+        restart."""
+        renamed = set()
+        if self._arrivals is not None:
+            self._arrivals.collect()
+            renamed = self._arrivals.names
         clock, wall, ready, current = time.monotonic(), time.time(), [], {}
         for entry in os.scandir(self.folders.inbox):
             name = entry.name
@@ -123,7 +162,9 @@ class HotFolder:
                 continue
             size, mtime = stat.st_size, stat.st_mtime_ns
             previous = self._seen.get(name)
-            if previous is not None and previous[:2] == (size, mtime):
+            if name in renamed and (previous is None or previous[:2] == (size, mtime)):
+                since = clock - self.settle  # renamed in whole: taken now
+            elif previous is not None and previous[:2] == (size, mtime):
                 since = previous[2]
             elif previous is None and wall - mtime / 1e9 >= self.settle:
                 since = clock - self.settle + min(self.poll, self.settle)  # settled by its own time: confirm once
@@ -133,6 +174,7 @@ class HotFolder:
             if clock - since >= self.settle:
                 ready.append(self.folders.inbox / name)
         self._seen = current
+        renamed.intersection_update(current)  # forget names that left the inbox
         return sorted(ready)[:BATCH]
 
     def judge(self, paths: list[Path]) -> int:
@@ -169,11 +211,15 @@ class HotFolder:
         recovered = self.recover()
         if recovered:
             self.say(f"finished {recovered} image(s) a previous run had judged but not moved")
-        judged = 0
-        while not stop.is_set() and (limit is None or judged < limit):
-            batch = self.ready()
-            if batch:
-                judged += self.judge(batch)
-            else:
-                stop.wait(self.poll)
+        judged, self._arrivals = 0, Arrivals(self.folders.inbox)
+        try:
+            while not stop.is_set() and (limit is None or judged < limit):
+                batch = self.ready()
+                if batch:
+                    judged += self.judge(batch)
+                else:
+                    self._arrivals.collect(self.poll)  # wakes at once when a file is renamed in
+        finally:
+            self._arrivals.close()
+            self._arrivals = None
         return judged
