@@ -16,8 +16,9 @@ THREAD_POLICY = {"OMP_WAIT_POLICY": "PASSIVE"}
 # had its activations (hundreds of MB a batch) mapped and zero-filled again page by page: juice_bottle's fit spent 26
 # of its 150 CPU seconds in the kernel, 10 million page faults. Blocks from the heap instead, and up to 256 MB of
 # freed heap kept for the next pass (a batch's activations): that fit spends 4 s in the kernel, 13 s less in all; its
-# peak 2.07 -> 2.2-2.6 GB across runs (holes in the heap that a slightly larger block cannot reuse). glibc reads these
-# variables when a process starts (a new process gets them in its environment); a running one gets them by `mallopt`.
+# peak 2.07 -> 2.2-2.6 GB across runs at 32 images a pass (holes in the heap that a slightly larger block cannot
+# reuse; PatchCore now passes 16 images, 1.9 GB). glibc reads these variables when a process starts (a new process
+# gets them in its environment); a running one gets them by `mallopt`.
 ALLOCATOR_POLICY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 MALLOPT_OPTIONS = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}  # glibc's M_MMAP_MAX and M_TRIM_THRESHOLD
 
