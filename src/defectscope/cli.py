@@ -494,7 +494,7 @@ def watch(
     webhook: WebhookOption = None,
     mqtt: MqttOption = None,
     mqtt_topic: MqttTopicOption = "defectscope/verdicts",
-    settle: Annotated[float, typer.Option(min=0.0, help="Seconds a file's size and time must stay unchanged before it is taken.")] = 0.5,
+    settle: Annotated[float, typer.Option(min=0.0, help="Seconds a file's size and time must stay unchanged before it is taken (a file renamed into the folder is taken at once).")] = 0.5,
     limit: Annotated[int | None, typer.Option(min=0, show_default="run until stopped", help="Stop after judging this many images (0: only finish what a stopped run left).")] = None,
 ) -> None:
     """Judge every image dropped into a hot folder: score it, move it to the folder of its verdict, audit and dispatch it,
