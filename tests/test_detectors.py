@@ -374,6 +374,7 @@ def test_images_per_backbone_pass_do_not_change_the_model(demo_root: Path) -> No
         torch.testing.assert_close(model.index.bank, models[0].index.bank, rtol=1e-5, atol=1e-5)
         assert model.calibration.threshold == pytest.approx(models[0].calibration.threshold, rel=1e-5)
 
+
 @pytest.mark.parametrize("patch_stride", [8, 16])
 def test_patchcore_map_peak_lands_on_the_defect_in_a_cropped_non_square_frame(patch_stride: int) -> None:
     rng = np.random.default_rng(0)

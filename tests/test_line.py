@@ -154,7 +154,8 @@ def test_a_file_renamed_into_the_hot_folder_is_taken_without_settling(model, dem
     line, stop, judged = _line(tmp_path, model, settle=30.0), threading.Event(), []
     watcher = threading.Thread(target=lambda: judged.append(line.run(stop=stop)))
     watcher.start()
-    while line._arrivals is None:
+    deadline = time.monotonic() + 20
+    while line._arrivals is None and time.monotonic() < deadline:  # watching
         time.sleep(0.01)
     start = time.monotonic()
     dropped = _drop(demo_root, line.folders.inbox, 2)
@@ -162,7 +163,7 @@ def test_a_file_renamed_into_the_hot_folder_is_taken_without_settling(model, dem
     while len(line.audit.query()) < 2 and time.monotonic() - start < 20:
         time.sleep(0.02)
     elapsed = time.monotonic() - start
-    time.sleep(0.3)
+    time.sleep(0.3)  # a few more scans, which must leave the file written in place alone
     stop.set()
     watcher.join()
     assert judged == [2] and elapsed < 20  # not the 30 s of settling
