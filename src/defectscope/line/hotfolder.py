@@ -29,6 +29,11 @@ from defectscope.line.audit import AuditLog, Verdict, now
 from defectscope.line.dispatch import Dispatcher
 from defectscope.predictor import Predictor
 
+try:
+    from inotify_simple import INotify, flags as inotify_flags
+except ImportError:  # not Linux: every file settles
+    INotify = None
+
 TEMPORARY = (".tmp", ".part", ".partial", ".crdownload")
 BATCH = 16  # images scored together at most
 
@@ -83,12 +88,14 @@ class Arrivals:
 
     def __init__(self, folder: Path) -> None:
         self.names: set[str] = set()
+        self._inotify: Any = None
+        if INotify is None:
+            return
         try:
-            from inotify_simple import INotify, flags
-            self._inotify: Any = INotify()
-            self._inotify.add_watch(folder, flags.MOVED_TO | flags.MODIFY)
-            self._moved, self._modified = flags.MOVED_TO, flags.MODIFY
-        except (ImportError, OSError):  # no inotify here
+            self._inotify = INotify()
+            self._inotify.add_watch(folder, inotify_flags.MOVED_TO | inotify_flags.MODIFY)
+        except OSError:  # no inotify here, or its limits reached
+            self.close()
             self._inotify = None
 
     def collect(self, wait: float = 0.0) -> None:
@@ -97,9 +104,9 @@ class Arrivals:
             time.sleep(wait)
             return
         for event in self._inotify.read(timeout=round(wait * 1000)):
-            if event.mask & self._moved:
+            if event.mask & inotify_flags.MOVED_TO:
                 self.names.add(event.name)
-            elif event.mask & self._modified:  # written to after its rename: it settles like any other
+            elif event.mask & inotify_flags.MODIFY:  # written to after its rename: it settles like any other
                 self.names.discard(event.name)
 
     def close(self) -> None:
