@@ -30,8 +30,10 @@ def test_region_pooling_is_adaptive_average_pooling(size: int, cells: int) -> No
     rows, cols = torch.from_numpy(pooling_matrix(size, cells)), torch.from_numpy(pooling_matrix(size + 3, cells))
     pooled = torch.einsum("nchw,gh,kw->ncgk", x, rows, cols)
     torch.testing.assert_close(pooled, F.adaptive_avg_pool2d(x, cells), rtol=1e-5, atol=1e-6)
-    described = region_descriptors({8: x, 16: x[:, :, ::2, ::2]})
-    assert described.shape == (2, SCORE_GRID**2 + MAP_GRID**2, 10)
+    maps = {8: x.contiguous(memory_format=torch.channels_last), 16: x[:, :, ::2, ::2]}  # as backbones give them
+    expected = torch.cat([torch.cat([F.adaptive_avg_pool2d(maps[s], g).flatten(2).transpose(1, 2) for s in (8, 16)], 2)
+                          for g in (SCORE_GRID, MAP_GRID)], 1)  # score grid first, regions row by row, strides' channels
+    torch.testing.assert_close(region_descriptors(maps), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("count", [1, 2, 45])
@@ -128,6 +130,19 @@ def test_the_global_view_travels_in_the_model_file_and_learns_taught_images(view
     loaded.teach(new)
     assert float(loaded.moments.count[0]) == before + 4
     assert loaded.regions.residuals(loaded._features(new, None)[0].regions).mean() < residual_before
+
+
+def test_a_model_without_the_global_view_computes_no_regions(views: dict, logical: Path, monkeypatch) -> None:
+    paths = [s.path for s in load_dataset(logical).test][:4]
+    want = views["off"].predict(paths).scores
+
+    def refused(maps: dict) -> torch.Tensor:
+        raise AssertionError("region descriptors computed for a model that does not use them")
+
+    monkeypatch.setattr("defectscope.detectors.patchcore.region_descriptors", refused)
+    np.testing.assert_array_equal(views["off"].predict(paths).scores, want)
+    with pytest.raises(AssertionError, match="region descriptors"):
+        views["on"].predict(paths)
 
 
 def test_the_default_keeps_the_global_view_for_the_trays_and_records_why(tmp_path: Path) -> None:

@@ -137,7 +137,7 @@ def patch_embedding(maps: dict[int, torch.Tensor], neighbourhood: int, layer_dim
 @dataclass
 class PatchFeatures:
     """What PatchCore embeds per image: patch features N x h x w x d and region descriptors N x R x C
-    (the global view's); indexed and filled by image like one tensor."""
+    (the global view's; N x 0 x 0 for a model without it); indexed and filled by image like one tensor."""
 
     patches: torch.Tensor
     regions: torch.Tensor
@@ -252,7 +252,8 @@ class PatchCore(Detector):
     def embed(self, batch: torch.Tensor) -> PatchFeatures:
         maps = self.require_backbone()(batch)
         patches = patch_embedding(maps, self.config.neighbourhood, self.config.layer_dim, self.config.patch_stride)
-        return PatchFeatures(patches, region_descriptors(maps))
+        regions = region_descriptors(maps) if self.uses_global_view else patches.new_empty((len(patches), 0, 0))
+        return PatchFeatures(patches, regions)
 
     @property
     def uses_global_view(self) -> bool:
