@@ -171,6 +171,22 @@ def test_a_file_renamed_into_the_hot_folder_is_taken_without_settling(model, dem
     assert where["in-place.png"] == ["in"] and all(where[name] != ["in"] for name in dropped)
 
 
+@pytest.mark.parametrize("clock", [1000.1, 34200.123, 40000.0])  # monotonic seconds: an uptime of 17 min, 9.5 h, 11 h
+def test_a_renamed_file_is_ready_whatever_the_clock_reads(model, demo_root: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, clock: float) -> None:
+    """At some clock readings (2^15 to 2^17 s of uptime among them) `clock - (clock - 0.2)` is a hair under 0.2: a
+    renamed file must not hinge on it (it stayed in the inbox for good)."""
+    line = _line(tmp_path, model, settle=0.2)
+    monkeypatch.setattr(hotfolder.time, "monotonic", lambda: clock)
+    line._arrivals = hotfolder.Arrivals(line.folders.inbox)
+    try:
+        dropped = _drop(demo_root, line.folders.inbox, 2)
+        for scan in range(2):  # taken at once, and still ready on the next scan if it was not judged yet
+            assert [path.name for path in line.ready()] == sorted(dropped)
+    finally:
+        line._arrivals.close()
+
+
 def test_a_restart_finishes_a_judged_image_without_judging_it_again(model, demo_root: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     first = _line(tmp_path, model)

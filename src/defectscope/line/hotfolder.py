@@ -170,7 +170,8 @@ class HotFolder:
             size, mtime = stat.st_size, stat.st_mtime_ns
             previous = self._seen.get(name)
             if name in renamed and (previous is None or previous[:2] == (size, mtime)):
-                since = clock - self.settle  # renamed in whole: taken now
+                since = -math.inf  # renamed in whole: taken now (not `clock - settle`: float rounding leaves it a hair
+                # short of `settle` ago at some clock readings, e.g. 9.1 to 36 h of uptime, and such files stayed put)
             elif previous is not None and previous[:2] == (size, mtime):
                 since = previous[2]
             elif previous is None and wall - mtime / 1e9 >= self.settle:
