@@ -152,10 +152,9 @@ class HotFolder:
         time unchanged for `settle` seconds. A file first seen with a modification time `settle` seconds old (left by
         a stopped run) needs only one more scan that finds it unchanged: it does not wait `settle` again after a
         restart."""
-        renamed = set()
         if self._arrivals is not None:
             self._arrivals.collect()
-            renamed = self._arrivals.names
+        renamed = self._arrivals.names if self._arrivals is not None else set()
         clock, wall, ready, current = time.monotonic(), time.time(), [], {}
         for entry in os.scandir(self.folders.inbox):
             name = entry.name
@@ -182,7 +181,8 @@ class HotFolder:
             if clock - since >= self.settle:
                 ready.append(self.folders.inbox / name)
         self._seen = current
-        renamed.intersection_update(current)  # forget names that left the inbox
+        if self._arrivals is not None:
+            self._arrivals.names.intersection_update(current)  # forget names that left the inbox
         return sorted(ready)[:BATCH]
 
     def judge(self, paths: list[Path]) -> int:
