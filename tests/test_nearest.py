@@ -54,3 +54,22 @@ def test_many_queries_are_searched_in_bounded_chunks_with_the_same_answer(monkey
     distances, positions = index.search(queries)
     assert sizes == [700, 700, 700, 400]  # the pass-2 candidate lists never hold more than a chunk's queries
     assert torch.equal(distances, whole[0]) and torch.equal(positions, whole[1])
+
+
+def test_a_few_images_queries_are_searched_on_one_blas_thread_throughout(monkeypatch) -> None:
+    """BLAS threads left spinning after a search slow the backbone's next pass; a small search uses one thread, from
+    the centroid product on (many queries: the library's default)."""
+    from threadpoolctl import threadpool_limits
+
+    from defectscope import search
+
+    index = ClusteredBank.build(_clustered_points(1500, 8), seed=0, cluster_size=50)
+    seen = []
+    searched = search.ClusterIndex._search
+    monkeypatch.setattr(search.ClusterIndex, "_search",
+                        lambda self, q: seen.append(search._blas().info()[0]["num_threads"]) or searched(self, q))
+    with threadpool_limits(limits=2, user_api="blas"):
+        index.search(_clustered_points(100, 9))
+        monkeypatch.setattr(search, "SINGLE_THREAD_QUERIES", 50)
+        index.search(_clustered_points(100, 9))
+    assert seen == [1, 2]

@@ -64,21 +64,16 @@ class ClusterIndex:
         self.centroid_sq = np.einsum("ij,ij->i", self.centroids, self.centroids)
         self.slack = 1e-3 * float(np.sqrt(self.bank_sq.max())) if len(bank) else 0.0
 
-    def _scan(self, groups: Iterable[tuple[int, np.ndarray]], queries: int) -> tuple[np.ndarray, np.ndarray]:
+    def _scan(self, groups: Iterable[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         """For each (cluster, augmented queries [-2q, 1]) group, per query: the min over the cluster's rows of
-        |x|^2 - 2 q.x (add |q|^2 for the squared distance) and the row giving it; all groups concatenated.
-
-        A few images' queries make small GEMMs: BLAS then runs on one thread, as its idle threads
-        would spin against the backbone's and the decoders' (bottle, batch 1: 78 -> 65 ms/image).
-        """
+        |x|^2 - 2 q.x (add |q|^2 for the squared distance) and the row giving it; all groups concatenated."""
         values, indices = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
-        with _blas_threads(queries):
-            for cluster, group in groups:
-                start = int(self.offsets[cluster])
-                partial = group @ self.augmented[start : int(self.offsets[cluster + 1])].T
-                index = partial.argmin(1)
-                values.append(partial[np.arange(len(index)), index])
-                indices.append(index + start)
+        for cluster, group in groups:
+            start = int(self.offsets[cluster])
+            partial = group @ self.augmented[start : int(self.offsets[cluster + 1])].T
+            index = partial.argmin(1)
+            values.append(partial[np.arange(len(index)), index])
+            indices.append(index + start)
         return np.concatenate(values), np.concatenate(indices)
 
     def _dense(self, augmented: np.ndarray, q_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,11 +91,17 @@ class ClusterIndex:
 
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact distance (float32) and bank row (int64) of each query's nearest neighbour, QUERY_CHUNK queries at a
-        time: the pass-2 candidate lists grow with the queries (800 MB more for 150,000 at once)."""
+        time: the pass-2 candidate lists grow with the queries (800 MB more for 150,000 at once).
+
+        A few images' queries make small GEMMs: BLAS then runs on one thread throughout, as its idle threads would
+        spin against the backbone's and the decoders' (juice_bottle, batch 1: 66 -> 53 ms/image with the centroid
+        GEMM inside too; bottle, with the cluster scans alone: 78 -> 65).
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if len(queries) <= QUERY_CHUNK:
-            return self._search(queries)
-        parts = [self._search(queries[start : start + QUERY_CHUNK]) for start in range(0, len(queries), QUERY_CHUNK)]
+        with _blas_threads(len(queries)):
+            if len(queries) <= QUERY_CHUNK:
+                return self._search(queries)
+            parts = [self._search(queries[start : start + QUERY_CHUNK]) for start in range(0, len(queries), QUERY_CHUNK)]
         return np.concatenate([part[0] for part in parts]), np.concatenate([part[1] for part in parts])
 
     def _search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +119,7 @@ class ClusterIndex:
         # Pass 1: every query against its closest cluster; sorted by that cluster, each group is one slice.
         order = np.argsort(closest, kind="stable")
         used, starts = np.unique(closest[order], return_index=True)
-        values, indices = self._scan(zip(used.tolist(), np.split(augmented[order], starts[1:])), len(queries))
+        values, indices = self._scan(zip(used.tolist(), np.split(augmented[order], starts[1:])))
         best = np.empty(len(queries), np.float32)
         best_index = np.empty(len(queries), np.int64)
         best[order] = values + q_sq[order]
@@ -136,7 +137,7 @@ class ClusterIndex:
         if len(rows):
             used, starts = np.unique(clusters, return_index=True)
             row_groups = np.split(rows, starts[1:])
-            values, indices = self._scan(((c, augmented[group]) for c, group in zip(used.tolist(), row_groups)), len(queries))
+            values, indices = self._scan(((c, augmented[group]) for c, group in zip(used.tolist(), row_groups)))
             values += q_sq[rows]
             improved = best.copy()
             np.minimum.at(improved, rows, values)
