@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -378,13 +379,15 @@ class PatchCore(Detector):
     def crossfit_scores(self, features: PatchFeatures | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The patch view's cross-fitted scores (see `Detector.crossfit_scores`); with the global view, each fold's
         region residuals from statistics without the fold too, then the fusion fitted on both, and the fused
-        scores (or, when "auto" decides against the global view, the patch view's)."""
+        scores (or, when "auto" decides against the global view, the patch view's).
+
+        The folds' region models are fitted in a second thread while the patch view scores the folds: a few images'
+        nearest-neighbour search runs on one BLAS thread (`search.py`), which leaves the other core to them."""
         folds, scored = self.crossfit_rows(len(features))
-        patch = self.fold_scores(features, folds, scored)
         self.global_choice = None
         if self.moments is None:
             self.config.global_view = "off"
-            return torch.cat(scored), patch
+            return torch.cat(scored), self.fold_scores(features, folds, scored)
         regions = split_features(features)[1]
         self.phase("global view: held-out, drifted and synthetic-defect images")
         drifted = self._drifted() if self.probe is not None else None
@@ -393,7 +396,10 @@ class PatchCore(Detector):
             self.moments.drift = drift_moment(regions[held].repeat_interleave(len(drifted.regions) // len(held), 0),
                                               drifted.regions)
             self.regions = RegionModel.from_moments(self.moments)
-        residuals = self.crossfit_residuals(regions, folds, scored)
+        with ThreadPoolExecutor(1) as pool:
+            fitting = pool.submit(self.crossfit_residuals, regions, folds, scored)
+            patch = self.fold_scores(features, folds, scored)
+            residuals = fitting.result()
         drift = (self._drift_variance(regions, drifted.regions) if drifted is not None
                  else torch.zeros(residuals.shape[1]))
         self.fusion = {"patch": torch.stack([patch.mean(), patch.std().clamp_min(1e-6)]),
