@@ -396,7 +396,7 @@ class PatchCore(Detector):
             self.moments.drift = drift_moment(regions[held].repeat_interleave(len(drifted.regions) // len(held), 0),
                                               drifted.regions)
             self.regions = RegionModel.from_moments(self.moments)
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)) as pool:
             fitting = pool.submit(self.crossfit_residuals, regions, folds, scored)
             patch = self.fold_scores(features, folds, scored)
             residuals = fitting.result()
