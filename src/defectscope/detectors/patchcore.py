@@ -303,7 +303,7 @@ class PatchCore(Detector):
         features, regions = split_features(features)
         self.fusion = None
         self.moments = Moments.of(regions) if self.uses_global_view and regions is not None else None
-        self.regions = RegionModel.from_moments(self.moments) if self.moments is not None else None
+        self.regions = None  # derived from the moments once the drift is known (`crossfit_scores`)
         n, h, w, d = features.shape
         per_image = h * w
         start = time.perf_counter()
@@ -395,19 +395,20 @@ class PatchCore(Detector):
             held = torch.from_numpy(self.probe.held)
             self.moments.drift = drift_moment(regions[held].repeat_interleave(len(drifted.regions) // len(held), 0),
                                               drifted.regions)
-            self.regions = RegionModel.from_moments(self.moments)
+        self.regions = RegionModel.from_moments(self.moments)
+        held_out = self._held_out_regions(regions) if drifted is not None else None
         with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)) as pool:
             fitting = pool.submit(self.crossfit_residuals, regions, folds, scored)
             patch = self.fold_scores(features, folds, scored)
             residuals = fitting.result()
-        drift = (self._drift_variance(regions, drifted.regions) if drifted is not None
+        drift = (self._drift_variance(held_out, regions, drifted.regions) if drifted is not None
                  else torch.zeros(residuals.shape[1]))
         self.fusion = {"patch": torch.stack([patch.mean(), patch.std().clamp_min(1e-6)]),
                        "region_location": residuals.mean(0),
                        "region_spread": (residuals.var(0) + drift).sqrt().clamp_min(1e-6)}
         fused = self._fused(patch, self._region_z(residuals))
         if self.config.global_view == "auto":
-            self.global_choice = self.choose_global_view(features, patch, fused, drifted)
+            self.global_choice = self.choose_global_view(features, patch, fused, drifted, held_out)
             self.config.global_view = self.global_choice["chosen"]
             if self.global_choice["chosen"] == "off":
                 self.moments = self.regions = self.fusion = None
@@ -425,17 +426,20 @@ class PatchCore(Detector):
         """The probe's drifted good images, embedded."""
         return self._features(self.probe.drifted, None)[0]
 
-    def _drift_variance(self, regions: torch.Tensor, drifted: torch.Tensor) -> torch.Tensor:
-        """Per region: the mean squared change of a held-out image's residual under the stated drift (statistics
-        without the held-out images). Added to the good residuals' variance, it makes the global view's scale allow
-        for the light and camera drift of a line: a region must change more than drift does to count."""
+    def _held_out_regions(self, regions: torch.Tensor) -> RegionModel:
+        """The region model without the probe's held-out images (their descriptors subtracted from the moments)."""
+        return RegionModel.from_moments(self.moments - Moments.of(regions[torch.from_numpy(self.probe.held).sort().values]))
+
+    def _drift_variance(self, held_out: RegionModel, regions: torch.Tensor, drifted: torch.Tensor) -> torch.Tensor:
+        """Per region: the mean squared change of a held-out image's residual under the stated drift (`held_out`:
+        statistics without the held-out images). Added to the good residuals' variance, it makes the global view's
+        scale allow for the light and camera drift of a line: a region must change more than drift does to count."""
         held = torch.from_numpy(self.probe.held)
-        model = RegionModel.from_moments(self.moments - Moments.of(regions[held]))
-        before = model.residuals(regions[held]).repeat_interleave(len(drifted) // len(held), 0)
-        return ((model.residuals(drifted) - before) ** 2).mean(0)
+        before = held_out.residuals(regions[held]).repeat_interleave(len(drifted) // len(held), 0)
+        return ((held_out.residuals(drifted) - before) ** 2).mean(0)
 
     def choose_global_view(self, features: PatchFeatures, patch: torch.Tensor, fused: torch.Tensor,
-                           drifted: PatchFeatures) -> dict[str, Any]:
+                           drifted: PatchFeatures, held_out: RegionModel) -> dict[str, Any]:
         """Keep the global view unless the probe shows that it costs, by the frame search's one-standard-error rule.
 
         No defect pasted into a good image stands for a part that is missing or in the wrong place (the probe's would
@@ -444,7 +448,7 @@ class PatchCore(Detector):
         it), the fused score must catch no fewer of the probe's synthetic defects than the patch score alone, and
         raise no more false alarms on the held-out good images, as they are and drifted (`selection.drifted`: the
         light and camera drift of a line), each within one standard error. The held-out images' own patches and
-        regions are left out of the models that score them."""
+        regions are left out of the models that score them (`held_out`: the region model without them)."""
         if self.probe is None:
             return {"chosen": "off", "reason": "too few training images for the probe"}
         held = torch.from_numpy(self.probe.held).sort().values
@@ -455,7 +459,7 @@ class PatchCore(Detector):
             patch_probed = self.score_features(probed)[0].float()
         finally:
             self.index, self.fusion = fitted, fusion
-        residuals = RegionModel.from_moments(self.moments - Moments.of(features.regions[held])).residuals(probed.regions)
+        residuals = held_out.residuals(probed.regions)
         fused_probed = self._fused(patch_probed, self._region_z(residuals))
         count, goods = len(self.probe.defective), len(probed) - len(self.probe.defective)
         alone, both = self._probe_evidence(patch, patch_probed, count), self._probe_evidence(fused, fused_probed, count)
