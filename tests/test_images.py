@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from defectscope.data.frame import Preprocess, frame_aspect
 from defectscope.data.batches import iterate_batches
+from defectscope.data.images import normalize
 from defectscope.errors import InputError
 
 
@@ -34,6 +36,15 @@ def test_border_outside_crop_is_filled_with_map_minimum() -> None:
     frame_map[10, 10] = 9.0
     back = pre.to_original(frame_map, 64, 64)
     assert float(back[0, 0]) == 5.0 and float(back.max()) > 5.0
+
+
+def test_frames_are_normalized_into_the_backbones_channels_last_layout() -> None:
+    pre = Preprocess(image_size=40, crop=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    frames = torch.randint(0, 256, (2, 3, 24, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    normalized = normalize(frames, pre)
+    assert normalized.is_contiguous(memory_format=torch.channels_last)  # the backbone would otherwise copy it again
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255.0 for v in (pre.mean, pre.std))
+    assert torch.equal(normalized, (frames.float() - mean) / std)  # the same floats, to the bit
 
 
 def test_mask_to_input_keeps_majority_pixels() -> None:

@@ -15,10 +15,11 @@ from defectscope.data.layout import Sample
 
 
 def normalize(batch: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
-    """uint8 NCHW -> float32 NCHW normalized with the frame's mean and std."""
+    """uint8 NCHW -> float32 NCHW normalized with the frame's mean and std, in channels-last memory (the backbones'
+    layout): the bytes are reordered before they become floats, and one float buffer is normalized in place."""
     mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(preprocess.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    return (batch.float() - mean) / std
+    return batch.contiguous(memory_format=torch.channels_last).float().sub_(mean).div_(std)
 
 
 def load_normalized(images: Sequence[ImageSource], preprocess: Preprocess) -> torch.Tensor:

@@ -160,7 +160,7 @@ class Segmenter(MaskModel):
             return super().score_frames(batch)
         check_fitted(self.network, "the segmenter", "fit_masks()")
         self.network.eval()
-        features = normalize(torch.from_numpy(batch), self.preprocess).contiguous(memory_format=torch.channels_last)
+        features = normalize(torch.from_numpy(batch), self.preprocess)
         probabilities = torch.sigmoid(self.network(features))
         scores, frame = self._finish(None, probabilities.amax(1))
         return Scored(scores.numpy(), frame, [typed_regions(p.numpy(), self.config.types) for p in probabilities])
