@@ -173,13 +173,17 @@ def write_logical_parts(root: Path, train: int = 200, test_good: int = 40, per_d
 CATEGORIES = ("rotated-parts", "fine-defects", "logical-parts")  # the generated categories the benchmarks take by name
 
 
-def write_generated(name: str, root: Path) -> Path:
-    """The generated category `name` (one of CATEGORIES) under root, as every benchmark measures it."""
+def write_generated(name: str, root: Path, seed: int = 0) -> Path:
+    """The generated category `name` (one of CATEGORIES) under root, as every benchmark measures it (seed 0), or
+    drawn at another seed, in a folder named `name`-seed`seed`."""
+    base = root / f"seed{seed}" if seed else root
     if name == "rotated-parts":
         from defectscope.data.synthetic import make_demo_dataset  # the demo category: rotated round parts
-        return make_demo_dataset(root / name, size=256, train=200, test_good=50, per_defect=20, seed=0)
-    if name == "fine-defects":
-        return write_fine_defects(root)
-    if name == "logical-parts":
-        return write_logical_parts(root)
-    raise ValueError(f"unknown generated category {name!r}; choose one of {', '.join(CATEGORIES)}")
+        folder = make_demo_dataset(base / name, size=256, train=200, test_good=50, per_defect=20, seed=seed)
+    elif name == "fine-defects":
+        folder = write_fine_defects(base, seed=seed)
+    elif name == "logical-parts":
+        folder = write_logical_parts(base, seed=seed)
+    else:
+        raise ValueError(f"unknown generated category {name!r}; choose one of {', '.join(CATEGORIES)}")
+    return folder.rename(root / f"{name}-seed{seed}") if seed else folder

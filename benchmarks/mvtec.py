@@ -7,7 +7,7 @@
 A category is a folder name under --root (or a path relative to it); --generate adds generated
 categories by name (`benchmarks/generated.py`: rotated-parts, the seeded demo category of textured
 round parts at random rotations, 200 good training images; fine-defects; logical-parts), written to a
-temporary folder. Each (category, model) runs in a fresh subprocess so its
+temporary folder (--seeds draws them at other seeds too: `logical-parts-seed2`). Each (category, model) runs in a fresh subprocess so its
 peak resident memory is its own. Inference is timed on the test images with decoding included, at
 batch 1 and batched (the model's own batch size: 16 images for PatchCore, 32 for the others); maps
 are produced in the model frame. At the model's own threshold (from good images only): the
@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--generate", nargs="*", default=[], choices=CATEGORIES,
                         help="Also benchmark these generated categories (benchmarks/generated.py).")
     parser.add_argument("--logical", action="store_true", help="The same as --generate logical-parts.")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="draw each generated category at these seeds (0: as every table measures it)")
     parser.add_argument("--models", nargs="+", default=["patchcore", "padim", "knn", "pca", "ocsvm"],
                         help='model names, each optionally with its own settings: "patchcore global_view=on"')
     parser.add_argument("--settings", type=json.loads, default={}, help='JSON config overrides, e.g. \'{"coreset_ratio": 0.01}\'')
@@ -130,7 +132,7 @@ def main() -> None:
     folders = [args.root / category for category in args.categories]
     scratch = tempfile.TemporaryDirectory()
     generate = [*args.generate, *(["logical-parts"] if args.logical and "logical-parts" not in args.generate else [])]
-    folders += [write_generated(name, Path(scratch.name)) for name in generate]
+    folders += [write_generated(name, Path(scratch.name), seed) for name in generate for seed in args.seeds]
     rows = []
     for folder in folders:
         for model in args.models:

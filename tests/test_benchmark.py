@@ -34,3 +34,7 @@ def test_a_generated_category_is_named_by_what_it_is(tmp_path: Path) -> None:
     logical = write_generated("logical-parts", tmp_path)
     assert logical.name == "logical-parts" and {p.name for p in (logical / "test").iterdir()} == {
         "good", "missing", "swapped", "extra"}
+    again = write_generated("logical-parts", tmp_path, seed=2)  # another draw beside it, named apart
+    assert again.name == "logical-parts-seed2" and logical.exists()
+    first = "train/good/000.png"
+    assert (again / first).read_bytes() != (logical / first).read_bytes()
