@@ -16,8 +16,8 @@ from defectscope.artifacts import load_model, save_model
 from defectscope.detectors.base import create_detector
 from defectscope.detectors.global_view import (MAP_GRID, SCORE_GRID, Moments, RegionModel, drift_moment, eigh,
                                                pooling_matrix, region_descriptors)
-from defectscope.detectors.patchcore import GLOBAL_VIEW_RULE, PatchFeatures
-from defectscope.detectors.selection import paired_excess
+from defectscope.detectors.patchcore import PatchFeatures
+from defectscope.detectors.selection import noise
 from defectscope.metrics import image_auroc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -146,49 +146,25 @@ def test_a_model_without_the_global_view_computes_no_regions(views: dict, logica
 
 
 def test_the_default_keeps_the_global_view_for_the_trays_and_records_why(tmp_path: Path) -> None:
-    # as many good trays as the benchmark's: the probe's 16 held-out ones leave a model like the cross-fitted ones.
-    # Seed 4's trays: the fused score loses 2 of the probe's 128 synthetic defects, which is noise, not a cost shown
-    dataset = load_dataset(write_logical_parts(tmp_path, train=200, test_good=12, per_defect=8, size=256, seed=4))
+    # as many good trays as the benchmark's: the probe's 16 held-out ones leave a model like the cross-fitted ones
+    dataset = load_dataset(write_logical_parts(tmp_path, train=200, test_good=12, per_defect=8, size=256))
     detector = create_detector("patchcore", image_size=352, crop=320)  # the frame the search picks for them
     assert detector.config.global_view == "auto"
     detector.fit([s.path for s in dataset.train])
     choice = detector.train_summary["global_view_choice"]
-    assert choice["chosen"] == detector.config.global_view == "on"  # no cost shown: kept
+    assert choice["chosen"] == detector.config.global_view == "on"  # it costs the trays nothing: kept
     assert set(choice["evidence"]) == {"patch view", "patch + global view"}
     assert (choice["synthetic_images"], choice["held_out_images"], choice["drifted_images"]) == (16 * 4 * 2, 16, 16 * 2)
-    alone, both = choice["evidence"]["patch view"], choice["evidence"]["patch + global view"]
-    for view in (alone, both):
+    alone = choice["evidence"]["patch view"]
+    for view in choice["evidence"].values():
         assert 0 <= view["recall_at_1pct"] <= 1 and 0 <= view["false_alarms"] <= 1
-    assert choice["recall_cost"] == pytest.approx(alone["recall_at_1pct"] - both["recall_at_1pct"])
-    assert choice["false_alarm_cost"] == pytest.approx(both["false_alarms"] - alone["false_alarms"])
-    assert choice["recall_cost"] > 0 or choice["false_alarm_cost"] > 0  # a cost measured, within the noise
-    assert choice["rule"] == GLOBAL_VIEW_RULE
+    assert choice["recall_cost"] <= noise(alone["recall_at_1pct"], 128)
+    assert choice["false_alarm_cost"] <= noise(alone["false_alarms"], 48)
     labels = [s.label for s in dataset.test]
     assert image_auroc(labels, detector.predict([s.path for s in dataset.test]).scores) >= 0.98
     loaded = load_model(save_model(detector, tmp_path / "auto.dsmodel"))
     assert loaded.config.global_view == choice["chosen"] and loaded.train_summary["global_view_choice"] == choice
     assert loaded.moments.drift is not None  # the drift it allows for travels with it
-
-
-def test_a_cost_counts_when_it_exceeds_two_standard_errors_of_the_paired_difference() -> None:
-    caught = np.ones(128, bool)
-
-    def lost(count: int, gained: int = 0) -> tuple[float, bool]:
-        after = caught.copy()
-        after[:count] = False
-        before = caught.copy()
-        before[count : count + gained] = False  # defects the first score missed and the second catches
-        return paired_excess(before, after)
-
-    assert lost(0) == (0.0, False)
-    assert lost(2) == (2 / 128, False)  # two of 128 lost: one standard error of a recall near 1, but noise
-    assert lost(4) == (4 / 128, True)  # four lost and none gained: shown
-    assert lost(9, gained=3) == (6 / 128, False)  # the same items: losses and gains both count in the noise
-    assert lost(9) == (9 / 128, True)
-    alarms = np.zeros(48, bool)
-    three = alarms.copy()
-    three[:3] = True
-    assert paired_excess(three, alarms) == (3 / 48, False) and paired_excess(alarms, three) == (-3 / 48, False)
 
 
 def test_the_drift_moment_makes_drift_normal_variation() -> None:

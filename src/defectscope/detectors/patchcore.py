@@ -29,7 +29,7 @@ from defectscope.detectors.coreset import coreset_indices, greedy_coreset, greed
 from defectscope.detectors.global_view import (Moments, RegionModel, drift_moment, global_scores, map_grid,
                                                region_descriptors, standardize)
 from defectscope.detectors.nearest import ClusteredBank, nearest
-from defectscope.detectors.selection import TAIL_RATE, TAIL_Z, Probe, make_probe, paired_excess, separation
+from defectscope.detectors.selection import TAIL_RATE, TAIL_Z, Probe, false_alarms, make_probe, noise, separation
 from defectscope.errors import DefectscopeError, SettingsError, check_fitted
 from defectscope.maps import bilinear_matrix
 from defectscope.settings import require_choice, require_range
@@ -40,9 +40,6 @@ TEACH_COVERAGE = 0.1  # taught patches are added until covered as closely as the
 PATCH_STRIDES = (8, 16, 32)  # the finest feature stride (8) times 1, 2 or 4
 GRAPH_DISTANCE_CELLS = 1 << 24  # an exported graph's distance matrix: at most 64 MB per run
 GLOBAL_VIEW = ("auto", "on", "off")
-GLOBAL_VIEW_RULE = ("kept unless, at each score's own 1% threshold, the fused score loses more of the probe's synthetic "
-                    "defects, or flags more of its held-out and drifted good images, than the patch score alone by over "
-                    "two standard errors of the paired difference")
 
 
 @dataclass
@@ -443,16 +440,14 @@ class PatchCore(Detector):
 
     def choose_global_view(self, features: PatchFeatures, patch: torch.Tensor, fused: torch.Tensor,
                            drifted: PatchFeatures, held_out: RegionModel) -> dict[str, Any]:
-        """Keep the global view unless the probe shows that it costs (GLOBAL_VIEW_RULE).
+        """Keep the global view unless the probe shows that it costs, by the frame search's one-standard-error rule.
 
         No defect pasted into a good image stands for a part that is missing or in the wrong place (the probe's would
         be caught by the patch view at their seams), so good images cannot show what the global view gains; they can
         show what it costs. At each score's own 1% threshold on its cross-fitted good scores (as the model states
         it), the fused score must catch no fewer of the probe's synthetic defects than the patch score alone, and
         raise no more false alarms on the held-out good images, as they are and drifted (`selection.drifted`: the
-        light and camera drift of a line), each beyond two standard errors of the paired difference (both scores
-        judge the same images: `selection.paired_excess`). A default is dropped on a cost shown, not on noise: one
-        standard error of a recall near 1 is one or two defects of 128. The held-out images' own patches and
+        light and camera drift of a line), each within one standard error. The held-out images' own patches and
         regions are left out of the models that score them (`held_out`: the region model without them)."""
         if self.probe is None:
             return {"chosen": "off", "reason": "too few training images for the probe"}
@@ -466,27 +461,23 @@ class PatchCore(Detector):
             self.index, self.fusion = fitted, fusion
         residuals = held_out.residuals(probed.regions)
         fused_probed = self._fused(patch_probed, self._region_z(residuals))
-        count = len(self.probe.defective)
-        (alone, caught_alone, alarms_alone), (both, caught_both, alarms_both) = (
-            self._probe_evidence(patch, patch_probed, count), self._probe_evidence(fused, fused_probed, count))
-        recall_cost, recall_shown = paired_excess(caught_alone, caught_both)
-        alarm_cost, alarm_shown = paired_excess(alarms_both, alarms_alone)
-        return {"chosen": "off" if recall_shown or alarm_shown else "on", "rule": GLOBAL_VIEW_RULE,
-                "recall_cost": recall_cost, "false_alarm_cost": alarm_cost, "synthetic_images": count,
-                "held_out_images": len(held), "drifted_images": len(self.probe.drifted),
+        count, goods = len(self.probe.defective), len(probed) - len(self.probe.defective)
+        alone, both = self._probe_evidence(patch, patch_probed, count), self._probe_evidence(fused, fused_probed, count)
+        recall_cost = alone["recall_at_1pct"] - both["recall_at_1pct"]
+        alarm_cost = both["false_alarms"] - alone["false_alarms"]
+        keep = (recall_cost <= noise(alone["recall_at_1pct"], count)
+                and alarm_cost <= noise(alone["false_alarms"], goods))
+        return {"chosen": "on" if keep else "off", "recall_cost": recall_cost, "false_alarm_cost": alarm_cost,
+                "synthetic_images": count, "held_out_images": len(held), "drifted_images": len(self.probe.drifted),
                 "evidence": {"patch view": alone, "patch + global view": both}}
 
     @staticmethod
-    def _probe_evidence(good: torch.Tensor, probed: torch.Tensor, count: int
-                        ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-        """(recall on the probe's first `count` images, its synthetic defects, and false alarms on the rest, good
-        images, with the mean margin; which defects are caught; which good images are flagged) at the 1% threshold
-        calibrated on `good` (cross-fitted good scores)."""
+    def _probe_evidence(good: torch.Tensor, probed: torch.Tensor, count: int) -> dict[str, float]:
+        """Recall on the probe's first `count` (synthetic defects) and false alarms on the rest (good), at the 1%
+        threshold calibrated on `good` (cross-fitted good scores)."""
         good, probed = good.numpy(), probed.numpy()
         threshold = false_alarm_cut(good, TAIL_RATE)
-        caught, alarms = probed[:count] >= threshold, probed[count:] >= threshold
-        evidence = {**separation(good, probed[:count], threshold), "false_alarms": float(alarms.mean())}
-        return evidence, caught, alarms
+        return {**separation(good, probed[:count], threshold), "false_alarms": false_alarms(good, probed[count:], threshold)}
 
     def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor, scored: torch.Tensor | None = None
                        ) -> torch.Tensor:

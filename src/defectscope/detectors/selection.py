@@ -1,5 +1,5 @@
 """Evidence from good images alone for choices made per product: held-out good images with synthetic defects
-pasted in (`data.defects`), how well scores separate them, the one-standard-error rule, and a paired test of a cost.
+pasted in (`data.defects`), how well scores separate them, and the one-standard-error rule.
 
 The frame search (`frame_search.py`) and PatchCore's global view (`patchcore.PatchCore.choose_global_view`)
 judge their candidates on the same probe by the same rule.
@@ -80,16 +80,9 @@ def separation(good: np.ndarray, defective: np.ndarray, threshold: float | None 
     return {"recall_at_1pct": float((defective >= cut).mean()), "mean_margin_sd": float(margins.mean())}
 
 
-COST_Z = 2.0  # a paired cost counts when it exceeds two of its standard errors (about a one-sided 2.5% test)
-
-
-def paired_excess(first: np.ndarray, second: np.ndarray) -> tuple[float, bool]:
-    """(the share of items flagged by `first` minus the share flagged by `second`, whether that exceeds COST_Z
-    standard errors): both flag the same items, so only the discordant ones vary (McNemar's variance)."""
-    first, second = np.asarray(first, bool), np.asarray(second, bool)
-    net = int((first & ~second).sum()) - int((second & ~first).sum())
-    discordant = int((first != second).sum())
-    return net / len(first), net > COST_Z * math.sqrt(max(discordant - net * net / len(first), 0.0))
+def false_alarms(good: np.ndarray, other_good: np.ndarray, threshold: float | None = None) -> float:
+    """The share of good images (held out, drifted) at or above `threshold` (default as in `separation`)."""
+    return separation(good, other_good, threshold)["recall_at_1pct"]
 
 
 def noise(recall: float, count: int) -> float:
