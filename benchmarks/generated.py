@@ -186,4 +186,8 @@ def write_generated(name: str, root: Path, seed: int = 0) -> Path:
         folder = write_logical_parts(base, seed=seed)
     else:
         raise ValueError(f"unknown generated category {name!r}; choose one of {', '.join(CATEGORIES)}")
-    return folder.rename(root / f"{name}-seed{seed}") if seed else folder
+    if not seed:
+        return folder
+    folder = folder.rename(root / f"{name}-seed{seed}")
+    base.rmdir()  # the draw's scratch folder, empty once its category moved out
+    return folder

@@ -36,5 +36,6 @@ def test_a_generated_category_is_named_by_what_it_is(tmp_path: Path) -> None:
         "good", "missing", "swapped", "extra"}
     again = write_generated("logical-parts", tmp_path, seed=2)  # another draw beside it, named apart
     assert again.name == "logical-parts-seed2" and logical.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logical-parts", "logical-parts-seed2"]  # nothing left over
     first = "train/good/000.png"
     assert (again / first).read_bytes() != (logical / first).read_bytes()
