@@ -13,7 +13,8 @@ batch 1 and batched (the model's own batch size: 16 images for PatchCore, 32 for
 are produced in the model frame. At the model's own threshold (from good images only): the
 false-alarm rate on the good test images, the recall on the defective ones, and the calibration bias
 (mean cross-fitted good score minus mean good test score, in units of the good test scores' standard
-deviation). Writes JSON and Markdown.
+deviation). The frame and global-view columns say what each fit chose (PatchCore's search and its
+"auto" global view) or was given. Writes JSON and Markdown.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from generated import CATEGORIES, write_generated  # noqa: E402  (benchmarks/gen
 from isolated import keep_other_rows, run_isolated, runs_note, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
 
 COLUMNS = (
-    ("category", "category", "{}"), ("model", "model", "{}"), ("image_auroc", "image AUROC", "{:.3f}"),
+    ("category", "category", "{}"), ("model", "model", "{}"), ("frame", "frame", "{}"), ("global_view", "global view", "{}"),
+    ("image_auroc", "image AUROC", "{:.3f}"),
     ("pixel_auroc", "pixel AUROC", "{:.3f}"), ("aupro", "AUPRO", "{:.3f}"), ("image_f1_max", "image F1-max", "{:.3f}"),
     ("stated_far", "stated FAR", "{:.1%}"), ("test_far", "FAR on good test", "{:.1%}"), ("recall", "recall", "{:.3f}"),
     ("test_far_5", "FAR on good test at 5%", "{:.1%}"), ("recall_5", "recall at 5%", "{:.3f}"),
@@ -75,10 +77,11 @@ def measure(folder: Path, model: str, settings: dict) -> dict:
         read_image(path)
     decode = (time.perf_counter() - start) / len(single) * 1000
     config = detector.config
-    frame = f"{config.image_size}/{config.crop} s{getattr(config, 'patch_stride', '')}".rstrip(" s")
+    frame = f"{config.image_size}{f'/{config.crop}' if config.crop else ''} s{getattr(config, 'patch_stride', '')}".rstrip(" s")
     return {
         "category": folder.name, "model": model, "settings": settings, "frame": frame,
-        "frame_choice": detector.train_summary.get("frame_choice"),
+        "frame_choice": detector.train_summary.get("frame_choice"), "global_view": getattr(config, "global_view", None),
+        "global_view_choice": detector.train_summary.get("global_view_choice"),
         **{k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")},
         "threshold": decisions.get("threshold"), "stated_far": decisions.get("stated_false_alarm_rate"),
         "stated_interval": decisions.get("stated_interval"), "test_far": decisions.get("false_alarm_rate"),

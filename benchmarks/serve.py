@@ -46,6 +46,12 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """The process's CPU time so far (user + system, all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(model: Path, port: int, extra: list[str]) -> subprocess.Popen:
     command = [str(Path(sys.executable).with_name("defectscope")), "--quiet", "serve", str(model), "--port", str(port), *extra]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -144,8 +150,12 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}/v1/models/{served.stem}/inspect"
         try:
             for clients in (1, 4, 16):
+                cpu, start = cpu_seconds(server.pid), time.perf_counter()
                 result = asyncio.run(load(url, images, clients, args.requests, args.limit))
+                cpu, elapsed = cpu_seconds(server.pid) - cpu, time.perf_counter() - start
                 rows.append({"engine": engine, "setting": label, "clients": clients, **result,
+                             "server_cpu_pct": cpu / elapsed * 100,
+                             "server_cpu_ms_per_image": cpu / max(1, result["requests"] - result["errors"]) * 1000,
                              "share_of_library": result["images_per_s"] / reference, "server_peak_mb": rss_mb(server.pid, "VmHWM")})
                 print(rows[-1], flush=True)
             if engine == "torch" and label.startswith("dynamic") and args.soak:
@@ -155,14 +165,19 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=30)
     header = ("| engine | setting | clients | requests | errors | images/s | share of library batched | p50 ms | p95 ms "
-              "| p99 ms | server peak MB |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+              "| p99 ms | server CPU % | server CPU ms/image | server peak MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     table = header + "".join(
         f"| {r['engine']} | {r['setting']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['images_per_s']:.1f} | "
-        f"{r['share_of_library']:.0%} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['server_peak_mb']:.0f} |\n"
+        f"{r['share_of_library']:.0%} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
+        f"{r['server_cpu_pct']:.0f} | {r['server_cpu_ms_per_image']:.0f} | {r['server_peak_mb']:.0f} |\n"
         for r in rows)
     p99 = {r["engine"]: r["p99_ms"] for r in rows if r["clients"] == 16 and r["setting"] == "dynamic batching (5 ms)"}
     table += "".join(f"\np99 at 16 clients, {engine} against the model file: {p99['torch'] / value:.2f}x lower.\n"
                      for engine, value in p99.items() if engine != "torch")
+    cores = len(os.sched_getaffinity(0))
+    table += "".join(f"\nAt 16 clients the {r['engine']} server spends {r['server_cpu_ms_per_image']:.0f} ms of CPU an image "
+                     f"(decode, frame, model, HTTP): {cores} cores serve at most {cores * 1000 / r['server_cpu_ms_per_image']:.1f} "
+                     "images/s.\n" for r in rows if r["clients"] == 16 and r["setting"] == "dynamic batching (5 ms)")
     rate = {r["setting"]: r["images_per_s"] for r in rows if r["clients"] == 16 and r["engine"] == "torch"}
     without, with_audit = rate["dynamic batching (5 ms), no audit trail"], rate["dynamic batching (5 ms)"]
     table += (f"\nThe audit trail at 16 clients: {with_audit:.1f} images/s with it, {without:.1f} without: it changes the "

@@ -21,7 +21,7 @@ def test_benchmark_runs_on_a_generated_category(demo_root: Path, tmp_path: Path)
     for row in (padim, knn):
         assert row["fit_s"] > 0 and row["ms_batched"] > 0 and row["ms_batch1"] > 0 and row["peak_mb"] > 100
     table = (tmp_path / f"mvtec-{demo_root.name}.md").read_text()
-    assert "| part | padim |" in table and "| part | knn |" in table and "| n/a |" in table
+    assert "| part | padim | 128 | n/a |" in table and "| part | knn | 128 | n/a |" in table  # the frame; no global view
 
 
 def test_a_generated_category_is_named_by_what_it_is(tmp_path: Path) -> None:
