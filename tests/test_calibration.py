@@ -244,6 +244,11 @@ def test_the_frame_search_choice_is_recorded_and_restored(demo_root: Path, tmp_p
     frame = CANDIDATES[choice["chosen"]]
     assert set(choice["candidates"]) == set(CANDIDATES) and choice["synthetic_images"] > 0
     assert all(0 <= c["recall_at_1pct"] <= 1 for c in choice["candidates"].values())
+    assert choice["chosen"] not in choice["within_noise"] and set(choice["within_noise"]) < set(CANDIDATES)
+    if choice["within_noise"]:  # a near tie is said, with the frames it was near
+        assert "near tie" in fitted.out and all(name in fitted.out for name in choice["within_noise"])
+    else:
+        assert "near tie" not in fitted.out
     loaded = load_model(out)  # the chosen frame is the model's config, and the evidence travels with it
     assert {k: getattr(loaded.config, k) for k in frame} == frame
     assert loaded.train_summary["frame_choice"] == choice

@@ -49,11 +49,12 @@ def patches_per_image(name: str) -> int:
 RULE = "the cheapest candidate whose recall is within one standard error of the best (then the larger margin)"
 
 
-def _cheapest_near_best(evidence: dict[str, dict[str, float]], count: int) -> str:
-    """The one-standard-error rule: a costlier frame must beat the cheapest by more than the measurement's noise."""
+def near_best(evidence: dict[str, dict[str, float]], count: int) -> list[str]:
+    """The candidates whose recall is within one standard error of the best, cheapest first (then the larger margin):
+    the one-standard-error rule chooses the first, since a costlier frame must beat it by more than the noise."""
     best = max(entry["recall_at_1pct"] for entry in evidence.values())
     near = [name for name, entry in evidence.items() if entry["recall_at_1pct"] >= best - noise(best, count)]
-    return min(near, key=lambda name: (patches_per_image(name), -evidence[name]["mean_margin_sd"]))
+    return sorted(near, key=lambda name: (patches_per_image(name), -evidence[name]["mean_margin_sd"]))
 
 
 @dataclass
@@ -95,11 +96,11 @@ def choose_frame(images: Sequence[Any], config: PatchCoreConfig, backbone: Backb
         scores = detector.score_features(probed)[0].float().numpy()
         evidence[name] = {**separation(scores[:held], scores[held:]), "seconds": time.perf_counter() - start}
         progress(1)
-    chosen = _cheapest_near_best(evidence, len(probe.defective))
+    chosen, *tied = near_best(evidence, len(probe.defective))
     finest, _, probed, preprocess = embedded[_frame_key(chosen)]
     return FrameChoice(frame_settings(chosen, config), {
         "chosen": chosen, "rule": RULE, "fit_images": len(fit), "held_out_images": held,
-        "synthetic_images": len(probe.defective), "candidates": evidence},
+        "synthetic_images": len(probe.defective), "candidates": evidence, "within_noise": tied},
         probe, probed[held:].coarsened(CANDIDATES[chosen]["patch_stride"] // finest), preprocess)
 
 
