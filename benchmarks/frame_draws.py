@@ -27,6 +27,11 @@ from defectscope.detectors.frame_search import CANDIDATES, choose_frame
 from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig
 
 
+COLUMNS = (("category", "category", "{}"), ("seed", "seed", "{}"), ("chosen", "chosen", "{}"),
+           ("near_tie", "within the noise, at more cost", "{}"),
+           *((name, f"{name}: caught", "{}") for name in CANDIDATES))
+
+
 def draws(folder: Path, seeds: list[int]) -> list[dict]:
     """The search on one category's good training images at each seed."""
     images = [sample.path for sample in load_dataset(folder).train]
@@ -41,11 +46,6 @@ def draws(folder: Path, seeds: list[int]) -> list[dict]:
                         for name, entry in evidence["candidates"].items()}})
         print(markdown_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
     return rows
-
-
-COLUMNS = (("category", "category", "{}"), ("seed", "seed", "{}"), ("chosen", "chosen", "{}"),
-           ("near_tie", "within the noise, at more cost", "{}"),
-           *((name, f"{name}: caught", "{}") for name in CANDIDATES))
 
 
 def main() -> None:
