@@ -28,7 +28,7 @@ from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig
 
 
 COLUMNS = (("category", "category", "{}"), ("seed", "seed", "{}"), ("chosen", "chosen", "{}"),
-           ("near_tie", "within the noise, at more cost", "{}"),
+           ("near_tie", "within the noise", "{}"),
            *((name, f"{name}: caught", "{}") for name in CANDIDATES))
 
 

@@ -1,14 +1,16 @@
-"""The frame search: its rule (a costlier frame must beat the cheapest by more than the measurement's noise), one
-embedding per resize and crop, and its probe handed to the global view's choice."""
+"""The frame search: its rule (the cheapest frame within the measurement's noise of the best, or the largest frame
+within the budget among them), one embedding per resize and crop, and its probe handed to the global view's choice."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from defectscope import load_dataset
+from defectscope.data.frame import Preprocess
 from defectscope.detectors.base import create_detector
 from defectscope.detectors.frame_search import CANDIDATES, frame_settings, near_best, patches_per_image
 from defectscope.detectors.patchcore import PatchCoreConfig, PatchFeatures, patch_embedding
@@ -17,18 +19,31 @@ from defectscope.experiments.kinds import attempt_config
 from defectscope.pipeline import fit_detector
 
 
-def _evidence(recalls: dict[str, float]) -> dict[str, dict[str, float]]:
-    return {name: {"recall_at_1pct": recall, "mean_margin_sd": 5.0} for name, recall in recalls.items()}
+def _evidence(recalls: dict[str, float], aspect: float = 1) -> dict[str, dict[str, float]]:
+    """Evidence as the search records it, for a product `aspect` times as long as it is wide."""
+    frames = {name: Preprocess(CANDIDATES[name]["image_size"], CANDIDATES[name]["crop"], aspect=aspect) for name in recalls}
+    return {name: {"recall_at_1pct": recall, "mean_margin_sd": 5.0, "input_pixels": math.prod(frames[name].input_shape)}
+            for name, recall in recalls.items()}
 
 
-def test_the_cheapest_frame_within_one_standard_error_wins() -> None:
+def test_the_cheapest_frame_within_one_standard_error_wins_unless_a_larger_one_ties_within_the_budget() -> None:
     costs = sorted(CANDIDATES, key=patches_per_image)
     assert costs[0] == "352/320 s16" and costs[-1] == "352/320 s8"
     near = _evidence({"288/256 s8": 0.96, "352/320 s8": 0.97, "352/320 s16": 0.955, "416/384 s16": 0.90})
-    # 0.955 and 0.96 are within one se (0.021) of 0.97: the cheapest of the three wins, the others are a near tie
+    # 0.955 and 0.96 are within one se (0.021) of 0.97, and no frame among them is larger than the cheapest's
     assert near_best(near, 64) == ["352/320 s16", "288/256 s8", "352/320 s8"]
     clear = _evidence({"288/256 s8": 0.80, "352/320 s8": 0.97, "352/320 s16": 0.70, "416/384 s16": 0.75})
     assert near_best(clear, 64) == ["352/320 s8"]  # only the costliest is near the best: no tie
+    saturated = {"288/256 s8": 0.96, "352/320 s8": 127 / 128, "352/320 s16": 127 / 128, "416/384 s16": 1.0}
+    # every candidate but 288/256 within one defect of the best: the largest frame, though costlier, wins the tie
+    assert near_best(_evidence(saturated), 128) == ["416/384 s16", "352/320 s16", "352/320 s8"]
+    assert near_best(_evidence(saturated, aspect=4 / 3), 128)[0] == "416/384 s16"  # a camera's 4:3 frame: 384 x 528
+    # on a 2:1 product 416/384's input holds twice the budget: the tie stays with the cheapest
+    assert near_best(_evidence(saturated, aspect=2), 128) == ["352/320 s16", "416/384 s16", "352/320 s8"]
+    smaller = _evidence({"288/256 s8": 0.97, "352/320 s8": 0.70, "352/320 s16": 0.97, "416/384 s16": 0.70}, aspect=2)
+    assert near_best(smaller, 64)[0] == "352/320 s16"  # a smaller frame within the budget is no reason to move
+    equal = _evidence({"288/256 s8": 0.97, "352/320 s8": 0.97, "352/320 s16": 0.70, "416/384 s16": 0.70})
+    assert near_best(equal, 64) == ["352/320 s8", "288/256 s8"]  # the larger frame, here the costlier grid
 
 
 def test_every_candidate_keeps_the_same_memory_per_image() -> None:

@@ -268,7 +268,7 @@ def fit(
         evidence = choice["candidates"][choice["chosen"]]
         say(f"frame {choice['chosen']} chosen from the good images alone: {evidence['recall_at_1pct']:.0%} of "
             f"{choice['synthetic_images']} synthetic defects above the held-out good scores' 1% tail ({len(choice['candidates'])} candidates; `info` lists them)"
-            + (f"; {', '.join(choice['within_noise'])} did as well within the probe's noise, at more cost (a near tie: "
+            + (f"; {', '.join(choice['within_noise'])} did as well within the probe's noise (a near tie: "
                "pin a frame with --image-size/--crop/--settings to decide it)" if choice.get("within_noise") else ""))
     view = fitted.detector.train_summary.get("global_view_choice")
     if view and "evidence" in view:

@@ -4,13 +4,18 @@ Each candidate frame (resize / crop / patch grid) is fitted on a seeded part of 
 and scores the held-out rest: as they are, and with each kind of synthetic defect pasted into each
 (`data.defects`: thin scratches, small spots, cut-paste patches, noise blobs, at the product's own
 scale; `selection.make_probe`). Each candidate's recall is the share of synthetic defects above the
-held-out good scores' 1% tail (a normal fit, mean + 2.33 sd). The cheapest candidate (fewest patches per image) whose recall is
-within one standard error of the best wins: a costlier frame must beat it by more than the
-measurement's noise. No defective image and no test label is used.
+held-out good scores' 1% tail (a normal fit, mean + 2.33 sd). Among the candidates whose recall is within one
+standard error of the best, the cheapest (fewest patches per image) wins, unless a larger frame is among them
+and its input holds at most FRAME_BUDGET pixels: then the largest such frame wins. A near tie says the probe
+cannot tell the frames apart (on easy products every candidate catches nearly all its synthetic defects),
+and a defect finer than the probe's is seen best at the larger frame; the budget keeps a tie from buying
+more than the largest candidate costs on a 4:3 image (a 2:1 product stays at the cheapest). No defective
+image and no test label is used.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -46,15 +51,23 @@ def patches_per_image(name: str) -> int:
     return (frame["crop"] // frame["patch_stride"]) ** 2
 
 
-RULE = "the cheapest candidate whose recall is within one standard error of the best (then the larger margin)"
+FRAME_BUDGET = math.prod(Preprocess(416, 384, aspect=4 / 3).input_shape)  # the largest candidate on a 4:3 image (a
+# camera's usual shape), 384 x 528 pixels: the most a near tie buys
+RULE = ("within one standard error of the best recall: the largest frame whose input holds at most 384 x 528 pixels "
+        "when it is larger than the cheapest candidate's, else the cheapest (fewest patches, then the larger margin)")
 
 
 def near_best(evidence: dict[str, dict[str, float]], count: int) -> list[str]:
-    """The candidates whose recall is within one standard error of the best, cheapest first (then the larger margin):
-    the one-standard-error rule chooses the first, since a costlier frame must beat it by more than the noise."""
+    """The candidates whose recall is within one standard error of the best, the chosen one first, then the rest
+    cheapest first (then the larger margin). The cheapest is chosen unless a larger frame within the budget is
+    among them (its `input_pixels`): then the largest such frame, at its cheapest patch grid."""
     best = max(entry["recall_at_1pct"] for entry in evidence.values())
-    near = [name for name, entry in evidence.items() if entry["recall_at_1pct"] >= best - noise(best, count)]
-    return sorted(near, key=lambda name: (patches_per_image(name), -evidence[name]["mean_margin_sd"]))
+    near = sorted((name for name, entry in evidence.items() if entry["recall_at_1pct"] >= best - noise(best, count)),
+                  key=lambda name: (patches_per_image(name), -evidence[name]["mean_margin_sd"]))
+    larger = [name for name in near if _frame_key(name) > _frame_key(near[0])
+              and evidence[name]["input_pixels"] <= FRAME_BUDGET]
+    chosen = max(larger, key=_frame_key, default=near[0])  # max keeps the first, cheapest, of equal frames
+    return [chosen, *(name for name in near if name != chosen)]
 
 
 @dataclass
@@ -94,7 +107,8 @@ def choose_frame(images: Sequence[Any], config: PatchCoreConfig, backbone: Backb
         fit_features, probed = (part.coarsened(detector.config.patch_stride // finest) for part in parts)
         detector.fit_features(fit_features)
         scores = detector.score_features(probed)[0].float().numpy()
-        evidence[name] = {**separation(scores[:held], scores[held:]), "seconds": time.perf_counter() - start}
+        evidence[name] = {**separation(scores[:held], scores[held:]), "input_pixels": math.prod(detector.preprocess.input_shape),
+                          "seconds": time.perf_counter() - start}
         progress(1)
     chosen, *tied = near_best(evidence, len(probe.defective))
     finest, _, probed, preprocess = embedded[_frame_key(chosen)]

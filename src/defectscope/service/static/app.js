@@ -223,7 +223,7 @@ function frameChoice(choice) {
   const evidence = choice.candidates[choice.chosen];
   return `${choice.chosen}: chosen from good images alone, ${(100 * evidence.recall_at_1pct).toFixed(0)}% of ` +
     `${choice.synthetic_images} synthetic defects above the held-out good scores' 1% tail` +
-    ((choice.within_noise || []).length ? `; ${choice.within_noise.join(", ")} did as well within the probe's noise, at more cost` : "");
+    ((choice.within_noise || []).length ? `; ${choice.within_noise.join(", ")} did as well within the probe's noise (a near tie)` : "");
 }
 
 async function loadCard() {
