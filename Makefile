@@ -14,7 +14,7 @@ demo: $(STAMP)
 	$(VENV)/bin/defectscope demo --out demo-output $(if $(DATA),--data $(DATA))
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/mvtec.py --root ../shared/datasets/mvtec_ad --categories bottle ../mvtec_3d_ad_rgb/tire --generate rotated-parts

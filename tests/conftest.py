@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -14,7 +15,11 @@ DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 BOTTLE = DATASETS / "mvtec_ad" / "bottle"
 TIRE = DATASETS / "mvtec_3d_ad_rgb" / "tire"
 
-torch.set_num_threads(2)
+# `make test` runs the suite in two processes (pytest-xdist, a file per worker at a time): each takes its share of
+# the cores, and so do the processes its tests start (the CLI, servers, Ray), which read OMP_NUM_THREADS
+THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -264,7 +264,8 @@ def test_pixel_limit_from_the_header(tmp_path: Path, cli, monkeypatch: pytest.Mo
 
 # 6. One bad image does not stop a batch --------------------------------------------------------
 
-def test_every_readable_image_is_scored(knn_model: Path, data: Path, tmp_path: Path, cli) -> None:
+def test_every_readable_image_is_scored(knn_model: Path, data: Path, tmp_path: Path, cli,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     good = data / "test" / "good" / "000.png"
     broken = tmp_path / "broken.png"
     broken.write_bytes(good.read_bytes()[:300])
@@ -276,6 +277,8 @@ def test_every_readable_image_is_scored(knn_model: Path, data: Path, tmp_path: P
     assert [r["verdict"] == "error" for r in rows] == [False, True, True, False]
     assert "truncated" in rows[1]["error"] or "corrupt" in rows[1]["error"]
     assert rows[0]["score"] is not None and rows[3]["score"] is not None
+    from defectscope.cli import console
+    monkeypatch.setattr(console, "width", 250)  # the table folds a long path: room for the temporary folder's whole
     table = cli("-q", "predict", knn_model, good, broken)
     assert table.code == 3 and "broken.png" in table.out and "error" in table.out
 

@@ -244,6 +244,8 @@ def test_the_frame_search_choice_is_recorded_and_restored(demo_root: Path, tmp_p
     frame = CANDIDATES[choice["chosen"]]
     assert set(choice["candidates"]) == set(CANDIDATES) and choice["synthetic_images"] > 0
     assert all(0 <= c["recall_at_1pct"] <= 1 for c in choice["candidates"].values())
+    # the demo's 128-px images are smaller than every candidate's frame: each enlarges them (a tie buys no larger frame)
+    assert all(c["enlarges"] and c["input_pixels"] == CANDIDATES[name]["crop"] ** 2 for name, c in choice["candidates"].items())
     assert choice["chosen"] not in choice["within_noise"] and set(choice["within_noise"]) < set(CANDIDATES)
     if choice["within_noise"]:  # a near tie is said, with the frames it was near
         assert "near tie" in fitted.out and all(name in fitted.out for name in choice["within_noise"])

@@ -19,14 +19,14 @@ from defectscope.experiments.kinds import attempt_config
 from defectscope.pipeline import fit_detector
 
 
-def _evidence(recalls: dict[str, float], aspect: float = 1) -> dict[str, dict[str, float]]:
-    """Evidence as the search records it, for a product `aspect` times as long as it is wide."""
+def _evidence(recalls: dict[str, float], aspect: float = 1, short_side: int = 900) -> dict[str, dict[str, float]]:
+    """Evidence as the search records it, for images `short_side` px across and `aspect` times as long as wide."""
     frames = {name: Preprocess(CANDIDATES[name]["image_size"], CANDIDATES[name]["crop"], aspect=aspect) for name in recalls}
-    return {name: {"recall_at_1pct": recall, "mean_margin_sd": 5.0, "input_pixels": math.prod(frames[name].input_shape)}
-            for name, recall in recalls.items()}
+    return {name: {"recall_at_1pct": recall, "mean_margin_sd": 5.0, "input_pixels": math.prod(frames[name].input_shape),
+                   "enlarges": CANDIDATES[name]["image_size"] > short_side} for name, recall in recalls.items()}
 
 
-def test_the_cheapest_frame_within_one_standard_error_wins_unless_a_larger_one_ties_within_the_budget() -> None:
+def test_the_cheapest_frame_within_one_standard_error_wins_unless_a_larger_one_ties_within_the_images_and_budget() -> None:
     costs = sorted(CANDIDATES, key=patches_per_image)
     assert costs[0] == "352/320 s16" and costs[-1] == "352/320 s8"
     near = _evidence({"288/256 s8": 0.96, "352/320 s8": 0.97, "352/320 s16": 0.955, "416/384 s16": 0.90})
@@ -38,6 +38,8 @@ def test_the_cheapest_frame_within_one_standard_error_wins_unless_a_larger_one_t
     # every candidate but 288/256 within one defect of the best: the largest frame, though costlier, wins the tie
     assert near_best(_evidence(saturated), 128) == ["416/384 s16", "352/320 s16", "352/320 s8"]
     assert near_best(_evidence(saturated, aspect=4 / 3), 128)[0] == "416/384 s16"  # a camera's 4:3 frame: 384 x 528
+    # images 400 px across hold no detail a 416-px frame could add: the tie stays with the cheapest
+    assert near_best(_evidence(saturated, short_side=400), 128) == ["352/320 s16", "416/384 s16", "352/320 s8"]
     # on a 2:1 product 416/384's input holds twice the budget: the tie stays with the cheapest
     assert near_best(_evidence(saturated, aspect=2), 128) == ["352/320 s16", "416/384 s16", "352/320 s8"]
     smaller = _evidence({"288/256 s8": 0.97, "352/320 s8": 0.70, "352/320 s16": 0.97, "416/384 s16": 0.70}, aspect=2)

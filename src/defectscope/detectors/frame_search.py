@@ -6,11 +6,11 @@ and scores the held-out rest: as they are, and with each kind of synthetic defec
 scale; `selection.make_probe`). Each candidate's recall is the share of synthetic defects above the
 held-out good scores' 1% tail (a normal fit, mean + 2.33 sd). Among the candidates whose recall is within one
 standard error of the best, the cheapest (fewest patches per image) wins, unless a larger frame is among them
-and its input holds at most FRAME_BUDGET pixels: then the largest such frame wins. A near tie says the probe
-cannot tell the frames apart (on easy products every candidate catches nearly all its synthetic defects),
-and a defect finer than the probe's is seen best at the larger frame; the budget keeps a tie from buying
-more than the largest candidate costs on a 4:3 image (a 2:1 product stays at the cheapest). No defective
-image and no test label is used.
+that enlarges no image and whose input holds at most FRAME_BUDGET pixels: then the largest such frame wins.
+A near tie says the probe cannot tell the frames apart (on easy products every candidate catches nearly all
+its synthetic defects), and a defect finer than the probe's is seen best at the larger frame, if the images
+hold that detail (a frame larger than the images adds none); the budget keeps a tie from buying more than
+the largest candidate costs on a 4:3 image. No defective image and no test label is used.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from defectscope.backbones import Backbone
+from defectscope.data.decode import image_size
 from defectscope.data.frame import Preprocess
 from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig, PatchFeatures
 from defectscope.data.defects import KINDS
@@ -53,18 +56,20 @@ def patches_per_image(name: str) -> int:
 
 FRAME_BUDGET = math.prod(Preprocess(416, 384, aspect=4 / 3).input_shape)  # the largest candidate on a 4:3 image (a
 # camera's usual shape), 384 x 528 pixels: the most a near tie buys
-RULE = ("within one standard error of the best recall: the largest frame whose input holds at most 384 x 528 pixels "
-        "when it is larger than the cheapest candidate's, else the cheapest (fewest patches, then the larger margin)")
+RULE = ("within one standard error of the best recall: the largest frame that enlarges no image and holds at most "
+        "384 x 528 pixels, when it is larger than the cheapest candidate's; else the cheapest (fewest patches, then the "
+        "larger margin)")
 
 
 def near_best(evidence: dict[str, dict[str, float]], count: int) -> list[str]:
     """The candidates whose recall is within one standard error of the best, the chosen one first, then the rest
-    cheapest first (then the larger margin). The cheapest is chosen unless a larger frame within the budget is
-    among them (its `input_pixels`): then the largest such frame, at its cheapest patch grid."""
+    cheapest first (then the larger margin). The cheapest is chosen unless a larger frame is among them that
+    enlarges no image (`enlarges`) and fits the budget (`input_pixels`): then the largest such frame, at its
+    cheapest patch grid."""
     best = max(entry["recall_at_1pct"] for entry in evidence.values())
     near = sorted((name for name, entry in evidence.items() if entry["recall_at_1pct"] >= best - noise(best, count)),
                   key=lambda name: (patches_per_image(name), -evidence[name]["mean_margin_sd"]))
-    larger = [name for name in near if _frame_key(name) > _frame_key(near[0])
+    larger = [name for name in near if _frame_key(name) > _frame_key(near[0]) and not evidence[name]["enlarges"]
               and evidence[name]["input_pixels"] <= FRAME_BUDGET]
     chosen = max(larger, key=_frame_key, default=near[0])  # max keeps the first, cheapest, of equal frames
     return [chosen, *(name for name in near if name != chosen)]
@@ -92,6 +97,7 @@ def choose_frame(images: Sequence[Any], config: PatchCoreConfig, backbone: Backb
         return FrameChoice({}, {"chosen": None, "reason": f"{len(images)} training images; the search needs more"})
     held = len(probe.good)
     fit = [images[i] for i in probe.order[held : held + FIT_IMAGES]]
+    short_side = float(np.median([min(image_size(image)) for image in images]))  # headers only
     evidence, embedded = {}, {}
     for name in CANDIDATES:
         start = time.perf_counter()
@@ -108,7 +114,7 @@ def choose_frame(images: Sequence[Any], config: PatchCoreConfig, backbone: Backb
         detector.fit_features(fit_features)
         scores = detector.score_features(probed)[0].float().numpy()
         evidence[name] = {**separation(scores[:held], scores[held:]), "input_pixels": math.prod(detector.preprocess.input_shape),
-                          "seconds": time.perf_counter() - start}
+                          "enlarges": CANDIDATES[name]["image_size"] > short_side, "seconds": time.perf_counter() - start}
         progress(1)
     chosen, *tied = near_best(evidence, len(probe.defective))
     finest, _, probed, preprocess = embedded[_frame_key(chosen)]
