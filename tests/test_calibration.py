@@ -241,6 +241,8 @@ def test_the_frame_search_choice_is_recorded_and_restored(demo_root: Path, tmp_p
     fitted = cli("fit", demo_root, "-o", out)
     assert fitted.code == 0 and "global view " in fitted.out  # both choices are said
     choice = model_info(out)["train_summary"]["frame_choice"]
+    view = model_info(out)["train_summary"]["global_view_choice"]  # its cost said with the sign of the change it makes
+    assert f"the synthetic defects caught change by {-view['recall_cost']:+.0%} " in fitted.out
     frame = CANDIDATES[choice["chosen"]]
     assert set(choice["candidates"]) == set(CANDIDATES) and choice["synthetic_images"] > 0
     assert all(0 <= c["recall_at_1pct"] <= 1 for c in choice["candidates"].values())

@@ -272,8 +272,9 @@ def fit(
                "pin a frame with --image-size/--crop/--settings to decide it)" if choice.get("within_noise") else ""))
     view = fitted.detector.train_summary.get("global_view_choice")
     if view and "evidence" in view:
-        say(f"global view {view['chosen']}: it costs {view['recall_cost']:+.0%} of the synthetic defects caught and "
-            f"{view['false_alarm_cost']:+.0%} false alarms on held-out and drifted good images (`info` has the evidence)")
+        say(f"global view {view['chosen']}: with it, the synthetic defects caught change by {-view['recall_cost']:+.0%} "
+            f"and the false alarms on held-out and drifted good images by {view['false_alarm_cost']:+.0%} (`info` has the "
+            "evidence)")
     say(f"{calibration.describe()}, from {report.calibration_images} cross-fitted good scores")
     if calibration.warning:
         warn(calibration.warning)
