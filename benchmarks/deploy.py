@@ -2,8 +2,7 @@
 
     python benchmarks/deploy.py --data ../shared/datasets/mvtec_ad/bottle --generate gray-large uniform-texture
 
-Fits PatchCore and PaDiM (default settings), exports each to ONNX and OpenVINO IR (float32, and
-bfloat16: `export model --precision bf16`), and builds
+Fits PatchCore and PaDiM (default settings), exports each to ONNX and OpenVINO IR, and builds
 one fresh virtual environment per runtime with only what the runtime needs (defectscope without
 its dependencies, the engine, NumPy, Pillow, safetensors: no torch, no OpenCV, no pip). Every (model, engine)
 then runs in its own process (the runtimes inside their torch-free environments) on the test
@@ -30,10 +29,9 @@ import numpy as np
 from isolated import markdown_table, write_results  # noqa: I001  (benchmarks/isolated.py, beside this script)
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIME_PACKAGES = {"onnxruntime": ["onnxruntime"], "openvino": ["openvino"], "openvino-bf16": ["openvino"]}
+RUNTIME_PACKAGES = {"onnxruntime": ["onnxruntime"], "openvino": ["openvino"]}
 COMMON_PACKAGES = ["numpy", "pillow", "safetensors"]
-FORMATS = {"onnxruntime": ("onnx", "f32"), "openvino": ("openvino", "f32"),  # engine -> export format, precision
-           "openvino-bf16": ("openvino", "bf16")}
+FORMATS = {"onnxruntime": "onnx", "openvino": "openvino"}
 GENERATED_TRAIN, GENERATED_TEST = 60, 40
 REPEATS = 3
 COLUMNS = (("data", "data", "{}"), ("model", "model", "{}"), ("engine", "engine", "{}"), ("ms_batch1", "ms/img batch 1", "{:.1f}"),
@@ -98,8 +96,7 @@ def prepare(data: Path, model: str, folder: Path, engines: list[str]) -> dict:
     model_path = folder / f"{data.name}-{model}.dsmodel"
     fit_model(data, model, {}, model_path)
     exports = {engine: [str(p) for p in export_model(model_path, folder / f"{data.name}-{model}-{engine}.dsdeploy",
-                                                      FORMATS[engine][0], precision=FORMATS[engine][1])]
-               for engine in engines}
+                                                      FORMATS[engine])] for engine in engines}
     return {"model": str(model_path), "exports": exports}
 
 
@@ -165,7 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/mvtec_ad/bottle"))
     parser.add_argument("--models", nargs="+", default=["patchcore", "padim"])
-    parser.add_argument("--engines", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    parser.add_argument("--engines", nargs="+", default=["onnxruntime", "openvino"])
     parser.add_argument("--generate", nargs="*", default=[], metavar="KIND", help="kinds of benchmarks/generated.py")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--single", nargs=2, metavar=("MODEL", "ENGINE"), help=argparse.SUPPRESS)
