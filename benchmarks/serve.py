@@ -4,11 +4,10 @@ batching.
     python benchmarks/serve.py --data ../shared/datasets/mvtec_ad/bottle
 
 Fits PatchCore on the category (or takes --model), measures the library's own batched images/s,
-exports the model for each engine of --engines (onnxruntime, OpenVINO in float32 and in bfloat16),
-then starts the server in a subprocess for each engine and setting and sends the category's test
-images from 1, 4 and 16 concurrent clients: a fixed number of requests per run, each run stopped
-after --limit seconds at most. Ends with a soak at 16 clients on the model file, sampling the
-server's resident memory.
+exports the model for each engine of --engines (onnxruntime, OpenVINO), then starts the server in a
+subprocess for each engine and setting and sends the category's test images from 1, 4 and 16
+concurrent clients: a fixed number of requests per run, each run stopped after --limit seconds at
+most. Ends with a soak at 16 clients on the model file, sampling the server's resident memory.
 Writes benchmarks/results/serve.json and serve.md.
 """
 
@@ -37,8 +36,7 @@ from defectscope.pipeline import fit_detector
 BATCHING = ["--batch-wait-ms", "5"]
 SETTINGS = {"dynamic batching (5 ms)": BATCHING,  # for the model file; the audit trail is on unless said
             "dynamic batching (5 ms), no audit trail": [*BATCHING, "--no-audit"], "no batching": ["--max-batch", "1"]}
-ENGINES = {"onnx": ("onnx", "f32", "onnxruntime"), "openvino": ("openvino", "f32", "openvino"),  # name -> export
-           "openvino-bf16": ("openvino", "bf16", "openvino bf16")}  # format, precision, engine as the table names it
+ENGINES = {"onnx": "onnxruntime", "openvino": "openvino"}  # export format -> engine
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -127,8 +125,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=160, help="Requests per run.")
     parser.add_argument("--limit", type=float, default=120, help="Seconds a run may take at most.")
     parser.add_argument("--soak", type=float, default=120, help="Seconds of the memory soak (0: none).")
-    parser.add_argument("--engines", default=",".join(ENGINES), help=f"Exports to serve beside the model file, of "
-                        f"{', '.join(ENGINES)} (comma-separated; empty: the model file only).")
+    parser.add_argument("--engines", default="onnx,openvino", help="Export formats to serve beside the model file "
+                        "(comma-separated; empty: the model file only).")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     dataset = load_dataset(args.data)
@@ -140,11 +138,9 @@ def main() -> None:
     reference = library_rate(model, paths)
     images = [(p.name, p.read_bytes()) for p in paths]
     runs = [("torch", label, model, extra) for label, extra in SETTINGS.items()]
-    for name in filter(None, args.engines.split(",")):
-        file_format, precision, engine = ENGINES[name]
-        exported = export_model(model, Path(scratch.name) / f"{model.stem}-{name}.dsdeploy", file_format,
-                                precision=precision)[0]
-        runs.insert(len(runs) - 1, (engine, "dynamic batching (5 ms)", exported, BATCHING))
+    for file_format in filter(None, args.engines.split(",")):
+        exported = export_model(model, Path(scratch.name) / f"{model.stem}-{file_format}.dsdeploy", file_format)[0]
+        runs.insert(len(runs) - 1, (ENGINES[file_format], "dynamic batching (5 ms)", exported, BATCHING))
     rows, memory = [], {}
     for engine, label, served, extra in runs:
         with socket.socket() as s:

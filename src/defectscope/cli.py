@@ -660,13 +660,11 @@ def export_model_command(
     model: Annotated[Path, typer.Argument(help="Model file from `defectscope fit`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Deployment file to write (.dsdeploy); the graph goes beside it.")],
     file_format: Annotated[str, typer.Option("--format", help="onnx (onnxruntime) or openvino (OpenVINO IR).")] = "onnx",
-    precision: Annotated[str, typer.Option(help="f32, or bf16 with --format openvino: bfloat16 where the CPU has it "
-                                                "(AVX-512 BF16, AMX), faster, scores within a few percent.")] = "f32",
     force: ForceOption = False,
 ) -> None:
     """Export a model for the torch-free runtime, checked against the PyTorch model before anything is written."""
     from defectscope.deployment import export_model
-    written = export_model(model, out, file_format, force=force, precision=precision)
+    written = export_model(model, out, file_format, force=force)
     say(f"wrote {', '.join(str(path) for path in written)}; run it with: python -m defectscope.runtime {written[0]} IMAGES...")
 
 

@@ -32,7 +32,6 @@ from defectscope.runtime import (
     ENGINES,
     INPUT_NAME,
     OUTPUT_NAMES,
-    PRECISIONS,
     DeployedModel,
     graph_files,
     is_deployment,
@@ -41,10 +40,7 @@ from defectscope.runtime import (
 OPSET = 17
 GRAPH_SUFFIXES = {"onnx": (".onnx",), "openvino": (".xml", ".bin")}
 PROBE_IMAGES = 3
-PARITY_RTOL = {  # inference precision -> the relative score difference an export keeps from the PyTorch model
-    "f32": 1e-4,
-    "bf16": 0.05,  # OpenVINO only: bfloat16 keeps 8 significant bits, a few percent after the backbone and the search
-}
+PARITY_RTOL = 1e-4  # exported scores agree with the PyTorch model's within this relative difference
 
 
 class InferenceGraph(nn.Module):
@@ -99,15 +95,14 @@ def _probe_images(model: MapModel) -> list[np.ndarray]:
     return images
 
 
-def check_parity(model: MapModel, deployed: DeployedModel, precision: str = "f32") -> float:
-    """The largest relative score difference between the PyTorch model and its export on probe images; raises above
-    the precision's PARITY_RTOL."""
+def check_parity(model: MapModel, deployed: DeployedModel) -> float:
+    """The largest relative score difference between the PyTorch model and its export on probe images; raises above PARITY_RTOL."""
     probes = _probe_images(model)
     expected, got = model.predict(probes, map_size="input"), deployed.predict(probes, map_size="input")
     difference = float(np.max(np.abs(got.scores - expected.scores) / np.maximum(np.abs(expected.scores), 1e-12)))
-    if not difference <= PARITY_RTOL[precision]:
+    if not difference <= PARITY_RTOL:
         raise DefectscopeError(f"the exported graph disagrees with the model (relative score difference {difference:.2g} "
-                               f"> {PARITY_RTOL[precision]:g}); nothing was written")
+                               f"> {PARITY_RTOL:g}); nothing was written")
     return difference
 
 
@@ -128,12 +123,8 @@ def _our_graph_files(out: Path) -> set[Path]:
             and file_sha256(out.parent / name) == digest}
 
 
-def export_model(model_path: str | Path, out: str | Path, file_format: str = "onnx", force: bool = False,
-                 precision: str = "f32") -> list[Path]:
+def export_model(model_path: str | Path, out: str | Path, file_format: str = "onnx", force: bool = False) -> list[Path]:
     """Write `out` (a .dsdeploy file) and its graph beside it, after checking the export against the model.
-
-    `precision` "bf16" (OpenVINO only) runs the graph in bfloat16 where the CPU has it (AVX-512 BF16, AMX),
-    about 1.6x faster, with scores within PARITY_RTOL["bf16"] of the model's (the check measures it).
 
     Returns the files written. An existing file is replaced only when the deployment file already at
     `out` wrote it (its recorded sha256 still matches) or with `force`; the graph files of that earlier
@@ -142,9 +133,6 @@ def export_model(model_path: str | Path, out: str | Path, file_format: str = "on
     model_path, out = Path(model_path), Path(out)
     if file_format not in ENGINES:
         raise DefectscopeError(f"unknown export format {file_format!r}; choose one of: {', '.join(ENGINES)}")
-    if precision not in PRECISIONS[ENGINES[file_format]]:
-        raise DefectscopeError(f"{ENGINES[file_format]} runs precision {' or '.join(PRECISIONS[ENGINES[file_format]])}, "
-                               f"not {precision!r:.20}" + ("; bf16 needs --format openvino" if precision == "bf16" else ""))
     if out.suffix != DEPLOYMENT_SUFFIX:
         raise DefectscopeError(f"the output must be a {DEPLOYMENT_SUFFIX} file (its graph is written beside it), got {out}")
     targets = [out.with_suffix(suffix) for suffix in GRAPH_SUFFIXES[file_format]]
@@ -166,14 +154,13 @@ def export_model(model_path: str | Path, out: str | Path, file_format: str = "on
             "model": manifest_of(model),
             "source": {"file": model_path.name, "sha256": file_sha256(model_path)},
             "graph": {"files": [{"file": path.name, "sha256": file_sha256(path)} for path in staged],
-                      "engine": ENGINES[file_format], "opset": OPSET, "batch_limit": model.graph_batch_limit(),
-                      "precision": precision},
+                      "engine": ENGINES[file_format], "opset": OPSET, "batch_limit": model.graph_batch_limit()},
             "head": "map" if model.localizes else "score",
         }
         staged_descriptor = Path(folder) / out.name
         staged_descriptor.write_bytes(_descriptor(manifest))
-        manifest["parity"] = {"probe_images": PROBE_IMAGES, "max_relative_score_difference": check_parity(
-            model, DeployedModel(staged_descriptor, 2), precision)}
+        manifest["parity"] = {"probe_images": PROBE_IMAGES,
+                              "max_relative_score_difference": check_parity(model, DeployedModel(staged_descriptor, 2))}
         descriptor = _descriptor(manifest)
         for source, target in zip(staged, targets):
             write_atomic(target, source.read_bytes())

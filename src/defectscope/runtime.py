@@ -37,7 +37,6 @@ MAX_GRAPH_BYTES = 8 << 30
 DEPLOYMENT_SUFFIX = ".dsdeploy"
 INPUT_NAME, OUTPUT_NAMES = "image", ("score", "map")
 ENGINES = {"onnx": "onnxruntime", "openvino": "openvino"}  # export format -> runtime that runs it
-PRECISIONS = {"onnxruntime": ("f32",), "openvino": ("f32", "bf16")}  # engine -> the inference precisions it runs
 HEADS = ("map", "score")  # graph outputs: image scores and model-frame maps | image scores only
 
 
@@ -53,7 +52,7 @@ def _engine_error(engine: str, exc: Exception) -> DefectscopeError:
 class OnnxEngine:
     """An onnxruntime session on the CPU, built from the graph's verified bytes (no file is read behind them)."""
 
-    def __init__(self, files: list[bytes], threads: int | None, precision: str = "f32") -> None:  # float32 only
+    def __init__(self, files: list[bytes], threads: int | None) -> None:
         try:
             import onnxruntime
         except ImportError as exc:
@@ -73,15 +72,14 @@ class OnnxEngine:
 
 
 class OpenVinoEngine:
-    """An OpenVINO model compiled for the CPU at the export's precision (float32, or bfloat16 where the CPU has it),
-    read from the verified bytes of its .xml and .bin."""
+    """An OpenVINO model compiled for the CPU in float32, read from the verified bytes of its .xml and .bin."""
 
-    def __init__(self, files: list[bytes], threads: int | None, precision: str = "f32") -> None:
+    def __init__(self, files: list[bytes], threads: int | None) -> None:
         try:
             import openvino
         except ImportError as exc:
             raise DefectscopeError("running an OpenVINO export needs openvino: pip install 'defectscope[openvino]'") from exc
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         try:
@@ -164,9 +162,6 @@ class DeployedModel:
             self.calibration_dict = model.get("calibration")
             self.threshold = _threshold(self.calibration_dict)
             self.batch_limit = _whole(graph.get("batch_limit"), "graph batch limit", optional=True)
-            self.precision = graph.get("precision", "f32")  # exports before the choice ran in float32
-            if self.precision not in PRECISIONS[engine]:
-                raise DefectscopeError(f"its precision {self.precision!r:.20} is not one {engine} runs here")
             self.batch_size = _whole(model.get("config", {}).get("batch_size", 32), "batch size")
             listed = graph_files(self.manifest)
         except DefectscopeError as exc:
@@ -174,7 +169,7 @@ class DeployedModel:
         except (KeyError, TypeError, AttributeError) as exc:
             raise DefectscopeError(f"deployment file {self.path} is damaged: its manifest is incomplete ({exc})") from exc
         self.engine: Engine = (OnnxEngine if engine == "onnxruntime" else OpenVinoEngine)(
-            [self._verified(name, digest) for name, digest in listed], threads, self.precision)
+            [self._verified(name, digest) for name, digest in listed], threads)
 
     def _verified(self, name: str, digest: str) -> bytes:
         """The bytes of a graph file beside the deployment file, refused unless they hash to what the manifest recorded."""
