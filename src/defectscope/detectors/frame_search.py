@@ -54,11 +54,12 @@ def patches_per_image(name: str) -> int:
     return (frame["crop"] // frame["patch_stride"]) ** 2
 
 
-FRAME_BUDGET = math.prod(Preprocess(416, 384, aspect=4 / 3).input_shape)  # the largest candidate on a 4:3 image (a
-# camera's usual shape), 384 x 528 pixels: the most a near tie buys
-RULE = ("within one standard error of the best recall: the largest frame that enlarges no image and holds at most "
-        "384 x 528 pixels, when it is larger than the cheapest candidate's; else the cheapest (fewest patches, then the "
-        "larger margin)")
+_LARGEST = max(CANDIDATES.values(), key=lambda frame: frame["image_size"])
+_BUDGET_SHAPE = Preprocess(_LARGEST["image_size"], _LARGEST["crop"], aspect=4 / 3).input_shape  # on a camera's 4:3 image
+FRAME_BUDGET = math.prod(_BUDGET_SHAPE)  # the most input pixels a near tie buys (384 x 528)
+RULE = (f"within one standard error of the best recall: the largest frame that enlarges no image and holds at most "
+        f"{_BUDGET_SHAPE[1]} x {_BUDGET_SHAPE[0]} pixels, when it is larger than the cheapest candidate's; else the "
+        "cheapest (fewest patches, then the larger margin)")
 
 
 def near_best(evidence: dict[str, dict[str, float]], count: int) -> list[str]:
