@@ -4,7 +4,7 @@
 
 Fits PatchCore and PaDiM (default settings), exports each to ONNX and OpenVINO IR, and builds
 one fresh virtual environment per runtime with only what the runtime needs (defectscope without
-its dependencies, the engine, NumPy, Pillow, safetensors: no torch, no OpenCV, no pip). Every (model, engine)
+its dependencies, the engine, NumPy, Pillow, safetensors, threadpoolctl: no torch, no OpenCV, no pip). Every (model, engine)
 then runs in its own process (the runtimes inside their torch-free environments) on the test
 images, decode included, 2 threads: ms/image at batch 1 and batched (median of 3 passes), peak memory, and the scores,
 maps and verdicts, which the parent compares with PyTorch's (parity). Install size is the size of
@@ -30,7 +30,7 @@ from isolated import markdown_table, write_results  # noqa: I001  (benchmarks/is
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_PACKAGES = {"onnxruntime": ["onnxruntime"], "openvino": ["openvino"]}
-COMMON_PACKAGES = ["numpy", "pillow", "safetensors"]
+COMMON_PACKAGES = ["numpy", "pillow", "safetensors", "threadpoolctl"]
 FORMATS = {"onnxruntime": "onnx", "openvino": "openvino"}
 GENERATED_TRAIN, GENERATED_TEST = 60, 40
 REPEATS = 3

@@ -562,8 +562,7 @@ def test_every_file_of_a_deployment_is_hashed(knn_model: Path, data: Path, tmp_p
 
 
 @pytest.mark.parametrize("field,value,fragment", [
-    ("batch_limit", -1, "batch limit"), ("batch_limit", "x", "batch limit"), ("batch_limit", 0.5, "batch limit"),
-    ("batch_size", 0, "batch size"), ("threshold", "1.5", "threshold"), ("files", "knn.onnx", "graph files"),
+    ("batch_size", 0, "batch size"), ("batch_size", "x", "batch size"), ("batch_size", 0.5, "batch size"), ("threshold", "1.5", "threshold"), ("files", "knn.onnx", "graph files"),
     ("files", [{"file": "../knn.onnx", "sha256": "0"}], "plain"),
 ])
 def test_deployment_manifest_fields_are_checked(knn_model: Path, tmp_path: Path, field: str, value, fragment: str) -> None:
@@ -575,7 +574,7 @@ def test_deployment_manifest_fields_are_checked(knn_model: Path, tmp_path: Path,
     export_model(knn_model, out)
     header, rest = _deployment_header(out)
     manifest = json.loads(header["__metadata__"]["defectscope"])
-    section = {"batch_limit": manifest["graph"], "files": manifest["graph"], "batch_size": manifest["model"]["config"],
+    section = {"files": manifest["graph"], "batch_size": manifest["model"]["config"],
                "threshold": manifest["model"]["calibration"]}[field]
     section[field] = value
     header["__metadata__"] = header_metadata(manifest)  # a well-formed file with a bad value, not a hand edit

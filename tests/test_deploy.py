@@ -14,6 +14,7 @@ from defectscope import load_dataset
 from defectscope.artifacts import load_model, save_model
 from defectscope.deployment import export_model
 from defectscope.detectors.base import create_detector
+from defectscope.errors import DefectscopeError
 from defectscope.predictor import check_predictor
 from defectscope.runtime import DeployedModel
 
@@ -112,20 +113,33 @@ def test_an_export_keeps_the_predictor_contract_without_torch_or_scipy(fitted, t
     assert "expected false-alarm rate" in run.stdout
 
 
-def test_patchcore_graph_runs_in_bounded_batches(fitted, test_images, tmp_path: Path, monkeypatch) -> None:
-    """The graph's patch x bank distance matrix is bounded: large batches run in parts, with the same result."""
-    from defectscope.detectors import patchcore
-
-    model = load_model(fitted["patchcore"])
-    patches = (112 // 16) ** 2
-    monkeypatch.setattr(patchcore, "GRAPH_DISTANCE_CELLS", 3 * patches * len(model.index.bank))
-    deployed = DeployedModel(export_model(fitted["patchcore"], tmp_path / "part.dsdeploy")[0], threads=2)
-    assert deployed.batch_limit == 3
-    runs = []
-    engine_run = deployed.engine.run
-    deployed.engine.run = lambda batch: runs.append(len(batch)) or engine_run(batch)
+def test_patchcore_export_searches_its_memory_with_the_library_search(fitted, test_images, tmp_path: Path) -> None:
+    """PatchCore's export is two graphs with the library's pruned exact search between them: the deployment file holds
+    the memory bank (not the graphs), the runtime searches it, and a batch runs in one pass of each graph."""
+    onnx = pytest.importorskip("onnx")
+    model = load_model(fitted["patchcore-global"])
+    written = export_model(fitted["patchcore-global"], tmp_path / "part.dsdeploy")
+    assert [p.name for p in written] == ["part.dsdeploy", "part.onnx", "part-scores.onnx"]
+    rows = len(model.index.bank)
+    for graph in written[1:]:  # no constant of the graphs has a dimension of the bank's rows
+        assert all(rows not in init.dims for init in onnx.load(str(graph)).graph.initializer)
+    deployed = DeployedModel(written[0], threads=2)
+    np.testing.assert_array_equal(deployed.index.bank, model.index.bank.numpy())
+    searches, runs = [], []
+    search, run = deployed.index.search, deployed.engine.run
+    deployed.index.search = lambda queries: searches.append(len(queries)) or search(queries)
+    deployed.engine.run = lambda inputs: runs.append(len(inputs["image"])) or run(inputs)
     _assert_same(model.predict(test_images[:8]), deployed.predict(test_images[:8]))
-    assert runs == [3, 3, 2]
+    assert runs == [8] and searches == [8 * (112 // 16) ** 2]
+
+
+def test_an_altered_memory_bank_is_refused(fitted, tmp_path: Path) -> None:
+    out = export_model(fitted["patchcore"], tmp_path / "part.dsdeploy")[0]
+    data = bytearray(out.read_bytes())
+    data[-16] ^= 1  # a bit of the tensors, past the header: the safetensors layout stays intact
+    out.write_bytes(bytes(data))
+    with pytest.raises(DefectscopeError, match="memory bank does not match"):
+        DeployedModel(out)
 
 
 def test_graph_that_does_not_match_is_refused(fitted, tmp_path: Path) -> None:

@@ -53,7 +53,8 @@ def test_many_queries_are_searched_in_bounded_chunks_with_the_same_answer(monkey
     monkeypatch.setattr(search.ClusterIndex, "_search", lambda self, q: sizes.append(len(q)) or chunk_search(self, q))
     distances, positions = index.search(queries)
     assert sizes == [700, 700, 700, 400]  # the pass-2 candidate lists never hold more than a chunk's queries
-    assert torch.equal(distances, whole[0]) and torch.equal(positions, whole[1])
+    assert torch.equal(positions, whole[1])  # the same nearest rows; OpenBLAS blocks a GEMM by its row count, which on
+    torch.testing.assert_close(distances, whole[0], rtol=1e-6, atol=0)  # some CPUs moves a distance by its last bit
 
 
 def test_a_few_images_queries_are_searched_on_one_blas_thread_throughout(monkeypatch) -> None:

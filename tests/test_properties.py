@@ -117,7 +117,7 @@ MANIFEST_PATHS = st.sampled_from([["detector"], ["config"], ["config", "image_si
                                   ["preprocess", "aspect"], ["calibration"], ["calibration", "threshold"],
                                   ["calibration", "false_alarm_interval"], ["calibration", "good_count"],
                                   ["backbone"], ["train_summary"], ["format_version"], ["format"], ["graph"],
-                                  ["graph", "files"], ["graph", "batch_limit"], ["graph", "engine"], ["head"],
+                                  ["graph", "files"], ["graph", "search"], ["graph", "engine"], ["head"],
                                   ["model"], ["model", "calibration"], ["model", "preprocess"]])
 
 

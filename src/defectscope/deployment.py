@@ -1,9 +1,11 @@
 """Export a fitted model for the torch-free runtime: the inference graph (ONNX or OpenVINO IR) and its deployment file.
 
-The graph holds normalization, backbone, embedding and the model's scoring (PaDiM's Mahalanobis
-distances, PatchCore's exact nearest-neighbour distances as one GEMM against its memory bank, the
-embedding baselines, reconstruction errors); the runtime finishes the maps in NumPy. Every export
-is checked against the PyTorch model on probe images before anything is written.
+The graph holds normalization, backbone, embedding, the model's scoring (PaDiM's Mahalanobis
+distances, the embedding baselines, reconstruction errors) and the maps' finishing. PatchCore's
+nearest-neighbour search has no fixed graph: its export is two graphs (the embedding; the scores and
+maps from the distances), and the runtime searches the memory bank between them with the library's
+own pruned exact search (`search.ClusterIndex`); the bank travels in the deployment file. Every
+export is checked against the PyTorch model on probe images before anything is written.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ from defectscope.runtime import (
     ENGINES,
     INPUT_NAME,
     OUTPUT_NAMES,
+    MEMORY_NAMES,
+    SEARCH_NAMES,
     DeployedModel,
+    memory_digest,
     graph_files,
     is_deployment,
 )
@@ -54,32 +59,63 @@ class InferenceGraph(nn.Module):
         self.networks = nn.ModuleList(part for part in vars(model).values() if isinstance(part, nn.Module))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        preprocess = self.model.preprocess
-        scores, frame = finish_scores(*self.model.graph_scores(self.model.embed(normalize(frames, preprocess))),
-                                      preprocess.input_shape)
+        scores, frame = finish_scores(*self.model.graph_scores(self.embedded(frames)), self.model.preprocess.input_shape)
         return scores if frame is None else (scores, frame)
 
+    def embedded(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(normalize(frames, self.model.preprocess))
 
-def _write_graph(model: MapModel, file_format: str, folder: Path, stem: str) -> list[Path]:
-    """Trace the model into `folder` (ONNX; converted to OpenVINO IR on request); returns the graph files."""
-    graph = InferenceGraph(model).eval()
-    example = torch.zeros(2, 3, *model.preprocess.input_shape, dtype=torch.uint8)
-    onnx_path = folder / f"{stem}.onnx"
-    outputs = list(OUTPUT_NAMES[: 2 if model.localizes else 1])
+
+class SearchInputGraph(InferenceGraph):
+    """The first graph of a searched model: uint8 frames -> what the search outside the graph takes (`searched_outputs`)."""
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model.searched_outputs(self.embedded(frames))
+
+
+class SearchOutputGraph(InferenceGraph):
+    """The second graph of a searched model: nearest distances N x h x w (and region descriptors) -> image scores
+    and finished model-frame maps, as `InferenceGraph` gives them."""
+
+    def forward(self, distances: torch.Tensor, *regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return finish_scores(*self.model.score_searched(distances, *regions), self.model.preprocess.input_shape)
+
+
+def _trace(graph: nn.Module, example: tuple[torch.Tensor, ...], inputs: list[str], outputs: list[str], path: Path,
+           file_format: str) -> list[Path]:
+    """Trace `graph` into `path` (ONNX; converted to OpenVINO IR beside it on request), the batch dimension dynamic;
+    returns the graph files."""
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer notes on Python-side shapes: the frame is fixed, only the batch varies
-        torch.onnx.export(graph, (example,), str(onnx_path), input_names=[INPUT_NAME], output_names=outputs,
-                          dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]}, opset_version=OPSET,
+        torch.onnx.export(graph.eval(), example, str(path), input_names=inputs, output_names=outputs,
+                          dynamic_axes={name: {0: "batch"} for name in [*inputs, *outputs]}, opset_version=OPSET,
                           dynamo=False)
     if file_format == "onnx":
-        return [onnx_path]
+        return [path]
     try:
         import openvino
     except ImportError as exc:
         raise DefectscopeError("exporting to OpenVINO needs openvino: pip install 'defectscope[openvino]'") from exc
-    xml_path = folder / f"{stem}.xml"
-    openvino.save_model(openvino.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
+    xml_path = path.with_suffix(".xml")
+    openvino.save_model(openvino.convert_model(str(path)), str(xml_path), compress_to_fp16=False)
     return [xml_path, xml_path.with_suffix(".bin")]
+
+
+def _write_graph(model: MapModel, file_format: str, folder: Path, stem: str) -> list[Path]:
+    """Trace the model into `folder`: one graph, or for a searched model the graphs before and after its search
+    (`stem` and `stem`-scores); returns the graph files in the order the runtime runs them."""
+    example = torch.zeros(2, 3, *model.preprocess.input_shape, dtype=torch.uint8)
+    if model.searched_memory() is None:
+        outputs = list(OUTPUT_NAMES[: 2 if model.localizes else 1])
+        return _trace(InferenceGraph(model), (example,), [INPUT_NAME], outputs, folder / f"{stem}.onnx", file_format)
+    with torch.inference_mode():
+        searched = SearchInputGraph(model)(example)
+    names = list(SEARCH_NAMES[: len(searched)])
+    first = _trace(SearchInputGraph(model), (example,), [INPUT_NAME], names, folder / f"{stem}.onnx", file_format)
+    distances = torch.zeros(searched[0].shape[:3])
+    second = _trace(SearchOutputGraph(model), (distances, *searched[1:]), ["distances", *names[1:]], list(OUTPUT_NAMES),
+                    folder / f"{stem}-scores.onnx", file_format)
+    return first + second
 
 
 def _probe_images(model: MapModel) -> list[np.ndarray]:
@@ -106,9 +142,16 @@ def check_parity(model: MapModel, deployed: DeployedModel) -> float:
     return difference
 
 
-def _descriptor(manifest: dict) -> bytes:
-    """The deployment file: a safetensors file whose header holds the manifest and its digest."""
-    return save_arrays({}, metadata=header_metadata(manifest))
+def _descriptor(manifest: dict, memory: dict[str, np.ndarray]) -> bytes:
+    """The deployment file: a safetensors file whose header holds the manifest and its digest, and whose tensors are
+    the memory a searched model's runtime searches (none for the others)."""
+    return save_arrays(memory, metadata=header_metadata(manifest))
+
+
+def _graph_targets(out: Path, file_format: str, graphs: int) -> list[Path]:
+    """The graph files written beside `out`: `stem` + the format's suffixes, then `stem`-scores + them for a second graph."""
+    return [out.with_name(stem + suffix) for stem in [out.stem, f"{out.stem}-scores"][:graphs]
+            for suffix in GRAPH_SUFFIXES[file_format]]
 
 
 def _our_graph_files(out: Path) -> set[Path]:
@@ -135,7 +178,11 @@ def export_model(model_path: str | Path, out: str | Path, file_format: str = "on
         raise DefectscopeError(f"unknown export format {file_format!r}; choose one of: {', '.join(ENGINES)}")
     if out.suffix != DEPLOYMENT_SUFFIX:
         raise DefectscopeError(f"the output must be a {DEPLOYMENT_SUFFIX} file (its graph is written beside it), got {out}")
-    targets = [out.with_suffix(suffix) for suffix in GRAPH_SUFFIXES[file_format]]
+    model = load_model(model_path)
+    searched = model.searched_memory()
+    memory = {} if searched is None else {name: np.ascontiguousarray(tensor.numpy()) for name, tensor in
+                                             zip(MEMORY_NAMES, searched)}
+    targets = _graph_targets(out, file_format, 1 if searched is None else 2)
     for target in [out, *targets]:
         if model_path.exists() and target.exists() and target.resolve() == model_path.resolve():
             raise DefectscopeError(f"the export would overwrite its source model {model_path}; choose another output name")
@@ -143,7 +190,6 @@ def export_model(model_path: str | Path, out: str | Path, file_format: str = "on
     ours = _our_graph_files(out)
     for target in targets:
         check_output_file(target, force, is_ours=lambda path: path in ours)
-    model = load_model(model_path)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as folder:
         staged = _write_graph(model, file_format, Path(folder), out.stem)
         manifest = {
@@ -154,14 +200,16 @@ def export_model(model_path: str | Path, out: str | Path, file_format: str = "on
             "model": manifest_of(model),
             "source": {"file": model_path.name, "sha256": file_sha256(model_path)},
             "graph": {"files": [{"file": path.name, "sha256": file_sha256(path)} for path in staged],
-                      "engine": ENGINES[file_format], "opset": OPSET, "batch_limit": model.graph_batch_limit()},
+                      "engine": ENGINES[file_format], "opset": OPSET,
+                      **({} if searched is None else {"search": {"rows": len(memory["memory_bank"]),
+                                                                 "sha256": memory_digest(memory)}})},
             "head": "map" if model.localizes else "score",
         }
         staged_descriptor = Path(folder) / out.name
-        staged_descriptor.write_bytes(_descriptor(manifest))
+        staged_descriptor.write_bytes(_descriptor(manifest, memory))
         manifest["parity"] = {"probe_images": PROBE_IMAGES,
                               "max_relative_score_difference": check_parity(model, DeployedModel(staged_descriptor, 2))}
-        descriptor = _descriptor(manifest)
+        descriptor = _descriptor(manifest, memory)
         for source, target in zip(staged, targets):
             write_atomic(target, source.read_bytes())
     write_atomic(out, descriptor)

@@ -4,7 +4,8 @@ An export is two files side by side: the inference graph (`.onnx`, or OpenVINO's
 and a deployment file (`.dsdeploy`: safetensors whose header holds the model's manifest, the frame,
 the threshold and the graph's sha256). The graph gives image scores and finished model-frame maps;
 decoding, framing and placing the maps are the library's own NumPy/Pillow code, so `predict`
-returns what the PyTorch model returns. Importing this module does not import torch; OpenCV is
+returns what the PyTorch model returns. A PatchCore export is two graphs, and its memory bank is
+searched between them by the library's own exact search (`search.ClusterIndex`). Importing this module does not import torch; OpenCV is
 optional (it decodes PNG faster, to the same pixels).
 """
 
@@ -29,20 +30,23 @@ from defectscope.errors import DefectscopeError
 from defectscope.files import json_text, read_regular
 from defectscope.manifests import is_manifest_file, read_header_manifest
 from defectscope.prediction import Prediction, Scored, predict_frames, prediction_rows
+from defectscope.search import ClusterIndex
 
 DEPLOYMENT_FORMAT = "defectscope-deployment"
-DEPLOYMENT_VERSION = 3  # from 3 on, every graph file and the manifest itself are hashed
-MAX_DEPLOYMENT_BYTES = 64 << 20  # the deployment file holds a manifest, not weights
+DEPLOYMENT_VERSION = 4  # 3: every graph file and the manifest itself hashed; 4: PatchCore searches outside its graphs
+MAX_DEPLOYMENT_BYTES = 2 << 30  # a manifest, and PatchCore's memory bank (at most memory_limit rows)
 MAX_GRAPH_BYTES = 8 << 30
 DEPLOYMENT_SUFFIX = ".dsdeploy"
 INPUT_NAME, OUTPUT_NAMES = "image", ("score", "map")
+SEARCH_NAMES = ("patches", "regions")  # what a searched model's first graph gives: patch features, region descriptors
+MEMORY_NAMES = ("memory_bank", "cluster_offsets")  # the searched memory, in the deployment file
 ENGINES = {"onnx": "onnxruntime", "openvino": "openvino"}  # export format -> runtime that runs it
 HEADS = ("map", "score")  # graph outputs: image scores and model-frame maps | image scores only
 
 
 class Engine(Protocol):
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """uint8 N x 3 x h x w frames -> the graph's outputs, in OUTPUT_NAMES order."""
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The graph's inputs by name (uint8 N x 3 x h x w frames as INPUT_NAME) -> its outputs, in order."""
 
 
 def _engine_error(engine: str, exc: Exception) -> DefectscopeError:
@@ -67,8 +71,8 @@ class OnnxEngine:
         except Exception as exc:  # onnxruntime raises its own types (Fail, InvalidGraph, ...)
             raise _engine_error("onnxruntime", exc) from exc
 
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {INPUT_NAME: batch})
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, inputs)
 
 
 class OpenVinoEngine:
@@ -89,8 +93,8 @@ class OpenVinoEngine:
         except Exception as exc:  # OpenVINO raises RuntimeError and its own types
             raise _engine_error("OpenVINO", exc) from exc
 
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        results = self.model(batch)
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results = self.model(inputs)
         return [results[output] for output in self.model.outputs]
 
 
@@ -98,11 +102,12 @@ ENGINE_FILES = {"onnxruntime": (".onnx",), "openvino": (".xml", ".bin")}  # the 
 
 
 def graph_files(manifest: object) -> list[tuple[str, str]]:
-    """(file name, sha256) of every graph file a deployment manifest lists; plain names only, checked."""
+    """(file name, sha256) of every graph file a deployment manifest lists (a searched model's two graphs one after
+    the other); plain names only, checked."""
     try:
         graph = manifest["graph"]  # type: ignore[index]
         listed = [(entry["file"], entry["sha256"]) for entry in graph["files"]]
-        suffixes = ENGINE_FILES[graph["engine"]]
+        suffixes = ENGINE_FILES[graph["engine"]] * (2 if "search" in graph else 1)
     except (KeyError, TypeError) as exc:
         raise DefectscopeError(f"its manifest does not list its graph files ({exc})") from exc
     if len(listed) != len(suffixes) or not all(
@@ -112,9 +117,17 @@ def graph_files(manifest: object) -> list[tuple[str, str]]:
     return listed
 
 
-def _whole(value: object, what: str, optional: bool = False) -> int | None:
-    if optional and value is None:
-        return None
+def memory_digest(memory: dict[str, np.ndarray]) -> str:
+    """The sha256 of a searched model's memory (MEMORY_NAMES, in order: dtype, shape and bytes of each)."""
+    digest = hashlib.sha256()
+    for name in MEMORY_NAMES:
+        array = np.ascontiguousarray(memory[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _whole(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise DefectscopeError(f"its {what} must be a whole number >= 1, got {value!r:.40}")
     return value
@@ -143,10 +156,10 @@ class DeployedModel:
         self.manifest = read_header_manifest(data, self.path, DEPLOYMENT_FORMAT, DEPLOYMENT_VERSION, "deployment file",
                                              DEPLOYMENT_VERSION)
         if self.manifest["format_version"] < DEPLOYMENT_VERSION:
-            raise DefectscopeError(f"deployment file {self.path} is from an older defectscope whose graph weights were not "
-                                   "hashed; export the model again")
+            raise DefectscopeError(f"deployment file {self.path} is from an older defectscope (format "
+                                   f"{self.manifest['format_version']}); export the model again")
         try:
-            load_arrays(data)  # the layout must be intact: a truncated or altered file is refused
+            memory = load_arrays(data)  # the layout must be intact: a truncated or altered file is refused
         except (SafetensorError, ValueError) as exc:
             raise DefectscopeError(f"deployment file {self.path} is corrupt: {exc}") from exc
         try:
@@ -161,15 +174,18 @@ class DeployedModel:
                 raise DefectscopeError("its detector name is not text")
             self.calibration_dict = model.get("calibration")
             self.threshold = _threshold(self.calibration_dict)
-            self.batch_limit = _whole(graph.get("batch_limit"), "graph batch limit", optional=True)
             self.batch_size = _whole(model.get("config", {}).get("batch_size", 32), "batch size")
             listed = graph_files(self.manifest)
+            self.index = None if "search" not in graph else _memory_index(memory, graph["search"])
         except DefectscopeError as exc:
             raise DefectscopeError(f"deployment file {self.path} is damaged: {exc}") from exc
         except (KeyError, TypeError, AttributeError) as exc:
             raise DefectscopeError(f"deployment file {self.path} is damaged: its manifest is incomplete ({exc})") from exc
-        self.engine: Engine = (OnnxEngine if engine == "onnxruntime" else OpenVinoEngine)(
-            [self._verified(name, digest) for name, digest in listed], threads)
+        files = [self._verified(name, digest) for name, digest in listed]
+        per_graph = len(ENGINE_FILES[engine])
+        build = OnnxEngine if engine == "onnxruntime" else OpenVinoEngine
+        self.engine: Engine = build(files[:per_graph], threads)
+        self.scores_engine: Engine | None = None if self.index is None else build(files[per_graph:], threads)
 
     def _verified(self, name: str, digest: str) -> bytes:
         """The bytes of a graph file beside the deployment file, refused unless they hash to what the manifest recorded."""
@@ -202,16 +218,37 @@ class DeployedModel:
 
     def score_frames(self, batch: np.ndarray) -> Scored:
         """uint8 frames N x 3 x h x w -> image scores and model-frame maps (None for image-level models)."""
-        step = self.batch_limit or len(batch)
-        parts = [self.engine.run(batch[start : start + step]) for start in range(0, len(batch), step)]
-        scores = np.concatenate([part[0] for part in parts]).reshape(len(batch))
-        return Scored(scores, np.concatenate([part[1] for part in parts]) if self.head == "map" else None)
+        if self.index is not None:
+            return self._score_searched(batch)
+        outputs = self.engine.run({INPUT_NAME: batch})
+        return Scored(outputs[0].reshape(len(batch)), outputs[1] if self.head == "map" else None)
+
+    def _score_searched(self, batch: np.ndarray) -> Scored:
+        """The first graph's patch features, each one's nearest memory row by the library's exact search, then the
+        second graph's scores and maps from those distances (and the first graph's region descriptors)."""
+        searched = self.engine.run({INPUT_NAME: batch})
+        patches = searched[0]
+        distances = self.index.search(patches.reshape(-1, patches.shape[-1]))[0].reshape(patches.shape[:3])
+        scores, maps = self.scores_engine.run({"distances": distances, **dict(zip(SEARCH_NAMES[1:], searched[1:]))})
+        return Scored(scores.reshape(len(batch)), maps)
 
     def predict(self, images: Sequence[ImageSource], map_size: str | tuple[int, int] = "original",
                 progress: Callable[[int], None] | None = None, keep_going: bool = False) -> Prediction:
         """Score images as `MapModel.predict` does; unreadable images stop the call or, with `keep_going`, score NaN."""
         return predict_frames(images, self.preprocess, self.batch_size, self.score_frames, self.threshold, self.localizes,
                               map_size, keep_going, progress)
+
+
+def _memory_index(memory: dict[str, np.ndarray], search: object) -> ClusterIndex:
+    """The searched memory of a deployment file, checked against the digest its manifest recorded, as an index."""
+    if not isinstance(search, dict) or set(memory) != set(MEMORY_NAMES) or search.get("sha256") != memory_digest(memory):
+        raise DefectscopeError("its memory bank does not match the digest its manifest recorded (altered or truncated); "
+                               "export again")
+    bank, offsets = memory["memory_bank"], memory["cluster_offsets"]
+    if bank.ndim != 2 or bank.dtype != np.float32 or offsets.ndim != 1 or offsets.dtype != np.int64 or not len(offsets) \
+            or offsets[0] != 0 or offsets[-1] != len(bank) or np.any(np.diff(offsets) < 0):
+        raise DefectscopeError("its memory bank is not a float32 matrix with int64 cluster offsets over its rows")
+    return ClusterIndex(bank, offsets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

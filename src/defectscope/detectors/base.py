@@ -110,8 +110,8 @@ class MapModel(ABC):
         """Restore what `tensors` returned."""
 
     def graph_scores(self, features: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """`score_features` as traced into the exported graph (`deployment.export_model`); models whose
-        scoring has no fixed graph override it (or refuse)."""
+        """`score_features` as traced into the exported graph (`deployment.export_model`); a model whose
+        scoring has no fixed graph searches outside it (`searched_memory`) or refuses here."""
         return self.score_features(features)
 
     @property
@@ -119,8 +119,9 @@ class MapModel(ABC):
         """The defect types its predictions carry (models that tell types apart), else None."""
         return None
 
-    def graph_batch_limit(self) -> int | None:
-        """The most images the exported graph should take per run (None: any batch)."""
+    def searched_memory(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A memory bank (and its cluster offsets) that an export searches outside its graph, between
+        `searched_outputs` and `score_searched` (PatchCore); None: the whole scoring is one graph."""
         return None
 
     def mean_loss(self, images: Sequence[ImageSource]) -> float | None:

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from defectscope.data.decode import ImageSource
 from defectscope.data.frame import Preprocess
 from defectscope.data.defects import KINDS
-from defectscope.data.images import normalize
 from defectscope.detectors.base import (
     Detector,
     DetectorConfig,
@@ -38,7 +37,6 @@ from defectscope.thresholds import false_alarm_cut
 
 TEACH_COVERAGE = 0.1  # taught patches are added until covered as closely as the best-covered tenth of good images
 PATCH_STRIDES = (8, 16, 32)  # the finest feature stride (8) times 1, 2 or 4
-GRAPH_DISTANCE_CELLS = 1 << 24  # an exported graph's distance matrix: at most 64 MB per run
 GLOBAL_VIEW = ("auto", "on", "off")
 
 
@@ -556,29 +554,24 @@ class PatchCore(Detector):
         weights = 1 - torch.softmax(distances, dim=1)[:, 0]
         return weights * scores
 
-    def graph_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact nearest-neighbour distances by brute force, one GEMM against the whole bank and a min (the
-        pruned search has no fixed graph); the score is the largest, as in `score_features`. As in `search.py`, the
-        GEMM of [patch, 1] with [-2 x row, |row|^2] ranks the rows and |patch|^2 is added after the min: no pass over
-        the patch x bank matrix besides the GEMM and the min (OpenVINO, bottle, batch 1: 22.5 -> 17.8 ms/image)."""
+    def searched_memory(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory bank (rows grouped by cluster) and its cluster offsets: an export searches them outside its
+        graph with `search.ClusterIndex`, the pruned exact search the model uses (it has no fixed graph)."""
+        check_fitted(self.index, "PatchCore")
         if self.config.reweight:
             raise DefectscopeError("PatchCore with reweight: true cannot be exported; refit with reweight: false")
-        features, regions = split_features(features)
-        n, h, w, d = features.shape
-        patches = features.reshape(n, h * w, d)
-        bank = self.index.bank.float()
-        ranking = torch.cat([-2 * bank, (bank * bank).sum(1, keepdim=True)], 1).T  # a constant when traced
-        augmented = torch.cat([patches, torch.ones_like(patches[..., :1])], -1)
-        squared = (augmented @ ranking).min(-1).values + (patches * patches).sum(-1)
-        distances = squared.clamp_min(0).sqrt()
-        return self._fuse(distances.max(1).values, distances.reshape(n, h, w), regions)
+        return self.index.bank, self.index.offsets
 
-    def graph_batch_limit(self) -> int:
-        """Images per graph run that keep its patch x bank distance matrix under GRAPH_DISTANCE_CELLS."""
-        frame = torch.zeros(1, 3, *self.preprocess.input_shape, dtype=torch.uint8)
-        with torch.inference_mode():
-            patches = self.embed(normalize(frame, self.preprocess)).patches.shape[1:3].numel()
-        return max(1, GRAPH_DISTANCE_CELLS // (patches * len(self.index.bank)))
+    def searched_outputs(self, features: PatchFeatures) -> tuple[torch.Tensor, ...]:
+        """What an export's first graph gives the search: the patch features N x h x w x d, and with the global view
+        the region descriptors."""
+        return (features.patches,) if self.fusion is None else (features.patches, features.regions)
+
+    def score_searched(self, distances: torch.Tensor, regions: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores and raw maps from each patch's nearest-neighbour distance N x h x w, as `score_features`
+        gives them (an export's second graph)."""
+        return self._fuse(distances.flatten(1).max(1).values, distances, regions)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         tensors = self.index.tensors() if self.index else {}
