@@ -41,6 +41,7 @@ INPUT_NAME, OUTPUT_NAMES = "image", ("score", "map")
 SEARCH_NAMES = ("patches", "regions")  # what a searched model's first graph gives: patch features, region descriptors
 MEMORY_NAMES = ("memory_bank", "cluster_offsets")  # the searched memory, in the deployment file
 ENGINES = {"onnx": "onnxruntime", "openvino": "openvino"}  # export format -> runtime that runs it
+GRAPH_CHUNK = 4  # images per graph run, as the library's backbone passes: the activations stay in cache, the memory bounded
 HEADS = ("map", "score")  # graph outputs: image scores and model-frame maps | image scores only
 
 
@@ -220,16 +221,17 @@ class DeployedModel:
         """uint8 frames N x 3 x h x w -> image scores and model-frame maps (None for image-level models)."""
         if self.index is not None:
             return self._score_searched(batch)
-        outputs = self.engine.run({INPUT_NAME: batch})
+        outputs = _in_chunks(self.engine, {INPUT_NAME: batch})
         return Scored(outputs[0].reshape(len(batch)), outputs[1] if self.head == "map" else None)
 
     def _score_searched(self, batch: np.ndarray) -> Scored:
-        """The first graph's patch features, each one's nearest memory row by the library's exact search, then the
-        second graph's scores and maps from those distances (and the first graph's region descriptors)."""
-        searched = self.engine.run({INPUT_NAME: batch})
+        """The first graph's patch features, each one's nearest memory row by the library's exact search (the whole
+        batch at once: its GEMMs are larger), then the second graph's scores and maps from those distances (and the
+        first graph's region descriptors)."""
+        searched = _in_chunks(self.engine, {INPUT_NAME: batch})
         patches = searched[0]
         distances = self.index.search(patches.reshape(-1, patches.shape[-1]))[0].reshape(patches.shape[:3])
-        scores, maps = self.scores_engine.run({"distances": distances, **dict(zip(SEARCH_NAMES[1:], searched[1:]))})
+        scores, maps = _in_chunks(self.scores_engine, {"distances": distances, **dict(zip(SEARCH_NAMES[1:], searched[1:]))})
         return Scored(scores.reshape(len(batch)), maps)
 
     def predict(self, images: Sequence[ImageSource], map_size: str | tuple[int, int] = "original",
@@ -237,6 +239,14 @@ class DeployedModel:
         """Score images as `MapModel.predict` does; unreadable images stop the call or, with `keep_going`, score NaN."""
         return predict_frames(images, self.preprocess, self.batch_size, self.score_frames, self.threshold, self.localizes,
                               map_size, keep_going, progress)
+
+
+def _in_chunks(engine: Engine, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """`engine.run` on GRAPH_CHUNK images at a time, each output joined over the chunks."""
+    count = len(next(iter(inputs.values())))
+    runs = [engine.run({name: value[start : start + GRAPH_CHUNK] for name, value in inputs.items()})
+            for start in range(0, count, GRAPH_CHUNK)]
+    return [np.concatenate(outputs) for outputs in zip(*runs)]
 
 
 def _memory_index(memory: dict[str, np.ndarray], search: object) -> ClusterIndex:
