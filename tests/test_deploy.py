@@ -164,6 +164,11 @@ def test_cli_exports_and_predicts_with_the_export(fitted, test_images, tmp_path:
     assert verdicts == load_model(fitted["knn"]).predict(test_images[:4]).verdicts
     again = cli("export", "model", fitted["knn"], "-o", out)  # an earlier export of ours is replaced
     assert again.code == 0, again.err
+    script = NO_TORCH + "from defectscope.cli import main\nsys.argv = ['defectscope', 'info', sys.argv[1]]\nmain()\n"
+    shown = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-800:]  # `info` reads a deployment file's manifest, without torch
+    manifest = json.loads(shown.stdout)
+    assert manifest["graph"]["engine"] == "onnxruntime" and manifest["model"]["detector"] == "knn"
 
 
 def test_cli_export_refuses_to_replace_foreign_files(fitted, tmp_path: Path, cli) -> None:

@@ -683,11 +683,13 @@ def export_check(out: Annotated[Path, typer.Argument(help="Folder written by 'ex
 
 
 @app.command("info")
-def info(model: Annotated[Path, typer.Argument(help="Model file.")]) -> None:
-    """Print a model file's manifest (detector, config, backbone, threshold, training set)."""
-    from defectscope.model_header import model_info
+def info(model: Annotated[Path, typer.Argument(help="Model file, or deployment file (.dsdeploy).")]) -> None:
+    """Print a model file's manifest (detector, config, backbone, threshold, training set), or a deployment file's
+    (the same, with its graph files, engine and parity)."""
     from defectscope.files import json_text
-    print(json_text(model_info(model), indent=2))
+    from defectscope.model_header import model_info
+    from defectscope.runtime import is_deployment, read_deployment
+    print(json_text(read_deployment(model)[0] if is_deployment(model) else model_info(model), indent=2))
 
 
 @app.command("versions")

@@ -148,21 +148,27 @@ def is_deployment(path: str | Path) -> bool:
     return is_manifest_file(Path(path), DEPLOYMENT_FORMAT)
 
 
+def read_deployment(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A deployment file's manifest (format, version and digest checked) and tensors (its layout intact), without
+    building its engines: what `DeployedModel` starts from and `defectscope info` prints."""
+    data = read_regular(path, "deployment file", MAX_DEPLOYMENT_BYTES)
+    manifest = read_header_manifest(data, path, DEPLOYMENT_FORMAT, DEPLOYMENT_VERSION, "deployment file",
+                                    DEPLOYMENT_VERSION)
+    if manifest["format_version"] < DEPLOYMENT_VERSION:
+        raise DefectscopeError(f"deployment file {path} is from an older defectscope (format "
+                               f"{manifest['format_version']}); export the model again")
+    try:
+        return manifest, load_arrays(data)  # the layout must be intact: a truncated or altered file is refused
+    except (SafetensorError, ValueError) as exc:
+        raise DefectscopeError(f"deployment file {path} is corrupt: {exc}") from exc
+
+
 class DeployedModel:
     """An exported model: `predict` gives the library's `Prediction` (score, verdict, map at the original size)."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         self.path = Path(path)
-        data = read_regular(self.path, "deployment file", MAX_DEPLOYMENT_BYTES)
-        self.manifest = read_header_manifest(data, self.path, DEPLOYMENT_FORMAT, DEPLOYMENT_VERSION, "deployment file",
-                                             DEPLOYMENT_VERSION)
-        if self.manifest["format_version"] < DEPLOYMENT_VERSION:
-            raise DefectscopeError(f"deployment file {self.path} is from an older defectscope (format "
-                                   f"{self.manifest['format_version']}); export the model again")
-        try:
-            memory = load_arrays(data)  # the layout must be intact: a truncated or altered file is refused
-        except (SafetensorError, ValueError) as exc:
-            raise DefectscopeError(f"deployment file {self.path} is corrupt: {exc}") from exc
+        self.manifest, memory = read_deployment(self.path)
         try:
             model, graph = self.manifest["model"], self.manifest["graph"]
             self.head, engine = self.manifest["head"], graph["engine"]
