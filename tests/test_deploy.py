@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save as save_arrays
 
 from defectscope import load_dataset
 from defectscope.artifacts import load_model, save_model
@@ -16,7 +17,8 @@ from defectscope.deployment import export_model
 from defectscope.detectors.base import create_detector
 from defectscope.errors import DefectscopeError
 from defectscope.predictor import check_predictor
-from defectscope.runtime import DeployedModel
+from defectscope.manifests import header_metadata
+from defectscope.runtime import DeployedModel, memory_digest, read_deployment
 
 pytest.importorskip("onnxruntime")
 
@@ -141,6 +143,12 @@ def test_an_altered_memory_bank_is_refused(fitted, tmp_path: Path) -> None:
     out.write_bytes(bytes(data))
     with pytest.raises(DefectscopeError, match="memory bank does not match"):
         DeployedModel(out)
+    manifest, memory = read_deployment(export_model(fitted["patchcore"], tmp_path / "again.dsdeploy")[0])
+    memory["memory_bank"][0, 0] = np.nan  # a bank that is not finite, recorded as such: refused all the same
+    manifest["graph"]["search"]["sha256"] = memory_digest(memory)
+    (tmp_path / "again.dsdeploy").write_bytes(save_arrays(memory, metadata=header_metadata(manifest)))
+    with pytest.raises(DefectscopeError, match="not a finite"):
+        DeployedModel(tmp_path / "again.dsdeploy")
 
 
 def test_graph_that_does_not_match_is_refused(fitted, tmp_path: Path) -> None:

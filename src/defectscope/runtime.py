@@ -262,8 +262,8 @@ def _memory_index(memory: dict[str, np.ndarray], search: object) -> ClusterIndex
                                "export again")
     bank, offsets = memory["memory_bank"], memory["cluster_offsets"]
     if bank.ndim != 2 or bank.dtype != np.float32 or offsets.ndim != 1 or offsets.dtype != np.int64 or not len(offsets) \
-            or offsets[0] != 0 or offsets[-1] != len(bank) or np.any(np.diff(offsets) < 0):
-        raise DefectscopeError("its memory bank is not a float32 matrix with int64 cluster offsets over its rows")
+            or offsets[0] != 0 or offsets[-1] != len(bank) or np.any(np.diff(offsets) < 0) or not np.isfinite(bank).all():
+        raise DefectscopeError("its memory bank is not a finite float32 matrix with int64 cluster offsets over its rows")
     return ClusterIndex(bank, offsets)
 
 
