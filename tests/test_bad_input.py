@@ -562,7 +562,8 @@ def test_every_file_of_a_deployment_is_hashed(knn_model: Path, data: Path, tmp_p
 
 
 @pytest.mark.parametrize("field,value,fragment", [
-    ("batch_size", 0, "batch size"), ("batch_size", "x", "batch size"), ("batch_size", 0.5, "batch size"), ("threshold", "1.5", "threshold"), ("files", "knn.onnx", "graph files"),
+    ("batch_size", 0, "batch size"), ("batch_size", "x", "batch size"), ("batch_size", 0.5, "batch size"),
+    ("threshold", "1.5", "threshold"), ("files", "knn.onnx", "graph files"),
     ("files", [{"file": "../knn.onnx", "sha256": "0"}], "plain"),
 ])
 def test_deployment_manifest_fields_are_checked(knn_model: Path, tmp_path: Path, field: str, value, fragment: str) -> None:

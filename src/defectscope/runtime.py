@@ -1,12 +1,13 @@
 """The torch-free runtime: run an exported model (`defectscope export model`) with onnxruntime or OpenVINO.
 
-An export is two files side by side: the inference graph (`.onnx`, or OpenVINO's `.xml` + `.bin`)
-and a deployment file (`.dsdeploy`: safetensors whose header holds the model's manifest, the frame,
-the threshold and the graph's sha256). The graph gives image scores and finished model-frame maps;
+An export is a deployment file (`.dsdeploy`: safetensors whose header holds the model's manifest,
+the frame, the threshold and the sha256 of every graph file) with its inference graph beside it
+(`.onnx`, or OpenVINO's `.xml` + `.bin`). The graph gives image scores and finished model-frame maps;
 decoding, framing and placing the maps are the library's own NumPy/Pillow code, so `predict`
-returns what the PyTorch model returns. A PatchCore export is two graphs, and its memory bank is
-searched between them by the library's own exact search (`search.ClusterIndex`). Importing this module does not import torch; OpenCV is
-optional (it decodes PNG faster, to the same pixels).
+returns what the PyTorch model returns. A PatchCore export is two graphs, and its memory bank (the
+deployment file's tensors) is searched between them by the library's own exact search
+(`search.ClusterIndex`). Importing this module does not import torch; OpenCV is optional (it decodes
+PNG faster, to the same pixels).
 """
 
 from __future__ import annotations
