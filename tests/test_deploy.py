@@ -136,6 +136,18 @@ def test_patchcore_export_searches_its_memory_with_the_library_search(fitted, te
     assert runs == [4, 4, 1] and searches == [9 * (112 // 16) ** 2]
 
 
+def test_patchcore_export_never_replaces_a_foreign_second_graph(fitted, tmp_path: Path) -> None:
+    foreign = tmp_path / "part-scores.onnx"
+    foreign.write_text("not ours")
+    with pytest.raises(DefectscopeError, match="part-scores.onnx"):
+        export_model(fitted["patchcore"], tmp_path / "part.dsdeploy")
+    assert foreign.read_text() == "not ours" and sorted(p.name for p in tmp_path.iterdir()) == ["part-scores.onnx"]
+    written = export_model(fitted["knn"], tmp_path / "other.dsdeploy")  # one graph: a later PatchCore export there
+    export_model(fitted["patchcore"], tmp_path / "other.dsdeploy")  # replaces it, and a knn export again removes the
+    export_model(fitted["knn"], tmp_path / "other.dsdeploy")  # PatchCore's second graph, which was ours
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["part-scores.onnx", *(p.name for p in written)])
+
+
 def test_an_altered_memory_bank_is_refused(fitted, tmp_path: Path) -> None:
     out = export_model(fitted["patchcore"], tmp_path / "part.dsdeploy")[0]
     data = bytearray(out.read_bytes())
