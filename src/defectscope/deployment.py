@@ -101,19 +101,20 @@ def _trace(graph: nn.Module, example: tuple[torch.Tensor, ...], inputs: list[str
     return [xml_path, xml_path.with_suffix(".bin")]
 
 
-def _write_graph(model: MapModel, file_format: str, folder: Path, stem: str) -> list[Path]:
-    """Trace the model into `folder`: one graph, or for a searched model the graphs before and after its search
+def _write_graph(model: MapModel, file_format: str, folder: Path, stem: str, searched: bool) -> list[Path]:
+    """Trace the model into `folder`: one graph, or for a `searched` model the graphs before and after its search
     (`stem` and `stem`-scores); returns the graph files in the order the runtime runs them."""
     example = torch.zeros(2, 3, *model.preprocess.input_shape, dtype=torch.uint8)
-    if model.searched_memory() is None:
+    if not searched:
         outputs = list(OUTPUT_NAMES[: 2 if model.localizes else 1])
         return _trace(InferenceGraph(model), (example,), [INPUT_NAME], outputs, folder / f"{stem}.onnx", file_format)
+    embedding = SearchInputGraph(model)
     with torch.inference_mode():
-        searched = SearchInputGraph(model)(example)
-    names = list(SEARCH_NAMES[: len(searched)])
-    first = _trace(SearchInputGraph(model), (example,), [INPUT_NAME], names, folder / f"{stem}.onnx", file_format)
-    distances = torch.zeros(searched[0].shape[:3])
-    second = _trace(SearchOutputGraph(model), (distances, *searched[1:]), ["distances", *names[1:]], list(OUTPUT_NAMES),
+        searched_example = embedding(example)  # the shapes the second graph takes
+    names = list(SEARCH_NAMES[: len(searched_example)])
+    first = _trace(embedding, (example,), [INPUT_NAME], names, folder / f"{stem}.onnx", file_format)
+    distances = torch.zeros(searched_example[0].shape[:3])
+    second = _trace(SearchOutputGraph(model), (distances, *searched_example[1:]), ["distances", *names[1:]], list(OUTPUT_NAMES),
                     folder / f"{stem}-scores.onnx", file_format)
     return first + second
 
@@ -191,7 +192,7 @@ def export_model(model_path: str | Path, out: str | Path, file_format: str = "on
     for target in targets:
         check_output_file(target, force, is_ours=lambda path: path in ours)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as folder:
-        staged = _write_graph(model, file_format, Path(folder), out.stem)
+        staged = _write_graph(model, file_format, Path(folder), out.stem, searched is not None)
         manifest = {
             "format": DEPLOYMENT_FORMAT,
             "format_version": DEPLOYMENT_VERSION,
