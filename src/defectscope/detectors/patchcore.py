@@ -28,7 +28,8 @@ from defectscope.detectors.coreset import coreset_indices, greedy_coreset, greed
 from defectscope.detectors.global_view import (Moments, RegionModel, drift_moment, global_scores, map_grid,
                                                region_descriptors, standardize)
 from defectscope.detectors.nearest import ClusteredBank, nearest
-from defectscope.detectors.selection import TAIL_RATE, TAIL_Z, Probe, false_alarms, make_probe, noise, separation
+from defectscope.detectors.selection import (TAIL_RATE, TAIL_Z, Probe, costs_within_noise, false_alarms, make_probe,
+                                              separation)
 from defectscope.errors import DefectscopeError, SettingsError, check_fitted
 from defectscope.maps import bilinear_matrix
 from defectscope.settings import require_choice, require_range
@@ -445,8 +446,9 @@ class PatchCore(Detector):
         show what it costs. At each score's own 1% threshold on its cross-fitted good scores (as the model states
         it), the fused score must catch no fewer of the probe's synthetic defects than the patch score alone, and
         raise no more false alarms on the held-out good images, as they are and drifted (`selection.drifted`: the
-        light and camera drift of a line), each within one standard error. The held-out images' own patches and
-        regions are left out of the models that score them (`held_out`: the region model without them)."""
+        light and camera drift of a line), each within one standard error (`selection.costs_within_noise`; the false
+        alarms' error counts held-out images, whose drifted copies come with them). The held-out images' own patches
+        and regions are left out of the models that score them (`held_out`: the region model without them)."""
         if self.probe is None:
             return {"chosen": "off", "reason": "too few training images for the probe"}
         held = torch.from_numpy(self.probe.held).sort().values
@@ -459,12 +461,11 @@ class PatchCore(Detector):
             self.index, self.fusion = fitted, fusion
         residuals = held_out.residuals(probed.regions)
         fused_probed = self._fused(patch_probed, self._region_z(residuals))
-        count, goods = len(self.probe.defective), len(probed) - len(self.probe.defective)
+        count = len(self.probe.defective)
         alone, both = self._probe_evidence(patch, patch_probed, count), self._probe_evidence(fused, fused_probed, count)
         recall_cost = alone["recall_at_1pct"] - both["recall_at_1pct"]
         alarm_cost = both["false_alarms"] - alone["false_alarms"]
-        keep = (recall_cost <= noise(alone["recall_at_1pct"], count)
-                and alarm_cost <= noise(alone["false_alarms"], goods))
+        keep = costs_within_noise(alone, both, count, len(held))
         return {"chosen": "on" if keep else "off", "recall_cost": recall_cost, "false_alarm_cost": alarm_cost,
                 "synthetic_images": count, "held_out_images": len(held), "drifted_images": len(self.probe.drifted),
                 "evidence": {"patch view": alone, "patch + global view": both}}

@@ -88,3 +88,12 @@ def false_alarms(good: np.ndarray, other_good: np.ndarray, threshold: float | No
 def noise(recall: float, count: int) -> float:
     """One standard error of a recall measured on `count` defects (at least one defect's worth)."""
     return max(math.sqrt(recall * (1 - recall) / count), 1 / count)
+
+
+def costs_within_noise(alone: dict[str, float], both: dict[str, float], defects: int, images: int) -> bool:
+    """Whether `both` catches no fewer of `defects` synthetic defects than `alone` and raises no more false alarms on
+    the probe's good images, each within one standard error. The false alarms' error counts the `images` held-out
+    images, not their versions: a drifted copy is its image again under other light, flagged with it or not at all
+    (one unusual good image and its two copies are one image's worth of evidence, not three)."""
+    return (alone["recall_at_1pct"] - both["recall_at_1pct"] <= noise(alone["recall_at_1pct"], defects)
+            and both["false_alarms"] - alone["false_alarms"] <= noise(alone["false_alarms"], images))
