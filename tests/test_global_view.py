@@ -17,7 +17,7 @@ from defectscope.detectors.base import create_detector
 from defectscope.detectors.global_view import (MAP_GRID, SCORE_GRID, Moments, RegionModel, drift_moment, eigh,
                                                pooling_matrix, region_descriptors)
 from defectscope.detectors.patchcore import PatchFeatures
-from defectscope.detectors.selection import costs_within_noise, noise
+from defectscope.detectors.selection import costs_within_noise, false_alarms, noise
 from defectscope.metrics import image_auroc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -160,7 +160,7 @@ def test_the_default_keeps_the_global_view_for_the_trays_and_records_why(tmp_pat
     for view in choice["evidence"].values():
         assert 0 <= view["recall_at_1pct"] <= 1 and 0 <= view["false_alarms"] <= 1
     assert choice["recall_cost"] <= noise(alone["recall_at_1pct"], 128)
-    assert choice["false_alarm_cost"] <= noise(alone["false_alarms"], 16)  # the error counts images, not copies
+    assert choice["false_alarm_cost"] <= noise(alone["false_alarms"], 16)  # held-out images flagged, each once
     labels = [s.label for s in dataset.test]
     assert image_auroc(labels, detector.predict([s.path for s in dataset.test]).scores) >= 0.98
     loaded = load_model(save_model(detector, tmp_path / "auto.dsmodel"))
@@ -169,10 +169,17 @@ def test_the_default_keeps_the_global_view_for_the_trays_and_records_why(tmp_pat
 
 
 def test_a_good_image_and_its_drifted_copies_are_one_images_worth_of_false_alarms() -> None:
+    owners = np.concatenate([np.arange(16), np.repeat(np.arange(16)[::-1], 2)])  # 16 held-out images, 2 copies each
+    scores = np.zeros(48)
+    scores[[3, 16 + 2 * 12, 16 + 2 * 12 + 1]] = 9.0  # image 3 as it is and both its copies (listed as image 12's)
+    assert false_alarms(scores, owners, threshold=5.0) == 1 / 16
+    scores[16 + 2 * 12] = 0.0
+    scores[16] = 9.0  # image 3 as it is and once drifted, image 15 drifted: two images
+    assert false_alarms(scores, owners, threshold=5.0) == 2 / 16
     alone = {"recall_at_1pct": 124 / 128, "false_alarms": 0.0}
-    one_image = {"recall_at_1pct": 124 / 128, "false_alarms": 3 / 48}  # a held-out image flagged with its two copies
+    one_image = {**alone, "false_alarms": 1 / 16}
     assert costs_within_noise(alone, one_image, defects=128, images=16)
-    assert not costs_within_noise(alone, {**one_image, "false_alarms": 6 / 48}, defects=128, images=16)  # two images
+    assert not costs_within_noise(alone, {**alone, "false_alarms": 2 / 16}, defects=128, images=16)
     caught = {"recall_at_1pct": 126 / 128, "false_alarms": 0.0}  # each synthetic defect is its own evidence:
     assert not costs_within_noise(caught, {**caught, "recall_at_1pct": 124 / 128}, defects=128, images=16)  # 2 lost
     assert costs_within_noise(caught, {**caught, "recall_at_1pct": 125 / 128}, defects=128, images=16)  # 1 lost

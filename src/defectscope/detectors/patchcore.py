@@ -446,9 +446,9 @@ class PatchCore(Detector):
         show what it costs. At each score's own 1% threshold on its cross-fitted good scores (as the model states
         it), the fused score must catch no fewer of the probe's synthetic defects than the patch score alone, and
         raise no more false alarms on the held-out good images, as they are and drifted (`selection.drifted`: the
-        light and camera drift of a line), each within one standard error (`selection.costs_within_noise`; the false
-        alarms' error counts held-out images, whose drifted copies come with them). The held-out images' own patches
-        and regions are left out of the models that score them (`held_out`: the region model without them)."""
+        light and camera drift of a line), each within one standard error (`selection.costs_within_noise`: a held-out
+        image counts once, as it is or drifted). The held-out images' own patches and regions are left out of the
+        models that score them (`held_out`: the region model without them)."""
         if self.probe is None:
             return {"chosen": "off", "reason": "too few training images for the probe"}
         held = torch.from_numpy(self.probe.held).sort().values
@@ -462,7 +462,9 @@ class PatchCore(Detector):
         residuals = held_out.residuals(probed.regions)
         fused_probed = self._fused(patch_probed, self._region_z(residuals))
         count = len(self.probe.defective)
-        alone, both = self._probe_evidence(patch, patch_probed, count), self._probe_evidence(fused, fused_probed, count)
+        owners = np.concatenate([held.numpy(), np.repeat(self.probe.held, len(self.probe.drifted) // len(held))])
+        alone = self._probe_evidence(patch, patch_probed, count, owners)
+        both = self._probe_evidence(fused, fused_probed, count, owners)
         recall_cost = alone["recall_at_1pct"] - both["recall_at_1pct"]
         alarm_cost = both["false_alarms"] - alone["false_alarms"]
         keep = costs_within_noise(alone, both, count, len(held))
@@ -471,12 +473,13 @@ class PatchCore(Detector):
                 "evidence": {"patch view": alone, "patch + global view": both}}
 
     @staticmethod
-    def _probe_evidence(good: torch.Tensor, probed: torch.Tensor, count: int) -> dict[str, float]:
-        """Recall on the probe's first `count` (synthetic defects) and false alarms on the rest (good), at the 1%
-        threshold calibrated on `good` (cross-fitted good scores)."""
+    def _probe_evidence(good: torch.Tensor, probed: torch.Tensor, count: int, owners: np.ndarray) -> dict[str, float]:
+        """Recall on the probe's first `count` (synthetic defects) and the share of held-out images flagged among the
+        rest (good images as they are and drifted; `owners`: the image each shows), at the 1% threshold calibrated on
+        `good` (cross-fitted good scores)."""
         good, probed = good.numpy(), probed.numpy()
         threshold = false_alarm_cut(good, TAIL_RATE)
-        return {**separation(good, probed[:count], threshold), "false_alarms": false_alarms(good, probed[count:], threshold)}
+        return {**separation(good, probed[:count], threshold), "false_alarms": false_alarms(probed[count:], owners, threshold)}
 
     def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor, scored: torch.Tensor | None = None
                        ) -> torch.Tensor:

@@ -80,9 +80,11 @@ def separation(good: np.ndarray, defective: np.ndarray, threshold: float | None 
     return {"recall_at_1pct": float((defective >= cut).mean()), "mean_margin_sd": float(margins.mean())}
 
 
-def false_alarms(good: np.ndarray, other_good: np.ndarray, threshold: float | None = None) -> float:
-    """The share of good images (held out, drifted) at or above `threshold` (default as in `separation`)."""
-    return separation(good, other_good, threshold)["recall_at_1pct"]
+def false_alarms(versions: np.ndarray, owners: np.ndarray, threshold: float) -> float:
+    """The share of held-out good images with a version (as it is, drifted) scored at or above `threshold`;
+    `owners[i]` is the image `versions[i]` shows. A drifted copy is its image again under other light, so an image
+    counts once however many of its versions are flagged."""
+    return len(np.unique(owners[versions >= threshold])) / len(np.unique(owners))
 
 
 def noise(recall: float, count: int) -> float:
@@ -91,9 +93,8 @@ def noise(recall: float, count: int) -> float:
 
 
 def costs_within_noise(alone: dict[str, float], both: dict[str, float], defects: int, images: int) -> bool:
-    """Whether `both` catches no fewer of `defects` synthetic defects than `alone` and raises no more false alarms on
-    the probe's good images, each within one standard error. The false alarms' error counts the `images` held-out
-    images, not their versions: a drifted copy is its image again under other light, flagged with it or not at all
-    (one unusual good image and its two copies are one image's worth of evidence, not three)."""
+    """Whether `both` catches no fewer of `defects` synthetic defects than `alone` and flags no more of the `images`
+    held-out good images (`false_alarms`: an image with any of its versions flagged), each within one standard error:
+    one unusual good image, whether as it is or drifted, is one image's worth of evidence."""
     return (alone["recall_at_1pct"] - both["recall_at_1pct"] <= noise(alone["recall_at_1pct"], defects)
             and both["false_alarms"] - alone["false_alarms"] <= noise(alone["false_alarms"], images))
