@@ -273,8 +273,8 @@ def fit(
     view = fitted.detector.train_summary.get("global_view_choice")
     if view and "evidence" in view:
         say(f"global view {view['chosen']}: with it, the synthetic defects caught change by {-view['recall_cost']:+.0%} "
-            f"and the false alarms on held-out and drifted good images by {view['false_alarm_cost']:+.0%} (`info` has the "
-            "evidence)")
+            f"and the held-out good images flagged (as they are or drifted) by {view['false_alarm_cost']:+.0%} (`info` has "
+            "the evidence)")
     say(f"{calibration.describe()}, from {report.calibration_images} cross-fitted good scores")
     if calibration.warning:
         warn(calibration.warning)
