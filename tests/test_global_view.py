@@ -169,9 +169,10 @@ def test_the_default_keeps_the_global_view_for_the_trays_and_records_why(tmp_pat
 
 
 def test_a_good_image_and_its_drifted_copies_are_one_images_worth_of_false_alarms() -> None:
-    owners = np.concatenate([np.arange(16), np.repeat(np.arange(16)[::-1], 2)])  # 16 held-out images, 2 copies each
+    owners = np.concatenate([np.arange(16), np.repeat(np.arange(16)[::-1], 2)])  # 16 held-out images, then 2 copies
+    # of each in another order, as the probe lists them
     scores = np.zeros(48)
-    scores[[3, 16 + 2 * 12, 16 + 2 * 12 + 1]] = 9.0  # image 3 as it is and both its copies (listed as image 12's)
+    scores[[3, 16 + 2 * 12, 16 + 2 * 12 + 1]] = 9.0  # image 3 as it is and both its copies (the 13th pair)
     assert false_alarms(scores, owners, threshold=5.0) == 1 / 16
     scores[16 + 2 * 12] = 0.0
     scores[16] = 9.0  # image 3 as it is and once drifted, image 15 drifted: two images
