@@ -391,9 +391,7 @@ class PatchCore(Detector):
         self.phase("global view: held-out, drifted and synthetic-defect images")
         drifted = self._drifted() if self.probe is not None else None
         if drifted is not None:
-            held = torch.from_numpy(self.probe.held)
-            self.moments.drift = drift_moment(regions[held].repeat_interleave(len(drifted.regions) // len(held), 0),
-                                              drifted.regions)
+            self.moments.drift = drift_moment(regions[torch.from_numpy(self.probe.drifted_from)], drifted.regions)
         self.regions = RegionModel.from_moments(self.moments)
         held_out = self._held_out_regions(regions) if drifted is not None else None
         with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)) as pool:
@@ -462,7 +460,7 @@ class PatchCore(Detector):
         residuals = held_out.residuals(probed.regions)
         fused_probed = self._fused(patch_probed, self._region_z(residuals))
         count = len(self.probe.defective)
-        owners = np.concatenate([held.numpy(), np.repeat(self.probe.held, len(self.probe.drifted) // len(held))])
+        owners = np.concatenate([held.numpy(), self.probe.drifted_from])
         alone = self._probe_evidence(patch, patch_probed, count, owners)
         both = self._probe_evidence(fused, fused_probed, count, owners)
         recall_cost = alone["recall_at_1pct"] - both["recall_at_1pct"]

@@ -43,6 +43,11 @@ class Probe:
         """Indices of the held-out training images."""
         return self.order[: len(self.good)]
 
+    @property
+    def drifted_from(self) -> np.ndarray:
+        """The training image each of `drifted` shows (its DRIFTS_PER_IMAGE copies of each held-out image in turn)."""
+        return np.repeat(self.held, DRIFTS_PER_IMAGE)
+
 
 def make_probe(images: Sequence[Any], seed: int, kinds: Sequence[str] = KINDS) -> Probe | None:
     """A seeded share of the training images held out, each with DEFECTS_PER_KIND defects of each of `kinds` (None
