@@ -13,8 +13,8 @@ batch 1 and batched (the model's own batch size: 16 images for PatchCore, 32 for
 are produced in the model frame. At the model's own threshold (from good images only): the
 false-alarm rate on the good test images, the recall on the defective ones, and the calibration bias
 (mean cross-fitted good score minus mean good test score, in units of the good test scores' standard
-deviation). The frame and global-view columns say what each fit chose (PatchCore's search and its
-"auto" global view) or was given. Writes JSON and Markdown.
+deviation). The frame, global-view and place-view columns say what each fit chose (PatchCore's search, its
+"auto" global view, and whether it had the good images for a place view) or was given. Writes JSON and Markdown.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from generated import CATEGORIES, write_generated  # noqa: E402  (benchmarks/gen
 from isolated import keep_other_rows, run_isolated, runs_note, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
 
 COLUMNS = (
-    ("category", "category", "{}"), ("model", "model", "{}"), ("frame", "frame", "{}"), ("global_view", "global view", "{}"),
+    ("category", "category", "{}"), ("model", "model", "{}"), ("frame", "frame", "{}"), ("global_view", "global view", "{}"), ("place_view", "place view", "{}"),
     ("image_auroc", "image AUROC", "{:.3f}"),
     ("pixel_auroc", "pixel AUROC", "{:.3f}"), ("aupro", "AUPRO", "{:.3f}"), ("image_f1_max", "image F1-max", "{:.3f}"),
     ("stated_far", "stated FAR", "{:.1%}"), ("test_far", "FAR on good test", "{:.1%}"), ("recall", "recall", "{:.3f}"),
@@ -82,6 +82,7 @@ def measure(folder: Path, model: str, settings: dict) -> dict:
         "category": folder.name, "model": model, "settings": settings, "frame": frame,
         "frame_choice": detector.train_summary.get("frame_choice"), "global_view": getattr(config, "global_view", None),
         "global_view_choice": detector.train_summary.get("global_view_choice"),
+        "place_view": {True: "on", False: "off"}.get(getattr(config, "place_view", None)),
         **{k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")},
         "threshold": decisions.get("threshold"), "stated_far": decisions.get("stated_false_alarm_rate"),
         "stated_interval": decisions.get("stated_interval"), "test_far": decisions.get("false_alarm_rate"),

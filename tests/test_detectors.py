@@ -165,7 +165,7 @@ def test_map_resizing_without_opencv_gives_opencvs_values(monkeypatch: pytest.Mo
         monkeypatch.undo()
 
 
-def test_patchcore_holdout_scores_exclude_the_images_own_patches() -> None:
+def test_patchcore_holdout_grids_exclude_the_images_own_patches() -> None:
     import torch
 
     from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig
@@ -183,7 +183,7 @@ def test_patchcore_holdout_scores_exclude_the_images_own_patches() -> None:
     for row, image in enumerate(holdout.tolist()):
         own = patches[sources == image]
         brute = torch.cdist(own, kept).min(1).values.max()
-        assert torch.isclose(detector.holdout_scores(features, holdout)[row], brute, rtol=1e-4)
+        assert torch.isclose(detector.holdout_grids(features, holdout)[0][row], brute, rtol=1e-4)
     # the fitted bank itself is untouched
     assert len(detector.index.bank) == 48
 

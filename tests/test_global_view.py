@@ -87,13 +87,15 @@ def logical(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def views(logical: Path) -> dict:
-    """PatchCore with and without the global view, fitted on the generated trays."""
+    """PatchCore with and without the global view, and PatchCore alone (the patch view: neither the global nor the
+    place view), fitted on the generated trays."""
     train = [s.path for s in load_dataset(logical).train]
     fitted = {}
-    for view in ("on", "off"):
-        detector = create_detector("patchcore", image_size=256, crop=None, coreset_ratio=0.25, global_view=view)
+    for name, views in {"on": {"global_view": "on"}, "off": {"global_view": "off"},
+                        "alone": {"global_view": "off", "place_view": False}}.items():
+        detector = create_detector("patchcore", image_size=256, crop=None, coreset_ratio=0.25, **views)
         detector.fit(train)
-        fitted[view] = detector
+        fitted[name] = detector
     return fitted
 
 
@@ -101,7 +103,7 @@ def test_the_global_view_catches_parts_that_do_not_go_together(views: dict, logi
     test = load_dataset(logical).test
     labels = [s.label for s in test]
     paths = [s.path for s in test]
-    fused, alone = views["on"].predict(paths, map_size="input"), views["off"].predict(paths, map_size="input")
+    fused, alone = views["on"].predict(paths, map_size="input"), views["alone"].predict(paths, map_size="input")
     assert image_auroc(labels, fused.scores) >= 0.98
     assert image_auroc(labels, alone.scores) <= 0.95  # every part looks normal on its own
     caught = np.array([v == "defective" for v in fused.verdicts])

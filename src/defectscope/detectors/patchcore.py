@@ -28,6 +28,7 @@ from defectscope.detectors.coreset import coreset_indices, greedy_coreset, greed
 from defectscope.detectors.global_view import (Moments, RegionModel, drift_moment, global_scores, map_grid,
                                                region_descriptors, standardize)
 from defectscope.detectors.nearest import ClusteredBank, nearest
+from defectscope.detectors.place_view import MIN_IMAGES as PLACE_MIN_IMAGES, PlaceStats, place_scores
 from defectscope.detectors.selection import (TAIL_RATE, TAIL_Z, Probe, costs_within_noise, false_alarms, make_probe,
                                               separation)
 from defectscope.errors import DefectscopeError, SettingsError, check_fitted
@@ -56,6 +57,9 @@ class PatchCoreConfig(DetectorConfig):
     regions beside the patches (`global_view.py`), fused into one score; "auto": `fit` keeps it when the probe
     of held-out good images shows it pays (more synthetic defects caught, no more false alarms under a line's
     light and camera drift; see `choose_global_view`); "on" / "off" decide it here. A fitted model's config holds "on" or "off".
+    place_view: each patch's distance also judged against how good images vary at its place (`place_view.py`),
+    fused into the patch score (the larger of the two, each on its cross-fitted good scores' scale); a fitted
+    model's config says whether it has one (none below place_view.MIN_IMAGES cross-fitted good images).
     batch_size: images per backbone pass. 16, not 32: the fit holds every image's features while the backbone's
     activations for one pass come and go, so the pass sets the peak (juice_bottle's fit: 2.6 -> 1.9 GB, same model),
     at about the same speed on 2 cores."""
@@ -66,6 +70,7 @@ class PatchCoreConfig(DetectorConfig):
     batch_size: int = 16
     frame_search: bool = True
     global_view: str = "auto"
+    place_view: bool = True
     coreset_ratio: float = 0.1
     coreset_candidates: float = 2.0
     memory_limit: int = 50_000
@@ -245,6 +250,7 @@ class PatchCore(Detector):
     moments: Moments | None = None  # the global view's good-image statistics (None: patch view alone)
     regions: RegionModel | None = None  # derived from `moments`
     fusion: dict[str, torch.Tensor] | None = None  # the views' cross-fitted good-score location and spread
+    place: dict[str, torch.Tensor] | None = None  # the place view: per-cell mean and spread, and its fusion's scales
     probe: Probe | None = None  # held-out images with synthetic defects while `fit` decides the global view
     searched: tuple[Probe, PatchFeatures | None, Preprocess | None] | None = None  # the frame search's (`use_probe`)
     global_choice: dict[str, Any] | None = None  # the evidence for that decision
@@ -336,15 +342,61 @@ class PatchCore(Detector):
 
     def score_features(self, features: PatchFeatures | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_fitted(self.index, "PatchCore")
-        features, regions = split_features(features)
-        n, h, w, d = features.shape
-        patches = features.reshape(n, h * w, d)
+        patches, regions = split_features(features)
+        scores, grids = self._patch_view(patches)
+        return self._fuse(self._with_place(scores, grids), grids, regions)
+
+    def _patch_view(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """N x h x w x d patch features -> the patch view's image scores (the largest distance; reweighted when
+        configured) and its distance grids N x h x w."""
+        n, h, w, d = patches.shape
+        patches = patches.reshape(n, h * w, d)
         distances, indices = self.index.search(patches.reshape(-1, d))
         maps = distances.reshape(n, h * w)
         scores, worst = maps.max(1)
         if self.config.reweight:
             scores = self._reweight(patches[torch.arange(n), worst], indices.reshape(n, h * w)[torch.arange(n), worst], scores)
-        return self._fuse(scores, maps.reshape(n, h, w), regions)
+        return scores, maps.reshape(n, h, w)
+
+    def _with_place(self, scores: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        """The patch view's image scores with the place view fused in (see `_place_fused`)."""
+        if self.place is None:
+            return scores
+        return self._place_fused(scores, place_scores(grids, self.place["mean"], self.place["spread"]))
+
+    def _place_fused(self, scores: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+        """The larger of the patch score and the place score, the place score put on the patch score's scale: as many
+        of the patch view's good standard deviations above its good mean as it stands above its own."""
+        patch_location, patch_spread, place_location, place_spread = self.place["fusion"]
+        return torch.maximum(scores.float(), patch_location + patch_spread * (places - place_location) / place_spread)
+
+    def patch_crossfit(self, features: PatchFeatures | torch.Tensor, folds: list[torch.Tensor],
+                       scored: list[torch.Tensor]) -> tuple[torch.Tensor, PlaceStats | None, torch.Tensor]:
+        """The patch view's cross-fitted scores, fold after fold (`holdout_grids`), as the calibration phase; then the
+        place view fitted on their distance grids (`fit_place`) and fused in. Returns the scores, the place view's
+        statistics (None without it) and the grids."""
+        advance, parts = self.phase(f"calibrating on {len(folds)} cross-fitted folds", len(folds)), []
+        self.place = None
+        for held, chosen in zip(folds, scored):
+            parts.append(self.holdout_grids(features, held, chosen))
+            advance(1)
+        scores, grids = torch.cat([part[0] for part in parts]).float(), torch.cat([part[1] for part in parts])
+        stats = self.fit_place(scores, grids)
+        return (scores if stats is None else self._place_fused(scores, stats.left_out_scores(grids))), stats, grids
+
+    def fit_place(self, scores: torch.Tensor, grids: torch.Tensor) -> PlaceStats | None:
+        """The place view from the patch view's cross-fitted scores and distance grids (None, and the config says
+        so, when it is off or there are fewer than place_view.MIN_IMAGES). Its fusion scales come from each image's
+        place score without it in the statistics, as an unseen image's would be."""
+        if not self.config.place_view or len(grids) < PLACE_MIN_IMAGES:
+            self.config.place_view = False
+            return None
+        stats = PlaceStats.of(grids)
+        places = stats.left_out_scores(grids)
+        mean, spread = stats.mean_and_spread()
+        self.place = {"mean": mean, "spread": spread, "fusion": torch.stack(
+            [scores.mean(), scores.std().clamp_min(1e-6), places.mean(), places.std().clamp_min(1e-6)])}
+        return stats
 
     def _fuse(self, scores: torch.Tensor, maps: torch.Tensor, regions: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,7 +438,7 @@ class PatchCore(Detector):
         self.global_choice = None
         if self.moments is None:
             self.config.global_view = "off"
-            return torch.cat(scored), self.fold_scores(features, folds, scored)
+            return torch.cat(scored), self.patch_crossfit(features, folds, scored)[0]
         regions = split_features(features)[1]
         self.phase("global view: held-out, drifted and synthetic-defect images")
         drifted = self._drifted() if self.probe is not None else None
@@ -396,7 +448,7 @@ class PatchCore(Detector):
         held_out = self._held_out_regions(regions) if drifted is not None else None
         with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)) as pool:
             fitting = pool.submit(self.crossfit_residuals, regions, folds, scored)
-            patch = self.fold_scores(features, folds, scored)
+            patch, place, grids = self.patch_crossfit(features, folds, scored)
             residuals = fitting.result()
         drift = (self._drift_variance(held_out, regions, drifted.regions) if drifted is not None
                  else torch.zeros(residuals.shape[1]))
@@ -405,7 +457,9 @@ class PatchCore(Detector):
                        "region_spread": (residuals.var(0) + drift).sqrt().clamp_min(1e-6)}
         fused = self._fused(patch, self._region_z(residuals))
         if self.config.global_view == "auto":
-            self.global_choice = self.choose_global_view(features, patch, fused, drifted, held_out)
+            place_held_out = (self._place_without(place, grids[torch.isin(torch.cat(scored), torch.from_numpy(self.probe.held))])
+                              if self.probe is not None else None)
+            self.global_choice = self.choose_global_view(features, patch, fused, drifted, held_out, place_held_out)
             self.config.global_view = self.global_choice["chosen"]
             if self.global_choice["chosen"] == "off":
                 self.moments = self.regions = self.fusion = None
@@ -436,7 +490,8 @@ class PatchCore(Detector):
         return ((held_out.residuals(drifted) - before) ** 2).mean(0)
 
     def choose_global_view(self, features: PatchFeatures, patch: torch.Tensor, fused: torch.Tensor,
-                           drifted: PatchFeatures, held_out: RegionModel) -> dict[str, Any]:
+                           drifted: PatchFeatures, held_out: RegionModel, place: dict[str, torch.Tensor] | None
+                           ) -> dict[str, Any]:
         """Keep the global view unless the probe shows that it costs, by the frame search's one-standard-error rule.
 
         No defect pasted into a good image stands for a part that is missing or in the wrong place (the probe's would
@@ -445,18 +500,19 @@ class PatchCore(Detector):
         it), the fused score must catch no fewer of the probe's synthetic defects than the patch score alone, and
         raise no more false alarms on the held-out good images, as they are and drifted (`selection.drifted`: the
         light and camera drift of a line), each within one standard error (`selection.costs_within_noise`: a held-out
-        image counts once, as it is or drifted). The held-out images' own patches and regions are left out of the
-        models that score them (`held_out`: the region model without them)."""
+        image counts once, as it is or drifted). The held-out images' own patches, regions and distances are left out
+        of the models that score them (`held_out`: the region model without them; `place`: the place view without
+        them)."""
         if self.probe is None:
             return {"chosen": "off", "reason": "too few training images for the probe"}
         held = torch.from_numpy(self.probe.held).sort().values
         probed = PatchFeatures.cat([self._probe_defective(), features[held], drifted])
-        fitted, fusion = self.index, self.fusion
-        self.index, self.fusion = self.holdout_bank(held)[0], None
+        fitted, fusion, fitted_place = self.index, self.fusion, self.place
+        self.index, self.fusion, self.place = self.holdout_bank(held)[0], None, place
         try:
             patch_probed = self.score_features(probed)[0].float()
         finally:
-            self.index, self.fusion = fitted, fusion
+            self.index, self.fusion, self.place = fitted, fusion, fitted_place
         residuals = held_out.residuals(probed.regions)
         fused_probed = self._fused(patch_probed, self._region_z(residuals))
         count = len(self.probe.defective)
@@ -479,15 +535,23 @@ class PatchCore(Detector):
         threshold = false_alarm_cut(good, TAIL_RATE)
         return {**separation(good, probed[:count], threshold), "false_alarms": false_alarms(probed[count:], owners, threshold)}
 
-    def holdout_scores(self, features: torch.Tensor, holdout: torch.Tensor, scored: torch.Tensor | None = None
-                       ) -> torch.Tensor:
-        """Score held-out images against `holdout_bank`: memory chosen without any patch of theirs."""
+    def holdout_grids(self, features: PatchFeatures | torch.Tensor, holdout: torch.Tensor,
+                      scored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patch view's scores and distance grids of images `scored` (default: the held-out ones) against
+        `holdout_bank`: memory chosen without any patch of theirs."""
         fitted = self.index
         self.index = self.holdout_bank(holdout)[0]
         try:
-            return self._score_and_map(features[holdout if scored is None else scored])[0]
+            return self._patch_view(split_features(features[holdout if scored is None else scored])[0])
         finally:
             self.index = fitted
+
+    def _place_without(self, stats: PlaceStats | None, grids: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The place view with `grids` (counted in `stats`) left out of its statistics; its fusion scales kept."""
+        if self.place is None:
+            return None
+        mean, spread = stats.without(grids).mean_and_spread()
+        return {**self.place, "mean": mean, "spread": spread}
 
     def holdout_bank(self, holdout: torch.Tensor) -> tuple[ClusteredBank, torch.Tensor]:
         """The memory bank without the rows taken from the held-out images, refilled with as many of the other
@@ -573,7 +637,7 @@ class PatchCore(Detector):
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores and raw maps from each patch's nearest-neighbour distance N x h x w, as `score_features`
         gives them (an export's second graph)."""
-        return self._fuse(distances.flatten(1).max(1).values, distances, regions)
+        return self._fuse(self._with_place(distances.flatten(1).max(1).values, distances), distances, regions)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         tensors = self.index.tensors() if self.index else {}
@@ -583,11 +647,16 @@ class PatchCore(Detector):
                            **({"global_drift": self.moments.drift} if self.moments.drift is not None else {}),
                            fusion_region_location=self.fusion["region_location"],
                            fusion_region_spread=self.fusion["region_spread"])
+        if self.place is not None:
+            tensors.update(place_mean=self.place["mean"], place_spread=self.place["spread"], place_fusion=self.place["fusion"])
         return tensors
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.index = ClusteredBank(tensors["memory_bank"], tensors["cluster_offsets"])
         self.moments = self.regions = self.fusion = None
+        self.place = ({"mean": tensors["place_mean"], "spread": tensors["place_spread"], "fusion": tensors["place_fusion"]}
+                      if "place_mean" in tensors else None)
+        self.config.place_view = self.place is not None  # a model fitted without it (or before it) is the patch view alone
         if self.config.global_view == "on":
             if "global_sums" not in tensors:
                 raise DefectscopeError("this PatchCore model says global_view: on but holds no global view; fit it again")
