@@ -78,7 +78,7 @@ def test_labelled_threshold_says_how_sure_it_is() -> None:
 def test_patchcore_merges_shard_coresets_and_scores_folds_without_their_rows() -> None:
     features = torch.randn(23, 4, 4, 8, generator=torch.Generator().manual_seed(0))
     detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=0.1, shard_images=2, calibration_folds=5,
-                                         place_view=False))  # the patch view's own cross-fitting (test_place_view: the place view's)
+                                         place_view="off"))  # the patch view's own cross-fitting (test_place_view: the place view's)
     detector.fit_features(features)
     folds = [set(f.tolist()) for f in detector.calibration_folds(23)]
     assert sorted(i for f in folds for i in f) == list(range(23))

@@ -92,7 +92,7 @@ def views(logical: Path) -> dict:
     train = [s.path for s in load_dataset(logical).train]
     fitted = {}
     for name, views in {"on": {"global_view": "on"}, "off": {"global_view": "off"},
-                        "alone": {"global_view": "off", "place_view": False}}.items():
+                        "alone": {"global_view": "off", "place_view": "off"}}.items():
         detector = create_detector("patchcore", image_size=256, crop=None, coreset_ratio=0.25, **views)
         detector.fit(train)
         fitted[name] = detector
@@ -124,6 +124,8 @@ def test_the_global_view_travels_in_the_model_file_and_learns_taught_images(view
     want, got = detector.predict(paths), loaded.predict(paths)
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5)
     assert loaded.config.global_view == "on" and loaded.fusion is not None
+    # "auto" keeps the place view only where the global view is not: each view in the max adds to the threshold
+    assert (loaded.config.place_view, loaded.place, views["off"].config.place_view) == ("off", None, "on")
     off = load_model(save_model(views["off"], tmp_path / "off.dsmodel"))
     assert off.moments is None and "global_sums" not in off.tensors()
     before = float(loaded.moments.count[0])
@@ -156,6 +158,7 @@ def test_the_default_keeps_the_global_view_for_the_trays_and_records_why(tmp_pat
     detector.fit([s.path for s in dataset.train])
     choice = detector.train_summary["global_view_choice"]
     assert choice["chosen"] == detector.config.global_view == "on"  # it costs the trays nothing: kept
+    assert detector.config.place_view == "off" and detector.place is None  # so the place view is left out
     assert set(choice["evidence"]) == {"patch view", "patch + global view"}
     assert (choice["synthetic_images"], choice["held_out_images"], choice["drifted_images"]) == (16 * 4 * 2, 16, 16 * 2)
     alone = choice["evidence"]["patch view"]

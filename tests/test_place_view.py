@@ -18,12 +18,8 @@ def _grids(count: int = 30) -> torch.Tensor:
     return torch.rand(count, 5, 4, generator=generator) * torch.linspace(0.2, 3.0, 20).reshape(5, 4)
 
 
-def test_statistics_without_some_images_are_those_of_the_rest() -> None:
+def test_place_statistics_are_each_places_mean_and_floored_spread() -> None:
     grids = _grids()
-    stats, rest = PlaceStats.of(grids).without(grids[:7]), PlaceStats.of(grids[7:])
-    assert stats.count == rest.count == 23
-    for got, want in zip(stats.mean_and_spread(), rest.mean_and_spread()):
-        torch.testing.assert_close(got, want)
     mean, spread = PlaceStats.of(grids).mean_and_spread()
     torch.testing.assert_close(mean, grids.mean(0))
     torch.testing.assert_close(spread, grids.std(0, unbiased=False).clamp_min(SPREAD_FLOOR * float(grids.std(0, unbiased=False).median())))
@@ -56,21 +52,24 @@ def _features(count: int, odd: int | None = None) -> torch.Tensor:
 def test_a_patch_ordinary_elsewhere_is_caught_at_a_place_that_never_varies() -> None:
     train, test = _features(60), _features(20, odd=0)
     scores = {}
-    for place_view in (False, True):  # the place view last: its statistics and grids are checked below
+    for place_view in ("off", "on"):  # the place view last: its statistics and grids are checked below
         detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=1.0, calibration_folds=5,
                                              global_view="off", place_view=place_view))
         detector.fit_features(train)
         folds, scored = detector.crossfit_rows(len(train))
-        calibration, stats, grids = detector.patch_crossfit(train, folds, scored)
+        calibration, nearest = detector.patch_crossfit(train, folds, scored)
         scores[place_view] = (detector.score_features(test)[0], calibration)
-        assert (detector.place is not None) == detector.config.place_view == place_view
-    alone, patch_calibration = scores[False]
+        assert (detector.place is not None) == (detector.config.place_view == place_view == "on")
+    alone, patch_calibration = scores["off"]
     assert alone[0] < alone[1:].max()  # to the patch view alone, the odd corner is an ordinary patch
-    fused, calibration = scores[True]
+    fused, calibration = scores["on"]
     assert fused[0] > calibration.max() and fused[0] > fused[1:].max()
-    # calibrated on each image's place score without it in the statistics, fused with the same patch scores
-    torch.testing.assert_close(calibration, detector._place_fused(patch_calibration, stats.left_out_scores(grids)))
-    assert not torch.allclose(calibration, detector._place_fused(patch_calibration, place_scores(grids, *stats.mean_and_spread())))
+    # calibrated on each image's place score without it in the statistics, fused with the same nearest-patch scores
+    torch.testing.assert_close(nearest, patch_calibration)
+    grids = torch.cat([detector.holdout_grids(train, held, chosen)[1] for held, chosen in zip(folds, scored)])
+    stats = PlaceStats.of(grids)
+    torch.testing.assert_close(calibration, detector._place_fused(nearest, stats.left_out_scores(grids)))
+    assert not torch.allclose(calibration, detector._place_fused(nearest, place_scores(grids, *stats.mean_and_spread())))
 
 
 def test_too_few_images_leave_the_place_view_out() -> None:
@@ -80,7 +79,7 @@ def test_too_few_images_leave_the_place_view_out() -> None:
     folds, scored = detector.crossfit_rows(len(few))
     torch.testing.assert_close(detector.patch_crossfit(few, folds, scored)[0],
                                torch.cat([detector.holdout_grids(few, held, chosen)[0] for held, chosen in zip(folds, scored)]))
-    assert detector.place is None and detector.config.place_view is False
+    assert detector.place is None and detector.config.place_view == "off"
 
 
 def test_the_place_view_travels_in_the_model_file(demo_root: Path, tmp_path: Path) -> None:
@@ -89,12 +88,12 @@ def test_the_place_view_travels_in_the_model_file(demo_root: Path, tmp_path: Pat
     dataset = load_dataset(demo_root)
     detector = PatchCore(PatchCoreConfig(image_size=128, crop=112, coreset_ratio=0.25, global_view="off"))
     detector.fit([s.path for s in dataset.train])
-    assert detector.config.place_view and detector.place is not None
+    assert detector.config.place_view == "on" and detector.place is not None  # "auto": the global view is off
     loaded = load_model(save_model(detector, tmp_path / "m.dsmodel"))
-    assert loaded.config.place_view and set(loaded.place) == {"mean", "spread", "fusion"}
+    assert loaded.config.place_view == "on" and set(loaded.place) == {"mean", "spread", "fusion"}
     paths = [s.path for s in dataset.test]
     np.testing.assert_allclose(loaded.predict(paths).scores, detector.predict(paths).scores, rtol=1e-6)
-    without = PatchCore(PatchCoreConfig(image_size=128, crop=112, coreset_ratio=0.25, global_view="off", place_view=False))
+    without = PatchCore(PatchCoreConfig(image_size=128, crop=112, coreset_ratio=0.25, global_view="off", place_view="off"))
     without.fit([s.path for s in dataset.train])
     reloaded = load_model(save_model(without, tmp_path / "alone.dsmodel"))
-    assert reloaded.place is None and not reloaded.config.place_view and "place_mean" not in reloaded.tensors()
+    assert reloaded.place is None and reloaded.config.place_view == "off" and "place_mean" not in reloaded.tensors()

@@ -58,8 +58,10 @@ class PatchCoreConfig(DetectorConfig):
     of held-out good images shows it pays (more synthetic defects caught, no more false alarms under a line's
     light and camera drift; see `choose_global_view`); "on" / "off" decide it here. A fitted model's config holds "on" or "off".
     place_view: each patch's distance also judged against how good images vary at its place (`place_view.py`),
-    fused into the patch score (the larger of the two, each on its cross-fitted good scores' scale); a fitted
-    model's config says whether it has one (none below place_view.MIN_IMAGES cross-fitted good images).
+    fused into the patch score (the larger of the two, each on its cross-fitted good scores' scale); "auto": kept
+    when the global view is not (both judge a place against good images, and each view in the max adds its good
+    images' tail to the threshold); "on" / "off" decide it here; none below place_view.MIN_IMAGES cross-fitted good
+    images. A fitted model's config holds "on" or "off".
     batch_size: images per backbone pass. 16, not 32: the fit holds every image's features while the backbone's
     activations for one pass come and go, so the pass sets the peak (juice_bottle's fit: 2.6 -> 1.9 GB, same model),
     at about the same speed on 2 cores."""
@@ -70,7 +72,7 @@ class PatchCoreConfig(DetectorConfig):
     batch_size: int = 16
     frame_search: bool = True
     global_view: str = "auto"
-    place_view: bool = True
+    place_view: str = "auto"
     coreset_ratio: float = 0.1
     coreset_candidates: float = 2.0
     memory_limit: int = 50_000
@@ -93,6 +95,7 @@ class PatchCoreConfig(DetectorConfig):
         require_range("shard_images", self.shard_images, 1)
         require_range("memory_limit", self.memory_limit, 1)
         require_choice("global_view", self.global_view, GLOBAL_VIEW)
+        require_choice("place_view", self.place_view, GLOBAL_VIEW)
         if self.patch_stride not in PATCH_STRIDES:
             raise SettingsError(f"field 'patch_stride' must be one of {', '.join(map(str, PATCH_STRIDES))}, "
                                 f"got {self.patch_stride}")
@@ -371,10 +374,10 @@ class PatchCore(Detector):
         return torch.maximum(scores.float(), patch_location + patch_spread * (places - place_location) / place_spread)
 
     def patch_crossfit(self, features: PatchFeatures | torch.Tensor, folds: list[torch.Tensor],
-                       scored: list[torch.Tensor]) -> tuple[torch.Tensor, PlaceStats | None, torch.Tensor]:
+                       scored: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The patch view's cross-fitted scores, fold after fold (`holdout_grids`), as the calibration phase; then the
-        place view fitted on their distance grids (`fit_place`) and fused in. Returns the scores, the place view's
-        statistics (None without it) and the grids."""
+        place view fitted on their distance grids (`fit_place`). Returns the scores with the place view fused in (each
+        image's place score from the statistics without it) and the nearest-patch scores alone."""
         advance, parts = self.phase(f"calibrating on {len(folds)} cross-fitted folds", len(folds)), []
         self.place = None
         for held, chosen in zip(folds, scored):
@@ -382,14 +385,14 @@ class PatchCore(Detector):
             advance(1)
         scores, grids = torch.cat([part[0] for part in parts]).float(), torch.cat([part[1] for part in parts])
         stats = self.fit_place(scores, grids)
-        return (scores if stats is None else self._place_fused(scores, stats.left_out_scores(grids))), stats, grids
+        return (scores if stats is None else self._place_fused(scores, stats.left_out_scores(grids))), scores
 
     def fit_place(self, scores: torch.Tensor, grids: torch.Tensor) -> PlaceStats | None:
         """The place view from the patch view's cross-fitted scores and distance grids (None, and the config says
         so, when it is off or there are fewer than place_view.MIN_IMAGES). Its fusion scales come from each image's
         place score without it in the statistics, as an unseen image's would be."""
-        if not self.config.place_view or len(grids) < PLACE_MIN_IMAGES:
-            self.config.place_view = False
+        if self.config.place_view == "off" or len(grids) < PLACE_MIN_IMAGES:
+            self.config.place_view = "off"
             return None
         stats = PlaceStats.of(grids)
         places = stats.left_out_scores(grids)
@@ -428,9 +431,10 @@ class PatchCore(Detector):
         return standardize(residuals, self.fusion["region_location"], self.fusion["region_spread"])
 
     def crossfit_scores(self, features: PatchFeatures | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The patch view's cross-fitted scores (see `Detector.crossfit_scores`); with the global view, each fold's
-        region residuals from statistics without the fold too, then the fusion fitted on both, and the fused
-        scores (or, when "auto" decides against the global view, the patch view's).
+        """The patch view's cross-fitted scores (see `Detector.crossfit_scores`), with the place view fused in unless
+        it is off or (with "auto") the global view is kept; with the global view, each fold's region residuals from
+        statistics without the fold too, then the fusion fitted on both, and the fused scores (or, when "auto" decides
+        against the global view, the patch view's).
 
         The folds' region models are fitted in a second thread while the patch view scores the folds: a few images'
         nearest-neighbour search runs on one BLAS thread (`search.py`), which leaves the other core to them."""
@@ -438,7 +442,7 @@ class PatchCore(Detector):
         self.global_choice = None
         if self.moments is None:
             self.config.global_view = "off"
-            return torch.cat(scored), self.patch_crossfit(features, folds, scored)[0]
+            return torch.cat(scored), self._settle_place(*self.patch_crossfit(features, folds, scored), keep=True)
         regions = split_features(features)[1]
         self.phase("global view: held-out, drifted and synthetic-defect images")
         drifted = self._drifted() if self.probe is not None else None
@@ -448,23 +452,30 @@ class PatchCore(Detector):
         held_out = self._held_out_regions(regions) if drifted is not None else None
         with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)) as pool:
             fitting = pool.submit(self.crossfit_residuals, regions, folds, scored)
-            patch, place, grids = self.patch_crossfit(features, folds, scored)
+            patch, nearest = self.patch_crossfit(features, folds, scored)
             residuals = fitting.result()
         drift = (self._drift_variance(held_out, regions, drifted.regions) if drifted is not None
                  else torch.zeros(residuals.shape[1]))
-        self.fusion = {"patch": torch.stack([patch.mean(), patch.std().clamp_min(1e-6)]),
+        self.fusion = {"patch": torch.stack([nearest.mean(), nearest.std().clamp_min(1e-6)]),
                        "region_location": residuals.mean(0),
                        "region_spread": (residuals.var(0) + drift).sqrt().clamp_min(1e-6)}
-        fused = self._fused(patch, self._region_z(residuals))
+        z = self._region_z(residuals)
         if self.config.global_view == "auto":
-            place_held_out = (self._place_without(place, grids[torch.isin(torch.cat(scored), torch.from_numpy(self.probe.held))])
-                              if self.probe is not None else None)
-            self.global_choice = self.choose_global_view(features, patch, fused, drifted, held_out, place_held_out)
+            self.global_choice = self.choose_global_view(features, nearest, self._fused(nearest, z), drifted, held_out)
             self.config.global_view = self.global_choice["chosen"]
             if self.global_choice["chosen"] == "off":
                 self.moments = self.regions = self.fusion = None
-                return torch.cat(scored), patch
-        return torch.cat(scored), fused
+                return torch.cat(scored), self._settle_place(patch, nearest, keep=True)
+        return torch.cat(scored), self._fused(self._settle_place(patch, nearest, keep=False), z)
+
+    def _settle_place(self, patch: torch.Tensor, nearest: torch.Tensor, keep: bool) -> torch.Tensor:
+        """The patch view's cross-fitted scores once "auto" has settled the place view (`keep`: whether the global
+        view leaves it in): with it (`patch`) or without (`nearest`, and the place view dropped)."""
+        if self.place is not None and (keep or self.config.place_view == "on"):
+            self.config.place_view = "on"
+            return patch
+        self.place, self.config.place_view = None, "off"
+        return nearest
 
     def crossfit_residuals(self, regions: torch.Tensor, folds: list[torch.Tensor], scored: list[torch.Tensor]
                            ) -> torch.Tensor:
@@ -490,8 +501,7 @@ class PatchCore(Detector):
         return ((held_out.residuals(drifted) - before) ** 2).mean(0)
 
     def choose_global_view(self, features: PatchFeatures, patch: torch.Tensor, fused: torch.Tensor,
-                           drifted: PatchFeatures, held_out: RegionModel, place: dict[str, torch.Tensor] | None
-                           ) -> dict[str, Any]:
+                           drifted: PatchFeatures, held_out: RegionModel) -> dict[str, Any]:
         """Keep the global view unless the probe shows that it costs, by the frame search's one-standard-error rule.
 
         No defect pasted into a good image stands for a part that is missing or in the wrong place (the probe's would
@@ -500,19 +510,20 @@ class PatchCore(Detector):
         it), the fused score must catch no fewer of the probe's synthetic defects than the patch score alone, and
         raise no more false alarms on the held-out good images, as they are and drifted (`selection.drifted`: the
         light and camera drift of a line), each within one standard error (`selection.costs_within_noise`: a held-out
-        image counts once, as it is or drifted). The held-out images' own patches, regions and distances are left out
-        of the models that score them (`held_out`: the region model without them; `place`: the place view without
-        them)."""
+        image counts once, as it is or drifted). The held-out images' own patches and regions are left out of the
+        models that score them (`held_out`: the region model without them). The global view is judged against the
+        nearest-patch score (`patch`, `fused`: cross-fitted, without the place view): what its good images' spread
+        costs the view it joins, as the place view, always fused in, neither hides nor adds to it."""
         if self.probe is None:
             return {"chosen": "off", "reason": "too few training images for the probe"}
         held = torch.from_numpy(self.probe.held).sort().values
         probed = PatchFeatures.cat([self._probe_defective(), features[held], drifted])
-        fitted, fusion, fitted_place = self.index, self.fusion, self.place
-        self.index, self.fusion, self.place = self.holdout_bank(held)[0], None, place
+        fitted, fusion, place = self.index, self.fusion, self.place
+        self.index, self.fusion, self.place = self.holdout_bank(held)[0], None, None
         try:
             patch_probed = self.score_features(probed)[0].float()
         finally:
-            self.index, self.fusion, self.place = fitted, fusion, fitted_place
+            self.index, self.fusion, self.place = fitted, fusion, place
         residuals = held_out.residuals(probed.regions)
         fused_probed = self._fused(patch_probed, self._region_z(residuals))
         count = len(self.probe.defective)
@@ -545,13 +556,6 @@ class PatchCore(Detector):
             return self._patch_view(split_features(features[holdout if scored is None else scored])[0])
         finally:
             self.index = fitted
-
-    def _place_without(self, stats: PlaceStats | None, grids: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        """The place view with `grids` (counted in `stats`) left out of its statistics; its fusion scales kept."""
-        if self.place is None:
-            return None
-        mean, spread = stats.without(grids).mean_and_spread()
-        return {**self.place, "mean": mean, "spread": spread}
 
     def holdout_bank(self, holdout: torch.Tensor) -> tuple[ClusteredBank, torch.Tensor]:
         """The memory bank without the rows taken from the held-out images, refilled with as many of the other
@@ -656,7 +660,7 @@ class PatchCore(Detector):
         self.moments = self.regions = self.fusion = None
         self.place = ({"mean": tensors["place_mean"], "spread": tensors["place_spread"], "fusion": tensors["place_fusion"]}
                       if "place_mean" in tensors else None)
-        self.config.place_view = self.place is not None  # a model fitted without it (or before it) is the patch view alone
+        self.config.place_view = "on" if self.place is not None else "off"  # fitted without it (or before it): the patch view alone
         if self.config.global_view == "on":
             if "global_sums" not in tensors:
                 raise DefectscopeError("this PatchCore model says global_view: on but holds no global view; fit it again")

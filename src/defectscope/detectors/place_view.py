@@ -36,11 +36,6 @@ class PlaceStats:
         grids = grids.double()
         return cls(len(grids), grids.sum(0), (grids * grids).sum(0))
 
-    def without(self, grids: torch.Tensor) -> PlaceStats:
-        """The statistics with `grids` (some of those counted) taken out, exactly."""
-        less = PlaceStats.of(grids)
-        return PlaceStats(self.count - less.count, self.sums - less.sums, self.squares - less.squares)
-
     def mean_and_spread(self) -> tuple[torch.Tensor, torch.Tensor]:
         """h x w mean and spread (the standard deviation, at least SPREAD_FLOOR of the median place's), float32."""
         mean, spread = _moments(self.count, self.sums, self.squares)
