@@ -82,7 +82,7 @@ def measure(folder: Path, model: str, settings: dict) -> dict:
         "category": folder.name, "model": model, "settings": settings, "frame": frame,
         "frame_choice": detector.train_summary.get("frame_choice"), "global_view": getattr(config, "global_view", None),
         "global_view_choice": detector.train_summary.get("global_view_choice"),
-        "place_view": {True: "on", False: "off"}.get(getattr(config, "place_view", None)),
+        "place_view": getattr(config, "place_view", None),
         **{k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")},
         "threshold": decisions.get("threshold"), "stated_far": decisions.get("stated_false_alarm_rate"),
         "stated_interval": decisions.get("stated_interval"), "test_far": decisions.get("false_alarm_rate"),

@@ -241,6 +241,8 @@ def test_the_frame_search_choice_is_recorded_and_restored(demo_root: Path, tmp_p
     out = tmp_path / "auto.dsmodel"
     fitted = cli("fit", demo_root, "-o", out)
     assert fitted.code == 0 and "global view " in fitted.out  # both choices are said
+    place = model_info(out)["config"]["place_view"]
+    assert place in ("on", "off") and f"place view {place}: " in fitted.out  # and the place view it settled on
     choice = model_info(out)["train_summary"]["frame_choice"]
     view = model_info(out)["train_summary"]["global_view_choice"]  # its cost said with the sign of the change it makes
     assert f"the synthetic defects caught change by {-view['recall_cost']:+.0%} " in fitted.out

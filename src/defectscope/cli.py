@@ -275,6 +275,11 @@ def fit(
         say(f"global view {view['chosen']}: with it, the synthetic defects caught change by {-view['recall_cost']:+.0%} "
             f"and the held-out good images flagged (as they are or drifted) by {view['false_alarm_cost']:+.0%} (`info` has "
             "the evidence)")
+    place = getattr(fitted.detector.config, "place_view", None)
+    if place is not None:
+        say(f"place view {place}: " + ("each patch also judged against how the good images vary at its place" if place == "on"
+                                      else "the global view judges places" if fitted.detector.config.global_view == "on"
+                                      else "the patch view alone"))
     say(f"{calibration.describe()}, from {report.calibration_images} cross-fitted good scores")
     if calibration.warning:
         warn(calibration.warning)
