@@ -512,8 +512,9 @@ class PatchCore(Detector):
         light and camera drift of a line), each within one standard error (`selection.costs_within_noise`: a held-out
         image counts once, as it is or drifted). The held-out images' own patches and regions are left out of the
         models that score them (`held_out`: the region model without them). The global view is judged against the
-        nearest-patch score (`patch`, `fused`: cross-fitted, without the place view): what its good images' spread
-        costs the view it joins, as the place view, always fused in, neither hides nor adds to it."""
+        nearest-patch score (`patch`, `fused`: cross-fitted, without the place view): the place view is kept only
+        where the global view is not, and it catches some of what the global view catches, which would leave the
+        global view only its cost to show."""
         if self.probe is None:
             return {"chosen": "off", "reason": "too few training images for the probe"}
         held = torch.from_numpy(self.probe.held).sort().values
