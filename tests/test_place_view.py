@@ -97,3 +97,15 @@ def test_the_place_view_travels_in_the_model_file(demo_root: Path, tmp_path: Pat
     without.fit([s.path for s in dataset.train])
     reloaded = load_model(save_model(without, tmp_path / "alone.dsmodel"))
     assert reloaded.place is None and reloaded.config.place_view == "off" and "place_mean" not in reloaded.tensors()
+
+
+def test_places_that_never_vary_give_finite_scores() -> None:
+    """Identical good images: every spread is 0, and no place z may become NaN or infinite (a NaN is no verdict)."""
+    grids = torch.zeros(25, 3, 3)
+    stats = PlaceStats.of(grids)
+    mean, spread = stats.mean_and_spread()
+    assert bool((spread > 0).all()) and bool(torch.isfinite(stats.left_out_scores(grids)).all())
+    changed = grids[:1].clone()
+    changed[0, 1, 1] = 0.5
+    assert place_scores(changed, mean, spread)[0] > 1000  # a place that never varied, changed: far beyond its spread
+

@@ -20,6 +20,7 @@ import torch
 
 MIN_IMAGES = 20  # fewer cross-fitted good maps: a place's spread would be mostly noise, so no place view
 SPREAD_FLOOR = 0.1  # a place's spread counts as at least this share of the median place's (never divide by ~0)
+LEAST_SPREAD = 1e-6  # and as at least this, when most places never vary (identical good images)
 
 
 @dataclass
@@ -42,8 +43,8 @@ class PlaceStats:
         return mean.float(), spread.clamp_min(self.floor()).float()
 
     def floor(self) -> float:
-        """The least spread a place counts with: SPREAD_FLOOR of the median place's."""
-        return SPREAD_FLOOR * float(_moments(self.count, self.sums, self.squares)[1].median())
+        """The least spread a place counts with: SPREAD_FLOOR of the median place's (at least LEAST_SPREAD)."""
+        return max(LEAST_SPREAD, SPREAD_FLOOR * float(_moments(self.count, self.sums, self.squares)[1].median()))
 
     def left_out_scores(self, grids: torch.Tensor) -> torch.Tensor:
         """Place scores of N grids counted here, each from the statistics without it (leave one out; the floor
