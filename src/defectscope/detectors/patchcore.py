@@ -39,7 +39,7 @@ from defectscope.thresholds import false_alarm_cut
 
 TEACH_COVERAGE = 0.1  # taught patches are added until covered as closely as the best-covered tenth of good images
 PATCH_STRIDES = (8, 16, 32)  # the finest feature stride (8) times 1, 2 or 4
-GLOBAL_VIEW = ("auto", "on", "off")
+VIEW_CHOICES = ("auto", "on", "off")  # global_view and place_view: chosen by fit, or given
 
 
 @dataclass
@@ -94,8 +94,8 @@ class PatchCoreConfig(DetectorConfig):
         require_range("reweight_neighbours", self.reweight_neighbours, 1)
         require_range("shard_images", self.shard_images, 1)
         require_range("memory_limit", self.memory_limit, 1)
-        require_choice("global_view", self.global_view, GLOBAL_VIEW)
-        require_choice("place_view", self.place_view, GLOBAL_VIEW)
+        require_choice("global_view", self.global_view, VIEW_CHOICES)
+        require_choice("place_view", self.place_view, VIEW_CHOICES)
         if self.patch_stride not in PATCH_STRIDES:
             raise SettingsError(f"field 'patch_stride' must be one of {', '.join(map(str, PATCH_STRIDES))}, "
                                 f"got {self.patch_stride}")
