@@ -51,7 +51,7 @@ class PlaceStats:
         from all of them)."""
         grids = grids.double()
         mean, spread = _moments(self.count - 1, self.sums - grids, self.squares - grids * grids)
-        return ((grids - mean) / spread.clamp_min(self.floor())).flatten(1).amax(1).float()
+        return place_scores(grids, mean, spread.clamp_min(self.floor())).float()
 
 
 def _moments(count: int, sums: torch.Tensor, squares: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
