@@ -29,10 +29,15 @@ COLUMNS = (("category", "category", "{}"), ("pair", "pair", "{}"), ("order", "or
            ("global_view", "global view", "{}"), ("place_view", "place view", "{}"))
 
 
+def pair_order(pair: int) -> tuple[str, ...]:
+    """The models in the order pair `pair` runs them: the default first in even pairs, PatchCore alone in odd ones."""
+    return MODELS if pair % 2 == 0 else MODELS[::-1]
+
+
 def pair_row(category: str, pair: int, runs: dict[str, dict]) -> dict:
     """One pair's row: both models' fit and batched inference times, and what the default adds."""
     default, alone = runs[MODELS[0]], runs[MODELS[1]]
-    return {"category": category, "pair": pair + 1, "order": "default first" if pair % 2 == 0 else "alone first",
+    return {"category": category, "pair": pair + 1, "order": "default first" if pair_order(pair)[0] == MODELS[0] else "alone first",
             "fit_default": default["fit_s"], "fit_alone": alone["fit_s"], "fit_cost": default["fit_s"] / alone["fit_s"] - 1,
             "ms_default": default["ms_batched"], "ms_alone": alone["ms_batched"],
             "ms_cost": default["ms_batched"] - alone["ms_batched"], "frame_default": default["frame"],
@@ -65,9 +70,8 @@ def main() -> None:
     for folder in folders:
         pairs = []
         for pair in range(args.pairs):
-            order = MODELS if pair % 2 == 0 else MODELS[::-1]
             runs = {model: run_isolated(script, ["--settings", json.dumps({}), "--single", str(folder), model],
-                                        f"{folder.name}/{model}") for model in order}
+                                        f"{folder.name}/{model}") for model in pair_order(pair)}
             pairs.append(pair_row(folder.name, pair, runs))
             print(markdown_table(pairs[-1:], COLUMNS).splitlines()[-1], flush=True)
         rows += [*pairs, median_row(folder.name, pairs)]

@@ -39,3 +39,18 @@ def test_a_generated_category_is_named_by_what_it_is(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logical-parts", "logical-parts-seed2"]  # nothing left over
     first = "train/good/000.png"
     assert (again / first).read_bytes() != (logical / first).read_bytes()
+
+
+def test_view_cost_pairs_alternate_and_state_what_the_default_adds() -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    from view_cost import MODELS, median_row, pair_order, pair_row
+
+    assert [pair_order(pair)[0] for pair in range(3)] == [MODELS[0], MODELS[1], MODELS[0]]  # neither always first
+    run = {"frame": "352/320 s16", "global_view": "on", "place_view": "off"}
+    rows = [pair_row("juice", pair, {MODELS[0]: {**run, "fit_s": fit, "ms_batched": ms},
+                                     MODELS[1]: {**run, "fit_s": 100.0, "ms_batched": 40.0}})
+            for pair, (fit, ms) in enumerate([(110.0, 41.0), (104.0, 46.0), (120.0, 39.0)])]
+    assert [row["order"] for row in rows] == ["default first", "alone first", "default first"]
+    assert [round(row["fit_cost"], 3) for row in rows] == [0.1, 0.04, 0.2] and [row["ms_cost"] for row in rows] == [1, 6, -1]
+    median = median_row("juice", rows)
+    assert (round(median["fit_cost"], 3), median["ms_cost"], median["fit_default"]) == (0.1, 1.0, 110.0)
