@@ -1,5 +1,5 @@
 """The place view: per-place statistics left out exactly, calibration from images unseen by their own statistics, a
-patch that is ordinary elsewhere but not at its place, and the model file."""
+patch that is ordinary elsewhere but not at its place, and the model file with the map's region level."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defectscope.artifacts import load_model, save_model
+from defectscope.artifacts import load_model, save_model, set_threshold
 from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig
 from defectscope.detectors.place_view import MIN_IMAGES, SPREAD_FLOOR, PlaceStats, place_scores
+from defectscope.export.pseudo import map_threshold
+from defectscope.thresholds import calibrate
 
 
 def _grids(count: int = 30) -> torch.Tensor:
@@ -83,6 +85,7 @@ def test_too_few_images_leave_the_place_view_out() -> None:
 
 
 def test_the_place_view_travels_in_the_model_file(demo_root: Path, tmp_path: Path) -> None:
+    """Place statistics and the map's region level are saved and restored; a new threshold keeps that level."""
     from defectscope import load_dataset
 
     dataset = load_dataset(demo_root)
@@ -97,6 +100,15 @@ def test_the_place_view_travels_in_the_model_file(demo_root: Path, tmp_path: Pat
     without.fit([s.path for s in dataset.train])
     reloaded = load_model(save_model(without, tmp_path / "alone.dsmodel"))
     assert reloaded.place is None and reloaded.config.place_view == "off" and "place_mean" not in reloaded.tensors()
+    # the map shows the patch distances alone: its regions start where the patch view's own threshold does
+    assert without.calibration.map_threshold is None
+    assert loaded.calibration.map_threshold == detector.calibration.map_threshold == without.calibration.threshold
+    assert map_threshold(loaded, None) == without.calibration.threshold <= loaded.calibration.threshold
+    assert f"defect regions from map level {without.calibration.threshold:.4g}" in loaded.calibration.describe()
+    kept = set_threshold(tmp_path / "m.dsmodel", calibrate(loaded.calibration_scores.numpy(), "false_alarm_rate", 0.05),
+                         tmp_path / "moved.dsmodel")
+    moved = load_model(kept).calibration
+    assert moved.threshold != loaded.calibration.threshold and moved.map_threshold == loaded.calibration.map_threshold
 
 
 def test_places_that_never_vary_give_finite_scores() -> None:

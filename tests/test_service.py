@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,22 @@ def test_inspect_matches_the_library_with_heatmaps_and_regions(client: TestClien
     # regions come from the smoothed map, the verdict from the largest patch distance: a flagged part whose smoothed
     # map stays under the threshold shows no region, but a good one never shows any
     assert any(r["regions"] for r in flagged) and not any(r["regions"] for r in body["results"] if r["verdict"] == "good")
+
+
+def test_regions_come_from_the_maps_own_level_and_only_on_parts_judged_defective(model_folder: Path, demo_root: Path,
+                                                                                   tmp_path: Path) -> None:
+    """A map level below every pixel: a part judged defective is one region, a part judged good still none."""
+    model = load_model(model_folder / "part.dsmodel")
+    (tmp_path / "served").mkdir()
+    set_threshold(model_folder / "part.dsmodel", replace(model.calibration, map_threshold=1e-9),
+                  tmp_path / "served" / "part.dsmodel")
+    paths = samples(demo_root, 0, 2) + samples(demo_root, 1, 3)
+    with make_client(tmp_path / "served") as client:
+        body = client.post("/v1/models/part/inspect?regions=true", files=upload(*paths)).json()
+    judged = {r["verdict"]: r for r in body["results"]}
+    assert set(judged) == {"good", "defective"} and judged["good"]["regions"] == []
+    region = judged["defective"]["regions"]
+    assert len(region) == 1 and region[0]["area"] == judged["defective"]["height"] * judged["defective"]["width"]
 
 
 def test_bad_uploads_get_clear_json_errors(client: TestClient, demo_root: Path, tmp_path: Path, monkeypatch) -> None:

@@ -8,6 +8,7 @@ A file is checked whole before anything is built from it; every defect is one cl
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -147,13 +148,17 @@ def load_model(path: str | Path, weights: str | Path | None = None) -> MapModel:
 
 
 def set_threshold(path: str | Path, calibration: Calibration, out: str | Path | None = None, force: bool = False) -> Path:
-    """Write a model file with a new threshold (to `out`, default in place, atomically), keeping everything else."""
+    """Write a model file with a new threshold (to `out`, default in place, atomically), keeping everything else
+    (the map's region level too, unless the new calibration states one)."""
     path = Path(path)
     target = Path(out) if out is not None else path
     data, manifest = checked_file(path)
     _check_calibration(calibration, "the new calibration")
     if target != path:
         check_model_output(target, force)
+    kept = manifest.get("calibration") or {}
+    if calibration.map_threshold is None and kept.get("map_threshold") is not None:  # the map's own level stays
+        calibration = replace(calibration, map_threshold=Calibration.from_dict(kept).map_threshold)
     manifest["calibration"] = calibration.to_dict()
     write_atomic(target, _file_bytes(load_tensors_bytes(data), manifest))
     return target

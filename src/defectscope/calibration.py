@@ -24,6 +24,9 @@ class Calibration:
 
     false_alarm_rate: expected share of new good parts called defective; false_alarm_interval: its
     95% interval; recall / recall_interval: the same for defective parts when labels chose the threshold.
+    map_threshold: the map level that marks a defect's region when the map does not show every view the image
+    score fuses (PatchCore's patch distances beside its place and global views): the same rule on the cross-fitted
+    scores of the view the map shows. None: the maps share the threshold's scale.
     """
 
     threshold: float
@@ -38,6 +41,7 @@ class Calibration:
     recall: float | None = None
     recall_interval: tuple[float, float] | None = None
     gap_interval: tuple[float, float] | None = None  # labelled: the nearest good score below, defective score at/above
+    map_threshold: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +60,11 @@ class Calibration:
                 continue
             values[key] = _checked_field(key, data.get(key), "| None" in str(field.type))
         return cls(**values)
+
+    @property
+    def region_threshold(self) -> float:
+        """The map level at and above which a map's pixels form a defect's region."""
+        return self.threshold if self.map_threshold is None else self.map_threshold
 
     @property
     def from_fitted_tail(self) -> bool:
@@ -80,6 +89,8 @@ class Calibration:
             text += f"; nearest labelled scores: good {good:.3f}, defective {defective:.3f} (normalized)"
             if defective == 1.0:
                 text += ", the threshold sits on a defective score (--margin leaves room)"
+        if self.map_threshold is not None:
+            text += f"; defect regions from map level {self.map_threshold:.4g}"
         return text
 
 

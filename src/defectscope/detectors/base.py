@@ -285,8 +285,10 @@ class Detector(MapModel):
         method, param = ((self.calibration.method, self.calibration.param) if known
                          else (self.config.threshold_method, self.config.threshold_param))
         restated = calibrate(self.calibration_scores.numpy(), method, param)
-        if self.calibration is None or restated.threshold <= self.calibration.threshold:
+        if self.calibration is None:
             return restated
+        if restated.threshold <= self.calibration.threshold:
+            return replace(restated, map_threshold=self.calibration.map_threshold)
         above = int((taught_scores > self.calibration.threshold).sum())
         warning = (f"{above} of {len(taught_scores)} taught images still score above the threshold when held out; "
                    "teach more images like them") if above else None

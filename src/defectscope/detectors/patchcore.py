@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ from defectscope.detectors.selection import (TAIL_RATE, TAIL_Z, Probe, costs_wit
 from defectscope.errors import DefectscopeError, SettingsError, check_fitted
 from defectscope.maps import bilinear_matrix
 from defectscope.settings import require_choice, require_range
-from defectscope.thresholds import false_alarm_cut
+from defectscope.thresholds import calibrate, false_alarm_cut
 
 
 TEACH_COVERAGE = 0.1  # taught patches are added until covered as closely as the best-covered tenth of good images
@@ -257,6 +257,7 @@ class PatchCore(Detector):
     probe: Probe | None = None  # held-out images with synthetic defects while `fit` decides the global view
     searched: tuple[Probe, PatchFeatures | None, Preprocess | None] | None = None  # the frame search's (`use_probe`)
     global_choice: dict[str, Any] | None = None  # the evidence for that decision
+    nearest_scores: torch.Tensor | None = None  # while fitting: the patch view's cross-fitted scores (the map's scale)
 
     def embed(self, batch: torch.Tensor) -> PatchFeatures:
         maps = self.require_backbone()(batch)
@@ -281,6 +282,10 @@ class PatchCore(Detector):
             self.probe = self.searched = None
         if self.global_choice is not None:
             self.train_summary["global_view_choice"] = report.details["global_view_choice"] = self.global_choice
+        if self.place is not None or self.fusion is not None:  # the map shows the patch view: its own region level
+            patch_view = calibrate(self.nearest_scores.numpy(), self.config.threshold_method, self.config.threshold_param)
+            self.calibration = replace(self.calibration, map_threshold=patch_view.threshold)
+        self.nearest_scores = None
         return report
 
     def use_probe(self, probe: Probe, defective: PatchFeatures | None = None, preprocess: Preprocess | None = None
@@ -442,7 +447,8 @@ class PatchCore(Detector):
         self.global_choice = None
         if self.moments is None:
             self.config.global_view = "off"
-            return torch.cat(scored), self._settle_place(*self.patch_crossfit(features, folds, scored), keep=True)
+            patch, self.nearest_scores = self.patch_crossfit(features, folds, scored)
+            return torch.cat(scored), self._settle_place(patch, self.nearest_scores, keep=True)
         regions = split_features(features)[1]
         self.phase("global view: held-out, drifted and synthetic-defect images")
         drifted = self._drifted() if self.probe is not None else None
@@ -454,6 +460,7 @@ class PatchCore(Detector):
             fitting = pool.submit(self.crossfit_residuals, regions, folds, scored)
             patch, nearest = self.patch_crossfit(features, folds, scored)
             residuals = fitting.result()
+        self.nearest_scores = nearest
         drift = (self._drift_variance(held_out, regions, drifted.regions) if drifted is not None
                  else torch.zeros(residuals.shape[1]))
         self.fusion = {"patch": torch.stack([nearest.mean(), nearest.std().clamp_min(1e-6)]),

@@ -1,8 +1,9 @@
 """Pseudo-labels: a detector's anomaly maps, thresholded, as class-agnostic 'defect' instances.
 
-The pixel threshold is the model's calibrated threshold unless one is given (maps and image
-scores share their scale: the image score is the map's maximum, or PatchCore's largest patch
-distance). Each instance's score is its peak map value divided by the threshold.
+The pixel threshold is the model's region threshold unless one is given: its calibrated threshold where maps and
+image scores share their scale (the image score is the map's maximum, or PatchCore's largest patch distance), else
+the same rule on the cross-fitted scores of the view the map shows (`Calibration.map_threshold`). Each instance's
+score is its peak map value divided by that threshold.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def map_threshold(detector: Predictor, threshold: float | None) -> float:
         return threshold
     if detector.calibration is None:
         raise DefectscopeError("the model has no threshold; pass --threshold")
-    return detector.calibration.threshold
+    return detector.calibration.region_threshold
 
 
 def label_categories(detector: Predictor) -> list[str]:

@@ -173,7 +173,7 @@ def public_manifest(manifest: dict) -> dict:
 @router.post("/models/{name}/inspect", response_model=InspectResponse)
 async def inspect(request: Request, name: str, files: Annotated[list[UploadFile], File(description="images", min_length=1)],
                   heatmap: Annotated[bool, Query(description="add each map as a PNG")] = False,
-                  regions: Annotated[bool, Query(description="add the regions above the threshold")] = False,
+                  regions: Annotated[bool, Query(description="add the defect regions of parts judged defective")] = False,
                   min_area: Annotated[int, Query(ge=1, le=1_000_000)] = 16) -> InspectResponse:
     """Score one or more images: score, normalized score, verdict; on request the heatmap and defect regions."""
     model, config = served(request, name), request.app.state.config
@@ -246,7 +246,8 @@ def original_map(model: ServedModel, frame_map: np.ndarray, image: np.ndarray) -
 def _results(model: ServedModel, names: list[str], images: list[np.ndarray], prediction: Prediction, heatmap: bool,
              regions: bool, min_area: int) -> list[ImageResult]:
     """One result per image from the shared rows (`prediction_rows`: an image that failed is 'error', never 'good'),
-    detections on the original pixels; on request the heatmap and the regions above the threshold."""
+    detections on the original pixels; on request the heatmap and, on parts judged defective, the regions at or
+    above the map's region threshold."""
     if prediction.detections is not None:
         prediction = replace(prediction, detections=[
             place_detections(found, image.shape[:2], model.detector.preprocess, "original")
@@ -261,9 +262,11 @@ def _results(model: ServedModel, names: list[str], images: list[np.ndarray], pre
         if heat is not None and heatmap:
             high = 2 * prediction.threshold if prediction.threshold else float(heat.max())
             result.heatmap_png = base64.b64encode(png_bytes(heat_colours(heat, 0.0, high))).decode()
-        if heat is not None and regions and prediction.threshold:
+        if heat is not None and regions and prediction.threshold:  # a part judged good has no defect regions
+            found = (map_instances(heat, model.detector.calibration.region_threshold, min_area, names[i])
+                     if row["verdict"] == "defective" else [])
             result.regions = [Region(box=list(inst.box), polygons=polygons(inst.mask), area=inst.area, score=inst.score)
-                              for inst in map_instances(heat, prediction.threshold, min_area, names[i])]
+                              for inst in found]
         results.append(result)
     return results
 
