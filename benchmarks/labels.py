@@ -3,7 +3,7 @@
     python benchmarks/labels.py --data ../shared/datasets/mvtec_ad/bottle
 
 1. PatchCore (defaults) is fitted on the good training images; its maps on the test images,
-   thresholded at its calibrated threshold, become pseudo-labels, scored against the masks with
+   thresholded at its region threshold (`Calibration.region_threshold`), become pseudo-labels, scored against the masks with
    COCOeval (box and mask AP) and the mean per-image mask IoU.
 2. The segmenter is trained k-fold on the test images' masks (+ some good training images);
    every test image's map comes from a fold that did not train on it. Both models' maps are
@@ -98,7 +98,7 @@ def main() -> None:
     start = time.perf_counter()
     patchcore_prediction = patchcore.predict(paths)
     patchcore_ms = (time.perf_counter() - start) / len(paths) * 1000
-    threshold = patchcore.calibration.threshold
+    threshold = patchcore.calibration.region_threshold
     patchcore_regions = [agnostic(map_instances(m, threshold, 1, p)) for m, p in zip(patchcore_prediction.maps, paths)]
 
     config = SegmenterConfig(epochs=args.epochs, folds=args.folds)
@@ -138,7 +138,7 @@ def main() -> None:
     result = {"category": category, "library_version": __version__, "pseudo_labels": pseudo, "maps": rows,
               "instances": per_type, "summary": summaries, "segmenter_config": config.to_dict(),
               "detector_config": detector_config.to_dict(), "command": f"python benchmarks/labels.py --data {args.data}"}
-    lines = [f"`{result['command']}`", "", f"## Pseudo-labels from PatchCore ({category}, threshold {pseudo['threshold']:.3f})", "",
+    lines = [f"`{result['command']}`", "", f"## Pseudo-labels from PatchCore ({category}, region threshold {pseudo['threshold']:.3f})", "",
              "| box AP | box AP50 | mask AP | mask AP50 | mean mask IoU | predicted / true instances |", "|---|---|---|---|---|---|",
              f"| {pseudo['box_ap']:.3f} | {pseudo['box_ap50']:.3f} | {pseudo['mask_ap']:.3f} | {pseudo['mask_ap50']:.3f} | "
              f"{pseudo['mean_mask_iou']:.3f} | {pseudo['predicted_instances']} / {pseudo['true_instances']} |", "",

@@ -634,7 +634,7 @@ def export_labels(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (new, empty, or an earlier export).")],
     format: Annotated[str, typer.Option("--format", help=f"One of: {', '.join(LABEL_FORMATS)}.")] = "coco",
     from_model: Annotated[Path | None, typer.Option(help="Label the test images with this model's instances (a detector: typed) or maps (pseudo-labels).")] = None,
-    threshold: Annotated[float | None, typer.Option(show_default="the model's", help="Map threshold (a detector: least confidence) for pseudo-labels.")] = None,
+    threshold: Annotated[float | None, typer.Option(show_default="the model's region threshold", help="Map threshold (a detector: least confidence) for pseudo-labels.")] = None,
     min_area: Annotated[int, typer.Option(help="Smallest instance kept, in pixels.")] = 1,
     tolerance: Annotated[float, typer.Option(help="Polygon simplification, in pixels (0: none).")] = 0.5,
     rle: Annotated[bool, typer.Option(help="COCO: exact RLE masks instead of polygons.")] = False,
