@@ -280,7 +280,7 @@ def fit(
         say(f"place view {place}: " + ("each patch also judged against how the good images vary at its place" if place == "on"
                                       else "the global view judges places" if fitted.detector.config.global_view == "on"
                                       else "the patch view alone"))
-    say(f"{calibration.describe()}, from {report.calibration_images} cross-fitted good scores")
+    say(f"from {report.calibration_images} cross-fitted good scores: {calibration.describe()}")
     if calibration.warning:
         warn(calibration.warning)
 
