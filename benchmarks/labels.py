@@ -3,8 +3,8 @@
     python benchmarks/labels.py --data ../shared/datasets/mvtec_ad/bottle
 
 1. PatchCore (defaults) is fitted on the good training images; its maps on the test images,
-   thresholded at its region threshold (`Calibration.region_threshold`), become pseudo-labels, scored against the masks with
-   COCOeval (box and mask AP) and the mean per-image mask IoU.
+   thresholded at its region threshold (`Calibration.region_threshold`), become pseudo-labels,
+   scored against the masks with COCOeval (box and mask AP) and the mean per-image mask IoU.
 2. The segmenter is trained k-fold on the test images' masks (+ some good training images);
    every test image's map comes from a fold that did not train on it. Both models' maps are
    compared in the segmenter's frame (resize 288, crop 256): pixel AUROC, AUPRO, and the mean IoU

@@ -40,12 +40,12 @@ class ModelList(BaseModel):
 
 
 class Region(BaseModel):
-    """A connected region of the map at or above the threshold, in original image pixels."""
+    """A connected region of the map at or above the model's region threshold, in original image pixels."""
 
     box: list[int] = Field(description="x, y, width, height")
     polygons: list[list[float]] = Field(description="outer outlines as flat x1, y1, x2, y2, ... lists")
     area: int
-    score: float = Field(description="peak map value / threshold")
+    score: float = Field(description="peak map value / region threshold")
 
 
 class Instance(BaseModel):
