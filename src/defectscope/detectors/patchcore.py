@@ -278,14 +278,13 @@ class PatchCore(Detector):
         self.probe = (searched or make_probe(images, self.config.seed, kinds)) if self.uses_global_view else None
         try:
             report = super().fit(images, progress)
+            if self.place is not None or self.fusion is not None:  # the map shows the patch view: its own region level
+                patch_view = calibrate(self.nearest_scores.numpy(), self.config.threshold_method, self.config.threshold_param)
+                self.calibration = replace(self.calibration, map_threshold=patch_view.threshold)
         finally:
-            self.probe = self.searched = None
+            self.probe = self.searched = self.nearest_scores = None
         if self.global_choice is not None:
             self.train_summary["global_view_choice"] = report.details["global_view_choice"] = self.global_choice
-        if self.place is not None or self.fusion is not None:  # the map shows the patch view: its own region level
-            patch_view = calibrate(self.nearest_scores.numpy(), self.config.threshold_method, self.config.threshold_param)
-            self.calibration = replace(self.calibration, map_threshold=patch_view.threshold)
-        self.nearest_scores = None
         return report
 
     def use_probe(self, probe: Probe, defective: PatchFeatures | None = None, preprocess: Preprocess | None = None

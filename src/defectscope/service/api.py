@@ -252,19 +252,19 @@ def _results(model: ServedModel, names: list[str], images: list[np.ndarray], pre
         prediction = replace(prediction, detections=[
             place_detections(found, image.shape[:2], model.detector.preprocess, "original")
             for found, image in zip(prediction.detections, images)])
-    results = []
+    results, level = [], model.detector.calibration.region_threshold if regions and prediction.threshold else None
     for i, (row, image) in enumerate(zip(prediction_rows(names, prediction), images)):
         result = ImageResult(index=i, name=names[i], height=image.shape[0], width=image.shape[1], score=row["score"],
                              normalized=row["normalized"], verdict=row["verdict"], error=row.get("error"),
                              detections=row.get("detections"))
-        wanted = row["score"] is not None and prediction.maps is not None and (heatmap or regions)
-        heat = original_map(model, prediction.maps[i], image) if wanted else None
+        mapped = row["score"] is not None and prediction.maps is not None
+        outlined = mapped and level is not None and row["verdict"] == "defective"  # a part judged good has no regions
+        heat = original_map(model, prediction.maps[i], image) if mapped and (heatmap or outlined) else None
         if heat is not None and heatmap:
             high = 2 * prediction.threshold if prediction.threshold else float(heat.max())
             result.heatmap_png = base64.b64encode(png_bytes(heat_colours(heat, 0.0, high))).decode()
-        if heat is not None and regions and prediction.threshold:  # a part judged good has no defect regions
-            found = (map_instances(heat, model.detector.calibration.region_threshold, min_area, names[i])
-                     if row["verdict"] == "defective" else [])
+        if mapped and level is not None:
+            found = map_instances(heat, level, min_area, names[i]) if outlined else []
             result.regions = [Region(box=list(inst.box), polygons=polygons(inst.mask), area=inst.area, score=inst.score)
                               for inst in found]
         results.append(result)
