@@ -21,7 +21,8 @@ from defectscope.detectors.nearest import ClusteredBank
 from defectscope.detectors.padim import PaDiM, PaDiMConfig
 from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig
 from defectscope.errors import DefectscopeError
-from defectscope.thresholds import calibrate, false_alarm_cut, labelled_calibration, recall_threshold
+from defectscope.pareto import fit_pareto
+from defectscope.thresholds import _tail_fit, _tail_interval, calibrate, false_alarm_cut, labelled_calibration, recall_threshold
 
 
 def test_false_alarm_threshold_is_the_conformal_quantile() -> None:
@@ -44,6 +45,36 @@ def test_rates_below_one_over_n_use_a_fitted_tail() -> None:
     assert low < 0.0005 < high
     few = calibrate(scores[:12], "false_alarm_rate", 0.001)
     assert few.threshold == scores[:12].max() and "needs more than" in few.warning
+
+
+def test_the_pareto_fit_is_the_maximum_likelihood_one() -> None:
+    """Every sample's fit, all at once, reaches at least the likelihood of scipy's own fit wherever scipy finds a
+    maximum (shape above -1), and a sample with no positive exceedance gets a degenerate fit, not NaN."""
+    rng = np.random.default_rng(5)
+    samples = [stats.genpareto.rvs(rng.uniform(-0.6, 0.6), scale=rng.uniform(0.1, 5.0), size=int(rng.integers(10, 60)),
+                                   random_state=rng) for _ in range(30)]
+    tops = np.sort(rng.normal(20.0, 2.0, (10, 200)), axis=1)[:, -31:]  # the largest of good scores, as calibration fits
+    samples += list(tops[:, 1:] - tops[:, :1])
+    for sample in samples:
+        shape, _, scale = stats.genpareto.fit(sample, floc=0)
+        (ours,), (our_scale,) = fit_pareto(sample)
+        if shape > -1:
+            gain = stats.genpareto.logpdf(sample, ours, scale=our_scale).sum() - stats.genpareto.logpdf(sample, shape, scale=scale).sum()
+            assert gain >= -1e-9 and ours >= -1
+    shapes, scales = fit_pareto(np.zeros((2, 10)))
+    assert np.all(shapes == 0) and np.all(np.isfinite(scales))
+
+
+def test_the_tail_interval_refits_each_resample_as_the_threshold_was_fitted() -> None:
+    """The 200 bootstrap refits, fitted together, are each the tail the threshold's own fit gives that resample."""
+    scores = np.random.default_rng(2).normal(20.0, 2.0, 60)
+    threshold = calibrate(scores, "false_alarm_rate", 0.01).threshold
+    resamples = np.random.default_rng(0).choice(scores, (200, len(scores)))
+    rates = []
+    for resample in resamples:
+        level, share, shape, scale = _tail_fit(resample)
+        rates.append(share * stats.genpareto.sf(max(threshold - level, 0.0), shape, scale=scale))
+    assert _tail_interval(scores, threshold) == pytest.approx((np.quantile(rates, 0.025), np.quantile(rates, 0.975)))
 
 
 @pytest.mark.parametrize("count, rate", [(400, 0.01), (400, 0.0005), (60, 0.01), (12, 0.01), (5, 0.2), (60, 0.3)])
@@ -280,7 +311,7 @@ def test_a_fitted_tail_never_sets_a_threshold_below_the_largest_score() -> None:
     """A bounded tail can fit a quantile below the largest calibration score; a rate below 1/(n+1) must still stand
     above it, so a lower rate never gives a lower threshold than a higher one."""
     rng = np.random.default_rng(0)
-    for _ in range(5):  # each strict threshold bootstraps its tail's interval: 200 refits, about 4 s a draw
+    for _ in range(20):
         scores = rng.uniform(20.0, 25.0, 32)  # few scores, a bounded tail (as 32 cross-fitted good scores often are)
         strict, loose = calibrate(scores, "false_alarm_rate", 0.01), calibrate(scores, "false_alarm_rate", 0.05)
         assert strict.threshold >= scores.max() and strict.threshold >= loose.threshold

@@ -6,7 +6,7 @@ the conformal quantile of those n scores: the k-th smallest with k = ceil((n + 1
 exchangeable scores a new good part then scores at or above it with probability (n + 1 - k) / (n + 1)
 <= rate, and that probability, over calibration sets, follows Beta(n + 1 - k, k): its quantiles are
 the stated interval. Rates below 1 / (n + 1) need a tail model: a generalized Pareto distribution
-fitted to the largest scores, with a bootstrap interval.
+fitted to the largest scores (maximum likelihood, `pareto`), with a bootstrap interval.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 
 from defectscope.calibration import TAIL_MIN_SCORES, Calibration, stated_rank
 from defectscope.errors import DefectscopeError
+from defectscope.pareto import fit_pareto
 
 GOOD_ONLY_METHODS = ("false_alarm_rate", "sigma", "percentile")
 DEFAULT_FALSE_ALARM_RATE = 0.01
@@ -71,13 +72,18 @@ def exceedance(scores: np.ndarray, threshold: float) -> tuple[float, tuple[float
     return (hits + 0.5) / (n + 1), beta_interval(hits + 0.5, n - hits + 0.5)
 
 
+def _tail_size(count: int) -> int:
+    """How many of the largest scores a tail is fitted to."""
+    return max(TAIL_MIN_SCORES // 2, count // 5)
+
+
 def _tail_fit(scores: np.ndarray) -> tuple[float, float, float, float]:
     """(exceedance level u, share of scores above it, GPD shape, GPD scale) fitted to the largest scores."""
     ordered = np.sort(scores)
-    top = max(TAIL_MIN_SCORES // 2, len(ordered) // 5)
+    top = _tail_size(len(ordered))
     level = float(ordered[-top - 1])
-    shape, _, scale = _stats().genpareto.fit(ordered[-top:] - level, floc=0)
-    return level, top / len(ordered), float(shape), float(scale)
+    shape, scale = fit_pareto(ordered[-top:] - level)
+    return level, top / len(ordered), float(shape[0]), float(scale[0])
 
 
 def _tail_quantile(scores: np.ndarray, rate: float) -> tuple[float, float]:
@@ -95,12 +101,12 @@ def _tail_quantile(scores: np.ndarray, rate: float) -> tuple[float, float]:
 
 
 def _tail_interval(scores: np.ndarray, threshold: float, seed: int = 0) -> tuple[float, float]:
-    """A bootstrap interval (200 refits of the tail) of the rate a tail-fitted threshold states."""
-    rng = np.random.default_rng(seed)
-    rates = []
-    for _ in range(200):
-        b_level, b_share, b_shape, b_scale = _tail_fit(rng.choice(scores, len(scores)))
-        rates.append(b_share * float(_stats().genpareto.sf(max(threshold - b_level, 0.0), b_shape, scale=b_scale)))
+    """A bootstrap interval (200 refits of the tail, fitted together) of the rate a tail-fitted threshold states."""
+    resamples = np.sort(np.random.default_rng(seed).choice(scores, (200, len(scores))), axis=1)
+    top = _tail_size(len(scores))
+    levels = resamples[:, -top - 1]
+    shapes, scales = fit_pareto(resamples[:, -top:] - levels[:, None])
+    rates = top / len(scores) * _stats().genpareto.sf(np.maximum(threshold - levels, 0.0), shapes, scale=scales)
     tail = (1 - INTERVAL) / 2
     return float(np.quantile(rates, tail)), float(np.quantile(rates, 1 - tail))
 
@@ -111,8 +117,8 @@ def _above_all(scores: np.ndarray) -> float:
 
 
 def false_alarm_cut(scores: np.ndarray, rate: float) -> float:
-    """The threshold `calibrate` sets for a stated false-alarm rate, without the interval of its rate (for a fitted
-    tail, the interval's bootstrap is nearly all the cost): for choices judged at a rate, many times per fit."""
+    """The threshold `calibrate` sets for a stated false-alarm rate, without the interval of its rate: for choices
+    judged at a rate, many times per fit."""
     scores = np.asarray(scores, dtype=np.float64)
     if no_spread(scores):
         return _above_all(scores)
