@@ -49,7 +49,7 @@ def test_rates_below_one_over_n_use_a_fitted_tail() -> None:
 
 def test_the_pareto_fit_is_the_maximum_likelihood_one() -> None:
     """Every sample's fit, all at once, reaches at least the likelihood of scipy's own fit wherever scipy finds a
-    maximum (shape above -1), and a sample with no positive exceedance gets a degenerate fit, not NaN."""
+    maximum (shape above -1); zeros (ties with the level) take no part, and a row of them gets a finite fit."""
     rng = np.random.default_rng(5)
     samples = [stats.genpareto.rvs(rng.uniform(-0.6, 0.6), scale=rng.uniform(0.1, 5.0), size=int(rng.integers(10, 60)),
                                    random_state=rng) for _ in range(30)]
@@ -61,6 +61,9 @@ def test_the_pareto_fit_is_the_maximum_likelihood_one() -> None:
         if shape > -1:
             gain = stats.genpareto.logpdf(sample, ours, scale=our_scale).sum() - stats.genpareto.logpdf(sample, shape, scale=scale).sum()
             assert gain >= -1e-9 and ours >= -1
+    sample, longer = samples[-1], np.r_[samples[-1], 9.0, 9.0]
+    shapes, _ = fit_pareto(np.stack([np.r_[sample, 0.0, 0.0], longer]))  # each row its own fit
+    assert shapes == pytest.approx([fit_pareto(sample)[0][0], fit_pareto(longer)[0][0]])
     shapes, scales = fit_pareto(np.zeros((2, 10)))
     assert np.all(shapes == 0) and np.all(np.isfinite(scales))
 

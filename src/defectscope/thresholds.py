@@ -78,12 +78,14 @@ def _tail_size(count: int) -> int:
 
 
 def _tail_fit(scores: np.ndarray) -> tuple[float, float, float, float]:
-    """(exceedance level u, share of scores above it, GPD shape, GPD scale) fitted to the largest scores."""
+    """(exceedance level u, share of scores above it, GPD shape, GPD scale) fitted to the largest scores (those tied
+    with u are not above it)."""
     ordered = np.sort(scores)
     top = _tail_size(len(ordered))
     level = float(ordered[-top - 1])
-    shape, scale = fit_pareto(ordered[-top:] - level)
-    return level, top / len(ordered), float(shape[0]), float(scale[0])
+    exceedances = ordered[-top:] - level
+    shape, scale = fit_pareto(exceedances)
+    return level, float((exceedances > 0).mean()) * top / len(ordered), float(shape[0]), float(scale[0])
 
 
 def _tail_quantile(scores: np.ndarray, rate: float) -> tuple[float, float]:
@@ -105,8 +107,10 @@ def _tail_interval(scores: np.ndarray, threshold: float, seed: int = 0) -> tuple
     resamples = np.sort(np.random.default_rng(seed).choice(scores, (200, len(scores))), axis=1)
     top = _tail_size(len(scores))
     levels = resamples[:, -top - 1]
-    shapes, scales = fit_pareto(resamples[:, -top:] - levels[:, None])
-    rates = top / len(scores) * _stats().genpareto.sf(np.maximum(threshold - levels, 0.0), shapes, scale=scales)
+    exceedances = resamples[:, -top:] - levels[:, None]
+    shapes, scales = fit_pareto(exceedances)
+    shares = (exceedances > 0).sum(1) / len(scores)
+    rates = shares * _stats().genpareto.sf(np.maximum(threshold - levels, 0.0), shapes, scale=scales)
     tail = (1 - INTERVAL) / 2
     return float(np.quantile(rates, tail)), float(np.quantile(rates, 1 - tail))
 
