@@ -9,12 +9,9 @@ from dataclasses import asdict, dataclass
 
 from defectscope.errors import DefectscopeError
 
-TAIL_MIN_SCORES = 20  # a fitted tail needs at least this many scores
-
-
 def stated_rank(count: int, rate: float) -> int:
     """The order statistic (1-based) whose value states `rate` among `count` good scores; above `count`, the rate lies
-    beyond them and needs a fitted tail."""
+    beyond them."""
     return math.ceil((count + 1) * (1 - rate))
 
 
@@ -66,21 +63,12 @@ class Calibration:
         """The map level at and above which a map's pixels form a defect's region."""
         return self.threshold if self.map_threshold is None else self.map_threshold
 
-    @property
-    def from_fitted_tail(self) -> bool:
-        """Whether the stated rate lies beyond the good scores (below 1/(n+1)) and a fitted tail stated it."""
-        n = self.good_count
-        return (self.method == "false_alarm_rate" and n >= TAIL_MIN_SCORES and self.good_std > 0
-                and stated_rank(n, self.param) > n)
-
     def describe(self) -> str:
         """One line: the threshold and the false-alarm rate (and recall) it stands for."""
         text = f"threshold {self.threshold:.4g} ({self.method} {self.param:g})"
         if self.false_alarm_rate is not None:
             low, high = self.false_alarm_interval or (math.nan, math.nan)
             text += f"; expected false-alarm rate {self.false_alarm_rate:.2%} (95% interval {low:.2%} to {high:.2%})"
-            if self.from_fitted_tail:
-                text += ", stated by a tail fitted beyond the largest good score"
         if self.recall is not None:
             low, high = self.recall_interval or (math.nan, math.nan)
             text += f"; recall {self.recall:.1%} (95% interval {low:.1%} to {high:.1%})"

@@ -5,8 +5,7 @@ never saw it, so the scores look like those of new good parts. The false-alarm-r
 the conformal quantile of those n scores: the k-th smallest with k = ceil((n + 1)(1 - rate)). For
 exchangeable scores a new good part then scores at or above it with probability (n + 1 - k) / (n + 1)
 <= rate, and that probability, over calibration sets, follows Beta(n + 1 - k, k): its quantiles are
-the stated interval. Rates below 1 / (n + 1) need a tail model: a generalized Pareto distribution
-fitted to the largest scores (maximum likelihood, `pareto`), with a bootstrap interval.
+the stated interval. A rate below 1 / (n + 1) is out of reach of n scores: the largest stands, with its own rate.
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ from types import ModuleType
 
 import numpy as np
 
-from defectscope.calibration import TAIL_MIN_SCORES, Calibration, stated_rank
+from defectscope.calibration import Calibration, stated_rank
 from defectscope.errors import DefectscopeError
-from defectscope.pareto import fit_pareto
 
 GOOD_ONLY_METHODS = ("false_alarm_rate", "sigma", "percentile")
 DEFAULT_FALSE_ALARM_RATE = 0.01
@@ -72,49 +70,6 @@ def exceedance(scores: np.ndarray, threshold: float) -> tuple[float, tuple[float
     return (hits + 0.5) / (n + 1), beta_interval(hits + 0.5, n - hits + 0.5)
 
 
-def _tail_size(count: int) -> int:
-    """How many of the largest scores a tail is fitted to."""
-    return max(TAIL_MIN_SCORES // 2, count // 5)
-
-
-def _tail_fit(scores: np.ndarray) -> tuple[float, float, float, float]:
-    """(exceedance level u, share of scores above it, GPD shape, GPD scale) fitted to the largest scores (those tied
-    with u are not above it)."""
-    ordered = np.sort(scores)
-    top = _tail_size(len(ordered))
-    level = float(ordered[-top - 1])
-    exceedances = ordered[-top:] - level
-    shape, scale = fit_pareto(exceedances)
-    return level, float((exceedances > 0).mean()) * top / len(ordered), float(shape[0]), float(scale[0])
-
-
-def _tail_quantile(scores: np.ndarray, rate: float) -> tuple[float, float]:
-    """(threshold, the rate it states) for a rate below 1/(n+1), from a generalized Pareto tail.
-
-    It stands at least at the largest score: that score alone is an exceedance of about 1/(n+1), above the rate, even
-    where a bounded fitted tail puts the quantile below it (the rate stated is then the tail's rate there).
-    """
-    level, share, shape, scale = _tail_fit(scores)
-    threshold = level + float(_stats().genpareto.ppf(1 - rate / share, shape, scale=scale))
-    if threshold < scores.max():
-        threshold = float(scores.max())
-        rate = share * float(_stats().genpareto.sf(threshold - level, shape, scale=scale))
-    return threshold, rate
-
-
-def _tail_interval(scores: np.ndarray, threshold: float, seed: int = 0) -> tuple[float, float]:
-    """A bootstrap interval (200 refits of the tail, fitted together) of the rate a tail-fitted threshold states."""
-    resamples = np.sort(np.random.default_rng(seed).choice(scores, (200, len(scores))), axis=1)
-    top = _tail_size(len(scores))
-    levels = resamples[:, -top - 1]
-    exceedances = resamples[:, -top:] - levels[:, None]
-    shapes, scales = fit_pareto(exceedances)
-    shares = (exceedances > 0).sum(1) / len(scores)
-    rates = shares * _stats().genpareto.sf(np.maximum(threshold - levels, 0.0), shapes, scale=scales)
-    tail = (1 - INTERVAL) / 2
-    return float(np.quantile(rates, tail)), float(np.quantile(rates, 1 - tail))
-
-
 def _above_all(scores: np.ndarray) -> float:
     """Just above scores that are (almost) all the same value."""
     return float(np.nextafter(scores.max() + 1e-6 * abs(scores.max()), np.inf))
@@ -126,23 +81,19 @@ def false_alarm_cut(scores: np.ndarray, rate: float) -> float:
     scores = np.asarray(scores, dtype=np.float64)
     if no_spread(scores):
         return _above_all(scores)
-    if len(scores) >= TAIL_MIN_SCORES and stated_rank(len(scores), rate) > len(scores):
-        return _tail_quantile(scores, rate)[0]
-    return false_alarm_threshold(scores, rate)[0]  # an order statistic, or the largest score: no interval to spare
+    return float(np.sort(scores)[min(stated_rank(len(scores), rate), len(scores)) - 1])
 
 
 def false_alarm_threshold(scores: np.ndarray, rate: float) -> tuple[float, float, tuple[float, float], str | None]:
-    """(threshold, expected false-alarm rate, its interval, a warning or None) for a stated rate."""
+    """(threshold, expected false-alarm rate, its interval, a warning or None) for a stated rate. A rate below 1/(n+1)
+    cannot be stated from n scores without a model of their tail, whose small-sample fits understate the rate: the
+    threshold is then the largest score, with the rate it truly has (`benchmarks/stated_rate.py`)."""
     n = len(scores)
-    rank = stated_rank(n, rate)
-    if rank <= n:
-        return float(np.sort(scores)[rank - 1]), (n + 1 - rank) / (n + 1), beta_interval(n + 1 - rank, rank), None
-    if n >= TAIL_MIN_SCORES:
-        threshold, stated = _tail_quantile(scores, rate)
-        return threshold, stated, _tail_interval(scores, threshold), None
-    return float(scores.max()), 1 / (n + 1), beta_interval(1, n), (
-        f"a false-alarm rate of {rate:g} needs more than {math.ceil(1 / rate) - 1} good calibration scores "
-        f"(or {TAIL_MIN_SCORES} for a fitted tail); with {n} the threshold is the largest of them (rate about {1 / (n + 1):.2g})")
+    rank = min(stated_rank(n, rate), n)
+    warning = None if stated_rank(n, rate) <= n else (
+        f"a false-alarm rate of {rate:g} needs at least {math.ceil(1 / rate - 1 - 1e-9)} good calibration scores; with "
+        f"{n} the threshold is the largest of them, and its rate is 1/{n + 1} ({1 / (n + 1):.2%}): add good images")
+    return false_alarm_cut(scores, rate), (n + 1 - rank) / (n + 1), beta_interval(n + 1 - rank, rank), warning
 
 
 def calibrate(good_scores: np.ndarray, method: str = "false_alarm_rate", param: float = DEFAULT_FALSE_ALARM_RATE) -> Calibration:
@@ -155,7 +106,7 @@ def calibrate(good_scores: np.ndarray, method: str = "false_alarm_rate", param: 
     if method == "false_alarm_rate":
         if not 0 < param < 1:
             raise DefectscopeError(f"false-alarm rate must be in (0, 1), got {param}")
-        if flat:  # every quantile and any fitted tail is that one value: stand just above it
+        if flat:  # every quantile is that one value: stand just above it
             threshold = _above_all(scores)
             rate, interval = exceedance(scores, threshold)
         else:
