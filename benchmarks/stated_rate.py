@@ -30,7 +30,8 @@ DISTRIBUTIONS = {  # good scores of different tails: light, skewed, heavy, bound
     "beta(2, 2)": stats.beta(2.0, 2.0, loc=15.0, scale=10.0),
 }
 COLUMNS = (("distribution", "good scores", "{}"), ("count", "n", "{}"), ("how", "threshold from", "{}"),
-           ("stated", "stated rate, mean", "{:.2%}"), ("mean_rate", "true rate, mean", "{:.2%}"), ("p90_rate", "true rate, 90th percentile", "{:.2%}"),
+           ("stated", "stated rate, mean", "{:.2%}"), ("mean_rate", "true rate, mean", "{:.2%}"),
+           ("p90_rate", "true rate, 90th percentile", "{:.2%}"),
            ("coverage", "true rate in the stated 95% interval", "{:.0%}"), ("ms", "calibrate ms", "{:.0f}"))
 
 
@@ -49,7 +50,8 @@ def measure(name: str, count: int, draws: int, rate: float) -> dict:
         covered += low <= true[-1] <= high
     how = "the largest score" if stated_rank(count, rate) > count else "an order statistic"
     return {"distribution": name, "count": count, "how": how,
-            "stated": float(np.mean(stated)), "mean_rate": float(np.mean(true)), "p90_rate": float(np.quantile(true, 0.9)), "coverage": covered / draws,
+            "stated": float(np.mean(stated)), "mean_rate": float(np.mean(true)), "p90_rate": float(np.quantile(true, 0.9)),
+            "coverage": covered / draws,
             "ms": seconds / draws * 1000, "draws": draws, "rate": rate}
 
 

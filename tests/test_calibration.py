@@ -21,7 +21,7 @@ from defectscope.detectors.nearest import ClusteredBank
 from defectscope.detectors.padim import PaDiM, PaDiMConfig
 from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig
 from defectscope.errors import DefectscopeError
-from defectscope.thresholds import calibrate, false_alarm_cut, labelled_calibration, recall_threshold
+from defectscope.thresholds import calibrate, f1_calibration, false_alarm_cut, labelled_calibration, recall_threshold
 
 
 def test_false_alarm_threshold_is_the_conformal_quantile() -> None:
@@ -62,6 +62,23 @@ def test_the_threshold_alone_is_the_calibrations(count: int, rate: float) -> Non
     rng = np.random.default_rng(count)
     for scores in (rng.exponential(1.0, count), rng.uniform(0, 1, count), np.full(count, 3.0)):
         assert false_alarm_cut(scores, rate) == calibrate(scores, "false_alarm_rate", rate).threshold
+
+
+def test_no_threshold_rests_on_a_score_that_is_not_a_number() -> None:
+    """A NaN among the scores would make a NaN threshold (every comparison then reads "good") or be skipped unseen:
+    every way of setting a threshold refuses it with one clear error."""
+    for count in (10, 61, 200):
+        scores = np.r_[np.arange(float(count)), np.nan]
+        for method, param in (("false_alarm_rate", 0.01), ("sigma", 3.0), ("percentile", 99.0)):
+            with pytest.raises(DefectscopeError, match="not finite"):
+                calibrate(scores, method, param)
+    good, bad = np.arange(30.0), np.r_[np.arange(30.0, 60.0), np.inf]
+    with pytest.raises(DefectscopeError, match="1 of the 31 defective scores"):
+        recall_threshold(bad, 0.9)
+    with pytest.raises(DefectscopeError, match="not finite"):
+        labelled_calibration(good, bad, 40.0, "recall", 0.9, None)
+    with pytest.raises(DefectscopeError, match="not finite"):
+        f1_calibration(np.r_[np.zeros(30), np.ones(31)], np.r_[good, bad], None)
 
 
 def test_sigma_and_percentile_still_state_their_rate() -> None:

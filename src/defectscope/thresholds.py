@@ -88,17 +88,28 @@ def false_alarm_threshold(scores: np.ndarray, rate: float) -> tuple[float, float
     """(threshold, expected false-alarm rate, its interval, a warning or None) for a stated rate. A rate below 1/(n+1)
     cannot be stated from n scores without a model of their tail, whose small-sample fits understate the rate: the
     threshold is then the largest score, with the rate it truly has (`benchmarks/stated_rate.py`)."""
-    n = len(scores)
-    rank = min(stated_rank(n, rate), n)
-    warning = None if stated_rank(n, rate) <= n else (
+    n, wanted = len(scores), stated_rank(len(scores), rate)
+    rank = min(wanted, n)
+    warning = None if wanted <= n else (
         f"a false-alarm rate of {rate:g} needs at least {math.ceil(1 / rate - 1 - 1e-9)} good calibration scores; with "
         f"{n} the threshold is the largest of them, and its rate is 1/{n + 1} ({1 / (n + 1):.2%}): add good images")
     return false_alarm_cut(scores, rate), (n + 1 - rank) / (n + 1), beta_interval(n + 1 - rank, rank), warning
 
 
+def finite_scores(scores: np.ndarray, what: str) -> np.ndarray:
+    """Scores as float64, refused when any is NaN or infinite: no threshold may rest on (or become) a non-number,
+    which every comparison would read as "good"."""
+    values = np.asarray(scores, dtype=np.float64)
+    bad = int((~np.isfinite(values)).sum())
+    if bad:
+        raise DefectscopeError(f"{bad} of the {values.size} {what} scores are not finite numbers (NaN or infinity): "
+                               "no threshold is set on them; check the images and the model")
+    return values
+
+
 def calibrate(good_scores: np.ndarray, method: str = "false_alarm_rate", param: float = DEFAULT_FALSE_ALARM_RATE) -> Calibration:
     """Threshold from unseen good scores: a stated false-alarm rate, the param-th percentile, or mean + param*std."""
-    scores = np.asarray(good_scores, dtype=np.float64)
+    scores = finite_scores(good_scores, "good calibration")
     if scores.size == 0:
         raise DefectscopeError("no good calibration scores to set a threshold on")
     warning = None
@@ -132,8 +143,9 @@ def f1_calibration(labels: np.ndarray, scores: np.ndarray, previous: Calibration
     """The F1-optimal threshold on labelled scores, keeping the good-image statistics of the previous calibration."""
     from defectscope.metrics import f1_max  # scikit-learn: only when labels set the threshold
 
+    scores = finite_scores(scores, "labelled")
     f1, threshold = f1_max(labels, scores)
-    return labelled_calibration(np.asarray(scores)[np.asarray(labels) == 0], np.asarray(scores)[np.asarray(labels) == 1],
+    return labelled_calibration(scores[np.asarray(labels) == 0], scores[np.asarray(labels) == 1],
                                 threshold, "f1", f1, previous, margin)
 
 
@@ -141,7 +153,7 @@ def recall_threshold(defective_scores: np.ndarray, target: float) -> float:
     """The highest threshold that still calls at least `target` of these defective scores defective."""
     if not 0 < target <= 1:
         raise DefectscopeError(f"target recall must be in (0, 1], got {target}")
-    ordered = np.sort(np.asarray(defective_scores, dtype=np.float64))
+    ordered = np.sort(finite_scores(defective_scores, "defective"))
     return float(ordered[len(ordered) - math.ceil(target * len(ordered))])
 
 
@@ -151,7 +163,7 @@ def labelled_calibration(good_scores: np.ndarray, defective_scores: np.ndarray, 
     exact 95% intervals - wide when few images were labelled, and they say so - and the labelled scores nearest it.
     `margin` (0 to 1) moves it that share of the way down from the weakest defective score it catches towards the
     strongest good score below it: room for parts a little weaker than the labelled ones, no new false alarm."""
-    good, bad = np.asarray(good_scores, np.float64), np.asarray(defective_scores, np.float64)
+    good, bad = finite_scores(good_scores, "good"), finite_scores(defective_scores, "defective")
     if len(good) == 0 or len(bad) == 0:
         raise DefectscopeError("choosing a threshold with labels needs good and defective images")
     if not 0 <= margin < 1:
