@@ -130,7 +130,7 @@ def test_patchcore_export_searches_its_memory_with_the_library_search(fitted, te
     np.testing.assert_array_equal(deployed.index.bank, model.index.bank.numpy())
     searches, runs = [], []
     search, run = deployed.index.search, deployed.engine.run
-    deployed.index.search = lambda queries: searches.append(len(queries)) or search(queries)
+    deployed.index.search = lambda queries, workers=1: searches.append(len(queries)) or search(queries, workers)
     deployed.engine.run = lambda inputs: runs.append(len(inputs["image"])) or run(inputs)
     _assert_same(model.predict(test_images[:9]), deployed.predict(test_images[:9]))
     assert runs == [4, 4, 1] and searches == [9 * (112 // 16) ** 2]

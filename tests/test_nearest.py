@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from defectscope.detectors.nearest import ClusteredBank, nearest
@@ -68,10 +69,40 @@ def test_a_few_images_queries_are_searched_on_one_blas_thread_throughout(monkeyp
     seen = []
     searched = search.ClusterIndex._search
     monkeypatch.setattr(search.ClusterIndex, "_search",
-                        lambda self, q: seen.append(search._blas().info()[0]["num_threads"]) or searched(self, q))
+                        lambda self, q, workers=1: seen.append(search._blas().info()[0]["num_threads"]) or searched(self, q))
     with threadpool_limits(limits=2, user_api="blas"):
         allowed = search._blas().info()[0]["num_threads"]  # 2 where there are two cores
         index.search(_clustered_points(100, 9))
         monkeypatch.setattr(search, "SINGLE_THREAD_QUERIES", 50)
         index.search(_clustered_points(100, 9))
     assert seen == [1, allowed]
+
+
+def test_a_few_queries_scanning_the_whole_bank_split_across_threads_with_the_same_answer(monkeypatch) -> None:
+    """Where pruning fails (fine textures), a few images' queries scan the whole bank: one large GEMM, split across
+    the caller's threads (each on one BLAS thread); every query keeps its own nearest row."""
+    import threading
+
+    from defectscope import search
+
+    monkeypatch.setattr(search, "DENSE_FRACTION", -1.0)  # every search takes the whole-bank scan
+    index = search.ClusterIndex(_clustered_points(1500, 10).numpy(), ClusteredBank.build(
+        _clustered_points(1500, 10), seed=0, cluster_size=50).offsets.numpy())
+    queries = _clustered_points(301, 11).numpy()
+    scanned = []
+    dense = search.ClusterIndex._dense
+    def numpy_blas_threads() -> int:  # NumPy's own BLAS (faiss may bring another, whose limit is per thread)
+        return next(lib["num_threads"] for lib in search._blas().info() if "numpy" in lib["filepath"])
+
+    monkeypatch.setattr(search.ClusterIndex, "_dense", lambda self, a, q, workers=1: scanned.append(
+        (threading.current_thread().name, len(a), numpy_blas_threads())) or dense(self, a, q, workers))
+    one = index.search(queries)
+    assert [rows for _, rows, _ in scanned] == [301]
+    scanned.clear()
+    split = index.search(queries, workers=3)
+    assert sorted(rows for name, rows, _ in scanned if name.startswith("defectscope-search")) == [100, 100, 101]
+    assert {blas for *_, blas in scanned} == {1}  # each part on one BLAS thread: no spinning threads beside them
+    assert (split[1] == one[1]).all()
+    np.testing.assert_allclose(split[0], one[0], rtol=1e-6)
+    expected = nearest(torch.from_numpy(queries), torch.from_numpy(index.bank))
+    np.testing.assert_allclose(split[0], expected[0][:, 0].numpy(), rtol=1e-5, atol=1e-4)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -169,6 +170,7 @@ class DeployedModel:
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         self.path = Path(path)
+        self.search_threads = threads or os.cpu_count() or 1  # the search's: the engines' count, else every core
         self.manifest, memory = read_deployment(self.path)
         try:
             model, graph = self.manifest["model"], self.manifest["graph"]
@@ -237,7 +239,7 @@ class DeployedModel:
         first graph's region descriptors)."""
         searched = _in_chunks(self.engine, {INPUT_NAME: batch})
         patches = searched[0]
-        distances = self.index.search(patches.reshape(-1, patches.shape[-1]))[0].reshape(patches.shape[:3])
+        distances = self.index.search(patches.reshape(-1, patches.shape[-1]), self.search_threads)[0].reshape(patches.shape[:3])
         scores, maps = _in_chunks(self.scores_engine, {"distances": distances, **dict(zip(SEARCH_NAMES[1:], searched[1:]))})
         return Scored(scores.reshape(len(batch)), maps)
 

@@ -71,8 +71,8 @@ class ClusteredBank:
         return ClusteredBank(self.bank[keep].contiguous(), offsets, self.order[keep])
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact distance and bank index of each query's nearest neighbour."""
-        distances, indices = self.index.search(queries.float().numpy())
+        """Exact distance and bank index of each query's nearest neighbour (on torch's thread count)."""
+        distances, indices = self.index.search(queries.float().numpy(), torch.get_num_threads())
         return torch.from_numpy(distances), torch.from_numpy(indices)
 
     def tensors(self) -> dict[str, torch.Tensor]:
