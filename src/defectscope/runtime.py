@@ -48,6 +48,8 @@ HEADS = ("map", "score")  # graph outputs: image scores and model-frame maps | i
 
 
 class Engine(Protocol):
+    chunk: int  # images per run
+
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The graph's inputs by name (uint8 N x 3 x h x w frames as INPUT_NAME) -> its outputs, in order."""
 
@@ -58,6 +60,8 @@ def _engine_error(engine: str, exc: Exception) -> DefectscopeError:
 
 class OnnxEngine:
     """An onnxruntime session on the CPU, built from the graph's verified bytes (no file is read behind them)."""
+
+    chunk = GRAPH_CHUNK
 
     def __init__(self, files: list[bytes], threads: int | None) -> None:
         try:
@@ -79,7 +83,9 @@ class OnnxEngine:
 
 
 class OpenVinoEngine:
-    """An OpenVINO model compiled for the CPU in float32, read from the verified bytes of its .xml and .bin."""
+    """An OpenVINO model compiled for the CPU in float32, read from the verified bytes of its .xml and .bin; a graph
+    whose inputs are fixed but for the batch is compiled for one image a run (a static shape: bottle, PatchCore
+    416/384, 19.5 -> 17.5 ms an image over a batch, 25 -> 22.5 at batch 1)."""
 
     def __init__(self, files: list[bytes], threads: int | None) -> None:
         try:
@@ -92,7 +98,13 @@ class OpenVinoEngine:
         try:
             core = openvino.Core()
             weights = openvino.Tensor(np.frombuffer(files[1], np.uint8).copy())
-            self.model = core.compile_model(core.read_model(files[0], weights), "CPU", config)
+            model = core.read_model(files[0], weights)
+            shapes = [list(graph_input.get_partial_shape())[1:] for graph_input in model.inputs]
+            self.chunk = 1 if all(dim.is_static for shape in shapes for dim in shape) else GRAPH_CHUNK
+            if self.chunk == 1:
+                model.reshape({graph_input.get_any_name(): [1, *(dim.get_length() for dim in shape)]
+                               for graph_input, shape in zip(model.inputs, shapes)})
+            self.model = core.compile_model(model, "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError and its own types
             raise _engine_error("OpenVINO", exc) from exc
 
@@ -251,10 +263,10 @@ class DeployedModel:
 
 
 def _in_chunks(engine: Engine, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """`engine.run` on GRAPH_CHUNK images at a time, each output joined over the chunks."""
+    """`engine.run` on `engine.chunk` images at a time, each output joined over the chunks."""
     count = len(next(iter(inputs.values())))
-    runs = [engine.run({name: value[start : start + GRAPH_CHUNK] for name, value in inputs.items()})
-            for start in range(0, count, GRAPH_CHUNK)]
+    runs = [engine.run({name: value[start : start + engine.chunk] for name, value in inputs.items()})
+            for start in range(0, count, engine.chunk)]
     return [np.concatenate(outputs) for outputs in zip(*runs)]
 
 
