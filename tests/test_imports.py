@@ -74,24 +74,27 @@ def test_the_cycle_finder_finds_a_loop_around_three() -> None:
 
 def test_importing_the_package_changes_nothing_process_wide() -> None:
     probe = ("import os, cv2, defectscope, defectscope.data.decode, defectscope.pipeline, defectscope.cli\n"
-             "print(os.environ.get('OMP_WAIT_POLICY'), cv2.getNumThreads() == before, cv2.utils.logging.getLogLevel())")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+             "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), cv2.getNumThreads() == before,"
+             " cv2.utils.logging.getLogLevel())")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     run = subprocess.run([sys.executable, "-c", "import cv2; before = cv2.getNumThreads()\n" + probe],
                          capture_output=True, text=True, env=env, timeout=120)
     level = subprocess.run([sys.executable, "-c", "import cv2; print(cv2.utils.logging.getLogLevel())"],
                            capture_output=True, text=True, env=env, timeout=60).stdout.split()
-    assert run.stdout.split() == ["None", "True", *level], run.stderr
+    assert run.stdout.split() == ["None", "None", "True", *level], run.stderr
 
 
 def test_the_cli_and_rays_workers_get_the_thread_and_allocator_policies(monkeypatch, cli) -> None:
     from defectscope.process import worker_environment
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     assert cli("--version").code == 0 and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert os.environ["GOMP_SPINCOUNT"] == "10000"  # a short spin bridges the gaps between a pass's operators
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a value the user set wins, in the workers too
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
     monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
-    assert worker_environment() == {"env_vars": {"OMP_WAIT_POLICY": "ACTIVE", "MALLOC_MMAP_MAX_": "0",
-                                                 "MALLOC_TRIM_THRESHOLD_": "0"}}
+    assert worker_environment() == {"env_vars": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000",
+                                                 "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "0"}}
 
 
 def test_a_large_block_freed_is_not_mapped_and_zero_filled_again() -> None:
