@@ -85,7 +85,7 @@ class OnnxEngine:
 class OpenVinoEngine:
     """An OpenVINO model compiled for the CPU in float32, read from the verified bytes of its .xml and .bin; a graph
     whose inputs are fixed but for the batch is compiled for one image a run (a static shape: bottle, PatchCore
-    416/384, 19.5 -> 17.5 ms an image over a batch, 25 -> 22.5 at batch 1)."""
+    416/384, 20-23 -> 17-19 ms an image over a batch, 24-28 -> 22-24 at batch 1)."""
 
     def __init__(self, files: list[bytes], threads: int | None) -> None:
         try:
@@ -251,7 +251,8 @@ class DeployedModel:
         first graph's region descriptors)."""
         searched = _in_chunks(self.engine, {INPUT_NAME: batch})
         patches = searched[0]
-        distances = self.index.search(patches.reshape(-1, patches.shape[-1]), self.search_threads)[0].reshape(patches.shape[:3])
+        queries = patches.reshape(-1, patches.shape[-1])
+        distances = self.index.search(queries, self.search_threads)[0].reshape(patches.shape[:3])
         scores, maps = _in_chunks(self.scores_engine, {"distances": distances, **dict(zip(SEARCH_NAMES[1:], searched[1:]))})
         return Scored(scores.reshape(len(batch)), maps)
 
