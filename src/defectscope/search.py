@@ -40,11 +40,6 @@ def _scan_pool(workers: int, pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="defectscope-search")
 
 
-def _blas_threads(queries: int) -> AbstractContextManager:
-    """One BLAS thread for a few images' queries (small GEMMs), the library's default for more."""
-    return one_blas_thread() if queries <= SINGLE_THREAD_QUERIES else nullcontext()
-
-
 class ClusterIndex:
     """A bank whose rows are grouped by cluster (`offsets`: cluster c holds rows offsets[c]..offsets[c+1]-1).
 
@@ -114,8 +109,8 @@ class ClusterIndex:
         (the caller's thread count; fine-defects, batch 1: the search 18 -> 10 ms an image).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        few = len(queries) <= SINGLE_THREAD_QUERIES
-        with _blas_threads(len(queries)):
+        few = len(queries) <= SINGLE_THREAD_QUERIES  # a few images: small GEMMs, one BLAS thread; more: BLAS's default
+        with one_blas_thread() if few else nullcontext():
             if len(queries) <= QUERY_CHUNK:
                 return self._search(queries, workers if few else 1)
             parts = [self._search(queries[start : start + QUERY_CHUNK]) for start in range(0, len(queries), QUERY_CHUNK)]
