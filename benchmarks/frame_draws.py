@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from generated import write_generated
+from generated import CATEGORIES as GENERATED, write_generated
 from isolated import markdown_table, write_results
 
 from defectscope import load_dataset
@@ -52,8 +52,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("../shared/datasets"))
     parser.add_argument("--categories", nargs="*", default=["mvtec_ad/bottle", "mvtec_3d_ad_rgb/tire"])
-    parser.add_argument("--generate", nargs="*", default=["rotated-parts", "fine-defects"],
-                        choices=["rotated-parts", "fine-defects", "logical-parts"])
+    parser.add_argument("--generate", nargs="*", default=["rotated-parts", "fine-defects", "threaded-parts"],
+                        choices=GENERATED)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """PatchCore's frame candidates, the frame search that chooses among them, and the coreset, on every category.
 
     python benchmarks/frames.py --root ../shared/datasets --categories mvtec_ad/bottle mvtec_3d_ad_rgb/tire \
-        --generate rotated-parts fine-defects
+        --generate rotated-parts fine-defects threaded-parts
 
 Rows: each candidate frame pinned (with the coreset ratio the search gives it: equal memory rows per image); the default (the frame chosen per product by the good-only search);
 and the 352/320 s16 frame with one global greedy coreset over all patches (`coreset_candidates` 10 with
@@ -17,7 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from generated import write_generated
+from generated import CATEGORIES as GENERATED, write_generated
 from isolated import keep_other_rows, markdown_table, run_isolated, runs_note, write_results
 
 from defectscope.detectors.frame_search import CANDIDATES as FRAMES
@@ -40,16 +40,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("../shared/datasets"))
     parser.add_argument("--categories", nargs="*", default=["mvtec_ad/bottle", "mvtec_3d_ad_rgb/tire"])
-    parser.add_argument("--generate", nargs="*", default=["rotated-parts", "fine-defects"],
-                        choices=["rotated-parts", "fine-defects"])
+    parser.add_argument("--generate", nargs="*", default=["rotated-parts", "fine-defects", "threaded-parts"],
+                        choices=GENERATED)
     parser.add_argument("--candidates", nargs="+", choices=sorted(CANDIDATES), default=list(CANDIDATES))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--keep-others", action="store_true",
                         help="re-measure only --candidates; keep the other rows of OUT/frames.json (each row names its run)")
     args = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp())
+    scratch = tempfile.TemporaryDirectory()  # the generated categories, removed at exit
     folders = [args.root / category for category in args.categories]
-    folders += [write_generated(name, scratch) for name in args.generate]
+    folders += [write_generated(name, Path(scratch.name)) for name in args.generate]
     script = str(Path(__file__).with_name("mvtec.py"))
     rows = []
     for name in args.candidates:

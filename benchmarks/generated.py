@@ -10,6 +10,10 @@ so a frame search is not judged on the defects it was tuned with.
 `logical-parts` (`write_logical_parts`): a tray holding four different parts in four fixed slots, with
 defects in how they go together: a part missing, two parts swapped, one part too many. Every part of
 a defective tray looks like a part of a good one; only the layout is wrong.
+`threaded-parts` (`write_threaded_parts`): 1024x1024 grayscale photos of one small threaded part (a head, a
+threaded shank, a tip) lying anywhere at any angle on a plain background, with fine defects on the part: a
+damaged stretch of thread, a scratch 1-3 px wide, a shortened tip. A small part whose place and turn vary
+from image to image, where the defects are a few pixels of a large image.
 """
 
 from __future__ import annotations
@@ -170,7 +174,89 @@ def write_logical_parts(root: Path, train: int = 200, test_good: int = 40, per_d
     return folder
 
 
-CATEGORIES = ("rotated-parts", "fine-defects", "logical-parts")  # the generated categories the benchmarks take by name
+THREADED = 1024  # threaded-parts image side
+THREAD_DEFECTS = ("thread", "scratch", "tip")
+
+
+def _threaded_part(rng: np.random.Generator, damage: dict[str, float]) -> np.ndarray:
+    """A gray photo (float32) of a threaded part at a random place and turn on a plain, unevenly lit background.
+    `damage` changes the part: "thread" (start, length, side) flattens a stretch of thread, "scratch" (u0, v0, u1,
+    v1, width, change) draws a thin line on it, "tip" (shortening) cuts its tip; coordinates along (u) and across
+    (v) the part, in pixels from its middle."""
+    yy, xx = np.mgrid[0:THREADED, 0:THREADED].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    centre = THREADED / 2 + rng.uniform(-120, 120, 2)
+    u = (xx - centre[0]) * np.cos(angle) + (yy - centre[1]) * np.sin(angle)
+    v = -(xx - centre[0]) * np.sin(angle) + (yy - centre[1]) * np.cos(angle)
+    pitch = 14.0 + rng.normal(0, 0.3)
+    phase = ((u + 0.3 * v) / pitch) % 1.0
+    ridge = 1 - 2 * np.abs(phase - 0.5)  # a triangle wave: 1 on a crest, 0 in a groove
+    tip_end = 250.0 - damage.get("tip", 0.0)
+    shank = (u >= -180) & (u < 200)
+    if "thread" in damage:
+        start, length, side = damage["thread"]
+        flat = (u >= start) & (u < start + length) & (np.sign(v) == side)
+        ridge = np.where(flat, 0.15, ridge)
+    radius = np.where(shank, 25 + 5 * ridge, 0.0)
+    radius = np.where((u >= 200) & (u < tip_end), 28 * np.clip((250 - u) / 50, 0.08, 1), radius)
+    head = (u >= -262) & (u < -180)
+    radius = np.where(head, 56 - np.clip(-238 - u, 0, None), radius)
+    inside = np.clip(radius - np.abs(v) + 0.5, 0, 1) * (radius > 0)  # anti-aliased silhouette
+    across = np.clip(np.abs(v) / np.maximum(radius, 1), 0, 1)
+    metal = 95 + 70 * (1 - across**2) + np.where(shank, 28 * (ridge - 0.5), 6 * np.cos(u / 9))
+    if "scratch" in damage:
+        u0, v0, u1, v1, width, change = damage["scratch"]
+        du, dv = u1 - u0, v1 - v0
+        along = np.clip(((u - u0) * du + (v - v0) * dv) / (du * du + dv * dv), 0, 1)
+        distance = np.hypot(u - u0 - along * du, v - v0 - along * dv)
+        metal = metal + change * np.clip(width / 2 + 0.5 - distance, 0, 1)
+    light = 208 + 10 * np.cos((xx - rng.uniform(0, THREADED)) / 400) + rng.normal(0, 3)
+    shadow = 18 * np.exp(-np.clip(np.abs(v) - radius, 0, None) / 6) * (radius > 0)
+    image = inside * metal + (1 - inside) * (light - shadow)
+    return image + rng.normal(0, 3, image.shape).astype(np.float32)
+
+
+def _thread_damage(rng: np.random.Generator, kind: str) -> dict[str, float]:
+    """The damage of one `kind` (THREAD_DEFECTS) at a random place on the part."""
+    if kind == "thread":
+        return {"thread": (rng.uniform(-170, 160), rng.uniform(14, 32), float(rng.choice([-1, 1])))}
+    if kind == "scratch":
+        u0, v0 = rng.uniform(-250, 180), rng.uniform(-18, 18)
+        turn, length = rng.uniform(0, 2 * np.pi), rng.uniform(25, 60)
+        change = rng.uniform(40, 70) * (1 if rng.random() < 0.5 else -1)
+        return {"scratch": (u0, v0, u0 + length * np.cos(turn), v0 + 0.4 * length * np.sin(turn),
+                            int(rng.integers(1, 4)), change)}
+    return {"tip": rng.uniform(14, 30)}
+
+
+def write_threaded_parts(root: Path, train: int = 320, test_good: int = 40, per_defect: int = 25, seed: int = 0) -> Path:
+    """root/threaded-parts in MVTec layout (train/good, test/{good,thread,scratch,tip}, ground_truth masks), written
+    once; gray PNGs. A defect's mask is where its image differs from the same part drawn undamaged (same light and
+    noise), closed over gaps of a few pixels (a damaged stretch of thread is one region, as an annotator marks it)."""
+    folder = root / "threaded-parts"
+    rng = np.random.default_rng(seed)
+    plan = [("train", "good", train), ("test", "good", test_good)] + [("test", d, per_defect) for d in THREAD_DEFECTS]
+    for split, defect, count in plan:
+        for i in range(count):
+            damage = _thread_damage(rng, defect) if defect != "good" else {}
+            draw = rng.bit_generator.state
+            image = _threaded_part(rng, damage)
+            target = folder / split / defect / f"{i:03d}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                cv2.imwrite(str(target), np.clip(image, 0, 255).astype(np.uint8))
+            if damage:
+                after = rng.bit_generator.state
+                rng.bit_generator.state = draw  # the same part, light and noise, undamaged
+                changed = (np.abs(image - _threaded_part(rng, {})) > 12).astype(np.uint8)
+                mask = cv2.morphologyEx(changed, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9)))
+                rng.bit_generator.state = after
+                (folder / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(folder / "ground_truth" / defect / f"{i:03d}_mask.png"), mask * 255)
+    return folder
+
+
+CATEGORIES = ("rotated-parts", "fine-defects", "logical-parts", "threaded-parts")  # the generated categories the benchmarks take by name
 
 
 def write_generated(name: str, root: Path, seed: int = 0) -> Path:
@@ -184,6 +270,8 @@ def write_generated(name: str, root: Path, seed: int = 0) -> Path:
         folder = write_fine_defects(base, seed=seed)
     elif name == "logical-parts":
         folder = write_logical_parts(base, seed=seed)
+    elif name == "threaded-parts":
+        folder = write_threaded_parts(base, seed=seed)
     else:
         raise ValueError(f"unknown generated category {name!r}; choose one of {', '.join(CATEGORIES)}")
     if not seed:

@@ -135,7 +135,8 @@ def main() -> None:
     parser.add_argument("--drain", type=float, default=180, help="Seconds to wait for the last messages at most.")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp())
+    folder = tempfile.TemporaryDirectory()  # removed at exit, also when a run fails
+    scratch = Path(folder.name)
     dataset = load_dataset(args.data)
     model = args.model or save_model(fit_detector(dataset, "patchcore", {})[0], scratch / "bench.dsmodel")
     models = [model] + [export_model(model, scratch / f"bench-{engine}.dsdeploy", engine)[0]
@@ -156,7 +157,6 @@ def main() -> None:
               "watcher with SIGKILL after the middle image was dropped and starts it again at once; latency counts "
               "the first message of each image, from the rename into the hot folder.\n")
     write_results(args.out, "line", rows, table)
-    shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

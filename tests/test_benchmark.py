@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mvtec.py"
 
 
@@ -39,6 +41,29 @@ def test_a_generated_category_is_named_by_what_it_is(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logical-parts", "logical-parts-seed2"]  # nothing left over
     first = "train/good/000.png"
     assert (again / first).read_bytes() != (logical / first).read_bytes()
+
+
+def test_threaded_parts_are_gray_parts_with_one_small_marked_defect_each(tmp_path: Path) -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    import cv2
+    from generated import THREAD_DEFECTS, write_threaded_parts
+
+    folder = write_threaded_parts(tmp_path, train=2, test_good=1, per_defect=2)
+    assert {p.name for p in (folder / "test").iterdir()} == {"good", *THREAD_DEFECTS}
+    assert not (folder / "ground_truth" / "good").exists()
+    poses = [cv2.imread(str(folder / "train" / "good" / f"00{i}.png"), cv2.IMREAD_UNCHANGED) for i in range(2)]
+    assert all(image.shape == (1024, 1024) for image in poses) and not np.array_equal(*poses)  # gray, placed anew
+    for defect in THREAD_DEFECTS:
+        for image in sorted((folder / "test" / defect).iterdir()):
+            mask = cv2.imread(str(folder / "ground_truth" / defect / f"{image.stem}_mask.png"), cv2.IMREAD_GRAYSCALE) > 0
+            regions = cv2.connectedComponents(mask.astype(np.uint8))[0] - 1
+            assert regions == 1 and 10 < mask.sum() < 0.001 * mask.size, (defect, image.name, regions, mask.sum())
+            part = cv2.imread(str(image), cv2.IMREAD_UNCHANGED)
+            beside = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > mask
+            assert (part[beside] < 170).any()  # at the part (metal is darker than the background)
+            assert (part[mask].mean() > 190) == (defect == "tip")  # on the part; a cut tip leaves background
+    again = write_threaded_parts(tmp_path / "again", train=2, test_good=1, per_defect=2)
+    assert (again / "test/thread/001.png").read_bytes() == (folder / "test/thread/001.png").read_bytes()  # seeded
 
 
 def test_view_cost_pairs_alternate_and_state_what_the_default_adds() -> None:
