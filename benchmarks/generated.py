@@ -176,9 +176,10 @@ def write_logical_parts(root: Path, train: int = 200, test_good: int = 40, per_d
 
 THREADED = 1024  # threaded-parts image side
 THREAD_DEFECTS = ("thread", "scratch", "tip")
+Damage = float | tuple[float, ...]  # a tip's shortening, or a thread's or scratch's numbers (see `_threaded_part`)
 
 
-def _threaded_part(rng: np.random.Generator, damage: dict[str, float]) -> np.ndarray:
+def _threaded_part(rng: np.random.Generator, damage: dict[str, Damage]) -> np.ndarray:
     """A gray photo (float32) of a threaded part at a random place and turn on a plain, unevenly lit background.
     `damage` changes the part: "thread" (start, length, side) flattens a stretch of thread, "scratch" (u0, v0, u1,
     v1, width, change) draws a thin line on it, "tip" (shortening) cuts its tip; coordinates along (u) and across
@@ -216,7 +217,7 @@ def _threaded_part(rng: np.random.Generator, damage: dict[str, float]) -> np.nda
     return image + rng.normal(0, 3, image.shape).astype(np.float32)
 
 
-def _thread_damage(rng: np.random.Generator, kind: str) -> dict[str, float]:
+def _thread_damage(rng: np.random.Generator, kind: str) -> dict[str, Damage]:
     """The damage of one `kind` (THREAD_DEFECTS) at a random place on the part."""
     if kind == "thread":
         return {"thread": (rng.uniform(-170, 160), rng.uniform(14, 32), float(rng.choice([-1, 1])))}
