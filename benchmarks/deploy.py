@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from isolated import markdown_table, write_results  # noqa: I001  (benchmarks/isolated.py, beside this script)
+from isolated import markdown_table, peak_mb, write_results  # noqa: I001  (benchmarks/isolated.py, beside this script)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_PACKAGES = {"onnxruntime": ["onnxruntime"], "openvino": ["openvino"]}
@@ -78,14 +78,6 @@ def measure(model_path: Path, engine: str, data: Path, out: Path) -> dict:
     decode = (time.perf_counter() - start) / len(single) * 1000
     return {"ms_batched": batched, "ms_batch1": batch1, "ms_decode": decode, "images": len(paths),
             "peak_mb": peak_mb(), "torch_loaded": "torch" in sys.modules}
-
-
-def peak_mb() -> float:
-    """This process's peak resident memory (VmHWM: unlike ru_maxrss it does not count the parent's before exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def prepare(data: Path, model: str, folder: Path, engines: list[str]) -> dict:

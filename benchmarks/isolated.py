@@ -23,6 +23,15 @@ def run_isolated(script: str, arguments: list[str], label: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def peak_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM, which after fork and exec is its own (ru_maxrss would
+    still hold the parent's resident size at the fork when that was larger)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def markdown_table(rows: list[dict], columns: tuple[tuple[str, str, str], ...]) -> str:
     """A Markdown table of `rows` with (key, label, format) columns; 'n/a' where a value is missing."""
     lines = ["| " + " | ".join(label for _, label, _ in columns) + " |", "|" + "---|" * len(columns)]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from defectscope.pipeline import evaluate_model, fit_detector
 from defectscope.thresholds import calibrate
 
 from generated import CATEGORIES, write_generated  # noqa: E402  (benchmarks/generated.py)
-from isolated import keep_other_rows, run_isolated, runs_note, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
+from isolated import keep_other_rows, peak_mb, run_isolated, runs_note, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
 
 COLUMNS = (
     ("category", "category", "{}"), ("model", "model", "{}"), ("frame", "frame", "{}"), ("global_view", "global view", "{}"), ("place_view", "place view", "{}"),
@@ -91,7 +90,7 @@ def measure(folder: Path, model: str, settings: dict) -> dict:
         "bias": float((calibration_scores.mean() - good.mean()) / good.std()) if len(good) > 1 else None,
         "bias_se": float(np.sqrt(1 / len(good) + calibration_scores.var() / good.var() / len(calibration_scores))),
         "fit_s": fit_seconds, "ms_batch1": batch1, "ms_batched": batched, "ms_decode": decode,
-        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mb": peak_mb(),
     }
 
 

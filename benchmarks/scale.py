@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from defectscope.data.layout import Dataset, Sample
 from defectscope.pipeline import evaluate_model, fit_detector
 
 from generated import KINDS, write_category  # noqa: E402  (benchmarks/generated.py, beside this script)
-from isolated import run_isolated, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
+from isolated import peak_mb, run_isolated, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
 
 BASE_IMAGES = 209  # generated training images per factor: as many as bottle's
 
@@ -88,7 +87,7 @@ def measure(data: Path, train: list[Path]) -> dict:
         "embed_s": seconds["embed"], "decode_s": decode_s,
         "coreset_s": report.details["shard_coreset_s"] + report.details["reduce_s"], "index_s": report.details["index_s"],
         "calibrate_s": seconds["calibrate"],
-        "memory_bank": report.details["memory_bank"], "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "memory_bank": report.details["memory_bank"], "peak_mb": peak_mb(),
         **{k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")},
         "ms_batched": metrics.get("predict_ms_per_image"),
     }

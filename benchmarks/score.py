@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from isolated import markdown_table, run_isolated, write_results  # noqa: I001  (benchmarks/isolated.py, beside this script)
+from isolated import markdown_table, peak_mb, run_isolated, write_results  # noqa: I001  (benchmarks/isolated.py, beside this script)
 
 CONFIGS = {"in-process": (None, 1, None), "ray, 1 worker x 2 threads": ("local", 1, 2),
            "ray, 2 workers x 1 thread": ("local", 2, 1)}
@@ -77,12 +77,8 @@ def measure(model: Path, listing: Path, out: Path, config: str) -> dict:
     listed = [line for line in listing.read_text().splitlines() if line]
     if sorted(written) != sorted(listed):
         raise SystemExit(f"{config}: the output does not hold each listed image exactly once")
-    driver = 0.0
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            driver = int(line.split()[1]) / 1024
     return {"config": config, "images": summary["images"], "seconds": seconds, "images_per_s": summary["images"] / seconds,
-            "driver_peak_mb": driver, "worker_peak_mb": peak["worker"] if address else None}
+            "driver_peak_mb": peak_mb(), "worker_peak_mb": peak["worker"] if address else None}
 
 
 def markdown(rows: list[dict]) -> str:
