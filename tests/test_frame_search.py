@@ -12,7 +12,9 @@ import torch
 from defectscope import load_dataset
 from defectscope.data.frame import Preprocess
 from defectscope.detectors.base import create_detector
-from defectscope.detectors.frame_search import CANDIDATES, frame_settings, near_best, patches_per_image
+import defectscope.detectors.frame_search as frame_search
+from defectscope.data.synthetic import make_demo_dataset
+from defectscope.detectors.frame_search import CANDIDATES, choose_frame, frame_settings, near_best, patches_per_image
 from defectscope.detectors.patchcore import PatchCoreConfig, PatchFeatures, patch_embedding
 from defectscope.detectors.selection import MIN_IMAGES
 from defectscope.experiments.kinds import attempt_config
@@ -95,3 +97,17 @@ def test_a_typed_config_searches_the_frame_unless_it_was_given_one(demo_root: Pa
     pinned = fit_detector(dataset, "patchcore", attempt_config("patchcore", {"image_size": 128, "crop": None}))[0]
     assert pinned.train_summary["frame_choice"] == {"chosen": None, "reason": "pinned by the settings"}
     assert (pinned.config.image_size, pinned.config.crop) == (128, None)
+
+
+def test_each_candidate_is_fitted_on_64_images_none_of_them_held_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search's fit set covers a moving part's poses (64 images where there are enough), apart from the probe's."""
+    images = [sample.path for sample in load_dataset(make_demo_dataset(tmp_path / "part", size=64, train=96)).train]
+    fitted: list[set] = []
+    embed = frame_search._embed_finest
+    monkeypatch.setattr(frame_search, "CANDIDATES", {"352/320 s16": CANDIDATES["352/320 s16"]})  # one is enough here
+    monkeypatch.setattr(frame_search, "_embed_finest", lambda detector, fit, probed, view: fitted.append(set(fit))
+                        or embed(detector, fit, probed, view))
+    choice = choose_frame(images, PatchCoreConfig())
+    held = {images[i] for i in choice.probe.order[: len(choice.probe.good)]}
+    assert choice.evidence["fit_images"] == 64 and choice.evidence["held_out_images"] == len(held) == 16
+    assert fitted and all(len(fit) == 64 and not fit & held for fit in fitted)

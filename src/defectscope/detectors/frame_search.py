@@ -38,7 +38,8 @@ CANDIDATES = {  # name -> the frame fields it sets; every other setting is the u
 }
 FRAME_FIELDS = ("image_size", "crop", "patch_stride")  # setting any of them pins the frame
 REFERENCE_PATCHES = (320 // 16) ** 2  # the patches per image that the coreset ratio is stated for (352/320 s16)
-FIT_IMAGES = 32  # the search fits on at most 32 good images besides the probe's held-out ones
+FIT_IMAGES = 64  # the search fits on at most 64 good images besides the probe's held-out ones: enough to cover
+# the poses of a part that moves and turns, else the held-out photos score by which turns the fit happened to see
 
 
 def frame_settings(name: str, config: PatchCoreConfig) -> dict[str, Any]:
