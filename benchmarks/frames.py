@@ -4,7 +4,7 @@
         --generate rotated-parts fine-defects threaded-parts
 
 Rows: each candidate frame pinned (with the coreset ratio the search gives it: equal memory rows per image); the default (the frame chosen per product by the good-only search);
-and the 352/320 s16 frame with one global greedy coreset over all patches (`coreset_candidates` 10 with
+the same with `rotations` (the memory also learns each good image turned); and the 352/320 s16 frame with one global greedy coreset over all patches (`coreset_candidates` 10 with
 the 10% ratio) beside the default merge-and-reduce coreset. Each (row, category) is measured by
 benchmarks/mvtec.py in a fresh process. Writes benchmarks/results/frames.json and frames.md; with
 --keep-others only the given --candidates are measured again and the other rows are kept.
@@ -26,7 +26,8 @@ from defectscope.detectors.patchcore import PatchCoreConfig
 
 DEFAULT = "default: frame chosen by the search"
 GLOBAL = "352/320 s16, one global greedy coreset"
-CANDIDATES = {DEFAULT: {}, GLOBAL: {**FRAMES["352/320 s16"], "coreset_candidates": 10.0},
+TURNS = "frame chosen by the search, rotations: true"
+CANDIDATES = {DEFAULT: {}, TURNS: {"rotations": True}, GLOBAL: {**FRAMES["352/320 s16"], "coreset_candidates": 10.0},
               **{f"{name} (pinned)": frame_settings(name, PatchCoreConfig()) for name in FRAMES}}
 COLUMNS = (("candidate", "candidate", "{}"), ("category", "category", "{}"), ("frame", "frame", "{}"),
            ("image_auroc", "image AUROC", "{:.3f}"), ("pixel_auroc", "pixel AUROC", "{:.3f}"), ("aupro", "AUPRO", "{:.3f}"),

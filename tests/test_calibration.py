@@ -19,7 +19,7 @@ from defectscope.detectors.base import Detector
 from defectscope.detectors.coreset import coreset_indices, greedy_coreset
 from defectscope.detectors.nearest import ClusteredBank
 from defectscope.detectors.padim import PaDiM, PaDiMConfig
-from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig
+from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig, PatchFeatures
 from defectscope.errors import DefectscopeError
 from defectscope.thresholds import calibrate, f1_calibration, false_alarm_cut, labelled_calibration, recall_threshold
 
@@ -323,3 +323,24 @@ def test_a_config_knows_which_fields_were_given() -> None:
         create_detector("patchcore", PatchCoreConfig(patch_stride=12))
     with pytest.raises(SettingsError, match="not both"):
         create_detector("patchcore", PatchCoreConfig(), seed=1)
+
+
+def test_with_rotations_a_fold_is_scored_without_its_images_turns() -> None:
+    """Each image's turned patches join the memory's candidates as rows of that image, so a fold leaves them out."""
+    generator = torch.Generator().manual_seed(3)
+    patches = torch.randn(24, 4, 4, 8, generator=generator)
+    turned = torch.randn(24, 3, 4, 4, 8, generator=generator) + 5.0  # unlike any image's own patches
+    features = PatchFeatures(patches, patches.new_empty((24, 0, 0)), turned)
+    detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=0.1, shard_images=3, calibration_folds=4,
+                                         global_view="off", place_view="off", rotations=True))
+    details = detector.fit_features(features)
+    assert details["turns"] == 3 and details["patches"] == 24 * 4 * 16 and details["memory_bank"] == round(24 * 64 * 0.1)
+    rows = torch.cat([patches[:, None], turned], 1).reshape(24, 64, 8)  # every row an image offers
+    owner = torch.cdist(detector.index.bank, rows.reshape(-1, 8)).argmin(1) // 64
+    assert torch.equal(owner, detector.bank_sources)  # each memory row is known by the image it was turned from
+    assert (torch.cdist(detector.index.bank, turned.reshape(-1, 8)).min(1).values < 1e-5).sum() > 0  # turns are learned
+    scored, scores = detector.crossfit_scores(features)
+    for fold in detector.calibration_folds(24):
+        bank, sources = detector.holdout_bank(fold)
+        assert not torch.isin(sources, fold).any()
+        assert torch.cdist(rows[fold].reshape(-1, 8), bank.bank).min() > 1e-3  # not one of its rows, turned or not

@@ -409,3 +409,32 @@ def test_fit_shows_each_phase_and_fills_each_bar(demo_root: Path) -> None:
     assert [b["name"].split(":")[0].split(" ")[0] for b in bars] == ["fitting", "learning", "coreset", "calibrating"]
     assert bars[0]["name"] == "fitting patchcore: embedding 40 images" and bars[3]["name"] == "calibrating on 4 cross-fitted folds"
     assert all(b["done"] == b["total"] for b in bars if b["total"] is not None) and bars[2]["total"] > 1
+
+
+def test_patchcore_with_rotations_knows_a_part_turned_and_still_sees_a_defect() -> None:
+    """Good parts that all lie one way: the memory with `rotations` holds their turns (each the patches of the
+    turned frame), so the part turned by a quarter passes; without it, it does not. The defect is still caught."""
+    rng = np.random.default_rng(0)
+
+    def part(turn: int = 0) -> np.ndarray:
+        image = rng.integers(95, 105, (128, 128, 1), dtype=np.uint8).repeat(3, axis=2)
+        image[20:36, 16:112], image[36:80, 16:32] = 30, 30  # an L: a long bar and a short leg
+        return np.ascontiguousarray(np.rot90(image, turn))
+
+    good, turned, defective = [part() for _ in range(12)], part(1), part()
+    defective[90:102, 70:82] = 250
+    settings = {"image_size": 128, "crop": None, "patch_stride": 8, "coreset_ratio": 0.5, "calibration_folds": 4,
+                "place_view": "off"}
+    plain, turning = create_detector("patchcore", **settings, global_view="off"), create_detector("patchcore", **settings, rotations=True)
+    for detector in (plain, turning):
+        detector.fit(good)
+    assert turning.train_summary["fit"]["turns"] == 3 and plain.train_summary["fit"]["turns"] == 0
+    assert turning.config.global_view == "off"  # "auto" with rotations: a part at any turn has no layout to learn
+    assert plain.predict([turned]).verdicts == ["defective"]
+    scores = turning.predict([turned, defective]).scores
+    assert scores[0] < turning.calibration.threshold < scores[1]
+    batch = torch.from_numpy(np.stack([good[0], turned]).transpose(0, 3, 1, 2).copy()).float() / 255
+    with torch.inference_mode():
+        features, quarter = turning.embed_turned(batch), turning.embed(torch.rot90(batch, 1, (-2, -1)))
+    assert features.turned.shape[:2] == (2, 3)
+    torch.testing.assert_close(features.turned[:, 0], quarter.patches)

@@ -10,7 +10,7 @@ import importlib
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -152,13 +152,13 @@ class MapModel(ABC):
             self.backbone = load_backbone(self.config.backbone, self.strides)
         return self.backbone
 
-    def _embedded_batches(self, images: Sequence[ImageSource], progress: Progress | None
-                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (features, original sizes N x 2) batch by batch, in inference mode."""
-        preprocess = self.preprocess
+    def _embedded_batches(self, images: Sequence[ImageSource], progress: Progress | None,
+                          embed: Callable[[torch.Tensor], Any] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (features, original sizes N x 2) batch by batch, in inference mode (`embed`: default `self.embed`)."""
+        preprocess, embed = self.preprocess, embed or self.embed
         with torch.inference_mode():
             for batch, sizes in iterate_batches(images, preprocess, self.config.batch_size):
-                yield self.embed(normalize(torch.from_numpy(batch), preprocess)), torch.from_numpy(sizes)
+                yield embed(normalize(torch.from_numpy(batch), preprocess)), torch.from_numpy(sizes)
                 if progress:
                     progress(len(batch))
 
@@ -216,10 +216,11 @@ class Detector(MapModel):
     def fit_features(self, features: torch.Tensor) -> dict[str, Any]:
         """Learn from the features of good images; returns details for the fit report."""
 
-    def _features(self, images: Sequence[ImageSource], progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, images: Sequence[ImageSource], progress: Progress | None,
+                  embed: Callable[[torch.Tensor], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed all images; returns (features, original sizes N x 2), filled batch by batch into one tensor."""
         features, sizes, filled = None, torch.empty(len(images), 2, dtype=torch.long), 0
-        for batch, batch_sizes in self._embedded_batches(images, progress):
+        for batch, batch_sizes in self._embedded_batches(images, progress, embed):
             if features is None:  # a tensor, or a model's own kind of features (with `empty(count)`)
                 features = (torch.empty((len(images), *batch.shape[1:]), dtype=batch.dtype)
                             if isinstance(batch, torch.Tensor) else batch.empty(len(images)))
@@ -228,6 +229,10 @@ class Detector(MapModel):
             filled += len(batch)
         return features, sizes
 
+    def learning_features(self, images: Sequence[ImageSource], progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features `fit` learns from: `_features`, unless a model learns more than it scores."""
+        return self._features(images, progress)
+
     def fit(self, images: Sequence[ImageSource], progress: Progress | None = None) -> FitReport:
         """Fit on all good images, then set the threshold from cross-fitted scores (each from a model that never saw it)."""
         if len(images) < 2:
@@ -235,7 +240,7 @@ class Detector(MapModel):
         start = time.perf_counter()
         torch.manual_seed(self.config.seed)
         self.learn_aspect(images)
-        features, sizes = self._features(images, progress)
+        features, sizes = self.learning_features(images, progress)
         count = len(images)
         embedded = time.perf_counter()
         self.phase(f"learning from {count} images")

@@ -139,4 +139,4 @@ def _embed_finest(detector: PatchCore, fit: Sequence[Any], probed: Sequence[Any]
     finest = min(CANDIDATES[name]["patch_stride"] for name in CANDIDATES if _frame_key(name) == frame)
     embedder = PatchCore(replace(detector.config, patch_stride=finest, global_view=global_view), detector.require_backbone())
     embedder.aspect = detector.aspect
-    return finest, embedder._features(fit, None)[0], embedder._features(probed, None)[0], embedder.preprocess
+    return finest, embedder.learning_features(fit, None)[0], embedder._features(probed, None)[0], embedder.preprocess

@@ -62,6 +62,12 @@ class PatchCoreConfig(DetectorConfig):
     when the global view is not (both judge a place against good images, and each view in the max adds its good
     images' tail to the threshold); "on" / "off" decide it here; none below place_view.MIN_IMAGES cross-fitted good
     images. A fitted model's config holds "on" or "off".
+    rotations: the memory also learns each good image turned by a quarter, a half and three quarters (a frame
+    that is not square: a half), for a part that lies at any turn and whose training images show only some of its
+    turns; its rows are chosen over four times the patches (fit time and memory grow about 2-3x), and a calibration
+    fold leaves out an image's turns with it. With it, global_view "auto" is off: such a part has no layout of
+    regions. Off by default: where a product always lies one way, a turned patch is one the camera never sees, and a
+    defect that looks like it would pass.
     batch_size: images per backbone pass. 16, not 32: the fit holds every image's features while the backbone's
     activations for one pass come and go, so the pass sets the peak (juice_bottle's fit: 2.6 -> 1.9 GB, same model),
     at about the same speed on 2 cores."""
@@ -82,6 +88,7 @@ class PatchCoreConfig(DetectorConfig):
     layer_dim: int = 64
     reweight: bool = False
     reweight_neighbours: int = 9
+    rotations: bool = False
 
     def check(self) -> None:
         super().check()
@@ -145,37 +152,54 @@ def patch_embedding(maps: dict[int, torch.Tensor], neighbourhood: int, layer_dim
 @dataclass
 class PatchFeatures:
     """What PatchCore embeds per image: patch features N x h x w x d and region descriptors N x R x C
-    (the global view's; N x 0 x 0 for a model without it); indexed and filled by image like one tensor."""
+    (the global view's; N x 0 x 0 for a model without it), and while fitting with `rotations` each image's
+    patches turned (N x T x h x w x d, `PatchCore.embed_turned`); indexed and filled by image like one tensor."""
 
     patches: torch.Tensor
     regions: torch.Tensor
+    turned: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.patches)
 
     @classmethod
     def cat(cls, parts: Sequence[PatchFeatures]) -> PatchFeatures:
-        """The images of several, one after the other."""
-        return cls(torch.cat([part.patches for part in parts]), torch.cat([part.regions for part in parts]))
+        """The images of several, one after the other (turned patches only when every part has them)."""
+        turned = None if any(part.turned is None for part in parts) else torch.cat([part.turned for part in parts])
+        return cls(torch.cat([part.patches for part in parts]), torch.cat([part.regions for part in parts]), turned)
 
     def __getitem__(self, index: Any) -> PatchFeatures:
-        return PatchFeatures(self.patches[index], self.regions[index])
+        return PatchFeatures(self.patches[index], self.regions[index], None if self.turned is None else self.turned[index])
 
     def __setitem__(self, index: Any, value: PatchFeatures) -> None:
         self.patches[index], self.regions[index] = value.patches, value.regions
+        if self.turned is not None:
+            self.turned[index] = value.turned
 
     def coarsened(self, window: int) -> PatchFeatures:
         """The patch grid averaged in non-overlapping `window` x `window` cells, as `patch_embedding` averages the
         finest grid into a coarser patch stride (the same numbers)."""
         if window == 1:
             return self
-        patches = F.avg_pool2d(self.patches.permute(0, 3, 1, 2), window, ceil_mode=True)
-        return PatchFeatures(patches.permute(0, 2, 3, 1).contiguous(), self.regions)
+        turned = None if self.turned is None else _coarsened(self.turned.flatten(0, 1), window).unflatten(0, self.turned.shape[:2])
+        return PatchFeatures(_coarsened(self.patches, window), self.regions, turned)
 
     def empty(self, count: int) -> PatchFeatures:
         """Room for `count` images of this kind (filled batch by batch)."""
         return PatchFeatures(self.patches.new_empty((count, *self.patches.shape[1:])),
-                             self.regions.new_empty((count, *self.regions.shape[1:])))
+                             self.regions.new_empty((count, *self.regions.shape[1:])),
+                             None if self.turned is None else self.turned.new_empty((count, *self.turned.shape[1:])))
+
+    def learned_rows(self, images: torch.Tensor) -> torch.Tensor:
+        """The patch rows `images` offer the memory, image after image: its own patches, then its turned ones."""
+        own = self.patches[images]
+        rows = own if self.turned is None else torch.cat([own[:, None], self.turned[images]], 1)
+        return rows.reshape(-1, own.shape[-1])
+
+
+def _coarsened(patches: torch.Tensor, window: int) -> torch.Tensor:
+    """N x h x w x d patch features averaged in `window` x `window` cells (partial ones at the edge)."""
+    return F.avg_pool2d(patches.permute(0, 3, 1, 2), window, ceil_mode=True).permute(0, 2, 3, 1).contiguous()
 
 
 def split_features(features: PatchFeatures | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -265,10 +289,25 @@ class PatchCore(Detector):
         regions = region_descriptors(maps) if self.uses_global_view else patches.new_empty((len(patches), 0, 0))
         return PatchFeatures(patches, regions)
 
+    def embed_turned(self, batch: torch.Tensor) -> PatchFeatures:
+        """`embed`, with each image's patches turned by a quarter, a half and three quarters (a frame that is not
+        square: by a half only, the one turn that keeps its shape)."""
+        features = self.embed(batch)
+        turns = (1, 2, 3) if batch.shape[-1] == batch.shape[-2] else (2,)
+        turned = [patch_embedding(self.require_backbone()(torch.rot90(batch, turn, (-2, -1))), self.config.neighbourhood,
+                                  self.config.layer_dim, self.config.patch_stride) for turn in turns]
+        features.turned = torch.stack(turned, 1)
+        return features
+
+    def learning_features(self, images: Sequence[ImageSource], progress: Progress | None) -> tuple[PatchFeatures, torch.Tensor]:
+        """`Detector.learning_features`; with `rotations`, each image's turned patches too (`embed_turned`)."""
+        return self._features(images, progress, self.embed_turned if self.config.rotations else None)
+
     @property
     def uses_global_view(self) -> bool:
-        """Whether fitting learns the global view ("auto" learns it, then keeps it or not)."""
-        return self.config.global_view != "off"
+        """Whether fitting learns the global view ("auto" learns it, then keeps it or not; with `rotations` it does
+        not: a part that lies at any turn has no layout of regions to learn)."""
+        return self.config.global_view == "on" or (self.config.global_view == "auto" and not self.config.rotations)
 
     def fit(self, images: Sequence[ImageSource], progress: Progress | None = None) -> FitReport:
         """`Detector.fit`; with the global view, the probe of `selection` (the frame search's held-out images) states
@@ -312,16 +351,18 @@ class PatchCore(Detector):
         """Merge and reduce: each shard keeps `coreset_candidates` times the final share of its patches (linear cost),
         then one greedy coreset over all those candidates chooses the memory bank, as a global coreset would.
         With the global view on, each region's good-image statistics are kept too (fused after cross-fitting)."""
-        features, regions = split_features(features)
+        patches, regions = split_features(features)
         self.fusion = None
         self.moments = Moments.of(regions) if self.uses_global_view and regions is not None else None
         self.regions = None  # derived from the moments once the drift is known (`crossfit_scores`)
-        n, h, w, d = features.shape
-        per_image = h * w
+        learned = features if isinstance(features, PatchFeatures) else PatchFeatures(patches, patches.new_empty(0))
+        n, h, w, d = patches.shape
+        turns = 0 if learned.turned is None else learned.turned.shape[1]
+        per_image = h * w * (1 + turns)  # memory rows an image offers: its own patches and its turned ones
         start = time.perf_counter()
         shards, threads = self.shards(n), torch.get_num_threads()
         ratio = min(self.config.coreset_ratio, self.config.memory_limit / (n * per_image))
-        jobs = [(features[shard].reshape(-1, d), min(1.0, ratio * self.config.coreset_candidates), self.config.seed + number,
+        jobs = [(learned.learned_rows(shard), min(1.0, ratio * self.config.coreset_candidates), self.config.seed + number,
                  self.config.projection_dim, threads) for number, shard in enumerate(shards)]
         advance = self.phase(f"coreset: {len(shards)} shards, then one over their candidates", len(shards) + 1)
         if self.map_shards is not None:
@@ -332,17 +373,16 @@ class PatchCore(Detector):
             for job in jobs:
                 chosen.append(shard_coreset(job))
                 advance(1)
-        candidates = torch.cat([shard[local // per_image] * per_image + local % per_image
-                                for shard, local in zip(shards, chosen)])
+        candidates = torch.cat([job[0][local] for job, local in zip(jobs, chosen)])
+        sources = torch.cat([shard[local // per_image] for shard, local in zip(shards, chosen)])
         merged = time.perf_counter()
-        self.pool = CandidatePool.reduce(features.reshape(-1, d)[candidates], candidates // per_image,
-                                         max(1, round(n * per_image * ratio)), self.config)
+        self.pool = CandidatePool.reduce(candidates, sources, max(1, round(n * per_image * ratio)), self.config)
         selected = time.perf_counter()
         advance(1)
         self.index = ClusteredBank.build(self.pool.features[self.pool.selected], self.config.seed)
         self.bank_sources = self.pool.sources[self.pool.selected][self.index.order]
         self.pool.group_like(self.index)
-        return {"patches": n * per_image, "memory_bank": len(self.pool.selected), "coreset_ratio": ratio,
+        return {"patches": n * per_image, "turns": turns, "memory_bank": len(self.pool.selected), "coreset_ratio": ratio,
                 "embedding_dim": d, "shards": len(shards), "candidates": len(candidates),
                 "coverage_radius": self.pool.radius, "shard_coreset_s": merged - start, "reduce_s": selected - merged,
                 "index_s": time.perf_counter() - selected, "global_view": self.moments is not None}
@@ -593,12 +633,12 @@ class PatchCore(Detector):
         self.check_teachable()
         if not images:
             raise DefectscopeError("give at least one good image to learn")
-        features, _ = self._features(images, progress)
-        n, h, w, d = features.patches.shape
-        patches = features.patches.reshape(n, h * w, d)
+        features, _ = self.learning_features(images, progress)
+        n, d = len(features), features.patches.shape[-1]
+        patches = features.learned_rows(torch.arange(n)).reshape(n, -1, d)  # with `rotations`, their turns too
         fitted = self.index
         with torch.inference_mode():
-            covered = fitted.search(patches.reshape(-1, d))[0].reshape(n, h * w)
+            covered = fitted.search(patches.reshape(-1, d))[0].reshape(n, -1)
             held_out = []
             for fold in self.calibration_folds(n):
                 rest = rows_outside(n, fold)
