@@ -301,7 +301,9 @@ class PatchCore(Detector):
 
     def learning_features(self, images: Sequence[ImageSource], progress: Progress | None) -> tuple[PatchFeatures, torch.Tensor]:
         """`Detector.learning_features`; with `rotations`, each image's turned patches too (`embed_turned`)."""
-        return self._features(images, progress, self.embed_turned if self.config.rotations else None)
+        if not self.config.rotations:
+            return super().learning_features(images, progress)
+        return self._features(images, progress, self.embed_turned)
 
     @property
     def uses_global_view(self) -> bool:
