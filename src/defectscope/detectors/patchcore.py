@@ -64,8 +64,9 @@ class PatchCoreConfig(DetectorConfig):
     images. A fitted model's config holds "on" or "off".
     rotations: the memory also learns each good image turned by a quarter, a half and three quarters (a frame
     that is not square: a half), for a part that lies at any turn and whose training images show only some of its
-    turns; its rows are chosen over four times the patches (fit time and memory grow about 2-3x), and a calibration
-    fold leaves out an image's turns with it. With it, global_view "auto" is off: such a part has no layout of
+    turns; its rows are chosen over four times the patches and at the same ratio it keeps four times as many (fits
+    took 3.6-10.7x as long and images 1.3-6x in benchmarks/results/frames.md), and a calibration fold leaves out an
+    image's turns with it. With it, global_view "auto" is off: such a part has no layout of
     regions. Off by default: where a product always lies one way, a turned patch is one the camera never sees, and a
     defect that looks like it would pass.
     batch_size: images per backbone pass. 16, not 32: the fit holds every image's features while the backbone's
