@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from defectscope.prediction import Prediction
 from defectscope.errors import DefectscopeError
 from defectscope.experiments.config import load_experiment
 from defectscope.experiments.runner import run_experiment
-from defectscope.files import MARKER, write_atomic
+from defectscope.files import MARKER, read_regular, write_atomic
 
 SMALL = {"image_size": 64, "crop": None}
 
@@ -238,6 +239,25 @@ def test_yaml_alias_bomb_is_refused(tmp_path: Path, cli) -> None:
     config.write_text("\n".join(lines) + "\nattempts:\n  - {name: a, model: knn}\n")
     assert config.stat().st_size < 1000
     one_line_error(cli("experiment", "run", config, "--data", tmp_path), "aliases", "not allowed")
+
+
+def test_a_file_is_read_into_a_buffer_of_its_size_not_of_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    path = tmp_path / "small.bin"
+    path.write_bytes(b"x" * 1000)
+    tracemalloc.start()
+    try:
+        assert read_regular(path, "file", 1 << 30) == b"x" * 1000
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # not the 1 GB limit
+    # a file that grew after its size was read is still read whole, and refused once above the limit
+    real = os.fstat
+    monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result((*real(fd)[:6], 10, *real(fd)[7:])))
+    assert read_regular(path, "file", 5000) == b"x" * 1000
+    with pytest.raises(DefectscopeError, match="grew above the limit of 500 bytes"):
+        read_regular(path, "file", 500)
 
 
 def test_pixel_limit_from_the_header(tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:

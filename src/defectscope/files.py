@@ -88,7 +88,13 @@ def read_regular(path: Path, what: str = "file", max_bytes: int | None = None,
             inspect(stream)
             stream.seek(0)
         try:
-            data = stream.read() if max_bytes is None else stream.read(max_bytes + 1)
+            if max_bytes is None:
+                data = stream.read()
+            else:  # read(n) first allocates n bytes, and the limit may be GBs: the size it has, then what it grew by
+                size = min(os.fstat(stream.fileno()).st_size, max_bytes)
+                data = stream.read(size + 1)
+                if size < len(data) <= max_bytes:
+                    data += stream.read(max_bytes + 1 - len(data))
         except OSError as exc:
             raise DefectscopeError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     if max_bytes is not None and len(data) > max_bytes:
