@@ -118,10 +118,11 @@ def _greedy(points: torch.Tensor, count: int, start: int = 0, blocks: int | None
         rows = index[near]
         squared = point_sq[rows] - 2 * (np.take(xs, rows, axis=0) @ centre) + centre_sq
         distance = np.sqrt(np.maximum(squared, 0))
+        nearer = current[near]
         if owner is not None:  # the centre is the point chosen at the step before (or `start`: -1)
-            owner[rows[distance < current[near]]] = step - 1
-        current[near] = np.minimum(current[near], distance)
-        min_dist[rows] = current[near]
+            owner[rows[distance < nearer]] = step - 1
+        np.minimum(nearer, distance, out=nearer)
+        current[near] = min_dist[rows] = nearer
         block_max[active] = np.maximum.reduceat(current, firsts)
         best = int(np.argmax(block_max))
         position = int(offsets[best] + np.argmax(min_dist[offsets[best] : offsets[best] + sizes[best]]))
