@@ -15,6 +15,7 @@ import torchvision
 
 from defectscope import backbones
 from defectscope.backbones import Checkpoint, load_backbone, published_checkpoint
+from defectscope.data import batches
 from defectscope.data.frame import Preprocess
 from defectscope.data.images import normalize
 from defectscope.efficientnet_lite import SameConv2d
@@ -109,12 +110,17 @@ def test_same_conv_matches_tensorflow_padding(kernel: int, groups: int, size: tu
     torch.testing.assert_close(conv(x), expected)
 
 
-def test_backbone_chunks_give_the_same_maps() -> None:
+def test_backbone_runs_in_passes_of_its_pixel_budget_with_the_same_maps(monkeypatch) -> None:
+    monkeypatch.setattr(batches, "PASS_PIXELS", 2 * 64 * 64 + 100)  # two 64 x 64 frames a pass
     backbone = load_backbone("efficientnet_lite0", (8, 16))
-    x = torch.randn(backbones.CHUNK * 2 + 1, 3, 64, 64)
+    passes, forward = [], backbone._forward
+    backbone._forward = lambda x: passes.append(len(x)) or forward(x)
+    x = torch.randn(5, 3, 64, 64)
     with torch.inference_mode():
         whole = backbone(x)
+        assert passes == [2, 2, 1]
         single = [backbone(x[i : i + 1]) for i in range(len(x))]
+    assert batches.images_per_pass(2000, 2000) == 1  # a frame over the budget still runs, alone
     for stride in (8, 16):
         torch.testing.assert_close(whole[stride], torch.cat([s[stride] for s in single]), atol=1e-4, rtol=1e-4)
 

