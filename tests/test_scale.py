@@ -186,7 +186,8 @@ def test_score_resumes_an_interrupted_run_without_gaps_or_repeats(served_folder:
     assert sorted(table["path"]) == sorted(map(str, images))  # every image exactly once
     expected = load_model(model).predict(images)
     by_path = dict(zip(table["path"], zip(table["score"], table["verdict"])))
-    np.testing.assert_allclose([by_path[str(p)][0] for p in images], expected.scores, rtol=1e-6)
+    # to float32 rounding: a backbone pass of 8 images and one of all of them may order their sums differently
+    np.testing.assert_allclose([by_path[str(p)][0] for p in images], expected.scores, rtol=1e-5)
     assert [by_path[str(p)][1] for p in images] == expected.verdicts
     spelled = Path(os.path.relpath(model, tmp_path))  # the same model, its path spelled another way
     monkeypatch.chdir(tmp_path)
