@@ -7,7 +7,9 @@ Fits PatchCore on the category (or takes --model), measures the library's own ba
 exports the model for each engine of --engines (onnxruntime, OpenVINO), then starts the server in a
 subprocess for each engine and setting and sends the category's test images from 1, 4 and 16
 concurrent clients: a fixed number of requests per run, each run stopped after --limit seconds at
-most. Ends with a soak at 16 clients on the model file, sampling the server's resident memory.
+most. Then the 16-client run of the model file and of each export again, --repeats times in turn with all their
+servers up, so that the machine's drift falls on every engine alike: the p99 ratios from those medians. Ends with
+a soak at 16 clients on the model file, sampling the server's resident memory.
 Writes benchmarks/results/serve.json and serve.md.
 """
 
@@ -21,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -52,18 +56,61 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(model: Path, port: int, extra: list[str]) -> subprocess.Popen:
+@contextmanager
+def serving(model: Path, extra: list[str]) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`defectscope serve MODEL` on a free port of 127.0.0.1: (the server, its inspection URL); stopped at exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     command = [str(Path(sys.executable).with_name("defectscope")), "--quiet", "serve", str(model), "--port", str(port), *extra]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    server.kill()
-    sys.exit(f"server did not start: {server.stderr.read().decode()[-2000:]}")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            server.kill()
+            sys.exit(f"server did not start: {server.stderr.read().decode()[-2000:]}")
+        yield server, f"http://127.0.0.1:{port}/v1/models/{model.stem}/inspect"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def measured(server: subprocess.Popen, url: str, images: list[tuple[str, bytes]], clients: int, requests: int,
+             limit: float) -> dict:
+    """One load run against a server, with the server's CPU time over it."""
+    cpu, start = cpu_seconds(server.pid), time.perf_counter()
+    result = asyncio.run(load(url, images, clients, requests, limit))
+    cpu, elapsed = cpu_seconds(server.pid) - cpu, time.perf_counter() - start
+    return {"clients": clients, **result, "server_cpu_pct": cpu / elapsed * 100,
+            "server_cpu_ms_per_image": cpu / max(1, result["requests"] - result["errors"]) * 1000}
+
+
+def interleaved(served: dict[str, Path], images: list[tuple[str, bytes]], repeats: int, requests: int,
+                limit: float) -> list[dict]:
+    """The 16-client run of each engine's batching server, `repeats` rounds, every engine once a round."""
+    with ExitStack() as stack:
+        servers = {engine: stack.enter_context(serving(path, BATCHING)) for engine, path in served.items()}
+        for server, url in servers.values():
+            asyncio.run(load(url, images, 4, 16, limit))  # warmed up before the first round
+        return [{"engine": engine, "repeat": repeat, **measured(server, url, images, 16, requests, limit)}
+                for repeat in range(repeats) for engine, (server, url) in servers.items()]
+
+
+def median_p99(rows: list[dict], engine: str) -> float:
+    return float(np.median([r["p99_ms"] for r in rows if r["engine"] == engine]))
+
+
+def rounds_text(rows: list[dict], engine: str) -> str:
+    """An engine's p99 in each round, their median and its errors."""
+    mine = [r for r in rows if r["engine"] == engine]
+    each = ", ".join(f"{r['p99_ms']:.0f}" for r in mine)
+    return f"{engine} p99 {each} ms (median {median_p99(rows, engine):.0f}; {sum(r['errors'] for r in mine)} errors)"
 
 
 async def load(url: str, images: list[tuple[str, bytes]], clients: int, requests: int, limit: float) -> dict:
@@ -127,6 +174,7 @@ def main() -> None:
     parser.add_argument("--soak", type=float, default=120, help="Seconds of the memory soak (0: none).")
     parser.add_argument("--engines", default="onnx,openvino", help="Export formats to serve beside the model file "
                         "(comma-separated; empty: the model file only).")
+    parser.add_argument("--repeats", type=int, default=5, help="Rounds of the interleaved 16-client runs (0: none).")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     dataset = load_dataset(args.data)
@@ -143,27 +191,17 @@ def main() -> None:
         runs.insert(len(runs) - 1, (ENGINES[file_format], "dynamic batching (5 ms)", exported, BATCHING))
     rows, memory = [], {}
     for engine, label, served, extra in runs:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = start_server(served, port, extra)
-        url = f"http://127.0.0.1:{port}/v1/models/{served.stem}/inspect"
-        try:
+        with serving(served, extra) as (server, url):
             for clients in (1, 4, 16):
-                cpu, start = cpu_seconds(server.pid), time.perf_counter()
-                result = asyncio.run(load(url, images, clients, args.requests, args.limit))
-                cpu, elapsed = cpu_seconds(server.pid) - cpu, time.perf_counter() - start
-                rows.append({"engine": engine, "setting": label, "clients": clients, **result,
-                             "server_cpu_pct": cpu / elapsed * 100,
-                             "server_cpu_ms_per_image": cpu / max(1, result["requests"] - result["errors"]) * 1000,
-                             "share_of_library": result["images_per_s"] / reference, "server_peak_mb": rss_mb(server.pid, "VmHWM")})
+                rows.append({"engine": engine, "setting": label, **measured(server, url, images, clients, args.requests, args.limit),
+                             "server_peak_mb": rss_mb(server.pid, "VmHWM")})
+                rows[-1]["share_of_library"] = rows[-1]["images_per_s"] / reference
                 print(rows[-1], flush=True)
             if engine == "torch" and label.startswith("dynamic") and args.soak:
                 samples, result = asyncio.run(soak(url, images, server.pid, args.soak))
                 memory = {"seconds": args.soak, "rss_mb": samples, "requests": result["requests"], "errors": result["errors"]}
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    batching = {engine: served for engine, label, served, _ in runs if label == "dynamic batching (5 ms)"}
+    rounds = interleaved(batching, images, args.repeats, args.requests, args.limit) if args.repeats else []
     header = ("| engine | setting | clients | requests | errors | images/s | share of library batched | p50 ms | p95 ms "
               "| p99 ms | server CPU % | server CPU ms/image | server peak MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     table = header + "".join(
@@ -175,6 +213,13 @@ def main() -> None:
     p99 = {r["engine"]: r["p99_ms"] for r in loaded}
     table += "".join(f"\np99 at 16 clients, {engine} against the model file: {p99['torch'] / value:.2f}x lower.\n"
                      for engine, value in p99.items() if engine != "torch")
+    if rounds:
+        table += (f"\nInterleaved, {args.repeats} rounds of 16 clients x {args.requests} requests on each engine's batching "
+                  "server (all servers up, each engine once a round): "
+                  + ", ".join(rounds_text(rounds, engine) for engine in batching) + ".\n")
+        table += "".join(f"\nMedian p99 at 16 clients over the rounds, {engine} against the model file: "
+                         f"{median_p99(rounds, 'torch') / median_p99(rounds, engine):.2f}x lower.\n"
+                         for engine in batching if engine != "torch")
     cores = len(os.sched_getaffinity(0))
     table += "".join(f"\nAt 16 clients the {r['engine']} server spends {r['server_cpu_ms_per_image']:.0f} ms of CPU an image "
                      f"(decode, frame, model, HTTP): {cores} cores serve at most {cores * 1000 / r['server_cpu_ms_per_image']:.1f} "
@@ -188,7 +233,7 @@ def main() -> None:
         rss = memory["rss_mb"]
         table += (f"\nSoak, 16 clients for {memory['seconds']:.0f} s ({memory['requests']} requests, {memory['errors']} errors): "
                   f"server RSS {rss[0]:.0f} MB at start, {rss[1]:.0f} MB after 5 s, {max(rss):.0f} MB peak, {rss[-1]:.0f} MB at the end.\n")
-    write_results(args.out, "serve", rows + [{"soak": memory, "library_images_per_s": reference}], table)
+    write_results(args.out, "serve", rows + [{"soak": memory, "library_images_per_s": reference, "interleaved": rounds}], table)
 
 
 if __name__ == "__main__":
