@@ -141,6 +141,15 @@ def test_patchcore_export_searches_its_memory_with_the_library_search(fitted, te
     assert runs == [4, 4, 1] and searches == [9 * (112 // 16) ** 2]
 
 
+def test_an_export_of_frames_that_take_a_backbone_pass_each_scores_any_batch(fitted, test_images, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """A frame too large for two in one backbone pass: the export, traced on a batch of 2, still takes any batch."""
+    monkeypatch.setattr(batches, "PASS_PIXELS", 112 * 112)  # one of these 112 x 112 frames a pass
+    for name in ("patchcore-global", "knn"):
+        written = export_model(fitted[name], tmp_path / f"{name}.dsdeploy")
+        _assert_same(load_model(fitted[name]).predict(test_images[:3]), DeployedModel(written[0]).predict(test_images[:3]))
+
+
 def test_patchcore_export_never_replaces_a_foreign_second_graph(fitted, tmp_path: Path) -> None:
     foreign = tmp_path / "part-scores.onnx"
     foreign.write_text("not ours")

@@ -143,7 +143,7 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """Feature maps by stride; runs in passes of `images_per_pass` images, whose activations stay in cache."""
         per_pass = images_per_pass(*x.shape[-2:])
-        if len(x) <= per_pass:
+        if len(x) <= per_pass or torch.onnx.is_in_onnx_export():  # a traced split would fix the graph's batch size
             return self._forward(x)
         parts = [self._forward(chunk) for chunk in x.split(per_pass)]
         return {stride: torch.cat([part[stride] for part in parts]) for stride in self.strides}
