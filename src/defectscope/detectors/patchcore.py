@@ -69,9 +69,9 @@ class PatchCoreConfig(DetectorConfig):
     image's turns with it. With it, global_view "auto" is off: such a part has no layout of
     regions. Off by default: where a product always lies one way, a turned patch is one the camera never sees, and a
     defect that looks like it would pass.
-    batch_size: images per backbone pass. 16, not 32: the fit holds every image's features while the backbone's
-    activations for one pass come and go, so the pass sets the peak (juice_bottle's fit: 2.6 -> 1.9 GB, same model),
-    at about the same speed on 2 cores."""
+    batch_size: images embedded at once (the backbone takes them in passes of `images_per_pass`). 16, not 32: the fit
+    holds every image's features while one batch's activations come and go, so the batch sets the peak (juice_bottle's
+    fit: 2.6 -> 1.9 GB, same model), at about the same speed on 2 cores."""
 
     image_size: int = 352
     crop: int | None = 320
