@@ -262,15 +262,13 @@ def test_models_of_earlier_versions_still_load(fitted_model: Path, tmp_path: Pat
 
 
 def test_the_frame_search_choice_is_recorded_and_restored(demo_root: Path, tmp_path: Path, cli) -> None:
-    from defectscope.detectors.frame_search import CANDIDATES
+    from defectscope.detectors.frame_search import CANDIDATES, turns_pay
     out = tmp_path / "auto.dsmodel"
     fitted = cli("fit", demo_root, "-o", out)
-    assert fitted.code == 0 and "global view " in fitted.out  # both choices are said
+    assert fitted.code == 0 and "global view " in fitted.out  # every choice is said
     place = model_info(out)["config"]["place_view"]
     assert place in ("on", "off") and f"place view {place}: " in fitted.out  # and the place view it settled on
     choice = model_info(out)["train_summary"]["frame_choice"]
-    view = model_info(out)["train_summary"]["global_view_choice"]  # its cost said with the sign of the change it makes
-    assert f"the synthetic defects caught change by {-view['recall_cost']:+.0%} " in fitted.out
     frame = CANDIDATES[choice["chosen"]]
     assert set(choice["candidates"]) == set(CANDIDATES) and choice["synthetic_images"] > 0
     assert all(0 <= c["recall_at_1pct"] <= 1 for c in choice["candidates"].values())
@@ -285,10 +283,21 @@ def test_the_frame_search_choice_is_recorded_and_restored(demo_root: Path, tmp_p
     assert {k: getattr(loaded.config, k) for k in frame} == frame
     assert loaded.train_summary["frame_choice"] == choice
     assert choice["chosen"] in cli("info", out).out
+    turns = choice["rotations"]  # "auto": judged at the chosen frame by the same probe, said, and the model's config
+    assert turns["chosen"] == loaded.config.rotations == ("on" if turns_pay(turns["recall_at_1pct_without"],
+                                                                          turns["recall_at_1pct_with"], choice["synthetic_images"]) else "off")
+    assert turns["recall_at_1pct_without"] == choice["candidates"][choice["chosen"]]["recall_at_1pct"]
+    assert f"rotations {turns['chosen']}: " in fitted.out
+    if turns["chosen"] == "on":  # learned with the turns, the global view is not learned, and that is said
+        assert "global_view_choice" not in loaded.train_summary and "global view off: " in fitted.out
     pinned = tmp_path / "pinned.dsmodel"
-    assert cli("fit", demo_root, "-o", pinned, "--image-size", "160", "--crop", "128").code == 0
+    pinning = cli("fit", demo_root, "-o", pinned, "--image-size", "160", "--crop", "128")
+    assert pinning.code == 0
+    view = model_info(pinned)["train_summary"]["global_view_choice"]  # its cost said with the sign of the change it makes
+    assert f"the synthetic defects caught change by {-view['recall_cost']:+.0%} " in pinning.out
     assert model_info(pinned)["train_summary"]["frame_choice"] == {"chosen": None, "reason": "pinned by the settings"}
     assert model_info(pinned)["config"]["image_size"] == 160
+    assert model_info(pinned)["config"]["rotations"] == "off"  # no search to judge the turns: the part lies one way
 
 
 def test_fit_settings_pin_the_frame_and_are_checked(demo_root: Path, tmp_path: Path, cli) -> None:
@@ -332,7 +341,7 @@ def test_with_rotations_a_fold_is_scored_without_its_images_turns() -> None:
     turned = torch.randn(24, 3, 4, 4, 8, generator=generator) + 5.0  # unlike any image's own patches
     features = PatchFeatures(patches, patches.new_empty((24, 0, 0)), turned)
     detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=0.1, shard_images=3, calibration_folds=4,
-                                         global_view="off", place_view="off", rotations=True))
+                                         global_view="off", place_view="off", rotations="on"))
     details = detector.fit_features(features)
     assert details["turns"] == 3 and details["patches"] == 24 * 4 * 16 and details["memory_bank"] == round(24 * 64 * 0.1)
     rows = torch.cat([patches[:, None], turned], 1).reshape(24, 64, 8)  # every row an image offers

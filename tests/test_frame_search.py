@@ -14,9 +14,10 @@ from defectscope.data.frame import Preprocess
 from defectscope.detectors.base import create_detector
 import defectscope.detectors.frame_search as frame_search
 from defectscope.data.synthetic import make_demo_dataset
-from defectscope.detectors.frame_search import CANDIDATES, choose_frame, frame_settings, near_best, patches_per_image
+from defectscope.detectors.frame_search import CANDIDATES, choose_frame, frame_settings, near_best, patches_per_image, turns_pay
 from defectscope.detectors.patchcore import PatchCoreConfig, PatchFeatures, patch_embedding
 from defectscope.detectors.selection import MIN_IMAGES
+from defectscope.errors import SettingsError
 from defectscope.experiments.kinds import attempt_config
 from defectscope.pipeline import fit_detector
 
@@ -70,7 +71,7 @@ def test_a_coarser_patch_grid_is_the_finer_one_averaged() -> None:
 def test_the_global_view_is_judged_on_the_frame_searchs_probe_as_on_its_own(demo_root: Path) -> None:
     dataset = load_dataset(demo_root)
     dataset.samples = dataset.train[:MIN_IMAGES + 2]  # the fewest images a probe is made of: a quick search
-    searched, report = fit_detector(dataset, "patchcore", {}, None, False)
+    searched, report = fit_detector(dataset, "patchcore", {"rotations": "off"}, None, False)  # turns: no global view
     chosen = searched.train_summary["frame_choice"]["chosen"]
     searching = sum(candidate["seconds"] for candidate in searched.train_summary["frame_choice"]["candidates"].values())
     assert report.seconds > searching  # the fit's time, as `fit` prints it, includes the search
@@ -111,3 +112,39 @@ def test_each_candidate_is_fitted_on_64_images_none_of_them_held_out(tmp_path: P
     held = {images[i] for i in choice.probe.order[: len(choice.probe.good)]}
     assert choice.evidence["fit_images"] == 64 and choice.evidence["held_out_images"] == len(held) == 16
     assert fitted and all(len(fit) == 64 and not fit & held for fit in fitted)
+
+
+def test_the_turns_are_learned_only_when_they_catch_more_than_two_standard_errors_more() -> None:
+    # threaded-parts' probe at its frame: 119 of 128 synthetic defects without the turns, 127 with them
+    assert turns_pay(119 / 128, 127 / 128, 128)
+    # fine-defects': 126 against 127, one defect; rotated-parts' round parts: no change; fewer caught with them
+    assert not turns_pay(126 / 128, 127 / 128, 128) and not turns_pay(0.977, 0.977, 128) and not turns_pay(0.9, 0.8, 128)
+    assert turns_pay(0.5, 0.7, 64) and not turns_pay(0.5, 0.6, 64)  # two standard errors of 0.5 on 64: 0.125
+
+
+def test_rotations_auto_on_off_and_the_booleans_of_older_model_files() -> None:
+    assert PatchCoreConfig().rotations == "auto"
+    assert PatchCoreConfig.from_dict({"rotations": True}).rotations == "on"
+    assert PatchCoreConfig.from_dict({"rotations": False}).rotations == "off"
+    assert create_detector("patchcore", rotations="on").learns_turns and not create_detector("patchcore").learns_turns
+    with pytest.raises(SettingsError, match="rotations"):
+        PatchCoreConfig.from_dict({"rotations": "sometimes"})
+
+
+def test_turns_the_probe_chooses_are_what_the_model_learns(demo_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The turns' choice, whichever way the probe goes, is the fitted model's config: on, it learns each image's
+    turns and no global view; off, neither turns nor a forced global view."""
+    dataset = load_dataset(demo_root)
+    dataset.samples = dataset.train[:MIN_IMAGES + 2]  # the fewest images a probe is made of: a quick search
+    monkeypatch.setattr(frame_search, "CANDIDATES", {"352/320 s16": CANDIDATES["352/320 s16"]})  # one frame is enough here
+    for pays, chosen in ((True, "on"), (False, "off")):
+        monkeypatch.setattr(frame_search, "turns_pay", lambda without, turned, count, pays=pays: pays)
+        detector = fit_detector(dataset, "patchcore", {})[0]
+        turns = detector.train_summary["frame_choice"]["rotations"]
+        assert turns["chosen"] == detector.config.rotations == chosen
+        assert 0 <= turns["recall_at_1pct_with"] <= 1 and turns["standard_error"] > 0
+        assert detector.train_summary["fit"]["turns"] == (3 if pays else 0)
+        if pays:
+            assert detector.config.global_view == "off"  # a part at any turn has no layout of regions
+    pinned = fit_detector(dataset, "patchcore", {"rotations": "on"})[0]  # the user's "on" is not judged
+    assert "rotations" not in pinned.train_summary["frame_choice"] and pinned.config.rotations == "on"

@@ -270,11 +270,18 @@ def fit(
             f"{choice['synthetic_images']} synthetic defects above the held-out good scores' 1% tail ({len(choice['candidates'])} candidates; `info` lists them)"
             + (f"; {', '.join(choice['within_noise'])} did as well within the probe's noise (a near tie: "
                "pin a frame with --image-size/--crop/--settings to decide it)" if choice.get("within_noise") else ""))
+    turns = (choice or {}).get("rotations")
+    if turns:
+        say(f"rotations {turns['chosen']}: with each fit image's turns, {turns['recall_at_1pct_with']:.0%} of the synthetic "
+            f"defects caught against {turns['recall_at_1pct_without']:.0%} without (on only beyond two standard errors, "
+            f"{2 * turns['standard_error']:.0%}; pin it with --set rotations=on/off)")
     view = fitted.detector.train_summary.get("global_view_choice")
     if view and "evidence" in view:
         say(f"global view {view['chosen']}: with it, the synthetic defects caught change by {-view['recall_cost']:+.0%} "
             f"and the held-out good images flagged (as they are or drifted) by {view['false_alarm_cost']:+.0%} (`info` has "
             "the evidence)")
+    elif getattr(fitted.detector, "learns_turns", False) and fitted.detector.config.global_view == "off":
+        say("global view off: learned with rotations (a part that lies at any turn has no layout of regions)")
     place = getattr(fitted.detector.config, "place_view", None)
     if place is not None:
         say(f"place view {place}: " + ("each patch also judged against how the good images vary at its place" if place == "on"

@@ -119,7 +119,8 @@ def fit_detector(dataset: Dataset, model: str, settings: Mapping[str, Any] | Set
             frame_choice = {"chosen": None, "reason": "pinned by the settings"}
         else:
             backbone = detector.require_backbone()
-            with bar(f"choosing the frame among {len(CANDIDATES)} candidates", len(CANDIDATES)) as advance:
+            steps = len(CANDIDATES) + (config.rotations == "auto")  # then the turns, at the chosen frame
+            with bar(f"choosing the frame among {len(CANDIDATES)} candidates", steps) as advance:
                 choice = choose_frame(train, config, backbone, advance)
             frame_choice = choice.evidence
             detector = create_detector(model, replace(config, **choice.settings))

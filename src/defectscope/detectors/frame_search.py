@@ -10,7 +10,9 @@ that enlarges no image and whose input holds at most FRAME_BUDGET pixels: then t
 A near tie says the probe cannot tell the frames apart (on easy products every candidate catches nearly all
 its synthetic defects), and a defect finer than the probe's is seen best at the larger frame, if the images
 hold that detail (a frame larger than the images adds none); the budget keeps a tie from buying more than
-the largest candidate costs on a 4:3 image. No defective image and no test label is used.
+the largest candidate costs on a 4:3 image. With `rotations: auto` the same probe then judges, at the chosen
+frame, a memory that also learns each fit image's turns (`choose_turns`). No defective image and no test label is
+used.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def patches_per_image(name: str) -> int:
 _LARGEST = max(CANDIDATES.values(), key=lambda frame: frame["image_size"])
 _BUDGET_SHAPE = Preprocess(_LARGEST["image_size"], _LARGEST["crop"], aspect=4 / 3).input_shape  # on a camera's 4:3 image
 FRAME_BUDGET = math.prod(_BUDGET_SHAPE)  # the most input pixels a near tie buys (384 x 528)
+TURNS_RULE = ("on when the turns catch more of the synthetic defects than the chosen frame without them by more than two "
+              "standard errors of its recall (they multiply the fit's and the search's cost, and a defect that looks like "
+              "a turned good patch passes)")
 RULE = (f"within one standard error of the best recall: the largest frame that enlarges no image and holds at most "
         f"{_BUDGET_SHAPE[1]} x {_BUDGET_SHAPE[0]} pixels, when it is larger than the cheapest candidate's; else the "
         "cheapest (fewest patches, then the larger margin)")
@@ -101,9 +106,11 @@ def choose_frame(images: Sequence[Any], config: PatchCoreConfig, backbone: Backb
     fit = [images[i] for i in probe.order[held : held + FIT_IMAGES]]
     short_side = float(np.median([min(image_size(image)) for image in images]))  # headers only
     evidence, embedded = {}, {}
+    turns = config.rotations == "auto"  # chosen after the frame, at it; candidates are judged without them
     for name in CANDIDATES:
         start = time.perf_counter()
-        candidate = replace(config, **frame_settings(name, config), frame_search=False, global_view="off")
+        candidate = replace(config, **frame_settings(name, config), frame_search=False, global_view="off",
+                            rotations="off" if turns else config.rotations)
         candidate.check()
         detector = PatchCore(candidate, backbone)
         backbone = detector.require_backbone()
@@ -120,10 +127,39 @@ def choose_frame(images: Sequence[Any], config: PatchCoreConfig, backbone: Backb
         progress(1)
     chosen, *tied = near_best(evidence, len(probe.defective))
     finest, _, probed, preprocess = embedded[_frame_key(chosen)]
-    return FrameChoice(frame_settings(chosen, config), {
-        "chosen": chosen, "rule": RULE, "fit_images": len(fit), "held_out_images": held,
-        "synthetic_images": len(probe.defective), "candidates": evidence, "within_noise": tied},
-        probe, probed[held:].coarsened(CANDIDATES[chosen]["patch_stride"] // finest), preprocess)
+    probed = probed.coarsened(CANDIDATES[chosen]["patch_stride"] // finest)
+    settings = frame_settings(chosen, config)
+    found = {"chosen": chosen, "rule": RULE, "fit_images": len(fit), "held_out_images": held,
+             "synthetic_images": len(probe.defective), "candidates": evidence, "within_noise": tied}
+    if turns:
+        found["rotations"] = choose_turns(replace(config, **settings), backbone, images, fit, probed, held, evidence[chosen])
+        settings["rotations"] = found["rotations"]["chosen"]
+        progress(1)
+    return FrameChoice(settings, found, probe, probed[held:], preprocess)
+
+
+def choose_turns(config: PatchCoreConfig, backbone: Backbone, images: Sequence[Any], fit: Sequence[Any],
+                 probed: PatchFeatures, held: int, without: dict[str, float]) -> dict[str, Any]:
+    """`rotations` at the chosen frame (`config`): the frame's memory fitted again on the same images with their turns,
+    scoring the same probe (`probed`: its `held` good images, then its synthetic defects); `without` is the frame's
+    evidence. On by TURNS_RULE."""
+    start = time.perf_counter()
+    detector = PatchCore(replace(config, frame_search=False, global_view="off", rotations="on"), backbone)
+    detector.learn_aspect(images)
+    detector.fit_features(detector.learning_features(fit, None)[0])
+    scores = detector.score_features(probed)[0].float().numpy()
+    turned = separation(scores[:held], scores[held:])
+    count = len(scores) - held
+    gain = turned["recall_at_1pct"] - without["recall_at_1pct"]
+    return {"chosen": "on" if turns_pay(without["recall_at_1pct"], turned["recall_at_1pct"], count) else "off",
+            "rule": TURNS_RULE, "recall_at_1pct_without": without["recall_at_1pct"],
+            "recall_at_1pct_with": turned["recall_at_1pct"], "gain": gain,
+            "standard_error": noise(without["recall_at_1pct"], count), "seconds": time.perf_counter() - start}
+
+
+def turns_pay(without: float, turned: float, count: int) -> bool:
+    """TURNS_RULE: the recall with the turns beats the recall without them by more than two standard errors."""
+    return turned - without > 2 * noise(without, count)
 
 
 def _frame_key(name: str) -> tuple[int, int]:

@@ -66,9 +66,11 @@ class PatchCoreConfig(DetectorConfig):
     that is not square: a half), for a part that lies at any turn and whose training images show only some of its
     turns; its rows are chosen over four times the patches and at the same ratio it keeps four times as many (fits
     took 3.6-10.7x as long and images 1.3-6x in benchmarks/results/frames.md), and a calibration fold leaves out an
-    image's turns with it. With it, global_view "auto" is off: such a part has no layout of
-    regions. Off by default: where a product always lies one way, a turned patch is one the camera never sees, and a
-    defect that looks like it would pass.
+    image's turns with it. With it, global_view "auto" is off: such a part has no layout of regions. "auto": the
+    frame search's probe decides at the chosen frame (`frame_search.choose_turns`): on only when the turns catch
+    more synthetic defects by more than two standard errors, since they multiply the cost and a defect that looks
+    like a turned good patch passes; without a search (a pinned frame, too few images) off. "on" / "off" (or
+    true / false) decide it here. A fitted model's config holds "on" or "off".
     batch_size: images embedded at once (the backbone takes them in passes of `images_per_pass`). 16, not 32: the fit
     holds every image's features while one batch's activations come and go, so the batch sets the peak (juice_bottle's
     fit: 2.6 -> 1.9 GB, same model), at about the same speed on 2 cores."""
@@ -89,7 +91,14 @@ class PatchCoreConfig(DetectorConfig):
     layer_dim: int = 64
     reweight: bool = False
     reweight_neighbours: int = 9
-    rotations: bool = False
+    rotations: str = "auto"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PatchCoreConfig:
+        """`Settings.from_dict`; `rotations` may also be true / false (on / off), as model files before "auto" hold it."""
+        if isinstance(data, dict) and isinstance(data.get("rotations"), bool):
+            data = {**data, "rotations": "on" if data["rotations"] else "off"}
+        return super().from_dict(data)
 
     def check(self) -> None:
         super().check()
@@ -104,6 +113,7 @@ class PatchCoreConfig(DetectorConfig):
         require_range("memory_limit", self.memory_limit, 1)
         require_choice("global_view", self.global_view, VIEW_CHOICES)
         require_choice("place_view", self.place_view, VIEW_CHOICES)
+        require_choice("rotations", self.rotations, VIEW_CHOICES)
         if self.patch_stride not in PATCH_STRIDES:
             raise SettingsError(f"field 'patch_stride' must be one of {', '.join(map(str, PATCH_STRIDES))}, "
                                 f"got {self.patch_stride}")
@@ -302,19 +312,26 @@ class PatchCore(Detector):
 
     def learning_features(self, images: Sequence[ImageSource], progress: Progress | None) -> tuple[PatchFeatures, torch.Tensor]:
         """`Detector.learning_features`; with `rotations`, each image's turned patches too (`embed_turned`)."""
-        if not self.config.rotations:
+        if not self.learns_turns:
             return super().learning_features(images, progress)
         return self._features(images, progress, self.embed_turned)
+
+    @property
+    def learns_turns(self) -> bool:
+        """Whether fitting learns each image's turns ("auto" left undecided by a frame search fits without them)."""
+        return self.config.rotations == "on"
 
     @property
     def uses_global_view(self) -> bool:
         """Whether fitting learns the global view ("auto" learns it, then keeps it or not; with `rotations` it does
         not: a part that lies at any turn has no layout of regions to learn)."""
-        return self.config.global_view == "on" or (self.config.global_view == "auto" and not self.config.rotations)
+        return self.config.global_view == "on" or (self.config.global_view == "auto" and not self.learns_turns)
 
     def fit(self, images: Sequence[ImageSource], progress: Progress | None = None) -> FitReport:
         """`Detector.fit`; with the global view, the probe of `selection` (the frame search's held-out images) states
         the drift its scale allows for and, with "auto", decides whether it is kept."""
+        if self.config.rotations == "auto":  # no frame search decided it (a pinned frame, too few images)
+            self.config.rotations = "off"
         kinds = KINDS if self.config.global_view == "auto" else ()  # "on" needs the drifted images only
         searched = self.searched[0] if self.searched is not None else None
         self.probe = (searched or make_probe(images, self.config.seed, kinds)) if self.uses_global_view else None

@@ -226,6 +226,12 @@ function frameChoice(choice) {
     ((choice.within_noise || []).length ? `; ${choice.within_noise.join(", ")} did as well within the probe's noise (a near tie)` : "");
 }
 
+function turnsChoice(turns) {
+  if (!turns) return null;
+  return `${turns.chosen}: ${(100 * turns.recall_at_1pct_with).toFixed(0)}% of the synthetic defects caught with each ` +
+    `image's turns, ${(100 * turns.recall_at_1pct_without).toFixed(0)}% without (on only beyond two standard errors)`;
+}
+
 async function loadCard() {
   try {
     const manifest = await (await api(`/v1/models/${state.model}`)).json();
@@ -235,6 +241,7 @@ async function loadCard() {
       detector: manifest.detector, backbone: manifest.backbone ? manifest.backbone.name : "none",
       frame: manifest.preprocess ? `${manifest.preprocess.image_size} px short side, crop ${manifest.preprocess.crop ?? "none"}, aspect ${(manifest.preprocess.aspect ?? 1).toFixed(3)}` : "",
       "frame choice": frameChoice(summary.frame_choice),
+      rotations: turnsChoice((summary.frame_choice || {}).rotations),
       "global view": (summary.global_view_choice || {}).chosen,
       threshold: calibration.threshold, method: `${calibration.method} ${calibration.param}`,
       "false-alarm rate": calibration.false_alarm_rate == null ? null : `${(100 * calibration.false_alarm_rate).toFixed(2)}%` +
