@@ -5,8 +5,9 @@
 
 The seed draws which good training images are held out and which synthetic defects are pasted into
 them (`selection.make_probe`); everything else is the default fit's. Per category and seed: the
-chosen candidate, the candidates within the probe's noise of the best (a near tie), and every
-candidate's synthetic defects caught at the held-out good scores' 1% tail. Read it beside
+chosen candidate, the candidates within the probe's noise of the best (a near tie), every
+candidate's synthetic defects caught at the held-out good scores' 1% tail, and the turns' choice at the
+chosen frame (`rotations: auto`) with what they caught. Read it beside
 benchmarks/results/frames.md, which has each candidate's accuracy on the real test images. No test
 image is read. Writes benchmarks/results/frame-draws.json and frame-draws.md.
 """
@@ -29,7 +30,8 @@ from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig
 
 COLUMNS = (("category", "category", "{}"), ("seed", "seed", "{}"), ("chosen", "chosen", "{}"),
            ("near_tie", "within the noise", "{}"),
-           *((name, f"{name}: caught", "{}") for name in CANDIDATES))
+           *((name, f"{name}: caught", "{}") for name in CANDIDATES),
+           ("turns", "rotations at the chosen frame (caught with the turns)", "{}"))
 
 
 def draws(folder: Path, seeds: list[int]) -> list[dict]:
@@ -39,11 +41,13 @@ def draws(folder: Path, seeds: list[int]) -> list[dict]:
     rows = []
     for seed in seeds:
         evidence = choose_frame(images, PatchCoreConfig(seed=seed), backbone).evidence
-        count = evidence["synthetic_images"]
+        count, turns = evidence["synthetic_images"], evidence["rotations"]
         rows.append({"category": folder.name, "seed": seed, "chosen": evidence["chosen"],
                      "near_tie": ", ".join(evidence["within_noise"]) or "none",
                      **{name: f"{round(entry['recall_at_1pct'] * count)}/{count}"
-                        for name, entry in evidence["candidates"].items()}})
+                        for name, entry in evidence["candidates"].items()},
+                     "turns": f"{turns['chosen']} ({round(turns['recall_at_1pct_with'] * count)}/{count})",
+                     "turns_chosen": turns["chosen"]})
         print(markdown_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
     return rows
 
@@ -64,7 +68,9 @@ def main() -> None:
     rows = [row for folder in folders for row in draws(folder, args.seeds)]
     summary = "".join(
         f"\n{folder.name}: " + ", ".join(f"{name} {count} of {len(args.seeds)}" for name, count in Counter(
-            row["chosen"] for row in rows if row["category"] == folder.name).most_common()) + ".\n"
+            row["chosen"] for row in rows if row["category"] == folder.name).most_common())
+        + f"; the turns kept {sum(row['turns_chosen'] == 'on' for row in rows if row['category'] == folder.name)} of "
+          f"{len(args.seeds)}.\n"
         for folder in folders)
     write_results(args.out, "frame-draws", rows, markdown_table(rows, COLUMNS) + summary)
 

@@ -77,6 +77,7 @@ def measure(folder: Path, model: str, settings: dict) -> dict:
     decode = (time.perf_counter() - start) / len(single) * 1000
     config = detector.config
     frame = f"{config.image_size}{f'/{config.crop}' if config.crop else ''} s{getattr(config, 'patch_stride', '')}".rstrip(" s")
+    frame += " + turns" if getattr(config, "rotations", "off") == "on" else ""
     return {
         "category": folder.name, "model": model, "settings": settings, "frame": frame,
         "frame_choice": detector.train_summary.get("frame_choice"), "global_view": getattr(config, "global_view", None),
