@@ -151,6 +151,8 @@ def test_model_card_and_review_pages_render(page, tmp_path: Path) -> None:
     page.click("nav button[data-tab=card]")
     page.wait_for_selector("#card-summary dt")
     assert "patchcore" in page.locator("#card-summary").inner_text()
+    card = dict(zip(page.locator("#card-summary dt").all_inner_texts(), page.locator("#card-summary dd").all_inner_texts()))
+    assert card["rotations"] == "off"  # fitted without a frame search: no probe judged the turns, and the card says so
     page.wait_for_selector("#versions tbody tr.active")  # the version history, the served file active
     assert "served" in page.locator("#versions tbody tr.active").inner_text()
     page.screenshot(path=tmp_path / "card.png", full_page=True)

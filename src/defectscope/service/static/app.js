@@ -241,7 +241,7 @@ async function loadCard() {
       detector: manifest.detector, backbone: manifest.backbone ? manifest.backbone.name : "none",
       frame: manifest.preprocess ? `${manifest.preprocess.image_size} px short side, crop ${manifest.preprocess.crop ?? "none"}, aspect ${(manifest.preprocess.aspect ?? 1).toFixed(3)}` : "",
       "frame choice": frameChoice(summary.frame_choice),
-      rotations: turnsChoice((summary.frame_choice || {}).rotations),
+      rotations: turnsChoice((summary.frame_choice || {}).rotations) ?? (manifest.config || {}).rotations,
       "global view": (summary.global_view_choice || {}).chosen,
       threshold: calibration.threshold, method: `${calibration.method} ${calibration.param}`,
       "false-alarm rate": calibration.false_alarm_rate == null ? null : `${(100 * calibration.false_alarm_rate).toFixed(2)}%` +
