@@ -334,6 +334,24 @@ def test_a_config_knows_which_fields_were_given() -> None:
         create_detector("patchcore", PatchCoreConfig(), seed=1)
 
 
+def test_shard_coresets_mapped_elsewhere_choose_the_memory_the_local_loop_chooses() -> None:
+    """`map_shards` (Ray's path: every shard's rows sent at once) and the local loop (one shard's rows at a time)
+    give the same candidates, memory and sources."""
+    generator = torch.Generator().manual_seed(5)
+    patches = torch.randn(18, 4, 4, 8, generator=generator)
+    features = PatchFeatures(patches, patches.new_empty((18, 0, 0)), torch.randn(18, 3, 4, 4, 8, generator=generator))
+    fitted = []
+    for mapped in (None, lambda function, jobs: [function(job) for job in jobs]):
+        detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=0.1, shard_images=4, calibration_folds=3,
+                                             global_view="off", place_view="off", rotations="on"))
+        detector.map_shards = mapped
+        detector.fit_features(features)
+        fitted.append(detector)
+    local, elsewhere = fitted
+    assert torch.equal(local.index.bank, elsewhere.index.bank) and torch.equal(local.bank_sources, elsewhere.bank_sources)
+    assert torch.equal(local.pool.features, elsewhere.pool.features) and len(local.pool.features) > len(local.index.bank)
+
+
 def test_with_rotations_a_fold_is_scored_without_its_images_turns() -> None:
     """Each image's turned patches join the memory's candidates as rows of that image, so a fold leaves them out."""
     generator = torch.Generator().manual_seed(3)
