@@ -382,23 +382,18 @@ class PatchCore(Detector):
         start = time.perf_counter()
         shards, threads = self.shards(n), torch.get_num_threads()
         ratio = min(self.config.coreset_ratio, self.config.memory_limit / (n * per_image))
-        share = min(1.0, ratio * self.config.coreset_candidates)
-        jobs = ((learned.learned_rows(shard), share, self.config.seed + number, self.config.projection_dim, threads)
-                for number, shard in enumerate(shards))  # each shard's rows are copied out of the features when its job runs
+        jobs = [(learned.learned_rows(shard), min(1.0, ratio * self.config.coreset_candidates), self.config.seed + number,
+                 self.config.projection_dim, threads) for number, shard in enumerate(shards)]
         advance = self.phase(f"coreset: {len(shards)} shards, then one over their candidates", len(shards) + 1)
         if self.map_shards is not None:
-            jobs = list(jobs)
             chosen = self.map_shards(shard_coreset, jobs)
-            picked = [job[0][local] for job, local in zip(jobs, chosen)]
             advance(len(shards))
-        else:  # here one shard's copy at a time: every shard's at once was a second copy of all the features
-            chosen, picked = [], []
+        else:
+            chosen = []
             for job in jobs:
                 chosen.append(shard_coreset(job))
-                picked.append(job[0][chosen[-1]])
                 advance(1)
-        del jobs
-        candidates = torch.cat(picked)
+        candidates = torch.cat([job[0][local] for job, local in zip(jobs, chosen)])
         sources = torch.cat([shard[local // per_image] for shard, local in zip(shards, chosen)])
         merged = time.perf_counter()
         self.pool = CandidatePool.reduce(candidates, sources, max(1, round(n * per_image * ratio)), self.config)
