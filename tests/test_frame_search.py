@@ -122,10 +122,12 @@ def test_the_turns_are_learned_only_when_they_catch_more_than_two_standard_error
     assert turns_pay(0.5, 0.7, 64) and not turns_pay(0.5, 0.6, 64)  # two standard errors of 0.5 on 64: 0.125
 
 
-def test_rotations_auto_on_off_and_the_booleans_of_older_model_files() -> None:
+def test_rotations_auto_on_off_and_the_booleans_of_yaml_and_older_model_files() -> None:
     assert PatchCoreConfig().rotations == "auto"
     assert PatchCoreConfig.from_dict({"rotations": True}).rotations == "on"
     assert PatchCoreConfig.from_dict({"rotations": False}).rotations == "off"
+    read = PatchCoreConfig.from_dict({"global_view": True, "place_view": False})  # YAML's `on` and `off`
+    assert (read.global_view, read.place_view) == ("on", "off")
     assert create_detector("patchcore", rotations="on").learns_turns and not create_detector("patchcore").learns_turns
     with pytest.raises(SettingsError, match="rotations"):
         PatchCoreConfig.from_dict({"rotations": "sometimes"})

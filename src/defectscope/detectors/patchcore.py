@@ -39,7 +39,8 @@ from defectscope.thresholds import calibrate, false_alarm_cut
 
 TEACH_COVERAGE = 0.1  # taught patches are added until covered as closely as the best-covered tenth of good images
 PATCH_STRIDES = (8, 16, 32)  # the finest feature stride (8) times 1, 2 or 4
-VIEW_CHOICES = ("auto", "on", "off")  # global_view and place_view: chosen by fit, or given
+VIEW_CHOICES = ("auto", "on", "off")  # global_view, place_view and rotations: chosen by fit, or given
+SWITCHES = ("global_view", "place_view", "rotations")  # the fields that take VIEW_CHOICES
 
 
 @dataclass
@@ -95,9 +96,10 @@ class PatchCoreConfig(DetectorConfig):
 
     @classmethod
     def from_dict(cls, data: dict) -> PatchCoreConfig:
-        """`Settings.from_dict`; `rotations` may also be true / false (on / off), as model files before "auto" hold it."""
-        if isinstance(data, dict) and isinstance(data.get("rotations"), bool):
-            data = {**data, "rotations": "on" if data["rotations"] else "off"}
+        """`Settings.from_dict`; the auto / on / off fields also take true / false: YAML reads `on` and `off` as
+        booleans, and model files before `rotations: auto` hold it as one."""
+        if isinstance(data, dict):
+            data = {k: ("on" if v else "off") if k in SWITCHES and isinstance(v, bool) else v for k, v in data.items()}
         return super().from_dict(data)
 
     def check(self) -> None:
