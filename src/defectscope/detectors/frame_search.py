@@ -148,13 +148,10 @@ def choose_turns(config: PatchCoreConfig, backbone: Backbone, images: Sequence[A
     detector.learn_aspect(images)
     detector.fit_features(detector.learning_features(fit, None)[0])
     scores = detector.score_features(probed)[0].float().numpy()
-    turned = separation(scores[:held], scores[held:])
-    count = len(scores) - held
-    gain = turned["recall_at_1pct"] - without["recall_at_1pct"]
-    return {"chosen": "on" if turns_pay(without["recall_at_1pct"], turned["recall_at_1pct"], count) else "off",
-            "rule": TURNS_RULE, "recall_at_1pct_without": without["recall_at_1pct"],
-            "recall_at_1pct_with": turned["recall_at_1pct"], "gain": gain,
-            "standard_error": noise(without["recall_at_1pct"], count), "seconds": time.perf_counter() - start}
+    recall, turned, count = without["recall_at_1pct"], separation(scores[:held], scores[held:])["recall_at_1pct"], len(scores) - held
+    return {"chosen": "on" if turns_pay(recall, turned, count) else "off", "rule": TURNS_RULE,
+            "recall_at_1pct_without": recall, "recall_at_1pct_with": turned, "standard_error": noise(recall, count),
+            "seconds": time.perf_counter() - start}
 
 
 def turns_pay(without: float, turned: float, count: int) -> bool:
