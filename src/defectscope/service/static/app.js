@@ -242,7 +242,7 @@ async function loadCard() {
       frame: manifest.preprocess ? `${manifest.preprocess.image_size} px short side, crop ${manifest.preprocess.crop ?? "none"}, aspect ${(manifest.preprocess.aspect ?? 1).toFixed(3)}` : "",
       "frame choice": frameChoice(summary.frame_choice),
       rotations: turnsChoice((summary.frame_choice || {}).rotations) ?? (manifest.config || {}).rotations,
-      "global view": (summary.global_view_choice || {}).chosen,
+      "global view": (summary.global_view_choice || {}).chosen ?? (manifest.config || {}).global_view,  // decided without a probe (with rotations)
       threshold: calibration.threshold, method: `${calibration.method} ${calibration.param}`,
       "false-alarm rate": calibration.false_alarm_rate == null ? null : `${(100 * calibration.false_alarm_rate).toFixed(2)}%` +
         (calibration.false_alarm_interval ? ` (95% interval ${(100 * calibration.false_alarm_interval[0]).toFixed(2)}% to ${(100 * calibration.false_alarm_interval[1]).toFixed(2)}%)` : ""),
