@@ -83,7 +83,8 @@ def measure(data: Path, train: list[Path]) -> dict:
     decode_s = (time.perf_counter() - start) / len(sample) * len(train)
     seconds = report.details["seconds"]
     return {
-        "train_images": len(train), "frame": (report.details.get("frame_choice") or {}).get("chosen"), "fit_s": fit_s,
+        "train_images": len(train), "fit_s": fit_s,
+        "frame": f"{(report.details.get('frame_choice') or {}).get('chosen')}{' + turns' if detector.learns_turns else ''}",
         "embed_s": seconds["embed"], "decode_s": decode_s,
         "coreset_s": report.details["shard_coreset_s"] + report.details["reduce_s"], "index_s": report.details["index_s"],
         "calibrate_s": seconds["calibrate"],
