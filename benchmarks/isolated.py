@@ -23,6 +23,13 @@ def run_isolated(script: str, arguments: list[str], label: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def frame_label(config: object) -> str:
+    """A fitted model's frame as the tables print it: resize/crop, PatchCore's patch stride, "+ turns" with rotations."""
+    crop = f"/{config.crop}" if config.crop else ""
+    stride = f" s{config.patch_stride}" if hasattr(config, "patch_stride") else ""
+    return f"{config.image_size}{crop}{stride}" + (" + turns" if getattr(config, "rotations", "off") == "on" else "")
+
+
 def peak_mb() -> float:
     """This process's peak resident memory in MB: VmHWM, which after fork and exec is its own (ru_maxrss would
     still hold the parent's resident size at the fork when that was larger)."""

@@ -34,7 +34,7 @@ from defectscope.pipeline import evaluate_model, fit_detector
 from defectscope.thresholds import calibrate
 
 from generated import CATEGORIES, write_generated  # noqa: E402  (benchmarks/generated.py)
-from isolated import keep_other_rows, peak_mb, run_isolated, runs_note, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
+from isolated import frame_label, keep_other_rows, peak_mb, run_isolated, runs_note, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
 
 COLUMNS = (
     ("category", "category", "{}"), ("model", "model", "{}"), ("frame", "frame", "{}"), ("global_view", "global view", "{}"), ("place_view", "place view", "{}"),
@@ -76,8 +76,7 @@ def measure(folder: Path, model: str, settings: dict) -> dict:
         read_image(path)
     decode = (time.perf_counter() - start) / len(single) * 1000
     config = detector.config
-    frame = f"{config.image_size}{f'/{config.crop}' if config.crop else ''} s{getattr(config, 'patch_stride', '')}".rstrip(" s")
-    frame += " + turns" if getattr(config, "rotations", "off") == "on" else ""
+    frame = frame_label(config)
     return {
         "category": folder.name, "model": model, "settings": settings, "frame": frame,
         "frame_choice": detector.train_summary.get("frame_choice"), "global_view": getattr(config, "global_view", None),

@@ -33,7 +33,7 @@ from defectscope.data.layout import Dataset, Sample
 from defectscope.pipeline import evaluate_model, fit_detector
 
 from generated import KINDS, write_category  # noqa: E402  (benchmarks/generated.py, beside this script)
-from isolated import peak_mb, run_isolated, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
+from isolated import frame_label, peak_mb, run_isolated, write_results  # noqa: E402  (benchmarks/isolated.py, beside this script)
 
 BASE_IMAGES = 209  # generated training images per factor: as many as bottle's
 
@@ -84,7 +84,7 @@ def measure(data: Path, train: list[Path]) -> dict:
     seconds = report.details["seconds"]
     return {
         "train_images": len(train), "fit_s": fit_s,
-        "frame": f"{(report.details.get('frame_choice') or {}).get('chosen')}{' + turns' if detector.learns_turns else ''}",
+        "frame": frame_label(detector.config),
         "embed_s": seconds["embed"], "decode_s": decode_s,
         "coreset_s": report.details["shard_coreset_s"] + report.details["reduce_s"], "index_s": report.details["index_s"],
         "calibrate_s": seconds["calibrate"],

@@ -132,20 +132,21 @@ def choose_frame(images: Sequence[Any], config: PatchCoreConfig, backbone: Backb
     found = {"chosen": chosen, "rule": RULE, "fit_images": len(fit), "held_out_images": held,
              "synthetic_images": len(probe.defective), "candidates": evidence, "within_noise": tied}
     if turns:
-        found["rotations"] = choose_turns(replace(config, **settings), backbone, images, fit, probed, held, evidence[chosen])
+        found["rotations"] = choose_turns(replace(config, **settings), backbone, detector.aspect, fit, probed, held,
+                                          evidence[chosen])  # every candidate learned the same aspect
         settings["rotations"] = found["rotations"]["chosen"]
         progress(1)
     return FrameChoice(settings, found, probe, probed[held:], preprocess)
 
 
-def choose_turns(config: PatchCoreConfig, backbone: Backbone, images: Sequence[Any], fit: Sequence[Any],
+def choose_turns(config: PatchCoreConfig, backbone: Backbone, aspect: float, fit: Sequence[Any],
                  probed: PatchFeatures, held: int, without: dict[str, float]) -> dict[str, Any]:
-    """`rotations` at the chosen frame (`config`): the frame's memory fitted again on the same images with their turns,
-    scoring the same probe (`probed`: its `held` good images, then its synthetic defects); `without` is the frame's
-    evidence. On by TURNS_RULE."""
+    """`rotations` at the chosen frame (`config`, with the training images' `aspect`): the frame's memory fitted again
+    on the same images with their turns, scoring the same probe (`probed`: its `held` good images, then its synthetic
+    defects); `without` is the frame's evidence. On by TURNS_RULE."""
     start = time.perf_counter()
     detector = PatchCore(replace(config, frame_search=False, global_view="off", rotations="on"), backbone)
-    detector.learn_aspect(images)
+    detector.aspect = aspect
     detector.fit_features(detector.learning_features(fit, None)[0])
     scores = detector.score_features(probed)[0].float().numpy()
     recall, turned, count = without["recall_at_1pct"], separation(scores[:held], scores[held:])["recall_at_1pct"], len(scores) - held
