@@ -338,18 +338,40 @@ def test_shard_coresets_mapped_elsewhere_choose_the_memory_the_local_loop_choose
     """`map_shards` (Ray's path: every shard's rows sent at once) and the local loop (one shard's rows at a time)
     give the same candidates, memory and sources."""
     generator = torch.Generator().manual_seed(5)
-    patches = torch.randn(18, 4, 4, 8, generator=generator)
-    features = PatchFeatures(patches, patches.new_empty((18, 0, 0)), torch.randn(18, 3, 4, 4, 8, generator=generator))
+    patches, turned = torch.randn(18, 4, 4, 8, generator=generator), torch.randn(18, 3, 4, 4, 8, generator=generator)
     fitted = []
     for mapped in (None, lambda function, jobs: [function(job) for job in jobs]):
         detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=0.1, shard_images=4, calibration_folds=3,
                                              global_view="off", place_view="off", rotations="on"))
         detector.map_shards = mapped
-        detector.fit_features(features)
+        detector.fit_features(PatchFeatures(patches, patches.new_empty((18, 0, 0)), turned))
         fitted.append(detector)
     local, elsewhere = fitted
     assert torch.equal(local.index.bank, elsewhere.index.bank) and torch.equal(local.bank_sources, elsewhere.bank_sources)
     assert torch.equal(local.pool.features, elsewhere.pool.features) and len(local.pool.features) > len(local.index.bank)
+
+
+def test_the_local_shard_loop_reuses_one_buffer_and_lets_the_turns_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shard after shard, the rows are written into one buffer (a copy of every shard's rows at once doubled the
+    features in memory); the candidates are gathered from the features by image and position, the rows the shards
+    offered; once the memory is chosen the turned patches are let go."""
+    generator = torch.Generator().manual_seed(6)
+    patches, turned = torch.randn(20, 4, 4, 8, generator=generator), torch.randn(20, 3, 4, 4, 8, generator=generator)
+    features = PatchFeatures(patches, patches.new_empty((20, 0, 0)), turned)
+    images, positions = torch.tensor([3, 0, 17, 9]), torch.tensor([0, 15, 16, 63, 70, 200, 255])
+    offered = features.learned_rows(images)
+    torch.testing.assert_close(features.rows_at(images[positions // 64], positions % 64), offered[positions], rtol=0, atol=0)
+    buffers = []
+    learned_rows = PatchFeatures.learned_rows
+    monkeypatch.setattr(PatchFeatures, "learned_rows",
+                        lambda self, shard, out=None: buffers.append(None if out is None else out.data_ptr()) or learned_rows(self, shard, out))
+    detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=0.1, shard_images=3, calibration_folds=2,
+                                         global_view="off", place_view="off", rotations="on"))
+    details = detector.fit_features(features)
+    assert len(buffers) == details["shards"] > 2 and None not in buffers and len(set(buffers)) == 1
+    assert features.turned is None and detector.learns_turns
+    rows = torch.cat([patches[:, None], turned], 1).reshape(-1, 8)
+    assert (detector.pool.features[:, None] == rows[None]).all(-1).any(1).all()  # every candidate is a row offered
 
 
 def test_with_rotations_a_fold_is_scored_without_its_images_turns() -> None:

@@ -15,7 +15,7 @@ from defectscope.detectors.base import create_detector
 import defectscope.detectors.frame_search as frame_search
 from defectscope.data.synthetic import make_demo_dataset
 from defectscope.detectors.frame_search import CANDIDATES, choose_frame, frame_settings, near_best, patches_per_image, turns_pay
-from defectscope.detectors.patchcore import PatchCoreConfig, PatchFeatures, patch_embedding
+from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig, PatchFeatures, patch_embedding
 from defectscope.detectors.selection import MIN_IMAGES
 from defectscope.errors import SettingsError
 from defectscope.experiments.kinds import attempt_config
@@ -139,6 +139,8 @@ def test_turns_the_probe_chooses_are_what_the_model_learns(demo_root: Path, monk
     dataset = load_dataset(demo_root)
     dataset.samples = dataset.train[:MIN_IMAGES + 2]  # the fewest images a probe is made of: a quick search
     monkeypatch.setattr(frame_search, "CANDIDATES", {"352/320 s16": CANDIDATES["352/320 s16"]})  # one frame is enough here
+    probes = []  # the search's probe goes to the model only when it judges its global view (its images are large)
+    monkeypatch.setattr(PatchCore, "use_probe", lambda self, *searched: probes.append(self.config.rotations))
     for pays, chosen in ((True, "on"), (False, "off")):
         monkeypatch.setattr(frame_search, "turns_pay", lambda without, turned, count, pays=pays: pays)
         detector = fit_detector(dataset, "patchcore", {})[0]
@@ -148,5 +150,6 @@ def test_turns_the_probe_chooses_are_what_the_model_learns(demo_root: Path, monk
         assert detector.train_summary["fit"]["turns"] == (3 if pays else 0)
         if pays:
             assert detector.config.global_view == "off"  # a part at any turn has no layout of regions
+    assert probes == ["off"]
     pinned = fit_detector(dataset, "patchcore", {"rotations": "on"})[0]  # the user's "on" is not judged
     assert "rotations" not in pinned.train_summary["frame_choice"] and pinned.config.rotations == "on"

@@ -106,3 +106,37 @@ def test_a_few_queries_scanning_the_whole_bank_split_across_threads_with_the_sam
     np.testing.assert_allclose(split[0], one[0], rtol=1e-6)
     expected = nearest(torch.from_numpy(queries), torch.from_numpy(index.bank))
     np.testing.assert_allclose(split[0], expected[0][:, 0].numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_a_crowded_cluster_is_scanned_in_bounded_products_with_the_same_answer(monkeypatch) -> None:
+    """Queries that crowd into one cluster (a plain background's patches) are scanned DENSE_CELLS distances at a
+    time: every product stays bounded, and each query's nearest row is the same."""
+    from defectscope import search
+
+    bank, queries = _clustered_points(1500, 8), _clustered_points(2500, 9)
+    index = ClusteredBank.build(bank, seed=0, cluster_size=50)
+    whole = index.search(queries)
+    cells = []
+    product = np.matmul
+
+    def recorded(left, right, *args, **kwargs):
+        cells.append(left.shape[0] * right.shape[1])
+        return product(left, right, *args, **kwargs)
+
+    monkeypatch.setattr(search, "DENSE_CELLS", 500)
+    monkeypatch.setattr(search, "DENSE_FRACTION", 1.0)  # the pruned scan, not the dense one
+    monkeypatch.setattr(search.ClusterIndex, "_scan", _scan_recording(search.ClusterIndex._scan, recorded))
+    distances, positions = index.search(queries)
+    assert cells and max(cells) <= 500  # each cluster holds fewer rows than that
+    assert torch.equal(positions, whole[1])
+    torch.testing.assert_close(distances, whole[0], rtol=1e-6, atol=0)
+
+
+def _scan_recording(scan, recorded):
+    """`ClusterIndex._scan` with its products recorded (NumPy's `@` on these arrays calls matmul)."""
+    def wrapped(self, groups):
+        class Recorded(np.ndarray):
+            def __matmul__(self, other):
+                return recorded(np.asarray(self), np.asarray(other))
+        return scan(self, ((cluster, group.view(Recorded)) for cluster, group in groups))
+    return wrapped

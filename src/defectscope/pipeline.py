@@ -118,15 +118,7 @@ def fit_detector(dataset: Dataset, model: str, settings: Mapping[str, Any] | Set
         if config.given & set(FRAME_FIELDS):
             frame_choice = {"chosen": None, "reason": "pinned by the settings"}
         else:
-            backbone = detector.require_backbone()
-            steps = len(CANDIDATES) + (config.rotations == "auto")  # then the turns, at the chosen frame
-            with bar(f"choosing the frame among {len(CANDIDATES)} candidates", steps) as advance:
-                choice = choose_frame(train, config, backbone, advance)
-            frame_choice = choice.evidence
-            detector = create_detector(model, replace(config, **choice.settings))
-            detector.backbone = backbone
-            if choice.probe is not None:
-                detector.use_probe(choice.probe, choice.defective, choice.preprocess)
+            detector, frame_choice = _frame_chosen(detector, train, bar)
             detector.epoch_progress = epoch_progress
     if ray_address is not None:
         detector.map_shards = map_on_ray(ray_address, torch.get_num_threads())
@@ -138,6 +130,21 @@ def fit_detector(dataset: Dataset, model: str, settings: Mapping[str, Any] | Set
         detector.train_summary["frame_choice"] = frame_choice
         report.details["frame_choice"] = frame_choice
     return detector, replace(report, seconds=time.perf_counter() - began)  # the frame search included
+
+
+def _frame_chosen(detector: PatchCore, train: Sequence[ImageSource], bar: ProgressBar) -> tuple[PatchCore, dict]:
+    """A new PatchCore in the frame (and turns) chosen from `train` by the frame search, with its probe when the model
+    uses it (the global view's choice), and the search's evidence. The search's images and features end here unless
+    the model holds them."""
+    config, backbone = detector.config, detector.require_backbone()
+    steps = len(CANDIDATES) + (config.rotations == "auto")  # then the turns, at the chosen frame
+    with bar(f"choosing the frame among {len(CANDIDATES)} candidates", steps) as advance:
+        choice = choose_frame(train, config, backbone, advance)
+    chosen = create_detector(PatchCore.name, replace(config, **choice.settings))
+    chosen.backbone = backbone
+    if choice.probe is not None and chosen.uses_global_view:
+        chosen.use_probe(choice.probe, choice.defective, choice.preprocess)
+    return chosen, choice.evidence
 
 
 def fit_model(data: Path | Dataset, model: str, settings: Mapping[str, Any] | Settings, out: Path, *,

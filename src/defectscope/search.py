@@ -70,14 +70,17 @@ class ClusterIndex:
 
     def _scan(self, groups: Iterable[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         """For each (cluster, augmented queries [-2q, 1]) group, per query: the min over the cluster's rows of
-        |x|^2 - 2 q.x (add |q|^2 for the squared distance) and the row giving it; all groups concatenated."""
+        |x|^2 - 2 q.x (add |q|^2 for the squared distance) and the row giving it; all groups concatenated. A large
+        group goes DENSE_CELLS distances at a time (a plain background's patches crowd into one cluster: 260 MB)."""
         values, indices = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
         for cluster, group in groups:
-            start = int(self.offsets[cluster])
-            partial = group @ self.augmented[start : int(self.offsets[cluster + 1])].T
-            index = partial.argmin(1)
-            values.append(partial[np.arange(len(index)), index])
-            indices.append(index + start)
+            start, stop = int(self.offsets[cluster]), int(self.offsets[cluster + 1])
+            step = max(1, DENSE_CELLS // (stop - start))
+            for first in range(0, len(group), step):
+                partial = group[first : first + step] @ self.augmented[start:stop].T
+                index = partial.argmin(1)
+                values.append(partial[np.arange(len(index)), index])
+                indices.append(index + start)
         return np.concatenate(values), np.concatenate(indices)
 
     def _dense(self, augmented: np.ndarray, q_sq: np.ndarray, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -203,11 +203,35 @@ class PatchFeatures:
                              self.regions.new_empty((count, *self.regions.shape[1:])),
                              None if self.turned is None else self.turned.new_empty((count, *self.turned.shape[1:])))
 
-    def learned_rows(self, images: torch.Tensor) -> torch.Tensor:
-        """The patch rows `images` offer the memory, image after image: its own patches, then its turned ones."""
-        own = self.patches[images]
-        rows = own if self.turned is None else torch.cat([own[:, None], self.turned[images]], 1)
-        return rows.reshape(-1, own.shape[-1])
+    @property
+    def rows_per_image(self) -> int:
+        """The memory rows an image offers: its patches, and with `rotations` as many again per turn."""
+        return self.patches[0].numel() // self.patches.shape[-1] * (1 if self.turned is None else 1 + self.turned.shape[1])
+
+    def learned_rows(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The patch rows `images` offer the memory, image after image: its own patches, then its turned ones; written
+        into the front of `out` (rows x d) when given, so that shard after shard reuses one buffer."""
+        d = self.patches.shape[-1]
+        count = len(images) * self.rows_per_image
+        rows = self.patches.new_empty((count, d)) if out is None else out[:count]
+        grid = rows.view(len(images), -1, d)
+        cells = self.patches[0].numel() // d
+        for slot, image in enumerate(images.tolist()):  # an image at a time: no second copy of the shard
+            grid[slot, :cells] = self.patches[image].reshape(cells, d)
+            if self.turned is not None:
+                grid[slot, cells:] = self.turned[image].reshape(-1, d)
+        return rows
+
+    def rows_at(self, image: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Learned rows by image and position among that image's (`learned_rows`), gathered without building them."""
+        d = self.patches.shape[-1]
+        cells = self.patches[0].numel() // d
+        rows = self.patches.reshape(len(self), cells, d)[image, offset % cells]
+        if self.turned is not None:
+            turned = offset >= cells
+            turn, cell = (offset[turned] - cells) // cells, offset[turned] % cells
+            rows[turned] = self.turned.reshape(len(self), -1, cells, d)[image[turned], turn, cell]
+        return rows
 
 
 def _coarsened(patches: torch.Tensor, window: int) -> torch.Tensor:
@@ -378,25 +402,17 @@ class PatchCore(Detector):
         self.moments = Moments.of(regions) if self.uses_global_view and regions is not None else None
         self.regions = None  # derived from the moments once the drift is known (`crossfit_scores`)
         learned = features if isinstance(features, PatchFeatures) else PatchFeatures(patches, patches.new_empty(0))
-        n, h, w, d = patches.shape
+        n, d = len(patches), patches.shape[-1]
         turns = 0 if learned.turned is None else learned.turned.shape[1]
-        per_image = h * w * (1 + turns)  # memory rows an image offers: its own patches and its turned ones
+        per_image = learned.rows_per_image  # memory rows an image offers: its own patches and its turned ones
         start = time.perf_counter()
-        shards, threads = self.shards(n), torch.get_num_threads()
+        shards = self.shards(n)
         ratio = min(self.config.coreset_ratio, self.config.memory_limit / (n * per_image))
-        jobs = [(learned.learned_rows(shard), min(1.0, ratio * self.config.coreset_candidates), self.config.seed + number,
-                 self.config.projection_dim, threads) for number, shard in enumerate(shards)]
         advance = self.phase(f"coreset: {len(shards)} shards, then one over their candidates", len(shards) + 1)
-        if self.map_shards is not None:
-            chosen = self.map_shards(shard_coreset, jobs)
-            advance(len(shards))
-        else:
-            chosen = []
-            for job in jobs:
-                chosen.append(shard_coreset(job))
-                advance(1)
-        candidates = torch.cat([job[0][local] for job, local in zip(jobs, chosen)])
+        chosen = self._shard_coresets(learned, shards, min(1.0, ratio * self.config.coreset_candidates), advance)
         sources = torch.cat([shard[local // per_image] for shard, local in zip(shards, chosen)])
+        candidates = learned.rows_at(sources, torch.cat([local % per_image for local in chosen]))
+        learned.turned = None  # the turns are learned: scoring and cross-fitting use each image's own patches
         merged = time.perf_counter()
         self.pool = CandidatePool.reduce(candidates, sources, max(1, round(n * per_image * ratio)), self.config)
         selected = time.perf_counter()
@@ -408,6 +424,27 @@ class PatchCore(Detector):
                 "embedding_dim": d, "shards": len(shards), "candidates": len(candidates),
                 "coverage_radius": self.pool.radius, "shard_coreset_s": merged - start, "reduce_s": selected - merged,
                 "index_s": time.perf_counter() - selected, "global_view": self.moments is not None}
+
+    def _shard_coresets(self, learned: PatchFeatures, shards: list[torch.Tensor], share: float, advance: Progress
+                        ) -> list[torch.Tensor]:
+        """Each shard's coreset (positions among its images' `learned_rows`, keeping `share` of them): as Ray tasks
+        with `map_shards`, else here, shard after shard in one buffer (a copy of every shard's rows at once doubled the
+        features in memory, and fresh copies shard by shard left holes in the heap its later blocks could not reuse)."""
+        threads = torch.get_num_threads()
+
+        def job(number: int, rows: torch.Tensor) -> tuple[torch.Tensor, float, int, int, int]:
+            return rows, share, self.config.seed + number, self.config.projection_dim, threads
+
+        if self.map_shards is not None:
+            chosen = self.map_shards(shard_coreset, [job(i, learned.learned_rows(shard)) for i, shard in enumerate(shards)])
+            advance(len(shards))
+            return chosen
+        buffer = learned.patches.new_empty((max(map(len, shards)) * learned.rows_per_image, learned.patches.shape[-1]))
+        chosen = []
+        for number, shard in enumerate(shards):
+            chosen.append(shard_coreset(job(number, learned.learned_rows(shard, buffer))))
+            advance(1)
+        return chosen
 
     def score_features(self, features: PatchFeatures | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_fitted(self.index, "PatchCore")
