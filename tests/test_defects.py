@@ -42,3 +42,27 @@ def test_scratches_have_the_width_they_say(width: int) -> None:
 def test_unknown_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown synthetic defect"):
         synthetic_defect(_good(), "dent", np.random.default_rng(0))
+
+
+def test_a_probe_keeps_its_synthetic_defects_as_the_boxes_they_changed(tmp_path) -> None:
+    """The probe's synthetic-defect images read back pixel for pixel as they were made, while it holds only the box
+    each defect changed (128 whole copies of a large photo held hundreds of MB through the fit)."""
+    from defectscope.detectors.selection import DEFECTS_PER_KIND, Pasted, make_probe
+
+    good = [_good(seed, (480, 640)) for seed in range(12)]
+    paths = []
+    for index, image in enumerate(good):
+        paths.append(tmp_path / f"{index}.png")
+        cv2.imwrite(str(paths[-1]), image[:, :, ::-1])
+    probe = make_probe(paths, seed=0)
+    assert isinstance(probe.defective, Pasted) and len(probe.defective) == len(probe.good) * len(KINDS) * DEFECTS_PER_KIND
+    kept = sum(pixels.size for *_, pixels in probe.defective.changes)
+    assert kept < 0.1 * len(probe.defective) * good[0].size
+    rng = np.random.default_rng(0)
+    rng.permutation(len(paths))  # make_probe's draws: the held-out order, then the defects in turn
+    kinds = [kind for _ in probe.good for kind in KINDS * DEFECTS_PER_KIND]
+    for index, image in enumerate(probe.defective):
+        owner = index // (len(KINDS) * DEFECTS_PER_KIND)
+        made = synthetic_defect(probe.good[owner], kinds[index], rng, probe.good[(owner + 1) % len(probe.good)]).image
+        assert np.array_equal(image, made) and not np.array_equal(image, probe.good[owner])
+    assert len(list(probe.defective)) == len(probe.defective) and np.array_equal(probe.defective[-1], image)

@@ -43,7 +43,7 @@ def iterate_batches(
     stops the iteration, or, given an `errors` list, becomes a blank frame of size 0 x 0 and
     its reason is appended there (None for every readable image, in input order).
     """
-    images = list(images)
+    images = images if isinstance(images, Sequence) else list(images)  # a lazy sequence stays lazy (`selection.Pasted`)
     blank = np.zeros((3, *preprocess.input_shape), dtype=np.uint8)
 
     def load(index: int) -> tuple[np.ndarray, tuple[int, int], str | None]:

@@ -117,7 +117,7 @@ def choose_frame(images: Sequence[Any], config: PatchCoreConfig, backbone: Backb
         detector.learn_aspect(images)  # the frame the final model will have
         frame = _frame_key(name)
         if frame not in embedded:
-            embedded[frame] = _embed_finest(detector, fit, probe.good + probe.defective, config.global_view)
+            embedded[frame] = _embed_finest(detector, fit, probe, config.global_view)
         finest, *parts, _ = embedded[frame]
         fit_features, probed = (part.coarsened(detector.config.patch_stride // finest) for part in parts)
         detector.fit_features(fit_features)
@@ -164,13 +164,14 @@ def _frame_key(name: str) -> tuple[int, int]:
     return CANDIDATES[name]["image_size"], CANDIDATES[name]["crop"]
 
 
-def _embed_finest(detector: PatchCore, fit: Sequence[Any], probed: Sequence[Any], global_view: str
+def _embed_finest(detector: PatchCore, fit: Sequence[Any], probe: Probe, global_view: str
                   ) -> tuple[int, PatchFeatures, PatchFeatures, Preprocess]:
-    """(the patch stride, the fit and the probe images embedded at it, the frame): the finest patch grid among the
-    candidates with the detector's resize and crop, with region descriptors when the final model's `global_view`
-    may use them (its choice is judged on these probe images)."""
+    """(the patch stride, the fit images and the probe's (good, then defective) embedded at it, the frame): the finest
+    patch grid among the candidates with the detector's resize and crop, with region descriptors when the final
+    model's `global_view` may use them (its choice is judged on these probe images)."""
     frame = detector.config.image_size, detector.config.crop
     finest = min(CANDIDATES[name]["patch_stride"] for name in CANDIDATES if _frame_key(name) == frame)
     embedder = PatchCore(replace(detector.config, patch_stride=finest, global_view=global_view), detector.require_backbone())
     embedder.aspect = detector.aspect
-    return finest, embedder.learning_features(fit, None)[0], embedder._features(probed, None)[0], embedder.preprocess
+    probed = PatchFeatures.cat([embedder._features(probe.good, None)[0], embedder._features(probe.defective, None)[0]])
+    return finest, embedder.learning_features(fit, None)[0], probed, embedder.preprocess

@@ -28,6 +28,33 @@ DRIFTS_PER_IMAGE = 2  # drifted copies of each held-out good image (16 x 2 = 32)
 DRIFT_GAIN, DRIFT_CONTRAST = 0.05, 0.10  # the drift a line's camera and light see between fits: +-5% brightness, +-10% contrast
 
 
+class Pasted(Sequence):
+    """Synthetic-defect images kept as the box of pixels each changed in a held-out image (`good[owner]`), made whole
+    when read: 128 whole copies of a 1024 x 1024 photo held 400 MB through the frame search and the fit."""
+
+    def __init__(self, good: list[np.ndarray]) -> None:
+        self.good: list[np.ndarray] = good
+        self.changes: list[tuple[int, int, int, np.ndarray]] = []  # owner, top, left, the changed box's pixels
+
+    def append(self, owner: int, image: np.ndarray) -> None:
+        """Keep `image`, a copy of `good[owner]` with a defect pasted in, as the box around what changed."""
+        changed = image != self.good[owner]
+        changed = changed.any(2) if changed.ndim == 3 else changed
+        rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
+        top, bottom = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+        left, right = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 0)
+        self.changes.append((owner, top, left, image[top:bottom, left:right].copy()))
+
+    def __len__(self) -> int:
+        return len(self.changes)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # Sequence's iteration stops at the IndexError of changes[index]
+        owner, top, left, pixels = self.changes[index]
+        image = self.good[owner].copy()
+        image[top : top + pixels.shape[0], left : left + pixels.shape[1]] = pixels
+        return image
+
+
 @dataclass
 class Probe:
     """Held-out good training images (the seeded order of all images, the first `len(good)` held out; decoded)
@@ -35,7 +62,7 @@ class Probe:
 
     order: np.ndarray
     good: list[np.ndarray]
-    defective: list[np.ndarray]
+    defective: Sequence[np.ndarray]
     drifted: list[np.ndarray]  # good images under drift: still good
 
     @property
@@ -61,8 +88,10 @@ def make_probe(images: Sequence[Any], seed: int, kinds: Sequence[str] = KINDS) -
         image = load_image(images[index])
         scale = min(1.0, (MAX_PIXELS / (image.shape[0] * image.shape[1])) ** 0.5)
         good.append(image if scale == 1.0 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
-    defective = [synthetic_defect(image, kind, rng, good[(i + 1) % len(good)]).image
-                 for i, image in enumerate(good) for kind in tuple(kinds) * DEFECTS_PER_KIND]
+    defective = Pasted(good)
+    for i, image in enumerate(good):
+        for kind in tuple(kinds) * DEFECTS_PER_KIND:
+            defective.append(i, synthetic_defect(image, kind, rng, good[(i + 1) % len(good)]).image)
     drift = np.random.default_rng([seed, 1])  # its own stream: the defects are the same with or without it
     return Probe(order, good, defective, [drifted(image, drift) for image in good for _ in range(DRIFTS_PER_IMAGE)])
 
