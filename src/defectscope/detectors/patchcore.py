@@ -204,18 +204,22 @@ class PatchFeatures:
                              None if self.turned is None else self.turned.new_empty((count, *self.turned.shape[1:])))
 
     @property
+    def cells(self) -> int:
+        """Patches per image (h x w)."""
+        return self.patches[0].numel() // self.patches.shape[-1]
+
+    @property
     def rows_per_image(self) -> int:
         """The memory rows an image offers: its patches, and with `rotations` as many again per turn."""
-        return self.patches[0].numel() // self.patches.shape[-1] * (1 if self.turned is None else 1 + self.turned.shape[1])
+        return self.cells * (1 if self.turned is None else 1 + self.turned.shape[1])
 
     def learned_rows(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The patch rows `images` offer the memory, image after image: its own patches, then its turned ones; written
         into the front of `out` (rows x d) when given, so that shard after shard reuses one buffer."""
-        d = self.patches.shape[-1]
+        d, cells = self.patches.shape[-1], self.cells
         count = len(images) * self.rows_per_image
         rows = self.patches.new_empty((count, d)) if out is None else out[:count]
         grid = rows.view(len(images), -1, d)
-        cells = self.patches[0].numel() // d
         for slot, image in enumerate(images.tolist()):  # an image at a time: no second copy of the shard
             grid[slot, :cells] = self.patches[image].reshape(cells, d)
             if self.turned is not None:
@@ -224,8 +228,7 @@ class PatchFeatures:
 
     def rows_at(self, image: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """Learned rows by image and position among that image's (`learned_rows`), gathered without building them."""
-        d = self.patches.shape[-1]
-        cells = self.patches[0].numel() // d
+        d, cells = self.patches.shape[-1], self.cells
         rows = self.patches.reshape(len(self), cells, d)[image, offset % cells]
         if self.turned is not None:
             turned = offset >= cells
@@ -396,7 +399,8 @@ class PatchCore(Detector):
     def fit_features(self, features: PatchFeatures | torch.Tensor) -> dict[str, Any]:
         """Merge and reduce: each shard keeps `coreset_candidates` times the final share of its patches (linear cost),
         then one greedy coreset over all those candidates chooses the memory bank, as a global coreset would.
-        With the global view on, each region's good-image statistics are kept too (fused after cross-fitting)."""
+        With the global view on, each region's good-image statistics are kept too (fused after cross-fitting). With
+        the turns, `features.turned` is let go once the memory is chosen (nothing after it reads them)."""
         patches, regions = split_features(features)
         self.fusion = None
         self.moments = Moments.of(regions) if self.uses_global_view and regions is not None else None
