@@ -209,9 +209,14 @@ class PatchFeatures:
         return self.patches[0].numel() // self.patches.shape[-1]
 
     @property
+    def turns(self) -> int:
+        """Turned copies of each image's patches (0 without `rotations`)."""
+        return 0 if self.turned is None else self.turned.shape[1]
+
+    @property
     def rows_per_image(self) -> int:
         """The memory rows an image offers: its patches, and with `rotations` as many again per turn."""
-        return self.cells * (1 if self.turned is None else 1 + self.turned.shape[1])
+        return self.cells * (1 + self.turns)
 
     def learned_rows(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The patch rows `images` offer the memory, image after image: its own patches, then its turned ones; written
@@ -407,7 +412,7 @@ class PatchCore(Detector):
         self.regions = None  # derived from the moments once the drift is known (`crossfit_scores`)
         learned = features if isinstance(features, PatchFeatures) else PatchFeatures(patches, patches.new_empty(0))
         n, d = len(patches), patches.shape[-1]
-        turns = 0 if learned.turned is None else learned.turned.shape[1]
+        turns = learned.turns
         per_image = learned.rows_per_image  # memory rows an image offers: its own patches and its turned ones
         start = time.perf_counter()
         shards = self.shards(n)
