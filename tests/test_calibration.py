@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from defectscope.detectors import create_detector
 from defectscope.detectors.base import Detector
 from defectscope.detectors.coreset import coreset_indices, greedy_coreset
 from defectscope.detectors.nearest import ClusteredBank
+from defectscope.detectors import patchcore
 from defectscope.detectors.padim import PaDiM, PaDiMConfig
 from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig, PatchFeatures
 from defectscope.errors import DefectscopeError
@@ -351,24 +353,36 @@ def test_shard_coresets_mapped_elsewhere_choose_the_memory_the_local_loop_choose
     assert torch.equal(local.pool.features, elsewhere.pool.features) and len(local.pool.features) > len(local.index.bank)
 
 
-def test_the_local_shard_loop_reuses_one_buffer_and_lets_the_turns_go(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Shard after shard, the rows are written into one buffer (a copy of every shard's rows at once doubled the
-    features in memory); the candidates are gathered from the features by image and position, the rows the shards
-    offered; once the memory is chosen the turned patches are let go."""
+def test_the_local_shard_loop_runs_a_shard_a_thread_each_in_its_own_buffer_and_lets_the_turns_go(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards run one a thread on torch's threads, each thread writing its shards' rows into its own buffer (a copy of
+    every shard's rows at once doubled the features in memory); the candidates are gathered from the features by image
+    and position, the rows the shards offered; once the memory is chosen the turned patches are let go."""
     generator = torch.Generator().manual_seed(6)
     patches, turned = torch.randn(20, 4, 4, 8, generator=generator), torch.randn(20, 3, 4, 4, 8, generator=generator)
     features = PatchFeatures(patches, patches.new_empty((20, 0, 0)), turned)
     images, positions = torch.tensor([3, 0, 17, 9]), torch.tensor([0, 15, 16, 63, 70, 200, 255])
     offered = features.learned_rows(images)
     torch.testing.assert_close(features.rows_at(images[positions // 64], positions % 64), offered[positions], rtol=0, atol=0)
-    buffers = []
-    learned_rows = PatchFeatures.learned_rows
+    buffers, threads, running = [], set(), []
+    learned_rows, shard_coreset = PatchFeatures.learned_rows, patchcore.shard_coreset
+    together = threading.Barrier(2, timeout=10)  # the first two shards wait for each other: they must run at once
+
+    def recorded(job: tuple) -> torch.Tensor:
+        threads.add(threading.get_ident())
+        running.append(job[2])
+        if len(running) <= 2:
+            together.wait()
+        return shard_coreset(job)
+
     monkeypatch.setattr(PatchFeatures, "learned_rows",
                         lambda self, shard, out=None: buffers.append(None if out is None else out.data_ptr()) or learned_rows(self, shard, out))
+    monkeypatch.setattr(patchcore, "shard_coreset", recorded)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=0.1, shard_images=3, calibration_folds=2,
                                          global_view="off", place_view="off", rotations="on"))
     details = detector.fit_features(features)
-    assert len(buffers) == details["shards"] > 2 and None not in buffers and len(set(buffers)) == 1
+    assert len(buffers) == details["shards"] > 2 and None not in buffers and len(set(buffers)) == len(threads) == 2
     assert features.turned is None and detector.learns_turns
     rows = torch.cat([patches[:, None], turned], 1).reshape(-1, 8)
     assert (detector.pool.features[:, None] == rows[None]).all(-1).any(1).all()  # every candidate is a row offered
