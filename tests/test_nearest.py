@@ -51,7 +51,7 @@ def test_many_queries_are_searched_in_bounded_chunks_with_the_same_answer(monkey
     sizes = []
     chunk_search = search.ClusterIndex._search
     monkeypatch.setattr(search, "QUERY_CHUNK", 700)
-    monkeypatch.setattr(search.ClusterIndex, "_search", lambda self, q: sizes.append(len(q)) or chunk_search(self, q))
+    monkeypatch.setattr(search.ClusterIndex, "_search", lambda self, q, *rest: sizes.append(len(q)) or chunk_search(self, q, *rest))
     distances, positions = index.search(queries)
     assert sizes == [700, 700, 700, 400]  # the pass-2 candidate lists never hold more than a chunk's queries
     assert torch.equal(positions, whole[1])  # the same nearest rows; OpenBLAS blocks a GEMM by its row count, which on
@@ -69,7 +69,7 @@ def test_a_few_images_queries_are_searched_on_one_blas_thread_throughout(monkeyp
     seen = []
     searched = search.ClusterIndex._search
     monkeypatch.setattr(search.ClusterIndex, "_search",
-                        lambda self, q, workers=1: seen.append(search._blas().info()[0]["num_threads"]) or searched(self, q))
+                        lambda self, q, *rest: seen.append(search._blas().info()[0]["num_threads"]) or searched(self, q, *rest))
     with threadpool_limits(limits=2, user_api="blas"):
         allowed = search._blas().info()[0]["num_threads"]  # 2 where there are two cores
         index.search(_clustered_points(100, 9))
@@ -134,9 +134,41 @@ def test_a_crowded_cluster_is_scanned_in_bounded_products_with_the_same_answer(m
 
 def _scan_recording(scan, recorded):
     """`ClusterIndex._scan` with its products recorded (NumPy's `@` on these arrays calls matmul)."""
-    def wrapped(self, groups):
+    def wrapped(self, groups, workers=1):
         class Recorded(np.ndarray):
             def __matmul__(self, other):
                 return recorded(np.asarray(self), np.asarray(other))
-        return scan(self, ((cluster, group.view(Recorded)) for cluster, group in groups))
+        return scan(self, [(cluster, group.view(Recorded), rows) for cluster, group, rows in groups], workers)
     return wrapped
+
+
+def test_the_cluster_scans_go_to_the_callers_threads_whole_clusters_each_with_the_same_bits(monkeypatch) -> None:
+    """With `workers`, the pruned search's cluster scans run on that many threads, each cluster's group of queries
+    whole on one of them (the same product as on one thread), so every distance is the same to the last bit."""
+    import threading
+
+    from defectscope import search
+
+    bank, queries = _clustered_points(3000, 12), _clustered_points(6000, 13)
+    built = ClusteredBank.build(bank, seed=0, cluster_size=50)
+    index = search.ClusterIndex(built.bank.numpy(), built.offsets.numpy())
+    monkeypatch.setattr(search, "DENSE_FRACTION", 1.0)  # the pruned scan, not the dense one
+    for count in (500, 6000):  # a few images' queries (one BLAS thread) and many
+        alone = index.search(queries[:count].numpy())
+        runs, scan = [], search.ClusterIndex._scan
+
+        def recorded(self, groups, workers=1):
+            if workers == 1:
+                runs.append((threading.current_thread().name, [group[0] for group in groups]))
+            return scan(self, groups, workers)
+
+        monkeypatch.setattr(search.ClusterIndex, "_scan", recorded)
+        shared = index.search(queries[:count].numpy(), workers=2)
+        monkeypatch.setattr(search.ClusterIndex, "_scan", scan)
+        assert len(runs) == 4 and all(name.startswith("defectscope-search") and clusters for name, clusters in runs)
+        for run in (runs[:2], runs[2:]):  # each pass: two runs of whole clusters, one after the other
+            first, second = sorted((clusters for _, clusters in run), key=min)
+            assert first[-1] < second[0]
+        assert np.array_equal(shared[0], alone[0]) and np.array_equal(shared[1], alone[1])
+    expected = nearest(queries, built.bank)  # the bank in its clusters' order
+    assert torch.equal(torch.from_numpy(shared[1]), expected[1][:, 0])

@@ -68,12 +68,26 @@ class ClusterIndex:
         self.centroid_sq = np.einsum("ij,ij->i", self.centroids, self.centroids)
         self.slack = 1e-3 * float(np.sqrt(self.bank_sq.max())) if len(bank) else 0.0
 
-    def _scan(self, groups: Iterable[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-        """For each (cluster, augmented queries [-2q, 1]) group, per query: the min over the cluster's rows of
-        |x|^2 - 2 q.x (add |q|^2 for the squared distance) and the row giving it; all groups concatenated. A large
-        group goes DENSE_CELLS distances at a time (a plain background's patches crowd into one cluster: 260 MB)."""
+    def _scan(self, groups: list[tuple[int, np.ndarray, np.ndarray | None]], workers: int = 1
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """For each (cluster, augmented queries [-2q, 1], their rows or None) group, per query: the min over the
+        cluster's rows of |x|^2 - 2 q.x (add |q|^2 for the squared distance) and the row giving it; all groups
+        concatenated. With rows, the group is those rows of the queries, gathered when it is scanned. With `workers`
+        > 1 the groups go to that many threads in runs of about equal work, on one BLAS thread each: a group is the
+        same product wherever it runs, so the answers are the same bits (threaded-parts' 50,000-row memory on 2 cores:
+        28.5 -> 23.7 ms an image for 8 images' queries, 32.9 -> 27.6 for one image's)."""
+        if workers > 1 and len(groups) > 1:
+            cost = np.cumsum([len(group if rows is None else rows) * (self.offsets[cluster + 1] - self.offsets[cluster])
+                              for cluster, group, rows in groups])
+            cuts = np.searchsorted(cost, cost[-1] * np.arange(1, workers) / workers).tolist()
+            runs = [groups[first:last] for first, last in zip([0, *cuts], [*cuts, len(groups)]) if last > first]
+            with one_blas_thread():  # small products, one core each
+                found = list(_scan_pool(workers, os.getpid()).map(self._scan, runs))
+            return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
         values, indices = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
-        for cluster, group in groups:
+        for cluster, group, rows in groups:
+            if rows is not None:
+                group = np.take(group, rows, axis=0)  # np.take gathers rows 1.6x as fast as fancy indexing
             start, stop = int(self.offsets[cluster]), int(self.offsets[cluster + 1])
             step = max(1, DENSE_CELLS // (stop - start))
             for first in range(0, len(group), step):
@@ -109,18 +123,21 @@ class ClusterIndex:
         spin against the backbone's and the decoders' (juice_bottle, batch 1: 66 -> 53 ms/image with the centroid
         GEMM inside too; bottle, with the cluster scans alone: 78 -> 65). Their scan of the whole bank (where pruning
         fails, as on fine textures) is a large GEMM all the same: it splits its queries across `workers` threads
-        (the caller's thread count; fine-defects, batch 1: the search 18 -> 10 ms an image).
+        (the caller's thread count; fine-defects, batch 1: the search 18 -> 10 ms an image). The cluster scans go to
+        `workers` threads whatever the count (`_scan`).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         few = len(queries) <= SINGLE_THREAD_QUERIES  # a few images: small GEMMs, one BLAS thread; more: BLAS's default
         with one_blas_thread() if few else nullcontext():
             if len(queries) <= QUERY_CHUNK:
-                return self._search(queries, workers if few else 1)
-            parts = [self._search(queries[start : start + QUERY_CHUNK]) for start in range(0, len(queries), QUERY_CHUNK)]
+                return self._search(queries, workers, few)
+            parts = [self._search(queries[start : start + QUERY_CHUNK], workers, few)
+                     for start in range(0, len(queries), QUERY_CHUNK)]
         return np.concatenate([part[0] for part in parts]), np.concatenate([part[1] for part in parts])
 
-    def _search(self, queries: np.ndarray, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """`search` on one chunk of queries (a dense scan on `workers` threads)."""
+    def _search(self, queries: np.ndarray, workers: int = 1, few: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """`search` on one chunk of queries: the cluster scans on `workers` threads, a dense scan too when `few`
+        (else one on BLAS's threads)."""
         q_sq = np.einsum("ij,ij->i", queries, queries)
         augmented = np.empty((len(queries), queries.shape[1] + 1), np.float32)
         np.multiply(queries, -2, out=augmented[:, :-1])
@@ -134,7 +151,7 @@ class ClusterIndex:
         # Pass 1: every query against its closest cluster; sorted by that cluster, each group is one slice.
         order = np.argsort(closest, kind="stable")
         used, starts = np.unique(closest[order], return_index=True)
-        values, indices = self._scan(zip(used.tolist(), np.split(augmented[order], starts[1:])))
+        values, indices = self._scan([(c, g, None) for c, g in zip(used.tolist(), np.split(augmented[order], starts[1:]))], workers)
         best = np.empty(len(queries), np.float32)
         best_index = np.empty(len(queries), np.int64)
         best[order] = values + q_sq[order]
@@ -147,13 +164,12 @@ class ClusterIndex:
         candidates = (lower < upper[:, None]).T  # clusters x queries
         fraction = float(np.diff(self.offsets) @ candidates.sum(1)) / (len(queries) * len(self.bank))
         if fraction > DENSE_FRACTION:
-            return self._dense(augmented, q_sq, workers)  # pruning would save little: large GEMMs beat many small ones
+            return self._dense(augmented, q_sq, workers if few else 1)  # pruning would save little: large GEMMs beat many small ones
         clusters, rows = np.nonzero(candidates)  # grouped by cluster
         if len(rows):
             used, starts = np.unique(clusters, return_index=True)
             row_groups = np.split(rows, starts[1:])
-            # np.take gathers rows 1.6x as fast as fancy indexing (a 920 x 129 group: 25 -> 16 us)
-            values, indices = self._scan(((c, np.take(augmented, group, axis=0)) for c, group in zip(used.tolist(), row_groups)))
+            values, indices = self._scan([(c, augmented, group) for c, group in zip(used.tolist(), row_groups)], workers)
             values += q_sq[rows]
             improved = best.copy()
             np.minimum.at(improved, rows, values)
