@@ -7,7 +7,6 @@ this one implementation, so their distances agree to the last GEMM rounding.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from functools import cache
