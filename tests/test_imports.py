@@ -93,8 +93,28 @@ def test_the_cli_and_rays_workers_get_the_thread_and_allocator_policies(monkeypa
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a value the user set wins, in the workers too
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
     monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     assert worker_environment() == {"env_vars": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000",
-                                                 "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "0"}}
+                                                 "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "0",
+                                                 "MALLOC_ARENA_MAX": "1"}}
+
+
+def test_a_block_one_thread_freed_is_reused_by_another() -> None:
+    """Under the allocator policy every thread allocates from one arena: a 40 MB block the main thread freed is reused
+    by a worker thread (a shard's coreset, a search's scan); with an arena a thread, that thread faults its own in."""
+    probe = ("import ctypes, resource, threading\n"
+             "from defectscope.process import configure_allocator\n"
+             "configure_allocator()\n"
+             "libc = ctypes.CDLL(None)\nlibc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]\n"
+             "def once():\n    block = libc.malloc(40 << 20)\n    ctypes.memset(block, 1, 40 << 20)\n    libc.free(block)\n"
+             "once()\nbefore = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+             "worker = threading.Thread(target=once)\nworker.start()\nworker.join()\n"
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
+    faults = {arenas: int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                                         check=True, env={**env, **({"MALLOC_ARENA_MAX": arenas} if arenas else {})}).stdout)
+              for arenas in ("8", None)}  # a value the user set wins: 8 arenas; else the policy's one
+    assert faults["8"] > 8_000 and faults[None] < 1_000, faults  # 40 MB is 10,240 pages of 4 KB
 
 
 def test_a_large_block_freed_is_not_mapped_and_zero_filled_again() -> None:

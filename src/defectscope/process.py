@@ -21,10 +21,15 @@ THREAD_POLICY = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}
 # of its 150 CPU seconds in the kernel, 10 million page faults. Blocks from the heap instead, and up to 256 MB of
 # freed heap kept for the next pass (a batch's activations): that fit spends 4 s in the kernel, 13 s less in all; its
 # peak 2.07 -> 2.2-2.6 GB across runs at 32 images a pass (holes in the heap that a slightly larger block cannot
-# reuse; PatchCore now passes 16 images, 1.9 GB). glibc reads these variables when a process starts (a new process
-# gets them in its environment); a running one gets them by `mallopt`.
-ALLOCATOR_POLICY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
-MALLOPT_OPTIONS = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}  # glibc's M_MMAP_MAX and M_TRIM_THRESHOLD
+# reuse; PatchCore now passes 16 images, 1.9 GB). One arena for every thread: a thread's own arena keeps what it freed
+# for that thread alone (its heaps, under 256 MB each, are never trimmed), so the threads that hold large arrays (the
+# shard coresets, the search's scans, the decoders) each kept their own high-water mark (threaded-parts' fit and
+# scoring 2624-2725 -> 2303-2316 MB, juice_bottle's 2058 -> 1897, the same time). glibc reads these variables when a
+# process starts (a new process gets them in its environment); a running one gets them by `mallopt`, which an arena
+# a thread already has keeps.
+ALLOCATOR_POLICY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_ARENA_MAX": "1"}
+MALLOPT_OPTIONS = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_ARENA_MAX": -8}  # glibc's M_MMAP_MAX,
+# M_TRIM_THRESHOLD and M_ARENA_MAX
 
 
 def configure_process() -> None:
