@@ -15,11 +15,10 @@ from scipy import stats
 
 from defectscope.artifacts import load_model, model_info, save_model
 from defectscope.data.layout import load_dataset
-from defectscope.detectors import create_detector
+from defectscope.detectors import create_detector, patchcore
 from defectscope.detectors.base import Detector
 from defectscope.detectors.coreset import coreset_indices, greedy_coreset
 from defectscope.detectors.nearest import ClusteredBank
-from defectscope.detectors import patchcore
 from defectscope.detectors.padim import PaDiM, PaDiMConfig
 from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig, PatchFeatures
 from defectscope.errors import DefectscopeError
@@ -321,7 +320,7 @@ def test_fit_checks_its_settings_before_reading_the_data(tmp_path: Path, cli) ->
 def test_a_config_knows_which_fields_were_given() -> None:
     """`given` is what pins a choice made per product: the keys of the mapping it was built from, or else the fields
     set away from their defaults; a model takes only a config of its own class."""
-    from defectscope.detectors import create_detector
+    from defectscope.detectors import create_detector, patchcore
     from defectscope.detectors.patchcore import PatchCoreConfig
     from defectscope.errors import SettingsError
 

@@ -153,7 +153,8 @@ def test_the_cluster_scans_go_to_the_callers_threads_whole_clusters_each_with_th
     built = ClusteredBank.build(bank, seed=0, cluster_size=50)
     index = search.ClusterIndex(built.bank.numpy(), built.offsets.numpy())
     monkeypatch.setattr(search, "DENSE_FRACTION", 1.0)  # the pruned scan, not the dense one
-    for count in (500, 6000):  # a few images' queries (one BLAS thread) and many
+    monkeypatch.setattr(search, "SINGLE_THREAD_QUERIES", 1000)
+    for count in (500, 6000):  # a few images' queries (one BLAS thread throughout) and many (BLAS's default but in scans)
         alone = index.search(queries[:count].numpy())
         runs, scan = [], search.ClusterIndex._scan
 

@@ -453,10 +453,10 @@ class PatchCore(Detector):
             chosen = self.map_shards(shard_coreset, [job(i, learned.learned_rows(shard)) for i, shard in enumerate(shards)])
             advance(len(shards))
             return chosen
-        workers = max(1, min(threads, len(shards)))
+        workers, rows = max(1, min(threads, len(shards))), max(map(len, shards)) * learned.rows_per_image
         free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         for _ in range(workers):
-            free.put(learned.patches.new_empty((max(map(len, shards)) * learned.rows_per_image, learned.patches.shape[-1])))
+            free.put(learned.patches.new_empty((rows, learned.patches.shape[-1])))
 
         def shard_job(number: int) -> torch.Tensor:
             buffer = free.get()
