@@ -320,7 +320,7 @@ def test_fit_checks_its_settings_before_reading_the_data(tmp_path: Path, cli) ->
 def test_a_config_knows_which_fields_were_given() -> None:
     """`given` is what pins a choice made per product: the keys of the mapping it was built from, or else the fields
     set away from their defaults; a model takes only a config of its own class."""
-    from defectscope.detectors import create_detector, patchcore
+    from defectscope.detectors import create_detector
     from defectscope.detectors.patchcore import PatchCoreConfig
     from defectscope.errors import SettingsError
 
