@@ -20,6 +20,17 @@ DENSE_CELLS = 1 << 23  # query x bank distances computed at once by the dense sc
 QUERY_CHUNK = 32768  # queries searched at once (about 40 images of 28 x 28 patches): the search's memory stays bounded
 
 
+
+def distances_to(points: np.ndarray, centres: np.ndarray, owner: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """Each point's distance to its own centre (`centres[owner]`), `chunk` points at a time: the differences of all at
+    once were two more copies of the points (102,400 x 128: 12 ms this way, 16 ms that way on reused heap, 128 ms on
+    fresh pages)."""
+    out = np.empty(len(points), np.float32)
+    for start in range(0, len(points), chunk):
+        stop = start + chunk
+        out[start:stop] = np.linalg.norm(points[start:stop] - centres[owner[start:stop]], axis=1)
+    return out
+
 @cache
 def _blas() -> ThreadpoolController:
     """The loaded BLAS libraries, found once: finding them scans the process's libraries (4 ms a call)."""
@@ -62,7 +73,7 @@ class ClusterIndex:
             self.centroids, self.radius = np.zeros((0, bank.shape[1]), np.float32), np.zeros(0, np.float32)
         else:
             self.centroids = (np.add.reduceat(bank, offsets[:-1], axis=0, dtype=np.float64) / sizes[:, None]).astype(np.float32)
-            spread = np.linalg.norm(bank - np.repeat(self.centroids, sizes, axis=0), axis=1)
+            spread = distances_to(bank, self.centroids, np.repeat(np.arange(len(sizes)), sizes))
             self.radius = np.maximum.reduceat(spread, offsets[:-1]).astype(np.float32)
         self.centroid_sq = np.einsum("ij,ij->i", self.centroids, self.centroids)
         self.slack = 1e-3 * float(np.sqrt(self.bank_sq.max())) if len(bank) else 0.0
