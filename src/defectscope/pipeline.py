@@ -140,7 +140,7 @@ def _frame_chosen(detector: PatchCore, train: Sequence[ImageSource], bar: Progre
     steps = len(CANDIDATES) + (config.rotations == "auto")  # then the turns, at the chosen frame
     with bar(f"choosing the frame among {len(CANDIDATES)} candidates", steps) as advance:
         choice = choose_frame(train, config, backbone, advance)
-    chosen = create_detector(PatchCore.name, replace(config, **choice.settings))
+    chosen = create_detector(detector.name, replace(config, **choice.settings))  # the registered kind it was
     chosen.backbone = backbone
     if choice.probe is not None and chosen.uses_global_view:
         chosen.use_probe(choice.probe, choice.defective, choice.preprocess)
