@@ -406,3 +406,31 @@ def test_with_rotations_a_fold_is_scored_without_its_images_turns() -> None:
         bank, sources = detector.holdout_bank(fold)
         assert not torch.isin(sources, fold).any()
         assert torch.cdist(rows[fold].reshape(-1, 8), bank.bank).min() > 1e-3  # not one of its rows, turned or not
+
+
+def test_the_calibration_folds_run_a_fold_a_thread_with_the_same_scores_as_one_after_the_other(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cross-fitted folds run one a thread on torch's threads (each its own bank and search on one core), reading
+    the fitted model without changing it, and give the same bits as the folds scored one after the other."""
+    generator = torch.Generator().manual_seed(8)
+    features = torch.randn(24, 6, 6, 16, generator=generator)
+    detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=0.2, shard_images=4, calibration_folds=4,
+                                         global_view="off", place_view="off"))
+    detector.fit_features(features)
+    folds, scored = detector.crossfit_rows(len(features))
+    alone = torch.cat([detector.holdout_grids(features, held, chosen, workers=1)[0] for held, chosen in zip(folds, scored)])
+    bank, threads = detector.index, set()
+    together = threading.Barrier(2, timeout=10)  # the first two folds wait for each other: they must run at once
+    holdout_bank = PatchCore.holdout_bank
+
+    def recorded(self: PatchCore, holdout: torch.Tensor, workers: int | None = None) -> tuple:
+        threads.add(threading.get_ident())
+        if len(threads) <= 2 and int(holdout[0]) in {int(folds[0][0]), int(folds[1][0])}:
+            together.wait()
+        return holdout_bank(self, holdout, workers)
+
+    monkeypatch.setattr(PatchCore, "holdout_bank", recorded)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    scores = detector.patch_crossfit(features, folds, scored)[1]
+    assert len(threads) == 2 and detector.index is bank
+    torch.testing.assert_close(scores, alone.float(), rtol=0, atol=0)

@@ -70,9 +70,9 @@ class ClusteredBank:
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes, 0)])
         return ClusteredBank(self.bank[keep].contiguous(), offsets, self.order[keep])
 
-    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact distance and bank index of each query's nearest neighbour (on torch's thread count)."""
-        distances, indices = self.index.search(queries.float().numpy(), torch.get_num_threads())
+    def search(self, queries: torch.Tensor, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact distance and bank index of each query's nearest neighbour (on `workers` threads; default: torch's)."""
+        distances, indices = self.index.search(queries.float().numpy(), workers or torch.get_num_threads())
         return torch.from_numpy(distances), torch.from_numpy(indices)
 
     def tensors(self) -> dict[str, torch.Tensor]:

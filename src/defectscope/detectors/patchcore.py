@@ -286,7 +286,7 @@ class CandidatePool:
         `refill` finds each candidate's nearest kept row by the pruned exact search, not a candidate x bank GEMM."""
         self.projected_bank = ClusteredBank(self.projected[self.selected][bank.order], bank.offsets, bank.order)
 
-    def refill(self, holdout: torch.Tensor) -> torch.Tensor:
+    def refill(self, holdout: torch.Tensor, workers: int | None = None) -> torch.Tensor:
         """Candidates of the other images that take the place of the held-out images' rows: as many as were removed,
         farthest first among the candidates whose nearest row was removed (the holes), so the bank keeps its size
         and its density where the held-out images' rows were."""
@@ -296,7 +296,7 @@ class CandidatePool:
         if not removed or not len(lost):
             return torch.zeros(0, dtype=torch.long)
         kept = ~torch.isin(self.sources[self.selected][self.projected_bank.order], holdout)
-        covered = (self.projected_bank.subset(kept).search(self.projected[lost])[0] if kept.any()
+        covered = (self.projected_bank.subset(kept).search(self.projected[lost], workers)[0] if kept.any()
                    else torch.full((len(lost),), float("inf")))
         return lost[greedy_coreset(self.projected[lost], min(removed, len(lost)), covered=covered)]
 
@@ -478,16 +478,19 @@ class PatchCore(Detector):
         scores, grids = self._patch_view(patches)
         return self._fuse(self._with_place(scores, grids), grids, regions)
 
-    def _patch_view(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _patch_view(self, patches: torch.Tensor, index: ClusteredBank | None = None, workers: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """N x h x w x d patch features -> the patch view's image scores (the largest distance; reweighted when
-        configured) and its distance grids N x h x w."""
+        configured) and its distance grids N x h x w, against `index` (default: the memory bank) on `workers` threads."""
+        index = self.index if index is None else index
         n, h, w, d = patches.shape
         patches = patches.reshape(n, h * w, d)
-        distances, indices = self.index.search(patches.reshape(-1, d))
+        distances, indices = index.search(patches.reshape(-1, d), workers)
         maps = distances.reshape(n, h * w)
         scores, worst = maps.max(1)
         if self.config.reweight:
-            scores = self._reweight(patches[torch.arange(n), worst], indices.reshape(n, h * w)[torch.arange(n), worst], scores)
+            scores = self._reweight(index, patches[torch.arange(n), worst], indices.reshape(n, h * w)[torch.arange(n), worst],
+                                    scores)
         return scores, maps.reshape(n, h, w)
 
     def _with_place(self, scores: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
@@ -504,14 +507,21 @@ class PatchCore(Detector):
 
     def patch_crossfit(self, features: PatchFeatures | torch.Tensor, folds: list[torch.Tensor],
                        scored: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The patch view's cross-fitted scores, fold after fold (`holdout_grids`), as the calibration phase; then the
-        place view fitted on their distance grids (`fit_place`). Returns the scores with the place view fused in (each
+        """The patch view's cross-fitted scores (`holdout_grids`), as the calibration phase, a fold a thread on torch's
+        threads, each fold's bank and search on one core (fold after fold, the bank's refill and subset ran on one core
+        and the search's GEMMs are small: the other core sat idle); then the place view fitted on their distance grids
+        (`fit_place`). Returns the scores with the place view fused in (each
         image's place score from the statistics without it) and the nearest-patch scores alone."""
-        advance, parts = self.phase(f"calibrating on {len(folds)} cross-fitted folds", len(folds)), []
+        advance = self.phase(f"calibrating on {len(folds)} cross-fitted folds", len(folds))
         self.place = None
-        for held, chosen in zip(folds, scored):
-            parts.append(self.holdout_grids(features, held, chosen))
+
+        def fold(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            part = self.holdout_grids(features, *pair, workers=1)
             advance(1)
+            return part
+
+        with one_blas_thread(), ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="defectscope-fold") as pool:
+            parts = list(pool.map(fold, zip(folds, scored)))
         scores, grids = torch.cat([part[0] for part in parts]).float(), torch.cat([part[1] for part in parts])
         stats = self.fit_place(scores, grids)
         return (scores if stats is None else self._place_fused(scores, stats.left_out_scores(grids))), scores
@@ -679,23 +689,19 @@ class PatchCore(Detector):
         return {**separation(good, probed[:count], threshold), "false_alarms": false_alarms(probed[count:], owners, threshold)}
 
     def holdout_grids(self, features: PatchFeatures | torch.Tensor, holdout: torch.Tensor,
-                      scored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      scored: torch.Tensor | None = None, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The patch view's scores and distance grids of images `scored` (default: the held-out ones) against
-        `holdout_bank`: memory chosen without any patch of theirs."""
-        fitted = self.index
-        self.index = self.holdout_bank(holdout)[0]
-        try:
-            return self._patch_view(split_features(features[holdout if scored is None else scored])[0])
-        finally:
-            self.index = fitted
+        `holdout_bank`: memory chosen without any patch of theirs. The fitted model is only read (folds run at once)."""
+        patches = split_features(features[holdout if scored is None else scored])[0]
+        return self._patch_view(patches, self.holdout_bank(holdout, workers)[0], workers)
 
-    def holdout_bank(self, holdout: torch.Tensor) -> tuple[ClusteredBank, torch.Tensor]:
+    def holdout_bank(self, holdout: torch.Tensor, workers: int | None = None) -> tuple[ClusteredBank, torch.Tensor]:
         """The memory bank without the rows taken from the held-out images, refilled with as many of the other
         images' candidates where those rows were (`CandidatePool.refill`): a bank of the same size chosen
         without the held-out images. Every row comes from another image (tested). Returns the bank and each
         row's source image."""
         keep = ~torch.isin(self.bank_sources, holdout)
-        kept, extra = self.index.subset(keep), self.pool.refill(holdout)
+        kept, extra = self.index.subset(keep), self.pool.refill(holdout, workers)
         ends = torch.tensor([len(kept.bank) + len(extra)])  # the refill as one more cluster: the search stays exact
         bank = ClusteredBank(torch.cat([kept.bank, self.pool.features[extra].float()]), torch.cat([kept.offsets, ends]))
         return bank, torch.cat([self.bank_sources[keep], self.pool.sources[extra]])
@@ -747,9 +753,10 @@ class PatchCore(Detector):
         radius = float(self.calibration_scores.quantile(TEACH_COVERAGE))
         return flat[greedy_coreset(flat, len(flat), covered=covered.reshape(-1), stop_within=radius)]
 
-    def _reweight(self, worst_patches: torch.Tensor, nearest_index: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """The paper's eq. 7: damp the score when the nearest memory patch sits among close neighbours."""
-        bank = self.index.bank
+    def _reweight(self, index: ClusteredBank, worst_patches: torch.Tensor, nearest_index: torch.Tensor, scores: torch.Tensor
+                  ) -> torch.Tensor:
+        """The paper's eq. 7: damp the score when the nearest memory patch (of `index`) sits among close neighbours."""
+        bank = index.bank
         k = min(self.config.reweight_neighbours, len(bank))
         _, support = nearest(bank[nearest_index], bank, k=k)
         distances = (worst_patches[:, None, :] - bank[support]).norm(dim=-1)
