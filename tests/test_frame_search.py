@@ -4,6 +4,7 @@ within the budget among them), one embedding per resize and crop, and its probe 
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -104,14 +105,43 @@ def test_each_candidate_is_fitted_on_64_images_none_of_them_held_out(tmp_path: P
     """The search's fit set covers a moving part's poses (64 images where there are enough), apart from the probe's."""
     images = [sample.path for sample in load_dataset(make_demo_dataset(tmp_path / "part", size=64, train=96)).train]
     fitted: list[set] = []
-    embed = frame_search._embed_finest
+    embed = frame_search.Embedded.of_fit
     monkeypatch.setattr(frame_search, "CANDIDATES", {"352/320 s16": CANDIDATES["352/320 s16"]})  # one is enough here
-    monkeypatch.setattr(frame_search, "_embed_finest", lambda detector, fit, probed, view: fitted.append(set(fit))
-                        or embed(detector, fit, probed, view))
+    monkeypatch.setattr(frame_search.Embedded, "of_fit", lambda detector, fit, view: fitted.append(set(fit))
+                        or embed(detector, fit, view))
     choice = choose_frame(images, PatchCoreConfig())
     held = {images[i] for i in choice.probe.order[: len(choice.probe.good)]}
     assert choice.evidence["fit_images"] == 64 and choice.evidence["held_out_images"] == len(held) == 16
     assert fitted and all(len(fit) == 64 and not fit & held for fit in fitted)
+
+
+def test_the_probe_is_made_while_the_fit_images_are_embedded_and_each_frames_seconds_count_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe (decoding the held-out images, pasting the defects: one core's work) is made in a second thread
+    while the fit images are embedded; the same choice and probe as one after the other; a frame's embedding seconds
+    go to the first candidate at it."""
+    images = [sample.path for sample in load_dataset(make_demo_dataset(tmp_path / "part", size=64, train=40)).train]
+    two = {name: CANDIDATES[name] for name in ("352/320 s8", "352/320 s16")}  # one resize and crop: one embedding
+    monkeypatch.setattr(frame_search, "CANDIDATES", two)
+    config = PatchCoreConfig(global_view="off", rotations="off")
+    alone = choose_frame(images, config)
+    together = threading.Barrier(2, timeout=10)  # the probe and the first embedding wait for each other
+    make_probe, learning_features, waited = frame_search.make_probe, PatchCore.learning_features, []
+
+    def first_waits(self: PatchCore, *args: object) -> tuple:
+        if not waited:  # the fit images' first embedding
+            waited.append(together.wait())
+        return learning_features(self, *args)
+
+    monkeypatch.setattr(frame_search, "make_probe", lambda *args: (together.wait(), make_probe(*args))[1])
+    monkeypatch.setattr(PatchCore, "learning_features", first_waits)
+    choice = choose_frame(images, config)
+    assert choice.evidence["chosen"] == alone.evidence["chosen"]
+    assert [choice.evidence["candidates"][name]["recall_at_1pct"] for name in two] == [
+        alone.evidence["candidates"][name]["recall_at_1pct"] for name in two]
+    torch.testing.assert_close(choice.defective.patches, alone.defective.patches, rtol=0, atol=0)
+    seconds = [choice.evidence["candidates"][name]["seconds"] for name in two]
+    assert seconds[0] > seconds[1]  # the second candidate only averages the first's patch grid
 
 
 def test_the_turns_are_learned_only_when_they_catch_more_than_two_standard_errors_more() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,7 +31,7 @@ from defectscope.data.decode import image_size
 from defectscope.data.frame import Preprocess
 from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig, PatchFeatures
 from defectscope.data.defects import KINDS
-from defectscope.detectors.selection import Probe, make_probe, noise, separation
+from defectscope.detectors.selection import MIN_IMAGES, Probe, make_probe, noise, probe_draws, separation
 
 CANDIDATES = {  # name -> the frame fields it sets; every other setting is the user's
     "288/256 s8": {"image_size": 288, "crop": 256, "patch_stride": 8},
@@ -98,36 +99,43 @@ class FrameChoice:
 def choose_frame(images: Sequence[Any], config: PatchCoreConfig, backbone: Backbone | None = None,
                  progress: Callable[[int], None] = lambda _steps: None) -> FrameChoice:
     """The frame chosen from good training images alone; `progress` advances by one per candidate. Candidates that
-    share a resize and crop share one embedding: the coarser patch grid is the finer one averaged (as `embed` does)."""
-    probe = make_probe(images, config.seed, KINDS)  # the frame is judged on surface defects
-    if probe is None:
+    share a resize and crop share one embedding: the coarser patch grid is the finer one averaged (as `embed` does).
+    The fit images are embedded at every frame while a second thread makes the probe (its decoding and pasting run
+    on one core: threaded-parts' first 5 s of the search left the other core idle)."""
+    if len(images) < MIN_IMAGES:
         return FrameChoice({}, {"chosen": None, "reason": f"{len(images)} training images; the search needs more"})
-    held = len(probe.good)
-    fit = [images[i] for i in probe.order[held : held + FIT_IMAGES]]
+    order, held = probe_draws(len(images), config.seed)[1:]
+    fit = [images[i] for i in order[held : held + FIT_IMAGES]]
     short_side = float(np.median([min(image_size(image)) for image in images]))  # headers only
-    evidence, embedded = {}, {}
     turns = config.rotations == "auto"  # chosen after the frame, at it; candidates are judged without them
+    detectors = {}
     for name in CANDIDATES:
-        start = time.perf_counter()
         candidate = replace(config, **frame_settings(name, config), frame_search=False, global_view="off",
                             rotations="off" if turns else config.rotations)
         candidate.check()
-        detector = PatchCore(candidate, backbone)
+        detectors[name] = detector = PatchCore(candidate, backbone)
         backbone = detector.require_backbone()
         detector.learn_aspect(images)  # the frame the final model will have
-        frame = _frame_key(name)
-        if frame not in embedded:
-            embedded[frame] = _embed_finest(detector, fit, probe, config.global_view)
-        finest, *parts, _ = embedded[frame]
-        fit_features, probed = (part.coarsened(detector.config.patch_stride // finest) for part in parts)
+    embedded: dict[tuple[int, int], Embedded] = {}
+    with ThreadPoolExecutor(1, thread_name_prefix="defectscope-probe") as pool:
+        making = pool.submit(make_probe, images, config.seed, KINDS)  # the frame is judged on surface defects
+        for name, detector in detectors.items():
+            if _frame_key(name) not in embedded:
+                embedded[_frame_key(name)] = Embedded.of_fit(detector, fit, config.global_view)
+        probe = making.result()
+    evidence = {}
+    for name, detector in detectors.items():
+        start, frame = time.perf_counter(), embedded[_frame_key(name)]
+        fit_features, probed = frame.at(detector.config.patch_stride, probe)
         detector.fit_features(fit_features)
         scores = detector.score_features(probed)[0].float().numpy()
         evidence[name] = {**separation(scores[:held], scores[held:]), "input_pixels": math.prod(detector.preprocess.input_shape),
-                          "enlarges": CANDIDATES[name]["image_size"] > short_side, "seconds": time.perf_counter() - start}
+                          "enlarges": CANDIDATES[name]["image_size"] > short_side,
+                          "seconds": time.perf_counter() - start + frame.take_seconds()}
         progress(1)
     chosen, *tied = near_best(evidence, len(probe.defective))
-    finest, _, probed, preprocess = embedded[_frame_key(chosen)]
-    probed = probed.coarsened(CANDIDATES[chosen]["patch_stride"] // finest)
+    frame = embedded[_frame_key(chosen)]
+    probed = frame.at(CANDIDATES[chosen]["patch_stride"], probe)[1]
     settings = frame_settings(chosen, config)
     found = {"chosen": chosen, "rule": RULE, "fit_images": len(fit), "held_out_images": held,
              "synthetic_images": len(probe.defective), "candidates": evidence, "within_noise": tied}
@@ -136,7 +144,7 @@ def choose_frame(images: Sequence[Any], config: PatchCoreConfig, backbone: Backb
                                           evidence[chosen])  # every candidate learned the same aspect
         settings["rotations"] = found["rotations"]["chosen"]
         progress(1)
-    return FrameChoice(settings, found, probe, probed[held:], preprocess)
+    return FrameChoice(settings, found, probe, probed[held:], frame.embedder.preprocess)
 
 
 def choose_turns(config: PatchCoreConfig, backbone: Backbone, aspect: float, fit: Sequence[Any],
@@ -164,14 +172,37 @@ def _frame_key(name: str) -> tuple[int, int]:
     return CANDIDATES[name]["image_size"], CANDIDATES[name]["crop"]
 
 
-def _embed_finest(detector: PatchCore, fit: Sequence[Any], probe: Probe, global_view: str
-                  ) -> tuple[int, PatchFeatures, PatchFeatures, Preprocess]:
-    """(the patch stride, the fit images and the probe's (good, then defective) embedded at it, the frame): the finest
-    patch grid among the candidates with the detector's resize and crop, with region descriptors when the final
-    model's `global_view` may use them (its choice is judged on these probe images)."""
-    frame = detector.config.image_size, detector.config.crop
-    finest = min(CANDIDATES[name]["patch_stride"] for name in CANDIDATES if _frame_key(name) == frame)
-    embedder = PatchCore(replace(detector.config, patch_stride=finest, global_view=global_view), detector.require_backbone())
-    embedder.aspect = detector.aspect
-    probed = PatchFeatures.cat([embedder._features(probe.good, None)[0], embedder._features(probe.defective, None)[0]])
-    return finest, embedder.learning_features(fit, None)[0], probed, embedder.preprocess
+@dataclass
+class Embedded:
+    """One resize and crop's embeddings at the finest patch grid among its candidates: the fit images first (and the
+    seconds they took, for the first candidate at the frame), the probe's images (good, then defective) when a
+    candidate first asks."""
+
+    finest: int
+    embedder: PatchCore
+    fit: PatchFeatures
+    seconds: float
+    probed: PatchFeatures | None = None
+
+    @classmethod
+    def of_fit(cls, detector: PatchCore, fit: Sequence[Any], global_view: str) -> Embedded:
+        """The fit images embedded at `detector`'s resize and crop, with region descriptors when the final model's
+        `global_view` may use them (its choice is judged on the probe's images embedded alike)."""
+        start = time.perf_counter()
+        frame = detector.config.image_size, detector.config.crop
+        finest = min(CANDIDATES[name]["patch_stride"] for name in CANDIDATES if _frame_key(name) == frame)
+        embedder = PatchCore(replace(detector.config, patch_stride=finest, global_view=global_view), detector.require_backbone())
+        embedder.aspect = detector.aspect
+        return cls(finest, embedder, embedder.learning_features(fit, None)[0], time.perf_counter() - start)
+
+    def at(self, patch_stride: int, probe: Probe) -> tuple[PatchFeatures, PatchFeatures]:
+        """(the fit images, the probe's images) at `patch_stride`: the finest grid averaged."""
+        if self.probed is None:
+            self.probed = PatchFeatures.cat([self.embedder._features(probe.good, None)[0],
+                                             self.embedder._features(probe.defective, None)[0]])
+        return self.fit.coarsened(patch_stride // self.finest), self.probed.coarsened(patch_stride // self.finest)
+
+    def take_seconds(self) -> float:
+        """The fit images' embedding seconds, for the first candidate that asks (then 0)."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds

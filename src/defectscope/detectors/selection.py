@@ -76,15 +76,21 @@ class Probe:
         return np.repeat(self.held, DRIFTS_PER_IMAGE)
 
 
+def probe_draws(count: int, seed: int) -> tuple[np.random.Generator, np.ndarray, int]:
+    """A probe's seeded generator after its first draw, that draw (the order of the `count` training images), and how
+    many of them it holds out (the first)."""
+    rng = np.random.default_rng(seed)
+    return rng, rng.permutation(count), min(HELD_IMAGES, count // 3)
+
+
 def make_probe(images: Sequence[Any], seed: int, kinds: Sequence[str] = KINDS) -> Probe | None:
     """A seeded share of the training images held out, each with DEFECTS_PER_KIND defects of each of `kinds` (None
     below MIN_IMAGES). The same seed holds out the same images for every choice."""
     if len(images) < MIN_IMAGES:
         return None
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(images))
+    rng, order, held = probe_draws(len(images), seed)
     good = []
-    for index in order[: min(HELD_IMAGES, len(images) // 3)]:
+    for index in order[:held]:
         image = load_image(images[index])
         scale = min(1.0, (MAX_PIXELS / (image.shape[0] * image.shape[1])) ** 0.5)
         good.append(image if scale == 1.0 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
