@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from defectscope import load_dataset
 from defectscope.data.frame import Preprocess
-from defectscope.detectors.base import create_detector
+from defectscope.detectors.base import Detector, Embedded, create_detector
 import defectscope.detectors.frame_search as frame_search
 from defectscope.data.synthetic import make_demo_dataset
 from defectscope.detectors.frame_search import CANDIDATES, choose_frame, frame_settings, near_best, patches_per_image, turns_pay
@@ -80,7 +81,7 @@ def test_the_global_view_is_judged_on_the_frame_searchs_probe_as_on_its_own(demo
     alone.backbone = searched.backbone
     embedded = []
     original = alone._features
-    alone._features = lambda images, progress: embedded.append(len(images)) or original(images, progress)
+    alone._features = lambda images, progress, *how: embedded.append(len(images)) or original(images, progress, *how)
     alone.fit([sample.path for sample in dataset.train])
     with_search, on_its_own = searched.train_summary["global_view_choice"], alone.train_summary["global_view_choice"]
     assert with_search["chosen"] == on_its_own["chosen"]
@@ -105,9 +106,9 @@ def test_each_candidate_is_fitted_on_64_images_none_of_them_held_out(tmp_path: P
     """The search's fit set covers a moving part's poses (64 images where there are enough), apart from the probe's."""
     images = [sample.path for sample in load_dataset(make_demo_dataset(tmp_path / "part", size=64, train=96)).train]
     fitted: list[set] = []
-    embed = frame_search.Embedded.of_fit
+    embed = frame_search.FrameEmbedding.of_fit
     monkeypatch.setattr(frame_search, "CANDIDATES", {"352/320 s16": CANDIDATES["352/320 s16"]})  # one is enough here
-    monkeypatch.setattr(frame_search.Embedded, "of_fit", lambda detector, fit, view: fitted.append(set(fit))
+    monkeypatch.setattr(frame_search.FrameEmbedding, "of_fit", lambda detector, fit, view: fitted.append(set(fit))
                         or embed(detector, fit, view))
     choice = choose_frame(images, PatchCoreConfig())
     held = {images[i] for i in choice.probe.order[: len(choice.probe.good)]}
@@ -142,6 +143,66 @@ def test_the_probe_is_made_while_the_fit_images_are_embedded_and_each_frames_sec
     torch.testing.assert_close(choice.defective.patches, alone.defective.patches, rtol=0, atol=0)
     seconds = [choice.evidence["candidates"][name]["seconds"] for name in two]
     assert seconds[0] > seconds[1]  # the second candidate only averages the first's patch grid
+
+
+@pytest.mark.parametrize("rotations", ["auto", "on"])
+def test_the_fit_takes_the_searchs_fit_images_as_embedded_and_learns_the_same_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rotations: str) -> None:
+    """The frame search's fit images, embedded in the chosen frame (with their turns when the model learns them), are
+    not embedded again by the fit; the model is the same as when the fit embeds every image itself."""
+    dataset = load_dataset(make_demo_dataset(tmp_path / "part", size=64, train=30))
+    monkeypatch.setattr(frame_search, "CANDIDATES", {name: CANDIDATES[name] for name in ("352/320 s8", "352/320 s16")})
+    settings = {"rotations": rotations, "place_view": "off"}
+    embedded: list[int] = []
+    features = Detector._features
+
+    def counted(self: Detector, images: list, progress: object, embed: object = None, known: object = None) -> tuple:
+        if len(images) == len(dataset.train):  # the fit's training images (not the search's, nor its probe's)
+            embedded.append(len(images) - (0 if known is None else len(known.positions)))
+        return features(self, images, progress, embed, known)
+
+    monkeypatch.setattr(Detector, "_features", counted)
+    reused = fit_detector(dataset, "patchcore", attempt_config("patchcore", settings))[0]
+    fit_images = reused.train_summary["frame_choice"]["fit_images"]
+    assert embedded == [len(dataset.train) - fit_images] and fit_images == len(dataset.train) - len(dataset.train) // 3
+    monkeypatch.setattr(PatchCore, "use_embedded", lambda self, *args: None)
+    embedded.clear()
+    alone = fit_detector(dataset, "patchcore", attempt_config("patchcore", settings))[0]
+    assert embedded == [len(dataset.train)] and alone.config == reused.config
+    for name, tensor in alone.tensors().items():
+        torch.testing.assert_close(reused.tensors()[name], tensor, rtol=0, atol=0)
+    torch.testing.assert_close(reused.calibration_scores, alone.calibration_scores, rtol=0, atol=0)
+
+
+def test_with_the_turns_pinned_on_every_candidate_learns_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two candidates share one embedding; the first one's fit lets go of its view of the turned patches, not the
+    shared embedding's, so the second learns the turns too."""
+    images = [sample.path for sample in load_dataset(make_demo_dataset(tmp_path / "part", size=64, train=30)).train]
+    monkeypatch.setattr(frame_search, "CANDIDATES", {name: CANDIDATES[name] for name in ("352/320 s8", "352/320 s16")})
+    turns, fit_features = [], PatchCore.fit_features
+    monkeypatch.setattr(PatchCore, "fit_features", lambda self, features: turns.append(features.turns) or fit_features(self, features))
+    choice = choose_frame(images, PatchCoreConfig(rotations="on", global_view="off"))
+    assert turns == [3, 3] and choice.fit.features.turns == 3
+
+
+def test_features_embedded_otherwise_than_the_model_learns_are_embedded_again(tmp_path: Path) -> None:
+    """The search's features are used only in the model's own frame and patch grid, with region descriptors and
+    turned patches exactly when it learns them."""
+    images = [sample.path for sample in load_dataset(make_demo_dataset(tmp_path / "part", size=64, train=12)).train]
+    config = PatchCoreConfig(image_size=64, crop=None, patch_stride=8, global_view="off", rotations="off")
+    detector = PatchCore(config)
+    detector.learn_aspect(images)
+    features, sizes = detector.learning_features(images[:4], None)
+    known = Embedded(torch.arange(4), features, sizes)
+    for frame, stride, rotations, reused in [(detector.preprocess, 8, "off", True), (detector.preprocess, 16, "off", False),
+                                             (Preprocess(80, None), 8, "off", False), (detector.preprocess, 8, "on", False)]:
+        learner = PatchCore(replace(config, rotations=rotations))
+        learner.learn_aspect(images)
+        learner.use_embedded(known, frame, stride)
+        counted = []
+        learner._features = lambda images, progress, embed=None, known=None: counted.append(known) or (features, sizes)
+        learner.learning_features(images, None)
+        assert (counted[0] is not None) == reused and learner.embedded is None
 
 
 def test_the_turns_are_learned_only_when_they_catch_more_than_two_standard_errors_more() -> None:

@@ -144,6 +144,8 @@ def _frame_chosen(detector: PatchCore, train: Sequence[ImageSource], bar: Progre
     chosen.backbone = backbone
     if choice.probe is not None and chosen.uses_global_view:
         chosen.use_probe(choice.probe, choice.defective, choice.preprocess)
+    if choice.fit is not None:
+        chosen.use_embedded(choice.fit, *choice.fit_frame)
     return chosen, choice.evidence
 
 

@@ -217,15 +217,23 @@ class Detector(MapModel):
         """Learn from the features of good images; returns details for the fit report."""
 
     def _features(self, images: Sequence[ImageSource], progress: Progress | None,
-                  embed: Callable[[torch.Tensor], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed all images; returns (features, original sizes N x 2), filled batch by batch into one tensor."""
-        features, sizes, filled = None, torch.empty(len(images), 2, dtype=torch.long), 0
-        for batch, batch_sizes in self._embedded_batches(images, progress, embed):
-            if features is None:  # a tensor, or a model's own kind of features (with `empty(count)`)
-                features = (torch.empty((len(images), *batch.shape[1:]), dtype=batch.dtype)
-                            if isinstance(batch, torch.Tensor) else batch.empty(len(images)))
-            features[filled : filled + len(batch)] = batch
-            sizes[filled : filled + len(batch)] = batch_sizes
+                  embed: Callable[[torch.Tensor], Any] | None = None, known: Embedded | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed all images; returns (features, original sizes N x 2), filled batch by batch into one tensor. The
+        images `known` holds (embedded before, the same numbers) are filled in from it, not embedded again."""
+        features, sizes = None, torch.empty(len(images), 2, dtype=torch.long)
+        todo = torch.arange(len(images))
+        if known is not None:
+            features, todo = _room(known.features, len(images)), todo[rows_outside(len(images), known.positions)]
+            features[known.positions], sizes[known.positions] = known.features, known.sizes
+            if progress:
+                progress(len(known.positions))
+        filled = 0
+        for batch, batch_sizes in self._embedded_batches([images[i] for i in todo.tolist()], progress, embed):
+            if features is None:
+                features = _room(batch, len(images))
+            rows = todo[filled : filled + len(batch)]
+            features[rows], sizes[rows] = batch, batch_sizes
             filled += len(batch)
         return features, sizes
 
@@ -340,6 +348,23 @@ class Detector(MapModel):
         scores = self._score_and_map(features[holdout if scored is None else scored])[0]
         self.load_tensors(fitted)
         return scores
+
+
+@dataclass
+class Embedded:
+    """Features of some of the images a model is about to fit, embedded before in its frame (the frame search's fit
+    images): their positions among those images, the features, and their original sizes N x 2."""
+
+    positions: torch.Tensor
+    features: Any
+    sizes: torch.Tensor
+
+
+def _room(like: Any, count: int) -> Any:
+    """Room for `count` images' features of the kind `like` holds: a tensor, or a model's own kind (`empty(count)`)."""
+    if isinstance(like, torch.Tensor):
+        return torch.empty((count, *like.shape[1:]), dtype=like.dtype)
+    return like.empty(count)
 
 
 def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:

@@ -25,10 +25,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import torch
 
 from defectscope.backbones import Backbone
 from defectscope.data.decode import image_size
 from defectscope.data.frame import Preprocess
+from defectscope.detectors.base import Embedded
 from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig, PatchFeatures
 from defectscope.data.defects import KINDS
 from defectscope.detectors.selection import MIN_IMAGES, Probe, make_probe, noise, probe_draws, separation
@@ -94,6 +96,8 @@ class FrameChoice:
     probe: Probe | None = None
     defective: PatchFeatures | None = None
     preprocess: Preprocess | None = None  # the frame `defective` was embedded in
+    fit: Embedded | None = None  # the search's fit images as the chosen frame (and turns) learn them
+    fit_frame: tuple[Preprocess, int] | None = None  # the frame and patch stride `fit` was embedded at
 
 
 def choose_frame(images: Sequence[Any], config: PatchCoreConfig, backbone: Backbone | None = None,
@@ -116,12 +120,12 @@ def choose_frame(images: Sequence[Any], config: PatchCoreConfig, backbone: Backb
         detectors[name] = detector = PatchCore(candidate, backbone)
         backbone = detector.require_backbone()
         detector.learn_aspect(images)  # the frame the final model will have
-    embedded: dict[tuple[int, int], Embedded] = {}
+    embedded: dict[tuple[int, int], FrameEmbedding] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="defectscope-probe") as pool:
         making = pool.submit(make_probe, images, config.seed, KINDS)  # the frame is judged on surface defects
         for name, detector in detectors.items():
             if _frame_key(name) not in embedded:
-                embedded[_frame_key(name)] = Embedded.of_fit(detector, fit, config.global_view)
+                embedded[_frame_key(name)] = FrameEmbedding.of_fit(detector, fit, config.global_view)
         probe = making.result()
     evidence = {}
     for name, detector in detectors.items():
@@ -139,28 +143,37 @@ def choose_frame(images: Sequence[Any], config: PatchCoreConfig, backbone: Backb
     settings = frame_settings(chosen, config)
     found = {"chosen": chosen, "rule": RULE, "fit_images": len(fit), "held_out_images": held,
              "synthetic_images": len(probe.defective), "candidates": evidence, "within_noise": tied}
+    positions = torch.from_numpy(order[held : held + FIT_IMAGES])
+    learned = Embedded(positions, frame.at(settings["patch_stride"], probe)[0], frame.sizes), frame.embedder.preprocess
     if turns:
-        found["rotations"] = choose_turns(replace(config, **settings), backbone, detector.aspect, fit, probed, held,
-                                          evidence[chosen])  # every candidate learned the same aspect
+        found["rotations"], turned = choose_turns(replace(config, **settings), backbone, detector.aspect, fit, probed,
+                                                  held, evidence[chosen])  # every candidate learned the same aspect
         settings["rotations"] = found["rotations"]["chosen"]
+        if settings["rotations"] == "on":
+            learned = Embedded(positions, *turned[0]), turned[1]
         progress(1)
-    return FrameChoice(settings, found, probe, probed[held:], frame.embedder.preprocess)
+    return FrameChoice(settings, found, probe, probed[held:], frame.embedder.preprocess, learned[0],
+                       (learned[1], settings["patch_stride"]))
 
 
 def choose_turns(config: PatchCoreConfig, backbone: Backbone, aspect: float, fit: Sequence[Any],
-                 probed: PatchFeatures, held: int, without: dict[str, float]) -> dict[str, Any]:
+                 probed: PatchFeatures, held: int, without: dict[str, float]
+                 ) -> tuple[dict[str, Any], tuple[tuple[PatchFeatures, torch.Tensor], Preprocess]]:
     """`rotations` at the chosen frame (`config`, with the training images' `aspect`): the frame's memory fitted again
     on the same images with their turns, scoring the same probe (`probed`: its `held` good images, then its synthetic
-    defects); `without` is the frame's evidence. On by TURNS_RULE."""
+    defects); `without` is the frame's evidence. On by TURNS_RULE. Returns the evidence, and the fit images' features
+    with their turns and their sizes, in the frame they were embedded in (the fit learns them so when the turns are on)."""
     start = time.perf_counter()
     detector = PatchCore(replace(config, frame_search=False, global_view="off", rotations="on"), backbone)
     detector.aspect = aspect
-    detector.fit_features(detector.learning_features(fit, None)[0])
+    features, sizes = detector.learning_features(fit, None)
+    turned_features = features[:]  # `fit_features` lets its own view of the turned patches go
+    detector.fit_features(features)
     scores = detector.score_features(probed)[0].float().numpy()
     recall, turned, count = without["recall_at_1pct"], separation(scores[:held], scores[held:])["recall_at_1pct"], len(scores) - held
-    return {"chosen": "on" if turns_pay(recall, turned, count) else "off", "rule": TURNS_RULE,
-            "recall_at_1pct_without": recall, "recall_at_1pct_with": turned, "standard_error": noise(recall, count),
-            "seconds": time.perf_counter() - start}
+    return ({"chosen": "on" if turns_pay(recall, turned, count) else "off", "rule": TURNS_RULE,
+             "recall_at_1pct_without": recall, "recall_at_1pct_with": turned, "standard_error": noise(recall, count),
+             "seconds": time.perf_counter() - start}, ((turned_features, sizes), detector.preprocess))
 
 
 def turns_pay(without: float, turned: float, count: int) -> bool:
@@ -173,7 +186,7 @@ def _frame_key(name: str) -> tuple[int, int]:
 
 
 @dataclass
-class Embedded:
+class FrameEmbedding:
     """One resize and crop's embeddings at the finest patch grid among its candidates: the fit images first (and the
     seconds they took, for the first candidate at the frame), the probe's images (good, then defective) when a
     candidate first asks."""
@@ -181,11 +194,12 @@ class Embedded:
     finest: int
     embedder: PatchCore
     fit: PatchFeatures
+    sizes: torch.Tensor  # the fit images' original sizes
     seconds: float
     probed: PatchFeatures | None = None
 
     @classmethod
-    def of_fit(cls, detector: PatchCore, fit: Sequence[Any], global_view: str) -> Embedded:
+    def of_fit(cls, detector: PatchCore, fit: Sequence[Any], global_view: str) -> FrameEmbedding:
         """The fit images embedded at `detector`'s resize and crop, with region descriptors when the final model's
         `global_view` may use them (its choice is judged on the probe's images embedded alike)."""
         start = time.perf_counter()
@@ -193,14 +207,16 @@ class Embedded:
         finest = min(CANDIDATES[name]["patch_stride"] for name in CANDIDATES if _frame_key(name) == frame)
         embedder = PatchCore(replace(detector.config, patch_stride=finest, global_view=global_view), detector.require_backbone())
         embedder.aspect = detector.aspect
-        return cls(finest, embedder, embedder.learning_features(fit, None)[0], time.perf_counter() - start)
+        return cls(finest, embedder, *embedder.learning_features(fit, None), time.perf_counter() - start)
 
     def at(self, patch_stride: int, probe: Probe) -> tuple[PatchFeatures, PatchFeatures]:
-        """(the fit images, the probe's images) at `patch_stride`: the finest grid averaged."""
+        """(the fit images, the probe's images) at `patch_stride`: the finest grid averaged; new views each time, as
+        `fit_features` lets go of its features' turned patches."""
         if self.probed is None:
             self.probed = PatchFeatures.cat([self.embedder._features(probe.good, None)[0],
                                              self.embedder._features(probe.defective, None)[0]])
-        return self.fit.coarsened(patch_stride // self.finest), self.probed.coarsened(patch_stride // self.finest)
+        window = patch_stride // self.finest
+        return self.fit.coarsened(window)[:], self.probed.coarsened(window)[:]
 
     def take_seconds(self) -> float:
         """The fit images' embedding seconds, for the first candidate that asks (then 0)."""

@@ -20,6 +20,7 @@ from defectscope.data.defects import KINDS
 from defectscope.detectors.base import (
     Detector,
     DetectorConfig,
+    Embedded,
     FitReport,
     Progress,
     register,
@@ -327,6 +328,8 @@ class PatchCore(Detector):
     place: dict[str, torch.Tensor] | None = None  # the place view: per-cell mean and spread, and its fusion's scales
     probe: Probe | None = None  # held-out images with synthetic defects while `fit` decides the global view
     searched: tuple[Probe, PatchFeatures | None, Preprocess | None] | None = None  # the frame search's (`use_probe`)
+    embedded: Embedded | None = None  # the frame search's fit images as this model learns them (`use_embedded`)
+    embedded_frame: tuple[Preprocess, int] | None = None  # the frame and patch stride they were embedded at
     global_choice: dict[str, Any] | None = None  # the evidence for that decision
     nearest_scores: torch.Tensor | None = None  # while fitting: the patch view's cross-fitted scores (the map's scale)
 
@@ -347,10 +350,25 @@ class PatchCore(Detector):
         return features
 
     def learning_features(self, images: Sequence[ImageSource], progress: Progress | None) -> tuple[PatchFeatures, torch.Tensor]:
-        """`Detector.learning_features`; with `rotations`, each image's turned patches too (`embed_turned`)."""
-        if not self.learns_turns:
-            return super().learning_features(images, progress)
-        return self._features(images, progress, self.embed_turned)
+        """`Detector.learning_features`: `embed`, with `rotations` `embed_turned`; the images the frame search
+        embedded as this model learns them (`use_embedded`) are not embedded again."""
+        known, self.embedded = self.embedded, None
+        if known is not None and not self._learns_like(known):
+            known = None
+        return self._features(images, progress, self.embed_turned if self.learns_turns else self.embed, known)
+
+    def use_embedded(self, embedded: Embedded, preprocess: Preprocess, patch_stride: int) -> None:
+        """Let the next `fit` (on the same images) take the features of some of them from the frame search, which
+        embedded them in `preprocess` at `patch_stride`: used when that is this model's frame and grid and they hold
+        what it learns."""
+        self.embedded, self.embedded_frame = embedded, (preprocess, patch_stride)
+
+    def _learns_like(self, known: Embedded) -> bool:
+        """Whether features embedded before are what this model learns: in its frame and patch grid, with region
+        descriptors exactly when it uses the global view and turned patches exactly when it learns the turns."""
+        return (self.embedded_frame == (self.preprocess, self.config.patch_stride)
+                and (known.features.regions.shape[1] > 0) == self.uses_global_view
+                and (known.features.turned is not None) == self.learns_turns)
 
     @property
     def learns_turns(self) -> bool:
@@ -377,7 +395,7 @@ class PatchCore(Detector):
                 patch_view = calibrate(self.nearest_scores.numpy(), self.config.threshold_method, self.config.threshold_param)
                 self.calibration = replace(self.calibration, map_threshold=patch_view.threshold)
         finally:
-            self.probe = self.searched = self.nearest_scores = None
+            self.probe = self.searched = self.nearest_scores = self.embedded = self.embedded_frame = None
         if self.global_choice is not None:
             self.train_summary["global_view_choice"] = report.details["global_view_choice"] = self.global_choice
         return report
