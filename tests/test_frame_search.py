@@ -14,7 +14,9 @@ import torch
 from defectscope import load_dataset
 from defectscope.data.frame import Preprocess
 from defectscope.detectors.base import Detector, Embedded, create_detector
+import defectscope.detectors.base as base
 import defectscope.detectors.frame_search as frame_search
+import defectscope.pipeline as pipeline
 from defectscope.data.synthetic import make_demo_dataset
 from defectscope.detectors.frame_search import CANDIDATES, choose_frame, frame_settings, near_best, patches_per_image, turns_pay
 from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig, PatchFeatures, patch_embedding
@@ -162,9 +164,13 @@ def test_the_fit_takes_the_searchs_fit_images_as_embedded_and_learns_the_same_mo
         return features(self, images, progress, embed, known)
 
     monkeypatch.setattr(Detector, "_features", counted)
+    released: list[str] = []  # the heap's free pages go back after the search, and after the fit's embedding
+    monkeypatch.setattr(pipeline, "release_free_heap", lambda: released.append("search"))
+    monkeypatch.setattr(base, "release_free_heap", lambda: released.append("embedding"))
     reused = fit_detector(dataset, "patchcore", attempt_config("patchcore", settings))[0]
     fit_images = reused.train_summary["frame_choice"]["fit_images"]
     assert embedded == [len(dataset.train) - fit_images] and fit_images == len(dataset.train) - len(dataset.train) // 3
+    assert released == ["search", "embedding"]
     monkeypatch.setattr(PatchCore, "use_embedded", lambda self, *args: None)
     embedded.clear()
     alone = fit_detector(dataset, "patchcore", attempt_config("patchcore", settings))[0]

@@ -131,3 +131,20 @@ def test_a_large_block_freed_is_not_mapped_and_zero_filled_again() -> None:
     faults = {mode: int(subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, env=env,
                                        timeout=60, check=True).stdout) for mode in ("default", "policy")}
     assert faults["default"] > 40_000 and faults["policy"] < 1_000, faults  # 200 MB is 51,200 pages of 4 KB
+
+
+def test_the_heaps_free_pages_go_back_to_the_system_between_phases() -> None:
+    """Under the allocator policy a freed block below a live one stays resident (the frame search's features under the
+    fit's); `release_free_heap`, called between a fit's phases, gives its pages back."""
+    probe = ("import ctypes\n"
+             "from defectscope.process import configure_allocator, release_free_heap\n"
+             "configure_allocator()\n"
+             "libc = ctypes.CDLL(None)\nlibc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]\n"
+             "def resident():\n    return int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
+             "block = libc.malloc(100 << 20)\nctypes.memset(block, 1, 100 << 20)\n"
+             "above = libc.malloc(1 << 20)\nctypes.memset(above, 1, 1 << 20)\n"
+             "libc.free(block)\nfreed = resident()\nrelease_free_heap()\nprint(freed - resident())\n")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
+    given_back = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True,
+                                    env=env).stdout)
+    assert given_back >= 90, given_back  # MB of the 100 freed

@@ -45,6 +45,7 @@ from defectscope.files import claim_folder, file_sha256
 from defectscope.jobs import RayCluster, map_on_ray
 from defectscope.names import DEFECT_LIKE
 from defectscope.prediction import prediction_rows
+from defectscope.process import release_free_heap
 from defectscope.predictor import Predictor
 from defectscope.reports import write_report
 from defectscope.settings import Settings
@@ -120,6 +121,7 @@ def fit_detector(dataset: Dataset, model: str, settings: Mapping[str, Any] | Set
         else:
             detector, frame_choice = _frame_chosen(detector, train, bar)
             detector.epoch_progress = epoch_progress
+            release_free_heap()  # the search's candidates and probe, freed: the fit starts from a trimmed heap
     if ray_address is not None:
         detector.map_shards = map_on_ray(ray_address, torch.get_num_threads())
     with phases(bar) as start:

@@ -52,6 +52,18 @@ def configure_allocator() -> None:
             mallopt(MALLOPT_OPTIONS[name], int(value))
 
 
+def release_free_heap() -> None:
+    """Give the heap's free pages back to the system (glibc's `malloc_trim`), between phases of a fit: under the
+    allocator policy freed heap is kept for reuse, and a block still live above the holes keeps them all in memory."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    malloc_trim(0)
+
+
 def worker_environment() -> dict[str, Any]:
     """The environment of a new worker process (Ray's runtime_env, the benchmarks' processes): both policies, or the
     user's values, in place before it starts."""

@@ -26,6 +26,7 @@ from defectscope.data.images import normalize
 from defectscope.errors import DefectscopeError, SettingsError
 from defectscope.maps import finishing_matrix
 from defectscope.prediction import Prediction, Scored, predict_frames
+from defectscope.process import release_free_heap
 from defectscope.settings import FrameConfig, Settings, require_choice, require_range
 from defectscope.thresholds import (
     DEFAULT_FALSE_ALARM_RATE,
@@ -249,6 +250,7 @@ class Detector(MapModel):
         torch.manual_seed(self.config.seed)
         self.learn_aspect(images)
         features, sizes = self.learning_features(images, progress)
+        release_free_heap()  # the passes' activations (and features embedded before, now copied in), freed
         count = len(images)
         embedded = time.perf_counter()
         self.phase(f"learning from {count} images")

@@ -63,12 +63,16 @@ class ClusteredBank:
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes, 0)])
         return cls(bank[order].contiguous(), offsets, order)
 
-    def subset(self, keep: torch.Tensor) -> ClusteredBank:
-        """The rows where `keep` is True, in the same clusters (no new k-means): still an exact index."""
+    def subset(self, keep: torch.Tensor, extra: torch.Tensor | None = None) -> ClusteredBank:
+        """The rows where `keep` is True, in the same clusters (no new k-means), and `extra` rows as one more cluster:
+        still an exact index."""
         owner = torch.repeat_interleave(torch.arange(len(self.offsets) - 1), self.offsets[1:] - self.offsets[:-1])
         sizes = torch.bincount(owner[keep], minlength=len(self.offsets) - 1)
+        if extra is not None:
+            sizes = torch.cat([sizes, torch.tensor([len(extra)])])
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes, 0)])
-        return ClusteredBank(self.bank[keep].contiguous(), offsets, self.order[keep])
+        rows = self.bank[keep] if extra is None else torch.cat([self.bank[keep], extra.float()])
+        return ClusteredBank(rows, offsets, None if extra is not None else self.order[keep])
 
     def search(self, queries: torch.Tensor, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact distance and bank index of each query's nearest neighbour (on `workers` threads; default: torch's)."""

@@ -718,10 +718,8 @@ class PatchCore(Detector):
         images' candidates where those rows were (`CandidatePool.refill`): a bank of the same size chosen
         without the held-out images. Every row comes from another image (tested). Returns the bank and each
         row's source image."""
-        keep = ~torch.isin(self.bank_sources, holdout)
-        kept, extra = self.index.subset(keep), self.pool.refill(holdout, workers)
-        ends = torch.tensor([len(kept.bank) + len(extra)])  # the refill as one more cluster: the search stays exact
-        bank = ClusteredBank(torch.cat([kept.bank, self.pool.features[extra].float()]), torch.cat([kept.offsets, ends]))
+        keep, extra = ~torch.isin(self.bank_sources, holdout), self.pool.refill(holdout, workers)
+        bank = self.index.subset(keep, self.pool.features[extra])  # the refill as one more cluster: the search stays exact
         return bank, torch.cat([self.bank_sources[keep], self.pool.sources[extra]])
 
     def check_teachable(self) -> None:
