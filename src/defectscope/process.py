@@ -39,29 +39,30 @@ def configure_process() -> None:
     configure_allocator()
 
 
+def _glibc(name: str) -> Any:
+    """A function of glibc's allocator, or None off Linux or without glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
 def configure_allocator() -> None:
     """The allocator policy for this running process (glibc only; a variable the user set wins)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
+    mallopt = _glibc("mallopt")
     for name, value in ALLOCATOR_POLICY.items():
-        if name not in os.environ:
+        if mallopt is not None and name not in os.environ:
             mallopt(MALLOPT_OPTIONS[name], int(value))
 
 
 def release_free_heap() -> None:
     """Give the heap's free pages back to the system (glibc's `malloc_trim`), between phases of a fit: under the
     allocator policy freed heap is kept for reuse, and a block still live above the holes keeps them all in memory."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return
-    malloc_trim(0)
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def worker_environment() -> dict[str, Any]:
