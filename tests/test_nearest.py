@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from defectscope.detectors.nearest import ClusteredBank, nearest
+from defectscope.search import by_cluster
 
 
 def _clustered_points(count: int, seed: int) -> torch.Tensor:
@@ -173,3 +175,12 @@ def test_the_cluster_scans_go_to_the_callers_threads_whole_clusters_each_with_th
         assert np.array_equal(shared[0], alone[0]) and np.array_equal(shared[1], alone[1])
     expected = nearest(queries, built.bank)  # the bank in its clusters' order
     assert torch.equal(torch.from_numpy(shared[1]), expected[1][:, 0])
+
+
+@pytest.mark.parametrize("shape", [(25, 7), (1, 1), (4, 40_000)])  # the last: more clusters than 16-bit integers hold
+def test_candidate_pairs_come_grouped_by_cluster_as_the_transposes_nonzero_gives_them(shape: tuple[int, int]) -> None:
+    candidates = np.random.default_rng(sum(shape)).random(shape) < 0.3
+    clusters, queries = by_cluster(candidates)
+    expected = np.nonzero(candidates.T)
+    np.testing.assert_array_equal(clusters, expected[0])
+    np.testing.assert_array_equal(queries, expected[1])

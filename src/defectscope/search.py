@@ -31,6 +31,15 @@ def distances_to(points: np.ndarray, centres: np.ndarray, owner: np.ndarray, chu
         out[start:stop] = np.linalg.norm(points[start:stop] - centres[owner[start:stop]], axis=1)
     return out
 
+def by_cluster(candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster, query) of every True of a queries x clusters mask, grouped by cluster, queries in order within one:
+    `np.nonzero` of its transpose, which scans it against its layout (threaded-parts, 16 images' 25,600 queries x 781
+    clusters: 72 -> 17 ms). The clusters are sorted as 16-bit integers, which NumPy's stable sort does by radix."""
+    query, cluster = np.divmod(np.flatnonzero(candidates), candidates.shape[1])
+    order = np.argsort(cluster.astype(np.int16 if candidates.shape[1] <= np.iinfo(np.int16).max else np.int64), kind="stable")
+    return cluster[order], query[order]
+
+
 @cache
 def _blas() -> ThreadpoolController:
     """The loaded BLAS libraries, found once: finding them scans the process's libraries (4 ms a call)."""
@@ -171,11 +180,11 @@ class ClusterIndex:
         lower = centre_distance
         lower -= self.radius
         lower[np.arange(len(queries)), closest] = np.inf  # already searched
-        candidates = (lower < upper[:, None]).T  # clusters x queries
-        fraction = float(np.diff(self.offsets) @ candidates.sum(1)) / (len(queries) * len(self.bank))
+        candidates = lower < upper[:, None]  # queries x clusters
+        fraction = float(candidates.sum(0) @ np.diff(self.offsets)) / (len(queries) * len(self.bank))
         if fraction > DENSE_FRACTION:
             return self._dense(augmented, q_sq, workers if few else 1)  # pruning would save little: large GEMMs beat many small ones
-        clusters, rows = np.nonzero(candidates)  # grouped by cluster
+        clusters, rows = by_cluster(candidates)
         if len(rows):
             used, starts = np.unique(clusters, return_index=True)
             row_groups = np.split(rows, starts[1:])
