@@ -138,27 +138,26 @@ def choose_frame(images: Sequence[Any], config: PatchCoreConfig, backbone: Backb
                           "seconds": time.perf_counter() - start + frame.take_seconds()}
         progress(1)
     chosen, *tied = near_best(evidence, len(probe.defective))
-    frame = embedded[_frame_key(chosen)]
-    probed = frame.at(CANDIDATES[chosen]["patch_stride"], probe)[1]
-    settings = frame_settings(chosen, config)
+    frame, settings = embedded[_frame_key(chosen)], frame_settings(chosen, config)
+    fit_features, probed = frame.at(settings["patch_stride"], probe)
+    sizes, fit_frame = frame.sizes, frame.embedder.preprocess
     found = {"chosen": chosen, "rule": RULE, "fit_images": len(fit), "held_out_images": held,
              "synthetic_images": len(probe.defective), "candidates": evidence, "within_noise": tied}
-    positions = torch.from_numpy(order[held : held + FIT_IMAGES])
-    learned = Embedded(positions, frame.at(settings["patch_stride"], probe)[0], frame.sizes), frame.embedder.preprocess
     if turns:
-        found["rotations"], turned = choose_turns(replace(config, **settings), backbone, detector.aspect, fit, probed,
-                                                  held, evidence[chosen])  # every candidate learned the same aspect
+        found["rotations"], *turned = choose_turns(replace(config, **settings), backbone, detector.aspect, fit, probed,
+                                                   held, evidence[chosen])  # every candidate learned the same aspect
         settings["rotations"] = found["rotations"]["chosen"]
         if settings["rotations"] == "on":
-            learned = Embedded(positions, *turned[0]), turned[1]
+            fit_features, sizes, fit_frame = turned
         progress(1)
-    return FrameChoice(settings, found, probe, probed[held:], frame.embedder.preprocess, learned[0],
-                       (learned[1], settings["patch_stride"]))
+    fitted = Embedded(torch.from_numpy(order[held : held + FIT_IMAGES]), fit_features, sizes)
+    return FrameChoice(settings, found, probe, probed[held:], frame.embedder.preprocess, fitted,
+                       (fit_frame, settings["patch_stride"]))
 
 
 def choose_turns(config: PatchCoreConfig, backbone: Backbone, aspect: float, fit: Sequence[Any],
                  probed: PatchFeatures, held: int, without: dict[str, float]
-                 ) -> tuple[dict[str, Any], tuple[tuple[PatchFeatures, torch.Tensor], Preprocess]]:
+                 ) -> tuple[dict[str, Any], PatchFeatures, torch.Tensor, Preprocess]:
     """`rotations` at the chosen frame (`config`, with the training images' `aspect`): the frame's memory fitted again
     on the same images with their turns, scoring the same probe (`probed`: its `held` good images, then its synthetic
     defects); `without` is the frame's evidence. On by TURNS_RULE. Returns the evidence, and the fit images' features
@@ -173,7 +172,7 @@ def choose_turns(config: PatchCoreConfig, backbone: Backbone, aspect: float, fit
     recall, turned, count = without["recall_at_1pct"], separation(scores[:held], scores[held:])["recall_at_1pct"], len(scores) - held
     return ({"chosen": "on" if turns_pay(recall, turned, count) else "off", "rule": TURNS_RULE,
              "recall_at_1pct_without": recall, "recall_at_1pct_with": turned, "standard_error": noise(recall, count),
-             "seconds": time.perf_counter() - start}, ((turned_features, sizes), detector.preprocess))
+             "seconds": time.perf_counter() - start}, turned_features, sizes, detector.preprocess)
 
 
 def turns_pay(without: float, turned: float, count: int) -> bool:
