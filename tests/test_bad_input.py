@@ -227,8 +227,33 @@ def test_a_forced_experiment_never_deletes_a_foreign_folder(data: Path, tmp_path
     (out / "knn" / "notes.txt").write_text("keep")
     config = tmp_path / "c.yaml"
     config.write_text("name: c\nattempts:\n  - {name: knn, model: knn, image_size: 64, crop: null}\n")
-    one_line_error(cli("-q", "experiment", "run", config, "--data", data, "--out", out, "--force"), "was not written by defectscope")
+    one_line_error(cli("-q", "experiment", "run", config, "--data", data, "--out", out, "--force"),
+                   "is not an attempt folder written by defectscope")
     assert (out / "knn" / "notes.txt").read_text() == "keep"
+
+
+def test_a_folder_defectscope_made_as_something_else_is_neither_replaced_nor_written_into(
+        data: Path, knn_model: Path, tmp_path: Path, cli) -> None:
+    dataset = tmp_path / "made"
+    shutil.copytree(data, dataset)  # a demo dataset, marked as one
+    before = snapshot(dataset)
+    one_line_error(cli("export", "labels", data, "-o", dataset), "holds a demo dataset written by defectscope", "--force")
+    one_line_error(cli("score", knn_model, data / "test" / "good", "--out", dataset), "holds a demo dataset")
+    one_line_error(cli("evaluate", knn_model, data, "--out", dataset), "holds a demo dataset")
+    assert snapshot(dataset) == before
+    demo = tmp_path / "demo-output"
+    assert cli("-q", "demo", "--data", data, "--out", demo, "--model", "knn").code == 0
+    kept = snapshot(demo)
+    one_line_error(cli("export", "labels", data, "-o", demo), "holds a demo output written by defectscope")
+    assert snapshot(demo) == kept
+    out = tmp_path / "experiment"
+    out.mkdir()
+    shutil.copytree(data, out / "knn")  # an attempt's name on a folder defectscope made as a dataset
+    config = tmp_path / "c.yaml"
+    config.write_text("name: c\nattempts:\n  - {name: knn, model: knn, image_size: 64, crop: null}\n")
+    one_line_error(cli("-q", "experiment", "run", config, "--data", data, "--out", out, "--force"),
+                   "is not an attempt folder written by defectscope")
+    assert snapshot(out / "knn") == before
 
 
 # 5. Tiny inputs cannot claim unbounded memory -------------------------------------------------
@@ -693,6 +718,21 @@ def test_score_fails_loudly_and_leaves_no_job_for_a_bad_model(knn_model: Path, d
     one_line_error(cli("score", bad_model, tmp_path / "in", "--out", tmp_path / "refused"))
     assert not (tmp_path / "refused").exists()
     assert cli("score", knn_model, tmp_path / "in", "--out", tmp_path / "refused").code == 3
+
+
+def test_a_score_job_reads_only_its_part_files_and_scores_a_damaged_one_again(knn_model: Path, data: Path,
+                                                                                tmp_path: Path, cli) -> None:
+    pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "scores"
+    assert cli("-q", "score", knn_model, data / "test" / "good", "--out", out).code == 0
+    part = out / "part-000000.parquet"
+    rows = pyarrow_parquet.read_table(part).to_pydict()
+    (out / "notes.png").write_bytes(b"a file of the user's, not Parquet")
+    part.write_bytes(b"damaged")
+    result = cli("score", knn_model, data / "test" / "good", "--out", out)
+    assert result.code == 0, result.err
+    assert pyarrow_parquet.read_table(part).to_pydict() == rows
+    assert (out / "notes.png").read_bytes() == b"a file of the user's, not Parquet"
 
 
 def test_a_folder_in_use_by_a_score_job_is_refused_even_with_force(knn_model: Path, data: Path, tmp_path: Path, cli) -> None:

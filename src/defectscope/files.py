@@ -216,24 +216,47 @@ def check_output_file(path: Path, force: bool = False, is_ours: Callable[[Path],
     _require_writable(ancestor, path)
 
 
-def is_our_folder(folder: Path) -> bool:
-    return (Path(folder) / MARKER).is_file()
+def folder_kind(folder: Path) -> str | None:
+    """What defectscope made `folder` as (its marker's "what": "demo dataset", "score results", ...); None when no
+    marker says so (not ours, or a marker it cannot read)."""
+    try:
+        kind = loads_strict(read_regular(Path(folder) / MARKER, "folder marker", 1 << 16), "folder marker").get("what")
+    except (DefectscopeError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def _holds_files(folder: Path) -> bool:
+    return any(entry.name != MARKER for entry in Path(folder).iterdir())
+
+
+def check_reusable(folder: Path, what: str, force: bool = False) -> None:
+    """Raise unless `what` may be written into the existing folder `folder`: it is empty, or defectscope made it as
+    `what`, or `force`. A folder defectscope made as something else (a demo dataset, an experiment, a demo's output)
+    is refused like a foreign one: writing there would mix outputs or replace what it holds."""
+    if force or not _holds_files(folder) or folder_kind(folder) == what:
+        return
+    kind = folder_kind(folder)
+    held = f"holds a {kind} written by defectscope" if kind else "is not empty and was not created by defectscope"
+    raise DefectscopeError(f"{what} folder {folder} {held}; choose a new or empty folder (or pass --force to write "
+                           "into it)")
 
 
 def claim_folder(folder: Path, force: bool = False, what: str = "output") -> Path:
-    """Make `folder` ours to write into: new or empty (then marked), or already marked; else `force` is needed."""
+    """Make `folder` ours to write `what` into: new or empty (then marked as `what`), or made as `what`
+    (`check_reusable`); else `force` is needed, and a folder made as another kind keeps its mark."""
     folder = Path(folder)
     ancestor = _existing_ancestor(folder)
+    marked = False
     if ancestor == folder:
         if not folder.is_dir():
             raise DefectscopeError(f"{what} folder {folder} is a file; give a folder")
-        if not is_our_folder(folder) and any(folder.iterdir()) and not force:
-            raise DefectscopeError(f"{what} folder {folder} is not empty and was not created by defectscope; "
-                                   "choose a new or empty folder (or pass --force to write into it)")
+        check_reusable(folder, what, force)
+        marked = _holds_files(folder) and folder_kind(folder) is not None
     _require_writable(folder if ancestor == folder else ancestor, folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if not is_our_folder(folder):
-        (folder / MARKER).write_text(json.dumps({"created_by": "defectscope", "what": what}) + "\n")
+    if not marked:
+        write_atomic(folder / MARKER, (json.dumps({"created_by": "defectscope", "what": what}) + "\n").encode())
     return folder
 
 

@@ -20,10 +20,11 @@ from defectscope.data.summary import summarize
 from defectscope.errors import DefectscopeError
 from defectscope.experiments.config import Attempt, Experiment
 from defectscope.experiments.kinds import AttemptRun, Say, attempt_config, attempt_kind
-from defectscope.files import claim_folder, inside, is_our_folder, write_json
+from defectscope.files import claim_folder, folder_kind, inside, write_json
 
 RESULT = "result.json"
 EXPERIMENT = "experiment.json"
+ATTEMPT_FOLDER = "experiment attempt"  # the kind an attempt's folder is marked as: only such a folder is replaced
 
 
 def fingerprint(attempt: Attempt, data: Path) -> str:
@@ -73,11 +74,11 @@ def run_experiment(experiment: Experiment, data: Path, out: Path, *, redo: bool 
             say(f"{attempt.name}: settings changed since the last run; running again")
         say(f"{attempt.name}: {attempt.model} {attempt.settings}")
         if folder.exists() or folder.is_symlink():  # a stale attempt's files must not mix with the new run
-            if folder.is_symlink() or not is_our_folder(folder):
-                raise DefectscopeError(f"{folder} exists and was not written by defectscope; move it away or choose "
-                                       "another --out")
+            if folder.is_symlink() or folder_kind(folder) != ATTEMPT_FOLDER:
+                raise DefectscopeError(f"{folder} exists and is not an attempt folder written by defectscope; move it "
+                                       "away or choose another --out")
             shutil.rmtree(folder)
-        claim_folder(folder, what="experiment attempt")
+        claim_folder(folder, what=ATTEMPT_FOLDER)
         run = AttemptRun(attempt.name, attempt.model, attempt_config(attempt.model, attempt.settings), dataset, folder,
                          lambda text, name=attempt.name: status(f"{name}: {text}"), inputs)
         try:

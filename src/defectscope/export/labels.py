@@ -26,12 +26,13 @@ from sklearn.model_selection import train_test_split
 from defectscope.data.decode import image_header, read_mask
 from defectscope.data.layout import Dataset, Sample
 from defectscope.errors import DefectscopeError
-from defectscope.files import check_creatable, claim_folder, inside, is_our_folder, write_atomic, write_json
+from defectscope.files import check_creatable, check_reusable, claim_folder, inside, write_atomic, write_json
 from defectscope.names import LABEL_FORMATS
 from defectscope.regions import Instance, components, polygons, rle
 from defectscope.settings import require_range
 
 FORMATS = LABEL_FORMATS
+LABEL_EXPORT = "label export"  # the kind an export's folder is marked as (`files.claim_folder`)
 
 
 @dataclass
@@ -169,9 +170,7 @@ def check_export_target(out: Path, dataset: Dataset, force: bool) -> None:
     if out.exists() or out.is_symlink():
         if out.is_symlink() or not out.is_dir():
             raise DefectscopeError(f"export output {out} exists and is not a folder; give a folder")
-        if any(out.iterdir()) and not is_our_folder(out) and not force:
-            raise DefectscopeError(f"export folder {out} is not empty and was not written by defectscope; choose a new "
-                                   "or empty folder (or pass --force to replace its contents)")
+        check_reusable(out, LABEL_EXPORT, force)  # what is in it is replaced: only an earlier export, unless forced
 
 
 def write_whole(out: Path, write: Callable[[Path], dict]) -> dict:
@@ -179,7 +178,7 @@ def write_whole(out: Path, write: Callable[[Path], dict]) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        claim_folder(staging, what="label export")
+        claim_folder(staging, what=LABEL_EXPORT)
         counts = write(staging)
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))

@@ -168,12 +168,19 @@ def _same_job(path: Path, job: dict) -> bool:
     return isinstance(recorded, dict) and all(recorded.get(key) == job[key] for key in IDENTITY)
 
 
+def _verdicts(part: Path) -> list[str] | None:
+    """A part file's verdicts; None when it is missing or not a part file Parquet can read (then it is written again)."""
+    pyarrow = pyarrow_modules()
+    try:
+        return pyarrow.parquet.read_table(part, columns=["verdict"]).column("verdict").to_pylist()
+    except (OSError, pyarrow.ArrowException):
+        return None
+
+
 def _done(part: Path) -> bool:
-    """A chunk is done when its part file exists and holds no 'error' row (those are scored again on resume)."""
-    if not part.is_file():
-        return False
-    verdicts = pyarrow_modules().parquet.read_table(part, columns=["verdict"]).column("verdict").to_pylist()
-    return "error" not in verdicts
+    """A chunk is done when its part file holds its rows and no 'error' row (those are scored again on resume)."""
+    verdicts = _verdicts(part) if part.is_file() else None
+    return verdicts is not None and "error" not in verdicts
 
 
 @contextmanager
@@ -192,10 +199,14 @@ def _job_lock(out: Path) -> Iterator[None]:
         os.close(handle)
 
 
-def _failed_rows(out: Path) -> int:
-    """Rows of the whole dataset (resumed parts too) whose image could not be scored."""
-    verdicts = pyarrow_modules().parquet.read_table(out, columns=["verdict"]).column("verdict").to_pylist()
-    return sum(verdict == "error" for verdict in verdicts)
+def _failed_rows(parts: Sequence[Path]) -> int:
+    """Rows of the job's part files (resumed ones too) whose image could not be scored; only those files are read,
+    whatever else lies in the folder."""
+    verdicts = [_verdicts(part) for part in parts]
+    missing = [part.name for part, read in zip(parts, verdicts) if read is None]
+    if missing:
+        raise DefectscopeError(f"part file(s) {', '.join(missing[:3])} could not be read back; run the job again")
+    return sum(verdict == "error" for read in verdicts for verdict in read)
 
 
 def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_address: str | RayCluster | None = None,
@@ -244,6 +255,6 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
                                        threads or torch.get_num_threads(), advance)
             else:
                 scored = 0
-        failed = _failed_rows(out)
+        failed = _failed_rows([part_path(out, i) for i, _ in chunks])
     return {"images": len(paths), "chunks": len(chunks), "resumed_chunks": len(chunks) - len(todo), "scored_now": scored,
             "failed": failed}
