@@ -62,6 +62,9 @@ def test_audit_queries_filter_and_page_and_export_to_parquet(tmp_path: Path) -> 
     assert export_parquet(tmp_path / "audit.sqlite", tmp_path / "audit.parquet") == 6
     table = pyarrow_parquet.read_table(tmp_path / "audit.parquet")
     assert table.num_rows == 6 and {"time", "model_sha256", "image_sha256", "verdict", "role"} <= set(table.column_names)
+    for database, said in ((tmp_path / "none.sqlite", "does not exist"), (tmp_path, "is not a file")):
+        with pytest.raises(InputError, match=f"audit database {database} {said}"):
+            export_parquet(database, tmp_path / "other.parquet")
 
 
 @pytest.fixture(scope="module")

@@ -177,7 +177,7 @@ def export_parquet(database: Path, out: Path) -> int:
     from defectscope.scale.scoring import pyarrow_modules
 
     if not database.is_file():
-        raise InputError(f"audit database {database} does not exist")
+        raise InputError(f"audit database {database} {'is not a file' if database.exists() else 'does not exist'}")
     log = AuditLog(database)
     try:
         rows = log.all()
