@@ -69,7 +69,7 @@ class PatchCoreConfig(DetectorConfig):
     rotations: the memory also learns each good image turned by a quarter, a half and three quarters (a frame
     that is not square: a half), for a part that lies at any turn and whose training images show only some of its
     turns; its rows are chosen over four times the patches and at the same ratio it keeps four times as many (fits
-    took 3.6-10.7x as long and images 1.3-6x in benchmarks/results/frames.md), and a calibration fold leaves out an
+    took 1.9-5.7x as long and batched images 1.0-5.1x in benchmarks/results/frames.md), and a calibration fold leaves out an
     image's turns with it. With it, global_view "auto" is off: such a part has no layout of regions. "auto": the
     frame search's probe decides at the chosen frame (`frame_search.choose_turns`): on only when the turns catch
     more synthetic defects by more than two standard errors, since they multiply the cost and a defect that looks
