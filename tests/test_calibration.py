@@ -238,6 +238,23 @@ def test_calibrate_command_restates_the_rate_and_uses_labels(fitted_model: Path,
     assert stray.code == 2 and "--margin applies to a threshold chosen with labelled images" in stray.err
 
 
+def test_restating_the_rate_restates_the_map_region_level_from_its_own_scores(fitted_model: Path, demo_root: Path,
+                                                                               tmp_path: Path, cli) -> None:
+    view = load_model(fitted_model).map_scores  # the place view is on: the map (the patch view) has its own level
+    assert view is not None and len(view) == 40
+    level = lambda rate: float(np.sort(view.numpy())[math.ceil(41 * (1 - rate)) - 1])
+    assert model_info(fitted_model)["calibration"]["map_threshold"] == level(0.05)
+    restated, back = tmp_path / "ten.dsmodel", tmp_path / "back.dsmodel"
+    assert cli("-q", "calibrate", fitted_model, "-o", restated, "--false-alarm-rate", "0.1").code == 0
+    assert model_info(restated)["calibration"]["map_threshold"] == level(0.1) < level(0.05)
+    assert cli("-q", "calibrate", restated, "-o", back, "--false-alarm-rate", "0.05").code == 0
+    assert model_info(back)["calibration"] == model_info(fitted_model)["calibration"]
+    labelled = tmp_path / "labelled.dsmodel"  # a threshold chosen with labels states no rate: the level stays
+    assert cli("-q", "calibrate", restated, "-o", labelled, "--good", demo_root / "test" / "good",
+               "--defective", demo_root / "test" / "scratch", "--f1").code == 0
+    assert model_info(labelled)["calibration"]["map_threshold"] == level(0.1)
+
+
 def test_predict_and_evaluate_report_the_stated_rate(fitted_model: Path, demo_root: Path, cli) -> None:
     predicted = cli("-q", "predict", fitted_model, demo_root / "test" / "good" / "000.png")
     assert "expected false-alarm rate" in predicted.out

@@ -59,6 +59,8 @@ def test_taught_false_alarms_pass_and_defects_stay_flagged(taught: dict, demo_ro
     assert lineage["images"] == 3 and lineage["taught_images"] == [str(v) for v in variants[:3]]
     assert len(lineage["parent_sha256"]) == 64 and lineage["patches_added"] > 0
     assert child.calibration_scores.numel() == detector.calibration_scores.numel() + 3
+    assert child.map_scores.numel() == detector.map_scores.numel() + 3  # the map's own good scores learn them too
+    assert child.calibration.map_threshold <= detector.calibration.map_threshold  # and its level never rises
 
 
 def test_padim_with_covariances_updates_like_a_refit(taught: dict, tmp_path: Path) -> None:

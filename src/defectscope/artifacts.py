@@ -29,6 +29,7 @@ from defectscope.model_header import FORMAT, FORMAT_VERSION, checked_file, model
 from defectscope.calibration import Calibration
 
 CALIBRATION_SCORES = "calibration.scores"  # the cross-fitted good scores, kept to restate the threshold later
+MAP_SCORES = "calibration.map_scores"  # those of the view the map shows, when it has a region level of its own
 LEGACY_CONFIG_FIELDS = ("calibration_fraction",)  # written by earlier versions; no longer used
 
 
@@ -69,8 +70,9 @@ def save_model(detector: MapModel, path: str | Path, force: bool = False) -> Pat
     path = Path(path)
     tensors = {k: v.contiguous() for k, v in detector.tensors().items() if v is not None}
     check_fitted(tensors, detector.name)
-    if detector.calibration_scores is not None:
-        tensors[CALIBRATION_SCORES] = detector.calibration_scores.float().contiguous()
+    for name, scores in ((CALIBRATION_SCORES, detector.calibration_scores), (MAP_SCORES, detector.map_scores)):
+        if scores is not None:
+            tensors[name] = scores.float().contiguous()
     require_finite(tensors, f"{detector.name} has learned")
     _check_calibration(detector.calibration, f"{detector.name}'s calibration")
     check_model_output(path, force)
@@ -101,7 +103,7 @@ def load_model(path: str | Path, weights: str | Path | None = None) -> MapModel:
     path = Path(path)
     data, manifest = checked_file(path)
     tensors = load_tensors_bytes(data)
-    calibration_scores = tensors.pop(CALIBRATION_SCORES, None)
+    calibration_scores, map_scores = tensors.pop(CALIBRATION_SCORES, None), tensors.pop(MAP_SCORES, None)
     cls = detector_class(_section(manifest, "detector", str, path))
     try:
         settings = {k: v for k, v in _section(manifest, "config", dict, path).items() if k not in LEGACY_CONFIG_FIELDS}
@@ -141,7 +143,7 @@ def load_model(path: str | Path, weights: str | Path | None = None) -> MapModel:
         raise DefectscopeError(f"model file {path} has tensors that do not fit {cls.name}; it is damaged "
                                f"({' '.join(str(exc).split())[:200]})") from exc
     detector.calibration = calibration
-    detector.calibration_scores = calibration_scores
+    detector.calibration_scores, detector.map_scores = calibration_scores, map_scores
     summary = manifest.get("train_summary", {})
     detector.train_summary = summary if isinstance(summary, dict) else {}
     return detector

@@ -55,6 +55,7 @@ from defectscope.thresholds import (
     f1_calibration,
     labelled_calibration,
     recall_threshold,
+    with_map_level,
 )
 from defectscope.progress import ProgressBar, no_progress
 from defectscope.training.engine import EpochProgress
@@ -221,7 +222,8 @@ def recalibrate(model_path: Path, out: Path, *, false_alarm_rate: float | None =
         if detector.calibration_scores is None:
             raise DefectscopeError(f"{model_path} holds no cross-fitted good scores (fitted by an older version); "
                                    "fit it again, or calibrate with labelled images")
-        calibration = calibrate(detector.calibration_scores.numpy(), "false_alarm_rate", false_alarm_rate)
+        calibration = with_map_level(calibrate(detector.calibration_scores.numpy(), "false_alarm_rate", false_alarm_rate),
+                                     None if detector.map_scores is None else detector.map_scores.numpy())
     else:
         good_paths, bad_paths = expand_inputs(good), expand_inputs(defective)
         bad_digests = {file_sha256(path) for path in bad_paths}

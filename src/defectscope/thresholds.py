@@ -11,6 +11,7 @@ the stated interval. A rate below 1 / (n + 1) is out of reach of n scores: the l
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import ModuleType
 
 import numpy as np
@@ -136,6 +137,15 @@ def calibrate(good_scores: np.ndarray, method: str = "false_alarm_rate", param: 
     warnings = [w for w in (few_images_warning(int(scores.size), std, flat), warning) if w]
     return Calibration(float(threshold), method, float(param), float(scores.mean()), std, int(scores.size),
                        "; ".join(warnings) or None, float(rate), tuple(interval))
+
+
+def with_map_level(calibration: Calibration, map_scores: np.ndarray | None) -> Calibration:
+    """`calibration` with its map's region level (`Calibration.map_threshold`) set by the same method and parameter on
+    the cross-fitted good scores of the view the map shows, when the threshold came from good scores and the map has
+    scores of its own; otherwise as it is (a level chosen with labels has no rate to restate)."""
+    if map_scores is None or calibration.method not in GOOD_ONLY_METHODS:
+        return calibration
+    return replace(calibration, map_threshold=calibrate(map_scores, calibration.method, calibration.param).threshold)
 
 
 def f1_calibration(labels: np.ndarray, scores: np.ndarray, previous: Calibration | None, margin: float = 0.0

@@ -33,6 +33,7 @@ from defectscope.thresholds import (
     GOOD_ONLY_METHODS,
     Calibration,
     calibrate,
+    with_map_level,
 )
 from defectscope.progress import PhaseStart, Progress
 from defectscope.training.engine import EpochProgress, History
@@ -84,6 +85,7 @@ class MapModel(ABC):
     phases: PhaseStart | None = None  # fit reports its phases (learning, coreset, calibration) here
     history: History | None = None  # trained models: the loss history of the last fit
     calibration_scores: torch.Tensor | None = None  # good images' scores from models that never saw them
+    map_scores: torch.Tensor | None = None  # with a map region level of its own: those scores of the view the map shows
 
     def __init__(self, config: DetectorConfig | None = None, backbone: Backbone | None = None) -> None:
         self.config = config or self.config_class()
@@ -285,8 +287,10 @@ class Detector(MapModel):
         self.check_teachable()
         raise NotImplementedError(f"{self.name} accepts teaching but does not implement it")
 
-    def taught_calibration(self, taught_scores: torch.Tensor) -> Calibration:
-        """The threshold restated with taught images' held-out scores added to the cross-fitted good scores.
+    def taught_calibration(self, taught_scores: torch.Tensor, taught_map_scores: torch.Tensor | None = None
+                           ) -> Calibration:
+        """The threshold restated with taught images' held-out scores added to the cross-fitted good scores (and the
+        map's region level with their map view's scores added to its own, when the model keeps those).
 
         It never rises: teaching must not let through a defect that was caught. Old good scores stay
         valid upper bounds (the model only gained memory); if held-out taught images still score above
@@ -296,6 +300,8 @@ class Detector(MapModel):
             raise DefectscopeError(f"this {self.name} model holds no cross-fitted good scores (fitted by an older "
                                    "version); fit it again")
         self.calibration_scores = torch.cat([self.calibration_scores, taught_scores.float()])
+        if self.map_scores is not None and taught_map_scores is not None:
+            self.map_scores = torch.cat([self.map_scores, taught_map_scores.float()])
         known = self.calibration and self.calibration.method in GOOD_ONLY_METHODS
         method, param = ((self.calibration.method, self.calibration.param) if known
                          else (self.config.threshold_method, self.config.threshold_param))
@@ -303,7 +309,9 @@ class Detector(MapModel):
         if self.calibration is None:
             return restated
         if restated.threshold <= self.calibration.threshold:
-            return replace(restated, map_threshold=self.calibration.map_threshold)
+            kept = self.calibration.map_threshold  # the map's level never rises either
+            level = with_map_level(restated, None if self.map_scores is None else self.map_scores.numpy()).map_threshold
+            return replace(restated, map_threshold=kept if level is None or kept is None else min(level, kept))
         above = int((taught_scores > self.calibration.threshold).sum())
         warning = (f"{above} of {len(taught_scores)} taught images still score above the threshold when held out; "
                    "teach more images like them") if above else None

@@ -7,7 +7,7 @@ import queue
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ from defectscope.errors import DefectscopeError, SettingsError, check_fitted
 from defectscope.maps import bilinear_matrix
 from defectscope.search import one_blas_thread
 from defectscope.settings import require_choice, require_range
-from defectscope.thresholds import calibrate, false_alarm_cut
+from defectscope.thresholds import false_alarm_cut, with_map_level
 
 
 TEACH_COVERAGE = 0.1  # taught patches are added until covered as closely as the best-covered tenth of good images
@@ -391,9 +391,9 @@ class PatchCore(Detector):
         self.probe = (searched or make_probe(images, self.config.seed, kinds)) if self.uses_global_view else None
         try:
             report = super().fit(images, progress)
-            if self.place is not None or self.fusion is not None:  # the map shows the patch view: its own region level
-                patch_view = calibrate(self.nearest_scores.numpy(), self.config.threshold_method, self.config.threshold_param)
-                self.calibration = replace(self.calibration, map_threshold=patch_view.threshold)
+            # the map shows the patch view alone: its own region level, from its own good scores (kept to restate it)
+            self.map_scores = self.nearest_scores if self.place is not None or self.fusion is not None else None
+            self.calibration = with_map_level(self.calibration, None if self.map_scores is None else self.map_scores.numpy())
         finally:
             self.probe = self.searched = self.nearest_scores = self.embedded = self.embedded_frame = None
         if self.global_choice is not None:
@@ -746,19 +746,22 @@ class PatchCore(Detector):
         fitted = self.index
         with torch.inference_mode():
             covered = fitted.search(patches.reshape(-1, d))[0].reshape(n, -1)
-            held_out = []
+            held_out, held_view = [], []
             for fold in self.calibration_folds(n):
                 rest = rows_outside(n, fold)
                 extra = self._uncovered(patches[rest], covered[rest])
                 ends = torch.tensor([len(fitted.bank) + len(extra)])  # the new patches as one more cluster: still exact
                 self.index = ClusteredBank(torch.cat([fitted.bank, extra]), torch.cat([fitted.offsets, ends]))
-                held_out.append(self._score_and_map(features[fold])[0])
+                fold_patches, fold_regions = split_features(features[fold])
+                view, grids = self._patch_view(fold_patches)
+                held_out.append(self._fuse(self._with_place(view, grids), grids, fold_regions)[0].float())
+                held_view.append(view)
         added = self._uncovered(patches, covered)
         self.index = ClusteredBank.build(torch.cat([fitted.bank, added]), self.config.seed)
         if self.moments is not None:  # the taught images' regions join the good statistics, exactly
             self.moments = self.moments + Moments.of(features.regions)
             self.regions = RegionModel.from_moments(self.moments)
-        self.calibration = self.taught_calibration(torch.cat(held_out))
+        self.calibration = self.taught_calibration(torch.cat(held_out), torch.cat(held_view))
         return {"images": n, "patches_added": len(added), "memory_bank": len(self.index.bank)}
 
     def _uncovered(self, patches: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
