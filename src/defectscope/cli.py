@@ -566,7 +566,8 @@ def fit_many_command(
             status += Text(f": {row['error']}")
         table.add_row(row["name"], row["model"], status, f"{row.get('seconds', 0):.1f}", row["out"])
     console.print(table)
-    _exit_if_failed(sum(row["status"] == "failed" for row in rows), len(rows), f"product(s) failed after {retries} retries")
+    _exit_if_failed(sum(row["status"] == "failed" for row in rows), len(rows), ("product(s) failed (an input error at once, any "
+                    f"other failure after {retries} retries)"))
 
 
 @app.command("score")
