@@ -64,6 +64,16 @@ def test_the_command_line_lists_promotes_and_rolls_back(tmp_path: Path, cli) -> 
     assert cli("versions", tmp_path / "m.dsdeploy").code == 2
     missing = cli("versions", tmp_path / "other.dsmodel")
     assert missing.code == 2 and "no model file" in missing.err and not (tmp_path / STORE / "other").exists()
+    lone = tmp_path / "lone.dsmodel"  # never served: a refused promote or rollback keeps nothing of it
+    lone.write_bytes(b"only")
+    refused = cli("promote", lone, "f" * 12)
+    assert refused.code == 2 and "no version 'ffffffffffff' (known: none)" in refused.err
+    refused = cli("rollback", lone)
+    assert refused.code == 2 and "no earlier active version" in refused.err
+    assert not (tmp_path / STORE / "lone").exists() and lone.read_bytes() == b"only"
+    own = version_of(file_sha256(lone))  # its own version is known: promoting it keeps it, and changes no byte
+    assert cli("promote", lone, own).code == 0 and lone.read_bytes() == b"only"
+    assert (tmp_path / STORE / "lone" / f"{own}.dsmodel").read_bytes() == b"only"
 
 
 def test_promote_and_rollback_under_load_drop_no_request(served_folder: Path, demo_root: Path, tmp_path: Path) -> None:

@@ -729,8 +729,7 @@ def promote(
     /v1/models/NAME/promote, or reload after this)."""
     from defectscope.versions import VersionStore
     store, name = VersionStore.of(model)
-    store.adopt(name, "found")  # the file as it is now is kept first, so nothing is lost by promoting
-    store.promote(name, version)
+    store.promote_file(name, version)  # the file as it is now is kept first, so nothing is lost by promoting
     say(f"{name}: version {version} is active -> {model}")
 
 
@@ -739,8 +738,7 @@ def rollback(model: Annotated[Path, typer.Argument(help="The served model file (
     """Make the version that was active before the current one active again."""
     from defectscope.versions import VersionStore
     store, name = VersionStore.of(model)
-    store.adopt(name, "found")
-    say(f"{name}: rolled back to version {store.rollback(name)} -> {model}")
+    say(f"{name}: rolled back to version {store.rollback_file(name)} -> {model}")
 
 
 @app.command("demo")

@@ -75,11 +75,7 @@ class VersionStore:
         """Record the served file as it is now and make it active (the first time a name is served, or after it was
         replaced: its parent is then the version active before, or `parent`, e.g. 'other@version')."""
         with self._lock:
-            history = self.history(name)
-            entry = self._record(name, self.served_file(name), action, parent or history["active"])
-            if history["active"] != entry["version"]:
-                self._activate(name, entry["version"], action)
-            return entry
+            return self._adopt(name, action, parent)
 
     def promote(self, name: str, version: str, action: str = "promote") -> Path:
         """Make `version` the active one: its bytes replace the served file (atomically). Returns the served file."""
@@ -89,12 +85,42 @@ class VersionStore:
     def rollback(self, name: str) -> str:
         """Promote the version that was active before the current one; returns it."""
         with self._lock:
+            return self._rollback(name)
+
+    def promote_file(self, name: str, version: str) -> Path:
+        """`promote` of a file that may have been put in place by hand: the file as it is now is kept first, so nothing
+        is lost, once `version` is known to be kept (or to be that file's own); a refused promote writes nothing."""
+        with self._lock:
             history = self.history(name)
-            earlier = [v for v in reversed(history["activations"][:-1]) if v["version"] != history["active"]]
-            if not earlier:
-                raise NoEarlierVersion(f"model {name} has no earlier active version to roll back to")
-            self._activate(name, earlier[0]["version"], "rollback")
-            return earlier[0]["version"]
+            if not (any(entry["version"] == version for entry in history["versions"])
+                    or version_of(file_sha256(self.served_file(name))) == version):
+                raise _unknown(name, version, history)
+            self._adopt(name, "found", None)
+            return self._activate(name, version, "promote")
+
+    def rollback_file(self, name: str) -> str:
+        """`rollback` of a file that may have been put in place by hand (kept first, as `promote_file`); a name with no
+        recorded activation has nothing to go back to, and is refused before anything is written."""
+        with self._lock:
+            if not self.history(name)["activations"]:
+                raise _no_earlier(name)
+            self._adopt(name, "found", None)
+            return self._rollback(name)
+
+    def _adopt(self, name: str, action: str, parent: str | None) -> dict[str, Any]:
+        history = self.history(name)
+        entry = self._record(name, self.served_file(name), action, parent or history["active"])
+        if history["active"] != entry["version"]:
+            self._activate(name, entry["version"], action)
+        return entry
+
+    def _rollback(self, name: str) -> str:
+        history = self.history(name)
+        earlier = [v for v in reversed(history["activations"][:-1]) if v["version"] != history["active"]]
+        if not earlier:
+            raise _no_earlier(name)
+        self._activate(name, earlier[0]["version"], "rollback")
+        return earlier[0]["version"]
 
     def _folder(self, name: str) -> Path:
         """The name's folder in the store (a checked name: it becomes a folder name)."""
@@ -119,8 +145,7 @@ class VersionStore:
     def _activate(self, name: str, version: str, action: str) -> Path:
         history = self.history(name)
         if not any(entry["version"] == version for entry in history["versions"]):
-            known = ", ".join(entry["version"] for entry in history["versions"]) or "none"
-            raise UnknownVersion(f"model {name} has no version {version!r} (known: {known})")
+            raise _unknown(name, version, history)
         kept = self._folder(name) / f"{version}{MODEL_SUFFIX}"
         served = self.served_file(name)
         if served.is_file() and version_of(file_sha256(served)) != version:
@@ -135,6 +160,15 @@ class VersionStore:
 
     def _write(self, name: str, history: dict[str, Any]) -> None:
         write_atomic(self._folder(name) / "history.json", json.dumps(history, indent=1).encode())
+
+
+def _unknown(name: str, version: str, history: dict[str, Any]) -> UnknownVersion:
+    known = ", ".join(entry["version"] for entry in history["versions"]) or "none"
+    return UnknownVersion(f"model {name} has no version {version!r} (known: {known})")
+
+
+def _no_earlier(name: str) -> NoEarlierVersion:
+    return NoEarlierVersion(f"model {name} has no earlier active version to roll back to")
 
 
 @lru_cache(maxsize=None)
