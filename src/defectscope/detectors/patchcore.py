@@ -492,9 +492,13 @@ class PatchCore(Detector):
 
     def score_features(self, features: PatchFeatures | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_fitted(self.index, "PatchCore")
+        return self._views(features)[:2]
+
+    def _views(self, features: PatchFeatures | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image scores and maps (`score_features`), and the patch view's image scores alone: the view the map shows."""
         patches, regions = split_features(features)
-        scores, grids = self._patch_view(patches)
-        return self._fuse(self._with_place(scores, grids), grids, regions)
+        view, grids = self._patch_view(patches)
+        return *self._fuse(self._with_place(view, grids), grids, regions), view
 
     def _patch_view(self, patches: torch.Tensor, index: ClusteredBank | None = None, workers: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -752,9 +756,8 @@ class PatchCore(Detector):
                 extra = self._uncovered(patches[rest], covered[rest])
                 ends = torch.tensor([len(fitted.bank) + len(extra)])  # the new patches as one more cluster: still exact
                 self.index = ClusteredBank(torch.cat([fitted.bank, extra]), torch.cat([fitted.offsets, ends]))
-                fold_patches, fold_regions = split_features(features[fold])
-                view, grids = self._patch_view(fold_patches)
-                held_out.append(self._fuse(self._with_place(view, grids), grids, fold_regions)[0].float())
+                scores, _, view = self._views(features[fold])
+                held_out.append(scores.float())
                 held_view.append(view)
         added = self._uncovered(patches, covered)
         self.index = ClusteredBank.build(torch.cat([fitted.bank, added]), self.config.seed)
