@@ -234,9 +234,11 @@ def check_reusable(folder: Path, what: str, force: bool = False) -> None:
     """Raise unless `what` may be written into the existing folder `folder`: it is empty, or defectscope made it as
     `what`, or `force`. A folder defectscope made as something else (a demo dataset, an experiment, a demo's output)
     is refused like a foreign one: writing there would mix outputs or replace what it holds."""
-    if force or not _holds_files(folder) or folder_kind(folder) == what:
+    if force or not _holds_files(folder):
         return
     kind = folder_kind(folder)
+    if kind == what:
+        return
     held = f"holds a {kind} written by defectscope" if kind else "is not empty and was not created by defectscope"
     raise DefectscopeError(f"{what} folder {folder} {held}; choose a new or empty folder (or pass --force to write "
                            "into it)")
