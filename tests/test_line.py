@@ -327,6 +327,74 @@ def test_a_webhook_is_retried_until_it_answers_and_a_dead_one_is_reported() -> N
         server.shutdown()
 
 
+class _Target:
+    """A network target for the dispatcher's tests: records what it is sent; may refuse, or hold until released."""
+
+    def __init__(self, name: str, refuse: bool = False, hold: threading.Event | None = None) -> None:
+        self.name, self.refuse, self.hold, self.received = name, refuse, hold, []
+
+    def send(self, message: dict) -> None:
+        if self.hold is not None:
+            assert self.hold.wait(10)
+        if self.refuse:
+            raise ConnectionError(f"{self.name} is down")
+        self.received.append(message["id"])
+
+
+def test_a_target_that_is_down_or_slow_holds_up_no_other() -> None:
+    reports: list[str] = []
+    down, up = _Target("webhook", refuse=True), _Target("mqtt")
+    dispatch = Dispatcher([down, up], reports.append)
+    sent: list[int] = []
+    for record_id in (1, 2, 3):
+        dispatch.send({"id": record_id}, on_sent=lambda record_id=record_id: sent.append(record_id))
+    dispatch.close()
+    assert up.received == [1, 2, 3]  # the broker has every verdict although the webhook refused each
+    assert sent == [] and dispatch.failed == 3  # not every target has them: sent again at the next start
+    assert sorted(reports) == [f"verdict {i} not delivered: webhook is down" for i in (1, 2, 3)]
+    release = threading.Event()
+    slow, fast = _Target("slow", hold=release), _Target("fast")
+    dispatch = Dispatcher([slow, fast])
+    for record_id in (4, 5, 6):
+        dispatch.send({"id": record_id}, on_sent=lambda record_id=record_id: sent.append(record_id))
+    deadline = time.monotonic() + 10
+    while fast.received != [4, 5, 6] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fast.received == [4, 5, 6] and sent == []  # the fast target did not wait for the slow one
+    release.set()
+    dispatch.close()
+    assert slow.received == [4, 5, 6] and sent == [4, 5, 6] and dispatch.failed == 0
+
+    def unrecorded() -> None:
+        raise OSError("disk full")
+
+    target, reports = _Target("mqtt"), []
+    dispatch = Dispatcher([target], reports.append)
+    dispatch.send({"id": 7}, on_sent=unrecorded)
+    dispatch.send({"id": 8}, on_sent=lambda: sent.append(8))
+    dispatch.close()  # the thread outlived the failed record and sent the next verdict
+    assert target.received == [7, 8] and sent[-1] == 8 and dispatch.failed == 1
+    assert reports == ["verdict 7 was delivered but not recorded as such: disk full"]
+
+
+def test_messages_dropped_from_a_full_queue_are_reported_and_not_marked_sent(monkeypatch) -> None:
+    from defectscope.line import dispatch as dispatching
+
+    monkeypatch.setattr(dispatching, "QUEUE_LIMIT", 2)
+    release, reports, sent = threading.Event(), [], []
+    stuck = _Target("webhook", hold=release)
+    dispatch = Dispatcher([stuck], reports.append)
+    for record_id in range(1, 7):
+        dispatch.send({"id": record_id}, on_sent=lambda record_id=record_id: sent.append(record_id))
+    release.set()
+    dispatch.close()
+    lost = sorted(set(range(1, 7)) - set(stuck.received))
+    assert len(lost) >= 3 and dispatch.dropped == len(lost) and dispatch.failed == len(lost)
+    assert sorted(sent) == stuck.received  # only what the target took counts as sent
+    assert sorted(int(r.split()[1]) for r in reports) == lost
+    assert all("webhook" in r and "queue was full" in r for r in reports)
+
+
 def test_json_lines_are_written_at_once(tmp_path: Path) -> None:
     with (tmp_path / "out.jsonl").open("w") as stream:
         Dispatcher([JsonLines(stream)]).send({"id": 1, "verdict": "good"})

@@ -38,3 +38,15 @@ def test_every_readme_command_exists_with_its_options() -> None:
         used = {word.split("=")[0] for word in rest if word.startswith("-")}
         assert used <= known, f"README: 'defectscope {' '.join(words)}' uses {sorted(used - known)}"
         command.make_context(command.name, [w for w in rest if not w.startswith("[")], resilient_parsing=True)
+
+
+def test_every_section_the_readme_points_to_exists() -> None:
+    """`see "X"` (and `"X" below`) must name a heading of the README, or the bold lead-in of one of its paragraphs."""
+    text = README.read_text()
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)  # comments in code blocks are not headings
+    headings = [line.lstrip("#").strip() for line in prose.splitlines() if line.startswith("#")]
+    lead_ins = re.findall(r"^\*\*([^*]+?)\.?\*\*", prose, flags=re.M)
+    pointers = re.findall(r'see "([^"]+)"', prose) + re.findall(r'"([^"]+)" below', prose)
+    assert pointers
+    missing = [p for p in pointers if not any(h.startswith(p) for h in headings + lead_ins)]
+    assert not missing, f"the README points to sections it does not have: {missing}"

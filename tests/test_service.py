@@ -162,6 +162,25 @@ def test_metrics_count_requests_images_and_errors(client: TestClient, demo_root:
     assert "defectscope_request_seconds_bucket" in text and 'defectscope_queue_depth{model="part"} 0.0' in text
 
 
+def test_metrics_count_verdicts_a_dispatch_target_did_not_take(model_folder: Path, demo_root: Path) -> None:
+    from defectscope.line.dispatch import Dispatcher
+
+    class Refusing:
+        name = "webhook"
+
+        def send(self, message: dict) -> None:
+            raise ConnectionError("webhook is down")
+
+    reports: list[str] = []
+    dispatch = Dispatcher([Refusing()], reports.append)
+    settings = ServiceConfig.from_dict({})
+    with TestClient(create_app(load_served([model_folder], settings), settings, dispatch=dispatch)) as client:
+        client.post("/v1/models/part/inspect", files=upload(*samples(demo_root, 1, 2)))
+        dispatch.flush()
+        assert "defectscope_verdicts_undelivered 2.0" in client.get("/metrics").text
+    assert len(reports) == 2 and all("not delivered: webhook is down" in r for r in reports)
+
+
 def test_concurrent_requests_share_batches(model_folder: Path, demo_root: Path) -> None:
     detector = load_model(model_folder / "part.dsmodel")
     images = [read_image(p) for p in samples(demo_root, 0, 4) + samples(demo_root, 1, 4)]

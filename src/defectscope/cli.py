@@ -537,7 +537,9 @@ def watch(
         log.close()
     note(f"judged {judged} image(s)")
     if dispatch.failed:
-        warn(f"{dispatch.failed} verdict message(s) were not delivered; they are sent again at the next start")
+        dropped = f" ({dispatch.dropped} pushed out of a full queue)" if dispatch.dropped else ""
+        warn(f"{dispatch.failed} verdict message(s) did not reach every target{dropped}; they are sent again at the "
+             "next start")
 
 
 experiment_app = typer.Typer(no_args_is_help=True, help="Run attempts from a config file and compare them in a table.")

@@ -1,8 +1,9 @@
 """Verdict dispatch to the line: a JSON line on stdout, a webhook (HTTP POST, retried) and MQTT (QoS 1).
 
 Each message is the audit record (with its id), so a receiver can tell a repeat from a new verdict.
-Webhooks and MQTT publish from a background thread with a bounded queue: scoring never waits on the
-network, and a message that cannot be delivered after its retries is counted and reported.
+Webhooks and MQTT publish each from its own background thread with a bounded queue: scoring never waits on
+the network, one target that is down or slow holds up no other, and a message that cannot be delivered after its
+retries (or is pushed out of a full queue) is counted and reported.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 from defectscope.errors import InputError, SettingsError
 
 Message = dict[str, Any]
-QUEUE_LIMIT = 10_000  # messages waiting for the network at most; beyond it the oldest are dropped and counted
+QUEUE_LIMIT = 10_000  # messages waiting for one target at most; beyond it the oldest are dropped and counted
 
 
 def _text(message: Message) -> str:
@@ -48,6 +49,7 @@ class Webhook:
         import httpx
 
         self.url, self.retries, self.backoff = url, retries, backoff
+        self.name = f"webhook {url}"
         self.client = httpx.Client(timeout=timeout)
 
     def send(self, message: Message) -> None:
@@ -79,6 +81,7 @@ class Mqtt:
         if not host or not port.isdigit():
             raise SettingsError(f"--mqtt must be HOST or HOST:PORT, got {address!r}")
         self.topic, self.timeout = topic, timeout
+        self.name = f"MQTT broker {host}:{port} ({topic})"
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv311)
         try:
             self.client.connect(host, int(port), keepalive=30)
@@ -97,66 +100,115 @@ class Mqtt:
         self.client.disconnect()
 
 
+class _Delivery:
+    """One verdict on its way to every network target: done once each of them has it, failed at any miss."""
+
+    def __init__(self, message: Message, targets: int, on_sent: Callable[[], None] | None) -> None:
+        self.message, self.waiting, self.failed, self.on_sent = message, targets, False, on_sent
+        self._lock = threading.Lock()
+
+    def settle(self, delivered: bool) -> tuple[bool, bool]:
+        """Count one target's outcome: (the message's first failure, every target has it)."""
+        with self._lock:
+            self.waiting -= 1
+            first_failure = not delivered and not self.failed
+            self.failed |= not delivered
+            return first_failure, self.waiting == 0 and not self.failed
+
+
+class _Lane:
+    """One network target's bounded queue and the thread that sends from it: a slow or dead target holds up no other."""
+
+    def __init__(self, target: Any, settle: Callable[[_Delivery, Exception | None], None]) -> None:
+        self.target, self.settle = target, settle
+        self.name = getattr(target, "name", type(target).__name__)
+        self.queue: queue.Queue[_Delivery | None] = queue.Queue(QUEUE_LIMIT)
+        self.thread = threading.Thread(target=self._run, name="defectscope-dispatch", daemon=True)
+        self.thread.start()
+
+    def put(self, delivery: _Delivery) -> list[_Delivery]:
+        """Queue a delivery; when the queue is full the oldest waiting ones make room and are returned."""
+        dropped = []
+        while True:
+            try:
+                self.queue.put_nowait(delivery)
+                return dropped
+            except queue.Full:
+                try:
+                    dropped.append(self.queue.get_nowait())
+                    self.queue.task_done()
+                except queue.Empty:
+                    pass
+
+    def _run(self) -> None:
+        while (delivery := self.queue.get()) is not None:
+            try:
+                self.target.send(delivery.message)
+            except Exception as exc:  # noqa: BLE001 - a failed delivery is counted and reported, scoring goes on
+                self.settle(delivery, exc)
+            else:
+                self.settle(delivery, None)
+            finally:
+                self.queue.task_done()
+
+
 class Dispatcher:
-    """Sends every verdict to each target: JSON lines at once, the network targets from one background thread."""
+    """Sends every verdict to each target: JSON lines at once, each network target from its own background thread.
+
+    `failed` counts the verdicts that did not reach every target (refused after their retries, or `dropped`: pushed
+    out of a target's full queue); each is reported once per target that missed it."""
 
     def __init__(self, targets: list[Any], report: Callable[[str], None] = lambda _text: None) -> None:
         self.local = [t for t in targets if isinstance(t, JsonLines)]
-        self.remote = [t for t in targets if not isinstance(t, JsonLines)]
         self.report, self.failed, self.dropped = report, 0, 0
-        self._queue: queue.Queue[tuple[Message, Callable[[], None] | None] | None] = queue.Queue(QUEUE_LIMIT)
-        self._thread = threading.Thread(target=self._run, name="defectscope-dispatch", daemon=True)
-        if self.remote:
-            self._thread.start()
+        self._lock = threading.Lock()
+        self.lanes = [_Lane(t, self._settle) for t in targets if not isinstance(t, JsonLines)]
 
     def send(self, message: Message, on_sent: Callable[[], None] | None = None) -> None:
         """Send to every target; `on_sent` runs once every target has the message (not after a failure)."""
         for target in self.local:
             target.send(message)
-        if not self.remote:
+        if not self.lanes:
             if on_sent:
                 on_sent()
             return
-        while True:
-            try:
-                self._queue.put_nowait((message, on_sent))
-                return
-            except queue.Full:
-                try:
-                    self._queue.get_nowait()
-                    self._queue.task_done()
+        delivery = _Delivery(message, len(self.lanes), on_sent)
+        for lane in self.lanes:
+            for dropped in lane.put(delivery):
+                with self._lock:
                     self.dropped += 1
-                except queue.Empty:
-                    pass
+                self._settle(dropped, ConnectionError(f"{lane.name}'s queue was full ({QUEUE_LIMIT:,} verdicts "
+                                                      "waiting); the oldest made room"))
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            message, on_sent = item
+    def _settle(self, delivery: _Delivery, error: Exception | None) -> None:
+        """One target's outcome for a message: a miss reported; `on_sent` once every target has it."""
+        if error is not None:
+            self.report(f"verdict {delivery.message.get('id')} not delivered: {error}")
+        first_failure, done = delivery.settle(error is None)
+        if done and delivery.on_sent:
             try:
-                for target in self.remote:
-                    target.send(message)
-                if on_sent:
-                    on_sent()
-            except Exception as exc:  # noqa: BLE001 - a failed delivery is counted and reported, scoring goes on
+                delivery.on_sent()
+            except Exception as exc:  # noqa: BLE001 - e.g. the audit database: counted and reported, sending goes on
+                self.report(f"verdict {delivery.message.get('id')} was delivered but not recorded as such: {exc}")
+                first_failure = True
+        if first_failure:
+            with self._lock:
                 self.failed += 1
-                self.report(f"verdict {message.get('id')} not delivered: {exc}")
-            finally:
-                self._queue.task_done()
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until every queued message was sent (or failed), at most `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        while self.remote and self._queue.unfinished_tasks and time.monotonic() < deadline:
+        while any(lane.queue.unfinished_tasks for lane in self.lanes) and time.monotonic() < deadline:
             time.sleep(0.02)
 
     def close(self) -> None:
-        if self.remote:
-            self.flush()
-            self._queue.put(None)
-            self._thread.join(timeout=5)
-        for target in self.remote:
-            if hasattr(target, "close"):
-                target.close()
+        self.flush()
+        for lane in self.lanes:
+            lane.queue.put(None)
+        for lane in self.lanes:
+            lane.thread.join(timeout=5)
+            if hasattr(lane.target, "close"):
+                lane.target.close()
 
 
 def dispatcher(jsonl: bool = False, webhook: str | None = None, mqtt: str | None = None,

@@ -160,6 +160,8 @@ def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = No
         for name, model in app.state.models.items():
             telemetry.queue.labels(name).set(model.batcher.pending)
             telemetry.batches.labels(name).set(model.batcher.batches)
+        if app.state.dispatch is not None:
+            telemetry.undelivered.set(app.state.dispatch.failed)
         return Response(generate_latest(telemetry.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)
