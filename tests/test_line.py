@@ -213,6 +213,78 @@ def test_a_restart_finishes_a_judged_image_without_judging_it_again(model, demo_
     assert all(len(where[name]) == 1 and where[name][0] in ("good", "defective") for name in dropped)
 
 
+def test_one_hot_folder_takes_one_watcher_and_hot_folders_sharing_an_audit_database_keep_to_their_own(
+        model, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def watcher(inbox: str, audit: str) -> HotFolder:
+        folders = Folders(*(tmp_path / inbox / name for name in ("in", "good", "defective", "error")))
+        folders.inbox.mkdir(parents=True, exist_ok=True)
+        return HotFolder(model, ModelIdentity("part", "v1", "0" * 64), folders, AuditLog(tmp_path / audit),
+                         Dispatcher([]), settle=0.2, poll=0.05)
+
+    first, stop = watcher("cam1", "audit.sqlite"), threading.Event()
+    running = threading.Thread(target=first.run, args=(stop,))
+    running.start()
+    try:
+        time.sleep(0.3)
+        with pytest.raises(InputError, match="another `defectscope watch` is judging"):
+            watcher("cam1", "other.sqlite").run(limit=0)  # the same hot folder
+    finally:
+        stop.set()
+        running.join(10)
+    assert watcher("cam1", "other.sqlite").run(limit=0) == 0  # free again once the first stopped
+    cam1, cam2 = watcher("cam1", "audit.sqlite"), watcher("cam2", "audit.sqlite")  # one database for the line
+    dropped = _drop(demo_root, cam1.folders.inbox, 1)
+    name = next(iter(dropped))
+    monkeypatch.setattr(hotfolder, "place", lambda *_args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        cam1.run(limit=1)  # recorded, then stopped before the move
+    monkeypatch.undo()
+    other = next(p for p in load_dataset(demo_root).test if p.defect == "good").path
+    shutil.copy(other, cam2.folders.inbox / name)  # the second camera's file of the same name
+    assert cam2.run(limit=0) == 0 and len(cam2.audit.unfinished_moves(cam1.journal)) == 1  # not cam2's to finish
+    assert watcher("cam1", "audit.sqlite").run(limit=0) == 0
+    assert not (cam1.folders.inbox / name).exists() and len(cam1.audit.query()) == 1  # moved, judged once
+
+
+def test_an_image_is_scored_from_the_bytes_it_is_audited_by_and_may_leave_before_its_turn(model, demo_root: Path,
+                                                                                         tmp_path: Path) -> None:
+    line = _line(tmp_path, model)
+    dropped = _drop(demo_root, line.folders.inbox, 3)
+    first, gone, late = (line.folders.inbox / name for name in sorted(dropped))
+    other = next(p.path.read_bytes() for p in load_dataset(demo_root).test if file_sha256(p.path) not in dropped.values())
+    scoring = line.predictor
+
+    class Camera:  # overwrites one image after it was taken, removes another once it was scored
+        def __getattr__(self, name):
+            return getattr(scoring, name)
+
+        def predict(self, images, **options):
+            first.write_bytes(other)
+            prediction = scoring.predict(images, **options)
+            late.unlink()
+            return prediction
+
+    original = tmp_path / "original.png"
+    shutil.copy(first, original)
+    gone.unlink()  # removed from the hot folder before it was judged
+    said: list[str] = []
+    line.predictor, line.say = Camera(), said.append
+    assert line.judge([first, gone, late]) == 2
+    records = {r["image_name"]: r for r in line.audit.query()}
+    assert sorted(records) == sorted([first.name, late.name])
+    assert records[first.name]["image_sha256"] == dropped[first.name]  # the bytes scored are the bytes audited
+    assert records[first.name]["score"] == pytest.approx(float(scoring.predict([original]).scores[0]))
+    assert first.read_bytes() == other  # the new content was never judged: it stays in the hot folder for its turn
+    assert not any((folder / first.name).exists() for folder in (line.folders.good, line.folders.defective,
+                                                                  line.folders.error))
+    assert line.audit.unfinished_moves(line.journal) == []
+    assert any(gone.name in text and "left the hot folder" in text for text in said)
+    assert any(late.name in text and "left the hot folder" in text for text in said)
+    assert any(first.name in text and "replaced" in text for text in said)
+    line.predictor = scoring
+    assert line.judge([first]) == 1 and len(line.audit.query()) == 3  # judged in its turn, as a new image
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -288,7 +360,7 @@ def test_verdicts_reach_a_real_mqtt_broker(broker: str, model, demo_root: Path, 
     listener.loop_stop()
     assert sorted(m["image_name"] for m in received) == sorted(dropped)
     assert sorted(m["id"] for m in received) == sorted(r["id"] for r in line.audit.query())
-    assert line.audit.undelivered() == []  # every message acknowledged by the broker
+    assert line.audit.undelivered(line.journal) == []  # every message acknowledged by the broker
 
 
 class _Flaky(BaseHTTPRequestHandler):
@@ -419,3 +491,28 @@ def test_an_audit_database_that_cannot_be_used_is_one_clear_error(tmp_path: Path
     assert AuditLog(tmp_path / "ours.sqlite").count() == 0  # ours opens again
     with pytest.raises(InputError, match="cannot open the audit database"):  # not even root creates files there
         AuditLog(Path("/proc/self/audit.sqlite"))
+
+
+def test_an_audit_database_of_the_first_schema_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    from defectscope.line.audit import COLUMNS, TYPES
+
+    database = tmp_path / "audit.sqlite"
+    with sqlite3.connect(database) as old:  # as version 1 wrote it, with one verdict recorded and not yet moved
+        old.execute("PRAGMA user_version=1")
+        columns = ", ".join(f"{name} {TYPES.get(name, 'TEXT')}" for name in COLUMNS)
+        old.execute(f"CREATE TABLE verdicts (id INTEGER PRIMARY KEY, {columns})")
+        old.execute("CREATE TABLE moves (verdict_id INTEGER PRIMARY KEY REFERENCES verdicts(id), inbox_name TEXT, "
+                    "destination TEXT, moved INTEGER DEFAULT 0, delivered INTEGER DEFAULT 0)")
+        old.execute(f"INSERT INTO verdicts ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})",
+                    [getattr(_verdict("a.png"), name) for name in COLUMNS])
+        old.execute("INSERT INTO moves (verdict_id, inbox_name, destination) VALUES (1, 'a.png', '/line/good/a.png')")
+    log = AuditLog(database)
+    assert [r["inbox_name"] for r in log.unfinished_moves("/line/in")] == ["a.png"]  # it named no hot folder
+    ids = log.record([_verdict("b.png")], moves=[("b.png", "/cam2/good/b.png")], inbox="/cam2/in")
+    assert [r["id"] for r in log.unfinished_moves("/cam2/in")] == [1, *ids]
+    assert [r["id"] for r in log.unfinished_moves("/line/in")] == [1]
+    log.close()
+    with sqlite3.connect(database) as upgraded:
+        assert upgraded.execute("PRAGMA user_version").fetchone()[0] == 2

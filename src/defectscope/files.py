@@ -9,14 +9,15 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DefectscopeError, InputError
 
 TEMP_SUFFIX = ".tmp"
 
@@ -266,3 +267,21 @@ def inside(path: Path, folder: Path) -> bool:
     """Whether `path` is `folder` or lies under it (after resolving links)."""
     path, folder = Path(path).resolve(), Path(folder).resolve()
     return path == folder or folder in path.parents
+
+
+@contextmanager
+def exclusive(path: Path, busy: str, create: bool = False) -> Iterator[None]:
+    """An OS lock (flock) on `path`, a folder or a file (`create`: made if missing), for the block: while another
+    process holds it, InputError(`busy`) at once. The lock goes with the process that held it (a killed run leaves
+    nothing to clean up)."""
+    import fcntl  # POSIX only: the runtime, which imports this module, runs elsewhere too
+
+    handle = os.open(path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise InputError(busy) from exc
+        yield
+    finally:
+        os.close(handle)

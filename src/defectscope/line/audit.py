@@ -17,7 +17,7 @@ from typing import Any
 
 from defectscope.errors import InputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: each journaled move names its hot folder (version 1's rows: any hot folder's)
 MAX_PAGE = 1000  # records per query at most
 MAX_RECORD_ID = 2**63 - 1  # SQLite's largest integer
 
@@ -66,10 +66,13 @@ class AuditLog:
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             tables = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-            if tables and self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if tables and version not in (1, SCHEMA_VERSION):
                 self._db.close()
                 raise InputError(f"{self.path} is a database defectscope did not write; it is left as it is (choose "
                                  "another file with --audit)")
+            if tables and version == 1:
+                self._db.execute("ALTER TABLE moves ADD COLUMN inbox TEXT")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")  # before any table: ours from the start
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -77,7 +80,8 @@ class AuditLog:
             self._db.execute(f"CREATE TABLE IF NOT EXISTS verdicts (id INTEGER PRIMARY KEY, {columns})")
             self._db.execute("CREATE INDEX IF NOT EXISTS verdicts_by_time ON verdicts (time)")
             self._db.execute("CREATE TABLE IF NOT EXISTS moves (verdict_id INTEGER PRIMARY KEY REFERENCES verdicts(id), "
-                             "inbox_name TEXT, destination TEXT, moved INTEGER DEFAULT 0, delivered INTEGER DEFAULT 0)")
+                             "inbox_name TEXT, destination TEXT, moved INTEGER DEFAULT 0, delivered INTEGER DEFAULT 0, "
+                             "inbox TEXT)")
         except sqlite3.OperationalError as exc:  # a folder we may not write, a locked or read-only file
             raise InputError(f"cannot open the audit database {self.path}: {exc}; choose another with --audit, or "
                              "keep none with --no-audit") from exc
@@ -85,8 +89,9 @@ class AuditLog:
             raise InputError(f"{self.path} is not a defectscope audit database: {exc}") from exc
         self._lock = threading.Lock()
 
-    def record(self, verdicts: Sequence[Verdict], moves: Sequence[tuple[str, str]] | None = None) -> list[int]:
-        """Append verdicts in one durable transaction; returns their record ids. `moves` (the hot folder): each
+    def record(self, verdicts: Sequence[Verdict], moves: Sequence[tuple[str, str]] | None = None,
+               inbox: str | None = None) -> list[int]:
+        """Append verdicts in one durable transaction; returns their record ids. `moves` (the hot folder `inbox`): each
         verdict's (inbox file name, destination), journaled in the same transaction until `finish_move`."""
         placeholders = ", ".join("?" for _ in COLUMNS)
         with self._lock:
@@ -95,8 +100,8 @@ class AuditLog:
                 ids = [self._db.execute(f"INSERT INTO verdicts ({', '.join(COLUMNS)}) VALUES ({placeholders})",
                                         [getattr(v, name) for name in COLUMNS]).lastrowid for v in verdicts]
                 for record_id, (name, destination) in zip(ids, moves or []):
-                    self._db.execute("INSERT INTO moves (verdict_id, inbox_name, destination) VALUES (?, ?, ?)",
-                                     (record_id, name, destination))
+                    self._db.execute("INSERT INTO moves (verdict_id, inbox_name, destination, inbox) VALUES (?, ?, ?, ?)",
+                                     (record_id, name, destination, inbox))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -107,8 +112,9 @@ class AuditLog:
         with self._lock:
             self._db.execute(sql, values)  # autocommit: one durable statement
 
-    def finish_move(self, record_id: int, destination: str) -> None:
-        """The image of a journaled verdict is in its destination folder (and the record says where)."""
+    def finish_move(self, record_id: int, destination: str | None) -> None:
+        """The image of a journaled verdict is in its destination folder (and the record says where; None: it left the
+        hot folder, or was written over, before it could be moved)."""
         self._write("UPDATE moves SET moved = 1, destination = ? WHERE verdict_id = ?", (destination, record_id))
         self._write("UPDATE verdicts SET kept = ? WHERE id = ?", (destination, record_id))
 
@@ -116,20 +122,22 @@ class AuditLog:
         """Every dispatch target acknowledged this verdict's message."""
         self._write("UPDATE moves SET delivered = 1 WHERE verdict_id = ?", (record_id,))
 
-    def _journal(self, condition: str) -> list[dict[str, Any]]:
+    def _journal(self, condition: str, inbox: str) -> list[dict[str, Any]]:
+        """Journaled verdicts of the hot folder `inbox` (and those of version 1, which named none) on `condition`."""
         with self._lock:
             rows = self._db.execute(f"SELECT v.id, {', '.join('v.' + c for c in COLUMNS)}, m.inbox_name, m.destination "
                                     f"FROM verdicts v JOIN moves m ON m.verdict_id = v.id WHERE {condition} "
-                                    "ORDER BY v.id").fetchall()
+                                    "AND (m.inbox = ? OR m.inbox IS NULL) ORDER BY v.id", (inbox,)).fetchall()
         return [dict(zip(["id", *COLUMNS, "inbox_name", "destination"], row)) for row in rows]
 
-    def unfinished_moves(self) -> list[dict[str, Any]]:
-        """Journaled verdicts whose image was not yet moved (a run stopped between the record and the move)."""
-        return self._journal("m.moved = 0")
+    def unfinished_moves(self, inbox: str) -> list[dict[str, Any]]:
+        """The hot folder's journaled verdicts whose image was not yet moved (a run stopped between the record and the
+        move); another hot folder's, in the same database, are its own watcher's to finish."""
+        return self._journal("m.moved = 0", inbox)
 
-    def undelivered(self) -> list[dict[str, Any]]:
-        """Moved images whose verdict message no target acknowledged yet."""
-        return self._journal("m.moved = 1 AND m.delivered = 0")
+    def undelivered(self, inbox: str) -> list[dict[str, Any]]:
+        """The hot folder's moved images whose verdict message not every target acknowledged yet."""
+        return self._journal("m.moved = 1 AND m.delivered = 0", inbox)
 
     def get(self, record_id: int) -> dict[str, Any]:
         if not 1 <= record_id <= MAX_RECORD_ID:  # SQLite cannot even compare a larger integer

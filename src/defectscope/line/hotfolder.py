@@ -12,6 +12,7 @@ was not acknowledged is sent again (receivers see the audit id, so a repeat is r
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -22,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from defectscope.data.decode import IMAGE_SUFFIXES, image_size
+from defectscope.data.decode import IMAGE_SUFFIXES, EncodedImage
 from defectscope.errors import InputError
-from defectscope.files import content_sha256
+from defectscope.files import content_sha256, exclusive
 from defectscope.line.audit import AuditLog, Verdict, now
 from defectscope.line.dispatch import Dispatcher
 from defectscope.predictor import Predictor
@@ -69,14 +70,21 @@ class ModelIdentity:
     sha256: str
 
 
-def place(source: Path, folder: Path, digest: str) -> Path:
-    """Move a file into `folder` so that it appears there whole (a temporary name, then a rename); a different file of
-    the same name already there is kept, and this one gets its sha256 prefix in its name."""
+def place(source: Path, folder: Path, digest: str) -> Path | None:
+    """Move a judged file into `folder` so that it appears there whole (a temporary name, then a rename); a different
+    file of the same name already there is kept, and this one gets its sha256 prefix in its name. None, and the file
+    back in the hot folder, when its bytes are no longer those judged (`digest`): written over after it was read, its
+    new content was never scored and waits for its own turn."""
+    staged = folder / f".{source.name}.{os.getpid()}.moving"
+    shutil.move(source, staged)  # a rename on one file system; copy and delete across two
+    if content_sha256(staged) != digest:
+        back = source if not source.exists() else source.with_name(f"{source.stem}-{content_sha256(staged)[:8]}"
+                                                                   f"{source.suffix}")
+        shutil.move(staged, back)
+        return None
     target = folder / source.name
     if target.exists() and content_sha256(target) != digest:
         target = folder / f"{source.stem}-{digest[:8]}{source.suffix}"
-    staged = folder / f".{target.name}.{os.getpid()}.moving"
-    shutil.move(source, staged)  # a rename on one file system; copy and delete across two
     os.replace(staged, target)
     return target
 
@@ -132,20 +140,37 @@ class HotFolder:
     def __post_init__(self) -> None:
         self.folders.check()
 
+    @property
+    def journal(self) -> str:
+        """How the audit database's journal names this hot folder (several may share one database)."""
+        return str(self.folders.inbox.resolve())
+
     def recover(self) -> int:
         """Finish what a previous run recorded but did not complete: moves, then messages. Returns the images moved."""
         moved = 0
-        for record in self.audit.unfinished_moves():
+        for record in self.audit.unfinished_moves(self.journal):
             source = self.folders.inbox / record["inbox_name"]
             if source.is_file() and content_sha256(source) == record["image_sha256"]:
-                self.audit.finish_move(record["id"], str(place(source, Path(record["destination"]).parent,
-                                                               record["image_sha256"])))
-                moved += 1
+                moved += self._move(record["id"], source, Path(record["destination"]).parent, record["image_sha256"])
             else:  # moved before the stop; the inbox no longer holds it
                 self.audit.finish_move(record["id"], record["destination"])
-        for record in self.audit.undelivered():
+        for record in self.audit.undelivered(self.journal):
             self._send(record)
         return moved
+
+    def _move(self, record_id: int, source: Path, folder: Path, digest: str) -> bool:
+        """Move a judged image into the folder of its verdict and journal it; False when it is no longer there to move
+        (taken out of the hot folder, or written over: then its new content stays for its own turn)."""
+        try:
+            target = place(source, folder, digest)
+        except FileNotFoundError:
+            target = None
+            self.say(f"{source.name} left the hot folder before it was moved; its verdict is recorded")
+        if target is None and source.exists():
+            self.say(f"{source.name} was replaced in the hot folder after it was read; its verdict is recorded, and the "
+                     "new content waits for its own turn")
+        self.audit.finish_move(record_id, None if target is None else str(target))
+        return target is not None
 
     def ready(self) -> list[Path]:
         """Complete images in the inbox: not temporary, and renamed into it (while `run` watches) or with size and
@@ -186,16 +211,26 @@ class HotFolder:
         return sorted(ready)[:BATCH]
 
     def judge(self, paths: list[Path]) -> int:
-        """Score, record (verdict and destination in one transaction), move and dispatch these images."""
-        digests = [content_sha256(path) for path in paths]
-        prediction = self.predictor.predict(paths, keep_going=True)
+        """Score, record (verdict and destination in one transaction), move and dispatch these images. Each file is
+        read once: the bytes scored are the bytes the audit trail's sha256 names."""
+        read = [(path, EncodedImage.read(path)) for path in paths]
+        for path, image in read:
+            if image.data is None and not path.exists():
+                self.say(f"{path.name} left the hot folder before it was judged")
+        read = [(path, image) for path, image in read if image.data is not None or path.exists()]
+        if not read:
+            return 0
+        paths, images = [path for path, _ in read], [image for _, image in read]
+        digests = [hashlib.sha256(image.data).hexdigest() if image.data is not None else content_sha256(path)
+                   for path, image in read]
+        prediction = self.predictor.predict(images, keep_going=True)
         calibration = self.predictor.calibration
         verdicts = prediction.verdicts if prediction.threshold else ["error"] * len(paths)
         records = []
         for i, (path, digest) in enumerate(zip(paths, digests)):
             score = float(prediction.scores[i])
             judged = math.isfinite(score) and verdicts[i] != "error"  # an error is never filed as good
-            height, width = image_size(path) if judged else (None, None)
+            height, width = images[i].size() if judged else (None, None)
             records.append(Verdict(
                 time=now(), model=self.model.name, model_version=self.model.version, model_sha256=self.model.sha256,
                 threshold=prediction.threshold, stated_rate=calibration.false_alarm_rate if calibration else None,
@@ -203,9 +238,9 @@ class HotFolder:
                 score=score if judged else None, normalized=score / prediction.threshold if judged else None,
                 verdict=verdicts[i] if judged else "error", regions=None, role="hot folder"))
         moves = [(path.name, str(self.folders.of(record.verdict) / path.name)) for path, record in zip(paths, records)]
-        ids = self.audit.record(records, moves=moves)
+        ids = self.audit.record(records, moves=moves, inbox=self.journal)
         for record_id, path, digest, record in zip(ids, paths, digests, records):
-            self.audit.finish_move(record_id, str(place(path, self.folders.of(record.verdict), digest)))
+            self._move(record_id, path, self.folders.of(record.verdict), digest)
         for record_id in ids:
             self._send(self.audit.get(record_id))
         return len(paths)
@@ -216,6 +251,11 @@ class HotFolder:
     def run(self, stop: threading.Event | None = None, limit: int | None = None) -> int:
         """Watch until `stop` is set (or `limit` images were judged); returns the images judged."""
         stop = stop or threading.Event()
+        with exclusive(self.folders.inbox, f"another `defectscope watch` is judging {self.folders.inbox}; one hot "
+                                           "folder takes one watcher"):
+            return self._watch(stop, limit)
+
+    def _watch(self, stop: threading.Event, limit: int | None) -> int:
         recovered = self.recover()
         if recovered:
             self.say(f"finished {recovered} image(s) a previous run had judged but not moved")

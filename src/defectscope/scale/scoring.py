@@ -13,20 +13,19 @@ Read the result with `pyarrow.parquet.read_table(folder)` (or pandas, Polars, Du
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from defectscope.data.decode import EncodedImage, ImageSource, expand_inputs
 from defectscope.errors import DefectscopeError
-from defectscope.files import claim_folder, file_sha256, json_text, loads_strict, read_regular, write_atomic
+from defectscope.files import (claim_folder, exclusive, file_sha256, json_text, loads_strict, read_regular,
+                               write_atomic)
 from defectscope.jobs import RayCluster, connect_ray
 from defectscope.prediction import prediction_rows
 from defectscope.progress import ProgressBar, no_progress
@@ -183,22 +182,6 @@ def _done(part: Path) -> bool:
     return verdicts is not None and "error" not in verdicts
 
 
-@contextmanager
-def _job_lock(out: Path) -> Iterator[None]:
-    """An OS lock on the job folder for the whole run: a second writer is refused (even with --force), and the lock
-    goes with the process that held it (a killed run leaves nothing to clean up)."""
-    handle = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise DefectscopeError(f"another score job is writing into {out}; wait for it to finish, or choose another "
-                                   "folder (--force does not take a folder in use)") from exc
-        yield
-    finally:
-        os.close(handle)
-
-
 def _failed_rows(parts: Sequence[Path]) -> int:
     """Rows of the job's part files (resumed ones too) whose image could not be scored; only those files are read,
     whatever else lies in the folder."""
@@ -234,7 +217,8 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
         raise DefectscopeError(f"{out} holds results of another scoring job (other model or images); "
                                "choose a new folder, or pass --force to start this job there")
     claim_folder(out, force, "score results")
-    with _job_lock(out):
+    with exclusive(out / LOCK_FILE, f"another score job is writing into {out}; wait for it to finish, or choose another "
+                   "folder (--force does not take a folder in use)", create=True):
         if existing.is_file() and not _same_job(existing, job):
             for stale in out.glob("part-*.parquet"):
                 stale.unlink()
