@@ -516,3 +516,25 @@ def test_an_audit_database_of_the_first_schema_is_upgraded_in_place(tmp_path: Pa
     log.close()
     with sqlite3.connect(database) as upgraded:
         assert upgraded.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_exporting_an_audit_database_writes_nothing_to_it(tmp_path: Path) -> None:
+    import sqlite3
+
+    from defectscope.line.audit import COLUMNS, TYPES
+
+    database = tmp_path / "audit.sqlite"
+    with sqlite3.connect(database) as old:  # a database of the first schema, as a line still running it keeps it
+        old.execute("PRAGMA user_version=1")
+        columns = ", ".join(f"{name} {TYPES.get(name, 'TEXT')}" for name in COLUMNS)
+        old.execute(f"CREATE TABLE verdicts (id INTEGER PRIMARY KEY, {columns})")
+        old.execute("CREATE TABLE moves (verdict_id INTEGER PRIMARY KEY REFERENCES verdicts(id), inbox_name TEXT, "
+                    "destination TEXT, moved INTEGER DEFAULT 0, delivered INTEGER DEFAULT 0)")
+        old.execute(f"INSERT INTO verdicts ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})",
+                    [getattr(_verdict("a.png"), name) for name in COLUMNS])
+    before = database.read_bytes()
+    assert export_parquet(database, tmp_path / "out.parquet") == 1
+    assert database.read_bytes() == before  # not upgraded, not even touched: a read-only copy exports too
+    with pytest.raises(InputError, match="is not a defectscope audit database|did not write"):
+        (tmp_path / "notes.sqlite").write_bytes(b"SQLite format 3\0" + b"\0" * 200)
+        export_parquet(tmp_path / "notes.sqlite", tmp_path / "other.parquet")

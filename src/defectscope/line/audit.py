@@ -58,19 +58,25 @@ def now() -> str:
 class AuditLog:
     """An append-only verdict log in SQLite; safe to use from several threads of one process."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        """Open (or create) the audit database at `path`; `read_only`: an existing one, for reading, left as it is."""
         self.path = Path(path)
         if self.path.is_dir():
             raise InputError(f"the audit database {self.path} is a folder; give a file path")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            target = f"{self.path.resolve().as_uri()}?mode=ro" if read_only else str(self.path)
+            self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None, timeout=30, uri=read_only)
             tables = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if tables and version not in (1, SCHEMA_VERSION):
+            if (tables or read_only) and version not in (1, SCHEMA_VERSION):
                 self._db.close()
                 raise InputError(f"{self.path} is a database defectscope did not write; it is left as it is (choose "
                                  "another file with --audit)")
+            self._lock = threading.Lock()
+            if read_only:
+                return
             if tables and version == 1:
                 self._db.execute("ALTER TABLE moves ADD COLUMN inbox TEXT")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")  # before any table: ours from the start
@@ -87,7 +93,6 @@ class AuditLog:
                              "keep none with --no-audit") from exc
         except sqlite3.DatabaseError as exc:
             raise InputError(f"{self.path} is not a defectscope audit database: {exc}") from exc
-        self._lock = threading.Lock()
 
     def record(self, verdicts: Sequence[Verdict], moves: Sequence[tuple[str, str]] | None = None,
                inbox: str | None = None) -> list[int]:
@@ -186,7 +191,7 @@ def export_parquet(database: Path, out: Path) -> int:
 
     if not database.is_file():
         raise InputError(f"audit database {database} {'is not a file' if database.exists() else 'does not exist'}")
-    log = AuditLog(database)
+    log = AuditLog(database, read_only=True)
     try:
         rows = log.all()
     finally:
