@@ -493,13 +493,13 @@ def test_an_audit_database_that_cannot_be_used_is_one_clear_error(tmp_path: Path
         AuditLog(Path("/proc/self/audit.sqlite"))
 
 
-def test_an_audit_database_of_the_first_schema_is_upgraded_in_place(tmp_path: Path) -> None:
+def _first_schema_database(database: Path) -> Path:
+    """An audit database as version 1 of its schema wrote it: one verdict, journaled by a hot folder, not yet moved."""
     import sqlite3
 
     from defectscope.line.audit import COLUMNS, TYPES
 
-    database = tmp_path / "audit.sqlite"
-    with sqlite3.connect(database) as old:  # as version 1 wrote it, with one verdict recorded and not yet moved
+    with sqlite3.connect(database) as old:
         old.execute("PRAGMA user_version=1")
         columns = ", ".join(f"{name} {TYPES.get(name, 'TEXT')}" for name in COLUMNS)
         old.execute(f"CREATE TABLE verdicts (id INTEGER PRIMARY KEY, {columns})")
@@ -508,6 +508,13 @@ def test_an_audit_database_of_the_first_schema_is_upgraded_in_place(tmp_path: Pa
         old.execute(f"INSERT INTO verdicts ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})",
                     [getattr(_verdict("a.png"), name) for name in COLUMNS])
         old.execute("INSERT INTO moves (verdict_id, inbox_name, destination) VALUES (1, 'a.png', '/line/good/a.png')")
+    return database
+
+
+def test_an_audit_database_of_the_first_schema_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    database = _first_schema_database(tmp_path / "audit.sqlite")  # one verdict recorded and not yet moved
     log = AuditLog(database)
     assert [r["inbox_name"] for r in log.unfinished_moves("/line/in")] == ["a.png"]  # it named no hot folder
     ids = log.record([_verdict("b.png")], moves=[("b.png", "/cam2/good/b.png")], inbox="/cam2/in")
@@ -519,19 +526,7 @@ def test_an_audit_database_of_the_first_schema_is_upgraded_in_place(tmp_path: Pa
 
 
 def test_exporting_an_audit_database_writes_nothing_to_it(tmp_path: Path) -> None:
-    import sqlite3
-
-    from defectscope.line.audit import COLUMNS, TYPES
-
-    database = tmp_path / "audit.sqlite"
-    with sqlite3.connect(database) as old:  # a database of the first schema, as a line still running it keeps it
-        old.execute("PRAGMA user_version=1")
-        columns = ", ".join(f"{name} {TYPES.get(name, 'TEXT')}" for name in COLUMNS)
-        old.execute(f"CREATE TABLE verdicts (id INTEGER PRIMARY KEY, {columns})")
-        old.execute("CREATE TABLE moves (verdict_id INTEGER PRIMARY KEY REFERENCES verdicts(id), inbox_name TEXT, "
-                    "destination TEXT, moved INTEGER DEFAULT 0, delivered INTEGER DEFAULT 0)")
-        old.execute(f"INSERT INTO verdicts ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})",
-                    [getattr(_verdict("a.png"), name) for name in COLUMNS])
+    database = _first_schema_database(tmp_path / "audit.sqlite")  # as a line still running version 1 keeps it
     before = database.read_bytes()
     assert export_parquet(database, tmp_path / "out.parquet") == 1
     assert database.read_bytes() == before  # not upgraded, not even touched: a read-only copy exports too
