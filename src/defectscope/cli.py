@@ -528,8 +528,6 @@ def watch(
     dispatch = dispatcher(jsonl, webhook, mqtt, mqtt_topic, report=warn)
     line = HotFolder(predictor, ModelIdentity(model.name.rsplit(".", 1)[0], digest[:12], digest), folders, log, dispatch,
                      settle=settle, say=note)
-    if limit != 0:
-        note(f"watching {inbox} with {model.name}: good -> {good_dir}, defective -> {defective_dir}, error -> {error_dir}")
     try:
         judged = line.run(limit=limit)
     finally:

@@ -256,6 +256,10 @@ class HotFolder:
             return self._watch(stop, limit)
 
     def _watch(self, stop: threading.Event, limit: int | None) -> int:
+        if limit != 0:
+            folders = self.folders
+            self.say(f"watching {folders.inbox} with {self.model.name}: good -> {folders.good}, defective -> "
+                     f"{folders.defective}, error -> {folders.error}")
         recovered = self.recover()
         if recovered:
             self.say(f"finished {recovered} image(s) a previous run had judged but not moved")
