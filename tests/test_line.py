@@ -533,3 +533,19 @@ def test_exporting_an_audit_database_writes_nothing_to_it(tmp_path: Path) -> Non
     with pytest.raises(InputError, match="is not a defectscope audit database|did not write"):
         (tmp_path / "notes.sqlite").write_bytes(b"SQLite format 3\0" + b"\0" * 200)
         export_parquet(tmp_path / "notes.sqlite", tmp_path / "other.parquet")
+
+
+def test_a_hot_folder_that_cannot_be_locked_is_still_watched_and_says_so(model, demo_root: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(_handle, _operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")  # as NFS answers an exclusive lock on a folder
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    said: list[str] = []
+    line = _line(tmp_path, model, say=said.append)
+    dropped = _drop(demo_root, line.folders.inbox, 2)
+    assert line.run(limit=2) == 2 and len(line.audit.query()) == len(dropped)
+    assert any("cannot be locked" in text for text in said)

@@ -270,18 +270,22 @@ def inside(path: Path, folder: Path) -> bool:
 
 
 @contextmanager
-def exclusive(path: Path, busy: str, create: bool = False) -> Iterator[None]:
+def exclusive(path: Path, busy: str, create: bool = False) -> Iterator[bool]:
     """An OS lock (flock) on `path`, a folder or a file (`create`: made if missing), for the block: while another
     process holds it, InputError(`busy`) at once. The lock goes with the process that held it (a killed run leaves
-    nothing to clean up)."""
+    nothing to clean up). Yields False where the file system takes no such lock (some network shares): the caller
+    goes on unguarded and may say so."""
     import fcntl  # POSIX only: the runtime, which imports this module, runs elsewhere too
 
     handle = os.open(path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o644)
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
         except BlockingIOError as exc:
             raise InputError(busy) from exc
-        yield
+        except OSError:  # e.g. EBADF or ENOLCK on NFS
+            held = False
+        yield held
     finally:
         os.close(handle)

@@ -252,7 +252,10 @@ class HotFolder:
         """Watch until `stop` is set (or `limit` images were judged); returns the images judged."""
         stop = stop or threading.Event()
         with exclusive(self.folders.inbox, f"another `defectscope watch` is judging {self.folders.inbox}; one hot "
-                                           "folder takes one watcher"):
+                                           "folder takes one watcher") as held:
+            if not held:
+                self.say(f"{self.folders.inbox} cannot be locked here (a network share?): make sure no other watcher "
+                         "judges it")
             return self._watch(stop, limit)
 
     def _watch(self, stop: threading.Event, limit: int | None) -> int:
