@@ -549,3 +549,36 @@ def test_a_hot_folder_that_cannot_be_locked_is_still_watched_and_says_so(model, 
     dropped = _drop(demo_root, line.folders.inbox, 2)
     assert line.run(limit=2) == 2 and len(line.audit.query()) == len(dropped)
     assert any("cannot be locked" in text for text in said)
+
+
+def test_verdicts_a_target_missed_are_sent_again_once_it_is_back_without_a_restart(model, demo_root: Path,
+                                                                                   tmp_path: Path) -> None:
+    class Recovering(_Target):
+        def send(self, message: dict) -> None:
+            if not back.is_set():
+                raise ConnectionError("webhook is down")
+            super().send(message)
+
+    back, reports = threading.Event(), []
+    target = Recovering("webhook")
+    dispatch = Dispatcher([target], reports.append)
+    line = _line(tmp_path, model, dispatch, redeliver=0.2)
+    dropped = _drop(demo_root, line.folders.inbox, 3)
+    stop = threading.Event()
+    running = threading.Thread(target=line.run, args=(stop,))
+    running.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(reports) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(reports) >= 3 and target.received == []  # every verdict missed while the target was down
+        back.set()
+        while line.audit.undelivered(line.journal) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        running.join(10)
+        dispatch.close()
+    ids = sorted(r["id"] for r in line.audit.query())
+    assert len(ids) == len(dropped) and sorted(set(target.received)) == ids  # all of them, once it was back
+    assert line.audit.undelivered(line.journal) == []

@@ -530,14 +530,14 @@ def watch(
                      settle=settle, say=note)
     try:
         judged = line.run(limit=limit)
+        dispatch.close()
+        missed = len(log.undelivered(line.journal))
     finally:
         dispatch.close()
         log.close()
     note(f"judged {judged} image(s)")
-    if dispatch.failed:
-        dropped = f" ({dispatch.dropped} pushed out of a full queue)" if dispatch.dropped else ""
-        warn(f"{dispatch.failed} verdict message(s) did not reach every target{dropped}; they are sent again at the "
-             "next start")
+    if missed:
+        warn(f"{missed} verdict message(s) did not reach every target; they are sent again at the next start")
 
 
 experiment_app = typer.Typer(no_args_is_help=True, help="Run attempts from a config file and compare them in a table.")

@@ -127,12 +127,13 @@ class AuditLog:
         """Every dispatch target acknowledged this verdict's message."""
         self._write("UPDATE moves SET delivered = 1 WHERE verdict_id = ?", (record_id,))
 
-    def _journal(self, condition: str, inbox: str) -> list[dict[str, Any]]:
-        """Journaled verdicts of the hot folder `inbox` (and those of version 1, which named none) on `condition`."""
+    def _journal(self, condition: str, inbox: str, limit: int = -1) -> list[dict[str, Any]]:
+        """Journaled verdicts of the hot folder `inbox` (and those of version 1, which named none) on `condition`,
+        oldest first, at most `limit` (-1: all)."""
         with self._lock:
             rows = self._db.execute(f"SELECT v.id, {', '.join('v.' + c for c in COLUMNS)}, m.inbox_name, m.destination "
                                     f"FROM verdicts v JOIN moves m ON m.verdict_id = v.id WHERE {condition} "
-                                    "AND (m.inbox = ? OR m.inbox IS NULL) ORDER BY v.id", (inbox,)).fetchall()
+                                    "AND (m.inbox = ? OR m.inbox IS NULL) ORDER BY v.id LIMIT ?", (inbox, limit)).fetchall()
         return [dict(zip(["id", *COLUMNS, "inbox_name", "destination"], row)) for row in rows]
 
     def unfinished_moves(self, inbox: str) -> list[dict[str, Any]]:
@@ -140,9 +141,9 @@ class AuditLog:
         move); another hot folder's, in the same database, are its own watcher's to finish."""
         return self._journal("m.moved = 0", inbox)
 
-    def undelivered(self, inbox: str) -> list[dict[str, Any]]:
-        """The hot folder's moved images whose verdict message not every target acknowledged yet."""
-        return self._journal("m.moved = 1 AND m.delivered = 0", inbox)
+    def undelivered(self, inbox: str, limit: int = -1) -> list[dict[str, Any]]:
+        """The hot folder's moved images whose verdict message not every target acknowledged yet (at most `limit`)."""
+        return self._journal("m.moved = 1 AND m.delivered = 0", inbox, limit)
 
     def get(self, record_id: int) -> dict[str, Any]:
         if not 1 <= record_id <= MAX_RECORD_ID:  # SQLite cannot even compare a larger integer

@@ -68,6 +68,9 @@ class Webhook:
                 time.sleep(self.backoff * 2**attempt)
         raise ConnectionError(f"webhook {self.url} refused the verdict after {self.retries + 1} tries ({reason})")
 
+    def close(self) -> None:
+        self.client.close()
+
 
 class Mqtt:
     """Publish each verdict to an MQTT broker (paho-mqtt, QoS 1: the broker acknowledges every message)."""
@@ -161,7 +164,7 @@ class Dispatcher:
     def __init__(self, targets: list[Any], report: Callable[[str], None] = lambda _text: None) -> None:
         self.local = [t for t in targets if isinstance(t, JsonLines)]
         self.report, self.failed, self.dropped = report, 0, 0
-        self._lock = threading.Lock()
+        self._lock, self._closed = threading.Lock(), False
         self.lanes = [_Lane(t, self._settle) for t in targets if not isinstance(t, JsonLines)]
 
     def send(self, message: Message, on_sent: Callable[[], None] | None = None) -> None:
@@ -195,13 +198,21 @@ class Dispatcher:
             with self._lock:
                 self.failed += 1
 
+    def idle(self) -> bool:
+        """Nothing on its way to a network target (queued, or being sent)."""
+        return not any(lane.queue.unfinished_tasks for lane in self.lanes)
+
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until every queued message was sent (or failed), at most `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        while any(lane.queue.unfinished_tasks for lane in self.lanes) and time.monotonic() < deadline:
+        while not self.idle() and time.monotonic() < deadline:
             time.sleep(0.02)
 
     def close(self) -> None:
+        """Send what is queued (30 s at most), then stop the threads and close the targets; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self.flush()
         for lane in self.lanes:
             lane.queue.put(None)

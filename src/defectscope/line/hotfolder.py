@@ -7,7 +7,8 @@ modification time unchanged for `settle` seconds (a camera writing in pieces); n
 temporary name (hidden, `.tmp`, `.part`). Each image's verdict and its destination are recorded in
 the audit database in one transaction before the file is moved; after a restart a recorded image still
 in the inbox is moved to its recorded folder without being scored again, and a verdict whose message
-was not acknowledged is sent again (receivers see the audit id, so a repeat is recognisable).
+not every target acknowledged is sent again, then and while the watcher runs (receivers see the audit id,
+so a repeat is recognisable).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ except ImportError:  # not Linux: every file settles
 
 TEMPORARY = (".tmp", ".part", ".partial", ".crdownload")
 BATCH = 16  # images scored together at most
+REDELIVER_BATCH = 1000  # verdicts sent again at a time, oldest first
 
 
 @dataclass
@@ -133,6 +135,7 @@ class HotFolder:
     dispatch: Dispatcher
     settle: float = 0.5
     poll: float = 0.1  # seconds between scans of an idle inbox (a scan of 1,000 names and sizes takes about 2 ms)
+    redeliver: float = 60.0  # seconds between tries to send again what a target missed, while the targets are idle
     say: Callable[[str], None] = lambda _text: None
     _seen: dict[str, tuple[int, int, float]] = field(default_factory=dict)
     _arrivals: Arrivals | None = None  # while `run` watches
@@ -245,6 +248,14 @@ class HotFolder:
             self._send(self.audit.get(record_id))
         return len(paths)
 
+    def _redeliver(self) -> None:
+        """Send again, oldest first, the verdicts some target missed (refused, or pushed out of a full queue), once
+        nothing is on its way any more: a target that is back gets them without a restart, and one still down
+        is not flooded."""
+        if self.dispatch.idle():
+            for record in self.audit.undelivered(self.journal, limit=REDELIVER_BATCH):
+                self._send(record)
+
     def _send(self, record: dict) -> None:
         self.dispatch.send(record, on_sent=lambda: self.audit.delivered(record["id"]))
 
@@ -267,6 +278,7 @@ class HotFolder:
         if recovered:
             self.say(f"finished {recovered} image(s) a previous run had judged but not moved")
         judged, self._arrivals = 0, Arrivals(self.folders.inbox)
+        again = time.monotonic() + self.redeliver
         try:
             while not stop.is_set() and (limit is None or judged < limit):
                 batch = self.ready()
@@ -274,6 +286,9 @@ class HotFolder:
                     judged += self.judge(batch)
                 else:
                     self._arrivals.collect(self.poll)  # wakes at once when a file is renamed in
+                if time.monotonic() >= again:
+                    self._redeliver()
+                    again = time.monotonic() + self.redeliver
         finally:
             self._arrivals.close()
             self._arrivals = None
