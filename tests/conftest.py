@@ -50,7 +50,8 @@ def report_folder(demo_root: Path, served_folder: Path, tmp_path_factory: pytest
     from defectscope.pipeline import evaluate_model
 
     out = tmp_path_factory.mktemp("evaluated") / "report"
-    evaluate_model(load_model(served_folder / "part.dsmodel"), load_dataset(demo_root), out)
+    evaluate_model(load_model(served_folder / "part.dsmodel"), load_dataset(demo_root), out,
+                   model_file=served_folder / "part.dsmodel")
     return out
 
 

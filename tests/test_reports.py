@@ -4,12 +4,15 @@ verdict as CSV at the model's threshold, every mistake named with its overlay.""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from pathlib import Path
 
 import numpy as np
 
+from defectscope import __version__, load_dataset
+from defectscope.files import file_sha256
 from defectscope.reports import confusion, prediction_table
 
 COLUMNS = ["path", "true_class", "score", "normalized_score", "verdict", "correct", "heatmap"]
@@ -53,6 +56,22 @@ def test_the_report_names_every_mistake_and_holds_its_images(report_folder: Path
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
         assert (report_folder / link).is_file()
     assert (report_folder / "curves.png").is_file() and (report_folder / "histogram.png").is_file()
+
+
+def test_the_report_says_which_model_data_and_software_made_it(report_folder: Path, served_folder: Path,
+                                                                demo_root: Path) -> None:
+    provenance = json.loads((report_folder / "metrics.json").read_text())["provenance"]
+    digest = file_sha256(served_folder / "part.dsmodel")
+    assert provenance["model_sha256"] == digest and provenance["model_version"] == digest[:12]
+    assert provenance["model_file"] == str(served_folder / "part.dsmodel")
+    listing = "".join(f"{sample.path.relative_to(demo_root).as_posix()}\t{file_sha256(sample.path)}\n"
+                      for sample in sorted(load_dataset(demo_root).test, key=lambda s: s.path.relative_to(demo_root)))
+    assert provenance["test_set_sha256"] == hashlib.sha256(listing.encode()).hexdigest()  # the test images, by content
+    assert provenance["software"].startswith(f"defectscope {__version__}, torch ")
+    assert provenance["evaluated_at"].endswith("+00:00") and "threshold" in provenance["operating_point"]
+    for name in ("report.md", "report.html"):
+        text = (report_folder / name).read_text()
+        assert "Provenance" in text and digest in text and provenance["test_set_sha256"] in text
 
 
 def test_a_score_that_is_not_a_number_is_an_error_never_right() -> None:

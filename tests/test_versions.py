@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from defectscope.files import file_sha256
-from defectscope.versions import STORE, NoEarlierVersion, UnknownVersion, VersionStore, version_of
+from defectscope.names import version_of
+from defectscope.versions import STORE, NoEarlierVersion, UnknownVersion, VersionStore
 
 
 def test_versions_are_kept_by_content_and_rolled_back_in_order(tmp_path: Path) -> None:

@@ -349,7 +349,7 @@ def evaluate(
         from defectscope.predictor import load_predictor
         from defectscope.reports import metrics_markdown
         detector = load_predictor(model, weights)
-    evaluation, written = evaluate_model(detector, load_dataset(data), out, force=force, bar=_progress)
+    evaluation, written = evaluate_model(detector, load_dataset(data), out, force=force, bar=_progress, model_file=model)
     say(metrics_markdown(evaluation.metrics))
     for path in written:
         say(f"wrote {path}")

@@ -17,6 +17,12 @@ OPERATOR_TOKEN_ENV = "DEFECTSCOPE_OPERATOR_TOKEN"
 DEFECT_LIKE = 1.5  # a false alarm worth teaching scores near the threshold; one at 1.5x it looks like a defect
 MODEL_SUFFIX = ".dsmodel"  # a model file
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # names that become file or folder names
+VERSION_DIGITS = 12  # a model file's version: the first hex digits of its sha256
+
+
+def version_of(sha256: str) -> str:
+    """A model file's version: its sha256's first VERSION_DIGITS hex digits."""
+    return sha256[:VERSION_DIGITS]
 
 
 def check_name(name: object, what: str) -> str:

@@ -47,7 +47,7 @@ from defectscope.names import DEFECT_LIKE
 from defectscope.prediction import prediction_rows
 from defectscope.process import release_free_heap
 from defectscope.predictor import Predictor
-from defectscope.reports import write_report
+from defectscope.reports import provenance, write_report
 from defectscope.settings import Settings
 from defectscope.thresholds import (
     Calibration,
@@ -192,14 +192,18 @@ def predict_images(detector: Predictor, inputs: Sequence[Path], heatmaps: Path |
 
 
 def evaluate_model(detector: Predictor, dataset: Dataset, out: Path | None = None, force: bool = False,
-                   bar: ProgressBar = no_progress, context: tuple[str, ...] = ()) -> tuple[Evaluation, list[Path]]:
+                   bar: ProgressBar = no_progress, context: tuple[str, ...] = (), model_file: Path | None = None
+                   ) -> tuple[Evaluation, list[Path]]:
     """Every metric on the dataset's test split; with `out`, the report (`reports.write_report`; `context`: lines
-    said under its title)."""
+    said under its title), which records what it was made of (`reports.provenance`: `model_file`, the test set)."""
     if out is not None:
         claim_folder(out, force, "evaluation report")
     with bar("evaluating", len(dataset.test)) as advance:
         evaluation = evaluate(detector, dataset, progress=advance)
-    return evaluation, (write_report(evaluation, detector, out, dataset.root.name, context) if out is not None else [])
+    if out is None:
+        return evaluation, []
+    made_of = provenance(detector, dataset.root, [sample.path for sample in dataset.test], model_file)
+    return evaluation, write_report(evaluation, detector, out, dataset.root.name, context, made_of=made_of)
 
 
 def recalibrate(model_path: Path, out: Path, *, false_alarm_rate: float | None = None,
@@ -352,7 +356,8 @@ def run_demo(out: Path, data: Path | None = None, model: str = "patchcore", forc
     say(f"fitted {model} on {fitted.report.train_images} images in {fitted.report.seconds:.1f} s -> {fitted.path}")
     context = (f"data: {data}", f"model: {fitted.path} ({model}, fitted in {fitted.report.seconds:.1f} s on "
                                 f"{fitted.report.train_images} good images)")
-    evaluation, written = evaluate_model(fitted.detector, fitted.dataset, out / "report", bar=bar, context=context)
+    evaluation, written = evaluate_model(fitted.detector, fitted.dataset, out / "report", bar=bar, context=context,
+                                         model_file=fitted.path)
     first_of_each = {s.defect: s.path for s in reversed(fitted.dataset.test)}  # one image per class, good included
     if fitted.detector.localizes:
         predict_images(fitted.detector, [first_of_each[d] for d in sorted(first_of_each)], heatmaps=out / "heatmaps", bar=bar)

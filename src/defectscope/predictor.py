@@ -54,6 +54,11 @@ class Predictor(Protocol):
         """Decode, frame and score images (`prediction.predict_frames`); failures NaN with `keep_going`."""
 
 
+def engine_of(predictor: Predictor) -> str:
+    """What runs a predictor: 'torch' for a model file, else its exported graph's engine (onnxruntime, openvino)."""
+    return predictor.manifest["graph"]["engine"] if isinstance(predictor, DeployedModel) else "torch"
+
+
 def load_predictor(path: Path, weights: Path | None = None, threads: int | None = None) -> Predictor:
     """A model file, or an exported model (a .dsdeploy file, run without torch on `threads` threads)."""
     if Path(path).suffix == DEPLOYMENT_SUFFIX or is_deployment(path):

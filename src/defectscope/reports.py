@@ -4,16 +4,23 @@ predictions as CSV, metrics JSON and Markdown, curves, a score histogram, overla
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import platform
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from defectscope.data.decode import read_image
 from defectscope.evaluation import Evaluation
-from defectscope.files import write_atomic, write_json
+from defectscope._version import __version__
+from defectscope.files import file_sha256, write_atomic, write_json
+from defectscope.names import version_of
 from defectscope.prediction import Prediction
-from defectscope.predictor import Predictor
+from defectscope.predictor import Predictor, engine_of
 from defectscope.report_document import Block, Figure, Heading, Table, Text, html_page, markdown
 from defectscope.viz import curves_png, gallery_png, heatmap_names, histogram_png, overlay, readable_overlay, save_rgb
 
@@ -142,10 +149,47 @@ def _case_blocks(title: str, rows: list[dict], overlays: dict[str, Path]) -> lis
     return [Heading(f"{title}: {len(rows)}{shown}", 3), table, *figures]
 
 
+PROVENANCE_LABELS = {"model_file": "model file", "model_version": "model version", "model_sha256": "model sha256",
+                     "model": "model", "operating_point": "operating point", "test_set": "test set",
+                     "test_set_sha256": "test set sha256 (each image's path and content)", "evaluated_at": "evaluated (UTC)",
+                     "software": "software"}
+
+
+def provenance(detector: Predictor, root: Path, test: Sequence[Path], model_file: Path | None = None) -> dict[str, str]:
+    """What an evaluation was made of, for the record: the model file (version and sha256), the model and its operating
+    point, the test set (`test` images under `root`) with a fingerprint of its contents, when, and the software."""
+    engine = engine_of(detector)
+    frame = detector.preprocess
+    calibration = detector.calibration
+    listing = sorted((path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path), file_sha256(path))
+                     for path in test)
+    record = {"model_file": "" if model_file is None else str(model_file),
+              "model_version": "", "model_sha256": "",
+              "model": f"{detector.name} on {detector.backbone_name}, images resized to {frame.image_size} and cropped "
+                       f"to {frame.crop or frame.image_size}",
+              "operating_point": calibration.describe() if calibration else "no threshold",
+              "test_set": f"{root} ({len(test)} images)",
+              "test_set_sha256": hashlib.sha256("".join(f"{name}\t{digest}\n" for name, digest in listing).encode()).hexdigest(),
+              "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+              "software": f"defectscope {__version__}, {engine} {_installed(engine)}, Python {platform.python_version()}"}
+    if model_file is not None:
+        record["model_sha256"] = file_sha256(Path(model_file))
+        record["model_version"] = version_of(record["model_sha256"])
+    return record
+
+
+def _installed(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:  # run from a source tree, or a build under another distribution name
+        return "(version unknown)"
+
+
 def plant_report(evaluation: Evaluation, detector: Predictor, out: Path, name: str, threshold: float,
-                 context: tuple[str, ...] = ()) -> tuple[list[Block], list[dict], dict[str, Path]]:
-    """The report's blocks (`context`: lines said under the title, such as the data and model used), the per-image
-    rows and the overlays written (into out/cases)."""
+                 context: tuple[str, ...] = (), made_of: dict[str, str] | None = None
+                 ) -> tuple[list[Block], list[dict], dict[str, Path]]:
+    """The report's blocks (`context`: lines said under the title, such as the data and model used; `made_of`: the
+    evaluation's `provenance`), the per-image rows and the overlays written (into out/cases)."""
     metrics, records = evaluation.metrics, evaluation.records
     rows = prediction_table(records, threshold)
     counts = confusion(rows)
@@ -201,6 +245,9 @@ def plant_report(evaluation: Evaluation, detector: Predictor, out: Path, name: s
         blocks.append(Text(f"Overlays are in the model's frame; colours run from blue at 0 to red at twice the threshold "
                            f"({2 * threshold:.4g}) and above, more opaque where higher; the bar beside each marks the "
                            "threshold (1.0x)."))
+    if made_of:
+        blocks += [Heading("Provenance"), Table(["", ""], [[PROVENANCE_LABELS[key], value] for key, value in made_of.items()
+                                                         if value])]
     blocks += [Heading("What the numbers mean"), Table(["term", "meaning"], [[term, text] for term, text in GLOSSARY])]
     if metrics["notes"]:
         blocks += [Heading("Notes", 3), *(Text(note) for note in metrics["notes"])]
@@ -208,20 +255,20 @@ def plant_report(evaluation: Evaluation, detector: Predictor, out: Path, name: s
 
 
 def write_report(evaluation: Evaluation, detector: Predictor, out: Path, name: str = "the test set",
-                 context: tuple[str, ...] = (), gallery_size: int = 8) -> list[Path]:
+                 context: tuple[str, ...] = (), gallery_size: int = 8, made_of: dict[str, str] | None = None) -> list[Path]:
     """Write report.html (self-contained), report.md, predictions.csv, metrics.json, metrics.md, the curves, the
     score histogram, the overlays of the missed defects and false alarms (cases/) and gallery.png; returns the
-    written files (and the cases folder)."""
+    written files (and the cases folder). `made_of`: the evaluation's `provenance`, in the report and metrics.json."""
     out.mkdir(parents=True, exist_ok=True)
     metrics = evaluation.metrics
     written = [out / "metrics.json", out / "metrics.md"]
-    payload = {"metrics": metrics, "images": evaluation.records}
+    payload = {"metrics": metrics, "images": evaluation.records, **({"provenance": made_of} if made_of else {})}
     write_json(written[0], payload, indent=2)
     write_atomic(written[1], metrics_markdown(metrics).encode())
     threshold = (metrics.get("at_model_threshold") or metrics.get("at_f1_threshold") or {}).get("threshold")
     if threshold is None:
         return written
-    blocks, rows, overlays = plant_report(evaluation, detector, out, name, threshold, context)
+    blocks, rows, overlays = plant_report(evaluation, detector, out, name, threshold, context, made_of)
     write_predictions_csv(out / "predictions.csv", rows, {path: file.relative_to(out).as_posix() for path, file in overlays.items()})
     write_atomic(out / "report.md", markdown(blocks, out).encode())
     write_atomic(out / "report.html", html_page(blocks, f"{detector.name} on {name}").encode())

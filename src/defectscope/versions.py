@@ -18,10 +18,9 @@ from typing import Any
 from defectscope.errors import DefectscopeError, InputError
 from defectscope.files import file_sha256, write_atomic
 from defectscope.line.audit import now
-from defectscope.names import MODEL_SUFFIX, SAFE_NAME
+from defectscope.names import MODEL_SUFFIX, SAFE_NAME, version_of
 
 STORE = ".defectscope-versions"
-VERSION_DIGITS = 12
 
 
 class UnknownVersion(InputError):
@@ -30,11 +29,6 @@ class UnknownVersion(InputError):
 
 class NoEarlierVersion(InputError):
     """A rollback with no version active before the current one."""
-
-
-def version_of(sha256: str) -> str:
-    """A model file's version: its sha256's first VERSION_DIGITS hex digits."""
-    return sha256[:VERSION_DIGITS]
 
 
 @dataclass

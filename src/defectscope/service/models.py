@@ -12,12 +12,12 @@ from defectscope.errors import DefectscopeError
 from defectscope.evaluation import evaluate
 from defectscope.files import file_sha256
 from defectscope.model_header import model_info
-from defectscope.names import MODEL_SUFFIX, SAFE_NAME
-from defectscope.predictor import Predictor, load_predictor
+from defectscope.names import MODEL_SUFFIX, SAFE_NAME, version_of
+from defectscope.predictor import Predictor, engine_of, load_predictor
 from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel
 from defectscope.service.batching import Batcher
 from defectscope.service.config import ServiceConfig
-from defectscope.versions import VersionStore, version_of
+from defectscope.versions import VersionStore
 
 SERVED_SUFFIXES = (MODEL_SUFFIX, DEPLOYMENT_SUFFIX)  # model files, and exported models (onnxruntime or OpenVINO)
 
@@ -48,7 +48,7 @@ class ServedModel:
     @property
     def engine(self) -> str:
         """What runs it: 'torch' for a model file, else the exported graph's engine."""
-        return self.detector.manifest["graph"]["engine"] if isinstance(self.detector, DeployedModel) else "torch"
+        return engine_of(self.detector)
 
     @property
     def version(self) -> str:
