@@ -163,19 +163,16 @@ def provenance(detector: Predictor, root: Path, test: Sequence[Path], model_file
     calibration = detector.calibration
     listing = sorted((path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path), file_sha256(path))
                      for path in test)
-    record = {"model_file": "" if model_file is None else str(model_file),
-              "model_version": "", "model_sha256": "",
-              "model": f"{detector.name} on {detector.backbone_name}, images resized to {frame.image_size} and cropped "
-                       f"to {frame.crop or frame.image_size}",
-              "operating_point": calibration.describe() if calibration else "no threshold",
-              "test_set": f"{root} ({len(test)} images)",
-              "test_set_sha256": hashlib.sha256("".join(f"{name}\t{digest}\n" for name, digest in listing).encode()).hexdigest(),
-              "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-              "software": f"defectscope {__version__}, {engine} {_installed(engine)}, Python {platform.python_version()}"}
-    if model_file is not None:
-        record["model_sha256"] = file_sha256(Path(model_file))
-        record["model_version"] = version_of(record["model_sha256"])
-    return record
+    digest = "" if model_file is None else file_sha256(Path(model_file))
+    return {"model_file": "" if model_file is None else str(model_file),
+            "model_version": version_of(digest), "model_sha256": digest,
+            "model": f"{detector.name} on {detector.backbone_name}, images resized to {frame.image_size} and cropped "
+                     f"to {frame.crop or frame.image_size}",
+            "operating_point": calibration.describe() if calibration else "no threshold",
+            "test_set": f"{root} ({len(test)} images)",
+            "test_set_sha256": hashlib.sha256("".join(f"{name}\t{image}\n" for name, image in listing).encode()).hexdigest(),
+            "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "software": f"defectscope {__version__}, {engine} {_installed(engine)}, Python {platform.python_version()}"}
 
 
 def _installed(package: str) -> str:
