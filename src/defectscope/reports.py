@@ -243,8 +243,8 @@ def plant_report(evaluation: Evaluation, detector: Predictor, out: Path, name: s
                            f"({2 * threshold:.4g}) and above, more opaque where higher; the bar beside each marks the "
                            "threshold (1.0x)."))
     if made_of:
-        blocks += [Heading("Provenance"), Table(["", ""], [[PROVENANCE_LABELS[key], value] for key, value in made_of.items()
-                                                         if value])]
+        blocks += [Heading("Provenance"), Table(["item", "value"], [[PROVENANCE_LABELS[key], value]
+                                                                 for key, value in made_of.items() if value])]
     blocks += [Heading("What the numbers mean"), Table(["term", "meaning"], [[term, text] for term, text in GLOSSARY])]
     if metrics["notes"]:
         blocks += [Heading("Notes", 3), *(Text(note) for note in metrics["notes"])]
