@@ -403,7 +403,7 @@ class _Target:
     """A network target for the dispatcher's tests: records what it is sent; may refuse, or hold until released."""
 
     def __init__(self, name: str, refuse: bool = False, hold: threading.Event | None = None) -> None:
-        self.name, self.refuse, self.hold, self.received = name, refuse, hold, []
+        self.name, self.refuse, self.hold, self.received, self.messages = name, refuse, hold, [], []
 
     def send(self, message: dict) -> None:
         if self.hold is not None:
@@ -411,6 +411,7 @@ class _Target:
         if self.refuse:
             raise ConnectionError(f"{self.name} is down")
         self.received.append(message["id"])
+        self.messages.append(message)
 
 
 def test_a_target_that_is_down_or_slow_holds_up_no_other() -> None:
@@ -582,3 +583,4 @@ def test_verdicts_a_target_missed_are_sent_again_once_it_is_back_without_a_resta
     ids = sorted(r["id"] for r in line.audit.query())
     assert len(ids) == len(dropped) and sorted(set(target.received)) == ids  # all of them, once it was back
     assert line.audit.undelivered(line.journal) == []
+    assert all(message == line.audit.get(message["id"]) for message in target.messages)  # sent again as first sent

@@ -27,7 +27,7 @@ from typing import Any
 from defectscope.data.decode import IMAGE_SUFFIXES, EncodedImage
 from defectscope.errors import InputError
 from defectscope.files import content_sha256, exclusive
-from defectscope.line.audit import AuditLog, Verdict, now
+from defectscope.line.audit import COLUMNS, AuditLog, Verdict, now
 from defectscope.line.dispatch import Dispatcher
 from defectscope.predictor import Predictor
 
@@ -257,7 +257,9 @@ class HotFolder:
                 self._send(record)
 
     def _send(self, record: dict) -> None:
-        self.dispatch.send(record, on_sent=lambda: self.audit.delivered(record["id"]))
+        """Send a verdict's audit record (its journal's fields left out: a repeat reads as the first message did)."""
+        message = {key: record[key] for key in ("id", *COLUMNS)}
+        self.dispatch.send(message, on_sent=lambda: self.audit.delivered(record["id"]))
 
     def run(self, stop: threading.Event | None = None, limit: int | None = None) -> int:
         """Watch until `stop` is set (or `limit` images were judged); returns the images judged."""
