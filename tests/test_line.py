@@ -517,10 +517,11 @@ def test_an_audit_database_of_the_first_schema_is_upgraded_in_place(tmp_path: Pa
 
     database = _first_schema_database(tmp_path / "audit.sqlite")  # one verdict recorded and not yet moved
     log = AuditLog(database)
-    assert [r["inbox_name"] for r in log.unfinished_moves("/line/in")] == ["a.png"]  # it named no hot folder
     ids = log.record([_verdict("b.png")], moves=[("b.png", "/cam2/good/b.png")], inbox="/cam2/in")
-    assert [r["id"] for r in log.unfinished_moves("/cam2/in")] == [1, *ids]
-    assert [r["id"] for r in log.unfinished_moves("/line/in")] == [1]
+    log.claim_unnamed("/line/in")  # the first watcher to start takes the rows that named no hot folder
+    log.claim_unnamed("/cam2/in")  # the next finds none left
+    assert [r["inbox_name"] for r in log.unfinished_moves("/line/in")] == ["a.png"]
+    assert [r["id"] for r in log.unfinished_moves("/cam2/in")] == ids
     log.close()
     with sqlite3.connect(database) as upgraded:
         assert upgraded.execute("PRAGMA user_version").fetchone()[0] == 2
@@ -561,8 +562,8 @@ def test_verdicts_a_target_missed_are_sent_again_once_it_is_back_without_a_resta
             super().send(message)
 
     back, reports = threading.Event(), []
-    target = Recovering("webhook")
-    dispatch = Dispatcher([target], reports.append)
+    target, broker = Recovering("webhook"), _Target("mqtt")
+    dispatch = Dispatcher([target, broker], reports.append)
     line = _line(tmp_path, model, dispatch, redeliver=0.2)
     dropped = _drop(demo_root, line.folders.inbox, 3)
     stop = threading.Event()
@@ -584,3 +585,4 @@ def test_verdicts_a_target_missed_are_sent_again_once_it_is_back_without_a_resta
     assert len(ids) == len(dropped) and sorted(set(target.received)) == ids  # all of them, once it was back
     assert line.audit.undelivered(line.journal) == []
     assert all(message == line.audit.get(message["id"]) for message in target.messages)  # sent again as first sent
+    assert sorted(broker.received) == ids  # the target that took them at once never sees them again

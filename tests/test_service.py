@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -179,6 +180,56 @@ def test_metrics_count_verdicts_a_dispatch_target_did_not_take(model_folder: Pat
         dispatch.flush()
         assert "defectscope_verdicts_undelivered 2.0" in client.get("/metrics").text
     assert len(reports) == 2 and all("not delivered: webhook is down" in r for r in reports)
+
+
+def test_verdicts_a_dispatch_target_missed_are_sent_again_by_the_service_and_after_its_restart(
+        model_folder: Path, demo_root: Path, tmp_path: Path) -> None:
+    from defectscope.line.audit import AuditLog
+    from defectscope.line.dispatch import Dispatcher
+
+    class Webhook:
+        name = "webhook"
+        up = False
+
+        def __init__(self) -> None:
+            self.messages: list[dict] = []
+
+        def send(self, message: dict) -> None:
+            if not Webhook.up:
+                raise ConnectionError("webhook is down")
+            self.messages.append(message)
+
+    class Broker(Webhook):
+        name = "mqtt"
+
+        def send(self, message: dict) -> None:
+            self.messages.append(message)
+
+    settings = ServiceConfig.from_dict({"redeliver_s": 0.2})
+    first, broker = Webhook(), Broker()
+    audit = AuditLog(tmp_path / "audit.sqlite")
+    app = create_app(load_served([model_folder], settings), settings, audit=audit, dispatch=Dispatcher([first, broker]))
+    with TestClient(app) as client:
+        answer = client.post("/v1/models/part/inspect", files=upload(*samples(demo_root, 1, 2))).json()
+        ids = sorted(result["audit_id"] for result in answer["results"])
+        Webhook.up = True  # back while the service runs: it gets what it missed without a restart
+        deadline = time.monotonic() + 10
+        while sorted({m["id"] for m in first.messages}) != ids and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted({m["id"] for m in first.messages}) == ids
+        assert all(message == audit.get(message["id"]) for message in first.messages)
+        Webhook.up = False
+        client.post("/v1/models/part/inspect", files=upload(*samples(demo_root, 0, 1)))  # missed, then a stop
+    Webhook.up, second, broker_again = True, Webhook(), Broker()
+    audit = AuditLog(tmp_path / "audit.sqlite")
+    app = create_app(load_served([model_folder], settings), settings, audit=audit,
+                     dispatch=Dispatcher([second, broker_again]))
+    with TestClient(app):
+        deadline = time.monotonic() + 10
+        while not second.messages and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert [m["id"] for m in second.messages] == [max(ids) + 1]  # the one missed before the stop, once
+    assert sorted(m["id"] for m in broker.messages) == [*ids, max(ids) + 1] and broker_again.messages == []  # no repeat
 
 
 def test_concurrent_requests_share_batches(model_folder: Path, demo_root: Path) -> None:

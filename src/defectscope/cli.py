@@ -531,7 +531,7 @@ def watch(
     try:
         judged = line.run(limit=limit)
         dispatch.close()
-        missed = len(log.undelivered(line.journal))
+        missed = log.undelivered_count(line.journal)
     finally:
         dispatch.close()
         log.close()

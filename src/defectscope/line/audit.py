@@ -17,7 +17,8 @@ from typing import Any
 
 from defectscope.errors import InputError
 
-SCHEMA_VERSION = 2  # 2: each journaled move names its hot folder (version 1's rows: any hot folder's)
+SCHEMA_VERSION = 2  # 2: each journal row names its hot folder or the service (version 1's: see claim_unnamed); the
+# targets that took a message another missed (deliveries)
 MAX_PAGE = 1000  # records per query at most
 MAX_RECORD_ID = 2**63 - 1  # SQLite's largest integer
 
@@ -88,6 +89,8 @@ class AuditLog:
             self._db.execute("CREATE TABLE IF NOT EXISTS moves (verdict_id INTEGER PRIMARY KEY REFERENCES verdicts(id), "
                              "inbox_name TEXT, destination TEXT, moved INTEGER DEFAULT 0, delivered INTEGER DEFAULT 0, "
                              "inbox TEXT)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS deliveries (verdict_id INTEGER REFERENCES verdicts(id), "
+                             "target TEXT, PRIMARY KEY (verdict_id, target)) WITHOUT ROWID")
         except sqlite3.OperationalError as exc:  # a folder we may not write, a locked or read-only file
             raise InputError(f"cannot open the audit database {self.path}: {exc}; choose another with --audit, or "
                              "keep none with --no-audit") from exc
@@ -95,9 +98,10 @@ class AuditLog:
             raise InputError(f"{self.path} is not a defectscope audit database: {exc}") from exc
 
     def record(self, verdicts: Sequence[Verdict], moves: Sequence[tuple[str, str]] | None = None,
-               inbox: str | None = None) -> list[int]:
+               inbox: str | None = None, outbox: str | None = None) -> list[int]:
         """Append verdicts in one durable transaction; returns their record ids. `moves` (the hot folder `inbox`): each
-        verdict's (inbox file name, destination), journaled in the same transaction until `finish_move`."""
+        verdict's (inbox file name, destination), journaled in the same transaction until `finish_move`; `outbox` (a
+        sender with nothing to move, the service): each verdict journaled under that name until `delivered`."""
         placeholders = ", ".join("?" for _ in COLUMNS)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -107,6 +111,8 @@ class AuditLog:
                 for record_id, (name, destination) in zip(ids, moves or []):
                     self._db.execute("INSERT INTO moves (verdict_id, inbox_name, destination, inbox) VALUES (?, ?, ?, ?)",
                                      (record_id, name, destination, inbox))
+                for record_id in ids if outbox is not None else []:
+                    self._db.execute("INSERT INTO moves (verdict_id, moved, inbox) VALUES (?, 1, ?)", (record_id, outbox))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -124,22 +130,49 @@ class AuditLog:
         self._write("UPDATE verdicts SET kept = ? WHERE id = ?", (destination, record_id))
 
     def delivered(self, record_id: int) -> None:
-        """Every dispatch target acknowledged this verdict's message."""
-        self._write("UPDATE moves SET delivered = 1 WHERE verdict_id = ?", (record_id,))
+        """Every dispatch target acknowledged this verdict's message (the targets that took it earlier are forgotten)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("UPDATE moves SET delivered = 1 WHERE verdict_id = ?", (record_id,))
+            self._db.execute("DELETE FROM deliveries WHERE verdict_id = ?", (record_id,))
+            self._db.execute("COMMIT")
+
+    def delivered_to(self, record_id: int, targets: Sequence[str]) -> None:
+        """These dispatch targets acknowledged this verdict's message while another missed it."""
+        with self._lock:
+            self._db.executemany("INSERT OR IGNORE INTO deliveries (verdict_id, target) VALUES (?, ?)",
+                                 [(record_id, target) for target in targets])
+
+    def took(self, record_id: int) -> set[str]:
+        """The dispatch targets that acknowledged this verdict's message while another missed it."""
+        with self._lock:
+            rows = self._db.execute("SELECT target FROM deliveries WHERE verdict_id = ?", (record_id,)).fetchall()
+        return {row[0] for row in rows}
+
+    def claim_unnamed(self, inbox: str) -> None:
+        """Journal rows of schema version 1, which named no hot folder, become `inbox`'s: the first watcher to start
+        after the upgrade finishes them, as any watcher did before."""
+        self._write("UPDATE moves SET inbox = ? WHERE inbox IS NULL", (inbox,))
 
     def _journal(self, condition: str, inbox: str, limit: int = -1) -> list[dict[str, Any]]:
-        """Journaled verdicts of the hot folder `inbox` (and those of version 1, which named none) on `condition`,
-        oldest first, at most `limit` (-1: all)."""
+        """Journaled verdicts of `inbox` (a hot folder's path, or a sender's name) on `condition`, oldest first, at
+        most `limit` (-1: all)."""
         with self._lock:
             rows = self._db.execute(f"SELECT v.id, {', '.join('v.' + c for c in COLUMNS)}, m.inbox_name, m.destination "
                                     f"FROM verdicts v JOIN moves m ON m.verdict_id = v.id WHERE {condition} "
-                                    "AND (m.inbox = ? OR m.inbox IS NULL) ORDER BY v.id LIMIT ?", (inbox, limit)).fetchall()
+                                    "AND m.inbox = ? ORDER BY v.id LIMIT ?", (inbox, limit)).fetchall()
         return [dict(zip(["id", *COLUMNS, "inbox_name", "destination"], row)) for row in rows]
 
     def unfinished_moves(self, inbox: str) -> list[dict[str, Any]]:
         """The hot folder's journaled verdicts whose image was not yet moved (a run stopped between the record and the
         move); another hot folder's, in the same database, are its own watcher's to finish."""
         return self._journal("m.moved = 0", inbox)
+
+    def undelivered_count(self, inbox: str) -> int:
+        """How many of `inbox`'s verdicts not every dispatch target has acknowledged yet."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM moves WHERE moved = 1 AND delivered = 0 AND inbox = ?",
+                                        (inbox,)).fetchone()[0])
 
     def undelivered(self, inbox: str, limit: int = -1) -> list[dict[str, Any]]:
         """The hot folder's moved images whose verdict message not every target acknowledged yet (at most `limit`)."""

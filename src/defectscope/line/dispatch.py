@@ -13,7 +13,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 from urllib.parse import urlsplit
@@ -104,25 +104,30 @@ class Mqtt:
 
 
 class _Delivery:
-    """One verdict on its way to every network target: done once each of them has it, failed at any miss."""
+    """One verdict on its way to the network targets: done once each of them has it; after a miss, `on_partial` hears
+    which targets did take it."""
 
-    def __init__(self, message: Message, targets: int, on_sent: Callable[[], None] | None) -> None:
-        self.message, self.waiting, self.failed, self.on_sent = message, targets, False, on_sent
+    def __init__(self, message: Message, targets: int, on_sent: Callable[[], None] | None,
+                 on_partial: Callable[[list[str]], None] | None) -> None:
+        self.message, self.waiting, self.failed, self.took = message, targets, False, []
+        self.on_sent, self.on_partial = on_sent, on_partial
         self._lock = threading.Lock()
 
-    def settle(self, delivered: bool) -> tuple[bool, bool]:
-        """Count one target's outcome: (the message's first failure, every target has it)."""
+    def settle(self, target: str, delivered: bool) -> tuple[bool, bool]:
+        """Count one target's outcome: (the message's first failure, every target has settled)."""
         with self._lock:
             self.waiting -= 1
             first_failure = not delivered and not self.failed
             self.failed |= not delivered
-            return first_failure, self.waiting == 0 and not self.failed
+            if delivered:
+                self.took.append(target)
+            return first_failure, self.waiting == 0
 
 
 class _Lane:
     """One network target's bounded queue and the thread that sends from it: a slow or dead target holds up no other."""
 
-    def __init__(self, target: Any, settle: Callable[[_Delivery, Exception | None], None]) -> None:
+    def __init__(self, target: Any, settle: Callable[[_Delivery, str, Exception | None], None]) -> None:
         self.target, self.settle = target, settle
         self.name = getattr(target, "name", type(target).__name__)
         self.queue: queue.Queue[_Delivery | None] = queue.Queue(QUEUE_LIMIT)
@@ -148,9 +153,9 @@ class _Lane:
             try:
                 self.target.send(delivery.message)
             except Exception as exc:  # noqa: BLE001 - a failed delivery is counted and reported, scoring goes on
-                self.settle(delivery, exc)
+                self.settle(delivery, self.name, exc)
             else:
-                self.settle(delivery, None)
+                self.settle(delivery, self.name, None)
             finally:
                 self.queue.task_done()
 
@@ -167,33 +172,40 @@ class Dispatcher:
         self._lock, self._closed = threading.Lock(), False
         self.lanes = [_Lane(t, self._settle) for t in targets if not isinstance(t, JsonLines)]
 
-    def send(self, message: Message, on_sent: Callable[[], None] | None = None) -> None:
-        """Send to every target; `on_sent` runs once every target has the message (not after a failure)."""
+    def send(self, message: Message, on_sent: Callable[[], None] | None = None,
+             on_partial: Callable[[list[str]], None] | None = None, skip: Collection[str] = ()) -> None:
+        """Send to every target but those named in `skip` (they have it already); `on_sent` runs once all of them
+        have the message, and after a miss `on_partial` with the names of the targets that did take it."""
         for target in self.local:
             target.send(message)
-        if not self.lanes:
+        lanes = [lane for lane in self.lanes if lane.name not in skip]
+        if not lanes:
             if on_sent:
                 on_sent()
             return
-        delivery = _Delivery(message, len(self.lanes), on_sent)
-        for lane in self.lanes:
+        delivery = _Delivery(message, len(lanes), on_sent, on_partial)
+        for lane in lanes:
             for dropped in lane.put(delivery):
                 with self._lock:
                     self.dropped += 1
-                self._settle(dropped, ConnectionError(f"{lane.name}'s queue was full ({QUEUE_LIMIT:,} verdicts "
-                                                      "waiting); the oldest made room"))
+                self._settle(dropped, lane.name, ConnectionError(f"{lane.name}'s queue was full ({QUEUE_LIMIT:,} "
+                                                                 "verdicts waiting); the oldest made room"))
 
-    def _settle(self, delivery: _Delivery, error: Exception | None) -> None:
-        """One target's outcome for a message: a miss reported; `on_sent` once every target has it."""
+    def _settle(self, delivery: _Delivery, target: str, error: Exception | None) -> None:
+        """One target's outcome for a message: a miss reported; once every target settled, `on_sent` when all took
+        it, else `on_partial` with those that did."""
         if error is not None:
             self.report(f"verdict {delivery.message.get('id')} not delivered: {error}")
-        first_failure, done = delivery.settle(error is None)
-        if done and delivery.on_sent:
+        first_failure, settled = delivery.settle(target, error is None)
+        if settled:
             try:
-                delivery.on_sent()
+                if not delivery.failed and delivery.on_sent:
+                    delivery.on_sent()
+                elif delivery.failed and delivery.took and delivery.on_partial:
+                    delivery.on_partial(delivery.took)
             except Exception as exc:  # noqa: BLE001 - e.g. the audit database: counted and reported, sending goes on
                 self.report(f"verdict {delivery.message.get('id')} was delivered but not recorded as such: {exc}")
-                first_failure = True
+                first_failure = first_failure or not delivery.failed
         if first_failure:
             with self._lock:
                 self.failed += 1

@@ -27,8 +27,9 @@ from typing import Any
 from defectscope.data.decode import IMAGE_SUFFIXES, EncodedImage
 from defectscope.errors import InputError
 from defectscope.files import content_sha256, exclusive
-from defectscope.line.audit import COLUMNS, AuditLog, Verdict, now
+from defectscope.line.audit import AuditLog, Verdict, now
 from defectscope.line.dispatch import Dispatcher
+from defectscope.line.outbox import RESEND_BATCH, send_missed, send_verdict
 from defectscope.predictor import Predictor
 
 try:
@@ -38,7 +39,6 @@ except ImportError:  # not Linux: every file settles
 
 TEMPORARY = (".tmp", ".part", ".partial", ".crdownload")
 BATCH = 16  # images scored together at most
-REDELIVER_BATCH = 1000  # verdicts sent again at a time, oldest first
 
 
 @dataclass
@@ -139,6 +139,7 @@ class HotFolder:
     say: Callable[[str], None] = lambda _text: None
     _seen: dict[str, tuple[int, int, float]] = field(default_factory=dict)
     _arrivals: Arrivals | None = None  # while `run` watches
+    _resent: int = 0  # verdicts the last recovery sent again
 
     def __post_init__(self) -> None:
         self.folders.check()
@@ -151,14 +152,14 @@ class HotFolder:
     def recover(self) -> int:
         """Finish what a previous run recorded but did not complete: moves, then messages. Returns the images moved."""
         moved = 0
+        self.audit.claim_unnamed(self.journal)
         for record in self.audit.unfinished_moves(self.journal):
             source = self.folders.inbox / record["inbox_name"]
             if source.is_file() and content_sha256(source) == record["image_sha256"]:
                 moved += self._move(record["id"], source, Path(record["destination"]).parent, record["image_sha256"])
             else:  # moved before the stop; the inbox no longer holds it
                 self.audit.finish_move(record["id"], record["destination"])
-        for record in self.audit.undelivered(self.journal):
-            self._send(record)
+        self._resent = send_missed(self.audit, self.dispatch, self.journal)
         return moved
 
     def _move(self, record_id: int, source: Path, folder: Path, digest: str) -> bool:
@@ -245,21 +246,8 @@ class HotFolder:
         for record_id, path, digest, record in zip(ids, paths, digests, records):
             self._move(record_id, path, self.folders.of(record.verdict), digest)
         for record_id in ids:
-            self._send(self.audit.get(record_id))
+            send_verdict(self.audit, self.dispatch, self.audit.get(record_id))
         return len(paths)
-
-    def _redeliver(self) -> None:
-        """Send again, oldest first, the verdicts some target missed (refused, or pushed out of a full queue), once
-        nothing is on its way any more: a target that is back gets them without a restart, and one still down
-        is not flooded."""
-        if self.dispatch.idle():
-            for record in self.audit.undelivered(self.journal, limit=REDELIVER_BATCH):
-                self._send(record)
-
-    def _send(self, record: dict) -> None:
-        """Send a verdict's audit record (its journal's fields left out: a repeat reads as the first message did)."""
-        message = {key: record[key] for key in ("id", *COLUMNS)}
-        self.dispatch.send(message, on_sent=lambda: self.audit.delivered(record["id"]))
 
     def run(self, stop: threading.Event | None = None, limit: int | None = None) -> int:
         """Watch until `stop` is set (or `limit` images were judged); returns the images judged."""
@@ -280,7 +268,7 @@ class HotFolder:
         if recovered:
             self.say(f"finished {recovered} image(s) a previous run had judged but not moved")
         judged, self._arrivals = 0, Arrivals(self.folders.inbox)
-        again = time.monotonic() + self.redeliver
+        again = time.monotonic() + (self.poll if self._resent == RESEND_BATCH else self.redeliver)
         try:
             while not stop.is_set() and (limit is None or judged < limit):
                 batch = self.ready()
@@ -288,9 +276,9 @@ class HotFolder:
                     judged += self.judge(batch)
                 else:
                     self._arrivals.collect(self.poll)  # wakes at once when a file is renamed in
-                if time.monotonic() >= again:
-                    self._redeliver()
-                    again = time.monotonic() + self.redeliver
+                if time.monotonic() >= again:  # a full batch sent: the next may follow as soon as it is through
+                    resent = send_missed(self.audit, self.dispatch, self.journal)
+                    again = time.monotonic() + (self.poll if resent == RESEND_BATCH else self.redeliver)
         finally:
             self._arrivals.close()
             self._arrivals = None

@@ -21,6 +21,7 @@ from defectscope.data.decode import read_image
 from defectscope.errors import DefectscopeError, InputError
 from defectscope.export.pseudo import map_instances
 from defectscope.line.audit import MAX_PAGE, MAX_RECORD_ID, Verdict, now
+from defectscope.line.outbox import OUTBOX, send_verdict
 from defectscope.names import MODEL_SUFFIX, SAFE_NAME
 from defectscope.pipeline import update_model
 from defectscope.prediction import Prediction, place_detections, prediction_rows
@@ -231,10 +232,13 @@ async def _audit(request: Request, model: ServedModel, results: list[ImageResult
                         image_name=r.name, width=r.width, height=r.height, source="upload", score=r.score,
                         normalized=r.normalized, verdict=r.verdict, regions=None if r.regions is None else len(r.regions),
                         role=role) for r, digest in zip(results, digests)]
-    ids = await run_in_threadpool(audit.record, verdicts) if audit is not None else [None] * len(verdicts)
+    outbox = OUTBOX if dispatch is not None else None  # its messages journaled until every target has them
+    ids = await run_in_threadpool(audit.record, verdicts, outbox=outbox) if audit is not None else [None] * len(verdicts)
     for result, record_id, verdict in zip(results, ids, verdicts):
         result.audit_id = record_id
-        if dispatch is not None:
+        if dispatch is not None and audit is not None:
+            send_verdict(audit, dispatch, {"id": record_id, **asdict(verdict)})
+        elif dispatch is not None:  # no audit trail: no journal to send again from
             dispatch.send({"id": record_id, **asdict(verdict)})
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import swagger_ui_bundle
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -21,6 +22,7 @@ from defectscope.errors import DefectscopeError
 from defectscope.files import finite_or_none
 from defectscope.line.audit import AuditLog
 from defectscope.line.dispatch import Dispatcher
+from defectscope.line.outbox import OUTBOX, RESEND_BATCH, send_missed
 from defectscope.line.retention import ImageKeeper
 from defectscope.service.api import router
 from defectscope.service.config import ServiceConfig
@@ -82,6 +84,14 @@ class BodyLimit:
             await exc.response(scope, receive, send)
 
 
+async def _send_missed_every(audit: AuditLog, dispatch: Dispatcher, seconds: float) -> None:
+    """From the start (a previous run's misses too), every `seconds`: send again what a dispatch target missed (after
+    a full batch, the next as soon as it is through)."""
+    while True:
+        resent = await run_in_threadpool(send_missed, audit, dispatch, OUTBOX)
+        await asyncio.sleep(min(seconds, 0.5) if resent == RESEND_BATCH else seconds)
+
+
 def _too_large(limit: int) -> JSONResponse:
     return JSONResponse({"detail": f"the request body is larger than {limit:,} bytes"}, 413)
 
@@ -94,7 +104,12 @@ def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = No
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        resending = None
+        if audit is not None and dispatch is not None and dispatch.lanes:
+            resending = asyncio.get_running_loop().create_task(_send_missed_every(audit, dispatch, app.state.config.redeliver_s))
         yield
+        if resending is not None:
+            resending.cancel()
         for model in models.values():
             model.batcher.close()
         if dispatch is not None:
@@ -160,8 +175,8 @@ def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = No
         for name, model in app.state.models.items():
             telemetry.queue.labels(name).set(model.batcher.pending)
             telemetry.batches.labels(name).set(model.batcher.batches)
-        if app.state.dispatch is not None:
-            telemetry.undelivered.set(app.state.dispatch.failed)
+        if dispatch is not None:  # with an audit trail, its journal's count: a verdict sent again counts once
+            telemetry.undelivered.set(dispatch.failed if audit is None else audit.undelivered_count(OUTBOX))
         return Response(generate_latest(telemetry.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)

@@ -24,6 +24,7 @@ class ServiceConfig(Settings):
     max_queue_megapixels: float = 500.0  # pixels admitted per model (decoding, queued, scoring); beyond it 503
     body_timeout_s: float = 30.0  # a request body must arrive within this time (stalled uploads get 408)
     engine_threads: int | None = None  # threads of an exported model's engine (None: the engine's own choice)
+    redeliver_s: float = 60.0  # how often verdicts a dispatch target missed are sent again (once nothing is on its way)
     token: str | None = None  # the engineer's token: inspect, read, threshold, teach, reload
     operator_token: str | None = None  # the operator's token: inspect and read only
     # with either token set, /v1 and /metrics need "Authorization: Bearer <token>"; with none, every caller is an engineer
@@ -48,6 +49,7 @@ class ServiceConfig(Settings):
         require_range("max_queue_megapixels", self.max_queue_megapixels, 0, 100_000, low_open=True)
         require_range("body_timeout_s", self.body_timeout_s, 0, 3600, low_open=True)
         require_range("engine_threads", self.engine_threads, 1, 256, optional=True)
+        require_range("redeliver_s", self.redeliver_s, 0, 86_400, low_open=True)
         if self.token and self.token == self.operator_token:
             raise SettingsError("the engineer's and the operator's tokens must differ")
 

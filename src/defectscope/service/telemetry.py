@@ -17,6 +17,6 @@ class Telemetry:
         self.errors = Counter("defectscope_errors", "Requests answered with an error", ["status"], registry=self.registry)
         self.queue = Gauge("defectscope_queue_depth", "Images waiting or being scored", ["model"], registry=self.registry)
         self.batches = Gauge("defectscope_batches", "Model calls made", ["model"], registry=self.registry)
-        self.undelivered = Gauge("defectscope_verdicts_undelivered", "Verdict messages that did not reach every "
-                                 "dispatch target (refused after retries, or pushed out of a full queue)",
+        self.undelivered = Gauge("defectscope_verdicts_undelivered", "Verdicts not every dispatch target has taken "
+                                 "yet (refused after retries, or pushed out of a full queue; sent again)",
                                  registry=self.registry)
