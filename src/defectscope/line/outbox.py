@@ -3,6 +3,7 @@ trail, and what a target missed sent again while the sender runs (the hot folder
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from defectscope.line.audit import COLUMNS, AuditLog
@@ -12,12 +13,12 @@ RESEND_BATCH = 1000  # verdicts sent again at a time, oldest first
 OUTBOX = "serve"  # the journal of the service's verdicts (a hot folder's is its folder's path)
 
 
-def send_verdict(audit: AuditLog, dispatch: Dispatcher, record: dict[str, Any]) -> None:
+def send_verdict(audit: AuditLog, dispatch: Dispatcher, record: dict[str, Any], skip: Collection[str] = ()) -> None:
     """Send a journaled verdict's audit record (only its audit fields: a repeat reads as the first message did) to
-    every target that has not taken it yet; the journal notes it once all have, and after a miss which ones did."""
+    every target but those in `skip` (they took it); the journal notes it once all have, and after a miss which did."""
     message, record_id = {key: record[key] for key in ("id", *COLUMNS)}, record["id"]
     dispatch.send(message, on_sent=lambda: audit.delivered(record_id),
-                  on_partial=lambda targets: audit.delivered_to(record_id, targets), skip=audit.took(record_id))
+                  on_partial=lambda targets: audit.delivered_to(record_id, targets), skip=skip)
 
 
 def send_missed(audit: AuditLog, dispatch: Dispatcher, journal: str) -> int:
@@ -28,5 +29,5 @@ def send_missed(audit: AuditLog, dispatch: Dispatcher, journal: str) -> int:
         return 0
     missed = audit.undelivered(journal, limit=RESEND_BATCH)
     for record in missed:
-        send_verdict(audit, dispatch, record)
+        send_verdict(audit, dispatch, record, skip=audit.took(record["id"]))
     return len(missed)

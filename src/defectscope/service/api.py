@@ -20,7 +20,8 @@ from defectscope.artifacts import check_model_output, set_threshold
 from defectscope.data.decode import read_image
 from defectscope.errors import DefectscopeError, InputError
 from defectscope.export.pseudo import map_instances
-from defectscope.line.audit import MAX_PAGE, MAX_RECORD_ID, Verdict, now
+from defectscope.line.audit import MAX_PAGE, MAX_RECORD_ID, AuditLog, Verdict, now
+from defectscope.line.dispatch import Dispatcher
 from defectscope.line.outbox import OUTBOX, send_verdict
 from defectscope.names import MODEL_SUFFIX, SAFE_NAME
 from defectscope.pipeline import update_model
@@ -234,12 +235,19 @@ async def _audit(request: Request, model: ServedModel, results: list[ImageResult
                         role=role) for r, digest in zip(results, digests)]
     outbox = OUTBOX if dispatch is not None else None  # its messages journaled until every target has them
     ids = await run_in_threadpool(audit.record, verdicts, outbox=outbox) if audit is not None else [None] * len(verdicts)
-    for result, record_id, verdict in zip(results, ids, verdicts):
+    for result, record_id in zip(results, ids):
         result.audit_id = record_id
-        if dispatch is not None and audit is not None:
-            send_verdict(audit, dispatch, {"id": record_id, **asdict(verdict)})
-        elif dispatch is not None:  # no audit trail: no journal to send again from
-            dispatch.send({"id": record_id, **asdict(verdict)})
+    if dispatch is not None:  # off the event loop: a message's acknowledgement may be written at once (JSON lines)
+        await run_in_threadpool(_dispatch, audit, dispatch, [{"id": i, **asdict(v)} for i, v in zip(ids, verdicts)])
+
+
+def _dispatch(audit: AuditLog | None, dispatch: Dispatcher, records: list[dict]) -> None:
+    """Send each verdict, journaled when there is an audit trail (else there is no journal to send again from)."""
+    for record in records:
+        if audit is not None:
+            send_verdict(audit, dispatch, record)
+        else:
+            dispatch.send(record)
 
 
 def original_map(model: ServedModel, frame_map: np.ndarray, image: np.ndarray) -> np.ndarray:
