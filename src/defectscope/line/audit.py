@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,21 +104,27 @@ class AuditLog:
         verdict's (inbox file name, destination), journaled in the same transaction until `finish_move`; `outbox` (a
         sender with nothing to move, the service): each verdict journaled under that name until `delivered`."""
         placeholders = ", ".join("?" for _ in COLUMNS)
+        with self._transaction():
+            ids = [self._db.execute(f"INSERT INTO verdicts ({', '.join(COLUMNS)}) VALUES ({placeholders})",
+                                    [getattr(v, name) for name in COLUMNS]).lastrowid for v in verdicts]
+            for record_id, (name, destination) in zip(ids, moves or []):
+                self._db.execute("INSERT INTO moves (verdict_id, inbox_name, destination, inbox) VALUES (?, ?, ?, ?)",
+                                 (record_id, name, destination, inbox))
+            for record_id in ids if outbox is not None else []:
+                self._db.execute("INSERT INTO moves (verdict_id, moved, inbox) VALUES (?, 1, ?)", (record_id, outbox))
+        return ids
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One durable transaction, rolled back on any error."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                ids = [self._db.execute(f"INSERT INTO verdicts ({', '.join(COLUMNS)}) VALUES ({placeholders})",
-                                        [getattr(v, name) for name in COLUMNS]).lastrowid for v in verdicts]
-                for record_id, (name, destination) in zip(ids, moves or []):
-                    self._db.execute("INSERT INTO moves (verdict_id, inbox_name, destination, inbox) VALUES (?, ?, ?, ?)",
-                                     (record_id, name, destination, inbox))
-                for record_id in ids if outbox is not None else []:
-                    self._db.execute("INSERT INTO moves (verdict_id, moved, inbox) VALUES (?, 1, ?)", (record_id, outbox))
+                yield
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return ids
 
     def _write(self, sql: str, values: tuple) -> None:
         with self._lock:
@@ -131,11 +138,9 @@ class AuditLog:
 
     def delivered(self, record_id: int) -> None:
         """Every dispatch target acknowledged this verdict's message (the targets that took it earlier are forgotten)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             self._db.execute("UPDATE moves SET delivered = 1 WHERE verdict_id = ?", (record_id,))
             self._db.execute("DELETE FROM deliveries WHERE verdict_id = ?", (record_id,))
-            self._db.execute("COMMIT")
 
     def delivered_to(self, record_id: int, targets: Sequence[str]) -> None:
         """These dispatch targets acknowledged this verdict's message while another missed it."""
