@@ -468,6 +468,24 @@ def test_messages_dropped_from_a_full_queue_are_reported_and_not_marked_sent(mon
     assert all("webhook" in r and "queue was full" in r for r in reports)
 
 
+def test_a_verdict_sent_again_for_a_missing_target_is_not_printed_again(tmp_path: Path) -> None:
+    import io
+
+    from defectscope.line.outbox import send_missed, send_verdict
+
+    audit, stream = AuditLog(tmp_path / "audit.sqlite"), io.StringIO()
+    record_id = audit.record([_verdict("a.png")], outbox="serve")[0]
+    down = _Target("webhook", refuse=True)
+    dispatch = Dispatcher([JsonLines(stream), down])
+    send_verdict(audit, dispatch, audit.get(record_id))
+    dispatch.flush()
+    down.refuse = False
+    assert send_missed(audit, dispatch, "serve") == 1
+    dispatch.close()
+    assert down.received == [record_id] and audit.undelivered("serve") == []
+    assert len(stream.getvalue().splitlines()) == 1  # the JSON line took it at once: printed once
+
+
 def test_json_lines_are_written_at_once(tmp_path: Path) -> None:
     with (tmp_path / "out.jsonl").open("w") as stream:
         Dispatcher([JsonLines(stream)]).send({"id": 1, "verdict": "good"})

@@ -33,6 +33,7 @@ class JsonLines:
     """One JSON line per verdict on a text stream (stdout by default), flushed at once."""
 
     stream: TextIO = field(default_factory=lambda: sys.stdout)
+    name: str = "json lines"
 
     def send(self, message: Message) -> None:
         self.stream.write(_text(message) + "\n")
@@ -150,12 +151,13 @@ class _Lane:
 
     def _run(self) -> None:
         while (delivery := self.queue.get()) is not None:
+            error = None
             try:
                 self.target.send(delivery.message)
             except Exception as exc:  # noqa: BLE001 - a failed delivery is counted and reported, scoring goes on
-                self.settle(delivery, self.name, exc)
-            else:
-                self.settle(delivery, self.name, None)
+                error = exc
+            try:
+                self.settle(delivery, self.name, error)
             finally:
                 self.queue.task_done()
 
@@ -176,7 +178,8 @@ class Dispatcher:
              on_partial: Callable[[list[str]], None] | None = None, skip: Collection[str] = ()) -> None:
         """Send to every target but those named in `skip` (they have it already); `on_sent` runs once all of them
         have the message, and after a miss `on_partial` with the names of the targets that did take it."""
-        for target in self.local:
+        local = [target for target in self.local if target.name not in skip]
+        for target in local:
             target.send(message)
         lanes = [lane for lane in self.lanes if lane.name not in skip]
         if not lanes:
@@ -184,6 +187,7 @@ class Dispatcher:
                 on_sent()
             return
         delivery = _Delivery(message, len(lanes), on_sent, on_partial)
+        delivery.took += [target.name for target in local]  # written at once: a resend skips them too
         for lane in lanes:
             for dropped in lane.put(delivery):
                 with self._lock:
