@@ -604,3 +604,24 @@ def test_verdicts_a_target_missed_are_sent_again_once_it_is_back_without_a_resta
     assert line.audit.undelivered(line.journal) == []
     assert all(message == line.audit.get(message["id"]) for message in target.messages)  # sent again as first sent
     assert sorted(broker.received) == ids  # the target that took them at once never sees them again
+
+
+def test_a_file_written_over_goes_back_without_replacing_a_new_file_of_its_name(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    inbox, good = tmp_path / "in", tmp_path / "good"
+    inbox.mkdir(), good.mkdir()
+    (inbox / "a.png").write_bytes(b"written over")
+    judged = hashlib.sha256(b"what was judged").hexdigest()
+    hashed = hotfolder.content_sha256
+
+    def camera_writes_again(path: Path) -> str:  # the camera writes a.png anew while the old one is being staged
+        if not (inbox / "a.png").exists():
+            (inbox / "a.png").write_bytes(b"the next part")
+        return hashed(path)
+
+    monkeypatch.setattr(hotfolder, "content_sha256", camera_writes_again)
+    assert hotfolder.place(inbox / "a.png", good, judged) is None
+    over = hashlib.sha256(b"written over").hexdigest()
+    assert (inbox / "a.png").read_bytes() == b"the next part"  # kept
+    assert (inbox / f"a-{over[:8]}.png").read_bytes() == b"written over"  # back, under its content's name
+    assert list(good.iterdir()) == []

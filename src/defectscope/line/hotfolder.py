@@ -79,10 +79,16 @@ def place(source: Path, folder: Path, digest: str) -> Path | None:
     new content was never scored and waits for its own turn."""
     staged = folder / f".{source.name}.{os.getpid()}.moving"
     shutil.move(source, staged)  # a rename on one file system; copy and delete across two
-    if content_sha256(staged) != digest:
-        back = source if not source.exists() else source.with_name(f"{source.stem}-{content_sha256(staged)[:8]}"
-                                                                   f"{source.suffix}")
-        shutil.move(staged, back)
+    now_holds = content_sha256(staged)
+    if now_holds != digest:  # back under its name or, where a new file took that name, under its content's; never over
+        for back in (source, source.with_name(f"{source.stem}-{now_holds[:8]}{source.suffix}"),
+                     source.with_name(f"{source.stem}-{now_holds}{source.suffix}")):
+            if not back.exists():
+                shutil.move(staged, back)
+                break
+            if content_sha256(back) == now_holds:  # the same content waits there already
+                staged.unlink()
+                break
         return None
     target = folder / source.name
     if target.exists() and content_sha256(target) != digest:
