@@ -46,6 +46,11 @@ def say(text: str, markup: bool = False) -> None:
     console.print(text, soft_wrap=True, highlight=False, markup=markup)
 
 
+def _notes(jsonl: bool) -> Callable[[str], None]:
+    """Where a command's own lines go: with --jsonl stdout holds verdicts only, so they go to stderr."""
+    return (lambda text: _stderr_line("", "", text)) if jsonl else say
+
+
 def _stderr_line(label: str, style: str, text: str) -> None:
     Console(stderr=True).print(Text(label, style=style) + Text(text), soft_wrap=True, highlight=False)
 
@@ -472,9 +477,9 @@ def serve(
         keeper = ImageKeeper(keep_images, frozenset(v.strip() for v in keep_verdicts.split(",") if v.strip()),
                              int(keep_images_mb * 1024 * 1024))
     dispatch = dispatcher(jsonl, webhook, mqtt, mqtt_topic, report=warn) if (jsonl or webhook or mqtt) else None
-    say(f"serving {', '.join(f'{name} ({model.engine})' for name, model in served.items())} on http://{host}:{port}/ "
-        f"(API docs at /docs){f'; audit trail: {log.path}' if log else ''}"
-        f"{f'; keeping {keep_verdicts} images in {keep_images}' if keeper else ''}")
+    _notes(jsonl)(f"serving {', '.join(f'{name} ({model.engine})' for name, model in served.items())} on "
+                  f"http://{host}:{port}/ (API docs at /docs){f'; audit trail: {log.path}' if log else ''}"
+                  f"{f'; keeping {keep_verdicts} images in {keep_images}' if keeper else ''}")
     uvicorn.run(create_app(served, config, labelled, log, dispatch, keeper), host=host, port=port, log_level="warning",
                 limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
 
@@ -521,7 +526,7 @@ def watch(
         from defectscope.line.hotfolder import Folders, HotFolder, ModelIdentity
         from defectscope.predictor import load_predictor
         predictor = load_predictor(model)
-    note = (lambda text: _stderr_line("", "", text)) if jsonl else say  # with --jsonl, stdout holds verdicts only
+    note = _notes(jsonl)
     digest = file_sha256(model)
     folders = Folders(inbox, good_dir, defective_dir, error_dir)
     log = AuditLog(audit or inbox.resolve().parent / "defectscope-audit.sqlite")
