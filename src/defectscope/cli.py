@@ -525,8 +525,9 @@ def watch(
         from defectscope.line.audit import AuditLog
         from defectscope.line.dispatch import dispatcher
         from defectscope.line.hotfolder import Folders, HotFolder, ModelIdentity
-        from defectscope.predictor import load_predictor
+        from defectscope.predictor import load_predictor, warm_up
         predictor = load_predictor(model)
+        warm_up(predictor)
         freeze_loaded()  # its one model included: it is never replaced
     note = _notes(jsonl)
     digest = file_sha256(model)

@@ -68,6 +68,12 @@ def load_predictor(path: Path, weights: Path | None = None, threads: int | None 
     return load_model(path, weights)
 
 
+def warm_up(predictor: Predictor) -> None:
+    """Score one blank frame, so that the first part after a start or a reload is judged as fast as the next: an
+    engine sets itself up on its first run (bottle: OpenVINO's first request 363 ms, then 52-84; torch's 106, then 58)."""
+    predictor.score_frames(np.zeros((1, 3, *predictor.preprocess.input_shape), np.uint8))
+
+
 def model_files(path: Path, predictor: Predictor) -> dict[str, bytes]:
     """The files of a loaded model by name: the model file, and an export's graph files beside it; written into any
     folder, they load as the same model (how a model travels to a machine that cannot read `path`)."""

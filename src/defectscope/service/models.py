@@ -7,14 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from defectscope.data.layout import load_dataset
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation import evaluate
 from defectscope.files import file_sha256
 from defectscope.model_header import model_info
 from defectscope.names import MODEL_SUFFIX, SAFE_NAME, version_of
-from defectscope.predictor import Predictor, engine_of, load_predictor
+from defectscope.predictor import Predictor, engine_of, load_predictor, warm_up
 from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel
 from defectscope.service.batching import Batcher
 from defectscope.service.config import ServiceConfig
@@ -102,12 +101,6 @@ def serve_model(path: Path, name: str, config: ServiceConfig, labelled: Path | N
     if labelled is not None:
         served.labelled = Labelled(evaluate(detector, load_dataset(labelled)).records)
     return served
-
-
-def warm_up(detector: Predictor) -> None:
-    """Score one blank frame, so that the first part after a start or a reload is judged as fast as the next: an
-    engine sets itself up on its first run (bottle: OpenVINO's first request 363 ms, then 52-84; torch's 106, then 58)."""
-    detector.score_frames(np.zeros((1, 3, *detector.preprocess.input_shape), np.uint8))
 
 
 def load_served(sources: list[Path], config: ServiceConfig | None = None, labelled: Path | None = None
