@@ -101,3 +101,17 @@ def cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+def count_runs(monkeypatch: pytest.MonkeyPatch, module: object) -> list[tuple[int, ...]]:
+    """The shapes of the frames every predictor that `module.load_predictor` loads from now on scores."""
+    runs, loaded = [], module.load_predictor
+
+    def counted(*args, **options):
+        predictor = loaded(*args, **options)
+        score = predictor.score_frames
+        predictor.score_frames = lambda frames: runs.append(frames.shape) or score(frames)
+        return predictor
+
+    monkeypatch.setattr(module, "load_predictor", counted)
+    return runs

@@ -641,17 +641,10 @@ def test_serve_with_json_lines_keeps_stdout_for_verdicts(served_folder: Path, tm
 def test_watch_runs_its_model_once_before_the_first_part(served_folder: Path, tmp_path: Path, cli,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """An engine sets itself up on its first run: at start, not on the first part dropped into the hot folder."""
+    from conftest import count_runs
     from defectscope import predictor as predictors
 
-    runs, loaded = [], predictors.load_predictor
-
-    def counted(*args, **options):
-        model = loaded(*args, **options)
-        score = model.score_frames
-        model.score_frames = lambda frames: runs.append(frames.shape) or score(frames)
-        return model
-
-    monkeypatch.setattr(predictors, "load_predictor", counted)
+    runs = count_runs(monkeypatch, predictors)
     (tmp_path / "in").mkdir()
     result = cli("watch", served_folder / "part.dsmodel", tmp_path / "in", "--limit", "0", "--audit", tmp_path / "audit.sqlite",
                  *(option for kind in ("good", "defective", "error") for option in (f"--{kind}-dir", tmp_path / kind)))

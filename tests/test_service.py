@@ -393,18 +393,10 @@ def test_serve_keeps_the_loaded_libraries_from_the_collector_but_not_its_models(
 
 def test_each_served_model_has_run_once_before_its_first_request(model_folder: Path, monkeypatch) -> None:
     """An engine sets itself up on its first run: it happens at loading (and reloading), not on the first part."""
+    from conftest import count_runs
     from defectscope.service import models
 
-    runs = []
-    loaded = models.load_predictor
-
-    def counted(*args, **options):
-        predictor = loaded(*args, **options)
-        score = predictor.score_frames
-        predictor.score_frames = lambda frames: runs.append(frames.shape) or score(frames)
-        return predictor
-
-    monkeypatch.setattr(models, "load_predictor", counted)
+    runs = count_runs(monkeypatch, models)
     served = load_served([model_folder], ServiceConfig())
     assert runs == [(1, 3, *served["part"].detector.preprocess.input_shape)] and served["part"].batcher.batches == 0
 
