@@ -528,7 +528,6 @@ def watch(
         from defectscope.predictor import load_predictor, warm_up
         predictor = load_predictor(model)
         warm_up(predictor)
-        freeze_loaded()  # its one model included: it is never replaced
     note = _notes(jsonl)
     digest = file_sha256(model)
     folders = Folders(inbox, good_dir, defective_dir, error_dir)

@@ -67,11 +67,12 @@ def release_free_heap() -> None:
 
 
 def freeze_loaded() -> None:
-    """Take every object alive now out of the collector's sight (`gc.freeze`), in a long-running process (`serve`,
-    `watch`) once its libraries are loaded: each full collection scanned their ~340,000 objects with the GIL held, a
-    pause of 150-230 ms every 15-20 s of load that every request in flight waited through (bottle, OpenVINO, 16
-    clients: 3-11 ms after). Frozen objects are still freed when nothing refers to them; a cycle among them is not, so
-    what may be replaced (a served model) is loaded after."""
+    """Take every object alive now out of the collector's sight (`gc.freeze`), in `serve` once its libraries are
+    loaded: each full collection scanned their ~340,000 objects with the GIL held, a pause of 150-230 ms every 15-20 s
+    of load that every request in flight waited through (bottle, OpenVINO, 16 clients: 3-11 ms after). Frozen objects
+    are still freed when nothing refers to them; a cycle among them is not, so what may be replaced (a served model) is
+    loaded after. (`watch`, one image at a time, makes little garbage: the collection before the freeze, ~150 ms,
+    would only delay its first part after a restart.)"""
     gc.collect()
     gc.freeze()
 
