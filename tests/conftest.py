@@ -96,7 +96,7 @@ def cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         finally:
             signal.signal(signal.SIGTERM, handler)
-            gc.unfreeze()  # `serve` and `watch` freeze what they loaded (`process.freeze_loaded`): not the test run's objects
+            gc.unfreeze()  # `serve` freezes what it loaded (`process.freeze_loaded`): not the test run's objects
         captured = capsys.readouterr()
         return CliResult(code, captured.out, captured.err)
 
