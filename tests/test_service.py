@@ -401,6 +401,27 @@ def test_each_served_model_has_run_once_before_its_first_request(model_folder: P
     assert runs == [(1, 3, *served["part"].detector.preprocess.input_shape)] and served["part"].batcher.batches == 0
 
 
+def test_a_replaced_model_is_collected_and_its_memory_given_back(model_folder: Path, tmp_path: Path, monkeypatch
+                                                                 ) -> None:
+    """Once a replaced model has answered its last request, it is collected and the freed heap goes back to the system
+    (reloads kept it: the server's memory grew 0.87 -> 1.5 GB over 24 reloads of bottle's model)."""
+    import weakref
+
+    from defectscope.service import api
+
+    folder = tmp_path / "models"
+    shutil.copytree(model_folder, folder)
+    released, give_back = [], api.release_memory
+    with make_client(folder) as client:
+        old = weakref.ref(client.app.state.models["part"].detector)
+        monkeypatch.setattr(api, "release_memory", lambda: (give_back(), released.append(old() is None)))
+        assert client.post("/v1/models/part/reload").status_code == 200
+        deadline = time.monotonic() + 10
+        while not released and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert released == [True]
+
+
 def _png(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (128, 128, 128)).save(buffer, "PNG")

@@ -66,6 +66,13 @@ def release_free_heap() -> None:
         malloc_trim(0)
 
 
+def release_memory() -> None:
+    """Collect what is no longer referenced (a replaced model sits in reference cycles) and give the freed heap back
+    to the system (`release_free_heap`)."""
+    gc.collect()
+    release_free_heap()
+
+
 def freeze_loaded() -> None:
     """Take every object alive now out of the collector's sight (`gc.freeze`), in `serve` once its libraries are
     loaded: each full collection scanned their ~340,000 objects with the GIL held, a pause of 150-230 ms every 15-20 s

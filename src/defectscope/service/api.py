@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import mimetypes
@@ -25,6 +26,7 @@ from defectscope.line.dispatch import Dispatcher
 from defectscope.line.outbox import OUTBOX, send_verdict
 from defectscope.names import MODEL_SUFFIX, SAFE_NAME
 from defectscope.pipeline import update_model
+from defectscope.process import release_memory
 from defectscope.prediction import Prediction, place_detections, prediction_rows
 from defectscope.regions import polygons
 from defectscope.service.batching import QueueFull
@@ -50,6 +52,10 @@ from defectscope.service.uploads import decode, read_upload, sniff
 from defectscope.thresholds import labelled_calibration
 from defectscope.versions import NoEarlierVersion, UnknownVersion, VersionStore
 from defectscope.viz import heat_colours, png_bytes
+
+RELEASE_AFTER_S = 1.0  # after a replaced model's batcher closed: its last requests' handlers finish their answers
+_releases: set[asyncio.Task] = set()  # running until each replaced model's memory is given back (asyncio keeps no
+# reference to a task of its own)
 
 ERRORS = {code: {"model": Problem} for code in (400, 401, 403, 404, 409, 413, 415, 503)}
 router = APIRouter(prefix="/v1", responses=ERRORS)
@@ -341,7 +347,18 @@ async def _register(request: Request, path: Path, name: str) -> ServedModel:
     old, models[name] = models.get(name), new  # swapped on the event loop: no request sees a half-built model
     if old is not None:
         old.batcher.retire()  # requests already admitted finish on the old model; new ones reach the new
+        task = asyncio.get_running_loop().create_task(_give_back(old.batcher.closed))
+        _releases.add(task)
+        task.add_done_callback(_releases.discard)
     return new
+
+
+async def _give_back(closed: asyncio.Event) -> None:
+    """Once a replaced model has answered its last request, collect it and give its heap back: the allocator kept it
+    (the server's memory grew 0.87 -> 1.5 GB over 24 reloads of bottle's model; trimmed, 0.86)."""
+    await closed.wait()
+    await asyncio.sleep(RELEASE_AFTER_S)
+    await run_in_threadpool(release_memory)
 
 
 async def _written(request: Request, model: ServedModel, target: Path, name: str, action: str) -> ServedModel:

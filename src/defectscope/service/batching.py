@@ -40,6 +40,7 @@ class Batcher:
         self.pending_pixels = 0  # their pixels (from the headers)
         self.batches = 0  # model calls made
         self._retired = self._closed = False
+        self.closed = asyncio.Event()  # set once it is closed: it answers nothing more
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"defectscope-{detector.name}")
@@ -134,6 +135,7 @@ class Batcher:
 
     def close(self) -> None:
         self._closed = True
+        self.closed.set()
         if self._worker is not None:
             self._worker.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
