@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -251,8 +251,8 @@ class HotFolder:
         ids = self.audit.record(records, moves=moves, inbox=self.journal)
         for record_id, path, digest, record in zip(ids, paths, digests, records):
             self._move(record_id, path, self.folders.of(record.verdict), digest)
-        for record_id in ids:
-            send_verdict(self.audit, self.dispatch, self.audit.get(record_id))
+        for record_id, record in zip(ids, records):  # the record as written, not read back (as the service sends)
+            send_verdict(self.audit, self.dispatch, {"id": record_id, **asdict(record)})
         return len(paths)
 
     def run(self, stop: threading.Event | None = None, limit: int | None = None) -> int:
