@@ -77,8 +77,8 @@ def test_a_patch_ordinary_elsewhere_is_caught_at_a_place_that_never_varies() -> 
 
 def test_a_change_that_raises_every_place_alike_leaves_the_place_score() -> None:
     """Images whose every distance rose by another half of its place's spread (light or focus drifted since the fit):
-    the place view stays where it was, and still sees one place risen alone, or a quarter of them; an image nearer the
-    good ones than usual everywhere but at one place scores no higher for it. The largest z alone rose by half a spread on every drifted
+    the place view stays where it was, and still sees one place risen alone; an image nearer the good ones than usual
+    everywhere but at one place scores no higher for it. The largest z alone rose by half a spread on every drifted
     image, and the stated false-alarm rate with it."""
     train = _features(60)
     detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=1.0, calibration_folds=5,
@@ -88,23 +88,15 @@ def test_a_change_that_raises_every_place_alike_leaves_the_place_score() -> None
     detector.patch_crossfit(train, folds, scored)
     scores, grids = detector._patch_view(_features(20))
     mean, spread = detector.place["mean"], detector.place["spread"]
-    risen = grids + spread
-    assert bool((((risen - mean) / spread).flatten(1).median(1).values > 0).all())  # most places above their good mean
+    risen = grids + 0.5 * spread
+    assert bool((((risen - mean) / spread).flatten(1).mean(1) > 0).all())  # every place above its good mean on average
     torch.testing.assert_close(detector._with_place(scores, risen + 0.5 * spread), detector._with_place(scores, risen))
     one_place = grids.clone()
     one_place[:, 2, 1] += 0.5 * spread[2, 1] * grids[0].numel()
     assert bool((detector._with_place(scores, one_place) > detector._with_place(scores, grids)).all())
     quiet = 0.1 * grids
     quiet[:, 2, 1] = grids[:, 2, 1]
-    z = ((quiet - mean) / spread).flatten(1)
-    assert bool((z.median(1).values < 0).all())  # quieter than usual at most places: its largest z is its place score
-    torch.testing.assert_close(place_scores(quiet, mean, spread, relative=True), z.amax(1))
-    torch.testing.assert_close(place_scores(grids, mean, spread, relative=True),
-                               ((grids - mean) / spread).flatten(1).amax(1) - ((grids - mean) / spread).flatten(1).median(1).values.clamp_min(0))
-    # a defect over a quarter of the places, 20 spreads up, hardly lowers its own score (the mean z would rise by 5)
-    large = risen.clone()
-    large[:, 0] = mean[0] + 20 * spread[0]
-    assert bool((place_scores(large, mean, spread, relative=True) > 17).all())
+    assert bool((detector._with_place(scores, quiet) <= detector._with_place(scores, grids)).all())
 
 
 def test_a_model_fitted_before_the_relative_place_score_keeps_its_own() -> None:

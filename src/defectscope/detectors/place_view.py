@@ -4,15 +4,13 @@ The patch view scores a patch by its distance to the nearest good patch, whereve
 product with a fixed layout some places vary a lot between good parts (a highlight, a label's print) and others
 hardly at all (an empty tray, the bottle's rim): a distance that is ordinary in the first kind of place is a defect
 in the second. Here every cell of the patch grid keeps the mean and the spread of its cross-fitted good distances;
-a patch's place z is its distance in those units, and the place score of an image is its largest z, less the median
-of its z's where that median is above 0: how far its most unusual place stands out from the image's other places when
-most places have risen. A change that raises every place alike (the light, the focus or the exposure drifting between
+a patch's place z is its distance in those units, and the place score of an image is its largest z, less the mean
+of its z's where that mean is above 0: how far its most unusual place stands out from the image's other places when
+every place has risen. A change that raises every place alike (the light, the focus or the exposure drifting between
 fits) is then the patch view's to judge, in absolute terms: with the largest z alone, a rise of every good distance
-by half a place's spread raised the place score of every good image, and the false-alarm rate with it. The median,
-not the mean: a defect raises the z's of its own places, which moved the mean (and lost bottle 3 of its 63 defects at
-the stated rate) but leaves the median of the grid's places. An image nearer the good ones than usual everywhere (a
-taught part, a near copy of a training photo) keeps its largest z: its quiet places make its worst one no more
-unusual. On a product without a fixed layout every place varies
+by half a place's spread raised the place score of every good image, and the false-alarm rate with it. An image
+nearer the good ones than usual everywhere (a taught part, a near copy of a training photo) keeps its largest z: its
+other places being quiet makes its worst one no more unusual. On a product without a fixed layout every place varies
 alike, so the place score repeats the patch score.
 
 A calibration image's place z comes from the statistics without that image (leave one out, exact from the sums): an
@@ -69,10 +67,7 @@ def _moments(count: int, sums: torch.Tensor, squares: torch.Tensor) -> tuple[tor
 
 
 def place_scores(grids: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor, relative: bool) -> torch.Tensor:
-    """N x h x w distance grids -> each image's place score: its largest place z, less the median of its place z's
+    """N x h x w distance grids -> each image's place score: its largest place z, less the mean of its place z's
     where that is above 0 (`relative`), or the largest alone (models fitted before it)."""
     z = ((grids.float() - mean) / spread).flatten(1)
-    if not relative:
-        return z.amax(1)
-    middle = z.topk((z.shape[1] + 1) // 2, dim=1, largest=False).values[:, -1]  # the median, as an export can trace it
-    return z.amax(1) - middle.clamp_min(0)
+    return z.amax(1) - z.mean(1).clamp_min(0) if relative else z.amax(1)
