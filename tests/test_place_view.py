@@ -36,8 +36,8 @@ def test_each_calibration_image_is_scored_by_statistics_without_it() -> None:
     for image in range(len(grids)):
         others = torch.cat([grids[:image], grids[image + 1 :]])
         mean, spread = others.mean(0), others.std(0, unbiased=False).clamp_min(floor)
-        torch.testing.assert_close(got[image], place_scores(grids[image : image + 1], mean, spread, relative=True)[0])
-    assert got[3] > 2 * place_scores(grids[3:4], *stats.mean_and_spread(), relative=True)[0]
+        torch.testing.assert_close(got[image], place_scores(grids[image : image + 1], mean, spread)[0])
+    assert got[3] > 2 * place_scores(grids[3:4], *stats.mean_and_spread())[0]
 
 
 def _features(count: int, odd: int | None = None) -> torch.Tensor:
@@ -71,52 +71,7 @@ def test_a_patch_ordinary_elsewhere_is_caught_at_a_place_that_never_varies() -> 
     grids = torch.cat([detector.holdout_grids(train, held, chosen)[1] for held, chosen in zip(folds, scored)])
     stats = PlaceStats.of(grids)
     torch.testing.assert_close(calibration, detector._place_fused(nearest, stats.left_out_scores(grids)))
-    assert not torch.allclose(calibration, detector._place_fused(nearest, place_scores(grids, *stats.mean_and_spread(),
-                                                                                       relative=True)))
-
-
-def test_a_change_that_raises_every_place_alike_leaves_the_place_score() -> None:
-    """Images whose every distance rose by another half of its place's spread (light or focus drifted since the fit):
-    the place view stays where it was, and still sees one place risen alone; an image nearer the good ones than usual
-    everywhere but at one place scores no higher for it. The largest z alone rose by half a spread on every drifted
-    image, and the stated false-alarm rate with it."""
-    train = _features(60)
-    detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=1.0, calibration_folds=5,
-                                         global_view="off", place_view="on"))
-    detector.fit_features(train)
-    folds, scored = detector.crossfit_rows(len(train))
-    detector.patch_crossfit(train, folds, scored)
-    scores, grids = detector._patch_view(_features(20))
-    mean, spread = detector.place["mean"], detector.place["spread"]
-    risen = grids + 0.5 * spread
-    assert bool((((risen - mean) / spread).flatten(1).mean(1) > 0).all())  # every place above its good mean on average
-    torch.testing.assert_close(detector._with_place(scores, risen + 0.5 * spread), detector._with_place(scores, risen))
-    one_place = grids.clone()
-    one_place[:, 2, 1] += 0.5 * spread[2, 1] * grids[0].numel()
-    assert bool((detector._with_place(scores, one_place) > detector._with_place(scores, grids)).all())
-    quiet = 0.1 * grids
-    quiet[:, 2, 1] = grids[:, 2, 1]
-    assert bool((detector._with_place(scores, quiet) <= detector._with_place(scores, grids)).all())
-
-
-def test_a_model_fitted_before_the_relative_place_score_keeps_its_own() -> None:
-    """A model file without `place_relative` was calibrated on the largest place z alone: it is scored that way."""
-    train, test = _features(60), _features(20, odd=0)
-    detector = PatchCore(PatchCoreConfig(image_size=32, crop=None, coreset_ratio=1.0, calibration_folds=5,
-                                         global_view="off", place_view="on"))
-    detector.fit_features(train)
-    folds, scored = detector.crossfit_rows(len(train))
-    detector.patch_crossfit(train, folds, scored)
-    assert "place_relative" in detector.tensors()
-    older = detector.tensors()
-    del older["place_relative"]
-    before = PatchCore(PatchCoreConfig(image_size=32, crop=None, global_view="off"))
-    before.load_tensors(older)
-    scores, grids = detector._patch_view(test)
-    mean, spread = detector.place["mean"], detector.place["spread"]
-    torch.testing.assert_close(before._with_place(scores, grids),
-                               detector._place_fused(scores, ((grids - mean) / spread).flatten(1).amax(1)))
-    assert not torch.allclose(before._with_place(scores, grids), detector._with_place(scores, grids))
+    assert not torch.allclose(calibration, detector._place_fused(nearest, place_scores(grids, *stats.mean_and_spread())))
 
 
 def test_too_few_images_leave_the_place_view_out() -> None:
@@ -138,8 +93,7 @@ def test_the_place_view_travels_in_the_model_file(demo_root: Path, tmp_path: Pat
     detector.fit([s.path for s in dataset.train])
     assert detector.config.place_view == "on" and detector.place is not None  # "auto": the global view is off
     loaded = load_model(save_model(detector, tmp_path / "m.dsmodel"))
-    assert loaded.config.place_view == "on" and set(loaded.place) == {"mean", "spread", "fusion", "relative"}
-    assert loaded.place["relative"]
+    assert loaded.config.place_view == "on" and set(loaded.place) == {"mean", "spread", "fusion"}
     paths = [s.path for s in dataset.test]
     np.testing.assert_allclose(loaded.predict(paths).scores, detector.predict(paths).scores, rtol=1e-6)
     without = PatchCore(PatchCoreConfig(image_size=128, crop=112, coreset_ratio=0.25, global_view="off", place_view="off"))
@@ -165,5 +119,5 @@ def test_places_that_never_vary_give_finite_scores() -> None:
     assert bool((spread > 0).all()) and bool(torch.isfinite(stats.left_out_scores(grids)).all())
     changed = grids[:1].clone()
     changed[0, 1, 1] = 0.5
-    assert place_scores(changed, mean, spread, relative=True)[0] > 1000  # a place that never varied, changed: far beyond its spread
+    assert place_scores(changed, mean, spread)[0] > 1000  # a place that never varied, changed: far beyond its spread
 

@@ -325,7 +325,7 @@ class PatchCore(Detector):
     moments: Moments | None = None  # the global view's good-image statistics (None: patch view alone)
     regions: RegionModel | None = None  # derived from `moments`
     fusion: dict[str, torch.Tensor] | None = None  # the views' cross-fitted good-score location and spread
-    place: dict[str, Any] | None = None  # the place view: per-cell mean and spread, its fusion's scales, whether relative
+    place: dict[str, torch.Tensor] | None = None  # the place view: per-cell mean and spread, and its fusion's scales
     probe: Probe | None = None  # held-out images with synthetic defects while `fit` decides the global view
     searched: tuple[Probe, PatchFeatures | None, Preprocess | None] | None = None  # the frame search's (`use_probe`)
     embedded: Embedded | None = None  # the frame search's fit images as this model learns them (`use_embedded`)
@@ -519,7 +519,7 @@ class PatchCore(Detector):
         """The patch view's image scores with the place view fused in (see `_place_fused`)."""
         if self.place is None:
             return scores
-        return self._place_fused(scores, place_scores(grids, self.place["mean"], self.place["spread"], self.place["relative"]))
+        return self._place_fused(scores, place_scores(grids, self.place["mean"], self.place["spread"]))
 
     def _place_fused(self, scores: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
         """The larger of the patch score and the place score, the place score put on the patch score's scale: as many
@@ -558,7 +558,7 @@ class PatchCore(Detector):
         stats = PlaceStats.of(grids)
         places = stats.left_out_scores(grids)
         mean, spread = stats.mean_and_spread()
-        self.place = {"mean": mean, "spread": spread, "relative": True, "fusion": torch.stack(
+        self.place = {"mean": mean, "spread": spread, "fusion": torch.stack(
             [scores.mean(), scores.std().clamp_min(1e-6), places.mean(), places.std().clamp_min(1e-6)])}
         return stats
 
@@ -813,15 +813,13 @@ class PatchCore(Detector):
                            fusion_region_location=self.fusion["region_location"],
                            fusion_region_spread=self.fusion["region_spread"])
         if self.place is not None:
-            tensors.update(place_mean=self.place["mean"], place_spread=self.place["spread"], place_fusion=self.place["fusion"],
-                           **({"place_relative": torch.ones(())} if self.place["relative"] else {}))
+            tensors.update(place_mean=self.place["mean"], place_spread=self.place["spread"], place_fusion=self.place["fusion"])
         return tensors
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.index = ClusteredBank(tensors["memory_bank"], tensors["cluster_offsets"])
         self.moments = self.regions = self.fusion = None
-        self.place = ({"mean": tensors["place_mean"], "spread": tensors["place_spread"], "fusion": tensors["place_fusion"],
-                       "relative": "place_relative" in tensors}  # before it: the largest place z alone, as calibrated
+        self.place = ({"mean": tensors["place_mean"], "spread": tensors["place_spread"], "fusion": tensors["place_fusion"]}
                       if "place_mean" in tensors else None)
         self.config.place_view = "on" if self.place is not None else "off"  # fitted without it (or before it): the patch view alone
         if self.config.global_view == "on":

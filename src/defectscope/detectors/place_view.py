@@ -4,14 +4,8 @@ The patch view scores a patch by its distance to the nearest good patch, whereve
 product with a fixed layout some places vary a lot between good parts (a highlight, a label's print) and others
 hardly at all (an empty tray, the bottle's rim): a distance that is ordinary in the first kind of place is a defect
 in the second. Here every cell of the patch grid keeps the mean and the spread of its cross-fitted good distances;
-a patch's place z is its distance in those units, and the place score of an image is its largest z, less the mean
-of its z's where that mean is above 0: how far its most unusual place stands out from the image's other places when
-every place has risen. A change that raises every place alike (the light, the focus or the exposure drifting between
-fits) is then the patch view's to judge, in absolute terms: with the largest z alone, a rise of every good distance
-by half a place's spread raised the place score of every good image, and the false-alarm rate with it. An image
-nearer the good ones than usual everywhere (a taught part, a near copy of a training photo) keeps its largest z: its
-other places being quiet makes its worst one no more unusual. On a product without a fixed layout every place varies
-alike, so the place score repeats the patch score.
+a patch's place z is its distance in those units, and the place score of an image is its largest z. On a product
+without a fixed layout every place varies alike, so the place score repeats the patch score.
 
 A calibration image's place z comes from the statistics without that image (leave one out, exact from the sums): an
 image that is part of its own place statistics would look more ordinary than an unseen one, and the stated
@@ -57,7 +51,7 @@ class PlaceStats:
         from all of them)."""
         grids = grids.double()
         mean, spread = _moments(self.count - 1, self.sums - grids, self.squares - grids * grids)
-        return place_scores(grids, mean, spread.clamp_min(self.floor()), relative=True).float()
+        return place_scores(grids, mean, spread.clamp_min(self.floor())).float()
 
 
 def _moments(count: int, sums: torch.Tensor, squares: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +60,6 @@ def _moments(count: int, sums: torch.Tensor, squares: torch.Tensor) -> tuple[tor
     return mean, (squares / count - mean * mean).clamp_min(0).sqrt()
 
 
-def place_scores(grids: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor, relative: bool) -> torch.Tensor:
-    """N x h x w distance grids -> each image's place score: its largest place z, less the mean of its place z's
-    where that is above 0 (`relative`), or the largest alone (models fitted before it)."""
-    z = ((grids.float() - mean) / spread).flatten(1)
-    return z.amax(1) - z.mean(1).clamp_min(0) if relative else z.amax(1)
+def place_scores(grids: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """N x h x w distance grids -> each image's place score: its largest place z."""
+    return ((grids.float() - mean) / spread).flatten(1).amax(1)
