@@ -15,7 +15,7 @@ import pytest
 
 from defectscope.files import file_sha256
 from defectscope.names import version_of
-from defectscope.versions import STORE, NoEarlierVersion, UnknownVersion, VersionStore
+from defectscope.versions import STORE, NoEarlierVersion, PrunedVersion, UnknownVersion, VersionStore
 
 
 def test_versions_are_kept_by_content_and_rolled_back_in_order(tmp_path: Path) -> None:
@@ -77,6 +77,43 @@ def test_the_command_line_lists_promotes_and_rolls_back(tmp_path: Path, cli) -> 
     assert (tmp_path / STORE / "lone" / f"{own}.dsmodel").read_bytes() == b"only"
 
 
+def test_pruning_keeps_the_versions_active_most_recently_and_every_entry(tmp_path: Path, cli) -> None:
+    served = tmp_path / "part.dsmodel"
+    served.write_bytes(b"v0")
+    store, name = VersionStore.of(served)
+    made = [store.adopt(name)["version"]]
+    for i in range(1, 4):
+        served.write_bytes(f"v{i}".encode())
+        made.append(store.adopt(name, "reload")["version"])
+    store.promote(name, made[1])  # active order, oldest first: v0, v2, v3, v1
+    folder = tmp_path / STORE / name
+    assert store.prune(name, 2) == [made[2], made[0]]  # kept: v1 (active) and v3 (active just before it)
+    assert sorted(path.name for path in folder.glob("*.dsmodel")) == sorted(f"{v}.dsmodel" for v in (made[1], made[3]))
+    history = store.history(name)
+    assert [("pruned" in entry) for entry in history["versions"]] == [True, False, True, False]  # every entry stays
+    with pytest.raises(PrunedVersion, match="pruned"):
+        store.promote(name, made[0])
+    assert served.read_bytes() == b"v1" and store.rollback(name) == made[3] and served.read_bytes() == b"v3"
+    assert store.prune(name, 1) == [made[1]] and store.prune(name, 1) == []
+    with pytest.raises(PrunedVersion):
+        store.rollback(name)  # the version active before v3 was v1, whose file is gone: refused, not skipped
+    assert served.read_bytes() == b"v3"
+    refused = cli("promote", served, made[2])
+    assert refused.code == 2 and "was pruned" in refused.err and served.read_bytes() == b"v3"
+    served.write_bytes(b"v0")  # a pruned version's content comes back: kept again, and can be made active
+    store.adopt(name, "reload")
+    assert (folder / f"{made[0]}.dsmodel").read_bytes() == b"v0" and "pruned" not in store.history(name)["versions"][0]
+    listed = cli("versions", served, "--keep", "1")
+    said, *rows = listed.out.splitlines()
+    assert listed.code == 0 and said == f"part: pruned 1 version file(s): {made[3]}"
+    assert sum("(file pruned" in row for row in rows) == 3 and rows[0].startswith(f"* {made[0]}")
+    refused = cli("versions", served, "--keep", "0")
+    assert refused.code == 2 and "keep must be at least 1" in refused.err
+    lone = tmp_path / "lone.dsmodel"  # never served: nothing to prune, and no store made for it
+    lone.write_bytes(b"only")
+    assert cli("versions", lone, "--keep", "1").code == 0 and not (tmp_path / STORE / "lone").exists()
+
+
 def test_promote_and_rollback_under_load_drop_no_request(served_folder: Path, demo_root: Path, tmp_path: Path) -> None:
     import uvicorn
 
@@ -129,6 +166,11 @@ def test_promote_and_rollback_under_load_drop_no_request(served_folder: Path, de
         stop.set()
         for thread in clients:
             thread.join(timeout=120)
+        assert VersionStore.of(folder / "part.dsmodel")[0].prune("part", 1) == [versions[0]]
+        gone = httpx.post(f"{url}/promote", json={"version": versions[0]}, timeout=60)
+        assert gone.status_code == 410 and "pruned" in gone.json()["detail"]
+        listed = httpx.get(f"{url}/versions", timeout=60).json()["versions"]
+        assert [v["pruned"] is not None for v in listed] == [True, False]
     finally:
         server.should_exit = True
     assert swaps == [200] * 6 and not failures

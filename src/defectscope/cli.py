@@ -713,10 +713,19 @@ def info(model: Annotated[Path, typer.Argument(help="Model file, or deployment f
 
 
 @app.command("versions")
-def versions(model: Annotated[Path, typer.Argument(help="Model file (.dsmodel) whose versions are kept beside it.")]) -> None:
-    """List a model file's versions (newest last): version, parent, what made it; the active one is marked."""
+def versions(
+    model: Annotated[Path, typer.Argument(help="Model file (.dsmodel) whose versions are kept beside it.")],
+    keep: Annotated[int | None, typer.Option("--keep", help="Remove the files of all but the N versions active most "
+                                             "recently (the active one always kept); their entries stay, marked "
+                                             "pruned.")] = None,
+) -> None:
+    """List a model file's versions (newest last): version, parent, what made it; the active one is marked, a pruned
+    one says so. With --keep, prune first."""
     from defectscope.versions import VersionStore
     store, name = VersionStore.of(model)
+    if keep is not None:
+        pruned = store.prune(name, keep)
+        say(f"{name}: pruned {len(pruned)} version file(s){': ' + ', '.join(pruned) if pruned else ''}")
     history = store.history(name)
     if not history["versions"]:
         say(f"no versions of {name} kept yet: a version is kept when the file is served, when the service changes it "
@@ -724,7 +733,8 @@ def versions(model: Annotated[Path, typer.Argument(help="Model file (.dsmodel) w
         return
     for entry in history["versions"]:
         mark = "*" if entry["version"] == history["active"] else " "
-        print(f"{mark} {entry['version']}  parent {entry['parent'] or '-':<26} {entry['action']:<10} {entry['time']}")
+        pruned = f"  (file pruned {entry['pruned']})" if "pruned" in entry else ""
+        print(f"{mark} {entry['version']}  parent {entry['parent'] or '-':<26} {entry['action']:<10} {entry['time']}{pruned}")
 
 
 @app.command("promote")

@@ -4,6 +4,8 @@ The store lives beside the served files, in a hidden folder (never served itself
 file (`<version>.dsmodel`, the version being its sha256's first 12 hex digits) and `history.json` (the versions in
 the order they were recorded, and every activation). The served file `NAME.dsmodel` always holds the active
 version's bytes; promoting writes them there atomically, and rolling back promotes the version active before.
+Pruning removes the files of the versions active longest ago (never the active one's); their entries stay in the
+history, marked pruned, so the trail still names every version a verdict came from.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ class UnknownVersion(InputError):
 
 class NoEarlierVersion(InputError):
     """A rollback with no version active before the current one."""
+
+
+class PrunedVersion(InputError):
+    """A version whose file was pruned."""
 
 
 @dataclass
@@ -81,14 +87,38 @@ class VersionStore:
         with self._lock:
             return self._rollback(name)
 
+    def prune(self, name: str, keep: int) -> list[str]:
+        """Remove the files of all but the `keep` versions active most recently (the active one among them; versions
+        never active count as older than any that was, newest recorded first); returns the versions pruned."""
+        if keep < 1:
+            raise InputError(f"keep must be at least 1 (the active version), got {keep}")
+        with self._lock:
+            history = self.history(name)
+            last = {entry["version"]: i for i, entry in enumerate(history["activations"])}
+            order = sorted(range(len(history["versions"])), reverse=True,
+                           key=lambda i: (last.get(history["versions"][i]["version"], -1), i))
+            pruned = [history["versions"][i] for i in order[keep:] if "pruned" not in history["versions"][i]
+                      and history["versions"][i]["version"] != history["active"]]
+            if not pruned:
+                return []  # nothing written: a name never served gets no store
+            for entry in pruned:
+                entry["pruned"] = now()
+            self._write(name, history)  # first: a file left behind by a crash is harmless, a missing one is not
+            for entry in pruned:
+                (self._folder(name) / f"{entry['version']}{MODEL_SUFFIX}").unlink(missing_ok=True)
+            return [entry["version"] for entry in pruned]
+
     def promote_file(self, name: str, version: str) -> Path:
         """`promote` of a file that may have been put in place by hand: the file as it is now is kept first, so nothing
         is lost, once `version` is known to be kept (or to be that file's own); a refused promote writes nothing."""
         with self._lock:
             history = self.history(name)
-            if not (any(entry["version"] == version for entry in history["versions"])
-                    or version_of(file_sha256(self.served_file(name))) == version):
+            entry = next((entry for entry in history["versions"] if entry["version"] == version), None)
+            own = version_of(file_sha256(self.served_file(name))) == version
+            if entry is None and not own:
                 raise _unknown(name, version, history)
+            if entry is not None and "pruned" in entry and not own:
+                raise _pruned(name, entry)
             self._adopt(name, "found", None)
             return self._activate(name, version, "promote")
 
@@ -126,11 +156,13 @@ class VersionStore:
         digest = file_sha256(source)
         history, version = self.history(name), version_of(digest)
         known = next((entry for entry in history["versions"] if entry["version"] == version), None)
-        if known is not None:
-            return known
         kept = self._folder(name) / f"{version}{MODEL_SUFFIX}"
         if not kept.is_file():
             write_atomic(kept, source.read_bytes())
+        if known is not None:
+            if known.pop("pruned", None) is not None:  # a pruned version's content came back: kept again
+                self._write(name, history)
+            return known
         entry = {"version": version, "sha256": digest, "parent": parent, "action": action, "time": now()}
         history["versions"].append(entry)
         self._write(name, history)
@@ -138,8 +170,11 @@ class VersionStore:
 
     def _activate(self, name: str, version: str, action: str) -> Path:
         history = self.history(name)
-        if not any(entry["version"] == version for entry in history["versions"]):
+        entry = next((entry for entry in history["versions"] if entry["version"] == version), None)
+        if entry is None:
             raise _unknown(name, version, history)
+        if "pruned" in entry:
+            raise _pruned(name, entry)
         kept = self._folder(name) / f"{version}{MODEL_SUFFIX}"
         served = self.served_file(name)
         if served.is_file() and version_of(file_sha256(served)) != version:
@@ -159,6 +194,11 @@ class VersionStore:
 def _unknown(name: str, version: str, history: dict[str, Any]) -> UnknownVersion:
     known = ", ".join(entry["version"] for entry in history["versions"]) or "none"
     return UnknownVersion(f"model {name} has no version {version!r} (known: {known})")
+
+
+def _pruned(name: str, entry: dict[str, Any]) -> PrunedVersion:
+    return PrunedVersion(f"model {name}'s version {entry['version']} was pruned at {entry['pruned']}: its file is gone; "
+                         "promote a kept version (`defectscope versions` lists them)")
 
 
 def _no_earlier(name: str) -> NoEarlierVersion:

@@ -103,6 +103,8 @@ class ModelVersion(BaseModel):
     parent: str | None = Field(description="the version it was made from ('NAME@version' when from another model)")
     action: str = Field(description="what made it: served, threshold, teach, reload")
     time: str
+    pruned: str | None = Field(None, description="when its file was removed (`defectscope versions --keep`); the "
+                                                 "entry stays, the version can no longer be made active")
 
 
 class Activation(BaseModel):
