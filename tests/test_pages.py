@@ -157,6 +157,19 @@ def test_model_card_and_review_pages_render(page, tmp_path: Path) -> None:
     assert "served" in page.locator("#versions tbody tr.active").inner_text()
     page.screenshot(path=tmp_path / "card.png", full_page=True)
     _not_blank(tmp_path / "card.png")
+    active = page.locator("#versions tbody tr.active code").inner_text()
+    pruned = {"version": "0123456789ab", "sha256": "0" * 64, "parent": None, "action": "served",
+              "time": "2026-01-01T00:00:00", "pruned": "2026-02-01T00:00:00"}
+    history = {"model": "m", "active": active, "activations": [],
+               "versions": [pruned, {**pruned, "version": active, "pruned": None, "parent": "0123456789ab"}]}
+    page.route("**/versions", lambda route: route.fulfill(json=history))  # a history with a pruned version
+    page.click("nav button[data-tab=inspect]")
+    page.click("nav button[data-tab=card]")
+    page.wait_for_function("document.querySelector('#versions tbody').innerText.includes('file pruned')")
+    assert page.locator("#versions tbody tr:not(.active) .promote").count() == 0  # nothing to make active
+    page.locator("#versions").screenshot(path=tmp_path / "pruned.png")
+    _not_blank(tmp_path / "pruned.png")
+    page.unroute("**/versions")
     page.click("nav button[data-tab=review]")
     page.wait_for_selector("#review-list .tile")
     page.wait_for_function("[...document.querySelectorAll('#review-list img')].every(i => i.complete && i.naturalWidth > 0)")

@@ -267,7 +267,8 @@ async function loadVersions() {
   $("versions-note").textContent = `${history.versions.length} version(s); the active one is marked`;
   body.innerHTML = history.versions.slice().reverse().map((v) => {
     const active = v.version === history.active;
-    const action = active ? "<b>active</b>" : `<button class="engineer promote" data-version="${esc(v.version)}">promote</button>`;
+    const action = active ? "<b>active</b>" : v.pruned ? "<i>file pruned</i>"  // its entry stays; it cannot be made active
+      : `<button class="engineer promote" data-version="${esc(v.version)}">promote</button>`;
     return `<tr class="${active ? "active" : ""}"><td><code>${esc(v.version)}</code></td><td>${esc(v.parent || "-")}</td>` +
       `<td>${esc(v.action)}</td><td>${esc(v.time.replace("T", " ").slice(0, 19))}</td><td>${action}</td></tr>`;
   }).join("");
