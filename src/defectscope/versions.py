@@ -113,7 +113,7 @@ class VersionStore:
         is lost, once `version` is known to be kept (or to be that file's own); a refused promote writes nothing."""
         with self._lock:
             history = self.history(name)
-            entry = next((entry for entry in history["versions"] if entry["version"] == version), None)
+            entry = _entry(history, version)
             own = version_of(file_sha256(self.served_file(name))) == version
             if entry is None and not own:
                 raise _unknown(name, version, history)
@@ -155,7 +155,7 @@ class VersionStore:
     def _record(self, name: str, source: Path, action: str, parent: str | None) -> dict[str, Any]:
         digest = file_sha256(source)
         history, version = self.history(name), version_of(digest)
-        known = next((entry for entry in history["versions"] if entry["version"] == version), None)
+        known = _entry(history, version)
         kept = self._folder(name) / f"{version}{MODEL_SUFFIX}"
         if not kept.is_file():
             write_atomic(kept, source.read_bytes())
@@ -170,7 +170,7 @@ class VersionStore:
 
     def _activate(self, name: str, version: str, action: str) -> Path:
         history = self.history(name)
-        entry = next((entry for entry in history["versions"] if entry["version"] == version), None)
+        entry = _entry(history, version)
         if entry is None:
             raise _unknown(name, version, history)
         if "pruned" in entry:
@@ -189,6 +189,11 @@ class VersionStore:
 
     def _write(self, name: str, history: dict[str, Any]) -> None:
         write_atomic(self._folder(name) / "history.json", json.dumps(history, indent=1).encode())
+
+
+def _entry(history: dict[str, Any], version: str) -> dict[str, Any] | None:
+    """The history's entry of `version` (None: never kept)."""
+    return next((entry for entry in history["versions"] if entry["version"] == version), None)
 
 
 def _unknown(name: str, version: str, history: dict[str, Any]) -> UnknownVersion:
