@@ -435,14 +435,14 @@ async def versions(request: Request, name: str) -> VersionList:
     return VersionList(model=name, **await run_in_threadpool(model.versions.history, name))
 
 
-@router.post("/models/{name}/promote", response_model=ModelSummary)
+@router.post("/models/{name}/promote", response_model=ModelSummary, responses={410: {"model": Problem}})
 async def promote(request: Request, name: str, body: PromoteRequest) -> ModelSummary:
     """Make a version active: its file replaces the served one atomically; admitted requests finish on the old."""
     require_engineer(request)
     return await _activated(request, name, lambda store: store.promote(name, body.version))
 
 
-@router.post("/models/{name}/rollback", response_model=ModelSummary)
+@router.post("/models/{name}/rollback", response_model=ModelSummary, responses={410: {"model": Problem}})
 async def rollback(request: Request, name: str) -> ModelSummary:
     """Make the version active before the current one active again."""
     require_engineer(request)

@@ -39,7 +39,7 @@ class Batcher:
         self.pending = 0  # images admitted: being decoded, queued or being scored
         self.pending_pixels = 0  # their pixels (from the headers)
         self.batches = 0  # model calls made
-        self._retired = self._closed = False
+        self._retired = False
         self.closed = asyncio.Event()  # set once it is closed: it answers nothing more
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
@@ -48,7 +48,7 @@ class Batcher:
     @contextmanager
     def admit(self, count: int, pixels: int) -> Iterator[None]:
         """Hold room for `count` images of `pixels` pixels in all (before they are decoded); QueueFull at once if there is none."""
-        if self._closed:
+        if self.closed.is_set():
             raise QueueFull("the model was replaced; the new one serves this name")
         if self.pending + count > self.max_queue:
             raise QueueFull(f"{self.pending} images are waiting; the limit is {self.max_queue}")
@@ -134,7 +134,6 @@ class Batcher:
             self.close()
 
     def close(self) -> None:
-        self._closed = True
         self.closed.set()
         if self._worker is not None:
             self._worker.cancel()
