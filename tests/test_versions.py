@@ -4,6 +4,7 @@ the service and the command line."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import socket
 import threading
@@ -103,6 +104,15 @@ def test_pruning_keeps_the_versions_active_most_recently_and_every_entry(tmp_pat
     served.write_bytes(b"v0")  # a pruned version's content comes back: kept again, and can be made active
     store.adopt(name, "reload")
     assert (folder / f"{made[0]}.dsmodel").read_bytes() == b"v0" and "pruned" not in store.history(name)["versions"][0]
+    outside = tmp_path / "mine.dsmodel"  # a damaged history naming a path: nothing outside the store is removed
+    outside.write_bytes(b"not the store's")
+    kept_history = (folder / "history.json").read_text()
+    history = json.loads(kept_history)
+    history["versions"][3]["version"] = "../../mine"  # v3: kept, not active, so next in line to be pruned
+    (folder / "history.json").write_text(json.dumps(history))
+    damaged = cli("versions", served, "--keep", "1")
+    assert damaged.code == 2 and "which is no version" in damaged.err and outside.read_bytes() == b"not the store's"
+    (folder / "history.json").write_text(kept_history)
     listed = cli("versions", served, "--keep", "1")
     said, *rows = listed.out.splitlines()
     assert listed.code == 0 and said == f"part: pruned 1 version file(s): {made[3]}"

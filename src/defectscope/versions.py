@@ -11,6 +11,7 @@ history, marked pruned, so the trail still names every version a verdict came fr
 from __future__ import annotations
 
 import json
+import re
 import threading
 from functools import lru_cache
 from dataclasses import dataclass, field
@@ -20,9 +21,10 @@ from typing import Any
 from defectscope.errors import DefectscopeError, InputError
 from defectscope.files import file_sha256, write_atomic
 from defectscope.line.audit import now
-from defectscope.names import MODEL_SUFFIX, SAFE_NAME, version_of
+from defectscope.names import MODEL_SUFFIX, SAFE_NAME, VERSION_DIGITS, version_of
 
 STORE = ".defectscope-versions"
+VERSION = re.compile(rf"[0-9a-f]{{{VERSION_DIGITS}}}")  # a version as `version_of` makes it
 
 
 class UnknownVersion(InputError):
@@ -101,6 +103,10 @@ class VersionStore:
                       and history["versions"][i]["version"] != history["active"]]
             if not pruned:
                 return []  # nothing written: a name never served gets no store
+            damaged = [entry["version"] for entry in pruned if not VERSION.fullmatch(str(entry["version"]))]
+            if damaged:  # a name from the file becomes a path to remove: only a version's own file name may
+                raise DefectscopeError(f"the version history of {name} names {damaged[0]!r}, which is no version; "
+                                       "restore history.json from a backup")
             for entry in pruned:
                 entry["pruned"] = now()
             self._write(name, history)  # first: a file left behind by a crash is harmless, a missing one is not
