@@ -33,12 +33,18 @@ def test_help_shows_flags_as_flags_and_every_default() -> None:
         assert default in fitting, default
 
 
-def test_help_and_info_answer_without_loading_pytorch(served_folder: Path) -> None:
-    """`--help`, an argument typo and `info` load only the command line and the model file's header (not torch)."""
+def test_help_and_info_answer_without_loading_pytorch(served_folder: Path, tmp_path: Path) -> None:
+    """`--help`, an argument typo, `info` and `audit drift` load only the command line and the model file's header
+    (not torch)."""
+    from defectscope.line.audit import AuditLog
+
+    AuditLog(tmp_path / "audit.sqlite").close()
     probe = ("import sys\nfrom defectscope.cli import main\nsys.argv = ['defectscope'] + sys.argv[1:]\n"
              "try:\n    main()\nexcept SystemExit as exit:\n    code = exit.code\n"
              "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', code, file=sys.stderr)")
-    for arguments in (["--help"], ["fit", "--no-such-option"], ["info", str(served_folder / "part.dsmodel")]):
+    model = str(served_folder / "part.dsmodel")
+    for arguments in (["--help"], ["fit", "--no-such-option"], ["info", model],
+                      ["audit", "drift", str(tmp_path / "audit.sqlite"), model]):
         run = subprocess.run([sys.executable, "-c", probe, *arguments], capture_output=True, text=True, timeout=120)
         assert run.stderr.strip().splitlines()[-1] in ("NO-TORCH 0", "NO-TORCH 2"), (arguments, run.stderr[-500:])
 

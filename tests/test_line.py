@@ -650,3 +650,23 @@ def test_watch_runs_its_model_once_before_the_first_part(served_folder: Path, tm
                  *(option for kind in ("good", "defective", "error") for option in (f"--{kind}-dir", tmp_path / kind)))
     assert result.code == 0, result.err
     assert len(runs) == 1 and runs[0][0] == 1  # one blank frame, and no part was there
+
+
+def test_the_hot_folder_says_once_when_its_parts_drift_from_the_training_goods(served_folder: Path, demo_root: Path,
+                                                                               tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    model = load_model(served_folder / "part.dsmodel")  # its own copy: the calibration is changed below
+    calibration = model.calibration
+    model.calibration = replace(calibration, good_median=calibration.good_median - 3 * calibration.good_std)
+    said: list[str] = []
+    line = _line(tmp_path, model, say=said.append, drift_every=10)
+    train = load_dataset(demo_root).train
+    for batch in (train[:30], train[30:40]):  # good parts, each now well above the stated goods' median
+        for sample in batch:
+            shutil.copy(sample.path, line.folders.inbox / f"{sample.path.name}.tmp")
+            (line.folders.inbox / f"{sample.path.name}.tmp").rename(line.folders.inbox / sample.path.name)
+        assert line.run(limit=len(batch)) == len(batch)
+        drifts = [text for text in said if text.startswith("drift:")]
+        assert len(drifts) == 1 and "of the last 30 parts" in drifts[0]  # said when found, not again at the next check
+    assert not any(text.startswith("no drift") for text in said)

@@ -153,6 +153,7 @@ def test_model_card_and_review_pages_render(page, tmp_path: Path) -> None:
     assert "patchcore" in page.locator("#card-summary").inner_text()
     card = dict(zip(page.locator("#card-summary dt").all_inner_texts(), page.locator("#card-summary dd").all_inner_texts()))
     assert card["rotations"] == "off"  # fitted without a frame search: no probe judged the turns, and the card says so
+    assert card["drift"].startswith("no drift check yet") and "needs 20" in card["drift"]  # a few audited parts so far
     page.wait_for_selector("#versions tbody tr.active")  # the version history, the served file active
     assert "served" in page.locator("#versions tbody tr.active").inner_text()
     page.screenshot(path=tmp_path / "card.png", full_page=True)
@@ -163,9 +164,13 @@ def test_model_card_and_review_pages_render(page, tmp_path: Path) -> None:
     history = {"model": "m", "active": active, "activations": [],
                "versions": [pruned, {**pruned, "version": active, "pruned": None, "parent": "0123456789ab"}]}
     page.route("**/versions", lambda route: route.fulfill(json=history))  # a history with a pruned version
+    risen = "drift: of the last 500 parts, 88% of the 480 passed score above the training goods' median"
+    page.route("**/drift", lambda route: route.fulfill(json={"message": risen, "drifted": True}))
     page.click("nav button[data-tab=inspect]")
     page.click("nav button[data-tab=card]")
     page.wait_for_function("document.querySelector('#versions tbody').innerText.includes('file pruned')")
+    assert risen in page.locator("#card-summary").inner_text()  # the card says what the check found
+    page.unroute("**/drift")
     assert page.locator("#versions tbody tr:not(.active) .promote").count() == 0  # nothing to make active
     page.locator("#versions").screenshot(path=tmp_path / "pruned.png")
     _not_blank(tmp_path / "pruned.png")

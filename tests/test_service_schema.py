@@ -43,4 +43,4 @@ def test_every_answer_matches_the_schema(served_app) -> None:
 
         check()
         checked.append(operation.label)
-    assert len(checked) == 18, checked  # health, metrics and the sixteen /v1 operations
+    assert len(checked) == 19, checked  # health, metrics and the seventeen /v1 operations

@@ -23,7 +23,8 @@ class Calibration:
     95% interval; recall / recall_interval: the same for defective parts when labels chose the threshold.
     map_threshold: the map level that marks a defect's region when the map does not show every view the image
     score fuses (PatchCore's patch distances beside its place and global views): the same rule on the cross-fitted
-    scores of the view the map shows. None: the maps share the threshold's scale.
+    scores of the view the map shows. None: the maps share the threshold's scale. good_median: the good scores'
+    median, the reference of the line's drift check (`line.drift`); None in files from before it.
     """
 
     threshold: float
@@ -39,6 +40,7 @@ class Calibration:
     recall_interval: tuple[float, float] | None = None
     gap_interval: tuple[float, float] | None = None  # labelled: the nearest good score below, defective score at/above
     map_threshold: float | None = None
+    good_median: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

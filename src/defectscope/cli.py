@@ -503,6 +503,22 @@ def audit_export(
     say(f"wrote {export_parquet(database, out)} verdicts to {out}")
 
 
+@audit_app.command("drift")
+def audit_drift(
+    database: Annotated[Path, typer.Argument(help="Audit database (SQLite) written by serve or watch.")],
+    model: Annotated[Path, typer.Argument(help="The model file (or .dsdeploy) that judged them.")],
+    last: Annotated[int, typer.Option("--last", help="Recent verdicts of this model file to read.")] = 500,
+) -> None:
+    """Whether the parts this model passed lately still score like its training goods; exit 1 when they score higher
+    (its stated false-alarm rate no longer holds), 0 otherwise."""
+    from defectscope.line.drift import audited_drift
+
+    found = audited_drift(database, model, last)
+    say(found.message)
+    if found.drifted:
+        raise typer.Exit(1)
+
+
 @app.command("watch")
 def watch(
     model: Annotated[Path, typer.Argument(help="Model file, or a .dsdeploy export.")],

@@ -136,7 +136,7 @@ def calibrate(good_scores: np.ndarray, method: str = "false_alarm_rate", param: 
     std = float(scores.std())
     warnings = [w for w in (few_images_warning(int(scores.size), std, flat), warning) if w]
     return Calibration(float(threshold), method, float(param), float(scores.mean()), std, int(scores.size),
-                       "; ".join(warnings) or None, float(rate), tuple(interval))
+                       "; ".join(warnings) or None, float(rate), tuple(interval), good_median=float(np.median(scores)))
 
 
 def with_map_level(calibration: Calibration, map_scores: np.ndarray | None) -> Calibration:
@@ -193,4 +193,5 @@ def labelled_calibration(good_scores: np.ndarray, defective_scores: np.ndarray, 
         previous.good_count if previous else len(good), warning,
         false_alarms / len(good), clopper_pearson(false_alarms, len(good)),
         caught / len(bad), clopper_pearson(caught, len(bad)), gap,
+        good_median=previous.good_median if previous else float(np.median(good)),
     )

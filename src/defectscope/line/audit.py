@@ -206,6 +206,13 @@ class AuditLog:
             rows = self._db.execute(sql, [*values, limit, offset]).fetchall()
         return [dict(zip(["id", *COLUMNS], row)) for row in rows]
 
+    def recent_scores(self, model_sha256: str, limit: int) -> list[float]:
+        """The scores of the last `limit` images one model file (by its sha256) judged good or defective, newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT score FROM verdicts WHERE model_sha256 = ? AND verdict IN ('good', 'defective') "
+                                    "AND score IS NOT NULL ORDER BY id DESC LIMIT ?", (model_sha256, limit)).fetchall()
+        return [row[0] for row in rows]
+
     def all(self) -> list[dict[str, Any]]:
         """Every record, oldest first."""
         with self._lock:

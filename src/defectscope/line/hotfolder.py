@@ -29,6 +29,7 @@ from defectscope.errors import InputError
 from defectscope.files import content_sha256, exclusive
 from defectscope.line.audit import AuditLog, Verdict, now
 from defectscope.line.dispatch import Dispatcher
+from defectscope.line.drift import CHECK_EVERY, DEFAULT_PARTS, score_drift
 from defectscope.line.outbox import RESEND_BATCH, send_missed, send_verdict
 from defectscope.predictor import Predictor
 
@@ -143,9 +144,11 @@ class HotFolder:
     poll: float = 0.1  # seconds between scans of an idle inbox (a scan of 1,000 names and sizes takes about 2 ms)
     redeliver: float = 60.0  # seconds between tries to send again what a target missed, while the targets are idle
     say: Callable[[str], None] = lambda _text: None
+    drift_every: int = CHECK_EVERY  # images judged between drift checks (`line.drift`), said when their answer turns
     _seen: dict[str, tuple[int, int, float]] = field(default_factory=dict)
     _arrivals: Arrivals | None = None  # while `run` watches
     _resent: int = 0  # verdicts the last recovery sent again
+    _drifted: bool = False  # what the last drift check found
 
     def __post_init__(self) -> None:
         self.folders.check()
@@ -255,6 +258,13 @@ class HotFolder:
             send_verdict(self.audit, self.dispatch, {"id": record_id, **asdict(record)})
         return len(paths)
 
+    def _check_drift(self) -> None:
+        """The drift check on this model file's recent verdicts; says its answer when it turns (drift found or gone)."""
+        found = score_drift(self.predictor.calibration, self.audit.recent_scores(self.model.sha256, DEFAULT_PARTS))
+        if found.drifted != self._drifted:
+            self._drifted = found.drifted
+            self.say(found.message)
+
     def run(self, stop: threading.Event | None = None, limit: int | None = None) -> int:
         """Watch until `stop` is set (or `limit` images were judged); returns the images judged."""
         stop = stop or threading.Event()
@@ -274,12 +284,16 @@ class HotFolder:
         if recovered:
             self.say(f"finished {recovered} image(s) a previous run had judged but not moved")
         judged, self._arrivals = 0, Arrivals(self.folders.inbox)
+        checked = 0
         again = time.monotonic() + (self.poll if self._resent == RESEND_BATCH else self.redeliver)
         try:
             while not stop.is_set() and (limit is None or judged < limit):
                 batch = self.ready()
                 if batch:
                     judged += self.judge(batch)
+                    if judged - checked >= self.drift_every:
+                        checked = judged
+                        self._check_drift()
                 else:
                     self._arrivals.collect(self.poll)  # wakes at once when a file is renamed in
                 if time.monotonic() >= again:  # a full batch sent: the next may follow as soon as it is through

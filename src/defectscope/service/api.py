@@ -23,6 +23,7 @@ from defectscope.errors import DefectscopeError, InputError
 from defectscope.export.pseudo import map_instances
 from defectscope.line.audit import MAX_PAGE, MAX_RECORD_ID, AuditLog, Verdict, now
 from defectscope.line.dispatch import Dispatcher
+from defectscope.line.drift import DEFAULT_PARTS, score_drift
 from defectscope.line.outbox import OUTBOX, send_verdict
 from defectscope.names import MODEL_SUFFIX, SAFE_NAME
 from defectscope.pipeline import update_model
@@ -34,6 +35,7 @@ from defectscope.service.models import ServedModel, serve_model
 from defectscope.service.schemas import (
     AuditPage,
     AuditRecord,
+    DriftReport,
     ImageResult,
     InspectResponse,
     LabelledScores,
@@ -426,6 +428,18 @@ def versioned(request: Request, name: str) -> ServedModel:
     if not model.writable:
         raise HTTPException(400, f"model {name} is an exported model ({model.engine}); versions are kept for model files")
     return model
+
+
+@router.get("/models/{name}/drift", response_model=DriftReport)
+async def drift(request: Request, name: str,
+                last: Annotated[int, Query(ge=1, le=100_000, description="recent verdicts to read")] = DEFAULT_PARTS
+                ) -> DriftReport:
+    """Whether the parts the served version passed lately still score like its training goods (`line.drift`)."""
+    model, audit = served(request, name), request.app.state.audit
+    if audit is None:
+        raise HTTPException(404, "this service keeps no audit trail; start it without --no-audit")
+    scores = await run_in_threadpool(audit.recent_scores, model.sha256, last)
+    return DriftReport(**score_drift(model.detector.calibration, scores).to_dict())
 
 
 @router.get("/models/{name}/versions", response_model=VersionList)

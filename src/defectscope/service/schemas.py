@@ -81,6 +81,19 @@ class InspectResponse(BaseModel):
     results: list[ImageResult]
 
 
+class DriftReport(BaseModel):
+    """The drift check on the served version's recent verdicts (`line.drift.Drift`)."""
+
+    parts: int = Field(description="recent verdicts of the served version read (good or defective)")
+    passed: int = Field(description="of them scored below the threshold")
+    share_above: float | None = Field(description="passed parts above the training goods' median score")
+    expected_share: float = Field(description="the share expected without drift")
+    shift_sd: float | None = Field(description="the passed parts' median less the training goods', in their sd")
+    p_value: float | None = Field(description="one-sided: the chance of so many above the median without drift")
+    drifted: bool = Field(description="true: they score higher than the training goods; the stated rate no longer holds")
+    message: str
+
+
 AuditRecord = create_model("AuditRecord", __doc__="One audited verdict (the fields of `line.audit.Verdict`).",
                            id=(int, ...), **{name: (kind, ...) for name, kind in get_type_hints(Verdict).items()})
 

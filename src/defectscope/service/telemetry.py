@@ -20,3 +20,5 @@ class Telemetry:
         self.undelivered = Gauge("defectscope_verdicts_undelivered", "Verdicts not every dispatch target has taken "
                                  "yet (refused after retries, or pushed out of a full queue; sent again)",
                                  registry=self.registry)
+        self.drift = Gauge("defectscope_drift", "1 while the parts a model passed lately score higher than its training "
+                           "goods (the drift check on the audit trail), else 0", ["model"], registry=self.registry)

@@ -237,6 +237,8 @@ async function loadCard() {
     const manifest = await (await api(`/v1/models/${state.model}`)).json();
     const calibration = manifest.calibration || {};
     const summary = manifest.train_summary || {};
+    let drift;  // the drift check on the served version's audited verdicts; 404 without an audit trail
+    try { drift = (await (await api(`/v1/models/${state.model}/drift`)).json()).message; } catch (error) { drift = error.message; }
     const rows = {
       detector: manifest.detector, backbone: manifest.backbone ? manifest.backbone.name : "none",
       frame: manifest.preprocess ? `${manifest.preprocess.image_size} px short side, crop ${manifest.preprocess.crop ?? "none"}, aspect ${(manifest.preprocess.aspect ?? 1).toFixed(3)}` : "",
@@ -248,7 +250,7 @@ async function loadCard() {
         (calibration.false_alarm_interval ? ` (95% interval ${(100 * calibration.false_alarm_interval[0]).toFixed(2)}% to ${(100 * calibration.false_alarm_interval[1]).toFixed(2)}%)` : ""),
       recall: calibration.recall == null ? null : calibration.recall.toFixed(3),
       "calibration images": calibration.good_count, "training images": summary.images,
-      "taught images": (summary.taught || []).reduce((n, t) => n + t.images, 0), created: manifest.created,
+      "taught images": (summary.taught || []).reduce((n, t) => n + t.images, 0), created: manifest.created, drift,
     };
     $("card-summary").innerHTML = Object.entries(rows).map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(v ?? "-")}</dd>`).join("");
     $("manifest").textContent = JSON.stringify(manifest, null, 2);
