@@ -113,3 +113,17 @@ def test_the_service_checks_the_served_version_from_its_audit_trail(served_folde
     with TestClient(create_app(load_served([served_folder], settings), settings, audit=None)) as client:
         assert client.get("/v1/models/part/drift").status_code == 404  # no audit trail: nothing to read
         assert "defectscope_drift{" not in client.get("/metrics").text
+
+
+def test_calibrate_gives_a_model_file_from_before_the_check_its_median(served_folder: Path, tmp_path: Path, cli) -> None:
+    from defectscope.artifacts import set_threshold
+    from defectscope.model_header import model_info
+
+    model = served_folder / "part.dsmodel"
+    old = set_threshold(model, replace(load_model(model).calibration, good_median=None), tmp_path / "old.dsmodel")
+    assert model_info(old)["calibration"]["good_median"] is None
+    database = tmp_path / "audit.sqlite"
+    _audit(database, file_sha256(old), _scores_like(load_model(model).calibration, 100, 3.0), 1e9)
+    assert "defectscope calibrate" in cli("audit", "drift", database, old).out  # no reference: says how to get one
+    assert cli("calibrate", old, "-o", tmp_path / "new.dsmodel", "--false-alarm-rate", 0.01).code == 0
+    assert model_info(tmp_path / "new.dsmodel")["calibration"]["good_median"] == load_model(model).calibration.good_median
