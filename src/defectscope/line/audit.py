@@ -87,6 +87,7 @@ class AuditLog:
             columns = ", ".join(f"{name} {TYPES.get(name, 'TEXT')}" for name in COLUMNS)
             self._db.execute(f"CREATE TABLE IF NOT EXISTS verdicts (id INTEGER PRIMARY KEY, {columns})")
             self._db.execute("CREATE INDEX IF NOT EXISTS verdicts_by_time ON verdicts (time)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS verdicts_by_model ON verdicts (model_sha256, id)")  # drift checks
             self._db.execute("CREATE TABLE IF NOT EXISTS moves (verdict_id INTEGER PRIMARY KEY REFERENCES verdicts(id), "
                              "inbox_name TEXT, destination TEXT, moved INTEGER DEFAULT 0, delivered INTEGER DEFAULT 0, "
                              "inbox TEXT)")
