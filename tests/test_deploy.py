@@ -216,3 +216,16 @@ def test_cli_export_refuses_to_replace_foreign_files(fitted, tmp_path: Path, cli
     assert result.code == 2 and graph.read_text() == "not ours" and not (tmp_path / "other.dsdeploy").exists()
     assert cli("export", "model", fitted["knn"], "-o", tmp_path / "x.onnx").code == 2  # the output names the deployment file
     assert cli("export", "model", fitted["knn"], "-o", tmp_path / "y.dsdeploy", "--format", "tflite").code == 2
+
+
+def test_the_drift_check_reads_an_exports_calibration_and_its_own_verdicts(fitted, tmp_path: Path) -> None:
+    from defectscope.files import file_sha256
+    from defectscope.line.drift import audited_drift
+    from tests.test_drift import _audit, _scores_like
+
+    out = export_model(fitted["patchcore"], tmp_path / "part.dsdeploy")[0]
+    calibration = load_model(fitted["patchcore"]).calibration
+    _audit(tmp_path / "audit.sqlite", file_sha256(out), _scores_like(calibration, 100, 1.0), calibration.threshold)
+    found = audited_drift(tmp_path / "audit.sqlite", out)
+    assert found.drifted and found.parts == 100  # the export's verdicts, against the median its manifest carries
+    assert audited_drift(tmp_path / "audit.sqlite", fitted["patchcore"]).parts == 0  # the model file's: none
