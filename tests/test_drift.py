@@ -85,7 +85,7 @@ def test_the_drift_command_reads_this_model_files_verdicts_and_exits_1_on_drift(
     assert quiet.code == 0 and "needs 20" in quiet.out  # none of them are this file's
     _audit(database, sha, _scores_like(calibration, 100, 0.0), calibration.threshold)
     same = cli("audit", "drift", database, model)
-    assert same.code == 0 and same.out.startswith("no drift")
+    assert same.code == 0 and same.out.startswith("no drift:")
     _audit(database, sha, _scores_like(calibration, 100, 1.0), calibration.threshold)
     assert cli("audit", "drift", database, model, "--last", 100).code == 1  # the newest 100: risen
     assert cli("audit", "drift", database, model, "--last", 200).code == 0  # half as before: unproven against 40 goods

@@ -153,7 +153,7 @@ def test_model_card_and_review_pages_render(page, tmp_path: Path) -> None:
     assert "patchcore" in page.locator("#card-summary").inner_text()
     card = dict(zip(page.locator("#card-summary dt").all_inner_texts(), page.locator("#card-summary dd").all_inner_texts()))
     assert card["rotations"] == "off"  # fitted without a frame search: no probe judged the turns, and the card says so
-    assert card["drift"].startswith("no drift check yet") and "needs 20" in card["drift"]  # a few audited parts so far
+    assert card["drift"].startswith("drift not judged yet") and "needs 20" in card["drift"]  # a few audited parts so far
     page.wait_for_selector("#versions tbody tr.active")  # the version history, the served file active
     assert "served" in page.locator("#versions tbody tr.active").inner_text()
     page.screenshot(path=tmp_path / "card.png", full_page=True)

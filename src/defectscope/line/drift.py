@@ -54,13 +54,13 @@ def score_drift(calibration: Calibration | None, scores: Sequence[float]) -> Dri
         reason = ("the model has no threshold yet" if calibration is None else "its calibration holds no median of "
                   "good scores (cut before the check existed, or not from good images); a model file from good images "
                   "gets one with `defectscope calibrate`")
-        return Drift(len(values), 0, None, 0.5, None, None, False, f"no drift check: {reason}")
+        return Drift(len(values), 0, None, 0.5, None, None, False, f"drift not judged: {reason}")
     rate = min(max(calibration.false_alarm_rate or 0.0, 0.0), 0.49)
     expected = (0.5 - rate) / (1 - rate)  # a good part below the threshold lies above the median this often
     passed = values[values < calibration.threshold]
     if len(passed) < MIN_PASSED:
         return Drift(len(values), len(passed), None, expected, None, None, False,
-                     f"no drift check yet: {len(passed)} passed part(s) among the last {len(values)} scored by this "
+                     f"drift not judged yet: {len(passed)} passed part(s) among the last {len(values)} scored by this "
                      f"version; the check needs {MIN_PASSED}")
     share = float((passed > calibration.good_median).mean())
     shift = float((np.median(passed) - calibration.good_median) / max(calibration.good_std, 1e-12))
