@@ -3,6 +3,7 @@ the service read one model version's verdicts from the audit trail."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,6 +89,8 @@ def test_the_drift_command_reads_this_model_files_verdicts_and_exits_1_on_drift(
     assert same.code == 0 and same.out.startswith("no drift:")
     _audit(database, sha, _scores_like(calibration, 100, 1.0), calibration.threshold)
     assert cli("audit", "drift", database, model, "--last", 100).code == 1  # the newest 100: risen
+    risen = cli("audit", "drift", database, model, "--last", 100, "--json")
+    assert risen.code == 1 and json.loads(risen.out)["drifted"] is True and json.loads(risen.out)["parts"] == 100
     assert cli("audit", "drift", database, model, "--last", 200).code == 0  # half as before: unproven against 40 goods
     for bad in (("audit", "drift", tmp_path / "none.sqlite", model), ("audit", "drift", database, model, "--last", 0)):
         result = cli(*bad)

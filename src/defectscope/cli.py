@@ -508,13 +508,18 @@ def audit_drift(
     database: Annotated[Path, typer.Argument(help="Audit database (SQLite) written by serve or watch.")],
     model: Annotated[Path, typer.Argument(help="The model file (or .dsdeploy) that judged them.")],
     last: Annotated[int, typer.Option("--last", help="Recent verdicts of this model file to read.")] = 500,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what the check found as JSON (the service's answer).")] = False,
 ) -> None:
     """Whether the parts this model passed lately still score like its training goods; exit 1 when they score higher
     (its stated false-alarm rate no longer holds), 0 otherwise."""
+    from defectscope.files import json_text
     from defectscope.line.drift import audited_drift
 
     found = audited_drift(database, model, last)
-    say(found.message)
+    if as_json:
+        print(json_text(found.to_dict(), indent=2))
+    else:
+        say(found.message)
     if found.drifted:
         raise typer.Exit(1)
 
