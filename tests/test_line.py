@@ -670,3 +670,53 @@ def test_the_hot_folder_says_once_when_its_parts_drift_from_the_training_goods(s
         drifts = [text for text in said if text.startswith("drift:")]
         assert len(drifts) == 1 and "of the last 30 parts" in drifts[0]  # said when found, not again at the next check
     assert not any(text.startswith("no drift") for text in said)
+
+
+def test_the_drift_checks_turn_is_published_retained_for_a_subscriber_that_comes_later(broker: str, served_folder: Path,
+                                                                                      demo_root: Path, tmp_path: Path
+                                                                                      ) -> None:
+    from dataclasses import replace
+
+    import paho.mqtt.client as mqtt
+
+    from defectscope.line.dispatch import DriftNotice
+
+    model = load_model(served_folder / "part.dsmodel")
+    model.calibration = replace(model.calibration, good_median=model.calibration.good_median - 3 * model.calibration.good_std)
+    identity = ModelIdentity("part", "v1", "0" * 64)
+    notice = DriftNotice(broker, "plant/line1", identity.message(), report=pytest.fail)
+    line = _line(tmp_path, model, on_drift=notice, drift_every=20)
+    for sample in load_dataset(demo_root).train[:20]:  # good parts, now well above the stated goods' median
+        shutil.copy(sample.path, line.folders.inbox / f"{sample.path.name}.tmp")
+        (line.folders.inbox / f"{sample.path.name}.tmp").rename(line.folders.inbox / sample.path.name)
+    assert line.run(limit=20) == 20
+    notice.close()
+    received: list[dict] = []  # subscribed only now: the broker keeps the state for it
+    listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    listener.on_message = lambda _client, _data, message: received.append(json.loads(message.payload))
+    host, port = broker.split(":")
+    listener.connect(host, int(port))
+    listener.subscribe("plant/line1/drift", qos=1)
+    listener.loop_start()
+    deadline = time.monotonic() + 10
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    listener.loop_stop()
+    assert len(received) == 1 and received[0]["drifted"] is True and received[0]["model_sha256"] == "0" * 64
+    assert received[0]["message"].startswith("drift:") and received[0]["parts"] == 20
+
+
+def test_a_drift_notice_the_broker_does_not_take_is_reported_and_the_line_goes_on(broker: str) -> None:
+    from defectscope.line.dispatch import DriftNotice
+    from defectscope.line.drift import score_drift
+
+    said: list[str] = []
+    notice = DriftNotice(broker, "plant/line1", {}, report=said.append)
+
+    def refuse(_message: dict) -> None:
+        raise ConnectionError("the broker did not acknowledge a message within 5 s")
+
+    notice.target.send = refuse
+    notice(score_drift(None, []))  # no exception: the hot folder keeps judging
+    notice.close()
+    assert len(said) == 1 and "did not reach MQTT broker" in said[0]

@@ -544,24 +544,28 @@ def watch(
     with doing(f"loading {model}"):
         from defectscope.files import file_sha256
         from defectscope.line.audit import AuditLog
-        from defectscope.line.dispatch import dispatcher
+        from defectscope.line.dispatch import DriftNotice, dispatcher
         from defectscope.line.hotfolder import Folders, HotFolder, ModelIdentity
         from defectscope.predictor import load_predictor, warm_up
         predictor = load_predictor(model)
         warm_up(predictor)
     note = _notes(jsonl)
     digest = file_sha256(model)
+    identity = ModelIdentity(model.name.rsplit(".", 1)[0], digest[:12], digest)
     folders = Folders(inbox, good_dir, defective_dir, error_dir)
     log = AuditLog(audit or inbox.resolve().parent / "defectscope-audit.sqlite")
     dispatch = dispatcher(jsonl, webhook, mqtt, mqtt_topic, report=warn)
-    line = HotFolder(predictor, ModelIdentity(model.name.rsplit(".", 1)[0], digest[:12], digest), folders, log, dispatch,
-                     settle=settle, say=note)
+    drift = DriftNotice(mqtt, mqtt_topic, identity.message(), warn) if mqtt else None
+    line = HotFolder(predictor, identity, folders, log, dispatch, settle=settle, say=note,
+                     **({"on_drift": drift} if drift else {}))
     try:
         judged = line.run(limit=limit)
         dispatch.close()
         missed = log.undelivered_count(line.journal)
     finally:
         dispatch.close()
+        if drift:
+            drift.close()
         log.close()
     note(f"judged {judged} image(s)")
     if missed:

@@ -15,10 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
 
 from defectscope.errors import InputError, SettingsError
+from defectscope.line.audit import now
+
+if TYPE_CHECKING:
+    from defectscope.line.drift import Drift
 
 Message = dict[str, Any]
 QUEUE_LIMIT = 10_000  # messages waiting for one target at most; beyond it the oldest are dropped and counted
@@ -74,9 +78,11 @@ class Webhook:
 
 
 class Mqtt:
-    """Publish each verdict to an MQTT broker (paho-mqtt, QoS 1: the broker acknowledges every message)."""
+    """Publish each verdict to an MQTT broker (paho-mqtt, QoS 1: the broker acknowledges every message); `retain`:
+    the broker keeps the last message for subscribers that come later (a state, such as the drift check's)."""
 
-    def __init__(self, address: str, topic: str = "defectscope/verdicts", timeout: float = 5.0) -> None:
+    def __init__(self, address: str, topic: str = "defectscope/verdicts", timeout: float = 5.0,
+                 retain: bool = False) -> None:
         try:
             import paho.mqtt.client as mqtt
         except ImportError as exc:
@@ -84,7 +90,7 @@ class Mqtt:
         host, _, port = address.rpartition(":") if ":" in address else (address, "", "1883")
         if not host or not port.isdigit():
             raise SettingsError(f"--mqtt must be HOST or HOST:PORT, got {address!r}")
-        self.topic, self.timeout = topic, timeout
+        self.topic, self.timeout, self.retain = topic, timeout, retain
         self.name = f"MQTT broker {host}:{port} ({topic})"
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv311)
         try:
@@ -94,14 +100,31 @@ class Mqtt:
         self.client.loop_start()
 
     def send(self, message: Message) -> None:
-        info = self.client.publish(self.topic, _text(message), qos=1)
+        info = self.client.publish(self.topic, _text(message), qos=1, retain=self.retain)
         info.wait_for_publish(self.timeout)
         if not info.is_published():
-            raise ConnectionError(f"the MQTT broker did not acknowledge a verdict within {self.timeout:g} s")
+            raise ConnectionError(f"the MQTT broker did not acknowledge a message within {self.timeout:g} s")
 
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+class DriftNotice:
+    """The drift check's answer when it turns (`HotFolder.on_drift`), published retained on TOPIC/drift: a subscriber
+    that connects later still gets the line's current state. A broker that does not take it is reported, never fatal."""
+
+    def __init__(self, address: str, topic: str, model: Message, report: Callable[[str], None]) -> None:
+        self.target, self.model, self.report = Mqtt(address, f"{topic}/drift", retain=True), model, report
+
+    def __call__(self, found: Drift) -> None:
+        try:
+            self.target.send({**self.model, "time": now(), **found.to_dict()})
+        except (ConnectionError, OSError, ValueError) as exc:
+            self.report(f"the drift check's answer did not reach {self.target.name}: {exc}")
+
+    def close(self) -> None:
+        self.target.close()
 
 
 class _Delivery:

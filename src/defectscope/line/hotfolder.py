@@ -29,7 +29,7 @@ from defectscope.errors import InputError
 from defectscope.files import content_sha256, exclusive
 from defectscope.line.audit import AuditLog, Verdict, now
 from defectscope.line.dispatch import Dispatcher
-from defectscope.line.drift import CHECK_EVERY, DEFAULT_PARTS, score_drift
+from defectscope.line.drift import CHECK_EVERY, DEFAULT_PARTS, Drift, score_drift
 from defectscope.line.outbox import RESEND_BATCH, send_missed, send_verdict
 from defectscope.predictor import Predictor
 
@@ -71,6 +71,10 @@ class ModelIdentity:
     name: str
     version: str
     sha256: str
+
+    def message(self) -> dict[str, str]:
+        """The model's fields as a verdict message names them."""
+        return {"model": self.name, "model_version": self.version, "model_sha256": self.sha256}
 
 
 def place(source: Path, folder: Path, digest: str) -> Path | None:
@@ -145,6 +149,7 @@ class HotFolder:
     redeliver: float = 60.0  # seconds between tries to send again what a target missed, while the targets are idle
     say: Callable[[str], None] = lambda _text: None
     drift_every: int = CHECK_EVERY  # images judged between drift checks (`line.drift`), said when their answer turns
+    on_drift: Callable[[Drift], None] = lambda _found: None  # also told when it turns (watch --mqtt: published)
     _seen: dict[str, tuple[int, int, float]] = field(default_factory=dict)
     _arrivals: Arrivals | None = None  # while `run` watches
     _resent: int = 0  # verdicts the last recovery sent again
@@ -245,7 +250,7 @@ class HotFolder:
             judged = math.isfinite(score) and verdicts[i] != "error"  # an error is never filed as good
             height, width = images[i].size() if judged else (None, None)
             records.append(Verdict(
-                time=now(), model=self.model.name, model_version=self.model.version, model_sha256=self.model.sha256,
+                time=now(), **self.model.message(),
                 threshold=prediction.threshold, stated_rate=calibration.false_alarm_rate if calibration else None,
                 image_sha256=digest, image_name=path.name, width=width, height=height, source="hot folder",
                 score=score if judged else None, normalized=score / prediction.threshold if judged else None,
@@ -264,6 +269,7 @@ class HotFolder:
         if found.drifted != self._drifted:
             self._drifted = found.drifted
             self.say(found.message)
+            self.on_drift(found)
 
     def run(self, stop: threading.Event | None = None, limit: int | None = None) -> int:
         """Watch until `stop` is set (or `limit` images were judged); returns the images judged."""
