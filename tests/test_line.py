@@ -720,3 +720,40 @@ def test_a_drift_notice_the_broker_does_not_take_is_reported_and_the_line_goes_o
     notice(score_drift(None, []))  # no exception: the hot folder keeps judging
     notice.close()
     assert len(said) == 1 and "did not reach MQTT broker" in said[0]
+
+
+def test_watch_with_mqtt_publishes_the_drift_state(broker: str, served_folder: Path, demo_root: Path, tmp_path: Path,
+                                                   cli) -> None:
+    from dataclasses import replace
+
+    import paho.mqtt.client as mqtt
+
+    from defectscope.artifacts import set_threshold
+
+    calibration = load_model(served_folder / "part.dsmodel").calibration
+    moved = replace(calibration, good_median=calibration.good_median - 3 * calibration.good_std)
+    model = set_threshold(served_folder / "part.dsmodel", moved, tmp_path / "part.dsmodel")
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    dataset = load_dataset(demo_root)
+    for i, sample in enumerate([*dataset.train, *[s for s in dataset.test if not s.label]]):  # 50 good parts: a check
+        shutil.copy(sample.path, inbox / f"{i:03d}.png")
+    assert len(list(inbox.iterdir())) == 50  # all there before watch starts: --limit 50 then ends
+    result = cli("watch", model, inbox, "--limit", 50, "--audit", tmp_path / "audit.sqlite", "--mqtt", broker,
+                 "--mqtt-topic", "plant/line1",
+                 *(option for kind in ("good", "defective", "error") for option in (f"--{kind}-dir", tmp_path / kind)))
+    assert result.code == 0, result.err
+    assert "drift:" in result.out + result.err
+    received: list[dict] = []
+    listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    listener.on_message = lambda _client, _data, message: received.append(json.loads(message.payload))
+    host, port = broker.split(":")
+    listener.connect(host, int(port))
+    listener.subscribe("plant/line1/drift", qos=1)
+    listener.loop_start()
+    deadline = time.monotonic() + 10
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    listener.loop_stop()
+    assert len(received) == 1 and received[0]["drifted"] is True and received[0]["model"] == "part"
+    assert received[0]["model_sha256"] == file_sha256(model)
