@@ -672,12 +672,28 @@ def test_the_hot_folder_says_once_when_its_parts_drift_from_the_training_goods(s
     assert not any(text.startswith("no drift") for text in said)
 
 
+def _retained(broker: str, topic: str) -> list[dict]:
+    """What a subscriber that connects now receives on `topic` within 10 s: the broker's retained message."""
+    import paho.mqtt.client as mqtt
+
+    received: list[dict] = []
+    listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    listener.on_message = lambda _client, _data, message: received.append(json.loads(message.payload))
+    host, port = broker.split(":")
+    listener.connect(host, int(port))
+    listener.subscribe(topic, qos=1)
+    listener.loop_start()
+    deadline = time.monotonic() + 10
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    listener.loop_stop()
+    return received
+
+
 def test_the_drift_checks_turn_is_published_retained_for_a_subscriber_that_comes_later(broker: str, served_folder: Path,
                                                                                       demo_root: Path, tmp_path: Path
                                                                                       ) -> None:
     from dataclasses import replace
-
-    import paho.mqtt.client as mqtt
 
     from defectscope.line.dispatch import DriftNotice
 
@@ -691,17 +707,7 @@ def test_the_drift_checks_turn_is_published_retained_for_a_subscriber_that_comes
         (line.folders.inbox / f"{sample.path.name}.tmp").rename(line.folders.inbox / sample.path.name)
     assert line.run(limit=20) == 20
     notice.close()
-    received: list[dict] = []  # subscribed only now: the broker keeps the state for it
-    listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    listener.on_message = lambda _client, _data, message: received.append(json.loads(message.payload))
-    host, port = broker.split(":")
-    listener.connect(host, int(port))
-    listener.subscribe("plant/line1/drift", qos=1)
-    listener.loop_start()
-    deadline = time.monotonic() + 10
-    while not received and time.monotonic() < deadline:
-        time.sleep(0.05)
-    listener.loop_stop()
+    received = _retained(broker, "plant/line1/drift")  # subscribed only now: the broker kept the state
     assert len(received) == 1 and received[0]["drifted"] is True and received[0]["model_sha256"] == "0" * 64
     assert received[0]["message"].startswith("drift:") and received[0]["parts"] == 20
 
@@ -726,8 +732,6 @@ def test_watch_with_mqtt_publishes_the_drift_state(broker: str, served_folder: P
                                                    cli) -> None:
     from dataclasses import replace
 
-    import paho.mqtt.client as mqtt
-
     from defectscope.artifacts import set_threshold
 
     calibration = load_model(served_folder / "part.dsmodel").calibration
@@ -744,16 +748,6 @@ def test_watch_with_mqtt_publishes_the_drift_state(broker: str, served_folder: P
                  *(option for kind in ("good", "defective", "error") for option in (f"--{kind}-dir", tmp_path / kind)))
     assert result.code == 0, result.err
     assert "drift:" in result.out + result.err
-    received: list[dict] = []
-    listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    listener.on_message = lambda _client, _data, message: received.append(json.loads(message.payload))
-    host, port = broker.split(":")
-    listener.connect(host, int(port))
-    listener.subscribe("plant/line1/drift", qos=1)
-    listener.loop_start()
-    deadline = time.monotonic() + 10
-    while not received and time.monotonic() < deadline:
-        time.sleep(0.05)
-    listener.loop_stop()
+    received = _retained(broker, "plant/line1/drift")
     assert len(received) == 1 and received[0]["drifted"] is True and received[0]["model"] == "part"
     assert received[0]["model_sha256"] == file_sha256(model)
