@@ -556,8 +556,7 @@ def watch(
     log = AuditLog(audit or inbox.resolve().parent / "defectscope-audit.sqlite")
     dispatch = dispatcher(jsonl, webhook, mqtt, mqtt_topic, report=warn)
     drift = DriftNotice(mqtt, mqtt_topic, identity.message(), warn) if mqtt else None
-    line = HotFolder(predictor, identity, folders, log, dispatch, settle=settle, say=note,
-                     **({"on_drift": drift} if drift else {}))
+    line = HotFolder(predictor, identity, folders, log, dispatch, settle=settle, say=note, on_drift=drift)
     try:
         judged = line.run(limit=limit)
         dispatch.close()

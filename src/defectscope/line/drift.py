@@ -21,6 +21,7 @@ import numpy as np
 
 from defectscope.calibration import Calibration
 from defectscope.errors import InputError
+from defectscope.line.audit import AuditLog
 
 MIN_PASSED = 20  # passed parts the check needs before it speaks (fewer: its normal approximation is poor)
 ALARM_P = 0.001  # one-sided level: a line checked every hour should not be alarmed by chance
@@ -80,11 +81,16 @@ def score_drift(calibration: Calibration | None, scores: Sequence[float]) -> Dri
     return Drift(len(values), len(passed), share, expected, shift, p_value, drifted, text)
 
 
+def recent_drift(audit: AuditLog, sha256: str, calibration: Calibration | None, last: int = DEFAULT_PARTS) -> Drift:
+    """The drift check on the last `last` verdicts the model file with this sha256 wrote to `audit` (so another
+    version's never mix in): what the hot folder, the service and its metrics ask."""
+    return score_drift(calibration, audit.recent_scores(sha256, last))
+
+
 def audited_drift(database: Path, model: Path, last: int = DEFAULT_PARTS) -> Drift:
     """The drift check of a model file (or deployment file) on its last `last` verdicts in an audit database; the
     file's sha256 picks its own verdicts, so another version's scores never mix in. Reads headers only (no PyTorch)."""
     from defectscope.files import file_sha256
-    from defectscope.line.audit import AuditLog
     from defectscope.model_header import model_info
     from defectscope.runtime import is_deployment, read_deployment
 
@@ -97,7 +103,6 @@ def audited_drift(database: Path, model: Path, last: int = DEFAULT_PARTS) -> Dri
     calibration = Calibration.from_dict(stored) if stored is not None else None
     log = AuditLog(database, read_only=True)
     try:
-        scores = log.recent_scores(file_sha256(model), last)
+        return recent_drift(log, file_sha256(model), calibration, last)
     finally:
         log.close()
-    return score_drift(calibration, scores)

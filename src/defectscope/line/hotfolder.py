@@ -29,7 +29,7 @@ from defectscope.errors import InputError
 from defectscope.files import content_sha256, exclusive
 from defectscope.line.audit import AuditLog, Verdict, now
 from defectscope.line.dispatch import Dispatcher
-from defectscope.line.drift import CHECK_EVERY, DEFAULT_PARTS, Drift, score_drift
+from defectscope.line.drift import CHECK_EVERY, Drift, recent_drift
 from defectscope.line.outbox import RESEND_BATCH, send_missed, send_verdict
 from defectscope.predictor import Predictor
 
@@ -149,7 +149,7 @@ class HotFolder:
     redeliver: float = 60.0  # seconds between tries to send again what a target missed, while the targets are idle
     say: Callable[[str], None] = lambda _text: None
     drift_every: int = CHECK_EVERY  # images judged between drift checks (`line.drift`), said when their answer turns
-    on_drift: Callable[[Drift], None] = lambda _found: None  # also told when it turns (watch --mqtt: published)
+    on_drift: Callable[[Drift], None] | None = None  # also told when it turns (watch --mqtt: published)
     _seen: dict[str, tuple[int, int, float]] = field(default_factory=dict)
     _arrivals: Arrivals | None = None  # while `run` watches
     _resent: int = 0  # verdicts the last recovery sent again
@@ -265,11 +265,12 @@ class HotFolder:
 
     def _check_drift(self) -> None:
         """The drift check on this model file's recent verdicts; says its answer when it turns (drift found or gone)."""
-        found = score_drift(self.predictor.calibration, self.audit.recent_scores(self.model.sha256, DEFAULT_PARTS))
+        found = recent_drift(self.audit, self.model.sha256, self.predictor.calibration)
         if found.drifted != self._drifted:
             self._drifted = found.drifted
             self.say(found.message)
-            self.on_drift(found)
+            if self.on_drift is not None:
+                self.on_drift(found)
 
     def run(self, stop: threading.Event | None = None, limit: int | None = None) -> int:
         """Watch until `stop` is set (or `limit` images were judged); returns the images judged."""

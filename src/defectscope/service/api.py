@@ -23,7 +23,7 @@ from defectscope.errors import DefectscopeError, InputError
 from defectscope.export.pseudo import map_instances
 from defectscope.line.audit import MAX_PAGE, MAX_RECORD_ID, AuditLog, Verdict, now
 from defectscope.line.dispatch import Dispatcher
-from defectscope.line.drift import DEFAULT_PARTS, score_drift
+from defectscope.line.drift import DEFAULT_PARTS, recent_drift
 from defectscope.line.outbox import OUTBOX, send_verdict
 from defectscope.names import MODEL_SUFFIX, SAFE_NAME
 from defectscope.pipeline import update_model
@@ -438,8 +438,8 @@ async def drift(request: Request, name: str,
     model, audit = served(request, name), request.app.state.audit
     if audit is None:
         raise HTTPException(404, "this service keeps no audit trail; start it without --no-audit")
-    scores = await run_in_threadpool(audit.recent_scores, model.sha256, last)
-    return DriftReport(**score_drift(model.detector.calibration, scores).to_dict())
+    found = await run_in_threadpool(recent_drift, audit, model.sha256, model.detector.calibration, last)
+    return DriftReport(**found.to_dict())
 
 
 @router.get("/models/{name}/versions", response_model=VersionList)

@@ -22,7 +22,7 @@ from defectscope.errors import DefectscopeError
 from defectscope.files import finite_or_none
 from defectscope.line.audit import AuditLog
 from defectscope.line.dispatch import Dispatcher
-from defectscope.line.drift import DEFAULT_PARTS, score_drift
+from defectscope.line.drift import recent_drift
 from defectscope.line.outbox import OUTBOX, RESEND_BATCH, send_missed
 from defectscope.line.retention import ImageKeeper
 from defectscope.service.api import router
@@ -177,8 +177,7 @@ def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = No
             telemetry.queue.labels(name).set(model.batcher.pending)
             telemetry.batches.labels(name).set(model.batcher.batches)
             if audit is not None:
-                recent = audit.recent_scores(model.sha256, DEFAULT_PARTS)
-                telemetry.drift.labels(name).set(score_drift(model.detector.calibration, recent).drifted)
+                telemetry.drift.labels(name).set(recent_drift(audit, model.sha256, model.detector.calibration).drifted)
         if dispatch is not None:  # with an audit trail, its journal's count: a verdict sent again counts once
             telemetry.undelivered.set(dispatch.failed if audit is None else audit.undelivered_count(OUTBOX))
         return Response(generate_latest(telemetry.registry), media_type=CONTENT_TYPE_LATEST)
