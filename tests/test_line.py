@@ -67,6 +67,34 @@ def test_audit_queries_filter_and_page_and_export_to_parquet(tmp_path: Path) -> 
             export_parquet(database, tmp_path / "other.parquet")
 
 
+def test_an_audit_export_streams_a_page_at_a_time_and_replaces_only_its_own_file(tmp_path: Path, cli) -> None:
+    pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
+    log = AuditLog(tmp_path / "audit.sqlite")
+    log.record([_verdict(f"{i}.png") for i in range(7)])
+    log.close()
+    out = tmp_path / "audit.parquet"
+    assert export_parquet(tmp_path / "audit.sqlite", out, page=3) == 7
+    stored = pyarrow_parquet.ParquetFile(out)
+    assert [stored.metadata.row_group(g).num_rows for g in range(stored.num_row_groups)] == [3, 3, 1]
+    assert stored.read().column("image_name").to_pylist() == [f"{i}.png" for i in range(7)]  # oldest first, all
+    empty = tmp_path / "empty.sqlite"
+    AuditLog(empty).close()
+    assert export_parquet(empty, tmp_path / "none.parquet") == 0
+    assert pyarrow_parquet.read_schema(tmp_path / "none.parquet").field("score").type == "double"  # typed, not null
+    again = cli("audit", "export", tmp_path / "audit.sqlite", "-o", out)  # our own export: replaced
+    assert again.code == 0 and "wrote 7 verdicts" in again.out
+    foreign = tmp_path / "theirs.parquet"
+    pyarrow_parquet.write_table(pyarrow_parquet.read_table(out).replace_schema_metadata(None), foreign)
+    (tmp_path / "notes.txt").write_text("precious")
+    for kept in (foreign, tmp_path / "notes.txt"):
+        before = kept.read_bytes()
+        refused = cli("audit", "export", tmp_path / "audit.sqlite", "-o", kept)
+        assert refused.code == 2 and "was not written by defectscope" in refused.err and kept.read_bytes() == before
+    assert cli("audit", "export", tmp_path / "audit.sqlite", "-o", foreign, "--force").code == 0
+    os.mkfifo(tmp_path / "pipe")  # never opened (it would wait for a writer), refused
+    assert cli("audit", "export", tmp_path / "audit.sqlite", "-o", tmp_path / "pipe").code == 2
+
+
 @pytest.fixture(scope="module")
 def model(served_folder: Path):
     return load_model(served_folder / "part.dsmodel")

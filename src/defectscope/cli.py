@@ -497,9 +497,9 @@ def audit_export(
 ) -> None:
     """Every audited verdict into one Parquet file (time, model and sha256, threshold, image sha256, verdict, role)."""
     from defectscope.files import check_output_file
-    from defectscope.line.audit import export_parquet
+    from defectscope.line.audit import export_parquet, is_audit_export
 
-    check_output_file(out, force)
+    check_output_file(out, force, is_ours=is_audit_export)  # an earlier export is replaced; any other file kept
     say(f"wrote {export_parquet(database, out)} verdicts to {out}")
 
 

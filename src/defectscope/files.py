@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -36,6 +36,14 @@ def glob_escape(name: str) -> str:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write bytes to path via a temporary file in the same folder and a rename; clears stale temporaries."""
+    with atomic_stream(path) as stream:
+        stream.write(data)
+
+
+@contextmanager
+def atomic_stream(path: Path) -> Iterator[BinaryIO]:
+    """A binary stream whose bytes replace `path` at once when the block ends (a temporary file in the same folder,
+    synced, then renamed); an error in the block leaves `path` as it was. Clears stale temporaries."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in _stale_temporaries(path):
@@ -46,7 +54,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     try:
         os.fchmod(handle, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions of a new file
         with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
+            yield stream
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)

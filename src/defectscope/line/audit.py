@@ -22,6 +22,8 @@ SCHEMA_VERSION = 2  # 2: each journal row names its hot folder or the service (v
 # targets that took a message another missed (deliveries)
 MAX_PAGE = 1000  # records per query at most
 MAX_RECORD_ID = 2**63 - 1  # SQLite's largest integer
+EXPORT_PAGE = 50_000  # records an export holds in memory at once (a Parquet row group each)
+EXPORT_KEY, EXPORT_MARK = b"defectscope", b"audit export"  # the schema metadata that marks an export as ours
 
 
 @dataclass
@@ -214,11 +216,17 @@ class AuditLog:
                                     "AND score IS NOT NULL ORDER BY id DESC LIMIT ?", (model_sha256, limit)).fetchall()
         return [row[0] for row in rows]
 
-    def all(self) -> list[dict[str, Any]]:
-        """Every record, oldest first."""
-        with self._lock:
-            rows = self._db.execute(f"SELECT id, {', '.join(COLUMNS)} FROM verdicts ORDER BY id").fetchall()
-        return [dict(zip(["id", *COLUMNS], row)) for row in rows]
+    def pages(self, size: int) -> Iterator[list[dict[str, Any]]]:
+        """Every record, oldest first, `size` at a time (by id, so memory stays bounded however long the trail)."""
+        last = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute(f"SELECT id, {', '.join(COLUMNS)} FROM verdicts WHERE id > ? ORDER BY id LIMIT ?",
+                                        (last, size)).fetchall()
+            if not rows:
+                return
+            yield [dict(zip(["id", *COLUMNS], row)) for row in rows]
+            last = rows[-1][0]
 
     def count(self) -> int:
         with self._lock:
@@ -229,23 +237,38 @@ class AuditLog:
             self._db.close()
 
 
-def export_parquet(database: Path, out: Path) -> int:
-    """Every record of an audit database into one Parquet file (written atomically); returns the record count."""
-    import io
-
-    from defectscope.files import write_atomic
+def export_parquet(database: Path, out: Path, page: int = EXPORT_PAGE) -> int:
+    """Every record of an audit database into one Parquet file, a row group of `page` records at a time (memory
+    stays bounded), written atomically and marked as an audit export (`is_audit_export`); returns the record count."""
+    from defectscope.files import atomic_stream
     from defectscope.scale.scoring import pyarrow_modules
 
     if not database.is_file():
         raise InputError(f"audit database {database} {'is not a file' if database.exists() else 'does not exist'}")
-    log = AuditLog(database, read_only=True)
+    pyarrow = pyarrow_modules()
+    names, types = ["id", *COLUMNS], {"id": "INTEGER", **TYPES}
+    arrow = {"REAL": pyarrow.float64(), "INTEGER": pyarrow.int64(), "TEXT": pyarrow.string()}
+    schema = pyarrow.schema([(name, arrow[types.get(name, "TEXT")]) for name in names], metadata={EXPORT_KEY: EXPORT_MARK})
+    log, count = AuditLog(database, read_only=True), 0
     try:
-        rows = log.all()
+        with atomic_stream(out) as stream, pyarrow.parquet.ParquetWriter(stream, schema) as writer:
+            for rows in log.pages(page):
+                writer.write_table(pyarrow.table({name: [row[name] for row in rows] for name in names}, schema=schema))
+                count += len(rows)
     finally:
         log.close()
-    pyarrow = pyarrow_modules()
-    table = pyarrow.table({name: [row[name] for row in rows] for name in ["id", *COLUMNS]})
-    buffer = io.BytesIO()
-    pyarrow.parquet.write_table(table, buffer)
-    write_atomic(out, buffer.getvalue())
-    return len(rows)
+    return count
+
+
+def is_audit_export(path: Path) -> bool:
+    """Whether `path` is a Parquet file `export_parquet` wrote (its schema carries the mark), so a new export may
+    replace it; anything else, or a file it cannot read, is not (nor is a FIFO or device read, never waited on)."""
+    from defectscope.scale.scoring import pyarrow_modules
+
+    if not Path(path).is_file():
+        return False
+    try:
+        metadata = pyarrow_modules().parquet.read_schema(path).metadata or {}
+    except (OSError, ValueError):  # not Parquet, unreadable
+        return False
+    return metadata.get(EXPORT_KEY) == EXPORT_MARK
