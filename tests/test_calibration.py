@@ -234,6 +234,12 @@ def test_calibrate_command_restates_the_rate_and_uses_labels(fitted_model: Path,
     assert moved["false_alarm_rate"] == calibration["false_alarm_rate"] and moved["recall"] >= calibration["recall"]
     bad = cli("calibrate", fitted_model, "-o", tmp_path / "x.dsmodel", "--target-recall", "0.9")
     assert bad.code == 2 and "give either --false-alarm-rate" in bad.err
+    for labels in (["--good", demo_root / "test" / "good"], ["--defective", demo_root / "test" / "scratch"]):
+        half = cli("calibrate", fitted_model, "-o", tmp_path / "x.dsmodel", *labels, "--target-recall", "0.9")
+        assert half.code == 2 and half.err.strip() == ("error: a threshold from labelled images needs both --good and "
+                                                       "--defective images") and not (tmp_path / "x.dsmodel").exists()
+    with pytest.raises(DefectscopeError, match="a target recall needs defective images"):
+        recall_threshold(np.array([], np.float32), 0.9)
     stray = cli("calibrate", fitted_model, "-o", tmp_path / "x.dsmodel", "--false-alarm-rate", "0.1", "--margin", "0.5")
     assert stray.code == 2 and "--margin applies to a threshold chosen with labelled images" in stray.err
 

@@ -217,6 +217,8 @@ def recalibrate(model_path: Path, out: Path, *, false_alarm_rate: float | None =
     if (false_alarm_rate is not None) == labelled or (labelled and (target_recall is None) == (not f1)):
         raise DefectscopeError("give either --false-alarm-rate, or --good and --defective images with one of "
                                "--target-recall or --f1")
+    if labelled and not (good and defective):
+        raise DefectscopeError("a threshold from labelled images needs both --good and --defective images")
     if margin and not labelled:
         raise DefectscopeError("--margin applies to a threshold chosen with labelled images (--good, --defective)")
     if out != model_path:

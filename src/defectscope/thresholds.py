@@ -164,6 +164,8 @@ def recall_threshold(defective_scores: np.ndarray, target: float) -> float:
     if not 0 < target <= 1:
         raise DefectscopeError(f"target recall must be in (0, 1], got {target}")
     ordered = np.sort(finite_scores(defective_scores, "defective"))
+    if not len(ordered):
+        raise DefectscopeError("a target recall needs defective images")
     return float(ordered[len(ordered) - math.ceil(target * len(ordered))])
 
 
