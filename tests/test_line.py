@@ -20,7 +20,7 @@ import pytest
 
 from defectscope import load_dataset
 from defectscope.artifacts import load_model
-from defectscope.errors import InputError
+from defectscope.errors import InputError, SettingsError
 from defectscope.files import file_sha256
 from defectscope.line import hotfolder
 from defectscope.line.audit import AuditLog, Verdict, export_parquet, now
@@ -678,6 +678,23 @@ def test_watch_runs_its_model_once_before_the_first_part(served_folder: Path, tm
                  *(option for kind in ("good", "defective", "error") for option in (f"--{kind}-dir", tmp_path / kind)))
     assert result.code == 0, result.err
     assert len(runs) == 1 and runs[0][0] == 1  # one blank frame, and no part was there
+
+
+def test_watch_refuses_bad_folders_and_settle_times_before_it_writes_anything(served_folder: Path, tmp_path: Path,
+                                                                             cli) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    outs = [option for kind in ("good", "defective", "error") for option in (f"--{kind}-dir", tmp_path / kind)]
+    for settle, said in (("nan", "must be a finite number"), ("inf", "must be a finite number"), ("-1", "must be in")):
+        refused = cli("watch", served_folder / "part.dsmodel", inbox, *outs, "--settle", settle, "--limit", "0")
+        assert refused.code == 2 and refused.err.startswith(f"error: field 'settle' {said}")
+    same = cli("watch", served_folder / "part.dsmodel", inbox, *outs[:-1], inbox, "--limit", "0")
+    assert same.code == 2 and "four different folders" in same.err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in"]  # no audit trail, no verdict folders
+    with pytest.raises(SettingsError, match="settle"):  # the library checks it too: NaN would leave every file waiting
+        HotFolder(load_model(served_folder / "part.dsmodel"), ModelIdentity("part", "1", "0" * 64),
+                  Folders(inbox, tmp_path / "good", tmp_path / "defective", tmp_path / "error"),
+                  AuditLog(tmp_path / "audit.sqlite"), Dispatcher([]), settle=float("nan"))
 
 
 def test_the_hot_folder_says_once_when_its_parts_drift_from_the_training_goods(served_folder: Path, demo_root: Path,

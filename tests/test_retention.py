@@ -112,3 +112,8 @@ def same_colours(first: np.ndarray, second: np.ndarray) -> bool:
 def test_serve_refuses_kept_images_without_an_audit_trail(served_folder: Path, tmp_path: Path, cli) -> None:
     refused = cli("serve", served_folder / "part.dsmodel", "--no-audit", "--keep-images", tmp_path / "kept")
     assert refused.code == 2 and "audit trail" in refused.err and not (tmp_path / "kept").exists()
+    for cap in ("nan", "inf", "0"):  # no size cap at all is no cap: refused before anything is written
+        capless = cli("serve", served_folder / "part.dsmodel", "--audit", tmp_path / "audit.sqlite", "--keep-images",
+                      tmp_path / "kept", "--keep-images-mb", cap)
+        assert capless.code == 2 and capless.err.startswith("error: field 'keep_images_mb' must be") and not (
+            tmp_path / "audit.sqlite").exists() and not (tmp_path / "kept").exists()

@@ -451,7 +451,7 @@ def serve(
 
     config = ServiceConfig.from_dict({"batch_wait_ms": batch_wait_ms, "max_batch": max_batch, "max_queue": max_queue,
                                       "max_upload_mb": max_upload_mb, "engine_threads": engine_threads,
-                                      "token": token, "operator_token": operator_token})
+                                      "keep_images_mb": keep_images_mb, "token": token, "operator_token": operator_token})
     if not (token or operator_token) and not is_loopback(host):
         if not insecure:
             raise DefectscopeError(f"binding {host} without a token would let anyone who reaches this port re-threshold "
@@ -476,7 +476,7 @@ def serve(
     if keep_images is not None:
         from defectscope.line.retention import ImageKeeper
         keeper = ImageKeeper(keep_images, frozenset(v.strip() for v in keep_verdicts.split(",") if v.strip()),
-                             int(keep_images_mb * 1024 * 1024))
+                             config.keep_images_bytes)
     dispatch = dispatcher(jsonl, webhook, mqtt, mqtt_topic, report=warn) if (jsonl or webhook or mqtt) else None
     _notes(jsonl)(f"serving {', '.join(f'{name} ({model.engine})' for name, model in served.items())} on "
                   f"http://{host}:{port}/ (API docs at /docs){f'; audit trail: {log.path}' if log else ''}"
@@ -536,28 +536,31 @@ def watch(
     webhook: WebhookOption = None,
     mqtt: MqttOption = None,
     mqtt_topic: MqttTopicOption = "defectscope/verdicts",
-    settle: Annotated[float, typer.Option(min=0.0, help="Seconds a file's size and time must stay unchanged before it is taken (a file renamed into the folder is taken at once).")] = 0.5,
+    settle: Annotated[float, typer.Option(help="Seconds a file's size and time must stay unchanged before it is taken (a file renamed into the folder is taken at once).")] = 0.5,
     limit: Annotated[int | None, typer.Option(min=0, show_default="run until stopped", help="Stop after judging this many images (0: only finish what a stopped run left).")] = None,
 ) -> None:
     """Judge every image dropped into a hot folder: score it, move it to the folder of its verdict, audit and dispatch it,
     each exactly once across restarts. Stop with Ctrl-C or SIGTERM."""
+    from defectscope.line.hotfolder import Folders, HotFolder, ModelIdentity, check_line
+
+    folders = Folders(inbox, good_dir, defective_dir, error_dir)
+    check_line(folders, settle)  # bad input writes nothing: no audit trail, no verdict folders
     with doing(f"loading {model}"):
         from defectscope.files import file_sha256
         from defectscope.line.audit import AuditLog
         from defectscope.line.dispatch import DriftNotice, dispatcher
-        from defectscope.line.hotfolder import Folders, HotFolder, ModelIdentity
         from defectscope.predictor import load_predictor, warm_up
         predictor = load_predictor(model)
         warm_up(predictor)
     note = _notes(jsonl)
     digest = file_sha256(model)
     identity = ModelIdentity(model.name.rsplit(".", 1)[0], digest[:12], digest)
-    folders = Folders(inbox, good_dir, defective_dir, error_dir)
-    log = AuditLog(audit or inbox.resolve().parent / "defectscope-audit.sqlite")
     dispatch = dispatcher(jsonl, webhook, mqtt, mqtt_topic, report=warn)
-    drift = DriftNotice(mqtt, mqtt_topic, identity.message(), warn) if mqtt else None
-    line = HotFolder(predictor, identity, folders, log, dispatch, settle=settle, say=note, on_drift=drift)
+    log = drift = None
     try:
+        log = AuditLog(audit or inbox.resolve().parent / "defectscope-audit.sqlite")
+        drift = DriftNotice(mqtt, mqtt_topic, identity.message(), warn) if mqtt else None
+        line = HotFolder(predictor, identity, folders, log, dispatch, settle=settle, say=note, on_drift=drift)
         judged = line.run(limit=limit)
         dispatch.close()
         missed = log.undelivered_count(line.journal)
@@ -565,7 +568,8 @@ def watch(
         dispatch.close()
         if drift:
             drift.close()
-        log.close()
+        if log:
+            log.close()
     note(f"judged {judged} image(s)")
     if missed:
         warn(f"{missed} verdict message(s) did not reach every target; they are sent again at the next start")

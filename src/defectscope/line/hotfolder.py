@@ -32,6 +32,7 @@ from defectscope.line.dispatch import Dispatcher
 from defectscope.line.drift import CHECK_EVERY, Drift, recent_drift
 from defectscope.line.outbox import RESEND_BATCH, send_missed, send_verdict
 from defectscope.predictor import Predictor
+from defectscope.settings import require_range
 
 try:
     from inotify_simple import INotify, flags as inotify_flags
@@ -40,6 +41,7 @@ except ImportError:  # not Linux: every file settles
 
 TEMPORARY = (".tmp", ".part", ".partial", ".crdownload")
 BATCH = 16  # images scored together at most
+MAX_SETTLE_S = 3600.0  # the longest a file may be waited on to stop changing
 
 
 @dataclass
@@ -52,16 +54,25 @@ class Folders:
     error: Path
 
     def check(self) -> None:
+        """Raise unless the hot folder exists and the four folders differ (nothing is written)."""
         if not self.inbox.is_dir():
             raise InputError(f"the hot folder {self.inbox} does not exist")
-        outs = [self.good, self.defective, self.error]
-        if len({p.resolve() for p in [self.inbox, *outs]}) != 4:
+        if len({p.resolve() for p in [self.inbox, *self.outs]}) != 4:
             raise InputError("the hot folder and the good, defective and error folders must be four different folders")
-        for folder in outs:
-            folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def outs(self) -> list[Path]:
+        return [self.good, self.defective, self.error]
 
     def of(self, verdict: str) -> Path:
         return {"good": self.good, "defective": self.defective}.get(verdict, self.error)
+
+
+def check_line(folders: Folders, settle: float) -> None:
+    """Raise unless a hot folder can run with these folders and this settle time; writes nothing (the CLI checks
+    before it opens the audit trail or reaches a broker)."""
+    require_range("settle", settle, 0, MAX_SETTLE_S)  # NaN would compare false, and no file would ever settle
+    folders.check()
 
 
 @dataclass
@@ -156,7 +167,9 @@ class HotFolder:
     _drifted: bool = False  # what the last drift check found
 
     def __post_init__(self) -> None:
-        self.folders.check()
+        check_line(self.folders, self.settle)
+        for folder in self.folders.outs:
+            folder.mkdir(parents=True, exist_ok=True)
 
     @property
     def journal(self) -> str:

@@ -25,6 +25,7 @@ class ServiceConfig(Settings):
     body_timeout_s: float = 30.0  # a request body must arrive within this time (stalled uploads get 408)
     engine_threads: int | None = None  # threads of an exported model's engine (None: the engine's own choice)
     redeliver_s: float = 60.0  # how often verdicts a dispatch target missed are sent again (once nothing is on its way)
+    keep_images_mb: float = 1024.0  # most megabytes the kept images take (serve --keep-images); the oldest go first
     token: str | None = None  # the engineer's token: inspect, read, threshold, teach, reload
     operator_token: str | None = None  # the operator's token: inspect and read only
     # with either token set, /v1 and /metrics need "Authorization: Bearer <token>"; with none, every caller is an engineer
@@ -50,6 +51,7 @@ class ServiceConfig(Settings):
         require_range("body_timeout_s", self.body_timeout_s, 0, 3600, low_open=True)
         require_range("engine_threads", self.engine_threads, 1, 256, optional=True)
         require_range("redeliver_s", self.redeliver_s, 0, 86_400, low_open=True)
+        require_range("keep_images_mb", self.keep_images_mb, 0, low_open=True)
         if self.token and self.token == self.operator_token:
             raise SettingsError("the engineer's and the operator's tokens must differ")
 
@@ -68,3 +70,7 @@ class ServiceConfig(Settings):
     @property
     def max_request_bytes(self) -> int:
         return int(self.max_request_mb * 1024 * 1024)
+
+    @property
+    def keep_images_bytes(self) -> int:
+        return int(self.keep_images_mb * 1024 * 1024)
