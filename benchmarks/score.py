@@ -20,7 +20,7 @@ from pathlib import Path
 
 from isolated import markdown_table, peak_mb, run_isolated, write_results  # noqa: I001  (benchmarks/isolated.py, beside this script)
 
-CONFIGS = {"in-process": (None, 1, None), "ray, 1 worker x 2 threads": ("local", 1, 2),
+CONFIGS = {"in-process": (None, None, None), "ray, 1 worker x 2 threads": ("local", 1, 2),
            "ray, 2 workers x 1 thread": ("local", 2, 1)}
 COLUMNS = (("config", "configuration", "{}"), ("images", "images", "{}"), ("seconds", "wall s", "{:.0f}"),
            ("images_per_s", "images/s", "{:.1f}"), ("driver_peak_mb", "driver peak MB", "{:.0f}"),

@@ -724,6 +724,9 @@ def test_score_fails_loudly_and_leaves_no_job_for_a_bad_model(knn_model: Path, d
     bad_model.write_bytes(b"not a model")
     one_line_error(cli("score", bad_model, tmp_path / "in", "--out", tmp_path / "refused"))
     assert not (tmp_path / "refused").exists()
+    for sizing in (["--workers", "4"], ["--threads", "1"]):  # they size Ray actors: without --ray they would do nothing
+        one_line_error(cli("score", knn_model, tmp_path / "in", "--out", tmp_path / "refused", *sizing), "with --ray only")
+    assert not (tmp_path / "refused").exists()
     assert cli("score", knn_model, tmp_path / "in", "--out", tmp_path / "refused").code == 3
 
 

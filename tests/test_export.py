@@ -136,3 +136,13 @@ def test_cli_export_and_check(demo_root: Path, tmp_path: Path) -> None:
     assert checked.exit_code == 0 and "ok: every label matches" in checked.output
     next((tmp_path / "masks").glob("*.png")).write_bytes(cv2.imencode(".png", np.zeros((128, 128), np.uint8))[1].tobytes())
     assert runner.invoke(app, ["export", "check", str(tmp_path)]).exit_code == 1
+
+
+def test_export_labels_refuses_options_that_would_not_apply(demo_root: Path, tmp_path: Path, cli) -> None:
+    stray = cli("export", "labels", demo_root, "-o", tmp_path / "labels", "--threshold", "5")
+    assert stray.code == 2 and stray.err.strip() == ("error: --threshold sets the level of a model's maps: it applies "
+                                                     "with --from-model only")
+    unused = cli("export", "labels", demo_root, "-o", tmp_path / "labels", "--from-model", tmp_path / "any.dsmodel",
+                 "--include-train-good")
+    assert unused.code == 2 and "--include-train-good adds the good training images" in unused.err
+    assert not (tmp_path / "labels").exists()

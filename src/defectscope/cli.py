@@ -30,7 +30,8 @@ from rich.text import Text
 from defectscope._version import __version__
 from defectscope.errors import DefectscopeError
 from defectscope.jobs import RayCluster
-from defectscope.names import DEFECT_LIKE, GOOD_ONLY_MODELS, LABEL_FORMATS, MASK_MODELS, OPERATOR_TOKEN_ENV, TOKEN_ENV
+from defectscope.names import (DEFECT_LIKE, GOOD_ONLY_MODELS, KEPT_VERDICTS, LABEL_FORMATS, MASK_MODELS, MQTT_TOPIC,
+                               OPERATOR_TOKEN_ENV, TOKEN_ENV)
 from defectscope.process import configure_process, freeze_loaded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial visual inspection: learn good parts, find defects.")
@@ -102,7 +103,7 @@ WeightsOption = Annotated[Path | None, typer.Option("--weights", help="Backbone 
 JsonlOption = Annotated[bool, typer.Option("--jsonl", help="Print each verdict as a JSON line on stdout.")]
 WebhookOption = Annotated[str | None, typer.Option("--webhook", help="POST each verdict as JSON to this URL (retried).")]
 MqttOption = Annotated[str | None, typer.Option("--mqtt", help="Publish each verdict to this MQTT broker, HOST or HOST:PORT (QoS 1).")]
-MqttTopicOption = Annotated[str, typer.Option("--mqtt-topic", help="The MQTT topic.")]
+MqttTopicOption = Annotated[str | None, typer.Option("--mqtt-topic", show_default=MQTT_TOPIC, help="The MQTT topic.")]
 
 
 @data_app.command("summary")
@@ -203,6 +204,13 @@ RayTokenOption = Annotated[Path | None, typer.Option("--ray-token-file", help="F
                                                       "(`ray get-auth-token` on the head node prints it).")]
 RayEnvOption = Annotated[Path | None, typer.Option("--ray-env", help="YAML/TOML file of Ray runtime_env fields (pip, "
                                                     "py_modules, working_dir, env_vars) for nodes without the package.")]
+
+
+def _mqtt_topic(mqtt: str | None, topic: str | None) -> str:
+    """The topic of --mqtt-topic (default MQTT_TOPIC), which applies with --mqtt only."""
+    if topic is not None and mqtt is None:
+        raise DefectscopeError("--mqtt-topic applies with --mqtt only")
+    return topic or MQTT_TOPIC
 
 
 def _ray_cluster(address: str | None, token_file: Path | None, env_file: Path | None) -> RayCluster | None:
@@ -433,12 +441,12 @@ def serve(
     audit: Annotated[Path | None, typer.Option(show_default="defectscope-audit.sqlite beside the first model", help="Audit database (SQLite) of every verdict.")] = None,
     no_audit: Annotated[bool, typer.Option("--no-audit", help="Keep no audit trail.")] = False,
     keep_images: Annotated[Path | None, typer.Option(help="Keep the images of --keep-verdicts here (VERDICT/SHA256.SUFFIX), for review beside the audit trail.")] = None,
-    keep_verdicts: Annotated[str, typer.Option(help="Comma-separated verdicts whose images --keep-images keeps: good, defective, error, unknown.")] = "defective,error",
-    keep_images_mb: Annotated[float, typer.Option(help="Most megabytes the kept images take; the oldest go first.")] = 1024.0,
+    keep_verdicts: Annotated[str | None, typer.Option(show_default=KEPT_VERDICTS, help="Comma-separated verdicts whose images --keep-images keeps: good, defective, error, unknown.")] = None,
+    keep_images_mb: Annotated[float | None, typer.Option(show_default="1024", help="Most megabytes the kept images take; the oldest go first.")] = None,
     jsonl: JsonlOption = False,
     webhook: WebhookOption = None,
     mqtt: MqttOption = None,
-    mqtt_topic: MqttTopicOption = "defectscope/verdicts",
+    mqtt_topic: MqttTopicOption = None,
     labelled: Annotated[Path | None, typer.Option(help="Dataset folder whose test split feeds the threshold and review pages.")] = None,
     batch_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to share a batch (0: off).")] = 5.0,
     max_batch: Annotated[int, typer.Option(help="Most images per model call (1: no batching).")] = 32,
@@ -449,9 +457,16 @@ def serve(
     """Serve models over HTTP: the inspection API, metrics, and the web page."""
     from defectscope.service.config import ServiceConfig
 
+    mqtt_topic = _mqtt_topic(mqtt, mqtt_topic)
+    if keep_images is None and (keep_verdicts is not None or keep_images_mb is not None):
+        raise DefectscopeError("--keep-verdicts and --keep-images-mb apply with --keep-images only")
+    if keep_images is not None:
+        from defectscope.line.retention import kept_verdicts
+        verdicts = kept_verdicts(KEPT_VERDICTS if keep_verdicts is None else keep_verdicts)  # before anything is written
+    kept_cap = {} if keep_images_mb is None else {"keep_images_mb": keep_images_mb}
     config = ServiceConfig.from_dict({"batch_wait_ms": batch_wait_ms, "max_batch": max_batch, "max_queue": max_queue,
-                                      "max_upload_mb": max_upload_mb, "engine_threads": engine_threads,
-                                      "keep_images_mb": keep_images_mb, "token": token, "operator_token": operator_token})
+                                      "max_upload_mb": max_upload_mb, "engine_threads": engine_threads, **kept_cap,
+                                      "token": token, "operator_token": operator_token})
     if not (token or operator_token) and not is_loopback(host):
         if not insecure:
             raise DefectscopeError(f"binding {host} without a token would let anyone who reaches this port re-threshold "
@@ -471,16 +486,15 @@ def serve(
         freeze_loaded()  # before the models: one replaced later (reload, teach, promote) must remain collectable
         served = load_served(models, config, labelled)
     first = next(iter(served.values())).path
-    log = None if no_audit else AuditLog(audit or first.parent / "defectscope-audit.sqlite")
+    dispatch = dispatcher(jsonl, webhook, mqtt, mqtt_topic, report=warn) if (jsonl or webhook or mqtt) else None
+    log = None if no_audit else AuditLog(audit or first.parent / "defectscope-audit.sqlite")  # bad options: none made
     keeper = None
     if keep_images is not None:
         from defectscope.line.retention import ImageKeeper
-        keeper = ImageKeeper(keep_images, frozenset(v.strip() for v in keep_verdicts.split(",") if v.strip()),
-                             config.keep_images_bytes)
-    dispatch = dispatcher(jsonl, webhook, mqtt, mqtt_topic, report=warn) if (jsonl or webhook or mqtt) else None
+        keeper = ImageKeeper(keep_images, verdicts, config.keep_images_bytes)
+    kept = f"; keeping {','.join(sorted(keeper.verdicts))} images in {keep_images}" if keeper else ""
     _notes(jsonl)(f"serving {', '.join(f'{name} ({model.engine})' for name, model in served.items())} on "
-                  f"http://{host}:{port}/ (API docs at /docs){f'; audit trail: {log.path}' if log else ''}"
-                  f"{f'; keeping {keep_verdicts} images in {keep_images}' if keeper else ''}")
+                  f"http://{host}:{port}/ (API docs at /docs){f'; audit trail: {log.path}' if log else ''}{kept}")
     uvicorn.run(create_app(served, config, labelled, log, dispatch, keeper), host=host, port=port, log_level="warning",
                 limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
 
@@ -535,7 +549,7 @@ def watch(
     jsonl: JsonlOption = False,
     webhook: WebhookOption = None,
     mqtt: MqttOption = None,
-    mqtt_topic: MqttTopicOption = "defectscope/verdicts",
+    mqtt_topic: MqttTopicOption = None,
     settle: Annotated[float, typer.Option(help="Seconds a file's size and time must stay unchanged before it is taken (a file renamed into the folder is taken at once).")] = 0.5,
     limit: Annotated[int | None, typer.Option(min=0, show_default="run until stopped", help="Stop after judging this many images (0: only finish what a stopped run left).")] = None,
 ) -> None:
@@ -543,6 +557,7 @@ def watch(
     each exactly once across restarts. Stop with Ctrl-C or SIGTERM."""
     from defectscope.line.hotfolder import Folders, HotFolder, ModelIdentity, check_line
 
+    mqtt_topic = _mqtt_topic(mqtt, mqtt_topic)
     folders = Folders(inbox, good_dir, defective_dir, error_dir)
     check_line(folders, settle)  # bad input writes nothing: no audit trail, no verdict folders
     with doing(f"loading {model}"):
@@ -613,7 +628,7 @@ def score(
     ray: RayOption = None,
     ray_token_file: RayTokenOption = None,
     ray_env: RayEnvOption = None,
-    workers: Annotated[int, typer.Option(min=1, help="Ray actors, each holding the model once.")] = 2,
+    workers: Annotated[int | None, typer.Option(min=1, show_default="2", help="Ray actors, each holding the model once.")] = None,
     threads: Annotated[int | None, typer.Option(min=1, show_default="this process's threads", help="CPUs per Ray actor.")] = None,
     force: ForceOption = False,
 ) -> None:
@@ -692,6 +707,11 @@ def export_labels(
     from defectscope.data.layout import load_dataset
     from defectscope.export.labels import ExportOptions, export_ground_truth
     from defectscope.export.pseudo import export_pseudo_labels
+    if threshold is not None and not from_model:
+        raise DefectscopeError("--threshold sets the level of a model's maps: it applies with --from-model only")
+    if include_train_good and from_model:
+        raise DefectscopeError("--include-train-good adds the good training images to labels from masks; with "
+                               "--from-model only the test images are labelled")
     options = ExportOptions(format, val_fraction=val_fraction, seed=seed, min_area=min_area, tolerance=tolerance, rle=rle, link=link)
     dataset = load_dataset(data)
     if from_model:

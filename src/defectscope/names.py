@@ -18,6 +18,8 @@ DEFECT_LIKE = 1.5  # a false alarm worth teaching scores near the threshold; one
 MODEL_SUFFIX = ".dsmodel"  # a model file
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # names that become file or folder names
 VERSION_DIGITS = 12  # a model file's version: the first hex digits of its sha256
+MQTT_TOPIC = "defectscope/verdicts"  # where verdicts are published unless --mqtt-topic says
+KEPT_VERDICTS = "defective,error"  # whose images serve --keep-images keeps unless --keep-verdicts says
 
 
 def version_of(sha256: str) -> str:

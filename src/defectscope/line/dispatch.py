@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from defectscope.errors import InputError, SettingsError
 from defectscope.line.audit import now
+from defectscope.names import MQTT_TOPIC
 
 if TYPE_CHECKING:
     from defectscope.line.drift import Drift
@@ -81,7 +82,7 @@ class Mqtt:
     """Publish each verdict to an MQTT broker (paho-mqtt, QoS 1: the broker acknowledges every message); `retain`:
     the broker keeps the last message for subscribers that come later (a state, such as the drift check's)."""
 
-    def __init__(self, address: str, topic: str = "defectscope/verdicts", timeout: float = 5.0,
+    def __init__(self, address: str, topic: str = MQTT_TOPIC, timeout: float = 5.0,
                  retain: bool = False) -> None:
         try:
             import paho.mqtt.client as mqtt
@@ -262,7 +263,7 @@ class Dispatcher:
 
 
 def dispatcher(jsonl: bool = False, webhook: str | None = None, mqtt: str | None = None,
-               topic: str = "defectscope/verdicts", report: Callable[[str], None] = lambda _text: None) -> Dispatcher:
+               topic: str = MQTT_TOPIC, report: Callable[[str], None] = lambda _text: None) -> Dispatcher:
     """The dispatcher of the command-line options: --jsonl, --webhook URL, --mqtt HOST[:PORT] (--mqtt-topic)."""
     targets: list[Any] = [JsonLines()] if jsonl else []
     if webhook:

@@ -16,6 +16,20 @@ from defectscope.files import write_atomic
 VERDICTS = ("good", "defective", "error", "unknown")
 
 
+def check_verdicts(verdicts: frozenset[str]) -> None:
+    """Raise unless `verdicts` names at least one verdict, and only known ones."""
+    unknown = set(verdicts) - set(VERDICTS)
+    if unknown or not verdicts:
+        raise InputError(f"keep images of the verdicts {', '.join(VERDICTS)}; got {', '.join(sorted(unknown)) or 'none'}")
+
+
+def kept_verdicts(listed: str) -> frozenset[str]:
+    """The verdicts of a comma-separated list (serve --keep-verdicts), checked."""
+    verdicts = frozenset(verdict.strip() for verdict in listed.split(",") if verdict.strip())
+    check_verdicts(verdicts)
+    return verdicts
+
+
 @dataclass
 class ImageKeeper:
     """Keeps images under `folder`/VERDICT/SHA256.SUFFIX for the `verdicts` chosen, at most `max_bytes` together."""
@@ -28,9 +42,7 @@ class ImageKeeper:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
-        unknown = set(self.verdicts) - set(VERDICTS)
-        if unknown or not self.verdicts:
-            raise InputError(f"keep images of the verdicts {', '.join(VERDICTS)}; got {', '.join(sorted(unknown)) or 'none'}")
+        check_verdicts(self.verdicts)
         if self.max_bytes <= 0:
             raise InputError("the kept images' size cap must be above 0")
         self.folder.mkdir(parents=True, exist_ok=True)

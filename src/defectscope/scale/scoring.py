@@ -32,6 +32,7 @@ from defectscope.progress import ProgressBar, no_progress
 
 CHUNK_IMAGES = 256  # images per part file: one predict call, bounded memory
 IN_FLIGHT = 2  # chunks out per Ray actor: one scored while the next travels
+RAY_WORKERS = 2  # Ray actors unless told
 RETRIES = 3  # restarts of a Ray actor (a lost node), each sending its chunks again
 RESEND_DELAY = 1.0  # seconds before a lost chunk is sent again (its actor is being started again)
 JOB_FILE = "_job.json"  # Parquet readers skip names starting with '_' or '.'
@@ -193,17 +194,20 @@ def _failed_rows(parts: Sequence[Path]) -> int:
 
 
 def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_address: str | RayCluster | None = None,
-                     workers: int = 2, force: bool = False, chunk_images: int = CHUNK_IMAGES,
+                     workers: int | None = None, force: bool = False, chunk_images: int = CHUNK_IMAGES,
                      threads: int | None = None, bar: ProgressBar = no_progress) -> dict[str, Any]:
     """Score every image into the Parquet dataset `out`, continuing an interrupted run of the same job.
 
     The model is loaded (and so checked) before the folder is touched; the folder is locked for the run.
-    On Ray, up to `workers` actors (as many as the cluster's CPUs hold at the start) each hold the model
-    and `threads` CPUs (default: this process's torch threads, which gives bit-identical scores to
-    scoring here). `failed` counts the rows whose image could not be scored.
+    On Ray, up to `workers` actors (default RAY_WORKERS; as many as the cluster's CPUs hold at the start) each hold
+    the model and `threads` CPUs (default: this process's torch threads, which gives bit-identical scores to
+    scoring here); without Ray neither applies, and giving either is refused. `failed` counts the rows whose image
+    could not be scored.
     """
     from defectscope.predictor import load_predictor
 
+    if ray_address is None and (workers is not None or threads is not None):
+        raise DefectscopeError("--workers and --threads size the Ray actors: they apply with --ray only")
     pyarrow_modules()
     paths = _inputs(inputs)
     if not paths:
@@ -235,7 +239,7 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
             elif todo:
                 import torch
 
-                scored = _score_on_ray(ray_address, model, Path(model_path), out, todo, workers,
+                scored = _score_on_ray(ray_address, model, Path(model_path), out, todo, workers or RAY_WORKERS,
                                        threads or torch.get_num_threads(), advance)
             else:
                 scored = 0
