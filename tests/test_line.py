@@ -59,9 +59,17 @@ def test_audit_queries_filter_and_page_and_export_to_parquet(tmp_path: Path) -> 
     for missing in (0, 7, 2**63, -(2**63) - 1):  # beyond SQLite's integers too: not found, not a crash
         with pytest.raises(InputError, match=f"no audit record {missing}"):
             log.get(missing)
-    assert export_parquet(tmp_path / "audit.sqlite", tmp_path / "audit.parquet") == 6
+    log.record([Verdict(**{**_verdict("ten.png").__dict__, "time": "2001-02-03T10:00:00.500000+00:00"})])
+    for ten in ("2001-02-03T10:00:00Z", "2001-02-03T11:00:00+01:00", "2001-02-03T10:00:00", "2001-02-03T10:00"):
+        assert [r["image_name"] for r in log.query(since=ten, until="2001-02-03T10:00:01Z")] == ["ten.png"]
+        assert log.query(since="2001-02-03", until=ten) == []  # the same instant however it is written
+    for bad in ("notadate", "2001-13-01", "10:00"):  # never read as text that sorts after every record
+        with pytest.raises(InputError, match="must be an ISO 8601 time"):
+            log.query(since=bad)
+    log.record([_verdict("later.png")])  # at the clock's time, long after the fixed one (the queries above: clock-free)
+    assert export_parquet(tmp_path / "audit.sqlite", tmp_path / "audit.parquet") == 8
     table = pyarrow_parquet.read_table(tmp_path / "audit.parquet")
-    assert table.num_rows == 6 and {"time", "model_sha256", "image_sha256", "verdict", "role"} <= set(table.column_names)
+    assert table.num_rows == 8 and {"time", "model_sha256", "image_sha256", "verdict", "role"} <= set(table.column_names)
     for database, said in ((tmp_path / "none.sqlite", "does not exist"), (tmp_path, "is not a file")):
         with pytest.raises(InputError, match=f"audit database {database} {said}"):
             export_parquet(database, tmp_path / "other.parquet")

@@ -8,6 +8,7 @@ import io
 import shutil
 import time
 from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -590,6 +591,11 @@ def test_roles_guard_every_write_and_every_verdict_is_audited(model_folder: Path
         defective = client.get("/v1/audit", headers=engineer, params={"verdict": "defective"}).json()["records"]
         assert {r["verdict"] for r in defective} <= {"defective"} and len(defective) == sum(
             r["verdict"] == "defective" for r in answer["results"])
+        written = page["records"][0]["time"]  # the same instant in another zone's notation finds the same records
+        elsewhere = datetime.fromisoformat(written).astimezone(timezone(timedelta(hours=-5))).isoformat()
+        assert client.get("/v1/audit", headers=operator, params={"since": elsewhere}).json()["records"][-1]["time"] == written
+        undated = client.get("/v1/audit", headers=operator, params={"since": "yesterday"})
+        assert undated.status_code == 400 and "since must be an ISO 8601 time" in undated.json()["detail"]
         # a model file replaced on disk is served after a reload, by the engineer
         set_threshold(folder / "part.dsmodel", Calibration(123.0, "manual", 123.0, 0.0, 0.0, 0))
         reloaded = client.post("/v1/models/part/reload", headers=engineer)

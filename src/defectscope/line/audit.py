@@ -59,6 +59,16 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
+def as_recorded(time: str, what: str) -> str:
+    """An ISO 8601 time (a date, 'Z' or any offset; without one: UTC) as the audit trail writes times, so that
+    comparing the text compares the instants (11:00+01:00 is 10:00 UTC)."""
+    try:
+        moment = datetime.fromisoformat(time)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what} must be an ISO 8601 time such as 2026-12-07T10:00:00Z, got {time!r:.60}") from exc
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).isoformat(timespec="microseconds")
+
+
 class AuditLog:
     """An append-only verdict log in SQLite; safe to use from several threads of one process."""
 
@@ -200,6 +210,8 @@ class AuditLog:
         """Records matching every filter given (time range: ISO 8601, `since` inclusive), newest first, paged."""
         if not 1 <= limit <= MAX_PAGE or offset < 0:
             raise InputError(f"limit must be 1 to {MAX_PAGE} and offset at least 0")
+        since = None if since is None else as_recorded(since, "since")
+        until = None if until is None else as_recorded(until, "until")
         filters = [("model = ?", model), ("verdict = ?", verdict), ("time >= ?", since), ("time < ?", until)]
         where = [clause for clause, value in filters if value is not None]
         values = [value for _, value in filters if value is not None]
