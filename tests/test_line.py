@@ -91,6 +91,15 @@ def test_an_audit_export_streams_a_page_at_a_time_and_replaces_only_its_own_file
     assert pyarrow_parquet.read_schema(tmp_path / "none.parquet").field("score").type == "double"  # typed, not null
     again = cli("audit", "export", tmp_path / "audit.sqlite", "-o", out)  # our own export: replaced
     assert again.code == 0 and "wrote 7 verdicts" in again.out
+    log = AuditLog(tmp_path / "audit.sqlite")
+    log.record([Verdict(**{**_verdict(f"day{day}.png").__dict__, "time": f"2001-02-0{day}T12:00:00+00:00"}) for day in (3, 4)])
+    log.close()
+    day = cli("audit", "export", tmp_path / "audit.sqlite", "-o", out, "--since", "2001-02-04T00:00+01:00",
+              "--until", "2001-02-05")  # 23:00 UTC on the 3rd, to midnight UTC on the 5th
+    assert day.code == 0 and pyarrow_parquet.read_table(out).column("image_name").to_pylist() == ["day4.png"]
+    before = out.read_bytes()
+    undated = cli("audit", "export", tmp_path / "audit.sqlite", "-o", out, "--since", "last week")
+    assert undated.code == 2 and "since must be an ISO 8601 time" in undated.err and out.read_bytes() == before
     foreign = tmp_path / "theirs.parquet"
     pyarrow_parquet.write_table(pyarrow_parquet.read_table(out).replace_schema_metadata(None), foreign)
     (tmp_path / "notes.txt").write_text("precious")

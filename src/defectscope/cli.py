@@ -507,14 +507,17 @@ app.add_typer(audit_app, name="audit")
 def audit_export(
     database: Annotated[Path, typer.Argument(help="Audit database (SQLite) written by serve or watch.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")],
+    since: Annotated[str | None, typer.Option(help="Only verdicts from this time on (ISO 8601, e.g. 2026-12-07 or 2026-12-07T06:00+01:00; UTC without a zone).")] = None,
+    until: Annotated[str | None, typer.Option(help="Only verdicts before this time (ISO 8601).")] = None,
     force: ForceOption = False,
 ) -> None:
-    """Every audited verdict into one Parquet file (time, model and sha256, threshold, image sha256, verdict, role)."""
+    """Every audited verdict, or those of a time range, into one Parquet file (time, model and sha256, threshold, image
+    sha256, verdict, role)."""
     from defectscope.files import check_output_file
     from defectscope.line.audit import export_parquet, is_audit_export
 
     check_output_file(out, force, is_ours=is_audit_export)  # an earlier export is replaced; any other file kept
-    say(f"wrote {export_parquet(database, out)} verdicts to {out}")
+    say(f"wrote {export_parquet(database, out, since=since, until=until)} verdicts to {out}")
 
 
 @audit_app.command("drift")

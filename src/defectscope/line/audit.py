@@ -59,6 +59,17 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
+def matching(model: str | None = None, verdict: str | None = None, since: str | None = None,
+             until: str | None = None) -> tuple[str, list[Any]]:
+    """An SQL condition on the verdicts table and its values: every filter given (a time range in ISO 8601, `since`
+    inclusive, `until` exclusive, read by `as_recorded`); TRUE without any."""
+    filters = [("model = ?", model), ("verdict = ?", verdict),
+               ("time >= ?", None if since is None else as_recorded(since, "since")),
+               ("time < ?", None if until is None else as_recorded(until, "until"))]
+    given = [(clause, value) for clause, value in filters if value is not None]
+    return " AND ".join(clause for clause, _ in given) or "1", [value for _, value in given]
+
+
 def as_recorded(time: str, what: str) -> str:
     """An ISO 8601 time (a date, 'Z' or any offset; without one: UTC) as the audit trail writes times, so that
     comparing the text compares the instants (11:00+01:00 is 10:00 UTC)."""
@@ -207,16 +218,11 @@ class AuditLog:
 
     def query(self, model: str | None = None, verdict: str | None = None, since: str | None = None,
               until: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-        """Records matching every filter given (time range: ISO 8601, `since` inclusive), newest first, paged."""
+        """Records matching every filter given (`matching`), newest first, paged."""
         if not 1 <= limit <= MAX_PAGE or offset < 0:
             raise InputError(f"limit must be 1 to {MAX_PAGE} and offset at least 0")
-        since = None if since is None else as_recorded(since, "since")
-        until = None if until is None else as_recorded(until, "until")
-        filters = [("model = ?", model), ("verdict = ?", verdict), ("time >= ?", since), ("time < ?", until)]
-        where = [clause for clause, value in filters if value is not None]
-        values = [value for _, value in filters if value is not None]
-        sql = (f"SELECT id, {', '.join(COLUMNS)} FROM verdicts {'WHERE ' + ' AND '.join(where) if where else ''} "
-               "ORDER BY id DESC LIMIT ? OFFSET ?")
+        where, values = matching(model=model, verdict=verdict, since=since, until=until)
+        sql = f"SELECT id, {', '.join(COLUMNS)} FROM verdicts WHERE {where} ORDER BY id DESC LIMIT ? OFFSET ?"
         with self._lock:
             rows = self._db.execute(sql, [*values, limit, offset]).fetchall()
         return [dict(zip(["id", *COLUMNS], row)) for row in rows]
@@ -228,13 +234,15 @@ class AuditLog:
                                     "AND score IS NOT NULL ORDER BY id DESC LIMIT ?", (model_sha256, limit)).fetchall()
         return [row[0] for row in rows]
 
-    def pages(self, size: int) -> Iterator[list[dict[str, Any]]]:
-        """Every record, oldest first, `size` at a time (by id, so memory stays bounded however long the trail)."""
+    def pages(self, size: int, since: str | None = None, until: str | None = None) -> Iterator[list[dict[str, Any]]]:
+        """The records of a time range (`matching`; default: all), oldest first, `size` at a time (by id, so memory
+        stays bounded however long the trail)."""
+        where, values = matching(since=since, until=until)
         last = 0
         while True:
             with self._lock:
-                rows = self._db.execute(f"SELECT id, {', '.join(COLUMNS)} FROM verdicts WHERE id > ? ORDER BY id LIMIT ?",
-                                        (last, size)).fetchall()
+                rows = self._db.execute(f"SELECT id, {', '.join(COLUMNS)} FROM verdicts WHERE id > ? AND {where} "
+                                        "ORDER BY id LIMIT ?", (last, *values, size)).fetchall()
             if not rows:
                 return
             yield [dict(zip(["id", *COLUMNS], row)) for row in rows]
@@ -249,14 +257,17 @@ class AuditLog:
             self._db.close()
 
 
-def export_parquet(database: Path, out: Path, page: int = EXPORT_PAGE) -> int:
-    """Every record of an audit database into one Parquet file, a row group of `page` records at a time (memory
-    stays bounded), written atomically and marked as an audit export (`is_audit_export`); returns the record count."""
+def export_parquet(database: Path, out: Path, page: int = EXPORT_PAGE, since: str | None = None,
+                   until: str | None = None) -> int:
+    """The records of an audit database (in a time range, as `matching` reads it; default: all) into one Parquet
+    file, a row group of `page` records at a time (memory stays bounded), written atomically and marked as an audit
+    export (`is_audit_export`); returns the record count."""
     from defectscope.files import atomic_stream
     from defectscope.scale.scoring import pyarrow_modules
 
     if not database.is_file():
         raise InputError(f"audit database {database} {'is not a file' if database.exists() else 'does not exist'}")
+    matching(since=since, until=until)  # a time that is no time: refused before anything is opened
     pyarrow = pyarrow_modules()
     names, types = ["id", *COLUMNS], {"id": "INTEGER", **TYPES}
     arrow = {"REAL": pyarrow.float64(), "INTEGER": pyarrow.int64(), "TEXT": pyarrow.string()}
@@ -264,7 +275,7 @@ def export_parquet(database: Path, out: Path, page: int = EXPORT_PAGE) -> int:
     log, count = AuditLog(database, read_only=True), 0
     try:
         with atomic_stream(out) as stream, pyarrow.parquet.ParquetWriter(stream, schema) as writer:
-            for rows in log.pages(page):
+            for rows in log.pages(page, since, until):
                 writer.write_table(pyarrow.table({name: [row[name] for row in rows] for name in names}, schema=schema))
                 count += len(rows)
     finally:
