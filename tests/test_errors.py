@@ -47,6 +47,29 @@ def test_a_setting_a_model_does_not_use_is_refused_not_ignored() -> None:
         create_detector("autoencoder", calibration_folds=5)
     with pytest.raises(SettingsError, match="'threshold_param' does not apply to InstanceConfig"):
         create_detector("detector", threshold_param=0.05)
+    with pytest.raises(SettingsError, match="'calibration_folds' does not apply to PaDiMConfig"):  # always leave one out
+        create_detector("padim", calibration_folds=5)
     segmenter = create_detector("segmenter", epochs=3)
     assert type(segmenter.config).from_dict(segmenter.config.to_dict()) == segmenter.config  # defaults round-trip
     assert create_detector("patchcore", calibration_folds=5).config.calibration_folds == 5  # where it applies
+
+def test_a_model_file_holding_a_setting_it_never_used_still_loads(demo_root: Path, tmp_path: Path) -> None:
+    """A PaDiM fitted before its `calibration_folds` was refused may hold one: it had no effect, so the file loads."""
+    import json
+
+    from safetensors.torch import load, save
+
+    from defectscope.artifacts import load_model
+
+    model = create_detector("padim", image_size=64, crop=None)
+    model.fit([sample.path for sample in load_dataset(demo_root).train])
+    written = save_model(model, tmp_path / "padim.dsmodel")
+    data = written.read_bytes()
+    manifest = json.loads(json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["defectscope"])
+    manifest["config"]["calibration_folds"] = 5
+    manifest["format_version"] = 1  # a file of that time: its manifest carried no digest
+    older = tmp_path / "older.dsmodel"
+    older.write_bytes(save(load(data), metadata={"defectscope": json.dumps(manifest)}))
+    loaded = load_model(older)
+    assert loaded.config.calibration_folds == model.config.calibration_folds  # the default: what it always did
+    np.testing.assert_array_equal(loaded.calibration_scores.numpy(), model.calibration_scores.numpy())

@@ -106,7 +106,8 @@ def load_model(path: str | Path, weights: str | Path | None = None) -> MapModel:
     calibration_scores, map_scores = tensors.pop(CALIBRATION_SCORES, None), tensors.pop(MAP_SCORES, None)
     cls = detector_class(_section(manifest, "detector", str, path))
     try:
-        settings = {k: v for k, v in _section(manifest, "config", dict, path).items() if k not in LEGACY_CONFIG_FIELDS}
+        dropped = {*LEGACY_CONFIG_FIELDS, *cls.config_class.inapplicable}  # fields that never changed what it does
+        settings = {k: v for k, v in _section(manifest, "config", dict, path).items() if k not in dropped}
         config = cls.config_class.from_dict(settings)
     except DefectscopeError as exc:
         raise DefectscopeError(f"model file {path} has a bad config: {exc}") from exc

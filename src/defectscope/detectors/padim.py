@@ -65,6 +65,8 @@ class PaDiMConfig(DetectorConfig):
     position's covariance (its Cholesky factor, float16: the model file doubles) so that `update` can
     learn new good images without a refit."""
 
+    inapplicable = {"calibration_folds": "PaDiM scores each training image with the Gaussians of all the others, in "
+                                         "closed form (leave one out): there are no folds to choose"}
     feature_dim: int = 200
     regularization: float = 0.1
     keep_covariance: bool = False
