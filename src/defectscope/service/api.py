@@ -8,6 +8,7 @@ import hashlib
 import mimetypes
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -94,14 +95,15 @@ def whoami(request: Request) -> Whoami:
 
 @router.get("/audit", response_model=AuditPage)
 def audit_records(request: Request, model: str | None = None, verdict: str | None = None,
-                  since: Annotated[str | None, Query(description="ISO 8601, inclusive")] = None,
-                  until: Annotated[str | None, Query(description="ISO 8601, exclusive")] = None,
+                  since: Annotated[datetime | None, Query(description="ISO 8601, inclusive; UTC without a zone")] = None,
+                  until: Annotated[datetime | None, Query(description="ISO 8601, exclusive; UTC without a zone")] = None,
                   limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
                   offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0) -> AuditPage:
     """Audited verdicts, newest first, filtered by model, verdict and time range, a page at a time."""
     audit = request.app.state.audit
     if audit is None:
         raise HTTPException(404, "this service keeps no audit trail; start it without --no-audit")
+    since, until = (None if time is None else time.isoformat() for time in (since, until))
     records = audit.query(model=model, verdict=verdict, since=since, until=until, limit=limit, offset=offset)
     keeper = request.app.state.keeper
     kept = [r["id"] for r in records if keeper is not None and keeper.find(r["image_sha256"], r["verdict"])]
