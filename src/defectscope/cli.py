@@ -30,8 +30,8 @@ from rich.text import Text
 from defectscope._version import __version__
 from defectscope.errors import DefectscopeError
 from defectscope.jobs import RayCluster
-from defectscope.names import (DEFECT_LIKE, GOOD_ONLY_MODELS, KEPT_VERDICTS, LABEL_FORMATS, MASK_MODELS, MQTT_TOPIC,
-                               OPERATOR_TOKEN_ENV, TOKEN_ENV)
+from defectscope.names import (DEFECT_LIKE, GOOD_ONLY_MODELS, KEPT_MB, KEPT_VERDICTS, LABEL_FORMATS, MASK_MODELS,
+                               MQTT_TOPIC, OPERATOR_TOKEN_ENV, RAY_WORKERS, TOKEN_ENV)
 from defectscope.process import configure_process, freeze_loaded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial visual inspection: learn good parts, find defects.")
@@ -442,7 +442,7 @@ def serve(
     no_audit: Annotated[bool, typer.Option("--no-audit", help="Keep no audit trail.")] = False,
     keep_images: Annotated[Path | None, typer.Option(help="Keep the images of --keep-verdicts here (VERDICT/SHA256.SUFFIX), for review beside the audit trail.")] = None,
     keep_verdicts: Annotated[str | None, typer.Option(show_default=KEPT_VERDICTS, help="Comma-separated verdicts whose images --keep-images keeps: good, defective, error, unknown.")] = None,
-    keep_images_mb: Annotated[float | None, typer.Option(show_default="1024", help="Most megabytes the kept images take; the oldest go first.")] = None,
+    keep_images_mb: Annotated[float | None, typer.Option(show_default=f"{KEPT_MB:g}", help="Most megabytes the kept images take; the oldest go first.")] = None,
     jsonl: JsonlOption = False,
     webhook: WebhookOption = None,
     mqtt: MqttOption = None,
@@ -631,7 +631,7 @@ def score(
     ray: RayOption = None,
     ray_token_file: RayTokenOption = None,
     ray_env: RayEnvOption = None,
-    workers: Annotated[int | None, typer.Option(min=1, show_default="2", help="Ray actors, each holding the model once.")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, show_default=str(RAY_WORKERS), help="Ray actors, each holding the model once.")] = None,
     threads: Annotated[int | None, typer.Option(min=1, show_default="this process's threads", help="CPUs per Ray actor.")] = None,
     force: ForceOption = False,
 ) -> None:

@@ -20,6 +20,8 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # names that becom
 VERSION_DIGITS = 12  # a model file's version: the first hex digits of its sha256
 MQTT_TOPIC = "defectscope/verdicts"  # where verdicts are published unless --mqtt-topic says
 KEPT_VERDICTS = "defective,error"  # whose images serve --keep-images keeps unless --keep-verdicts says
+KEPT_MB = 1024.0  # megabytes those images take at most unless --keep-images-mb says
+RAY_WORKERS = 2  # Ray actors of `score --ray` unless --workers says
 
 
 def version_of(sha256: str) -> str:

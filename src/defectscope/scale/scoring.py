@@ -27,12 +27,12 @@ from defectscope.errors import DefectscopeError
 from defectscope.files import (claim_folder, exclusive, file_sha256, json_text, loads_strict, read_regular,
                                write_atomic)
 from defectscope.jobs import RayCluster, connect_ray
+from defectscope.names import RAY_WORKERS
 from defectscope.prediction import prediction_rows
 from defectscope.progress import ProgressBar, no_progress
 
 CHUNK_IMAGES = 256  # images per part file: one predict call, bounded memory
 IN_FLIGHT = 2  # chunks out per Ray actor: one scored while the next travels
-RAY_WORKERS = 2  # Ray actors unless told
 RETRIES = 3  # restarts of a Ray actor (a lost node), each sending its chunks again
 RESEND_DELAY = 1.0  # seconds before a lost chunk is sent again (its actor is being started again)
 JOB_FILE = "_job.json"  # Parquet readers skip names starting with '_' or '.'

@@ -6,6 +6,7 @@ import hmac
 from dataclasses import dataclass
 
 from defectscope.errors import SettingsError
+from defectscope.names import KEPT_MB
 from defectscope.settings import Settings, require_range
 
 
@@ -25,7 +26,7 @@ class ServiceConfig(Settings):
     body_timeout_s: float = 30.0  # a request body must arrive within this time (stalled uploads get 408)
     engine_threads: int | None = None  # threads of an exported model's engine (None: the engine's own choice)
     redeliver_s: float = 60.0  # how often verdicts a dispatch target missed are sent again (once nothing is on its way)
-    keep_images_mb: float = 1024.0  # most megabytes the kept images take (serve --keep-images); the oldest go first
+    keep_images_mb: float = KEPT_MB  # most megabytes the kept images take (serve --keep-images); the oldest go first
     token: str | None = None  # the engineer's token: inspect, read, threshold, teach, reload
     operator_token: str | None = None  # the operator's token: inspect and read only
     # with either token set, /v1 and /metrics need "Authorization: Bearer <token>"; with none, every caller is an engineer
