@@ -187,3 +187,41 @@ def test_promote_and_rollback_under_load_drop_no_request(served_folder: Path, de
     assert answers and {code for code, _ in answers} == {200}
     assert {version for _, version in answers} == set(versions)  # both were served while the swaps went on
     assert version_of(file_sha256(folder / "part.dsmodel")) == versions[1]
+
+
+def test_writing_over_a_model_keeps_the_file_it_replaces(served_folder: Path, demo_root: Path, tmp_path: Path,
+                                                        cli) -> None:
+    """`calibrate` and `update` written in place keep the model they replace (a rollback brings it back), any write
+    over a model that has versions keeps the replaced one too, and a copy written elsewhere starts no store."""
+    model = tmp_path / "part.dsmodel"
+    shutil.copyfile(served_folder / "part.dsmodel", model)
+    original = file_sha256(model)
+    assert cli("calibrate", model, "--false-alarm-rate", "0.05", "-o", tmp_path / "copy.dsmodel").code == 0
+    assert not (tmp_path / STORE).exists()  # a new file beside it: nothing replaced, nothing kept
+    assert cli("calibrate", model, "--false-alarm-rate", "0.05", "-o", model).code == 0
+    calibrated = file_sha256(model)
+    good = sorted((demo_root / "test" / "good").iterdir())[:2]
+    assert cli("update", model, "--good", good[0], "--good", good[1], "-o", model).code == 0
+    store, name = VersionStore.of(model)
+    history = store.history(name)
+    made = [(entry["version"], entry["parent"], entry["action"]) for entry in history["versions"]]
+    first, second, third = version_of(original), version_of(calibrated), version_of(file_sha256(model))
+    assert made == [(first, None, "found"), (second, first, "calibrate"), (third, second, "update")]
+    assert history["active"] == third and cli("versions", model).out.splitlines()[-1].startswith(f"* {third}")
+    assert cli("rollback", model).code == 0 and file_sha256(model) == calibrated
+    assert cli("promote", model, first).code == 0 and file_sha256(model) == original
+
+    from defectscope.pipeline import fit_model  # a fit over a model that has versions keeps it too
+    fit_model(demo_root, "patchcore", {"image_size": 128, "crop": None, "coreset_ratio": 0.25}, model)
+    history = store.history(name)
+    assert history["versions"][-1]["action"] == "fit" and history["versions"][-1]["parent"] == first
+    assert history["active"] == version_of(file_sha256(model))
+    loose = tmp_path / "loose" / "part.dsmodel"  # no versions, not its own source: written over as before
+    loose.parent.mkdir()
+    shutil.copyfile(served_folder / "part.dsmodel", loose)
+    fit_model(demo_root, "patchcore", {"image_size": 128, "crop": None, "coreset_ratio": 0.25}, loose)
+    assert not (loose.parent / STORE).exists()
+
+    model.write_bytes(model.read_bytes() + b" ")  # replaced by something else: no version is shown as the file's
+    listed = cli("versions", model)
+    assert "* " not in listed.out and f"holds {version_of(file_sha256(model))}, not the active version" in listed.out

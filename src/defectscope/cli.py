@@ -31,7 +31,7 @@ from defectscope._version import __version__
 from defectscope.errors import DefectscopeError
 from defectscope.jobs import RayCluster
 from defectscope.names import (DEFECT_LIKE, GOOD_ONLY_MODELS, KEPT_MB, KEPT_VERDICTS, LABEL_FORMATS, MASK_MODELS,
-                               MQTT_TOPIC, OPERATOR_TOKEN_ENV, RAY_WORKERS, TOKEN_ENV)
+                               MQTT_TOPIC, OPERATOR_TOKEN_ENV, RAY_WORKERS, TOKEN_ENV, version_of)
 from defectscope.process import configure_process, freeze_loaded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial visual inspection: learn good parts, find defects.")
@@ -368,10 +368,13 @@ def evaluate(
         say(f"wrote {path}")
 
 
+IN_PLACE = "Model file to write (may be MODEL itself: the model it replaces is kept as a version, see `versions`)."
+
+
 @app.command("calibrate")
 def calibrate(
     model: Annotated[Path, typer.Argument(help="Model file.")],
-    output: Annotated[Path, typer.Option("--output", "--out", "-o", help="Model file to write (may be MODEL itself).")],
+    output: Annotated[Path, typer.Option("--output", "--out", "-o", help=IN_PLACE)],
     false_alarm_rate: Annotated[float | None, typer.Option(help="Threshold for this share of good parts flagged, from the model's cross-fitted good scores.")] = None,
     good: Annotated[list[Path] | None, typer.Option(help="Good images or folders (repeatable).")] = None,
     defective: Annotated[list[Path] | None, typer.Option(help="Defective images or folders (repeatable).")] = None,
@@ -396,7 +399,7 @@ def calibrate(
 def update(
     model: Annotated[Path, typer.Argument(help="Model file.")],
     good: Annotated[list[Path], typer.Option(help="Good images or folders to learn (repeatable), e.g. false alarms.")],
-    output: Annotated[Path, typer.Option("--output", "--out", "-o", help="Model file to write (may be MODEL itself).")],
+    output: Annotated[Path, typer.Option("--output", "--out", "-o", help=IN_PLACE)],
     check: Annotated[Path | None, typer.Option(help="Dataset whose labelled defective test images must stay caught (and may not be taught).")] = None,
     defective: Annotated[list[Path] | None, typer.Option(help="Images known to be defective: never taught, and must stay caught (repeatable).")] = None,
     accept_defect_like: Annotated[bool, typer.Option(help=f"Teach images scoring >= {DEFECT_LIKE:g}x the threshold too (they look defective).")] = False,
@@ -772,6 +775,7 @@ def versions(
 ) -> None:
     """List a model file's versions (newest last): version, parent, what made it; the active one is marked, a pruned
     one says so. With --keep, prune first."""
+    from defectscope.files import file_sha256
     from defectscope.versions import VersionStore
     store, name = VersionStore.of(model)
     if keep is not None:
@@ -780,12 +784,16 @@ def versions(
     history = store.history(name)
     if not history["versions"]:
         say(f"no versions of {name} kept yet: a version is kept when the file is served, when the service changes it "
-            "(a threshold, taught images), and by promote and rollback")
+            "(a threshold, taught images), when calibrate or update write over it, and by promote and rollback")
         return
+    holds = version_of(file_sha256(model))
     for entry in history["versions"]:
-        mark = "*" if entry["version"] == history["active"] else " "
+        mark = "*" if entry["version"] == history["active"] == holds else " "
         pruned = f"  (file pruned {entry['pruned']})" if "pruned" in entry else ""
         print(f"{mark} {entry['version']}  parent {entry['parent'] or '-':<26} {entry['action']:<10} {entry['time']}{pruned}")
+    if holds != history["active"]:
+        say(f"{model} holds {holds}, not the active version {history['active']}: the file was replaced since, by "
+            "something other than defectscope; serving, promote or rollback record it")
 
 
 @app.command("promote")

@@ -59,6 +59,7 @@ from defectscope.thresholds import (
 )
 from defectscope.progress import ProgressBar, no_progress
 from defectscope.training.engine import EpochProgress
+from defectscope.versions import keeping_replaced
 from defectscope.viz import write_heatmaps
 
 @contextmanager
@@ -168,7 +169,8 @@ def fit_model(data: Path | Dataset, model: str, settings: Mapping[str, Any] | Se
                                     images=images)
     if fingerprint is not None:
         detector.train_summary["fingerprint"] = fingerprint
-    save_model(detector, out, force)
+    with keeping_replaced(out, "fit"):
+        save_model(detector, out, force)
     return Fitted(dataset, detector, report, out)
 
 
@@ -247,7 +249,8 @@ def recalibrate(model_path: Path, out: Path, *, false_alarm_rate: float | None =
             threshold = recall_threshold(bad_scores, target_recall)
             calibration = labelled_calibration(good_scores, bad_scores, threshold, "recall", target_recall,
                                                detector.calibration, margin)
-    set_threshold(model_path, calibration, out, force=True)
+    with keeping_replaced(out, "calibrate", model_path):
+        set_threshold(model_path, calibration, out, force=True)
     return calibration
 
 
@@ -334,7 +337,8 @@ def update_model(model_path: Path, good: Sequence[Path], out: Path, *, defective
                         "caught defect caught")
     details["warning"] = "; ".join(warnings) or None
     detector.train_summary.setdefault("taught", []).append(details)
-    save_model(detector, out, force=True)
+    with keeping_replaced(out, "update", model_path):
+        save_model(detector, out, force=True)
     return details
 
 

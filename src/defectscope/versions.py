@@ -1,5 +1,9 @@
 """Model versions: every model file a served name has held, kept by content with its parent; one of them active.
 
+A model file is under version control once it has a store: once served, promoted or rolled back, or written over
+in place by `calibrate` or `update`. From then on every write of defectscope's over it (those, or a `fit`) keeps the
+file it replaces and records the new one, active, with that one as its parent (`keeping_replaced`).
+
 The store lives beside the served files, in a hidden folder (never served itself): for each name, each version's
 file (`<version>.dsmodel`, the version being its sha256's first 12 hex digits) and `history.json` (the versions in
 the order they were recorded, and every activation). The served file `NAME.dsmodel` always holds the active
@@ -13,6 +17,8 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +201,24 @@ class VersionStore:
 
     def _write(self, name: str, history: dict[str, Any]) -> None:
         write_atomic(self._folder(name) / "history.json", json.dumps(history, indent=1).encode())
+
+
+@contextmanager
+def keeping_replaced(target: Path, action: str, source: Path | None = None) -> Iterator[None]:
+    """Around a write of model file `target` by `action`: when it replaces a model file that has versions, or the very
+    file it was made from (`source`: a threshold or taught images written in place), the replaced file is kept first,
+    and the new one is recorded after the write, active, with it as parent (a rollback brings the replaced one back).
+    A write that fails records nothing new."""
+    target = Path(target)
+    kept = target.suffix == MODEL_SUFFIX and target.is_file()
+    if kept:
+        store, name = VersionStore.of(target)
+        kept = (source is not None and target.resolve() == Path(source).resolve()) or bool(store.history(name)["versions"])
+    if kept:
+        store.adopt(name, "found")
+    yield
+    if kept:
+        store.adopt(name, action)
 
 
 def _entry(history: dict[str, Any], version: str) -> dict[str, Any] | None:
