@@ -26,6 +26,9 @@ from defectscope.scale.fit_many import FitJob, fit_many, fit_product, with_image
 from defectscope.jobs import RayCluster, run_jobs
 from defectscope.scale.plan import fingerprint, load_plan, recorded_fingerprint
 from defectscope.scale.scoring import score_to_parquet
+from defectscope.files import file_sha256
+from defectscope.names import version_of
+from defectscope.versions import VersionStore
 
 pq = pytest.importorskip("pyarrow.parquet")
 SMALL = {"image_size": 64, "crop": None, "calibration_folds": 4}
@@ -54,6 +57,8 @@ def test_fit_many_fits_reports_failures_and_skips_what_is_up_to_date(demo_root: 
     assert _same_model(tmp_path / "models" / "part.dsmodel", direct)
     again = {row["name"]: row["status"] for row in fit_many(plan, retries=0)}
     assert again == {"part": "up to date", "part-knn": "up to date", "missing": "failed"}
+    store, _ = VersionStore.of(tmp_path / "models" / "part.dsmodel")
+    served = store.adopt("part")["version"]  # served: a refit keeps the model it replaces
     first = load_dataset(demo_root).train[0].path
     stat, original = os.stat(first), first.read_bytes()
     os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched, same content: up to date
@@ -64,6 +69,9 @@ def test_fit_many_fits_reports_failures_and_skips_what_is_up_to_date(demo_root: 
         Image.fromarray(image).save(first)
         os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         assert {row["name"]: row["status"] for row in fit_many(plan, retries=0)}["part"] == "fitted"
+        refit = store.history("part")
+        assert (refit["versions"][-1]["action"], refit["versions"][-1]["parent"]) == ("fit", served)
+        assert refit["active"] == version_of(file_sha256(tmp_path / "models" / "part.dsmodel")) != served
     finally:
         first.write_bytes(original)
         os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -51,7 +51,7 @@ def require_range(name: str, value: float | None, low: float | None = None, high
         left = "(" if low_open else "["
         right = ")" if high_open else "]"
         span = f"{left}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{right}"
-        raise SettingsError(f"field '{name}' must be in {span}, got {value!r}")
+        raise SettingsError(f"field '{name}' must be in {span}{' or null' if optional else ''}, got {value!r}")
 
 
 def require_choice(name: str, value: Any, allowed: Iterable[str]) -> None:

@@ -29,6 +29,7 @@ from defectscope.jobs import RayCluster, run_jobs
 from defectscope.pipeline import fit_model
 from defectscope.progress import ProgressBar, no_progress
 from defectscope.scale.plan import Product, fingerprint, fingerprint_of, load_plan, recorded_fingerprint
+from defectscope.versions import keeping_replaced
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def fit_many(plan: str | Path, ray_address: str | RayCluster | None = None, retr
     for product, (result, error) in zip((job.product for job in jobs), outcomes):
         row = {"name": product.name, "model": product.model, "out": str(product.out)}
         if error is None:
-            write_atomic(product.out, result.pop("model"))
+            with keeping_replaced(product.out, "fit"):  # a model with versions (served): the replaced one kept
+                write_atomic(product.out, result.pop("model"))
             rows[product.name] = {**row, **result}
         else:
             rows[product.name] = {**row, "status": "failed", "error": error}
