@@ -18,7 +18,8 @@ from pathlib import Path
 
 from isolated import markdown_table, peak_mb, run_isolated, write_results
 
-from defectscope.line.audit import AuditLog, Verdict, export_parquet, now
+from defectscope.clock import now
+from defectscope.line.audit import AuditLog, Verdict, export_parquet
 
 BATCH = 5000
 COLUMNS = (("records", "records", "{:,}"), ("database_mb", "database MB", "{:.0f}"), ("parquet_mb", "Parquet MB", "{:.1f}"),

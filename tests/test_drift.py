@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from defectscope.artifacts import load_model
 from defectscope.calibration import Calibration
 from defectscope.files import file_sha256
-from defectscope.line.audit import AuditLog, Verdict, now
+from defectscope.clock import now
+from defectscope.line.audit import AuditLog, Verdict
 from defectscope.line.drift import ALARM_P, MIN_PASSED, score_drift
 from defectscope.thresholds import calibrate
 

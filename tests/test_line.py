@@ -23,7 +23,8 @@ from defectscope.artifacts import load_model
 from defectscope.errors import InputError, SettingsError
 from defectscope.files import file_sha256
 from defectscope.line import hotfolder
-from defectscope.line.audit import AuditLog, Verdict, export_parquet, now
+from defectscope.clock import now
+from defectscope.line.audit import AuditLog, Verdict, export_parquet
 from defectscope.line.dispatch import Dispatcher, JsonLines, Mqtt, Webhook
 from defectscope.line.hotfolder import Folders, HotFolder, ModelIdentity
 

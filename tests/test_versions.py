@@ -210,6 +210,11 @@ def test_writing_over_a_model_keeps_the_file_it_replaces(served_folder: Path, de
     assert history["active"] == third and cli("versions", model).out.splitlines()[-1].startswith(f"* {third}")
     assert cli("rollback", model).code == 0 and file_sha256(model) == calibrated
     assert cli("promote", model, first).code == 0 and file_sha256(model) == original
+    copy = tmp_path / "copy.dsmodel"  # a copy over a model with versions: its parent names the file it came from
+    VersionStore.of(copy)[0].adopt("copy")
+    assert cli("calibrate", model, "--false-alarm-rate", "0.1", "-o", copy).code == 0
+    made = VersionStore.of(copy)[0].history("copy")["versions"][-1]
+    assert (made["action"], made["parent"]) == ("calibrate", f"part@{first}")
 
     from defectscope.pipeline import fit_model  # a fit over a model that has versions keeps it too
     fit_model(demo_root, "patchcore", {"image_size": 128, "crop": None, "coreset_ratio": 0.25}, model)

@@ -297,8 +297,10 @@ def _caught(detector: MapModel, images: list[Path], bar: ProgressBar, what: str)
 
 def update_model(model_path: Path, good: Sequence[Path], out: Path, *, defective: Sequence[Path] = (),
                  check: Path | None = None, accept_defect_like: bool = False, accept_misses: bool = False,
-                 weights: Path | None = None, force: bool = False, bar: ProgressBar = no_progress) -> dict[str, Any]:
-    """Teach a model more good images without a refit and write it to `out`; the new file names its parent and the images.
+                 weights: Path | None = None, force: bool = False, bar: ProgressBar = no_progress,
+                 action: str = "update") -> dict[str, Any]:
+    """Teach a model more good images without a refit and write it to `out`; the new file names its parent and the images
+    (and is recorded in `out`'s versions as `action`, see `versions.keeping_replaced`).
 
     Nothing is written when an image to teach is labelled defective (`defective`, or the defective test images of
     the dataset `check`), when one scores defect-like (unless `accept_defect_like`), or when a labelled defect the
@@ -337,7 +339,7 @@ def update_model(model_path: Path, good: Sequence[Path], out: Path, *, defective
                         "caught defect caught")
     details["warning"] = "; ".join(warnings) or None
     detector.train_summary.setdefault("taught", []).append(details)
-    with keeping_replaced(out, "update", model_path):
+    with keeping_replaced(out, action, model_path):
         save_model(detector, out, force=True)
     return details
 

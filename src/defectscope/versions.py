@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from defectscope.clock import now
 from defectscope.errors import DefectscopeError, InputError
 from defectscope.files import file_sha256, write_atomic
-from defectscope.line.audit import now
 from defectscope.names import MODEL_SUFFIX, SAFE_NAME, VERSION_DIGITS, version_of
 
 STORE = ".defectscope-versions"
@@ -207,18 +207,21 @@ class VersionStore:
 def keeping_replaced(target: Path, action: str, source: Path | None = None) -> Iterator[None]:
     """Around a write of model file `target` by `action`: when it replaces a model file that has versions, or the very
     file it was made from (`source`: a threshold or taught images written in place), the replaced file is kept first,
-    and the new one is recorded after the write, active, with it as parent (a rollback brings the replaced one back).
-    A write that fails records nothing new."""
+    and the new one is recorded after the write, active, with its parent: the replaced version, or `source` as
+    'name@version' when made from another file (as the service names it). A write that fails records nothing new."""
     target = Path(target)
     kept = target.suffix == MODEL_SUFFIX and target.is_file()
     if kept:
         store, name = VersionStore.of(target)
-        kept = (source is not None and target.resolve() == Path(source).resolve()) or bool(store.history(name)["versions"])
+        in_place = source is not None and target.resolve() == Path(source).resolve()
+        kept = in_place or bool(store.history(name)["versions"])
     if kept:
+        parent = None if in_place or source is None else \
+            f"{Path(source).name.removesuffix(MODEL_SUFFIX)}@{version_of(file_sha256(Path(source)))}"
         store.adopt(name, "found")
     yield
     if kept:
-        store.adopt(name, action)
+        store.adopt(name, action, parent)
 
 
 def _entry(history: dict[str, Any], version: str) -> dict[str, Any] | None:

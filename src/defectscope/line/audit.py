@@ -54,11 +54,6 @@ TYPES = {"threshold": "REAL", "stated_rate": "REAL", "width": "INTEGER", "height
          "normalized": "REAL", "regions": "INTEGER"}
 
 
-def now() -> str:
-    """The current time as the audit trail writes it (UTC, ISO 8601, microseconds)."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
 def matching(model: str | None = None, verdict: str | None = None, since: str | None = None,
              until: str | None = None) -> tuple[str, list[Any]]:
     """An SQL condition on the verdicts table and its values: every filter given (a time range in ISO 8601, `since`

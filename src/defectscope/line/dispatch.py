@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
 
 from defectscope.errors import InputError, SettingsError
-from defectscope.line.audit import now
+from defectscope.clock import now
 from defectscope.names import MQTT_TOPIC
 
 if TYPE_CHECKING:

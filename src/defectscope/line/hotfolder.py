@@ -27,7 +27,8 @@ from typing import Any
 from defectscope.data.decode import IMAGE_SUFFIXES, EncodedImage
 from defectscope.errors import InputError
 from defectscope.files import content_sha256, exclusive
-from defectscope.line.audit import AuditLog, Verdict, now
+from defectscope.clock import now
+from defectscope.line.audit import AuditLog, Verdict
 from defectscope.line.dispatch import Dispatcher
 from defectscope.line.drift import CHECK_EVERY, Drift, recent_drift
 from defectscope.line.outbox import RESEND_BATCH, send_missed, send_verdict

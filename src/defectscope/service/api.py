@@ -22,7 +22,8 @@ from defectscope.artifacts import check_model_output, set_threshold
 from defectscope.data.decode import read_image
 from defectscope.errors import DefectscopeError, InputError
 from defectscope.export.pseudo import map_instances
-from defectscope.line.audit import MAX_PAGE, MAX_RECORD_ID, AuditLog, Verdict, now
+from defectscope.clock import now
+from defectscope.line.audit import MAX_PAGE, MAX_RECORD_ID, AuditLog, Verdict
 from defectscope.line.dispatch import Dispatcher
 from defectscope.line.drift import DEFAULT_PARTS, recent_drift
 from defectscope.line.outbox import OUTBOX, send_verdict
@@ -401,7 +402,8 @@ async def teach(request: Request, name: str, body: TeachRequest) -> ModelWritten
     try:
         details = await run_in_threadpool(lambda: update_model(model.path, [Path(r["path"]) for r in records], target,
                                                                defective=known_defects,
-                                                               accept_defect_like=body.accept_defect_like, force=True))
+                                                               accept_defect_like=body.accept_defect_like, force=True,
+                                                               action="teach"))
     except DefectscopeError as exc:
         raise HTTPException(400, str(exc)) from exc
     new = await _written(request, model, target, body.name, "teach")
