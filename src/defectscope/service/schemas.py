@@ -114,7 +114,8 @@ class ModelVersion(BaseModel):
     version: str = Field(description="the first 12 hex digits of the file's sha256")
     sha256: str
     parent: str | None = Field(description="the version it was made from ('NAME@version' when from another model)")
-    action: str = Field(description="what made it: served, threshold, teach, reload")
+    action: str = Field(description="what made it: served, threshold, teach, reload, found (a file put in place by other "
+                                    "means), or the command that wrote it over the model: fit, calibrate, update")
     time: str
     pruned: str | None = Field(None, description="when its file was removed (`defectscope versions --keep`); the "
                                                  "entry stays, the version can no longer be made active")
@@ -122,7 +123,7 @@ class ModelVersion(BaseModel):
 
 class Activation(BaseModel):
     version: str
-    action: str = Field(description="served, threshold, teach, reload, promote or rollback")
+    action: str = Field(description="served, threshold, teach, reload, promote, rollback, found, fit, calibrate or update")
     time: str
 
 
