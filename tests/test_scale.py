@@ -85,8 +85,11 @@ def test_a_fit_job_returns_its_model_and_the_driver_writes_it(demo_root: Path, t
     copy = tmp_path / "copy"
     shutil.copytree(demo_root, copy, copy_function=shutil.copyfile)  # new modification times
     assert fingerprint(product) == fingerprint(replace(product, data=copy))
+    left = Path(tempfile.gettempdir()) / f"defectscope-fit-{_dead_pid()}-x1y2"  # a job killed with its node left it
+    left.mkdir()
     result = fit_product(FitJob(product, 2, fingerprint(product)))
     assert not product.out.exists() and result["model"][:8] != b""  # nothing written where the job ran
+    assert not left.exists()
     product.out.parent.mkdir(parents=True)
     product.out.write_bytes(result["model"])
     assert recorded_fingerprint(product.out) == fingerprint(product)
@@ -104,6 +107,22 @@ def test_a_shipped_job_records_the_fingerprint_of_the_bytes_it_carries(demo_root
     shipped = with_images(FitJob(product, 1, checked))
     assert shipped.fingerprint != checked
     assert shipped.fingerprint == fingerprint(product)
+
+
+def test_scratch_folders_of_ended_processes_are_cleared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only this user's folders of the same kind whose process has ended are removed; nothing else is touched."""
+    from defectscope.files import scratch_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = _dead_pid()
+    stale, live = tmp_path / f"defectscope-score-{dead}-a", tmp_path / f"defectscope-score-{os.getpid()}-b"
+    other_kind, a_file = tmp_path / f"defectscope-fit-{dead}-c", tmp_path / f"defectscope-score-{dead}-d"
+    for folder in (stale, live, other_kind):
+        folder.mkdir()
+    a_file.write_text("not a folder")
+    with scratch_folder("score") as scratch:
+        assert Path(scratch).name.startswith(f"defectscope-score-{os.getpid()}-")
+    assert not stale.exists() and live.is_dir() and other_kind.is_dir() and a_file.read_text() == "not a folder"
 
 
 def test_fit_many_threads_is_the_thread_count_of_each_fit(demo_root: Path, tmp_path: Path, cli) -> None:
@@ -214,16 +233,26 @@ def local_ray():
     ray.shutdown()
 
 
+def _dead_pid() -> int:
+    """The id of a process that has just ended."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    return ended.pid
+
+
 def test_a_scoring_actor_keeps_no_scratch_folder_once_loaded(local_ray, served_folder: Path, demo_root: Path,
                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The folder a scoring actor unpacks the model into is gone once the model is loaded, so an actor killed with its
-    node (no finalizer runs) leaves nothing behind; it still scores every chunk it is sent."""
+    """The folder a scoring actor unpacks the model into is gone once the model is loaded, and the folder an actor
+    killed while unpacking left (no finalizer runs) is removed by the next one; it still scores every chunk it is sent."""
     from defectscope.data.decode import EncodedImage
     from defectscope.predictor import load_predictor, model_files
 
     model = served_folder / "part.dsmodel"
     files = local_ray.put(model_files(model, load_predictor(model)))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    left = tmp_path / f"defectscope-score-{_dead_pid()}-x1y2"
+    left.mkdir()
+    (left / "part.dsmodel").write_bytes(b"half written")
     scorer = scoring.ChunkScorer(model.name, torch.get_num_threads())
     images = [EncodedImage.read(str(s.path)) for s in load_dataset(demo_root).test[:4]]
     for chunk in range(2):

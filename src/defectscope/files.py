@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -61,6 +62,29 @@ def atomic_stream(path: Path) -> Iterator[BinaryIO]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def scratch_folder(kind: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder `defectscope-KIND-<pid>-...` of this process, made after removing this user's folders of that
+    kind whose process no longer runs: a Ray worker killed with its node runs no finalizer, so the next job of that
+    kind on the machine clears what it left."""
+    for stale in Path(tempfile.gettempdir()).glob(f"defectscope-{kind}-*-*"):
+        pid = stale.name.removeprefix(f"defectscope-{kind}-").partition("-")[0]
+        if pid.isdigit() and not _running(int(pid)) and stale.is_dir() and not stale.is_symlink() \
+                and stale.stat().st_uid == os.getuid():
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"defectscope-{kind}-{os.getpid()}-")
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id runs (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def open_regular(path: Path, what: str = "file", max_bytes: int | None = None):

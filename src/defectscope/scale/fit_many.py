@@ -12,7 +12,6 @@ process would write.
 from __future__ import annotations
 
 import hashlib
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +23,7 @@ from defectscope.artifacts import check_model_output
 from defectscope.data.decode import EncodedImage
 from defectscope.data.layout import Dataset, load_dataset
 from defectscope.errors import DefectscopeError
-from defectscope.files import write_atomic
+from defectscope.files import scratch_folder, write_atomic
 from defectscope.jobs import RayCluster, run_jobs
 from defectscope.pipeline import fit_model
 from defectscope.progress import ProgressBar, no_progress
@@ -64,7 +63,7 @@ def fit_product(job: FitJob) -> dict[str, Any]:
     torch.set_num_threads(job.threads)
     start = time.perf_counter()
     try:
-        with tempfile.TemporaryDirectory(prefix="defectscope-fit-") as scratch:
+        with scratch_folder("fit") as scratch:
             target = Path(scratch) / "model.dsmodel"
             data = job.dataset if job.dataset is not None else job.product.data
             fitted = fit_model(data, job.product.model, job.product.settings, target, fingerprint=job.fingerprint,

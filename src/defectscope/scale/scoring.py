@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 from defectscope.data.decode import EncodedImage, ImageSource, expand_inputs
 from defectscope.errors import DefectscopeError
-from defectscope.files import (claim_folder, exclusive, file_sha256, json_text, loads_strict, read_regular,
+from defectscope.files import (claim_folder, exclusive, file_sha256, json_text, loads_strict, read_regular, scratch_folder,
                                write_atomic)
 from defectscope.jobs import RayCluster, connect_ray
 from defectscope.names import RAY_WORKERS
@@ -96,7 +95,7 @@ class ChunkScorer:
         from defectscope.predictor import load_predictor
 
         torch.set_num_threads(self.threads)
-        with tempfile.TemporaryDirectory(prefix="defectscope-score-") as scratch:  # a loaded model keeps no file open
+        with scratch_folder("score") as scratch:  # a loaded model keeps no file open
             for file_name, data in ray.get(files).items():
                 (Path(scratch) / file_name).write_bytes(data)
             return load_predictor(Path(scratch) / self.name, threads=self.threads)
