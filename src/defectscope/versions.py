@@ -203,6 +203,11 @@ class VersionStore:
         write_atomic(self._folder(name) / "history.json", json.dumps(history, indent=1).encode())
 
 
+def made_from(name: str, version: str) -> str:
+    """The parent of a version made from another model's version: 'name@version'."""
+    return f"{name}@{version}"
+
+
 @contextmanager
 def keeping_replaced(target: Path, action: str, source: Path | None = None) -> Iterator[None]:
     """Around a write of model file `target` by `action`: when it replaces a model file that has versions, or the very
@@ -217,7 +222,7 @@ def keeping_replaced(target: Path, action: str, source: Path | None = None) -> I
         kept = in_place or bool(store.history(name)["versions"])
     if kept:
         parent = None if in_place or source is None else \
-            f"{Path(source).name.removesuffix(MODEL_SUFFIX)}@{version_of(file_sha256(Path(source)))}"
+            made_from(Path(source).name.removesuffix(MODEL_SUFFIX), version_of(file_sha256(Path(source))))
         store.adopt(name, "found")
     yield
     if kept:

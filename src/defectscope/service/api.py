@@ -54,7 +54,7 @@ from defectscope.service.schemas import (
 )
 from defectscope.service.uploads import decode, read_upload, sniff
 from defectscope.thresholds import labelled_calibration
-from defectscope.versions import NoEarlierVersion, PrunedVersion, UnknownVersion, VersionStore
+from defectscope.versions import NoEarlierVersion, PrunedVersion, UnknownVersion, VersionStore, made_from
 from defectscope.viz import heat_colours, png_bytes
 
 RELEASE_AFTER_S = 1.0  # after a replaced model's batcher closed: its last requests' handlers finish their answers
@@ -369,7 +369,7 @@ async def _give_back(closed: asyncio.Event) -> None:
 async def _written(request: Request, model: ServedModel, target: Path, name: str, action: str) -> ServedModel:
     """Record a model file just written from `model` as a version of `name` (its parent: the version it was made from)
     and serve it; the replaced file stays in the store, ready for a rollback."""
-    parent = model.version if name == model.name else f"{model.name}@{model.version}"
+    parent = model.version if name == model.name else made_from(model.name, model.version)
     await run_in_threadpool(VersionStore.of(target)[0].adopt, name, action, parent)
     return await _register(request, target, name)
 
