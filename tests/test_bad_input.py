@@ -163,7 +163,8 @@ def test_demo_data_never_replaces_a_dataset(data: Path, tmp_path: Path, cli) -> 
     assert cli("data", "demo", tmp_path / "new", "--size", "32").code == 0  # its own demo folder: may be rewritten
 
 
-def test_fit_refuses_bad_outputs_before_fitting(data: Path, tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fit_refuses_bad_outputs_before_fitting(data: Path, knn_model: Path, tmp_path: Path, cli,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from defectscope.detectors.base import Detector
 
     def no_fit(*_args, **_kwargs):
@@ -172,7 +173,11 @@ def test_fit_refuses_bad_outputs_before_fitting(data: Path, tmp_path: Path, cli,
     copy = user_copy(data, tmp_path / "mine")
     image = copy / "train" / "good" / "000.png"
     before = image.read_bytes()
-    one_line_error(cli("fit", copy, "-o", image, "--model", "knn"), "000.png", "--force")
+    one_line_error(cli("fit", copy, "-o", image, "--model", "knn"), "000.png", "ends in .dsmodel")
+    one_line_error(cli("fit", copy, "-o", image, "--model", "knn", "--force"), "000.png", "ends in .dsmodel")
+    assert image.read_bytes() == before  # --force replaces a model file, never an image
+    one_line_error(cli("calibrate", knn_model, "--false-alarm-rate", "0.05", "-o", image, "--force"),
+                   "ends in .dsmodel")
     assert image.read_bytes() == before
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -203,6 +208,19 @@ def test_output_folders_must_be_new_empty_or_ours(knn_model: Path, padim_model: 
     assert cli("-q", "evaluate", knn_model, data, "--out", tmp_path / "report").code == 0  # ours: rewritten
     assert cli("-q", "evaluate", knn_model, data, "--out", mine, "--force").code == 0
     assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_outputs_never_land_among_their_inputs(padim_model: Path, data: Path, tmp_path: Path, cli) -> None:
+    copy = user_copy(data, tmp_path / "mine")
+    before = snapshot(copy)
+    one_line_error(cli("evaluate", padim_model, copy, "--out", copy / "test" / "good", "--force"),
+                   "must not contain each other")  # its plots would be read as good test images
+    one_line_error(cli("predict", padim_model, copy / "test", "--heatmaps", copy / "test" / "heat"),
+                   "must not contain each other")  # folders are read recursively: the next run would score them
+    one_line_error(cli("predict", padim_model, copy / "test" / "good" / "000.png", copy / "test" / "good" / "001.png",
+                       "--heatmaps", copy / "test" / "good", "--force"), "must not contain each other")
+    one_line_error(cli("demo", "--data", copy, "--out", copy / "demo", "--model", "knn"), "must not contain each other")
+    assert snapshot(copy) == before
 
 
 # 4. Names from config files never leave the output root --------------------------------------
@@ -374,7 +392,8 @@ def test_exports_refuse_foreign_folders_and_the_dataset(data: Path, tmp_path: Pa
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "data.yaml").write_text("my own")
-    one_line_error(cli("export", "labels", data, "--format", "yolo", "-o", mine), "not empty", "--force")
+    one_line_error(cli("export", "labels", data, "--format", "yolo", "-o", mine), "not empty",
+                   "--force to replace it: everything in it is deleted")  # what --force does, said before it is used
     assert (mine / "data.yaml").read_text() == "my own"
     copy = user_copy(data, tmp_path / "copy")
     before = snapshot(copy)
@@ -659,6 +678,8 @@ def test_fit_many_compares_resolved_paths(data: Path, tmp_path: Path, cli) -> No
     assert not (tmp_path / "a.dsmodel").exists()
     plan = _plan(tmp_path, data, f"  - {{name: a, data: {data}, out: {data}/train/a.dsmodel}}\n")
     one_line_error(cli("fit-many", plan), "inside the data folder")
+    plan = _plan(tmp_path, data, f"  - {{name: a, data: {data}, out: a.png}}\n")
+    one_line_error(cli("fit-many", plan), "ending in .dsmodel", "'a.png'")
 
 
 def test_fit_many_checks_an_up_to_date_model_whole(data: Path, tmp_path: Path, cli) -> None:

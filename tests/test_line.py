@@ -109,6 +109,12 @@ def test_an_audit_export_streams_a_page_at_a_time_and_replaces_only_its_own_file
         refused = cli("audit", "export", tmp_path / "audit.sqlite", "-o", kept)
         assert refused.code == 2 and "was not written by defectscope" in refused.err and kept.read_bytes() == before
     assert cli("audit", "export", tmp_path / "audit.sqlite", "-o", foreign, "--force").code == 0
+    trail = tmp_path / "audit.sqlite"
+    for itself in (trail, Path(f"{trail}-wal"), tmp_path / "." / "audit.sqlite"):  # the database is never its export
+        before = trail.read_bytes()
+        refused = cli("audit", "export", trail, "-o", itself, "--force")
+        assert refused.code == 2 and "is the audit database" in refused.err and trail.read_bytes() == before
+        assert not Path(f"{trail}-wal").exists() or Path(f"{trail}-wal").read_bytes()[:4] != b"PAR1"
     os.mkfifo(tmp_path / "pipe")  # never opened (it would wait for a writer), refused
     assert cli("audit", "export", tmp_path / "audit.sqlite", "-o", tmp_path / "pipe").code == 2
 

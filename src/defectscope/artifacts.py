@@ -25,6 +25,7 @@ from defectscope.detectors.base import MapModel, detector_class, require_finite
 from defectscope.errors import DefectscopeError, check_fitted
 from defectscope.files import check_output_file, write_atomic
 from defectscope.manifests import header_metadata, is_manifest_file
+from defectscope.names import MODEL_SUFFIX
 from defectscope.model_header import FORMAT, FORMAT_VERSION, checked_file, model_info  # noqa: F401  (model_info: public here too)
 from defectscope.calibration import Calibration
 
@@ -81,7 +82,13 @@ def save_model(detector: MapModel, path: str | Path, force: bool = False) -> Pat
 
 
 def check_model_output(path: Path, force: bool = False) -> None:
-    """Raise unless `path` can take a model file: new, or an existing model file, or anything with `force`."""
+    """Raise unless `path` can take a model file: named *.dsmodel (what the service, versions and folders of models
+    know a model by; so `force` never replaces an image or any other kind of file), new, or an existing model file,
+    or anything so named with `force`."""
+    path = Path(path)
+    if path.suffix != MODEL_SUFFIX and not path.is_dir():  # a folder: check_output_file says so
+        raise DefectscopeError(f"a model file's name ends in {MODEL_SUFFIX}, got {path}; choose a name such as "
+                               f"{path.with_suffix(MODEL_SUFFIX).name}")
     check_output_file(path, force, is_ours=_is_model_file)
 
 

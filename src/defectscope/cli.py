@@ -516,11 +516,9 @@ def audit_export(
 ) -> None:
     """Every audited verdict, or those of a time range, into one Parquet file (time, model and sha256, threshold, image
     sha256, verdict, role)."""
-    from defectscope.files import check_output_file
-    from defectscope.line.audit import export_parquet, is_audit_export
+    from defectscope.line.audit import export_parquet
 
-    check_output_file(out, force, is_ours=is_audit_export)  # an earlier export is replaced; any other file kept
-    say(f"wrote {export_parquet(database, out, since=since, until=until)} verdicts to {out}")
+    say(f"wrote {export_parquet(database, out, since=since, until=until, force=force)} verdicts to {out}")
 
 
 @audit_app.command("drift")

@@ -263,18 +263,19 @@ def _holds_files(folder: Path) -> bool:
     return any(entry.name != MARKER for entry in Path(folder).iterdir())
 
 
-def check_reusable(folder: Path, what: str, force: bool = False) -> None:
+def check_reusable(folder: Path, what: str, force: bool = False, forcing: str = "write into it") -> None:
     """Raise unless `what` may be written into the existing folder `folder`: it is empty, or defectscope made it as
-    `what`, or `force`. A folder defectscope made as something else (a demo dataset, an experiment, a demo's output)
-    is refused like a foreign one: writing there would mix outputs or replace what it holds."""
+    `what`, or `force` (which does what `forcing` says, as the error tells). A folder defectscope made as something
+    else (a demo dataset, an experiment, a demo's output) is refused like a foreign one: writing there would mix
+    outputs or replace what it holds."""
     if force or not _holds_files(folder):
         return
     kind = folder_kind(folder)
     if kind == what:
         return
     held = f"holds a {kind} written by defectscope" if kind else "is not empty and was not created by defectscope"
-    raise DefectscopeError(f"{what} folder {folder} {held}; choose a new or empty folder (or pass --force to write "
-                           "into it)")
+    raise DefectscopeError(f"{what} folder {folder} {held}; choose a new or empty folder (or pass --force to "
+                           f"{forcing})")
 
 
 def claim_folder(folder: Path, force: bool = False, what: str = "output") -> Path:
@@ -299,6 +300,13 @@ def inside(path: Path, folder: Path) -> bool:
     """Whether `path` is `folder` or lies under it (after resolving links)."""
     path, folder = Path(path).resolve(), Path(folder).resolve()
     return path == folder or folder in path.parents
+
+
+def check_apart(out: Path, source: Path, what: str, of: str) -> None:
+    """Raise unless output `out` (`what`) and input `source` (`of`) lie apart, neither holding the other: what is
+    written among the inputs would replace them, or be read back as inputs by the next run."""
+    if inside(out, source) or inside(source, out):
+        raise DefectscopeError(f"{what} {out} and {of} {source} must not contain each other; write it somewhere else")
 
 
 @contextmanager

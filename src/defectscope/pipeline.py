@@ -41,7 +41,7 @@ from defectscope.detectors.frame_search import CANDIDATES, FRAME_FIELDS, choose_
 from defectscope.detectors.patchcore import PatchCore
 from defectscope.errors import DefectscopeError, InputError
 from defectscope.evaluation import Evaluation, evaluate
-from defectscope.files import claim_folder, file_sha256
+from defectscope.files import check_apart, claim_folder, file_sha256
 from defectscope.jobs import RayCluster, map_on_ray
 from defectscope.names import DEFECT_LIKE
 from defectscope.prediction import prediction_rows
@@ -180,6 +180,8 @@ def predict_images(detector: Predictor, inputs: Sequence[Path], heatmaps: Path |
     if heatmaps is not None:
         if not detector.localizes:
             raise DefectscopeError(f"{detector.name} scores whole images and makes no maps; drop --heatmaps")
+        for source in inputs:
+            check_apart(heatmaps, source, "heatmaps folder", "input")
         claim_folder(heatmaps, force, "heatmaps")
     paths = expand_inputs(inputs)
     with bar("scoring", len(paths)) as advance:
@@ -199,6 +201,7 @@ def evaluate_model(detector: Predictor, dataset: Dataset, out: Path | None = Non
     """Every metric on the dataset's test split; with `out`, the report (`reports.write_report`; `context`: lines
     said under its title), which records what it was made of (`reports.provenance`: `model_file`, the test set)."""
     if out is not None:
+        check_apart(out, dataset.root, "report folder", "dataset")
         claim_folder(out, force, "evaluation report")
     with bar("evaluating", len(dataset.test)) as advance:
         evaluation = evaluate(detector, dataset, progress=advance)
@@ -356,6 +359,8 @@ class DemoResult:
 def run_demo(out: Path, data: Path | None = None, model: str = "patchcore", force: bool = False,
              bar: ProgressBar = no_progress, say: Callable[[str], None] = lambda _text: None) -> DemoResult:
     """The main job end to end: (demo data,) fit, evaluate, heatmaps of one image per class, a short report."""
+    if data is not None:
+        check_apart(out, data, "demo output", "dataset")
     claim_folder(out, force, "demo output")
     if data is None:
         data = make_demo_dataset(out / "data", size=256)

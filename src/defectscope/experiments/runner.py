@@ -20,7 +20,7 @@ from defectscope.data.summary import summarize
 from defectscope.errors import DefectscopeError
 from defectscope.experiments.config import Attempt, Experiment
 from defectscope.experiments.kinds import AttemptRun, Say, attempt_config, attempt_kind
-from defectscope.files import claim_folder, folder_kind, inside, write_json
+from defectscope.files import check_apart, claim_folder, folder_kind, write_json
 
 RESULT = "result.json"
 EXPERIMENT = "experiment.json"
@@ -55,8 +55,7 @@ def run_experiment(experiment: Experiment, data: Path, out: Path, *, redo: bool 
     if unknown:
         raise DefectscopeError(f"no attempt named {', '.join(unknown)}; attempts: {', '.join(names)}")
     dataset = load_dataset(data)
-    if inside(out, data) or inside(data, out):
-        raise DefectscopeError(f"experiment output {out} and dataset {data} must not contain each other")
+    check_apart(out, data, "experiment output", "dataset")
     claim_folder(out, force, "experiment")
     write_json(out / EXPERIMENT, {"name": experiment.name, "data": str(data), "metric": experiment.metric,
                                   "baseline": experiment.baseline, "attempts": names, "dataset": summarize(dataset)})

@@ -26,7 +26,7 @@ from sklearn.model_selection import train_test_split
 from defectscope.data.decode import image_header, read_mask
 from defectscope.data.layout import Dataset, Sample
 from defectscope.errors import DefectscopeError
-from defectscope.files import check_creatable, check_reusable, claim_folder, inside, write_atomic, write_json
+from defectscope.files import check_apart, check_creatable, check_reusable, claim_folder, write_atomic, write_json
 from defectscope.names import LABEL_FORMATS
 from defectscope.regions import Instance, components, polygons, rle
 from defectscope.settings import require_range
@@ -163,14 +163,13 @@ def coco_document(images: list[LabelledImage], categories: list[str], options: E
 
 def check_export_target(out: Path, dataset: Dataset, force: bool) -> None:
     """Refuse before any work: an export inside the dataset (or around it), a file, or a foreign non-empty folder."""
-    if inside(out, dataset.root) or inside(dataset.root, out):
-        raise DefectscopeError(f"export folder {out} and dataset {dataset.root} must not contain each other; "
-                               "write the export somewhere else")
+    check_apart(out, dataset.root, "export folder", "dataset")
     check_creatable(out)
     if out.exists() or out.is_symlink():
         if out.is_symlink() or not out.is_dir():
             raise DefectscopeError(f"export output {out} exists and is not a folder; give a folder")
-        check_reusable(out, LABEL_EXPORT, force)  # what is in it is replaced: only an earlier export, unless forced
+        check_reusable(out, LABEL_EXPORT, force,  # what is in it is replaced: only an earlier export, unless forced
+                       forcing="replace it: everything in it is deleted")
 
 
 def write_whole(out: Path, write: Callable[[Path], dict]) -> dict:

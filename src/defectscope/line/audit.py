@@ -253,15 +253,19 @@ class AuditLog:
 
 
 def export_parquet(database: Path, out: Path, page: int = EXPORT_PAGE, since: str | None = None,
-                   until: str | None = None) -> int:
+                   until: str | None = None, force: bool = False) -> int:
     """The records of an audit database (in a time range, as `matching` reads it; default: all) into one Parquet
     file, a row group of `page` records at a time (memory stays bounded), written atomically and marked as an audit
-    export (`is_audit_export`); returns the record count."""
-    from defectscope.files import atomic_stream
+    export (`is_audit_export`); returns the record count. An earlier export is replaced, another file only with
+    `force`, the database itself never."""
+    from defectscope.files import atomic_stream, check_output_file
     from defectscope.scale.scoring import pyarrow_modules
 
     if not database.is_file():
         raise InputError(f"audit database {database} {'is not a file' if database.exists() else 'does not exist'}")
+    if Path(out).resolve() in {Path(f"{database.resolve()}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")}:
+        raise InputError(f"{out} is the audit database {database} (or one of its files); export to another file")
+    check_output_file(out, force, is_ours=is_audit_export)
     matching(since=since, until=until)  # a time that is no time: refused before anything is opened
     pyarrow = pyarrow_modules()
     names, types = ["id", *COLUMNS], {"id": "INTEGER", **TYPES}

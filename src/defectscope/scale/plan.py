@@ -26,7 +26,7 @@ from defectscope.data.layout import load_dataset
 from defectscope.detectors.base import detector_config
 from defectscope.errors import DefectscopeError
 from defectscope.files import file_sha256
-from defectscope.names import GOOD_ONLY_MODELS, check_name
+from defectscope.names import GOOD_ONLY_MODELS, MODEL_SUFFIX, check_name
 
 PRODUCT_FIELDS = {"name", "data", "model", "settings", "out"}
 DEFAULT_FIELDS = {"model", "settings"}
@@ -83,8 +83,8 @@ def load_plan(path: str | Path) -> list[Product]:
         except DefectscopeError as exc:
             raise DefectscopeError(f"product {name}: {exc}") from exc
         out = entry.get("out", f"models/{name}.dsmodel")
-        if not isinstance(out, str) or not out.strip():
-            raise DefectscopeError(f"product {name}: 'out' must be a file name")
+        if not isinstance(out, str) or not out.strip() or Path(out).suffix != MODEL_SUFFIX:
+            raise DefectscopeError(f"product {name}: 'out' must be a file name ending in {MODEL_SUFFIX}, got {out!r}")
         products.append(Product(name, (path.parent / entry["data"]).resolve(), model, settings, (path.parent / out).resolve()))
     _refuse_shared(products, path)
     return products
