@@ -529,6 +529,25 @@ def test_same_names_keep_their_own_results_and_docs_work_offline(client: TestCli
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
 
 
+def test_a_new_model_never_takes_the_name_of_one_served_from_another_file(model_folder: Path, demo_root: Path,
+                                                                         tmp_path: Path) -> None:
+    from defectscope.deployment import export_model
+
+    folder = tmp_path / "models"
+    shutil.copytree(model_folder, folder)
+    export_model(folder / "part.dsmodel", folder / "line.dsdeploy", "onnx")
+    with make_client(folder, demo_root) as client:
+        good = next(i for i, image in enumerate(client.get("/v1/models/part/labelled").json()["images"])
+                    if image["label"] == 0)
+        for action, body in (("threshold", {"threshold": 1.0, "name": "line"}), ("teach", {"images": [good], "name": "line"})):
+            for overwrite in (False, True):
+                refused = client.post(f"/v1/models/part/{action}", json={**body, "overwrite": overwrite})
+                assert refused.status_code == 409 and "served from another file" in refused.json()["detail"]
+        assert {m["name"]: m["engine"] for m in client.get("/v1/models").json()["models"]}["line"] == "onnxruntime"
+    assert not (folder / "line.dsmodel").exists()
+    assert sorted(load_served([folder])) == ["line", "part"]  # the folder still starts: no two files named line
+
+
 def test_an_exported_model_is_served_like_its_model_file(model_folder: Path, demo_root: Path, tmp_path: Path) -> None:
     from defectscope.deployment import export_model
 

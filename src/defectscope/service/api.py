@@ -331,11 +331,17 @@ async def labelled_heatmap(request: Request, name: str, image_id: int) -> Respon
     return await _heatmap_png(model, await run_in_threadpool(read_image, record["path"]))
 
 
-def _new_model_path(model: ServedModel, name: str, overwrite: bool) -> Path:
-    """Where a new model is written: beside the served one, by a checked name; existing files only with `overwrite`."""
+def _new_model_path(request: Request, model: ServedModel, name: str, overwrite: bool) -> Path:
+    """Where a new model is written: beside the served one, by a checked name; existing files only with `overwrite`,
+    and never the name of a model served from another file (an export, or a model file elsewhere): it would take that
+    model's place here, and clash with its file when the service starts again."""
     if not SAFE_NAME.match(name):  # the request schema checks it too; this guard stays beside the file write
         raise HTTPException(400, f"model name {name!r} must be letters, digits, '.', '_' or '-'")
     target = model.path.parent / f"{name}{MODEL_SUFFIX}"
+    holder = request.app.state.models.get(name)
+    if holder is not None and holder.path.resolve() != target.resolve():
+        raise HTTPException(409, f"model {name} is served from another file ({holder.path.name}, {holder.engine}); "
+                                 "choose another name")
     if target.exists() and not overwrite:
         raise HTTPException(409, f"a model named {name} exists; confirm to replace it")
     try:
@@ -379,7 +385,7 @@ async def save_threshold(request: Request, name: str, body: ThresholdRequest) ->
     """Write a copy of the model with this threshold (atomically) and serve it under the new name."""
     model = served_file(request, name)
     records = labelled_of(model)
-    target = _new_model_path(model, body.name, body.overwrite)
+    target = _new_model_path(request, model, body.name, body.overwrite)
     scores = np.array([r["score"] for r in records])
     labels = np.array([r["label"] for r in records])
     calibration = labelled_calibration(scores[labels == 0], scores[labels == 1], body.threshold, "manual", body.threshold,
@@ -398,7 +404,7 @@ async def teach(request: Request, name: str, body: TeachRequest) -> ModelWritten
     if defective:
         raise HTTPException(400, f"images {defective} are labelled defective; a defect is never taught as good")
     known_defects = [Path(r["path"]) for r in labelled_of(model) if r["label"] == 1]
-    target = _new_model_path(model, body.name, body.overwrite)
+    target = _new_model_path(request, model, body.name, body.overwrite)
     try:
         details = await run_in_threadpool(lambda: update_model(model.path, [Path(r["path"]) for r in records], target,
                                                                defective=known_defects,
