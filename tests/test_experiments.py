@@ -90,7 +90,7 @@ def test_runner_skips_redoes_and_tables_from_results(demo_root: Path, tmp_path: 
     changed = load_experiment(_write(tmp_path, CONFIG.replace("optimizer: sgd, lr: 0.01", "optimizer: sgd, lr: 0.02")))
     said.clear()
     run_experiment(changed, demo_root, out, say=said.append)
-    assert any("ae-sgd: settings changed" in line for line in said)
+    assert any("ae-sgd: settings or data changed" in line for line in said)
     assert (out / "ae" / "result.json").stat().st_mtime_ns == stamps["ae"]
 
     # the table is computed from the result files: edit one and the table follows
@@ -116,6 +116,37 @@ def test_runner_skips_redoes_and_tables_from_results(demo_root: Path, tmp_path: 
     predictions = json.loads((out / "clf" / "predictions.json").read_text())
     recomputed = classification_metrics(predictions["records"], predictions["classes"])
     assert recomputed == clf["metrics"]
+
+
+def test_a_result_counts_only_for_the_data_it_was_made_from(demo_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import cv2
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    experiment = load_experiment(_write(tmp_path, "name: two\nmetric: image_auroc\nattempts:\n"
+                                                  "  - {name: knn, model: knn, image_size: 64, crop: null}\n"
+                                                  "  - {name: pca, model: pca, image_size: 64, crop: null}\n"))
+    out, said = tmp_path / "run", []
+    run_experiment(experiment, data, out, say=said.append)
+    moved = tmp_path / "moved"
+    data.rename(moved)  # the same images elsewhere: the same data
+    said.clear()
+    run_experiment(experiment, moved, out, say=said.append)
+    assert sum("finished earlier, skipped" in line for line in said) == 2
+    image = moved / "train" / "good" / "000.png"
+    cv2.imwrite(str(image), 255 - cv2.imread(str(image)))  # one training image edited: every result is from other data
+    said.clear()
+    run_experiment(experiment, moved, out, only=["knn"], say=said.append)
+    assert any("knn: settings or data changed" in line for line in said)
+    assert any("pca: its earlier result is from other settings or data; left out" in line for line in said)
+    table = build_table(*load_results(out))
+    assert [row[0] for row in table["rows"]] == ["knn"] and "Left out, made from other settings or data: pca" in table["verdict"]
+    said.clear()
+    run_experiment(experiment, moved, out, say=said.append)
+    assert any("pca: settings or data changed" in line for line in said)
+    assert [row[0] for row in build_table(*load_results(out))["rows"]] == ["knn", "pca"]
 
 
 def test_report_needs_an_experiment_folder(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Run an experiment's attempts in turn; each writes result.json (+ model file or held-out predictions) in its folder.
 
-An attempt whose result.json was produced from the same model, settings and data is skipped
-unless `redo` is set; one whose settings changed is run again. How an attempt runs depends on
+An attempt whose result.json was produced from the same model, settings and data (its content) is
+skipped unless `redo` is set; one whose settings or data changed is run again, and until then its
+old result is left out of the table. How an attempt runs depends on
 its model's kind (`kinds.py`).
 """
 
@@ -9,27 +10,37 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
 from defectscope._version import __version__
 from defectscope.classify.crossval import InputCache
-from defectscope.data.layout import load_dataset
+from defectscope.data.layout import Dataset, load_dataset
 from defectscope.data.summary import summarize
 from defectscope.errors import DefectscopeError
 from defectscope.experiments.config import Attempt, Experiment
 from defectscope.experiments.kinds import AttemptRun, Say, attempt_config, attempt_kind
-from defectscope.files import check_apart, claim_folder, folder_kind, write_json
+from defectscope.files import check_apart, claim_folder, file_sha256, folder_kind, write_json
 
 RESULT = "result.json"
 EXPERIMENT = "experiment.json"
 ATTEMPT_FOLDER = "experiment attempt"  # the kind an attempt's folder is marked as: only such a folder is replaced
 
 
-def fingerprint(attempt: Attempt, data: Path) -> str:
-    """Hash of what determines an attempt's result: model, settings, data folder."""
-    key = json.dumps({"model": attempt.model, "settings": attempt.settings, "data": str(data.resolve())}, sort_keys=True)
+def data_digest(dataset: Dataset) -> str:
+    """sha256 of what an attempt reads of the dataset: every image and mask, by its path within the dataset and the
+    sha256 of its content (an image added, removed or edited changes it; a copy of the dataset elsewhere does not)."""
+    files = sorted({path for sample in dataset.samples for path in (sample.path, sample.mask) if path is not None})
+    listing = [[os.path.relpath(path, dataset.root), file_sha256(Path(path))] for path in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def fingerprint(attempt: Attempt, data: str) -> str:
+    """Hash of what determines an attempt's result: model, settings, the data's content (`data_digest`), library."""
+    key = json.dumps({"model": attempt.model, "settings": attempt.settings, "data": data, "library": __version__},
+                     sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -57,20 +68,27 @@ def run_experiment(experiment: Experiment, data: Path, out: Path, *, redo: bool 
     dataset = load_dataset(data)
     check_apart(out, data, "experiment output", "dataset")
     claim_folder(out, force, "experiment")
+    digest = data_digest(dataset)
+    stamps = {attempt.name: fingerprint(attempt, digest) for attempt in experiment.attempts}
     write_json(out / EXPERIMENT, {"name": experiment.name, "data": str(data), "metric": experiment.metric,
-                                  "baseline": experiment.baseline, "attempts": names, "dataset": summarize(dataset)})
+                                  "baseline": experiment.baseline, "attempts": names, "dataset": summarize(dataset),
+                                  "fingerprints": stamps})  # the table counts only results of these (`load_results`)
     results, inputs = [], InputCache()
     for attempt in experiment.attempts:
         folder = out / attempt.name
-        stamp = fingerprint(attempt, data)
+        stamp = stamps[attempt.name]
         previous = _previous(folder)
-        if only and attempt.name not in only or previous and previous["fingerprint"] == stamp and not redo:
-            if previous:
+        current = previous is not None and previous["fingerprint"] == stamp
+        if only and attempt.name not in only or current and not redo:
+            if current:
                 say(f"{attempt.name}: finished earlier, skipped (--redo runs it again)")
                 results.append(previous)
+            elif previous:
+                say(f"{attempt.name}: its earlier result is from other settings or data; left out of the table (run "
+                    "it again)")
             continue
-        if previous and previous["fingerprint"] != stamp:
-            say(f"{attempt.name}: settings changed since the last run; running again")
+        if previous and not current:
+            say(f"{attempt.name}: settings or data changed since the last run; running again")
         say(f"{attempt.name}: {attempt.model} {attempt.settings}")
         if folder.exists() or folder.is_symlink():  # a stale attempt's files must not mix with the new run
             if folder.is_symlink() or folder_kind(folder) != ATTEMPT_FOLDER:

@@ -42,17 +42,24 @@ def _number(value: float | None, spread: dict | None = None) -> str:
 
 
 def load_results(folder: Path) -> tuple[dict, list[dict]]:
-    """The experiment record and the finished attempts' results, in config order."""
+    """The experiment record and the finished attempts' results, in config order: only those made from the settings
+    and data of the last run (its recorded fingerprints); the record's "stale" names the others."""
     meta_path = folder / EXPERIMENT
     if not meta_path.is_file():
         raise DefectscopeError(f"{folder} is not an experiment folder (no {EXPERIMENT}); run 'defectscope experiment run' first")
     try:
         meta = json.loads(meta_path.read_text())
         results = [json.loads((folder / name / RESULT).read_text()) for name in meta["attempts"] if (folder / name / RESULT).is_file()]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        expected = meta.get("fingerprints")  # absent from older records: every result counts
+        current = [r for r in results if expected is None or r.get("fingerprint") == expected.get(r["attempt"])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DefectscopeError(f"{folder} holds a damaged experiment record ({exc}); run the experiment again") from exc
+    meta["stale"] = [r["attempt"] for r in results if r not in current]
+    results = current
     if not results:
-        raise DefectscopeError(f"{folder} has no finished attempts yet")
+        raise DefectscopeError(f"{folder} has no finished attempts yet" + (
+            f" for its current settings and data ({', '.join(meta['stale'])}: from others; run them again)"
+            if meta["stale"] else ""))
     return meta, results
 
 
@@ -80,6 +87,8 @@ def build_table(meta: dict, results: list[dict], metric: str | None = None) -> d
     verdict = (f"Best by {metric}: {best['attempt']} ({best['summary'][metric]:.3f}); "
                f"changes from baseline {baseline['attempt']}: {_text(changes(best, baseline)) if best is not baseline else 'none (it is the baseline)'}"
                if best else f"no attempt reports {metric}")
+    if meta.get("stale"):
+        verdict += f". Left out, made from other settings or data: {', '.join(meta['stale'])} (run them again)"
     return {"columns": columns, "rows": rows, "best": best and best["attempt"], "metric": metric, "verdict": verdict,
             "dataset": meta.get("dataset"), "experiment": meta["name"]}
 
