@@ -210,6 +210,46 @@ def test_output_folders_must_be_new_empty_or_ours(knn_model: Path, padim_model: 
     assert (mine / "notes.txt").read_text() == "keep"
 
 
+def test_a_model_knows_the_images_it_learned_from(data: Path, tmp_path: Path, cli) -> None:
+    from safetensors.numpy import load as load_arrays, save as save_arrays
+
+    from defectscope.data.decode import TRAIN_DIGESTS, content_digests
+    from defectscope.runtime import DeployedModel
+
+    model = tmp_path / "m.dsmodel"
+    assert cli("-q", "fit", data, "-o", model, "--model", "padim", "--image-size", "64", "--crop", "0",
+               "--set", "keep_covariance=true").code == 0
+    train = [s.path for s in load_dataset(data).train]
+    learned = load_model(model).train_digests
+    assert sorted(map(bytes, learned)) == sorted(map(bytes, content_digests(train)))
+    leaky = user_copy(data, tmp_path / "leaky")
+    for image in train[:3]:
+        shutil.copy(image, leaky / "test" / "good" / f"train-{image.name}")
+    evaluated = cli("-q", "evaluate", model, leaky)
+    assert evaluated.code == 0 and "3 of the 16 test images are images this model learned from" in evaluated.out
+    assert "learned from" not in cli("-q", "evaluate", model, data).out  # its own test split: nothing to say
+    defects = [s.path for s in load_dataset(data).test if s.label]
+    one_line_error(cli("calibrate", model, "--f1", "--good", train[0], "--good", leaky / "test" / "good" / "000.png",
+                       "--defective", defects[0], "-o", tmp_path / "c.dsmodel"), "1 labelled image(s) are images this "
+                   "model learned from", "000.png")
+    assert not (tmp_path / "c.dsmodel").exists()
+    variant = tmp_path / "new-good.png"
+    cv2.imwrite(str(variant), cv2.imread(str(train[0]))[:, ::-1])
+    assert cli("-q", "update", model, "--good", variant, "-o", tmp_path / "taught.dsmodel", "--accept-defect-like").code == 0
+    assert len(load_model(tmp_path / "taught.dsmodel").train_digests) == len(train) + 1
+    deployment = tmp_path / "m.dsdeploy"
+    assert cli("-q", "export", "model", model, "-o", deployment).code == 0
+    assert sorted(map(bytes, DeployedModel(deployment).train_digests)) == sorted(map(bytes, learned))
+    assert "3 of the 16 test images are images this model learned from" in cli("-q", "evaluate", deployment, leaky).out
+    data_bytes = deployment.read_bytes()
+    header = json.loads(data_bytes[8 : 8 + struct.unpack("<Q", data_bytes[:8])[0]])["__metadata__"]
+    arrays = load_arrays(data_bytes)
+    arrays[TRAIN_DIGESTS] = arrays[TRAIN_DIGESTS][1:]  # one training image dropped from the record
+    deployment.write_bytes(save_arrays(arrays, metadata=header))
+    with pytest.raises(DefectscopeError, match="training images' digests do not match"):
+        DeployedModel(deployment)
+
+
 def test_outputs_never_land_among_their_inputs(padim_model: Path, data: Path, tmp_path: Path, cli) -> None:
     copy = user_copy(data, tmp_path / "mine")
     before = snapshot(copy)
@@ -786,6 +826,14 @@ def test_a_fifo_is_refused_without_waiting(knn_model: Path, tmp_path: Path) -> N
     command = [str(Path(sys.executable).with_name("defectscope")), "predict", str(knn_model), str(fifo), "--json"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)  # hung before: needed SIGKILL
     assert result.returncode == 3 and "not a regular file" in json.loads(result.stdout.splitlines()[0])["error"]
+    other = tmp_path / "other.png"
+    other.write_bytes(b"not scored: the FIFO is refused first")
+    for labelled in (["--good", fifo, "--defective", other], ["--good", other, "--defective", fifo]):
+        command = [str(Path(sys.executable).with_name("defectscope")), "calibrate", str(knn_model), "--f1",
+                   *map(str, labelled), "-o", str(tmp_path / "out.dsmodel")]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)  # hung before (its sha256)
+        assert result.returncode == 2 and "not a regular file" in result.stderr
+    assert not (tmp_path / "out.dsmodel").exists()
 
 
 def test_image_files_are_bounded_before_they_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -170,6 +170,8 @@ def test_fit_trains_a_mask_model_where_masks_exist(demo_root: Path, tmp_path: Pa
     assert info["detector"] == "segmenter" and info["train_summary"]["images"] == 42
     predicted = runner.invoke(app, ["-q", "predict", str(model), str(demo_root / "test" / "broken"), "--json"])
     assert predicted.exit_code == 0 and len(predicted.output.splitlines()) == 8
+    evaluated = runner.invoke(app, ["-q", "evaluate", str(model), str(demo_root)])  # its own training images
+    assert evaluated.exit_code == 0 and "34 of the 34 test images are images this model learned from" in evaluated.output
 
 
 def test_fit_rejects_coreset_for_other_models(demo_root: Path, tmp_path: Path) -> None:

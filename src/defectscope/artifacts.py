@@ -20,6 +20,7 @@ from safetensors.torch import save as save_tensors_bytes
 
 from defectscope._version import __version__
 from defectscope.backbones import load_backbone
+from defectscope.data.decode import TRAIN_DIGESTS
 from defectscope.data.frame import Preprocess
 from defectscope.detectors.base import MapModel, detector_class, require_finite
 from defectscope.errors import DefectscopeError, check_fitted
@@ -74,6 +75,8 @@ def save_model(detector: MapModel, path: str | Path, force: bool = False) -> Pat
     for name, scores in ((CALIBRATION_SCORES, detector.calibration_scores), (MAP_SCORES, detector.map_scores)):
         if scores is not None:
             tensors[name] = scores.float().contiguous()
+    if detector.train_digests is not None:
+        tensors[TRAIN_DIGESTS] = torch.from_numpy(np.ascontiguousarray(detector.train_digests, np.uint8))
     require_finite(tensors, f"{detector.name} has learned")
     _check_calibration(detector.calibration, f"{detector.name}'s calibration")
     check_model_output(path, force)
@@ -111,6 +114,9 @@ def load_model(path: str | Path, weights: str | Path | None = None) -> MapModel:
     data, manifest = checked_file(path)
     tensors = load_tensors_bytes(data)
     calibration_scores, map_scores = tensors.pop(CALIBRATION_SCORES, None), tensors.pop(MAP_SCORES, None)
+    digests = tensors.pop(TRAIN_DIGESTS, None)
+    if digests is not None and (digests.dtype != torch.uint8 or digests.ndim != 2 or digests.shape[1] != 32):
+        raise DefectscopeError(f"model file {path} is damaged: its training images' digests are not N x 32 bytes")
     cls = detector_class(_section(manifest, "detector", str, path))
     try:
         dropped = {*LEGACY_CONFIG_FIELDS, *cls.config_class.inapplicable}  # fields that never changed what it does
@@ -152,6 +158,7 @@ def load_model(path: str | Path, weights: str | Path | None = None) -> MapModel:
                                f"({' '.join(str(exc).split())[:200]})") from exc
     detector.calibration = calibration
     detector.calibration_scores, detector.map_scores = calibration_scores, map_scores
+    detector.train_digests = None if digests is None else digests.numpy()
     summary = manifest.get("train_summary", {})
     detector.train_summary = summary if isinstance(summary, dict) else {}
     return detector

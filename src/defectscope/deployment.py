@@ -22,6 +22,7 @@ from torch import nn
 
 from defectscope._version import __version__
 from defectscope.artifacts import load_model, manifest_of
+from defectscope.data.decode import TRAIN_DIGESTS
 from defectscope.data.images import normalize
 from defectscope.detectors.base import MapModel, finish_scores
 from defectscope.errors import DefectscopeError
@@ -37,6 +38,7 @@ from defectscope.runtime import (
     MEMORY_NAMES,
     SEARCH_NAMES,
     DeployedModel,
+    digests_record,
     memory_digest,
     graph_files,
     is_deployment,
@@ -183,6 +185,7 @@ def export_model(model_path: str | Path, out: str | Path, file_format: str = "on
     searched = model.searched_memory()
     memory = {} if searched is None else {name: np.ascontiguousarray(tensor.numpy()) for name, tensor in
                                              zip(MEMORY_NAMES, searched)}
+    digests = {} if model.train_digests is None else {TRAIN_DIGESTS: np.ascontiguousarray(model.train_digests, np.uint8)}
     targets = _graph_targets(out, file_format, 1 if searched is None else 2)
     for target in [out, *targets]:
         if model_path.exists() and target.exists() and target.resolve() == model_path.resolve():
@@ -205,12 +208,13 @@ def export_model(model_path: str | Path, out: str | Path, file_format: str = "on
                       **({} if searched is None else {"search": {"rows": len(memory["memory_bank"]),
                                                                  "sha256": memory_digest(memory)}})},
             "head": "map" if model.localizes else "score",
+            **({} if not digests else {"train_digests": digests_record(digests[TRAIN_DIGESTS])}),
         }
         staged_descriptor = Path(folder) / out.name
-        staged_descriptor.write_bytes(_descriptor(manifest, memory))
+        staged_descriptor.write_bytes(_descriptor(manifest, {**memory, **digests}))
         manifest["parity"] = {"probe_images": PROBE_IMAGES,
                               "max_relative_score_difference": check_parity(model, DeployedModel(staged_descriptor, 2))}
-        descriptor = _descriptor(manifest, memory)
+        descriptor = _descriptor(manifest, {**memory, **digests})
         for source, target in zip(staged, targets):
             write_atomic(target, source.read_bytes())
     write_atomic(out, descriptor)

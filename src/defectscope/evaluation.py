@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from defectscope.data.decode import learned_among
 from defectscope.data.images import masks_in_frame
 from defectscope.data.layout import GOOD, Dataset
 from defectscope.detectors.base import Progress
@@ -75,6 +76,10 @@ def evaluate(detector: Predictor, dataset: Dataset, progress: Progress | None = 
         "predict_ms_per_image": predict_ms,
         "notes": [],
     }
+    learned = learned_among(detector.train_digests, [s.path for s in test])
+    if learned:
+        metrics["notes"].append(f"{len(learned)} of the {len(test)} test images are images this model learned from "
+                                f"(e.g. {learned[0]}): its metrics flatter it, and are not those of new parts")
     both = 0 < labels.sum() < len(labels)
     if both:
         f1, threshold = f1_max(labels, scores)

@@ -138,9 +138,12 @@ def read_regular(path: Path, what: str = "file", max_bytes: int | None = None,
 def content_sha256(path: Path) -> str:
     """sha256 of a file's bytes, read now (no cache: for files that may be replaced in place, such as a hot folder's)."""
     digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    with open_regular(path) as handle:  # a FIFO or device is refused, never waited on
+        try:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        except OSError as exc:
+            raise DefectscopeError(f"cannot read file {path}: {exc.strerror or exc}") from exc
     return digest.hexdigest()
 
 

@@ -24,7 +24,7 @@ from defectscope.artifacts import (
     set_threshold,
 )
 from defectscope.backbones import load_backbone
-from defectscope.data.decode import ImageSource, expand_inputs
+from defectscope.data.decode import ImageSource, content_digests, expand_inputs, learned_among
 from defectscope.data.folds import pick_good
 from defectscope.data.layout import Dataset, Sample, load_dataset
 from defectscope.data.synthetic import make_demo_dataset
@@ -114,6 +114,7 @@ def fit_detector(dataset: Dataset, model: str, settings: Mapping[str, Any] | Set
         start = time.perf_counter()
         with bar(f"training {model} on {len(samples)} labelled images", len(samples)):
             history = detector.fit_masks(samples, dataset.defect_types)
+        detector.train_digests = content_digests([s.path for s in samples])
         return detector, FitReport(len(samples), 0, time.perf_counter() - start, {"history": history})
     train = list(images) if images is not None else [s.path for s in dataset.train]
     frame_choice, began = None, time.perf_counter()
@@ -130,6 +131,7 @@ def fit_detector(dataset: Dataset, model: str, settings: Mapping[str, Any] | Set
         detector.phases = start
         report = detector.fit(train, progress=start(f"fitting {model}: embedding {len(train)} images", len(train)))
     detector.phases = None
+    detector.train_digests = content_digests(train)
     if frame_choice is not None:
         detector.train_summary["frame_choice"] = frame_choice
         report.details["frame_choice"] = frame_choice
@@ -242,6 +244,11 @@ def recalibrate(model_path: Path, out: Path, *, false_alarm_rate: float | None =
         if both:
             raise DefectscopeError(f"{len(both)} image(s) are given both as good and as defective ({', '.join(both[:3])}"
                                    f"{', ...' if len(both) > 3 else ''}); each labelled image must be one or the other")
+        learned = [str(path) for path in learned_among(detector.train_digests, [*good_paths, *bad_paths])]
+        if learned:
+            raise DefectscopeError(f"{len(learned)} labelled image(s) are images this model learned from ("
+                                   f"{', '.join(learned[:3])}{', ...' if len(learned) > 3 else ''}); their scores say "
+                                   "nothing of new parts: give images it never saw")
         with bar("scoring labelled images", len(good_paths) + len(bad_paths)) as advance:
             scores = detector.predict([*good_paths, *bad_paths], map_size="input", progress=advance).scores
         good_scores, bad_scores = scores[: len(good_paths)], scores[len(good_paths) :]
@@ -321,6 +328,8 @@ def update_model(model_path: Path, good: Sequence[Path], out: Path, *, defective
     caught_before = _caught(detector, defects, bar, "scoring labelled defects")
     with bar("learning good images", len(paths)) as advance:
         details = detector.teach(paths, progress=advance)
+    if detector.train_digests is not None:
+        detector.train_digests = np.concatenate([detector.train_digests, content_digests(paths)])
     missed = caught_before & ~_caught(detector, defects, bar, "checking labelled defects")
     if missed.any() and not accept_misses:
         names = [defects[i].name for i in np.flatnonzero(missed)[:5]]

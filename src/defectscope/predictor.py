@@ -46,6 +46,10 @@ class Predictor(Protocol):
     def calibration(self) -> Calibration | None:
         """The operating point (threshold and its evidence), or None before calibration."""
 
+    @property
+    def train_digests(self) -> np.ndarray | None:
+        """The sha256 of each image it learned from (N x 32 uint8), or None where they were not recorded."""
+
     def score_frames(self, batch: np.ndarray) -> Scored:
         """uint8 frames N x 3 x h x w -> scores, finished model-frame maps and any detections."""
 

@@ -27,7 +27,7 @@ from safetensors.numpy import load as load_arrays
 
 from defectscope.calibration import Calibration
 from defectscope.data.batches import images_per_pass
-from defectscope.data.decode import ImageSource, expand_inputs
+from defectscope.data.decode import TRAIN_DIGESTS, ImageSource, expand_inputs
 from defectscope.data.frame import Preprocess
 from defectscope.errors import DefectscopeError
 from defectscope.files import json_text, read_regular
@@ -199,6 +199,7 @@ class DeployedModel:
             self.threshold = _threshold(self.calibration_dict)
             self.batch_size = _whole(model.get("config", {}).get("batch_size", 32), "batch size")
             listed = graph_files(self.manifest)
+            self.train_digests = _train_digests(memory.pop(TRAIN_DIGESTS, None), self.manifest.get("train_digests"))
             self.index = None if "search" not in graph else _memory_index(memory, graph["search"])
         except DefectscopeError as exc:
             raise DefectscopeError(f"deployment file {self.path} is damaged: {exc}") from exc
@@ -271,6 +272,21 @@ def _in_chunks(engine: Engine, inputs: dict[str, np.ndarray]) -> list[np.ndarray
     runs = [engine.run({name: value[start : start + engine.chunk] for name, value in inputs.items()})
             for start in range(0, count, engine.chunk)]
     return [np.concatenate(outputs) for outputs in zip(*runs)]
+
+
+def digests_record(digests: np.ndarray) -> dict[str, Any]:
+    """What a deployment manifest records of its training images' digests: their count and the sha256 of their bytes."""
+    return {"images": len(digests), "sha256": hashlib.sha256(np.ascontiguousarray(digests).tobytes()).hexdigest()}
+
+
+def _train_digests(digests: np.ndarray | None, recorded: object) -> np.ndarray | None:
+    """The training images' digests of a deployment file, checked against its manifest's record (None: not recorded)."""
+    if digests is None and recorded is None:
+        return None
+    if digests is None or digests.dtype != np.uint8 or digests.ndim != 2 or digests.shape[1] != 32 \
+            or recorded != digests_record(digests):
+        raise DefectscopeError("its training images' digests do not match its manifest (altered or truncated); export again")
+    return digests
 
 
 def _memory_index(memory: dict[str, np.ndarray], search: object) -> ClusterIndex:

@@ -9,6 +9,7 @@ Pillow decodes the same pixels.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import warnings
@@ -22,7 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from defectscope.errors import DefectscopeError, InputError
-from defectscope.files import open_regular, read_regular
+from defectscope.files import file_sha256, open_regular, read_regular
 
 try:
     import cv2
@@ -70,6 +71,32 @@ class EncodedImage:
 
 
 ImageSource = str | Path | np.ndarray | EncodedImage
+
+
+TRAIN_DIGESTS = "train.sha256"  # the tensor of a model or deployment file that holds `content_digests` of its training
+
+
+def content_digests(sources: Sequence[ImageSource]) -> np.ndarray:
+    """The sha256 of each image as an N x 32 uint8 array: of a file's bytes, an encoded image's bytes, or an array's
+    pixels; what a model records of the images it learned from, to know them again wherever they lie."""
+    digests = []
+    for source in sources:
+        if isinstance(source, EncodedImage):
+            digests.append(hashlib.sha256(source.data or b"").digest())
+        elif isinstance(source, np.ndarray):
+            digests.append(hashlib.sha256(np.ascontiguousarray(source).tobytes()).digest())
+        else:
+            digests.append(bytes.fromhex(file_sha256(Path(source))))
+    return np.frombuffer(b"".join(digests), np.uint8).reshape(-1, 32).copy()
+
+
+def learned_among(digests: np.ndarray | None, paths: Sequence[str | Path]) -> list[Path]:
+    """The image files among `paths` whose content is one of `digests` (a model's training images); none when the
+    model recorded none."""
+    if digests is None or not len(paths):
+        return []
+    known = {row.tobytes() for row in digests}
+    return [Path(path) for path in paths if bytes.fromhex(file_sha256(Path(path))) in known]
 
 
 class ImageTooLarge(InputError):

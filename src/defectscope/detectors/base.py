@@ -86,6 +86,7 @@ class MapModel(ABC):
     history: History | None = None  # trained models: the loss history of the last fit
     calibration_scores: torch.Tensor | None = None  # good images' scores from models that never saw them
     map_scores: torch.Tensor | None = None  # with a map region level of its own: those scores of the view the map shows
+    train_digests: np.ndarray | None = None  # sha256 of each image it learned from (N x 32 uint8): known again later
 
     def __init__(self, config: DetectorConfig | None = None, backbone: Backbone | None = None) -> None:
         self.config = config or self.config_class()
