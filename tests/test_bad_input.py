@@ -836,6 +836,24 @@ def test_a_fifo_is_refused_without_waiting(knn_model: Path, tmp_path: Path) -> N
     assert not (tmp_path / "out.dsmodel").exists()
 
 
+def test_a_folder_s_files_are_each_scored_or_named(knn_model: Path, data: Path, tmp_path: Path, cli) -> None:
+    pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
+    folder = tmp_path / "line"
+    folder.mkdir()
+    shutil.copy(data / "test" / "good" / "000.png", folder / "part.png")
+    os.mkfifo(folder / "pipe.png")  # named as an image: one error row, never dropped unseen
+    shutil.copy(data / "test" / "good" / "001.png", folder / "part.gif")  # not named as an image we read: named
+    (folder / "notes.txt").write_text("shift notes")
+    predicted = cli("-q", "predict", knn_model, folder, "--json")
+    rows = {Path(row["path"]).name: row for row in map(json.loads, predicted.out.splitlines())}
+    assert predicted.code == 3 and set(rows) == {"part.png", "pipe.png"} and rows["pipe.png"]["verdict"] == "error"
+    assert "skipped 2 file(s)" in predicted.err and "part.gif" in predicted.err and "notes.txt" in predicted.err
+    scored = cli("-q", "score", knn_model, folder, "-o", tmp_path / "scores")
+    table = pyarrow_parquet.read_table(tmp_path / "scores").to_pylist()
+    assert scored.code == 3 and sorted(Path(row["path"]).name for row in table) == ["part.png", "pipe.png"]
+    assert "skipped 2 file(s)" in scored.err and "part.gif" in scored.err
+
+
 def test_image_files_are_bounded_before_they_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from defectscope.data.decode import max_file_bytes
     monkeypatch.setenv("DEFECTSCOPE_MAX_PIXELS", "10000")

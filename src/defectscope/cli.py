@@ -320,7 +320,8 @@ def predict(
         from defectscope.pipeline import predict_images
         from defectscope.predictor import load_predictor
         detector = load_predictor(model, weights)
-    rows = predict_images(detector, inputs, heatmaps=heatmaps, force=force, bar=_progress)
+    skipped: list[Path] = []
+    rows = predict_images(detector, inputs, heatmaps=heatmaps, force=force, bar=_progress, skipped=skipped)
     if as_json:
         for row in rows:
             print(json_text(row, indent=None))
@@ -337,6 +338,9 @@ def predict(
         console.print(table)
         if detector.calibration is not None:
             say(detector.calibration.describe())
+    if skipped:
+        from defectscope.data.decode import skipped_note
+        warn(skipped_note(skipped))
     _exit_if_failed(sum(row["verdict"] == "error" for row in rows), len(rows), "image(s) could not be scored (verdict 'error')")
 
 
@@ -642,6 +646,9 @@ def score(
                                threads=threads, bar=_progress)
     say(f"{summary['images']} images in {summary['chunks']} part file(s) under {out}: {summary['scored_now']} scored now, "
         f"{summary['resumed_chunks']} part(s) kept from an earlier run")
+    if summary["skipped"]:
+        from defectscope.data.decode import skipped_note
+        warn(skipped_note(summary["skipped"]))
     _exit_if_failed(summary["failed"], summary["images"], "images could not be scored (verdict 'error', reason in "
                     "the 'error' column)")
 

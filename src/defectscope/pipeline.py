@@ -177,15 +177,16 @@ def fit_model(data: Path | Dataset, model: str, settings: Mapping[str, Any] | Se
 
 
 def predict_images(detector: Predictor, inputs: Sequence[Path], heatmaps: Path | None = None, force: bool = False,
-                   bar: ProgressBar = no_progress) -> list[dict[str, Any]]:
-    """Score images and folders of images; unreadable ones get verdict 'error'; heatmap overlays on request."""
+                   bar: ProgressBar = no_progress, skipped: list[Path] | None = None) -> list[dict[str, Any]]:
+    """Score images and folders of images; unreadable ones get verdict 'error'; heatmap overlays on request; the
+    folders' files not named as images go into `skipped`, when given."""
     if heatmaps is not None:
         if not detector.localizes:
             raise DefectscopeError(f"{detector.name} scores whole images and makes no maps; drop --heatmaps")
         for source in inputs:
             check_apart(heatmaps, source, "heatmaps folder", "input")
         claim_folder(heatmaps, force, "heatmaps")
-    paths = expand_inputs(inputs)
+    paths = expand_inputs(inputs, skipped)
     with bar("scoring", len(paths)) as advance:
         prediction = detector.predict(paths, progress=advance, keep_going=True)
     rows = prediction_rows(paths, prediction)

@@ -27,7 +27,7 @@ from safetensors.numpy import load as load_arrays
 
 from defectscope.calibration import Calibration
 from defectscope.data.batches import images_per_pass
-from defectscope.data.decode import TRAIN_DIGESTS, ImageSource, expand_inputs
+from defectscope.data.decode import TRAIN_DIGESTS, ImageSource, expand_inputs, skipped_note
 from defectscope.data.frame import Preprocess
 from defectscope.errors import DefectscopeError
 from defectscope.files import json_text, read_regular
@@ -313,13 +313,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model = DeployedModel(args.model, args.threads)
-        paths = expand_inputs(args.inputs)
+        skipped: list[Path] = []
+        paths = expand_inputs(args.inputs, skipped)
         rows = prediction_rows(paths, model.predict(paths, keep_going=True))
     except DefectscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for row in rows:
         print(json_text(row, indent=None))
+    if skipped:
+        print(f"warning: {skipped_note(skipped)}", file=sys.stderr)
     return 3 if any(row["verdict"] == "error" for row in rows) else 0
 
 

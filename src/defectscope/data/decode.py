@@ -288,18 +288,30 @@ def image_size(source: ImageSource) -> tuple[int, int]:
     return height, width
 
 
-def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files and folders (searched recursively, hidden files skipped) -> image paths in a stable order."""
+def expand_inputs(inputs: Sequence[str | Path], skipped: list[Path] | None = None) -> list[Path]:
+    """Image files and folders (searched recursively, hidden files skipped) -> image paths in a stable order. In a
+    folder, every entry named as an image is one (a pipe or a broken link too: it gets its own error when read);
+    the other files are added to `skipped`, when given, to be named."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())
-                           and not any(part.startswith(".") for part in p.relative_to(item).parts))
+            entries = [p for p in item.rglob("*") if not p.is_dir()
+                       and not any(part.startswith(".") for part in p.relative_to(item).parts)]
+            found = sorted(p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 raise InputError(f"folder {item} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             paths += found
+            if skipped is not None:
+                skipped += sorted(p for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES)
         elif item.exists() or item.is_symlink():
             paths.append(item)
         else:
             raise InputError(f"{item} does not exist")
     return paths
+
+
+def skipped_note(skipped: Sequence[str | Path]) -> str:
+    """One line naming the files of the folders given that were not read as images."""
+    names = ", ".join(str(path) for path in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+    return (f"skipped {len(skipped)} file(s) of the folders given that are not named as images "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))}): {names}")

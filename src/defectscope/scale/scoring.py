@@ -142,8 +142,9 @@ def _score_on_ray(ray_address: str | RayCluster, model: Any, model_path: Path, o
     return scored
 
 
-def _inputs(inputs: Sequence[Path]) -> list[str]:
-    """Images and folders, or text files listing one image per line (blank lines and '#' comments skipped)."""
+def _inputs(inputs: Sequence[Path], skipped: list[Path]) -> list[str]:
+    """Images and folders, or text files listing one image per line (blank lines and '#' comments skipped); the
+    folders' files not named as images go into `skipped`."""
     listed: list[Path] = []
     for item in map(Path, inputs):
         if item.suffix == ".txt" and item.is_file():
@@ -151,7 +152,7 @@ def _inputs(inputs: Sequence[Path]) -> list[str]:
             listed += [item.parent / line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         else:
             listed.append(item)
-    return [os.path.abspath(path) for path in expand_inputs(listed)]  # resolved here, on the driver
+    return [os.path.abspath(path) for path in expand_inputs(listed, skipped)]  # resolved here, on the driver
 
 
 IDENTITY = ("model_sha256", "images", "images_sha256", "chunk_images")  # what makes two runs one job
@@ -201,14 +202,15 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
     On Ray, up to `workers` actors (default RAY_WORKERS; as many as the cluster's CPUs hold at the start) each hold
     the model and `threads` CPUs (default: this process's torch threads, which gives bit-identical scores to
     scoring here); without Ray neither applies, and giving either is refused. `failed` counts the rows whose image
-    could not be scored.
+    could not be scored, `skipped` names the folders' files not named as images.
     """
     from defectscope.predictor import load_predictor
 
     if ray_address is None and (workers is not None or threads is not None):
         raise DefectscopeError("--workers and --threads size the Ray actors: they apply with --ray only")
     pyarrow_modules()
-    paths = _inputs(inputs)
+    skipped: list[Path] = []
+    paths = _inputs(inputs, skipped)
     if not paths:
         raise DefectscopeError("no images to score: the inputs list none")
     model = load_predictor(Path(model_path))  # a bad model is refused before anything is written
@@ -244,4 +246,4 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
                 scored = 0
         failed = _failed_rows([part_path(out, i) for i, _ in chunks])
     return {"images": len(paths), "chunks": len(chunks), "resumed_chunks": len(chunks) - len(todo), "scored_now": scored,
-            "failed": failed}
+            "failed": failed, "skipped": [str(path) for path in skipped]}
