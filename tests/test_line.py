@@ -184,6 +184,27 @@ def test_the_hot_folder_judges_each_image_once_and_waits_for_a_file_being_writte
             assert record["width"] == record["height"] == 128  # the demo images' size, from their headers
 
 
+def test_the_hot_folder_says_once_what_it_never_takes(model, demo_root: Path, tmp_path: Path) -> None:
+    said: list[str] = []
+    line = _line(tmp_path, model, say=said.append)
+    dropped = _drop(demo_root, line.folders.inbox, 1)
+    (line.folders.inbox / "part.gif").write_bytes((line.folders.inbox / next(iter(dropped))).read_bytes())
+    os.mkfifo(line.folders.inbox / "pipe.png")
+    (line.folders.inbox / "archive").mkdir()  # a folder (a verdict folder may be one) is not announced
+    (line.folders.inbox / "camera.png.part").write_bytes(b"being written")  # nor is a temporary name
+    assert line.run(limit=1) == 1
+    for _ in range(3):
+        line.ready()
+    left = [text for text in said if "never judged" in text]
+    assert len(left) == 2 and left[0].startswith("part.gif in the hot folder is not named as an image")
+    assert left[1].startswith("pipe.png in the hot folder is not a regular file")
+    (line.folders.inbox / "part.gif").unlink()
+    line.ready()
+    (line.folders.inbox / "part.gif").write_bytes(b"again")  # a new arrival of that name: said again
+    line.ready()
+    assert sum("part.gif" in text for text in said) == 2
+
+
 def test_a_file_settled_by_its_own_time_waits_one_scan_not_the_settle_time(model, demo_root: Path,
                                                                           tmp_path: Path) -> None:
     """After a restart the images left in the inbox were written long ago: one scan that finds them unchanged

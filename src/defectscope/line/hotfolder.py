@@ -163,6 +163,7 @@ class HotFolder:
     drift_every: int = CHECK_EVERY  # images judged between drift checks (`line.drift`), said when their answer turns
     on_drift: Callable[[Drift], None] | None = None  # also told when it turns (watch --mqtt: published)
     _seen: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    _left: set[str] = field(default_factory=set)  # names in the inbox it never takes, said once (while they stay)
     _arrivals: Arrivals | None = None  # while `run` watches
     _resent: int = 0  # verdicts the last recovery sent again
     _drifted: bool = False  # what the last drift check found
@@ -212,16 +213,22 @@ class HotFolder:
         if self._arrivals is not None:
             self._arrivals.collect()
         renamed = self._arrivals.names if self._arrivals is not None else set()
-        clock, wall, ready, current = time.monotonic(), time.time(), [], {}
+        clock, wall, ready, current, left = time.monotonic(), time.time(), [], {}, {}
         for entry in os.scandir(self.folders.inbox):
             name = entry.name
-            if name.startswith(".") or name.lower().endswith(TEMPORARY) or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            if name.startswith(".") or name.lower().endswith(TEMPORARY) or entry.is_dir():  # a verdict folder may be in it
+                continue
+            if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                left[name] = f"not named as an image ({', '.join(sorted(IMAGE_SUFFIXES))})"
                 continue
             try:
                 stat = entry.stat()
             except FileNotFoundError:
                 continue
-            if not entry.is_file() or stat.st_size == 0:
+            if not entry.is_file():
+                left[name] = "not a regular file (a pipe, socket or device)"
+                continue
+            if stat.st_size == 0:
                 continue
             size, mtime = stat.st_size, stat.st_mtime_ns
             previous = self._seen.get(name)
@@ -238,6 +245,9 @@ class HotFolder:
             if clock - since >= self.settle:
                 ready.append(self.folders.inbox / name)
         self._seen = current
+        for name in sorted(set(left) - self._left):
+            self.say(f"{name} in the hot folder is {left[name]}: it is left there, never judged")
+        self._left = set(left)
         if self._arrivals is not None:
             self._arrivals.names.intersection_update(current)  # forget names that left the inbox
         return sorted(ready)[:BATCH]
