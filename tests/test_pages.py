@@ -161,7 +161,7 @@ def test_model_card_and_review_pages_render(page, tmp_path: Path) -> None:
     active = page.locator("#versions tbody tr.active code").inner_text()
     pruned = {"version": "0123456789ab", "sha256": "0" * 64, "parent": None, "action": "served",
               "time": "2026-01-01T00:00:00", "pruned": "2026-02-01T00:00:00"}
-    history = {"model": "m", "active": active, "activations": [],
+    history = {"model": "m", "active": active, "served": active, "activations": [],
                "versions": [pruned, {**pruned, "version": active, "pruned": None, "parent": "0123456789ab"}]}
     page.route("**/versions", lambda route: route.fulfill(json=history))  # a history with a pruned version
     risen = "drift: of the last 500 parts, 88% of the 480 passed score above the training goods' median"
@@ -174,6 +174,14 @@ def test_model_card_and_review_pages_render(page, tmp_path: Path) -> None:
     assert page.locator("#versions tbody tr:not(.active) .promote").count() == 0  # nothing to make active
     page.locator("#versions").screenshot(path=tmp_path / "pruned.png")
     _not_blank(tmp_path / "pruned.png")
+    page.unroute("**/versions")
+    older = {**pruned, "version": "00000000beef", "pruned": None}  # promoted on disk; the service serves the older
+    page.route("**/versions", lambda route: route.fulfill(json={**history, "served": "00000000beef",
+                                                                "versions": [older, *history["versions"]]}))
+    page.click("nav button[data-tab=inspect]")
+    page.click("nav button[data-tab=card]")
+    page.wait_for_function("document.querySelector('#versions-note').innerText.includes('still judges with')")
+    assert "served until a reload" in page.locator("#versions tbody").inner_text()
     page.unroute("**/versions")
     page.click("nav button[data-tab=review]")
     page.wait_for_selector("#review-list .tile")

@@ -230,3 +230,26 @@ def test_writing_over_a_model_keeps_the_file_it_replaces(served_folder: Path, de
     model.write_bytes(model.read_bytes() + b" ")  # replaced by something else: no version is shown as the file's
     listed = cli("versions", model)
     assert "* " not in listed.out and f"holds {version_of(file_sha256(model))}, not the active version" in listed.out
+
+
+def test_the_service_says_which_version_it_judges_with_when_the_disk_changed(served_folder: Path, tmp_path: Path,
+                                                                             cli) -> None:
+    from fastapi.testclient import TestClient
+
+    from defectscope.service.app import create_app
+    from defectscope.service.config import ServiceConfig
+    from defectscope.service.models import load_served
+
+    folder = tmp_path / "models"
+    shutil.copytree(served_folder, folder)
+    settings = ServiceConfig.from_dict({})
+    with TestClient(create_app(load_served([folder], settings), settings)) as client:
+        first = client.get("/v1/models/part/versions").json()
+        assert first["served"] == first["active"]
+        model = folder / "part.dsmodel"
+        assert cli("-q", "calibrate", model, "--false-alarm-rate", "0.05", "-o", model).code == 0  # on disk, not served
+        changed = client.get("/v1/models/part/versions").json()
+        assert changed["active"] == version_of(file_sha256(model)) and changed["served"] == first["served"] != changed["active"]
+        assert client.post("/v1/models/part/reload").status_code == 200
+        reloaded = client.get("/v1/models/part/versions").json()
+        assert reloaded["served"] == reloaded["active"] == changed["active"]

@@ -454,9 +454,10 @@ async def drift(request: Request, name: str,
 
 @router.get("/models/{name}/versions", response_model=VersionList)
 async def versions(request: Request, name: str) -> VersionList:
-    """Every version of the model, the active one, and each activation (the model card's history)."""
+    """Every version of the model, the active one, the one served now, and each activation (the model card's
+    history)."""
     model = versioned(request, name)
-    return VersionList(model=name, **await run_in_threadpool(model.versions.history, name))
+    return VersionList(model=name, served=model.version, **await run_in_threadpool(model.versions.history, name))
 
 
 @router.post("/models/{name}/promote", response_model=ModelSummary, responses={410: {"model": Problem}})

@@ -130,6 +130,8 @@ class Activation(BaseModel):
 class VersionList(BaseModel):
     model: str
     active: str | None
+    served: str = Field(description="the version this service judges with now: not the active one after a promote or "
+                                    "rollback on disk (the command line) until POST .../reload")
     versions: list[ModelVersion]
     activations: list[Activation]
 

@@ -266,10 +266,13 @@ async function loadVersions() {
     $("versions-note").textContent = error.message;  // an exported model keeps no versions
     return;
   }
-  $("versions-note").textContent = `${history.versions.length} version(s); the active one is marked`;
+  const behind = history.served !== history.active;  // changed on disk (command line): served until a reload
+  $("versions-note").textContent = `${history.versions.length} version(s); the active one is marked` + (behind
+    ? `; this service still judges with version ${history.served}: reload the model to serve the active one` : "");
   body.innerHTML = history.versions.slice().reverse().map((v) => {
     const active = v.version === history.active;
-    const action = active ? "<b>active</b>" : v.pruned ? "<i>file pruned</i>"  // its entry stays; it cannot be made active
+    const action = active ? "<b>active</b>" : v.version === history.served ? "<b>served until a reload</b>"
+      : v.pruned ? "<i>file pruned</i>"  // its entry stays; it cannot be made active
       : `<button class="engineer promote" data-version="${esc(v.version)}">promote</button>`;
     return `<tr class="${active ? "active" : ""}"><td><code>${esc(v.version)}</code></td><td>${esc(v.parent || "-")}</td>` +
       `<td>${esc(v.action)}</td><td>${esc(v.time.replace("T", " ").slice(0, 19))}</td><td>${action}</td></tr>`;
