@@ -854,6 +854,25 @@ def test_a_folder_s_files_are_each_scored_or_named(knn_model: Path, data: Path, 
     assert "skipped 2 file(s)" in scored.err and "part.gif" in scored.err
 
 
+def test_a_ray_address_where_nothing_answers_is_said_at_once(knn_model: Path, data: Path, tmp_path: Path) -> None:
+    import socket
+
+    pytest.importorskip("ray")
+    with socket.socket() as probe:  # a port nothing listens on once it is closed
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    defectscope = str(Path(sys.executable).with_name("defectscope"))
+    for command in (["score", knn_model, data / "test" / "good", "-o", tmp_path / "scores"],
+                    ["fit", data, "-o", tmp_path / "m.dsmodel", "--image-size", "64", "--crop", "0"],
+                    ["fit-many", _plan(tmp_path, data, f"  - {{name: one, data: {data}}}\n")]):
+        result = subprocess.run([defectscope, "-q", *map(str, command), "--ray", address], capture_output=True,
+                                text=True, timeout=120)  # Ray itself retried for minutes, logging all along
+        assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+        assert f"cannot connect to the Ray cluster at {address}: nothing answers there" in result.stderr
+    assert not (tmp_path / "scores").exists() and not (tmp_path / "m.dsmodel").exists()
+    assert not (tmp_path / "models").exists()
+
+
 def test_image_files_are_bounded_before_they_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from defectscope.data.decode import max_file_bytes
     monkeypatch.setenv("DEFECTSCOPE_MAX_PIXELS", "10000")

@@ -115,6 +115,20 @@ def test_a_cluster_that_demands_a_token_gets_the_token_files(token_cluster, tmp_
     assert expected in result.stdout.splitlines()[-1], result.stdout
 
 
+def test_ray_local_starts_its_own_instance_whatever_cluster_the_machine_names(token_cluster, served_folder: Path,
+                                                                             demo_root: Path, tmp_path: Path) -> None:
+    """`--ray local` is a private instance even where RAY_ADDRESS (or the latest `ray start`) names a cluster on this
+    machine: it neither joins that cluster's jobs nor needs its token, nor loses its actors when it stops."""
+    address, _token, env = token_cluster
+    out = tmp_path / "scores"
+    run = subprocess.run([sys.executable, "-c", "from defectscope.cli import main; main()", "-q", "score",
+                          str(served_folder / "part.dsmodel"), str(demo_root / "test" / "good"), "--out", str(out),
+                          "--ray", "local"], capture_output=True, text=True, timeout=300,
+                         env={**env, "RAY_ADDRESS": address, "HOME": str(tmp_path)})
+    assert run.returncode == 0, run.stderr[-2000:]  # before: it joined the token cluster, and was refused
+    assert pq.read_table(out).num_rows == len(list((demo_root / "test" / "good").glob("*.png")))
+
+
 def test_fit_many_on_a_cluster_without_the_drivers_files(cluster, demo_root: Path, tmp_path: Path) -> None:
     """The training images travel with the job; the model file comes back and is the one this process fits."""
     settings = {"image_size": 64, "crop": None, "calibration_folds": 4}

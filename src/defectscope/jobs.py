@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from defectscope.process import worker_environment
 LOCAL = "local"  # --ray local: start a Ray instance on this machine
 TOKEN_PATH_VARIABLE = "RAY_AUTH_TOKEN_PATH"  # where Ray (2.60+, token authentication) reads the cluster's token
 AUTH_MODE_VARIABLE = "RAY_AUTH_MODE"
+CONNECT_TIMEOUT_S = 10.0  # a cluster's head answers a TCP connection at once; none in this time: nothing is there
 ENV_PATH_FIELDS = ("working_dir", "py_modules")  # runtime_env fields naming local paths, resolved on the driver
 
 
@@ -54,11 +56,15 @@ class RayCluster:
             raise DefectscopeError("running on Ray needs Ray: pip install 'defectscope[ray]'") from exc
         if ray.is_initialized():
             return ray
+        if self.address != LOCAL:
+            self._answers()
         runtime_env = {**self.runtime_env}
         runtime_env["env_vars"] = {**worker_environment()["env_vars"], **runtime_env.get("env_vars", {})}
         try:
             local = self.address == LOCAL  # a private instance: Ray's notes on starting it are noise to the user
-            ray.init(address=None if local else self.address, include_dashboard=False, log_to_driver=False,
+            # "local", not None: None would join the latest cluster `ray start` left on this machine (its jobs,
+            # its token), and lose its actors when that cluster stops
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                      logging_level=logging.ERROR if local else logging.WARNING, runtime_env=runtime_env)
         except (ray.exceptions.AuthenticationError, ConnectionError) as exc:
             raise InputError(f"cannot connect to the Ray cluster at {self.address}: no cluster answers there, or it "
@@ -67,6 +73,19 @@ class RayCluster:
         except (TypeError, ValueError) as exc:  # Ray's check of the runtime_env
             raise SettingsError(f"Ray refused the runtime_env: {' '.join(str(exc).split())[:300]}") from exc
         return ray
+
+
+    def _answers(self) -> None:
+        """Raise at once when nothing listens at a host:port address (Ray itself retries for minutes, logging as it
+        goes); other addresses ('auto', a name Ray resolves) are left to Ray."""
+        host, _, port = self.address.removeprefix("ray://").rpartition(":")
+        if not host or not port.isdigit():
+            return
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as exc:
+            raise InputError(f"cannot connect to the Ray cluster at {self.address}: nothing answers there "
+                             f"({exc.strerror or exc}); start it (`ray start --head`) or give its address") from exc
 
 
 def _resolved(value: Any, folder: Path) -> Any:

@@ -42,7 +42,7 @@ from defectscope.detectors.patchcore import PatchCore
 from defectscope.errors import DefectscopeError, InputError
 from defectscope.evaluation import Evaluation, evaluate
 from defectscope.files import check_apart, claim_folder, file_sha256
-from defectscope.jobs import RayCluster, map_on_ray
+from defectscope.jobs import RayCluster, connect_ray, map_on_ray
 from defectscope.names import DEFECT_LIKE
 from defectscope.prediction import prediction_rows
 from defectscope.process import release_free_heap
@@ -108,6 +108,8 @@ def fit_detector(dataset: Dataset, model: str, settings: Mapping[str, Any] | Set
         detector.backbone = load_backbone(detector.config.backbone, detector.strides, weights, download)
     if ray_address is not None and not isinstance(detector, PatchCore):
         raise DefectscopeError(f"--ray spreads PatchCore's coreset shards; {model} fits in this process")
+    if ray_address is not None:
+        connect_ray(ray_address)  # before any work: a cluster that is not there is said at once
     detector.epoch_progress = epoch_progress
     if not isinstance(detector, Detector):
         samples = mask_training_set(dataset, detector.config)

@@ -198,7 +198,8 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
                      threads: int | None = None, bar: ProgressBar = no_progress) -> dict[str, Any]:
     """Score every image into the Parquet dataset `out`, continuing an interrupted run of the same job.
 
-    The model is loaded (and so checked) before the folder is touched; the folder is locked for the run.
+    The model is loaded (and so checked), and Ray connected, before the folder is touched; the folder is locked for
+    the run.
     On Ray, up to `workers` actors (default RAY_WORKERS; as many as the cluster's CPUs hold at the start) each hold
     the model and `threads` CPUs (default: this process's torch threads, which gives bit-identical scores to
     scoring here); without Ray neither applies, and giving either is refused. `failed` counts the rows whose image
@@ -214,6 +215,8 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
     if not paths:
         raise DefectscopeError("no images to score: the inputs list none")
     model = load_predictor(Path(model_path))  # a bad model is refused before anything is written
+    if ray_address is not None:
+        connect_ray(ray_address)  # and a cluster that is not there
     job = {"model": os.path.abspath(model_path), "model_sha256": file_sha256(Path(model_path)), "images": len(paths),
            "images_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(), "chunk_images": chunk_images}
     out = Path(out)
