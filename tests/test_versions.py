@@ -253,3 +253,31 @@ def test_the_service_says_which_version_it_judges_with_when_the_disk_changed(ser
         assert client.post("/v1/models/part/reload").status_code == 200
         reloaded = client.get("/v1/models/part/versions").json()
         assert reloaded["served"] == reloaded["active"] == changed["active"]
+
+
+RECORDER = """
+import sys
+from pathlib import Path
+from defectscope.versions import VersionStore
+
+folder, tag, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+store, name = VersionStore.of(folder / "part.dsmodel")
+for i in range(count):
+    source = folder / "sources" / f"{tag}-{i}.bin"
+    source.write_bytes(f"{tag} {i}".encode())
+    store.record(name, source, "test")
+"""
+
+
+def test_two_processes_changing_one_store_lose_no_version(tmp_path: Path) -> None:
+    """The service and the command line may record versions of one model at once: each change reads, changes and
+    writes the history, one process at a time (before: the history kept one process's entries and lost the other's)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "part.dsmodel").write_bytes(b"served")
+    (tmp_path / "sources").mkdir()
+    recorders = [subprocess.Popen([sys.executable, "-c", RECORDER, str(tmp_path), tag, "60"]) for tag in ("a", "b")]
+    assert [recorder.wait(timeout=300) for recorder in recorders] == [0, 0]
+    history = VersionStore.of(tmp_path / "part.dsmodel")[0].history("part")
+    assert len(history["versions"]) == 120 and len({v["version"] for v in history["versions"]}) == 120

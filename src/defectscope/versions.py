@@ -30,6 +30,7 @@ from defectscope.files import file_sha256, write_atomic
 from defectscope.names import MODEL_SUFFIX, SAFE_NAME, VERSION_DIGITS, version_of
 
 STORE = ".defectscope-versions"
+LOCK_FILE = ".lock"  # in the store: held while a change is made
 VERSION = re.compile(rf"[0-9a-f]{{{VERSION_DIGITS}}}")  # a version as `version_of` makes it
 
 
@@ -47,7 +48,7 @@ class PrunedVersion(InputError):
 
 @dataclass
 class VersionStore:
-    """The versions of the model files served from `folder` (thread-safe within one process)."""
+    """The versions of the model files served from `folder`: one change at a time, across threads and processes."""
 
     folder: Path
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -64,6 +65,22 @@ class VersionStore:
     def served_file(self, name: str) -> Path:
         return self.folder / f"{name}{MODEL_SUFFIX}"
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One change at a time: this process's threads (its lock), then every process on the store (an OS lock on
+        its lock file, waited for: the service and the command line change one store, and each reads, changes and
+        writes its history); where the file system takes no such lock, this process's only."""
+        import fcntl  # POSIX only, as the service's lines are
+
+        with self._lock:
+            (self.folder / STORE).mkdir(exist_ok=True)
+            with open(self.folder / STORE / LOCK_FILE, "a") as handle:  # the lock goes with the handle
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                except OSError:  # e.g. ENOLCK on some network shares
+                    pass
+                yield
+
     def history(self, name: str) -> dict[str, Any]:
         """{"active": version or None, "versions": [{version, sha256, parent, action, time}], "activations": [...]}."""
         path = self._folder(name) / "history.json"
@@ -76,23 +93,23 @@ class VersionStore:
 
     def record(self, name: str, source: Path, action: str, parent: str | None = None) -> dict[str, Any]:
         """Keep `source` as a version of `name` (once per content) with its parent and what made it; returns its entry."""
-        with self._lock:
+        with self._locked():
             return self._record(name, source, action, parent)
 
     def adopt(self, name: str, action: str = "served", parent: str | None = None) -> dict[str, Any]:
         """Record the served file as it is now and make it active (the first time a name is served, or after it was
         replaced: its parent is then the version active before, or `parent`, e.g. 'other@version')."""
-        with self._lock:
+        with self._locked():
             return self._adopt(name, action, parent)
 
     def promote(self, name: str, version: str, action: str = "promote") -> Path:
         """Make `version` the active one: its bytes replace the served file (atomically). Returns the served file."""
-        with self._lock:
+        with self._locked():
             return self._activate(name, version, action)
 
     def rollback(self, name: str) -> str:
         """Promote the version that was active before the current one; returns it."""
-        with self._lock:
+        with self._locked():
             return self._rollback(name)
 
     def prune(self, name: str, keep: int) -> list[str]:
@@ -100,7 +117,9 @@ class VersionStore:
         never active count as older than any that was, newest recorded first); returns the versions pruned."""
         if keep < 1:
             raise InputError(f"keep must be at least 1 (the active version), got {keep}")
-        with self._lock:
+        if not self.history(name)["versions"]:
+            return []  # nothing written: a name never served gets no store
+        with self._locked():
             history = self.history(name)
             last = {entry["version"]: i for i, entry in enumerate(history["activations"])}
             order = sorted(range(len(history["versions"])), reverse=True,
@@ -123,23 +142,27 @@ class VersionStore:
     def promote_file(self, name: str, version: str) -> Path:
         """`promote` of a file that may have been put in place by hand: the file as it is now is kept first, so nothing
         is lost, once `version` is known to be kept (or to be that file's own); a refused promote writes nothing."""
-        with self._lock:
-            history = self.history(name)
-            entry = _entry(history, version)
-            own = version_of(file_sha256(self.served_file(name))) == version
-            if entry is None and not own:
-                raise _unknown(name, version, history)
-            if entry is not None and "pruned" in entry and not own:
-                raise _pruned(name, entry)
+        self._check_promotable(name, version)  # before the lock, whose file is a write
+        with self._locked():
+            self._check_promotable(name, version)
             self._adopt(name, "found", None)
             return self._activate(name, version, "promote")
+
+    def _check_promotable(self, name: str, version: str) -> None:
+        history = self.history(name)
+        entry = _entry(history, version)
+        own = version_of(file_sha256(self.served_file(name))) == version
+        if entry is None and not own:
+            raise _unknown(name, version, history)
+        if entry is not None and "pruned" in entry and not own:
+            raise _pruned(name, entry)
 
     def rollback_file(self, name: str) -> str:
         """`rollback` of a file that may have been put in place by hand (kept first, as `promote_file`); a name with no
         recorded activation has nothing to go back to, and is refused before anything is written."""
-        with self._lock:
-            if not self.history(name)["activations"]:
-                raise _no_earlier(name)
+        if not self.history(name)["activations"]:
+            raise _no_earlier(name)
+        with self._locked():
             self._adopt(name, "found", None)
             return self._rollback(name)
 
