@@ -149,6 +149,25 @@ def test_a_result_counts_only_for_the_data_it_was_made_from(demo_root: Path, tmp
     assert [row[0] for row in build_table(*load_results(out))["rows"]] == ["knn", "pca"]
 
 
+def test_an_attempt_another_run_is_running_is_left_to_it(demo_root: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    experiment = load_experiment(_write(tmp_path, "name: two\nattempts:\n"
+                                                  "  - {name: knn, model: knn, image_size: 64, crop: null}\n"
+                                                  "  - {name: pca, model: pca, image_size: 64, crop: null}\n"))
+    out = tmp_path / "run"
+    run_experiment(experiment, demo_root, out, say=lambda _text: None)
+    finished = {name: (out / name / "result.json").stat().st_mtime_ns for name in ("knn", "pca")}
+    said: list[str] = []
+    with open(out / ".knn.lock", "a") as held:  # as a second terminal's run holds it while it runs knn
+        fcntl.flock(held, fcntl.LOCK_EX)
+        results = run_experiment(experiment, demo_root, out, redo=True, say=said.append)
+    assert any("knn: another run of this experiment is running it now" in line for line in said)
+    assert [r["attempt"] for r in results] == ["pca"] and (out / "knn" / "model.dsmodel").is_file()
+    assert (out / "knn" / "result.json").stat().st_mtime_ns == finished["knn"]  # its files untouched
+    assert (out / "pca" / "result.json").stat().st_mtime_ns != finished["pca"]
+
+
 def test_report_needs_an_experiment_folder(tmp_path: Path) -> None:
     with pytest.raises(DefectscopeError, match="not an experiment folder"):
         load_results(tmp_path)

@@ -19,10 +19,10 @@ from defectscope._version import __version__
 from defectscope.classify.crossval import InputCache
 from defectscope.data.layout import Dataset, load_dataset
 from defectscope.data.summary import summarize
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DefectscopeError, InputError
 from defectscope.experiments.config import Attempt, Experiment
 from defectscope.experiments.kinds import AttemptRun, Say, attempt_config, attempt_kind
-from defectscope.files import check_apart, claim_folder, file_sha256, folder_kind, write_json
+from defectscope.files import check_apart, claim_folder, exclusive, file_sha256, folder_kind, write_json
 
 RESULT = "result.json"
 EXPERIMENT = "experiment.json"
@@ -75,39 +75,57 @@ def run_experiment(experiment: Experiment, data: Path, out: Path, *, redo: bool 
                                   "fingerprints": stamps})  # the table counts only results of these (`load_results`)
     results, inputs = [], InputCache()
     for attempt in experiment.attempts:
-        folder = out / attempt.name
-        stamp = stamps[attempt.name]
-        previous = _previous(folder)
-        current = previous is not None and previous["fingerprint"] == stamp
-        if only and attempt.name not in only or current and not redo:
-            if current:
-                say(f"{attempt.name}: finished earlier, skipped (--redo runs it again)")
-                results.append(previous)
-            elif previous:
-                say(f"{attempt.name}: its earlier result is from other settings or data; left out of the table (run "
-                    "it again)")
+        entered = False
+        try:  # one run at a time runs an attempt: two runs into one folder (two terminals) would delete its files
+            with exclusive(out / f".{attempt.name}.lock", "busy", create=True):
+                entered = True
+                result = _run_attempt(attempt, stamps[attempt.name], dataset, out, inputs, redo=redo, only=only,
+                                      say=say, status=status)
+        except InputError:
+            if entered:
+                raise
+            say(f"{attempt.name}: another run of this experiment is running it now; left to that run")
             continue
-        if previous and not current:
-            say(f"{attempt.name}: settings or data changed since the last run; running again")
-        say(f"{attempt.name}: {attempt.model} {attempt.settings}")
-        if folder.exists() or folder.is_symlink():  # a stale attempt's files must not mix with the new run
-            if folder.is_symlink() or folder_kind(folder) != ATTEMPT_FOLDER:
-                raise DefectscopeError(f"{folder} exists and is not an attempt folder written by defectscope; move it "
-                                       "away or choose another --out")
-            shutil.rmtree(folder)
-        claim_folder(folder, what=ATTEMPT_FOLDER)
-        run = AttemptRun(attempt.name, attempt.model, attempt_config(attempt.model, attempt.settings), dataset, folder,
-                         lambda text, name=attempt.name: status(f"{name}: {text}"), inputs)
-        try:
-            result = attempt_kind(attempt.model).run(run)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        say(f"{attempt.name}: done in {result['fit_s']:.0f} s of training; " + ", ".join(
-            f"{k} {v:.3f}" for k, v in result["summary"].items() if v is not None))
-        result.update(attempt=attempt.name, model=attempt.model, settings=attempt.settings, description=attempt.description,
-                      fingerprint=stamp, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      library_version=__version__)
-        write_json(folder / RESULT, result)
-        results.append(result)
+        if result is not None:
+            results.append(result)
     return results
+
+
+def _run_attempt(attempt: Attempt, stamp: str, dataset: Dataset, out: Path, inputs: InputCache, *, redo: bool,
+                 only: list[str] | None, say: Say, status: Say) -> dict | None:
+    """Run one attempt (or skip it: finished earlier, or not among `only`); its result, or None when there is none
+    for the table (not run, and none current)."""
+    folder = out / attempt.name
+    previous = _previous(folder)
+    current = previous is not None and previous["fingerprint"] == stamp
+    if only and attempt.name not in only or current and not redo:
+        if current:
+            say(f"{attempt.name}: finished earlier, skipped (--redo runs it again)")
+            return previous
+        if previous:
+            say(f"{attempt.name}: its earlier result is from other settings or data; left out of the table (run "
+                "it again)")
+        return None
+    if previous and not current:
+        say(f"{attempt.name}: settings or data changed since the last run; running again")
+    say(f"{attempt.name}: {attempt.model} {attempt.settings}")
+    if folder.exists() or folder.is_symlink():  # a stale attempt's files must not mix with the new run
+        if folder.is_symlink() or folder_kind(folder) != ATTEMPT_FOLDER:
+            raise DefectscopeError(f"{folder} exists and is not an attempt folder written by defectscope; move it "
+                                   "away or choose another --out")
+        shutil.rmtree(folder)
+    claim_folder(folder, what=ATTEMPT_FOLDER)
+    run = AttemptRun(attempt.name, attempt.model, attempt_config(attempt.model, attempt.settings), dataset, folder,
+                     lambda text, name=attempt.name: status(f"{name}: {text}"), inputs)
+    try:
+        result = attempt_kind(attempt.model).run(run)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    say(f"{attempt.name}: done in {result['fit_s']:.0f} s of training; " + ", ".join(
+        f"{k} {v:.3f}" for k, v in result["summary"].items() if v is not None))
+    result.update(attempt=attempt.name, model=attempt.model, settings=attempt.settings, description=attempt.description,
+                  fingerprint=stamp, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  library_version=__version__)
+    write_json(folder / RESULT, result)
+    return result
