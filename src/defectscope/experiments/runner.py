@@ -2,8 +2,8 @@
 
 An attempt whose result.json was produced from the same model, settings and data (its content) is
 skipped unless `redo` is set; one whose settings or data changed is run again, and until then its
-old result is left out of the table. How an attempt runs depends on
-its model's kind (`kinds.py`).
+old result is left out of the table. An attempt another run of the experiment is running (an OS
+lock per attempt) is left to it. How an attempt runs depends on its model's kind (`kinds.py`).
 """
 
 from __future__ import annotations
