@@ -87,6 +87,24 @@ def test_check_catches_a_wrong_label(demo_root: Path, tmp_path: Path) -> None:
     assert not report["ok"] and "box" in report["failures"][0]
 
 
+@pytest.mark.parametrize("fmt,damage", [
+    ("coco", lambda out: (out / "annotations" / "instances_train.json").write_text('{"x": 1}')),
+    ("coco", lambda out: (out / "annotations" / "instances_val.json").unlink()),
+    ("coco", lambda out: (out / "annotations" / "instances_val.json").write_text("not json")),
+    ("masks", lambda out: (out / "masks" / "index.json").write_text('{"instances": 5}')),
+    ("masks", lambda out: next((out / "masks").glob("*.png")).write_bytes(b"not a png")),
+    ("yolo", lambda out: next((out / "labels").rglob("test_broken_*.txt")).write_text("0 a b c d\n")),
+])
+def test_check_reports_damaged_label_files_as_failures(demo_root: Path, tmp_path: Path, fmt: str, damage, cli) -> None:
+    """A damaged label file is a failure the check reports (exit 1), never a crash of the checker."""
+    export_ground_truth(load_dataset(demo_root), tmp_path, ExportOptions(fmt))
+    damage(tmp_path)
+    report = check_export(tmp_path)
+    assert not report["ok"] and report["failures"]
+    checked = cli("export", "check", tmp_path)
+    assert checked.code == 1 and "FAIL" in checked.err and "Traceback" not in checked.err + checked.out
+
+
 def test_bad_mask_input(demo_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(demo_root, root)

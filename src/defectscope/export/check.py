@@ -78,18 +78,26 @@ def check_export(out: str | Path) -> dict:
         raise DefectscopeError(f"{out} holds pseudo-labels ({manifest.get('labels')}); only exports of ground-truth masks can be checked")
     mask_of = _mask_index(manifest)
     subsets = sorted({r["subset"] for r in manifest["images"]})
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco = {s: COCO(str(out / "annotations" / f"instances_{s}.json")) for s in subsets} if manifest["format"] == "coco" else {}
-    index = json.loads((out / "masks" / "index.json").read_text())["instances"] if manifest["format"] == "masks" else []
-    failures, ious, checked = _listing_failures(out, manifest, index), [], 0
-    fmt = manifest["format"]
+    fmt, coco, index, unreadable = manifest["format"], {}, [], []
+    for name, read in ([(f"annotations/instances_{s}.json", lambda s=s: _coco(out / "annotations" / f"instances_{s}.json"))
+                        for s in subsets] if fmt == "coco" else
+                       [("masks/index.json", lambda: _mask_entries(out / "masks" / "index.json"))]
+                       if fmt == "masks" else []):
+        try:
+            if fmt == "coco":
+                coco[name.removeprefix("annotations/instances_").removesuffix(".json")] = read()
+            else:
+                index = read()
+        except READ_BACK_ERRORS as exc:
+            unreadable.append(f"{name} cannot be read ({' '.join(str(exc).split())[:200]})")
+    failures, ious, checked = [*unreadable, *_listing_failures(out, manifest, index)], [], 0
     exact = fmt == "masks" or (fmt == "coco" and manifest["rle"])
     for record in manifest["images"]:
         truth = _truth(record, manifest, mask_of)
         try:
             found = _read_back(out, fmt, record, coco, index)
-        except (DefectscopeError, OSError, ValueError, StopIteration) as exc:
-            failures.append(f"{record['name']}: cannot read its labels back ({exc})")
+        except READ_BACK_ERRORS as exc:  # a damaged label file is a failure of the check, not of the checker
+            failures.append(f"{record['name']}: cannot read its labels back ({' '.join(str(exc).split())[:200]})")
             continue
         if len(found) != len(truth):
             failures.append(f"{record['name']}: {len(found)} labels for {len(truth)} mask components")
@@ -106,6 +114,25 @@ def check_export(out: str | Path) -> dict:
     return {"format": fmt, "images": len(manifest["images"]), "instances": checked,
             "min_iou": min(ious) if ious else None, "mean_iou": float(np.mean(ious)) if ious else None,
             "failures": failures, "ok": not failures}
+
+
+READ_BACK_ERRORS = (DefectscopeError, OSError, ValueError, StopIteration, KeyError, TypeError, IndexError, AttributeError)
+
+
+def _mask_entries(path: Path) -> list[dict]:
+    """The instances of a masks export's index, each with its image, mask file and box."""
+    entries = json.loads(path.read_text())["instances"]
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("image"), str) and isinstance(e.get("mask"), str)
+            and isinstance(e.get("box_xyxy"), list) and len(e["box_xyxy"]) == 4 for e in entries):
+        raise ValueError("its instances are not a list of {image, mask, box_xyxy} entries")
+    return entries
+
+
+def _coco(path: Path) -> COCO:
+    """A COCO document read by pycocotools (which prints its progress)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(path))
 
 
 def _read_back(out: Path, fmt: str, record: dict, coco: dict[str, COCO], index: list[dict]
@@ -135,7 +162,10 @@ def _read_back(out: Path, fmt: str, record: dict, coco: dict[str, COCO], index: 
     entries = [e for e in index if e["image"] == f"images/{record['subset']}/{record['name']}"]
     found = []
     for entry in entries:
-        mask = cv2.imread(str(out / entry["mask"]), cv2.IMREAD_GRAYSCALE) > 127
+        mask = cv2.imread(str(out / entry["mask"]), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise DefectscopeError(f"cannot read mask {entry['mask']}")
+        mask = mask > 127
         x0, y0, x1, y1 = entry["box_xyxy"]
         found.append((mask, (x0, y0, x1 - x0, y1 - y0)))
     return found
