@@ -78,6 +78,20 @@ def test_the_command_line_lists_promotes_and_rolls_back(tmp_path: Path, cli) -> 
     assert (tmp_path / STORE / "lone" / f"{own}.dsmodel").read_bytes() == b"only"
 
 
+@pytest.mark.parametrize("damaged", ['[]', '{"versions": 5}', 'null', '{"active": "x"}',
+                                     '{"active": null, "versions": [{"version": 1}], "activations": []}'])
+def test_a_damaged_history_is_one_line(tmp_path: Path, cli, damaged: str) -> None:
+    served = tmp_path / "part.dsmodel"
+    served.write_bytes(b"first")
+    VersionStore.of(served)[0].adopt("part")
+    (tmp_path / STORE / "part" / "history.json").write_text(damaged)  # edited by hand, or half restored
+    for command in (["versions", served], ["rollback", served], ["promote", served, "0" * 12],
+                    ["versions", served, "--keep", "1"]):
+        refused = cli(*command)
+        assert refused.code == 2 and "history" in refused.err and "is damaged" in refused.err, refused.err
+        assert "Traceback" not in refused.err and served.read_bytes() == b"first"
+
+
 def test_pruning_keeps_the_versions_active_most_recently_and_every_entry(tmp_path: Path, cli) -> None:
     served = tmp_path / "part.dsmodel"
     served.write_bytes(b"v0")

@@ -87,9 +87,13 @@ class VersionStore:
         if not path.is_file():
             return {"active": None, "versions": [], "activations": []}
         try:
-            return json.loads(path.read_text())
+            history = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise DefectscopeError(f"the version history {path} cannot be read ({exc}); restore it from a backup") from exc
+        if not _well_formed(history):
+            raise DefectscopeError(f"the version history {path} is damaged (not the versions, the active one and the "
+                                   "activations it records); restore it from a backup")
+        return history
 
     def record(self, name: str, source: Path, action: str, parent: str | None = None) -> dict[str, Any]:
         """Keep `source` as a version of `name` (once per content) with its parent and what made it; returns its entry."""
@@ -250,6 +254,20 @@ def keeping_replaced(target: Path, action: str, source: Path | None = None) -> I
     yield
     if kept:
         store.adopt(name, action, parent)
+
+
+def _well_formed(history: Any) -> bool:
+    """Whether a history read from disk has the shape `history` gives: every field a change reads, of its type."""
+    def text(value: Any) -> bool:
+        return isinstance(value, str)
+
+    return (isinstance(history, dict) and (history.get("active") is None or text(history["active"]))
+            and isinstance(history.get("versions"), list) and isinstance(history.get("activations"), list)
+            and all(isinstance(v, dict) and text(v.get("version")) and text(v.get("sha256")) and text(v.get("action"))
+                    and text(v.get("time")) and (v.get("parent") is None or text(v["parent"]))
+                    and (v.get("pruned") is None or text(v["pruned"])) for v in history["versions"])
+            and all(isinstance(a, dict) and text(a.get("version")) and text(a.get("action")) and text(a.get("time"))
+                    for a in history["activations"]))
 
 
 def _entry(history: dict[str, Any], version: str) -> dict[str, Any] | None:
