@@ -233,6 +233,10 @@ def test_a_model_knows_the_images_it_learned_from(data: Path, tmp_path: Path, cl
                        "--defective", defects[0], "-o", tmp_path / "c.dsmodel"), "1 labelled image(s) are images this "
                    "model learned from", "000.png")
     assert not (tmp_path / "c.dsmodel").exists()
+    relearned = cli("update", model, "--good", variant_source := leaky / "test" / "good" / f"train-{train[1].name}",
+                    "-o", tmp_path / "again.dsmodel")  # a copy of a training image: its scores would flatter it
+    assert relearned.code == 2 and "images this model learned from already" in relearned.err
+    assert variant_source.name in relearned.err and not (tmp_path / "again.dsmodel").exists()
     variant = tmp_path / "new-good.png"
     cv2.imwrite(str(variant), cv2.imread(str(train[0]))[:, ::-1])
     assert cli("-q", "update", model, "--good", variant, "-o", tmp_path / "taught.dsmodel", "--accept-defect-like").code == 0

@@ -327,6 +327,11 @@ def update_model(model_path: Path, good: Sequence[Path], out: Path, *, defective
     defects = _labelled_defects(defective, check)
     detector = load_model(model_path, weights)
     detector.check_teachable()
+    learned = [str(path) for path in learned_among(detector.train_digests, paths)]
+    if learned:  # its own bank scores them near zero: their "held-out" scores would pull the threshold down
+        raise DefectscopeError(f"{len(learned)} of the images to teach are images this model learned from already ("
+                               f"{', '.join(learned[:3])}{', ...' if len(learned) > 3 else ''}); they teach nothing new "
+                               "and their scores would flatter its calibration; nothing was written")
     defect_like = _defect_like(detector, paths, defects, accept_defect_like, bar)
     caught_before = _caught(detector, defects, bar, "scoring labelled defects")
     with bar("learning good images", len(paths)) as advance:
