@@ -101,6 +101,9 @@ def test_an_audit_export_streams_a_page_at_a_time_and_replaces_only_its_own_file
     before = out.read_bytes()
     undated = cli("audit", "export", tmp_path / "audit.sqlite", "-o", out, "--since", "last week")
     assert undated.code == 2 and "since must be an ISO 8601 time" in undated.err and out.read_bytes() == before
+    backwards = cli("audit", "export", tmp_path / "audit.sqlite", "-o", out, "--since", "2001-02-05",
+                    "--until", "2001-02-04T23:00-01:00")  # the same instant: an empty range, not "0 verdicts"
+    assert backwards.code == 2 and "must be before until" in backwards.err and out.read_bytes() == before
     foreign = tmp_path / "theirs.parquet"
     pyarrow_parquet.write_table(pyarrow_parquet.read_table(out).replace_schema_metadata(None), foreign)
     (tmp_path / "notes.txt").write_text("precious")

@@ -58,9 +58,10 @@ def matching(model: str | None = None, verdict: str | None = None, since: str | 
              until: str | None = None) -> tuple[str, list[Any]]:
     """An SQL condition on the verdicts table and its values: every filter given (a time range in ISO 8601, `since`
     inclusive, `until` exclusive, read by `as_recorded`); TRUE without any."""
-    filters = [("model = ?", model), ("verdict = ?", verdict),
-               ("time >= ?", None if since is None else as_recorded(since, "since")),
-               ("time < ?", None if until is None else as_recorded(until, "until"))]
+    start, end = (None if time is None else as_recorded(time, what) for time, what in ((since, "since"), (until, "until")))
+    if start is not None and end is not None and start >= end:
+        raise InputError(f"since ({since}) must be before until ({until}): no verdict lies between them")
+    filters = [("model = ?", model), ("verdict = ?", verdict), ("time >= ?", start), ("time < ?", end)]
     given = [(clause, value) for clause, value in filters if value is not None]
     return " AND ".join(clause for clause, _ in given) or "1", [value for _, value in given]
 
