@@ -295,3 +295,17 @@ def test_two_processes_changing_one_store_lose_no_version(tmp_path: Path) -> Non
     assert [recorder.wait(timeout=300) for recorder in recorders] == [0, 0]
     history = VersionStore.of(tmp_path / "part.dsmodel")[0].history("part")
     assert len(history["versions"]) == 120 and len({v["version"] for v in history["versions"]}) == 120
+
+
+def test_a_refused_start_keeps_no_versions(served_folder: Path, tmp_path: Path) -> None:
+    """A folder the service refuses to serve (one damaged model file among good ones) is left as it was."""
+    from defectscope.errors import DefectscopeError
+    from defectscope.service.models import load_served
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copyfile(served_folder / "part.dsmodel", folder / "a.dsmodel")
+    (folder / "b.dsmodel").write_bytes((served_folder / "part.dsmodel").read_bytes()[:1000])  # sorted after a
+    with pytest.raises(DefectscopeError, match="b.dsmodel"):
+        load_served([folder])
+    assert sorted(p.name for p in folder.iterdir()) == ["a.dsmodel", "b.dsmodel"]  # no store started for a

@@ -112,10 +112,11 @@ def load_served(sources: list[Path], config: ServiceConfig | None = None, labell
         if name in served:
             raise DefectscopeError(f"two model files are named {name}: {served[name].path} and {path}")
         served[name] = serve_model(path, name, config or ServiceConfig(), labelled)
-        if path.suffix == MODEL_SUFFIX:
+    for name, model in served.items():  # once every model loaded: a refused start keeps no versions
+        if model.path.suffix == MODEL_SUFFIX:
             try:  # the file as served now is a version: the first, or one that replaced the active one on disk
-                served[name].versions.adopt(name)
+                model.versions.adopt(name)
             except OSError as exc:
-                raise DefectscopeError(f"cannot keep the versions of {path} beside it ({exc.strerror or exc}); serve "
-                                       "model files from a folder the service may write") from exc
+                raise DefectscopeError(f"cannot keep the versions of {model.path} beside it ({exc.strerror or exc}); "
+                                       "serve model files from a folder the service may write") from exc
     return served
