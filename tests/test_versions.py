@@ -267,6 +267,12 @@ def test_the_service_says_which_version_it_judges_with_when_the_disk_changed(ser
         assert client.post("/v1/models/part/reload").status_code == 200
         reloaded = client.get("/v1/models/part/versions").json()
         assert reloaded["served"] == reloaded["active"] == changed["active"]
+        kept = model.read_bytes()
+        model.write_bytes(b"not a model")  # replaced on disk by something that cannot be served
+        refused = client.post("/v1/models/part/reload")
+        assert refused.status_code == 400 and "the served model is unchanged" in refused.json()["detail"]
+        assert client.get("/v1/models/part/versions").json() == reloaded  # it became no version, and nothing active
+        model.write_bytes(kept)
 
 
 RECORDER = """

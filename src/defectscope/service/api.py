@@ -351,10 +351,15 @@ def _new_model_path(request: Request, model: ServedModel, name: str, overwrite: 
     return target
 
 
-async def _register(request: Request, path: Path, name: str) -> ServedModel:
-    """Load a newly written model file (off the event loop) and serve it, replacing a model of the same name."""
-    config, models = request.app.state.config, request.app.state.models
-    new = await run_in_threadpool(serve_model, path, name, config, request.app.state.labelled)
+async def _loaded(request: Request, path: Path, name: str) -> ServedModel:
+    """A model file loaded for serving (off the event loop), not yet served."""
+    return await run_in_threadpool(serve_model, path, name, request.app.state.config, request.app.state.labelled)
+
+
+async def _register(request: Request, path: Path, name: str, new: ServedModel | None = None) -> ServedModel:
+    """Serve a newly written model file (`new`: already loaded), replacing a model of the same name."""
+    models = request.app.state.models
+    new = new or await _loaded(request, path, name)
     old, models[name] = models.get(name), new  # swapped on the event loop: no request sees a half-built model
     if old is not None:
         old.batcher.retire()  # requests already admitted finish on the old model; new ones reach the new
@@ -420,16 +425,17 @@ async def teach(request: Request, name: str, body: TeachRequest) -> ModelWritten
 @router.post("/models/{name}/reload", response_model=ModelSummary)
 async def reload(request: Request, name: str) -> ModelSummary:
     """Load the served file again (it was replaced on disk, e.g. by `defectscope update -o` or `calibrate -o`) and
-    serve it: requests already admitted finish on the old one. A replaced model file becomes a new version."""
+    serve it: requests already admitted finish on the old one. A replaced model file becomes a new version once it
+    loaded; one that cannot be served is refused (400) and recorded nowhere."""
     require_engineer(request)
     model = served(request, name)
     try:
+        new = await _loaded(request, model.path, name)  # first: a file that cannot be served becomes no version
         if model.writable:
             await run_in_threadpool(model.versions.adopt, name, "reload")
-        new = await _register(request, model.path, name)
     except DefectscopeError as exc:
         raise HTTPException(400, f"{model.path} cannot be served: {exc}; the served model is unchanged") from exc
-    return ModelSummary(**new.summary())
+    return ModelSummary(**(await _register(request, model.path, name, new)).summary())
 
 
 def versioned(request: Request, name: str) -> ServedModel:
