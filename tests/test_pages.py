@@ -182,6 +182,8 @@ def test_model_card_and_review_pages_render(page, tmp_path: Path) -> None:
     page.click("nav button[data-tab=card]")
     page.wait_for_function("document.querySelector('#versions-note').innerText.includes('still judges with')")
     assert "served until a reload" in page.locator("#versions tbody").inner_text()
+    page.locator("#versions").screenshot(path=tmp_path / "behind.png")
+    _not_blank(tmp_path / "behind.png")
     page.unroute("**/versions")
     page.click("nav button[data-tab=review]")
     page.wait_for_selector("#review-list .tile")

@@ -74,7 +74,6 @@ class RayCluster:
             raise SettingsError(f"Ray refused the runtime_env: {' '.join(str(exc).split())[:300]}") from exc
         return ray
 
-
     def _answers(self) -> None:
         """Raise at once when nothing listens at a host:port address (Ray itself retries for minutes, logging as it
         goes); other addresses ('auto', a name Ray resolves) are left to Ray."""

@@ -58,10 +58,9 @@ def matching(model: str | None = None, verdict: str | None = None, since: str | 
              until: str | None = None) -> tuple[str, list[Any]]:
     """An SQL condition on the verdicts table and its values: every filter given (a time range in ISO 8601, `since`
     inclusive, `until` exclusive, read by `as_recorded`); TRUE without any."""
-    start, end = (None if time is None else as_recorded(time, what) for time, what in ((since, "since"), (until, "until")))
-    if start is not None and end is not None and start >= end:
-        raise InputError(f"since ({since}) must be before until ({until}): no verdict lies between them")
-    filters = [("model = ?", model), ("verdict = ?", verdict), ("time >= ?", start), ("time < ?", end)]
+    filters = [("model = ?", model), ("verdict = ?", verdict),
+               ("time >= ?", None if since is None else as_recorded(since, "since")),
+               ("time < ?", None if until is None else as_recorded(until, "until"))]
     given = [(clause, value) for clause, value in filters if value is not None]
     return " AND ".join(clause for clause, _ in given) or "1", [value for _, value in given]
 
@@ -267,7 +266,9 @@ def export_parquet(database: Path, out: Path, page: int = EXPORT_PAGE, since: st
     if Path(out).resolve() in {Path(f"{database.resolve()}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")}:
         raise InputError(f"{out} is the audit database {database} (or one of its files); export to another file")
     check_output_file(out, force, is_ours=is_audit_export)
-    matching(since=since, until=until)  # a time that is no time: refused before anything is opened
+    start, end = (None if time is None else as_recorded(time, what) for time, what in ((since, "since"), (until, "until")))
+    if start is not None and end is not None and start >= end:  # a query's empty page; an export of it, a typo
+        raise InputError(f"since ({since}) must be before until ({until}): no verdict lies between them")
     pyarrow = pyarrow_modules()
     names, types = ["id", *COLUMNS], {"id": "INTEGER", **TYPES}
     arrow = {"REAL": pyarrow.float64(), "INTEGER": pyarrow.int64(), "TEXT": pyarrow.string()}
