@@ -147,7 +147,7 @@ def content_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=4096)  # a model file's, and each labelled, taught or test image's: a command hashes them once
 def _sha256(path: Path, size: int, mtime: float) -> str:
     return content_sha256(path)
 

@@ -5,6 +5,7 @@ answers at once and the service does not load the experiment machinery for a nam
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from defectscope.errors import DefectscopeError
 
@@ -22,6 +23,11 @@ MQTT_TOPIC = "defectscope/verdicts"  # where verdicts are published unless --mqt
 KEPT_VERDICTS = "defective,error"  # whose images serve --keep-images keeps unless --keep-verdicts says
 KEPT_MB = 1024.0  # megabytes those images take at most unless --keep-images-mb says
 RAY_WORKERS = 2  # Ray actors of `score --ray` unless --workers says
+
+
+def few(items: Sequence[object], limit: int = 3) -> str:
+    """The first `limit` items for a message, ', ...' after them when there are more."""
+    return ", ".join(str(item) for item in items[:limit]) + (", ..." if len(items) > limit else "")
 
 
 def version_of(sha256: str) -> str:

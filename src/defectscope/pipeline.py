@@ -43,7 +43,7 @@ from defectscope.errors import DefectscopeError, InputError
 from defectscope.evaluation import Evaluation, evaluate
 from defectscope.files import check_apart, claim_folder, file_sha256
 from defectscope.jobs import RayCluster, connect_ray, map_on_ray
-from defectscope.names import DEFECT_LIKE
+from defectscope.names import DEFECT_LIKE, few
 from defectscope.prediction import prediction_rows
 from defectscope.process import release_free_heap
 from defectscope.predictor import Predictor
@@ -245,13 +245,11 @@ def recalibrate(model_path: Path, out: Path, *, false_alarm_rate: float | None =
         bad_digests = {file_sha256(path) for path in bad_paths}
         both = [str(path) for path in good_paths if file_sha256(path) in bad_digests]
         if both:
-            raise DefectscopeError(f"{len(both)} image(s) are given both as good and as defective ({', '.join(both[:3])}"
-                                   f"{', ...' if len(both) > 3 else ''}); each labelled image must be one or the other")
+            raise DefectscopeError(f"{len(both)} image(s) are given both as good and as defective ({few(both)}); each labelled image must be one or the other")
         learned = [str(path) for path in learned_among(detector.train_digests, [*good_paths, *bad_paths])]
         if learned:
-            raise DefectscopeError(f"{len(learned)} labelled image(s) are images this model learned from ("
-                                   f"{', '.join(learned[:3])}{', ...' if len(learned) > 3 else ''}); their scores say "
-                                   "nothing of new parts: give images it never saw")
+            raise DefectscopeError(f"{len(learned)} labelled image(s) are images this model learned from "
+                                   f"({few(learned)}); their scores say nothing of new parts: give images it never saw")
         with bar("scoring labelled images", len(good_paths) + len(bad_paths)) as advance:
             scores = detector.predict([*good_paths, *bad_paths], map_size="input", progress=advance).scores
         good_scores, bad_scores = scores[: len(good_paths)], scores[len(good_paths) :]
@@ -282,8 +280,7 @@ def _defect_like(detector: MapModel, taught: list[Path], defects: list[Path], ac
     defect_digests = {file_sha256(path) for path in defects}
     labelled = [str(path) for path in taught if file_sha256(path) in defect_digests]
     if labelled:
-        raise DefectscopeError(f"{len(labelled)} of the images to teach are labelled defective ({', '.join(labelled[:3])}"
-                               f"{', ...' if len(labelled) > 3 else ''}); a defect is never taught as good; nothing was written")
+        raise DefectscopeError(f"{len(labelled)} of the images to teach are labelled defective ({few(labelled)}); a defect is never taught as good; nothing was written")
     with bar("scoring the images to teach", len(taught)) as advance:
         prediction = detector.predict(taught, map_size="input", progress=advance)
     if not np.isfinite(prediction.scores).all():
@@ -293,8 +290,8 @@ def _defect_like(detector: MapModel, taught: list[Path], defects: list[Path], ac
     far = [f"{path.name} ({value:.2f}x)" for path, value in zip(taught, prediction.normalized) if value >= DEFECT_LIKE]
     if far and not accept_defect_like:
         raise DefectscopeError(
-            f"{len(far)} of the images to teach score far above the threshold (>= {DEFECT_LIKE:g}x it: {', '.join(far[:5])}"
-            f"{', ...' if len(far) > 5 else ''}); they look defective, and teaching them would let defects like them pass. "
+            f"{len(far)} of the images to teach score far above the threshold (>= {DEFECT_LIKE:g}x it: {few(far, 5)}); "
+            "they look defective, and teaching them would let defects like them pass. "
             "Check them; if they really are good, pass --accept-defect-like; nothing was written")
     return len(far)
 
@@ -329,9 +326,9 @@ def update_model(model_path: Path, good: Sequence[Path], out: Path, *, defective
     detector.check_teachable()
     learned = [str(path) for path in learned_among(detector.train_digests, paths)]
     if learned:  # its own bank scores them near zero: their "held-out" scores would pull the threshold down
-        raise DefectscopeError(f"{len(learned)} of the images to teach are images this model learned from already ("
-                               f"{', '.join(learned[:3])}{', ...' if len(learned) > 3 else ''}); they teach nothing new "
-                               "and their scores would flatter its calibration; nothing was written")
+        raise DefectscopeError(f"{len(learned)} of the images to teach are images this model learned from already "
+                               f"({few(learned)}); they teach nothing new and their scores would flatter its "
+                               "calibration; nothing was written")
     defect_like = _defect_like(detector, paths, defects, accept_defect_like, bar)
     caught_before = _caught(detector, defects, bar, "scoring labelled defects")
     with bar("learning good images", len(paths)) as advance:

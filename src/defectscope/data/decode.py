@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from defectscope.errors import DefectscopeError, InputError
 from defectscope.files import file_sha256, open_regular, read_regular
+from defectscope.names import few
 
 try:
     import cv2
@@ -312,6 +313,5 @@ def expand_inputs(inputs: Sequence[str | Path], skipped: list[Path] | None = Non
 
 def skipped_note(skipped: Sequence[str | Path]) -> str:
     """One line naming the files of the folders given that were not read as images."""
-    names = ", ".join(str(path) for path in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
     return (f"skipped {len(skipped)} file(s) of the folders given that are not named as images "
-            f"({', '.join(sorted(IMAGE_SUFFIXES))}): {names}")
+            f"({', '.join(sorted(IMAGE_SUFFIXES))}): {few(skipped)}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -78,18 +80,20 @@ def check_export(out: str | Path) -> dict:
         raise DefectscopeError(f"{out} holds pseudo-labels ({manifest.get('labels')}); only exports of ground-truth masks can be checked")
     mask_of = _mask_index(manifest)
     subsets = sorted({r["subset"] for r in manifest["images"]})
-    fmt, coco, index, unreadable = manifest["format"], {}, [], []
-    for name, read in ([(f"annotations/instances_{s}.json", lambda s=s: _coco(out / "annotations" / f"instances_{s}.json"))
-                        for s in subsets] if fmt == "coco" else
-                       [("masks/index.json", lambda: _mask_entries(out / "masks" / "index.json"))]
-                       if fmt == "masks" else []):
+    fmt, unreadable = manifest["format"], []
+
+    def label_file(name: str, read: Callable[[], Any]) -> Any:
+        """What `read` reads of the label file `name`, or None (and a failure) when it cannot."""
         try:
-            if fmt == "coco":
-                coco[name.removeprefix("annotations/instances_").removesuffix(".json")] = read()
-            else:
-                index = read()
+            return read()
         except READ_BACK_ERRORS as exc:
             unreadable.append(f"{name} cannot be read ({' '.join(str(exc).split())[:200]})")
+            return None
+
+    coco = {s: label_file(f"annotations/instances_{s}.json", lambda s=s: _coco(out / "annotations" / f"instances_{s}.json"))
+            for s in subsets} if fmt == "coco" else {}
+    index = (label_file("masks/index.json", lambda: _mask_entries(out / "masks" / "index.json")) or []) \
+        if fmt == "masks" else []
     failures, ious, checked = [*unreadable, *_listing_failures(out, manifest, index)], [], 0
     exact = fmt == "masks" or (fmt == "coco" and manifest["rle"])
     for record in manifest["images"]:
@@ -135,7 +139,7 @@ def _coco(path: Path) -> COCO:
         return COCO(str(path))
 
 
-def _read_back(out: Path, fmt: str, record: dict, coco: dict[str, COCO], index: list[dict]
+def _read_back(out: Path, fmt: str, record: dict, coco: dict[str, COCO | None], index: list[dict]
                ) -> list[tuple[np.ndarray | None, tuple | None]]:
     """(mask or None, box (x, y, w, h) or None) per label of one image, in file order."""
     width, height = image_header(out / "images" / record["subset"] / record["name"])[:2]
@@ -156,6 +160,8 @@ def _read_back(out: Path, fmt: str, record: dict, coco: dict[str, COCO], index: 
         return found
     if fmt == "coco":
         coco = coco[record["subset"]]
+        if coco is None:
+            raise DefectscopeError(f"annotations/instances_{record['subset']}.json cannot be read")
         image_id = next(i["id"] for i in coco.dataset["images"] if i["file_name"] == record["name"])
         annotations = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[image_id])), key=lambda a: a["id"])
         return [(coco.annToMask(a).astype(bool), tuple(a["bbox"])) for a in annotations]
