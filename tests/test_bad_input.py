@@ -157,7 +157,9 @@ def test_model_files_with_non_finite_values_are_refused(knn_model: Path, tmp_pat
 def test_demo_data_never_replaces_a_dataset(data: Path, tmp_path: Path, cli) -> None:
     copy = user_copy(data, tmp_path / "mine")
     before = snapshot(copy)
-    one_line_error(cli("data", "demo", copy), "not empty")
+    refused = cli("data", "demo", copy)
+    one_line_error(refused, "not empty")
+    assert "--force" not in refused.err  # `data demo` has no --force to offer
     assert snapshot(copy) == before
     assert cli("data", "demo", tmp_path / "new", "--size", "32").code == 0
     assert cli("data", "demo", tmp_path / "new", "--size", "32").code == 0  # its own demo folder: may be rewritten

@@ -105,6 +105,17 @@ def test_check_reports_damaged_label_files_as_failures(demo_root: Path, tmp_path
     assert checked.code == 1 and "FAIL" in checked.err and "Traceback" not in checked.err + checked.out
 
 
+def test_jpeg_masks_export_the_instances_of_their_png_originals(demo_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    for mask in (root / "ground_truth").rglob("*.png"):
+        cv2.imwrite(str(mask.with_suffix(".jpg")), cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        mask.unlink()
+    png = export_ground_truth(load_dataset(demo_root), tmp_path / "png", ExportOptions("coco"))
+    jpeg = export_ground_truth(load_dataset(root), tmp_path / "jpeg", ExportOptions("coco"))
+    assert jpeg == png
+
+
 def test_bad_mask_input(demo_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(demo_root, root)

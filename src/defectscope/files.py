@@ -266,31 +266,32 @@ def _holds_files(folder: Path) -> bool:
     return any(entry.name != MARKER for entry in Path(folder).iterdir())
 
 
-def check_reusable(folder: Path, what: str, force: bool = False, forcing: str = "write into it") -> None:
+def check_reusable(folder: Path, what: str, force: bool = False, forcing: str | None = "write into it") -> None:
     """Raise unless `what` may be written into the existing folder `folder`: it is empty, or defectscope made it as
-    `what`, or `force` (which does what `forcing` says, as the error tells). A folder defectscope made as something
-    else (a demo dataset, an experiment, a demo's output) is refused like a foreign one: writing there would mix
-    outputs or replace what it holds."""
+    `what`, or `force` (which does what `forcing` says, as the error tells; None: the caller has no `--force`). A
+    folder defectscope made as something else (a demo dataset, an experiment, a demo's output) is refused like a
+    foreign one: writing there would mix outputs or replace what it holds."""
     if force or not _holds_files(folder):
         return
     kind = folder_kind(folder)
     if kind == what:
         return
     held = f"holds a {kind} written by defectscope" if kind else "is not empty and was not created by defectscope"
-    raise DefectscopeError(f"{what} folder {folder} {held}; choose a new or empty folder (or pass --force to "
-                           f"{forcing})")
+    hint = f" (or pass --force to {forcing})" if forcing else ""
+    raise DefectscopeError(f"{what} folder {folder} {held}; choose a new or empty folder{hint}")
 
 
-def claim_folder(folder: Path, force: bool = False, what: str = "output") -> Path:
+def claim_folder(folder: Path, force: bool | None = False, what: str = "output") -> Path:
     """Make `folder` ours to write `what` into: new or empty (then marked as `what`), or made as `what`
-    (`check_reusable`); else `force` is needed, and a folder made as another kind keeps its mark."""
+    (`check_reusable`); else `force` is needed (None: the caller cannot force), and a folder made as another kind
+    keeps its mark."""
     folder = Path(folder)
     ancestor = _existing_ancestor(folder)
     marked = False
     if ancestor == folder:
         if not folder.is_dir():
             raise DefectscopeError(f"{what} folder {folder} is a file; give a folder")
-        check_reusable(folder, what, force)
+        check_reusable(folder, what, bool(force), "write into it" if force is not None else None)
         marked = _holds_files(folder) and folder_kind(folder) is not None
     _require_writable(folder if ancestor == folder else ancestor, folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -218,13 +218,14 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """Decode a mask to a boolean HxW array (any non-zero pixel is defective)."""
+    """Decode a mask to a boolean HxW array: a pixel is defective above half the mask's largest value, so 0/1 and
+    0/255 masks read alike and a JPEG mask's compression noise around its regions marks nothing."""
     path = Path(path)
     data = _read_bytes(path)
     image = _opencv_decode(data, cv2.IMREAD_GRAYSCALE) if cv2 is not None else _pillow_decode(data, gray=True)
     if image is None:
         raise InputError(f"cannot decode mask {path}: {_pil_failure(data)}; replace or remove the file")
-    return image > 0
+    return image > image.max() / 2
 
 
 def max_file_bytes() -> int:

@@ -96,7 +96,7 @@ def make_demo_dataset(
 
     Root must be new, empty, or a demo dataset written earlier: existing images are never replaced otherwise.
     """
-    root = claim_folder(Path(root), what="demo dataset")
+    root = claim_folder(Path(root), None, "demo dataset")  # no --force: never writes among foreign files
     rng = np.random.default_rng(seed)
     for i in range(train):
         _write(root / "train" / "good" / f"{i:03d}.png", _to_uint8(_good_part(rng, size)[0]))
