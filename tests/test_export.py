@@ -116,6 +116,20 @@ def test_jpeg_masks_export_the_instances_of_their_png_originals(demo_root: Path,
     assert jpeg == png
 
 
+def test_a_defective_image_whose_mask_marks_nothing_is_refused_not_exported_as_background(
+        demo_root: Path, tmp_path: Path, cli) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    mask = sorted((root / "ground_truth" / "scratch").iterdir())[1]
+    cv2.imwrite(str(mask), np.zeros_like(cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)))
+    refused = cli("export", "labels", root, "-o", tmp_path / "out", "--format", "yolo")
+    assert refused.code == 2 and mask.name in refused.err and "background" in refused.err
+    assert not (tmp_path / "out").exists()
+    assert "1 mask(s) of defective images mark no pixel" in cli("data", "summary", root).err
+    small = cli("export", "labels", demo_root, "-o", tmp_path / "small", "--min-area", "100000")  # every region below it
+    assert small.code == 2 and "at least 100000 pixel(s)" in small.err and not (tmp_path / "small").exists()
+
+
 def test_bad_mask_input(demo_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(demo_root, root)

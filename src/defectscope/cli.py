@@ -137,7 +137,8 @@ def data_summary(
     dist = summary["distribution"]
     say(f"image formats: {formats}")
     say(f"train fraction {dist['train_fraction']:.1%}; test: {dist['test_good']} good, {dist['test_defective']} defective")
-    say(f"masks: {summary['masks']} ({summary['defective_without_mask']} defective images without one)")
+    say(f"masks: {summary['masks']} ({summary['defective_without_mask']} defective images without one, "
+        f"{summary['empty_masks']} marking no pixel)")
     imbalance = summary["imbalance"]
     if imbalance["largest_to_smallest"]:
         say(f"imbalance: largest class '{imbalance['largest_class']}' / smallest '{imbalance['smallest_class']}' "

@@ -1,11 +1,12 @@
-"""Dataset statistics from file headers: classes, counts per split, sizes, masks, imbalance."""
+"""Dataset statistics from file headers (and the masks' pixels): classes, counts per split, sizes, masks, imbalance."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from defectscope.data.decode import image_header
+from defectscope.data.decode import image_header, read_mask
 from defectscope.data.layout import GOOD, Dataset, is_combined
+from defectscope.names import few
 
 MODE_CHANNELS = {"1": 1, "L": 1, "P": 1, "I": 1, "F": 1, "I;16": 1, "I;16B": 1, "LA": 2, "RGB": 3, "YCbCr": 3, "RGBA": 4, "CMYK": 4}
 
@@ -14,9 +15,16 @@ def _class_order(dataset: Dataset) -> list[str]:
     return [GOOD, *dataset.defect_types]
 
 
+def empty_masks(dataset: Dataset) -> list[str]:
+    """The masks of defective images that mark no pixel: their defect is nowhere, which pixel metrics count as all
+    good and a label export would teach as background."""
+    return [str(s.mask) for s in dataset.samples if s.label == 1 and s.mask is not None and not read_mask(s.mask).any()]
+
+
 def summarize(dataset: Dataset) -> dict:
-    """A JSON-ready summary of the dataset; reads image headers only, never pixels."""
+    """A JSON-ready summary of the dataset; reads image headers, and of the masks their pixels."""
     classes = _class_order(dataset)
+    empty = empty_masks(dataset)
     per_split: dict[str, Counter] = {"train": Counter(), "test": Counter()}
     for sample in dataset.samples:
         per_split[sample.split][sample.defect] += 1
@@ -49,6 +57,7 @@ def summarize(dataset: Dataset) -> dict:
         },
         "masks": sum(1 for s in dataset.samples if s.mask is not None),
         "defective_without_mask": sum(1 for s in dataset.samples if s.label == 1 and s.mask is None),
+        "empty_masks": len(empty),
         "image_formats": [
             {"width": w, "height": h, "mode": mode, "channels": MODE_CHANNELS.get(mode, 0), "count": n}
             for (w, h, mode), n in sorted(formats.items(), key=lambda item: (-item[1], item[0]))
@@ -59,7 +68,8 @@ def summarize(dataset: Dataset) -> dict:
             "largest_class": max(classes, key=lambda c: totals[c]) if total else None,
             "smallest_class": min(classes, key=lambda c: (totals[c] or float("inf"))) if total else None,
         },
-        "warnings": list(dataset.warnings),
+        "warnings": list(dataset.warnings) + ([f"{len(empty)} mask(s) of defective images mark no pixel: {few(empty)}; "
+                                               "fix them or move their images"] if empty else []),
     }
 
 

@@ -27,7 +27,7 @@ from defectscope.data.decode import image_header, read_mask
 from defectscope.data.layout import Dataset, Sample
 from defectscope.errors import DefectscopeError
 from defectscope.files import check_apart, check_creatable, check_reusable, claim_folder, write_atomic, write_json
-from defectscope.names import LABEL_FORMATS
+from defectscope.names import LABEL_FORMATS, few
 from defectscope.regions import Instance, components, polygons, rle
 from defectscope.settings import require_range
 
@@ -243,6 +243,13 @@ def export_ground_truth(dataset: Dataset, out: Path, options: ExportOptions, inc
     check_masks(dataset, samples)
     categories = list(dataset.defect_types)
     images = collect(samples, categories, options, lambda s: ground_truth(s, categories, options.min_area))
+    masks = {s.path: s.mask for s in samples if s.label}
+    unmarked = [masks[i.source] for i in images if i.source in masks and not i.instances]
+    if unmarked:
+        raise DefectscopeError(f"{len(unmarked)} mask(s) of defective images hold no defect region of at least "
+                               f"{options.min_area} pixel(s): {few(unmarked)}; their images' empty labels would teach "
+                               "a detector that their defect is background: fix the masks, lower --min-area, or move "
+                               "their images")
     provenance = {"labels": "masks", "dataset": str(dataset.root)}
     return write_whole(out, lambda staging: write_labels(images, categories, staging, options, provenance, out))
 
