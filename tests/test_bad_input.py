@@ -154,6 +154,18 @@ def test_model_files_with_non_finite_values_are_refused(knn_model: Path, tmp_pat
 
 # 2, 3. Commands overwrite nothing that is not theirs, and check outputs before any work -------
 
+@pytest.mark.parametrize("model", ["segmenter", "detector"])
+def test_mask_models_refuse_defects_without_a_region_to_learn(data: Path, tmp_path: Path, cli, model: str) -> None:
+    """A defective image without a mask, or whose mask marks nothing, was learned as background by a mask model."""
+    copy = user_copy(data, tmp_path / "mine")
+    mask = sorted((copy / "ground_truth" / "broken").iterdir())[0]
+    cv2.imwrite(str(mask), np.zeros((64, 64), np.uint8))
+    one_line_error(cli("fit", copy, "--model", model, "-o", tmp_path / "m.dsmodel"), mask.name, "background")
+    shutil.rmtree(copy / "ground_truth" / "broken")  # a whole type without masks: a warning when the data is read
+    one_line_error(cli("fit", copy, "--model", model, "-o", tmp_path / "m.dsmodel"), "have no mask", "background")
+    assert not (tmp_path / "m.dsmodel").exists()
+
+
 def test_demo_data_never_replaces_a_dataset(data: Path, tmp_path: Path, cli) -> None:
     copy = user_copy(data, tmp_path / "mine")
     before = snapshot(copy)

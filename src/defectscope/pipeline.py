@@ -26,7 +26,7 @@ from defectscope.artifacts import (
 from defectscope.backbones import load_backbone
 from defectscope.data.decode import ImageSource, content_digests, expand_inputs, learned_among
 from defectscope.data.folds import pick_good
-from defectscope.data.layout import Dataset, Sample, load_dataset
+from defectscope.data.layout import Dataset, Sample, load_dataset, require_masks
 from defectscope.data.synthetic import make_demo_dataset
 from defectscope.detectors.base import (
     Detector,
@@ -88,6 +88,7 @@ def mask_training_set(dataset: Dataset, config: Any) -> list[Sample]:
     training images (a seeded choice)."""
     if not any(s.label and s.mask is not None for s in dataset.test):
         raise InputError(f"{dataset.root} has no defective test images with masks; a mask model learns from them")
+    require_masks(dataset.test, "a mask model")
     return [*dataset.test, *pick_good(dataset.train, config.good_train, config.seed)]
 
 

@@ -6,8 +6,9 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from defectscope.data.decode import IMAGE_SUFFIXES, image_header
+from defectscope.data.decode import IMAGE_SUFFIXES, image_header, read_mask
 from defectscope.errors import InputError
+from defectscope.names import few
 
 GOOD = "good"
 COMBINED_NAMES = frozenset({"combined", "multiple", "mixed", "multi"})
@@ -54,6 +55,25 @@ class Dataset:
         """True when every defective test image has a mask (pixel metrics are meaningful)."""
         defective = [s for s in self.test if s.label == 1]
         return bool(defective) and all(s.mask is not None for s in defective)
+
+
+def empty_masks(samples: list[Sample]) -> list[Path]:
+    """The masks of defective samples that mark no pixel: pixel metrics count such a defect as all good, and a model
+    learning from masks (or a label export) would learn it as background."""
+    return [s.mask for s in samples if s.label == 1 and s.mask is not None and not read_mask(s.mask).any()]
+
+
+def require_masks(samples: list[Sample], learner: str) -> None:
+    """Refuse defective samples that have no mask, or a mask marking nothing: `learner` would learn their defects as
+    background."""
+    missing = [s.path for s in samples if s.label == 1 and s.mask is None]
+    if missing:
+        raise InputError(f"{len(missing)} defective image(s) have no mask: {few(missing)}; {learner} would learn "
+                         "their defects as background: add their masks or move them out of the dataset")
+    empty = empty_masks(samples)
+    if empty:
+        raise InputError(f"{len(empty)} mask(s) of defective images mark no pixel: {few(empty)}; {learner} would "
+                         "learn their defects as background: fix the masks or move their images")
 
 
 def is_combined(defect: str) -> bool:

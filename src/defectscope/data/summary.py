@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from defectscope.data.decode import image_header, read_mask
-from defectscope.data.layout import GOOD, Dataset, is_combined
+from defectscope.data.decode import image_header
+from defectscope.data.layout import GOOD, Dataset, empty_masks, is_combined
 from defectscope.names import few
 
 MODE_CHANNELS = {"1": 1, "L": 1, "P": 1, "I": 1, "F": 1, "I;16": 1, "I;16B": 1, "LA": 2, "RGB": 3, "YCbCr": 3, "RGBA": 4, "CMYK": 4}
@@ -15,16 +15,10 @@ def _class_order(dataset: Dataset) -> list[str]:
     return [GOOD, *dataset.defect_types]
 
 
-def empty_masks(dataset: Dataset) -> list[str]:
-    """The masks of defective images that mark no pixel: their defect is nowhere, which pixel metrics count as all
-    good and a label export would teach as background."""
-    return [str(s.mask) for s in dataset.samples if s.label == 1 and s.mask is not None and not read_mask(s.mask).any()]
-
-
 def summarize(dataset: Dataset) -> dict:
     """A JSON-ready summary of the dataset; reads image headers, and of the masks their pixels."""
     classes = _class_order(dataset)
-    empty = empty_masks(dataset)
+    empty = empty_masks(dataset.samples)
     per_split: dict[str, Counter] = {"train": Counter(), "test": Counter()}
     for sample in dataset.samples:
         per_split[sample.split][sample.defect] += 1

@@ -26,7 +26,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from defectscope.backbones import Backbone, freeze_through
 from defectscope.data.folds import class_names, label_of, pick_good, stratified_folds
 from defectscope.data.images import load_normalized, normalize, type_masks
-from defectscope.data.layout import Dataset, Sample
+from defectscope.data.layout import Dataset, Sample, require_masks
 from defectscope.detectors.base import (
     DetectorConfig,
     MaskModel,
@@ -241,9 +241,7 @@ def held_out_instances(dataset: Dataset, config: InstanceConfig, progress: Progr
     types = list(dataset.defect_types)
     if not types:
         raise DefectscopeError("the detector needs defective test images with masks; this dataset has no defect types")
-    missing = [str(s.path) for s in pool if s.label and s.mask is None]
-    if missing:
-        raise DefectscopeError(f"{len(missing)} defective test image(s) have no mask, e.g. {missing[0]}")
+    require_masks(pool, "the detector")
     classes = class_names(dataset, "type")
     labels = np.array([label_of(s, classes) for s in pool])
     goods = pick_good(dataset.train, config.good_train, config.seed)

@@ -27,7 +27,7 @@ from defectscope.data.images import (
     normalize,
     type_masks,
 )
-from defectscope.data.layout import Dataset, Sample
+from defectscope.data.layout import Dataset, Sample, require_masks
 from defectscope.detectors.base import (
     DetectorConfig,
     MaskModel,
@@ -186,6 +186,7 @@ def held_out_maps(dataset: Dataset, config: SegmenterConfig, progress: Progress 
     Returns the maps (N x s x s, test order), each image's fold, and the prediction ms per image.
     """
     pool = list(dataset.test)
+    require_masks(pool, "the segmenter")
     classes = class_names(dataset, "type")
     labels = np.array([label_of(s, classes) for s in pool])
     goods = pick_good(dataset.train, config.good_train, config.seed)

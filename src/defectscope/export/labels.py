@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from defectscope.data.decode import image_header, read_mask
-from defectscope.data.layout import Dataset, Sample
+from defectscope.data.layout import Dataset, Sample, require_masks
 from defectscope.errors import DefectscopeError
 from defectscope.files import check_apart, check_creatable, check_reusable, claim_folder, write_atomic, write_json
 from defectscope.names import LABEL_FORMATS, few
@@ -67,11 +67,8 @@ class ExportOptions:
 
 
 def check_masks(dataset: Dataset, samples: Sequence[Sample]) -> None:
-    """Every defective image needs a mask, and every file in a mask folder needs its image."""
-    missing = [s.path for s in samples if s.label and s.mask is None]
-    if missing:
-        raise DefectscopeError(f"{len(missing)} defective image(s) have no mask, e.g. {missing[0]}; "
-                               "label export needs a mask for every defective image")
+    """Every defective image needs a mask marking its defect, and every file in a mask folder needs its image."""
+    require_masks(samples, "a model trained on these labels")
     used = {s.mask for s in dataset.samples if s.mask}
     for folder in sorted({m.parent for m in used}):
         orphans = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p not in used)
