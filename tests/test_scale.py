@@ -216,6 +216,7 @@ def test_score_resumes_an_interrupted_run_without_gaps_or_repeats(served_folder:
     # to float32 rounding: a backbone pass of 8 images and one of all of them may order their sums differently
     np.testing.assert_allclose([by_path[str(p)][0] for p in images], expected.scores, rtol=1e-5)
     assert [by_path[str(p)][1] for p in images] == expected.verdicts
+    assert table["sha256"] == [file_sha256(Path(path)) for path in table["path"]]
     spelled = Path(os.path.relpath(model, tmp_path))  # the same model, its path spelled another way
     monkeypatch.chdir(tmp_path)
     assert score_to_parquet(spelled, [listing], out, chunk_images=8)["resumed_chunks"] == summary["chunks"]
@@ -223,6 +224,26 @@ def test_score_resumes_an_interrupted_run_without_gaps_or_repeats(served_folder:
         score_to_parquet(model, images[:3], out)
     assert score_to_parquet(model, images[:3], out, force=True)["scored_now"] == 3
     assert pq.read_table(out).num_rows == 3
+
+
+def test_a_resumed_score_job_scores_again_an_image_replaced_since(served_folder: Path, demo_root: Path,
+                                                                   tmp_path: Path) -> None:
+    """A resume kept the row of an image whose file was replaced after its chunk was scored: the score of content it
+    no longer holds, reported as done."""
+    model = served_folder / "part.dsmodel"
+    images = tmp_path / "images"
+    shutil.copytree(demo_root / "test", images)
+    out = tmp_path / "scores"
+    first = score_to_parquet(model, [images], out, chunk_images=8)
+    assert first["scored_now"] == first["images"]
+    replaced = sorted((images / "good").iterdir())[0]
+    shutil.copyfile(next((images / "broken").iterdir()), replaced)  # a defective part under a good one's name
+    again = score_to_parquet(model, [images], out, chunk_images=8)
+    assert again["resumed_chunks"] == first["chunks"] - 1 and again["scored_now"] == 8  # its chunk alone
+    table = pq.read_table(out).to_pydict()
+    row = table["path"].index(str(replaced.resolve()))
+    assert table["sha256"][row] == file_sha256(replaced)
+    assert table["verdict"][row] == load_model(model).predict([replaced]).verdicts[0] == "defective"
 
 
 @pytest.fixture(scope="module")

@@ -641,7 +641,7 @@ def score(
     threads: Annotated[int | None, typer.Option(min=1, show_default="this process's threads", help="CPUs per Ray actor.")] = None,
     force: ForceOption = False,
 ) -> None:
-    """Score many images into Parquet (path, score, normalized, verdict, error); an interrupted run resumes."""
+    """Score many images into Parquet (path, sha256, score, normalized, verdict, error); an interrupted run resumes."""
     from defectscope.scale.scoring import score_to_parquet
     summary = score_to_parquet(model, inputs, out, _ray_cluster(ray, ray_token_file, ray_env), workers, force,
                                threads=threads, bar=_progress)

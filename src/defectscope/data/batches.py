@@ -27,7 +27,7 @@ def framed_image(source: ImageSource, preprocess: Preprocess, index: int = 0) ->
     """One image decoded (or taken as an RGB uint8 array), resized and cropped: (3 x h x w uint8, original (H, W))."""
     image = load_image(source)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise DefectscopeError(f"image {index} must be an RGB uint8 array HxWx3, got {image.shape}")
+        raise DefectscopeError(f"image {index} must be an RGB uint8 array HxWx3, got {image.dtype} {image.shape}")
     frame = preprocess.resize_crop(image)
     return np.ascontiguousarray(frame.transpose(2, 0, 1)), image.shape[:2]
 

@@ -3,7 +3,8 @@
 The images are split into fixed chunks; chunk i becomes the file `part-<i>.parquet`, written
 atomically once the whole chunk is scored. A part file therefore exists only for a complete
 chunk, so an interrupted run resumes with the chunks that have none (and scores again the chunks
-holding an 'error' row): no image is missing or scored twice. `_job.json` pins the model (by its
+holding an 'error' row, or an image whose content changed since: each row holds the sha256 of the
+file it scored): no image is missing or scored twice. `_job.json` pins the model (by its
 sha256) and the image list (resolved on the driver); a different job refuses the folder.
 On Ray the driver alone touches files: it reads each chunk's images and sends their bytes, and writes
 each part the actors send back; the model travels once through the object store. No node needs a
@@ -23,8 +24,8 @@ from typing import Any
 
 from defectscope.data.decode import EncodedImage, ImageSource, expand_inputs
 from defectscope.errors import DefectscopeError
-from defectscope.files import (claim_folder, exclusive, file_sha256, json_text, loads_strict, read_regular, scratch_folder,
-                               write_atomic)
+from defectscope.files import (claim_folder, content_sha256, exclusive, file_sha256, json_text, loads_strict, read_regular,
+                               scratch_folder, write_atomic)
 from defectscope.jobs import RayCluster, connect_ray
 from defectscope.names import RAY_WORKERS
 from defectscope.prediction import prediction_rows
@@ -36,7 +37,7 @@ RETRIES = 3  # restarts of a Ray actor (a lost node), each sending its chunks ag
 RESEND_DELAY = 1.0  # seconds before a lost chunk is sent again (its actor is being started again)
 JOB_FILE = "_job.json"  # Parquet readers skip names starting with '_' or '.'
 LOCK_FILE = ".lock"  # held (flock) by the run writing into the folder
-COLUMNS = ("path", "score", "normalized", "verdict", "error")
+COLUMNS = ("path", "sha256", "score", "normalized", "verdict", "error")
 
 
 def pyarrow_modules() -> Any:
@@ -53,12 +54,28 @@ def part_path(out: Path, chunk: int) -> Path:
     return out / f"part-{chunk:06d}.parquet"
 
 
+def image_sha256(image: ImageSource) -> str | None:
+    """The sha256 of an image file as it is now (of an image read as bytes: of those), or None when it cannot be read
+    (its row is an 'error')."""
+    if isinstance(image, EncodedImage):
+        return hashlib.sha256(image.data).hexdigest() if image.data is not None else None
+    try:
+        return content_sha256(Path(image))
+    except (DefectscopeError, OSError):
+        return None
+
+
 def chunk_table(model: Any, paths: Sequence[str], images: Sequence[ImageSource]) -> bytes:
-    """One chunk scored: its rows (named by `paths`) as a Parquet file's bytes."""
+    """One chunk scored: its rows (named by `paths`, with the sha256 of each image scored) as a Parquet file's
+    bytes. A file is hashed just before its chunk is scored."""
     pyarrow = pyarrow_modules()
+    digests = [image_sha256(image) for image in images]
     rows = prediction_rows([Path(p) for p in paths], model.predict(list(images), map_size="input", keep_going=True))
+    for row, digest in zip(rows, digests):
+        row["sha256"] = digest
     table = pyarrow.table({column: [row.get(column) for row in rows] for column in COLUMNS},
-                          schema=pyarrow.schema([("path", pyarrow.string()), ("score", pyarrow.float64()),
+                          schema=pyarrow.schema([("path", pyarrow.string()), ("sha256", pyarrow.string()),
+                                                 ("score", pyarrow.float64()),
                                                  ("normalized", pyarrow.float64()), ("verdict", pyarrow.string()),
                                                  ("error", pyarrow.string())]))
     buffer = io.BytesIO()
@@ -168,25 +185,28 @@ def _same_job(path: Path, job: dict) -> bool:
     return isinstance(recorded, dict) and all(recorded.get(key) == job[key] for key in IDENTITY)
 
 
-def _verdicts(part: Path) -> list[str] | None:
-    """A part file's verdicts; None when it is missing or not a part file Parquet can read (then it is written again)."""
+def _column(part: Path, name: str) -> list[Any] | None:
+    """A part file's column; None when it is missing or not a part file Parquet can read (then it is written again)."""
     pyarrow = pyarrow_modules()
     try:
-        return pyarrow.parquet.read_table(part, columns=["verdict"]).column("verdict").to_pylist()
-    except (OSError, pyarrow.ArrowException):
+        return pyarrow.parquet.read_table(part, columns=[name]).column(name).to_pylist()
+    except (OSError, KeyError, pyarrow.ArrowException):
         return None
 
 
-def _done(part: Path) -> bool:
-    """A chunk is done when its part file holds its rows and no 'error' row (those are scored again on resume)."""
-    verdicts = _verdicts(part) if part.is_file() else None
-    return verdicts is not None and "error" not in verdicts
+def _done(part: Path, paths: Sequence[str]) -> bool:
+    """A chunk is done when its part file holds its rows, no 'error' row (those are scored again on resume), and
+    each image's sha256 as the file is now (an image replaced since it was scored is scored again)."""
+    verdicts = _column(part, "verdict") if part.is_file() else None
+    if verdicts is None or "error" in verdicts:
+        return False
+    return _column(part, "sha256") == [image_sha256(path) for path in paths]
 
 
 def _failed_rows(parts: Sequence[Path]) -> int:
     """Rows of the job's part files (resumed ones too) whose image could not be scored; only those files are read,
     whatever else lies in the folder."""
-    verdicts = [_verdicts(part) for part in parts]
+    verdicts = [_column(part, "verdict") for part in parts]
     missing = [part.name for part, read in zip(parts, verdicts) if read is None]
     if missing:
         raise DefectscopeError(f"part file(s) {', '.join(missing[:3])} could not be read back; run the job again")
@@ -232,7 +252,7 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
                 stale.unlink()
         write_atomic(existing, (json_text(job) + "\n").encode())
         chunks = [(i, paths[start : start + chunk_images]) for i, start in enumerate(range(0, len(paths), chunk_images))]
-        todo = [(i, chunk) for i, chunk in chunks if not _done(part_path(out, i))]
+        todo = [(i, chunk) for i, chunk in chunks if not _done(part_path(out, i), chunk)]
         images = sum(len(chunk) for _, chunk in todo)
         with bar(f"scoring {images} images into {len(todo)} part file(s)", images) as advance:
             if ray_address is None:
