@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from defectscope.errors import DefectscopeError
 from defectscope.files import file_sha256
 from defectscope.names import version_of
 from defectscope.versions import STORE, NoEarlierVersion, PrunedVersion, UnknownVersion, VersionStore
@@ -246,8 +247,8 @@ def test_writing_over_a_model_keeps_the_file_it_replaces(served_folder: Path, de
     assert "* " not in listed.out and f"holds {version_of(file_sha256(model))}, not the active version" in listed.out
 
 
-def test_the_service_says_which_version_it_judges_with_when_the_disk_changed(served_folder: Path, tmp_path: Path,
-                                                                             cli) -> None:
+def test_the_service_says_which_version_it_judges_with_when_the_disk_changed(served_folder: Path, demo_root: Path,
+                                                                             tmp_path: Path, cli) -> None:
     from fastapi.testclient import TestClient
 
     from defectscope.service.app import create_app
@@ -257,7 +258,7 @@ def test_the_service_says_which_version_it_judges_with_when_the_disk_changed(ser
     folder = tmp_path / "models"
     shutil.copytree(served_folder, folder)
     settings = ServiceConfig.from_dict({})
-    with TestClient(create_app(load_served([folder], settings), settings)) as client:
+    with TestClient(create_app(load_served([folder], settings, demo_root), settings, demo_root)) as client:
         first = client.get("/v1/models/part/versions").json()
         assert first["served"] == first["active"]
         model = folder / "part.dsmodel"
@@ -273,6 +274,46 @@ def test_the_service_says_which_version_it_judges_with_when_the_disk_changed(ser
         assert refused.status_code == 400 and "the served model is unchanged" in refused.json()["detail"]
         assert client.get("/v1/models/part/versions").json() == reloaded  # it became no version, and nothing active
         model.write_bytes(kept)
+        assert cli("-q", "calibrate", model, "--false-alarm-rate", "0.2", "-o", model).code == 0  # not served again
+        on_disk = model.read_bytes()
+        goods = [i["id"] for i in client.get("/v1/models/part/labelled").json()["images"] if i["label"] == 0][:1]
+        for path, body in (("threshold", {"threshold": 30.0, "name": "part", "overwrite": True}),
+                           ("threshold", {"threshold": 30.0, "name": "strict"}),
+                           ("teach", {"images": goods, "name": "part", "overwrite": True})):
+            # a change made from the served version, written onto the newer file on disk, mixed the two
+            answer = client.post(f"/v1/models/part/{path}", json=body)
+            assert answer.status_code == 409 and "reload the model first" in answer.json()["detail"], answer.text
+        assert model.read_bytes() == on_disk and not (folder / "strict.dsmodel").exists()
+
+
+@pytest.mark.parametrize("change", ["calibrate", "update"])
+def test_a_model_written_meanwhile_is_never_overwritten_by_a_change_read_before(served_folder: Path, demo_root: Path,
+                                                                                 tmp_path: Path, monkeypatch,
+                                                                                 change: str) -> None:
+    """`calibrate` or `update` in place while another command writes the same file: the other write was lost (or a
+    threshold read from the old model was written onto the new one), each reported as success."""
+    from defectscope import pipeline
+
+    model, other = tmp_path / "part.dsmodel", tmp_path / "other.dsmodel"
+    shutil.copyfile(served_folder / "part.dsmodel", model)
+    assert pipeline.recalibrate(model, other, false_alarm_rate=0.2).threshold > 0
+    written_meanwhile = other.read_bytes()
+    hook = "with_map_level" if change == "calibrate" else "_defect_like"
+    original = getattr(pipeline, hook)
+
+    def meanwhile(*args, **kwargs):
+        model.write_bytes(written_meanwhile)  # another process writes the file after this change read it
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, hook, meanwhile)
+    with pytest.raises(DefectscopeError, match="since calibrate read it|since update read it"):
+        if change == "calibrate":
+            pipeline.recalibrate(model, model, false_alarm_rate=0.05)
+        else:
+            pipeline.update_model(model, sorted((demo_root / "test" / "good").iterdir())[:1], model)
+    assert model.read_bytes() == written_meanwhile
+    store, name = VersionStore.of(model)
+    assert change not in [entry["action"] for entry in store.history(name)["versions"]]
 
 
 RECORDER = """

@@ -59,7 +59,7 @@ from defectscope.thresholds import (
 )
 from defectscope.progress import ProgressBar, no_progress
 from defectscope.training.engine import EpochProgress
-from defectscope.versions import keeping_replaced
+from defectscope.versions import check_unchanged, keeping_replaced
 from defectscope.viz import write_heatmaps
 
 @contextmanager
@@ -234,6 +234,7 @@ def recalibrate(model_path: Path, out: Path, *, false_alarm_rate: float | None =
         raise DefectscopeError("--margin applies to a threshold chosen with labelled images (--good, --defective)")
     if out != model_path:
         check_model_output(out, force)
+    read_as = file_sha256(Path(model_path))  # a write in place is refused if the file changes meanwhile
     detector = load_model(model_path, weights)
     if false_alarm_rate is not None:
         if detector.calibration_scores is None:
@@ -261,7 +262,7 @@ def recalibrate(model_path: Path, out: Path, *, false_alarm_rate: float | None =
             threshold = recall_threshold(bad_scores, target_recall)
             calibration = labelled_calibration(good_scores, bad_scores, threshold, "recall", target_recall,
                                                detector.calibration, margin)
-    with keeping_replaced(out, "calibrate", model_path):
+    with keeping_replaced(out, "calibrate", model_path, read_as):
         set_threshold(model_path, calibration, out, force=True)
     return calibration
 
@@ -309,13 +310,14 @@ def _caught(detector: MapModel, images: list[Path], bar: ProgressBar, what: str)
 def update_model(model_path: Path, good: Sequence[Path], out: Path, *, defective: Sequence[Path] = (),
                  check: Path | None = None, accept_defect_like: bool = False, accept_misses: bool = False,
                  weights: Path | None = None, force: bool = False, bar: ProgressBar = no_progress,
-                 action: str = "update") -> dict[str, Any]:
+                 action: str = "update", read_as: str | None = None) -> dict[str, Any]:
     """Teach a model more good images without a refit and write it to `out`; the new file names its parent and the images
     (and is recorded in `out`'s versions as `action`, see `versions.keeping_replaced`).
 
     Nothing is written when an image to teach is labelled defective (`defective`, or the defective test images of
     the dataset `check`), when one scores defect-like (unless `accept_defect_like`), or when a labelled defect the
-    old model caught would pass the new one (unless `accept_misses`).
+    old model caught would pass the new one (unless `accept_misses`), or when the model file changed since it was
+    read (`read_as`: the sha256 the caller knows it by, as the service serves it; default: the file's now).
     """
     if out != model_path:
         check_model_output(out, force)
@@ -323,6 +325,8 @@ def update_model(model_path: Path, good: Sequence[Path], out: Path, *, defective
     if not paths:
         raise DefectscopeError("give at least one good image to teach")
     defects = _labelled_defects(defective, check)
+    read_as = read_as or file_sha256(Path(model_path))  # the parent; a write is refused if the file changes meanwhile
+    check_unchanged(model_path, read_as, action)
     detector = load_model(model_path, weights)
     detector.check_teachable()
     learned = [str(path) for path in learned_among(detector.train_digests, paths)]
@@ -342,7 +346,7 @@ def update_model(model_path: Path, good: Sequence[Path], out: Path, *, defective
         raise DefectscopeError(f"after teaching, {int(missed.sum())} labelled defect(s) the model caught would pass as good "
                                f"({', '.join(names)}{', ...' if missed.sum() > 5 else ''}); nothing was written. Teach "
                                "other images, or pass --accept-misses to write it anyway")
-    details["parent_sha256"] = file_sha256(Path(model_path))
+    details["parent_sha256"] = read_as
     details["taught_images"] = [str(p) for p in paths]
     details["checked_defects"], details["caught_before"] = len(defects), int(caught_before.sum())
     details["missed_after"] = int(missed.sum())
@@ -357,7 +361,7 @@ def update_model(model_path: Path, good: Sequence[Path], out: Path, *, defective
                         "caught defect caught")
     details["warning"] = "; ".join(warnings) or None
     detector.train_summary.setdefault("taught", []).append(details)
-    with keeping_replaced(out, action, model_path):
+    with keeping_replaced(out, action, model_path, read_as):
         save_model(detector, out, force=True)
     return details
 

@@ -46,6 +46,10 @@ class PrunedVersion(InputError):
     """A version whose file was pruned."""
 
 
+class ModelChanged(DefectscopeError):
+    """A model file written by someone else between the moment a change read it and the moment it would write."""
+
+
 @dataclass
 class VersionStore:
     """The versions of the model files served from `folder`: one change at a time, across threads and processes."""
@@ -236,24 +240,40 @@ def made_from(name: str, version: str) -> str:
 
 
 @contextmanager
-def keeping_replaced(target: Path, action: str, source: Path | None = None) -> Iterator[None]:
+def keeping_replaced(target: Path, action: str, source: Path | None = None, read_as: str | None = None
+                     ) -> Iterator[None]:
     """Around a write of model file `target` by `action`: when it replaces a model file that has versions, or the very
     file it was made from (`source`: a threshold or taught images written in place), the replaced file is kept first,
     and the new one is recorded after the write, active, with its parent: the replaced version, or `source` as
-    'name@version' when made from another file (as the service names it). A write that fails records nothing new."""
+    'name@version' when made from another file (as the service names it). A write that fails records nothing new.
+
+    `read_as`, the sha256 `source` had when it was read: the write is refused (`ModelChanged`) when the file changed
+    since (another command or the service wrote it), checked under the store's lock, so no change is lost."""
     target = Path(target)
     kept = target.suffix == MODEL_SUFFIX and target.is_file()
+    in_place = source is not None and kept and target.resolve() == Path(source).resolve()
     if kept:
         store, name = VersionStore.of(target)
-        in_place = source is not None and target.resolve() == Path(source).resolve()
         kept = in_place or bool(store.history(name)["versions"])
-    if kept:
-        parent = None if in_place or source is None else \
-            made_from(Path(source).name.removesuffix(MODEL_SUFFIX), version_of(file_sha256(Path(source))))
-        store.adopt(name, "found")
-    yield
-    if kept:
-        store.adopt(name, action, parent)
+    if not kept:
+        check_unchanged(source, read_as, action)
+        yield
+        return
+    parent = None if in_place or source is None else \
+        made_from(Path(source).name.removesuffix(MODEL_SUFFIX), version_of(read_as or file_sha256(Path(source))))
+    with store._locked():
+        check_unchanged(source, read_as, action)
+        store._adopt(name, "found", None)
+        yield
+        store._adopt(name, action, parent)
+
+
+def check_unchanged(source: Path | None, read_as: str | None, action: str) -> None:
+    """Raise `ModelChanged` when model file `source` no longer has the sha256 `read_as` it was read with."""
+    if source is not None and read_as is not None and file_sha256(Path(source)) != read_as:
+        raise ModelChanged(f"{source} was written by another command or the service since {action} read it (version "
+                           f"{version_of(read_as)}, now {version_of(file_sha256(Path(source)))}); nothing was "
+                           f"written: {action} again from the file as it is now")
 
 
 def _well_formed(history: Any) -> bool:

@@ -54,7 +54,8 @@ from defectscope.service.schemas import (
 )
 from defectscope.service.uploads import decode, read_upload, sniff
 from defectscope.thresholds import labelled_calibration
-from defectscope.versions import NoEarlierVersion, PrunedVersion, UnknownVersion, VersionStore, made_from
+from defectscope.versions import (ModelChanged, NoEarlierVersion, PrunedVersion, UnknownVersion, VersionStore,
+                                  keeping_replaced, made_from)
 from defectscope.viz import heat_colours, png_bytes
 
 RELEASE_AFTER_S = 1.0  # after a replaced model's batcher closed: its last requests' handlers finish their answers
@@ -395,7 +396,14 @@ async def save_threshold(request: Request, name: str, body: ThresholdRequest) ->
     labels = np.array([r["label"] for r in records])
     calibration = labelled_calibration(scores[labels == 0], scores[labels == 1], body.threshold, "manual", body.threshold,
                                        model.detector.calibration)
-    await run_in_threadpool(set_threshold, model.path, calibration, target, True)
+    def write() -> None:  # from the served version only: its file may have changed on disk since it was loaded
+        with keeping_replaced(target, "threshold", model.path, model.sha256):
+            set_threshold(model.path, calibration, target, True)
+
+    try:
+        await run_in_threadpool(write)
+    except ModelChanged as exc:
+        raise HTTPException(409, f"{exc}; reload the model first") from exc
     new = await _written(request, model, target, body.name, "threshold")
     return ModelWritten(model=ModelSummary(**new.summary()), calibration=calibration.to_dict())
 
@@ -414,7 +422,9 @@ async def teach(request: Request, name: str, body: TeachRequest) -> ModelWritten
         details = await run_in_threadpool(lambda: update_model(model.path, [Path(r["path"]) for r in records], target,
                                                                defective=known_defects,
                                                                accept_defect_like=body.accept_defect_like, force=True,
-                                                               action="teach"))
+                                                               action="teach", read_as=model.sha256))
+    except ModelChanged as exc:
+        raise HTTPException(409, f"{exc}; reload the model first") from exc
     except DefectscopeError as exc:
         raise HTTPException(400, str(exc)) from exc
     new = await _written(request, model, target, body.name, "teach")
