@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,30 @@ def test_the_report_says_which_model_data_and_software_made_it(report_folder: Pa
     for name in ("report.md", "report.html"):
         text = (report_folder / name).read_text()
         assert "Provenance" in text and digest in text and provenance["test_set_sha256"] in text
+
+
+def test_a_report_written_again_leaves_nothing_of_the_earlier_one(report_folder: Path, demo_root: Path,
+                                                                 tmp_path: Path) -> None:
+    """A model without maps evaluated into the folder of a PatchCore report left its gallery and overlays beside the
+    new report, as if they were the new model's."""
+    from defectscope.detectors import create_detector
+    from defectscope.pipeline import evaluate_model
+
+    out = tmp_path / "report"
+    shutil.copytree(report_folder, out)
+    (out / "cases").mkdir(exist_ok=True)
+    (out / "cases" / "earlier_001.png").write_bytes((out / "histogram.png").read_bytes())  # an overlay of before
+    (out / "cases" / "notes.txt").write_text("mine")
+    (out / "notes.txt").write_text("mine")
+    assert (out / "gallery.png").is_file()
+    dataset = load_dataset(demo_root)
+    knn = create_detector("knn", image_size=64, crop=None)
+    knn.fit([sample.path for sample in dataset.train])
+    _, written = evaluate_model(knn, dataset, out)
+    assert not (out / "gallery.png").exists() and not list((out / "cases").glob("*.png"))
+    assert (out / "notes.txt").read_text() == (out / "cases" / "notes.txt").read_text() == "mine"
+    left = {p.name for p in out.iterdir()} - {p.name for p in written} - {".defectscope-output"}
+    assert left == {"notes.txt", "cases"}
 
 
 def test_a_score_that_is_not_a_number_is_an_error_never_right() -> None:

@@ -90,6 +90,8 @@ GLOSSARY = (
                 "(on images with a crop) is outside what the model inspects"),
 )
 CASE_OVERLAYS = 48  # overlays drawn per list (missed, false alarms); every case is listed in the table and the CSV
+REPORT_FILES = ("metrics.json", "metrics.md", "report.html", "report.md", "predictions.csv", "curves.png", "histogram.png",
+                "gallery.png")  # with the overlays in cases/: what a report may write
 
 
 def prediction_table(records: list[dict], threshold: float) -> list[dict]:
@@ -145,7 +147,7 @@ def _case_blocks(title: str, rows: list[dict], overlays: dict[str, Path]) -> lis
     figures = [Figure(overlays[row["path"]], f"{Path(row['path']).parent.name}/{Path(row['path']).name}: "
                       f"{row['true_class']}, normalized score {row['normalized_score']:.3f} -> {row['verdict']}", tile=True)
                for row in rows if row["path"] in overlays]
-    shown = "" if len(figures) == len(rows) else f" (overlays of the first {len(figures)})"
+    shown = "" if len(figures) == len(rows) else f" (overlays of the first {len(figures)})" if figures else ""
     return [Heading(f"{title}: {len(rows)}{shown}", 3), table, *figures]
 
 
@@ -251,12 +253,26 @@ def plant_report(evaluation: Evaluation, detector: Predictor, out: Path, name: s
     return blocks, rows, overlays
 
 
+def _clear_earlier_report(out: Path) -> None:
+    """Remove the files a report writes (REPORT_FILES, the PNG overlays in cases/) from `out`, nothing else."""
+    for name in REPORT_FILES:
+        (out / name).unlink(missing_ok=True)
+    cases = out / "cases"
+    if cases.is_dir() and not cases.is_symlink():
+        for overlay_file in cases.glob("*.png"):
+            overlay_file.unlink()
+        if not any(cases.iterdir()):
+            cases.rmdir()
+
+
 def write_report(evaluation: Evaluation, detector: Predictor, out: Path, name: str = "the test set",
                  context: tuple[str, ...] = (), gallery_size: int = 8, made_of: dict[str, str] | None = None) -> list[Path]:
     """Write report.html (self-contained), report.md, predictions.csv, metrics.json, metrics.md, the curves, the
     score histogram, the overlays of the missed defects and false alarms (cases/) and gallery.png; returns the
-    written files (and the cases folder). `made_of`: the evaluation's `provenance`, in the report and metrics.json."""
+    written files (and the cases folder). `made_of`: the evaluation's `provenance`, in the report and metrics.json.
+    An earlier report's files in `out` go first: none is left beside this one from another model or test set."""
     out.mkdir(parents=True, exist_ok=True)
+    _clear_earlier_report(out)
     metrics = evaluation.metrics
     written = [out / "metrics.json", out / "metrics.md"]
     payload = {"metrics": metrics, "images": evaluation.records, **({"provenance": made_of} if made_of else {})}
