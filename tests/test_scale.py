@@ -269,7 +269,7 @@ def test_a_scoring_actor_keeps_no_scratch_folder_once_loaded(local_ray, served_f
     from defectscope.predictor import load_predictor, model_files
 
     model = served_folder / "part.dsmodel"
-    files = local_ray.put(model_files(model, load_predictor(model)))
+    files = local_ray.put(model_files(model, load_predictor(model), file_sha256(model)))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     left = tmp_path / f"defectscope-score-{_dead_pid()}-x1y2"
     left.mkdir()

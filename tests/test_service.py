@@ -395,9 +395,9 @@ def test_serve_keeps_the_loaded_libraries_from_the_collector_but_not_its_models(
 def test_each_served_model_has_run_once_before_its_first_request(model_folder: Path, monkeypatch) -> None:
     """An engine sets itself up on its first run: it happens at loading (and reloading), not on the first part."""
     from conftest import count_runs
-    from defectscope.service import models
+    from defectscope import predictor as predictors
 
-    runs = count_runs(monkeypatch, models)
+    runs = count_runs(monkeypatch, predictors)
     served = load_served([model_folder], ServiceConfig())
     assert runs == [(1, 3, *served["part"].detector.preprocess.input_shape)] and served["part"].batcher.batches == 0
 

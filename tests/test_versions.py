@@ -356,3 +356,46 @@ def test_a_refused_start_keeps_no_versions(served_folder: Path, tmp_path: Path) 
     with pytest.raises(DefectscopeError, match="b.dsmodel"):
         load_served([folder])
     assert sorted(p.name for p in folder.iterdir()) == ["a.dsmodel", "b.dsmodel"]  # no store started for a
+
+
+def test_a_model_is_recorded_under_the_file_that_was_loaded(served_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    """The service and the hot folder hashed the model file after loading it: a file replaced meanwhile put every
+    verdict under the version of a model that never judged it."""
+    from defectscope import predictor as contract
+    from defectscope.errors import ModelChanged
+    from defectscope.pipeline import recalibrate
+    from defectscope.service.config import ServiceConfig
+    from defectscope.service.models import serve_model
+
+    model, other = tmp_path / "part.dsmodel", tmp_path / "other.dsmodel"
+    shutil.copyfile(served_folder / "part.dsmodel", model)
+    recalibrate(model, other, false_alarm_rate=0.2)
+    load, replacements = contract.load_predictor, [other.read_bytes()]
+
+    def replaced_while_loading(path, *args, **kwargs):
+        loaded = load(path, *args, **kwargs)
+        if replacements:
+            Path(path).write_bytes(replacements.pop())  # another command writes the file during this load
+        return loaded
+
+    monkeypatch.setattr(contract, "load_predictor", replaced_while_loading)
+    served = serve_model(model, "part", ServiceConfig.from_dict({}))
+    assert served.sha256 == file_sha256(other) == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert served.detector.calibration.threshold == pytest.approx(load_model_threshold(other))
+    assert served.manifest["calibration"]["threshold"] == served.detector.calibration.threshold
+    first = (served_folder / "part.dsmodel").read_bytes()
+    replacements.extend([other.read_bytes(), first] * 3)  # a writer that never stops: each load sees a new file
+    with pytest.raises(ModelChanged, match="changed 3 times while it was loaded"):
+        contract.load_identified(model)
+    monkeypatch.setattr(contract, "load_predictor", load)
+    loaded, digest, _ = contract.load_identified(model)
+    assert contract.model_files(model, loaded, digest)[model.name] == model.read_bytes()
+    model.write_bytes(other.read_bytes() if model.read_bytes() != other.read_bytes() else first)
+    with pytest.raises(ModelChanged, match="replaced after it was loaded"):  # what a Ray job would send its actors
+        contract.model_files(model, loaded, digest)
+
+
+def load_model_threshold(path: Path) -> float:
+    from defectscope.model_header import model_info
+
+    return model_info(path)["calibration"]["threshold"]

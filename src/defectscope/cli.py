@@ -570,14 +570,12 @@ def watch(
     folders = Folders(inbox, good_dir, defective_dir, error_dir)
     check_line(folders, settle)  # bad input writes nothing: no audit trail, no verdict folders
     with doing(f"loading {model}"):
-        from defectscope.files import file_sha256
         from defectscope.line.audit import AuditLog
         from defectscope.line.dispatch import DriftNotice, dispatcher
-        from defectscope.predictor import load_predictor, warm_up
-        predictor = load_predictor(model)
+        from defectscope.predictor import load_identified, warm_up
+        predictor, digest, _ = load_identified(model)  # verdicts are recorded under the file that judges them
         warm_up(predictor)
     note = _notes(jsonl)
-    digest = file_sha256(model)
     identity = ModelIdentity(model.name.rsplit(".", 1)[0], digest[:12], digest)
     dispatch = dispatcher(jsonl, webhook, mqtt, mqtt_topic, report=warn)
     log = drift = None

@@ -17,6 +17,10 @@ class ModelFileError(DefectscopeError):
     """A model or deployment file that is damaged, incomplete, or written by an incompatible version."""
 
 
+class ModelChanged(DefectscopeError):
+    """A model file written by someone else while it was being read, or between a change's read and its write."""
+
+
 class NotFittedError(DefectscopeError):
     """A model used (scored, saved, exported) before it learned anything."""
 

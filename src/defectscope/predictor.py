@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -13,7 +14,8 @@ from defectscope.data.batches import iterate_batches
 from defectscope.data.decode import ImageSource
 from defectscope.data.frame import Preprocess
 from defectscope.prediction import Prediction, Scored, prediction_rows
-from defectscope.files import read_regular
+from defectscope.errors import ModelChanged
+from defectscope.files import file_sha256, read_regular
 from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel, graph_files, is_deployment
 
 if TYPE_CHECKING:
@@ -72,19 +74,44 @@ def load_predictor(path: Path, weights: Path | None = None, threads: int | None 
     return load_model(path, weights)
 
 
+LOAD_ATTEMPTS = 3  # loads of a model file that another command is writing, before giving up
+
+
+def load_identified(path: Path, weights: Path | None = None, threads: int | None = None
+                    ) -> tuple[Predictor, str, dict]:
+    """A predictor with the sha256 and the manifest of the very file it was loaded from: the file is hashed before
+    and after, and loaded again when another command replaced it meanwhile, so a verdict is never recorded under
+    the version of a file that did not judge it."""
+    from defectscope.model_header import model_info
+
+    for _ in range(LOAD_ATTEMPTS):
+        before = file_sha256(Path(path))
+        predictor = load_predictor(path, weights, threads)
+        manifest = predictor.manifest if isinstance(predictor, DeployedModel) else model_info(path)
+        if file_sha256(Path(path)) == before:
+            return predictor, before, manifest
+    raise ModelChanged(f"model file {path} changed {LOAD_ATTEMPTS} times while it was loaded; start again once the "
+                       "command writing it is done")
+
+
 def warm_up(predictor: Predictor) -> None:
     """Score one blank frame, so that the first part after a start or a reload is judged as fast as the next: an
     engine sets itself up on its first run (bottle: OpenVINO's first request 363 ms, then 52-84; torch's 106, then 58)."""
     predictor.score_frames(np.zeros((1, 3, *predictor.preprocess.input_shape), np.uint8))
 
 
-def model_files(path: Path, predictor: Predictor) -> dict[str, bytes]:
-    """The files of a loaded model by name: the model file, and an export's graph files beside it; written into any
-    folder, they load as the same model (how a model travels to a machine that cannot read `path`)."""
+def model_files(path: Path, predictor: Predictor, sha256: str) -> dict[str, bytes]:
+    """The files of a loaded model by name: the model file (whose bytes must still hash to `sha256`, the file the
+    predictor was loaded from), and an export's graph files beside it (checked against its manifest when loaded);
+    written into any folder, they load as the same model (how a model travels to a machine that cannot read `path`)."""
     path = Path(path)
     names = [path.name] + ([name for name, _ in graph_files(predictor.manifest)] if isinstance(predictor, DeployedModel)
                            else [])
-    return {name: read_regular(path.parent / name, "model file") for name in names}
+    files = {name: read_regular(path.parent / name, "model file") for name in names}
+    if hashlib.sha256(files[path.name]).hexdigest() != sha256:
+        raise ModelChanged(f"model file {path} was replaced after it was loaded; run again once the command writing "
+                           "it is done")
+    return files
 
 
 class ContractBroken(AssertionError):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from defectscope.clock import now
-from defectscope.errors import DefectscopeError, InputError
+from defectscope.errors import DefectscopeError, InputError, ModelChanged
 from defectscope.files import file_sha256, write_atomic
 from defectscope.names import MODEL_SUFFIX, SAFE_NAME, VERSION_DIGITS, version_of
 
@@ -44,10 +44,6 @@ class NoEarlierVersion(InputError):
 
 class PrunedVersion(InputError):
     """A version whose file was pruned."""
-
-
-class ModelChanged(DefectscopeError):
-    """A model file written by someone else between the moment a change read it and the moment it would write."""
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any
 
 from defectscope.data.decode import EncodedImage, ImageSource, expand_inputs
 from defectscope.errors import DefectscopeError
-from defectscope.files import (claim_folder, content_sha256, exclusive, file_sha256, json_text, loads_strict, read_regular,
+from defectscope.files import (claim_folder, content_sha256, exclusive, json_text, loads_strict, read_regular,
                                scratch_folder, write_atomic)
 from defectscope.jobs import RayCluster, connect_ray
 from defectscope.names import RAY_WORKERS
@@ -118,15 +118,15 @@ class ChunkScorer:
             return load_predictor(Path(scratch) / self.name, threads=self.threads)
 
 
-def _score_on_ray(ray_address: str | RayCluster, model: Any, model_path: Path, out: Path, todo: list[tuple[int, list[str]]],
-                  workers: int, threads: int, advance: Callable[[int], None]) -> int:
+def _score_on_ray(ray_address: str | RayCluster, model: Any, model_path: Path, model_sha256: str, out: Path,
+                  todo: list[tuple[int, list[str]]], workers: int, threads: int, advance: Callable[[int], None]) -> int:
     """Score the chunks `todo` on Ray actors; returns the images scored. The driver reads each chunk's images and
     writes each part that comes back, so no node needs this machine's files. At most IN_FLIGHT chunks per actor
     are out at once (bounded memory); an actor whose node is lost is started again and its chunks are sent again."""
     from defectscope.predictor import model_files
 
     ray = connect_ray(ray_address)
-    files = ray.put(model_files(model_path, model))  # the model travels once, through the object store
+    files = ray.put(model_files(model_path, model, model_sha256))  # the model travels once, through the object store
     scorer = ray.remote(ChunkScorer).options(num_cpus=threads, max_restarts=RETRIES, max_task_retries=RETRIES)
     room = int(ray.cluster_resources().get("CPU", 0) // threads)  # actors the cluster can run at once now
     actors = [scorer.remote(model_path.name, threads) for _ in range(max(1, min(workers, len(todo), room)))]
@@ -225,7 +225,7 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
     scoring here); without Ray neither applies, and giving either is refused. `failed` counts the rows whose image
     could not be scored, `skipped` names the folders' files not named as images.
     """
-    from defectscope.predictor import load_predictor
+    from defectscope.predictor import load_identified
 
     if ray_address is None and (workers is not None or threads is not None):
         raise DefectscopeError("--workers and --threads size the Ray actors: they apply with --ray only")
@@ -234,10 +234,10 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
     paths = _inputs(inputs, skipped)
     if not paths:
         raise DefectscopeError("no images to score: the inputs list none")
-    model = load_predictor(Path(model_path))  # a bad model is refused before anything is written
+    model, model_sha256, _ = load_identified(Path(model_path))  # a bad model is refused before anything is written
     if ray_address is not None:
         connect_ray(ray_address)  # and a cluster that is not there
-    job = {"model": os.path.abspath(model_path), "model_sha256": file_sha256(Path(model_path)), "images": len(paths),
+    job = {"model": os.path.abspath(model_path), "model_sha256": model_sha256, "images": len(paths),
            "images_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(), "chunk_images": chunk_images}
     out = Path(out)
     existing = out / JOB_FILE
@@ -263,8 +263,8 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
             elif todo:
                 import torch
 
-                scored = _score_on_ray(ray_address, model, Path(model_path), out, todo, workers or RAY_WORKERS,
-                                       threads or torch.get_num_threads(), advance)
+                scored = _score_on_ray(ray_address, model, Path(model_path), model_sha256, out, todo,
+                                       workers or RAY_WORKERS, threads or torch.get_num_threads(), advance)
             else:
                 scored = 0
         failed = _failed_rows([part_path(out, i) for i, _ in chunks])

@@ -20,7 +20,7 @@ from fastapi.responses import Response
 
 from defectscope.artifacts import check_model_output, set_threshold
 from defectscope.data.decode import read_image
-from defectscope.errors import DefectscopeError, InputError
+from defectscope.errors import DefectscopeError, InputError, ModelChanged
 from defectscope.export.pseudo import map_instances
 from defectscope.clock import now
 from defectscope.line.audit import MAX_PAGE, MAX_RECORD_ID, AuditLog, Verdict
@@ -54,8 +54,7 @@ from defectscope.service.schemas import (
 )
 from defectscope.service.uploads import decode, read_upload, sniff
 from defectscope.thresholds import labelled_calibration
-from defectscope.versions import (ModelChanged, NoEarlierVersion, PrunedVersion, UnknownVersion, VersionStore,
-                                  keeping_replaced, made_from)
+from defectscope.versions import NoEarlierVersion, PrunedVersion, UnknownVersion, VersionStore, keeping_replaced, made_from
 from defectscope.viz import heat_colours, png_bytes
 
 RELEASE_AFTER_S = 1.0  # after a replaced model's batcher closed: its last requests' handlers finish their answers

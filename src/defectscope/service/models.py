@@ -10,10 +10,8 @@ from typing import Any
 from defectscope.data.layout import load_dataset
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation import evaluate
-from defectscope.files import file_sha256
-from defectscope.model_header import model_info
 from defectscope.names import MODEL_SUFFIX, SAFE_NAME, version_of
-from defectscope.predictor import Predictor, engine_of, load_predictor, warm_up
+from defectscope.predictor import Predictor, engine_of, load_identified, warm_up
 from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel
 from defectscope.service.batching import Batcher
 from defectscope.service.config import ServiceConfig
@@ -93,11 +91,10 @@ def serve_model(path: Path, name: str, config: ServiceConfig, labelled: Path | N
     """Load one model file or exported model for serving; with a labelled dataset folder, score its test split once."""
     if not SAFE_NAME.match(name):
         raise DefectscopeError(f"model name '{name}' must be letters, digits, '.', '_' or '-'")
-    detector = load_predictor(path, threads=config.engine_threads)
+    detector, sha256, manifest = load_identified(path, threads=config.engine_threads)
     warm_up(detector)
     batcher = Batcher(detector, config.max_batch, config.batch_wait_ms, config.max_queue, config.max_queue_pixels)
-    manifest = detector.manifest if isinstance(detector, DeployedModel) else model_info(path)
-    served = ServedModel(name, path, detector, file_sha256(path), batcher, manifest=manifest)
+    served = ServedModel(name, path, detector, sha256, batcher, manifest=manifest)
     if labelled is not None:
         served.labelled = Labelled(evaluate(detector, load_dataset(labelled)).records)
     return served
