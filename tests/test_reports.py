@@ -99,6 +99,30 @@ def test_a_report_written_again_leaves_nothing_of_the_earlier_one(report_folder:
     assert left == {"notes.txt", "cases"}
 
 
+def test_the_report_names_the_model_file_as_it_was_evaluated(served_folder: Path, demo_root: Path, tmp_path: Path,
+                                                             cli, monkeypatch) -> None:
+    """The report hashed the model file once the evaluation was done: a file calibrated in place meanwhile was named
+    as the model of metrics it never made."""
+    from defectscope import evaluation
+    from defectscope.pipeline import recalibrate
+
+    model, other = tmp_path / "part.dsmodel", tmp_path / "other.dsmodel"
+    shutil.copyfile(served_folder / "part.dsmodel", model)
+    evaluated_as = file_sha256(model)
+    recalibrate(model, other, false_alarm_rate=0.2)
+    evaluate = evaluation.evaluate
+
+    def replaced_meanwhile(*args, **kwargs):
+        done = evaluate(*args, **kwargs)
+        shutil.copyfile(other, model)  # another command writes the file while it is evaluated
+        return done
+
+    monkeypatch.setattr("defectscope.pipeline.evaluate", replaced_meanwhile)
+    assert cli("evaluate", model, demo_root, "-o", tmp_path / "report").code == 0
+    provenance = json.loads((tmp_path / "report" / "metrics.json").read_text())["provenance"]
+    assert provenance["model_sha256"] == evaluated_as != file_sha256(model)
+
+
 def test_a_score_that_is_not_a_number_is_an_error_never_right() -> None:
     records = [{"path": "a.png", "defect": "good", "label": 0, "score": 1.0},
                {"path": "b.png", "defect": "scratch", "label": 1, "score": float("nan")},

@@ -364,10 +364,11 @@ def evaluate(
     with doing(f"loading {model}"):
         from defectscope.data.layout import load_dataset
         from defectscope.pipeline import evaluate_model
-        from defectscope.predictor import load_predictor
+        from defectscope.predictor import load_identified
         from defectscope.reports import metrics_markdown
-        detector = load_predictor(model, weights)
-    evaluation, written = evaluate_model(detector, load_dataset(data), out, force=force, bar=_progress, model_file=model)
+        detector, digest, _ = load_identified(model, weights)  # the report names the file as it was evaluated
+    evaluation, written = evaluate_model(detector, load_dataset(data), out, force=force, bar=_progress, model_file=model,
+                                         model_sha256=digest)
     say(metrics_markdown(evaluation.metrics))
     for path in written:
         say(f"wrote {path}")

@@ -202,10 +202,11 @@ def predict_images(detector: Predictor, inputs: Sequence[Path], heatmaps: Path |
 
 
 def evaluate_model(detector: Predictor, dataset: Dataset, out: Path | None = None, force: bool = False,
-                   bar: ProgressBar = no_progress, context: tuple[str, ...] = (), model_file: Path | None = None
-                   ) -> tuple[Evaluation, list[Path]]:
+                   bar: ProgressBar = no_progress, context: tuple[str, ...] = (), model_file: Path | None = None,
+                   model_sha256: str | None = None) -> tuple[Evaluation, list[Path]]:
     """Every metric on the dataset's test split; with `out`, the report (`reports.write_report`; `context`: lines
-    said under its title), which records what it was made of (`reports.provenance`: `model_file`, the test set)."""
+    said under its title), which records what it was made of (`reports.provenance`: `model_file` and the sha256 it
+    was loaded as, the test set)."""
     if out is not None:
         check_apart(out, dataset.root, "report folder", "dataset")
         claim_folder(out, force, "evaluation report")
@@ -213,7 +214,7 @@ def evaluate_model(detector: Predictor, dataset: Dataset, out: Path | None = Non
         evaluation = evaluate(detector, dataset, progress=advance)
     if out is None:
         return evaluation, []
-    made_of = provenance(detector, dataset.root, [sample.path for sample in dataset.test], model_file)
+    made_of = provenance(detector, dataset.root, [sample.path for sample in dataset.test], model_file, model_sha256)
     return evaluation, write_report(evaluation, detector, out, dataset.root.name, context, made_of=made_of)
 
 

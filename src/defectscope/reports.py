@@ -157,15 +157,17 @@ PROVENANCE_LABELS = {"model_file": "model file", "model_version": "model version
                      "software": "software"}
 
 
-def provenance(detector: Predictor, root: Path, test: Sequence[Path], model_file: Path | None = None) -> dict[str, str]:
-    """What an evaluation was made of, for the record: the model file (version and sha256), the model and its operating
-    point, the test set (`test` images under `root`) with a fingerprint of its contents, when, and the software."""
+def provenance(detector: Predictor, root: Path, test: Sequence[Path], model_file: Path | None = None,
+               model_sha256: str | None = None) -> dict[str, str]:
+    """What an evaluation was made of, for the record: the model file (version and sha256: `model_sha256`, the file's
+    when it was loaded, else its now), the model and its operating point, the test set (`test` images under `root`)
+    with a fingerprint of its contents, when, and the software."""
     engine = engine_of(detector)
     frame = detector.preprocess
     calibration = detector.calibration
     listing = sorted((path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path), file_sha256(path))
                      for path in test)
-    digest = "" if model_file is None else file_sha256(Path(model_file))
+    digest = "" if model_file is None else model_sha256 or file_sha256(Path(model_file))
     return {"model_file": "" if model_file is None else str(model_file),
             "model_version": version_of(digest), "model_sha256": digest,
             "model": f"{detector.name} on {detector.backbone_name}, images resized to {frame.image_size} and cropped "
