@@ -229,3 +229,23 @@ def test_the_drift_check_reads_an_exports_calibration_and_its_own_verdicts(fitte
     found = audited_drift(tmp_path / "audit.sqlite", out)
     assert found.drifted and found.parts == 100  # the export's verdicts, against the median its manifest carries
     assert audited_drift(tmp_path / "audit.sqlite", fitted["patchcore"]).parts == 0  # the model file's: none
+
+
+def test_an_export_names_the_model_file_it_was_made_from(fitted, tmp_path: Path, monkeypatch) -> None:
+    """The export hashed its source after loading it: a file replaced meanwhile was named as the source of a graph
+    made from another model."""
+    from defectscope import deployment
+
+    model = tmp_path / "part.dsmodel"
+    model.write_bytes(Path(fitted["knn"]).read_bytes())
+    load = deployment.load_model
+
+    def replaced_meanwhile(path, *args, **kwargs):
+        loaded = load(path, *args, **kwargs)
+        Path(path).write_bytes(Path(path).read_bytes() + b" ")  # another command writes the file
+        return loaded
+
+    monkeypatch.setattr(deployment, "load_model", replaced_meanwhile)
+    with pytest.raises(DefectscopeError, match="since export read it"):
+        export_model(model, tmp_path / "part.dsdeploy", "onnx")
+    assert not list(tmp_path.glob("part.ds*deploy*")) and not list(tmp_path.glob("*.onnx"))

@@ -27,6 +27,7 @@ from defectscope.data.images import normalize
 from defectscope.detectors.base import MapModel, finish_scores
 from defectscope.errors import DefectscopeError
 from defectscope.files import check_output_file, file_sha256, write_atomic
+from defectscope.versions import check_unchanged
 from defectscope.manifests import header_metadata, peek_manifest
 from defectscope.runtime import (
     DEPLOYMENT_FORMAT,
@@ -181,7 +182,9 @@ def export_model(model_path: str | Path, out: str | Path, file_format: str = "on
         raise DefectscopeError(f"unknown export format {file_format!r}; choose one of: {', '.join(ENGINES)}")
     if out.suffix != DEPLOYMENT_SUFFIX:
         raise DefectscopeError(f"the output must be a {DEPLOYMENT_SUFFIX} file (its graph is written beside it), got {out}")
+    source_sha256 = file_sha256(model_path)
     model = load_model(model_path)
+    check_unchanged(model_path, source_sha256, "export")  # the manifest names the very file exported
     searched = model.searched_memory()
     memory = {} if searched is None else {name: np.ascontiguousarray(tensor.numpy()) for name, tensor in
                                              zip(MEMORY_NAMES, searched)}
@@ -202,7 +205,7 @@ def export_model(model_path: str | Path, out: str | Path, file_format: str = "on
             "library_version": __version__,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "model": manifest_of(model),
-            "source": {"file": model_path.name, "sha256": file_sha256(model_path)},
+            "source": {"file": model_path.name, "sha256": source_sha256},
             "graph": {"files": [{"file": path.name, "sha256": file_sha256(path)} for path in staged],
                       "engine": ENGINES[file_format], "opset": OPSET,
                       **({} if searched is None else {"search": {"rows": len(memory["memory_bank"]),
