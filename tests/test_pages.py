@@ -115,6 +115,9 @@ def test_threshold_slider_counts_match_python(page, server, tmp_path: Path) -> N
     assert (cx - 40) / (240 - 56) == pytest.approx(far, abs=1e-6) and (240 - 34 - cy) / (240 - 56) == pytest.approx(recall, abs=1e-6)
     page.screenshot(path=tmp_path / "threshold.png", full_page=True)
     _not_blank(tmp_path / "threshold.png")
+    page.locator("#slider").evaluate("e => { e.value = e.max; e.dispatchEvent(new Event('input')); }")
+    assert int(page.locator("#tp").inner_text()) + int(page.locator("#fp").inner_text()) == 0  # above every score
+    assert page.locator("#precision").inner_text().startswith("n/a")  # it said 1.000: a share of nothing
 
 
 def test_uploads_with_one_name_keep_their_own_pictures(page, demo_root: Path) -> None:

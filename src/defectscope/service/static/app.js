@@ -105,7 +105,8 @@ function counts(threshold) {
     const flagged = image.score >= threshold;
     if (image.label === 1) flagged ? tp++ : fn++; else flagged ? fp++ : tn++;
   }
-  return { tp, fp, tn, fn, precision: tp + fp ? tp / (tp + fp) : 1, recall: tp + fn ? tp / (tp + fn) : 0 };
+  // a share of nothing is no number: no part flagged has no precision, no labelled defect no recall
+  return { tp, fp, tn, fn, precision: tp + fp ? tp / (tp + fp) : null, recall: tp + fn ? tp / (tp + fn) : null };
 }
 
 function showCounts() {
@@ -115,8 +116,8 @@ function showCounts() {
   for (const key of ["tp", "fp", "tn", "fn"]) $(key).textContent = c[key];
   $("fp-count").textContent = c.fp;
   $("fn-count").textContent = c.fn;
-  $("precision").textContent = c.precision.toFixed(3);
-  $("recall").textContent = c.recall.toFixed(3);
+  $("precision").textContent = c.precision === null ? "n/a (nothing flagged)" : c.precision.toFixed(3);
+  $("recall").textContent = c.recall === null ? "n/a (no labelled defect)" : c.recall.toFixed(3);
   drawHistogram(threshold);
   drawRoc();
 }
