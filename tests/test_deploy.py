@@ -102,6 +102,10 @@ def test_runtime_runs_without_torch_and_fails_closed(fitted, test_images, tmp_pa
     assert rows[0]["verdict"] == expected.verdicts[0]
     assert rows[0]["score"] == pytest.approx(float(expected.scores[0]), rel=1e-4)
     assert rows[1]["verdict"] == "error" and rows[1]["score"] is None
+    for threads in ("-3", "0"):  # OpenVINO said "export the model again"; onnxruntime ran on its own choice
+        refused = subprocess.run([sys.executable, "-c", script, str(out), str(test_images[0]), "--threads", threads],
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and refused.stderr.startswith("error: threads must be"), refused.stderr
 
 
 def test_an_export_keeps_the_predictor_contract_without_torch_or_scipy(fitted, test_images, tmp_path: Path) -> None:

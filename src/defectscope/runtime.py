@@ -182,6 +182,8 @@ class DeployedModel:
     """An exported model: `predict` gives the library's `Prediction` (score, verdict, map at the original size)."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise DefectscopeError(f"threads must be a whole number of at least 1, got {threads!r}")
         self.path = Path(path)
         self.search_threads = threads or os.cpu_count() or 1  # the search's: the engines' count, else every core
         self.manifest, memory = read_deployment(self.path)
