@@ -365,6 +365,15 @@ def test_serve_command_starts_on_localhost_and_refuses_bad_input(model_folder: P
     assert missing.code == 2 and "does not exist" in missing.err
     (tmp_path / "empty").mkdir()
     assert cli("serve", tmp_path / "empty").code == 2
+    with socket.socket() as taken:  # another program holds the port: said at once, before anything is written
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = cli("serve", model_folder, "--port", taken.getsockname()[1], "--audit", tmp_path / "busy.sqlite")
+    assert busy.code == 2 and busy.err.startswith("error: cannot listen on 127.0.0.1:") and "serving" not in busy.out
+    assert not (tmp_path / "busy.sqlite").exists()  # it printed "serving ...", then a traceback, exit 3
+    beyond = cli("serve", model_folder, "--port", 70000, "--audit", tmp_path / "beyond.sqlite")
+    assert beyond.code == 2 and "--port must be between 0 and 65535" in beyond.err
+    assert not (tmp_path / "beyond.sqlite").exists()
 
 
 def test_serve_keeps_the_loaded_libraries_from_the_collector_but_not_its_models(model_folder: Path, cli, monkeypatch
@@ -374,11 +383,11 @@ def test_serve_keeps_the_loaded_libraries_from_the_collector_but_not_its_models(
     import gc
     import weakref
 
-    import uvicorn
+    from defectscope.service import listener
 
     seen = {}
 
-    def run(app, **_options) -> None:
+    def run(app, _listener) -> None:
         seen["frozen"] = gc.get_freeze_count()
         served = app.state.models.pop("part")  # replaced: nothing else holds it
         served.detector.served_as = served  # a cycle, as a served model's batcher, loop and futures make
@@ -387,7 +396,7 @@ def test_serve_keeps_the_loaded_libraries_from_the_collector_but_not_its_models(
         gc.collect()
         seen["freed"] = seen["model"]() is None
 
-    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr(listener, "serve_on", run)
     assert cli("serve", model_folder, "--no-audit").code == 0
     assert seen["frozen"] > 10_000 and seen["freed"]  # the libraries (torch's, FastAPI's, NumPy's objects), not the model
 

@@ -424,9 +424,6 @@ def update(
         warn(details["warning"])
 
 
-MAX_CONNECTIONS = 512  # open connections beyond this get 503 from uvicorn: stalled clients cannot pile up
-
-
 def is_loopback(host: str) -> bool:
     """Whether `host` names this machine only (127.0.0.0/8, ::1, localhost)."""
     import ipaddress
@@ -485,9 +482,10 @@ def serve(
         raise DefectscopeError("give --audit DB or --no-audit, not both")
     if keep_images is not None and no_audit:
         raise DefectscopeError("kept images are found again through the audit trail: drop --no-audit or --keep-images")
+    from defectscope.service.listener import listening_socket, serve_on
+    listener = listening_socket(host, port)  # a port that cannot be had is said before anything is loaded or written
+    port = listener.getsockname()[1]
     with doing(f"loading the models{f' and scoring the test split of {labelled} with each' if labelled else ''}"):
-        import uvicorn
-
         from defectscope.line.audit import AuditLog
         from defectscope.line.dispatch import dispatcher
         from defectscope.service.app import create_app
@@ -504,8 +502,7 @@ def serve(
     kept = f"; keeping {','.join(sorted(keeper.verdicts))} images in {keep_images}" if keeper else ""
     _notes(jsonl)(f"serving {', '.join(f'{name} ({model.engine})' for name, model in served.items())} on "
                   f"http://{host}:{port}/ (API docs at /docs){f'; audit trail: {log.path}' if log else ''}{kept}")
-    uvicorn.run(create_app(served, config, labelled, log, dispatch, keeper), host=host, port=port, log_level="warning",
-                limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
+    serve_on(create_app(served, config, labelled, log, dispatch, keeper), listener)
 
 
 audit_app = typer.Typer(no_args_is_help=True, help="The audit trail of verdicts (serve --audit, watch --audit).")
