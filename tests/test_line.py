@@ -705,11 +705,11 @@ def test_a_file_written_over_goes_back_without_replacing_a_new_file_of_its_name(
 
 def test_serve_with_json_lines_keeps_stdout_for_verdicts(served_folder: Path, tmp_path: Path, cli,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import uvicorn
+    from defectscope.service import listener
 
     started = []
-    monkeypatch.setattr(uvicorn, "run", lambda *_args, **_options: started.append(True))
-    result = cli("serve", served_folder / "part.dsmodel", "--jsonl", "--audit", tmp_path / "audit.sqlite")
+    monkeypatch.setattr(listener, "serve_on", lambda *_args: started.append(True))
+    result = cli("serve", served_folder / "part.dsmodel", "--jsonl", "--audit", tmp_path / "audit.sqlite", "--port", 0)
     assert result.code == 0 and started
     assert result.out == "" and "serving part" in result.err  # a reader of the JSON lines gets JSON only
 

@@ -111,22 +111,22 @@ def same_colours(first: np.ndarray, second: np.ndarray) -> bool:
 
 def test_serve_refuses_kept_images_without_an_audit_trail(served_folder: Path, tmp_path: Path, cli,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import uvicorn
+    from defectscope.service import listener
 
-    monkeypatch.setattr(uvicorn, "run", lambda *_args, **_options: None)  # a refusal that is not made returns 0
-    refused = cli("serve", served_folder / "part.dsmodel", "--no-audit", "--keep-images", tmp_path / "kept")
+    monkeypatch.setattr(listener, "serve_on", lambda *_args: None)  # a refusal that is not made returns 0
+    refused = cli("serve", "--port", 0, served_folder / "part.dsmodel", "--no-audit", "--keep-images", tmp_path / "kept")
     assert refused.code == 2 and "audit trail" in refused.err and not (tmp_path / "kept").exists()
     for cap in ("nan", "inf", "0"):  # no size cap at all is no cap: refused before anything is written
-        capless = cli("serve", served_folder / "part.dsmodel", "--audit", tmp_path / "audit.sqlite", "--keep-images",
+        capless = cli("serve", "--port", 0, served_folder / "part.dsmodel", "--audit", tmp_path / "audit.sqlite", "--keep-images",
                       tmp_path / "kept", "--keep-images-mb", cap)
         assert capless.code == 2 and capless.err.startswith("error: field 'keep_images_mb' must be") and not (
             tmp_path / "audit.sqlite").exists() and not (tmp_path / "kept").exists()
-    unknown = cli("serve", served_folder / "part.dsmodel", "--audit", tmp_path / "audit.sqlite", "--keep-images",
+    unknown = cli("serve", "--port", 0, served_folder / "part.dsmodel", "--audit", tmp_path / "audit.sqlite", "--keep-images",
                   tmp_path / "kept", "--keep-verdicts", "defective,scratched")
     assert unknown.code == 2 and "got scratched" in unknown.err
     for stray in (["--keep-verdicts", "good"], ["--keep-images-mb", "10"]):  # no --keep-images: they would do nothing
-        ignored = cli("serve", served_folder / "part.dsmodel", "--audit", tmp_path / "audit.sqlite", *stray)
+        ignored = cli("serve", "--port", 0, served_folder / "part.dsmodel", "--audit", tmp_path / "audit.sqlite", *stray)
         assert ignored.code == 2 and "apply with --keep-images only" in ignored.err
-    topic = cli("serve", served_folder / "part.dsmodel", "--audit", tmp_path / "audit.sqlite", "--mqtt-topic", "plant/a")
+    topic = cli("serve", "--port", 0, served_folder / "part.dsmodel", "--audit", tmp_path / "audit.sqlite", "--mqtt-topic", "plant/a")
     assert topic.code == 2 and topic.err.strip() == "error: --mqtt-topic applies with --mqtt only"
     assert not (tmp_path / "audit.sqlite").exists() and not (tmp_path / "kept").exists()

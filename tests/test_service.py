@@ -359,12 +359,12 @@ def test_serve_command_starts_on_localhost_and_refuses_bad_input(model_folder: P
     assert record["id"] == answer["results"][0]["audit_id"] and record["verdict"] == answer["results"][0]["verdict"]
     assert record["model_sha256"] == answer["model_sha256"] == file_sha256(model_folder / "part.dsmodel")
     assert record["image_sha256"] == file_sha256(image) and record["role"] == "engineer" and record["source"] == "upload"
-    exposed = cli("serve", model_folder, "--host", "0.0.0.0", "--no-audit")
+    exposed = cli("serve", "--port", 0, model_folder, "--host", "0.0.0.0", "--no-audit")
     assert exposed.code == 2 and "--insecure" in exposed.err  # beyond loopback without a token: refused
-    missing = cli("serve", tmp_path / "nothing.dsmodel")
+    missing = cli("serve", "--port", 0, tmp_path / "nothing.dsmodel")
     assert missing.code == 2 and "does not exist" in missing.err
     (tmp_path / "empty").mkdir()
-    assert cli("serve", tmp_path / "empty").code == 2
+    assert cli("serve", "--port", 0, tmp_path / "empty").code == 2
     with socket.socket() as taken:  # another program holds the port: said at once, before anything is written
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -397,7 +397,7 @@ def test_serve_keeps_the_loaded_libraries_from_the_collector_but_not_its_models(
         seen["freed"] = seen["model"]() is None
 
     monkeypatch.setattr(listener, "serve_on", run)
-    assert cli("serve", model_folder, "--no-audit").code == 0
+    assert cli("serve", "--port", 0, model_folder, "--no-audit").code == 0
     assert seen["frozen"] > 10_000 and seen["freed"]  # the libraries (torch's, FastAPI's, NumPy's objects), not the model
 
 
