@@ -846,3 +846,39 @@ def test_watch_with_mqtt_publishes_the_drift_state(broker: str, served_folder: P
     received = _retained(broker, "plant/line1/drift")
     assert len(received) == 1 and received[0]["drifted"] is True and received[0]["model"] == "part"
     assert received[0]["model_sha256"] == file_sha256(model)
+
+
+def test_the_watcher_says_when_its_model_file_no_longer_holds_the_version_judging(model, served_folder: Path,
+                                                                                  tmp_path: Path) -> None:
+    """`calibrate -o MODEL` in place while `watch` ran: the line went on with the old threshold, and nothing said so."""
+    from defectscope.files import file_sha256
+    from defectscope.pipeline import recalibrate
+
+    loaded, other = tmp_path / "part.dsmodel", tmp_path / "other.dsmodel"
+    shutil.copyfile(served_folder / "part.dsmodel", loaded)
+    recalibrate(loaded, other, false_alarm_rate=0.2)
+    digest, said = file_sha256(loaded), []
+    line = _line(tmp_path, model, say=said.append)
+    line.model = ModelIdentity("part", digest[:12], digest, loaded)
+    stop = threading.Event()
+    watcher = threading.Thread(target=lambda: line.run(stop=stop))
+    watcher.start()
+
+    def said_with(fragment: str) -> list[str]:
+        deadline = time.monotonic() + 20
+        while not [line for line in said if fragment in line] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return [line for line in said if fragment in line]
+
+    try:
+        shutil.copyfile(other, loaded)  # calibrated in place, on disk
+        changed = said_with("now holds")
+        assert changed == [f"{loaded} now holds version {file_sha256(other)[:12]}; this watcher still judges with "
+                           f"version {digest[:12]}: start it again to judge with the file as it is now"]
+        shutil.copyfile(served_folder / "part.dsmodel", loaded)  # rolled back
+        assert said_with("again, the version judging")
+        time.sleep(0.2)
+        assert len(said_with("now holds")) == 1  # said once per change, not at every scan
+    finally:
+        stop.set()
+        watcher.join()

@@ -574,7 +574,7 @@ def watch(
         predictor, digest, _ = load_identified(model)  # verdicts are recorded under the file that judges them
         warm_up(predictor)
     note = _notes(jsonl)
-    identity = ModelIdentity(model.name.rsplit(".", 1)[0], digest[:12], digest)
+    identity = ModelIdentity(model.name.rsplit(".", 1)[0], digest[:12], digest, model)
     dispatch = dispatcher(jsonl, webhook, mqtt, mqtt_topic, report=warn)
     log = drift = None
     try:

@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from defectscope.data.decode import IMAGE_SUFFIXES, EncodedImage
-from defectscope.errors import InputError
-from defectscope.files import content_sha256, exclusive
+from defectscope.errors import DefectscopeError, InputError
+from defectscope.files import content_sha256, exclusive, file_sha256
 from defectscope.clock import now
 from defectscope.line.audit import AuditLog, Verdict
 from defectscope.line.dispatch import Dispatcher
 from defectscope.line.drift import CHECK_EVERY, Drift, recent_drift
 from defectscope.line.outbox import RESEND_BATCH, send_missed, send_verdict
+from defectscope.names import version_of
 from defectscope.predictor import Predictor
 from defectscope.settings import require_range
 
@@ -83,6 +84,7 @@ class ModelIdentity:
     name: str
     version: str
     sha256: str
+    path: Path | None = None  # the file it was loaded from, watched for a replacement (`HotFolder`)
 
     def message(self) -> dict[str, str]:
         """The model's fields as a verdict message names them."""
@@ -167,6 +169,7 @@ class HotFolder:
     _arrivals: Arrivals | None = None  # while `run` watches
     _resent: int = 0  # verdicts the last recovery sent again
     _drifted: bool = False  # what the last drift check found
+    _on_disk: str | None = None  # the version the model file holds when it was last said to differ
 
     def __post_init__(self) -> None:
         check_line(self.folders, self.settle)
@@ -296,6 +299,26 @@ class HotFolder:
             if self.on_drift is not None:
                 self.on_drift(found)
 
+    def _check_model_file(self) -> None:
+        """Say once when the model file no longer holds the version that judges (calibrated or taught in place,
+        promoted, rolled back): this watcher goes on with the version it loaded until it is started again."""
+        path = self.model.path
+        if path is None:
+            return
+        try:
+            holds = file_sha256(path)  # cached by size and time: hashed again only when the file changed
+        except (OSError, DefectscopeError):
+            holds = "nothing"
+        if holds == self.model.sha256:
+            if self._on_disk is not None:
+                self.say(f"{path} holds version {self.model.version} again, the version judging")
+            self._on_disk = None
+        elif holds != self._on_disk:
+            self._on_disk = holds
+            now_holds = "no model" if holds == "nothing" else f"version {version_of(holds)}"
+            self.say(f"{path} now holds {now_holds}; this watcher still judges with version {self.model.version}: "
+                     "start it again to judge with the file as it is now")
+
     def run(self, stop: threading.Event | None = None, limit: int | None = None) -> int:
         """Watch until `stop` is set (or `limit` images were judged); returns the images judged."""
         stop = stop or threading.Event()
@@ -319,6 +342,7 @@ class HotFolder:
         again = time.monotonic() + (self.poll if self._resent == RESEND_BATCH else self.redeliver)
         try:
             while not stop.is_set() and (limit is None or judged < limit):
+                self._check_model_file()
                 batch = self.ready()
                 if batch:
                     judged += self.judge(batch)
