@@ -135,3 +135,19 @@ def test_update_refuses_defect_like_images_and_lost_defects(taught: dict, demo_r
     lineage = model_info(out)["train_summary"]["taught"][-1]
     assert lineage["checked_defects"] == len(defective) and lineage["missed_after"] > 0
     assert len(copies) == lineage["images"]
+
+
+def test_teaching_keeps_a_threshold_chosen_with_labels(taught: dict, demo_root: Path, tmp_path: Path, cli) -> None:
+    """A threshold set for a target recall was replaced, after teaching one image, by the good-only threshold of the
+    model's settings (33.2 -> 24.3 on the demo: a quarter lower, more parts flagged), and nothing said so."""
+    labelled = tmp_path / "labelled.dsmodel"
+    defects = [p for s in ("broken", "scratch") for p in ("--defective", demo_root / "test" / s)]
+    assert cli("calibrate", taught["model"], "--good", demo_root / "test" / "good", *defects, "--target-recall", "0.5",
+               "-o", labelled).code == 0
+    chosen = load_model(labelled).calibration
+    assert chosen.method == "recall" and chosen.threshold > load_model(taught["model"]).calibration.threshold
+    good = sorted((demo_root / "test" / "good").iterdir())[5]  # an ordinary good part: it lowers no good-only rule
+    updated = cli("update", labelled, "--good", good, "-o", tmp_path / "taught.dsmodel")
+    assert updated.code == 0 and "chosen with labelled images (recall) and is kept" in updated.err, updated.err
+    kept = load_model(tmp_path / "taught.dsmodel").calibration
+    assert (kept.method, kept.threshold, kept.param) == (chosen.method, chosen.threshold, chosen.param)

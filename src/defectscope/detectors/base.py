@@ -295,7 +295,9 @@ class Detector(MapModel):
 
         It never rises: teaching must not let through a defect that was caught. Old good scores stay
         valid upper bounds (the model only gained memory); if held-out taught images still score above
-        the kept threshold, the calibration warns that more images like them are needed.
+        the kept threshold, the calibration warns that more images like them are needed. A threshold chosen
+        with labelled images (a target recall, F1, by hand) is kept as it is, and says so: no good-only rule
+        replaces a choice made with labels.
         """
         if self.calibration_scores is None:
             raise DefectscopeError(f"this {self.name} model holds no cross-fitted good scores (fitted by an older "
@@ -303,6 +305,10 @@ class Detector(MapModel):
         self.calibration_scores = torch.cat([self.calibration_scores, taught_scores.float()])
         if self.map_scores is not None and taught_map_scores is not None:
             self.map_scores = torch.cat([self.map_scores, taught_map_scores.float()])
+        if self.calibration is not None and self.calibration.method not in GOOD_ONLY_METHODS:
+            kept = (f"the threshold was chosen with labelled images ({self.calibration.method}) and is kept; its rates "
+                    "are those of the model before teaching: calibrate again with labelled images to restate them")
+            return replace(self.calibration, warning="; ".join(filter(None, (self.calibration.warning, kept))))
         known = self.calibration and self.calibration.method in GOOD_ONLY_METHODS
         method, param = ((self.calibration.method, self.calibration.param) if known
                          else (self.config.threshold_method, self.config.threshold_param))
