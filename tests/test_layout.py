@@ -48,6 +48,21 @@ def test_tire_samples(tire: Path) -> None:
     assert dataset.defect_types == ["combined", "contamination", "cut", "hole"]
 
 
+@pytest.mark.parametrize("layout", ["mvtec", "folder"])
+def test_mask_folders_of_no_defect_folder_are_said(tmp_path: Path, layout: str) -> None:
+    """Masks under `good` or a misspelt type were never read, and nothing said so."""
+    if layout == "mvtec":
+        root, masks = _mvtec(tmp_path / "m"), tmp_path / "m" / "ground_truth"
+    else:
+        root, masks = tmp_path / "f", tmp_path / "f" / "masks"
+        for i in range(5):
+            _png(root / "good" / f"g{i}.png", np.zeros((8, 8, 3), np.uint8))
+    _png(masks / "good" / "000_mask.png", np.zeros((8, 8), np.uint8))
+    _png(masks / "crak" / "000_mask.png", np.zeros((8, 8), np.uint8))
+    said = [w for w in load_dataset(root).warnings if "belongs to no defect folder" in w]
+    assert sorted(Path(w.split()[2]).name for w in said) == ["crak", "good"]
+
+
 def test_plain_folder_layout(tmp_path: Path) -> None:
     for i in range(10):
         _png(tmp_path / "good" / f"g{i}.png", np.zeros((8, 8, 3), np.uint8))

@@ -153,6 +153,17 @@ def _defect_samples(folder: Path, split: str, mask_dir: Path, warnings: list[str
     return [Sample(path, split, 1, folder.name, mask) for path, mask in zip(images, masks)]
 
 
+def _unused_mask_folders(masks: Path, samples: list[Sample], warnings: list[str]) -> None:
+    """Warn of mask folders that belong to no defect folder (`good`, a misspelt type): their masks are never read."""
+    if not masks.is_dir():
+        return
+    defects = {s.defect for s in samples if s.label == 1}
+    for folder in _subfolders(masks):
+        if folder.name not in defects:
+            warnings.append(f"mask folder {folder} belongs to no defect folder (good images have no mask): its masks "
+                            "are not read")
+
+
 def load_mvtec(root: Path) -> Dataset:
     """MVTec AD layout: train/good, test/<good|defect>, ground_truth/<defect>/<name>_mask.png."""
     warnings: list[str] = []
@@ -172,6 +183,7 @@ def load_mvtec(root: Path) -> Dataset:
                 samples += _defect_samples(folder, "test", root / "ground_truth" / folder.name, warnings)
     else:
         warnings.append(f"{root} has no test folder: only fitting is possible")
+    _unused_mask_folders(root / "ground_truth", samples, warnings)
     return Dataset(root, "mvtec", samples, warnings)
 
 
@@ -201,6 +213,7 @@ def load_folder(root: Path, test_fraction: float = 0.2) -> Dataset:
         if folder.name in (GOOD, *MASK_FOLDERS):
             continue
         samples += _defect_samples(folder, "test", root / "masks" / folder.name, warnings)
+    _unused_mask_folders(root / "masks", samples, warnings)
     return Dataset(root, "folder", samples, warnings)
 
 
