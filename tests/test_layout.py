@@ -63,6 +63,17 @@ def test_mask_folders_of_no_defect_folder_are_said(tmp_path: Path, layout: str) 
     assert sorted(Path(w.split()[2]).name for w in said) == ["crak", "good"]
 
 
+def test_what_the_mvtec_layout_never_reads_is_said(tmp_path: Path) -> None:
+    """A LOCO-style validation folder, defects put under train, an image loose in test: all silently not read."""
+    root = _mvtec(tmp_path / "m")
+    rgb = np.full((32, 32, 3), 120, np.uint8)
+    for place in ("validation/good/000.png", "train/scratch/000.png", "test/loose.png"):
+        _png(root / place, rgb)
+    said = [w for w in load_dataset(root).warnings if "is not read" in w]
+    assert [Path(w.split()[1]).relative_to(root).as_posix() for w in said] == ["validation", "train/scratch",
+                                                                               "test/loose.png"]
+
+
 def test_plain_folder_layout(tmp_path: Path) -> None:
     for i in range(10):
         _png(tmp_path / "good" / f"g{i}.png", np.zeros((8, 8, 3), np.uint8))

@@ -164,6 +164,18 @@ def _unused_mask_folders(masks: Path, samples: list[Sample], warnings: list[str]
                             "are not read")
 
 
+def _unread(folder: Path, read: set[str], warnings: list[str]) -> None:
+    """Warn of what in `folder` a layout never reads: folders not named in `read` (an MVTec LOCO `validation`, a
+    defect folder under `train`) and images lying loose beside them."""
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and entry.name not in read:
+            warnings.append(f"folder {entry} is not read (this layout reads {', '.join(sorted(read))} in {folder})")
+        elif entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
+            warnings.append(f"image {entry} is not read (images go into the folders of {folder})")
+
+
 def load_mvtec(root: Path) -> Dataset:
     """MVTec AD layout: train/good, test/<good|defect>, ground_truth/<defect>/<name>_mask.png."""
     warnings: list[str] = []
@@ -174,8 +186,11 @@ def load_mvtec(root: Path) -> Dataset:
             "with defect-free images (or use the plain-folder layout: <root>/good, <root>/<defect>)"
         )
     samples = [Sample(p, "train", 0, GOOD) for p in _require_images(train_good, warnings, "train/good")]
+    _unread(root, {"train", "test", "ground_truth"}, warnings)
+    _unread(root / "train", {GOOD}, warnings)
     test = root / "test"
     if test.is_dir():
+        _unread(test, {folder.name for folder in _subfolders(test)}, warnings)
         for folder in _subfolders(test):
             if folder.name == GOOD:
                 samples += [Sample(p, "test", 0, GOOD) for p in _require_images(folder, warnings, "test/good")]
