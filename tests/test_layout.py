@@ -74,6 +74,24 @@ def test_what_the_mvtec_layout_never_reads_is_said(tmp_path: Path) -> None:
                                                                                "test/loose.png"]
 
 
+def test_every_command_that_reads_a_dataset_says_what_it_skips(demo_root: Path, served_folder: Path, tmp_path: Path,
+                                                               cli) -> None:
+    """Only `data summary` showed what a dataset skips or never reads: `fit`, `evaluate` and the rest said nothing."""
+    import shutil
+
+    from defectscope.errors import DataWarning
+
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    _png(root / "validation" / "good" / "000.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.warns(DataWarning, match="validation is not read"):
+        load_dataset(root)
+    evaluated = cli("evaluate", served_folder / "part.dsmodel", root)
+    assert evaluated.code == 0 and f"warning: folder {root / 'validation'} is not read" in evaluated.err
+    summary = cli("data", "summary", root)
+    assert summary.err.count("validation is not read") == 1  # its own list, not twice
+
+
 def test_plain_folder_layout(tmp_path: Path) -> None:
     for i in range(10):
         _png(tmp_path / "good" / f"g{i}.png", np.zeros((8, 8, 3), np.uint8))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from defectscope._version import __version__
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DataWarning, DefectscopeError
 from defectscope.jobs import RayCluster
 from defectscope.names import (DEFECT_LIKE, GOOD_ONLY_MODELS, KEPT_MB, KEPT_VERDICTS, LABEL_FORMATS, MASK_MODELS,
                                MQTT_TOPIC, OPERATOR_TOKEN_ENV, RAY_WORKERS, TOKEN_ENV, version_of)
@@ -38,13 +39,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial v
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets and make demo data.")
 app.add_typer(data_app, name="data")
 console = Console()
-state = {"quiet": False, "debug": False}
+state = {"quiet": False, "debug": False, "data_warnings": []}
 SOME_FAILED = 3  # predict, score, fit-many: some items could not be done
 
 
 def say(text: str, markup: bool = False) -> None:
     """Print a line as is: no wrapping (paths stay whole for scripts), no highlighting, no markup unless asked."""
+    _say_data_warnings()
     console.print(text, soft_wrap=True, highlight=False, markup=markup)
+
+
+def _say_data_warnings() -> None:
+    """What the datasets read so far skip (`DataWarning`), said before the command's next line: held until then,
+    so a command that fails says its one error line alone."""
+    held, state["data_warnings"] = state["data_warnings"], []
+    for text in held:
+        warn(text)
 
 
 def _notes(jsonl: bool) -> Callable[[str], None]:
@@ -53,6 +63,8 @@ def _notes(jsonl: bool) -> Callable[[str], None]:
 
 
 def _stderr_line(label: str, style: str, text: str) -> None:
+    if label != "error: ":
+        _say_data_warnings()
     Console(stderr=True).print(Text(label, style=style) + Text(text), soft_wrap=True, highlight=False)
 
 
@@ -114,8 +126,11 @@ def data_summary(
     """Classes, counts per split and class, image sizes, masks and imbalance of a dataset."""
     from defectscope.data.layout import load_dataset
     from defectscope.data.summary import summarize
+    from defectscope.errors import DataWarning
     from defectscope.files import json_text
-    summary = summarize(load_dataset(path))
+    with warnings.catch_warnings():  # the summary lists them itself
+        warnings.simplefilter("ignore", DataWarning)
+        summary = summarize(load_dataset(path))
     if as_json:
         print(json_text(summary, indent=2))
         return
@@ -842,13 +857,31 @@ def _terminate(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """What a dataset skips or never reads (`DataWarning`): a `warning:` line before the command's next line (or at its
+    end); other warnings as Python shows them."""
+    if issubclass(category, DataWarning):
+        state["data_warnings"].append(str(message))
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2, without a traceback (unless --debug)."""
     configure_process()  # before any command loads torch
+    warnings.showwarning = _show_warning
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
+    except SystemExit as exc:
+        if exc.code not in (2, 130):  # done (or done in part): what its data skipped is said; a refusal says one line
+            _say_data_warnings()
+        raise
     except (DefectscopeError, OSError) as exc:
+        state["data_warnings"].clear()
         if state["debug"]:
             raise
         message = str(exc) if isinstance(exc, DefectscopeError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")

@@ -29,3 +29,8 @@ def check_fitted(learned: object, name: str, how: str = "fit()") -> None:
     """Raise NotFittedError unless `learned` (what the model learns: a bank, a network, its statistics) is there."""
     if learned is None or learned is False or (isinstance(learned, dict) and not learned):
         raise NotFittedError(f"{name} is not fitted; call {how} or load a model file")
+
+
+class DataWarning(UserWarning):
+    """Something in a dataset that is skipped or never read (a hidden or nested file, a mask folder of no defect):
+    said by every command that reads the dataset (the CLI prints it as a `warning:` line)."""

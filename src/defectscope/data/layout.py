@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from defectscope.data.decode import IMAGE_SUFFIXES, image_header, read_mask
-from defectscope.errors import InputError
+from defectscope.errors import DataWarning, InputError
 from defectscope.names import few
 
 GOOD = "good"
@@ -233,12 +234,15 @@ def load_folder(root: Path, test_fraction: float = 0.2) -> Dataset:
 
 
 def load_dataset(path: str | Path) -> Dataset:
-    """Read a dataset folder, detecting its layout (MVTec AD or plain folder)."""
+    """Read a dataset folder, detecting its layout (MVTec AD or plain folder). What it skips or never reads is in
+    `Dataset.warnings` and is also issued as a `DataWarning` (once per message in a process), so every command that
+    reads a dataset says it."""
     root = Path(path).expanduser()
     if not root.exists():
         raise InputError(f"dataset path {root} does not exist; check the path")
     if not root.is_dir():
         raise InputError(f"dataset path {root} is a file; give the dataset's folder")
-    if (root / "train").is_dir():
-        return load_mvtec(root)
-    return load_folder(root)
+    dataset = load_mvtec(root) if (root / "train").is_dir() else load_folder(root)
+    for text in dataset.warnings:
+        warnings.warn(text, DataWarning, stacklevel=2)
+    return dataset
