@@ -92,6 +92,26 @@ def test_every_command_that_reads_a_dataset_says_what_it_skips(demo_root: Path, 
     assert summary.err.count("validation is not read") == 1  # its own list, not twice
 
 
+def test_training_images_of_another_shape_are_said_once(demo_root: Path, tmp_path: Path, cli) -> None:
+    """A quarter of the training photos from another camera (256x128 among 256x256) were squashed into the frame and
+    learned as good, silently."""
+    import shutil
+
+    from defectscope.data.frame import other_shapes
+
+    assert other_shapes([(256, 256)] * 3 + [(128, 256), (250, 252)]) == {(128, 256): 1}  # within 5%: one shape
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    for path in sorted((root / "train" / "good").iterdir())[:10]:
+        cv2.imwrite(str(path), cv2.resize(cv2.imread(str(path)), (256, 128)))
+    fitted = cli("fit", root, "-o", tmp_path / "m.dsmodel")  # the frame search fits each candidate
+    assert fitted.code == 0
+    said = [line for line in fitted.err.splitlines() if "another shape" in line]
+    assert said == ["warning: 10 of the 40 training images have another shape than the rest (256x128 (10); width x "
+                    "height): every image is resized to one frame, which squashes theirs; learn from images of one "
+                    "product and camera setup"]  # once, though the frame search fits several times
+
+
 def test_plain_folder_layout(tmp_path: Path) -> None:
     for i in range(10):
         _png(tmp_path / "good" / f"g{i}.png", np.zeros((8, 8, 3), np.uint8))

@@ -39,7 +39,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial v
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets and make demo data.")
 app.add_typer(data_app, name="data")
 console = Console()
-state = {"quiet": False, "debug": False, "data_warnings": []}
+state = {"quiet": False, "debug": False, "data_warnings": [], "data_said": set()}
 SOME_FAILED = 3  # predict, score, fit-many: some items could not be done
 
 
@@ -861,7 +861,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     """What a dataset skips or never reads (`DataWarning`): a `warning:` line before the command's next line (or at its
     end); other warnings as Python shows them."""
     if issubclass(category, DataWarning):
-        state["data_warnings"].append(str(message))
+        if str(message) not in state["data_said"]:  # once a command: a dataset read twice, a frame search's fits
+            state["data_said"].add(str(message))
+            state["data_warnings"].append(str(message))
     else:
         _python_showwarning(message, category, filename, lineno, file, line)
 
@@ -873,6 +875,8 @@ def main() -> None:
     """Entry point: user errors print one line and exit 2, without a traceback (unless --debug)."""
     configure_process()  # before any command loads torch
     warnings.showwarning = _show_warning
+    warnings.simplefilter("always", DataWarning)  # Python's own once-per-place forgets after any catch_warnings
+    state["data_warnings"], state["data_said"] = [], set()
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()

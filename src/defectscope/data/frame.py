@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -13,6 +14,17 @@ from defectscope.maps import resize_maps
 
 FRAME_MULTIPLE = 16  # the long side of a non-square frame is a multiple of the coarsest feature stride
 MAX_ASPECT = 4.0  # frames are at most 4:1; longer images are squashed to that
+SHAPE_TOLERANCE = 0.05  # images whose aspect is within 5% of the others' count as one shape
+
+
+def other_shapes(sizes: Sequence[tuple[int, int]]) -> Counter[tuple[int, int]]:
+    """The (height, width) sizes whose aspect differs from the median aspect by more than SHAPE_TOLERANCE, counted:
+    images of another shape than the rest, which one frame squashes."""
+    ratios = np.array([h / w if h > 0 and w > 0 else np.nan for h, w in sizes], dtype=np.float64)
+    if not len(ratios) or np.isnan(ratios).all():
+        return Counter()
+    off = np.abs(ratios / np.nanmedian(ratios) - 1) > SHAPE_TOLERANCE
+    return Counter(size for size, odd in zip(sizes, off) if odd)
 
 
 def frame_aspect(sizes: Sequence[tuple[int, int]]) -> float:

@@ -244,5 +244,5 @@ def load_dataset(path: str | Path) -> Dataset:
         raise InputError(f"dataset path {root} is a file; give the dataset's folder")
     dataset = load_mvtec(root) if (root / "train").is_dir() else load_folder(root)
     for text in dataset.warnings:
-        warnings.warn(text, DataWarning, stacklevel=2)
+        warnings.warn(text, DataWarning)  # issued here: once per message in a process, whoever reads it
     return dataset

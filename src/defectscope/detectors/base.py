@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import math
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,10 +22,11 @@ from torch import nn
 from defectscope.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, load_backbone
 from defectscope.data.batches import iterate_batches
 from defectscope.data.decode import ImageSource, image_size
-from defectscope.data.frame import Preprocess, frame_aspect
+from defectscope.data.frame import Preprocess, frame_aspect, other_shapes
 from defectscope.data.images import normalize
-from defectscope.errors import DefectscopeError, SettingsError
+from defectscope.errors import DataWarning, DefectscopeError, SettingsError
 from defectscope.maps import finishing_matrix
+from defectscope.names import few
 from defectscope.prediction import Prediction, Scored, predict_frames
 from defectscope.process import release_free_heap
 from defectscope.settings import FrameConfig, Settings, require_choice, require_range
@@ -148,8 +150,16 @@ class MapModel(ABC):
         return self.config.backbone
 
     def learn_aspect(self, images: Sequence[ImageSource]) -> None:
-        """Take the frame's aspect from the training images' sizes (headers only), if config.keep_aspect."""
-        self.aspect = frame_aspect([image_size(image) for image in images]) if self.config.keep_aspect else 1.0
+        """Take the frame's aspect from the training images' sizes (headers only), if config.keep_aspect; training
+        images of another shape than the rest are said (a `DataWarning`): one frame squashes them."""
+        sizes = [image_size(image) for image in images]
+        self.aspect = frame_aspect(sizes) if self.config.keep_aspect else 1.0
+        odd = other_shapes(sizes)
+        if odd:
+            shapes = few([f"{width}x{height} ({count})" for (height, width), count in odd.most_common()])
+            warnings.warn(f"{sum(odd.values())} of the {len(sizes)} training images have another shape than the rest "
+                          f"({shapes}; width x height): every image is resized to one frame, which squashes theirs; "
+                          "learn from images of one product and camera setup", DataWarning)
 
     def require_backbone(self) -> Backbone:
         if self.backbone is None:
