@@ -871,14 +871,21 @@ def test_the_watcher_says_when_its_model_file_no_longer_holds_the_version_judgin
         return [line for line in said if fragment in line]
 
     try:
-        shutil.copyfile(other, loaded)  # calibrated in place, on disk
-        changed = said_with("now holds")
+        data = other.read_bytes()
+        with open(loaded, "wb") as copying:  # copied over it, slowly (cp): a file half written is no version
+            copying.write(data[: len(data) // 2])
+            copying.flush()
+            time.sleep(0.5)
+            copying.write(data[len(data) // 2 :])
+        changed = said_with("now holds version")
         assert changed == [f"{loaded} now holds version {file_sha256(other)[:12]}; this watcher still judges with "
                            f"version {digest[:12]}: start it again to judge with the file as it is now"]
         shutil.copyfile(served_folder / "part.dsmodel", loaded)  # rolled back
         assert said_with("again, the version judging")
         time.sleep(0.2)
-        assert len(said_with("now holds")) == 1  # said once per change, not at every scan
+        assert len(said_with("now holds version")) == 1  # said once per change, not at every scan
+        assert {line.split(" now holds ")[1].split(";")[0] for line in said_with("now holds")} <= {
+            f"version {file_sha256(other)[:12]}", "no whole model (being written, or damaged)"}  # never the half file's
     finally:
         stop.set()
         watcher.join()

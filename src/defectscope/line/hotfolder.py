@@ -170,6 +170,8 @@ class HotFolder:
     _resent: int = 0  # verdicts the last recovery sent again
     _drifted: bool = False  # what the last drift check found
     _on_disk: str | None = None  # the version the model file holds when it was last said to differ
+    _model_stat: tuple[int, int, int] | None = None  # the model file's size, time and inode at the last look
+    _model_settled: bool = False  # whether the model file was looked at since it last changed
 
     def __post_init__(self) -> None:
         check_line(self.folders, self.settle)
@@ -301,23 +303,48 @@ class HotFolder:
 
     def _check_model_file(self) -> None:
         """Say once when the model file no longer holds the version that judges (calibrated or taught in place,
-        promoted, rolled back): this watcher goes on with the version it loaded until it is started again."""
+        promoted, rolled back): this watcher goes on with the version it loaded until it is started again. A file
+        is looked at once it held still for one scan (not while it is being written)."""
         path = self.model.path
         if path is None:
             return
         try:
-            holds = file_sha256(path)  # cached by size and time: hashed again only when the file changed
-        except (OSError, DefectscopeError):
-            holds = "nothing"
+            stat = path.stat()
+            now = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        except OSError:
+            now = None
+        if now != self._model_stat:
+            self._model_stat, self._model_settled = now, False
+            return
+        if self._model_settled:
+            return
+        self._model_settled = True
+        holds = "nothing" if now is None else self._model_file_version(path) or "damaged"
         if holds == self.model.sha256:
             if self._on_disk is not None:
                 self.say(f"{path} holds version {self.model.version} again, the version judging")
             self._on_disk = None
         elif holds != self._on_disk:
             self._on_disk = holds
-            now_holds = "no model" if holds == "nothing" else f"version {version_of(holds)}"
+            now_holds = {"nothing": "no model", "damaged": "no whole model (being written, or damaged)"}.get(
+                holds, f"version {version_of(holds)}")
             self.say(f"{path} now holds {now_holds}; this watcher still judges with version {self.model.version}: "
                      "start it again to judge with the file as it is now")
+
+    @staticmethod
+    def _model_file_version(path: Path) -> str | None:
+        """The sha256 of a whole model file (or export) at `path`; None while it is not one (half written)."""
+        from defectscope.model_header import model_info
+        from defectscope.runtime import read_deployment
+
+        try:
+            if path.suffix == ".dsdeploy":
+                read_deployment(path)
+            else:
+                model_info(path)
+            return file_sha256(path)
+        except (OSError, DefectscopeError):
+            return None
 
     def run(self, stop: threading.Event | None = None, limit: int | None = None) -> int:
         """Watch until `stop` is set (or `limit` images were judged); returns the images judged."""
