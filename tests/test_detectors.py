@@ -273,6 +273,26 @@ def test_evaluation_without_masks_skips_pixel_metrics_and_says_so(fitted: dict, 
     assert metrics["good"] == 8 and metrics["defective"] == 8
 
 
+def test_evaluation_says_which_defects_its_frame_cannot_see(fitted: dict, demo_root: Path, tmp_path: Path) -> None:
+    """A defect the crop leaves out of the frame was counted like any miss, with nothing saying no model of that frame
+    could find it."""
+    import shutil
+
+    import cv2
+
+    root = tmp_path / "part"
+    shutil.copytree(demo_root, root)
+    mask = sorted((root / "ground_truth" / "scratch").iterdir())[0]
+    corner = np.zeros(cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE).shape, np.uint8)
+    corner[:4, :4] = 255  # the defect at the very corner, where a centre crop cuts it away
+    cv2.imwrite(str(mask), corner)
+    cropped = create_detector("patchcore", image_size=64, crop=48, coreset_ratio=0.25)
+    cropped.fit([s.path for s in fitted["dataset"].train])
+    notes = evaluate(cropped, load_dataset(root)).metrics["notes"]
+    assert any("1 defective test image(s) show none of their masked pixels" in note and mask.stem.split("_")[0] in note
+               for note in notes), notes
+
+
 def test_a_type_without_masks_leaves_only_itself_out_of_pixel_metrics(fitted: dict, demo_root: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -105,6 +105,11 @@ def evaluate(detector: Predictor, dataset: Dataset, progress: Progress | None = 
         unmasked = sorted(set(per_defect) - set(masked))
         if masked:
             masks = masks_in_frame([s.mask for s in test], detector.preprocess)  # a missing mask: empty, never scored
+            unseen = [s.path for s, mask in zip(test, masks) if s.label == 1 and s.mask is not None and not mask.any()]
+            if unseen:
+                metrics["notes"].append(f"{len(unseen)} defective test image(s) show none of their masked pixels in "
+                                        f"the model's frame (its crop leaves the defect out, or the mask marks "
+                                        f"nothing), e.g. {unseen[0]}: no model of this frame can see those defects")
             kept = (defects == GOOD) | np.isin(defects, masked)
             metrics.update(pixel_metrics(masks[kept], maps[kept]))
             for defect in masked:
