@@ -126,7 +126,6 @@ def data_summary(
     """Classes, counts per split and class, image sizes, masks and imbalance of a dataset."""
     from defectscope.data.layout import load_dataset
     from defectscope.data.summary import summarize
-    from defectscope.errors import DataWarning
     from defectscope.files import json_text
     with warnings.catch_warnings():  # the summary lists them itself
         warnings.simplefilter("ignore", DataWarning)
