@@ -64,14 +64,14 @@ def empty_masks(samples: list[Sample]) -> list[Path]:
     return [s.mask for s in samples if s.label == 1 and s.mask is not None and not read_mask(s.mask).any()]
 
 
-def require_masks(samples: list[Sample], learner: str) -> None:
-    """Refuse defective samples that have no mask, or a mask marking nothing: `learner` would learn their defects as
-    background."""
+def require_masks(samples: list[Sample], learner: str, read: bool = True) -> None:
+    """Refuse defective samples that have no mask, or (`read`: decoding them; a caller that reads them anyway checks
+    their regions itself) a mask marking nothing: `learner` would learn their defects as background."""
     missing = [s.path for s in samples if s.label == 1 and s.mask is None]
     if missing:
         raise InputError(f"{len(missing)} defective image(s) have no mask: {few(missing)}; {learner} would learn "
                          "their defects as background: add their masks or move them out of the dataset")
-    empty = empty_masks(samples)
+    empty = empty_masks(samples) if read else []
     if empty:
         raise InputError(f"{len(empty)} mask(s) of defective images mark no pixel: {few(empty)}; {learner} would "
                          "learn their defects as background: fix the masks or move their images")

@@ -68,7 +68,7 @@ class ExportOptions:
 
 def check_masks(dataset: Dataset, samples: Sequence[Sample]) -> None:
     """Every defective image needs a mask marking its defect, and every file in a mask folder needs its image."""
-    require_masks(samples, "a model trained on these labels")
+    require_masks(samples, "a model trained on these labels", read=False)  # their regions: checked once collected
     used = {s.mask for s in dataset.samples if s.mask}
     for folder in sorted({m.parent for m in used}):
         orphans = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p not in used)
