@@ -231,6 +231,8 @@ def test_experiment_run_and_report(demo_root: Path, tmp_path: Path) -> None:
     (out / "table.md").unlink()
     report = runner.invoke(app, ["experiment", "report", str(out), "--metric", "accuracy"])
     assert report.exit_code == 0 and "Best by accuracy:" in report.output and (out / "table.md").is_file()
+    typo = runner.invoke(app, ["experiment", "report", str(out), "--metric", "image_aucroc"])  # ranked nothing, said so
+    assert isinstance(typo.exception, DefectscopeError) and "--metric must be one of" in str(typo.exception)
 
 
 def test_every_output_is_o_and_out() -> None:

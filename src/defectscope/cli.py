@@ -701,6 +701,9 @@ def experiment_report(
     metric: Annotated[str | None, typer.Option(help="Rank attempts by this metric instead of the config's.")] = None,
 ) -> None:
     """Re-render the comparison table from the attempts' saved results."""
+    from defectscope.experiments.config import METRICS
+    if metric is not None and metric not in METRICS:  # as a config's metric is checked: a typo ranks nothing
+        raise DefectscopeError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     _show_table(folder, metric)
 
 
