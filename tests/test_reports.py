@@ -99,6 +99,20 @@ def test_a_report_written_again_leaves_nothing_of_the_earlier_one(report_folder:
     assert left == {"notes.txt", "cases"}
 
 
+def test_a_demo_run_again_keeps_no_overlays_of_the_earlier_model(demo_root: Path, report_folder: Path,
+                                                                  tmp_path: Path) -> None:
+    """`demo --model knn` into an earlier PatchCore demo kept that model's overlays beside the k-NN's report."""
+    from defectscope.files import claim_folder
+    from defectscope.pipeline import run_demo
+
+    out = claim_folder(tmp_path / "demo-output", what="demo output")
+    earlier = claim_folder(out / "heatmaps", what="heatmaps") / "broken.png"
+    earlier.write_bytes((report_folder / "histogram.png").read_bytes())  # an overlay of the earlier demo's model
+    (out / "heatmaps" / "notes.txt").write_text("mine")
+    run_demo(out, demo_root, model="knn")
+    assert not earlier.exists() and (out / "heatmaps" / "notes.txt").read_text() == "mine"
+
+
 def test_the_report_names_the_model_file_as_it_was_evaluated(served_folder: Path, demo_root: Path, tmp_path: Path,
                                                              cli, monkeypatch) -> None:
     """The report hashed the model file once the evaluation was done: a file calibrated in place meanwhile was named

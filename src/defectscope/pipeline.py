@@ -41,7 +41,7 @@ from defectscope.detectors.frame_search import CANDIDATES, FRAME_FIELDS, choose_
 from defectscope.detectors.patchcore import PatchCore
 from defectscope.errors import DefectscopeError, InputError
 from defectscope.evaluation import Evaluation, evaluate
-from defectscope.files import check_apart, claim_folder, file_sha256
+from defectscope.files import check_apart, claim_folder, file_sha256, folder_kind
 from defectscope.jobs import RayCluster, connect_ray, map_on_ray
 from defectscope.names import DEFECT_LIKE, few
 from defectscope.prediction import prediction_rows
@@ -392,7 +392,11 @@ def run_demo(out: Path, data: Path | None = None, model: str = "patchcore", forc
     evaluation, written = evaluate_model(fitted.detector, fitted.dataset, out / "report", bar=bar, context=context,
                                          model_file=fitted.path)
     first_of_each = {s.defect: s.path for s in reversed(fitted.dataset.test)}  # one image per class, good included
+    heatmaps = out / "heatmaps"
+    if heatmaps.is_dir() and folder_kind(heatmaps) == "heatmaps":  # an earlier demo's overlays are not this model's
+        for overlay_file in heatmaps.glob("*.png"):
+            overlay_file.unlink()
     if fitted.detector.localizes:
-        predict_images(fitted.detector, [first_of_each[d] for d in sorted(first_of_each)], heatmaps=out / "heatmaps", bar=bar)
+        predict_images(fitted.detector, [first_of_each[d] for d in sorted(first_of_each)], heatmaps=heatmaps, bar=bar)
     return DemoResult(data, fitted, evaluation, written, out / "report" / "report.html")
 
