@@ -780,9 +780,8 @@ def info(model: Annotated[Path, typer.Argument(help="Model file, or deployment f
     """Print a model file's manifest (detector, config, backbone, threshold, training set), or a deployment file's
     (the same, with its graph files, engine and parity)."""
     from defectscope.files import json_text
-    from defectscope.model_header import model_info
-    from defectscope.runtime import is_deployment, read_deployment
-    print(json_text(read_deployment(model)[0] if is_deployment(model) else model_info(model), indent=2))
+    from defectscope.runtime import checked_manifest
+    print(json_text(checked_manifest(model), indent=2))
 
 
 @app.command("versions")

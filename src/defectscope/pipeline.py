@@ -47,7 +47,7 @@ from defectscope.names import DEFECT_LIKE, few
 from defectscope.prediction import prediction_rows
 from defectscope.process import release_free_heap
 from defectscope.predictor import Predictor
-from defectscope.reports import provenance, write_report
+from defectscope.reports import provenance, remove_overlays, write_report
 from defectscope.settings import Settings
 from defectscope.thresholds import (
     Calibration,
@@ -394,8 +394,7 @@ def run_demo(out: Path, data: Path | None = None, model: str = "patchcore", forc
     first_of_each = {s.defect: s.path for s in reversed(fitted.dataset.test)}  # one image per class, good included
     heatmaps = out / "heatmaps"
     if heatmaps.is_dir() and folder_kind(heatmaps) == "heatmaps":  # an earlier demo's overlays are not this model's
-        for overlay_file in heatmaps.glob("*.png"):
-            overlay_file.unlink()
+        remove_overlays(heatmaps)
     if fitted.detector.localizes:
         predict_images(fitted.detector, [first_of_each[d] for d in sorted(first_of_each)], heatmaps=heatmaps, bar=bar)
     return DemoResult(data, fitted, evaluation, written, out / "report" / "report.html")

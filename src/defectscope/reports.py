@@ -255,16 +255,20 @@ def plant_report(evaluation: Evaluation, detector: Predictor, out: Path, name: s
     return blocks, rows, overlays
 
 
+def remove_overlays(folder: Path) -> None:
+    """Remove an earlier run's PNG overlays from `folder` (one of ours), and the folder once nothing else is in it."""
+    if folder.is_dir() and not folder.is_symlink():
+        for overlay_file in folder.glob("*.png"):
+            overlay_file.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def _clear_earlier_report(out: Path) -> None:
     """Remove the files a report writes (REPORT_FILES, the PNG overlays in cases/) from `out`, nothing else."""
     for name in REPORT_FILES:
         (out / name).unlink(missing_ok=True)
-    cases = out / "cases"
-    if cases.is_dir() and not cases.is_symlink():
-        for overlay_file in cases.glob("*.png"):
-            overlay_file.unlink()
-        if not any(cases.iterdir()):
-            cases.rmdir()
+    remove_overlays(out / "cases")
 
 
 def write_report(evaluation: Evaluation, detector: Predictor, out: Path, name: str = "the test set",

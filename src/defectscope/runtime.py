@@ -32,6 +32,7 @@ from defectscope.data.frame import Preprocess
 from defectscope.errors import DefectscopeError
 from defectscope.files import json_text, read_regular
 from defectscope.manifests import is_manifest_file, read_header_manifest
+from defectscope.model_header import model_info
 from defectscope.prediction import Prediction, Scored, predict_frames, prediction_rows
 from defectscope.search import ClusterIndex
 
@@ -161,6 +162,12 @@ def _threshold(calibration: object) -> float | None:
 def is_deployment(path: str | Path) -> bool:
     """Whether `path` is a deployment file written by `defectscope export model` (reads the header only)."""
     return is_manifest_file(Path(path), DEPLOYMENT_FORMAT)
+
+
+def checked_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a deployment file (`read_deployment`) or of a model file (`model_header.model_info`), each file
+    checked whole; no model is built and no torch imported."""
+    return read_deployment(path)[0] if is_deployment(path) else model_info(path)
 
 
 def read_deployment(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

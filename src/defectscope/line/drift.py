@@ -91,15 +91,14 @@ def audited_drift(database: Path, model: Path, last: int = DEFAULT_PARTS) -> Dri
     """The drift check of a model file (or deployment file) on its last `last` verdicts in an audit database; the
     file's sha256 picks its own verdicts, so another version's scores never mix in. Reads headers only (no PyTorch)."""
     from defectscope.files import file_sha256
-    from defectscope.model_header import model_info
-    from defectscope.runtime import is_deployment, read_deployment
+    from defectscope.runtime import checked_manifest, is_deployment
 
     if last < 1:
         raise InputError(f"--last must be at least 1, got {last}")
     if not database.is_file():
         raise InputError(f"audit database {database} {'is not a file' if database.exists() else 'does not exist'}")
-    manifest = read_deployment(model)[0]["model"] if is_deployment(model) else model_info(model)
-    stored = manifest.get("calibration")
+    manifest = checked_manifest(model)
+    stored = (manifest["model"] if is_deployment(model) else manifest).get("calibration")
     calibration = Calibration.from_dict(stored) if stored is not None else None
     log = AuditLog(database, read_only=True)
     try:

@@ -334,14 +334,10 @@ class HotFolder:
     @staticmethod
     def _model_file_version(path: Path) -> str | None:
         """The sha256 of a whole model file (or export) at `path`; None while it is not one (half written)."""
-        from defectscope.model_header import model_info
-        from defectscope.runtime import read_deployment
+        from defectscope.runtime import checked_manifest
 
         try:
-            if path.suffix == ".dsdeploy":
-                read_deployment(path)
-            else:
-                model_info(path)
+            checked_manifest(path)
             return file_sha256(path)
         except (OSError, DefectscopeError):
             return None
