@@ -30,6 +30,7 @@ from defectscope.errors import DefectscopeError
 from defectscope.experiments.config import load_experiment
 from defectscope.experiments.runner import run_experiment
 from defectscope.files import MARKER, read_regular, write_atomic
+from defectscope.settings import MAX_SEED, derived_seed
 
 SMALL = {"image_size": 64, "crop": None}
 
@@ -200,6 +201,26 @@ def test_fit_refuses_bad_outputs_before_fitting(data: Path, knn_model: Path, tmp
     shutil.rmtree(copy / "ground_truth")  # a mask model learns from masks: without them it says so and writes nothing
     one_line_error(cli("fit", copy, "-o", tmp_path / "m.dsmodel", "--model", "segmenter"), "no defective test images with masks")
     assert not (tmp_path / "m.dsmodel").exists()
+
+
+@pytest.mark.parametrize("seed", [MAX_SEED + 1, 10**20, -1])
+def test_a_seed_beyond_every_random_source_is_refused(data: Path, tmp_path: Path, cli, seed: int) -> None:
+    """faiss takes a signed 32-bit seed, NumPy no negative one: each was a traceback, after the fit had begun."""
+    out = tmp_path / "out"
+    one_line_error(cli("fit", data, "-o", out / "m.dsmodel", "--seed", str(seed)), "'seed'", str(MAX_SEED))
+    one_line_error(cli("data", "demo", out, "--size", "32", "--seed", str(seed)), "'seed'", str(MAX_SEED))
+    one_line_error(cli("export", "labels", data, "--format", "yolo", "-o", out, "--seed", str(seed)), "'seed'")
+    assert not out.exists()
+
+
+def test_the_largest_seed_is_the_largest_faiss_takes_and_derived_seeds_wrap() -> None:
+    from defectscope.detectors.nearest import ClusteredBank
+
+    bank = torch.randn(1000, 8)
+    assert len(ClusteredBank.build(bank, MAX_SEED).offsets) > 2  # k-means ran with it
+    with pytest.raises(OverflowError):
+        ClusteredBank.build(bank, MAX_SEED + 1)
+    assert derived_seed(MAX_SEED, 1) == 0 and derived_seed(5, 2) == 7
 
 
 def test_fit_replaces_a_model_file_but_not_other_files(data: Path, knn_model: Path, tmp_path: Path, cli) -> None:
@@ -461,6 +482,8 @@ def test_exports_refuse_foreign_folders_and_the_dataset(data: Path, tmp_path: Pa
     afile.write_text("x")
     one_line_error(cli("export", "labels", data, "-o", afile), "not a folder")
     one_line_error(cli("export", "labels", data, "-o", tmp_path / "x", "--val-fraction", "1.5"), "val_fraction")
+    one_line_error(cli("export", "labels", data, "-o", tmp_path / "x", "--val-fraction", "0.99"),  # was a traceback
+                   "leaves none for training")
     assert not (tmp_path / "x").exists()
 
 

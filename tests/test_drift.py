@@ -93,7 +93,8 @@ def test_the_drift_command_reads_this_model_files_verdicts_and_exits_1_on_drift(
     risen = cli("audit", "drift", database, model, "--last", 100, "--json")
     assert risen.code == 1 and json.loads(risen.out)["drifted"] is True and json.loads(risen.out)["parts"] == 100
     assert cli("audit", "drift", database, model, "--last", 200).code == 0  # half as before: unproven against 40 goods
-    for bad in (("audit", "drift", tmp_path / "none.sqlite", model), ("audit", "drift", database, model, "--last", 0)):
+    for bad in (("audit", "drift", tmp_path / "none.sqlite", model), ("audit", "drift", database, model, "--last", 0),
+                ("audit", "drift", database, model, "--last", 10**20)):  # beyond SQLite's integers: was a traceback
         result = cli(*bad)
         assert result.code == 2 and len(result.err.strip().splitlines()) == 1
 

@@ -25,7 +25,7 @@ from defectscope.files import file_sha256
 from defectscope.line import hotfolder
 from defectscope.clock import now
 from defectscope.line.audit import AuditLog, Verdict, export_parquet
-from defectscope.line.dispatch import Dispatcher, JsonLines, Mqtt, Webhook
+from defectscope.line.dispatch import Dispatcher, JsonLines, Mqtt, Webhook, broker_address
 from defectscope.line.hotfolder import Folders, HotFolder, ModelIdentity
 
 
@@ -454,6 +454,30 @@ class _Flaky(BaseHTTPRequestHandler):
 
     def log_message(self, *_args) -> None:
         pass
+
+
+def test_broker_addresses_are_read_or_refused_before_any_connection() -> None:
+    assert broker_address("line-7") == ("line-7", 1883) and broker_address("10.0.0.5:8883") == ("10.0.0.5", 8883)
+    assert broker_address("[::1]:1884") == ("::1", 1884) and broker_address("::1") == ("::1", 1883)
+    for bad in ("mqtt://broker:1883", "broker:0", "broker:65536", ":1883", "host:", "a b", "../x", "[::1]x"):
+        with pytest.raises(SettingsError, match="--mqtt must be HOST or HOST:PORT"):
+            broker_address(bad)
+
+
+@pytest.mark.parametrize(("option", "value", "said"), [
+    ("--mqtt", "mqtt://:0", "--mqtt must be HOST or HOST:PORT"),  # was a traceback (port 0)
+    ("--mqtt", "a" * 300, "cannot reach the MQTT broker"),  # was a traceback (a name no resolver takes)
+    ("--webhook", "ftp://line/verdicts", "--webhook must be an http(s) URL")])
+def test_serve_refuses_a_dispatch_target_before_it_records_a_version(served_folder: Path, tmp_path: Path, cli,
+                                                                     monkeypatch: pytest.MonkeyPatch, option: str,
+                                                                     value: str, said: str) -> None:
+    from defectscope.service import listener
+
+    monkeypatch.setattr(listener, "serve_on", lambda *_args: None)
+    model = Path(shutil.copy(served_folder / "part.dsmodel", tmp_path / "part.dsmodel"))
+    result = cli("serve", model, option, value, "--port", 0)
+    assert result.code == 2 and result.err.startswith(f"error: {said}") and len(result.err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == [model]  # no version store beside it, no audit trail
 
 
 def test_a_webhook_is_retried_until_it_answers_and_a_dead_one_is_reported() -> None:

@@ -21,6 +21,7 @@ from defectscope.artifacts import load_model, set_threshold
 from defectscope.data.decode import read_image
 from defectscope.service.app import create_app
 from defectscope.service.batching import Batcher
+from defectscope.errors import SettingsError
 from defectscope.service.config import ServiceConfig
 from defectscope.service.models import load_served
 from defectscope.calibration import Calibration
@@ -152,6 +153,23 @@ def test_token_guards_the_api_and_metrics(model_folder: Path) -> None:
         assert client.get("/metrics").status_code == 401
         assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
+
+
+@pytest.mark.parametrize("given", [{"token": ""}, {"operator_token": ""}, {"token": "two words"},
+                                   {"token": "s\u00e9cret"}, {"operator_token": "tab\there"}])
+def test_a_token_no_client_can_send_is_refused(given: dict) -> None:
+    """An empty token (an unset variable) passed the start and then answered 401 to every caller, whatever it sent."""
+    with pytest.raises(SettingsError, match=f"field '{next(iter(given))}'"):
+        ServiceConfig.from_dict(given)
+
+
+def test_serve_with_an_empty_token_says_so_and_writes_nothing(served_folder: Path, tmp_path: Path, cli,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from defectscope.service import listener
+
+    monkeypatch.setattr(listener, "serve_on", lambda *_args: None)  # a server that was let start returns at once
+    result = cli("serve", served_folder / "part.dsmodel", "--token", "", "--audit", tmp_path / "audit.sqlite", "--port", 0)
+    assert result.code == 2 and result.err.startswith("error: field 'token' is empty") and not any(tmp_path.iterdir())
 
 
 def test_metrics_count_requests_images_and_errors(client: TestClient, demo_root: Path) -> None:

@@ -267,7 +267,7 @@ def fit(
     with doing("loading the library"):
         from defectscope.detectors import detector_config
         from defectscope.pipeline import fit_model
-    settings: dict = {**({"backbone": backbone} if backbone else {}), "seed": seed,
+    settings: dict = {**({"backbone": backbone} if backbone is not None else {}), "seed": seed,
                       **gather_settings(config, settings_json, assignments)}
     if false_alarm_rate is not None:
         settings.update(threshold_method="false_alarm_rate", threshold_param=false_alarm_rate)
@@ -499,15 +499,20 @@ def serve(
     from defectscope.service.listener import listening_socket, serve_on
     listener = listening_socket(host, port)  # a port that cannot be had is said before anything is loaded or written
     port = listener.getsockname()[1]
-    with doing(f"loading the models{f' and scoring the test split of {labelled} with each' if labelled else ''}"):
-        from defectscope.line.audit import AuditLog
-        from defectscope.line.dispatch import dispatcher
-        from defectscope.service.app import create_app
-        from defectscope.service.models import load_served
-        freeze_loaded()  # before the models: one replaced later (reload, teach, promote) must remain collectable
-        served = load_served(models, config, labelled)
-    first = next(iter(served.values())).path
+    from defectscope.line.dispatch import dispatcher
     dispatch = dispatcher(jsonl, webhook, mqtt, mqtt_topic, report=warn) if (jsonl or webhook or mqtt) else None
+    try:  # a target that cannot be had is said before a model is loaded (which records its version)
+        with doing(f"loading the models{f' and scoring the test split of {labelled} with each' if labelled else ''}"):
+            from defectscope.line.audit import AuditLog
+            from defectscope.service.app import create_app
+            from defectscope.service.models import load_served
+            freeze_loaded()  # before the models: one replaced later (reload, teach, promote) must remain collectable
+            served = load_served(models, config, labelled)
+    except BaseException:
+        if dispatch:
+            dispatch.close()
+        raise
+    first = next(iter(served.values())).path
     log = None if no_audit else AuditLog(audit or first.parent / "defectscope-audit.sqlite")  # bad options: none made
     keeper = None
     if keep_images is not None:

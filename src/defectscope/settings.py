@@ -54,6 +54,20 @@ def require_range(name: str, value: float | None, low: float | None = None, high
         raise SettingsError(f"field '{name}' must be in {span}{' or null' if optional else ''}, got {value!r}")
 
 
+MAX_SEED = 2**31 - 1  # the widest seed every random source here takes (faiss's is a signed 32-bit int)
+
+
+def require_seed(name: str, value: int) -> None:
+    """Raise unless `value` is a whole number every random source takes: 0 to MAX_SEED."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
+        raise SettingsError(f"field '{name}' must be a whole number from 0 to {MAX_SEED}, got {value!r}")
+
+
+def derived_seed(seed: int, offset: int) -> int:
+    """The seed of a fold, shard or run `offset` after `seed`, wrapped into 0 to MAX_SEED."""
+    return (seed + offset) % (MAX_SEED + 1)
+
+
 def require_choice(name: str, value: Any, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
@@ -114,4 +128,4 @@ class FrameConfig(Settings):
         require_range("image_size", self.image_size, 16, 8192)
         require_range("crop", self.crop, 16, self.image_size, optional=True)
         require_range("batch_size", self.batch_size, 1)
-        require_range("seed", self.seed, 0)
+        require_seed("seed", self.seed)

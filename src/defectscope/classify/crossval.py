@@ -25,6 +25,7 @@ from defectscope.data.folds import class_names, label_of, pick_good, stratified_
 from defectscope.data.layout import Dataset, Sample
 from defectscope.efficientnet_lite import EfficientNetLite
 from defectscope.errors import DefectscopeError
+from defectscope.settings import derived_seed
 from defectscope.training.augment import augment
 from defectscope.training.engine import train
 
@@ -132,15 +133,15 @@ def cross_validate(dataset: Dataset, config: ClassifierConfig, progress: FoldPro
     for fold, held in enumerate(stratified_folds(labels, config.folds, config.seed)):
         if progress:
             progress(f"fold {fold + 1}/{config.folds}")
-        rest = np.setdiff1d(np.arange(len(pool)), held)
-        trained = keep_shots(rest, labels, config.shots, config.seed + fold)
+        rest, seed = np.setdiff1d(np.arange(len(pool)), held), derived_seed(config.seed, fold)
+        trained = keep_shots(rest, labels, config.shots, seed)
         x = torch.cat([pool_x[trained], extra_x])
         y = torch.cat([torch.from_numpy(labels[trained]), torch.zeros(len(extra_x), dtype=torch.long)])
         counts = torch.bincount(y, minlength=len(classes))
-        torch.manual_seed(config.seed + fold)
+        torch.manual_seed(seed)
         model = FoldModel(config, len(classes), counts, preprocess, cached)
         start = time.perf_counter()
-        history = train(model.network, model.loss, x, y, config, batch_size=config.batch_size, seed=config.seed + fold,
+        history = train(model.network, model.loss, x, y, config, batch_size=config.batch_size, seed=seed,
                         sample_weights=sample_weights(y, config.sampling))
         fit_seconds += time.perf_counter() - start
         start = time.perf_counter()

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from defectscope.files import claim_folder
+from defectscope.settings import require_seed
 
 DEFECTS = ("scratch", "contamination", "broken")
 
@@ -96,6 +97,7 @@ def make_demo_dataset(
 
     Root must be new, empty, or a demo dataset written earlier: existing images are never replaced otherwise.
     """
+    require_seed("seed", seed)
     root = claim_folder(Path(root), None, "demo dataset")  # no --force: never writes among foreign files
     rng = np.random.default_rng(seed)
     for i in range(train):

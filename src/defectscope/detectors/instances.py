@@ -38,7 +38,7 @@ from defectscope.detectors.base import (
 from defectscope.errors import DefectscopeError, SettingsError, check_fitted
 from defectscope.prediction import Detection, Scored
 from defectscope.regions import components
-from defectscope.settings import require_range
+from defectscope.settings import derived_seed, require_range
 from defectscope.calibration import Calibration
 from defectscope.training.augment import augment
 from defectscope.training.engine import TrainSettings, train
@@ -252,7 +252,7 @@ def held_out_instances(dataset: Dataset, config: InstanceConfig, progress: Progr
         held_set = set(held.tolist())
         training = [pool[i] for i in range(len(pool)) if i not in held_set] + goods
         trained_on.append({str(s.path) for s in training})
-        detector = InstanceDetector(InstanceConfig(**{**config.to_dict(), "seed": config.seed + fold}))
+        detector = InstanceDetector(InstanceConfig(**{**config.to_dict(), "seed": derived_seed(config.seed, fold)}))
         start = time.perf_counter()
         detector.fit_masks(training, types)
         fit_seconds += time.perf_counter() - start

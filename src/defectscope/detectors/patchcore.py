@@ -36,7 +36,7 @@ from defectscope.detectors.selection import (TAIL_RATE, TAIL_Z, Probe, costs_wit
 from defectscope.errors import DefectscopeError, SettingsError, check_fitted
 from defectscope.maps import bilinear_matrix
 from defectscope.search import one_blas_thread
-from defectscope.settings import require_choice, require_range
+from defectscope.settings import derived_seed, require_choice, require_range
 from defectscope.thresholds import false_alarm_cut, with_map_level
 
 
@@ -465,7 +465,7 @@ class PatchCore(Detector):
         threads = torch.get_num_threads()
 
         def job(number: int, rows: torch.Tensor) -> tuple[torch.Tensor, float, int, int, int]:
-            return rows, share, self.config.seed + number, self.config.projection_dim, threads
+            return rows, share, derived_seed(self.config.seed, number), self.config.projection_dim, threads
 
         if self.map_shards is not None:
             chosen = self.map_shards(shard_coreset, [job(i, learned.learned_rows(shard)) for i, shard in enumerate(shards)])

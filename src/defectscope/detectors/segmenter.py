@@ -37,7 +37,7 @@ from defectscope.detectors.base import (
 from defectscope.errors import DefectscopeError, check_fitted
 from defectscope.prediction import Detection, Scored
 from defectscope.regions import components
-from defectscope.settings import require_range
+from defectscope.settings import derived_seed, require_range
 from defectscope.calibration import Calibration
 from defectscope.training.augment import augment
 from defectscope.training.engine import TrainSettings, train
@@ -194,7 +194,7 @@ def held_out_maps(dataset: Dataset, config: SegmenterConfig, progress: Progress 
     fold_of = [0] * len(pool)
     predict_seconds = 0.0
     for fold, held in enumerate(stratified_folds(labels, config.folds, config.seed)):
-        segmenter = Segmenter(SegmenterConfig(**{**config.to_dict(), "seed": config.seed + fold}))
+        segmenter = Segmenter(SegmenterConfig(**{**config.to_dict(), "seed": derived_seed(config.seed, fold)}))
         segmenter.fit_masks([pool[i] for i in range(len(pool)) if i not in set(held)] + goods, dataset.defect_types)
         start = time.perf_counter()
         prediction = segmenter.predict([pool[i].path for i in held], map_size="input")

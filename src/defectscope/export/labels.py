@@ -12,6 +12,7 @@ re-export never mixes files of two runs; `out` must be new, empty or an earlier 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -29,7 +30,7 @@ from defectscope.errors import DefectscopeError
 from defectscope.files import check_apart, check_creatable, check_reusable, claim_folder, write_atomic, write_json
 from defectscope.names import LABEL_FORMATS, few
 from defectscope.regions import Instance, components, polygons, rle
-from defectscope.settings import require_range
+from defectscope.settings import require_range, require_seed
 
 FORMATS = LABEL_FORMATS
 LABEL_EXPORT = "label export"  # the kind an export's folder is marked as (`files.claim_folder`)
@@ -64,6 +65,7 @@ class ExportOptions:
         require_range("val_fraction", self.val_fraction, 0, 1, high_open=True)
         require_range("min_area", self.min_area, 1)
         require_range("tolerance", self.tolerance, 0)
+        require_seed("seed", self.seed)
 
 
 def check_masks(dataset: Dataset, samples: Sequence[Sample]) -> None:
@@ -90,6 +92,9 @@ def split_subsets(samples: Sequence[Sample], val_fraction: float, seed: int) -> 
     index = np.arange(len(samples))
     if not 0 < val_fraction < 1 or round(len(samples) * val_fraction) < 1 or len(samples) < 2:
         return ["train"] * len(samples)
+    if math.ceil(len(samples) * val_fraction) >= len(samples):
+        raise DefectscopeError(f"--val-fraction {val_fraction:g} of {len(samples)} images leaves none for training; "
+                               "choose a smaller one")
     classes = [s.defect for s in samples]
     counts = {c: classes.count(c) for c in classes}
     stratify = classes if min(counts.values()) >= 2 else None

@@ -51,7 +51,7 @@ class Webhook:
 
     def __init__(self, url: str, retries: int = 3, backoff: float = 0.5, timeout: float = 5.0) -> None:
         if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
-            raise SettingsError(f"--webhook must be an http(s) URL, got {url!r}")
+            raise SettingsError(f"--webhook must be an http(s) URL, got {url!r:.80}")
         import httpx
 
         self.url, self.retries, self.backoff = url, retries, backoff
@@ -78,6 +78,20 @@ class Webhook:
         self.client.close()
 
 
+def broker_address(address: str) -> tuple[str, int]:
+    """(host, port) of --mqtt HOST, HOST:PORT or [IPv6]:PORT (port 1883 unless given, 1 to 65535)."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        port = "1883" if not rest else rest[1:] if rest.startswith(":") else ""
+    elif address.count(":") == 1:
+        host, port = address.split(":")
+    else:  # a name, an IPv4 address or a bare IPv6 one
+        host, port = address, "1883"
+    if not host or "/" in host or any(c.isspace() for c in host) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"--mqtt must be HOST or HOST:PORT (a port of 1 to 65535, no scheme), got {address!r:.80}")
+    return host, int(port)
+
+
 class Mqtt:
     """Publish each verdict to an MQTT broker (paho-mqtt, QoS 1: the broker acknowledges every message); `retain`:
     the broker keeps the last message for subscribers that come later (a state, such as the drift check's)."""
@@ -88,16 +102,14 @@ class Mqtt:
             import paho.mqtt.client as mqtt
         except ImportError as exc:
             raise SettingsError("MQTT dispatch needs paho-mqtt: pip install 'defectscope[line]'") from exc
-        host, _, port = address.rpartition(":") if ":" in address else (address, "", "1883")
-        if not host or not port.isdigit():
-            raise SettingsError(f"--mqtt must be HOST or HOST:PORT, got {address!r}")
+        host, port = broker_address(address)
         self.topic, self.timeout, self.retain = topic, timeout, retain
         self.name = f"MQTT broker {host}:{port} ({topic})"
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv311)
         try:
             self.client.connect(host, int(port), keepalive=30)
-        except OSError as exc:
-            raise InputError(f"cannot reach the MQTT broker at {host}:{port}: {exc}") from exc
+        except (OSError, ValueError) as exc:  # ValueError: a name no resolver takes (an empty or too long label)
+            raise InputError(f"cannot reach the MQTT broker at {host:.80}:{port}: {exc}") from exc
         self.client.loop_start()
 
     def send(self, message: Message) -> None:

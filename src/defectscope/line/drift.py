@@ -27,6 +27,7 @@ MIN_PASSED = 20  # passed parts the check needs before it speaks (fewer: its nor
 ALARM_P = 0.001  # one-sided level: a line checked every hour should not be alarmed by chance
 MIN_SHIFT_SD = 0.2  # a smaller rise of the median moves a 1% false-alarm rate little (the calibration bias aimed for)
 DEFAULT_PARTS = 500  # recent verdicts read by default
+MAX_PARTS = 100_000  # recent verdicts read at most
 CHECK_EVERY = 50  # images a hot folder judges between two checks
 
 
@@ -93,8 +94,8 @@ def audited_drift(database: Path, model: Path, last: int = DEFAULT_PARTS) -> Dri
     from defectscope.files import file_sha256
     from defectscope.runtime import checked_manifest, is_deployment
 
-    if last < 1:
-        raise InputError(f"--last must be at least 1, got {last}")
+    if not 1 <= last <= MAX_PARTS:
+        raise InputError(f"--last must be from 1 to {MAX_PARTS:,}, got {last}")
     if not database.is_file():
         raise InputError(f"audit database {database} {'is not a file' if database.exists() else 'does not exist'}")
     manifest = checked_manifest(model)

@@ -25,7 +25,7 @@ from defectscope.export.pseudo import map_instances
 from defectscope.clock import now
 from defectscope.line.audit import MAX_PAGE, MAX_RECORD_ID, AuditLog, Verdict
 from defectscope.line.dispatch import Dispatcher
-from defectscope.line.drift import DEFAULT_PARTS, recent_drift
+from defectscope.line.drift import DEFAULT_PARTS, MAX_PARTS, recent_drift
 from defectscope.line.outbox import OUTBOX, send_verdict
 from defectscope.names import MODEL_SUFFIX, SAFE_NAME
 from defectscope.pipeline import update_model
@@ -457,7 +457,7 @@ def versioned(request: Request, name: str) -> ServedModel:
 
 @router.get("/models/{name}/drift", response_model=DriftReport)
 async def drift(request: Request, name: str,
-                last: Annotated[int, Query(ge=1, le=100_000, description="recent verdicts to read")] = DEFAULT_PARTS
+                last: Annotated[int, Query(ge=1, le=MAX_PARTS, description="recent verdicts to read")] = DEFAULT_PARTS
                 ) -> DriftReport:
     """Whether the parts the served version passed lately still score like its training goods (`line.drift`)."""
     model, audit = served(request, name), request.app.state.audit

@@ -53,6 +53,14 @@ class ServiceConfig(Settings):
         require_range("engine_threads", self.engine_threads, 1, 256, optional=True)
         require_range("redeliver_s", self.redeliver_s, 0, 86_400, low_open=True)
         require_range("keep_images_mb", self.keep_images_mb, 0, low_open=True)
+        for name in ("token", "operator_token"):  # never echoed: a secret
+            value = getattr(self, name)
+            if value == "":
+                raise SettingsError(f"field '{name}' is empty (an unset variable?): it would lock every caller out; "
+                                    "give a token or leave it out")
+            if value is not None and not all("!" <= c <= "~" for c in value):
+                raise SettingsError(f"field '{name}' holds a space or a character beyond visible ASCII, which a client "
+                                    "cannot send as 'Authorization: Bearer TOKEN'")
         if self.token and self.token == self.operator_token:
             raise SettingsError("the engineer's and the operator's tokens must differ")
 
