@@ -198,6 +198,7 @@ def test_fit_refuses_bad_outputs_before_fitting(data: Path, knn_model: Path, tmp
     afile.write_text("x")
     one_line_error(cli("fit", copy, "-o", afile / "m.dsmodel", "--model", "knn"), "is a file")
     one_line_error(cli("fit", copy, "-o", tmp_path, "--model", "knn"), "is a folder")
+    one_line_error(cli("fit", copy, "-o", tmp_path / "m.dsmodel", "--backbone", ""), "unknown backbone ''")  # was the default
     shutil.rmtree(copy / "ground_truth")  # a mask model learns from masks: without them it says so and writes nothing
     one_line_error(cli("fit", copy, "-o", tmp_path / "m.dsmodel", "--model", "segmenter"), "no defective test images with masks")
     assert not (tmp_path / "m.dsmodel").exists()
