@@ -349,6 +349,14 @@ def test_reconstruction_settings_are_checked() -> None:
         create_detector("vae", epochs="ten")
 
 
+@pytest.mark.parametrize(("field", "value"), [("neighbourhood", 999), ("neighbourhood", 17), ("layer_dim", 10**6),
+                                            ("projection_dim", 10**6), ("reweight_neighbours", 10**6)])
+def test_patchcore_settings_that_only_grow_a_fit_are_refused(field: str, value: int) -> None:
+    """neighbourhood: 999 pooled with a 24 GiB kernel, and the fit was killed by the kernel's OOM killer."""
+    with pytest.raises(DefectscopeError, match=f"field '{field}' must be"):
+        create_detector("patchcore", **{field: value})
+
+
 @pytest.mark.parametrize("name", ["patchcore", "padim"])
 def test_non_square_products_keep_their_aspect_through_fit_and_model_files(demo_root: Path, tmp_path: Path, name: str) -> None:
     from defectscope.data.decode import read_image

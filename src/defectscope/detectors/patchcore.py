@@ -42,6 +42,7 @@ from defectscope.thresholds import false_alarm_cut, with_map_level
 
 TEACH_COVERAGE = 0.1  # taught patches are added until covered as closely as the best-covered tenth of good images
 PATCH_STRIDES = (8, 16, 32)  # the finest feature stride (8) times 1, 2 or 4
+MAX_NEIGHBOURHOOD = 15  # patches pooled over at most 15 x 15 feature cells (120 px at stride 8)
 VIEW_CHOICES = ("auto", "on", "off")  # global_view, place_view and rotations: chosen by fit, or given
 SWITCHES = ("global_view", "place_view", "rotations")  # the fields that take VIEW_CHOICES
 
@@ -109,11 +110,14 @@ class PatchCoreConfig(DetectorConfig):
         super().check()
         require_range("coreset_ratio", self.coreset_ratio, 0, 1, low_open=True)
         require_range("coreset_candidates", self.coreset_candidates, 1)
-        require_range("projection_dim", self.projection_dim, 1)
-        if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
-            raise SettingsError(f"field 'neighbourhood' must be an odd number >= 1, got {self.neighbourhood}")
-        require_range("layer_dim", self.layer_dim, 1)
-        require_range("reweight_neighbours", self.reweight_neighbours, 1)
+        # upper bounds: beyond them a fit only grows (the pooling kernel as layer_dim x channels x neighbourhood^2; 999 took
+        # 24 GiB and was killed), and no product gains (the PatchCore reference uses 3, 1024 and 128)
+        require_range("projection_dim", self.projection_dim, 1, 1024)
+        if not 1 <= self.neighbourhood <= MAX_NEIGHBOURHOOD or self.neighbourhood % 2 == 0:
+            raise SettingsError(f"field 'neighbourhood' must be an odd number from 1 to {MAX_NEIGHBOURHOOD}, got "
+                                f"{self.neighbourhood}")
+        require_range("layer_dim", self.layer_dim, 1, 2048)
+        require_range("reweight_neighbours", self.reweight_neighbours, 1, 256)
         require_range("shard_images", self.shard_images, 1)
         require_range("memory_limit", self.memory_limit, 1)
         require_choice("global_view", self.global_view, VIEW_CHOICES)
