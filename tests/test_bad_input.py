@@ -224,6 +224,27 @@ def test_the_largest_seed_is_the_largest_faiss_takes_and_derived_seeds_wrap() ->
     assert derived_seed(MAX_SEED, 1) == 0 and derived_seed(5, 2) == 7
 
 
+def raising(error: BaseException):
+    """A stand-in for a function that raises `error`."""
+    def fail(*_args, **_kwargs):
+        raise error
+    return fail
+
+
+def test_running_out_of_memory_is_one_line(data: Path, tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch's CPU allocator raises a RuntimeError (e.g. `fit --image-size 4096` under a memory limit): a traceback."""
+    from defectscope import pipeline
+
+    torch_says = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 2147483648 bytes. Error code 12 (Cannot allocate memory)")
+    for raised, said in ((RuntimeError(torch_says), "out of memory (one more block of 2.0 GiB)"), (MemoryError(), "out of memory:")):
+        monkeypatch.setattr(pipeline, "fit_model", raising(raised))
+        one_line_error(cli("fit", data, "-o", tmp_path / "m.dsmodel"), said, "--image-size")
+    monkeypatch.setattr(pipeline, "fit_model", raising(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # any other failure is not dressed up as one
+        cli("fit", data, "-o", tmp_path / "m.dsmodel")
+
+
 def test_fit_replaces_a_model_file_but_not_other_files(data: Path, knn_model: Path, tmp_path: Path, cli) -> None:
     target = tmp_path / "m.dsmodel"
     shutil.copy(knn_model, target)

@@ -7,6 +7,7 @@ or `fit-many` could not fit some products.
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import warnings
@@ -896,6 +897,17 @@ def main() -> None:
             raise
         message = str(exc) if isinstance(exc, DefectscopeError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
         _stderr_line("error: ", "red", " ".join(message.split()))
+        sys.exit(2)
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and "can't allocate memory" not in str(exc):  # PyTorch's CPU allocator
+            raise
+        state["data_warnings"].clear()
+        if state["debug"]:
+            raise
+        wanted = re.search(r"allocate (\d+) bytes", str(exc))
+        size = f" (one more block of {int(wanted[1]) / 2**30:.1f} GiB)" if wanted else ""
+        _stderr_line("error: ", "red", f"out of memory{size}: this machine cannot hold what the command asked for; a "
+                     "smaller frame (--image-size), batch or image count needs less")
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
