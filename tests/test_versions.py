@@ -79,6 +79,27 @@ def test_the_command_line_lists_promotes_and_rolls_back(tmp_path: Path, cli) -> 
     assert (tmp_path / STORE / "lone" / f"{own}.dsmodel").read_bytes() == b"only"
 
 
+def test_a_kept_version_changed_since_is_never_promoted(tmp_path: Path, cli) -> None:
+    """A kept file damaged (or edited) after it was kept was copied over the served file, and said active."""
+    served = tmp_path / "part.dsmodel"
+    served.write_bytes(b"first")
+    store, _ = VersionStore.of(served)
+    first = store.adopt("part")["version"]
+    served.write_bytes(b"second")
+    second = store.adopt("part", "reload")["version"]
+    kept = tmp_path / STORE / "part" / f"{first}.dsmodel"
+    kept.write_bytes(b"fir5t")  # one byte off, as a disk or a hand might leave it
+    history = (tmp_path / STORE / "part" / "history.json").read_text()
+    for refused in (cli("promote", served, first), cli("rollback", served)):
+        assert refused.code == 2 and "no longer holds that version" in refused.err and "nothing was changed" in refused.err
+    assert served.read_bytes() == b"second" and (tmp_path / STORE / "part" / "history.json").read_text() == history
+    kept.unlink()
+    assert "is missing from the store" in cli("promote", served, first).err and served.read_bytes() == b"second"
+    served.write_bytes(b"first")  # the version's content comes back: kept again, whole
+    assert store.adopt("part")["version"] == first and kept.read_bytes() == b"first"
+    assert cli("promote", served, second).code == 0 and cli("rollback", served).code == 0 and served.read_bytes() == b"first"
+
+
 @pytest.mark.parametrize("damaged", ['[]', '{"versions": 5}', 'null', '{"active": "x"}',
                                      '{"active": null, "versions": [{"version": 1}], "activations": []}'])
 def test_a_damaged_history_is_one_line(tmp_path: Path, cli, damaged: str) -> None:
@@ -191,6 +212,11 @@ def test_promote_and_rollback_under_load_drop_no_request(served_folder: Path, de
         stop.set()
         for thread in clients:
             thread.join(timeout=120)
+        kept = folder / STORE / "part" / f"{versions[0]}.dsmodel"
+        whole = kept.read_bytes()
+        kept.write_bytes(whole[:-1] + bytes([whole[-1] ^ 1]))  # damaged since it was kept: never served
+        damaged = httpx.post(f"{url}/promote", json={"version": versions[0]}, timeout=60)
+        assert damaged.status_code == 410 and "no longer holds that version" in damaged.json()["detail"]
         assert VersionStore.of(folder / "part.dsmodel")[0].prune("part", 1) == [versions[0]]
         gone = httpx.post(f"{url}/promote", json={"version": versions[0]}, timeout=60)
         assert gone.status_code == 410 and "pruned" in gone.json()["detail"]

@@ -14,6 +14,7 @@ history, marked pruned, so the trail still names every version a verdict came fr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -44,6 +45,10 @@ class NoEarlierVersion(InputError):
 
 class PrunedVersion(InputError):
     """A version whose file was pruned."""
+
+
+class DamagedVersion(DefectscopeError):
+    """A version whose kept file is missing, or no longer holds it."""
 
 
 @dataclass
@@ -196,7 +201,7 @@ class VersionStore:
         history, version = self.history(name), version_of(digest)
         known = _entry(history, version)
         kept = self._folder(name) / f"{version}{MODEL_SUFFIX}"
-        if not kept.is_file():
+        if not kept.is_file() or file_sha256(kept) != digest:  # missing, or damaged since: kept again whole
             write_atomic(kept, source.read_bytes())
         if known is not None:
             if known.pop("pruned", None) is not None:  # a pruned version's content came back: kept again
@@ -214,17 +219,30 @@ class VersionStore:
             raise _unknown(name, version, history)
         if "pruned" in entry:
             raise _pruned(name, entry)
-        kept = self._folder(name) / f"{version}{MODEL_SUFFIX}"
         served = self.served_file(name)
-        if served.is_file() and version_of(file_sha256(served)) != version:
-            self._record(name, served, "found", history["active"])  # a file put there since: kept before it is replaced
-            history = self.history(name)
         if not served.is_file() or version_of(file_sha256(served)) != version:
-            write_atomic(served, kept.read_bytes())
+            data = self._kept_bytes(name, entry)  # checked before anything is written
+            if served.is_file():
+                self._record(name, served, "found", history["active"])  # a file put there since: kept before it is replaced
+                history = self.history(name)
+            write_atomic(served, data)
         history["active"] = version
         history["activations"].append({"version": version, "action": action, "time": now()})
         self._write(name, history)
         return served
+
+    def _kept_bytes(self, name: str, entry: dict[str, Any]) -> bytes:
+        """A kept version's bytes, refused unless they still hash to the sha256 recorded when it was kept."""
+        kept = self._folder(name) / f"{entry['version']}{MODEL_SUFFIX}"
+        if not kept.is_file():
+            raise DamagedVersion(f"the file of version {entry['version']} of {name} is missing from the store ({kept}); "
+                                   "nothing was changed")
+        data = kept.read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise DamagedVersion(f"the kept file of version {entry['version']} of {name} ({kept}) no longer holds that "
+                                   "version (its sha256 differs: changed or damaged since it was kept); nothing was "
+                                   "changed")
+        return data
 
     def _write(self, name: str, history: dict[str, Any]) -> None:
         write_atomic(self._folder(name) / "history.json", json.dumps(history, indent=1).encode())

@@ -54,7 +54,8 @@ from defectscope.service.schemas import (
 )
 from defectscope.service.uploads import decode, read_upload, sniff
 from defectscope.thresholds import labelled_calibration
-from defectscope.versions import NoEarlierVersion, PrunedVersion, UnknownVersion, VersionStore, keeping_replaced, made_from
+from defectscope.versions import (DamagedVersion, NoEarlierVersion, PrunedVersion, UnknownVersion, VersionStore,
+                                  keeping_replaced, made_from)
 from defectscope.viz import heat_colours, png_bytes
 
 RELEASE_AFTER_S = 1.0  # after a replaced model's batcher closed: its last requests' handlers finish their answers
@@ -498,6 +499,6 @@ async def _activated(request: Request, name: str, change: Callable[[VersionStore
         raise HTTPException(404, str(exc)) from exc
     except NoEarlierVersion as exc:
         raise HTTPException(409, str(exc)) from exc
-    except PrunedVersion as exc:
+    except (PrunedVersion, DamagedVersion) as exc:  # gone: its bytes, as kept, are not there
         raise HTTPException(410, str(exc)) from exc
     return ModelSummary(**(await _register(request, model.path, name)).summary())
