@@ -549,6 +549,7 @@ def test_heatmap_names_are_unique_and_point_to_their_image(padim_model: Path, kn
     ("version string", "not a whole number"),
     ("truncated", "truncated"),
     ("random bytes", "not a defectscope model file"),
+    ("one bit of a tensor", "its tensors do not match the digest"),  # loaded, and scored with the changed value
 ])
 def test_damaged_model_files(knn_model: Path, tmp_path: Path, cli, case: str, fragment: str) -> None:
     from safetensors.torch import load
@@ -566,10 +567,14 @@ def test_damaged_model_files(knn_model: Path, tmp_path: Path, cli, case: str, fr
         rewrite_manifest(knn_model, target, lambda m: m.update(format_version="1.0"))
     elif case == "truncated":
         target.write_bytes(knn_model.read_bytes()[:-100])
+    elif case == "one bit of a tensor":
+        data = bytearray(knn_model.read_bytes())
+        data[-len(data) // 3] ^= 1  # among the memory's float32s: still a finite number, a little off
+        target.write_bytes(bytes(data))
     else:
         target.write_bytes(np.random.default_rng(0).bytes(5000))
     one_line_error(cli("predict", target, knn_model), fragment)
-    if case in ("truncated", "random bytes", "version string"):
+    if case in ("truncated", "random bytes", "version string", "one bit of a tensor"):
         one_line_error(cli("info", target), fragment)
 
 

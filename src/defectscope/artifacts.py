@@ -25,7 +25,7 @@ from defectscope.data.frame import Preprocess
 from defectscope.detectors.base import MapModel, detector_class, require_finite
 from defectscope.errors import DefectscopeError, check_fitted
 from defectscope.files import check_output_file, write_atomic
-from defectscope.manifests import header_metadata, is_manifest_file
+from defectscope.manifests import file_bytes, is_manifest_file
 from defectscope.names import MODEL_SUFFIX
 from defectscope.model_header import FORMAT, FORMAT_VERSION, checked_file, model_info  # noqa: F401  (model_info: public here too)
 from defectscope.calibration import Calibration
@@ -55,7 +55,7 @@ def manifest_of(detector: MapModel) -> dict[str, Any]:
 
 
 def _file_bytes(tensors: dict[str, torch.Tensor], manifest: dict) -> bytes:
-    return save_tensors_bytes(tensors, metadata=header_metadata(manifest))
+    return file_bytes(lambda metadata: save_tensors_bytes(tensors, metadata=metadata), manifest)
 
 
 def _check_calibration(calibration: Calibration | None, what: str) -> None:

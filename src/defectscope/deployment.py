@@ -28,7 +28,7 @@ from defectscope.detectors.base import MapModel, finish_scores
 from defectscope.errors import DefectscopeError
 from defectscope.files import check_output_file, file_sha256, write_atomic
 from defectscope.versions import check_unchanged
-from defectscope.manifests import header_metadata, peek_manifest
+from defectscope.manifests import file_bytes, peek_manifest
 from defectscope.runtime import (
     DEPLOYMENT_FORMAT,
     DEPLOYMENT_SUFFIX,
@@ -147,9 +147,9 @@ def check_parity(model: MapModel, deployed: DeployedModel) -> float:
 
 
 def _descriptor(manifest: dict, memory: dict[str, np.ndarray]) -> bytes:
-    """The deployment file: a safetensors file whose header holds the manifest and its digest, and whose tensors are
+    """The deployment file: a safetensors file whose header holds the manifest and the digests, and whose tensors are
     the memory a searched model's runtime searches (none for the others)."""
-    return save_arrays(memory, metadata=header_metadata(manifest))
+    return file_bytes(lambda metadata: save_arrays(memory, metadata=metadata), manifest)
 
 
 def _graph_targets(out: Path, file_format: str, graphs: int) -> list[Path]:

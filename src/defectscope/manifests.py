@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from defectscope.files import json_text, loads_strict
 
 MANIFEST_KEY = "defectscope"
 DIGEST_KEY = "defectscope.sha256"  # sha256 of the manifest's text: a hand-edited manifest is refused
+TENSORS_KEY = "defectscope.tensors_sha256"  # sha256 of the bytes after the header: a damaged tensor is refused
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -20,6 +22,15 @@ def header_metadata(manifest: dict[str, Any]) -> dict[str, str]:
     """The safetensors header metadata that carries a manifest and its digest."""
     text = json_text(manifest, indent=None)
     return {MANIFEST_KEY: text, DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
+
+
+def file_bytes(serialize: Callable[[dict[str, str]], bytes], manifest: dict[str, Any]) -> bytes:
+    """A safetensors file (`serialize(metadata)`) whose header carries the manifest, its digest and the sha256 of the
+    tensor bytes; serialized twice, as the tensor bytes never depend on the header."""
+    metadata = header_metadata(manifest)
+    first = serialize(metadata)
+    tensors = memoryview(first)[8 + struct.unpack("<Q", first[:8])[0]:]
+    return serialize({**metadata, TENSORS_KEY: hashlib.sha256(tensors).hexdigest()})
 
 
 def peek_manifest(path: Path) -> dict[str, Any] | None:
@@ -55,6 +66,7 @@ def read_header_manifest(data: bytes, path: Path, file_format: str, max_version:
         text = header["__metadata__"][MANIFEST_KEY]
         manifest = loads_strict(text, f"the manifest of {path}")
         digest = header["__metadata__"].get(DIGEST_KEY)
+        tensors_digest = header["__metadata__"].get(TENSORS_KEY)
     except (KeyError, TypeError, AttributeError) as exc:
         raise ModelFileError(f"{path} is not a {what} (no manifest in its header)") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != file_format:
@@ -73,4 +85,7 @@ def read_header_manifest(data: bytes, path: Path, file_format: str, max_version:
     if max(ends, default=0) != len(data) - 8 - header_size:
         raise ModelFileError(f"{what} {path} is corrupt or truncated: its tensors need {max(ends, default=0)} bytes, "
                                f"it holds {len(data) - 8 - header_size}")
+    if tensors_digest is not None and tensors_digest != hashlib.sha256(memoryview(data)[8 + header_size:]).hexdigest():
+        raise ModelFileError(f"{what} {path} is damaged: its tensors do not match the digest written with them (changed "
+                             "on disk or in a copy); copy it again, or promote a kept version")
     return manifest

@@ -1,4 +1,4 @@
-"""A model file's manifest, checked as loading checks the file (complete, manifest digest, finite tensors),
+"""A model file's manifest, checked as loading checks the file (complete, manifest and tensor digests, finite tensors),
 without PyTorch: what `defectscope info` and the up-to-date checks read."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def read_manifest(data: bytes, path: Path) -> dict[str, Any]:
 
 def checked_file(path: str | Path) -> tuple[bytes, dict[str, Any]]:
     """A model file's bytes and manifest, after checking the whole file as loading needs it: complete, the manifest's
-    digest, every tensor readable and finite."""
+    and the tensors' digests, every tensor readable and finite."""
     path = Path(path)
     data = read_model_file(path)
     manifest = read_manifest(data, path)
