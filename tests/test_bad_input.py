@@ -30,6 +30,7 @@ from defectscope.errors import DefectscopeError
 from defectscope.experiments.config import load_experiment
 from defectscope.experiments.runner import run_experiment
 from defectscope.files import MARKER, read_regular, write_atomic
+from defectscope.manifests import file_bytes
 from defectscope.settings import MAX_SEED, derived_seed
 
 SMALL = {"image_size": 64, "crop": None}
@@ -303,11 +304,11 @@ def test_a_model_knows_the_images_it_learned_from(data: Path, tmp_path: Path, cl
     assert sorted(map(bytes, DeployedModel(deployment).train_digests)) == sorted(map(bytes, learned))
     assert "3 of the 16 test images are images this model learned from" in cli("-q", "evaluate", deployment, leaky).out
     data_bytes = deployment.read_bytes()
-    header = json.loads(data_bytes[8 : 8 + struct.unpack("<Q", data_bytes[:8])[0]])["__metadata__"]
+    manifest = json.loads(json.loads(data_bytes[8 : 8 + struct.unpack("<Q", data_bytes[:8])[0]])["__metadata__"]["defectscope"])
     arrays = load_arrays(data_bytes)
     arrays[TRAIN_DIGESTS] = arrays[TRAIN_DIGESTS][1:]  # one training image dropped from the record
-    deployment.write_bytes(save_arrays(arrays, metadata=header))
-    with pytest.raises(DefectscopeError, match="training images' digests do not match"):
+    deployment.write_bytes(file_bytes(lambda metadata: save_arrays(arrays, metadata=metadata), manifest))
+    with pytest.raises(DefectscopeError, match="training images' digests do not match"):  # written whole, digests anew
         DeployedModel(deployment)
 
 

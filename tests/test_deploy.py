@@ -18,7 +18,7 @@ from defectscope.deployment import export_model
 from defectscope.detectors.base import create_detector
 from defectscope.errors import DefectscopeError
 from defectscope.predictor import check_predictor
-from defectscope.manifests import header_metadata
+from defectscope.manifests import file_bytes, header_metadata
 from defectscope.runtime import DeployedModel, memory_digest, read_deployment
 
 pytest.importorskip("onnxruntime")
@@ -171,8 +171,13 @@ def test_an_altered_memory_bank_is_refused(fitted, tmp_path: Path) -> None:
     data = bytearray(out.read_bytes())
     data[-16] ^= 1  # a bit of the tensors, past the header: the safetensors layout stays intact
     out.write_bytes(bytes(data))
-    with pytest.raises(DefectscopeError, match="memory bank does not match"):
+    with pytest.raises(DefectscopeError, match="its tensors do not match the digest"):  # the file's own digest
         DeployedModel(out)
+    manifest, memory = read_deployment(export_model(fitted["patchcore"], tmp_path / "again.dsdeploy")[0])
+    memory["memory_bank"][0, 0] += 1  # written whole with another bank: the search's record of the bank refuses it
+    (tmp_path / "again.dsdeploy").write_bytes(file_bytes(lambda metadata: save_arrays(memory, metadata=metadata), manifest))
+    with pytest.raises(DefectscopeError, match="memory bank does not match"):
+        DeployedModel(tmp_path / "again.dsdeploy")
     manifest, memory = read_deployment(export_model(fitted["patchcore"], tmp_path / "again.dsdeploy")[0])
     memory["memory_bank"][0, 0] = np.nan  # a bank that is not finite, recorded as such: refused all the same
     manifest["graph"]["search"]["sha256"] = memory_digest(memory)
