@@ -24,7 +24,7 @@ from defectscope.errors import InputError, SettingsError
 from defectscope.files import file_sha256
 from defectscope.line import hotfolder
 from defectscope.clock import now
-from defectscope.line.audit import AuditLog, Verdict, export_parquet
+from defectscope.line.audit import AuditLog, ChainCheck, Verdict, export_parquet, verify_chain
 from defectscope.line.dispatch import Dispatcher, JsonLines, Mqtt, Webhook, broker_address
 from defectscope.line.hotfolder import Folders, HotFolder, ModelIdentity
 
@@ -642,7 +642,46 @@ def test_an_audit_database_of_the_first_schema_is_upgraded_in_place(tmp_path: Pa
     assert [r["id"] for r in log.unfinished_moves("/cam2/in")] == ids
     log.close()
     with sqlite3.connect(database) as upgraded:
-        assert upgraded.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert upgraded.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert verify_chain(database) == ChainCheck(2, 1, None, verify_chain(database).last_link)  # its first verdict: unchained
+
+
+def test_the_audit_chain_shows_a_changed_or_removed_verdict(tmp_path: Path, cli) -> None:
+    import sqlite3
+
+    database = tmp_path / "audit.sqlite"
+    log = AuditLog(database)
+    threads = [threading.Thread(target=lambda i=i: [log.record([_verdict(f"{i}-{k}.png")]) for k in range(20)])
+               for i in range(4)]  # writers at once keep one chain
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ids = log.record([_verdict("moved.png")], moves=[("moved.png", "/line/good/moved.png")], inbox="/line/in")
+    log.finish_move(ids[0], "/line/good/moved.png")  # where its image went is no part of the verdict
+    log.close()
+    held = cli("audit", "verify", database)
+    assert held.code == 0 and held.out.startswith("81 verdict(s): the chain holds; the last link is ")
+    with sqlite3.connect(database) as hand:
+        hand.execute("UPDATE verdicts SET verdict = 'defective', score = 0.9 WHERE id = 40")
+    changed = cli("audit", "verify", database)
+    assert changed.code == 1 and changed.out.startswith("broken at verdict 40: it was changed")
+    with sqlite3.connect(database) as hand:
+        hand.execute("UPDATE verdicts SET verdict = 'good', score = 0.5 WHERE id = 40")  # as it was: it holds again
+    assert verify_chain(database).broken is None
+    with sqlite3.connect(database) as hand:
+        hand.execute("DELETE FROM moves WHERE verdict_id = 60")
+        hand.execute("DELETE FROM verdicts WHERE id = 60")
+    assert verify_chain(database).broken == 61  # the one after a removed verdict
+    assert cli("audit", "verify", tmp_path / "none.sqlite").code == 2
+
+
+def test_an_audit_database_before_the_chain_verifies_as_unchained(tmp_path: Path, cli) -> None:
+    database = _first_schema_database(tmp_path / "audit.sqlite")
+    before = database.read_bytes()
+    result = cli("audit", "verify", database)  # read-only: a line still running the older version keeps its file
+    assert result.code == 0 and "the first 1 were written before the chain began" in result.out
+    assert database.read_bytes() == before
 
 
 def test_exporting_an_audit_database_writes_nothing_to_it(tmp_path: Path) -> None:

@@ -565,6 +565,25 @@ def audit_drift(
         raise typer.Exit(1)
 
 
+@audit_app.command("verify")
+def audit_verify(
+    database: Annotated[Path, typer.Argument(help="Audit database (SQLite) written by serve or watch.")],
+) -> None:
+    """Whether every verdict is as it was written: each record's link recomputed from the one before and its fields;
+    exit 1 at the first that was changed or follows a removed one, 0 when the chain holds."""
+    from defectscope.line.audit import verify_chain
+
+    found = verify_chain(database)
+    older = f"; the first {found.unchained} were written before the chain began and cannot be checked" if found.unchained else ""
+    if found.broken is not None:
+        say(f"broken at verdict {found.broken}: it was changed, or a verdict before it removed, after it was written "
+            f"(its link does not follow from the one before){older}")
+        raise typer.Exit(1)
+    end = (f"; the last link is {found.last_link}: note it, and a trail cut short (or rewritten from the start) will "
+           "not end on it" if found.last_link else "")
+    say(f"{found.records} verdict(s): the chain holds{older}{end}")
+
+
 @app.command("watch")
 def watch(
     model: Annotated[Path, typer.Argument(help="Model file, or a .dsdeploy export.")],

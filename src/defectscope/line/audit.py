@@ -7,6 +7,8 @@ block the writer. Export to Parquet with `defectscope audit export`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -18,8 +20,8 @@ from typing import Any
 
 from defectscope.errors import InputError
 
-SCHEMA_VERSION = 2  # 2: each journal row names its hot folder or the service (version 1's: see claim_unnamed); the
-# targets that took a message another missed (deliveries)
+SCHEMA_VERSION = 3  # 2: each journal row names its hot folder or the service (version 1's: see claim_unnamed); the
+# targets that took a message another missed (deliveries); 3: each verdict's link in the chain (`link`)
 MAX_PAGE = 1000  # records per query at most
 MAX_RECORD_ID = 2**63 - 1  # SQLite's largest integer
 EXPORT_PAGE = 50_000  # records an export holds in memory at once (a Parquet row group each)
@@ -52,6 +54,23 @@ class Verdict:
 COLUMNS = [f.name for f in fields(Verdict)]
 TYPES = {"threshold": "REAL", "stated_rate": "REAL", "width": "INTEGER", "height": "INTEGER", "score": "REAL",
          "normalized": "REAL", "regions": "INTEGER"}
+
+
+CHAINED = [name for name in COLUMNS if name != "kept"]  # what a verdict's link covers: all but where its image went
+
+
+def link(previous: str, record: dict[str, Any]) -> str:
+    """A verdict's link in the audit chain: the sha256 of the link before it and of its CHAINED fields, each as the
+    database gives it back (a REAL a float, NaN none), so that changing, removing or reordering a record breaks every
+    link after it."""
+    def stored(name: str, value: Any) -> Any:
+        if value is None or TYPES.get(name) is None:
+            return value
+        value = float(value) if TYPES[name] == "REAL" else int(value)
+        return None if value != value else value  # SQLite keeps NaN as NULL
+
+    fields = [stored(name, record[name]) for name in CHAINED]
+    return hashlib.sha256(json.dumps([previous, *fields], separators=(",", ":")).encode()).hexdigest()
 
 
 def matching(model: str | None = None, verdict: str | None = None, since: str | None = None,
@@ -90,7 +109,7 @@ class AuditLog:
             self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None, timeout=30, uri=read_only)
             tables = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if (tables or read_only) and version not in (1, SCHEMA_VERSION):
+            if (tables or read_only) and not 1 <= version <= SCHEMA_VERSION:
                 self._db.close()
                 raise InputError(f"{self.path} is a database defectscope did not write; it is left as it is (choose "
                                  "another file with --audit)")
@@ -99,11 +118,13 @@ class AuditLog:
                 return
             if tables and version == 1:
                 self._db.execute("ALTER TABLE moves ADD COLUMN inbox TEXT")
+            if tables and version < 3:  # the records before it stay unchained (`verify_chain` counts them)
+                self._db.execute("ALTER TABLE verdicts ADD COLUMN chain TEXT")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")  # before any table: ours from the start
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             columns = ", ".join(f"{name} {TYPES.get(name, 'TEXT')}" for name in COLUMNS)
-            self._db.execute(f"CREATE TABLE IF NOT EXISTS verdicts (id INTEGER PRIMARY KEY, {columns})")
+            self._db.execute(f"CREATE TABLE IF NOT EXISTS verdicts (id INTEGER PRIMARY KEY, {columns}, chain TEXT)")
             self._db.execute("CREATE INDEX IF NOT EXISTS verdicts_by_time ON verdicts (time)")
             self._db.execute("CREATE INDEX IF NOT EXISTS verdicts_by_model ON verdicts (model_sha256, id)")  # drift checks
             self._db.execute("CREATE TABLE IF NOT EXISTS moves (verdict_id INTEGER PRIMARY KEY REFERENCES verdicts(id), "
@@ -122,10 +143,15 @@ class AuditLog:
         """Append verdicts in one durable transaction; returns their record ids. `moves` (the hot folder `inbox`): each
         verdict's (inbox file name, destination), journaled in the same transaction until `finish_move`; `outbox` (a
         sender with nothing to move, the service): each verdict journaled under that name until `delivered`."""
-        placeholders = ", ".join("?" for _ in COLUMNS)
+        placeholders = ", ".join("?" for _ in [*COLUMNS, "chain"])
         with self._transaction():
-            ids = [self._db.execute(f"INSERT INTO verdicts ({', '.join(COLUMNS)}) VALUES ({placeholders})",
-                                    [getattr(v, name) for name in COLUMNS]).lastrowid for v in verdicts]
+            last = self._db.execute("SELECT chain FROM verdicts ORDER BY id DESC LIMIT 1").fetchone()
+            previous, ids = (last and last[0]) or "", []
+            for verdict in verdicts:
+                values = {name: getattr(verdict, name) for name in COLUMNS}
+                previous = link(previous, values)
+                ids.append(self._db.execute(f"INSERT INTO verdicts ({', '.join(COLUMNS)}, chain) VALUES ({placeholders})",
+                                            [*values.values(), previous]).lastrowid)
             for record_id, (name, destination) in zip(ids, moves or []):
                 self._db.execute("INSERT INTO moves (verdict_id, inbox_name, destination, inbox) VALUES (?, ?, ?, ?)",
                                  (record_id, name, destination, inbox))
@@ -229,19 +255,25 @@ class AuditLog:
                                     "AND score IS NOT NULL ORDER BY id DESC LIMIT ?", (model_sha256, limit)).fetchall()
         return [row[0] for row in rows]
 
-    def pages(self, size: int, since: str | None = None, until: str | None = None) -> Iterator[list[dict[str, Any]]]:
+    def pages(self, size: int, since: str | None = None, until: str | None = None,
+              columns: Sequence[str] = COLUMNS) -> Iterator[list[dict[str, Any]]]:
         """The records of a time range (`matching`; default: all), oldest first, `size` at a time (by id, so memory
-        stays bounded however long the trail)."""
+        stays bounded however long the trail): their id and `columns`."""
         where, values = matching(since=since, until=until)
         last = 0
         while True:
             with self._lock:
-                rows = self._db.execute(f"SELECT id, {', '.join(COLUMNS)} FROM verdicts WHERE id > ? AND {where} "
+                rows = self._db.execute(f"SELECT id, {', '.join(columns)} FROM verdicts WHERE id > ? AND {where} "
                                         "ORDER BY id LIMIT ?", (last, *values, size)).fetchall()
             if not rows:
                 return
-            yield [dict(zip(["id", *COLUMNS], row)) for row in rows]
+            yield [dict(zip(["id", *columns], row)) for row in rows]
             last = rows[-1][0]
+
+    def chained(self) -> bool:
+        """Whether the database holds links (schema version 3 on); an older one opened read-only holds none."""
+        with self._lock:
+            return any(row[1] == "chain" for row in self._db.execute("PRAGMA table_info(verdicts)"))
 
     def count(self) -> int:
         with self._lock:
@@ -282,6 +314,42 @@ def export_parquet(database: Path, out: Path, page: int = EXPORT_PAGE, since: st
     finally:
         log.close()
     return count
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    """What `verify_chain` found: the records read, those before the chain began, the first record whose link does not
+    follow (None: every link holds) and the last link, which a trail cut short after it would not end on."""
+
+    records: int
+    unchained: int
+    broken: int | None
+    last_link: str | None
+
+
+def verify_chain(database: Path, page: int = EXPORT_PAGE) -> ChainCheck:
+    """Every link of an audit database recomputed from its records, oldest first (read-only, memory bounded). Records
+    written before the chain began (schema version 2 and older) come first and are counted; after the first link,
+    a record without one, or whose link does not follow from the one before and its fields, is where it broke."""
+    if not database.is_file():
+        raise InputError(f"audit database {database} {'is not a file' if database.exists() else 'does not exist'}")
+    log = AuditLog(database, read_only=True)
+    records, unchained, previous = 0, 0, None
+    try:
+        if not log.chained():
+            return ChainCheck(log.count(), log.count(), None, None)
+        for rows in log.pages(page, columns=[*CHAINED, "chain"]):
+            for row in rows:
+                records += 1
+                if previous is None and row["chain"] is None:
+                    unchained += 1
+                    continue
+                if row["chain"] != link(previous or "", row):
+                    return ChainCheck(records, unchained, row["id"], previous)
+                previous = row["chain"]
+    finally:
+        log.close()
+    return ChainCheck(records, unchained, None, previous)
 
 
 def is_audit_export(path: Path) -> bool:
