@@ -28,9 +28,12 @@ def file_bytes(serialize: Callable[[dict[str, str]], bytes], manifest: dict[str,
     """A safetensors file (`serialize(metadata)`) whose header carries the manifest, its digest and the sha256 of the
     tensor bytes; serialized twice, as the tensor bytes never depend on the header."""
     metadata = header_metadata(manifest)
-    first = serialize(metadata)
-    tensors = memoryview(first)[8 + struct.unpack("<Q", first[:8])[0]:]
-    return serialize({**metadata, TENSORS_KEY: hashlib.sha256(tensors).hexdigest()})
+    return serialize({**metadata, TENSORS_KEY: _tensors_sha256(serialize(metadata))})  # the first copy freed before
+
+
+def _tensors_sha256(data: bytes) -> str:
+    """The sha256 of a safetensors file's bytes after its header."""
+    return hashlib.sha256(memoryview(data)[8 + struct.unpack("<Q", data[:8])[0]:]).hexdigest()
 
 
 def peek_manifest(path: Path) -> dict[str, Any] | None:
@@ -85,7 +88,7 @@ def read_header_manifest(data: bytes, path: Path, file_format: str, max_version:
     if max(ends, default=0) != len(data) - 8 - header_size:
         raise ModelFileError(f"{what} {path} is corrupt or truncated: its tensors need {max(ends, default=0)} bytes, "
                                f"it holds {len(data) - 8 - header_size}")
-    if tensors_digest is not None and tensors_digest != hashlib.sha256(memoryview(data)[8 + header_size:]).hexdigest():
+    if tensors_digest is not None and tensors_digest != _tensors_sha256(data):
         raise ModelFileError(f"{what} {path} is damaged: its tensors do not match the digest written with them (changed "
                              "on disk or in a copy); copy it again, or promote a kept version")
     return manifest

@@ -61,16 +61,17 @@ CHAINED = [name for name in COLUMNS if name != "kept"]  # what a verdict's link 
 
 def link(previous: str, record: dict[str, Any]) -> str:
     """A verdict's link in the audit chain: the sha256 of the link before it and of its CHAINED fields, each as the
-    database gives it back (a REAL a float, NaN none), so that changing, removing or reordering a record breaks every
-    link after it."""
-    def stored(name: str, value: Any) -> Any:
-        if value is None or TYPES.get(name) is None:
-            return value
-        value = float(value) if TYPES[name] == "REAL" else int(value)
-        return None if value != value else value  # SQLite keeps NaN as NULL
-
-    fields = [stored(name, record[name]) for name in CHAINED]
+    database gives it back, so that changing, removing or reordering a record breaks every link after it."""
+    fields = [_as_stored(name, record[name]) for name in CHAINED]
     return hashlib.sha256(json.dumps([previous, *fields], separators=(",", ":")).encode()).hexdigest()
+
+
+def _as_stored(name: str, value: Any) -> Any:
+    """A field's value as SQLite gives it back: a REAL a float (NaN none), an INTEGER an int."""
+    if value is None or name not in TYPES:
+        return value
+    value = float(value) if TYPES[name] == "REAL" else int(value)
+    return None if value != value else value
 
 
 def matching(model: str | None = None, verdict: str | None = None, since: str | None = None,
