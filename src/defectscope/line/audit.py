@@ -285,6 +285,12 @@ class AuditLog:
             self._db.close()
 
 
+def require_database(database: Path) -> None:
+    """Raise unless an audit database to read exists as a file (reading never creates one)."""
+    if not database.is_file():
+        raise InputError(f"audit database {database} {'is not a file' if database.exists() else 'does not exist'}")
+
+
 def export_parquet(database: Path, out: Path, page: int = EXPORT_PAGE, since: str | None = None,
                    until: str | None = None, force: bool = False) -> int:
     """The records of an audit database (in a time range, as `matching` reads it; default: all) into one Parquet
@@ -294,8 +300,7 @@ def export_parquet(database: Path, out: Path, page: int = EXPORT_PAGE, since: st
     from defectscope.files import atomic_stream, check_output_file
     from defectscope.scale.scoring import pyarrow_modules
 
-    if not database.is_file():
-        raise InputError(f"audit database {database} {'is not a file' if database.exists() else 'does not exist'}")
+    require_database(database)
     if Path(out).resolve() in {Path(f"{database.resolve()}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")}:
         raise InputError(f"{out} is the audit database {database} (or one of its files); export to another file")
     check_output_file(out, force, is_ours=is_audit_export)
@@ -332,13 +337,13 @@ def verify_chain(database: Path, page: int = EXPORT_PAGE) -> ChainCheck:
     """Every link of an audit database recomputed from its records, oldest first (read-only, memory bounded). Records
     written before the chain began (schema version 2 and older) come first and are counted; after the first link,
     a record without one, or whose link does not follow from the one before and its fields, is where it broke."""
-    if not database.is_file():
-        raise InputError(f"audit database {database} {'is not a file' if database.exists() else 'does not exist'}")
+    require_database(database)
     log = AuditLog(database, read_only=True)
     records, unchained, previous = 0, 0, None
     try:
         if not log.chained():
-            return ChainCheck(log.count(), log.count(), None, None)
+            count = log.count()
+            return ChainCheck(count, count, None, None)
         for rows in log.pages(page, columns=[*CHAINED, "chain"]):
             for row in rows:
                 records += 1

@@ -21,7 +21,7 @@ import numpy as np
 
 from defectscope.calibration import Calibration
 from defectscope.errors import InputError
-from defectscope.line.audit import AuditLog
+from defectscope.line.audit import AuditLog, require_database
 
 MIN_PASSED = 20  # passed parts the check needs before it speaks (fewer: its normal approximation is poor)
 ALARM_P = 0.001  # one-sided level: a line checked every hour should not be alarmed by chance
@@ -96,8 +96,7 @@ def audited_drift(database: Path, model: Path, last: int = DEFAULT_PARTS) -> Dri
 
     if not 1 <= last <= MAX_PARTS:
         raise InputError(f"--last must be from 1 to {MAX_PARTS:,}, got {last}")
-    if not database.is_file():
-        raise InputError(f"audit database {database} {'is not a file' if database.exists() else 'does not exist'}")
+    require_database(database)
     manifest = checked_manifest(model)
     stored = (manifest["model"] if is_deployment(model) else manifest).get("calibration")
     calibration = Calibration.from_dict(stored) if stored is not None else None
