@@ -172,6 +172,11 @@ def test_every_decoder_gives_the_same_pixels(monkeypatch) -> None:
         "jpeg gray": _encoded(Image.fromarray(rgb[..., 1]), "JPEG", quality=90),
         "bmp": _encoded(Image.fromarray(rgb), "BMP"),
         "tiff": _encoded(Image.fromarray(rgb), "TIFF"),
+        "tiff rgba": _encoded(Image.fromarray(rgba, "RGBA"), "TIFF"),
+        "tiff gray+alpha": _encoded(Image.fromarray(rgba[..., 2:4].copy(), "LA"), "TIFF"),
+        "tiff gray 16-bit": _encoded(Image.fromarray(gray16), "TIFF"),
+        "webp rgb": _encoded(Image.fromarray(rgb), "WEBP", lossless=True),
+        "webp rgba": _encoded(Image.fromarray(rgba, "RGBA"), "WEBP", lossless=True, exact=True),
     }
     assert decode.imagecodecs is not None and decode.cv2 is not None  # both installed with the library
     decoded = {"imagecodecs": {name: decode.decode_image(data, name) for name, data in files.items()}}
@@ -185,6 +190,8 @@ def test_every_decoder_gives_the_same_pixels(monkeypatch) -> None:
             np.testing.assert_array_equal(image, decoded["OpenCV"][name], err_msg=f"{decoder}: {name}")
     np.testing.assert_array_equal(decoded["OpenCV"]["png gray 16-bit"][..., 0], gray16 >> 8)
     np.testing.assert_array_equal(decoded["imagecodecs"]["png rgb"], rgb)
+    for name in ("png rgba", "tiff rgba", "webp rgba"):  # alpha dropped, the colour as stored (never premultiplied)
+        np.testing.assert_array_equal(decoded["OpenCV"][name], rgb, err_msg=name)
 
 
 def test_png_files_are_decoded_by_imagecodecs(monkeypatch) -> None:

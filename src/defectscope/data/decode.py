@@ -39,6 +39,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".
 MAX_PIXELS_ENV = "DEFECTSCOPE_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 50_000_000  # a 50-megapixel camera frame (8192 x 6104); MVTec's largest images are 1 MP
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # little and big endian, classic and BigTIFF
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,8 @@ def _opencv_rgb(data: np.ndarray) -> np.ndarray | None:
     image = _opencv_decode(data, cv2.IMREAD_UNCHANGED)
     if image is None or image.ndim == 2:
         return image
+    if image.shape[2] == 4 and image.dtype == np.uint8 and data[:4].tobytes() in TIFF_SIGNATURES:
+        return _pillow_decode(data)  # OpenCV reads it through libtiff's RGBA reader, which multiplies colour by alpha
     return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)
 
 
