@@ -63,12 +63,12 @@ def measured(folder: Path) -> dict:
     """The default model on one category; the check on its good test images and on its whole test set."""
     dataset = load_dataset(folder)
     detector, _ = fit_detector(dataset, "patchcore", {})
-    records = evaluate_model(detector, dataset)[0].records
+    evaluation = evaluate_model(detector, dataset)[0]
+    records = evaluation.records
     scores, labels = np.array([r["score"] for r in records]), np.array([r["label"] for r in records])
     good, everything = score_drift(detector.calibration, scores[labels == 0]), score_drift(detector.calibration, scores)
-    calibration = detector.calibration_scores.numpy()
     return {"category": folder.name, "frame": frame_label(detector.config),
-            "bias": float((calibration.mean() - scores[labels == 0].mean()) / scores[labels == 0].std()),
+            "bias": evaluation.metrics["at_model_threshold"]["stated_rate_check"]["bias_sd"],
             "good_parts": good.parts, "good_share": good.share_above, "good_shift": good.shift_sd,
             "good_p": good.p_value, "good_alarm": "yes" if good.drifted else "no",
             "all_parts": f"{everything.passed} / {everything.parts}", "all_share": everything.share_above,

@@ -87,8 +87,8 @@ def measure(folder: Path, model: str, settings: dict) -> dict:
         "stated_interval": decisions.get("stated_interval"), "test_far": decisions.get("false_alarm_rate"),
         "recall": decisions.get("recall"), "calibration_images": len(calibration_scores),
         "test_far_5": float((good >= five).mean()), "recall_5": float((scores[labels == 1] >= five).mean()),
-        "bias": float((calibration_scores.mean() - good.mean()) / good.std()) if len(good) > 1 else None,
-        "bias_se": float(np.sqrt(1 / len(good) + calibration_scores.var() / good.var() / len(calibration_scores))),
+        "bias": decisions.get("stated_rate_check", {}).get("bias_sd"),
+        "bias_se": decisions.get("stated_rate_check", {}).get("bias_se"),
         "fit_s": fit_seconds, "ms_batch1": batch1, "ms_batched": batched, "ms_decode": decode,
         "peak_mb": peak_mb(),
     }

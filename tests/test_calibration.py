@@ -22,7 +22,8 @@ from defectscope.detectors.nearest import ClusteredBank
 from defectscope.detectors.padim import PaDiM, PaDiMConfig
 from defectscope.detectors.patchcore import PatchCore, PatchCoreConfig, PatchFeatures
 from defectscope.errors import DefectscopeError
-from defectscope.thresholds import calibrate, f1_calibration, false_alarm_cut, labelled_calibration, recall_threshold
+from defectscope.thresholds import (calibrate, check_stated_rate, f1_calibration, false_alarm_cut, labelled_calibration,
+                                   recall_threshold)
 
 
 def test_false_alarm_threshold_is_the_conformal_quantile() -> None:
@@ -457,3 +458,30 @@ def test_the_calibration_folds_run_a_fold_a_thread_with_the_same_scores_as_one_a
     scores = detector.patch_crossfit(features, folds, scored)[1]
     assert len(threads) == 2 and detector.index is bank
     torch.testing.assert_close(scores, alone.float(), rtol=0, atol=0)
+
+
+def test_the_stated_rate_check_fails_good_test_sets_like_the_training_goods_at_most_once_in_a_hundred() -> None:
+    """Over many draws of 40 calibration and 25 test scores from one law, the check of the stated 1% fails at most 1% of
+    the time: the threshold's own luck is counted (a binomial test at the stated rate fails 1.9% of these draws)."""
+    rng = np.random.default_rng(0)
+    draws, fails, shifted = 4000, 0, 0
+    for _ in range(draws):
+        check = check_stated_rate(calibrate(rng.gamma(3, size=40)), rng.gamma(3, size=25))
+        fails += not check.holds
+    for _ in range(400):  # the same parts scoring 1.5 standard deviations higher (a changed light, another product)
+        shifted += not check_stated_rate(calibrate(rng.gamma(3, size=40)), rng.gamma(3, size=25) + 1.5 * 3 ** 0.5).holds
+    assert fails / draws <= 0.01 and shifted / 400 >= 0.2
+
+
+def test_the_stated_rate_check_says_how_far_the_good_test_images_lie_and_when_it_does_not_apply() -> None:
+    training, test = np.arange(1.0, 100.0), np.arange(1.0, 100.0)[::4] + 30.0
+    calibration = calibrate(training)
+    check = check_stated_rate(calibration, test)
+    assert check.flagged == int((test >= calibration.threshold).sum()) == 8 and not check.holds and check.p_value < 1e-5
+    assert check.bias_sd == pytest.approx((training.mean() - test.mean()) / test.std())  # the benchmarks' calibration bias
+    assert check.bias_se == pytest.approx(math.sqrt(1 / len(test) + training.var() / test.var() / len(training)))
+    assert "more than the stated 1.0% allows" in check.message and "score higher than" in check.message
+    alike = check_stated_rate(calibration, np.arange(1.0, 100.0)[::4])
+    assert alike.holds and alike.flagged == 0 and "score like the cross-fitted training goods" in alike.message
+    labelled = labelled_calibration(training, training + 200, 150.0, "manual", 150.0, calibration)
+    assert check_stated_rate(labelled, test) is None and check_stated_rate(calibration, np.array([])) is None

@@ -147,3 +147,26 @@ def test_a_score_that_is_not_a_number_is_an_error_never_right() -> None:
     assert np.isclose(rows[2]["normalized_score"], 1.5)
     assert confusion(rows) == {"good": {"good": 1, "defective": 0, "error": 0},
                                "defective": {"good": 0, "defective": 1, "error": 1}}
+
+
+def test_the_report_says_whether_the_stated_false_alarm_rate_holds_on_the_good_test_images(
+        report_folder: Path, demo_root: Path, served_folder: Path, tmp_path: Path) -> None:
+    from PIL import Image, ImageOps
+
+    from defectscope.artifacts import load_model
+    from defectscope.pipeline import evaluate_model
+    from defectscope.reports import metrics_markdown
+
+    metrics = json.loads((report_folder / "metrics.json").read_text())["metrics"]
+    check = metrics["at_model_threshold"]["stated_rate_check"]
+    assert check["holds"] and check["images"] == metrics["good"] and check["flagged"] == metrics["at_model_threshold"]["false_positives"]
+    assert "The stated rate holds here: " in (report_folder / "report.md").read_text()
+    changed = tmp_path / "part"
+    shutil.copytree(demo_root, changed)
+    for path in (changed / "test" / "good").iterdir():  # the same parts under another light: every good one looks new
+        ImageOps.invert(Image.open(path).convert("RGB")).save(path)
+    evaluation = evaluate_model(load_model(served_folder / "part.dsmodel"), load_dataset(changed), tmp_path / "report")[0]
+    check = evaluation.metrics["at_model_threshold"]["stated_rate_check"]
+    assert not check["holds"] and check["p_value"] < 0.01 and check["bias_sd"] < -2 * check["bias_se"]
+    assert "Warning: " in (tmp_path / "report" / "report.md").read_text()
+    assert "warning: " in metrics_markdown(evaluation.metrics) and "the stated rate does not hold" in check["message"]

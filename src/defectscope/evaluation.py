@@ -8,7 +8,7 @@ comparable with published ones.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from defectscope.detectors.base import Progress
 from defectscope.errors import DefectscopeError
 from defectscope.metrics import f1_max, image_auroc, per_defect_auroc, pixel_metrics
 from defectscope.predictor import Predictor
+from defectscope.thresholds import check_stated_rate
 
 
 @dataclass
@@ -93,6 +94,9 @@ def evaluate(detector: Predictor, dataset: Dataset, progress: Progress | None = 
         if calibration is not None and calibration.false_alarm_rate is not None:
             metrics["at_model_threshold"].update(stated_false_alarm_rate=calibration.false_alarm_rate,
                                                  stated_interval=list(calibration.false_alarm_interval or ()))
+        check = check_stated_rate(calibration, scores[labels == 0])
+        if check is not None:
+            metrics["at_model_threshold"]["stated_rate_check"] = asdict(check)
     per_defect = {d: {"images": int((defects == d).sum())} for d in sorted(set(defects) - {GOOD})}
     for defect, value in per_defect_auroc(defects, scores).items():
         per_defect[defect]["image_auroc"] = value

@@ -50,6 +50,8 @@ def metrics_markdown(metrics: dict) -> str:
                 low, high = d["stated_interval"]
                 lines.append(f"false-alarm rate on the good test images {d['false_alarm_rate']:.1%}; stated when fitted "
                              f"{d['stated_false_alarm_rate']:.1%} (95% interval {low:.1%} to {high:.1%})")
+            if "stated_rate_check" in d:
+                lines.append(f"{'' if d['stated_rate_check']['holds'] else 'warning: '}{d['stated_rate_check']['message']}")
     lines += [f"\nnote: {n}" for n in metrics["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -78,6 +80,9 @@ GLOSSARY = (
     ("recall", "the share of defective parts judged defective"),
     ("false-alarm rate", "the share of good parts judged defective; the stated rate is the one promised when the "
                          "model was calibrated, with its 95% interval"),
+    ("calibration bias", "the cross-fitted training goods' mean score less the good test images', in the test "
+                         "images' standard deviations: near 0 when the good test parts are like the training goods, "
+                         "negative when they score higher (then more of them are flagged than stated)"),
     ("image AUROC", "the chance that a random defective part scores above a random good one (1.0: every defective "
                     "part above every good one, at some threshold)"),
     ("pixel AUROC", "the same, pixel by pixel, for the heatmap against the defect masks"),
@@ -215,6 +220,9 @@ def plant_report(evaluation: Evaluation, detector: Predictor, out: Path, name: s
                f"caught and {good['defective']} of {sum(good.values())} good parts are flagged{stated_text}.")
     if good["error"] + defective["error"]:
         summary += f" {good['error'] + defective['error']} image(s) could not be scored (verdict 'error')."
+    check = decisions.get("stated_rate_check") if "at_model_threshold" in metrics else None
+    if check is not None:
+        summary += f" {'Warning: ' if not check['holds'] else 'The stated rate holds here: '}{check['message']}."
     per_type = []
     for defect in sorted({r["true_class"] for r in rows} - {"good"}):
         of_type = [r for r in rows if r["true_class"] == defect]

@@ -11,7 +11,7 @@ the stated interval. A rate below 1 / (n + 1) is out of reach of n scores: the l
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 import numpy as np
@@ -23,6 +23,7 @@ GOOD_ONLY_METHODS = ("false_alarm_rate", "sigma", "percentile")
 DEFAULT_FALSE_ALARM_RATE = 0.01
 MIN_CALIBRATION_IMAGES = 20  # fewer good calibration scores leave the threshold to chance
 INTERVAL = 0.95
+RATE_CHECK_P = 0.01  # one check per evaluation: good test images like the training goods fail it once in a hundred
 
 
 def _stats() -> ModuleType:
@@ -197,3 +198,51 @@ def labelled_calibration(good_scores: np.ndarray, defective_scores: np.ndarray, 
         caught / len(bad), clopper_pearson(caught, len(bad)), gap,
         good_median=previous.good_median if previous else float(np.median(good)),
     )
+
+
+@dataclass(frozen=True)
+class RateCheck:
+    """Whether a threshold set from good images keeps its stated false-alarm rate on held-out good images: the false
+    alarms among them, the chance of that many or more for parts like the training goods, and the calibration bias
+    (the training goods' mean less theirs, in their standard deviations; negative: they score higher)."""
+
+    images: int
+    flagged: int
+    stated_rate: float
+    p_value: float
+    bias_sd: float | None
+    bias_se: float | None
+    holds: bool
+    message: str
+
+
+def check_stated_rate(calibration: Calibration | None, good_scores: np.ndarray) -> RateCheck | None:
+    """The check of a good-only threshold on held-out good scores; None when there is none to check (no good image, or
+    a threshold chosen with labels, whose rate was read on labelled images). For exchangeable scores the false alarms
+    among m new parts follow a beta-binomial law: the threshold's own rate is Beta(a, b) (`false_alarm_threshold`),
+    and given it they are binomial, so a small calibration set's luck is counted, not only the test set's."""
+    scores = np.asarray(good_scores, np.float64)
+    if (calibration is None or calibration.method not in GOOD_ONLY_METHODS or calibration.false_alarm_rate is None
+            or not len(scores)):
+        return None
+    rate, total = calibration.false_alarm_rate, calibration.good_count + 1
+    flagged = int((scores >= calibration.threshold).sum())
+    p_value = float(_stats().betabinom.sf(flagged - 1, len(scores), rate * total, (1 - rate) * total))
+    spread = float(scores.std())
+    bias = se = None
+    if len(scores) > 1 and spread > 0:
+        bias = (calibration.good_mean - float(scores.mean())) / spread
+        se = math.sqrt(1 / len(scores) + (calibration.good_std / spread) ** 2 / calibration.good_count)
+    seen = f"{flagged} of the {len(scores)} good test images are flagged"
+    chance = f"p = {p_value:.2g}" if p_value >= 1e-12 else "p < 1e-12"
+    if p_value < RATE_CHECK_P:
+        text = (f"{seen}, more than the stated {rate:.1%} allows ({chance} for parts like the training goods): "
+                "these good parts do not score like the images the threshold was set on (another product, or the "
+                "material, light or camera changed since fitting), so the stated rate does not hold for them; fit or "
+                "teach the model on such parts")
+    else:
+        text = f"{seen}, as the stated {rate:.1%} allows ({chance})"
+    if bias is not None:
+        how = "like" if abs(bias) <= 2 * se else "higher than" if bias < 0 else "lower than"
+        text += f"; calibration bias {bias:+.2f} sd (± {se:.2f}): the good test images score {how} the cross-fitted training goods"
+    return RateCheck(len(scores), flagged, rate, p_value, bias, se, p_value >= RATE_CHECK_P, text)
