@@ -260,13 +260,16 @@ def test_restating_the_rate_restates_the_map_region_level_from_its_own_scores(fi
     assert cli("-q", "calibrate", restated, "-o", labelled, "--good", demo_root / "test" / "good",
                "--defective", demo_root / "test" / "scratch", "--f1").code == 0
     assert model_info(labelled)["calibration"]["map_threshold"] == level(0.1)
+    evaluated = cli("-q", "evaluate", labelled, demo_root).out  # its threshold no longer comes from good images only
+    assert "model threshold (set with labelled images: f1)" in evaluated and "good images only" not in evaluated
 
 
 def test_predict_and_evaluate_report_the_stated_rate(fitted_model: Path, demo_root: Path, cli) -> None:
     predicted = cli("-q", "predict", fitted_model, demo_root / "test" / "good" / "000.png")
     assert "expected false-alarm rate" in predicted.out
     evaluated = cli("-q", "evaluate", fitted_model, demo_root)
-    assert "false-alarm rate on the good test images" in evaluated.out and "stated when fitted" in evaluated.out
+    assert "false-alarm rate on the good test images" in evaluated.out and "stated when calibrated" in evaluated.out
+    assert "model threshold (set from good images only)" in evaluated.out
 
 
 def test_models_of_earlier_versions_still_load(fitted_model: Path, tmp_path: Path) -> None:

@@ -91,6 +91,8 @@ def evaluate(detector: Predictor, dataset: Dataset, progress: Progress | None = 
     if prediction.threshold is not None:
         metrics["at_model_threshold"] = _decisions(labels, scores, prediction.threshold)
         calibration = detector.calibration
+        if calibration is not None:
+            metrics["at_model_threshold"]["threshold_method"] = calibration.method
         if calibration is not None and calibration.false_alarm_rate is not None:
             metrics["at_model_threshold"].update(stated_false_alarm_rate=calibration.false_alarm_rate,
                                                  stated_interval=list(calibration.false_alarm_interval or ()))

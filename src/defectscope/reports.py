@@ -22,6 +22,7 @@ from defectscope.names import version_of
 from defectscope.prediction import Prediction
 from defectscope.predictor import Predictor, engine_of
 from defectscope.report_document import Block, Figure, Heading, Table, Text, html_page, markdown
+from defectscope.thresholds import GOOD_ONLY_METHODS
 from defectscope.viz import curves_png, gallery_png, heatmap_names, histogram_png, overlay, readable_overlay, save_rgb
 
 METRIC_COLUMNS = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"), ("image_f1_max", "image F1-max"))
@@ -38,9 +39,12 @@ def metrics_markdown(metrics: dict) -> str:
     lines.append(f"| all | {metrics['images']} | " + " | ".join(_fmt(metrics.get(k)) for k, _ in METRIC_COLUMNS) + " |")
     for defect, row in metrics["per_defect"].items():
         lines.append(f"| {defect} | {row['images']} | " + " | ".join(_fmt(row.get(k)) for k, _ in METRIC_COLUMNS) + " |")
-    for key, label in (("at_model_threshold", "model threshold (good images only)"), ("at_f1_threshold", "F1-optimal threshold")):
+    for key, label in (("at_model_threshold", "model threshold"), ("at_f1_threshold", "F1-optimal threshold")):
         if key in metrics:
             d = metrics[key]
+            method = d.get("threshold_method")
+            if method is not None:
+                label += " (set from good images only)" if method in GOOD_ONLY_METHODS else f" (set with labelled images: {method})"
             lines.append(
                 f"\n{label}: {d['threshold']:.4g} -> accuracy {d['accuracy']:.3f}, precision {_fmt(d['precision'])}, "
                 f"recall {_fmt(d['recall'])}, F1 {_fmt(d['f1'])}, {d['false_positives']} false positive(s), "
@@ -48,7 +52,7 @@ def metrics_markdown(metrics: dict) -> str:
             )
             if d.get("false_alarm_rate") is not None and d.get("stated_false_alarm_rate") is not None:
                 low, high = d["stated_interval"]
-                lines.append(f"false-alarm rate on the good test images {d['false_alarm_rate']:.1%}; stated when fitted "
+                lines.append(f"false-alarm rate on the good test images {d['false_alarm_rate']:.1%}; stated when calibrated "
                              f"{d['stated_false_alarm_rate']:.1%} (95% interval {low:.1%} to {high:.1%})")
             if "stated_rate_check" in d:
                 lines.append(f"{'' if d['stated_rate_check']['holds'] else 'warning: '}{d['stated_rate_check']['message']}")
