@@ -206,3 +206,22 @@ def test_the_drift_moment_makes_drift_normal_variation() -> None:
     torch.testing.assert_close(moments.drift[0], 4 * torch.outer(direction, direction))
     assert aware.residuals(after.float()).mean() < 0.2 * plain.residuals(after.float()).mean()  # drift: no residual
     assert (moments - Moments.of(good[:5])).drift is moments.drift and (moments + Moments.of(good[:5])).drift is moments.drift
+
+
+def test_two_good_images_fit_without_the_global_view_and_on_asks_for_three(demo_root: Path) -> None:
+    """With two images each calibration fold's region statistics came from one image, whose decomposition failed with
+    LAPACK's error; "auto" has no probe below selection.MIN_IMAGES and is off without learning them."""
+    from defectscope.errors import DefectscopeError
+
+    two = [s.path for s in load_dataset(demo_root).train][:2]
+    detector = create_detector("patchcore", image_size=128, crop=None)
+    detector.fit(two)
+    assert detector.config.global_view == "off" and detector.moments is None
+    assert detector.train_summary["global_view_choice"] == {"chosen": "off", "reason": "too few training images for the probe"}
+    assert np.isfinite(detector.predict(two).scores).all()
+    with pytest.raises(DefectscopeError, match="global_view: on needs at least 3 good images"):
+        create_detector("patchcore", image_size=128, crop=None, global_view="on").fit(two)
+    three = [s.path for s in load_dataset(demo_root).train][:3]
+    on = create_detector("patchcore", image_size=128, crop=None, global_view="on")
+    on.fit(three)
+    assert on.config.global_view == "on" and on.regions is not None

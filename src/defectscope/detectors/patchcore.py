@@ -43,6 +43,7 @@ from defectscope.thresholds import false_alarm_cut, with_map_level
 TEACH_COVERAGE = 0.1  # taught patches are added until covered as closely as the best-covered tenth of good images
 PATCH_STRIDES = (8, 16, 32)  # the finest feature stride (8) times 1, 2 or 4
 MAX_NEIGHBOURHOOD = 15  # patches pooled over at most 15 x 15 feature cells (120 px at stride 8)
+MIN_GLOBAL_IMAGES = 3  # a calibration fold's region statistics need two images besides its own
 VIEW_CHOICES = ("auto", "on", "off")  # global_view, place_view and rotations: chosen by fit, or given
 SWITCHES = ("global_view", "place_view", "rotations")  # the fields that take VIEW_CHOICES
 
@@ -61,7 +62,8 @@ class PatchCoreConfig(DetectorConfig):
     shrinks), so memory and search cost stop growing with the training set. global_view: the layout of
     regions beside the patches (`global_view.py`), fused into one score; "auto": `fit` keeps it when the probe
     of held-out good images shows it pays (more synthetic defects caught, no more false alarms under a line's
-    light and camera drift; see `choose_global_view`); "on" / "off" decide it here. A fitted model's config holds "on" or "off".
+    light and camera drift; see `choose_global_view`; below selection.MIN_IMAGES, no probe: off); "on" (at least
+    MIN_GLOBAL_IMAGES images) / "off" decide it here. A fitted model's config holds "on" or "off".
     place_view: each patch's distance also judged against how good images vary at its place (`place_view.py`),
     fused into the patch score (the larger of the two, each on its cross-fitted good scores' scale); "auto": kept
     when the global view is not (both judge a place against good images, and each view in the max adds its good
@@ -390,6 +392,9 @@ class PatchCore(Detector):
         the drift its scale allows for and, with "auto", decides whether it is kept."""
         if self.config.rotations == "auto":  # no frame search decided it (a pinned frame, too few images)
             self.config.rotations = "off"
+        if self.config.global_view == "on" and len(images) < MIN_GLOBAL_IMAGES:
+            raise DefectscopeError(f"global_view: on needs at least {MIN_GLOBAL_IMAGES} good images (each calibration "
+                                   f"fold's region statistics come from the others), got {len(images)}")
         kinds = KINDS if self.config.global_view == "auto" else ()  # "on" needs the drifted images only
         searched = self.searched[0] if self.searched is not None else None
         self.probe = (searched or make_probe(images, self.config.seed, kinds)) if self.uses_global_view else None
@@ -432,7 +437,8 @@ class PatchCore(Detector):
         the turns, `features.turned` is let go once the memory is chosen (nothing after it reads them)."""
         patches, regions = split_features(features)
         self.fusion = None
-        self.moments = Moments.of(regions) if self.uses_global_view and regions is not None else None
+        undecidable = self.config.global_view == "auto" and self.probe is None  # "auto" without a probe: off
+        self.moments = Moments.of(regions) if self.uses_global_view and regions is not None and not undecidable else None
         self.regions = None  # derived from the moments once the drift is known (`crossfit_scores`)
         learned = features if isinstance(features, PatchFeatures) else PatchFeatures(patches, patches.new_empty(0))
         n, d = len(patches), patches.shape[-1]
@@ -606,6 +612,8 @@ class PatchCore(Detector):
         folds, scored = self.crossfit_rows(len(features))
         self.global_choice = None
         if self.moments is None:
+            if self.config.global_view == "auto":
+                self.global_choice = {"chosen": "off", "reason": "too few training images for the probe"}
             self.config.global_view = "off"
             patch, self.nearest_scores = self.patch_crossfit(features, folds, scored)
             return torch.cat(scored), self._settle_place(patch, self.nearest_scores, keep=True)
@@ -682,8 +690,6 @@ class PatchCore(Detector):
         nearest-patch score (`patch`, `fused`: cross-fitted, without the place view): the place view is kept only
         where the global view is not, and it catches some of what the global view catches, which would leave the
         global view only its cost to show."""
-        if self.probe is None:
-            return {"chosen": "off", "reason": "too few training images for the probe"}
         held = torch.from_numpy(self.probe.held).sort().values
         probed = PatchFeatures.cat([self._probe_defective(), features[held], drifted])
         fitted, fusion, place = self.index, self.fusion, self.place
