@@ -466,3 +466,16 @@ def test_patchcore_with_rotations_knows_a_part_turned_and_still_sees_a_defect() 
         features, quarter = turning.embed_turned(batch), turning.embed(torch.rot90(batch, 1, (-2, -1)))
     assert features.turned.shape[:2] == (2, 3)
     torch.testing.assert_close(features.turned[:, 0], quarter.patches)
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_every_detector_fits_on_as_few_images_as_it_says_and_refuses_fewer(demo_root: Path, name: str) -> None:
+    """PCA and the one-class SVM crashed with scikit-learn's error on two images (a calibration fold's refit on one
+    image divided by a NaN spread), k-NN blamed a learning rate; each model kind now states the images it needs."""
+    images = [s.path for s in load_dataset(demo_root).train]
+    settings = {**SETTINGS[name], **({"epochs": 2} if "epochs" in SETTINGS[name] else {})}
+    detector = create_detector(name, **SMALL, **settings)
+    with pytest.raises(DefectscopeError, match=f"{name} needs at least {detector.min_images} good images"):
+        detector.fit(images[:detector.min_images - 1])
+    detector.fit(images[:detector.min_images])
+    assert np.isfinite(detector.calibration_scores.numpy()).all() and np.isfinite(detector.predict(images[:2]).scores).all()

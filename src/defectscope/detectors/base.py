@@ -225,6 +225,7 @@ class Detector(MapModel):
     """Learns from good images only: `fit` embeds them, learns, and calibrates the threshold on a held-out part."""
 
     kind = "good_only"
+    min_images = 2  # good images a fit needs: models that refit per calibration fold need two besides the fold's own
 
     @abstractmethod
     def fit_features(self, features: torch.Tensor) -> dict[str, Any]:
@@ -257,8 +258,9 @@ class Detector(MapModel):
 
     def fit(self, images: Sequence[ImageSource], progress: Progress | None = None) -> FitReport:
         """Fit on all good images, then set the threshold from cross-fitted scores (each from a model that never saw it)."""
-        if len(images) < 2:
-            raise DefectscopeError(f"fitting needs at least 2 good images, got {len(images)}")
+        if len(images) < self.min_images:
+            raise DefectscopeError(f"{self.name} needs at least {self.min_images} good images to fit and calibrate, got "
+                                   f"{len(images)}")
         start = time.perf_counter()
         torch.manual_seed(self.config.seed)
         self.learn_aspect(images)

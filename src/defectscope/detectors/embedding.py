@@ -41,6 +41,7 @@ class EmbeddingDetector(Detector):
     config: EmbeddingConfig
     localizes = False
     strides = (16, 32)
+    min_images = 3  # a calibration fold's refit standardizes by the spread of the other images: two at least
     learned: dict[str, torch.Tensor]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -84,6 +84,7 @@ class PaDiM(Detector):
     config_class = PaDiMConfig
     config: PaDiMConfig
     strides = (4, 8, 16)
+    min_images = 3  # each image is left out of a Gaussian of the others, whose covariance needs two
     channels: torch.Tensor | None = None
     mean: torch.Tensor | None = None
     precision: torch.Tensor | None = None
@@ -157,8 +158,6 @@ class PaDiM(Detector):
         held-out squared distance is (n/(n-1))² s / (1 - n s / ((n-1)(n-2))) (Sherman-Morrison).
         """
         n, positions, d = features.shape
-        if n < 3:
-            raise DefectscopeError(f"PaDiM needs at least 3 training images to calibrate, got {n}")
         squared = torch.empty(n, positions)
         ridge = self.config.regularization * torch.eye(d)
         downdate = n / ((n - 1) * (n - 2))
