@@ -612,7 +612,7 @@ class PatchCore(Detector):
         folds, scored = self.crossfit_rows(len(features))
         self.global_choice = None
         if self.moments is None:
-            if self.config.global_view == "auto":
+            if self.config.global_view == "auto" and self.uses_global_view:  # not learned: no probe to decide it
                 self.global_choice = {"chosen": "off", "reason": "too few training images for the probe"}
             self.config.global_view = "off"
             patch, self.nearest_scores = self.patch_crossfit(features, folds, scored)
