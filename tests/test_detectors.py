@@ -479,3 +479,23 @@ def test_every_detector_fits_on_as_few_images_as_it_says_and_refuses_fewer(demo_
         detector.fit(images[:detector.min_images - 1])
     detector.fit(images[:detector.min_images])
     assert np.isfinite(detector.calibration_scores.numpy()).all() and np.isfinite(detector.predict(images[:2]).scores).all()
+
+
+@pytest.mark.parametrize("name", ["knn", "pca", "ocsvm", "padim"])
+def test_images_all_alike_fit_and_judge_with_finite_normalized_scores(demo_root: Path, tmp_path: Path, name: str,
+                                                                      recwarn: pytest.WarningsRecorder) -> None:
+    """Five copies of one image: the one-class SVM divided by their zero variance (ZeroDivisionError), PCA filled the
+    output with scikit-learn's RuntimeWarnings, and a threshold at the smallest float made normalized scores infinite."""
+    import shutil
+
+    train = [s.path for s in load_dataset(demo_root).train]
+    copies = []
+    for i in range(5):
+        copies.append(tmp_path / f"{i}.png")
+        shutil.copy(train[0], copies[-1])
+    detector = create_detector(name, **SMALL, **SETTINGS[name])
+    detector.fit(copies)
+    assert detector.calibration.threshold >= 1e-6 and "all the same" in detector.calibration.warning
+    prediction = detector.predict([copies[0], train[1]])
+    assert list(prediction.verdicts) == ["good", "defective"] and np.isfinite(prediction.normalized).all()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -73,8 +73,11 @@ def exceedance(scores: np.ndarray, threshold: float) -> tuple[float, tuple[float
 
 
 def _above_all(scores: np.ndarray) -> float:
-    """Just above scores that are (almost) all the same value."""
-    return float(np.nextafter(scores.max() + 1e-6 * abs(scores.max()), np.inf))
+    """Just above scores that are (almost) all the same value; at least 1e-6 above, so that scores all 0 (images all
+    alike) get a threshold a score can be divided by (not the smallest float, which made every normalized score
+    infinite)."""
+    top = float(scores.max())
+    return float(np.nextafter(top + max(1e-6 * abs(top), 1e-6), np.inf))
 
 
 def false_alarm_cut(scores: np.ndarray, rate: float) -> float:

@@ -6,6 +6,7 @@ from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.decomposition import PCA
@@ -99,7 +100,8 @@ class PCADetector(EmbeddingDetector):
     name = "pca"
 
     def fit_standardized(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        pca = PCA(n_components=self.config.variance, svd_solver="full", random_state=self.config.seed).fit(x.numpy())
+        with np.errstate(invalid="ignore"):  # images all alike: no variance to share out, every component is kept
+            pca = PCA(n_components=self.config.variance, svd_solver="full", random_state=self.config.seed).fit(x.numpy())
         return {"pca_mean": torch.from_numpy(pca.mean_).float(), "components": torch.from_numpy(pca.components_).float()}
 
     def score_standardized(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +116,8 @@ class OCSVMDetector(EmbeddingDetector):
     name = "ocsvm"
 
     def fit_standardized(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        gamma = self.config.gamma or 1.0 / (x.shape[1] * float(x.var()))
+        spread = float(x.var())  # 0 for images all alike: then 1.0, as scikit-learn's gamma="scale" takes it
+        gamma = self.config.gamma or (1.0 / (x.shape[1] * spread) if spread > 0 else 1.0)
         svm = OneClassSVM(kernel="rbf", nu=self.config.nu, gamma=gamma).fit(x.numpy())
         return {
             "support_vectors": torch.from_numpy(svm.support_vectors_).float(),
