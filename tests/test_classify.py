@@ -105,13 +105,15 @@ def test_sampling_weights() -> None:
 
 def test_folds_and_shots() -> None:
     labels = np.array([0] * 10 + [1] * 5 + [2] * 5)
-    folds = stratified_folds(labels, 5, seed=0)
+    folds = stratified_folds(labels, 5, seed=0, classes=["good", "scratch", "dent"])
     assert sorted(np.concatenate(folds).tolist()) == list(range(20))
     assert all(np.bincount(labels[f], minlength=3).tolist() == [2, 1, 1] for f in folds)
     kept = keep_shots(np.arange(20), labels, 2, seed=0)
     assert np.bincount(labels[kept]).tolist() == [10, 2, 2]
-    with pytest.raises(DefectscopeError, match="fewer than folds"):
-        stratified_folds(labels, 6, seed=0)
+    with pytest.raises(DefectscopeError, match=r"6 labelled images of every class; scratch \(5\), dent \(5\) have fewer"):
+        stratified_folds(labels, 6, seed=0, classes=["good", "scratch", "dent"])
+    with pytest.raises(DefectscopeError, match=r"crack \(0\) has fewer"):  # a type with no labelled image at all
+        stratified_folds(labels, 5, seed=0, classes=["good", "scratch", "dent", "crack"])
 
 
 def test_config_errors_name_the_field() -> None:

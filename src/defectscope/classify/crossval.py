@@ -130,7 +130,7 @@ def cross_validate(dataset: Dataset, config: ClassifierConfig, progress: FoldPro
     pool_x, extra_x = images[: len(pool)], images[len(pool) :]
     records, usage, histories, train_counts = [], [], [], []
     fit_seconds, infer_seconds = per_image_load * len(extra), per_image_load * len(pool)
-    for fold, held in enumerate(stratified_folds(labels, config.folds, config.seed)):
+    for fold, held in enumerate(stratified_folds(labels, config.folds, config.seed, classes)):
         if progress:
             progress(f"fold {fold + 1}/{config.folds}")
         rest, seed = np.setdiff1d(np.arange(len(pool)), held), derived_seed(config.seed, fold)

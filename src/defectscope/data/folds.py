@@ -22,11 +22,13 @@ def label_of(sample: Sample, classes: list[str]) -> int:
     return 1 if len(classes) == 2 and classes[1] == "defective" else classes.index(sample.defect)
 
 
-def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
-    """Held-out indices of each fold (seeded, stratified by label)."""
-    smallest = np.bincount(labels).min()
-    if smallest < folds:
-        raise DefectscopeError(f"a class has only {smallest} labelled image(s), fewer than folds={folds}; lower 'folds'")
+def stratified_folds(labels: np.ndarray, folds: int, seed: int, classes: Sequence[str]) -> list[np.ndarray]:
+    """Held-out indices of each fold (seeded, stratified by label); `classes` names the labels in errors."""
+    counts = np.bincount(labels, minlength=len(classes))
+    few = [f"{name} ({count})" for name, count in zip(classes, counts) if count < folds]
+    if few:
+        raise DefectscopeError(f"{folds}-fold cross-validation needs {folds} labelled images of every class; "
+                               f"{', '.join(few)} {'has' if len(few) == 1 else 'have'} fewer: lower 'folds', or label more")
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
     return [held for _, held in splitter.split(np.zeros(len(labels)), labels)]
 

@@ -248,7 +248,7 @@ def held_out_instances(dataset: Dataset, config: InstanceConfig, progress: Progr
     instances: list[list[Detection]] = [[] for _ in pool]
     scores, folds, trained_on = np.zeros(len(pool), np.float32), [0] * len(pool), []
     fit_seconds = predict_seconds = 0.0
-    for fold, held in enumerate(stratified_folds(labels, config.folds, config.seed)):
+    for fold, held in enumerate(stratified_folds(labels, config.folds, config.seed, classes)):
         held_set = set(held.tolist())
         training = [pool[i] for i in range(len(pool)) if i not in held_set] + goods
         trained_on.append({str(s.path) for s in training})

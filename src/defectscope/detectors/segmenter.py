@@ -193,7 +193,7 @@ def held_out_maps(dataset: Dataset, config: SegmenterConfig, progress: Progress 
     maps: list[np.ndarray | None] = [None] * len(pool)
     fold_of = [0] * len(pool)
     predict_seconds = 0.0
-    for fold, held in enumerate(stratified_folds(labels, config.folds, config.seed)):
+    for fold, held in enumerate(stratified_folds(labels, config.folds, config.seed, classes)):
         segmenter = Segmenter(SegmenterConfig(**{**config.to_dict(), "seed": derived_seed(config.seed, fold)}))
         segmenter.fit_masks([pool[i] for i in range(len(pool)) if i not in set(held)] + goods, dataset.defect_types)
         start = time.perf_counter()
