@@ -488,3 +488,15 @@ def test_the_stated_rate_check_says_how_far_the_good_test_images_lie_and_when_it
     assert alike.holds and alike.flagged == 0 and "score like the cross-fitted training goods" in alike.message
     labelled = labelled_calibration(training, training + 200, 150.0, "manual", 150.0, calibration)
     assert check_stated_rate(labelled, test) is None and check_stated_rate(calibration, np.array([])) is None
+
+
+def test_labels_that_rank_the_wrong_way_are_said_to_be_suspect() -> None:
+    """Good and defective images given the wrong way round chose a threshold flagging every good part, with only the
+    small-sample warning; now the warning asks whether the labels are swapped."""
+    good, bad = np.arange(30.0, 60.0), np.arange(0.0, 30.0)
+    swapped = labelled_calibration(good, bad, 10.0, "manual", 10.0, None)
+    assert "are the labels swapped" in swapped.warning and "image AUROC 0.00" in swapped.warning
+    right = labelled_calibration(bad, good, 30.0, "manual", 30.0, None)
+    assert right.warning is None
+    tied = labelled_calibration(np.full(25, 5.0), np.full(25, 5.0), 5.0, "manual", 5.0, None)  # AUROC 0.5: no claim
+    assert tied.warning is None

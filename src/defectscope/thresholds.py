@@ -189,10 +189,16 @@ def labelled_calibration(good_scores: np.ndarray, defective_scores: np.ndarray, 
     if gap is not None and margin:
         threshold = gap[1] - margin * (gap[1] - gap[0])
     false_alarms, caught = int((good >= threshold).sum()), int((bad >= threshold).sum())
-    warning = None
+    warnings = []
     if min(len(good), len(bad)) < MIN_CALIBRATION_IMAGES:
-        warning = (f"chosen on {len(good)} good and {len(bad)} defective image(s): the intervals show how uncertain "
-                   f"the rates are; label at least {MIN_CALIBRATION_IMAGES} of each to narrow them")
+        warnings.append(f"chosen on {len(good)} good and {len(bad)} defective image(s): the intervals show how "
+                        f"uncertain the rates are; label at least {MIN_CALIBRATION_IMAGES} of each to narrow them")
+    ranked = (np.searchsorted(np.sort(good), bad, "left") + np.searchsorted(np.sort(good), bad, "right")).sum() / 2
+    if ranked < len(good) * len(bad) / 2:  # the chance a defective image outscores a good one is below a coin's
+        warnings.append(f"the labelled defective images score below the good ones more often than not (image AUROC "
+                        f"{ranked / (len(good) * len(bad)):.2f}): are the labels swapped, or is the model of another "
+                        "product?")
+    warning = "; ".join(warnings) or None
     return Calibration(
         float(threshold), method, float(param),
         previous.good_mean if previous else float(good.mean()), previous.good_std if previous else float(good.std()),
