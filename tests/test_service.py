@@ -318,6 +318,30 @@ def test_save_threshold_writes_and_serves_a_new_model(model_folder: Path, demo_r
         assert client.post("/v1/models/part/threshold", json={"threshold": -1, "name": "x"}).status_code == 422
 
 
+def test_two_requests_for_one_new_name_make_one_model_and_a_409(model_folder: Path, demo_root: Path,
+                                                                tmp_path: Path) -> None:
+    """Both found the name free, both wrote, and both answered 201 naming the second's file: the first request's
+    model had been replaced without its consent, and its answer described a model it did not make."""
+    import httpx
+
+    from defectscope.files import file_sha256
+
+    folder = tmp_path / "models"
+    shutil.copytree(model_folder, folder)
+    app = create_app(load_served([folder], labelled=demo_root), ServiceConfig(), demo_root)
+
+    async def both() -> list:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await asyncio.gather(*(client.post("/v1/models/part/threshold", json={"threshold": t, "name": "new"})
+                                          for t in (20.0, 30.0)))
+
+    answers = asyncio.run(both())
+    assert sorted(a.status_code for a in answers) == [201, 409]
+    written = next(a for a in answers if a.status_code == 201).json()["model"]
+    assert written["sha256"] == file_sha256(folder / "new.dsmodel")
+    assert "confirm to replace it" in next(a for a in answers if a.status_code == 409).text
+
+
 def test_teach_learns_labelled_images_into_a_new_model(model_folder: Path, demo_root: Path, tmp_path: Path) -> None:
     folder = tmp_path / "models"
     shutil.copytree(model_folder, folder)

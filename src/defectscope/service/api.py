@@ -389,6 +389,11 @@ async def _written(request: Request, model: ServedModel, target: Path, name: str
 @router.post("/models/{name}/threshold", response_model=ModelWritten, status_code=201)
 async def save_threshold(request: Request, name: str, body: ThresholdRequest) -> ModelWritten:
     """Write a copy of the model with this threshold (atomically) and serve it under the new name."""
+    async with request.app.state.writing:
+        return await _save_threshold(request, name, body)
+
+
+async def _save_threshold(request: Request, name: str, body: ThresholdRequest) -> ModelWritten:
     model = served_file(request, name)
     records = labelled_of(model)
     target = _new_model_path(request, model, body.name, body.overwrite)
@@ -411,6 +416,11 @@ async def save_threshold(request: Request, name: str, body: ThresholdRequest) ->
 @router.post("/models/{name}/teach", response_model=ModelWritten, status_code=201)
 async def teach(request: Request, name: str, body: TeachRequest) -> ModelWritten:
     """Learn labelled images as good without a refit (`defectscope update`), write and serve the new model."""
+    async with request.app.state.writing:
+        return await _teach(request, name, body)
+
+
+async def _teach(request: Request, name: str, body: TeachRequest) -> ModelWritten:
     model = served_file(request, name)
     records = [_record(model, i) for i in dict.fromkeys(body.images)]
     defective = [i for i, record in zip(dict.fromkeys(body.images), records) if record["label"] == 1]
@@ -438,14 +448,15 @@ async def reload(request: Request, name: str) -> ModelSummary:
     serve it: requests already admitted finish on the old one. A replaced model file becomes a new version once it
     loaded; one that cannot be served is refused (400) and recorded nowhere."""
     require_engineer(request)
-    model = served(request, name)
-    try:
-        new = await _loaded(request, model.path, name)  # first: a file that cannot be served becomes no version
-        if model.writable:
-            await run_in_threadpool(model.versions.adopt, name, "reload")
-    except DefectscopeError as exc:
-        raise HTTPException(400, f"{model.path} cannot be served: {exc}; the served model is unchanged") from exc
-    return ModelSummary(**(await _register(request, model.path, name, new)).summary())
+    async with request.app.state.writing:
+        model = served(request, name)
+        try:
+            new = await _loaded(request, model.path, name)  # first: a file that cannot be served becomes no version
+            if model.writable:
+                await run_in_threadpool(model.versions.adopt, name, "reload")
+        except DefectscopeError as exc:
+            raise HTTPException(400, f"{model.path} cannot be served: {exc}; the served model is unchanged") from exc
+        return ModelSummary(**(await _register(request, model.path, name, new)).summary())
 
 
 def versioned(request: Request, name: str) -> ServedModel:
@@ -491,14 +502,16 @@ async def rollback(request: Request, name: str) -> ModelSummary:
 
 
 async def _activated(request: Request, name: str, change: Callable[[VersionStore], object]) -> ModelSummary:
-    """Apply a promote or rollback to the store (the served file is replaced atomically), then serve the result."""
-    model = versioned(request, name)
-    try:
-        await run_in_threadpool(change, model.versions)
-    except UnknownVersion as exc:
-        raise HTTPException(404, str(exc)) from exc
-    except NoEarlierVersion as exc:
-        raise HTTPException(409, str(exc)) from exc
-    except (PrunedVersion, DamagedVersion) as exc:  # gone: its bytes, as kept, are not there
-        raise HTTPException(410, str(exc)) from exc
-    return ModelSummary(**(await _register(request, model.path, name)).summary())
+    """Apply a promote or rollback to the store (the served file is replaced atomically), then serve the result (no
+    other write between the two, so the answer names the version this request made active)."""
+    async with request.app.state.writing:
+        model = versioned(request, name)
+        try:
+            await run_in_threadpool(change, model.versions)
+        except UnknownVersion as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except NoEarlierVersion as exc:
+            raise HTTPException(409, str(exc)) from exc
+        except (PrunedVersion, DamagedVersion) as exc:  # gone: its bytes, as kept, are not there
+            raise HTTPException(410, str(exc)) from exc
+        return ModelSummary(**(await _register(request, model.path, name)).summary())

@@ -123,6 +123,7 @@ def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = No
     app.state.models, app.state.config, app.state.labelled = models, config or ServiceConfig(), labelled
     app.state.audit, app.state.dispatch, app.state.keeper = audit, dispatch, keeper
     app.state.telemetry = telemetry = Telemetry()
+    app.state.writing = asyncio.Lock()  # one model write at a time: a name found free stays free until it is written
     app.include_router(router)
     app.add_middleware(BodyLimit, limit=app.state.config.max_request_bytes + MULTIPART_SLACK,
                        timeout=app.state.config.body_timeout_s)
