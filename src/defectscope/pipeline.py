@@ -8,6 +8,7 @@ new, empty or one defectscope made (`files.claim_folder`), unless the caller pas
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -39,7 +40,7 @@ from defectscope.detectors.base import (
 )
 from defectscope.detectors.frame_search import CANDIDATES, FRAME_FIELDS, choose_frame
 from defectscope.detectors.patchcore import PatchCore
-from defectscope.errors import DefectscopeError, InputError
+from defectscope.errors import DataWarning, DefectscopeError, InputError
 from defectscope.evaluation import Evaluation, evaluate
 from defectscope.files import check_apart, claim_folder, file_sha256, folder_kind
 from defectscope.jobs import RayCluster, connect_ray, map_on_ray
@@ -135,10 +136,24 @@ def fit_detector(dataset: Dataset, model: str, settings: Mapping[str, Any] | Set
         report = detector.fit(train, progress=start(f"fitting {model}: embedding {len(train)} images", len(train)))
     detector.phases = None
     detector.train_digests = content_digests(train)
+    _warn_defects_learned(train, detector.train_digests, dataset)
     if frame_choice is not None:
         detector.train_summary["frame_choice"] = frame_choice
         report.details["frame_choice"] = frame_choice
     return detector, replace(report, seconds=time.perf_counter() - began)  # the frame search included
+
+
+def _warn_defects_learned(train: Sequence[ImageSource], digests: np.ndarray, dataset: Dataset) -> None:
+    """Warn (`DataWarning`) when an image just learned as good is a copy of one of the dataset's defective images:
+    the model learned that defect as good (the dataset's summary says so before a fit; the fit says it too)."""
+    defective = {file_sha256(s.path): s.path for s in dataset.samples if s.label == 1}
+    copies = [f"{image if isinstance(image, (str, Path)) else getattr(image, 'path', f'image {i}')} = "
+              f"{defective[row.tobytes().hex()]}" for i, (image, row) in enumerate(zip(train, digests))
+              if row.tobytes().hex() in defective]  # an array is named by its place (its digest is of its pixels)
+    if copies:
+        warnings.warn(f"{len(copies)} of the good images learned are copies of defective images ({few(copies)}): the "
+                      "model learned their defects as good, and parts like them may pass; take them out of the "
+                      "training images and fit again", DataWarning)
 
 
 def _frame_chosen(detector: PatchCore, train: Sequence[ImageSource], bar: ProgressBar) -> tuple[PatchCore, dict]:
