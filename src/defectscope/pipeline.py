@@ -136,20 +136,20 @@ def fit_detector(dataset: Dataset, model: str, settings: Mapping[str, Any] | Set
         report = detector.fit(train, progress=start(f"fitting {model}: embedding {len(train)} images", len(train)))
     detector.phases = None
     detector.train_digests = content_digests(train)
-    _warn_defects_learned(train, detector.train_digests, dataset)
+    if images is None:  # given images were read elsewhere (a Ray node: `fit_many.with_images` checks them there)
+        warn_defects_learned([(str(path), row.tobytes().hex()) for path, row in zip(train, detector.train_digests)],
+                             dataset)
     if frame_choice is not None:
         detector.train_summary["frame_choice"] = frame_choice
         report.details["frame_choice"] = frame_choice
     return detector, replace(report, seconds=time.perf_counter() - began)  # the frame search included
 
 
-def _warn_defects_learned(train: Sequence[ImageSource], digests: np.ndarray, dataset: Dataset) -> None:
-    """Warn (`DataWarning`) when an image just learned as good is a copy of one of the dataset's defective images:
-    the model learned that defect as good (the dataset's summary says so before a fit; the fit says it too)."""
+def warn_defects_learned(learned: Sequence[tuple[str, str]], dataset: Dataset) -> None:
+    """Warn (`DataWarning`) when an image learned as good ((name, sha256) pairs) is a copy of one of the dataset's
+    defective images: the model learned that defect as good (the dataset's summary says so before a fit; a fit too)."""
     defective = {file_sha256(s.path): s.path for s in dataset.samples if s.label == 1}
-    copies = [f"{image if isinstance(image, (str, Path)) else getattr(image, 'path', f'image {i}')} = "
-              f"{defective[row.tobytes().hex()]}" for i, (image, row) in enumerate(zip(train, digests))
-              if row.tobytes().hex() in defective]  # an array is named by its place (its digest is of its pixels)
+    copies = [f"{name} = {defective[digest]}" for name, digest in learned if digest in defective]
     if copies:
         warnings.warn(f"{len(copies)} of the good images learned are copies of defective images ({few(copies)}): the "
                       "model learned their defects as good, and parts like them may pass; take them out of the "

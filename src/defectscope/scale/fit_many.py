@@ -25,7 +25,7 @@ from defectscope.data.layout import Dataset, load_dataset
 from defectscope.errors import DefectscopeError
 from defectscope.files import scratch_folder, write_atomic
 from defectscope.jobs import RayCluster, run_jobs
-from defectscope.pipeline import fit_model
+from defectscope.pipeline import fit_model, warn_defects_learned
 from defectscope.progress import ProgressBar, no_progress
 from defectscope.scale.plan import Product, fingerprint, fingerprint_of, load_plan, recorded_fingerprint
 from defectscope.versions import keeping_replaced
@@ -50,6 +50,7 @@ def with_images(job: FitJob) -> FitJob:
     images = [EncodedImage.read(sample.path) for sample in dataset.train]
     digests = [(image.path, hashlib.sha256(image.data).hexdigest() if image.data is not None else "unreadable")
                for image in images]
+    warn_defects_learned(digests, dataset)
     return replace(job, dataset=dataset, images=images, fingerprint=fingerprint_of(job.product, digests))
 
 
