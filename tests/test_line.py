@@ -952,3 +952,21 @@ def test_the_watcher_says_when_its_model_file_no_longer_holds_the_version_judgin
     finally:
         stop.set()
         watcher.join()
+
+
+def test_a_name_as_long_as_the_file_system_allows_is_judged_and_placed(model, demo_root: Path, tmp_path: Path) -> None:
+    """A 254-character name: the move staged it as '.NAME.PID.moving', past the 255-byte limit, and the watcher stopped
+    with 'File name too long' on every start (its verdict recorded, its move never done); a verdict folder that held
+    another file of that name needed NAME-digest.png, too long as well."""
+    line = _line(tmp_path, model)
+    name = "é" * 100 + "a" * 50 + ".png"  # 254 bytes in UTF-8
+    good = load_dataset(demo_root).test
+    shutil.copy(good[-1].path, line.folders.inbox / name)
+    for folder in line.folders.outs:
+        folder.mkdir(exist_ok=True)
+        (folder / name).write_bytes(b"an earlier part's image, kept")
+    assert line.run(limit=1) == 1
+    placed = [p for folder in line.folders.outs for p in folder.iterdir() if p.read_bytes() == good[-1].path.read_bytes()]
+    assert len(placed) == 1 and len(os.fsencode(placed[0].name)) <= 255 and placed[0].name.endswith(".png")
+    assert all((folder / name).read_bytes() == b"an earlier part's image, kept" for folder in line.folders.outs)
+    assert not list(line.folders.inbox.iterdir())

@@ -91,17 +91,26 @@ class ModelIdentity:
         return {"model": self.name, "model_version": self.version, "model_sha256": self.sha256}
 
 
+def renamed(path: Path, tag: str) -> Path:
+    """`path` with `-tag` before its suffix, its stem shortened where the name would pass the file system's limit
+    (a camera's 250-character name stays placeable)."""
+    limit = os.pathconf(path.parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    stem, tail = path.stem, f"-{tag}{path.suffix}"
+    while len(os.fsencode(stem + tail)) > limit and stem:
+        stem = stem[:-1]
+    return path.with_name(stem + tail)
+
+
 def place(source: Path, folder: Path, digest: str) -> Path | None:
     """Move a judged file into `folder` so that it appears there whole (a temporary name, then a rename); a different
     file of the same name already there is kept, and this one gets its sha256 prefix in its name. None, and the file
     back in the hot folder, when its bytes are no longer those judged (`digest`): written over after it was read, its
     new content was never scored and waits for its own turn."""
-    staged = folder / f".{source.name}.{os.getpid()}.moving"
+    staged = folder / f".{digest[:16]}.{os.getpid()}.moving"  # not the source's name: that may be as long as allowed
     shutil.move(source, staged)  # a rename on one file system; copy and delete across two
     now_holds = content_sha256(staged)
     if now_holds != digest:  # back under its name or, where a new file took that name, under its content's; never over
-        for back in (source, source.with_name(f"{source.stem}-{now_holds[:8]}{source.suffix}"),
-                     source.with_name(f"{source.stem}-{now_holds}{source.suffix}")):
+        for back in (source, renamed(source, now_holds[:8]), renamed(source, now_holds)):
             if not back.exists():
                 shutil.move(staged, back)
                 break
@@ -111,7 +120,7 @@ def place(source: Path, folder: Path, digest: str) -> Path | None:
         return None
     target = folder / source.name
     if target.exists() and content_sha256(target) != digest:
-        target = folder / f"{source.stem}-{digest[:8]}{source.suffix}"
+        target = renamed(target, digest[:8])
     os.replace(staged, target)
     return target
 
