@@ -644,6 +644,26 @@ def test_interrupted_writes_leave_nothing_behind(tmp_path: Path) -> None:
     assert target.read_bytes() == b"whole" and sorted(p.name for p in tmp_path.iterdir()) == ["model.dsmodel"]
 
 
+def test_a_name_as_long_as_allowed_is_written_and_its_heatmap_named(tmp_path: Path, padim_model: Path, data: Path,
+                                                                    cli) -> None:
+    """A 248-byte output name failed with 'File name too long' ('.NAME.' plus mkstemp's part passed 255 bytes), and
+    so did a heatmap named after a long image name; an interrupted write of such a name is still cleared."""
+    from defectscope import files
+
+    target = tmp_path / ("c" * 240 + ".dsmodel")
+    write_atomic(target, b"half")
+    stale = tmp_path / f"{files._temporary_prefix(target)}abc12345{files.TEMP_SUFFIX}"
+    stale.write_bytes(b"half a model")  # an earlier write killed mid-way
+    write_atomic(target, b"whole")
+    assert target.read_bytes() == b"whole" and [p.name for p in tmp_path.iterdir()] == [target.name]
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(next((data / "test" / "good").iterdir()), images / ("é" * 120 + ".png"))  # 244 bytes
+    assert cli("-q", "predict", padim_model, images, "--heatmaps", tmp_path / "heat").code == 0
+    (heatmap,) = [p for p in (tmp_path / "heat").iterdir() if not p.name.startswith(".")]  # beside our marker
+    assert len(os.fsencode(heatmap.name)) <= 255 and heatmap.name.startswith("images_éé") and heatmap.suffix == ".png"
+
+
 def test_sigterm_during_a_fit_leaves_no_temporary_file(data: Path, tmp_path: Path) -> None:
     script = (
         "import os, signal, sys\n"

@@ -21,13 +21,39 @@ import numpy as np
 from defectscope.errors import DefectscopeError, InputError
 
 TEMP_SUFFIX = ".tmp"
+NAME_MAX = 255  # bytes in a file name on the common file systems (ext4, XFS, Btrfs, APFS), where one cannot say
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name, in bytes, that the file system of `folder` takes (NAME_MAX where it cannot say)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such folder yet, or no pathconf here
+        return NAME_MAX
+
+
+def fitted_name(stem: str, tail: str, limit: int) -> str:
+    """`stem + tail`, the stem shortened character by character until the name's bytes fit in `limit`."""
+    while len(os.fsencode(stem + tail)) > limit and stem:
+        stem = stem[:-1]
+    return stem + tail
+
+
+def _temporary_prefix(path: Path) -> str:
+    """The start of the temporary file's name for a write of `path`: '.NAME.', or for a name too long to take the
+    random part and suffix after it, its start and a digest of the whole name (stale ones are still found)."""
+    room = name_max(path.parent) - 8 - len(TEMP_SUFFIX)  # mkstemp's random part, then the suffix
+    if len(os.fsencode(f".{path.name}.")) <= room:
+        return f".{path.name}."
+    tag = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:12]
+    return fitted_name(f".{path.name}", f"~{tag}.", room)
 
 
 def _stale_temporaries(path: Path) -> list[Path]:
     """Temporary files an interrupted earlier write of `path` may have left beside it."""
     if not path.parent.is_dir():
         return []
-    return [p for p in path.parent.glob(f".{glob_escape(path.name)}.*{TEMP_SUFFIX}") if p.is_file()]
+    return [p for p in path.parent.glob(f"{glob_escape(_temporary_prefix(path))}*{TEMP_SUFFIX}") if p.is_file()]
 
 
 def glob_escape(name: str) -> str:
@@ -49,7 +75,7 @@ def atomic_stream(path: Path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in _stale_temporaries(path):
         stale.unlink(missing_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=TEMP_SUFFIX)
     umask = os.umask(0)
     os.umask(umask)
     try:

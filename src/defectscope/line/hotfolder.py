@@ -26,7 +26,7 @@ from typing import Any
 
 from defectscope.data.decode import IMAGE_SUFFIXES, EncodedImage
 from defectscope.errors import DefectscopeError, InputError
-from defectscope.files import content_sha256, exclusive, file_sha256
+from defectscope.files import content_sha256, exclusive, file_sha256, fitted_name, name_max
 from defectscope.clock import now
 from defectscope.line.audit import AuditLog, Verdict
 from defectscope.line.dispatch import Dispatcher
@@ -94,11 +94,7 @@ class ModelIdentity:
 def renamed(path: Path, tag: str) -> Path:
     """`path` with `-tag` before its suffix, its stem shortened where the name would pass the file system's limit
     (a camera's 250-character name stays placeable)."""
-    limit = os.pathconf(path.parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
-    stem, tail = path.stem, f"-{tag}{path.suffix}"
-    while len(os.fsencode(stem + tail)) > limit and stem:
-        stem = stem[:-1]
-    return path.with_name(stem + tail)
+    return path.with_name(fitted_name(path.stem, f"-{tag}{path.suffix}", name_max(path.parent)))
 
 
 def place(source: Path, folder: Path, digest: str) -> Path | None:
