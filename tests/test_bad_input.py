@@ -652,7 +652,7 @@ def test_a_name_as_long_as_allowed_is_written_and_its_heatmap_named(tmp_path: Pa
 
     target = tmp_path / ("c" * 240 + ".dsmodel")
     write_atomic(target, b"half")
-    stale = tmp_path / f"{files._temporary_prefix(target)}abc12345{files.TEMP_SUFFIX}"
+    stale = tmp_path / f"{files.temporary_prefix(target)}abc12345{files.TEMP_SUFFIX}"
     stale.write_bytes(b"half a model")  # an earlier write killed mid-way
     write_atomic(target, b"whole")
     assert target.read_bytes() == b"whole" and [p.name for p in tmp_path.iterdir()] == [target.name]

@@ -189,3 +189,21 @@ def test_export_labels_refuses_options_that_would_not_apply(demo_root: Path, tmp
                  "--include-train-good")
     assert unused.code == 2 and "--include-train-good adds the good training images" in unused.err
     assert not (tmp_path / "labels").exists()
+
+
+@pytest.mark.parametrize("fmt", ["yolo-seg", "masks"])
+def test_images_with_names_as_long_as_allowed_are_exported_under_unique_names(demo_root: Path, tmp_path: Path,
+                                                                             fmt: str) -> None:
+    """`<split>_<class>_<name>` of a 244-byte image name passed 255 bytes: the export stopped with 'File name too
+    long'. Two such names that differ only at their end stay two files."""
+    root = tmp_path / "part"
+    shutil.copytree(demo_root, root)
+    long = "d" * 240
+    for i in ("000", "001"):
+        (root / "test" / "scratch" / f"{i}.png").rename(root / "test" / "scratch" / f"{long}{i}.png")
+        (root / "ground_truth" / "scratch" / f"{i}_mask.png").rename(root / "ground_truth" / "scratch" / f"{long}{i}_mask.png")
+    export_ground_truth(load_dataset(root), tmp_path / "out", ExportOptions(fmt))
+    assert check_export(tmp_path / "out")["ok"]
+    images = [p.name for p in (tmp_path / "out" / "images").rglob("*ddd*")]
+    assert len(images) == len(set(images)) == 2 and all(len(name.encode()) <= 255 for name in images)
+    assert all(len(p.name.encode()) <= 255 for p in (tmp_path / "out").rglob("*"))

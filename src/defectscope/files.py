@@ -39,7 +39,7 @@ def fitted_name(stem: str, tail: str, limit: int) -> str:
     return stem + tail
 
 
-def _temporary_prefix(path: Path) -> str:
+def temporary_prefix(path: Path) -> str:
     """The start of the temporary file's name for a write of `path`: '.NAME.', or for a name too long to take the
     random part and suffix after it, its start and a digest of the whole name (stale ones are still found)."""
     room = name_max(path.parent) - 8 - len(TEMP_SUFFIX)  # mkstemp's random part, then the suffix
@@ -53,7 +53,7 @@ def _stale_temporaries(path: Path) -> list[Path]:
     """Temporary files an interrupted earlier write of `path` may have left beside it."""
     if not path.parent.is_dir():
         return []
-    return [p for p in path.parent.glob(f"{glob_escape(_temporary_prefix(path))}*{TEMP_SUFFIX}") if p.is_file()]
+    return [p for p in path.parent.glob(f"{glob_escape(temporary_prefix(path))}*{TEMP_SUFFIX}") if p.is_file()]
 
 
 def glob_escape(name: str) -> str:
@@ -75,7 +75,7 @@ def atomic_stream(path: Path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in _stale_temporaries(path):
         stale.unlink(missing_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=TEMP_SUFFIX)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=TEMP_SUFFIX)
     umask = os.umask(0)
     os.umask(umask)
     try:

@@ -12,6 +12,7 @@ re-export never mixes files of two runs; `out` must be new, empty or an earlier 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -27,13 +28,15 @@ from sklearn.model_selection import train_test_split
 from defectscope.data.decode import image_header, read_mask
 from defectscope.data.layout import Dataset, Sample, require_masks
 from defectscope.errors import DefectscopeError
-from defectscope.files import check_apart, check_creatable, check_reusable, claim_folder, write_atomic, write_json
+from defectscope.files import (NAME_MAX, check_apart, check_creatable, check_reusable, claim_folder, fitted_name,
+                               temporary_prefix, write_atomic, write_json)
 from defectscope.names import LABEL_FORMATS, few
 from defectscope.regions import Instance, components, polygons, rle
 from defectscope.settings import require_range, require_seed
 
 FORMATS = LABEL_FORMATS
 LABEL_EXPORT = "label export"  # the kind an export's folder is marked as (`files.claim_folder`)
+MASK_TAIL = 8  # room an image's export name leaves for its masks' `_<k>` (`masks` format)
 
 
 @dataclass
@@ -114,9 +117,19 @@ def collect(samples: Sequence[Sample], categories: list[str], options: ExportOpt
     images = []
     for sample, subset in zip(ordered, subsets):
         width, height = image_header(sample.path)[:2]
-        images.append(LabelledImage(sample.path, f"{sample.split}_{sample.defect}_{sample.path.name}", subset,
-                                    height, width, label(sample)))
+        images.append(LabelledImage(sample.path, _export_name(sample), subset, height, width, label(sample)))
     return images
+
+
+def _export_name(sample: Sample) -> str:
+    """`<split>_<class>_<name>`; where that, or a mask named from it (`_<k>.png`), would be too long for a file system,
+    its stem shortened and the digest of the whole kept (names stay unique)."""
+    name = f"{sample.split}_{sample.defect}_{sample.path.name}"
+    room = NAME_MAX - MASK_TAIL
+    if len(os.fsencode(name)) <= room:
+        return name
+    path = Path(name)
+    return fitted_name(path.stem, f"-{hashlib.sha256(os.fsencode(name)).hexdigest()[:8]}{path.suffix}", room)
 
 
 def _place_image(source: Path, target: Path, link: bool) -> None:
@@ -177,12 +190,12 @@ def check_export_target(out: Path, dataset: Dataset, force: bool) -> None:
 def write_whole(out: Path, write: Callable[[Path], dict]) -> dict:
     """Run `write(staging)` into a new folder beside `out`, then put it in place of `out` (whose old contents go)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=temporary_prefix(out), suffix=".tmp"))
     try:
         claim_folder(staging, what=LABEL_EXPORT)
         counts = write(staging)
         if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=temporary_prefix(out), suffix=".old"))
             os.replace(out, old / "replaced")
             os.replace(staging, out)
             shutil.rmtree(old, ignore_errors=True)
