@@ -133,6 +133,25 @@ def test_uploads_with_one_name_keep_their_own_pictures(page, demo_root: Path) ->
     assert [size for _, size in by_score] == [good.stat().st_size, defect.stat().st_size]  # the higher score: the defect
 
 
+def test_a_photo_with_an_exif_turn_is_shown_as_the_model_saw_it(page, demo_root: Path, tmp_path: Path) -> None:
+    """The browser turned a JPEG by its EXIF orientation while the heatmap and the regions lay over it in the pixels
+    the model scored (unturned): on a phone's photo they were stretched across the wrong places."""
+    from PIL import Image
+
+    stored = Image.open(demo_root / "test" / "good" / "000.png").convert("RGB").resize((200, 100))
+    exif = stored.getexif()
+    exif[0x0112] = 6  # "turn 90 degrees to show": stored 200 x 100, shown 100 x 200 by a browser that honours it
+    stored.save(tmp_path / "phone.jpg", "JPEG", quality=95, exif=exif)
+    page.click("nav button[data-tab=inspect]")
+    page.set_input_files("#files", [str(tmp_path / "phone.jpg")])
+    page.wait_for_function("document.querySelector('#detail-text').textContent.startsWith('phone.jpg')")
+    page.wait_for_function("document.querySelector('#detail-image').complete")
+    shown = page.locator("#detail-image").evaluate("e => [e.getBoundingClientRect().width, e.getBoundingClientRect().height]")
+    assert shown[1] / shown[0] == pytest.approx(100 / 200, rel=0.02)  # the scored pixels' shape, under the heatmap
+    page.screenshot(path=tmp_path / "turned.png", full_page=True)
+    _not_blank(tmp_path / "turned.png")
+
+
 def test_the_history_tab_lists_audited_verdicts_with_kept_images(page, tmp_path: Path) -> None:
     page.click("nav button[data-tab=history]")  # the inspect tests above sent defective and good images
     page.wait_for_selector("#history-table tbody tr")
