@@ -499,6 +499,31 @@ def test_a_webhook_is_retried_until_it_answers_and_a_dead_one_is_reported() -> N
         server.shutdown()
 
 
+class _Moved(BaseHTTPRequestHandler):
+    """An http URL whose server moved to https: it answers every POST with a redirect and keeps nothing."""
+
+    def do_POST(self) -> None:  # noqa: N802 - the http.server hook
+        self.rfile.read(int(self.headers["content-length"]))
+        self.send_response(308)
+        self.send_header("location", "https://line.example/verdicts")
+        self.end_headers()
+
+    def log_message(self, *_args) -> None:
+        pass
+
+
+def test_a_webhook_that_redirects_has_not_taken_the_verdict() -> None:
+    """A 3xx counted as delivered (any status below 400 did): every verdict was marked sent while the receiver had
+    none of them."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Moved)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ConnectionError, match="HTTP 308, redirected to https://line.example/verdicts: give that URL"):
+            Webhook(f"http://127.0.0.1:{server.server_address[1]}/verdicts", retries=1, backoff=0.01).send({"id": 9})
+    finally:
+        server.shutdown()
+
+
 class _Target:
     """A network target for the dispatcher's tests: records what it is sent; may refuse, or hold until released."""
 

@@ -46,8 +46,9 @@ class JsonLines:
 
 
 class Webhook:
-    """POST each verdict as JSON to a URL; a failed POST (network error or a status of 400 and above) is retried
-    `retries` times with doubling waits from `backoff` seconds."""
+    """POST each verdict as JSON to a URL; a failed POST (a network error, or any status but 2xx: a redirect is not
+    followed, since the receiver did not take the message) is retried `retries` times with doubling waits from
+    `backoff` seconds."""
 
     def __init__(self, url: str, retries: int = 3, backoff: float = 0.5, timeout: float = 5.0) -> None:
         if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
@@ -65,9 +66,10 @@ class Webhook:
             try:
                 response = self.client.post(self.url, content=_text(message),
                                             headers={"content-type": "application/json"})
-                if response.status_code < 400:
+                if 200 <= response.status_code < 300:
                     return
-                reason = f"HTTP {response.status_code}"
+                moved = response.headers.get("location") if response.is_redirect else None
+                reason = f"HTTP {response.status_code}" + (f", redirected to {moved:.200}: give that URL" if moved else "")
             except httpx.HTTPError as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             if attempt < self.retries:
