@@ -166,6 +166,17 @@ def test_patchcore_export_never_replaces_a_foreign_second_graph(fitted, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["part-scores.onnx", *(p.name for p in written)])
 
 
+def test_an_export_name_too_long_for_its_graph_files_is_refused_before_any_work(fitted, tmp_path: Path) -> None:
+    """A 254-byte deployment name is a valid file name, but its second graph's (NAME-scores.onnx) is not: the export
+    failed with the file system's 'File name too long' on a file the user never named."""
+    name = "f" * 245 + ".dsdeploy"
+    with pytest.raises(DefectscopeError, match=r"graph files named after f+\.dsdeploy would pass .* at most 252 bytes"):
+        export_model(fitted["patchcore"], tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+    written = export_model(fitted["patchcore"], tmp_path / ("f" * 243 + ".dsdeploy"))  # 252 bytes: -scores.onnx fits
+    assert len(written) == 3 and max(len(p.name.encode()) for p in written) == 255
+
+
 def test_an_altered_memory_bank_is_refused(fitted, tmp_path: Path) -> None:
     out = export_model(fitted["patchcore"], tmp_path / "part.dsdeploy")[0]
     data = bytearray(out.read_bytes())

@@ -10,6 +10,7 @@ export is checked against the PyTorch model on probe images before anything is w
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 from datetime import UTC, datetime
@@ -26,7 +27,7 @@ from defectscope.data.decode import TRAIN_DIGESTS
 from defectscope.data.images import normalize
 from defectscope.detectors.base import MapModel, finish_scores
 from defectscope.errors import DefectscopeError
-from defectscope.files import check_output_file, file_sha256, write_atomic
+from defectscope.files import check_output_file, file_sha256, name_max, write_atomic
 from defectscope.versions import check_unchanged
 from defectscope.manifests import file_bytes, peek_manifest
 from defectscope.runtime import (
@@ -190,6 +191,11 @@ def export_model(model_path: str | Path, out: str | Path, file_format: str = "on
                                              zip(MEMORY_NAMES, searched)}
     digests = {} if model.train_digests is None else {TRAIN_DIGESTS: np.ascontiguousarray(model.train_digests, np.uint8)}
     targets = _graph_targets(out, file_format, 1 if searched is None else 2)
+    limit = name_max(out.parent)
+    if any(len(os.fsencode(target.name)) > limit for target in targets):
+        longest = max(len(os.fsencode(t.name)) - len(os.fsencode(out.name)) for t in targets)
+        raise DefectscopeError(f"the graph files named after {out.name} would pass the file system's {limit}-byte "
+                               f"names; choose a name of at most {limit - longest} bytes")
     for target in [out, *targets]:
         if model_path.exists() and target.exists() and target.resolve() == model_path.resolve():
             raise DefectscopeError(f"the export would overwrite its source model {model_path}; choose another output name")
