@@ -39,6 +39,13 @@ def fitted_name(stem: str, tail: str, limit: int) -> str:
     return stem + tail
 
 
+def tagged_name(name: str, tag: str, limit: int) -> str:
+    """`name` with `-tag` before its suffix, its stem shortened until the name's bytes fit in `limit` (a digest as the
+    tag keeps shortened names apart)."""
+    path = Path(name)
+    return fitted_name(path.stem, f"-{tag}{path.suffix}", limit)
+
+
 def temporary_prefix(path: Path) -> str:
     """The start of the temporary file's name for a write of `path`: '.NAME.', or for a name too long to take the
     random part and suffix after it, its start and a digest of the whole name (stale ones are still found)."""

@@ -20,7 +20,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from defectscope.data.decode import read_image
 from defectscope.data.frame import Preprocess
 from defectscope.errors import DefectscopeError
-from defectscope.files import NAME_MAX, fitted_name, write_atomic
+from defectscope.files import NAME_MAX, tagged_name, write_atomic
 from defectscope.prediction import Detection, Prediction
 
 
@@ -150,7 +150,7 @@ def heatmap_names(paths: Sequence[Path]) -> list[str]:
     owners: dict[str, set[Path]] = {}
     for name, path in zip(names, resolved):
         owners.setdefault(name, set()).add(path)
-    return [fitted_name(name, f"-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}.png", NAME_MAX)
+    return [tagged_name(f"{name}.png", hashlib.sha1(str(path).encode()).hexdigest()[:8], NAME_MAX)
             if len(owners[name]) > 1 or len(os.fsencode(f"{name}.png")) > NAME_MAX else f"{name}.png"
             for name, path in zip(names, resolved)]  # a name too long is shortened, and its digest keeps it unique
 

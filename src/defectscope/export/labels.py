@@ -28,7 +28,7 @@ from sklearn.model_selection import train_test_split
 from defectscope.data.decode import image_header, read_mask
 from defectscope.data.layout import Dataset, Sample, require_masks
 from defectscope.errors import DefectscopeError
-from defectscope.files import (NAME_MAX, check_apart, check_creatable, check_reusable, claim_folder, fitted_name,
+from defectscope.files import (NAME_MAX, check_apart, check_creatable, check_reusable, claim_folder, tagged_name,
                                temporary_prefix, write_atomic, write_json)
 from defectscope.names import LABEL_FORMATS, few
 from defectscope.regions import Instance, components, polygons, rle
@@ -128,8 +128,7 @@ def _export_name(sample: Sample) -> str:
     room = NAME_MAX - MASK_TAIL
     if len(os.fsencode(name)) <= room:
         return name
-    path = Path(name)
-    return fitted_name(path.stem, f"-{hashlib.sha256(os.fsencode(name)).hexdigest()[:8]}{path.suffix}", room)
+    return tagged_name(name, hashlib.sha256(os.fsencode(name)).hexdigest()[:8], room)
 
 
 def _place_image(source: Path, target: Path, link: bool) -> None:

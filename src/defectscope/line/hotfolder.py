@@ -26,7 +26,7 @@ from typing import Any
 
 from defectscope.data.decode import IMAGE_SUFFIXES, EncodedImage
 from defectscope.errors import DefectscopeError, InputError
-from defectscope.files import content_sha256, exclusive, file_sha256, fitted_name, name_max
+from defectscope.files import content_sha256, exclusive, file_sha256, name_max, tagged_name
 from defectscope.clock import now
 from defectscope.line.audit import AuditLog, Verdict
 from defectscope.line.dispatch import Dispatcher
@@ -94,7 +94,7 @@ class ModelIdentity:
 def renamed(path: Path, tag: str) -> Path:
     """`path` with `-tag` before its suffix, its stem shortened where the name would pass the file system's limit
     (a camera's 250-character name stays placeable)."""
-    return path.with_name(fitted_name(path.stem, f"-{tag}{path.suffix}", name_max(path.parent)))
+    return path.with_name(tagged_name(path.name, tag, name_max(path.parent)))
 
 
 def place(source: Path, folder: Path, digest: str) -> Path | None:
