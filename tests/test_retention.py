@@ -39,6 +39,31 @@ def test_only_chosen_verdicts_are_kept_once_under_the_cap(tmp_path: Path) -> Non
         ImageKeeper(tmp_path / "k2", frozenset({"scrap"}), 100)
 
 
+def test_an_image_seen_again_is_kept_longest_and_a_changed_file_is_never_passed_off(tmp_path: Path) -> None:
+    """The cap removes the image least recently seen, not the one first kept; a kept file removed on disk is written
+    again when its image comes back, and one whose bytes changed is not read as the audited image."""
+    keeper = ImageKeeper(tmp_path / "kept", frozenset({"defective"}), max_bytes=250)
+    images = [bytes([i]) * 100 for i in range(3)]
+    digests = [hashlib.sha256(data).hexdigest() for data in images]
+    first = keeper.keep(images[0], digests[0], "defective", "a.png")
+    second = keeper.keep(images[1], digests[1], "defective", "b.png")
+    os.utime(first, ns=(1, 1))
+    os.utime(second, ns=(2, 2))
+    keeper.keep(images[0], digests[0], "defective", "a-again.png")  # seen again: the latest evidence of a verdict
+    os.utime(keeper.keep(images[2], digests[2], "defective", "c.png"), ns=(3, 3))
+    assert first.is_file() and not second.exists() and keeper.find(digests[1], "defective") is None
+    assert ImageKeeper(tmp_path / "kept", frozenset({"defective"}), max_bytes=100).find(digests[0], "defective") \
+        == first  # a restart, which orders by time, keeps the image seen last too
+    keeper = ImageKeeper(tmp_path / "kept", frozenset({"defective"}), max_bytes=250)
+    first.unlink()  # removed by hand
+    assert keeper.find(digests[0], "defective") is None and keeper.read(digests[0], "defective") is None
+    assert keeper.keep(images[0], digests[0], "defective", "a.png") == first and first.read_bytes() == images[0]
+    assert keeper.read(digests[0], "defective") == (first, images[0])
+    first.write_bytes(bytes([9]) * 100)  # the same size, other bytes
+    assert keeper.read(digests[0], "defective") is None and keeper.find(digests[0], "defective") is None
+    assert keeper.keep(images[0], digests[0], "defective", "a.png") == first and first.read_bytes() == images[0]
+
+
 def test_a_folder_with_other_files_loses_none_of_them(tmp_path: Path) -> None:
     theirs = [tmp_path / "photos" / "defective" / "holiday.png", tmp_path / "photos" / "good" / ("a" * 64 + ".txt")]
     for path in theirs:
@@ -96,6 +121,12 @@ def test_the_service_keeps_defective_images_and_serves_them_by_audit_id(served_f
         assert client.post("/v1/models/part/reload").status_code == 200  # another version of part is served now
         refused = client.get(f"/v1/audit/{defective[0]['audit_id']}/heatmap")
         assert refused.status_code == 409 and "was judged by version" in refused.json()["detail"]
+        kept = keeper.find(hashlib.sha256(paths[defective[0]["index"]].read_bytes()).hexdigest(), "defective")
+        kept.write_bytes(paths[-1].read_bytes())  # a good part's photo under its name
+        for view in ("image", "heatmap"):  # neither the photo nor its map is passed off as the audited part's
+            changed = client.get(f"/v1/audit/{defective[0]['audit_id']}/{view}")
+            assert changed.status_code == 404 and "changed on disk" in changed.json()["detail"]
+        assert defective[0]["audit_id"] not in client.get("/v1/audit").json()["kept"]
 
 
 def png_pixels(data: bytes) -> np.ndarray:

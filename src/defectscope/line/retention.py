@@ -1,8 +1,10 @@
-"""Images kept for later review: those of the chosen verdicts, one file per content, under a size cap (the oldest go
-first), found again by the sha256 the audit trail records."""
+"""Images kept for later review: those of the chosen verdicts, one file per content, under a size cap (the least
+recently seen go first), found again by the sha256 the audit trail records."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -10,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from defectscope.data.decode import IMAGE_SUFFIXES
-from defectscope.errors import InputError
-from defectscope.files import write_atomic
+from defectscope.errors import DefectscopeError, InputError
+from defectscope.files import read_regular, write_atomic
 
 VERDICTS = ("good", "defective", "error", "unknown")
 
@@ -59,19 +61,38 @@ class ImageKeeper:
         suffix = Path(name).suffix.lower()
         target = self.folder / verdict / f"{digest}{suffix if suffix in IMAGE_SUFFIXES else '.img'}"
         with self._lock:
-            if target not in self._kept:
+            if target in self._kept and _size(target) == len(data):  # seen again: it goes last of the kept
+                self._kept.move_to_end(target)
+                os.utime(target)  # and stays so after a restart, which orders by time
+            else:  # new, or removed or cut short on disk since: written (again)
                 write_atomic(target, data)
+                self._bytes += len(data) - self._kept.pop(target, 0)
                 self._kept[target] = len(data)
-                self._bytes += len(data)
             self._prune()
         return target
 
     def find(self, digest: str, verdict: str) -> Path | None:
-        """The kept image of this content and verdict, if it is (still) kept."""
+        """The kept image of this content and verdict, if it is (still) kept and on disk."""
         folder = self.folder / verdict
         with self._lock:
             return next((folder / f"{digest}{suffix}" for suffix in (*IMAGE_SUFFIXES, ".img")
-                         if folder / f"{digest}{suffix}" in self._kept), None)
+                         if folder / f"{digest}{suffix}" in self._kept and (folder / f"{digest}{suffix}").is_file()),
+                        None)
+
+    def read(self, digest: str, verdict: str) -> tuple[Path, bytes] | None:
+        """The kept image of this content and verdict and its bytes, when they still have that sha256: a file changed
+        on disk since it was kept is not passed off as the audited image (nor kept any longer)."""
+        path = self.find(digest, verdict)
+        try:
+            data = None if path is None else read_regular(path, "kept image", self.max_bytes)
+        except DefectscopeError:  # removed or replaced by something unreadable since
+            data = None
+        if data is not None and hashlib.sha256(data).hexdigest() == digest:
+            return path, data
+        if path is not None:
+            with self._lock:
+                self._bytes -= self._kept.pop(path, 0)
+        return None
 
     def _prune(self) -> None:
         """Remove the oldest kept images until the rest fit under the cap."""
@@ -79,6 +100,14 @@ class ImageKeeper:
             path, size = self._kept.popitem(last=False)
             path.unlink(missing_ok=True)
             self._bytes -= size
+
+
+def _size(path: Path) -> int | None:
+    """A file's size in bytes; None when it is gone."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def _ours(path: Path) -> bool:

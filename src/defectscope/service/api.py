@@ -115,8 +115,9 @@ def audit_records(request: Request, model: str | None = None, verdict: str | Non
 RecordId = Annotated[int, PathParameter(ge=1, le=MAX_RECORD_ID, description="an audit record's id")]
 
 
-def _kept(request: Request, record_id: int) -> tuple[dict, Path]:
-    """An audited verdict and its kept image (404 when there is no audit trail, no such record or no kept image)."""
+def _kept(request: Request, record_id: int) -> tuple[dict, Path, bytes]:
+    """An audited verdict, its kept image's file and bytes (404 when there is no audit trail, no such record or no kept
+    image with the audited sha256)."""
     audit, keeper = request.app.state.audit, request.app.state.keeper
     if audit is None:
         raise HTTPException(404, "this service keeps no audit trail; start it without --no-audit")
@@ -124,25 +125,25 @@ def _kept(request: Request, record_id: int) -> tuple[dict, Path]:
         record = audit.get(record_id)
     except InputError as exc:
         raise HTTPException(404, str(exc)) from exc
-    kept = keeper.find(record["image_sha256"], record["verdict"]) if keeper is not None else None
+    kept = keeper.read(record["image_sha256"], record["verdict"]) if keeper is not None else None
     if kept is None:
         raise HTTPException(404, f"the image of audit record {record_id} is not kept (serve --keep-images DIR keeps "
-                                 "images by verdict)")
-    return record, kept
+                                 "images by verdict; a kept file removed or changed on disk is not served)")
+    return record, *kept
 
 
 @router.get("/audit/{record_id}/image", response_class=Response, responses={200: {"content": {"image/*": {}}}})
 def audited_image(request: Request, record_id: RecordId) -> Response:
     """The image of an audited verdict, when the service kept it (`serve --keep-images`)."""
-    kept = _kept(request, record_id)[1]
-    return Response(kept.read_bytes(), media_type=mimetypes.guess_type(kept.name)[0] or "application/octet-stream")
+    _, kept, data = _kept(request, record_id)
+    return Response(data, media_type=mimetypes.guess_type(kept.name)[0] or "application/octet-stream")
 
 
 @router.get("/audit/{record_id}/heatmap", response_class=Response, responses={200: {"content": {"image/png": {}}}})
 async def audited_heatmap(request: Request, record_id: RecordId) -> Response:
     """The heatmap behind an audited verdict, for a kept image: the image scored again by the very model file that
     judged it (the same sha256), which gives the same map; 409 when that version is no longer the one served."""
-    record, kept = await run_in_threadpool(_kept, request, record_id)  # a database read: off the event loop
+    record, kept, data = await run_in_threadpool(_kept, request, record_id)  # a database read: off the event loop
     if record["score"] is None:
         raise HTTPException(404, f"audit record {record_id} has no heatmap: its image could not be scored")
     model = served(request, record["model"])
@@ -150,7 +151,7 @@ async def audited_heatmap(request: Request, record_id: RecordId) -> Response:
         raise HTTPException(409, f"audit record {record_id} was judged by version {record['model_version']} of model "
                                  f"{record['model']}; version {model.version} is served now, and its map would not be "
                                  "the one behind this verdict")
-    return await _heatmap_png(model, await run_in_threadpool(read_image, kept))
+    return await _heatmap_png(model, await run_in_threadpool(decode, data, kept.name))
 
 
 async def _heatmap_png(model: ServedModel, image: np.ndarray) -> Response:
