@@ -152,8 +152,15 @@ def test_a_photo_with_an_exif_turn_is_shown_as_the_model_saw_it(page, demo_root:
     _not_blank(tmp_path / "turned.png")
 
 
-def test_the_history_tab_lists_audited_verdicts_with_kept_images(page, tmp_path: Path) -> None:
-    page.click("nav button[data-tab=history]")  # the inspect tests above sent defective and good images
+def test_the_history_tab_lists_audited_verdicts_with_kept_images(page, server, demo_root: Path, tmp_path: Path) -> None:
+    import httpx
+
+    test = load_dataset(demo_root).test
+    sent = [s.path for s in test if s.label == 1][:2] + [s.path for s in test if s.label == 0][:1]
+    inspected = httpx.post(f"{server['url']}/v1/models/part/inspect", timeout=60,
+                           files=[("files", (p.name, p.read_bytes(), "image/png")) for p in sent])
+    assert {r["verdict"] for r in inspected.json()["results"]} == {"defective", "good"}
+    page.click("nav button[data-tab=history]")
     page.wait_for_selector("#history-table tbody tr")
     rows = page.locator("#history-table tbody tr").all_inner_texts()
     assert any("defective" in row for row in rows) and any("good" in row for row in rows)
