@@ -973,3 +973,50 @@ def test_image_files_are_bounded_before_they_are_read(tmp_path: Path, monkeypatc
     bomb = png_header_only(tmp_path / "bomb.png", 1000, 1000)
     with pytest.raises(DefectscopeError, match="above the limit of 10,000"):
         read_image(bomb)
+
+
+def test_file_names_that_are_not_utf8_are_evaluated_scored_and_reported(served_folder: Path, demo_root: Path,
+                                                                        tmp_path: Path, cli) -> None:
+    """Latin-1 names (a camera's, a Windows share's) crashed `evaluate` (the report's texts and the gallery's
+    captions) and `score` (Parquet strings are UTF-8). Now such names are written with those bytes spelled \\xNN."""
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    for path in [*data.glob("test/*/*.png"), *data.glob("ground_truth/*/*.png")]:
+        path.rename(path.with_name(os.fsdecode(b"\xfc" + os.fsencode(path.name))))
+    model = served_folder / "part.dsmodel"
+    evaluated = cli("evaluate", model, data, "-o", tmp_path / "report")
+    assert evaluated.code == 0, evaluated.err
+    shown = (tmp_path / "report" / "predictions.csv").read_text(encoding="utf-8")
+    assert shown.count("/\\xfc") == len(list(data.glob("test/*/*.png"))) > 0
+    assert (tmp_path / "report" / "gallery.png").is_file()
+    scored = cli("score", model, data / "test" / "good", "-o", tmp_path / "scored")
+    assert scored.code == 0, scored.err
+    paths = pq.read_table(tmp_path / "scored").column("path").to_pylist()
+    assert len(paths) == len(list(data.glob("test/good/*.png"))) and all("/\\xfc" in path for path in paths)
+
+
+def test_the_service_answers_for_models_and_labelled_images_with_names_that_are_not_utf8(
+        served_folder: Path, demo_root: Path, tmp_path: Path, cli) -> None:
+    """A model taught a Latin-1-named image, and labelled images of such names: their manifest and scores were a 500."""
+    from fastapi.testclient import TestClient
+
+    from defectscope.service.app import create_app
+    from defectscope.service.config import ServiceConfig
+    from defectscope.service.models import load_served
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    for path in [*data.glob("test/*/*.png"), *data.glob("ground_truth/*/*.png")]:
+        path.rename(path.with_name(os.fsdecode(b"\xfc" + os.fsencode(path.name))))
+    (tmp_path / "models").mkdir()
+    taught = cli("update", served_folder / "part.dsmodel", "--good", data / "test" / "good", "-o",
+                 tmp_path / "models" / "part.dsmodel")
+    assert taught.code == 0, taught.err
+    app = create_app(load_served([tmp_path / "models"], labelled=data), ServiceConfig(), data)
+    with TestClient(app) as client:
+        manifest = client.get("/v1/models/part")
+        assert manifest.status_code == 200 and "\\xfc" in json.dumps(manifest.json()["train_summary"]["taught"])
+        labelled = client.get("/v1/models/part/labelled")
+        assert labelled.status_code == 200 and all(i["name"].startswith("\\xfc") for i in labelled.json()["images"])

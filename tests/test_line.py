@@ -27,6 +27,7 @@ from defectscope.clock import now
 from defectscope.line.audit import AuditLog, ChainCheck, Verdict, export_parquet, verify_chain
 from defectscope.line.dispatch import Dispatcher, JsonLines, Mqtt, Webhook, broker_address
 from defectscope.line.hotfolder import Folders, HotFolder, ModelIdentity
+from defectscope.names import as_text
 
 
 def _verdict(name: str = "a.png") -> Verdict:
@@ -287,6 +288,32 @@ def test_a_restart_finishes_a_judged_image_without_judging_it_again(model, demo_
     assert scored == [] and len(second.audit.query()) == 4  # nothing judged twice, no record added
     where = _where(second)
     assert all(len(where[name]) == 1 and where[name][0] in ("good", "defective") for name in dropped)
+
+
+def test_a_name_that_is_not_utf8_is_judged_journaled_and_moved_under_its_own_bytes(model, demo_root: Path, tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A camera's Latin-1 name, in a folder of such a name, stopped the hot folder at every start (SQLite takes no
+    such text). Now it is judged and audited with the bytes spelled \\xNN, and a restart moves it under its own name."""
+    folder = tmp_path / os.fsdecode(b"Pr\xfcfstand")
+    folder.mkdir()
+    first = _line(folder, model)
+    name = os.fsdecode(b"Teil-\xe4.png")
+    (first.folders.inbox / next(iter(_drop(demo_root, first.folders.inbox, 1)))).rename(first.folders.inbox / name)
+
+    def power_cut(*_args):
+        raise KeyboardInterrupt  # the run stops after recording the verdict, before moving the file
+
+    monkeypatch.setattr(hotfolder, "place", power_cut)
+    with pytest.raises(KeyboardInterrupt):
+        first.run(limit=1)
+    monkeypatch.undo()
+    second = _line(folder, model)
+    assert second.run(limit=0) == 0  # recovery alone: the journal found the file by its bytes
+    verdict = _where(second)[name]
+    assert verdict in (["good"], ["defective"])
+    record = second.audit.query()[0]
+    assert record["image_name"] == "Teil-\\xe4.png" and record["kept"] == as_text(str(folder / verdict[0] / name))
+    assert record["kept"].endswith("Pr\\xfcfstand/" + verdict[0] + "/Teil-\\xe4.png")
 
 
 def test_one_hot_folder_takes_one_watcher_and_hot_folders_sharing_an_audit_database_keep_to_their_own(

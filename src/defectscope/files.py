@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from defectscope.errors import DefectscopeError, InputError
+from defectscope.names import as_text
 
 TEMP_SUFFIX = ".tmp"
 NAME_MAX = 255  # bytes in a file name on the common file systems (ext4, XFS, Btrfs, APFS), where one cannot say
@@ -66,6 +67,11 @@ def _stale_temporaries(path: Path) -> list[Path]:
 def glob_escape(name: str) -> str:
     """A file name with glob metacharacters escaped."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write text atomically as UTF-8, the bytes of file names in it that are not UTF-8 spelled \\xNN (`as_text`)."""
+    write_atomic(path, as_text(text).encode())
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -242,7 +248,7 @@ def loads_strict(text: str | bytes, what: str) -> Any:
 
 def write_json(path: Path, data: Any, indent: int | None = 1) -> None:
     """Write strict JSON atomically."""
-    write_atomic(path, (json_text(data, indent) + "\n").encode())
+    write_text(path, json_text(data, indent) + "\n")
 
 
 MARKER = ".defectscope-output"  # marks a folder defectscope created, whose files it may replace

@@ -25,6 +25,30 @@ KEPT_MB = 1024.0  # megabytes those images take at most unless --keep-images-mb 
 RAY_WORKERS = 2  # Ray actors of `score --ray` unless --workers says
 
 
+def as_text(text: str) -> str:
+    """`text` as any UTF-8 file, database or Parquet column takes it: the bytes of a file name that are not UTF-8
+    (which Python reads as lone surrogates) spelled \\xNN, so that a camera's Latin-1 name stays readable."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate no file name holds (from JSON, say)
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def as_texts(data: object) -> object:
+    """A copy of nested dicts and lists with every string (keys too) as `as_text` gives it."""
+    if isinstance(data, str):
+        return as_text(data)
+    if isinstance(data, dict):
+        return {as_texts(key): as_texts(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [as_texts(value) for value in data]
+    return data
+
+
 def few(items: Sequence[object], limit: int = 3) -> str:
     """The first `limit` items for a message, ', ...' after them when there are more."""
     return ", ".join(str(item) for item in items[:limit]) + (", ..." if len(items) > limit else "")

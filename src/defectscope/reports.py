@@ -17,8 +17,8 @@ import numpy as np
 from defectscope.data.decode import read_image
 from defectscope.evaluation import Evaluation
 from defectscope._version import __version__
-from defectscope.files import file_sha256, write_atomic, write_json
-from defectscope.names import version_of
+from defectscope.files import file_sha256, write_json, write_text
+from defectscope.names import as_text, version_of
 from defectscope.prediction import Prediction
 from defectscope.predictor import Predictor, engine_of
 from defectscope.report_document import Block, Figure, Heading, Table, Text, html_page, markdown
@@ -128,7 +128,7 @@ def write_predictions_csv(path: Path, rows: list[dict], heatmaps: dict[str, str]
     for row in rows:
         writer.writerow({**row, "score": f"{row['score']:.6g}", "normalized_score": f"{row['normalized_score']:.4f}",
                          "correct": "yes" if row["correct"] else "no", "heatmap": heatmaps.get(row["path"], "")})
-    write_atomic(path, buffer.getvalue().encode())
+    write_text(path, buffer.getvalue())
 
 
 def _case_overlays(evaluation: Evaluation, detector: Predictor, indices: list[int], folder: Path,
@@ -183,7 +183,7 @@ def provenance(detector: Predictor, root: Path, test: Sequence[Path], model_file
                      f"to {frame.crop or frame.image_size}",
             "operating_point": calibration.describe() if calibration else "no threshold",
             "test_set": f"{root} ({len(test)} images)",
-            "test_set_sha256": hashlib.sha256("".join(f"{name}\t{image}\n" for name, image in listing).encode()).hexdigest(),
+            "test_set_sha256": hashlib.sha256(as_text("".join(f"{name}\t{image}\n" for name, image in listing)).encode()).hexdigest(),
             "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "software": f"defectscope {__version__}, {engine} {_installed(engine)}, Python {platform.python_version()}"}
 
@@ -295,14 +295,14 @@ def write_report(evaluation: Evaluation, detector: Predictor, out: Path, name: s
     written = [out / "metrics.json", out / "metrics.md"]
     payload = {"metrics": metrics, "images": evaluation.records, **({"provenance": made_of} if made_of else {})}
     write_json(written[0], payload, indent=2)
-    write_atomic(written[1], metrics_markdown(metrics).encode())
+    write_text(written[1], metrics_markdown(metrics))
     threshold = (metrics.get("at_model_threshold") or metrics.get("at_f1_threshold") or {}).get("threshold")
     if threshold is None:
         return written
     blocks, rows, overlays = plant_report(evaluation, detector, out, name, threshold, context, made_of)
     write_predictions_csv(out / "predictions.csv", rows, {path: file.relative_to(out).as_posix() for path, file in overlays.items()})
-    write_atomic(out / "report.md", markdown(blocks, out).encode())
-    write_atomic(out / "report.html", html_page(blocks, f"{detector.name} on {name}").encode())
+    write_text(out / "report.md", markdown(blocks, out))
+    write_text(out / "report.html", html_page(blocks, f"{detector.name} on {name}"))
     written += [out / "report.html", out / "report.md", out / "predictions.csv", *([out / "cases"] if overlays else [])]
     written += [block.path for block in blocks if isinstance(block, Figure) and block.path.parent == out]
     if evaluation.maps is not None:

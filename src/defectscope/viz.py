@@ -21,6 +21,7 @@ from defectscope.data.decode import read_image
 from defectscope.data.frame import Preprocess
 from defectscope.errors import DefectscopeError
 from defectscope.files import NAME_MAX, tagged_name, write_atomic
+from defectscope.names import as_text
 from defectscope.prediction import Detection, Prediction
 
 
@@ -72,7 +73,8 @@ def hatch_outside(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarr
 
 
 def _text(image: np.ndarray, text: str, origin: tuple[int, int], unit: int, colour: tuple[int, int, int]) -> None:
-    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.42 * unit, colour, unit, cv2.LINE_AA)
+    """Draw a line of text (a file name's bytes that are not UTF-8 spelled \\xNN: OpenCV crashes the process on them)."""
+    cv2.putText(image, as_text(text), origin, cv2.FONT_HERSHEY_SIMPLEX, 0.42 * unit, colour, unit, cv2.LINE_AA)
 
 
 def with_scale(image: np.ndarray, caption: str, caption_colour: tuple[int, int, int], high: float,
@@ -150,7 +152,7 @@ def heatmap_names(paths: Sequence[Path]) -> list[str]:
     owners: dict[str, set[Path]] = {}
     for name, path in zip(names, resolved):
         owners.setdefault(name, set()).add(path)
-    return [tagged_name(f"{name}.png", hashlib.sha1(str(path).encode()).hexdigest()[:8], NAME_MAX)
+    return [tagged_name(f"{name}.png", hashlib.sha1(as_text(str(path)).encode()).hexdigest()[:8], NAME_MAX)
             if len(owners[name]) > 1 or len(os.fsencode(f"{name}.png")) > NAME_MAX else f"{name}.png"
             for name, path in zip(names, resolved)]  # a name too long is shortened, and its digest keeps it unique
 
@@ -239,7 +241,10 @@ def gallery_png(tiles: list[tuple[np.ndarray, str]], path: Path, title: str, col
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    """Render a figure to PNG and write it atomically."""
+    """Render a figure to PNG and write it atomically (file names in its texts as `as_text` spells them: the fonts
+    take no bytes that are not UTF-8)."""
+    for text in fig.findobj(matplotlib.text.Text):
+        text.set_text(as_text(text.get_text()))
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

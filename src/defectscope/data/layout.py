@@ -9,7 +9,7 @@ from pathlib import Path
 
 from defectscope.data.decode import IMAGE_SUFFIXES, image_header, read_mask
 from defectscope.errors import DataWarning, InputError
-from defectscope.names import few
+from defectscope.names import as_text, few
 
 GOOD = "good"
 COMBINED_NAMES = frozenset({"combined", "multiple", "mixed", "multi"})
@@ -205,7 +205,7 @@ def load_mvtec(root: Path) -> Dataset:
 
 def holdout_good(images: list[Path], fraction: float = 0.2) -> set[Path]:
     """A stable hold-out of good images for testing, chosen by a hash of each file name."""
-    ranked = sorted(images, key=lambda p: (zlib.crc32(p.name.encode()), p.name))
+    ranked = sorted(images, key=lambda p: (zlib.crc32(as_text(p.name).encode()), p.name))
     count = round(len(ranked) * fraction) if len(ranked) > 1 else 0
     return set(ranked[:count])
 

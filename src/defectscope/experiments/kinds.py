@@ -26,7 +26,7 @@ from defectscope.detectors.base import MapModel
 from defectscope.detectors.instances import InstanceConfig, held_out_instances
 from defectscope.detectors.segmenter import Segmenter, SegmenterConfig, held_out_maps
 from defectscope.errors import DefectscopeError
-from defectscope.files import write_atomic, write_json
+from defectscope.files import write_json, write_text
 from defectscope.instance_metrics import detected_instance, instance_metrics, per_fold
 from defectscope.metrics import image_auroc, pixel_metrics
 from defectscope.pipeline import evaluate_model, fit_detector
@@ -79,7 +79,7 @@ def run_classifier(run: AttemptRun) -> dict[str, Any]:
     confusion_png(metrics["confusion"], validation.classes, run.folder / "confusion.png", f"{run.name} (held-out)")
     report = classification_markdown(f"{run.name}: held-out predictions, {config.folds}-fold", metrics,
                                      validation.classes, summarize(run.dataset))
-    write_atomic(run.folder / "report.md", report.encode())
+    write_text(run.folder / "report.md", report)
     histories = validation.histories
     summary = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "image_auroc", "tail_recall")}
     return {

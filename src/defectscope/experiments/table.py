@@ -10,7 +10,7 @@ from pathlib import Path
 from defectscope.data.summary import imbalance_line
 from defectscope.errors import DefectscopeError
 from defectscope.experiments.runner import EXPERIMENT, RESULT
-from defectscope.files import write_atomic, write_json
+from defectscope.files import write_json, write_text
 
 HYPER = (("epochs", "epochs"), ("lr", "lr"), ("optimizer", "optimizer"), ("batch_size", "batch"))
 METRIC_COLUMNS = (
@@ -112,7 +112,7 @@ def write_table(folder: Path, metric: str | None = None) -> tuple[dict, list[Pat
     """Build the table from the folder's results and write table.md / table.csv / table.json there."""
     table = build_table(*load_results(folder), metric)
     paths = [folder / "table.md", folder / "table.csv", folder / "table.json"]
-    write_atomic(paths[0], markdown(table).encode())
-    write_atomic(paths[1], csv_text(table).encode())
+    write_text(paths[0], markdown(table))
+    write_text(paths[1], csv_text(table))
     write_json(paths[2], table)
     return table, paths

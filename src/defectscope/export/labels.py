@@ -29,7 +29,7 @@ from defectscope.data.decode import image_header, read_mask
 from defectscope.data.layout import Dataset, Sample, require_masks
 from defectscope.errors import DefectscopeError
 from defectscope.files import (NAME_MAX, check_apart, check_creatable, check_reusable, claim_folder, tagged_name,
-                               temporary_prefix, write_atomic, write_json)
+                               temporary_prefix, write_atomic, write_json, write_text)
 from defectscope.names import LABEL_FORMATS, few
 from defectscope.regions import Instance, components, polygons, rle
 from defectscope.settings import require_range, require_seed
@@ -220,7 +220,7 @@ def write_labels(images: list[LabelledImage], categories: list[str], out: Path, 
             write_atomic(out / "labels" / image.subset / f"{Path(image.name).stem}.txt", (text + "\n" if text else "").encode())
         names = "\n".join(f"  {i}: {name}" for i, name in enumerate(categories))
         folders = "\n".join(f"{s}: images/{s}" for s in subsets)
-        write_atomic(out / "data.yaml", f"path: {final.resolve()}\n{folders}\nnames:\n{names}\n".encode())
+        write_text(out / "data.yaml", f"path: {final.resolve()}\n{folders}\nnames:\n{names}\n")
     elif options.format == "coco":
         for subset in subsets:
             document = coco_document([i for i in images if i.subset == subset], categories, options)

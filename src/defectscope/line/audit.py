@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from defectscope.errors import InputError
+from defectscope.names import as_text
 
 SCHEMA_VERSION = 3  # 2: each journal row names its hot folder or the service (version 1's: see claim_unnamed); the
 # targets that took a message another missed (deliveries); 3: each verdict's link in the chain (`link`)
@@ -64,6 +66,16 @@ def link(previous: str, record: dict[str, Any]) -> str:
     database gives it back, so that changing, removing or reordering a record breaks every link after it."""
     fields = [_as_stored(name, record[name]) for name in CHAINED]
     return hashlib.sha256(json.dumps([previous, *fields], separators=(",", ":")).encode()).hexdigest()
+
+
+def exact_name(path: str | None) -> str | bytes | None:
+    """A file's name or path as the journal stores it to find the file again: text, or its bytes where they are not
+    UTF-8 (SQLite keeps them as a BLOB)."""
+    return path if path is None or as_text(path) == path else os.fsencode(path)
+
+
+def _from_exact(stored: str | bytes | None) -> str | None:
+    return os.fsdecode(stored) if isinstance(stored, bytes) else stored
 
 
 def _as_stored(name: str, value: Any) -> Any:
@@ -155,7 +167,7 @@ class AuditLog:
                                             [*values.values(), previous]).lastrowid)
             for record_id, (name, destination) in zip(ids, moves or []):
                 self._db.execute("INSERT INTO moves (verdict_id, inbox_name, destination, inbox) VALUES (?, ?, ?, ?)",
-                                 (record_id, name, destination, inbox))
+                                 (record_id, exact_name(name), exact_name(destination), inbox))
             for record_id in ids if outbox is not None else []:
                 self._db.execute("INSERT INTO moves (verdict_id, moved, inbox) VALUES (?, 1, ?)", (record_id, outbox))
         return ids
@@ -179,8 +191,8 @@ class AuditLog:
     def finish_move(self, record_id: int, destination: str | None) -> None:
         """The image of a journaled verdict is in its destination folder (and the record says where; None: it left the
         hot folder, or was written over, before it could be moved)."""
-        self._write("UPDATE moves SET moved = 1, destination = ? WHERE verdict_id = ?", (destination, record_id))
-        self._write("UPDATE verdicts SET kept = ? WHERE id = ?", (destination, record_id))
+        self._write("UPDATE moves SET moved = 1, destination = ? WHERE verdict_id = ?", (exact_name(destination), record_id))
+        self._write("UPDATE verdicts SET kept = ? WHERE id = ?", (destination and as_text(destination), record_id))
 
     def delivered(self, record_id: int) -> None:
         """Every dispatch target acknowledged this verdict's message (the targets that took it earlier are forgotten)."""
@@ -212,7 +224,8 @@ class AuditLog:
             rows = self._db.execute(f"SELECT v.id, {', '.join('v.' + c for c in COLUMNS)}, m.inbox_name, m.destination "
                                     f"FROM verdicts v JOIN moves m ON m.verdict_id = v.id WHERE {condition} "
                                     "AND m.inbox = ? ORDER BY v.id LIMIT ?", (inbox, limit)).fetchall()
-        return [dict(zip(["id", *COLUMNS, "inbox_name", "destination"], row)) for row in rows]
+        return [{**dict(zip(["id", *COLUMNS], row)), "inbox_name": _from_exact(row[-2]), "destination": _from_exact(row[-1])}
+                for row in rows]
 
     def unfinished_moves(self, inbox: str) -> list[dict[str, Any]]:
         """The hot folder's journaled verdicts whose image was not yet moved (a run stopped between the record and the

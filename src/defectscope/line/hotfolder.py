@@ -32,7 +32,7 @@ from defectscope.line.audit import AuditLog, Verdict
 from defectscope.line.dispatch import Dispatcher
 from defectscope.line.drift import CHECK_EVERY, Drift, recent_drift
 from defectscope.line.outbox import RESEND_BATCH, send_missed, send_verdict
-from defectscope.names import version_of
+from defectscope.names import as_text, version_of
 from defectscope.predictor import Predictor
 from defectscope.settings import require_range
 
@@ -186,7 +186,7 @@ class HotFolder:
     @property
     def journal(self) -> str:
         """How the audit database's journal names this hot folder (several may share one database)."""
-        return str(self.folders.inbox.resolve())
+        return as_text(str(self.folders.inbox.resolve()))
 
     def recover(self) -> int:
         """Finish what a previous run recorded but did not complete: moves, then messages. Returns the images moved."""
@@ -286,7 +286,7 @@ class HotFolder:
             records.append(Verdict(
                 time=now(), **self.model.message(),
                 threshold=prediction.threshold, stated_rate=calibration.false_alarm_rate if calibration else None,
-                image_sha256=digest, image_name=path.name, width=width, height=height, source="hot folder",
+                image_sha256=digest, image_name=as_text(path.name), width=width, height=height, source="hot folder",
                 score=score if judged else None, normalized=score / prediction.threshold if judged else None,
                 verdict=verdicts[i] if judged else "error", regions=None, role="hot folder"))
         moves = [(path.name, str(self.folders.of(record.verdict) / path.name)) for path, record in zip(paths, records)]

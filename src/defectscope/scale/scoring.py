@@ -27,7 +27,7 @@ from defectscope.errors import DefectscopeError
 from defectscope.files import (claim_folder, content_sha256, exclusive, json_text, loads_strict, read_regular,
                                scratch_folder, write_atomic)
 from defectscope.jobs import RayCluster, connect_ray
-from defectscope.names import RAY_WORKERS
+from defectscope.names import RAY_WORKERS, as_text
 from defectscope.prediction import prediction_rows
 from defectscope.progress import ProgressBar, no_progress
 
@@ -72,7 +72,7 @@ def chunk_table(model: Any, paths: Sequence[str], images: Sequence[ImageSource])
     digests = [image_sha256(image) for image in images]
     rows = prediction_rows([Path(p) for p in paths], model.predict(list(images), map_size="input", keep_going=True))
     for row, digest in zip(rows, digests):
-        row["sha256"] = digest
+        row["sha256"], row["path"] = digest, as_text(row["path"])  # a Parquet string is UTF-8
     table = pyarrow.table({column: [row.get(column) for row in rows] for column in COLUMNS},
                           schema=pyarrow.schema([("path", pyarrow.string()), ("sha256", pyarrow.string()),
                                                  ("score", pyarrow.float64()),
@@ -238,7 +238,7 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
     if ray_address is not None:
         connect_ray(ray_address)  # and a cluster that is not there
     job = {"model": os.path.abspath(model_path), "model_sha256": model_sha256, "images": len(paths),
-           "images_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(), "chunk_images": chunk_images}
+           "images_sha256": hashlib.sha256(as_text("\n".join(paths)).encode()).hexdigest(), "chunk_images": chunk_images}
     out = Path(out)
     existing = out / JOB_FILE
     if existing.is_file() and not _same_job(existing, job) and not force:

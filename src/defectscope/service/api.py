@@ -27,7 +27,7 @@ from defectscope.line.audit import MAX_PAGE, MAX_RECORD_ID, AuditLog, Verdict
 from defectscope.line.dispatch import Dispatcher
 from defectscope.line.drift import DEFAULT_PARTS, MAX_PARTS, recent_drift
 from defectscope.line.outbox import OUTBOX, send_verdict
-from defectscope.names import MODEL_SUFFIX, SAFE_NAME
+from defectscope.names import MODEL_SUFFIX, SAFE_NAME, as_texts
 from defectscope.pipeline import update_model
 from defectscope.process import release_memory
 from defectscope.prediction import Prediction, place_detections, prediction_rows
@@ -177,12 +177,13 @@ def manifest(request: Request, name: str) -> dict:
 
 
 def public_manifest(manifest: dict) -> dict:
-    """A manifest without server file-system paths (taught images reduced to their file names)."""
+    """A manifest without server file-system paths (taught images reduced to their file names), as JSON text takes it
+    (`as_texts`: a Latin-1 file name's bytes spelled \\xNN)."""
     summary = dict(manifest.get("train_summary") or {})
     if isinstance(summary.get("taught"), list):
         summary["taught"] = [{**entry, "taught_images": [Path(p).name for p in entry.get("taught_images", [])]}
                              if isinstance(entry, dict) else entry for entry in summary["taught"]]
-    return {**manifest, "train_summary": summary}
+    return as_texts({**manifest, "train_summary": summary})
 
 
 @router.post("/models/{name}/inspect", response_model=InspectResponse)

@@ -10,7 +10,7 @@ from typing import Any
 from defectscope.data.layout import load_dataset
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation import evaluate
-from defectscope.names import MODEL_SUFFIX, SAFE_NAME, version_of
+from defectscope.names import MODEL_SUFFIX, SAFE_NAME, as_text, version_of
 from defectscope.predictor import Predictor, engine_of, load_identified, warm_up
 from defectscope.runtime import DEPLOYMENT_SUFFIX, DeployedModel
 from defectscope.service.batching import Batcher
@@ -27,7 +27,7 @@ class Labelled:
     records: list[dict[str, Any]]  # path, defect, label, score per image; the id is the index
 
     def public(self) -> list[dict[str, Any]]:
-        return [{"id": i, "name": Path(r["path"]).name, "defect": r["defect"], "label": r["label"], "score": r["score"]}
+        return [{"id": i, "name": as_text(Path(r["path"]).name), "defect": r["defect"], "label": r["label"], "score": r["score"]}
                 for i, r in enumerate(self.records)]
 
 
