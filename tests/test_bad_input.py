@@ -1020,3 +1020,24 @@ def test_the_service_answers_for_models_and_labelled_images_with_names_that_are_
         assert manifest.status_code == 200 and "\\xfc" in json.dumps(manifest.json()["train_summary"]["taught"])
         labelled = client.get("/v1/models/part/labelled")
         assert labelled.status_code == 200 and all(i["name"].startswith("\\xfc") for i in labelled.json()["images"])
+
+
+def test_a_write_on_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_path: Path, monkeypatch, cli,
+                                                                      served_folder: Path) -> None:
+    """"No space left on device" alone, with no file named, was all `fit -o` said on a full disk."""
+    import errno
+
+    from defectscope import files
+
+    def full_disk(_handle: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.os, "fsync", full_disk)
+    (tmp_path / "model.dsmodel").write_bytes(b"kept as it was")
+    with pytest.raises(DefectscopeError, match=r"cannot write .*model.dsmodel: No space left on device"):
+        write_atomic(tmp_path / "model.dsmodel", b"new")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.dsmodel"] and (tmp_path / "model.dsmodel").read_bytes() == (
+        b"kept as it was")
+    refused = cli("calibrate", served_folder / "part.dsmodel", "--false-alarm-rate", "0.05", "-o", tmp_path / "new.dsmodel")
+    assert refused.code == 2 and refused.err.startswith(f"error: cannot write {tmp_path / 'new.dsmodel'}: No space")
+    assert not (tmp_path / "new.dsmodel").exists()

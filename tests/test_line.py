@@ -3,6 +3,7 @@ never takes a file that is still being written, and verdicts reach a real MQTT b
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import pytest
 
 from defectscope import load_dataset
 from defectscope.artifacts import load_model
-from defectscope.errors import InputError, SettingsError
+from defectscope.errors import DefectscopeError, InputError, SettingsError
 from defectscope.files import file_sha256
 from defectscope.line import hotfolder
 from defectscope.clock import now
@@ -288,6 +289,53 @@ def test_a_restart_finishes_a_judged_image_without_judging_it_again(model, demo_
     assert scored == [] and len(second.audit.query()) == 4  # nothing judged twice, no record added
     where = _where(second)
     assert all(len(where[name]) == 1 and where[name][0] in ("good", "defective") for name in dropped)
+
+
+def test_a_run_stopped_between_the_two_renames_leaves_no_image_hidden(model, demo_root: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped after the image was renamed out of the inbox under its hidden staging name, before its own name: the
+    restart recorded it as moved where no file was, and the image stayed hidden for good."""
+    first = _line(tmp_path, model)
+    dropped = _drop(demo_root, first.folders.inbox, 2)
+
+    replace = os.replace
+
+    def power_cut(source, target):
+        if str(source).endswith(".moving"):  # the rename that gives the staged image its name
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    monkeypatch.setattr(hotfolder.os, "replace", power_cut)
+    with pytest.raises(KeyboardInterrupt):
+        first.run(limit=2)
+    monkeypatch.undo()
+    hidden = [p for folder in first.folders.outs for p in folder.glob(".*.moving")]
+    assert len(hidden) == 1  # the first image: out of the inbox, not yet under its name
+    second = _line(tmp_path, model)
+    assert second.run(limit=0) == 0  # recovery alone: nothing judged again
+    where = _where(second)
+    assert all(where[name] in (["good"], ["defective"]) for name in dropped) and not hidden[0].exists()
+    assert all(Path(r["kept"]).is_file() and Path(r["kept"]).name in dropped for r in second.audit.query())
+
+
+def test_a_move_that_fails_on_a_full_disk_leaves_the_image_in_the_hot_folder_and_no_partial_copy(
+        model, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A verdict folder on another, full, file system: the copy's first bytes stayed there under a hidden name, one
+    more file at every start, and the watcher stopped on "No space left on device" naming the inbox's file."""
+    first = _line(tmp_path, model)
+    dropped = _drop(demo_root, first.folders.inbox, 1)
+
+    def full_disk(source, target):
+        Path(target).write_bytes(Path(source).read_bytes()[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(hotfolder.shutil, "move", full_disk)
+    with pytest.raises(DefectscopeError, match=r"cannot move .* No space left on device; it stays in the hot folder"):
+        first.run(limit=1)
+    monkeypatch.undo()
+    assert _where(first) == {name: ["in"] for name in dropped}  # no partial copy beside it, hidden or not
+    second = _line(tmp_path, model)  # space freed: the next start moves it
+    assert second.run(limit=0) == 0 and all(_where(second)[name] in (["good"], ["defective"]) for name in dropped)
 
 
 def test_a_name_that_is_not_utf8_is_judged_journaled_and_moved_under_its_own_bytes(model, demo_root: Path, tmp_path: Path,

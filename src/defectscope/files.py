@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -22,6 +23,7 @@ from defectscope.errors import DefectscopeError, InputError
 from defectscope.names import as_text
 
 TEMP_SUFFIX = ".tmp"
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}  # a write's, which name no file
 NAME_MAX = 255  # bytes in a file name on the common file systems (ext4, XFS, Btrfs, APFS), where one cannot say
 
 
@@ -98,8 +100,10 @@ def atomic_stream(path: Path) -> Iterator[BinaryIO]:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as exc:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRORS and exc.filename is None:  # a write: say of what
+            raise DefectscopeError(f"cannot write {path}: {exc.strerror}") from exc
         raise
 
 
@@ -109,13 +113,13 @@ def scratch_folder(kind: str) -> tempfile.TemporaryDirectory:
     kind on the machine clears what it left."""
     for stale in Path(tempfile.gettempdir()).glob(f"defectscope-{kind}-*-*"):
         pid = stale.name.removeprefix(f"defectscope-{kind}-").partition("-")[0]
-        if pid.isdigit() and not _running(int(pid)) and stale.is_dir() and not stale.is_symlink() \
+        if pid.isdigit() and not running(int(pid)) and stale.is_dir() and not stale.is_symlink() \
                 and stale.stat().st_uid == os.getuid():
             shutil.rmtree(stale, ignore_errors=True)
     return tempfile.TemporaryDirectory(prefix=f"defectscope-{kind}-{os.getpid()}-")
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
     """Whether a process with this id runs (one of another user counts)."""
     try:
         os.kill(pid, 0)

@@ -26,7 +26,7 @@ from typing import Any
 
 from defectscope.data.decode import IMAGE_SUFFIXES, EncodedImage
 from defectscope.errors import DefectscopeError, InputError
-from defectscope.files import content_sha256, exclusive, file_sha256, name_max, tagged_name
+from defectscope.files import content_sha256, exclusive, file_sha256, glob_escape, name_max, running, tagged_name
 from defectscope.clock import now
 from defectscope.line.audit import AuditLog, Verdict
 from defectscope.line.dispatch import Dispatcher
@@ -42,6 +42,7 @@ except ImportError:  # not Linux: every file settles
     INotify = None
 
 TEMPORARY = (".tmp", ".part", ".partial", ".crdownload")
+STAGED = ".moving"  # a file being moved into a verdict folder, under a hidden name
 BATCH = 16  # images scored together at most
 MAX_SETTLE_S = 3600.0  # the longest a file may be waited on to stop changing
 
@@ -102,8 +103,16 @@ def place(source: Path, folder: Path, digest: str) -> Path | None:
     file of the same name already there is kept, and this one gets its sha256 prefix in its name. None, and the file
     back in the hot folder, when its bytes are no longer those judged (`digest`): written over after it was read, its
     new content was never scored and waits for its own turn."""
-    staged = folder / f".{digest[:16]}.{os.getpid()}.moving"  # not the source's name: that may be as long as allowed
-    shutil.move(source, staged)  # a rename on one file system; copy and delete across two
+    staged = folder / f"{staging_prefix(digest)}{os.getpid()}{STAGED}"  # not the source's name: that may be too long
+    try:
+        shutil.move(source, staged)  # a rename on one file system; copy and delete across two
+    except FileNotFoundError:  # it left the hot folder
+        raise
+    except OSError as exc:
+        if source.exists():  # the copy across file systems failed (a full disk, say): what it wrote goes, the source stays
+            staged.unlink(missing_ok=True)
+        raise DefectscopeError(f"cannot move {source.name} into {folder}: {exc.strerror or exc}; it stays in the hot "
+                               "folder with its verdict recorded, and the next start moves it") from exc
     now_holds = content_sha256(staged)
     if now_holds != digest:  # back under its name or, where a new file took that name, under its content's; never over
         for back in (source, renamed(source, now_holds[:8]), renamed(source, now_holds)):
@@ -114,11 +123,34 @@ def place(source: Path, folder: Path, digest: str) -> Path | None:
                 staged.unlink()
                 break
         return None
-    target = folder / source.name
+    return land(staged, folder / source.name, digest)
+
+
+def land(staged: Path, target: Path, digest: str) -> Path:
+    """Give a staged file its name `target`; a different file of that name already there is kept, and this one gets its
+    sha256 prefix in its name."""
     if target.exists() and content_sha256(target) != digest:
         target = renamed(target, digest[:8])
     os.replace(staged, target)
     return target
+
+
+def staging_prefix(digest: str) -> str:
+    """The start of the hidden name a file of this content has while it is moved into a verdict folder."""
+    return f".{digest[:16]}."
+
+
+def stranded(folder: Path, digest: str) -> Path | None:
+    """A whole file of this content that a run stopped while moving it into `folder` left under its hidden staging
+    name; staged files of that content cut short by a stopped run are removed."""
+    found = None
+    for staged in folder.glob(f"{glob_escape(staging_prefix(digest))}*{STAGED}") if folder.is_dir() else []:
+        pid = staged.name.removesuffix(STAGED).rpartition(".")[2]
+        if found is None and content_sha256(staged) == digest:
+            found = staged
+        elif pid.isdigit() and not running(int(pid)):  # not a copy another watcher is making now
+            staged.unlink(missing_ok=True)
+    return found
 
 
 class Arrivals:
@@ -193,9 +225,13 @@ class HotFolder:
         moved = 0
         self.audit.claim_unnamed(self.journal)
         for record in self.audit.unfinished_moves(self.journal):
-            source = self.folders.inbox / record["inbox_name"]
-            if source.is_file() and content_sha256(source) == record["image_sha256"]:
-                moved += self._move(record["id"], source, Path(record["destination"]).parent, record["image_sha256"])
+            source, destination = self.folders.inbox / record["inbox_name"], Path(record["destination"])
+            staged = stranded(destination.parent, record["image_sha256"])
+            if staged is not None:  # stopped between the two renames: it gets its name
+                self.audit.finish_move(record["id"], str(land(staged, destination, record["image_sha256"])))
+                moved += 1
+            elif source.is_file() and content_sha256(source) == record["image_sha256"]:
+                moved += self._move(record["id"], source, destination.parent, record["image_sha256"])
             else:  # moved before the stop; the inbox no longer holds it
                 self.audit.finish_move(record["id"], record["destination"])
         self._resent = send_missed(self.audit, self.dispatch, self.journal)
