@@ -201,6 +201,38 @@ def test_metrics_count_verdicts_a_dispatch_target_did_not_take(model_folder: Pat
     assert len(reports) == 2 and all("not delivered: webhook is down" in r for r in reports)
 
 
+def test_a_full_disk_is_a_507_naming_what_could_not_be_written(model_folder: Path, demo_root: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The audit database on a full disk was a 500 (its rollback failed over SQLite's own), and kept images a 400 once
+    a write named its file: a client told its request was bad would not send it again."""
+    import errno
+    import os
+
+    from defectscope import files
+    from defectscope.line.audit import AuditLog
+    from defectscope.line.retention import ImageKeeper
+
+    audit = AuditLog(tmp_path / "audit.sqlite")
+    settings = ServiceConfig.from_dict({})
+    with TestClient(create_app(load_served([model_folder], settings), settings, audit=audit)) as client:
+        pages = audit._db.execute("PRAGMA page_count").fetchone()[0]
+        audit._db.execute(f"PRAGMA max_page_count = {pages}")  # the database may not grow: SQLite's "disk is full"
+        answers = [client.post("/v1/models/part/inspect", files=upload(*samples(demo_root, 1, 1))) for _ in range(40)]
+        full = [a for a in answers if a.status_code != 200]
+        assert full and {a.status_code for a in full} == {507}
+        assert full[0].json()["detail"].startswith(f"cannot write the audit database {tmp_path / 'audit.sqlite'}")
+    keeper = ImageKeeper(tmp_path / "kept", frozenset({"good", "defective"}), 1 << 30)
+
+    def full_disk(_handle: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with TestClient(create_app(load_served([model_folder], settings), settings, audit=AuditLog(tmp_path / "a2.sqlite"),
+                               keeper=keeper)) as client:
+        monkeypatch.setattr(files.os, "fsync", full_disk)
+        kept = client.post("/v1/models/part/inspect", files=upload(*samples(demo_root, 1, 1)))
+        assert kept.status_code == 507 and "No space left on device" in kept.json()["detail"]
+
+
 def test_verdicts_a_dispatch_target_missed_are_sent_again_by_the_service_and_after_its_restart(
         model_folder: Path, demo_root: Path, tmp_path: Path) -> None:
     from defectscope.line.audit import AuditLog

@@ -21,6 +21,11 @@ class ModelChanged(DefectscopeError):
     """A model file written by someone else while it was being read, or between a change's read and its write."""
 
 
+class StorageError(DefectscopeError):
+    """A file or database that could not be written where it belongs: a full disk, a quota, a read-only or failing
+    device (the service answers 507: the request was fine, the server's storage is not)."""
+
+
 class NotFittedError(DefectscopeError):
     """A model used (scored, saved, exported) before it learned anything."""
 

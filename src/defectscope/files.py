@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from defectscope.errors import DefectscopeError, InputError
+from defectscope.errors import DefectscopeError, InputError, StorageError
 from defectscope.names import as_text
 
 TEMP_SUFFIX = ".tmp"
@@ -103,7 +103,7 @@ def atomic_stream(path: Path) -> Iterator[BinaryIO]:
     except BaseException as exc:
         Path(temporary).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in WRITE_ERRORS and exc.filename is None:  # a write: say of what
-            raise DefectscopeError(f"cannot write {path}: {exc.strerror}") from exc
+            raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
         raise
 
 

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from defectscope.errors import InputError
+from defectscope.errors import InputError, StorageError
 from defectscope.names import as_text
 
 SCHEMA_VERSION = 3  # 2: each journal row names its hot folder or the service (version 1's: see claim_unnamed); the
@@ -54,6 +54,7 @@ class Verdict:
 
 
 COLUMNS = [f.name for f in fields(Verdict)]
+STORAGE_FAILURES = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY}  # the disk's, not the data's
 TYPES = {"threshold": "REAL", "stated_rate": "REAL", "width": "INTEGER", "height": "INTEGER", "score": "REAL",
          "normalized": "REAL", "regions": "INTEGER"}
 
@@ -180,8 +181,11 @@ class AuditLog:
             try:
                 yield
                 self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
+            except BaseException as exc:
+                if self._db.in_transaction:  # SQLite has rolled back itself after some errors (a full disk)
+                    self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode & 0xFF in STORAGE_FAILURES:
+                    raise StorageError(f"cannot write the audit database {self.path}: {exc}") from exc
                 raise
 
     def _write(self, sql: str, values: tuple) -> None:

@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from defectscope._version import __version__
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DefectscopeError, StorageError
 from defectscope.files import finite_or_none
 from defectscope.line.audit import AuditLog
 from defectscope.line.dispatch import Dispatcher
@@ -163,6 +163,10 @@ def create_app(models: dict[str, ServedModel], config: ServiceConfig | None = No
     @app.exception_handler(DefectscopeError)
     async def library_error(_request: Request, exc: DefectscopeError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 400)
+
+    @app.exception_handler(StorageError)
+    async def storage_error(_request: Request, exc: StorageError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 507)  # Insufficient Storage: not the request's fault
 
     @app.exception_handler(Exception)
     async def internal_error(_request: Request, _exc: Exception) -> JSONResponse:
