@@ -762,6 +762,18 @@ def test_the_audit_chain_shows_a_changed_or_removed_verdict(tmp_path: Path, cli)
     log.close()
     held = cli("audit", "verify", database)
     assert held.code == 0 and held.out.startswith("81 verdict(s): the chain holds; the last link is ")
+    noted = held.out.split("the last link is ")[1].split(":")[0]
+    cut = tmp_path / "cut.sqlite"
+    with sqlite3.connect(database) as source, sqlite3.connect(cut) as copy:
+        source.backup(copy)
+        copy.execute("DELETE FROM moves WHERE verdict_id > 78")
+        copy.execute("DELETE FROM verdicts WHERE id > 78")  # the last three verdicts removed: every link left holds
+    assert cli("audit", "verify", cut).code == 0  # which the chain alone cannot see
+    short = cli("audit", "verify", cut, "--noted", noted)
+    assert short.code == 1 and "none has the noted link" in short.out
+    again = cli("audit", "verify", database, "--noted", noted)
+    assert again.code == 0 and again.out.startswith("81 verdict(s): the chain holds; the noted link is verdict 81's")
+    assert cli("audit", "verify", database, "--noted", "abc").code == 2
     with sqlite3.connect(database) as hand:
         hand.execute("UPDATE verdicts SET verdict = 'defective', score = 0.9 WHERE id = 40")
     changed = cli("audit", "verify", database)
