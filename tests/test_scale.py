@@ -396,3 +396,48 @@ def test_ray_options_are_checked_before_anything_runs(served_folder: Path, demo_
     cluster = RayCluster.from_files("10.0.0.5:6379", env_file=env)
     assert cluster.runtime_env == {"working_dir": str((tmp_path / "code").resolve()), "pip": ["pyarrow"],
                                    "py_modules": [str((tmp_path / "cluster" / "lib").resolve()), "s3://bucket/pkg.zip"]}
+
+
+class Refused(Exception):
+    """Raised where a run would start: a count of threads must be refused before."""
+
+
+@pytest.mark.parametrize("threads", [0, 257, 100_000, 2.5, True])
+def test_a_count_of_threads_no_machine_has_is_refused_before_any_thread_starts(threads: object, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--threads 100000` (a typo) made the runtime start an engine with that many threads, which exhausted the
+    machine's processes; a fit of fit-many would set torch's the same."""
+    from defectscope import runtime
+    from defectscope.errors import SettingsError
+    from defectscope.scale import fit_many as fit_many_module
+
+    def refused(*_args, **_kwargs):
+        raise Refused
+
+    monkeypatch.setattr(runtime, "read_deployment", refused)
+    monkeypatch.setattr(fit_many_module, "load_plan", refused)
+    for run in (lambda: runtime.DeployedModel(tmp_path / "m.dsdeploy", threads),
+                lambda: fit_many_module.fit_many(tmp_path / "plan.yaml", threads=threads)):
+        with pytest.raises(SettingsError, match="threads must be a whole number from 1 to 256"):
+            run()
+
+
+def test_ray_jobs_that_no_node_can_hold_are_refused_instead_of_waited_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task or actor asking more CPUs than any node has waits for ever on Ray (the cluster's total is not enough:
+    one node must hold it)."""
+    from defectscope import jobs
+    from defectscope.errors import SettingsError
+
+    class Cluster:  # two live nodes of 2 CPUs and a dead one of 8
+        @staticmethod
+        def nodes() -> list[dict]:
+            return [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": True, "Resources": {"CPU": 2.0}},
+                    {"Alive": False, "Resources": {"CPU": 8.0}}]
+
+    monkeypatch.setattr(jobs, "connect_ray", lambda _address: Cluster())
+    with pytest.raises(SettingsError, match="would hold 3 CPUs, and the largest node of the cluster has 2: give --threads 2"):
+        jobs.run_jobs(lambda item: item, [1], "ray://nowhere", cpus=3)
+    monkeypatch.setattr(scoring, "connect_ray", lambda _address: Cluster())
+    with pytest.raises(SettingsError, match="would hold 4 CPUs"):
+        scoring._score_on_ray("ray://nowhere", None, Path("m.dsmodel"), "0" * 64, Path("out"), [(0, ["a.png"])], 2, 4,
+                              lambda _n: None)

@@ -33,7 +33,7 @@ from defectscope._version import __version__
 from defectscope.errors import DataWarning, DefectscopeError
 from defectscope.jobs import RayCluster
 from defectscope.names import (DEFECT_LIKE, GOOD_ONLY_MODELS, KEPT_MB, KEPT_VERDICTS, LABEL_FORMATS, MASK_MODELS,
-                               MQTT_TOPIC, OPERATOR_TOKEN_ENV, RAY_WORKERS, TOKEN_ENV, version_of)
+                               MAX_THREADS, MQTT_TOPIC, OPERATOR_TOKEN_ENV, RAY_WORKERS, TOKEN_ENV, version_of)
 from defectscope.process import configure_process, freeze_loaded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial visual inspection: learn good parts, find defects.")
@@ -568,20 +568,28 @@ def audit_drift(
 @audit_app.command("verify")
 def audit_verify(
     database: Annotated[Path, typer.Argument(help="Audit database (SQLite) written by serve or watch.")],
+    noted: Annotated[str | None, typer.Option(help="A last link noted from an earlier run: exit 1 unless a record "
+                                                   "still has it (a trail cut short before it, or rewritten, has not).")] = None,
 ) -> None:
     """Whether every verdict is as it was written: each record's link recomputed from the one before and its fields;
-    exit 1 at the first that was changed or follows a removed one, 0 when the chain holds."""
+    exit 1 at the first that was changed or follows a removed one (or without the --noted link), 0 when the chain
+    holds."""
     from defectscope.line.audit import verify_chain
 
-    found = verify_chain(database)
+    found = verify_chain(database, noted=noted)
     older = f"; the first {found.unchained} were written before the chain began and cannot be checked" if found.unchained else ""
     if found.broken is not None:
         say(f"broken at verdict {found.broken}: it was changed, or a verdict before it removed, after it was written "
             f"(its link does not follow from the one before){older}")
         raise typer.Exit(1)
     end = (f"; the last link is {found.last_link}: note it, and a trail cut short (or rewritten from the start) will "
-           "not end on it" if found.last_link else "")
-    say(f"{found.records} verdict(s): the chain holds{older}{end}")
+           "not hold it (--noted checks)" if found.last_link else "")
+    if noted is not None and found.noted_at is None:
+        say(f"{found.records} verdict(s), and none has the noted link {noted}: the trail was cut short before it, or "
+            f"rewritten, since it was noted{older}")
+        raise typer.Exit(1)
+    held = f"; the noted link is verdict {found.noted_at}'s" if noted is not None else ""
+    say(f"{found.records} verdict(s): the chain holds{held}{older}{end}")
 
 
 @app.command("watch")
@@ -645,8 +653,8 @@ def fit_many_command(
     ray_token_file: RayTokenOption = None,
     ray_env: RayEnvOption = None,
     retries: Annotated[int, typer.Option(min=0, help="Retries of a failed fit before it is reported.")] = 2,
-    threads: Annotated[int | None, typer.Option(min=1, show_default="this process's threads", help="Threads of each "
-                                                "fit (on Ray: the CPUs each task holds).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, max=MAX_THREADS, show_default="this process's threads",
+                                                help="Threads of each fit (on Ray: the CPUs each task holds).")] = None,
 ) -> None:
     """Fit one model per product of a plan; products whose model file is up to date are skipped; exit 3 if any failed."""
     from defectscope.scale.fit_many import fit_many
@@ -673,7 +681,8 @@ def score(
     ray_token_file: RayTokenOption = None,
     ray_env: RayEnvOption = None,
     workers: Annotated[int | None, typer.Option(min=1, show_default=str(RAY_WORKERS), help="Ray actors, each holding the model once.")] = None,
-    threads: Annotated[int | None, typer.Option(min=1, show_default="this process's threads", help="CPUs per Ray actor.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, max=MAX_THREADS, show_default="this process's threads",
+                                                help="CPUs per Ray actor.")] = None,
     force: ForceOption = False,
 ) -> None:
     """Score many images into Parquet (path, sha256, score, normalized, verdict, error); an interrupted run resumes."""

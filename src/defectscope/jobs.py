@@ -101,6 +101,14 @@ def connect_ray(cluster: str | RayCluster) -> Any:
     return (cluster if isinstance(cluster, RayCluster) else RayCluster(cluster)).connect()
 
 
+def check_cpus(ray: Any, cpus: int) -> None:
+    """Raise unless a node of the cluster has `cpus` CPUs: Ray waits for ever on a task or actor no node can hold."""
+    largest = max((node.get("Resources", {}).get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+    if cpus > largest:
+        raise SettingsError(f"each Ray task or actor would hold {cpus} CPUs, and the largest node of the cluster has "
+                            f"{largest:g}: give --threads {int(largest)} or fewer")
+
+
 def run_jobs(function: Callable[[Any], Any], items: Sequence[Any], ray_address: str | RayCluster | None = None,
              retries: int = 2, cpus: int = 1, ship: Callable[[Any], Any] | None = None,
              done: Callable[[int], None] = lambda _n: None) -> list[tuple[Any, str | None]]:
@@ -120,6 +128,7 @@ def run_jobs(function: Callable[[Any], Any], items: Sequence[Any], ray_address: 
             done(1)
         return local
     ray = connect_ray(ray_address)
+    check_cpus(ray, cpus)
     remote = ray.remote(job).options(max_retries=retries, retry_exceptions=True, num_cpus=cpus)
     limit = max(1, 2 * int(ray.cluster_resources().get("CPU", 0) // cpus))
     outcomes: list[tuple[Any, str | None]] = [(None, None)] * len(items)

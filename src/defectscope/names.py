@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from defectscope.errors import DefectscopeError
+from defectscope.errors import DefectscopeError, SettingsError
 
 GOOD_ONLY_MODELS = ("augmented_autoencoder", "autoencoder", "knn", "ocsvm", "padim", "patchcore", "pca",
                     "pretrained_autoencoder", "vae")  # the registry's good-only models (a test keeps them equal)
@@ -23,6 +23,15 @@ MQTT_TOPIC = "defectscope/verdicts"  # where verdicts are published unless --mqt
 KEPT_VERDICTS = "defective,error"  # whose images serve --keep-images keeps unless --keep-verdicts says
 KEPT_MB = 1024.0  # megabytes those images take at most unless --keep-images-mb says
 RAY_WORKERS = 2  # Ray actors of `score --ray` unless --workers says
+MAX_THREADS = 256  # threads one engine, fit or Ray task may be given: beyond the cores of any machine it runs on
+
+
+def check_threads(threads: object) -> None:
+    """Raise unless `threads` is None (the default) or a whole number from 1 to MAX_THREADS (each may be an OS
+    thread: a typo of 100000 would exhaust the machine's processes)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= MAX_THREADS):
+        raise SettingsError(f"threads must be a whole number from 1 to {MAX_THREADS}, got {threads!r}")
 
 
 def as_text(text: str) -> str:

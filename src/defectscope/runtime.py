@@ -33,6 +33,7 @@ from defectscope.errors import DefectscopeError
 from defectscope.files import json_text, read_regular
 from defectscope.manifests import is_manifest_file, read_header_manifest
 from defectscope.model_header import model_info
+from defectscope.names import check_threads
 from defectscope.prediction import Prediction, Scored, predict_frames, prediction_rows
 from defectscope.search import ClusterIndex
 
@@ -189,8 +190,7 @@ class DeployedModel:
     """An exported model: `predict` gives the library's `Prediction` (score, verdict, map at the original size)."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise DefectscopeError(f"threads must be a whole number of at least 1, got {threads!r}")
+        check_threads(threads)
         self.path = Path(path)
         self.search_threads = threads or os.cpu_count() or 1  # the search's: the engines' count, else every core
         self.manifest, memory = read_deployment(self.path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -342,21 +343,27 @@ def export_parquet(database: Path, out: Path, page: int = EXPORT_PAGE, since: st
 @dataclass(frozen=True)
 class ChainCheck:
     """What `verify_chain` found: the records read, those before the chain began, the first record whose link does not
-    follow (None: every link holds) and the last link, which a trail cut short after it would not end on."""
+    follow (None: every link holds), the last link, which a trail cut short after it would not end on, and the record
+    whose link is the one noted earlier (None: no record has it, or none was noted)."""
 
     records: int
     unchained: int
     broken: int | None
     last_link: str | None
+    noted_at: int | None = None
 
 
-def verify_chain(database: Path, page: int = EXPORT_PAGE) -> ChainCheck:
+def verify_chain(database: Path, page: int = EXPORT_PAGE, noted: str | None = None) -> ChainCheck:
     """Every link of an audit database recomputed from its records, oldest first (read-only, memory bounded). Records
     written before the chain began (schema version 2 and older) come first and are counted; after the first link,
-    a record without one, or whose link does not follow from the one before and its fields, is where it broke."""
+    a record without one, or whose link does not follow from the one before and its fields, is where it broke.
+    `noted`: a link read from the trail earlier, looked for among the records (a trail cut short before it, or
+    rewritten, has it nowhere)."""
     require_database(database)
+    if noted is not None and not re.fullmatch(r"[0-9a-f]{64}", noted):
+        raise InputError(f"a noted link is the 64 hex digits `audit verify` printed; got {noted!r}")
     log = AuditLog(database, read_only=True)
-    records, unchained, previous = 0, 0, None
+    records, unchained, previous, noted_at = 0, 0, None, None
     try:
         if not log.chained():
             count = log.count()
@@ -368,11 +375,12 @@ def verify_chain(database: Path, page: int = EXPORT_PAGE) -> ChainCheck:
                     unchained += 1
                     continue
                 if row["chain"] != link(previous or "", row):
-                    return ChainCheck(records, unchained, row["id"], previous)
+                    return ChainCheck(records, unchained, row["id"], previous, noted_at)
                 previous = row["chain"]
+                noted_at = row["id"] if previous == noted else noted_at
     finally:
         log.close()
-    return ChainCheck(records, unchained, None, previous)
+    return ChainCheck(records, unchained, None, previous, noted_at)
 
 
 def is_audit_export(path: Path) -> bool:

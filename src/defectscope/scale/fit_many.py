@@ -25,6 +25,7 @@ from defectscope.data.layout import Dataset, load_dataset
 from defectscope.errors import DefectscopeError
 from defectscope.files import scratch_folder, write_atomic
 from defectscope.jobs import RayCluster, run_jobs
+from defectscope.names import check_threads
 from defectscope.pipeline import fit_model, warn_defects_learned
 from defectscope.progress import ProgressBar, no_progress
 from defectscope.scale.plan import Product, fingerprint, fingerprint_of, load_plan, recorded_fingerprint
@@ -80,6 +81,7 @@ def fit_many(plan: str | Path, ray_address: str | RayCluster | None = None, retr
              bar: ProgressBar = no_progress) -> list[dict[str, Any]]:
     """Every product of the plan (as Ray tasks with `ray_address`, each holding `threads` CPUs; default: this
     process's torch threads); one row per product, failures reported, not raised."""
+    check_threads(threads)
     products = load_plan(plan)
     threads = threads or torch.get_num_threads()
     rows: dict[str, dict[str, Any]] = {}

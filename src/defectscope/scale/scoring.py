@@ -26,8 +26,8 @@ from defectscope.data.decode import EncodedImage, ImageSource, expand_inputs
 from defectscope.errors import DefectscopeError
 from defectscope.files import (claim_folder, content_sha256, exclusive, json_text, loads_strict, read_regular,
                                scratch_folder, write_atomic)
-from defectscope.jobs import RayCluster, connect_ray
-from defectscope.names import RAY_WORKERS, as_text
+from defectscope.jobs import RayCluster, check_cpus, connect_ray
+from defectscope.names import RAY_WORKERS, as_text, check_threads
 from defectscope.prediction import prediction_rows
 from defectscope.progress import ProgressBar, no_progress
 
@@ -126,6 +126,7 @@ def _score_on_ray(ray_address: str | RayCluster, model: Any, model_path: Path, m
     from defectscope.predictor import model_files
 
     ray = connect_ray(ray_address)
+    check_cpus(ray, threads)
     files = ray.put(model_files(model_path, model, model_sha256))  # the model travels once, through the object store
     scorer = ray.remote(ChunkScorer).options(num_cpus=threads, max_restarts=RETRIES, max_task_retries=RETRIES)
     room = int(ray.cluster_resources().get("CPU", 0) // threads)  # actors the cluster can run at once now
@@ -229,6 +230,7 @@ def score_to_parquet(model_path: Path, inputs: Sequence[Path], out: Path, ray_ad
 
     if ray_address is None and (workers is not None or threads is not None):
         raise DefectscopeError("--workers and --threads size the Ray actors: they apply with --ray only")
+    check_threads(threads)
     pyarrow_modules()
     skipped: list[Path] = []
     paths = _inputs(inputs, skipped)

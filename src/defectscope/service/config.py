@@ -6,7 +6,7 @@ import hmac
 from dataclasses import dataclass
 
 from defectscope.errors import SettingsError
-from defectscope.names import KEPT_MB
+from defectscope.names import KEPT_MB, MAX_THREADS
 from defectscope.settings import Settings, require_range
 
 
@@ -50,7 +50,7 @@ class ServiceConfig(Settings):
         require_range("max_request_megapixels", self.max_request_megapixels, 0, 10_000, low_open=True)
         require_range("max_queue_megapixels", self.max_queue_megapixels, 0, 100_000, low_open=True)
         require_range("body_timeout_s", self.body_timeout_s, 0, 3600, low_open=True)
-        require_range("engine_threads", self.engine_threads, 1, 256, optional=True)
+        require_range("engine_threads", self.engine_threads, 1, MAX_THREADS, optional=True)
         require_range("redeliver_s", self.redeliver_s, 0, 86_400, low_open=True)
         require_range("keep_images_mb", self.keep_images_mb, 0, low_open=True)
         for name in ("token", "operator_token"):  # never echoed: a secret
