@@ -245,3 +245,27 @@ def test_an_image_read_as_bytes_decodes_as_the_file_does(demo_root: Path, tmp_pa
         with pytest.raises(DefectscopeError) as shipped:
             load_image(EncodedImage.read(path))
         assert str(shipped.value) == str(direct.value)
+
+
+def test_16_bit_images_that_use_12_bits_or_fewer_are_said(tmp_path: Path, cli, served_folder: Path) -> None:
+    """A 12-bit camera's values stored unscaled in 16 bits keep 16 gray levels in the top byte read: said, not
+    silently scored; a full-range 16-bit image is not."""
+    import warnings
+
+    from defectscope.data.decode import decode_image
+    from defectscope.errors import DataWarning
+
+    def png(values: np.ndarray) -> np.ndarray:
+        buffer = io.BytesIO()
+        Image.fromarray(values.astype(np.uint16)).save(buffer, format="PNG")
+        return np.frombuffer(buffer.getvalue(), np.uint8)
+
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    for values, said in ((ramp * 4095, True), (ramp * 65535, False), (ramp * 4096 + 1, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            decode_image(png(values), "part.png")
+        assert any(issubclass(w.category, DataWarning) and "below 4096" in str(w.message) for w in caught) == said
+    Image.fromarray((ramp * 4095).astype(np.uint16)).save(tmp_path / "part.png")
+    predicted = cli("predict", served_folder / "part.dsmodel", tmp_path / "part.png")
+    assert predicted.code == 0 and "warning: 16-bit images whose values all stay below 4096" in predicted.err

@@ -22,7 +22,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from defectscope.errors import DefectscopeError, InputError
+from defectscope.errors import DataWarning, DefectscopeError, InputError
 from defectscope.files import file_sha256, open_regular, read_regular
 from defectscope.names import few
 
@@ -40,6 +40,7 @@ MAX_PIXELS_ENV = "DEFECTSCOPE_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 50_000_000  # a 50-megapixel camera frame (8192 x 6104); MVTec's largest images are 1 MP
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # little and big endian, classic and BigTIFF
+FEW_BITS = 12  # 16-bit images below 2**12 (unscaled 12-bit data) keep at most 16 gray levels in their top byte
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,10 @@ def decode_image(data: np.ndarray, path: str | Path, checked: bool = False) -> n
     if image is None:
         reason = _pil_failure(data)
         raise InputError(f"cannot decode image {path}: {reason}; replace or remove the file")
+    if image.dtype == np.uint16 and image.size and int(image.max()) < 1 << FEW_BITS:
+        warnings.warn(f"16-bit images whose values all stay below {1 << FEW_BITS} (a {FEW_BITS}-bit camera's, stored "
+                      "unscaled) are read by their top 8 of 16 bits and keep at most 16 levels of gray, which hides "
+                      "faint defects: save them scaled to the full 16-bit range, or as 8-bit", DataWarning)
     if image.dtype != np.uint8:
         image = _to_uint8(image)
     if image.ndim == 2:
