@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -820,6 +821,28 @@ def test_a_hot_folder_that_cannot_be_locked_is_still_watched_and_says_so(model, 
     dropped = _drop(demo_root, line.folders.inbox, 2)
     assert line.run(limit=2) == 2 and len(line.audit.query()) == len(dropped)
     assert any("cannot be locked" in text for text in said)
+
+
+def test_a_closed_json_lines_reader_is_a_missed_target_and_the_line_goes_on(model, demo_root: Path,
+                                                                             tmp_path: Path) -> None:
+    """`watch --jsonl | consumer`: when the consumer ended, the watcher stopped at its next verdict with exit 1 and
+    not a word (click's broken-pipe exit). Now the line goes on judging and moving, each verdict not printed is
+    said and stays journaled, and the next start sends it again."""
+    class Gone(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    reports: list[str] = []
+    line = _line(tmp_path, model, Dispatcher([JsonLines(Gone())], reports.append))
+    dropped = _drop(demo_root, line.folders.inbox, 3)
+    assert line.run(limit=3) == 3
+    assert all(_where(line)[name] in (["good"], ["defective"]) for name in dropped)
+    assert len(reports) == 3 and all("the reader of the JSON lines closed its end" in text for text in reports)
+    assert len(line.audit.undelivered(line.journal)) == 3
+    printed = io.StringIO()
+    again = _line(tmp_path, model, Dispatcher([JsonLines(printed)]))
+    again.run(limit=0)  # the next start, with a reader
+    assert sorted(json.loads(text)["id"] for text in printed.getvalue().splitlines()) == [1, 2, 3]
 
 
 def test_verdicts_a_target_missed_are_sent_again_once_it_is_back_without_a_restart(model, demo_root: Path,

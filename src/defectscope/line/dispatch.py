@@ -8,7 +8,9 @@ retries (or is pushed out of a full queue) is counted and reported.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import queue
 import sys
 import threading
@@ -35,14 +37,31 @@ def _text(message: Message) -> str:
 
 @dataclass
 class JsonLines:
-    """One JSON line per verdict on a text stream (stdout by default), flushed at once."""
+    """One JSON line per verdict on a text stream (stdout by default), flushed at once. Once its reader is gone (a
+    closed pipe) every message is a miss, as a network target's that is down, and the stream is pointed at the null
+    device so that what is left in its buffer cannot fail again when the process ends."""
 
     stream: TextIO = field(default_factory=lambda: sys.stdout)
     name: str = "json lines"
+    closed: bool = field(default=False, init=False)
 
     def send(self, message: Message) -> None:
-        self.stream.write(_text(message) + "\n")
-        self.stream.flush()
+        if not self.closed:
+            try:
+                self.stream.write(_text(message) + "\n")
+                self.stream.flush()
+                return
+            except BrokenPipeError:
+                self.closed = True
+                self._discard()
+        raise BrokenPipeError("the reader of the JSON lines closed its end; they are journaled and sent again at the "
+                              "next start")
+
+    def _discard(self) -> None:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):  # a stream of no file (a test's)
+            pass
 
 
 class Webhook:
@@ -217,15 +236,19 @@ class Dispatcher:
         """Send to every target but those named in `skip` (they have it already); `on_sent` runs once all of them
         have the message, and after a miss `on_partial` with the names of the targets that did take it."""
         local = [target for target in self.local if target.name not in skip]
-        for target in local:
-            target.send(message)
         lanes = [lane for lane in self.lanes if lane.name not in skip]
-        if not lanes:
+        if not local and not lanes:
             if on_sent:
                 on_sent()
             return
-        delivery = _Delivery(message, len(lanes), on_sent, on_partial)
-        delivery.took += [target.name for target in local]  # written at once: a resend skips them too
+        delivery = _Delivery(message, len(local) + len(lanes), on_sent, on_partial)
+        for target in local:  # written at once: a resend skips those that took it
+            try:
+                target.send(message)
+            except OSError as exc:  # its reader gone: a miss, as a network target's (the line goes on judging)
+                self._settle(delivery, target.name, exc)
+            else:
+                self._settle(delivery, target.name, None)
         for lane in lanes:
             for dropped in lane.put(delivery):
                 with self._lock:
