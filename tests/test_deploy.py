@@ -269,3 +269,20 @@ def test_an_export_names_the_model_file_it_was_made_from(fitted, tmp_path: Path,
     with pytest.raises(DefectscopeError, match="since export read it"):
         export_model(model, tmp_path / "part.dsdeploy", "onnx")
     assert not list(tmp_path.glob("part.ds*deploy*")) and not list(tmp_path.glob("*.onnx"))
+
+
+def test_info_refuses_a_deployment_whose_graph_files_are_missing_or_altered(fitted, tmp_path: Path, cli) -> None:
+    """`info` printed the manifest of a deployment whose graph file was gone, and exited 0: a bundle checked with it
+    before it went to a line could not run there."""
+    written = export_model(fitted["patchcore"], tmp_path / "part.dsdeploy")
+    assert cli("info", written[0]).code == 0
+    graph, scores = written[1], written[2]
+    kept = graph.read_bytes()
+    graph.unlink()
+    missing = cli("info", written[0])
+    assert missing.code == 2 and f"the graph file {graph.name} of" in missing.err and "is missing" in missing.err
+    graph.write_bytes(scores.read_bytes())  # another graph under its name
+    altered = cli("info", written[0])
+    assert altered.code == 2 and "does not match" in altered.err
+    graph.write_bytes(kept)
+    assert cli("info", written[0]).code == 0

@@ -812,7 +812,7 @@ def export_check(out: Annotated[Path, typer.Argument(help="Folder written by 'ex
 @app.command("info")
 def info(model: Annotated[Path, typer.Argument(help="Model file, or deployment file (.dsdeploy).")]) -> None:
     """Print a model file's manifest (detector, config, backbone, threshold, training set), or a deployment file's
-    (the same, with its graph files, engine and parity)."""
+    (the same, with its graph files, engine and parity; refused when a graph file beside it is missing or altered)."""
     from defectscope.files import json_text
     from defectscope.runtime import checked_manifest
     print(json_text(checked_manifest(model), indent=2))

@@ -166,9 +166,30 @@ def is_deployment(path: str | Path) -> bool:
 
 
 def checked_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of a deployment file (`read_deployment`) or of a model file (`model_header.model_info`), each file
-    checked whole; no model is built and no torch imported."""
-    return read_deployment(path)[0] if is_deployment(path) else model_info(path)
+    """The manifest of a deployment file (`read_deployment`, with every graph file it lists beside it and intact) or
+    of a model file (`model_header.model_info`), each file checked whole; no model is built and no torch imported."""
+    if not is_deployment(path):
+        return model_info(path)
+    manifest = read_deployment(path)[0]
+    try:
+        listed = graph_files(manifest)
+    except DefectscopeError as exc:
+        raise DefectscopeError(f"deployment file {path} is damaged: {exc}") from exc
+    for name, digest in listed:
+        verified_graph(Path(path), name, digest)
+    return manifest
+
+
+def verified_graph(deployment: Path, name: str, digest: str) -> bytes:
+    """The bytes of a graph file beside the deployment file, refused unless they hash to what the manifest recorded."""
+    path = deployment.parent / name  # beside this file, never elsewhere
+    if not path.is_file():
+        raise DefectscopeError(f"the graph file {name} of {deployment} is missing; copy it beside the deployment file")
+    data = read_regular(path, "graph file", MAX_GRAPH_BYTES)
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise DefectscopeError(f"the graph file {path} does not match {deployment} (sha256 differs: altered, truncated "
+                               "or from another export); export again")
+    return data
 
 
 def read_deployment(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -214,23 +235,12 @@ class DeployedModel:
             raise DefectscopeError(f"deployment file {self.path} is damaged: {exc}") from exc
         except (KeyError, TypeError, AttributeError) as exc:
             raise DefectscopeError(f"deployment file {self.path} is damaged: its manifest is incomplete ({exc})") from exc
-        files = [self._verified(name, digest) for name, digest in listed]
+        files = [verified_graph(self.path, name, digest) for name, digest in listed]
         per_graph = len(ENGINE_FILES[engine])
         build = OnnxEngine if engine == "onnxruntime" else OpenVinoEngine
         per_pass = images_per_pass(*self.preprocess.input_shape)  # as the library's backbone passes
         self.engine: Engine = build(files[:per_graph], threads, per_pass)
         self.scores_engine: Engine | None = None if self.index is None else build(files[per_graph:], threads, per_pass)
-
-    def _verified(self, name: str, digest: str) -> bytes:
-        """The bytes of a graph file beside the deployment file, refused unless they hash to what the manifest recorded."""
-        path = self.path.parent / name  # beside this file, never elsewhere
-        if not path.is_file():
-            raise DefectscopeError(f"the graph file {name} of {self.path} is missing; copy it beside the deployment file")
-        data = read_regular(path, "graph file", MAX_GRAPH_BYTES)
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise DefectscopeError(f"the graph file {path} does not match {self.path} (sha256 differs: altered, truncated "
-                                   "or from another export); export again")
-        return data
 
     @property
     def localizes(self) -> bool:
