@@ -938,6 +938,10 @@ def test_watch_refuses_bad_folders_and_settle_times_before_it_writes_anything(se
     assert same.code == 2 and "four different folders" in same.err
     topic = cli("watch", served_folder / "part.dsmodel", inbox, *outs, "--mqtt-topic", "plant/a", "--limit", "0")
     assert topic.code == 2 and topic.err.strip() == "error: --mqtt-topic applies with --mqtt only"
+    for wrong in ("plant/#", "plant/+/line1", ""):  # the broker would refuse every verdict ("" took the default)
+        refused = cli("watch", served_folder / "part.dsmodel", inbox, *outs, "--mqtt", "127.0.0.1:1", "--mqtt-topic",
+                      wrong, "--limit", "0")
+        assert refused.code == 2 and refused.err.startswith("error: --mqtt-topic must be an MQTT topic to publish to")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in"]  # no audit trail, no verdict folders
     with pytest.raises(SettingsError, match="settle"):  # the library checks it too: NaN would leave every file waiting
         HotFolder(load_model(served_folder / "part.dsmodel"), ModelIdentity("part", "1", "0" * 64),

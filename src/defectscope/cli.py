@@ -226,7 +226,7 @@ def _mqtt_topic(mqtt: str | None, topic: str | None) -> str:
     """The topic of --mqtt-topic (default MQTT_TOPIC), which applies with --mqtt only."""
     if topic is not None and mqtt is None:
         raise DefectscopeError("--mqtt-topic applies with --mqtt only")
-    return topic or MQTT_TOPIC
+    return MQTT_TOPIC if topic is None else topic
 
 
 def _ray_cluster(address: str | None, token_file: Path | None, env_file: Path | None) -> RayCluster | None:

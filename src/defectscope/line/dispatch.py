@@ -124,6 +124,7 @@ class Mqtt:
         except ImportError as exc:
             raise SettingsError("MQTT dispatch needs paho-mqtt: pip install 'defectscope[line]'") from exc
         host, port = broker_address(address)
+        check_topic(topic)
         self.topic, self.timeout, self.retain = topic, timeout, retain
         self.name = f"MQTT broker {host}:{port} ({topic})"
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv311)
@@ -297,6 +298,14 @@ class Dispatcher:
             lane.thread.join(timeout=5)
             if hasattr(lane.target, "close"):
                 lane.target.close()
+
+
+def check_topic(topic: str) -> None:
+    """Raise unless `topic` is one an MQTT message may be published to (broker would refuse every verdict otherwise):
+    not empty, no wildcard (+, #), no NUL, at most 65,535 bytes."""
+    if not isinstance(topic, str) or not topic or any(c in topic for c in "+#\0") or len(topic.encode()) > 65_535:
+        raise SettingsError(f"--mqtt-topic must be an MQTT topic to publish to: not empty, without the wildcards + and "
+                            f"# or NUL, at most 65,535 bytes; got {topic!r:.80}")
 
 
 def dispatcher(jsonl: bool = False, webhook: str | None = None, mqtt: str | None = None,
