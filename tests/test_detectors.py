@@ -499,3 +499,18 @@ def test_images_all_alike_fit_and_judge_with_finite_normalized_scores(demo_root:
     prediction = detector.predict([copies[0], train[1]])
     assert list(prediction.verdicts) == ["good", "defective"] and np.isfinite(prediction.normalized).all()
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_an_image_size_given_alone_keeps_the_default_frames_margin(demo_root, tmp_path, cli) -> None:
+    """`fit --image-size 288` was refused ("crop must be in [16, 288], got 320": a crop nobody gave), and
+    `--image-size 400` cropped 40 px of every border away unseen; now the crop keeps the default's margin."""
+    from defectscope.detectors.patchcore import PatchCoreConfig
+    from defectscope.model_header import model_info
+
+    assert [PatchCoreConfig.from_dict({"image_size": size}).crop for size in (288, 400, 416, 40)] == [256, 368, 384, None]
+    assert PatchCoreConfig.from_dict({"image_size": 288, "crop": None}).crop is None  # a crop given stays as given
+    assert create_detector("padim", image_size=160).config.crop == 128  # 256 -> 224: the same margin of 32
+    fitted = cli("fit", demo_root, "--image-size", "96", "-o", tmp_path / "part.dsmodel")
+    assert fitted.code == 0, fitted.err
+    assert (model_info(tmp_path / "part.dsmodel")["config"]["crop"], model_info(tmp_path / "part.dsmodel")["config"][
+        "image_size"]) == (64, 96)

@@ -245,7 +245,7 @@ def fit(
     model: Annotated[str, typer.Option(help=f"One of: {', '.join(GOOD_ONLY_MODELS)}; where masks exist also {', '.join(MASK_MODELS)}.")] = "patchcore",
     backbone: Annotated[str | None, typer.Option(show_default="the model's: efficientnet_lite0", help="Feature extractor (see `defectscope backbones`).")] = None,
     coreset: Annotated[float | None, typer.Option("--coreset-ratio", "--coreset", show_default="0.1", help="PatchCore: share of the patches kept in memory.")] = None,
-    image_size: Annotated[int | None, typer.Option(show_default="chosen per product (PatchCore), else the model's", help="Short side of the frame before cropping.")] = None,
+    image_size: Annotated[int | None, typer.Option(show_default="chosen per product (PatchCore), else the model's", help="Short side of the frame before cropping (without --crop, the crop keeps the default frame's margin).")] = None,
     crop: Annotated[int | None, typer.Option(show_default="chosen per product (PatchCore), else the model's", help="Center crop side; 0 for no crop.")] = None,
     patch_stride: Annotated[int | None, typer.Option(show_default="chosen per product", help="PatchCore patch grid in pixels: 8, 16 or 32.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,

@@ -123,6 +123,20 @@ class FrameConfig(Settings):
     seed: int = 0
     batch_size: int = 32
 
+    @classmethod
+    def from_dict(cls: type[S], data: dict) -> S:
+        """`Settings.from_dict`; an image_size given without a crop keeps the default frame's margin (PatchCore's
+        352 -> 320 makes 416 -> 384 and 288 -> 256): the default crop itself would cut a larger frame's borders off
+        unseen, and exceed a smaller one."""
+        defaults = {f.name: f.default for f in fields(cls)}
+        size = data.get("image_size") if isinstance(data, dict) and "crop" not in data else None
+        if defaults["crop"] is None or not isinstance(size, int) or isinstance(size, bool):
+            return super().from_dict(data)
+        crop = size - (defaults["image_size"] - defaults["crop"])
+        settings = super().from_dict({**data, "crop": crop if crop >= 16 else None})
+        settings._given = frozenset(data)  # the crop followed the size the user gave
+        return settings
+
     def check(self) -> None:
         super().check()
         require_range("image_size", self.image_size, 16, 8192)
