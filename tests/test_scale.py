@@ -441,3 +441,26 @@ def test_ray_jobs_that_no_node_can_hold_are_refused_instead_of_waited_on(monkeyp
     with pytest.raises(SettingsError, match="would hold 4 CPUs"):
         scoring._score_on_ray("ray://nowhere", None, Path("m.dsmodel"), "0" * 64, Path("out"), [(0, ["a.png"])], 2, 4,
                               lambda _n: None)
+
+
+def test_an_image_list_saved_by_a_windows_editor_or_in_latin_1_is_read(served_folder: Path, demo_root: Path,
+                                                                      tmp_path: Path) -> None:
+    """A list saved with a UTF-8 byte-order mark made its first image "not exist" (the mark invisible in the message);
+    one in Latin-1 was a traceback (UnicodeDecodeError)."""
+    image = next(s.path for s in load_dataset(demo_root).test if s.label == 0)
+    latin = tmp_path / os.fsdecode(b"Pr\xfcfung.png")
+    shutil.copy(image, latin)
+    listing = tmp_path / "images.txt"
+    listing.write_bytes(b"\xef\xbb\xbf" + os.fsencode(str(image)) + b"\r\n" + b"Pr\xfcfung.png\r\n")
+    summary = score_to_parquet(served_folder / "part.dsmodel", [listing], tmp_path / "scores")
+    assert summary["images"] == 2 and summary["failed"] == 0
+    assert sorted(pq.read_table(tmp_path / "scores").column("path").to_pylist()) == sorted(
+        [str(image), str(tmp_path / "Pr\\xfcfung.png")])
+
+
+def test_a_toml_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """"not valid TOML: Invalid statement (at line 1, column 1)" was all a plan saved by Notepad got."""
+    from defectscope.config_files import read_mapping
+
+    (tmp_path / "plan.toml").write_bytes(b"\xef\xbb\xbf" + b'[[products]]\nname = "bottle"\ndata = "bottle"\n')
+    assert read_mapping(tmp_path / "plan.toml", "products") == {"products": [{"name": "bottle", "data": "bottle"}]}

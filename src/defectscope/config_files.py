@@ -40,7 +40,7 @@ def read_mapping(path: Path, what: str = "an 'attempts' list") -> dict:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise DefectscopeError(f"config {path} is larger than {MAX_CONFIG_BYTES // 1024} KB; a config lists attempts, not data")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as Windows editors write, is no statement
     except (OSError, UnicodeDecodeError) as exc:
         raise DefectscopeError(f"cannot read config {path}: {exc}") from exc
     try:

@@ -38,6 +38,7 @@ RESEND_DELAY = 1.0  # seconds before a lost chunk is sent again (its actor is be
 JOB_FILE = "_job.json"  # Parquet readers skip names starting with '_' or '.'
 LOCK_FILE = ".lock"  # held (flock) by the run writing into the folder
 COLUMNS = ("path", "sha256", "score", "normalized", "verdict", "error")
+MAX_LIST_BYTES = 1 << 30  # an image list: some ten million paths
 
 
 def pyarrow_modules() -> Any:
@@ -161,12 +162,13 @@ def _score_on_ray(ray_address: str | RayCluster, model: Any, model_path: Path, m
 
 
 def _inputs(inputs: Sequence[Path], skipped: list[Path]) -> list[str]:
-    """Images and folders, or text files listing one image per line (blank lines and '#' comments skipped); the
-    folders' files not named as images go into `skipped`."""
+    """Images and folders, or text files listing one image per line (blank lines and '#' comments skipped; a UTF-8
+    byte-order mark, as Windows editors write, ignored; names in another encoding kept as their bytes, as file names
+    are); the folders' files not named as images go into `skipped`."""
     listed: list[Path] = []
     for item in map(Path, inputs):
         if item.suffix == ".txt" and item.is_file():
-            lines = item.read_text(encoding="utf-8").splitlines()
+            lines = read_regular(item, "image list", MAX_LIST_BYTES).decode("utf-8-sig", "surrogateescape").splitlines()
             listed += [item.parent / line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         else:
             listed.append(item)
