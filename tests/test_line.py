@@ -319,6 +319,27 @@ def test_a_run_stopped_between_the_two_renames_leaves_no_image_hidden(model, dem
     assert all(Path(r["kept"]).is_file() and Path(r["kept"]).name in dropped for r in second.audit.query())
 
 
+def test_a_copy_across_file_systems_stopped_before_removing_its_original_is_finished_once(
+        model, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A verdict folder on another file system: the move is a copy, then the original's removal. Stopped between
+    the two, the next start placed the copy and left the original in the inbox, to be judged a second time."""
+    first = _line(tmp_path, model)
+    dropped = _drop(demo_root, first.folders.inbox, 1)
+
+    def copied_then_stopped(source, target):
+        shutil.copy2(source, target)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hotfolder.shutil, "move", copied_then_stopped)
+    with pytest.raises(KeyboardInterrupt):
+        first.run(limit=1)
+    monkeypatch.undo()
+    second = _line(tmp_path, model)
+    assert second.run(limit=0) == 0
+    assert all(_where(second)[name] in (["good"], ["defective"]) for name in dropped)  # not in the inbox too
+    assert len(second.audit.query()) == 1
+
+
 def test_a_move_that_fails_on_a_full_disk_leaves_the_image_in_the_hot_folder_and_no_partial_copy(
         model, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A verdict folder on another, full, file system: the copy's first bytes stayed there under a hidden name, one

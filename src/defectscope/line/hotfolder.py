@@ -229,6 +229,8 @@ class HotFolder:
             staged = stranded(destination.parent, record["image_sha256"])
             if staged is not None:  # stopped between the two renames: it gets its name
                 self.audit.finish_move(record["id"], str(land(staged, destination, record["image_sha256"])))
+                if source.is_file() and content_sha256(source) == record["image_sha256"]:
+                    source.unlink()  # a copy across file systems stopped before it removed the original
                 moved += 1
             elif source.is_file() and content_sha256(source) == record["image_sha256"]:
                 moved += self._move(record["id"], source, destination.parent, record["image_sha256"])
