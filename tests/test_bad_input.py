@@ -601,7 +601,7 @@ def test_info_on_a_folder(tmp_path: Path, cli) -> None:
 @pytest.mark.parametrize("attempt,fragment", [
     ("{name: a, model: knn, neighbours: -1}", "field 'neighbours' must be in [1, inf]"),
     ("{name: a, model: patchcore, coreset_ratio: 2}", "field 'coreset_ratio' must be in (0, 1]"),
-    ("{name: a, model: padim, image_size: 64}", "field 'crop' must be in [16, 64]"),
+    ("{name: a, model: padim, image_size: 64, crop: 96}", "field 'crop' must be in [16, 64]"),
     ("{name: a, model: patchcore, threshold_method: magic}", "field 'threshold_method' must be one of"),
     ("{name: a, model: pca, calibration_folds: 1}", "field 'calibration_folds' must be in [2, inf]"),
     ("{name: a, model: knn, threshold_param: 1.5}", "field 'threshold_param' must be in (0, 1)"),
