@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from defectscope.errors import DefectscopeError, InputError, StorageError
-from defectscope.names import as_text
+from defectscope.names import as_text, map_nested
 
 TEMP_SUFFIX = ".tmp"
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}  # a write's, which name no file
@@ -203,13 +203,7 @@ def file_sha256(path: Path) -> str:
 
 def finite_or_none(data: Any) -> Any:
     """A copy of nested dicts / lists / tuples with every NaN or infinite float replaced by None."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {key: finite_or_none(value) for key, value in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [finite_or_none(value) for value in data]
-    return data
+    return map_nested(data, lambda value: None if isinstance(value, float) and not math.isfinite(value) else value)
 
 
 def json_text(data: Any, indent: int | None = 1) -> str:

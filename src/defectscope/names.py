@@ -5,7 +5,7 @@ answers at once and the service does not load the experiment machinery for a nam
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from defectscope.errors import DefectscopeError, SettingsError
 
@@ -47,15 +47,18 @@ def as_text(text: str) -> str:
             return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def map_nested(data: object, leaf: Callable[[object], object]) -> object:
+    """A copy of nested dicts, lists and tuples (as lists) with `leaf` applied to every other value, dict keys too."""
+    if isinstance(data, dict):
+        return {map_nested(key, leaf): map_nested(value, leaf) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [map_nested(value, leaf) for value in data]
+    return leaf(data)
+
+
 def as_texts(data: object) -> object:
     """A copy of nested dicts and lists with every string (keys too) as `as_text` gives it."""
-    if isinstance(data, str):
-        return as_text(data)
-    if isinstance(data, dict):
-        return {as_texts(key): as_texts(value) for key, value in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [as_texts(value) for value in data]
-    return data
+    return map_nested(data, lambda value: as_text(value) if isinstance(value, str) else value)
 
 
 def few(items: Sequence[object], limit: int = 3) -> str:
